@@ -1,0 +1,588 @@
+#!/usr/bin/env bash
+# The whole distributed rate limiter on loopback, without containers:
+#
+#   Redis master 6379, replicas 6380 and 6381   (redis/master.conf, redis/replica.conf)
+#   Sentinels 26379, 26380, 26381                (redis/sentinel.conf, one copy each)
+#   app-1 on 8001, app-2 on 8002                 (target/release/ratelimiter)
+#   Nginx on 8000, and on 80 when it may bind it (nginx/native.conf.template)
+#
+# Nginx reaches the instances from 127.0.0.2 (proxy_bind) and the instances trust only
+# that address as a proxy, so a client on 127.0.0.1 that talks to an instance directly
+# cannot choose its identity with X-Forwarded-For.
+#
+# Usage: scripts/cluster.sh [--install] up|down|status|failover|logs [-f]
+#
+#   up        start everything, wait until it is ready (replication linked, sentinels
+#             agree, instances ready) and say so; builds the release binary if needed
+#   down      stop exactly the processes `up` started (their recorded pids); idempotent
+#   status    roles of the data nodes, the master per sentinel, each instance's /ready
+#   failover  SENTINEL FAILOVER, then wait until the new master takes writes
+#   logs      the last lines of every log; `logs -f` follows them
+#   --install install missing packages with apt-get first (never done otherwise)
+#
+# Environment: RATE_LIMIT, TIME_WINDOW, BURST, FAIL_MODE, REDIS_TIMEOUT_MS, RUST_LOG,
+# ACCESS_LOG, KEY_PREFIX, RATELIMIT_HEADERS and SENTINEL_PASSWORD are passed to both
+# instances as they are. REDIS_PASSWORD defaults to the dev password of redis/*.conf.
+# CLUSTER_DIR (default run/cluster, ignored by git) holds configs, data, logs and pids.
+# CLUSTER_WAIT_SECS (default 30) bounds each wait. RATELIMITER_BIN runs another binary
+# instead of building target/release/ratelimiter.
+set -euo pipefail
+
+# A CLUSTER_DIR given relative to where the script was called from stays that.
+[[ -z ${CLUSTER_DIR:-} ]] || CLUSTER_DIR=$(realpath -m -- "$CLUSTER_DIR")
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+CLUSTER_DIR=${CLUSTER_DIR:-$ROOT/run/cluster}
+PIDS_FILE=$CLUSTER_DIR/pids
+WAIT_SECS=${CLUSTER_WAIT_SECS:-30}
+
+# The default password of the native cluster, the one redis/master.conf and
+# redis/replica.conf carry: loopback development only.
+REDIS_PASSWORD=${REDIS_PASSWORD:-ratelimiter-dev-password}
+SENTINEL_PASSWORD=${SENTINEL_PASSWORD:-}
+
+LOOPBACK=127.0.0.1
+PROXY_ADDR=127.0.0.2
+MASTER_NAME=redis-master
+MASTER_PORT=6379
+REPLICA_PORTS=(6380 6381)
+DATA_PORTS=("$MASTER_PORT" "${REPLICA_PORTS[@]}")
+SENTINEL_PORTS=(26379 26380 26381)
+APP_NAMES=(app-1 app-2)
+APP_PORTS=(8001 8002)
+NGINX_PORT=8000
+
+CARGO_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=${RATELIMITER_BIN:-$CARGO_TARGET/release/ratelimiter}
+
+say() { printf 'cluster: %s\n' "$*"; }
+warn() { printf 'cluster: %s\n' "$*" >&2; }
+die() {
+    warn "error: $*"
+    exit 1
+}
+
+usage() {
+    sed -n '/^# Usage:/,/^#   --install/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    exit 2
+}
+
+# --- tools ------------------------------------------------------------------------
+
+# command -> Debian package that provides it
+declare -A PACKAGE_OF=(
+    [redis-server]=redis-server
+    [redis-sentinel]=redis-sentinel
+    [redis-cli]=redis-tools
+    [nginx]=nginx-light
+    [curl]=curl
+)
+
+check_tools() {
+    local install=$1 missing=() packages=() tool
+    for tool in redis-server redis-sentinel redis-cli nginx curl; do
+        command -v "$tool" >/dev/null || {
+            missing+=("$tool")
+            packages+=("${PACKAGE_OF[$tool]}")
+        }
+    done
+    ((${#missing[@]} == 0)) && return 0
+    if [[ $install == yes ]]; then
+        say "installing ${packages[*]} (missing: ${missing[*]})"
+        apt-get update
+        apt-get install -y --no-install-recommends "${packages[@]}"
+        return 0
+    fi
+    warn "missing: ${missing[*]}"
+    warn "install them with:  apt-get install ${packages[*]}"
+    warn "(or run: scripts/cluster.sh --install up)"
+    exit 1
+}
+
+# --- helpers ----------------------------------------------------------------------
+
+# redis-cli against a data node, authenticated through the environment (not argv).
+# Prints the reply without carriage returns, or nothing when the node does not answer;
+# callers judge the reply, never the exit status.
+rcli() {
+    local port=$1 reply
+    shift
+    reply=$(REDISCLI_AUTH=$REDIS_PASSWORD timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
+    printf '%s\n' "${reply//$'\r'/}"
+}
+
+# redis-cli against a sentinel, likewise.
+scli() {
+    local port=$1 reply
+    shift
+    if [[ -n $SENTINEL_PASSWORD ]]; then
+        reply=$(REDISCLI_AUTH=$SENTINEL_PASSWORD timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
+    else
+        reply=$(timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
+    fi
+    printf '%s\n' "${reply//$'\r'/}"
+}
+
+# The value of FIELD in an INFO section of a data node; empty when it does not answer.
+info_field() {
+    local port=$1 section=$2 field=$3 info
+    info=$(rcli "$port" INFO "$section")
+    sed -n "s/^$field://p" <<<"$info"
+}
+
+# The master's host:port according to the sentinel on PORT; empty when it does not answer.
+master_by() {
+    local reply
+    reply=$(scli "$1" SENTINEL GET-MASTER-ADDR-BY-NAME "$MASTER_NAME")
+    [[ $reply == *$'\n'* ]] && printf '%s:%s\n' "${reply%%$'\n'*}" "${reply#*$'\n'}"
+    return 0
+}
+
+http_code() {
+    curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null || true
+}
+
+port_open() {
+    # Something accepts connections there (on 127.0.0.1, or on all addresses).
+    (exec 3<>"/dev/tcp/$LOOPBACK/$1") 2>/dev/null
+}
+
+can_bind_port_80() {
+    [[ $(id -u) == 0 ]] && return 0
+    local start
+    start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start 2>/dev/null || echo 1024)
+    ((start <= 80))
+}
+
+# A value for a Redis config file: quoted, with backslashes and quotes escaped.
+redis_quote() {
+    local value=${1//\\/\\\\}
+    printf '"%s"' "${value//\"/\\\"}"
+}
+
+# The kernel's start time of PID (clock ticks since boot): with the pid, it names one
+# process, so a pid reused by an unrelated process after ours exited is never mistaken
+# for ours. Prints nothing for a missing process or a zombie.
+start_time_of() {
+    local stat fields
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    # Fields after the command name, which may itself contain spaces and parentheses.
+    read -r -a fields <<<"${stat##*) }"
+    [[ ${fields[0]} == Z ]] || printf '%s\n' "${fields[19]}"
+}
+
+# Is the recorded process (PID, START) still running?
+still_running() {
+    [[ -n $2 && $(start_time_of "$1") == "$2" ]]
+}
+
+# Start a process in the background with its output in LOG, and record its pid and
+# start time, so that `down` stops that process and no other.
+start() {
+    local name=$1 log=$2
+    shift 2
+    "$@" </dev/null >>"$log" 2>&1 &
+    local pid=$!
+    printf '%s %s %s %s\n' "$name" "$pid" "$(start_time_of "$pid")" "$log" >>"$PIDS_FILE"
+    say "started $name (pid $pid), log: ${log#"$ROOT"/}"
+}
+
+# The record (pid, start time) of NAME.
+record_of() {
+    local name=$1 n pid since log
+    while read -r n pid since log; do
+        [[ $n == "$name" ]] && echo "$pid $since"
+    done <"$PIDS_FILE"
+}
+
+log_of() {
+    local name=$1 n pid since log
+    while read -r n pid since log; do
+        [[ $n == "$name" ]] && echo "$log"
+    done <"$PIDS_FILE"
+}
+
+# Fail naming what is not ready, with the end of its log.
+not_ready() {
+    local name=$1 what=$2 log
+    log=$(log_of "$name")
+    warn "error: $name is not ready after ${WAIT_SECS}s: $what"
+    if [[ -n $log && -f $log ]]; then
+        warn "last lines of ${log#"$ROOT"/}:"
+        tail -n 15 "$log" | sed 's/^/    /' >&2
+    fi
+    exit 1
+}
+
+# Poll CHECK (a command) until it succeeds, at most WAIT_SECS; fail naming NAME if the
+# process died or the time ran out.
+wait_for() {
+    local name=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + WAIT_SECS))
+    until "$@"; do
+        # shellcheck disable=SC2046 # the record is two words on purpose
+        still_running $(record_of "$name") || not_ready "$name" "the process exited ($what)"
+        ((SECONDS < deadline)) || not_ready "$name" "$what"
+        sleep 0.2
+    done
+}
+
+# --- up ---------------------------------------------------------------------------
+
+anything_running() {
+    local n pid since log
+    [[ -f $PIDS_FILE ]] || return 1
+    while read -r n pid since log; do
+        still_running "$pid" "$since" && return 0
+    done <"$PIDS_FILE"
+    return 1
+}
+
+check_ports_free() {
+    local port busy=()
+    for port in "${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}" "${APP_PORTS[@]}" "$NGINX_PORT"; do
+        port_open "$port" && busy+=("$port")
+    done
+    ((${#busy[@]} == 0)) ||
+        die "port(s) already in use on $LOOPBACK: ${busy[*]} (see: ss -ltnp 'sport = :${busy[0]}')"
+}
+
+build_binary() {
+    if [[ -n ${RATELIMITER_BIN:-} ]]; then
+        [[ -x $BIN ]] || die "RATELIMITER_BIN=$BIN is not an executable file"
+        say "using $BIN"
+        return 0
+    fi
+    if [[ ! -x $BIN ]] || [[ -n $(find src Cargo.toml Cargo.lock -newer "$BIN" -print -quit 2>/dev/null) ]]; then
+        say "building the release binary: cargo build --release"
+        cargo build --release --bin ratelimiter
+    else
+        say "release binary is up to date: ${BIN#"$ROOT"/}"
+    fi
+}
+
+render_data_conf() {
+    local template=$1 out=$2 quoted
+    quoted=$(redis_quote "$REDIS_PASSWORD")
+    {
+        grep -Ev '^(requirepass|masterauth)[[:space:]]' "$template"
+        printf '\n# Set by scripts/cluster.sh from REDIS_PASSWORD.\n'
+        printf 'requirepass %s\nmasterauth %s\n' "$quoted" "$quoted"
+    } >"$out"
+    chmod 600 "$out"
+}
+
+render_sentinel_conf() {
+    local out=$1 text quoted
+    text=$(<redis/sentinel.conf)
+    quoted=$(redis_quote "$REDIS_PASSWORD")
+    text=${text//__MASTER_HOST__/"$LOOPBACK"}
+    text=${text//__MASTER_PORT__/"$MASTER_PORT"}
+    text=${text//__PASSWORD__/"$quoted"}
+    {
+        printf '%s\n' "$text"
+        if [[ -n $SENTINEL_PASSWORD ]]; then
+            quoted=$(redis_quote "$SENTINEL_PASSWORD")
+            printf '\n# Set by scripts/cluster.sh from SENTINEL_PASSWORD.\n'
+            printf 'requirepass %s\nsentinel sentinel-pass %s\n' "$quoted" "$quoted"
+        fi
+    } >"$out"
+    chmod 600 "$out"
+}
+
+render_nginx_conf() {
+    local prefix=$1 out=$2 listen text
+    listen="listen $LOOPBACK:$NGINX_PORT;"
+    if ! can_bind_port_80; then
+        say "note: not listening on port 80 (needs root or net.ipv4.ip_unprivileged_port_start <= 80); port $NGINX_PORT only"
+    elif port_open 80; then
+        say "note: port 80 is already in use; Nginx listens on port $NGINX_PORT only"
+    else
+        listen+=" listen $LOOPBACK:80;"
+    fi
+    text=$(<nginx/native.conf.template)
+    text=${text//__PREFIX__/"$prefix"}
+    text=${text//__LISTEN__/"$listen"}
+    text=${text//__APP_1__/"$LOOPBACK:${APP_PORTS[0]}"}
+    text=${text//__APP_2__/"$LOOPBACK:${APP_PORTS[1]}"}
+    printf '%s\n' "$text" >"$out"
+}
+
+replica_linked() {
+    [[ $(info_field "$1" replication master_link_status) == up ]]
+}
+
+data_node_answers() {
+    [[ $(rcli "$1" PING) == PONG ]]
+}
+
+sentinel_ready() {
+    local port=$1 master
+    # It agrees with the others (quorum reachable, a majority to authorize a failover)
+    # and knows both replicas, so a failover can start right away.
+    [[ $(scli "$port" SENTINEL CKQUORUM "$MASTER_NAME") == OK* ]] || return 1
+    master=$(scli "$port" SENTINEL MASTER "$MASTER_NAME")
+    [[ $(sed -n '/^num-slaves$/{n;p}' <<<"$master") == "${#REPLICA_PORTS[@]}" ]]
+}
+
+http_ok() {
+    [[ $(http_code "$1") == 200 ]]
+}
+
+up() {
+    local started=$SECONDS
+    if anything_running; then
+        die "the cluster is already running (pids in ${PIDS_FILE#"$ROOT"/}); run: scripts/cluster.sh down"
+    fi
+    check_ports_free
+    build_binary
+
+    say "run folder: ${CLUSTER_DIR#"$ROOT"/}"
+    mkdir -p "$CLUSTER_DIR"
+    rm -f "$PIDS_FILE"
+    # From here on, a failure (or Ctrl-C) stops what was started; logs stay.
+    trap 'code=$?; if ((code != 0)); then warn "up failed; stopping what was started"; down; fi' EXIT
+    trap 'exit 130' INT TERM
+
+    local port dir i
+    for port in "${DATA_PORTS[@]}"; do
+        dir=$CLUSTER_DIR/redis-$port
+        rm -rf "$dir" && mkdir -p "$dir"
+        if [[ $port == "$MASTER_PORT" ]]; then
+            render_data_conf redis/master.conf "$dir/redis.conf"
+            start "redis-$port" "$dir/redis.log" redis-server "$dir/redis.conf" \
+                --port "$port" --bind "$LOOPBACK" --dir "$dir"
+            wait_for "redis-$port" "it does not answer PING on port $port" data_node_answers "$port"
+        else
+            render_data_conf redis/replica.conf "$dir/redis.conf"
+            start "redis-$port" "$dir/redis.log" redis-server "$dir/redis.conf" \
+                --port "$port" --bind "$LOOPBACK" --dir "$dir" \
+                --replicaof "$LOOPBACK" "$MASTER_PORT"
+        fi
+    done
+    for port in "${REPLICA_PORTS[@]}"; do
+        wait_for "redis-$port" "master_link_status is not up (replica of $LOOPBACK:$MASTER_PORT)" \
+            replica_linked "$port"
+    done
+    say "replication is linked: 6379 -> ${REPLICA_PORTS[*]}"
+
+    for port in "${SENTINEL_PORTS[@]}"; do
+        dir=$CLUSTER_DIR/sentinel-$port
+        rm -rf "$dir" && mkdir -p "$dir"
+        render_sentinel_conf "$dir/sentinel.conf"
+        start "sentinel-$port" "$dir/sentinel.log" redis-sentinel "$dir/sentinel.conf" \
+            --port "$port" --bind "$LOOPBACK" --dir "$dir"
+    done
+    for port in "${SENTINEL_PORTS[@]}"; do
+        wait_for "sentinel-$port" "SENTINEL CKQUORUM $MASTER_NAME is not OK, or it does not know both replicas" \
+            sentinel_ready "$port"
+    done
+    say "sentinels agree (CKQUORUM OK on ${SENTINEL_PORTS[*]})"
+
+    local sentinel_hosts
+    sentinel_hosts=$(printf "$LOOPBACK:%s," "${SENTINEL_PORTS[@]}")
+    sentinel_hosts=${sentinel_hosts%,}
+    say "instances: RATE_LIMIT=${RATE_LIMIT:-(default)} TIME_WINDOW=${TIME_WINDOW:-(default)} BURST=${BURST:-(default)} FAIL_MODE=${FAIL_MODE:-(default)}"
+    for i in "${!APP_NAMES[@]}"; do
+        dir=$CLUSTER_DIR/${APP_NAMES[i]}
+        rm -rf "$dir" && mkdir -p "$dir"
+        start "${APP_NAMES[i]}" "$dir/app.log" env \
+            HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" INSTANCE_NAME="${APP_NAMES[i]}" \
+            SENTINEL_HOSTS="$sentinel_hosts" REDIS_MASTER="$MASTER_NAME" \
+            REDIS_PASSWORD="$REDIS_PASSWORD" TRUSTED_PROXIES="$PROXY_ADDR" \
+            RUST_LOG="${RUST_LOG:-info}" \
+            "$BIN"
+    done
+    for i in "${!APP_NAMES[@]}"; do
+        wait_for "${APP_NAMES[i]}" "GET http://$LOOPBACK:${APP_PORTS[i]}/ready does not answer 200" \
+            http_ok "http://$LOOPBACK:${APP_PORTS[i]}/ready"
+    done
+    say "instances are ready: ${APP_NAMES[*]} on ${APP_PORTS[*]}"
+
+    dir=$CLUSTER_DIR/nginx
+    rm -rf "$dir" && mkdir -p "$dir/logs" "$dir/temp"
+    render_nginx_conf "$dir" "$dir/nginx.conf"
+    nginx -t -q -p "$dir/" -c "$dir/nginx.conf" ||
+        die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/native.conf.template)"
+    start nginx "$dir/logs/error.log" nginx -p "$dir/" -c "$dir/nginx.conf"
+    wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/ready does not answer 200" \
+        http_ok "http://$LOOPBACK:$NGINX_PORT/ready"
+
+    trap - EXIT INT TERM
+    say "the cluster is up in $((SECONDS - started))s: http://$LOOPBACK:$NGINX_PORT/ (Nginx) -> ${APP_NAMES[*]}; master $LOOPBACK:$MASTER_PORT"
+}
+
+# --- down -------------------------------------------------------------------------
+
+down() {
+    if [[ ! -f $PIDS_FILE ]]; then
+        say "nothing to stop (no ${PIDS_FILE#"$ROOT"/})"
+        return 0
+    fi
+    local lines=() n pid since log i deadline
+    mapfile -t lines <"$PIDS_FILE"
+    # Reverse start order: Nginx, instances, sentinels (no failover while the data nodes
+    # stop), replicas, master.
+    for ((i = ${#lines[@]} - 1; i >= 0; i--)); do
+        read -r n pid since log <<<"${lines[i]}"
+        if ! still_running "$pid" "$since"; then
+            say "$n (pid $pid) is not running"
+            continue
+        fi
+        say "stopping $n (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        deadline=$((SECONDS + 10))
+        while still_running "$pid" "$since" && ((SECONDS < deadline)); do
+            sleep 0.1
+        done
+        if still_running "$pid" "$since"; then
+            warn "$n (pid $pid) ignored SIGTERM for 10s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    rm -f "$PIDS_FILE"
+    say "stopped; logs remain in ${CLUSTER_DIR#"$ROOT"/}"
+}
+
+# --- status -----------------------------------------------------------------------
+
+# The master's address according to the first sentinel that answers.
+current_master() {
+    local port addr
+    for port in "${SENTINEL_PORTS[@]}"; do
+        addr=$(master_by "$port")
+        [[ -n $addr ]] && {
+            echo "$addr"
+            return 0
+        }
+    done
+    return 1
+}
+
+status() {
+    local port role healthy=yes addr code i elected note
+    elected=$(current_master || true)
+    say "data nodes:"
+    for port in "${DATA_PORTS[@]}"; do
+        role=$(info_field "$port" replication role)
+        case $role in
+        master)
+            note=
+            [[ -z $elected || $elected == "$LOOPBACK:$port" ]] ||
+                note=" (stale: the sentinels name $elected; Sentinel turns it into a replica within about 10s)"
+            printf '  %s  master, %s replica(s) connected, %s with lag <= min-replicas-max-lag%s\n' "$port" \
+                "$(info_field "$port" replication connected_slaves)" \
+                "$(info_field "$port" replication min_slaves_good_slaves)" "$note"
+            ;;
+        slave)
+            printf '  %s  replica of %s:%s, link %s\n' "$port" \
+                "$(info_field "$port" replication master_host)" \
+                "$(info_field "$port" replication master_port)" \
+                "$(info_field "$port" replication master_link_status)"
+            ;;
+        *)
+            printf '  %s  not answering\n' "$port"
+            healthy=no
+            ;;
+        esac
+    done
+    say "sentinels (master of $MASTER_NAME according to each):"
+    for port in "${SENTINEL_PORTS[@]}"; do
+        addr=$(master_by "$port")
+        if [[ -n $addr ]]; then
+            printf '  %s  %s; %s\n' "$port" "$addr" "$(scli "$port" SENTINEL CKQUORUM "$MASTER_NAME")"
+        else
+            printf '  %s  not answering\n' "$port"
+            healthy=no
+        fi
+    done
+    say "instances:"
+    for i in "${!APP_NAMES[@]}"; do
+        code=$(http_code "http://$LOOPBACK:${APP_PORTS[i]}/ready")
+        printf '  %s  %s  /ready %s\n' "${APP_PORTS[i]}" "${APP_NAMES[i]}" "${code/000/not answering}"
+        [[ $code == 200 ]] || healthy=no
+    done
+    code=$(http_code "http://$LOOPBACK:$NGINX_PORT/health")
+    printf '  %s  nginx  /health %s\n' "$NGINX_PORT" "${code/000/not answering}"
+    [[ $code == 200 ]] || healthy=no
+    [[ $healthy == yes ]]
+}
+
+# --- failover ---------------------------------------------------------------------
+
+master_moved_everywhere() {
+    local old=$1 port addr
+    for port in "${SENTINEL_PORTS[@]}"; do
+        addr=$(master_by "$port")
+        [[ -n $addr && $addr != "$old" ]] || return 1
+    done
+}
+
+takes_writes() {
+    local port=$1 good
+    [[ $(info_field "$port" replication role) == master ]] || return 1
+    good=$(info_field "$port" replication min_slaves_good_slaves)
+    [[ ${good:-0} -ge 1 ]]
+}
+
+failover() {
+    local old new reply started=$SECONDS deadline
+    old=$(current_master) || die "no sentinel answers on ${SENTINEL_PORTS[*]}; is the cluster up?"
+    say "current master: $old; asking sentinel ${SENTINEL_PORTS[0]} for a failover"
+    reply=$(scli "${SENTINEL_PORTS[0]}" SENTINEL FAILOVER "$MASTER_NAME")
+    [[ $reply == OK ]] || die "SENTINEL FAILOVER $MASTER_NAME answered: ${reply:-nothing}"
+
+    deadline=$((SECONDS + WAIT_SECS))
+    until master_moved_everywhere "$old"; do
+        ((SECONDS < deadline)) || die "after ${WAIT_SECS}s the sentinels still do not all name a new master (was $old); see scripts/cluster.sh status"
+        sleep 0.2
+    done
+    new=$(current_master)
+    say "the sentinels name the new master: $new"
+    # min-replicas-to-write 1: the new master takes writes once a replica follows it.
+    until takes_writes "${new##*:}"; do
+        ((SECONDS < deadline)) || die "the new master $new has no replica in sync after ${WAIT_SECS}s; see scripts/cluster.sh status"
+        sleep 0.2
+    done
+    say "failover done in $((SECONDS - started))s: $old -> $new, which takes writes"
+}
+
+# --- logs -------------------------------------------------------------------------
+
+logs() {
+    [[ -d $CLUSTER_DIR ]] || die "no ${CLUSTER_DIR#"$ROOT"/}; has the cluster been started?"
+    local files=()
+    mapfile -t files < <(find "$CLUSTER_DIR" -name '*.log' | sort)
+    ((${#files[@]} > 0)) || die "no logs in ${CLUSTER_DIR#"$ROOT"/}"
+    if [[ ${1:-} == -f ]]; then
+        tail -n 20 -F "${files[@]}"
+    else
+        tail -n 20 "${files[@]}"
+    fi
+}
+
+# --- main -------------------------------------------------------------------------
+
+install=no
+if [[ ${1:-} == --install ]]; then
+    install=yes
+    shift
+fi
+command=${1:-}
+(($# > 0)) && shift
+case $command in
+up)
+    check_tools "$install"
+    up
+    ;;
+down) down ;;
+status) status ;;
+failover)
+    check_tools "$install"
+    failover
+    ;;
+logs) logs "$@" ;;
+*) usage ;;
+esac
