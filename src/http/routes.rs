@@ -1,0 +1,132 @@
+//! The endpoints and the state they share.
+
+use std::net::IpAddr;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::CacheControl;
+use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
+use serde_json::json;
+
+use super::error::{QUOTA_EXCEEDED, problem_json};
+use super::headers::{POLICY_NAME, ceil_millis, quota_headers, retry_after_secs};
+use crate::config::HeaderMode;
+use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
+use crate::rate_limiter::{RateLimiter, Source, Verdict};
+
+pub struct AppState {
+    pub instance: String,
+    pub limiter: RateLimiter,
+    pub identity: IdentityRules,
+    pub headers: HeaderMode,
+}
+
+/// `GET /`: not limited.
+pub async fn index(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({"message": "Hello World", "instance": state.instance}))
+}
+
+/// `GET /health`: liveness. Touches no store.
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: whether the store can decide right now.
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let store = state.limiter.store().clone();
+    let checked = if store.is_blocking() {
+        web::block(move || store.check_ready())
+            .await
+            .unwrap_or_else(|err| Err(crate::store::StoreError::Other(err.to_string())))
+    } else {
+        store.check_ready()
+    };
+    match checked {
+        Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        Err(reason) => HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "unavailable", "reason": reason.to_string()})),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(crate::metrics::render())
+}
+
+/// `GET /limited_endpoint`: one token per request.
+pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let Some(key) = client_key(&req, &state.identity) else {
+        return HttpResponse::BadRequest()
+            .json(json!({"status": 400, "error": "the client address is unknown"}));
+    };
+    let verdict = state.limiter.check(key).await;
+    crate::metrics::decision(verdict.allowed(), verdict.source);
+    let mut response = if verdict.source == Source::Closed {
+        unavailable()
+    } else if verdict.allowed() {
+        let mut ok = HttpResponse::Ok();
+        ok.insert_header(CacheControl(vec![
+            actix_web::http::header::CacheDirective::NoStore,
+        ]));
+        ok
+    } else {
+        too_many(&verdict)
+    };
+    response.insert_header(("X-RateLimit-Source", verdict.source.as_str()));
+    for header in quota_headers(state.headers, &verdict) {
+        response.insert_header(header);
+    }
+    match verdict.source {
+        Source::Closed => response.json(json!({
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "the rate-limit store cannot decide and FAIL_MODE=closed",
+        })),
+        _ if verdict.allowed() => response
+            .json(json!({"message": "This is a limited endpoint", "instance": state.instance})),
+        _ => {
+            let retry_after_us = verdict.decision.map_or(0, |d| d.retry_after_us());
+            response.json(json!({
+                "type": QUOTA_EXCEEDED,
+                "title": "Too Many Requests",
+                "status": 429,
+                "violated-policies": [POLICY_NAME],
+                "retry_after_ms": ceil_millis(retry_after_us).max(1),
+            }))
+        }
+    }
+}
+
+fn too_many(verdict: &Verdict) -> HttpResponseBuilder {
+    let retry_after_us = verdict.decision.map_or(0, |d| d.retry_after_us());
+    let mut response = HttpResponse::TooManyRequests();
+    response
+        .content_type(problem_json())
+        .insert_header(("Retry-After", retry_after_secs(retry_after_us).to_string()));
+    response
+}
+
+fn unavailable() -> HttpResponseBuilder {
+    let mut response = HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE);
+    response
+        .content_type(problem_json())
+        .insert_header(("Retry-After", "1"));
+    response
+}
+
+/// The bucket this request is charged to, from its TCP peer and, through trusted
+/// proxies only, its forwarding headers.
+fn client_key(req: &HttpRequest, rules: &IdentityRules) -> Option<ClientKey> {
+    let peer: IpAddr = req.peer_addr()?.ip();
+    let headers = req.headers();
+    let forwarded = ForwardedHeaders {
+        forwarded_for: headers
+            .get_all("x-forwarded-for")
+            .map(|value| value.as_bytes())
+            .collect(),
+        real_ip: headers.get("x-real-ip").map(|value| value.as_bytes()),
+    };
+    Some(rules.client_key(peer, &forwarded))
+}

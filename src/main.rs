@@ -1,0 +1,35 @@
+//! The binary: load settings, start logging, serve. Errors end here as a message and an
+//! exit code: 2 for bad configuration, 1 for anything else.
+
+use std::process::ExitCode;
+
+use ratelimiter::config::Settings;
+use ratelimiter::startup::Application;
+
+fn main() -> ExitCode {
+    let settings = match Settings::load() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("ratelimiter: invalid configuration:\n{err}");
+            return ExitCode::from(2);
+        }
+    };
+    ratelimiter::telemetry::init(&settings.instance_name);
+    log::info!("starting: {settings}");
+    let served = actix_rt::System::new().block_on(async move {
+        let app = Application::build(settings).map_err(|err| err.to_string())?;
+        log::info!("listening on port {}", app.port());
+        app.run_until_stopped().await.map_err(|err| err.to_string())
+    });
+    match served {
+        Ok(()) => {
+            log::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            log::error!("{message}");
+            eprintln!("ratelimiter: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

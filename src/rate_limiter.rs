@@ -1,0 +1,174 @@
+//! The decision a limited route acts on: ask the store, and when it cannot decide, apply
+//! the configured failure policy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::FailMode;
+use crate::identity::ClientKey;
+use crate::limiter::{Decision, Policy};
+use crate::store::memory::MemoryStore;
+use crate::store::{Store, StoreError};
+
+/// Which part of the system decided, as `X-RateLimit-Source` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The shared store.
+    Redis,
+    /// This process: the embedded store, or the fallback while Redis cannot decide.
+    Local,
+    /// Redis could not decide and `FAIL_MODE=open` admitted the request.
+    Open,
+    /// Redis could not decide and `FAIL_MODE=closed` refused the request.
+    Closed,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Redis => "redis",
+            Source::Local => "local",
+            Source::Open => "open",
+            Source::Closed => "closed",
+        }
+    }
+}
+
+/// What happens to one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict {
+    pub source: Source,
+    /// The policy the decision was made under (a share of it in the local fallback).
+    pub policy: Policy,
+    /// The bucket's answer; `None` when no bucket was consulted (open or closed).
+    pub decision: Option<Decision>,
+}
+
+impl Verdict {
+    pub fn allowed(&self) -> bool {
+        match self.source {
+            Source::Open => true,
+            Source::Closed => false,
+            Source::Redis | Source::Local => self.decision.is_some_and(|d| d.allowed),
+        }
+    }
+}
+
+/// Tells how many instances share the limits while Redis is away.
+pub type InstanceCount = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+pub struct RateLimiter {
+    store: Arc<dyn Store>,
+    /// Whether `store` is shared (Redis) rather than this process's memory.
+    shared: bool,
+    policy: Policy,
+    fail_mode: FailMode,
+    fallback: MemoryStore,
+    instances: InstanceCount,
+    /// True while Redis cannot decide, so the change is logged once each way.
+    degraded: AtomicBool,
+}
+
+impl RateLimiter {
+    pub fn new(
+        store: Arc<dyn Store>,
+        shared: bool,
+        policy: Policy,
+        fail_mode: FailMode,
+        instances: InstanceCount,
+    ) -> Self {
+        Self {
+            store,
+            shared,
+            policy,
+            fail_mode,
+            fallback: MemoryStore::new(),
+            instances,
+            degraded: AtomicBool::new(false),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Takes a token for `key`, off the event loop when the store blocks.
+    pub async fn check(&self, key: ClientKey) -> Verdict {
+        let started = std::time::Instant::now();
+        let result = if self.store.is_blocking() {
+            let store = self.store.clone();
+            let policy = self.policy;
+            actix_web::web::block(move || store.take(&key, &policy))
+                .await
+                .unwrap_or_else(|err| Err(StoreError::Other(err.to_string())))
+        } else {
+            self.store.take(&key, &self.policy)
+        };
+        crate::metrics::store_call(started.elapsed());
+        match result {
+            Ok(decision) => {
+                self.note_recovered();
+                let source = if self.shared {
+                    Source::Redis
+                } else {
+                    Source::Local
+                };
+                Verdict {
+                    source,
+                    policy: self.policy,
+                    decision: Some(decision),
+                }
+            }
+            Err(error) => {
+                crate::metrics::store_error(&error);
+                self.note_degraded(&error);
+                self.fall_back(&key)
+            }
+        }
+    }
+
+    fn fall_back(&self, key: &ClientKey) -> Verdict {
+        match self.fail_mode {
+            FailMode::Local => {
+                let policy = self.policy.share_of((self.instances)());
+                let decision = self.fallback.take(key, &policy).ok();
+                Verdict {
+                    source: Source::Local,
+                    policy,
+                    decision,
+                }
+            }
+            FailMode::Open => Verdict {
+                source: Source::Open,
+                policy: self.policy,
+                decision: None,
+            },
+            FailMode::Closed => Verdict {
+                source: Source::Closed,
+                policy: self.policy,
+                decision: None,
+            },
+        }
+    }
+
+    fn note_degraded(&self, error: &StoreError) {
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            crate::metrics::fallback_active(true);
+            log::warn!(
+                "Redis cannot decide ({error}); deciding with FAIL_MODE={} until it can",
+                self.fail_mode.as_str()
+            );
+        }
+    }
+
+    fn note_recovered(&self) {
+        if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::AcqRel) {
+            crate::metrics::fallback_active(false);
+            log::info!("Redis decides again");
+        }
+    }
+}

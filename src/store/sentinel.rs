@@ -1,0 +1,301 @@
+//! The resolver thread: finds the master, confirms it, and swaps it into the
+//! [`MasterSlot`] that the Redis store decides through.
+//!
+//! It follows the Sentinel client guidelines: ask the sentinels in turn (each with a short
+//! timeout), move the first that answers to the front, confirm with `ROLE` that the named
+//! node really is a master, and listen for `+switch-master` so a failover is seen within
+//! milliseconds; the poll covers lost events. With a single `REDIS_URL` the same thread
+//! only re-confirms that one node after failures.
+//!
+//! It also announces this instance in Redis, so that the local fallback can divide the
+//! limits by the number of live instances.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redis::{ConnectionInfo, Role};
+
+use super::StoreError;
+use super::redis::{Master, MasterSlot, classify, connect, node_info};
+
+/// How this instance finds its master.
+#[derive(Clone)]
+pub enum Discovery {
+    /// One fixed node (`REDIS_URL`).
+    Fixed(ConnectionInfo),
+    /// Ask these sentinels (`SENTINEL_HOSTS`) for the master named `master_name`.
+    Sentinels {
+        sentinels: Vec<ConnectionInfo>,
+        master_name: String,
+        node_password: Option<String>,
+    },
+}
+
+pub struct ResolverSettings {
+    pub discovery: Discovery,
+    pub pool_size: u32,
+    pub timeout: Duration,
+    pub poll: Duration,
+    pub instance_name: String,
+    pub key_prefix: String,
+}
+
+/// The running resolver; dropping it stops the threads.
+pub struct Resolver {
+    stop: Arc<AtomicBool>,
+    slot: Arc<MasterSlot>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// How long an instance counts as live after its last announcement.
+const ANNOUNCE_TTL_MS: u64 = 5_000;
+
+const ANNOUNCE_LUA: &str = r#"
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+impl Resolver {
+    /// Resolves once before returning, so a service whose Redis is up starts ready, then
+    /// keeps resolving on its own threads.
+    pub fn start(settings: ResolverSettings, slot: Arc<MasterSlot>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker {
+            settings,
+            slot: slot.clone(),
+            sentinel_order: Vec::new(),
+            announce: redis::Script::new(ANNOUNCE_LUA),
+        };
+        if let Discovery::Sentinels { sentinels, .. } = &worker.settings.discovery {
+            worker.sentinel_order = sentinels.clone();
+        }
+        worker.resolve();
+        let mut threads = Vec::new();
+        if let Discovery::Sentinels { sentinels, .. } = &worker.settings.discovery {
+            let listener = SwitchListener {
+                sentinels: sentinels.clone(),
+                slot: slot.clone(),
+                stop: stop.clone(),
+                timeout: worker.settings.timeout,
+            };
+            threads.push(spawn("sentinel-events", move || listener.run()));
+        }
+        let worker_stop = stop.clone();
+        threads.push(spawn("master-resolver", move || worker.run(&worker_stop)));
+        Self {
+            stop,
+            slot,
+            threads,
+        }
+    }
+
+    /// Stops the threads and waits for them; each wakes within a timeout of a request.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.slot.ring();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .unwrap_or_else(|err| panic!("cannot start the {name} thread: {err}"))
+}
+
+struct Worker {
+    settings: ResolverSettings,
+    slot: Arc<MasterSlot>,
+    /// The sentinels, the last one that answered first.
+    sentinel_order: Vec<ConnectionInfo>,
+    announce: redis::Script,
+}
+
+impl Worker {
+    fn run(mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            self.slot.wait_for_ring(self.settings.poll);
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            self.resolve();
+        }
+    }
+
+    /// One round: find the master, confirm it, install it if it changed, announce.
+    fn resolve(&mut self) {
+        let found = self.find_master().and_then(|info| {
+            let addr = info.addr().to_string();
+            let current = self.slot.current();
+            match current {
+                Some(master) if master.addr == addr && self.slot.is_usable() => Ok(()),
+                Some(master) if master.addr == addr => {
+                    self.confirm_master(&info)?;
+                    self.slot.mark_usable();
+                    log::info!("Redis master {addr} is usable again");
+                    Ok(())
+                }
+                previous => {
+                    self.confirm_master(&info)?;
+                    let master =
+                        Master::open(info, self.settings.pool_size, self.settings.timeout)?;
+                    self.slot.install(Arc::new(master));
+                    match previous {
+                        Some(old) => {
+                            log::warn!("Redis master switched from {} to {addr}", old.addr)
+                        }
+                        None => log::info!("Redis master is {addr}"),
+                    }
+                    crate::metrics::master_changed(&addr);
+                    Ok(())
+                }
+            }
+        });
+        match found {
+            Ok(()) => self.announce(),
+            Err(error) => {
+                if self.slot.mark_unusable(error.to_string()) {
+                    log::warn!("no usable Redis master: {error}");
+                }
+            }
+        }
+    }
+
+    fn find_master(&mut self) -> Result<ConnectionInfo, StoreError> {
+        let timeout = self.settings.timeout;
+        let (master_name, node_password) = match &self.settings.discovery {
+            Discovery::Fixed(info) => return Ok(info.clone()),
+            Discovery::Sentinels {
+                master_name,
+                node_password,
+                ..
+            } => (master_name.clone(), node_password.clone()),
+        };
+        let mut failures = Vec::new();
+        for index in 0..self.sentinel_order.len() {
+            let sentinel = &self.sentinel_order[index];
+            let answer = connect(sentinel, timeout).and_then(|mut conn| {
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&master_name)
+                    .query::<Option<(String, u16)>>(&mut conn)
+            });
+            match answer {
+                Ok(Some((host, port))) => {
+                    let answered = self.sentinel_order.remove(index);
+                    self.sentinel_order.insert(0, answered);
+                    return Ok(node_info(&host, port, node_password.as_deref()));
+                }
+                Ok(None) => {
+                    failures.push(format!("{} does not know {master_name}", sentinel.addr()))
+                }
+                Err(err) => failures.push(format!("{}: {err}", sentinel.addr())),
+            }
+        }
+        Err(StoreError::NoMaster(format!(
+            "no sentinel named a master for {master_name} ({})",
+            failures.join("; ")
+        )))
+    }
+
+    /// A sentinel's answer can be stale; only the node itself can say it is a master.
+    fn confirm_master(&self, info: &ConnectionInfo) -> Result<(), StoreError> {
+        let timeout = self.settings.timeout;
+        let addr = info.addr();
+        let role = connect(info, timeout)
+            .and_then(|mut conn| redis::cmd("ROLE").query::<Role>(&mut conn))
+            .map_err(|err| match classify(&err, timeout) {
+                StoreError::Other(detail) => StoreError::Connection(format!("{addr}: {detail}")),
+                error => error,
+            })?;
+        match role {
+            Role::Primary { .. } => Ok(()),
+            _ => Err(StoreError::NoMaster(format!("{addr} is not a master"))),
+        }
+    }
+
+    fn announce(&self) {
+        let Some(master) = self.slot.current() else {
+            return;
+        };
+        let result = connect(&master.info, self.settings.timeout).and_then(|mut conn| {
+            self.announce
+                .key(format!("{}:instances", self.settings.key_prefix))
+                .arg(&self.settings.instance_name)
+                .arg(ANNOUNCE_TTL_MS)
+                .invoke::<u64>(&mut conn)
+        });
+        match result {
+            Ok(live) => self
+                .slot
+                .live_instances
+                .store(live.max(1), Ordering::Relaxed),
+            Err(err) => log::debug!("could not announce this instance: {err}"),
+        }
+    }
+}
+
+/// Listens for `+switch-master` on one sentinel at a time and rings the resolver.
+struct SwitchListener {
+    sentinels: Vec<ConnectionInfo>,
+    slot: Arc<MasterSlot>,
+    stop: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+impl SwitchListener {
+    fn run(self) {
+        let mut next = 0;
+        while !self.stop.load(Ordering::Acquire) {
+            let sentinel = &self.sentinels[next % self.sentinels.len()];
+            next += 1;
+            if let Err(err) = self.listen(sentinel) {
+                log::debug!("lost +switch-master events from {}: {err}", sentinel.addr());
+                // Do not spin on a sentinel that refuses at once.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn listen(&self, sentinel: &ConnectionInfo) -> redis::RedisResult<()> {
+        let mut conn = connect(sentinel, self.timeout)?;
+        // Wake up now and then to notice a stop; a quiet channel is not an error.
+        conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut pubsub = conn.as_pubsub();
+        pubsub.subscribe("+switch-master")?;
+        while !self.stop.load(Ordering::Acquire) {
+            match pubsub.get_message() {
+                Ok(message) => {
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    log::info!(
+                        "sentinel {} announced +switch-master {payload}",
+                        sentinel.addr()
+                    );
+                    self.slot.ring();
+                }
+                Err(err) if err.is_timeout() => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
