@@ -26,7 +26,7 @@ pub enum StoreError {
     NoReplicas,
     #[error("the node is loading its data set (LOADING)")]
     Loading,
-    #[error("no master is known yet: {0}")]
+    #[error("no usable Redis master: {0}")]
     NoMaster(String),
     #[error("the script is missing (NOSCRIPT) even after reloading it")]
     NoScript,

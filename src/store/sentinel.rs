@@ -173,7 +173,11 @@ impl Worker {
         match found {
             Ok(()) => self.announce(),
             Err(error) => {
-                if self.slot.mark_unusable(error.to_string()) {
+                let reason = match &error {
+                    StoreError::NoMaster(detail) => detail.clone(),
+                    other => other.to_string(),
+                };
+                if self.slot.mark_unusable(reason) {
                     log::warn!("no usable Redis master: {error}");
                 }
             }
@@ -223,10 +227,7 @@ impl Worker {
         let addr = info.addr();
         let role = connect(info, timeout)
             .and_then(|mut conn| redis::cmd("ROLE").query::<Role>(&mut conn))
-            .map_err(|err| match classify(&err, timeout) {
-                StoreError::Other(detail) => StoreError::Connection(format!("{addr}: {detail}")),
-                error => error,
-            })?;
+            .map_err(|err| StoreError::NoMaster(format!("{addr}: {}", classify(&err, timeout))))?;
         match role {
             Role::Primary { .. } => Ok(()),
             _ => Err(StoreError::NoMaster(format!("{addr} is not a master"))),

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The project's one test command: hygiene (fmt, clippy), every cargo test against real
+# redis-server / redis-sentinel processes, then the end-to-end suites.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --quick    fmt, clippy and cargo tests only (no Nginx cluster, no Docker)
+#
+# Missing Debian packages are installed when running as root; otherwise the exact
+# apt-get command is printed and the script stops.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+quick=false
+[[ "${1:-}" == "--quick" ]] && quick=true
+
+say() { printf '\n== %s\n' "$*"; }
+
+packages=()
+command -v redis-server >/dev/null || packages+=(redis-server)
+command -v redis-sentinel >/dev/null || packages+=(redis-sentinel)
+command -v redis-cli >/dev/null || packages+=(redis-tools)
+if ! $quick; then
+  command -v nginx >/dev/null || packages+=(nginx-light)
+  command -v curl >/dev/null || packages+=(curl)
+fi
+if ((${#packages[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing ${packages[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}"
+  else
+    echo "missing: ${packages[*]}. Install them with:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y ${packages[*]}" >&2
+    exit 1
+  fi
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+say "cargo test"
+cargo test --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"
+
+if $quick; then
+  exit 0
+fi

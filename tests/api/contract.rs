@@ -1,0 +1,198 @@
+//! The HTTP contract, on the embedded store and on Redis alike.
+
+use crate::support::{RedisProcess, TestApp, client, header, unique_prefix};
+
+async fn ten_pass_then_429_with_headers(app: &TestApp, expected_source: &str) {
+    let client = client();
+    for n in 1..=10 {
+        let response = client
+            .get(app.at("/limited_endpoint"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "request {n}");
+        assert_eq!(
+            header(&response, "RateLimit-Policy"),
+            "\"default\";q=10;w=60"
+        );
+        assert_eq!(
+            header(&response, "RateLimit"),
+            format!("\"default\";r={};t=6", 10 - n)
+        );
+        assert_eq!(header(&response, "X-RateLimit-Source"), expected_source);
+        assert_eq!(header(&response, "X-Instance"), "test");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["message"], "This is a limited endpoint");
+        assert_eq!(body["instance"], "test");
+    }
+    let denied = client
+        .get(app.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "Content-Type"), "application/problem+json");
+    assert_eq!(header(&denied, "Retry-After"), "6");
+    assert_eq!(header(&denied, "RateLimit"), "\"default\";r=0;t=6");
+    assert_eq!(header(&denied, "X-RateLimit-Source"), expected_source);
+    let body: serde_json::Value = denied.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
+    assert_eq!(body["title"], "Too Many Requests");
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["violated-policies"], serde_json::json!(["default"]));
+    let retry_after_ms = body["retry_after_ms"].as_u64().unwrap();
+    assert!(
+        (5_000..=6_000).contains(&retry_after_ms),
+        "retry_after_ms {retry_after_ms}"
+    );
+}
+
+#[tokio::test]
+async fn the_embedded_store_admits_ten_then_answers_429_with_retry_after_six() {
+    let app = TestApp::spawn(&[]);
+    ten_pass_then_429_with_headers(&app, "local").await;
+}
+
+#[tokio::test]
+async fn the_redis_store_admits_ten_then_answers_429_with_retry_after_six() {
+    let redis = RedisProcess::server(None, &[]);
+    let prefix = unique_prefix("contract");
+    let app = TestApp::spawn(&[("REDIS_URL", &redis.url()), ("KEY_PREFIX", &prefix)]);
+    ten_pass_then_429_with_headers(&app, "redis").await;
+}
+
+#[tokio::test]
+async fn legacy_headers_replace_the_draft_ones_when_asked() {
+    let app = TestApp::spawn(&[
+        ("RATELIMIT_HEADERS", "legacy"),
+        ("RATE_LIMIT", "3"),
+        ("TIME_WINDOW", "30"),
+    ]);
+    let response = client()
+        .get(app.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&response, "X-RateLimit-Limit"), "3");
+    assert_eq!(header(&response, "X-RateLimit-Remaining"), "2");
+    assert_eq!(header(&response, "X-RateLimit-Reset"), "10");
+    assert_eq!(header(&response, "RateLimit"), "");
+    assert_eq!(header(&response, "RateLimit-Policy"), "");
+}
+
+#[tokio::test]
+async fn both_header_sets_are_sent_when_asked_and_none_when_not() {
+    let both = TestApp::spawn(&[("RATELIMIT_HEADERS", "both")]);
+    let response = client()
+        .get(both.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&response, "X-RateLimit-Limit"), "10");
+    assert_eq!(
+        header(&response, "RateLimit-Policy"),
+        "\"default\";q=10;w=60"
+    );
+    let none = TestApp::spawn(&[("RATELIMIT_HEADERS", "none")]);
+    let response = client()
+        .get(none.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "X-RateLimit-Limit"), "");
+    assert_eq!(header(&response, "RateLimit"), "");
+}
+
+#[tokio::test]
+async fn a_burst_larger_than_the_rate_sets_the_quota() {
+    let app = TestApp::spawn(&[("RATE_LIMIT", "10"), ("TIME_WINDOW", "60"), ("BURST", "15")]);
+    let client = client();
+    let mut passed = 0;
+    for _ in 0..20 {
+        if client
+            .get(app.at("/limited_endpoint"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 15);
+}
+
+#[tokio::test]
+async fn the_index_health_and_ready_routes_are_never_limited() {
+    let app = TestApp::spawn(&[("RATE_LIMIT", "1")]);
+    let client = client();
+    for _ in 0..5 {
+        let index = client.get(app.at("/")).send().await.unwrap();
+        assert_eq!(index.status(), 200);
+        assert_eq!(header(&index, "X-Instance"), "test");
+        let body: serde_json::Value = index.json().await.unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"message": "Hello World", "instance": "test"})
+        );
+        let health: serde_json::Value = client
+            .get(app.at("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health, serde_json::json!({"status": "ok"}));
+        assert_eq!(
+            client.get(app.at("/ready")).send().await.unwrap().status(),
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_json_and_wrong_methods_405() {
+    let app = TestApp::spawn(&[]);
+    let client = client();
+    let missing = client.get(app.at("/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(header(&missing, "Content-Type"), "application/json");
+    assert_eq!(header(&missing, "X-Instance"), "test");
+    let post = client
+        .post(app.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 405);
+    assert_eq!(header(&post, "Allow"), "GET, HEAD");
+    let body: serde_json::Value = post.json().await.unwrap();
+    assert_eq!(body["status"], 405);
+}
+
+#[tokio::test]
+async fn ready_is_503_with_a_reason_when_redis_is_unreachable_and_health_stays_200() {
+    let port = crate::support::free_port();
+    let app = TestApp::spawn(&[
+        ("REDIS_URL", &format!("redis://127.0.0.1:{port}")),
+        ("REDIS_TIMEOUT_MS", "50"),
+    ]);
+    let client = client();
+    let ready = client.get(app.at("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert!(
+        body["reason"].as_str().unwrap().contains(&port.to_string()),
+        "{body}"
+    );
+    assert_eq!(
+        client.get(app.at("/health")).send().await.unwrap().status(),
+        200
+    );
+}

@@ -1,0 +1,9 @@
+//! API tests: the service on port 0 against a real `redis-server` started per test.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod config_errors;
+mod contract;
+mod identity;
+mod redis_store;
