@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Drives the rate limiter (through Nginx on 127.0.0.1:8000 by default) from many client
+# addresses and reports what it admitted: a thin wrapper over the crate's `loadtest` binary.
+#
+# Usage: scripts/loadtest.sh [LOADTEST FLAGS...]
+#        scripts/loadtest.sh --help      this text, then every flag of the binary
+#
+# Every argument goes to the binary unchanged. The binary is built in release mode first
+# when it is missing or older than its sources. Typical runs:
+#   scripts/loadtest.sh                                   200 req/s for 10 s from 241 clients
+#   scripts/loadtest.sh --rate 1000 --duration 30s --plot load.png --json load.json
+#   scripts/loadtest.sh --connections 64 --duration 5s    flat out
+#   scripts/loadtest.sh --sources 127.0.0.10-20 --rate 50 --check
+#
+# Exit codes are the binary's: 0 done, 1 the run failed, 2 bad flags, 3 --check failed.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+binary="${CARGO_TARGET_DIR:-$repo/target}/release/loadtest"
+
+if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+fi
+
+stale() {
+    [[ ! -x "$binary" ]] && return 0
+    [[ -n "$(find "$repo/src/bin/loadtest" "$repo/Cargo.toml" "$repo/Cargo.lock" \
+        -newer "$binary" -print -quit 2>/dev/null)" ]]
+}
+
+if stale; then
+    echo "+ cargo build --release --bin loadtest" >&2
+    (cd "$repo" && cargo build --release --bin loadtest)
+fi
+
+echo "+ $binary $*" >&2
+exec "$binary" "$@"

@@ -1,0 +1,461 @@
+//! The HTTP clients, the two dispatchers and the live progress line.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::header::HeaderMap;
+use reqwest::{Client, Url};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::cli::{Config, Mode};
+use crate::schedule::{self, Rate};
+use crate::stats::{Outcome, Sample, Tally};
+use crate::summary::{RunInfo, Summary};
+
+/// A send this far behind its scheduled time counts as late. Timers tick by the
+/// millisecond, so anything tighter would flag ordinary jitter.
+pub const LATE_AFTER: Duration = Duration::from_millis(5);
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// Whether to go on: a first Ctrl-C stops sending, a second abandons what is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Sending,
+    Draining,
+    Abandon,
+}
+
+/// What the dispatcher tells the summary.
+#[derive(Default)]
+struct Dispatch {
+    dispatched: u64,
+    late: u64,
+    missed: u64,
+    max_lag_ns: u64,
+    last_send_ns: u64,
+    /// Why sending stopped: "duration", "max-requests" or "interrupt".
+    stopped_by: &'static str,
+}
+
+/// Everything a request needs, shared by all requests.
+struct Shared {
+    url: Url,
+    headers: HeaderMap,
+    clients: Vec<Client>,
+    start: Instant,
+    samples: mpsc::UnboundedSender<Sample>,
+    /// Requests sent so far; the progress line reads it too.
+    dispatched: Arc<AtomicU64>,
+}
+
+pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let clients = config
+        .sources
+        .addresses()
+        .iter()
+        .map(|ip| build_client(*ip, &config))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (samples, mut received) = mpsc::unbounded_channel();
+    let mut tally = Tally::new(clients.len()).context("cannot set up the latency histogram")?;
+    let start = Instant::now();
+    let dispatched = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(Shared {
+        url: config.url.clone(),
+        headers: config.headers.clone(),
+        clients,
+        start,
+        samples,
+        dispatched: Arc::clone(&dispatched),
+    });
+    let (phase_tx, phase) = watch::channel(Phase::Sending);
+    tokio::spawn(watch_interrupts(phase_tx));
+
+    let bar = progress_bar(config.duration);
+    let dispatcher = {
+        let shared = Arc::clone(&shared);
+        let phase = phase.clone();
+        let (mode, duration, max_requests, max_in_flight) = (
+            config.mode,
+            config.duration,
+            config.max_requests,
+            config.max_in_flight,
+        );
+        tokio::spawn(async move {
+            match mode {
+                Mode::Rate(rate) => {
+                    at_rate(shared, rate, duration, max_requests, max_in_flight, phase).await
+                }
+                Mode::Connections(n) => {
+                    flat_out(shared, n as usize, duration, max_requests, phase).await
+                }
+            }
+        })
+    };
+    // The channel closes once the dispatcher and every request it started are done.
+    drop(shared);
+
+    collect(
+        &mut received,
+        &mut tally,
+        &bar,
+        start,
+        config.duration,
+        &dispatched,
+    )
+    .await;
+    bar.finish_and_clear();
+    let dispatch = dispatcher.await.context("the dispatcher failed")?;
+
+    let run = RunInfo {
+        url: config.url.to_string(),
+        mode: match config.mode {
+            Mode::Rate(rate) => format!("{rate} offered for {:?}", config.duration),
+            Mode::Connections(n) => {
+                format!("flat out on {n} connections for {:?}", config.duration)
+            }
+        },
+        mode_is_rate: matches!(config.mode, Mode::Rate(_)),
+        sources: config.sources.to_string(),
+        stopped_by: dispatch.stopped_by,
+        planned_duration_s: config.duration.as_secs_f64(),
+        dispatch_ns: dispatch.last_send_ns,
+        dispatched: dispatch.dispatched,
+        late: dispatch.late,
+        missed: dispatch.missed,
+        max_lag_ns: dispatch.max_lag_ns,
+    };
+    let summary = tally.summarize(run, config.sources.addresses(), &config.policy_flags);
+    report(&summary, &config)
+}
+
+/// Prints the summary, writes the files asked for, and turns `--check` into the exit code.
+fn report(summary: &Summary, config: &Config) -> anyhow::Result<ExitCode> {
+    print!("{}", summary.render(config.show_clients));
+    if let Some(path) = &config.json {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), summary)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("summary written to {}", path.display());
+    }
+    if let Some(path) = &config.plot {
+        let title = format!(
+            "Admitted and rejected per second · {} · {}",
+            summary.sources, summary.mode
+        );
+        crate::plot::draw(path, &summary.timeline, &title, config.font.as_deref())?;
+        println!("plot drawn in {}", path.display());
+    }
+    if config.check {
+        if let Err(why) = summary.check() {
+            eprintln!("loadtest: check failed: {why}");
+            return Ok(ExitCode::from(3));
+        }
+        println!("check passed: every client within its bound");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Folds samples into the tally until the last request is done, refreshing the progress
+/// line meanwhile: time elapsed, what was sent, what came back, and the answers per
+/// second over about the last second.
+async fn collect(
+    received: &mut mpsc::UnboundedReceiver<Sample>,
+    tally: &mut Tally,
+    bar: &ProgressBar,
+    start: Instant,
+    duration: Duration,
+    dispatched: &AtomicU64,
+) {
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    let mut recent: VecDeque<(Instant, u64)> = VecDeque::new();
+    loop {
+        tokio::select! {
+            sample = received.recv() => match sample {
+                Some(sample) => tally.add(sample),
+                None => return,
+            },
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                let done = tally.answered + tally.errors;
+                recent.push_back((now, done));
+                while recent.len() > 2 && now.duration_since(recent[0].0) > Duration::from_secs(1) {
+                    recent.pop_front();
+                }
+                let per_s = match recent.front() {
+                    Some((then, before)) if now > *then => {
+                        (done - before) as f64 / now.duration_since(*then).as_secs_f64()
+                    }
+                    _ => 0.0,
+                };
+                bar.set_position(start.elapsed().min(duration).as_millis() as u64);
+                bar.set_message(format!(
+                    "sent {} · 200: {} · 429: {} · 5xx: {} · errors: {} · {:.0}/s",
+                    dispatched.load(Ordering::Relaxed),
+                    tally.admitted, tally.rejected, tally.server_errors, tally.errors, per_s
+                ));
+            }
+        }
+    }
+}
+
+fn progress_bar(duration: Duration) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(duration.as_millis() as u64),
+        ProgressDrawTarget::stderr_with_hz(5),
+    );
+    if let Ok(style) = ProgressStyle::with_template("{elapsed:>4} [{bar:24.cyan/blue}] {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// One keep-alive pool bound to one source address: one client as the service sees it.
+fn build_client(source: IpAddr, config: &Config) -> anyhow::Result<Client> {
+    let mut builder = Client::builder()
+        .local_address(source)
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout.min(Duration::from_secs(2)))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    if let Some((host, addr)) = &config.pinned {
+        builder = builder.resolve(host, *addr);
+    }
+    builder
+        .build()
+        .with_context(|| format!("cannot build the HTTP client for {source}"))
+}
+
+/// Holds the phase's sender for the whole run, so that waiting for a change never
+/// returns at once because the sender is gone.
+async fn watch_interrupts(phase: watch::Sender<Phase>) {
+    if tokio::signal::ctrl_c().await.is_ok() {
+        eprintln!(
+            "\nloadtest: interrupted; waiting for the answers in flight (Ctrl-C again abandons them)"
+        );
+        phase.send_replace(Phase::Draining);
+        if tokio::signal::ctrl_c().await.is_ok() {
+            phase.send_replace(Phase::Abandon);
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+fn since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+async fn request(shared: &Shared, client: usize) -> Sample {
+    let sent_ns = since(shared.start);
+    let outcome = match shared.clients.get(client) {
+        Some(http) => exchange(http, &shared.url, &shared.headers).await,
+        None => Outcome::Failed {
+            kind: "internal",
+            message: format!("no client {client}"),
+        },
+    };
+    Sample {
+        client,
+        sent_ns,
+        done_ns: since(shared.start),
+        outcome,
+    }
+}
+
+async fn exchange(http: &Client, url: &Url, headers: &HeaderMap) -> Outcome {
+    let response = match http.get(url.clone()).headers(headers.clone()).send().await {
+        Ok(response) => response,
+        Err(error) => return failure(&error),
+    };
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let status = response.status().as_u16();
+    let instance = header("x-instance");
+    let decided_by = header("x-ratelimit-source");
+    let policy = header("ratelimit-policy");
+    // Reading the body to its end lets the connection go back to the pool.
+    if let Err(error) = response.bytes().await {
+        return failure(&error);
+    }
+    Outcome::Answered {
+        status,
+        instance,
+        decided_by,
+        policy,
+    }
+}
+
+fn failure(error: &reqwest::Error) -> Outcome {
+    let kind = if error.is_timeout() {
+        "timeout"
+    } else if error.is_connect() {
+        "connect"
+    } else if error.is_body() || error.is_decode() {
+        "body"
+    } else if error.is_request() {
+        "request"
+    } else {
+        "other"
+    };
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Outcome::Failed { kind, message }
+}
+
+/// The open model: send `i` is due at `i / rate` whatever the answers do; sends go to
+/// the sources in turn, each in its own task.
+async fn at_rate(
+    shared: Arc<Shared>,
+    rate: Rate,
+    duration: Duration,
+    max_requests: u64,
+    max_in_flight: u64,
+    mut phase: watch::Receiver<Phase>,
+) -> Dispatch {
+    let on_the_clock = rate.planned(duration.as_nanos());
+    let planned = on_the_clock.min(max_requests);
+    let sources = shared.clients.len().max(1) as u64;
+    let mut in_flight = JoinSet::new();
+    let mut result = Dispatch {
+        stopped_by: if planned < on_the_clock {
+            "max-requests"
+        } else {
+            "duration"
+        },
+        ..Dispatch::default()
+    };
+    let mut next: u64 = 0;
+    while next < planned {
+        if *phase.borrow() != Phase::Sending {
+            result.stopped_by = "interrupt";
+            break;
+        }
+        while in_flight.try_join_next().is_some() {}
+        let elapsed = shared.start.elapsed().as_nanos();
+        let due = rate.due_by(elapsed).min(planned);
+        while next < due {
+            let lag =
+                u64::try_from(elapsed.saturating_sub(rate.offset_ns(next))).unwrap_or(u64::MAX);
+            result.max_lag_ns = result.max_lag_ns.max(lag);
+            if lag > LATE_AFTER.as_nanos() as u64 {
+                result.late += 1;
+            }
+            if in_flight.len() as u64 >= max_in_flight {
+                result.missed += 1;
+            } else {
+                let client = (next % sources) as usize;
+                let shared = Arc::clone(&shared);
+                shared.dispatched.fetch_add(1, Ordering::Relaxed);
+                result.dispatched += 1;
+                in_flight.spawn(async move {
+                    let sample = request(&shared, client).await;
+                    let _ = shared.samples.send(sample);
+                });
+            }
+            next += 1;
+        }
+        result.last_send_ns = since(shared.start);
+        if next >= planned {
+            break;
+        }
+        let wake = shared.start
+            + Duration::from_nanos(u64::try_from(rate.offset_ns(next)).unwrap_or(u64::MAX));
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = phase.changed() => {}
+        }
+    }
+    drain(in_flight, phase).await;
+    result
+}
+
+/// The closed model: each connection sends its next request once the last is answered.
+async fn flat_out(
+    shared: Arc<Shared>,
+    connections: usize,
+    duration: Duration,
+    max_requests: u64,
+    phase: watch::Receiver<Phase>,
+) -> Dispatch {
+    let sources = shared.clients.len();
+    let mut workers = JoinSet::new();
+    for worker in 0..connections {
+        let mine = schedule::worker_sources(worker, connections, sources);
+        let shared = Arc::clone(&shared);
+        let phase = phase.clone();
+        workers.spawn(async move {
+            let mut last_send_ns = 0;
+            for client in mine.iter().copied().cycle() {
+                if *phase.borrow() != Phase::Sending || shared.start.elapsed() >= duration {
+                    break;
+                }
+                if shared.dispatched.fetch_add(1, Ordering::Relaxed) >= max_requests {
+                    shared.dispatched.fetch_sub(1, Ordering::Relaxed);
+                    break;
+                }
+                last_send_ns = since(shared.start);
+                let sample = request(&shared, client).await;
+                let _ = shared.samples.send(sample);
+            }
+            last_send_ns
+        });
+    }
+    let mut result = Dispatch::default();
+    let mut phase_now = phase.clone();
+    loop {
+        tokio::select! {
+            joined = workers.join_next() => match joined {
+                Some(Ok(last)) => result.last_send_ns = result.last_send_ns.max(last),
+                Some(Err(_)) => {}
+                None => break,
+            },
+            Ok(()) = phase_now.changed() => {
+                if *phase_now.borrow() == Phase::Abandon {
+                    workers.abort_all();
+                }
+            }
+        }
+    }
+    result.dispatched = shared.dispatched.load(Ordering::Relaxed);
+    result.stopped_by = if *phase.borrow() != Phase::Sending {
+        "interrupt"
+    } else if result.dispatched >= max_requests {
+        "max-requests"
+    } else {
+        "duration"
+    };
+    result
+}
+
+/// Waits for the requests in flight, each bounded by --timeout, unless told to abandon them.
+async fn drain(mut in_flight: JoinSet<()>, mut phase: watch::Receiver<Phase>) {
+    loop {
+        if *phase.borrow() == Phase::Abandon {
+            in_flight.abort_all();
+            return;
+        }
+        tokio::select! {
+            joined = in_flight.join_next() => if joined.is_none() { return },
+            Ok(()) = phase.changed() => {}
+        }
+    }
+}

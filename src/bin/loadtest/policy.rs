@@ -1,0 +1,300 @@
+//! The policy a client is held to, and the bounds on what it may be admitted.
+//!
+//! A token bucket of capacity `C` refilled at `r` tokens per second that starts full
+//! admits at most `floor(C + r × t)` requests over `t` seconds. The service decides
+//! each request somewhere between its send and its answer, so over a client's run the
+//! first decision lies in `[first send, first answer]` and the last in
+//! `[last send, last answer]`: `t` is at most `last answer − first send` (the upper
+//! bound) and at least `last send − first answer` (the lower bound).
+//!
+//! The lower bound holds only for a client that kept its bucket from filling up and
+//! was refused at the end (its last answer a 429): its bucket then held less than one
+//! token, so it had been admitted more than `C + r × t − 1` requests, that is at least
+//! `floor(C + r × t)`. A bucket not fresh at the start (the same addresses used within
+//! a window before) shows up as admissions short of the lower bound.
+
+use serde::Serialize;
+
+/// One policy of a `RateLimit-Policy` header: `"default";q=10;w=60`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderPolicy {
+    pub name: String,
+    pub quota: u64,
+    pub window_s: Option<f64>,
+}
+
+/// Parses a `RateLimit-Policy` field value: a list of policies, each a name (a quoted
+/// string or a token) with parameters; `q` (quota) is required, `w` (window seconds)
+/// optional, others are ignored.
+pub fn parse_header(value: &str) -> Result<Vec<HeaderPolicy>, String> {
+    let mut policies = Vec::new();
+    for member in split_outside_quotes(value, ',') {
+        let mut parts = split_outside_quotes(member, ';').into_iter();
+        let name = parts.next().unwrap_or_default().trim();
+        let name = match name.strip_prefix('"') {
+            Some(rest) => rest
+                .strip_suffix('"')
+                .ok_or_else(|| format!("{value:?}: unterminated policy name"))?,
+            None => name,
+        };
+        if name.is_empty() {
+            return Err(format!("{value:?}: a policy has no name"));
+        }
+        let (mut quota, mut window_s) = (None, None);
+        for parameter in parts {
+            let (key, raw) = parameter.split_once('=').unwrap_or((parameter, "?1"));
+            match key.trim() {
+                "q" => {
+                    quota = Some(
+                        raw.trim()
+                            .parse::<u64>()
+                            .map_err(|_| format!("{value:?}: q={raw} is not a whole number"))?,
+                    )
+                }
+                "w" => {
+                    let w: f64 = raw
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("{value:?}: w={raw} is not a number"))?;
+                    if !(w.is_finite() && w > 0.0) {
+                        return Err(format!("{value:?}: w={raw} must be more than zero"));
+                    }
+                    window_s = Some(w);
+                }
+                _ => {}
+            }
+        }
+        let quota = quota.ok_or_else(|| format!("{value:?}: policy {name:?} has no q"))?;
+        policies.push(HeaderPolicy {
+            name: name.to_owned(),
+            quota,
+            window_s,
+        });
+    }
+    if policies.is_empty() {
+        return Err(format!("{value:?}: no policy"));
+    }
+    Ok(policies)
+}
+
+fn split_outside_quotes(text: &str, separator: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (at, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == separator && !quoted => {
+                parts.push(&text[start..at]);
+                start = at + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// What the flags say about the policy; each overrides the header.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PolicyFlags {
+    /// RATE_LIMIT: tokens earned per window.
+    pub limit: Option<u64>,
+    /// TIME_WINDOW in seconds.
+    pub window_s: Option<f64>,
+    /// BURST: the bucket's capacity.
+    pub burst: Option<u64>,
+}
+
+/// The bucket each client is held to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Bucket {
+    pub capacity: u64,
+    /// Tokens earned per window (RATE_LIMIT).
+    pub quota: u64,
+    pub window_s: f64,
+    pub refill_per_s: f64,
+    /// Where the figures came from, for the reader of the summary.
+    pub origin: String,
+}
+
+impl Bucket {
+    /// The most a fresh bucket admits over `span_s` seconds, before rounding down.
+    pub fn allowance(&self, span_s: f64) -> f64 {
+        self.capacity as f64 + self.refill_per_s * span_s.max(0.0)
+    }
+}
+
+/// Combines the header (burst `q`, window `w`, and `q` per `w` as the refill unless
+/// `--limit` says otherwise) with the flags, which win.
+pub fn resolve(header: Option<&HeaderPolicy>, flags: &PolicyFlags) -> Result<Bucket, String> {
+    let from_header = header.map(|h| h.quota);
+    let capacity = flags.burst.or(from_header).or(flags.limit);
+    let quota = flags.limit.or(from_header).or(flags.burst);
+    let window_s = flags.window_s.or(header.and_then(|h| h.window_s));
+    let (Some(capacity), Some(quota), Some(window_s)) = (capacity, quota, window_s) else {
+        return Err(
+            "unknown: no RateLimit-Policy header with q and w was seen; pass --limit and --window (and --burst)"
+                .into(),
+        );
+    };
+    let used_flags = flags.limit.is_some() || flags.burst.is_some() || flags.window_s.is_some();
+    let origin = match (header, used_flags) {
+        (Some(_), false) => "RateLimit-Policy header",
+        (Some(_), true) => "RateLimit-Policy header and flags",
+        (None, _) => "flags",
+    };
+    Ok(Bucket {
+        capacity,
+        quota,
+        window_s,
+        refill_per_s: quota as f64 / window_s,
+        origin: origin.into(),
+    })
+}
+
+/// How one client's admissions compare with its bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Admitted more than any fresh bucket could have: the limiter let too much through.
+    Over,
+    /// Refused at the end yet admitted more than one less than the lower bound.
+    Short,
+    Within,
+}
+
+/// Rounding slack for the floating-point bounds: far below one request.
+const EPSILON: f64 = 1e-6;
+
+/// Judges `admitted` against `floor(low)` and `floor(high)` (see the module docs);
+/// `refused_last` says whether the client's last answer was a 429.
+pub fn judge(admitted: u64, low: f64, high: f64, refused_last: bool) -> Verdict {
+    let admitted = admitted as f64;
+    if admitted > (high + EPSILON).floor() {
+        Verdict::Over
+    } else if refused_last && admitted + 1.0 < (low + EPSILON).floor() {
+        Verdict::Short
+    } else {
+        Verdict::Within
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(value: &str) -> HeaderPolicy {
+        parse_header(value).unwrap().remove(0)
+    }
+
+    #[test]
+    fn the_services_policy_header_gives_burst_and_window() {
+        assert_eq!(
+            header("\"default\";q=10;w=60"),
+            HeaderPolicy {
+                name: "default".into(),
+                quota: 10,
+                window_s: Some(60.0)
+            }
+        );
+    }
+
+    #[test]
+    fn spaces_tokens_unknown_parameters_and_several_policies_are_understood() {
+        let policies =
+            parse_header(" burst ; q=5 ; qu=\"requests\" ; w=1, \"day\";q=1000;w=86400").unwrap();
+        assert_eq!(policies.len(), 2);
+        assert_eq!(policies[0].name, "burst");
+        assert_eq!(policies[0].quota, 5);
+        assert_eq!(policies[1].window_s, Some(86_400.0));
+    }
+
+    #[test]
+    fn a_quoted_name_may_hold_separators() {
+        assert_eq!(header("\"a;b,c\";q=3").name, "a;b,c");
+    }
+
+    #[test]
+    fn malformed_policy_headers_are_refused() {
+        assert!(parse_header("\"default\";w=60").is_err(), "no q");
+        assert!(parse_header("\"default\";q=ten").is_err());
+        assert!(parse_header("\"default\";q=10;w=0").is_err());
+        assert!(parse_header("\"default;q=10").is_err());
+        assert!(parse_header(";q=1").is_err());
+    }
+
+    #[test]
+    fn the_header_alone_refills_q_per_w() {
+        let bucket = resolve(
+            Some(&header("\"default\";q=10;w=60")),
+            &PolicyFlags::default(),
+        )
+        .unwrap();
+        assert_eq!(bucket.capacity, 10);
+        assert!((bucket.refill_per_s - 10.0 / 60.0).abs() < 1e-12);
+        assert!((bucket.allowance(10.0) - (10.0 + 10.0 / 6.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_burst_apart_from_the_limit_refills_at_the_limit() {
+        // BURST=20, RATE_LIMIT=10, TIME_WINDOW=60: the header shows the burst as q.
+        let flags = PolicyFlags {
+            limit: Some(10),
+            ..PolicyFlags::default()
+        };
+        let bucket = resolve(Some(&header("\"default\";q=20;w=60")), &flags).unwrap();
+        assert_eq!(bucket.capacity, 20);
+        assert!((bucket.refill_per_s - 10.0 / 60.0).abs() < 1e-12);
+        assert_eq!(bucket.origin, "RateLimit-Policy header and flags");
+    }
+
+    #[test]
+    fn flags_alone_suffice_and_without_a_window_the_policy_is_unknown() {
+        let flags = PolicyFlags {
+            limit: Some(10),
+            window_s: Some(60.0),
+            burst: None,
+        };
+        let bucket = resolve(None, &flags).unwrap();
+        assert_eq!((bucket.capacity, bucket.quota), (10, 10));
+        let no_window = PolicyFlags {
+            window_s: None,
+            ..flags
+        };
+        assert!(resolve(None, &no_window).is_err());
+        assert!(resolve(Some(&header("x;q=3")), &PolicyFlags::default()).is_err());
+    }
+
+    #[test]
+    fn more_admissions_than_the_upper_bound_are_over() {
+        // C=10, r=1/6 per s, 10 s: at most floor(11.67) = 11.
+        assert_eq!(judge(12, 11.5, 11.67, true), Verdict::Over);
+        assert_eq!(judge(11, 11.5, 11.67, true), Verdict::Within);
+    }
+
+    #[test]
+    fn a_bound_that_is_a_whole_number_is_not_lost_to_rounding() {
+        let bucket = Bucket {
+            capacity: 10,
+            quota: 1,
+            window_s: 0.1,
+            refill_per_s: 1.0 / 0.1,
+            origin: String::new(),
+        };
+        let high = bucket.allowance(0.3);
+        assert_eq!(judge(13, high, high, true), Verdict::Within);
+    }
+
+    #[test]
+    fn a_refused_client_short_by_more_than_one_is_short() {
+        assert_eq!(judge(9, 11.5, 11.67, true), Verdict::Short);
+        assert_eq!(judge(10, 11.5, 11.67, true), Verdict::Within);
+    }
+
+    #[test]
+    fn a_client_never_refused_at_the_end_is_never_short() {
+        assert_eq!(judge(3, 11.5, 11.67, false), Verdict::Within);
+    }
+}
