@@ -255,7 +255,7 @@ build_binary() {
         say "using $BIN"
         return 0
     fi
-    if [[ ! -x $BIN ]] || [[ -n $(find src Cargo.toml Cargo.lock -newer "$BIN" -print -quit 2>/dev/null) ]]; then
+    if [[ ! -x $BIN ]] || [[ -n $(find src config Cargo.toml Cargo.lock -newer "$BIN" -print -quit 2>/dev/null) ]]; then
         say "building the release binary: cargo build --release"
         cargo build --release --bin ratelimiter
     else
@@ -388,7 +388,8 @@ up() {
     for i in "${!APP_NAMES[@]}"; do
         dir=$CLUSTER_DIR/${APP_NAMES[i]}
         rm -rf "$dir" && mkdir -p "$dir"
-        start "${APP_NAMES[i]}" "$dir/app.log" env \
+        # REDIS_URL would name a single server instead of the sentinels: not this topology.
+        start "${APP_NAMES[i]}" "$dir/app.log" env -u REDIS_URL \
             HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" INSTANCE_NAME="${APP_NAMES[i]}" \
             SENTINEL_HOSTS="$sentinel_hosts" REDIS_MASTER="$MASTER_NAME" \
             REDIS_PASSWORD="$REDIS_PASSWORD" TRUSTED_PROXIES="$PROXY_ADDR" \

@@ -1,0 +1,495 @@
+//! End-to-end tests of the native cluster (`scripts/cluster.sh`): two instances sharing
+//! buckets in Redis behind Nginx, with Sentinel keeping a master elected.
+//!
+//! Skipped (they pass with a notice) unless `E2E_CLUSTER_URL` names the running cluster's
+//! Nginx, e.g. `http://127.0.0.1:8000`; `scripts/e2e-cluster.sh` brings the cluster up, runs
+//! them with it set, and brings it down. Other variables, all optional:
+//! - `E2E_APP_URL`: one instance, reached directly (default `http://127.0.0.1:8001`);
+//! - `BURST` or else `RATE_LIMIT`: the bucket size the cluster was started with (default 10);
+//! - `E2E_CLUSTER_SCRIPT`: what `failover` runs (default `scripts/cluster.sh` of this crate);
+//!   it inherits `CLUSTER_DIR` and the passwords.
+//!
+//! Every client is a distinct source address on loopback, `127.R.T.H`: `R` is drawn once per
+//! run (so a rerun against the same cluster finds fresh buckets), `T` is the test's own
+//! number (so tests never share a bucket), `H` the client within the test. The failover test
+//! runs alone: the others wait for it, and it waits for them.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::{Client, Response, StatusCode, Url};
+
+const LIMITED: &str = "/limited_endpoint";
+
+/// Held shared by every test and exclusively by the failover test, which would otherwise
+/// make the others' requests fall back to local buckets mid-count.
+static GATE: RwLock<()> = RwLock::new(());
+
+#[derive(Clone)]
+struct Cluster {
+    /// Nginx.
+    url: Url,
+    /// One instance, bypassing Nginx.
+    app_url: Url,
+    /// Requests a fresh client is admitted before its first 429.
+    capacity: usize,
+}
+
+impl Cluster {
+    fn from_env() -> Option<Self> {
+        let Ok(url) = std::env::var("E2E_CLUSTER_URL") else {
+            eprintln!(
+                "skipped: E2E_CLUSTER_URL is not set (scripts/e2e-cluster.sh starts a cluster and sets it)"
+            );
+            return None;
+        };
+        let app_url =
+            std::env::var("E2E_APP_URL").unwrap_or_else(|_| "http://127.0.0.1:8001".into());
+        let capacity = ["BURST", "RATE_LIMIT"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok())
+            .map(|value| value.parse().expect("BURST / RATE_LIMIT must be a number"))
+            .unwrap_or(10);
+        Some(Self {
+            url: loopback_url("E2E_CLUSTER_URL", &url),
+            app_url: loopback_url("E2E_APP_URL", &app_url),
+            capacity,
+        })
+    }
+}
+
+/// These tests only ever talk to this machine.
+fn loopback_url(name: &str, value: &str) -> Url {
+    let url = Url::parse(value).unwrap_or_else(|e| panic!("{name}={value}: {e}"));
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    assert!(
+        loopback,
+        "{name}={value}: only loopback addresses are test targets"
+    );
+    url
+}
+
+fn shared<F: Future<Output = ()>>(scenario: impl FnOnce(Cluster) -> F) {
+    let Some(cluster) = Cluster::from_env() else {
+        return;
+    };
+    let _gate = GATE.read().unwrap_or_else(PoisonError::into_inner);
+    runtime().block_on(scenario(cluster));
+}
+
+fn exclusive<F: Future<Output = ()>>(scenario: impl FnOnce(Cluster) -> F) {
+    let Some(cluster) = Cluster::from_env() else {
+        return;
+    };
+    let _gate = GATE.write().unwrap_or_else(PoisonError::into_inner);
+    runtime().block_on(scenario(cluster));
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// The second octet of every client address of this run, in 1..=254.
+fn run_octet() -> u8 {
+    static OCTET: OnceLock<u8> = OnceLock::new();
+    *OCTET.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mixed = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
+        (mixed % 254) as u8 + 1
+    })
+}
+
+/// Client `host` (1..=254) of test number `test`.
+fn address(test: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, run_octet(), test, host))
+}
+
+fn client_from(source: IpAddr) -> Client {
+    Client::builder()
+        .local_address(source)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client")
+}
+
+fn header(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// What the tests look at in one answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    instance: Option<String>,
+    source: Option<String>,
+}
+
+impl Answer {
+    fn of(response: &Response) -> Self {
+        Self {
+            status: response.status().as_u16(),
+            instance: header(response, "x-instance"),
+            source: header(response, "x-ratelimit-source"),
+        }
+    }
+}
+
+async fn get(client: &Client, base: &Url, path: &str) -> Response {
+    let url = base.join(path).expect("a valid path");
+    client
+        .get(url.clone())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// `count` requests, one after the other, from one client.
+async fn burst(client: &Client, base: &Url, count: usize) -> Vec<Answer> {
+    let mut answers = Vec::with_capacity(count);
+    for _ in 0..count {
+        answers.push(Answer::of(&get(client, base, LIMITED).await));
+    }
+    answers
+}
+
+fn statuses(answers: &[Answer]) -> Vec<u16> {
+    answers.iter().map(|a| a.status).collect()
+}
+
+/// Exactly `capacity` admitted, then only denials.
+fn assert_exactly_admitted(capacity: usize, answers: &[Answer], who: &str) {
+    let expected: Vec<u16> = (0..answers.len())
+        .map(|i| if i < capacity { 200 } else { 429 })
+        .collect();
+    assert_eq!(
+        statuses(answers),
+        expected,
+        "{who}: expected {capacity} × 200 then 429s; answers: {answers:#?}"
+    );
+}
+
+#[test]
+fn one_client_is_admitted_exactly_the_limit_across_both_instances() {
+    shared(|cluster| async move {
+        // Arrange
+        let client = client_from(address(1, 1));
+
+        // Act
+        let answers = burst(&client, &cluster.url, cluster.capacity + 4).await;
+
+        // Assert
+        assert_exactly_admitted(cluster.capacity, &answers, "one client through Nginx");
+        let instances: BTreeSet<_> = answers.iter().filter_map(|a| a.instance.clone()).collect();
+        assert!(
+            instances.len() >= 2,
+            "Nginx should spread one client's requests over both instances; saw {instances:?}"
+        );
+        assert!(
+            answers.iter().all(|a| a.source.as_deref() == Some("redis")),
+            "every decision should come from the shared store: {answers:#?}"
+        );
+    });
+}
+
+#[test]
+fn a_denial_is_a_problem_json_429_with_retry_after_and_ratelimit_headers() {
+    shared(|cluster| async move {
+        // Arrange
+        let client = client_from(address(2, 1));
+        let admitted = burst(&client, &cluster.url, cluster.capacity).await;
+        assert_exactly_admitted(cluster.capacity, &admitted, "the client being exhausted");
+
+        // Act
+        let denied = get(&client, &cluster.url, LIMITED).await;
+
+        // Assert
+        assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+        let content_type = header(&denied, "content-type").unwrap_or_default();
+        assert!(
+            content_type.starts_with("application/problem+json"),
+            "Content-Type of a 429: {content_type:?}"
+        );
+        let retry_after = header(&denied, "retry-after").expect("a 429 carries Retry-After");
+        let retry_after: u64 = retry_after
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("Retry-After should be whole seconds: {retry_after:?}"));
+        assert!(retry_after >= 1, "Retry-After: {retry_after}");
+        for name in ["ratelimit-policy", "ratelimit"] {
+            assert!(header(&denied, name).is_some(), "a 429 carries {name}");
+        }
+        let body = denied.text().await.expect("a body");
+        let problem: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("the 429 body should be JSON ({e}): {body}"));
+        assert!(
+            problem.is_object(),
+            "a problem document is an object: {body}"
+        );
+        if let Some(status) = problem.get("status") {
+            assert_eq!(status, 429, "the problem's status: {body}");
+        }
+    });
+}
+
+#[test]
+fn distinct_client_addresses_get_their_own_buckets() {
+    shared(|cluster| async move {
+        // Arrange
+        let count = cluster.capacity + 2;
+
+        // Act: four clients at once, so their requests interleave at both instances.
+        let clients: Vec<_> = (1..=4)
+            .map(|host| {
+                let url = cluster.url.clone();
+                tokio::spawn(
+                    async move { burst(&client_from(address(3, host)), &url, count).await },
+                )
+            })
+            .collect();
+
+        // Assert
+        for (i, client) in clients.into_iter().enumerate() {
+            let answers = client.await.expect("a client task");
+            assert_exactly_admitted(cluster.capacity, &answers, &format!("client {}", i + 1));
+        }
+    });
+}
+
+#[test]
+fn forwarded_headers_sent_through_nginx_do_not_change_the_identity() {
+    shared(|cluster| async move {
+        // Arrange: every request claims to come from somewhere else.
+        let client = client_from(address(4, 1));
+        let mut answers = Vec::new();
+
+        // Act
+        for i in 0..cluster.capacity + 3 {
+            let spoofed = format!("203.0.113.{}", i + 1);
+            let response = client
+                .get(cluster.url.join(LIMITED).unwrap())
+                .header("X-Forwarded-For", &spoofed)
+                .header("X-Real-IP", &spoofed)
+                .header("Forwarded", format!("for={spoofed}"))
+                .send()
+                .await
+                .expect("a response");
+            answers.push(Answer::of(&response));
+        }
+
+        // Assert: one bucket, the client's real address.
+        assert_exactly_admitted(
+            cluster.capacity,
+            &answers,
+            "a client spoofing X-Forwarded-For",
+        );
+    });
+}
+
+#[test]
+fn forwarded_headers_sent_straight_to_an_instance_are_not_believed() {
+    shared(|cluster| async move {
+        // Arrange: 127.0.0.1 is not a trusted proxy (only Nginx's 127.0.0.2 is). Its bucket
+        // may have been used before, so this only relies on there being one bucket.
+        let client = client_from(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let mut answers = Vec::new();
+
+        // Act
+        for i in 0..cluster.capacity + 1 {
+            let spoofed = format!("198.51.100.{}", u8::try_from(i % 250).unwrap() + 1);
+            let response = client
+                .get(cluster.app_url.join(LIMITED).unwrap())
+                .header("X-Forwarded-For", &spoofed)
+                .header("X-Real-IP", &spoofed)
+                .header("Forwarded", format!("for={spoofed}"))
+                .send()
+                .await
+                .expect("a response");
+            answers.push(Answer::of(&response));
+        }
+
+        // Assert: had each spoofed address its own bucket, all would be admitted.
+        let admitted = answers.iter().filter(|a| a.status == 200).count();
+        assert!(
+            admitted <= cluster.capacity && answers.iter().any(|a| a.status == 429),
+            "direct requests with spoofed headers should share 127.0.0.1's bucket: {answers:#?}"
+        );
+        assert!(
+            answers.iter().all(|a| a.status == 200 || a.status == 429),
+            "{answers:#?}"
+        );
+    });
+}
+
+#[test]
+fn an_oversized_header_is_refused_by_nginx_with_a_4xx() {
+    shared(|cluster| async move {
+        // Arrange: larger than one of Nginx's 8 KiB large_client_header_buffers.
+        let client = client_from(address(5, 1));
+        let huge = "a".repeat(16 * 1024);
+
+        // Act
+        let response = client
+            .get(cluster.url.join(LIMITED).unwrap())
+            .header("X-Padding", huge)
+            .send()
+            .await
+            .expect("Nginx answers rather than resetting the connection");
+
+        // Assert
+        let status = response.status();
+        assert!(status.is_client_error(), "status {status}");
+        assert_eq!(
+            header(&response, "x-instance"),
+            None,
+            "Nginx itself should answer, not an instance"
+        );
+    });
+}
+
+#[test]
+fn a_failover_mid_traffic_causes_no_5xx_and_then_the_limit_is_shared_again() {
+    exclusive(|cluster| async move {
+        // Arrange: steady traffic from a dozen clients.
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let traffic: Vec<_> = (1..=12)
+            .map(|host| {
+                tokio::spawn(keep_sending(
+                    client_from(address(6, host)),
+                    cluster.url.clone(),
+                    Arc::clone(&stop),
+                    Arc::clone(&sent),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Act
+        let started = Instant::now();
+        run_cluster_script("failover").await;
+        let failover_took = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for task in traffic {
+            failures.extend(task.await.expect("a traffic task"));
+        }
+
+        // Assert
+        let sent = sent.load(Ordering::Relaxed);
+        eprintln!("failover took {failover_took:.1?}; {sent} requests sent meanwhile");
+        assert!(sent > 0, "no traffic was sent during the failover");
+        assert!(
+            failures.is_empty(),
+            "{} of {sent} requests failed during the failover: {failures:#?}",
+            failures.len()
+        );
+        wait_until_both_instances_decide_in_redis(&cluster, 7).await;
+        let fresh = client_from(address(8, 1));
+        let answers = burst(&fresh, &cluster.url, cluster.capacity + 3).await;
+        assert_exactly_admitted(
+            cluster.capacity,
+            &answers,
+            "a fresh client after the failover",
+        );
+    });
+}
+
+/// Sends until told to stop (or for at most 60 s and 20 000 requests); returns every 5xx
+/// and transport error.
+async fn keep_sending(
+    client: Client,
+    base: Url,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failures = Vec::new();
+    for i in 0..20_000_u32 {
+        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+            break;
+        }
+        let path = if i % 4 == 3 { "/" } else { LIMITED };
+        let url = base.join(path).unwrap();
+        match client.get(url.clone()).send().await {
+            Ok(response) if response.status().is_server_error() => {
+                let answer = Answer::of(&response);
+                let body = response.text().await.unwrap_or_default();
+                failures.push(format!("GET {url}: {answer:?} {body}"));
+            }
+            Ok(_) => {}
+            Err(e) => failures.push(format!("GET {url}: {e}")),
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    failures
+}
+
+/// After a failover an instance may still hold connections to the old master for a while
+/// (and then decide locally): wait, at most 30 s, until ten answers in a row, from both
+/// instances, came from Redis. Each probe is a new client of test number `test`.
+async fn wait_until_both_instances_decide_in_redis(cluster: &Cluster, test: u8) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut streak: Vec<Answer> = Vec::new();
+    for host in (1..=254).cycle() {
+        let answer =
+            Answer::of(&get(&client_from(address(test, host)), &cluster.url, LIMITED).await);
+        if answer.source.as_deref() == Some("redis") {
+            streak.push(answer);
+        } else {
+            streak.clear();
+        }
+        let instances: BTreeSet<_> = streak
+            .iter()
+            .filter_map(|a| a.instance.as_deref())
+            .collect();
+        if streak.len() >= 10 && instances.len() >= 2 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 s after the failover, the instances still do not all decide in Redis; last answer: {:?}",
+            streak.last()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `scripts/cluster.sh COMMAND` (or `$E2E_CLUSTER_SCRIPT`), at most 60 s.
+async fn run_cluster_script(command: &str) {
+    let script = std::env::var_os("E2E_CLUSTER_SCRIPT").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh"),
+        PathBuf::from,
+    );
+    let run = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg(command)
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("{} {command} took over 60 s", script.display()))
+        .unwrap_or_else(|e| panic!("{} {command}: {e}", script.display()));
+    assert!(status.success(), "{} {command}: {status}", script.display());
+}
