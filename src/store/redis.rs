@@ -241,6 +241,24 @@ impl RedisStore {
         policy: &Policy,
         now_us: Option<u64>,
     ) -> Result<Decision, StoreError> {
+        let mut invocation = self.script.key(self.bucket_key(key));
+        invocation
+            .arg(policy.capacity_units())
+            .arg(policy.refill_units_per_us())
+            .arg(policy.cost_units());
+        if let Some(now_us) = now_us {
+            invocation.arg(now_us);
+        }
+        let (allowed, tokens) = self.with_master(|conn| invocation.invoke::<(u8, u64)>(conn))?;
+        Ok(Decision::from_units(policy, allowed == 1, tokens))
+    }
+
+    /// Runs `call` on a pooled connection to the current master. A failure that suggests
+    /// the master changed retires the connection and tells the resolver.
+    pub fn with_master<T>(
+        &self,
+        call: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
         if !self.slot.is_usable() {
             return Err(StoreError::NoMaster(self.slot.reason()));
         }
@@ -253,30 +271,18 @@ impl RedisStore {
             .get()
             .map_err(|err| StoreError::Connection(format!("{}: {err}", master.addr)))
             .and_then(|mut conn| {
-                let mut invocation = self.script.key(self.bucket_key(key));
-                invocation
-                    .arg(policy.capacity_units())
-                    .arg(policy.refill_units_per_us())
-                    .arg(policy.cost_units());
-                if let Some(now_us) = now_us {
-                    invocation.arg(now_us);
-                }
-                let answer = invocation.invoke::<(u8, u64)>(&mut conn.connection);
-                answer.map_err(|err| {
+                call(&mut conn.connection).map_err(|err| {
                     let error = classify(&err, self.timeout);
                     conn.retired = error.suggests_master_change();
                     error
                 })
             });
-        match result {
-            Ok((allowed, tokens)) => Ok(Decision::from_units(policy, allowed == 1, tokens)),
-            Err(error) => {
-                if error.suggests_master_change() && self.slot.report_failure(&master, &error) {
-                    log::warn!("Redis master {} stopped deciding: {error}", master.addr);
-                }
-                Err(error)
+        if let Err(error) = &result {
+            if error.suggests_master_change() && self.slot.report_failure(&master, error) {
+                log::warn!("Redis master {} stopped deciding: {error}", master.addr);
             }
         }
+        result
     }
 }
 
@@ -285,11 +291,9 @@ impl Store for RedisStore {
         self.take_at(key, policy, None)
     }
 
+    /// A real round trip to the master: a stale "ready" is worse than none.
     fn check_ready(&self) -> Result<(), StoreError> {
-        match self.slot.current() {
-            Some(_) if self.slot.is_usable() => Ok(()),
-            _ => Err(StoreError::NoMaster(self.slot.reason())),
-        }
+        self.with_master(|conn| redis::cmd("PING").query::<()>(conn))
     }
 
     fn is_blocking(&self) -> bool {

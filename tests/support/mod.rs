@@ -69,9 +69,13 @@ pub struct RedisProcess {
 impl RedisProcess {
     /// A data node; `replica_of` makes it a replica. Every data node has the same password.
     pub fn server(replica_of: Option<u16>, extra: &[&str]) -> Self {
+        Self::server_on(free_port(), replica_of, extra)
+    }
+
+    /// A data node on a given port, e.g. to bring one back where the sentinels expect it.
+    pub fn server_on(port: u16, replica_of: Option<u16>, extra: &[&str]) -> Self {
         require("redis-server", "redis-server");
         let dir = tempfile::tempdir().expect("temporary folder");
-        let port = free_port();
         let mut args: Vec<String> = [
             "--port",
             &port.to_string(),
@@ -244,9 +248,12 @@ impl Drop for RedisProcess {
             );
         }
         // A stopped (SIGSTOP) process ignores SIGKILL until continued, on some kernels.
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.pid().to_string()])
-            .status();
+        if !self.stopped {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.pid().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
         self.kill();
     }
 }

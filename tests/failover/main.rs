@@ -1,0 +1,630 @@
+//! Failover against real processes: 1 master + 2 replicas + 3 sentinels on free ports,
+//! two service instances, and a steady stream of requests from many clients while the
+//! master fails in different ways. Each test prints the figures `docs/RELIABILITY.md`
+//! records.
+//!
+//! The tests run one at a time: they measure latency and read process-wide metrics.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{PASSWORD, SentinelCluster, TestApp, client, header, unique_prefix, wait_until};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Short, so the tests run fast; production uses several seconds.
+const DOWN_AFTER_MS: u64 = 1000;
+/// Burst 10, one token per second.
+const CAPACITY: u64 = 10;
+const WINDOW_S: u64 = 10;
+const CLIENTS: usize = 20;
+
+fn spawn_pair(cluster: &SentinelCluster, prefix: &str, fail_mode: &str) -> (TestApp, TestApp) {
+    let hosts = cluster.sentinel_hosts();
+    let vars = |name: &'static str| {
+        vec![
+            ("SENTINEL_HOSTS", hosts.clone()),
+            ("REDIS_PASSWORD", PASSWORD.to_string()),
+            ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
+            ("RATE_LIMIT", CAPACITY.to_string()),
+            ("TIME_WINDOW", WINDOW_S.to_string()),
+            ("REDIS_TIMEOUT_MS", "100".to_string()),
+            ("KEY_PREFIX", prefix.to_string()),
+            ("FAIL_MODE", fail_mode.to_string()),
+            ("INSTANCE_NAME", name.to_string()),
+        ]
+    };
+    let spawn = |name| {
+        let vars = vars(name);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        TestApp::spawn(&vars)
+    };
+    (spawn("app-1"), spawn("app-2"))
+}
+
+/// One answered (or failed) request.
+#[derive(Debug, Clone)]
+struct Record {
+    client: usize,
+    sent: Instant,
+    latency: Duration,
+    /// 0 when the request failed without an HTTP answer.
+    status: u16,
+    source: String,
+}
+
+/// Many clients, each sending a request every `interval` to the instances in turn, as
+/// Nginx would forward them (`X-Forwarded-For` from a trusted proxy).
+struct Traffic {
+    records: Arc<Mutex<Vec<Record>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(urls: Vec<String>, first_client: usize, clients: usize, interval: Duration) -> Self {
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let http = client();
+        let tasks = (first_client..first_client + clients)
+            .map(|client_id| {
+                let (records, stop, http, urls) =
+                    (records.clone(), stop.clone(), http.clone(), urls.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let mut n = client_id;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let url = &urls[n % urls.len()];
+                        n += 1;
+                        let sent = Instant::now();
+                        let answer = http
+                            .get(url)
+                            .header("X-Forwarded-For", client_ip(client_id))
+                            .send()
+                            .await;
+                        let (status, source) = match answer {
+                            Ok(response) => (
+                                response.status().as_u16(),
+                                header(&response, "X-RateLimit-Source"),
+                            ),
+                            Err(_) => (0, String::new()),
+                        };
+                        records.lock().unwrap().push(Record {
+                            client: client_id,
+                            sent,
+                            latency: sent.elapsed(),
+                            status,
+                            source,
+                        });
+                        tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            records,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> Vec<Record> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.records.lock().unwrap().clone()
+    }
+}
+
+fn client_ip(client_id: usize) -> String {
+    format!("198.51.{}.{}", 100 + client_id / 250, client_id % 250 + 1)
+}
+
+/// Notes when a sentinel announces `+switch-master`.
+struct SwitchWatch {
+    at: Arc<Mutex<Option<Instant>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SwitchWatch {
+    fn start(sentinel_port: u16) -> Self {
+        let at = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (at, stop) = (at.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let client =
+                    redis::Client::open(format!("redis://127.0.0.1:{sentinel_port}")).unwrap();
+                let mut conn = client
+                    .get_connection_with_timeout(Duration::from_secs(2))
+                    .unwrap();
+                conn.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut pubsub = conn.as_pubsub();
+                pubsub.subscribe("+switch-master").unwrap();
+                ready_tx.send(()).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    if pubsub.get_message().is_ok() {
+                        at.lock().unwrap().get_or_insert_with(Instant::now);
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("subscribed to +switch-master");
+        Self {
+            at,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn wait(&self, limit: Duration) -> Instant {
+        wait_until("+switch-master", limit, || {
+            self.at.lock().unwrap().is_some()
+        });
+        self.at.lock().unwrap().unwrap()
+    }
+}
+
+impl Drop for SwitchWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What one failover cost, in the figures `docs/RELIABILITY.md` records.
+struct Figures {
+    scenario: &'static str,
+    fault_to_switch: Duration,
+    switch_to_redis: Duration,
+    server_errors: usize,
+    transport_errors: usize,
+    worst_latency: Duration,
+    extra_admitted_max: i64,
+    extra_admitted_mean: f64,
+    requests: usize,
+}
+
+impl Figures {
+    fn measure(
+        scenario: &'static str,
+        records: &[Record],
+        fault_at: Instant,
+        switch_at: Instant,
+    ) -> Self {
+        let first_redis_after_switch = records
+            .iter()
+            .filter(|r| r.sent >= switch_at && r.source == "redis")
+            .map(|r| r.sent + r.latency)
+            .min()
+            .expect("a Redis-backed decision after the switch");
+        let mut extra = Vec::new();
+        for client in records
+            .iter()
+            .map(|r| r.client)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let mine: Vec<&Record> = records.iter().filter(|r| r.client == client).collect();
+            let first = mine.iter().map(|r| r.sent).min().unwrap();
+            let last = mine.iter().map(|r| r.sent).max().unwrap();
+            let admitted = mine.iter().filter(|r| r.status == 200).count() as i64;
+            let refilled =
+                ((last - first).as_micros() as u64 * CAPACITY / (WINDOW_S * 1_000_000)) as i64;
+            extra.push(admitted - (CAPACITY as i64 + refilled));
+        }
+        Self {
+            scenario,
+            fault_to_switch: switch_at.saturating_duration_since(fault_at),
+            switch_to_redis: first_redis_after_switch.saturating_duration_since(switch_at),
+            server_errors: records.iter().filter(|r| r.status >= 500).count(),
+            transport_errors: records.iter().filter(|r| r.status == 0).count(),
+            worst_latency: records.iter().map(|r| r.latency).max().unwrap_or_default(),
+            extra_admitted_max: extra.iter().copied().max().unwrap_or(0),
+            extra_admitted_mean: extra.iter().sum::<i64>() as f64 / extra.len().max(1) as f64,
+            requests: records.len(),
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "FIGURES | {} | fault→+switch-master {} ms | +switch-master→first Redis decision {} ms | 5xx {} | transport errors {} | worst latency {} ms | extra admitted per client: max {}, mean {:.1} | requests {}",
+            self.scenario,
+            self.fault_to_switch.as_millis(),
+            self.switch_to_redis.as_millis(),
+            self.server_errors,
+            self.transport_errors,
+            self.worst_latency.as_millis(),
+            self.extra_admitted_max,
+            self.extra_admitted_mean,
+            self.requests,
+        );
+    }
+
+    fn assert_promise(&self) {
+        assert_eq!(self.server_errors, 0, "no 5xx");
+        assert_eq!(self.transport_errors, 0, "every request answered");
+        assert!(
+            self.worst_latency < Duration::from_secs(1),
+            "worst latency {:?}",
+            self.worst_latency
+        );
+        assert!(
+            self.switch_to_redis < Duration::from_secs(2),
+            "followed the switch in {:?}",
+            self.switch_to_redis
+        );
+    }
+}
+
+/// Sends `2 × CAPACITY` requests at once from a new client, spread over both instances,
+/// and returns how many passed and from which sources.
+async fn fresh_client_burst(apps: &[&TestApp], client_id: usize) -> (u64, Vec<String>) {
+    let http = client();
+    let requests = (0..2 * CAPACITY as usize).map(|n| {
+        let request = http
+            .get(apps[n % apps.len()].at("/limited_endpoint"))
+            .header("X-Forwarded-For", client_ip(client_id));
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            (
+                response.status().as_u16(),
+                header(&response, "X-RateLimit-Source"),
+            )
+        })
+    });
+    let mut passed = 0;
+    let mut sources = Vec::new();
+    for request in requests.collect::<Vec<_>>() {
+        let (status, source) = request.await.unwrap();
+        assert!(status == 200 || status == 429, "status {status}");
+        passed += u64::from(status == 200);
+        sources.push(source);
+    }
+    (passed, sources)
+}
+
+/// Waits until both instances decide through Redis again.
+async fn wait_for_redis_decisions(apps: &[&TestApp], probe_client: usize) {
+    let http = client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for app in apps {
+        loop {
+            let response = http
+                .get(app.at("/limited_endpoint"))
+                .header("X-Forwarded-For", client_ip(probe_client))
+                .send()
+                .await
+                .unwrap();
+            if header(&response, "X-RateLimit-Source") == "redis" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never went back to Redis",
+                app.url
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn assert_limits_shared_again(first: &TestApp, second: &TestApp, client_id: usize) {
+    wait_for_redis_decisions(&[first, second], client_id + 1).await;
+    let (passed, sources) = fresh_client_burst(&[first, second], client_id).await;
+    assert!(sources.iter().all(|s| s == "redis"), "{sources:?}");
+    assert_eq!(
+        passed, CAPACITY,
+        "a fresh client gets exactly the burst across both instances"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_master_mid_traffic_costs_no_5xx_and_limits_are_shared_again() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let (first, second) = spawn_pair(&cluster, &unique_prefix("kill"), "local");
+    let old_master = cluster.master_port().unwrap();
+    let watch = SwitchWatch::start(cluster.sentinels[0].port);
+
+    let traffic = Traffic::start(
+        vec![
+            first.at("/limited_endpoint"),
+            second.at("/limited_endpoint"),
+        ],
+        0,
+        CLIENTS,
+        Duration::from_millis(100),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fault_at = Instant::now();
+    cluster.node_mut(old_master).kill();
+    let switch_at = tokio::task::spawn_blocking(move || {
+        let at = watch.wait(Duration::from_secs(20));
+        (at, watch)
+    })
+    .await
+    .unwrap()
+    .0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = traffic.stop().await;
+
+    let figures = Figures::measure("kill -9 of the master", &records, fault_at, switch_at);
+    figures.print();
+    figures.assert_promise();
+    assert_ne!(cluster.master_port(), Some(old_master));
+    assert_limits_shared_again(&first, &second, 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_master_is_failed_over_and_never_serves_a_decision_after_it_returns() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let (first, second) = spawn_pair(&cluster, &unique_prefix("pause"), "local");
+    let old_master = cluster.master_port().unwrap();
+    let watch = SwitchWatch::start(cluster.sentinels[0].port);
+
+    let traffic = Traffic::start(
+        vec![
+            first.at("/limited_endpoint"),
+            second.at("/limited_endpoint"),
+        ],
+        0,
+        CLIENTS,
+        Duration::from_millis(100),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fault_at = Instant::now();
+    cluster.node(old_master).signal("STOP");
+    let switch_at =
+        tokio::task::spawn_blocking(move || (watch.wait(Duration::from_secs(20)), watch))
+            .await
+            .unwrap()
+            .0;
+    // Stay paused past the failover, as a hung node would.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.node(old_master).signal("CONT");
+    wait_until(
+        "the old master to rejoin as a replica",
+        Duration::from_secs(20),
+        || cluster.node(old_master).role().as_deref() == Some("slave"),
+    );
+    let evalsha_before = evalsha_calls(&cluster, old_master);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let records = traffic.stop().await;
+
+    let figures = Figures::measure(
+        "SIGSTOP of the master, SIGCONT after failover",
+        &records,
+        fault_at,
+        switch_at,
+    );
+    figures.print();
+    figures.assert_promise();
+    assert_eq!(
+        evalsha_calls(&cluster, old_master),
+        evalsha_before,
+        "the demoted master served decisions"
+    );
+    assert_limits_shared_again(&first, &second, 900).await;
+    assert_eq!(
+        evalsha_calls(&cluster, old_master),
+        evalsha_before,
+        "the demoted master served decisions"
+    );
+}
+
+fn evalsha_calls(cluster: &SentinelCluster, port: u16) -> u64 {
+    let stats: String = cluster.node(port).command(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_script_cache_and_a_forced_failover_fail_no_decision() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let (first, second) = spawn_pair(&cluster, &unique_prefix("flush"), "local");
+    let noscript_before = noscript_errors(&first).await;
+    let watch = SwitchWatch::start(cluster.sentinels[0].port);
+    let traffic = Traffic::start(
+        vec![
+            first.at("/limited_endpoint"),
+            second.at("/limited_endpoint"),
+        ],
+        0,
+        CLIENTS,
+        Duration::from_millis(100),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for node in &cluster.nodes {
+        let _: () = node.command(&["SCRIPT", "FLUSH"]);
+    }
+    let fault_at = Instant::now();
+    let _: () = cluster.sentinels[1].command(&["SENTINEL", "FAILOVER", "redis-master"]);
+    let switch_at =
+        tokio::task::spawn_blocking(move || (watch.wait(Duration::from_secs(20)), watch))
+            .await
+            .unwrap()
+            .0;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let records = traffic.stop().await;
+
+    let figures = Figures::measure(
+        "SCRIPT FLUSH, then SENTINEL FAILOVER",
+        &records,
+        fault_at,
+        switch_at,
+    );
+    figures.print();
+    figures.assert_promise();
+    assert_eq!(
+        noscript_errors(&first).await,
+        noscript_before,
+        "decisions failed on a missing script"
+    );
+    assert_limits_shared_again(&first, &second, 900).await;
+}
+
+async fn noscript_errors(app: &TestApp) -> f64 {
+    let text = client()
+        .get(app.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(r#"ratelimit_store_errors_total{kind="noscript"}"#)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_sentinel_down_a_killed_master_is_still_failed_over_and_followed() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let (first, second) = spawn_pair(&cluster, &unique_prefix("two-sentinels"), "local");
+    let old_master = cluster.master_port().unwrap();
+    let watch = SwitchWatch::start(cluster.sentinels[0].port);
+    // The instances were told of all three; the one they asked first may be the dead one.
+    cluster.sentinels[2].kill();
+    let traffic = Traffic::start(
+        vec![
+            first.at("/limited_endpoint"),
+            second.at("/limited_endpoint"),
+        ],
+        0,
+        CLIENTS,
+        Duration::from_millis(100),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault_at = Instant::now();
+    cluster.node_mut(old_master).kill();
+    let switch_at =
+        tokio::task::spawn_blocking(move || (watch.wait(Duration::from_secs(30)), watch))
+            .await
+            .unwrap()
+            .0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = traffic.stop().await;
+
+    let figures = Figures::measure(
+        "one sentinel of three down, then kill -9 of the master",
+        &records,
+        fault_at,
+        switch_at,
+    );
+    figures.print();
+    figures.assert_promise();
+    assert_ne!(cluster.master_port(), Some(old_master));
+    assert_limits_shared_again(&first, &second, 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recovery_is_automatic() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let prefix = unique_prefix("all-down");
+    let (first, second) = spawn_pair(&cluster, &prefix, "local");
+    let (open, _) = spawn_pair(&cluster, &unique_prefix("all-down-open"), "open");
+    let (closed, _) = spawn_pair(&cluster, &unique_prefix("all-down-closed"), "closed");
+    // Let every instance announce itself, so the local share is known.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let master = cluster.master_port().unwrap();
+    let replicas: Vec<u16> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .filter(|p| *p != master)
+        .collect();
+    for node in cluster.nodes.iter_mut() {
+        node.kill();
+    }
+    let http = client();
+
+    // local: a new client gets each instance's share of the burst, no more.
+    let (passed, sources) = fresh_client_burst(&[&first, &second], 500).await;
+    assert!(sources.iter().all(|s| s == "local"), "{sources:?}");
+    assert!(
+        passed > 0 && passed <= CAPACITY,
+        "admitted {passed} locally"
+    );
+    for app in [&first, &second, &open, &closed] {
+        let ready = http.get(app.at("/ready")).send().await.unwrap();
+        assert_eq!(ready.status(), 503);
+        assert_eq!(
+            http.get(app.at("/health")).send().await.unwrap().status(),
+            200
+        );
+    }
+    // open: everything passes, and says so.
+    for _ in 0..(2 * CAPACITY) {
+        let response = http
+            .get(open.at("/limited_endpoint"))
+            .header("X-Forwarded-For", client_ip(501))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "X-RateLimit-Source"), "open");
+    }
+    // closed: 503 with Retry-After: 1.
+    let response = http
+        .get(closed.at("/limited_endpoint"))
+        .header("X-Forwarded-For", client_ip(502))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "Retry-After"), "1");
+    assert_eq!(header(&response, "X-RateLimit-Source"), "closed");
+
+    // Bring the nodes back where the sentinels expect them; nothing is restarted in the service.
+    let extra = [
+        "--min-replicas-to-write",
+        "1",
+        "--min-replicas-max-lag",
+        "1",
+    ];
+    cluster.nodes.clear();
+    cluster
+        .nodes
+        .push(support::RedisProcess::server_on(master, None, &extra));
+    for port in replicas {
+        cluster
+            .nodes
+            .push(support::RedisProcess::server_on(port, Some(master), &extra));
+    }
+    let recovery_started = Instant::now();
+    wait_for_redis_decisions(&[&first, &second], 503).await;
+    println!(
+        "FIGURES | every node down, then back | first Redis decision {} ms after the nodes were back",
+        recovery_started.elapsed().as_millis()
+    );
+    assert_eq!(
+        http.get(first.at("/ready")).send().await.unwrap().status(),
+        200
+    );
+    assert_limits_shared_again(&first, &second, 910).await;
+}
