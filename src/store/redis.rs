@@ -277,10 +277,11 @@ impl RedisStore {
                     error
                 })
             });
-        if let Err(error) = &result {
-            if error.suggests_master_change() && self.slot.report_failure(&master, error) {
-                log::warn!("Redis master {} stopped deciding: {error}", master.addr);
-            }
+        if let Err(error) = &result
+            && error.suggests_master_change()
+            && self.slot.report_failure(&master, error)
+        {
+            log::warn!("Redis master {} stopped deciding: {error}", master.addr);
         }
         result
     }
