@@ -1,0 +1,365 @@
+#!/usr/bin/env bash
+# End-to-end test of docker/compose.yaml, run for real: the same file users run, with images
+# built on this machine (scripts/docker-images.sh: no registry is needed) substituted through
+# its image variables. Every request goes through Nginx.
+#
+#   1. up: every container healthy, both instances ready
+#   2. one client gets exactly RATE_LIMIT 200s then 429s, from both instances; another client
+#      has its own bucket
+#   3. `docker kill` of the master under a steady stream of requests: no 5xx; Sentinel promotes a
+#      replica; a new client again gets exactly RATE_LIMIT (the instances share Redis again);
+#      the killed node, started again, rejoins as a replica
+#   4. `docker network disconnect` of the master (a partition), under the same stream: the isolated
+#      master refuses writes (NOREPLICAS), the others promote a replica and keep serving, limits
+#      are exact again; reconnected, the old master rejoins as a replica
+#   5. down -v, always, whatever happened (also on failure or Ctrl-C)
+#
+# Usage: scripts/e2e-compose.sh [--no-images] [--no-cargo]
+#   --no-images  use the images as they are (do not run scripts/docker-images.sh)
+#   --no-cargo   build the app image from target/release/ratelimiter as it is
+# Environment: E2E_PROJECT (Compose project, default ratelimiter-e2e); NGINX_PORT,
+#   NGINX_HTTP_PORT, APP_1_PORT, APP_2_PORT (host ports on 127.0.0.1, default 8000, 80, 8001,
+#   8002); NET_PREFIX (the project's /24, default 172.28.99); RATE_LIMIT (default 10).
+# Traffic goes only to this project: its ports published on 127.0.0.1, and its own containers
+# from client containers on its network. Every wait is bounded.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+compose_file=$repo/docker/compose.yaml
+
+build_images=true
+images_args=()
+for arg in "$@"; do
+  case $arg in
+    --no-images) build_images=false ;;
+    --no-cargo) images_args+=(--no-cargo) ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+export BASE_IMAGE=${BASE_IMAGE:-ratelimiter-base:bookworm}
+export APP_IMAGE=${APP_IMAGE:-ratelimiter:local}
+export REDIS_IMAGE=${REDIS_IMAGE:-$BASE_IMAGE}
+export NGINX_IMAGE=${NGINX_IMAGE:-$BASE_IMAGE}
+# The clients run curl in a container on the project's network, each at its own address.
+CLIENT_IMAGE=${CLIENT_IMAGE:-$BASE_IMAGE}
+export PUBLISH_ADDRESS=127.0.0.1
+export NGINX_PORT=${NGINX_PORT:-8000}
+export NGINX_HTTP_PORT=${NGINX_HTTP_PORT:-80}
+export APP_1_PORT=${APP_1_PORT:-8001}
+export APP_2_PORT=${APP_2_PORT:-8002}
+export NET_PREFIX=${NET_PREFIX:-172.28.99}
+export RATE_LIMIT=${RATE_LIMIT:-10}
+export TIME_WINDOW=${TIME_WINDOW:-60}
+export FAIL_MODE=local
+project=${E2E_PROJECT:-ratelimiter-e2e}
+
+if docker compose version >/dev/null 2>&1; then
+  compose=(docker compose)
+else
+  compose=(docker-compose)
+fi
+compose+=(--project-name "$project" --file "$compose_file")
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+passed=0
+timings=()
+log() { printf '[e2e-compose] %s\n' "$*"; }
+ok() { passed=$((passed + 1)); printf '[e2e-compose]   ok: %s\n' "$*"; }
+failure=""
+fail() {
+  failure=$*
+  printf '[e2e-compose] FAILED: %s\n' "$failure" >&2
+  exit 1
+}
+phase_started=0
+phase() {
+  phase_name=$1
+  phase_started=$EPOCHREALTIME
+  log "== $phase_name"
+}
+phase_done() {
+  local took
+  took=$(elapsed "$phase_started")
+  timings+=("$(printf '%-44s %6ss' "$phase_name" "$took")")
+  log "   $phase_name: ${took}s"
+}
+elapsed() { awk -v from="$1" -v to="$EPOCHREALTIME" 'BEGIN { printf "%.1f", to - from }'; }
+
+# until_true SECONDS WHAT COMMAND...: runs COMMAND every half second until it succeeds; fails
+# the test, naming WHAT, when SECONDS have passed.
+until_true() {
+  local limit=$1 what=$2 deadline
+  shift 2
+  deadline=$(($(date +%s) + limit))
+  until "$@"; do
+    if (($(date +%s) >= deadline)); then fail "$what: not within ${limit}s"; fi
+    sleep 0.5
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Teardown: always, and only what this script started.
+
+stream_pid=""
+diagnostics() {
+  log "--- state at the failure"
+  "${compose[@]}" ps || true
+  local sentinel
+  if sentinel=$(container_of sentinel-1 2>/dev/null); then
+    docker exec "$sentinel" redis-cli -p 26379 sentinel master redis-master 2>&1 | paste - - | head -12 || true
+  fi
+  "${compose[@]}" logs --no-color --tail 25 || true
+}
+teardown() {
+  local status=$?
+  trap - EXIT INT TERM
+  if [[ -n $stream_pid ]]; then kill "$stream_pid" 2>/dev/null || true; fi
+  if ((status != 0)); then diagnostics >&2; fi
+  local clients
+  clients=$(docker ps --all --quiet --filter "label=ratelimiter-e2e=$project")
+  # shellcheck disable=SC2086 # one id per word
+  if [[ -n $clients ]]; then docker rm --force $clients >/dev/null 2>&1 || true; fi
+  local started=$EPOCHREALTIME
+  log "down -v"
+  "${compose[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 ||
+    log "down -v failed: run ${compose[*]} down -v"
+  log "   down: $(elapsed "$started")s"
+  if ((status == 0)); then
+    log "timings:"
+    printf '[e2e-compose]   %s\n' "${timings[@]}"
+    log "$passed passed, 0 failed"
+    echo "e2e-compose: $passed passed, 0 failed"
+  else
+    if [[ -n $failure ]]; then printf '[e2e-compose] FAILED: %s\n' "$failure" >&2; fi
+    echo "e2e-compose: $passed passed, 1 failed"
+  fi
+  exit "$status"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The project's containers and Redis roles
+
+data_nodes=(redis-master redis-replica-1 redis-replica-2)
+sentinels=(sentinel-1 sentinel-2 sentinel-3)
+# Containers are found by the labels both Compose versions set, not by their names (which differ).
+declare -A container_ids=()
+find_containers() {
+  local service
+  for service in "${data_nodes[@]}" "${sentinels[@]}" app-1 app-2 nginx; do
+    container_ids[$service]=$(docker ps --all --quiet --filter "label=com.docker.compose.project=$project" \
+      --filter "label=com.docker.compose.service=$service" | head -n 1)
+  done
+}
+container_of() {
+  [[ -n ${container_ids[$1]:-} ]] || { echo "no container for $1" >&2; return 1; }
+  echo "${container_ids[$1]}"
+}
+project_containers() { docker ps --all --quiet --filter "label=com.docker.compose.project=$project"; }
+
+# The master the sentinels name, as a service name (they announce host names).
+current_master() {
+  local sentinel
+  for sentinel in "${sentinels[@]}"; do
+    docker exec "$(container_of "$sentinel")" redis-cli -p 26379 \
+      sentinel get-master-addr-by-name redis-master 2>/dev/null | head -n 1 && return 0
+  done
+  return 1
+}
+# Every reachable sentinel names a master other than $1.
+sentinels_moved_from() {
+  local sentinel named
+  for sentinel in "${sentinels[@]}"; do
+    named=$(docker exec "$(container_of "$sentinel")" redis-cli -p 26379 \
+      sentinel get-master-addr-by-name redis-master 2>/dev/null | head -n 1)
+    [[ -n $named && $named != "$1" ]] || return 1
+  done
+}
+replication() {
+  docker exec "$(container_of "$1")" redis-cli info replication 2>/dev/null | tr -d '\r'
+}
+# $1, cut off from its replicas, refuses writes.
+refuses_writes() {
+  [[ $(docker exec "$(container_of "$1")" redis-cli set e2e:partition-probe 1 2>&1) == *NOREPLICAS* ]]
+}
+# $1 is a replica of $2 with its link up.
+is_replica_of() {
+  local info
+  info=$(replication "$1")
+  [[ $info == *role:slave* && $info == *"master_host:$2"* && $info == *master_link_status:up* ]]
+}
+all_healthy() {
+  local id status
+  (($(project_containers | wc -l) == 9)) || return 1
+  for id in $(project_containers); do
+    status=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")
+    [[ $status == healthy ]] || return 1
+  done
+}
+ready() { [[ $(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "http://127.0.0.1:$1/ready") == 200 ]]; }
+
+# ---------------------------------------------------------------------------------------------
+# Clients. Each prints one line per request: STATUS INSTANCE SOURCE.
+
+format='%{http_code} %header{x-instance} %header{x-ratelimit-source}\n'
+
+# From this host, through the published port: Nginx sees the Docker gateway's address.
+host_requests() {
+  local i
+  for ((i = 0; i < $1; i++)); do
+    curl -s -o /dev/null --max-time 5 -w "$format" "http://127.0.0.1:$NGINX_PORT/limited_endpoint" || true
+  done
+}
+# A new client: a container with an address of its own on the project's network (the lower
+# half of the /24, which Docker does not hand out). new_client sets $client to the next address.
+next_client=100
+new_client() {
+  client=$NET_PREFIX.$next_client
+  next_client=$((next_client + 1))
+}
+client_requests() {
+  local address=$1 count=$2
+  docker run --rm --name "$project-client-${address##*.}" --label "ratelimiter-e2e=$project" \
+    --network "$network" --ip "$address" "$CLIENT_IMAGE" \
+    bash -c 'for ((i = 0; i < $1; i++)); do
+               curl -s -o /dev/null --max-time 5 -w "$2" http://nginx:8000/limited_endpoint || true
+             done' client "$count" "$format"
+}
+
+# expect_exact_limit WHO LINES: RATE_LIMIT 200s, then only 429s, all decided by Redis and
+# answered by both instances.
+expect_exact_limit() {
+  local who=$1 lines=$2 statuses expected sources instances i
+  statuses=$(awk '{ printf "%s ", $1 }' <<<"$lines")
+  expected=""
+  for ((i = 0; i < RATE_LIMIT; i++)); do expected+="200 "; done
+  expected+="429 429 "
+  sources=$(awk '{ print $3 }' <<<"$lines" | sort | uniq -c | awk '{ printf "%s×%s ", $1, $2 }')
+  instances=$(awk '{ print $2 }' <<<"$lines" | sort -u | paste -sd, -)
+  [[ $statuses == "$expected" ]] ||
+    fail "$who: expected $RATE_LIMIT × 200 then 429s, got: $statuses (sources: $sources)"
+  [[ $sources == "$((RATE_LIMIT + 2))×redis " ]] || fail "$who: decisions not all by Redis: $sources"
+  [[ $instances == app-1,app-2 ]] || fail "$who: answered by $instances, not by both instances"
+  ok "$who: $RATE_LIMIT × 200 then 2 × 429, decided by Redis, answered by $instances"
+}
+
+# A steady stream of requests from this host, 20 a second, for at most two minutes, on one
+# keep-alive connection through Nginx; one line per request goes to $stream_log.
+start_stream() {
+  stream_log=$(mktemp "${TMPDIR:-/tmp}/e2e-compose-stream.XXXXXX")
+  curl -s --rate 20/s --max-time 3 -w "%{stderr}$format" \
+    "http://127.0.0.1:$NGINX_PORT/limited_endpoint?n=[1-2400]" >/dev/null 2>"$stream_log" &
+  stream_pid=$!
+}
+# Stops the stream; fails on any 5xx or failed request.
+expect_stream_served() {
+  kill "$stream_pid" 2>/dev/null || true
+  wait "$stream_pid" 2>/dev/null || true
+  stream_pid=""
+  local total bad summary
+  total=$(grep -c . "$stream_log" || true)
+  bad=$(awk '$1 !~ /^[24][0-9][0-9]$/' "$stream_log" | wc -l)
+  summary=$(awk '{ print $1 "/" ($3 == "" ? "-" : $3) }' "$stream_log" | sort | uniq -c |
+    awk '{ printf "%s×%s ", $1, $2 }')
+  rm -f "$stream_log"
+  ((total >= 20)) || fail "the request stream made only $total requests"
+  ((bad == 0)) || fail "$bad of $total requests in the stream failed or got a 5xx: $summary"
+  ok "stream: $total requests, none failed, no 5xx (status/source: $summary)"
+}
+# The instances decide by Redis again: a few consecutive answers from both say so.
+redis_decides() {
+  local lines
+  lines=$(host_requests 4)
+  [[ $(awk '$3 == "redis"' <<<"$lines" | wc -l) -eq 4 ]] &&
+    [[ $(awk '{ print $2 }' <<<"$lines" | sort -u | wc -l) -eq 2 ]]
+}
+
+# ---------------------------------------------------------------------------------------------
+
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+if $build_images; then
+  phase "images (scripts/docker-images.sh)"
+  "$repo/scripts/docker-images.sh" "${images_args[@]}"
+  phase_done
+fi
+for image in "$APP_IMAGE" "$REDIS_IMAGE" "$NGINX_IMAGE" "$CLIENT_IMAGE"; do
+  docker image inspect "$image" >/dev/null 2>&1 || fail "image $image is missing: run scripts/docker-images.sh"
+done
+for variable in NGINX_PORT NGINX_HTTP_PORT APP_1_PORT APP_2_PORT; do
+  if [[ -n $(ss -Hltn "sport = :${!variable}") ]]; then
+    trap - EXIT
+    fail "port ${!variable} is in use on this host: set $variable to a free port"
+  fi
+done
+if [[ -n $(project_containers) ]]; then
+  trap - EXIT
+  fail "project $project is already running: ${compose[*]} down -v"
+fi
+
+phase "up until every container is healthy and ready"
+up_log=$("${compose[@]}" up --detach --no-build 2>&1) || { printf '%s\n' "$up_log" >&2; fail "up failed"; }
+find_containers
+network=$(docker inspect --format '{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}{{end}}' \
+  "$(container_of nginx)")
+until_true 120 "every container healthy" all_healthy
+until_true 30 "app-1 /ready" ready "$APP_1_PORT"
+until_true 30 "app-2 /ready" ready "$APP_2_PORT"
+ok "9 containers healthy, both instances ready (network $network)"
+phase_done
+
+phase "limits through Nginx"
+expect_exact_limit "a client on 127.0.0.1:$NGINX_PORT" "$(host_requests $((RATE_LIMIT + 2)))"
+new_client
+expect_exact_limit "client $client, its own bucket" "$(client_requests "$client" $((RATE_LIMIT + 2)))"
+[[ $(curl -s -o /dev/null --max-time 5 -w '%{http_code}' "http://127.0.0.1:$NGINX_HTTP_PORT/health") == 200 ]] ||
+  fail "Nginx does not answer /health on port $NGINX_HTTP_PORT"
+ok "Nginx answers on port $NGINX_HTTP_PORT too"
+phase_done
+
+phase "docker kill of the master"
+killed=$(current_master) || fail "no sentinel names a master"
+start_stream
+sleep 2
+docker kill "$(container_of "$killed")" >/dev/null
+log "   killed $killed"
+until_true 30 "sentinels promote a replica after $killed was killed" sentinels_moved_from "$killed"
+promoted=$(current_master)
+log "   sentinels promoted $promoted"
+until_true 30 "both instances decide by Redis again" redis_decides
+sleep 1
+expect_stream_served
+new_client
+expect_exact_limit "after the failover, client $client" "$(client_requests "$client" $((RATE_LIMIT + 2)))"
+docker start "$(container_of "$killed")" >/dev/null
+until_true 60 "$killed, started again, rejoins as a replica of $promoted" is_replica_of "$killed" "$promoted"
+ok "$killed, started again, is a replica of $promoted"
+phase_done
+
+phase "network partition of the master"
+isolated=$(current_master) || fail "no sentinel names a master"
+start_stream
+sleep 2
+docker network disconnect "$network" "$(container_of "$isolated")"
+log "   disconnected $isolated from $network"
+until_true 15 "the isolated master $isolated refuses writes (NOREPLICAS)" refuses_writes "$isolated"
+ok "the isolated master $isolated refuses writes: NOREPLICAS"
+until_true 30 "sentinels promote a replica while $isolated is cut off" sentinels_moved_from "$isolated"
+promoted=$(current_master)
+log "   sentinels promoted $promoted"
+until_true 30 "both instances decide by Redis again" redis_decides
+sleep 1
+expect_stream_served
+new_client
+expect_exact_limit "during the partition, client $client" "$(client_requests "$client" $((RATE_LIMIT + 2)))"
+docker network connect --alias "$isolated" "$network" "$(container_of "$isolated")"
+log "   reconnected $isolated"
+until_true 60 "$isolated, reconnected, rejoins as a replica of $promoted" is_replica_of "$isolated" "$promoted"
+ok "$isolated, reconnected, is a replica of $promoted"
+new_client
+expect_exact_limit "after the partition healed, client $client" "$(client_requests "$client" $((RATE_LIMIT + 2)))"
+phase_done
