@@ -14,7 +14,7 @@
 //! number (so tests never share a bucket), `H` the client within the test. The failover test
 //! runs alone: the others wait for it, and it waits for them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -391,20 +391,32 @@ fn a_failover_mid_traffic_causes_no_5xx_and_then_the_limit_is_shared_again() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop.store(true, Ordering::Relaxed);
         let mut failures = Vec::new();
+        let mut sources = BTreeMap::new();
         for task in traffic {
-            failures.extend(task.await.expect("a traffic task"));
+            let seen = task.await.expect("a traffic task");
+            failures.extend(seen.failures);
+            for (source, count) in seen.sources {
+                *sources.entry(source).or_insert(0) += count;
+            }
         }
 
         // Assert
         let sent = sent.load(Ordering::Relaxed);
-        eprintln!("failover took {failover_took:.1?}; {sent} requests sent meanwhile");
+        eprintln!(
+            "failover took {failover_took:.1?}; {sent} requests meanwhile, decided by {sources:?}"
+        );
         assert!(sent > 0, "no traffic was sent during the failover");
         assert!(
             failures.is_empty(),
             "{} of {sent} requests failed during the failover: {failures:#?}",
             failures.len()
         );
+        let converging = Instant::now();
         wait_until_both_instances_decide_in_redis(&cluster, 7).await;
+        eprintln!(
+            "both instances decide in Redis again {:.1?} later",
+            converging.elapsed()
+        );
         let fresh = client_from(address(8, 1));
         let answers = burst(&fresh, &cluster.url, cluster.capacity + 3).await;
         assert_exactly_admitted(
@@ -415,16 +427,24 @@ fn a_failover_mid_traffic_causes_no_5xx_and_then_the_limit_is_shared_again() {
     });
 }
 
-/// Sends until told to stop (or for at most 60 s and 20 000 requests); returns every 5xx
-/// and transport error.
+/// What one client saw while it kept sending.
+#[derive(Default)]
+struct Traffic {
+    /// Every 5xx and transport error.
+    failures: Vec<String>,
+    /// Answers by `X-RateLimit-Source`.
+    sources: BTreeMap<String, u64>,
+}
+
+/// Sends until told to stop (or for at most 60 s and 20 000 requests).
 async fn keep_sending(
     client: Client,
     base: Url,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
-) -> Vec<String> {
+) -> Traffic {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut failures = Vec::new();
+    let mut seen = Traffic::default();
     for i in 0..20_000_u32 {
         if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
             break;
@@ -432,18 +452,22 @@ async fn keep_sending(
         let path = if i % 4 == 3 { "/" } else { LIMITED };
         let url = base.join(path).unwrap();
         match client.get(url.clone()).send().await {
-            Ok(response) if response.status().is_server_error() => {
+            Ok(response) => {
                 let answer = Answer::of(&response);
-                let body = response.text().await.unwrap_or_default();
-                failures.push(format!("GET {url}: {answer:?} {body}"));
+                if let Some(source) = &answer.source {
+                    *seen.sources.entry(source.clone()).or_insert(0) += 1;
+                }
+                if response.status().is_server_error() {
+                    let body = response.text().await.unwrap_or_default();
+                    seen.failures.push(format!("GET {url}: {answer:?} {body}"));
+                }
             }
-            Ok(_) => {}
-            Err(e) => failures.push(format!("GET {url}: {e}")),
+            Err(e) => seen.failures.push(format!("GET {url}: {e}")),
         }
         sent.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    failures
+    seen
 }
 
 /// After a failover an instance may still hold connections to the old master for a while
