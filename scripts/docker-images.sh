@@ -5,7 +5,8 @@
 #                              redis-server, redis-sentinel, nginx-light and curl; it stands in for
 #                              the redis, nginx and debian:bookworm-slim images of docker/compose.yaml
 #   ratelimiter:local          docker/Dockerfile's runtime stage on that base, holding the release
-#                              binary built on this host (there is no Rust image to build it in)
+#                              binary built on this host (there is no Rust image to build it in);
+#                              the stage alone is tagged ratelimiter:local-runtime
 #
 # The base is built once and reused; --rebuild makes it again.
 #
@@ -36,6 +37,19 @@ for arg in "$@"; do
 done
 
 log() { printf '[docker-images] %s\n' "$*"; }
+# Runs a command, showing its output only if it fails (the classic builder's deprecation notice
+# would otherwise drown the log).
+quietly() {
+  local output
+  output=$("$@" 2>&1) || { printf '%s\n' "$output" >&2; return 1; }
+}
+# remove_replaced ID NAME: removes image ID, which NAME was until now, unless NAME still is it or
+# anything still uses it.
+remove_replaced() {
+  local current
+  current=$(docker image inspect --format '{{.Id}}' "$2" 2>/dev/null || true)
+  if [[ -n $1 && $1 != "$current" ]]; then docker image rm "$1" >/dev/null 2>&1 || true; fi
+}
 seconds_since() { echo $(($(date +%s) - $1)); }
 
 rootfs=""
@@ -98,8 +112,7 @@ build_base() {
     --change 'CMD ["bash"]' \
     --message "debootstrap --variant=minbase $DEBIAN_SUITE + ${BASE_PACKAGES[*]}" \
     - "$BASE_IMAGE" >/dev/null
-  # The image this one replaces, if nothing else uses it any more (images built on it keep it).
-  if [[ -n $previous ]]; then docker image rm "$previous" >/dev/null 2>&1 || true; fi
+  remove_replaced "$previous" "$BASE_IMAGE"
   cleanup
   rootfs=""
   log "built $BASE_IMAGE in $(seconds_since "$started")s"
@@ -118,13 +131,16 @@ build_app() {
   # The runtime stage of docker/Dockerfile is the one users get; only the binary's origin differs.
   # It is the first stage, so the classic builder never reaches the Rust builder stage.
   log "building $APP_IMAGE (docker/Dockerfile, target runtime-base, on $BASE_IMAGE)"
-  docker build --quiet --file "$repo/docker/Dockerfile" --target runtime-base \
-    --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" --tag "$APP_IMAGE-runtime" "$repo" >/dev/null
+  local previous
+  previous=$(docker image inspect --format '{{.Id}}' "$APP_IMAGE" 2>/dev/null || true)
+  quietly docker build --quiet --file "$repo/docker/Dockerfile" --target runtime-base \
+    --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" --tag "$APP_IMAGE-runtime" "$repo"
 
   context=$(mktemp -d "${TMPDIR:-/tmp}/ratelimiter-app.XXXXXX")
   cp "$binary" "$context/ratelimiter"
   cp "$repo/docker/Dockerfile.prebuilt" "$context/Dockerfile"
-  docker build --quiet --build-arg "RUNTIME_IMAGE=$APP_IMAGE-runtime" --tag "$APP_IMAGE" "$context" >/dev/null
+  quietly docker build --quiet --build-arg "RUNTIME_IMAGE=$APP_IMAGE-runtime" --tag "$APP_IMAGE" "$context"
+  remove_replaced "$previous" "$APP_IMAGE"
   log "built $APP_IMAGE in $(seconds_since "$started")s"
 }
 
