@@ -9,12 +9,14 @@
 //! - [`identity`]: which bucket a request is charged to; trusted proxies only.
 //! - [`store`]: where buckets live. One trait, one atomic operation: in memory, or in
 //!   Redis through an r2d2 pool that the Sentinel resolver thread keeps on the master.
-//! - [`rate_limiter`]: asks the store and applies `FAIL_MODE` when it cannot decide.
+//! - [`rate_limiter`]: asks the store (unless [`deny_cache`] already knows the answer is
+//!   no) and applies `FAIL_MODE` when the store cannot decide.
 //! - [`http`]: routes, quota headers, JSON errors.
 //! - [`metrics`]: the Prometheus registry behind `/metrics`.
 //! - [`startup`]: the composition root, [`startup::Application`].
 
 pub mod config;
+pub mod deny_cache;
 pub mod http;
 pub mod identity;
 pub mod limiter;

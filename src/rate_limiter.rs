@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::FailMode;
+use crate::deny_cache::DenyCache;
 use crate::identity::ClientKey;
 use crate::limiter::{Decision, Policy};
 use crate::store::memory::MemoryStore;
@@ -67,6 +68,8 @@ pub struct RateLimiter {
     instances: InstanceCount,
     /// True while Redis cannot decide, so the change is logged once each way.
     degraded: AtomicBool,
+    /// Denials Redis gave, answered here until they expire; only for a shared store.
+    denials: Option<DenyCache>,
 }
 
 impl RateLimiter {
@@ -76,8 +79,14 @@ impl RateLimiter {
         policy: Policy,
         fail_mode: FailMode,
         instances: InstanceCount,
+        deny_cache_size: usize,
     ) -> Self {
         Self {
+            denials: if shared {
+                DenyCache::new(deny_cache_size)
+            } else {
+                None
+            },
             store,
             shared,
             policy,
@@ -98,6 +107,16 @@ impl RateLimiter {
 
     /// Takes a token for `key`, off the event loop when the store blocks.
     pub async fn check(&self, key: ClientKey) -> Verdict {
+        let asked_at_us = self.denials.as_ref().map(DenyCache::now_us);
+        if let (Some(denials), Some(now_us)) = (&self.denials, asked_at_us)
+            && let Some(decision) = denials.lookup_at(&key, now_us)
+        {
+            return Verdict {
+                source: Source::Redis,
+                policy: self.policy,
+                decision: Some(decision),
+            };
+        }
         let started = std::time::Instant::now();
         let result = if self.store.is_blocking() {
             let store = self.store.clone();
@@ -112,6 +131,9 @@ impl RateLimiter {
         match result {
             Ok(decision) => {
                 self.note_recovered();
+                if let (Some(denials), Some(asked_at_us)) = (&self.denials, asked_at_us) {
+                    denials.remember_at(&key, asked_at_us, &decision);
+                }
                 let source = if self.shared {
                     Source::Redis
                 } else {

@@ -56,6 +56,7 @@ impl Application {
             settings.policy,
             settings.fail_mode,
             instances,
+            settings.deny_cache_size,
         );
         let state = web::Data::new(routes::AppState {
             instance: settings.instance_name.clone(),

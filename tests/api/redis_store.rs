@@ -238,3 +238,85 @@ async fn script_flush_is_recovered_without_a_failed_decision() {
 fn a_policy_too_large_for_exact_lua_arithmetic_is_refused_at_start() {
     assert!(Policy::parse(1_000_000_000, 31_536_000, 1_000_000_000).is_err());
 }
+
+/// Floods one client's bucket from 32 concurrent connections for `duration`; returns
+/// (admitted, requests, elapsed µs between the first and last request sent).
+async fn flood(app: &TestApp, duration: Duration) -> (u64, u64, u64) {
+    let client = client();
+    let started = std::time::Instant::now();
+    let tasks = (0..32).map(|_| {
+        let (client, url) = (client.clone(), app.at("/limited_endpoint"));
+        tokio::spawn(async move {
+            let (mut admitted, mut requests, mut last_sent) = (0u64, 0u64, Duration::ZERO);
+            while started.elapsed() < duration {
+                last_sent = started.elapsed();
+                let response = client.get(&url).send().await.unwrap();
+                assert!(response.status() == 200 || response.status() == 429);
+                admitted += u64::from(response.status() == 200);
+                requests += 1;
+            }
+            (admitted, requests, last_sent)
+        })
+    });
+    let (mut admitted, mut requests, mut last_sent) = (0, 0, Duration::ZERO);
+    for task in tasks.collect::<Vec<_>>() {
+        let (a, r, l) = task.await.unwrap();
+        admitted += a;
+        requests += r;
+        last_sent = last_sent.max(l);
+    }
+    (admitted, requests, last_sent.as_micros() as u64)
+}
+
+#[tokio::test]
+async fn the_denial_cache_admits_a_flooding_client_exactly_as_redis_alone_would() {
+    let redis = RedisProcess::server(None, &[]);
+    // Five per second, burst five: a token every 200 ms.
+    let (rate, window_s, burst) = (5u64, 1u64, 5u64);
+    for cache_size in ["0", "1000"] {
+        let prefix = unique_prefix(&format!("deny-cache-{cache_size}"));
+        let app = TestApp::spawn(&[
+            ("REDIS_URL", &redis.url()),
+            ("KEY_PREFIX", &prefix),
+            ("RATE_LIMIT", &rate.to_string()),
+            ("TIME_WINDOW", &window_s.to_string()),
+            ("DENY_CACHE_SIZE", cache_size),
+            ("REDIS_TIMEOUT_MS", "2000"),
+        ]);
+        let calls_before = evalsha_calls(&redis);
+        let (admitted, requests, elapsed_us) = flood(&app, Duration::from_millis(1500)).await;
+        let calls = evalsha_calls(&redis) - calls_before;
+        // Exact up to the token still accruing at the end (and one that the last
+        // requests may just miss): never more than the bucket allows.
+        let bound = burst + elapsed_us * rate / (window_s * 1_000_000);
+        assert!(
+            admitted <= bound + 1 && admitted + 1 >= bound,
+            "DENY_CACHE_SIZE={cache_size}: admitted {admitted}, bound {bound}"
+        );
+        println!(
+            "DENY_CACHE_SIZE={cache_size}: {requests} requests, {admitted} admitted, {calls} EVALSHA calls"
+        );
+        if cache_size == "0" {
+            // (The instance's own announcements are EVALSHA calls too.)
+            assert!(
+                calls >= requests,
+                "without the cache every request asks Redis"
+            );
+        } else {
+            assert!(
+                calls * 4 < requests,
+                "the cache answered most denials: {calls} calls for {requests} requests"
+            );
+        }
+    }
+}
+
+fn evalsha_calls(redis: &RedisProcess) -> u64 {
+    let stats: String = redis.command(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}

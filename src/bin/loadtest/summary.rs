@@ -224,6 +224,16 @@ impl Summary {
                 a.refused_last
             );
         }
+        let header_only = self
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.origin == "RateLimit-Policy header");
+        if header_only && self.admission.as_ref().is_some_and(|a| a.over > 0) {
+            let _ = writeln!(
+                out,
+                "note         the header's q is the burst; when BURST differs from RATE_LIMIT, pass --limit RATE_LIMIT for the refill"
+            );
+        }
         if self.admission.as_ref().is_some_and(|a| a.short > 0) {
             let _ = writeln!(
                 out,
