@@ -131,6 +131,7 @@ teardown() {
   if ((status == 0)); then
     log "timings:"
     printf '[e2e-compose]   %s\n' "${timings[@]}"
+    printf '[e2e-compose]   %-44s %6ss\n' "down -v" "$(elapsed "$started")" "total" "$(elapsed "$script_started")"
     log "$passed passed, 0 failed"
     echo "e2e-compose: $passed passed, 0 failed"
   else
@@ -279,6 +280,7 @@ redis_decides() {
 
 # ---------------------------------------------------------------------------------------------
 
+script_started=$EPOCHREALTIME
 trap teardown EXIT
 trap 'exit 130' INT TERM
 
