@@ -45,3 +45,111 @@ fn value(text: &str, series: &str) -> f64 {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// The binary as a child process, so it can receive a real SIGTERM.
+struct Service {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Service {
+    fn start(vars: &[(&str, &str)]) -> Self {
+        let port = support::free_port();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ratelimiter"));
+        command
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("RUST_LOG", "warn");
+        for (name, value) in vars {
+            command.env(name, value);
+        }
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the service");
+        let service = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        support::wait_until(
+            "the service to listen",
+            std::time::Duration::from_secs(10),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        service
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the exit code, killing the process if it does not exit in `limit`.
+    fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the service") {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the service did not exit within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_every_in_flight_request_finish_and_exits_0() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = support::RedisProcess::server(None, &[]);
+    let mut service = Service::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("REDIS_TIMEOUT_MS", "1500"),
+        ("SHUTDOWN_TIMEOUT_S", "10"),
+        ("KEY_PREFIX", &support::unique_prefix("shutdown")),
+    ]);
+    let http = client();
+    let ready = http
+        .get(format!("{}/ready", service.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // A paused Redis holds every decision for up to REDIS_TIMEOUT_MS: requests in flight.
+    redis.signal("STOP");
+    let in_flight: Vec<_> = (0..20)
+        .map(|_| {
+            let request = http.get(format!("{}/limited_endpoint", service.url));
+            tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    service.signal("TERM");
+
+    let mut answered = Vec::new();
+    for request in in_flight {
+        answered.push(request.await.unwrap());
+    }
+    redis.signal("CONT");
+    let code = service.wait_exit(std::time::Duration::from_secs(15));
+    let failed: Vec<_> = answered
+        .iter()
+        .filter(|r| !matches!(r, Ok(200) | Ok(429)))
+        .collect();
+    assert!(failed.is_empty(), "in-flight requests failed: {failed:?}");
+    assert_eq!(code, Some(0));
+}
