@@ -177,8 +177,8 @@ impl Worker {
                     StoreError::NoMaster(detail) => detail.clone(),
                     other => other.to_string(),
                 };
-                if self.slot.mark_unusable(reason) {
-                    log::warn!("no usable Redis master: {error}");
+                if self.slot.mark_unusable(reason.clone()) {
+                    log::warn!("no usable Redis master: {reason}");
                 }
             }
         }

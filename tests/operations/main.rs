@@ -153,3 +153,55 @@ async fn sigterm_lets_every_in_flight_request_finish_and_exits_0() {
     assert!(failed.is_empty(), "in-flight requests failed: {failed:?}");
     assert_eq!(code, Some(0));
 }
+
+/// Every Rust source file of the service, concatenated.
+fn service_source() -> String {
+    fn collect(dir: &std::path::Path, text: &mut String) {
+        for entry in std::fs::read_dir(dir).expect("read src/").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                collect(&path, text);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                text.push_str(&std::fs::read_to_string(&path).expect("read a source file"));
+            }
+        }
+    }
+    let mut text = String::new();
+    collect(&support::repo_path("src"), &mut text);
+    text
+}
+
+#[test]
+fn every_message_the_operators_guide_quotes_is_one_the_service_prints() {
+    let guide = std::fs::read_to_string(support::repo_path("docs/OPERATIONS.md")).unwrap();
+    let troubleshooting = guide
+        .split("## Troubleshooting")
+        .nth(1)
+        .expect("docs/OPERATIONS.md has a Troubleshooting section");
+    let source = service_source();
+    let mut quoted = 0;
+    for heading in troubleshooting
+        .lines()
+        .filter_map(|l| l.strip_prefix("### `"))
+    {
+        let message = heading.trim_end().trim_end_matches('`');
+        quoted += 1;
+        // `<…>` stands for what varies; every literal part must be in the code.
+        let mut rest = message;
+        while !rest.is_empty() {
+            let (literal, after) = match rest.find('<') {
+                Some(open) => {
+                    let close = rest[open..].find('>').map_or(rest.len(), |c| open + c + 1);
+                    (&rest[..open], &rest[close..])
+                }
+                None => (rest, ""),
+            };
+            assert!(
+                literal.trim().is_empty() || source.contains(literal),
+                "docs/OPERATIONS.md quotes {message:?}, but {literal:?} is not in src/"
+            );
+            rest = after;
+        }
+    }
+    assert!(quoted >= 10, "only {quoted} messages quoted");
+}
