@@ -205,3 +205,60 @@ fn every_message_the_operators_guide_quotes_is_one_the_service_prints() {
     }
     assert!(quoted >= 10, "only {quoted} messages quoted");
 }
+
+#[tokio::test]
+async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_returns() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut redis = support::RedisProcess::server(None, &[]);
+    let port = redis.port;
+    let app = TestApp::spawn(&[
+        ("REDIS_URL", &redis.url()),
+        ("KEY_PREFIX", &support::unique_prefix("fallback-metrics")),
+        ("SENTINEL_POLL_MS", "100"),
+    ]);
+    let client = client();
+    let connection_errors = r#"ratelimit_store_errors_total{kind="connection"}"#;
+    let local_allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
+    let before = scrape(&client, &app).await;
+    assert_eq!(value(&before, "ratelimit_fallback_active"), 0.0);
+    assert!(
+        before.contains("ratelimit_current_master_info{addr="),
+        "{before}"
+    );
+
+    redis.kill();
+    for _ in 0..3 {
+        client
+            .get(app.at("/limited_endpoint"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let during = scrape(&client, &app).await;
+    assert_eq!(value(&during, "ratelimit_fallback_active"), 1.0);
+    assert!(value(&during, connection_errors) > value(&before, connection_errors));
+    assert_eq!(
+        value(&during, local_allowed) - value(&before, local_allowed),
+        3.0
+    );
+
+    let _back = support::RedisProcess::server_on(port, None, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let response = client
+            .get(app.at("/limited_endpoint"))
+            .send()
+            .await
+            .unwrap();
+        if support::header(&response, "X-RateLimit-Source") == "redis" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never went back to Redis"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let after = scrape(&client, &app).await;
+    assert_eq!(value(&after, "ratelimit_fallback_active"), 0.0);
+}
