@@ -5,6 +5,9 @@
 #   scripts/test.sh            everything
 #   scripts/test.sh --quick    fmt, clippy and cargo tests only (no Nginx cluster, no Docker)
 #
+# The Compose suite needs a Docker engine; without one it is skipped with a notice,
+# except in CI (CI=true) or with REQUIRE_DOCKER=1, where a missing engine is a failure.
+#
 # Missing Debian packages are installed when running as root; otherwise the exact
 # apt-get command is printed and the script stops.
 set -euo pipefail
@@ -22,6 +25,7 @@ command -v redis-cli >/dev/null || packages+=(redis-tools)
 if ! $quick; then
   command -v nginx >/dev/null || packages+=(nginx-light)
   command -v curl >/dev/null || packages+=(curl)
+  command -v debootstrap >/dev/null || packages+=(debootstrap)
 fi
 if ((${#packages[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
@@ -46,4 +50,21 @@ cargo test --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-t
 
 if $quick; then
   exit 0
+fi
+
+suite_started=$SECONDS
+say "end-to-end: the native cluster through Nginx (scripts/e2e-cluster.sh)"
+scripts/e2e-cluster.sh
+echo "native cluster suite: $((SECONDS - suite_started)) s"
+
+suite_started=$SECONDS
+if docker info >/dev/null 2>&1; then
+  say "end-to-end: Docker Compose (scripts/e2e-compose.sh)"
+  scripts/e2e-compose.sh
+  echo "Compose suite: $((SECONDS - suite_started)) s"
+elif [[ "${CI:-}" == true || "${REQUIRE_DOCKER:-0}" == 1 ]]; then
+  echo "the Compose suite must run here, but no Docker engine answers (docker info failed)" >&2
+  exit 1
+else
+  say "skipped: Docker Compose suite (no Docker engine answers; REQUIRE_DOCKER=1 makes this an error)"
 fi
