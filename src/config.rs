@@ -110,6 +110,7 @@ pub struct Settings {
     pub access_log: bool,
     pub shutdown_timeout: Duration,
     pub deny_cache_size: usize,
+    pub metrics: bool,
 }
 
 /// The settings as layered text, before any of it is believed.
@@ -139,6 +140,7 @@ struct Raw {
     access_log: Option<String>,
     shutdown_timeout_s: Option<String>,
     deny_cache_size: Option<String>,
+    metrics: Option<String>,
 }
 
 impl Settings {
@@ -197,6 +199,7 @@ pub const KNOWN: &[&str] = &[
     "ACCESS_LOG",
     "SHUTDOWN_TIMEOUT_S",
     "DENY_CACHE_SIZE",
+    "METRICS",
 ];
 
 /// Turns raw text into typed values, collecting every problem instead of stopping at one.
@@ -204,6 +207,16 @@ pub const KNOWN: &[&str] = &[
 struct Parser {
     problems: Vec<String>,
 }
+
+/// The words a switch accepts.
+const ON_OFF: &[(&str, bool)] = &[
+    ("on", true),
+    ("off", false),
+    ("true", true),
+    ("false", false),
+    ("1", true),
+    ("0", false),
+];
 
 /// An unset or empty value.
 fn given(raw: &Option<String>) -> Option<&str> {
@@ -329,18 +342,8 @@ impl Parser {
                 ("none", HeaderMode::None),
             ],
         );
-        let access_log = self.choice(
-            "ACCESS_LOG",
-            &raw.access_log,
-            &[
-                ("on", true),
-                ("off", false),
-                ("true", true),
-                ("false", false),
-                ("1", true),
-                ("0", false),
-            ],
-        );
+        let metrics = self.choice("METRICS", &raw.metrics, ON_OFF);
+        let access_log = self.choice("ACCESS_LOG", &raw.access_log, ON_OFF);
         let shutdown_timeout = self.number("SHUTDOWN_TIMEOUT_S", &raw.shutdown_timeout_s, 0, 3600);
         let deny_cache_size = self.number("DENY_CACHE_SIZE", &raw.deny_cache_size, 0, 100_000_000);
 
@@ -386,6 +389,7 @@ impl Parser {
             access_log: access_log.unwrap_or(false),
             shutdown_timeout: Duration::from_secs(shutdown_timeout.unwrap_or(10)),
             deny_cache_size: deny_cache_size.unwrap_or(100_000) as usize,
+            metrics: metrics.unwrap_or(true),
         })
     }
 
@@ -513,7 +517,7 @@ impl fmt::Display for Settings {
             .collect();
         write!(
             f,
-            "instance={} listen={}:{} policy=burst {} per {} s (rate {} per {} s) store={store} redis_password={} redis_timeout={}ms pool={} key_prefix={} fail_mode={} trusted_proxies=[{}] headers={} deny_cache={} workers={}",
+            "instance={} listen={}:{} policy=burst {} per {} s (rate {} per {} s) store={store} redis_password={} redis_timeout={}ms pool={} key_prefix={} fail_mode={} trusted_proxies=[{}] headers={} deny_cache={} metrics={} workers={}",
             self.instance_name,
             self.host,
             self.port,
@@ -533,6 +537,7 @@ impl fmt::Display for Settings {
             proxies.join(","),
             self.headers.as_str(),
             self.deny_cache_size,
+            if self.metrics { "on" } else { "off" },
             self.workers
                 .map_or("per CPU".to_string(), |w| w.to_string()),
         )

@@ -2,6 +2,7 @@
 //! Prometheus conventions under the `ratelimit_` prefix, never labelled per client.
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -133,7 +134,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
+/// `METRICS=off` turns recording off, so the benchmark can price it.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 pub fn decision(allowed: bool, source: Source) {
+    if !enabled() {
+        return;
+    }
     let decision = if allowed { "allowed" } else { "limited" };
     METRICS
         .decisions
@@ -145,10 +160,16 @@ pub fn decision(allowed: bool, source: Source) {
 }
 
 pub fn store_call(elapsed: Duration) {
+    if !enabled() {
+        return;
+    }
     METRICS.store_duration.observe(elapsed.as_secs_f64());
 }
 
 pub fn store_error(error: &StoreError) {
+    if !enabled() {
+        return;
+    }
     METRICS
         .store_errors
         .get_or_create(&KindLabels { kind: error.kind() })
@@ -171,6 +192,9 @@ pub fn fallback_active(active: bool) {
 }
 
 pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
+    if !enabled() {
+        return;
+    }
     METRICS
         .http_requests
         .get_or_create(&RouteStatusLabels { route, status })

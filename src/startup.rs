@@ -49,6 +49,7 @@ impl Application {
         })?;
         let port = listener.local_addr().map_err(StartupError::Server)?.port();
 
+        crate::metrics::set_enabled(settings.metrics);
         let (store, shared, instances, resolver) = build_store(&settings)?;
         let limiter = RateLimiter::new(
             store,

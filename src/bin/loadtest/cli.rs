@@ -30,7 +30,8 @@ Examples:
   loadtest --url http://127.0.0.1:18000/limited_endpoint --limit 10 --window 60
 
 Exit codes: 0 done; 1 the run failed (cannot connect, write a file...);
-2 bad flags; 3 --check found a client outside its bound.";
+2 bad flags; 3 --check found a client outside its bound; 130 interrupted
+(the summary still covers what was sent).";
 
 /// Drives an HTTP endpoint on this machine from many client addresses and reports what
 /// the rate limiter admitted.
@@ -62,6 +63,7 @@ pub struct Cli {
     duration: Duration,
 
     /// Stop sending after this many requests, whichever comes first with --duration.
+    /// With --rate this counts scheduled sends, missed ones included.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=MAX_REQUESTS))]
     max_requests: u64,
 

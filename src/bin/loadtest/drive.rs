@@ -75,9 +75,9 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         dispatched: Arc::clone(&dispatched),
     });
     let (phase_tx, phase) = watch::channel(Phase::Sending);
-    tokio::spawn(watch_interrupts(phase_tx));
-
     let bar = progress_bar(config.duration);
+    tokio::spawn(watch_interrupts(phase_tx, bar.clone()));
+
     let dispatcher = {
         let shared = Arc::clone(&shared);
         let phase = phase.clone();
@@ -135,6 +135,9 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     report(&summary, &config)
 }
 
+/// The conventional status of a program stopped by SIGINT.
+const INTERRUPTED: u8 = 130;
+
 /// Prints the summary, writes the files asked for, and turns `--check` into the exit code.
 fn report(summary: &Summary, config: &Config) -> anyhow::Result<ExitCode> {
     print!("{}", summary.render(config.show_clients));
@@ -159,6 +162,9 @@ fn report(summary: &Summary, config: &Config) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(3));
         }
         println!("check passed: every client within its bound");
+    }
+    if summary.stopped_by == "interrupt" {
+        return Ok(ExitCode::from(INTERRUPTED));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -237,11 +243,13 @@ fn build_client(source: IpAddr, config: &Config) -> anyhow::Result<Client> {
 
 /// Holds the phase's sender for the whole run, so that waiting for a change never
 /// returns at once because the sender is gone.
-async fn watch_interrupts(phase: watch::Sender<Phase>) {
+async fn watch_interrupts(phase: watch::Sender<Phase>, bar: ProgressBar) {
     if tokio::signal::ctrl_c().await.is_ok() {
-        eprintln!(
-            "\nloadtest: interrupted; waiting for the answers in flight (Ctrl-C again abandons them)"
-        );
+        bar.suspend(|| {
+            eprintln!(
+                "loadtest: interrupted; waiting for the answers in flight (Ctrl-C again abandons them)"
+            )
+        });
         phase.send_replace(Phase::Draining);
         if tokio::signal::ctrl_c().await.is_ok() {
             phase.send_replace(Phase::Abandon);

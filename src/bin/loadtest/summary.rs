@@ -204,10 +204,11 @@ impl Summary {
                 );
             }
             None => {
-                let _ = writeln!(out, "policy       unknown");
+                let why = self.policy_problem.as_deref().unwrap_or("unknown");
+                let _ = writeln!(out, "policy       {why}");
             }
         }
-        if let Some(problem) = &self.policy_problem {
+        if let (Some(_), Some(problem)) = (&self.policy, &self.policy_problem) {
             let _ = writeln!(out, "policy note  {problem}");
         }
         if let Some(a) = &self.admission {
