@@ -12,7 +12,8 @@
 #   scripts/loadtest.sh --connections 64 --duration 5s    flat out
 #   scripts/loadtest.sh --sources 127.0.0.10-20 --rate 50 --check
 #
-# Exit codes are the binary's: 0 done, 1 the run failed, 2 bad flags, 3 --check failed.
+# Exit codes are the binary's: 0 done, 1 the run failed, 2 bad flags, 3 --check failed,
+# 130 interrupted by Ctrl-C (the summary still covers what was sent).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
