@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # End-to-end test of docker/compose.yaml, run for real: the same file users run, with images
 # built on this machine (scripts/docker-images.sh: no registry is needed) substituted through
-# its image variables. Every request goes through Nginx.
+# its image variables. Requests go through Nginx, except those showing that an instance reached
+# directly ignores a client's X-Forwarded-For.
 #
 #   1. up: every container healthy, both instances ready
 #   2. one client gets exactly RATE_LIMIT 200s then 429s, from both instances; another client
 #      has its own bucket
-#   3. `docker kill` of the master under a steady stream of requests: no 5xx; Sentinel promotes a
+#   3. X-Forwarded-For is believed from Nginx only: a client claiming another address, directly
+#      to an instance or through Nginx, keeps its own bucket
+#   4. `docker kill` of the master under a steady stream of requests: no 5xx; Sentinel promotes a
 #      replica; a new client again gets exactly RATE_LIMIT (the instances share Redis again);
 #      the killed node, started again, rejoins as a replica
-#   4. `docker network disconnect` of the master (a partition), under the same stream: the isolated
+#   5. `docker network disconnect` of the master (a partition), under the same stream: the isolated
 #      master refuses writes (NOREPLICAS), the others promote a replica and keep serving, limits
 #      are exact again; reconnected, the old master rejoins as a replica
-#   5. down -v, always, whatever happened (also on failure or Ctrl-C)
+#   6. down -v, always, whatever happened (also on failure or Ctrl-C)
 #
 # Usage: scripts/e2e-compose.sh [--no-images] [--no-cargo]
 #   --no-images  use the images as they are (do not run scripts/docker-images.sh)
@@ -221,14 +224,20 @@ new_client() {
   client=$NET_PREFIX.$next_client
   next_client=$((next_client + 1))
 }
+# client_requests ADDRESS COUNT [URL [CURL-ARGUMENTS...]]: COUNT requests in a row from a new
+# container at ADDRESS, by default to /limited_endpoint through Nginx.
 client_requests() {
-  local address=$1 count=$2
+  local address=$1 count=$2 url=${3:-http://nginx:8000/limited_endpoint}
+  shift $(($# < 3 ? $# : 3))
   docker run --rm --name "$project-client-${address##*.}" --label "ratelimiter-e2e=$project" \
     --network "$network" --ip "$address" "$CLIENT_IMAGE" \
-    bash -c 'for ((i = 0; i < $1; i++)); do
-               curl -s -o /dev/null --max-time 5 -w "$2" http://nginx:8000/limited_endpoint || true
-             done' client "$count" "$format"
+    bash -c 'count=$1 format=$2 url=$3
+             shift 3
+             for ((i = 0; i < count; i++)); do
+               curl -s -o /dev/null --max-time 5 -w "$format" "$@" "$url" || true
+             done' client "$count" "$format" "$url" "$@"
 }
+statuses() { awk '{ printf "%s%s", (NR > 1 ? " " : ""), $1 }' <<<"$1"; }
 
 # expect_exact_limit WHO LINES: RATE_LIMIT 200s, then only 429s, all decided by Redis and
 # answered by both instances.
@@ -321,6 +330,25 @@ expect_exact_limit "client $client, its own bucket" "$(client_requests "$client"
 [[ $(curl -s -o /dev/null --max-time 5 -w '%{http_code}' "http://127.0.0.1:$NGINX_HTTP_PORT/health") == 200 ]] ||
   fail "Nginx does not answer /health on port $NGINX_HTTP_PORT"
 ok "Nginx answers on port $NGINX_HTTP_PORT too"
+phase_done
+
+phase "X-Forwarded-For believed from Nginx only"
+# A client talks to an instance directly, claiming another address; it exhausts its own bucket.
+new_client
+spoofer=$client
+lines=$(client_requests "$spoofer" $((RATE_LIMIT + 1)) http://app-1:8000/limited_endpoint \
+  -H 'X-Forwarded-For: 198.51.100.7')
+[[ $(statuses "$lines") == *" 429" ]] || fail "client $spoofer did not exhaust its bucket: $(statuses "$lines")"
+new_client
+lines=$(client_requests "$client" 1 http://app-1:8000/limited_endpoint -H 'X-Forwarded-For: 198.51.100.7')
+[[ $(statuses "$lines") == 200 ]] ||
+  fail "client $client, claiming the same X-Forwarded-For directly, got $(statuses "$lines"): the instance believed it"
+ok "an instance ignores X-Forwarded-For from clients: two clients claiming one address keep their own buckets"
+new_client
+lines=$(client_requests "$client" 1 http://nginx:8000/limited_endpoint -H "X-Forwarded-For: $spoofer")
+[[ $(statuses "$lines") == 200 ]] ||
+  fail "client $client, claiming to be $spoofer through Nginx, got $(statuses "$lines"): Nginx passed the claim on"
+ok "through Nginx, a client claiming to be the exhausted $spoofer keeps its own bucket"
 phase_done
 
 phase "docker kill of the master"
