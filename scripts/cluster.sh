@@ -91,7 +91,7 @@ check_tools() {
     if [[ $install == yes ]]; then
         say "installing ${packages[*]} (missing: ${missing[*]})"
         apt-get update
-        apt-get install -y --no-install-recommends "${packages[@]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
         return 0
     fi
     warn "missing: ${missing[*]}"
@@ -155,12 +155,6 @@ can_bind_port_80() {
     ((start <= 80))
 }
 
-# A value for a Redis config file: quoted, with backslashes and quotes escaped.
-redis_quote() {
-    local value=${1//\\/\\\\}
-    printf '"%s"' "${value//\"/\\\"}"
-}
-
 # The kernel's start time of PID (clock ticks since boot): with the pid, it names one
 # process, so a pid reused by an unrelated process after ours exited is never mistaken
 # for ours. Prints nothing for a missing process or a zombie.
@@ -194,6 +188,7 @@ record_of() {
     while read -r n pid since log; do
         [[ $n == "$name" ]] && echo "$pid $since"
     done <"$PIDS_FILE"
+    return 0
 }
 
 log_of() {
@@ -201,13 +196,14 @@ log_of() {
     while read -r n pid since log; do
         [[ $n == "$name" ]] && echo "$log"
     done <"$PIDS_FILE"
+    return 0
 }
 
-# Fail naming what is not ready, with the end of its log.
+# Fail naming what is not ready and why, with the end of its log.
 not_ready() {
-    local name=$1 what=$2 log
+    local name=$1 why=$2 log
     log=$(log_of "$name")
-    warn "error: $name is not ready after ${WAIT_SECS}s: $what"
+    warn "error: $name $why"
     if [[ -n $log && -f $log ]]; then
         warn "last lines of ${log#"$ROOT"/}:"
         tail -n 15 "$log" | sed 's/^/    /' >&2
@@ -223,8 +219,8 @@ wait_for() {
     local deadline=$((SECONDS + WAIT_SECS))
     until "$@"; do
         # shellcheck disable=SC2046 # the record is two words on purpose
-        still_running $(record_of "$name") || not_ready "$name" "the process exited ($what)"
-        ((SECONDS < deadline)) || not_ready "$name" "$what"
+        still_running $(record_of "$name") || not_ready "$name" "exited before it was ready (waiting until $what)"
+        ((SECONDS < deadline)) || not_ready "$name" "is not ready after ${WAIT_SECS}s (waiting until $what)"
         sleep 0.2
     done
 }
@@ -255,6 +251,8 @@ build_binary() {
         say "using $BIN"
         return 0
     fi
+    command -v cargo >/dev/null ||
+        die "cargo is not installed (https://rustup.rs), and no RATELIMITER_BIN was given"
     if [[ ! -x $BIN ]] || [[ -n $(find src config Cargo.toml Cargo.lock -newer "$BIN" -print -quit 2>/dev/null) ]]; then
         say "building the release binary: cargo build --release"
         cargo build --release --bin ratelimiter
@@ -264,32 +262,34 @@ build_binary() {
 }
 
 render_data_conf() {
-    local template=$1 out=$2 quoted
-    quoted=$(redis_quote "$REDIS_PASSWORD")
-    {
-        grep -Ev '^(requirepass|masterauth)[[:space:]]' "$template"
-        printf '\n# Set by scripts/cluster.sh from REDIS_PASSWORD.\n'
-        printf 'requirepass %s\nmasterauth %s\n' "$quoted" "$quoted"
-    } >"$out"
-    chmod 600 "$out"
+    local template=$1 out=$2
+    # The copy holds the password: readable by this user only.
+    (
+        umask 077
+        {
+            grep -Ev '^(requirepass|masterauth)[[:space:]]' "$template"
+            printf '\n# Set by scripts/cluster.sh from REDIS_PASSWORD.\n'
+            printf 'requirepass %s\nmasterauth %s\n' "$REDIS_PASSWORD" "$REDIS_PASSWORD"
+        } >"$out"
+    )
 }
 
 render_sentinel_conf() {
-    local out=$1 text quoted
+    local out=$1 text
     text=$(<redis/sentinel.conf)
-    quoted=$(redis_quote "$REDIS_PASSWORD")
     text=${text//__MASTER_HOST__/"$LOOPBACK"}
     text=${text//__MASTER_PORT__/"$MASTER_PORT"}
-    text=${text//__PASSWORD__/"$quoted"}
-    {
-        printf '%s\n' "$text"
-        if [[ -n $SENTINEL_PASSWORD ]]; then
-            quoted=$(redis_quote "$SENTINEL_PASSWORD")
-            printf '\n# Set by scripts/cluster.sh from SENTINEL_PASSWORD.\n'
-            printf 'requirepass %s\nsentinel sentinel-pass %s\n' "$quoted" "$quoted"
-        fi
-    } >"$out"
-    chmod 600 "$out"
+    text=${text//__PASSWORD__/"$REDIS_PASSWORD"}
+    (
+        umask 077
+        {
+            printf '%s\n' "$text"
+            if [[ -n $SENTINEL_PASSWORD ]]; then
+                printf '\n# Set by scripts/cluster.sh from SENTINEL_PASSWORD.\n'
+                printf 'requirepass %s\nsentinel sentinel-pass %s\n' "$SENTINEL_PASSWORD" "$SENTINEL_PASSWORD"
+            fi
+        } >"$out"
+    )
 }
 
 render_nginx_conf() {
@@ -336,6 +336,12 @@ up() {
     if anything_running; then
         die "the cluster is already running (pids in ${PIDS_FILE#"$ROOT"/}); run: scripts/cluster.sh down"
     fi
+    local name
+    for name in REDIS_PASSWORD SENTINEL_PASSWORD; do
+        # Sentinel writes these into its config file unquoted when it rewrites it.
+        [[ ${!name} != *[[:space:]\"\'\\]* ]] ||
+            die "$name must not contain spaces, quotes or backslashes (Sentinel rewrites it into its config unquoted)"
+    done
     check_ports_free
     build_binary
 
@@ -349,12 +355,13 @@ up() {
     local port dir i
     for port in "${DATA_PORTS[@]}"; do
         dir=$CLUSTER_DIR/redis-$port
-        rm -rf "$dir" && mkdir -p "$dir"
+        # Private: Redis and Sentinel rewrite their configs, password included, as 0644.
+        rm -rf "$dir" && mkdir -m 700 "$dir"
         if [[ $port == "$MASTER_PORT" ]]; then
             render_data_conf redis/master.conf "$dir/redis.conf"
             start "redis-$port" "$dir/redis.log" redis-server "$dir/redis.conf" \
                 --port "$port" --bind "$LOOPBACK" --dir "$dir"
-            wait_for "redis-$port" "it does not answer PING on port $port" data_node_answers "$port"
+            wait_for "redis-$port" "it answers PING on port $port" data_node_answers "$port"
         else
             render_data_conf redis/replica.conf "$dir/redis.conf"
             start "redis-$port" "$dir/redis.log" redis-server "$dir/redis.conf" \
@@ -363,20 +370,20 @@ up() {
         fi
     done
     for port in "${REPLICA_PORTS[@]}"; do
-        wait_for "redis-$port" "master_link_status is not up (replica of $LOOPBACK:$MASTER_PORT)" \
+        wait_for "redis-$port" "INFO replication shows master_link_status:up (replica of $LOOPBACK:$MASTER_PORT)" \
             replica_linked "$port"
     done
     say "replication is linked: 6379 -> ${REPLICA_PORTS[*]}"
 
     for port in "${SENTINEL_PORTS[@]}"; do
         dir=$CLUSTER_DIR/sentinel-$port
-        rm -rf "$dir" && mkdir -p "$dir"
+        rm -rf "$dir" && mkdir -m 700 "$dir"
         render_sentinel_conf "$dir/sentinel.conf"
         start "sentinel-$port" "$dir/sentinel.log" redis-sentinel "$dir/sentinel.conf" \
             --port "$port" --bind "$LOOPBACK" --dir "$dir"
     done
     for port in "${SENTINEL_PORTS[@]}"; do
-        wait_for "sentinel-$port" "SENTINEL CKQUORUM $MASTER_NAME is not OK, or it does not know both replicas" \
+        wait_for "sentinel-$port" "SENTINEL CKQUORUM $MASTER_NAME is OK and it knows both replicas" \
             sentinel_ready "$port"
     done
     say "sentinels agree (CKQUORUM OK on ${SENTINEL_PORTS[*]})"
@@ -397,7 +404,7 @@ up() {
             "$BIN"
     done
     for i in "${!APP_NAMES[@]}"; do
-        wait_for "${APP_NAMES[i]}" "GET http://$LOOPBACK:${APP_PORTS[i]}/ready does not answer 200" \
+        wait_for "${APP_NAMES[i]}" "GET http://$LOOPBACK:${APP_PORTS[i]}/ready answers 200" \
             http_ok "http://$LOOPBACK:${APP_PORTS[i]}/ready"
     done
     say "instances are ready: ${APP_NAMES[*]} on ${APP_PORTS[*]}"
@@ -408,7 +415,7 @@ up() {
     nginx -t -q -p "$dir/" -c "$dir/nginx.conf" ||
         die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/native.conf.template)"
     start nginx "$dir/logs/error.log" nginx -p "$dir/" -c "$dir/nginx.conf"
-    wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/ready does not answer 200" \
+    wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/ready answers 200" \
         http_ok "http://$LOOPBACK:$NGINX_PORT/ready"
 
     trap - EXIT INT TERM

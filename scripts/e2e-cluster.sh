@@ -23,6 +23,15 @@ export E2E_APP_URL=${E2E_APP_URL:-http://127.0.0.1:8001}
 
 say() { printf 'e2e-cluster: %s\n' "$*"; }
 
+# One run at a time: a second one would find the ports taken, and its clean-up must not
+# stop the first one's cluster.
+mkdir -p "$(dirname "$CLUSTER_DIR")"
+exec 9>"$CLUSTER_DIR.lock"
+flock -n 9 || {
+    say "another run holds $CLUSTER_DIR.lock; wait for it to finish"
+    exit 1
+}
+
 # Compile first, so the cluster is not kept waiting for the compiler.
 say "building the test binary"
 cargo test --test e2e_cluster --no-run
@@ -46,7 +55,8 @@ trap 'exit 130' INT TERM
 
 say "starting the cluster (RATE_LIMIT=$RATE_LIMIT TIME_WINDOW=$TIME_WINDOW) in ${CLUSTER_DIR#"$PWD"/}"
 up_started=$SECONDS
-scripts/cluster.sh up
+# The lock stays with this script, not with the daemons `up` leaves running.
+scripts/cluster.sh up 9>&-
 say "cluster up in $((SECONDS - up_started))s; running the suite against $E2E_CLUSTER_URL"
 
 suite_started=$SECONDS
