@@ -412,9 +412,10 @@ up() {
     dir=$CLUSTER_DIR/nginx
     rm -rf "$dir" && mkdir -p "$dir/logs" "$dir/temp"
     render_nginx_conf "$dir" "$dir/nginx.conf"
-    nginx -t -q -p "$dir/" -c "$dir/nginx.conf" ||
+    # -e: the log Nginx opens before it reads its config (the built-in one is root's).
+    nginx -t -q -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf" ||
         die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/native.conf.template)"
-    start nginx "$dir/logs/error.log" nginx -p "$dir/" -c "$dir/nginx.conf"
+    start nginx "$dir/logs/error.log" nginx -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf"
     wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/ready answers 200" \
         http_ok "http://$LOOPBACK:$NGINX_PORT/ready"
 
