@@ -20,9 +20,9 @@
 #   logs      the last lines of every log; `logs -f` follows them
 #   --install install missing packages with apt-get first (never done otherwise)
 #
-# Environment: RATE_LIMIT, TIME_WINDOW, BURST, FAIL_MODE, REDIS_TIMEOUT_MS, RUST_LOG,
-# ACCESS_LOG, KEY_PREFIX, RATELIMIT_HEADERS and SENTINEL_PASSWORD are passed to both
-# instances as they are. REDIS_PASSWORD defaults to the dev password of redis/*.conf.
+# Environment: every variable the service reads (README.md) passes through to both
+# instances (RATE_LIMIT, TIME_WINDOW, BURST, FAIL_MODE, DENY_CACHE_SIZE, ...), except
+# REDIS_URL, which this topology replaces. REDIS_PASSWORD defaults to the dev password of redis/*.conf.
 # CLUSTER_DIR (default run/cluster, ignored by git) holds configs, data, logs and pids.
 # CLUSTER_WAIT_SECS (default 30) bounds each wait. RATELIMITER_BIN runs another binary
 # instead of building target/release/ratelimiter.
