@@ -54,7 +54,8 @@ export APP_1_PORT=${APP_1_PORT:-8001}
 export APP_2_PORT=${APP_2_PORT:-8002}
 export NET_PREFIX=${NET_PREFIX:-172.28.99}
 export RATE_LIMIT=${RATE_LIMIT:-10}
-export TIME_WINDOW=${TIME_WINDOW:-60}
+# One token comes back every TIME_WINDOW / RATE_LIMIT seconds: none may during a client's burst.
+export TIME_WINDOW=60
 export FAIL_MODE=local
 project=${E2E_PROJECT:-ratelimiter-e2e}
 
