@@ -283,9 +283,9 @@ async fn the_denial_cache_admits_a_flooding_client_exactly_as_redis_alone_would(
             ("DENY_CACHE_SIZE", cache_size),
             ("REDIS_TIMEOUT_MS", "2000"),
         ]);
-        let calls_before = evalsha_calls(&redis);
+        let calls_before = redis.command_calls("evalsha");
         let (admitted, requests, elapsed_us) = flood(&app, Duration::from_millis(1500)).await;
-        let calls = evalsha_calls(&redis) - calls_before;
+        let calls = redis.command_calls("evalsha") - calls_before;
         // Exact up to the token still accruing at the end (and one that the last
         // requests may just miss): never more than the bucket allows.
         let bound = burst + elapsed_us * rate / (window_s * 1_000_000);
@@ -309,14 +309,4 @@ async fn the_denial_cache_admits_a_flooding_client_exactly_as_redis_alone_would(
             );
         }
     }
-}
-
-fn evalsha_calls(redis: &RedisProcess) -> u64 {
-    let stats: String = redis.command(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
 }

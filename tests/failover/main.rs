@@ -46,6 +46,52 @@ fn spawn_pair(cluster: &SentinelCluster, prefix: &str, fail_mode: &str) -> (Test
     (spawn("app-1"), spawn("app-2"))
 }
 
+/// A cluster, two instances on it, and a watch on `+switch-master`.
+struct Stage {
+    cluster: SentinelCluster,
+    first: TestApp,
+    second: TestApp,
+    old_master: u16,
+    watch: Arc<SwitchWatch>,
+}
+
+impl Stage {
+    fn start(test: &str) -> Self {
+        let cluster = SentinelCluster::start(DOWN_AFTER_MS);
+        let (first, second) = spawn_pair(&cluster, &unique_prefix(test), "local");
+        let old_master = cluster.master_port().expect("a master");
+        let watch = Arc::new(SwitchWatch::start(cluster.sentinels[0].port));
+        Self {
+            cluster,
+            first,
+            second,
+            old_master,
+            watch,
+        }
+    }
+
+    /// `CLIENTS` clients, a request every 100 ms each, over both instances.
+    fn traffic(&self) -> Traffic {
+        let urls = vec![
+            self.first.at("/limited_endpoint"),
+            self.second.at("/limited_endpoint"),
+        ];
+        Traffic::start(urls, 0, CLIENTS, Duration::from_millis(100))
+    }
+
+    /// When a sentinel announced the switch (waiting off the runtime's threads).
+    async fn switch(&self, limit: Duration) -> Instant {
+        let watch = self.watch.clone();
+        tokio::task::spawn_blocking(move || watch.wait(limit))
+            .await
+            .unwrap()
+    }
+
+    async fn assert_limits_shared_again(&self) {
+        assert_limits_shared_again(&self.first, &self.second, 900).await;
+    }
+}
+
 /// One answered (or failed) request.
 #[derive(Debug, Clone)]
 struct Record {
@@ -333,74 +379,42 @@ async fn assert_limits_shared_again(first: &TestApp, second: &TestApp, client_id
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_master_mid_traffic_costs_no_5xx_and_limits_are_shared_again() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut cluster = SentinelCluster::start(DOWN_AFTER_MS);
-    let (first, second) = spawn_pair(&cluster, &unique_prefix("kill"), "local");
-    let old_master = cluster.master_port().unwrap();
-    let watch = SwitchWatch::start(cluster.sentinels[0].port);
-
-    let traffic = Traffic::start(
-        vec![
-            first.at("/limited_endpoint"),
-            second.at("/limited_endpoint"),
-        ],
-        0,
-        CLIENTS,
-        Duration::from_millis(100),
-    );
+    let mut stage = Stage::start("kill");
+    let traffic = stage.traffic();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fault_at = Instant::now();
-    cluster.node_mut(old_master).kill();
-    let switch_at = tokio::task::spawn_blocking(move || {
-        let at = watch.wait(Duration::from_secs(20));
-        (at, watch)
-    })
-    .await
-    .unwrap()
-    .0;
+    let old_master = stage.old_master;
+    stage.cluster.node_mut(old_master).kill();
+    let switch_at = stage.switch(Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let records = traffic.stop().await;
 
     let figures = Figures::measure("kill -9 of the master", &records, fault_at, switch_at);
     figures.print();
     figures.assert_promise();
-    assert_ne!(cluster.master_port(), Some(old_master));
-    assert_limits_shared_again(&first, &second, 900).await;
+    assert_ne!(stage.cluster.master_port(), Some(old_master));
+    stage.assert_limits_shared_again().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_master_is_failed_over_and_never_serves_a_decision_after_it_returns() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
-    let (first, second) = spawn_pair(&cluster, &unique_prefix("pause"), "local");
-    let old_master = cluster.master_port().unwrap();
-    let watch = SwitchWatch::start(cluster.sentinels[0].port);
-
-    let traffic = Traffic::start(
-        vec![
-            first.at("/limited_endpoint"),
-            second.at("/limited_endpoint"),
-        ],
-        0,
-        CLIENTS,
-        Duration::from_millis(100),
-    );
+    let stage = Stage::start("pause");
+    let old_master = stage.cluster.node(stage.old_master);
+    let traffic = stage.traffic();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fault_at = Instant::now();
-    cluster.node(old_master).signal("STOP");
-    let switch_at =
-        tokio::task::spawn_blocking(move || (watch.wait(Duration::from_secs(20)), watch))
-            .await
-            .unwrap()
-            .0;
+    old_master.signal("STOP");
+    let switch_at = stage.switch(Duration::from_secs(20)).await;
     // Stay paused past the failover, as a hung node would.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    cluster.node(old_master).signal("CONT");
+    old_master.signal("CONT");
     wait_until(
         "the old master to rejoin as a replica",
         Duration::from_secs(20),
-        || cluster.node(old_master).role().as_deref() == Some("slave"),
+        || old_master.role().as_deref() == Some("slave"),
     );
-    let evalsha_before = evalsha_calls(&cluster, old_master);
+    let evalsha_before = old_master.command_calls("evalsha");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let records = traffic.stop().await;
 
@@ -413,55 +427,31 @@ async fn a_paused_master_is_failed_over_and_never_serves_a_decision_after_it_ret
     figures.print();
     figures.assert_promise();
     assert_eq!(
-        evalsha_calls(&cluster, old_master),
+        old_master.command_calls("evalsha"),
         evalsha_before,
         "the demoted master served decisions"
     );
-    assert_limits_shared_again(&first, &second, 900).await;
+    stage.assert_limits_shared_again().await;
     assert_eq!(
-        evalsha_calls(&cluster, old_master),
+        old_master.command_calls("evalsha"),
         evalsha_before,
         "the demoted master served decisions"
     );
-}
-
-fn evalsha_calls(cluster: &SentinelCluster, port: u16) -> u64 {
-    let stats: String = cluster.node(port).command(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flushed_script_cache_and_a_forced_failover_fail_no_decision() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
-    let (first, second) = spawn_pair(&cluster, &unique_prefix("flush"), "local");
-    let noscript_before = noscript_errors(&first).await;
-    let watch = SwitchWatch::start(cluster.sentinels[0].port);
-    let traffic = Traffic::start(
-        vec![
-            first.at("/limited_endpoint"),
-            second.at("/limited_endpoint"),
-        ],
-        0,
-        CLIENTS,
-        Duration::from_millis(100),
-    );
+    let stage = Stage::start("flush");
+    let noscript_before = noscript_errors(&stage.first).await;
+    let traffic = stage.traffic();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for node in &cluster.nodes {
+    for node in &stage.cluster.nodes {
         let _: () = node.command(&["SCRIPT", "FLUSH"]);
     }
     let fault_at = Instant::now();
-    let _: () = cluster.sentinels[1].command(&["SENTINEL", "FAILOVER", "redis-master"]);
-    let switch_at =
-        tokio::task::spawn_blocking(move || (watch.wait(Duration::from_secs(20)), watch))
-            .await
-            .unwrap()
-            .0;
+    let _: () = stage.cluster.sentinels[1].command(&["SENTINEL", "FAILOVER", "redis-master"]);
+    let switch_at = stage.switch(Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let records = traffic.stop().await;
 
@@ -474,11 +464,11 @@ async fn a_flushed_script_cache_and_a_forced_failover_fail_no_decision() {
     figures.print();
     figures.assert_promise();
     assert_eq!(
-        noscript_errors(&first).await,
+        noscript_errors(&stage.first).await,
         noscript_before,
         "decisions failed on a missing script"
     );
-    assert_limits_shared_again(&first, &second, 900).await;
+    stage.assert_limits_shared_again().await;
 }
 
 async fn noscript_errors(app: &TestApp) -> f64 {
@@ -503,29 +493,15 @@ async fn noscript_errors(app: &TestApp) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_sentinel_down_a_killed_master_is_still_failed_over_and_followed() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut cluster = SentinelCluster::start(DOWN_AFTER_MS);
-    let (first, second) = spawn_pair(&cluster, &unique_prefix("two-sentinels"), "local");
-    let old_master = cluster.master_port().unwrap();
-    let watch = SwitchWatch::start(cluster.sentinels[0].port);
+    let mut stage = Stage::start("two-sentinels");
     // The instances were told of all three; the one they asked first may be the dead one.
-    cluster.sentinels[2].kill();
-    let traffic = Traffic::start(
-        vec![
-            first.at("/limited_endpoint"),
-            second.at("/limited_endpoint"),
-        ],
-        0,
-        CLIENTS,
-        Duration::from_millis(100),
-    );
+    stage.cluster.sentinels[2].kill();
+    let traffic = stage.traffic();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fault_at = Instant::now();
-    cluster.node_mut(old_master).kill();
-    let switch_at =
-        tokio::task::spawn_blocking(move || (watch.wait(Duration::from_secs(30)), watch))
-            .await
-            .unwrap()
-            .0;
+    let old_master = stage.old_master;
+    stage.cluster.node_mut(old_master).kill();
+    let switch_at = stage.switch(Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let records = traffic.stop().await;
 
@@ -537,8 +513,8 @@ async fn with_one_sentinel_down_a_killed_master_is_still_failed_over_and_followe
     );
     figures.print();
     figures.assert_promise();
-    assert_ne!(cluster.master_port(), Some(old_master));
-    assert_limits_shared_again(&first, &second, 900).await;
+    assert_ne!(stage.cluster.master_port(), Some(old_master));
+    stage.assert_limits_shared_again().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,6 +199,18 @@ impl RedisProcess {
             .unwrap_or_else(|err| panic!("{args:?} on port {}: {err}", self.port))
     }
 
+    /// How many times `command` ran here (`INFO commandstats`), e.g. `"evalsha"`.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let stats: String = self.command(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn role(&self) -> Option<String> {
         let mut conn = self.try_connection()?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).ok()?;
