@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use crate::identity::IdentityRules;
 use crate::limiter::Policy;
+use crate::store::redis::ConnectionMode;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -86,6 +87,7 @@ pub enum StoreSettings {
 
 #[derive(Clone)]
 pub struct RedisSettings {
+    pub mode: ConnectionMode,
     pub password: Option<String>,
     pub timeout: Duration,
     pub pool_size: u32,
@@ -127,6 +129,7 @@ struct Raw {
     sentinel_poll_ms: Option<String>,
     redis_timeout_ms: Option<String>,
     redis_pool_size: Option<String>,
+    redis_client: Option<String>,
     key_prefix: Option<String>,
     fail_mode: Option<String>,
     fallback_instances: Option<String>,
@@ -186,6 +189,7 @@ pub const KNOWN: &[&str] = &[
     "SENTINEL_POLL_MS",
     "REDIS_TIMEOUT_MS",
     "REDIS_POOL_SIZE",
+    "REDIS_CLIENT",
     "KEY_PREFIX",
     "FAIL_MODE",
     "FALLBACK_INSTANCES",
@@ -295,6 +299,14 @@ impl Parser {
         let timeout_ms = self.number("REDIS_TIMEOUT_MS", &raw.redis_timeout_ms, 1, 60_000);
         let poll_ms = self.number("SENTINEL_POLL_MS", &raw.sentinel_poll_ms, 10, 3_600_000);
         let pool_size = self.number("REDIS_POOL_SIZE", &raw.redis_pool_size, 1, 1024);
+        let mode = self.choice(
+            "REDIS_CLIENT",
+            &raw.redis_client,
+            &[
+                ("multiplexed", ConnectionMode::Multiplexed),
+                ("pool", ConnectionMode::Pool),
+            ],
+        );
         let key_prefix = given(&raw.key_prefix).unwrap_or("ratelimit").to_string();
         if key_prefix
             .chars()
@@ -371,6 +383,7 @@ impl Parser {
             policy,
             store,
             redis: RedisSettings {
+                mode: mode.unwrap_or(ConnectionMode::Multiplexed),
                 password: given(&raw.redis_password).map(str::to_string),
                 timeout: Duration::from_millis(timeout_ms.unwrap_or(100)),
                 pool_size: pool_size.unwrap_or(16) as u32,
@@ -517,7 +530,7 @@ impl fmt::Display for Settings {
             .collect();
         write!(
             f,
-            "instance={} listen={}:{} policy=burst {} per {} s (rate {} per {} s) store={store} redis_password={} redis_timeout={}ms pool={} key_prefix={} fail_mode={} trusted_proxies=[{}] headers={} deny_cache={} metrics={} workers={}",
+            "instance={} listen={}:{} policy=burst {} per {} s (rate {} per {} s) store={store} redis_password={} redis_timeout={}ms client={} pool={} key_prefix={} fail_mode={} trusted_proxies=[{}] headers={} deny_cache={} metrics={} workers={}",
             self.instance_name,
             self.host,
             self.port,
@@ -531,6 +544,7 @@ impl fmt::Display for Settings {
                 "(none)"
             },
             self.redis.timeout.as_millis(),
+            self.redis.mode.as_str(),
             self.redis.pool_size,
             self.redis.key_prefix,
             self.fail_mode.as_str(),

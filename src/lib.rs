@@ -8,7 +8,8 @@
 //!   pure token-bucket arithmetic, which takes the time as a parameter; its Lua mirror.
 //! - [`identity`]: which bucket a request is charged to; trusted proxies only.
 //! - [`store`]: where buckets live. One trait, one atomic operation: in memory, or in
-//!   Redis through an r2d2 pool that the Sentinel resolver thread keeps on the master.
+//!   Redis on the master that the Sentinel resolver thread keeps current (through a
+//!   multiplexed connection per worker thread, or an r2d2 pool).
 //! - [`rate_limiter`]: asks the store (unless [`deny_cache`] already knows the answer is
 //!   no) and applies `FAIL_MODE` when the store cannot decide.
 //! - [`http`]: routes, quota headers, JSON errors.

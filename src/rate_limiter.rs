@@ -118,15 +118,7 @@ impl RateLimiter {
             };
         }
         let started = std::time::Instant::now();
-        let result = if self.store.is_blocking() {
-            let store = self.store.clone();
-            let policy = self.policy;
-            actix_web::web::block(move || store.take(&key, &policy))
-                .await
-                .unwrap_or_else(|err| Err(StoreError::Other(err.to_string())))
-        } else {
-            self.store.take(&key, &self.policy)
-        };
+        let result = self.store.take(key, self.policy).await;
         crate::metrics::store_call(started.elapsed());
         match result {
             Ok(decision) => {
@@ -157,7 +149,7 @@ impl RateLimiter {
         match self.fail_mode {
             FailMode::Local => {
                 let policy = self.policy.share_of((self.instances)());
-                let decision = self.fallback.take(key, &policy).ok();
+                let decision = Some(self.fallback.take_now(key, &policy));
                 Verdict {
                     source: Source::Local,
                     policy,

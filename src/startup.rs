@@ -185,6 +185,7 @@ fn build_store(settings: &Settings) -> Result<BuiltStore, StartupError> {
     let resolver = Resolver::start(
         ResolverSettings {
             discovery,
+            mode: settings.redis.mode,
             pool_size: settings.redis.pool_size,
             timeout: settings.redis.timeout,
             poll: settings.redis.poll,
@@ -195,6 +196,7 @@ fn build_store(settings: &Settings) -> Result<BuiltStore, StartupError> {
     );
     let store = RedisStore::new(
         slot.clone(),
+        settings.redis.mode,
         settings.redis.key_prefix.clone(),
         settings.redis.timeout,
     );

@@ -32,14 +32,7 @@ pub async fn health() -> HttpResponse {
 
 /// `GET /ready`: whether the store can decide right now.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let store = state.limiter.store().clone();
-    let checked = if store.is_blocking() {
-        web::block(move || store.check_ready())
-            .await
-            .unwrap_or_else(|err| Err(crate::store::StoreError::Other(err.to_string())))
-    } else {
-        store.check_ready()
-    };
+    let checked = state.limiter.store().check_ready().await;
     match checked {
         Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
         Err(reason) => HttpResponse::ServiceUnavailable()

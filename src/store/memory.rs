@@ -9,7 +9,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::{Store, StoreError};
+use super::{Store, StoreFuture};
 use crate::identity::ClientKey;
 use crate::limiter::{BucketState, Decision, Policy, bucket};
 
@@ -77,6 +77,11 @@ impl MemoryStore {
         decision
     }
 
+    /// Takes a token now, on this store's clock.
+    pub fn take_now(&self, key: &ClientKey, policy: &Policy) -> Decision {
+        self.take_at(key, policy, self.now_us())
+    }
+
     /// How many buckets are held, full ones not yet swept included.
     pub fn len(&self) -> usize {
         self.shards
@@ -106,16 +111,13 @@ impl Shard {
 }
 
 impl Store for MemoryStore {
-    fn take(&self, key: &ClientKey, policy: &Policy) -> Result<Decision, StoreError> {
-        Ok(self.take_at(key, policy, self.now_us()))
+    fn take(&self, key: ClientKey, policy: Policy) -> StoreFuture<'_, Decision> {
+        let decision = self.take_now(&key, &policy);
+        Box::pin(std::future::ready(Ok(decision)))
     }
 
-    fn check_ready(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn is_blocking(&self) -> bool {
-        false
+    fn check_ready(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 

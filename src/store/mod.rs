@@ -1,12 +1,15 @@
 //! Where buckets live: one trait with one atomic operation, and its implementations.
 //!
 //! - [`memory::MemoryStore`]: in this process; the embedded default and the fallback.
-//! - [`redis::RedisStore`]: shared by every instance, through an r2d2 pool whose master
-//!   the [`sentinel`] resolver may swap underneath it.
+//! - [`redis::RedisStore`]: shared by every instance, on the master that the [`sentinel`]
+//!   resolver keeps current.
 
 pub mod memory;
 pub mod redis;
 pub mod sentinel;
+
+use std::future::Future;
+use std::pin::Pin;
 
 use thiserror::Error;
 
@@ -54,14 +57,14 @@ impl StoreError {
     }
 }
 
+/// What a store call returns: it may wait on the network.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
+
 /// A place that keeps token buckets and can take a token from one atomically.
 pub trait Store: Send + Sync + 'static {
     /// Takes one token from `key`'s bucket under `policy`, as one atomic step.
-    fn take(&self, key: &ClientKey, policy: &Policy) -> Result<Decision, StoreError>;
+    fn take(&self, key: ClientKey, policy: Policy) -> StoreFuture<'_, Decision>;
 
     /// Whether the store can decide right now, for `/ready`.
-    fn check_ready(&self) -> Result<(), StoreError>;
-
-    /// Whether calls block on the network, and so must stay off the event loop.
-    fn is_blocking(&self) -> bool;
+    fn check_ready(&self) -> StoreFuture<'_, ()>;
 }

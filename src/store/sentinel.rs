@@ -18,7 +18,7 @@ use std::time::Duration;
 use redis::{ConnectionInfo, Role};
 
 use super::StoreError;
-use super::redis::{Master, MasterSlot, classify, connect, node_info};
+use super::redis::{ConnectionMode, Master, MasterSlot, classify, connect, node_info};
 
 /// How this instance finds its master.
 #[derive(Clone)]
@@ -35,6 +35,7 @@ pub enum Discovery {
 
 pub struct ResolverSettings {
     pub discovery: Discovery,
+    pub mode: ConnectionMode,
     pub pool_size: u32,
     pub timeout: Duration,
     pub poll: Duration,
@@ -156,8 +157,12 @@ impl Worker {
                 }
                 previous => {
                     self.confirm_master(&info)?;
-                    let master =
-                        Master::open(info, self.settings.pool_size, self.settings.timeout)?;
+                    let master = Master::open(
+                        info,
+                        self.settings.mode,
+                        self.settings.pool_size,
+                        self.settings.timeout,
+                    )?;
                     self.slot.install(Arc::new(master));
                     match previous {
                         Some(old) => {

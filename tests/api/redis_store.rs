@@ -8,19 +8,21 @@ use std::time::Duration;
 use ratelimiter::identity::ClientKey;
 use ratelimiter::limiter::{Decision, Policy, bucket};
 use ratelimiter::store::memory::MemoryStore;
-use ratelimiter::store::redis::{Master, MasterSlot, RedisStore};
+use ratelimiter::store::redis::{ConnectionMode, Master, MasterSlot, RedisStore};
 
 use crate::support::{RedisProcess, TestApp, client, header, unique_prefix, wait_until};
 
 const SECOND: u64 = 1_000_000;
 
+const MODES: [ConnectionMode; 2] = [ConnectionMode::Multiplexed, ConnectionMode::Pool];
+
 /// A Redis store on `redis`, with its master installed directly (no resolver).
-fn redis_store(redis: &RedisProcess, prefix: &str) -> RedisStore {
+fn redis_store(redis: &RedisProcess, prefix: &str, mode: ConnectionMode) -> RedisStore {
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
     let timeout = Duration::from_secs(2);
     let slot = Arc::new(MasterSlot::default());
-    slot.install(Arc::new(Master::open(info, 2, timeout).unwrap()));
-    RedisStore::new(slot, prefix.to_string(), timeout)
+    slot.install(Arc::new(Master::open(info, mode, 2, timeout).unwrap()));
+    RedisStore::new(slot, mode, prefix.to_string(), timeout)
 }
 
 /// One row of the parity table: a policy and the times (µs) at which one client asks.
@@ -98,48 +100,50 @@ fn parity_table() -> Vec<Case> {
     ]
 }
 
-#[test]
-fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_case() {
+#[tokio::test]
+async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_case() {
     let redis = RedisProcess::server(None, &[]);
-    let memory = MemoryStore::new();
-    for (index, case) in parity_table().into_iter().enumerate() {
-        let policy = Policy::parse(case.rate, case.window_s, case.burst).unwrap();
-        let store = redis_store(&redis, &unique_prefix("parity"));
-        let key = ClientKey::V4(Ipv4Addr::new(10, 0, 0, index as u8));
-        let mut state = None;
-        for &now in &case.arrivals_us {
-            let (expected, new_state) = bucket::take(&policy, state, now);
-            state = new_state.or(state);
-            let from_lua: Decision = store.take_at(&key, &policy, Some(now)).unwrap();
-            let from_memory = memory.take_at(&key, &policy, now);
-            assert_eq!(from_lua, expected, "{}: Lua at {now}", case.name);
-            assert_eq!(from_memory, expected, "{}: memory at {now}", case.name);
+    for mode in MODES {
+        let memory = MemoryStore::new();
+        for (index, case) in parity_table().into_iter().enumerate() {
+            let policy = Policy::parse(case.rate, case.window_s, case.burst).unwrap();
+            let store = redis_store(&redis, &unique_prefix("parity"), mode);
+            let key = ClientKey::V4(Ipv4Addr::new(10, 0, 0, index as u8));
+            let mut state = None;
+            for &now in &case.arrivals_us {
+                let (expected, new_state) = bucket::take(&policy, state, now);
+                state = new_state.or(state);
+                let from_lua: Decision = store.take_at(key, policy, Some(now)).await.unwrap();
+                let from_memory = memory.take_at(&key, &policy, now);
+                assert_eq!(from_lua, expected, "{} ({mode:?}): Lua at {now}", case.name);
+                assert_eq!(from_memory, expected, "{}: memory at {now}", case.name);
+            }
         }
     }
 }
 
-#[test]
-fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
+#[tokio::test]
+async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("ttl");
-    let store = redis_store(&redis, &prefix);
+    let store = redis_store(&redis, &prefix, ConnectionMode::Multiplexed);
     let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 1));
     let policy = Policy::parse(10, 60, 10).unwrap();
-    store.take_at(&key, &policy, None).unwrap();
+    store.take_at(key, policy, None).await.unwrap();
     let pttl: i64 = redis.command(&["PTTL", &store.bucket_key(&key)]);
     assert!((5_900..=6_000).contains(&pttl), "PTTL {pttl}");
     let fields: Vec<String> = redis.command(&["HKEYS", &store.bucket_key(&key)]);
     assert_eq!(fields, vec!["tokens", "ts"]);
 }
 
-#[test]
-fn an_idle_key_disappears_after_its_refill_time() {
+#[tokio::test]
+async fn an_idle_key_disappears_after_its_refill_time() {
     let redis = RedisProcess::server(None, &[]);
-    let store = redis_store(&redis, &unique_prefix("idle"));
+    let store = redis_store(&redis, &unique_prefix("idle"), ConnectionMode::Multiplexed);
     let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 2));
     // Ten per second: one token is back 100 ms after it was taken.
     let policy = Policy::parse(10, 1, 10).unwrap();
-    store.take_at(&key, &policy, None).unwrap();
+    store.take_at(key, policy, None).await.unwrap();
     let bucket_key = store.bucket_key(&key);
     assert_eq!(redis.command::<i64>(&["EXISTS", &bucket_key]), 1);
     wait_until("the idle bucket to expire", Duration::from_secs(5), || {
@@ -147,91 +151,95 @@ fn an_idle_key_disappears_after_its_refill_time() {
     });
 }
 
-#[test]
-fn a_denial_writes_nothing_to_redis() {
+#[tokio::test]
+async fn a_denial_writes_nothing_to_redis() {
     let redis = RedisProcess::server(None, &[]);
-    let store = redis_store(&redis, &unique_prefix("deny"));
+    let store = redis_store(&redis, &unique_prefix("deny"), ConnectionMode::Multiplexed);
     let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 3));
     let policy = Policy::parse(1, 60, 1).unwrap();
-    assert!(store.take_at(&key, &policy, None).unwrap().allowed);
+    assert!(store.take_at(key, policy, None).await.unwrap().allowed);
     let before: Vec<String> = redis.command(&["HMGET", &store.bucket_key(&key), "tokens", "ts"]);
-    assert!(!store.take_at(&key, &policy, None).unwrap().allowed);
+    assert!(!store.take_at(key, policy, None).await.unwrap().allowed);
     let after: Vec<String> = redis.command(&["HMGET", &store.bucket_key(&key), "tokens", "ts"]);
     assert_eq!(before, after);
 }
 
+/// Both ways of reaching Redis, as `REDIS_CLIENT` names them.
+const CLIENTS: [&str; 2] = ["multiplexed", "pool"];
+
 #[tokio::test]
 async fn two_instances_sharing_redis_admit_exactly_the_burst_of_200_concurrent_requests() {
     let redis = RedisProcess::server(None, &[]);
-    let prefix = unique_prefix("exact");
-    // One token per hour: no refill can happen during the test.
-    let vars = [
-        ("REDIS_URL", redis.url()),
-        ("KEY_PREFIX", prefix),
-        ("RATE_LIMIT", "10".into()),
-        ("TIME_WINDOW", "3600".into()),
-        ("REDIS_TIMEOUT_MS", "2000".into()),
-    ];
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let first = TestApp::spawn(&vars);
-    let second = TestApp::spawn(&vars);
-    let client = client();
-    let requests = (0..200).map(|n| {
-        let url = if n % 2 == 0 {
-            first.at("/limited_endpoint")
-        } else {
-            second.at("/limited_endpoint")
-        };
-        let client = client.clone();
-        tokio::spawn(async move {
-            let response = client.get(url).send().await.unwrap();
-            (
-                response.status().as_u16(),
-                header(&response, "X-RateLimit-Source"),
-            )
-        })
-    });
-    let mut passed = 0;
-    for request in requests.collect::<Vec<_>>() {
-        let (status, source) = request.await.unwrap();
-        assert!(status == 200 || status == 429, "status {status}");
-        assert_eq!(source, "redis");
-        if status == 200 {
-            passed += 1;
+    for redis_client in CLIENTS {
+        // One token per hour: no refill can happen during the test.
+        let vars = [
+            ("REDIS_URL", redis.url()),
+            ("REDIS_CLIENT", redis_client.to_string()),
+            ("KEY_PREFIX", unique_prefix("exact")),
+            ("RATE_LIMIT", "10".into()),
+            ("TIME_WINDOW", "3600".into()),
+            ("REDIS_TIMEOUT_MS", "2000".into()),
+        ];
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let first = TestApp::spawn(&vars);
+        let second = TestApp::spawn(&vars);
+        let client = client();
+        let requests = (0..200).map(|n| {
+            let app = if n % 2 == 0 { &first } else { &second };
+            let request = client.get(app.at("/limited_endpoint"));
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                (
+                    response.status().as_u16(),
+                    header(&response, "X-RateLimit-Source"),
+                )
+            })
+        });
+        let mut passed = 0;
+        for request in requests.collect::<Vec<_>>() {
+            let (status, source) = request.await.unwrap();
+            assert!(
+                status == 200 || status == 429,
+                "{redis_client}: status {status}"
+            );
+            assert_eq!(source, "redis", "{redis_client}");
+            passed += u32::from(status == 200);
         }
+        assert_eq!(passed, 10, "REDIS_CLIENT={redis_client}");
     }
-    assert_eq!(passed, 10);
 }
 
 #[tokio::test]
 async fn script_flush_is_recovered_without_a_failed_decision() {
     let redis = RedisProcess::server(None, &[]);
-    let prefix = unique_prefix("noscript");
-    let app = TestApp::spawn(&[
-        ("REDIS_URL", &redis.url()),
-        ("KEY_PREFIX", &prefix),
-        ("RATE_LIMIT", "100"),
-    ]);
-    let client = client();
-    for round in 0..5 {
-        let _: () = redis.command(&["SCRIPT", "FLUSH"]);
-        let response = client
-            .get(app.at("/limited_endpoint"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "round {round}");
-        assert_eq!(
-            header(&response, "X-RateLimit-Source"),
-            "redis",
-            "round {round}"
+    for redis_client in CLIENTS {
+        let app = TestApp::spawn(&[
+            ("REDIS_URL", &redis.url()),
+            ("REDIS_CLIENT", redis_client),
+            ("KEY_PREFIX", &unique_prefix("noscript")),
+            ("RATE_LIMIT", "100"),
+        ]);
+        let client = client();
+        let loads_before = redis.command_calls("script|load");
+        for round in 0..5 {
+            let _: () = redis.command(&["SCRIPT", "FLUSH"]);
+            let response = client
+                .get(app.at("/limited_endpoint"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{redis_client}, round {round}");
+            assert_eq!(
+                header(&response, "X-RateLimit-Source"),
+                "redis",
+                "{redis_client}, round {round}"
+            );
+        }
+        assert!(
+            redis.command_calls("script|load") >= loads_before + 5,
+            "{redis_client}: reloaded each time"
         );
     }
-    let stats: String = redis.command(&["INFO", "commandstats"]);
-    assert!(
-        stats.contains("cmdstat_script|load:"),
-        "the script was reloaded: {stats}"
-    );
 }
 
 #[test]

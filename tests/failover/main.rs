@@ -24,6 +24,15 @@ const WINDOW_S: u64 = 10;
 const CLIENTS: usize = 20;
 
 fn spawn_pair(cluster: &SentinelCluster, prefix: &str, fail_mode: &str) -> (TestApp, TestApp) {
+    spawn_pair_with(cluster, prefix, fail_mode, "multiplexed")
+}
+
+fn spawn_pair_with(
+    cluster: &SentinelCluster,
+    prefix: &str,
+    fail_mode: &str,
+    redis_client: &str,
+) -> (TestApp, TestApp) {
     let hosts = cluster.sentinel_hosts();
     let vars = |name: &'static str| {
         vec![
@@ -35,6 +44,7 @@ fn spawn_pair(cluster: &SentinelCluster, prefix: &str, fail_mode: &str) -> (Test
             ("REDIS_TIMEOUT_MS", "100".to_string()),
             ("KEY_PREFIX", prefix.to_string()),
             ("FAIL_MODE", fail_mode.to_string()),
+            ("REDIS_CLIENT", redis_client.to_string()),
             ("INSTANCE_NAME", name.to_string()),
         ]
     };
@@ -57,8 +67,14 @@ struct Stage {
 
 impl Stage {
     fn start(test: &str) -> Self {
+        Self::start_with(test, "multiplexed")
+    }
+
+    /// With `REDIS_CLIENT=redis_client` on both instances.
+    fn start_with(test: &str, redis_client: &str) -> Self {
         let cluster = SentinelCluster::start(DOWN_AFTER_MS);
-        let (first, second) = spawn_pair(&cluster, &unique_prefix(test), "local");
+        let (first, second) =
+            spawn_pair_with(&cluster, &unique_prefix(test), "local", redis_client);
         let old_master = cluster.master_port().expect("a master");
         let watch = Arc::new(SwitchWatch::start(cluster.sentinels[0].port));
         Self {
@@ -376,10 +392,8 @@ async fn assert_limits_shared_again(first: &TestApp, second: &TestApp, client_id
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_master_mid_traffic_costs_no_5xx_and_limits_are_shared_again() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let mut stage = Stage::start("kill");
+async fn kill_the_master_mid_traffic(redis_client: &str, scenario: &'static str) {
+    let mut stage = Stage::start_with("kill", redis_client);
     let traffic = stage.traffic();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fault_at = Instant::now();
@@ -389,11 +403,23 @@ async fn killing_the_master_mid_traffic_costs_no_5xx_and_limits_are_shared_again
     tokio::time::sleep(Duration::from_secs(3)).await;
     let records = traffic.stop().await;
 
-    let figures = Figures::measure("kill -9 of the master", &records, fault_at, switch_at);
+    let figures = Figures::measure(scenario, &records, fault_at, switch_at);
     figures.print();
     figures.assert_promise();
     assert_ne!(stage.cluster.master_port(), Some(old_master));
     stage.assert_limits_shared_again().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_master_mid_traffic_costs_no_5xx_and_limits_are_shared_again() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    kill_the_master_mid_traffic("multiplexed", "kill -9 of the master").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_r2d2_pool_killing_the_master_also_costs_no_5xx() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    kill_the_master_mid_traffic("pool", "kill -9 of the master, REDIS_CLIENT=pool").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
