@@ -59,12 +59,12 @@ impl Application {
             instances,
             settings.deny_cache_size,
         );
-        let state = web::Data::new(routes::AppState {
-            instance: settings.instance_name.clone(),
+        let state = web::Data::new(routes::AppState::new(
+            settings.instance_name.clone(),
             limiter,
-            identity: settings.identity.clone(),
-            headers: settings.headers,
-        });
+            settings.identity.clone(),
+            settings.headers,
+        ));
         let instance = settings.instance_name.clone();
         let access_log = settings.access_log;
         let mut server = HttpServer::new(move || {

@@ -3,7 +3,8 @@
 use std::net::IpAddr;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::CacheControl;
+use actix_web::http::header::{CacheControl, ContentType};
+use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use serde_json::json;
 
@@ -18,11 +19,37 @@ pub struct AppState {
     pub limiter: RateLimiter,
     pub identity: IdentityRules,
     pub headers: HeaderMode,
+    /// The bodies that never change, rendered once: they are on the hot path.
+    index_body: Bytes,
+    admitted_body: Bytes,
+}
+
+impl AppState {
+    pub fn new(
+        instance: String,
+        limiter: RateLimiter,
+        identity: IdentityRules,
+        headers: HeaderMode,
+    ) -> Self {
+        let render = |message: &str| {
+            Bytes::from(json!({"message": message, "instance": instance}).to_string())
+        };
+        Self {
+            index_body: render("Hello World"),
+            admitted_body: render("This is a limited endpoint"),
+            instance,
+            limiter,
+            identity,
+            headers,
+        }
+    }
 }
 
 /// `GET /`: not limited.
 pub async fn index(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"message": "Hello World", "instance": state.instance}))
+    HttpResponse::Ok()
+        .content_type(ContentType::json())
+        .body(state.index_body.clone())
 }
 
 /// `GET /health`: liveness. Touches no store.
@@ -78,7 +105,8 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
             "detail": "the rate-limit store cannot decide and FAIL_MODE=closed",
         })),
         _ if verdict.allowed() => response
-            .json(json!({"message": "This is a limited endpoint", "instance": state.instance})),
+            .content_type(ContentType::json())
+            .body(state.admitted_body.clone()),
         _ => {
             let retry_after_us = verdict.decision.map_or(0, |d| d.retry_after_us());
             response.json(json!({
