@@ -105,7 +105,8 @@ impl RateLimiter {
         &self.store
     }
 
-    /// Takes a token for `key`, off the event loop when the store blocks.
+    /// Takes a token for `key`: the deny cache answers when it already knows the answer is
+    /// no, else the store decides, else `FAIL_MODE` does.
     pub async fn check(&self, key: ClientKey) -> Verdict {
         let asked_at_us = self.denials.as_ref().map(DenyCache::now_us);
         if let (Some(denials), Some(now_us)) = (&self.denials, asked_at_us)
