@@ -97,10 +97,6 @@ impl RateLimiter {
         }
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
