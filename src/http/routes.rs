@@ -3,12 +3,12 @@
 use std::net::IpAddr;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CacheControl, ContentType};
+use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, ContentType, HeaderValue, RETRY_AFTER};
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use serde_json::json;
 
-use super::error::{QUOTA_EXCEEDED, problem_json};
+use super::error::{PROBLEM_JSON, quota_exceeded_body};
 use super::headers::{POLICY_NAME, ceil_millis, quota_headers, retry_after_secs};
 use crate::config::HeaderMode;
 use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
@@ -86,9 +86,7 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
         unavailable()
     } else if verdict.allowed() {
         let mut ok = HttpResponse::Ok();
-        ok.insert_header(CacheControl(vec![
-            actix_web::http::header::CacheDirective::NoStore,
-        ]));
+        ok.insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")));
         ok
     } else {
         too_many(&verdict)
@@ -109,13 +107,10 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
             .body(state.admitted_body.clone()),
         _ => {
             let retry_after_us = verdict.decision.map_or(0, |d| d.retry_after_us());
-            response.json(json!({
-                "type": QUOTA_EXCEEDED,
-                "title": "Too Many Requests",
-                "status": 429,
-                "violated-policies": [POLICY_NAME],
-                "retry_after_ms": ceil_millis(retry_after_us).max(1),
-            }))
+            response.body(quota_exceeded_body(
+                POLICY_NAME,
+                ceil_millis(retry_after_us).max(1),
+            ))
         }
     }
 }
@@ -124,16 +119,16 @@ fn too_many(verdict: &Verdict) -> HttpResponseBuilder {
     let retry_after_us = verdict.decision.map_or(0, |d| d.retry_after_us());
     let mut response = HttpResponse::TooManyRequests();
     response
-        .content_type(problem_json())
-        .insert_header(("Retry-After", retry_after_secs(retry_after_us).to_string()));
+        .insert_header((CONTENT_TYPE, PROBLEM_JSON))
+        .insert_header((RETRY_AFTER, retry_after_secs(retry_after_us)));
     response
 }
 
 fn unavailable() -> HttpResponseBuilder {
     let mut response = HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE);
     response
-        .content_type(problem_json())
-        .insert_header(("Retry-After", "1"));
+        .insert_header((CONTENT_TYPE, PROBLEM_JSON))
+        .insert_header((RETRY_AFTER, HeaderValue::from_static("1")));
     response
 }
 
