@@ -314,6 +314,13 @@ impl Figures {
         );
     }
 
+    /// Prints the figures (the test output is where docs/RELIABILITY.md takes them from),
+    /// then holds them to the promise.
+    fn print_and_check(&self) {
+        self.print();
+        self.assert_promise();
+    }
+
     fn assert_promise(&self) {
         assert_eq!(self.server_errors, 0, "no 5xx");
         assert_eq!(self.transport_errors, 0, "every request answered");
@@ -403,9 +410,7 @@ async fn kill_the_master_mid_traffic(redis_client: &str, scenario: &'static str)
     tokio::time::sleep(Duration::from_secs(3)).await;
     let records = traffic.stop().await;
 
-    let figures = Figures::measure(scenario, &records, fault_at, switch_at);
-    figures.print();
-    figures.assert_promise();
+    Figures::measure(scenario, &records, fault_at, switch_at).print_and_check();
     assert_ne!(stage.cluster.master_port(), Some(old_master));
     stage.assert_limits_shared_again().await;
 }
@@ -444,14 +449,13 @@ async fn a_paused_master_is_failed_over_and_never_serves_a_decision_after_it_ret
     tokio::time::sleep(Duration::from_secs(2)).await;
     let records = traffic.stop().await;
 
-    let figures = Figures::measure(
+    Figures::measure(
         "SIGSTOP of the master, SIGCONT after failover",
         &records,
         fault_at,
         switch_at,
-    );
-    figures.print();
-    figures.assert_promise();
+    )
+    .print_and_check();
     assert_eq!(
         old_master.command_calls("evalsha"),
         evalsha_before,
@@ -481,14 +485,13 @@ async fn a_flushed_script_cache_and_a_forced_failover_fail_no_decision() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let records = traffic.stop().await;
 
-    let figures = Figures::measure(
+    Figures::measure(
         "SCRIPT FLUSH, then SENTINEL FAILOVER",
         &records,
         fault_at,
         switch_at,
-    );
-    figures.print();
-    figures.assert_promise();
+    )
+    .print_and_check();
     assert_eq!(
         noscript_errors(&stage.first).await,
         noscript_before,
@@ -531,14 +534,13 @@ async fn with_one_sentinel_down_a_killed_master_is_still_failed_over_and_followe
     tokio::time::sleep(Duration::from_secs(3)).await;
     let records = traffic.stop().await;
 
-    let figures = Figures::measure(
+    Figures::measure(
         "one sentinel of three down, then kill -9 of the master",
         &records,
         fault_at,
         switch_at,
-    );
-    figures.print();
-    figures.assert_promise();
+    )
+    .print_and_check();
     assert_ne!(stage.cluster.master_port(), Some(old_master));
     stage.assert_limits_shared_again().await;
 }
