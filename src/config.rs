@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use crate::identity::IdentityRules;
 use crate::limiter::Policy;
+use crate::store::memory::DEFAULT_MAX_BUCKETS;
 use crate::store::redis::ConnectionMode;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -112,6 +113,7 @@ pub struct Settings {
     pub access_log: bool,
     pub shutdown_timeout: Duration,
     pub deny_cache_size: usize,
+    pub memory_store_max_buckets: usize,
     pub metrics: bool,
 }
 
@@ -143,6 +145,7 @@ struct Raw {
     access_log: Option<String>,
     shutdown_timeout_s: Option<String>,
     deny_cache_size: Option<String>,
+    memory_store_max_buckets: Option<String>,
     metrics: Option<String>,
 }
 
@@ -203,6 +206,7 @@ pub const KNOWN: &[&str] = &[
     "ACCESS_LOG",
     "SHUTDOWN_TIMEOUT_S",
     "DENY_CACHE_SIZE",
+    "MEMORY_STORE_MAX_BUCKETS",
     "METRICS",
 ];
 
@@ -358,6 +362,12 @@ impl Parser {
         let access_log = self.choice("ACCESS_LOG", &raw.access_log, ON_OFF);
         let shutdown_timeout = self.number("SHUTDOWN_TIMEOUT_S", &raw.shutdown_timeout_s, 0, 3600);
         let deny_cache_size = self.number("DENY_CACHE_SIZE", &raw.deny_cache_size, 0, 100_000_000);
+        let memory_store_max_buckets = self.number(
+            "MEMORY_STORE_MAX_BUCKETS",
+            &raw.memory_store_max_buckets,
+            1,
+            100_000_000,
+        );
 
         let instance_name = given(&raw.instance_name)
             .map(str::to_string)
@@ -402,6 +412,8 @@ impl Parser {
             access_log: access_log.unwrap_or(false),
             shutdown_timeout: Duration::from_secs(shutdown_timeout.unwrap_or(10)),
             deny_cache_size: deny_cache_size.unwrap_or(100_000) as usize,
+            memory_store_max_buckets: memory_store_max_buckets
+                .map_or(DEFAULT_MAX_BUCKETS, |max| max as usize),
             metrics: metrics.unwrap_or(true),
         })
     }
@@ -530,7 +542,7 @@ impl fmt::Display for Settings {
             .collect();
         write!(
             f,
-            "instance={} listen={}:{} policy=burst {} per {} s (rate {} per {} s) store={store} redis_password={} redis_timeout={}ms client={} pool={} key_prefix={} fail_mode={} trusted_proxies=[{}] headers={} deny_cache={} metrics={} workers={}",
+            "instance={} listen={}:{} policy=burst {} per {} s (rate {} per {} s) store={store} redis_password={} redis_timeout={}ms client={} pool={} key_prefix={} fail_mode={} trusted_proxies=[{}] headers={} deny_cache={} memory_store_max_buckets={} metrics={} workers={}",
             self.instance_name,
             self.host,
             self.port,
@@ -551,6 +563,7 @@ impl fmt::Display for Settings {
             proxies.join(","),
             self.headers.as_str(),
             self.deny_cache_size,
+            self.memory_store_max_buckets,
             if self.metrics { "on" } else { "off" },
             self.workers
                 .map_or("per CPU".to_string(), |w| w.to_string()),

@@ -80,6 +80,7 @@ impl RateLimiter {
         fail_mode: FailMode,
         instances: InstanceCount,
         deny_cache_size: usize,
+        fallback: MemoryStore,
     ) -> Self {
         Self {
             denials: if shared {
@@ -91,7 +92,7 @@ impl RateLimiter {
             shared,
             policy,
             fail_mode,
-            fallback: MemoryStore::new(),
+            fallback,
             instances,
             degraded: AtomicBool::new(false),
         }

@@ -58,6 +58,7 @@ impl Application {
             settings.fail_mode,
             instances,
             settings.deny_cache_size,
+            MemoryStore::new(settings.memory_store_max_buckets),
         );
         let state = web::Data::new(routes::AppState::new(
             settings.instance_name.clone(),
@@ -161,7 +162,8 @@ fn build_store(settings: &Settings) -> Result<BuiltStore, StartupError> {
                 "no REDIS_URL or SENTINEL_HOSTS: buckets are kept in this process, so limits are per instance, not distributed"
             );
             let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or(1));
-            return Ok((Arc::new(MemoryStore::new()), false, count, None));
+            let store = MemoryStore::new(settings.memory_store_max_buckets);
+            return Ok((Arc::new(store), false, count, None));
         }
         StoreSettings::Redis { url } => {
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())

@@ -1,12 +1,16 @@
 //! Buckets kept in this process: the embedded store when no Redis is configured, and the
 //! local fallback when Redis cannot decide.
 //!
-//! Limits are then per instance, not shared. Memory stays bounded by dropping buckets
-//! that have refilled completely: a missing bucket is a full one, so nothing is lost.
+//! Limits are then per instance, not shared. Buckets that have refilled completely are
+//! dropped, which loses nothing: a missing bucket is a full one. When more clients than
+//! `max_buckets` are still refilling at once, the store forgets the buckets closest to
+//! full: a forgotten client regains only the few tokens it was missing, the least
+//! loosening any eviction can cause, and memory stays bounded whatever the traffic.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::{Store, StoreFuture};
@@ -17,15 +21,20 @@ use crate::limiter::{BucketState, Decision, Policy, bucket};
 const SHARDS: usize = 64;
 /// A shard is swept for full buckets whenever it has grown past this many since the last sweep.
 const MIN_SWEEP_LEN: usize = 1024;
+/// `MEMORY_STORE_MAX_BUCKETS` when not set: about 20 MiB of buckets.
+pub const DEFAULT_MAX_BUCKETS: usize = 200_000;
 
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     /// Buckets measure time from here; a monotonic clock cannot jump.
     epoch: Instant,
+    /// Most buckets one shard holds; `max_buckets` spread over the shards.
+    shard_capacity: usize,
+    /// Evicting means the limit is looser than configured, so it is logged, once.
+    evicted: AtomicBool,
 }
 
-#[derive(Default)]
 struct Shard {
     buckets: HashMap<ClientKey, BucketState>,
     sweep_at_len: usize,
@@ -33,17 +42,20 @@ struct Shard {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self::new()
+        Self::new(DEFAULT_MAX_BUCKETS)
     }
 }
 
 impl MemoryStore {
-    pub fn new() -> Self {
+    /// A store that holds at most about `max_buckets` buckets (rounded up to a multiple
+    /// of the shard count).
+    pub fn new(max_buckets: usize) -> Self {
+        let shard_capacity = max_buckets.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
                     buckets: HashMap::new(),
-                    sweep_at_len: MIN_SWEEP_LEN,
+                    sweep_at_len: MIN_SWEEP_LEN.min(shard_capacity),
                 })
             })
             .collect();
@@ -51,6 +63,8 @@ impl MemoryStore {
             shards,
             hasher: RandomState::new(),
             epoch: Instant::now(),
+            shard_capacity,
+            evicted: AtomicBool::new(false),
         }
     }
 
@@ -71,7 +85,16 @@ impl MemoryStore {
         if let Some(new_state) = new_state {
             shard.buckets.insert(*key, new_state);
             if shard.buckets.len() >= shard.sweep_at_len {
-                shard.sweep(policy, now_us);
+                shard.sweep(policy, now_us, self.shard_capacity);
+                if shard.buckets.len() > self.shard_capacity {
+                    shard.evict_closest_to_full(policy, now_us, self.shard_capacity);
+                    if !self.evicted.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "memory store full: more than {} clients are refilling at once, so the buckets closest to full are forgotten (their clients regain those tokens early); raise MEMORY_STORE_MAX_BUCKETS",
+                            self.shard_capacity * SHARDS
+                        );
+                    }
+                }
             }
         }
         decision
@@ -102,11 +125,33 @@ impl MemoryStore {
 }
 
 impl Shard {
-    fn sweep(&mut self, policy: &Policy, now_us: u64) {
+    fn sweep(&mut self, policy: &Policy, now_us: u64, shard_capacity: usize) {
         let capacity = policy.capacity_units();
         self.buckets
             .retain(|_, state| bucket::refill(policy, Some(*state), now_us) < capacity);
-        self.sweep_at_len = (self.buckets.len() * 2).max(MIN_SWEEP_LEN);
+        self.sweep_at_len = (self.buckets.len() * 2)
+            .max(MIN_SWEEP_LEN)
+            .min(shard_capacity + 1);
+    }
+
+    /// Brings the shard down to 7/8 of its capacity, so an eviction's cost (a pass over the
+    /// shard) is shared by the next eighth of inserts rather than paid by every one.
+    fn evict_closest_to_full(&mut self, policy: &Policy, now_us: u64, shard_capacity: usize) {
+        let keep = shard_capacity - shard_capacity / 8;
+        let mut by_missing: Vec<(u64, ClientKey)> = self
+            .buckets
+            .iter()
+            .map(|(key, state)| {
+                let missing =
+                    policy.capacity_units() - bucket::refill(policy, Some(*state), now_us);
+                (missing, *key)
+            })
+            .collect();
+        let forget = by_missing.len() - keep;
+        by_missing.select_nth_unstable_by_key(forget, |(missing, _)| *missing);
+        for (_, key) in &by_missing[..forget] {
+            self.buckets.remove(key);
+        }
     }
 }
 
@@ -132,7 +177,7 @@ mod tests {
 
     #[test]
     fn clients_have_separate_buckets() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::default();
         let policy = Policy::parse(1, 60, 1).unwrap();
         assert!(store.take_at(&key(1), &policy, 0).allowed);
         assert!(!store.take_at(&key(1), &policy, 1).allowed);
@@ -141,7 +186,7 @@ mod tests {
 
     #[test]
     fn buckets_that_have_refilled_are_dropped() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::new(usize::MAX / 2);
         let policy = Policy::parse(10, 1, 10).unwrap();
         let old_clients = (SHARDS * MIN_SWEEP_LEN) as u32;
         for n in 0..old_clients {
@@ -157,12 +202,38 @@ mod tests {
 
     #[test]
     fn buckets_still_refilling_are_kept() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::default();
         let policy = Policy::parse(1, 3600, 1).unwrap();
         store.take_at(&key(7), &policy, 0);
         for n in 0..(SHARDS * MIN_SWEEP_LEN * 2) as u32 {
             store.take_at(&key(n + 100), &policy, 1);
         }
         assert!(!store.take_at(&key(7), &policy, 2).allowed);
+    }
+
+    #[test]
+    fn the_store_never_holds_more_than_its_capacity() {
+        let store = MemoryStore::new(SHARDS * 16);
+        let policy = Policy::parse(10, 3600, 10).unwrap();
+        for n in 0..(SHARDS * 16 * 10) as u32 {
+            store.take_at(&key(n), &policy, u64::from(n));
+            assert!(store.len() <= SHARDS * 16, "{} buckets", store.len());
+        }
+    }
+
+    #[test]
+    fn a_full_store_forgets_the_buckets_closest_to_full_first() {
+        let store = MemoryStore::new(SHARDS * 16);
+        let policy = Policy::parse(10, 3600, 10).unwrap();
+        let drained = key(u32::MAX);
+        for _ in 0..10 {
+            assert!(store.take_at(&drained, &policy, 0).allowed);
+        }
+        // Each of these clients misses one token; the drained one misses ten.
+        for n in 0..(SHARDS * 16 * 10) as u32 {
+            store.take_at(&key(n), &policy, 1);
+        }
+        assert!(store.holds(&drained));
+        assert!(!store.take_at(&drained, &policy, 2).allowed);
     }
 }

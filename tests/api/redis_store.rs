@@ -104,7 +104,7 @@ fn parity_table() -> Vec<Case> {
 async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_case() {
     let redis = RedisProcess::server(None, &[]);
     for mode in MODES {
-        let memory = MemoryStore::new();
+        let memory = MemoryStore::default();
         for (index, case) in parity_table().into_iter().enumerate() {
             let policy = Policy::parse(case.rate, case.window_s, case.burst).unwrap();
             let store = redis_store(&redis, &unique_prefix("parity"), mode);
