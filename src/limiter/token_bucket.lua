@@ -1,6 +1,7 @@
 -- The token bucket of bucket.rs, run atomically inside Redis.
 --
--- KEYS[1]  the bucket: a hash with fields `tokens` (units) and `ts` (µs of the last write)
+-- KEYS[1]  the bucket: a hash with fields `tokens` (units), `ts` (µs of the last write)
+--          and `exp` (µs at which the key expires)
 -- ARGV[1]  capacity_units       a full bucket (burst × window_us)
 -- ARGV[2]  refill_units_per_us  units gained per µs (the rate limit)
 -- ARGV[3]  cost_units           one token (window_us)
@@ -21,7 +22,7 @@ if not now_us then
 end
 
 -- refill(): a missing bucket is full; a clock that went backwards refills nothing.
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'exp')
 local tokens = tonumber(state[1])
 local updated_us = tonumber(state[2])
 if tokens == nil or updated_us == nil then
@@ -42,9 +43,23 @@ if tokens < cost then
 end
 tokens = tokens - cost
 
--- The key lives exactly until the bucket would be full again; forgetting it then loses
--- nothing, because a missing bucket is a full one.
-local full_after_ms = math.ceil(math.ceil((capacity - tokens) / refill_units_per_us) / 1000)
-redis.call('HSET', KEYS[1], 'tokens', string.format('%d', tokens), 'ts', string.format('%d', now_us))
-redis.call('PEXPIRE', KEYS[1], math.max(full_after_ms, 1))
+-- The key must live until the bucket would be full again: a missing bucket is a full one,
+-- so forgetting it then loses nothing, and forgetting it earlier would admit too much. A
+-- new key expires exactly then. A key that would expire too early is extended to a whole
+-- refill time from now, the longest any bucket needs, so a returning client's next
+-- decisions write only the hash: one write command, nothing extra to replicate.
+local full_at_us = now_us + math.ceil((capacity - tokens) / refill_units_per_us)
+local expires_us = tonumber(state[3])
+if expires_us and full_at_us <= expires_us then
+    redis.call('HSET', KEYS[1], 'tokens', string.format('%d', tokens), 'ts', string.format('%d', now_us))
+    return {1, tokens}
+end
+if expires_us then
+    expires_us = now_us + math.ceil(capacity / refill_units_per_us)
+else
+    expires_us = full_at_us
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%d', tokens), 'ts', string.format('%d', now_us),
+    'exp', string.format('%d', expires_us))
+redis.call('PEXPIRE', KEYS[1], math.max(math.ceil((expires_us - now_us) / 1000), 1))
 return {1, tokens}

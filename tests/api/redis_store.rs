@@ -133,7 +133,36 @@ async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
     let pttl: i64 = redis.command(&["PTTL", &store.bucket_key(&key)]);
     assert!((5_900..=6_000).contains(&pttl), "PTTL {pttl}");
     let fields: Vec<String> = redis.command(&["HKEYS", &store.bucket_key(&key)]);
-    assert_eq!(fields, vec!["tokens", "ts"]);
+    assert_eq!(fields, vec!["tokens", "ts", "exp"]);
+}
+
+#[tokio::test]
+async fn a_returning_clients_key_lives_one_refill_time_and_its_next_decisions_write_only_the_hash()
+{
+    let redis = RedisProcess::server(None, &[]);
+    let store = redis_store(
+        &redis,
+        &unique_prefix("extend"),
+        ConnectionMode::Multiplexed,
+    );
+    let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 4));
+    let bucket_key = store.bucket_key(&key);
+    let policy = Policy::parse(10, 60, 10).unwrap();
+    store.take_at(key, policy, None).await.unwrap();
+    store.take_at(key, policy, None).await.unwrap();
+    // Ten tokens take 60 s to come back: the longest this bucket can need.
+    let pttl: i64 = redis.command(&["PTTL", &bucket_key]);
+    assert!((59_900..=60_000).contains(&pttl), "PTTL {pttl}");
+    let expiries_before = redis.command_calls("pexpire");
+    let hash_writes_before = redis.command_calls("hset");
+    for _ in 0..8 {
+        assert!(store.take_at(key, policy, None).await.unwrap().allowed);
+    }
+    assert!(!store.take_at(key, policy, None).await.unwrap().allowed);
+    assert_eq!(redis.command_calls("pexpire"), expiries_before);
+    assert_eq!(redis.command_calls("hset"), hash_writes_before + 8);
+    let pttl: i64 = redis.command(&["PTTL", &bucket_key]);
+    assert!(pttl <= 60_000, "PTTL {pttl}");
 }
 
 #[tokio::test]
