@@ -3,6 +3,8 @@
 //! Draft: draft-ietf-httpapi-ratelimit-headers-10 (`RateLimit-Policy`, `RateLimit`).
 //! Legacy: the widely deployed `X-RateLimit-Limit`, `-Remaining`, `-Reset` (in seconds).
 
+use actix_web::http::header::{HeaderName, HeaderValue};
+
 use crate::config::HeaderMode;
 use crate::rate_limiter::Verdict;
 
@@ -24,45 +26,58 @@ pub fn retry_after_secs(retry_after_us: u64) -> u64 {
     ceil_secs(retry_after_us).max(1)
 }
 
-/// The headers a limited response carries in `mode`, besides `Retry-After`.
-pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(&'static str, String)> {
+/// The headers a limited response carries in `mode`, besides `Retry-After`. Names are
+/// lower case, as HTTP/1.1 sends them here and HTTP/2 requires.
+pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, HeaderValue)> {
     let draft = matches!(mode, HeaderMode::Draft | HeaderMode::Both);
     let legacy = matches!(mode, HeaderMode::Legacy | HeaderMode::Both);
     let policy = &verdict.policy;
     let mut headers = Vec::with_capacity(5);
     if draft {
         headers.push((
-            "RateLimit-Policy",
-            format!(
+            RATELIMIT_POLICY,
+            formatted(format_args!(
                 "\"{POLICY_NAME}\";q={};w={}",
                 policy.capacity(),
                 policy.window_secs()
-            ),
+            )),
         ));
     }
     if legacy {
-        headers.push(("X-RateLimit-Limit", policy.capacity().to_string()));
+        headers.push((X_RATELIMIT_LIMIT, HeaderValue::from(policy.capacity())));
     }
     if let Some(decision) = &verdict.decision {
         if draft {
             headers.push((
-                "RateLimit",
-                format!(
+                RATELIMIT,
+                formatted(format_args!(
                     "\"{POLICY_NAME}\";r={};t={}",
                     decision.remaining,
                     ceil_secs(decision.next_token_us)
-                ),
+                )),
             ));
         }
         if legacy {
-            headers.push(("X-RateLimit-Remaining", decision.remaining.to_string()));
+            headers.push((X_RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)));
             headers.push((
-                "X-RateLimit-Reset",
-                ceil_secs(decision.full_after_us).to_string(),
+                X_RATELIMIT_RESET,
+                HeaderValue::from(ceil_secs(decision.full_after_us)),
             ));
         }
     }
     headers
+}
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// A header value from text that is printable ASCII by construction (a quoted token and
+/// numbers), so it cannot be rejected.
+fn formatted(text: std::fmt::Arguments<'_>) -> HeaderValue {
+    HeaderValue::try_from(text.to_string()).expect("printable ASCII is a valid header value")
 }
 
 #[cfg(test)]
@@ -70,6 +85,17 @@ mod tests {
     use super::*;
     use crate::limiter::{Decision, Policy};
     use crate::rate_limiter::Source;
+
+    fn as_text(headers: Vec<(HeaderName, HeaderValue)>) -> Vec<(String, String)> {
+        headers
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_string()))
+            .collect()
+    }
+
+    fn text(name: &str, value: &str) -> (String, String) {
+        (name.to_string(), value.to_string())
+    }
 
     fn verdict(decision: Option<Decision>) -> Verdict {
         Verdict {
@@ -90,25 +116,25 @@ mod tests {
 
     #[test]
     fn draft_headers_name_the_policy_quota_and_window() {
-        let headers = quota_headers(HeaderMode::Draft, &verdict(Some(denial())));
+        let headers = as_text(quota_headers(HeaderMode::Draft, &verdict(Some(denial()))));
         assert_eq!(
             headers,
             vec![
-                ("RateLimit-Policy", "\"default\";q=10;w=60".to_string()),
-                ("RateLimit", "\"default\";r=0;t=6".to_string()),
+                text("ratelimit-policy", "\"default\";q=10;w=60"),
+                text("ratelimit", "\"default\";r=0;t=6"),
             ]
         );
     }
 
     #[test]
     fn legacy_headers_replace_the_draft_ones() {
-        let headers = quota_headers(HeaderMode::Legacy, &verdict(Some(denial())));
+        let headers = as_text(quota_headers(HeaderMode::Legacy, &verdict(Some(denial()))));
         assert_eq!(
             headers,
             vec![
-                ("X-RateLimit-Limit", "10".to_string()),
-                ("X-RateLimit-Remaining", "0".to_string()),
-                ("X-RateLimit-Reset", "59".to_string()),
+                text("x-ratelimit-limit", "10"),
+                text("x-ratelimit-remaining", "0"),
+                text("x-ratelimit-reset", "59"),
             ]
         );
     }
@@ -126,7 +152,7 @@ mod tests {
     fn without_a_bucket_only_the_policy_is_stated() {
         let headers = quota_headers(HeaderMode::Draft, &verdict(None));
         assert_eq!(headers.len(), 1);
-        assert_eq!(headers[0].0, "RateLimit-Policy");
+        assert_eq!(headers[0].0, "ratelimit-policy");
     }
 
     #[test]

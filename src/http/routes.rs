@@ -3,7 +3,9 @@
 use std::net::IpAddr;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, ContentType, HeaderValue, RETRY_AFTER};
+use actix_web::http::header::{
+    CACHE_CONTROL, CONTENT_TYPE, ContentType, HeaderName, HeaderValue, RETRY_AFTER,
+};
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use serde_json::json;
@@ -91,7 +93,10 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
     } else {
         too_many(&verdict)
     };
-    response.insert_header(("X-RateLimit-Source", verdict.source.as_str()));
+    response.insert_header((
+        X_RATELIMIT_SOURCE,
+        HeaderValue::from_static(verdict.source.as_str()),
+    ));
     for header in quota_headers(state.headers, &verdict) {
         response.insert_header(header);
     }
@@ -114,6 +119,8 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
         }
     }
 }
+
+const X_RATELIMIT_SOURCE: HeaderName = HeaderName::from_static("x-ratelimit-source");
 
 fn too_many(verdict: &Verdict) -> HttpResponseBuilder {
     let retry_after_us = verdict.decision.map_or(0, |d| d.retry_after_us());
