@@ -23,7 +23,11 @@
 #                  Nginx and directly (8001), at 16 and 64 connections. Then
 #                  redis-benchmark runs the project's Lua script alone (EVALSHA) on the
 #                  master with its replicas attached: random keys (allow-heavy), one
-#                  denied key (deny-heavy), and a script that only returns (the floor).
+#                  client coming back (returning), one denied key (deny-heavy), a script
+#                  that only returns (the floor), and a reference token-bucket script
+#                  (scripts/bench/reference_token_bucket.lua) to calibrate the anchors.
+#   metrics-off    the targets of `allow` at 64 connections with METRICS=off: what
+#                  /metrics costs.
 #   allow-pool     the same with REDIS_CLIENT=pool (r2d2 through web::block) instead of the
 #                  default client, when the binary knows that setting.
 #   memory-store   one instance with the embedded store instead (no cluster), the same
@@ -320,7 +324,7 @@ ready() {
 port_open() { (exec 3<>"/dev/tcp/$LOOPBACK/$1") 2>/dev/null; }
 
 # Environment the bench decides per phase; everything else reaches the instances as given.
-PHASE_VARS=(RATE_LIMIT TIME_WINDOW BURST DENY_CACHE_SIZE FAIL_MODE REDIS_CLIENT)
+PHASE_VARS=(RATE_LIMIT TIME_WINDOW BURST DENY_CACHE_SIZE FAIL_MODE REDIS_CLIENT METRICS)
 
 cluster_up() {
     local phase=$1 log=$OUT/cluster-$1.log unset_args=() var
@@ -627,8 +631,9 @@ script_alone() {
             calls = c["evalsha"]; q = (calls ? calls : 1)
             printf "%s\t%d\t%.2f\t%.1f\t%.0f", name, calls, u["evalsha"] / q, (t1 - t0) * 1e6 / hz / q, rps
             inner = 0
-            split("time hmget hset pexpire", names, " ")
-            for (i = 1; i <= 4; i++) { printf "\t%.2f", u[names[i]] / q; inner += u[names[i]] }
+            split("time hmget hset pexpire get setex", names, " ")
+            for (i = 1; i <= 6; i++) inner += u[names[i]]
+            for (i = 1; i <= 4; i++) printf "\t%.2f", u[names[i]] / q
             printf "\t%.2f\t%.1f\n", (u["evalsha"] - inner) / q, client * 1e6 / hz / q
         }' "$OUT/cmdstats-$name.before" "$OUT/cmdstats-$name.after")
     SCRIPT_ROWS+=("$row")
@@ -636,22 +641,28 @@ script_alone() {
 }
 
 run_script_alone() {
-    local sha floor
+    local sha floor reference
     sha=$(rcli "$MASTER_PORT" -x SCRIPT LOAD <src/limiter/token_bucket.lua)
     [[ $sha == "$(sha1sum <src/limiter/token_bucket.lua | cut -d' ' -f1)" ]] ||
         die "SCRIPT LOAD answered '$sha', not the SHA-1 of src/limiter/token_bucket.lua"
     # A script that only returns what the real one returns: the floor of any EVALSHA with
     # these arguments on this machine (argument tables, the call, the reply).
     floor=$(rcli "$MASTER_PORT" SCRIPT LOAD 'return {1, 0}')
+    reference=$(rcli "$MASTER_PORT" -x SCRIPT LOAD <scripts/bench/reference_token_bucket.lua)
     say "redis-benchmark: src/limiter/token_bucket.lua is $sha; replicas attached: $(rcli "$MASTER_PORT" INFO replication | sed -n 's/^connected_slaves://p')"
     # The shipped policy, 10 per 60 s, in the script's units (src/limiter/policy.rs):
     # capacity = BURST × TIME_WINDOW × 10^6, refill = RATE_LIMIT per µs, cost = window in µs.
     # Random keys of a burst of 10 are admitted (two calls per key on average); one key
     # with a burst of 1 and a refill of one token per 60 s is denied after its first call.
     script_alone allow-heavy "$sha" "$BENCH_KEY_PREFIX:__rand_int__" 600000000 10 60000000
+    # One client coming back again and again under the allow policy of the HTTP phases
+    # (10^9 per 1 s): after its first call its key is extended, so a call writes only the hash.
+    script_alone returning "$sha" "$BENCH_KEY_PREFIX:returning" 1000000000000000 1000000000 1000000
     script_alone deny-heavy "$sha" "$BENCH_KEY_PREFIX:denied" 60000000 1 60000000
     script_alone "floor (return {1, 0})" "$floor" "$BENCH_KEY_PREFIX:__rand_int__" 600000000 10 60000000
-    rcli "$MASTER_PORT" DEL "$BENCH_KEY_PREFIX:denied" >/dev/null
+    # The same random keys and policy (10 tokens, 10 per 60 s) for the reference script.
+    script_alone reference "$reference" "$BENCH_KEY_PREFIX:ref:__rand_int__" 10 0.16666667 1790000000
+    rcli "$MASTER_PORT" DEL "$BENCH_KEY_PREFIX:denied" "$BENCH_KEY_PREFIX:returning" >/dev/null
 }
 
 # --- report -----------------------------------------------------------------------
@@ -790,12 +801,28 @@ goals() {
         "$(over_rounds memory-store direct /limited_endpoint 64 16)" "$(over_rounds memory-store direct / 64 16)" \
         "$(over_rounds allow nginx /limited_endpoint 64 28)" "$(over_rounds allow-pool nginx /limited_endpoint 64 28)" "$(over_rounds allow nginx / 64 28)"
 
-    local allow_row deny_row
+    v=$(over_rounds metrics-off nginx /limited_endpoint 64 16)
+    r=$(over_rounds metrics-off nginx / 64 16)
+    read -r med lo hi <<<"$(ratio metrics-off nginx 64)"
+    printf '   With `METRICS=off` (same policy, its own cluster, 64 connections): %s µs per decision and %s µs per `/` through Nginx (with metrics: %s and %s), %s and %s directly (with metrics: %s and %s); `/limited_endpoint` ÷ `/` through Nginx %s (%s–%s).\n' \
+        "$v" "$r" "$(over_rounds allow nginx /limited_endpoint 64 16)" "$(over_rounds allow nginx / 64 16)" \
+        "$(over_rounds metrics-off direct /limited_endpoint 64 16)" "$(over_rounds metrics-off direct / 64 16)" \
+        "$(over_rounds allow direct /limited_endpoint 64 16)" "$(over_rounds allow direct / 64 16)" "$med" "$lo" "$hi"
+
+    local allow_row deny_row returning_row reference_row anchored
     allow_row=$(printf '%s\n' "${SCRIPT_ROWS[@]}" | awk -F'\t' '$1 == "allow-heavy"')
     deny_row=$(printf '%s\n' "${SCRIPT_ROWS[@]}" | awk -F'\t' '$1 == "deny-heavy"')
+    returning_row=$(printf '%s\n' "${SCRIPT_ROWS[@]}" | awk -F'\t' '$1 == "returning"')
+    reference_row=$(printf '%s\n' "${SCRIPT_ROWS[@]}" | awk -F'\t' '$1 == "reference"')
     v=$(cut -f3 <<<"$allow_row")
-    printf '4. **Redis CPU per decision** (`usec_per_call` of EVALSHA, redis-benchmark, replicas attached): allow-heavy **%s µs** (goal ≤ 5.5: %s), deny-heavy %s µs; master CPU from /proc %s and %s µs per call. Under HTTP load (allow policy, Nginx, 64 connections): %s µs per call, master %s µs per request.\n' \
-        "${v:--}" "$(verdict "${v:--}" '<=' 5.5)" "$(cut -f3 <<<"$deny_row")" "$(cut -f4 <<<"$allow_row")" "$(cut -f4 <<<"$deny_row")" \
+    r=$(cut -f3 <<<"$reference_row")
+    # The anchors' reference script cost 6.0 µs there; the same script costs r here.
+    anchored=$(awk -v v="${v:--}" -v r="${r:--}" 'BEGIN { if (v == "-" || r == "-" || r + 0 == 0) print "-"; else printf "%.1f", v * 6.0 / r }')
+    printf '4. **Redis CPU per decision** (`usec_per_call` of EVALSHA, redis-benchmark, replicas attached): allow-heavy (random keys, half of them new) **%s µs** (read against the goal of 5.5 µs as it stands: %s), a returning client %s µs, deny-heavy %s µs; master CPU from /proc %s, %s and %s µs per call. The reference script (two string keys, GET/GET/SETEX/SETEX; 6.0 µs on the anchors'"'"' machine) costs %s µs here on the same keys, so the script costs %s× the reference: **about %s µs** on the anchors'"'"' machine (goal ≤ 5.5: %s). Under HTTP load (allow policy, Nginx, 64 connections): %s µs per call, master %s µs per request.\n' \
+        "${v:--}" "$(verdict "${v:--}" '<=' 5.5)" "$(cut -f3 <<<"$returning_row")" "$(cut -f3 <<<"$deny_row")" \
+        "$(cut -f4 <<<"$allow_row")" "$(cut -f4 <<<"$returning_row")" "$(cut -f4 <<<"$deny_row")" "${r:--}" \
+        "$(awk -v v="${v:--}" -v r="${r:--}" 'BEGIN { if (v == "-" || r == "-" || r + 0 == 0) print "-"; else printf "%.2f", v / r }')" \
+        "$anchored" "$(verdict "$anchored" '<=' 5.5)" \
         "$(over_rounds allow nginx /limited_endpoint 64 24)" "$(over_rounds allow nginx /limited_endpoint 64 18)"
 
     read -r med lo hi <<<"$(ratio flood nginx 64)"
@@ -848,7 +875,7 @@ report() {
     printf 'User and system time of both instances per answered request, their threads'"'"' context switches per request (voluntary + involuntary, threads alive at the end), and their thread count at the end.\n\n'
     detail_table
     printf '\n### The Lua script alone (redis-benchmark, 200000 calls, 50 clients, replicas attached)\n\n'
-    printf '`usec_per_call` of EVALSHA includes the commands the script runs; their own `usec` per script call follows, and "engine" is the rest (the Lua call, its argument tables, the arithmetic, the reply). The floor row is a script that only returns `{1, 0}` with the same arguments. The client column is redis-benchmark'"'"'s own CPU per call: what one event-loop client (C, hiredis) spends per round trip on this machine.\n\n'
+    printf '`usec_per_call` of EVALSHA includes the commands the script runs; their own `usec` per script call follows, and "engine" is the rest (the Lua call, its argument tables, the arithmetic, the reply). The floor row is a script that only returns `{1, 0}` with the same arguments; the reference row is `scripts/bench/reference_token_bucket.lua` (its own commands, GET and SETEX, are counted in neither column nor "engine"). The client column is redis-benchmark'"'"'s own CPU per call: what one event-loop client (C, hiredis) spends per round trip on this machine.\n\n'
     printf '| case | calls | usec_per_call | TIME | HMGET | HSET | PEXPIRE | engine | master CPU µs/call (/proc) | client CPU µs/call | calls/s |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n'
     printf '%s\n' "${SCRIPT_ROWS[@]}" | awk -F'\t' 'NF { printf "| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f | %.1f | %.0f |\n", $1, $2, $3, $6, $7, $8, $9, $10, $4, $11, $5 }'
     printf '\n### Commands\n\n`PASSWORD` stands for REDIS_PASSWORD; the embedded-store instance listens on a free port.\n\n```sh\n'
@@ -919,6 +946,14 @@ else
         "wrk nginx /limited_endpoint 16" "wrk nginx / 16" "wrk direct /limited_endpoint 16" "wrk direct / 16" \
         "wrk nginx /limited_endpoint 64" "wrk nginx / 64" "wrk direct /limited_endpoint 64" "wrk direct / 64"
     run_script_alone
+    cluster_down
+
+    # What /metrics costs: the allow phase again with every metric switched off.
+    cluster_up metrics-off RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off
+    find_processes
+    warm_up "$NGINX_URL/limited_endpoint" "$NGINX_URL/" "$DIRECT_URL/limited_endpoint"
+    run_rounds metrics-off \
+        "wrk nginx /limited_endpoint 64" "wrk nginx / 64" "wrk direct /limited_endpoint 64" "wrk direct / 64"
     cluster_down
 
     if grep -q REDIS_CLIENT "$BIN"; then
