@@ -6,12 +6,6 @@ use std::process::ExitCode;
 use ratelimiter::config::Settings;
 use ratelimiter::startup::Application;
 
-/// Each decision allocates a handful of small, short-lived buffers across threads (request,
-/// Redis command, reply, response); glibc's allocator spent about a tenth of the
-/// instances' CPU on them in a profile, mimalloc much less.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let settings = match Settings::load() {
         Ok(settings) => settings,
