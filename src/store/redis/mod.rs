@@ -78,14 +78,26 @@ impl RedisStore {
         let inner = self.inner.clone();
         let (allowed, tokens) = match self.inner.mode {
             ConnectionMode::Multiplexed => {
-                let invocation = inner.invocation(&key, &policy, now_us);
+                let decide = inner.decide_cmd(&key, &policy, now_us);
                 inner
-                    .multiplexed(async |conn| invocation.invoke_async::<(u8, u64)>(conn).await)
+                    .multiplexed(async |conn| match decide.query_async(conn).await {
+                        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                            inner.script.load_async(conn).await?;
+                            decide.query_async::<(u8, u64)>(conn).await
+                        }
+                        answer => answer,
+                    })
                     .await?
             }
             ConnectionMode::Pool => actix_web::web::block(move || {
-                let invocation = inner.invocation(&key, &policy, now_us);
-                inner.pooled(|conn| invocation.invoke::<(u8, u64)>(conn))
+                let decide = inner.decide_cmd(&key, &policy, now_us);
+                inner.pooled(|conn| match decide.query(conn) {
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        inner.script.load(conn)?;
+                        decide.query::<(u8, u64)>(conn)
+                    }
+                    answer => answer,
+                })
             })
             .await
             .unwrap_or_else(|err| Err(StoreError::Other(err.to_string())))?,
@@ -99,21 +111,22 @@ impl Inner {
         format!("{}:{key}", self.key_prefix)
     }
 
-    fn invocation(
-        &self,
-        key: &ClientKey,
-        policy: &Policy,
-        now_us: Option<u64>,
-    ) -> redis::ScriptInvocation<'_> {
-        let mut invocation = self.script.key(self.bucket_key(key));
-        invocation
+    /// `EVALSHA` of the token-bucket script for `key`, written straight into one command
+    /// buffer: a `ScriptInvocation` would allocate each argument separately first, on
+    /// every decision. A missing script (`NOSCRIPT`) is loaded and the command sent again.
+    fn decide_cmd(&self, key: &ClientKey, policy: &Policy, now_us: Option<u64>) -> redis::Cmd {
+        let mut cmd = redis::Cmd::with_capacity(8, 128);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(1)
+            .arg(self.bucket_key(key))
             .arg(policy.capacity_units())
             .arg(policy.refill_units_per_us())
             .arg(policy.cost_units());
         if let Some(now_us) = now_us {
-            invocation.arg(now_us);
+            cmd.arg(now_us);
         }
-        invocation
+        cmd
     }
 
     /// The master to use now, unless a failure has made the slot unusable.
