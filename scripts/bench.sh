@@ -507,6 +507,13 @@ measure_once() {
             c1=$(app_counts "$path")
             counts=$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " ");
                 printf "%d %d %d 0\n", y[1] - x[1], y[2] - x[2], y[3] - x[3] }')
+            if [[ $counts == "0 0 0 0" ]]; then
+                # METRICS=off: the instance counted nothing, so wrk's own count stands in
+                # (no 429 is expected where metrics are off; any status >= 400 is "other").
+                counts=$(awk '/^BENCH /{
+                    for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+                    printf "%d 0 %d 0\n", v["requests"] - v["status"], v["status"] }' "$out")
+            fi
         fi
     else
         # loadtest: "requests N sent · M answered · ...", "outcome admitted 200: A ·
