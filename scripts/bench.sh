@@ -674,17 +674,21 @@ run_script_alone() {
 
 # --- report -----------------------------------------------------------------------
 
+# Awk functions the report's programs start with: medians of numbers, sorting in place.
+AWK_MEDIAN='
+    function median_of(v, n,    i, j, t) {
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) {
+            t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+        return (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
+    }
+    function median(list,    n, v) { n = split(list, v, " "); return median_of(v, n) }
+'
+
 # Medians over the rounds of each (phase, tool, target, path, connections).
 summary_table() {
     printf '| phase | load | via | path | conns | req/s | p50 ms | p99 ms | max ms | 200 | 429 | other | app µs/req | Nginx µs/req | Redis master µs/req | replicas µs/req | sentinels µs/req | load gen µs/req | other processes %% | script calls/req | Redis µs/call |\n'
     printf '|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n'
-    awk -F'\t' '
-        function median(list,    n, v, i, j, tmp) {
-            n = split(list, v, " ")
-            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) {
-                tmp = v[j]; v[j] = v[j - 1]; v[j - 1] = tmp }
-            return (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
-        }
+    awk -F'\t' "$AWK_MEDIAN"'
         {
             key = $1 "\t" $3 "\t" $4 "\t" $5 "\t" $6
             if (!(key in seen)) { seen[key] = 1; order[++n] = key }
@@ -709,13 +713,7 @@ summary_table() {
 detail_table() {
     printf '| phase | via | path | conns | app user µs/req | app system µs/req | context switches/req | threads |\n'
     printf '|---|---|---|--:|--:|--:|--:|--:|\n'
-    awk -F'\t' '
-        function median(list,    n, v, i, j, tmp) {
-            n = split(list, v, " ")
-            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) {
-                tmp = v[j]; v[j] = v[j - 1]; v[j - 1] = tmp }
-            return (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
-        }
+    awk -F'\t' "$AWK_MEDIAN"'
         {
             key = $1 "\t" $4 "\t" $5 "\t" $6
             if (!(key in seen)) { seen[key] = 1; order[++n] = key }
@@ -732,28 +730,24 @@ detail_table() {
 
 # ratio PHASE TARGET CONNS: "median min max" of /limited_endpoint ÷ / req/s, per round.
 ratio() {
-    awk -F'\t' -v phase="$1" -v target="$2" -v conns="$3" '
+    awk -F'\t' -v phase="$1" -v target="$2" -v conns="$3" "$AWK_MEDIAN"'
         $1 == phase && $4 == target && $6 == conns {
             if ($5 == "/limited_endpoint") l[$2] = $9; else if ($5 == "/") r[$2] = $9 }
         END {
             for (k in l) if (k in r && r[k] > 0) v[++n] = l[k] / r[k]
             if (!n) { print "- - -"; exit }
-            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) {
-                t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
-            printf "%.2f %.2f %.2f\n", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2), v[1], v[n]
+            printf "%.2f %.2f %.2f\n", median_of(v, n), v[1], v[n]
         }' "$RESULTS"
 }
 
 # over_rounds PHASE TARGET PATH CONNS FIELD [median|max|sum]: over the rounds.
 over_rounds() {
-    awk -F'\t' -v phase="$1" -v target="$2" -v path="$3" -v conns="$4" -v field="$5" -v how="${6:-median}" '
+    awk -F'\t' -v phase="$1" -v target="$2" -v path="$3" -v conns="$4" -v field="$5" -v how="${6:-median}" "$AWK_MEDIAN"'
         $1 == phase && $4 == target && $5 == path && $6 == conns { v[++n] = $field + 0; s += $field }
         END {
             if (!n) { print "-"; exit }
-            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) {
-                t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
-            if (how == "max") print v[n]; else if (how == "sum") print s
-            else print (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
+            m = median_of(v, n)
+            if (how == "max") print v[n]; else if (how == "sum") print s; else print m
         }' "$RESULTS"
 }
 
@@ -866,7 +860,7 @@ report() {
     printf -- '- %s rounds of %s s per measurement, wrk with %s thread(s); whole run %s s\n' "$ROUNDS" "$DURATION" "$THREADS" "$elapsed"
     printf -- '- Measurements taken again because other processes used more than %s%% of the machine: %s; kept although still above it: %s\n' "$QUIET_MAX" "$RETAKEN" "$STILL_BUSY"
     printf -- '- CPU used by processes outside the benchmark during the kept measurements: median %s%%, highest %s%% of the machine\n' \
-        "$(awk -F'\t' '{ v[++n] = $22 } END { for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }; print (n ? v[int((n + 1) / 2)] : "-") }' "$RESULTS")" \
+        "$(awk -F'\t' "$AWK_MEDIAN"'{ v[++n] = $22 } END { print (n ? median_of(v, n) : "-") }' "$RESULTS")" \
         "$(awk -F'\t' '$22 > m { m = $22 } END { print m + 0 }' "$RESULTS")"
     local passed=() var
     for var in WORKERS REDIS_POOL_SIZE REDIS_TIMEOUT_MS ACCESS_LOG; do
