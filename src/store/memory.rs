@@ -84,17 +84,14 @@ impl MemoryStore {
         let (decision, new_state) = bucket::take(policy, state, now_us);
         if let Some(new_state) = new_state {
             shard.buckets.insert(*key, new_state);
-            if shard.buckets.len() >= shard.sweep_at_len {
-                shard.sweep(policy, now_us, self.shard_capacity);
-                if shard.buckets.len() > self.shard_capacity {
-                    shard.evict_closest_to_full(policy, now_us, self.shard_capacity);
-                    if !self.evicted.swap(true, Ordering::Relaxed) {
-                        log::warn!(
-                            "memory store full: more than {} clients are refilling at once, so the buckets closest to full are forgotten (their clients regain those tokens early); raise MEMORY_STORE_MAX_BUCKETS",
-                            self.shard_capacity * SHARDS
-                        );
-                    }
-                }
+            if shard.buckets.len() >= shard.sweep_at_len
+                && shard.shrink(policy, now_us, self.shard_capacity)
+                && !self.evicted.swap(true, Ordering::Relaxed)
+            {
+                log::warn!(
+                    "memory store full: more than {} clients are refilling at once, so the buckets closest to full are forgotten (their clients regain those tokens early); raise MEMORY_STORE_MAX_BUCKETS",
+                    self.shard_capacity * SHARDS
+                );
             }
         }
         decision
@@ -125,33 +122,31 @@ impl MemoryStore {
 }
 
 impl Shard {
-    fn sweep(&mut self, policy: &Policy, now_us: u64, shard_capacity: usize) {
+    /// Drops the buckets that are full again; if the shard still holds more than
+    /// `shard_capacity`, forgets those closest to full down to 7/8 of it, so the cost of a
+    /// pass is shared by the next eighth of inserts. Says whether it had to forget any.
+    fn shrink(&mut self, policy: &Policy, now_us: u64, shard_capacity: usize) -> bool {
         let capacity = policy.capacity_units();
-        self.buckets
-            .retain(|_, state| bucket::refill(policy, Some(*state), now_us) < capacity);
+        let missing = |state: &BucketState| capacity - bucket::refill(policy, Some(*state), now_us);
+        self.buckets.retain(|_, state| missing(state) > 0);
+        let over = self.buckets.len() > shard_capacity;
+        if over {
+            let keep = shard_capacity - shard_capacity / 8;
+            let mut by_missing: Vec<(u64, ClientKey)> = self
+                .buckets
+                .iter()
+                .map(|(key, state)| (missing(state), *key))
+                .collect();
+            let forget = by_missing.len() - keep;
+            by_missing.select_nth_unstable_by_key(forget, |(missing, _)| *missing);
+            for (_, key) in &by_missing[..forget] {
+                self.buckets.remove(key);
+            }
+        }
         self.sweep_at_len = (self.buckets.len() * 2)
             .max(MIN_SWEEP_LEN)
             .min(shard_capacity + 1);
-    }
-
-    /// Brings the shard down to 7/8 of its capacity, so an eviction's cost (a pass over the
-    /// shard) is shared by the next eighth of inserts rather than paid by every one.
-    fn evict_closest_to_full(&mut self, policy: &Policy, now_us: u64, shard_capacity: usize) {
-        let keep = shard_capacity - shard_capacity / 8;
-        let mut by_missing: Vec<(u64, ClientKey)> = self
-            .buckets
-            .iter()
-            .map(|(key, state)| {
-                let missing =
-                    policy.capacity_units() - bucket::refill(policy, Some(*state), now_us);
-                (missing, *key)
-            })
-            .collect();
-        let forget = by_missing.len() - keep;
-        by_missing.select_nth_unstable_by_key(forget, |(missing, _)| *missing);
-        for (_, key) in &by_missing[..forget] {
-            self.buckets.remove(key);
-        }
+        over
     }
 }
 
