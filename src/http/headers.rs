@@ -68,6 +68,8 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, He
     headers
 }
 
+/// Which part of the system decided (`Source::as_str`); on every limited response.
+pub const X_RATELIMIT_SOURCE: HeaderName = HeaderName::from_static("x-ratelimit-source");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");

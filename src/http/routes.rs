@@ -3,15 +3,15 @@
 use std::net::IpAddr;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{
-    CACHE_CONTROL, CONTENT_TYPE, ContentType, HeaderName, HeaderValue, RETRY_AFTER,
-};
+use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, ContentType, HeaderValue, RETRY_AFTER};
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use serde_json::json;
 
 use super::error::{PROBLEM_JSON, quota_exceeded_body};
-use super::headers::{POLICY_NAME, ceil_millis, quota_headers, retry_after_secs};
+use super::headers::{
+    POLICY_NAME, X_RATELIMIT_SOURCE, ceil_millis, quota_headers, retry_after_secs,
+};
 use crate::config::HeaderMode;
 use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
 use crate::rate_limiter::{RateLimiter, Source, Verdict};
@@ -119,8 +119,6 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
         }
     }
 }
-
-const X_RATELIMIT_SOURCE: HeaderName = HeaderName::from_static("x-ratelimit-source");
 
 fn too_many(verdict: &Verdict) -> HttpResponseBuilder {
     let retry_after_us = verdict.decision.map_or(0, |d| d.retry_after_us());

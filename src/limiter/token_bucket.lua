@@ -50,8 +50,9 @@ tokens = tokens - cost
 -- decisions write only the hash: one write command, nothing extra to replicate.
 local full_at_us = now_us + math.ceil((capacity - tokens) / refill_units_per_us)
 local expires_us = tonumber(state[3])
+local tokens_text, now_text = string.format('%d', tokens), string.format('%d', now_us)
 if expires_us and full_at_us <= expires_us then
-    redis.call('HSET', KEYS[1], 'tokens', string.format('%d', tokens), 'ts', string.format('%d', now_us))
+    redis.call('HSET', KEYS[1], 'tokens', tokens_text, 'ts', now_text)
     return {1, tokens}
 end
 if expires_us then
@@ -59,7 +60,6 @@ if expires_us then
 else
     expires_us = full_at_us
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%d', tokens), 'ts', string.format('%d', now_us),
-    'exp', string.format('%d', expires_us))
+redis.call('HSET', KEYS[1], 'tokens', tokens_text, 'ts', now_text, 'exp', string.format('%d', expires_us))
 redis.call('PEXPIRE', KEYS[1], math.max(math.ceil((expires_us - now_us) / 1000), 1))
 return {1, tokens}

@@ -68,7 +68,9 @@ impl RedisStore {
         self.inner.bucket_key(key)
     }
 
-    /// [`Store::take`] with an explicit clock (`now_us`), for the parity tests.
+    /// [`Store::take`] with an explicit clock (`now_us`), for the parity tests. A missing
+    /// script (`NOSCRIPT`, after a restart or `SCRIPT FLUSH`) is loaded and the command
+    /// sent again.
     pub async fn take_at(
         &self,
         key: ClientKey,
@@ -113,7 +115,7 @@ impl Inner {
 
     /// `EVALSHA` of the token-bucket script for `key`, written straight into one command
     /// buffer: a `ScriptInvocation` would allocate each argument separately first, on
-    /// every decision. A missing script (`NOSCRIPT`) is loaded and the command sent again.
+    /// every decision.
     fn decide_cmd(&self, key: &ClientKey, policy: &Policy, now_us: Option<u64>) -> redis::Cmd {
         let mut cmd = redis::Cmd::with_capacity(8, 128);
         cmd.arg("EVALSHA")
