@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use quick_cache::sync::Cache;
 
+use crate::bucket::Decision;
 use crate::identity::ClientKey;
-use crate::limiter::Decision;
 
 #[derive(Debug, Clone, Copy)]
 struct Denial {
@@ -81,7 +81,7 @@ impl DenyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::{Policy, bucket};
+    use crate::bucket::{self, Limit, LimitSpec};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
@@ -148,21 +148,21 @@ mod tests {
             delay in 0u64..5_000,
             steps in 1usize..2_000,
         ) {
-            let policy = Policy::parse(rate, window_s, burst).unwrap();
+            let limit = Limit::parse(LimitSpec { rate, window_s, burst }).unwrap();
             let cache = DenyCache::new(16).unwrap();
             let k = key(7);
             let (mut with_cache, mut without) = (None, None);
             let (mut admitted_with, mut admitted_without) = (0, 0);
             for i in 0..steps as u64 {
                 let sent = i * gap;
-                let (plain, new_state) = bucket::take(&policy, without, sent + delay);
+                let (plain, new_state) = bucket::take(&limit, without, sent + delay);
                 without = new_state.or(without);
                 admitted_without += u64::from(plain.allowed);
 
                 if cache.lookup_at(&k, sent).is_some() {
                     continue;
                 }
-                let (decision, new_state) = bucket::take(&policy, with_cache, sent + delay);
+                let (decision, new_state) = bucket::take(&limit, with_cache, sent + delay);
                 with_cache = new_state.or(with_cache);
                 admitted_with += u64::from(decision.allowed);
                 cache.remember_at(&k, sent, &decision);

@@ -74,6 +74,11 @@ impl IdentityRules {
         }
     }
 
+    /// The proxies whose forwarding headers are believed.
+    pub fn trusted_proxies(&self) -> &[IpNet] {
+        &self.trusted_proxies
+    }
+
     fn is_trusted(&self, addr: IpAddr) -> bool {
         let addr = canonical(addr);
         self.trusted_proxies.iter().any(|net| net.contains(&addr))

@@ -2,27 +2,32 @@
 //! kept available by Redis Sentinel.
 //!
 //! # Layout
-//! - [`config`]: settings from `config/default.toml`, `CONFIG_FILE` and the environment,
-//!   parsed once into validated types.
-//! - [`limiter`]: the algorithm. [`limiter::Policy`] (validated capacity and rate) and the
-//!   pure token-bucket arithmetic, which takes the time as a parameter; its Lua mirror.
-//! - [`identity`]: which bucket a request is charged to; trusted proxies only.
-//! - [`store`]: where buckets live. One trait, one atomic operation: in memory, or in
-//!   Redis on the master that the Sentinel resolver thread keeps current (through a
-//!   multiplexed connection per worker thread, or an r2d2 pool).
-//! - [`rate_limiter`]: asks the store (unless [`deny_cache`] already knows the answer is
-//!   no) and applies `FAIL_MODE` when the store cannot decide.
-//! - [`http`]: routes, quota headers, JSON errors.
-//! - [`metrics`]: the Prometheus registry behind `/metrics`.
+//! `docs/ARCHITECTURE.md` draws how a request and a failover travel through these.
+//! - [`settings`]: every setting declared once ([`settings::declared`]); layered from
+//!   `config/default.toml`, `CONFIG_FILE` and the environment into the domain's types.
+//! - [`bucket`]: the token bucket as pure arithmetic on a validated [`bucket::Limit`],
+//!   time passed in; `token_bucket.lua`, its Redis mirror.
+//! - [`identity`]: which client a request counts against; trusted proxies only.
+//! - [`decision`]: what decides a request: the [`deny_cache`], the store, and `FAIL_MODE`
+//!   when the store cannot; its answer is a [`decision::Verdict`].
+//! - [`store`]: where buckets live, behind one trait: in this process
+//!   ([`store::memory`]) or in Redis ([`store::redis`]: connections to a node, the current
+//!   master, discovery, the instance registry).
+//! - [`http`]: the route table, handlers, quota headers and the one problem+json shape.
+//! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
+//! - [`telemetry`]: log format.
 //! - [`startup`]: the composition root, [`startup::Application`].
+//!
+//! Dependencies point one way: `startup` → `settings` → `http` → `decision` → `store` →
+//! `bucket`; `metrics` and `identity` import nothing of the others'.
 
-pub mod config;
+pub mod bucket;
+pub mod decision;
 pub mod deny_cache;
 pub mod http;
 pub mod identity;
-pub mod limiter;
 pub mod metrics;
-pub mod rate_limiter;
+pub mod settings;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

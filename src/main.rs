@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use ratelimiter::config::Settings;
+use ratelimiter::settings::Settings;
 use ratelimiter::startup::Application;
 
 fn main() -> ExitCode {
@@ -17,7 +17,9 @@ fn main() -> ExitCode {
     ratelimiter::telemetry::init(&settings.instance_name);
     log::info!("starting: {settings}");
     let served = actix_rt::System::new().block_on(async move {
-        let app = Application::build(settings).map_err(|err| err.to_string())?;
+        let app = Application::build(settings)
+            .await
+            .map_err(|err| err.to_string())?;
         log::info!("listening on port {}", app.port());
         app.run_until_stopped().await.map_err(|err| err.to_string())
     });

@@ -1,8 +1,9 @@
-//! Prometheus metrics, served at `GET /metrics`: one process-wide registry, named to
-//! Prometheus conventions under the `ratelimit_` prefix, never labelled per client.
+//! Prometheus metrics, served at `GET /metrics`: a [`Metrics`] handle built at start and
+//! passed to whatever records, named to Prometheus conventions under the `ratelimit_`
+//! prefix, never labelled per client. It knows nothing of the modules that record: they
+//! pass their labels in, so no import runs back from here.
 
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -11,9 +12,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::rate_limiter::Source;
-use crate::store::StoreError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -47,7 +45,7 @@ struct RouteStatusLabels {
     status: u16,
 }
 
-struct Metrics {
+struct Recorder {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     store_duration: Histogram,
@@ -64,151 +62,192 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let mut registry = Registry::with_prefix("ratelimit");
-    let decisions = Family::default();
-    registry.register(
-        "decisions",
-        "Rate-limit decisions by outcome and by what decided",
-        decisions.clone(),
-    );
-    let store_duration = latency_histogram();
-    registry.register(
-        "store_request_duration_seconds",
-        "Time of the store call behind each decision",
-        store_duration.clone(),
-    );
-    let store_errors = Family::default();
-    registry.register(
-        "store_errors",
-        "Store calls that could not decide, by cause",
-        store_errors.clone(),
-    );
-    let master_changes = Counter::default();
-    registry.register(
-        "sentinel_master_changes",
-        "Times a new Redis master was put in use",
-        master_changes.clone(),
-    );
-    let current_master = Family::default();
-    registry.register(
-        "current_master_info",
-        "The Redis master in use (value 1)",
-        current_master.clone(),
-    );
-    let fallback_active = Gauge::default();
-    registry.register(
-        "fallback_active",
-        "1 while Redis cannot decide and FAIL_MODE applies",
-        fallback_active.clone(),
-    );
-    let build_info = Family::<VersionLabels, Gauge>::default();
-    build_info
-        .get_or_create(&VersionLabels {
-            version: env!("CARGO_PKG_VERSION"),
-        })
-        .set(1);
-    registry.register("build_info", "The running version (value 1)", build_info);
-    let http_requests = Family::default();
-    registry.register(
-        "http_requests",
-        "HTTP requests by route and status",
-        http_requests.clone(),
-    );
-    let http_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-    registry.register(
-        "http_request_duration_seconds",
-        "HTTP request latency by route",
-        http_duration.clone(),
-    );
-    Metrics {
-        registry,
-        decisions,
-        store_duration,
-        store_errors,
-        master_changes,
-        current_master,
-        fallback_active,
-        http_requests,
-        http_duration,
+impl Recorder {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("ratelimit");
+        let decisions = Family::default();
+        registry.register(
+            "decisions",
+            "Rate-limit decisions by outcome and by what decided",
+            decisions.clone(),
+        );
+        let store_duration = latency_histogram();
+        registry.register(
+            "store_request_duration_seconds",
+            "Time of the store call behind each decision",
+            store_duration.clone(),
+        );
+        let store_errors = Family::default();
+        registry.register(
+            "store_errors",
+            "Store calls that could not decide, by cause",
+            store_errors.clone(),
+        );
+        let master_changes = Counter::default();
+        registry.register(
+            "sentinel_master_changes",
+            "Times a new Redis master was put in use",
+            master_changes.clone(),
+        );
+        let current_master = Family::default();
+        registry.register(
+            "current_master_info",
+            "The Redis master in use (value 1)",
+            current_master.clone(),
+        );
+        let fallback_active = Gauge::default();
+        registry.register(
+            "fallback_active",
+            "1 while Redis cannot decide and FAIL_MODE applies",
+            fallback_active.clone(),
+        );
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running version (value 1)", build_info);
+        let http_requests = Family::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            http_requests.clone(),
+        );
+        let http_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            http_duration.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            store_duration,
+            store_errors,
+            master_changes,
+            current_master,
+            fallback_active,
+            http_requests,
+            http_duration,
+        }
     }
-});
-
-/// `METRICS=off` turns recording off, so the benchmark can price it.
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-pub fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
 }
 
-fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+/// What the service records. Cloning shares the same registry. Two handles built
+/// separately (two limiters in one process, two tests) never see each other's figures.
+#[derive(Clone)]
+pub struct Metrics {
+    /// `None` with `METRICS=off`: every call returns at once, so the benchmark can price
+    /// recording.
+    recorder: Option<Arc<Recorder>>,
 }
 
-pub fn decision(allowed: bool, source: Source) {
-    if !enabled() {
-        return;
+impl Metrics {
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            recorder: enabled.then(|| Arc::new(Recorder::new())),
+        }
     }
-    let decision = if allowed { "allowed" } else { "limited" };
-    METRICS
-        .decisions
-        .get_or_create(&DecisionLabels {
-            decision,
-            source: source.as_str(),
-        })
-        .inc();
-}
 
-pub fn store_call(elapsed: Duration) {
-    if !enabled() {
-        return;
+    /// A handle that records nothing.
+    pub fn off() -> Self {
+        Self::new(false)
     }
-    METRICS.store_duration.observe(elapsed.as_secs_f64());
-}
 
-pub fn store_error(error: &StoreError) {
-    if !enabled() {
-        return;
+    /// One decision: `allowed` or not, and what decided (`redis`, `local`, `open`, `closed`).
+    pub fn decision(&self, allowed: bool, source: &'static str) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let decision = if allowed { "allowed" } else { "limited" };
+        recorder
+            .decisions
+            .get_or_create(&DecisionLabels { decision, source })
+            .inc();
     }
-    METRICS
-        .store_errors
-        .get_or_create(&KindLabels { kind: error.kind() })
-        .inc();
-}
 
-pub fn master_changed(addr: &str) {
-    METRICS.master_changes.inc();
-    METRICS.current_master.clear();
-    METRICS
-        .current_master
-        .get_or_create(&AddrLabels {
-            addr: addr.to_string(),
-        })
-        .set(1);
-}
-
-pub fn fallback_active(active: bool) {
-    METRICS.fallback_active.set(i64::from(active));
-}
-
-pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
-    if !enabled() {
-        return;
+    pub fn store_call(&self, elapsed: Duration) {
+        if let Some(recorder) = &self.recorder {
+            recorder.store_duration.observe(elapsed.as_secs_f64());
+        }
     }
-    METRICS
-        .http_requests
-        .get_or_create(&RouteStatusLabels { route, status })
-        .inc();
-    METRICS
-        .http_duration
-        .get_or_create(&RouteLabels { route })
-        .observe(elapsed.as_secs_f64());
+
+    /// A store call that could not decide, by its kind (`StoreError::kind`).
+    pub fn store_error(&self, kind: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .store_errors
+                .get_or_create(&KindLabels { kind })
+                .inc();
+        }
+    }
+
+    pub fn master_changed(&self, addr: &str) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        recorder.master_changes.inc();
+        recorder.current_master.clear();
+        recorder
+            .current_master
+            .get_or_create(&AddrLabels {
+                addr: addr.to_string(),
+            })
+            .set(1);
+    }
+
+    pub fn fallback_active(&self, active: bool) {
+        if let Some(recorder) = &self.recorder {
+            recorder.fallback_active.set(i64::from(active));
+        }
+    }
+
+    pub fn http_request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        recorder
+            .http_requests
+            .get_or_create(&RouteStatusLabels { route, status })
+            .inc();
+        recorder
+            .http_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let Some(recorder) = &self.recorder else {
+            return "# METRICS=off: nothing is recorded\n".to_string();
+        };
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &recorder.registry);
+        text
+    }
 }
 
-/// The registry in the Prometheus text format.
-pub fn render() -> String {
-    let mut text = String::new();
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry);
-    text
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_handles_keep_their_own_figures() {
+        let (first, second) = (Metrics::new(true), Metrics::new(true));
+        first.fallback_active(true);
+        first.decision(true, "redis");
+        assert!(first.render().contains("ratelimit_fallback_active 1"));
+        assert!(second.render().contains("ratelimit_fallback_active 0"));
+        assert!(!second.render().contains("decision=\"allowed\""));
+    }
+
+    #[test]
+    fn a_handle_that_is_off_records_nothing() {
+        let off = Metrics::off();
+        off.decision(true, "redis");
+        off.master_changed("127.0.0.1:6379");
+        assert!(!off.render().contains("ratelimit_"));
+    }
 }

@@ -1,24 +1,24 @@
-//! The composition root: builds the store and its resolver from the settings, binds the
-//! listener, and wires the routes.
+//! The composition root: turns the settings into the store, its discovery, the decider and
+//! the metrics handle, binds the listener, and wires the routes.
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use actix_web::body::MessageBody;
-use actix_web::dev::{Server, ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::middleware::{Condition, DefaultHeaders, Logger};
-use actix_web::{App, HttpServer, guard, web};
+use actix_web::{App, HttpServer, web};
+use secrecy::ExposeSecret;
 use thiserror::Error;
 
-use crate::config::{Settings, StoreSettings};
-use crate::http::{error, routes};
-use crate::rate_limiter::{InstanceCount, RateLimiter};
-use crate::store::Store;
+use crate::decision::{Buckets, Decider, DeciderSettings, InstanceCount};
+use crate::http::routes::AppState;
+use crate::metrics::Metrics;
+use crate::settings::{Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{MasterSlot, RedisStore, node_info, with_password};
-use crate::store::sentinel::{Discovery, Resolver, ResolverSettings};
+use crate::store::redis::discovery::{Discovery, Resolver, ResolverSettings};
+use crate::store::redis::registry::InstanceRegistry;
+use crate::store::redis::{ConnectionSettings, MasterSlot, RedisStore, node_info, with_password};
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -29,6 +29,8 @@ pub enum StartupError {
     },
     #[error("REDIS_URL is not usable: {0}")]
     RedisUrl(String),
+    #[error("cannot start the {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
     #[error("cannot start the HTTP server: {0}")]
     Server(std::io::Error),
 }
@@ -41,7 +43,9 @@ pub struct Application {
 }
 
 impl Application {
-    pub fn build(settings: Settings) -> Result<Self, StartupError> {
+    /// Builds the service. With Redis configured it waits for discovery's first round
+    /// (done on discovery's own thread), so a service whose Redis is up starts ready.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let addr = (settings.host, settings.port);
         let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind {
             addr: format!("{}:{}", settings.host, settings.port),
@@ -49,32 +53,28 @@ impl Application {
         })?;
         let port = listener.local_addr().map_err(StartupError::Server)?.port();
 
-        crate::metrics::set_enabled(settings.metrics);
-        let (store, shared, instances, resolver) = build_store(&settings)?;
-        let limiter = RateLimiter::new(
-            store,
-            shared,
-            settings.policy,
-            settings.fail_mode,
+        let metrics = Metrics::new(settings.metrics);
+        let (buckets, instances, resolver) = build_buckets(&settings, &metrics).await?;
+        let decider = Decider::new(DeciderSettings {
+            buckets,
+            limit: settings.limit,
+            fail_mode: settings.fail_mode,
             instances,
-            settings.deny_cache_size,
-            MemoryStore::new(settings.memory_store_max_buckets),
-        );
-        let state = web::Data::new(routes::AppState::new(
+            deny_cache_size: settings.deny_cache_size,
+            fallback: MemoryStore::new(settings.memory_store_max_buckets),
+            metrics: metrics.clone(),
+        });
+        let state = web::Data::new(AppState::new(
             settings.instance_name.clone(),
-            limiter,
+            decider,
             settings.identity.clone(),
             settings.headers,
+            metrics.clone(),
         ));
         let instance = settings.instance_name.clone();
         let access_log = settings.access_log;
         let mut server = HttpServer::new(move || {
-            let get = || web::route().guard(guard::Any(guard::Get()).or(guard::Head()));
-            let endpoint = |path: &str, handler| {
-                web::resource(path)
-                    .route(handler)
-                    .default_service(web::to(error::method_not_allowed))
-            };
+            let metrics = metrics.clone();
             App::new()
                 .app_data(state.clone())
                 .wrap(Condition::new(
@@ -82,29 +82,13 @@ impl Application {
                     Logger::new("%a \"%r\" %s %b %Dms"),
                 ))
                 .wrap(DefaultHeaders::new().add(("X-Instance", instance.clone())))
-                .wrap_fn(|req: ServiceRequest, srv| {
+                .wrap_fn(move |req, service| {
                     let started = Instant::now();
-                    let route = route_label(req.path());
-                    let response = actix_web::dev::Service::call(srv, req);
-                    async move {
-                        let response: ServiceResponse<_> = response.await?;
-                        crate::metrics::http_request(
-                            route,
-                            response.status().as_u16(),
-                            started.elapsed(),
-                        );
-                        Ok::<_, actix_web::Error>(response.map_body(|_, body| body.boxed()))
-                    }
+                    let response = service.call(req);
+                    let metrics = metrics.clone();
+                    async move { Ok(crate::http::record(&metrics, started, response.await?)) }
                 })
-                .service(endpoint("/", get().to(routes::index)))
-                .service(endpoint("/health", get().to(routes::health)))
-                .service(endpoint("/ready", get().to(routes::ready)))
-                .service(endpoint("/metrics", get().to(routes::metrics)))
-                .service(endpoint(
-                    "/limited_endpoint",
-                    get().to(routes::limited_endpoint),
-                ))
-                .default_service(web::to(error::not_found))
+                .configure(crate::http::configure)
         })
         .shutdown_timeout(settings.shutdown_timeout.as_secs());
         if let Some(workers) = settings.workers {
@@ -129,33 +113,22 @@ impl Application {
     }
 
     /// Serves until stopped (SIGTERM, SIGINT or [`ServerHandle::stop`]), letting in-flight
-    /// requests finish, then stops the resolver.
+    /// requests finish, then stops discovery.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
         if let Some(resolver) = self.resolver {
             // Joining may wait out one Redis timeout; keep it off the event loop.
-            let _ = web::block(move || resolver.stop()).await;
+            let _ = tokio::task::spawn_blocking(move || resolver.stop()).await;
         }
         result
     }
 }
 
-/// Routes as metric labels: a fixed set, so no client can inflate the cardinality.
-fn route_label(path: &str) -> &'static str {
-    match path {
-        "/" => "/",
-        "/health" => "/health",
-        "/ready" => "/ready",
-        "/metrics" => "/metrics",
-        "/limited_endpoint" => "/limited_endpoint",
-        _ => "other",
-    }
-}
+type Built = (Buckets, InstanceCount, Option<Resolver>);
 
-type BuiltStore = (Arc<dyn Store>, bool, InstanceCount, Option<Resolver>);
-
-fn build_store(settings: &Settings) -> Result<BuiltStore, StartupError> {
+async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, StartupError> {
     let fixed_instances = settings.fallback_instances;
+    let password = settings.redis.password.as_ref().map(|p| p.expose_secret());
     let discovery = match &settings.store {
         StoreSettings::Memory => {
             log::warn!(
@@ -163,47 +136,57 @@ fn build_store(settings: &Settings) -> Result<BuiltStore, StartupError> {
             );
             let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or(1));
             let store = MemoryStore::new(settings.memory_store_max_buckets);
-            return Ok((Arc::new(store), false, count, None));
+            return Ok((Buckets::Local(Arc::new(store)), count, None));
         }
         StoreSettings::Redis { url } => {
-            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            let info = redis::IntoConnectionInfo::into_connection_info(url.expose_secret())
                 .map_err(|err| StartupError::RedisUrl(err.to_string()))?;
-            Discovery::Fixed(with_password(info, settings.redis.password.as_deref()))
+            Discovery::Fixed(with_password(info, password))
         }
         StoreSettings::Sentinel {
             hosts,
             master_name,
             sentinel_password,
-        } => Discovery::Sentinels {
-            sentinels: hosts
-                .iter()
-                .map(|(host, port)| node_info(host, *port, sentinel_password.as_deref()))
-                .collect(),
-            master_name: master_name.clone(),
-            node_password: settings.redis.password.clone(),
-        },
+        } => {
+            let sentinel_password = sentinel_password.as_ref().map(|p| p.expose_secret());
+            Discovery::Sentinels {
+                sentinels: hosts
+                    .iter()
+                    .map(|(host, port)| node_info(host, *port, sentinel_password))
+                    .collect(),
+                master_name: master_name.clone(),
+                node_password: password.map(str::to_string),
+            }
+        }
     };
     let slot = Arc::new(MasterSlot::default());
-    let resolver = Resolver::start(
+    let registry = Arc::new(InstanceRegistry::new(
+        &settings.redis.key_prefix,
+        &settings.instance_name,
+    ));
+    let (resolver, first_round) = Resolver::start(
         ResolverSettings {
             discovery,
-            mode: settings.redis.mode,
-            pool_size: settings.redis.pool_size,
-            timeout: settings.redis.timeout,
+            connections: ConnectionSettings {
+                mode: settings.redis.mode,
+                pool_size: settings.redis.pool_size,
+                timeout: settings.redis.timeout,
+            },
             poll: settings.redis.poll,
-            instance_name: settings.instance_name.clone(),
-            key_prefix: settings.redis.key_prefix.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
         },
         slot.clone(),
-    );
+    )
+    .map_err(|err| StartupError::Thread("discovery", err))?;
+    // The round is bounded by the Redis timeouts; a resolver that died early only means
+    // starting unready, which discovery's next round mends.
+    let _ = first_round.await;
     let store = RedisStore::new(
-        slot.clone(),
-        settings.redis.mode,
+        slot,
         settings.redis.key_prefix.clone(),
         settings.redis.timeout,
     );
-    let count: InstanceCount = Arc::new(move || {
-        fixed_instances.unwrap_or_else(|| slot.live_instances.load(Ordering::Relaxed))
-    });
-    Ok((Arc::new(store), true, count, Some(resolver)))
+    let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
+    Ok((Buckets::Shared(Arc::new(store)), count, Some(resolver)))
 }

@@ -5,8 +5,27 @@
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 
-use crate::config::HeaderMode;
-use crate::rate_limiter::Verdict;
+use crate::decision::Verdict;
+
+/// How a limited response describes the client's quota (`RATELIMIT_HEADERS`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
+)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
+pub enum HeaderMode {
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
+    Draft,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    Legacy,
+    Both,
+    None,
+}
+
+impl HeaderMode {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
 
 /// The one policy this service enforces, as headers and problem bodies name it.
 pub const POLICY_NAME: &str = "default";
@@ -31,22 +50,22 @@ pub fn retry_after_secs(retry_after_us: u64) -> u64 {
 pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, HeaderValue)> {
     let draft = matches!(mode, HeaderMode::Draft | HeaderMode::Both);
     let legacy = matches!(mode, HeaderMode::Legacy | HeaderMode::Both);
-    let policy = &verdict.policy;
+    let limit = verdict.limit();
     let mut headers = Vec::with_capacity(5);
     if draft {
         headers.push((
             RATELIMIT_POLICY,
             formatted(format_args!(
                 "\"{POLICY_NAME}\";q={};w={}",
-                policy.capacity(),
-                policy.window_secs()
+                limit.capacity(),
+                limit.window_secs()
             )),
         ));
     }
     if legacy {
-        headers.push((X_RATELIMIT_LIMIT, HeaderValue::from(policy.capacity())));
+        headers.push((X_RATELIMIT_LIMIT, HeaderValue::from(limit.capacity())));
     }
-    if let Some(decision) = &verdict.decision {
+    if let Verdict::Decided { decision, .. } = verdict {
         if draft {
             headers.push((
                 RATELIMIT,
@@ -68,7 +87,7 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, He
     headers
 }
 
-/// Which part of the system decided (`Source::as_str`); on every limited response.
+/// Which part of the system decided (`decision::Source`); on every limited response.
 pub const X_RATELIMIT_SOURCE: HeaderName = HeaderName::from_static("x-ratelimit-source");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -85,8 +104,8 @@ fn formatted(text: std::fmt::Arguments<'_>) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::{Decision, Policy};
-    use crate::rate_limiter::Source;
+    use crate::bucket::{Decision, Limit, LimitSpec};
+    use crate::decision::Bucket;
 
     fn as_text(headers: Vec<(HeaderName, HeaderValue)>) -> Vec<(String, String)> {
         headers
@@ -100,10 +119,19 @@ mod tests {
     }
 
     fn verdict(decision: Option<Decision>) -> Verdict {
-        Verdict {
-            source: Source::Redis,
-            policy: Policy::parse(10, 60, 10).unwrap(),
-            decision,
+        let limit = Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 60,
+            burst: 10,
+        })
+        .unwrap();
+        match decision {
+            Some(decision) => Verdict::Decided {
+                bucket: Bucket::Shared,
+                limit,
+                decision,
+            },
+            None => Verdict::Open { limit },
         }
     }
 

@@ -1,5 +1,59 @@
-//! The HTTP layer: routes, the quota headers, and the JSON error bodies.
+//! The HTTP edge: the route table, the quota headers, and the one problem shape of every
+//! error answer.
+//!
+//! - [`routes`]: the handlers and the state they share.
+//! - [`headers`]: `RateLimit`/`RateLimit-Policy` and the legacy `X-RateLimit-*`.
+//! - [`problem`]: `application/problem+json` for 400, 404, 405, 429 and 503.
 
-pub mod error;
 pub mod headers;
+pub mod problem;
 pub mod routes;
+
+use std::time::Instant;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::ServiceResponse;
+use actix_web::{guard, web};
+
+use crate::metrics::Metrics;
+
+/// A route's name in metrics: attached to its resource, so the label is the route actix
+/// matched (`/limited%5Fendpoint` counts as `/limited_endpoint`), from this one table.
+#[derive(Debug, Clone, Copy)]
+struct RouteLabel(&'static str);
+
+/// Every route. Anything else is a 404; a known path with another method a 405.
+pub fn configure(config: &mut web::ServiceConfig) {
+    let get = || web::route().guard(guard::Any(guard::Get()).or(guard::Head()));
+    let endpoint = |path: &'static str, handler: actix_web::Route| {
+        web::resource(path)
+            .app_data(RouteLabel(path))
+            .route(handler)
+            .default_service(web::to(problem::method_not_allowed))
+    };
+    config
+        .service(endpoint("/", get().to(routes::index)))
+        .service(endpoint("/health", get().to(routes::health)))
+        .service(endpoint("/ready", get().to(routes::ready)))
+        .service(endpoint("/metrics", get().to(routes::metrics)))
+        .service(endpoint(
+            "/limited_endpoint",
+            get().to(routes::limited_endpoint),
+        ))
+        .default_service(web::to(problem::not_found));
+}
+
+/// Counts a finished request by the route it matched and its status, and times it from
+/// `started`.
+pub fn record<B: MessageBody + 'static>(
+    metrics: &Metrics,
+    started: Instant,
+    response: ServiceResponse<B>,
+) -> ServiceResponse<BoxBody> {
+    let route = response
+        .request()
+        .app_data::<RouteLabel>()
+        .map_or("other", |label| label.0);
+    metrics.http_request(route, response.status().as_u16(), started.elapsed());
+    response.map_into_boxed_body()
+}

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::{Store, StoreFuture};
+use crate::bucket::{self, BucketState, Decision, Limit};
 use crate::identity::ClientKey;
-use crate::limiter::{BucketState, Decision, Policy, bucket};
 
 /// Enough shards that worker threads rarely wait on one another.
 const SHARDS: usize = 64;
@@ -73,7 +73,7 @@ impl MemoryStore {
     }
 
     /// [`Store::take`] at an explicit time, so tests can drive the clock.
-    pub fn take_at(&self, key: &ClientKey, policy: &Policy, now_us: u64) -> Decision {
+    pub fn take_at(&self, key: &ClientKey, limit: &Limit, now_us: u64) -> Decision {
         let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
         // A poisoned shard only means another thread panicked mid-update of plain data;
         // the map is still consistent, so keep serving.
@@ -81,11 +81,11 @@ impl MemoryStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let state = shard.buckets.get(key).copied();
-        let (decision, new_state) = bucket::take(policy, state, now_us);
+        let (decision, new_state) = bucket::take(limit, state, now_us);
         if let Some(new_state) = new_state {
             shard.buckets.insert(*key, new_state);
             if shard.buckets.len() >= shard.sweep_at_len
-                && shard.shrink(policy, now_us, self.shard_capacity)
+                && shard.shrink(limit, now_us, self.shard_capacity)
                 && !self.evicted.swap(true, Ordering::Relaxed)
             {
                 log::warn!(
@@ -98,8 +98,8 @@ impl MemoryStore {
     }
 
     /// Takes a token now, on this store's clock.
-    pub fn take_now(&self, key: &ClientKey, policy: &Policy) -> Decision {
-        self.take_at(key, policy, self.now_us())
+    pub fn take_now(&self, key: &ClientKey, limit: &Limit) -> Decision {
+        self.take_at(key, limit, self.now_us())
     }
 
     /// How many buckets are held, full ones not yet swept included.
@@ -125,9 +125,9 @@ impl Shard {
     /// Drops the buckets that are full again; if the shard still holds more than
     /// `shard_capacity`, forgets those closest to full down to 7/8 of it, so the cost of a
     /// pass is shared by the next eighth of inserts. Says whether it had to forget any.
-    fn shrink(&mut self, policy: &Policy, now_us: u64, shard_capacity: usize) -> bool {
-        let capacity = policy.capacity_units();
-        let missing = |state: &BucketState| capacity - bucket::refill(policy, Some(*state), now_us);
+    fn shrink(&mut self, limit: &Limit, now_us: u64, shard_capacity: usize) -> bool {
+        let capacity = limit.capacity_units();
+        let missing = |state: &BucketState| capacity - bucket::refill(limit, Some(*state), now_us);
         self.buckets.retain(|_, state| missing(state) > 0);
         let over = self.buckets.len() > shard_capacity;
         if over {
@@ -151,8 +151,8 @@ impl Shard {
 }
 
 impl Store for MemoryStore {
-    fn take(&self, key: ClientKey, policy: Policy) -> StoreFuture<'_, Decision> {
-        let decision = self.take_now(&key, &policy);
+    fn take(&self, key: ClientKey, limit: Limit) -> StoreFuture<'_, Decision> {
+        let decision = self.take_now(&key, &limit);
         Box::pin(std::future::ready(Ok(decision)))
     }
 
@@ -164,6 +164,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bucket::LimitSpec;
     use std::net::Ipv4Addr;
 
     fn key(n: u32) -> ClientKey {
@@ -173,23 +174,33 @@ mod tests {
     #[test]
     fn clients_have_separate_buckets() {
         let store = MemoryStore::default();
-        let policy = Policy::parse(1, 60, 1).unwrap();
-        assert!(store.take_at(&key(1), &policy, 0).allowed);
-        assert!(!store.take_at(&key(1), &policy, 1).allowed);
-        assert!(store.take_at(&key(2), &policy, 1).allowed);
+        let limit = Limit::parse(LimitSpec {
+            rate: 1,
+            window_s: 60,
+            burst: 1,
+        })
+        .unwrap();
+        assert!(store.take_at(&key(1), &limit, 0).allowed);
+        assert!(!store.take_at(&key(1), &limit, 1).allowed);
+        assert!(store.take_at(&key(2), &limit, 1).allowed);
     }
 
     #[test]
     fn buckets_that_have_refilled_are_dropped() {
         let store = MemoryStore::new(usize::MAX / 2);
-        let policy = Policy::parse(10, 1, 10).unwrap();
+        let limit = Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 1,
+            burst: 10,
+        })
+        .unwrap();
         let old_clients = (SHARDS * MIN_SWEEP_LEN) as u32;
         for n in 0..old_clients {
-            store.take_at(&key(n), &policy, 0);
+            store.take_at(&key(n), &limit, 0);
         }
         // One second later every old bucket is full; new traffic sweeps every shard.
         for n in 0..old_clients * 4 {
-            store.take_at(&key(n + 10_000_000), &policy, 1_000_000);
+            store.take_at(&key(n + 10_000_000), &limit, 1_000_000);
         }
         let old_still_held = (0..old_clients).filter(|n| store.holds(&key(*n))).count();
         assert_eq!(old_still_held, 0);
@@ -198,20 +209,30 @@ mod tests {
     #[test]
     fn buckets_still_refilling_are_kept() {
         let store = MemoryStore::default();
-        let policy = Policy::parse(1, 3600, 1).unwrap();
-        store.take_at(&key(7), &policy, 0);
+        let limit = Limit::parse(LimitSpec {
+            rate: 1,
+            window_s: 3600,
+            burst: 1,
+        })
+        .unwrap();
+        store.take_at(&key(7), &limit, 0);
         for n in 0..(SHARDS * MIN_SWEEP_LEN * 2) as u32 {
-            store.take_at(&key(n + 100), &policy, 1);
+            store.take_at(&key(n + 100), &limit, 1);
         }
-        assert!(!store.take_at(&key(7), &policy, 2).allowed);
+        assert!(!store.take_at(&key(7), &limit, 2).allowed);
     }
 
     #[test]
     fn the_store_never_holds_more_than_its_capacity() {
         let store = MemoryStore::new(SHARDS * 16);
-        let policy = Policy::parse(10, 3600, 10).unwrap();
+        let limit = Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 3600,
+            burst: 10,
+        })
+        .unwrap();
         for n in 0..(SHARDS * 16 * 10) as u32 {
-            store.take_at(&key(n), &policy, u64::from(n));
+            store.take_at(&key(n), &limit, u64::from(n));
             assert!(store.len() <= SHARDS * 16, "{} buckets", store.len());
         }
     }
@@ -219,16 +240,21 @@ mod tests {
     #[test]
     fn a_full_store_forgets_the_buckets_closest_to_full_first() {
         let store = MemoryStore::new(SHARDS * 16);
-        let policy = Policy::parse(10, 3600, 10).unwrap();
+        let limit = Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 3600,
+            burst: 10,
+        })
+        .unwrap();
         let drained = key(u32::MAX);
         for _ in 0..10 {
-            assert!(store.take_at(&drained, &policy, 0).allowed);
+            assert!(store.take_at(&drained, &limit, 0).allowed);
         }
         // Each of these clients misses one token; the drained one misses ten.
         for n in 0..(SHARDS * 16 * 10) as u32 {
-            store.take_at(&key(n), &policy, 1);
+            store.take_at(&key(n), &limit, 1);
         }
         assert!(store.holds(&drained));
-        assert!(!store.take_at(&drained, &policy, 2).allowed);
+        assert!(!store.take_at(&drained, &limit, 2).allowed);
     }
 }

@@ -1,60 +1,111 @@
 //! Where buckets live: one trait with one atomic operation, and its implementations.
 //!
 //! - [`memory::MemoryStore`]: in this process; the embedded default and the fallback.
-//! - [`redis::RedisStore`]: shared by every instance, on the master that the [`sentinel`]
-//!   resolver keeps current.
+//! - [`redis::RedisStore`]: shared by every instance, on the master that
+//!   [`redis::discovery`] keeps current.
 
 pub mod memory;
 pub mod redis;
-pub mod sentinel;
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
 use thiserror::Error;
 
+use crate::bucket::{Decision, Limit};
 use crate::identity::ClientKey;
-use crate::limiter::{Decision, Policy};
 
-/// Why a store could not decide. A denial is not an error: it is a [`Decision`].
+/// Why a store could not decide, sorted by what the decision layer does about it. A
+/// denial is not an error: it is a [`Decision`]. The Redis error, where there is one, is
+/// kept as the source for logs.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("timed out after {0} ms")]
-    Timeout(u64),
-    #[error("no connection: {0}")]
-    Connection(String),
+    /// No answer in time: the node may be paused, overloaded or gone.
+    #[error("timed out after {after_ms} ms")]
+    Timeout {
+        after_ms: u64,
+        #[source]
+        source: Option<::redis::RedisError>,
+    },
+    /// No usable master can be reached now.
+    #[error("{cause}")]
+    Unavailable {
+        cause: Unavailable,
+        #[source]
+        source: Option<::redis::RedisError>,
+    },
+    /// The node answered as a replica (`READONLY`): it is no longer the master.
     #[error("the node is a read-only replica (READONLY)")]
-    ReadOnly,
-    #[error("the master has too few replicas to accept writes (NOREPLICAS)")]
+    MasterChanged {
+        #[source]
+        source: ::redis::RedisError,
+    },
+    /// An answer the store did not expect; retrying elsewhere would not help.
+    #[error("unexpected answer: {source}")]
+    Other {
+        #[source]
+        source: ::redis::RedisError,
+    },
+}
+
+/// Why no usable master can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Refused, reset or not connectable.
+    NoConnection(String),
+    /// The master has too few replicas to accept writes (`min-replicas-to-write`).
     NoReplicas,
-    #[error("the node is loading its data set (LOADING)")]
+    /// The node is still loading its data set.
     Loading,
-    #[error("no usable Redis master: {0}")]
+    /// Discovery has no confirmed master, for this reason.
     NoMaster(String),
-    #[error("the script is missing (NOSCRIPT) even after reloading it")]
-    NoScript,
-    #[error("unexpected answer: {0}")]
-    Other(String),
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unavailable::NoConnection(detail) => write!(f, "no connection: {detail}"),
+            Unavailable::NoReplicas => {
+                f.write_str("the master has too few replicas to accept writes (NOREPLICAS)")
+            }
+            Unavailable::Loading => f.write_str("the node is loading its data set (LOADING)"),
+            Unavailable::NoMaster(reason) => write!(f, "no usable Redis master: {reason}"),
+        }
+    }
 }
 
 impl StoreError {
+    pub fn unavailable(cause: Unavailable) -> Self {
+        StoreError::Unavailable {
+            cause,
+            source: None,
+        }
+    }
+
     /// A stable, low-cardinality name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Timeout(_) => "timeout",
-            StoreError::Connection(_) | StoreError::NoMaster(_) => "connection",
-            StoreError::ReadOnly => "readonly",
-            StoreError::NoReplicas => "noreplicas",
-            StoreError::Loading => "loading",
-            StoreError::NoScript => "noscript",
-            StoreError::Other(_) => "other",
+            StoreError::Timeout { .. } => "timeout",
+            StoreError::Unavailable { cause, .. } => match cause {
+                Unavailable::NoConnection(_) | Unavailable::NoMaster(_) => "connection",
+                Unavailable::NoReplicas => "noreplicas",
+                Unavailable::Loading => "loading",
+            },
+            StoreError::MasterChanged { .. } => "readonly",
+            StoreError::Other { source } if source.kind() == noscript() => "noscript",
+            StoreError::Other { .. } => "other",
         }
     }
 
     /// Whether the node we talk to may no longer be the master, so discovery should run now.
     pub fn suggests_master_change(&self) -> bool {
-        !matches!(self, StoreError::Other(_) | StoreError::NoScript)
+        !matches!(self, StoreError::Other { .. })
     }
+}
+
+fn noscript() -> ::redis::ErrorKind {
+    ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript)
 }
 
 /// What a store call returns: it may wait on the network.
@@ -62,8 +113,8 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 
 /// A place that keeps token buckets and can take a token from one atomically.
 pub trait Store: Send + Sync + 'static {
-    /// Takes one token from `key`'s bucket under `policy`, as one atomic step.
-    fn take(&self, key: ClientKey, policy: Policy) -> StoreFuture<'_, Decision>;
+    /// Takes one token from `key`'s bucket under `limit`, as one atomic step.
+    fn take(&self, key: ClientKey, limit: Limit) -> StoreFuture<'_, Decision>;
 
     /// Whether the store can decide right now, for `/ready`.
     fn check_ready(&self) -> StoreFuture<'_, ()>;

@@ -157,13 +157,18 @@ async fn the_index_health_and_ready_routes_are_never_limited() {
 }
 
 #[tokio::test]
-async fn unknown_paths_are_404_json_and_wrong_methods_405() {
+async fn unknown_paths_are_404_and_wrong_methods_405_both_as_problems() {
     let app = TestApp::spawn(&[]);
     let client = client();
     let missing = client.get(app.at("/nope")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
-    assert_eq!(header(&missing, "Content-Type"), "application/json");
+    assert_eq!(header(&missing, "Content-Type"), "application/problem+json");
     assert_eq!(header(&missing, "X-Instance"), "test");
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"type": "about:blank", "title": "Not Found", "status": 404})
+    );
     let post = client
         .post(app.at("/limited_endpoint"))
         .send()
@@ -171,7 +176,10 @@ async fn unknown_paths_are_404_json_and_wrong_methods_405() {
         .unwrap();
     assert_eq!(post.status(), 405);
     assert_eq!(header(&post, "Allow"), "GET, HEAD");
+    assert_eq!(header(&post, "Content-Type"), "application/problem+json");
     let body: serde_json::Value = post.json().await.unwrap();
+    assert_eq!(body["type"], "about:blank");
+    assert_eq!(body["title"], "Method Not Allowed");
     assert_eq!(body["status"], 405);
 }
 

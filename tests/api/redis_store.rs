@@ -5,10 +5,12 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ratelimiter::bucket::{self, Decision, Limit, LimitSpec};
 use ratelimiter::identity::ClientKey;
-use ratelimiter::limiter::{Decision, Policy, bucket};
 use ratelimiter::store::memory::MemoryStore;
-use ratelimiter::store::redis::{ConnectionMode, Master, MasterSlot, RedisStore};
+use ratelimiter::store::redis::{
+    ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
+};
 
 use crate::support::{RedisProcess, TestApp, client, header, unique_prefix, wait_until};
 
@@ -21,8 +23,13 @@ fn redis_store(redis: &RedisProcess, prefix: &str, mode: ConnectionMode) -> Redi
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
     let timeout = Duration::from_secs(2);
     let slot = Arc::new(MasterSlot::default());
-    slot.install(Arc::new(Master::open(info, mode, 2, timeout).unwrap()));
-    RedisStore::new(slot, mode, prefix.to_string(), timeout)
+    let connections = ConnectionSettings {
+        mode,
+        pool_size: 2,
+        timeout,
+    };
+    slot.install(Arc::new(Master::open(info, connections).unwrap()));
+    RedisStore::new(slot, prefix.to_string(), timeout)
 }
 
 /// One row of the parity table: a policy and the times (µs) at which one client asks.
@@ -106,7 +113,12 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
     for mode in MODES {
         let memory = MemoryStore::default();
         for (index, case) in parity_table().into_iter().enumerate() {
-            let policy = Policy::parse(case.rate, case.window_s, case.burst).unwrap();
+            let policy = Limit::parse(LimitSpec {
+                rate: case.rate,
+                window_s: case.window_s,
+                burst: case.burst,
+            })
+            .unwrap();
             let store = redis_store(&redis, &unique_prefix("parity"), mode);
             let key = ClientKey::V4(Ipv4Addr::new(10, 0, 0, index as u8));
             let mut state = None;
@@ -128,7 +140,12 @@ async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
     let prefix = unique_prefix("ttl");
     let store = redis_store(&redis, &prefix, ConnectionMode::Multiplexed);
     let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 1));
-    let policy = Policy::parse(10, 60, 10).unwrap();
+    let policy = Limit::parse(LimitSpec {
+        rate: 10,
+        window_s: 60,
+        burst: 10,
+    })
+    .unwrap();
     store.take_at(key, policy, None).await.unwrap();
     let pttl: i64 = redis.command(&["PTTL", &store.bucket_key(&key)]);
     assert!((5_900..=6_000).contains(&pttl), "PTTL {pttl}");
@@ -147,7 +164,12 @@ async fn a_returning_clients_key_lives_one_refill_time_and_its_next_decisions_wr
     );
     let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 4));
     let bucket_key = store.bucket_key(&key);
-    let policy = Policy::parse(10, 60, 10).unwrap();
+    let policy = Limit::parse(LimitSpec {
+        rate: 10,
+        window_s: 60,
+        burst: 10,
+    })
+    .unwrap();
     store.take_at(key, policy, None).await.unwrap();
     store.take_at(key, policy, None).await.unwrap();
     // Ten tokens take 60 s to come back: the longest this bucket can need.
@@ -171,7 +193,12 @@ async fn an_idle_key_disappears_after_its_refill_time() {
     let store = redis_store(&redis, &unique_prefix("idle"), ConnectionMode::Multiplexed);
     let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 2));
     // Ten per second: one token is back 100 ms after it was taken.
-    let policy = Policy::parse(10, 1, 10).unwrap();
+    let policy = Limit::parse(LimitSpec {
+        rate: 10,
+        window_s: 1,
+        burst: 10,
+    })
+    .unwrap();
     store.take_at(key, policy, None).await.unwrap();
     let bucket_key = store.bucket_key(&key);
     assert_eq!(redis.command::<i64>(&["EXISTS", &bucket_key]), 1);
@@ -185,7 +212,12 @@ async fn a_denial_writes_nothing_to_redis() {
     let redis = RedisProcess::server(None, &[]);
     let store = redis_store(&redis, &unique_prefix("deny"), ConnectionMode::Multiplexed);
     let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 3));
-    let policy = Policy::parse(1, 60, 1).unwrap();
+    let policy = Limit::parse(LimitSpec {
+        rate: 1,
+        window_s: 60,
+        burst: 1,
+    })
+    .unwrap();
     assert!(store.take_at(key, policy, None).await.unwrap().allowed);
     let before: Vec<String> = redis.command(&["HMGET", &store.bucket_key(&key), "tokens", "ts"]);
     assert!(!store.take_at(key, policy, None).await.unwrap().allowed);
@@ -273,7 +305,14 @@ async fn script_flush_is_recovered_without_a_failed_decision() {
 
 #[test]
 fn a_policy_too_large_for_exact_lua_arithmetic_is_refused_at_start() {
-    assert!(Policy::parse(1_000_000_000, 31_536_000, 1_000_000_000).is_err());
+    assert!(
+        Limit::parse(LimitSpec {
+            rate: 1_000_000_000,
+            window_s: 31_536_000,
+            burst: 1_000_000_000
+        })
+        .is_err()
+    );
 }
 
 /// Floods one client's bucket from 32 concurrent connections for `duration`; returns

@@ -1,20 +1,15 @@
-//! Operating the service: metrics and graceful shutdown. The metrics registry is
-//! process-wide, so these tests live in their own binary and run one at a time.
+//! Operating the service: metrics and graceful shutdown. Each service builds its own
+//! metrics handle, so these tests run side by side and count exactly.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 use support::{TestApp, client};
 
-/// Serialises the tests of this binary: they read process-wide counters.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[tokio::test]
 async fn metrics_count_decisions_by_outcome_and_source() {
-    let _serial = ONE_AT_A_TIME.lock().await;
     let app = TestApp::spawn(&[("RATE_LIMIT", "2"), ("INSTANCE_NAME", "metrics-test")]);
     let client = client();
-    let before = scrape(&client, &app).await;
     for _ in 0..5 {
         client
             .get(app.at("/limited_endpoint"))
@@ -25,12 +20,54 @@ async fn metrics_count_decisions_by_outcome_and_source() {
     let after = scrape(&client, &app).await;
     let allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
     let limited = r#"ratelimit_decisions_total{decision="limited",source="local"}"#;
-    assert_eq!(value(&after, allowed) - value(&before, allowed), 2.0);
-    assert_eq!(value(&after, limited) - value(&before, limited), 3.0);
+    assert_eq!(value(&after, allowed), 2.0, "{after}");
+    assert_eq!(value(&after, limited), 3.0, "{after}");
     assert!(after.contains("ratelimit_build_info{version="), "{after}");
     assert!(
         after.contains(r#"ratelimit_http_requests_total{route="/limited_endpoint",status="429"}"#)
     );
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_the_route_actix_matched() {
+    let app = TestApp::spawn(&[]);
+    let client = client();
+    for path in [
+        "/limited%5Fendpoint",
+        "/limited_endpoint",
+        "/nope",
+        "/nope/2",
+    ] {
+        client.get(app.at(path)).send().await.unwrap();
+    }
+    let text = scrape(&client, &app).await;
+    let limited = r#"ratelimit_http_requests_total{route="/limited_endpoint",status="200"}"#;
+    let other = r#"ratelimit_http_requests_total{route="other",status="404"}"#;
+    assert_eq!(value(&text, limited), 2.0, "{text}");
+    assert_eq!(value(&text, other), 2.0, "{text}");
+}
+
+#[tokio::test]
+async fn two_services_in_one_process_keep_their_own_fallback_gauge() {
+    let unreachable = format!("redis://127.0.0.1:{}", support::free_port());
+    let degraded = TestApp::spawn(&[("REDIS_URL", &unreachable), ("REDIS_TIMEOUT_MS", "50")]);
+    let healthy = TestApp::spawn(&[]);
+    let client = client();
+    client
+        .get(degraded.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(healthy.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    let gauge = "ratelimit_fallback_active";
+    let degraded_text = scrape(&client, &degraded).await;
+    assert_eq!(value(&degraded_text, gauge), 1.0, "{degraded_text}");
+    let healthy_text = scrape(&client, &healthy).await;
+    assert_eq!(value(&healthy_text, gauge), 0.0, "{healthy_text}");
 }
 
 async fn scrape(client: &reqwest::Client, app: &TestApp) -> String {
@@ -113,7 +150,6 @@ impl Drop for Service {
 
 #[tokio::test]
 async fn sigterm_lets_every_in_flight_request_finish_and_exits_0() {
-    let _serial = ONE_AT_A_TIME.lock().await;
     let redis = support::RedisProcess::server(None, &[]);
     let mut service = Service::start(&[
         ("REDIS_URL", &redis.url()),
@@ -208,7 +244,6 @@ fn every_message_the_operators_guide_quotes_is_one_the_service_prints() {
 
 #[tokio::test]
 async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_returns() {
-    let _serial = ONE_AT_A_TIME.lock().await;
     let mut redis = support::RedisProcess::server(None, &[]);
     let port = redis.port;
     let app = TestApp::spawn(&[

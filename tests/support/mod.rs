@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ratelimiter::config::Settings;
+use ratelimiter::settings::Settings;
 use ratelimiter::startup::Application;
 
 pub const PASSWORD: &str = "test-secret";
@@ -395,7 +395,9 @@ impl TestApp {
         let (sender, receiver) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_rt::System::new().block_on(async move {
-                let app = Application::build(settings).expect("the service starts");
+                let app = Application::build(settings)
+                    .await
+                    .expect("the service starts");
                 sender
                     .send((app.port(), app.handle()))
                     .expect("report the port");

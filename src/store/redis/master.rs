@@ -1,4 +1,4 @@
-//! The current master: what the resolver installs and the store decides through.
+//! The current master: what discovery installs and the store decides through.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -8,56 +8,69 @@ use arc_swap::ArcSwapOption;
 use redis::ConnectionInfo;
 
 use super::node::NodeManager;
-use crate::store::StoreError;
+use crate::store::{StoreError, Unavailable};
 
-/// How decisions reach the master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How decisions reach the master (`REDIS_CLIENT`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
+)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum ConnectionMode {
     /// One multiplexed async connection per worker thread: requests on a worker are
     /// pipelined on its connection and never leave its thread.
     Multiplexed,
-    /// An r2d2 pool of blocking connections, used through Actix's blocking threads.
+    /// An r2d2 pool of blocking connections, used from tokio's blocking threads.
     Pool,
 }
 
 impl ConnectionMode {
     pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectionMode::Multiplexed => "multiplexed",
-            ConnectionMode::Pool => "pool",
-        }
+        self.into()
     }
 }
 
 /// Tells masters apart even when one is dropped and another allocated in its place.
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
-/// One confirmed master, and the pool of connections to it in [`ConnectionMode::Pool`].
+/// How this instance holds connections to one master. The pool exists exactly when the
+/// mode says so: a pool-mode master without a pool cannot be built.
+pub enum Connections {
+    /// Each worker thread opens its own connection on first use (see `RedisStore`).
+    Multiplexed,
+    Pool(r2d2::Pool<NodeManager>),
+}
+
+/// One confirmed master.
 pub struct Master {
     pub addr: String,
     pub info: ConnectionInfo,
     /// Unique per [`Master::open`], so connections made for an older master are never reused.
     pub generation: u64,
-    pub(super) pool: Option<r2d2::Pool<NodeManager>>,
+    pub connections: Connections,
+}
+
+/// What [`Master::open`] needs besides the address.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionSettings {
+    pub mode: ConnectionMode,
+    /// Connections per instance in [`ConnectionMode::Pool`].
+    pub pool_size: u32,
+    /// Bounds every step: connect, read, write, and a pool checkout.
+    pub timeout: Duration,
 }
 
 impl Master {
     /// A master to decide through. In pool mode the pool is filled with one connection
     /// first, so a master that cannot be reached is not installed.
-    pub fn open(
-        info: ConnectionInfo,
-        mode: ConnectionMode,
-        pool_size: u32,
-        timeout: Duration,
-    ) -> Result<Self, StoreError> {
+    pub fn open(info: ConnectionInfo, settings: ConnectionSettings) -> Result<Self, StoreError> {
         let addr = info.addr().to_string();
-        let pool = match mode {
-            ConnectionMode::Multiplexed => None,
-            ConnectionMode::Pool => Some(
+        let connections = match settings.mode {
+            ConnectionMode::Multiplexed => Connections::Multiplexed,
+            ConnectionMode::Pool => Connections::Pool(
                 r2d2::Pool::builder()
-                    .max_size(pool_size.max(1))
+                    .max_size(settings.pool_size.max(1))
                     .min_idle(Some(1))
-                    .connection_timeout(timeout)
+                    .connection_timeout(settings.timeout)
                     // Every checkout already proves the connection by using it; a PING
                     // first would double the round trips.
                     .test_on_check_out(false)
@@ -66,33 +79,33 @@ impl Master {
                     .error_handler(Box::new(r2d2::NopErrorHandler))
                     .build(NodeManager {
                         info: info.clone(),
-                        timeout,
+                        timeout: settings.timeout,
                     })
-                    .map_err(|err| StoreError::Connection(format!("{addr}: {err}")))?,
+                    .map_err(|err| {
+                        StoreError::unavailable(Unavailable::NoConnection(format!("{addr}: {err}")))
+                    })?,
             ),
         };
         Ok(Self {
             addr,
             info,
             generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
-            pool,
+            connections,
         })
     }
 }
 
-/// The current master, shared by the store (which uses it) and the resolver (which
-/// replaces it), and the resolver's doorbell.
+/// The current master, shared by the store (which uses it) and discovery (which
+/// replaces it), and discovery's doorbell.
 pub struct MasterSlot {
     current: ArcSwapOption<Master>,
-    /// False from the first failure that suggests a master change until the resolver has
+    /// False from the first failure that suggests a master change until discovery has
     /// confirmed a master again; meanwhile decisions fall back at once instead of each
     /// waiting out a timeout.
     usable: AtomicBool,
     reason: Mutex<String>,
     wake: Mutex<bool>,
     woken: Condvar,
-    /// Instances that announced themselves in Redis recently, for the local fallback.
-    pub live_instances: AtomicU64,
 }
 
 impl Default for MasterSlot {
@@ -103,7 +116,6 @@ impl Default for MasterSlot {
             reason: Mutex::new("no master resolved yet".into()),
             wake: Mutex::new(false),
             woken: Condvar::new(),
-            live_instances: AtomicU64::new(1),
         }
     }
 }
@@ -111,6 +123,16 @@ impl Default for MasterSlot {
 impl MasterSlot {
     pub fn current(&self) -> Option<Arc<Master>> {
         self.current.load_full()
+    }
+
+    /// The master to use now, unless a failure has made the slot unusable.
+    pub fn usable_master(&self) -> Result<Arc<Master>, StoreError> {
+        match self.current() {
+            Some(master) if self.is_usable() => Ok(master),
+            _ => Err(StoreError::unavailable(Unavailable::NoMaster(
+                self.reason(),
+            ))),
+        }
     }
 
     pub fn is_usable(&self) -> bool {
@@ -133,7 +155,7 @@ impl MasterSlot {
     }
 
     /// Records that `master` failed. Only the first report for the current master rings
-    /// the resolver; a stampede of failing requests rings it once. Returns whether this
+    /// discovery; a stampede of failing requests rings it once. Returns whether this
     /// report was that first one.
     pub fn report_failure(&self, master: &Arc<Master>, error: &StoreError) -> bool {
         let is_current = self
@@ -159,7 +181,7 @@ impl MasterSlot {
         was_usable
     }
 
-    /// Wakes the resolver now instead of at its next poll.
+    /// Wakes discovery now instead of at its next poll.
     pub fn ring(&self) {
         if let Ok(mut rung) = self.wake.lock() {
             *rung = true;

@@ -1,28 +1,35 @@
-//! Buckets in Redis: one Lua script per decision, on the master that the resolver thread
-//! ([`crate::store::sentinel`]) keeps in a [`MasterSlot`].
+//! Buckets in Redis: one Lua script per decision, on the master that [`discovery`] keeps
+//! in a [`MasterSlot`].
 //!
-//! Two ways to reach it ([`ConnectionMode`]): a multiplexed async connection per worker
-//! thread (the default: no thread hop, and concurrent decisions share one round trip's
-//! system calls), or an r2d2 pool of blocking connections used from Actix's blocking
-//! threads. `docs/BENCHMARKS.md` compares them. Either way, a failure that suggests the
-//! master changed drops the connection and rings the resolver.
+//! - [`node`]: connections to one node, every step bounded by a timeout.
+//! - [`master`]: the current master, its generation and its connections.
+//! - [`discovery`]: the resolver thread that finds and confirms the master.
+//! - [`registry`]: the instances that share the limits, for the local fallback.
+//!
+//! Every command goes through one path, [`Inner::query`]: it picks the connection the
+//! master's [`Connections`] say (a multiplexed async connection per worker thread, or an
+//! r2d2 pool used from tokio's blocking threads; `docs/BENCHMARKS.md` compares them),
+//! reloads the script once on `NOSCRIPT`, and tells discovery when a failure suggests the
+//! master changed.
 
-mod master;
-mod node;
+pub mod discovery;
+pub mod master;
+pub mod node;
+pub mod registry;
 
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{ErrorKind, ServerErrorKind};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 
-pub use master::{ConnectionMode, Master, MasterSlot};
+pub use master::{ConnectionMode, ConnectionSettings, Connections, Master, MasterSlot};
 pub use node::{connect, node_info, with_password};
 
-use super::{Store, StoreError, StoreFuture};
+use super::{Store, StoreError, StoreFuture, Unavailable};
+use crate::bucket::{Decision, Limit, TOKEN_BUCKET_LUA};
 use crate::identity::ClientKey;
-use crate::limiter::{Decision, Policy, TOKEN_BUCKET_LUA};
 
 thread_local! {
     /// This thread's multiplexed connection and the generation of the master it goes to.
@@ -39,23 +46,18 @@ pub struct RedisStore {
 
 struct Inner {
     slot: Arc<MasterSlot>,
-    mode: ConnectionMode,
     script: redis::Script,
     key_prefix: String,
     timeout: Duration,
 }
 
 impl RedisStore {
-    pub fn new(
-        slot: Arc<MasterSlot>,
-        mode: ConnectionMode,
-        key_prefix: String,
-        timeout: Duration,
-    ) -> Self {
+    /// A store deciding on whatever master `slot` holds; `timeout` is the one every
+    /// connection of that master was opened with, named in timeout errors.
+    pub fn new(slot: Arc<MasterSlot>, key_prefix: String, timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 slot,
-                mode,
                 script: redis::Script::new(TOKEN_BUCKET_LUA),
                 key_prefix,
                 timeout,
@@ -68,43 +70,16 @@ impl RedisStore {
         self.inner.bucket_key(key)
     }
 
-    /// [`Store::take`] with an explicit clock (`now_us`), for the parity tests. A missing
-    /// script (`NOSCRIPT`, after a restart or `SCRIPT FLUSH`) is loaded and the command
-    /// sent again.
+    /// [`Store::take`] with an explicit clock (`now_us`), for the parity tests.
     pub async fn take_at(
         &self,
         key: ClientKey,
-        policy: Policy,
+        limit: Limit,
         now_us: Option<u64>,
     ) -> Result<Decision, StoreError> {
-        let inner = self.inner.clone();
-        let (allowed, tokens) = match self.inner.mode {
-            ConnectionMode::Multiplexed => {
-                let decide = inner.decide_cmd(&key, &policy, now_us);
-                inner
-                    .multiplexed(async |conn| match decide.query_async(conn).await {
-                        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                            inner.script.load_async(conn).await?;
-                            decide.query_async::<(u8, u64)>(conn).await
-                        }
-                        answer => answer,
-                    })
-                    .await?
-            }
-            ConnectionMode::Pool => actix_web::web::block(move || {
-                let decide = inner.decide_cmd(&key, &policy, now_us);
-                inner.pooled(|conn| match decide.query(conn) {
-                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                        inner.script.load(conn)?;
-                        decide.query::<(u8, u64)>(conn)
-                    }
-                    answer => answer,
-                })
-            })
-            .await
-            .unwrap_or_else(|err| Err(StoreError::Other(err.to_string())))?,
-        };
-        Ok(Decision::from_units(&policy, allowed == 1, tokens))
+        let decide = self.inner.decide_cmd(&key, &limit, now_us);
+        let (allowed, tokens): (u8, u64) = self.inner.query(decide).await?;
+        Ok(Decision::from_units(&limit, allowed == 1, tokens))
     }
 }
 
@@ -116,156 +91,180 @@ impl Inner {
     /// `EVALSHA` of the token-bucket script for `key`, written straight into one command
     /// buffer: a `ScriptInvocation` would allocate each argument separately first, on
     /// every decision.
-    fn decide_cmd(&self, key: &ClientKey, policy: &Policy, now_us: Option<u64>) -> redis::Cmd {
-        let mut cmd = redis::Cmd::with_capacity(8, 128);
+    fn decide_cmd(&self, key: &ClientKey, limit: &Limit, now_us: Option<u64>) -> Cmd {
+        let mut cmd = Cmd::with_capacity(8, 128);
         cmd.arg("EVALSHA")
             .arg(self.script.get_hash())
             .arg(1)
             .arg(self.bucket_key(key))
-            .arg(policy.capacity_units())
-            .arg(policy.refill_units_per_us())
-            .arg(policy.cost_units());
+            .arg(limit.capacity_units())
+            .arg(limit.refill_units_per_us())
+            .arg(limit.cost_units());
         if let Some(now_us) = now_us {
             cmd.arg(now_us);
         }
         cmd
     }
 
-    /// The master to use now, unless a failure has made the slot unusable.
-    fn master(&self) -> Result<Arc<Master>, StoreError> {
-        match self.slot.current() {
-            Some(master) if self.slot.is_usable() => Ok(master),
-            _ => Err(StoreError::NoMaster(self.slot.reason())),
-        }
-    }
-
-    /// Runs `call` on a pooled connection ([`ConnectionMode::Pool`]); blocks.
-    fn pooled<T>(
-        &self,
-        call: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> Result<T, StoreError> {
-        let master = self.master()?;
-        let pool = master.pool.as_ref().ok_or_else(|| {
-            StoreError::Other("this master was opened without a connection pool".into())
-        })?;
-        let result = pool
-            .get()
-            .map_err(|err| StoreError::Connection(format!("{}: {err}", master.addr)))
-            .and_then(|mut conn| {
-                call(&mut conn.connection).map_err(|err| {
-                    let error = classify(&err, self.timeout);
-                    conn.retired = error.suggests_master_change();
-                    error
-                })
-            });
-        self.after(&master, result)
-    }
-
-    /// Runs `call` on this thread's multiplexed connection to the master, connecting first
-    /// when there is none for the current master.
-    async fn multiplexed<T>(
-        &self,
-        call: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
-    ) -> Result<T, StoreError> {
-        let master = self.master()?;
-        let cached = WORKER_CONNECTION.with_borrow(|cached| match cached {
-            Some((generation, conn)) if *generation == master.generation => Some(conn.clone()),
-            _ => None,
-        });
-        let result = match cached {
-            Some(conn) => Ok(conn),
-            None => self.open_multiplexed(&master).await,
-        };
-        let result = match result {
-            Ok(mut conn) => call(&mut conn)
-                .await
-                .map_err(|err| classify(&err, self.timeout)),
-            Err(error) => Err(error),
-        };
-        if let Err(error) = &result
-            && error.suggests_master_change()
-        {
-            WORKER_CONNECTION.with_borrow_mut(|cached| {
-                if cached
-                    .as_ref()
-                    .is_some_and(|(g, _)| *g == master.generation)
-                {
-                    *cached = None;
+    /// Sends `cmd` to the current master. A node that lost the script (`NOSCRIPT`, after a
+    /// restart, a failover or `SCRIPT FLUSH`) is given it and asked again, on the same
+    /// master, so no decision fails for it.
+    async fn query<T: FromRedisValue + Send + 'static>(&self, cmd: Cmd) -> Result<T, StoreError> {
+        let master = self.slot.usable_master()?;
+        let result = match self.send::<T>(&master, cmd).await {
+            (cmd, Err(err)) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(TOKEN_BUCKET_LUA);
+                match self.send::<String>(&master, load).await.1 {
+                    Ok(_) => self.send::<T>(&master, cmd).await.1,
+                    Err(err) => Err(err),
                 }
-            });
-        }
-        self.after(&master, result)
-    }
-
-    async fn open_multiplexed(&self, master: &Master) -> Result<MultiplexedConnection, StoreError> {
-        let client =
-            redis::Client::open(master.info.clone()).map_err(|err| classify(&err, self.timeout))?;
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&node::async_config(self.timeout))
-            .await
-            .map_err(|err| classify(&err, self.timeout))?;
-        WORKER_CONNECTION.set(Some((master.generation, conn.clone())));
-        Ok(conn)
-    }
-
-    /// Tells the resolver when a failure suggests `master` is no longer usable.
-    fn after<T>(
-        &self,
-        master: &Arc<Master>,
-        result: Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+            }
+            (_, answer) => answer,
+        };
+        let result = result.map_err(|err| classify(&err, self.timeout));
         if let Err(error) = &result
             && error.suggests_master_change()
-            && self.slot.report_failure(master, error)
+            && self.slot.report_failure(&master, error)
         {
             log::warn!("Redis master {} stopped deciding: {error}", master.addr);
         }
         result
     }
+
+    /// Sends `cmd` over the connection `master`'s mode calls for, and hands `cmd` back
+    /// for a retry.
+    async fn send<T: FromRedisValue + Send + 'static>(
+        &self,
+        master: &Arc<Master>,
+        cmd: Cmd,
+    ) -> (Cmd, redis::RedisResult<T>) {
+        match &master.connections {
+            Connections::Multiplexed => {
+                let result = match self.worker_connection(master).await {
+                    Ok(mut conn) => cmd.query_async::<T>(&mut conn).await,
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = &result
+                    && classify(err, self.timeout).suggests_master_change()
+                {
+                    forget_worker_connection(master.generation);
+                }
+                (cmd, result)
+            }
+            Connections::Pool(pool) => {
+                let (pool, timeout, addr) = (pool.clone(), self.timeout, master.addr.clone());
+                let blocking = tokio::task::spawn_blocking(move || {
+                    let result = match pool.get() {
+                        Ok(mut conn) => {
+                            let result = cmd.query::<T>(&mut conn.connection);
+                            if let Err(err) = &result {
+                                conn.retired = classify(err, timeout).suggests_master_change();
+                            }
+                            result
+                        }
+                        Err(err) => Err(RedisError::from((
+                            ErrorKind::Io,
+                            "no pooled connection",
+                            format!("{addr}: {err}"),
+                        ))),
+                    };
+                    (cmd, result)
+                });
+                match blocking.await {
+                    Ok(sent) => sent,
+                    Err(join_error) => (
+                        Cmd::new(),
+                        Err(RedisError::from((
+                            ErrorKind::Client,
+                            "blocking task failed",
+                            join_error.to_string(),
+                        ))),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// This thread's multiplexed connection to `master`, opened on first use.
+    async fn worker_connection(
+        &self,
+        master: &Master,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        let cached = WORKER_CONNECTION.with_borrow(|cached| match cached {
+            Some((generation, conn)) if *generation == master.generation => Some(conn.clone()),
+            _ => None,
+        });
+        if let Some(conn) = cached {
+            return Ok(conn);
+        }
+        let conn = redis::Client::open(master.info.clone())?
+            .get_multiplexed_async_connection_with_config(&node::async_config(self.timeout))
+            .await?;
+        WORKER_CONNECTION.set(Some((master.generation, conn.clone())));
+        Ok(conn)
+    }
+}
+
+/// Drops this thread's connection if it was made for the master of `generation`.
+fn forget_worker_connection(generation: u64) {
+    WORKER_CONNECTION.with_borrow_mut(|cached| {
+        if cached.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *cached = None;
+        }
+    });
 }
 
 impl Store for RedisStore {
-    fn take(&self, key: ClientKey, policy: Policy) -> StoreFuture<'_, Decision> {
-        Box::pin(self.take_at(key, policy, None))
+    fn take(&self, key: ClientKey, limit: Limit) -> StoreFuture<'_, Decision> {
+        Box::pin(self.take_at(key, limit, None))
     }
 
     /// A real round trip to the master: a stale "ready" is worse than none.
     fn check_ready(&self) -> StoreFuture<'_, ()> {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            match inner.mode {
-                ConnectionMode::Multiplexed => {
-                    inner
-                        .multiplexed(async |conn| redis::cmd("PING").query_async::<()>(conn).await)
-                        .await
-                }
-                ConnectionMode::Pool => actix_web::web::block(move || {
-                    inner.pooled(|conn| redis::cmd("PING").query::<()>(conn))
-                })
-                .await
-                .unwrap_or_else(|err| Err(StoreError::Other(err.to_string()))),
-            }
-        })
+        Box::pin(self.inner.query::<()>(redis::cmd("PING")))
     }
 }
 
 /// Sorts a Redis failure into what the service does about it.
-pub fn classify(err: &redis::RedisError, timeout: Duration) -> StoreError {
+pub fn classify(err: &RedisError, timeout: Duration) -> StoreError {
+    let source = Some(err.clone());
+    let unavailable = |cause| StoreError::Unavailable {
+        cause,
+        source: source.clone(),
+    };
     match err.kind() {
-        ErrorKind::Server(ServerErrorKind::ReadOnly) => return StoreError::ReadOnly,
-        ErrorKind::Server(ServerErrorKind::BusyLoading) => return StoreError::Loading,
-        ErrorKind::Server(ServerErrorKind::NoScript) => return StoreError::NoScript,
+        ErrorKind::Server(ServerErrorKind::ReadOnly) => {
+            return StoreError::MasterChanged {
+                source: err.clone(),
+            };
+        }
+        ErrorKind::Server(ServerErrorKind::BusyLoading) => {
+            return unavailable(Unavailable::Loading);
+        }
+        ErrorKind::Server(ServerErrorKind::NoScript) => {
+            return StoreError::Other {
+                source: err.clone(),
+            };
+        }
         _ => {}
     }
     match err.code() {
-        Some("NOREPLICAS") => StoreError::NoReplicas,
-        Some("READONLY") => StoreError::ReadOnly,
-        Some("LOADING") => StoreError::Loading,
-        Some("MASTERDOWN") => StoreError::Connection(err.to_string()),
-        _ if err.is_timeout() => StoreError::Timeout(timeout.as_millis() as u64),
+        Some("NOREPLICAS") => unavailable(Unavailable::NoReplicas),
+        Some("READONLY") => StoreError::MasterChanged {
+            source: err.clone(),
+        },
+        Some("LOADING") => unavailable(Unavailable::Loading),
+        Some("MASTERDOWN") => unavailable(Unavailable::NoConnection(err.to_string())),
+        _ if err.is_timeout() => StoreError::Timeout {
+            after_ms: timeout.as_millis() as u64,
+            source,
+        },
         _ if err.is_io_error() || err.is_connection_refusal() || err.is_unrecoverable_error() => {
-            StoreError::Connection(err.to_string())
+            unavailable(Unavailable::NoConnection(err.to_string()))
         }
-        _ => StoreError::Other(err.to_string()),
+        _ => StoreError::Other {
+            source: err.clone(),
+        },
     }
 }

@@ -3,12 +3,12 @@
 //! `token_bucket.lua` mirrors [`take`] line by line for Redis; the parity tests run one
 //! table of cases against both.
 
-use super::policy::Policy;
+use super::limit::Limit;
 
 /// What a bucket remembers between requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketState {
-    /// Units held at `updated_us` (see [`Policy`] for units).
+    /// Units held at `updated_us` (see [`Limit`] for units).
     pub tokens: u64,
     /// When `tokens` was last written, in µs on the deciding clock.
     pub updated_us: u64,
@@ -30,20 +30,20 @@ pub struct Decision {
 impl Decision {
     /// Derives the client-facing figures from the units a bucket holds after deciding.
     /// Both stores call this, so headers cannot disagree between them.
-    pub fn from_units(policy: &Policy, allowed: bool, tokens: u64) -> Self {
-        let cost = policy.cost_units();
-        let capacity = policy.capacity_units();
+    pub fn from_units(limit: &Limit, allowed: bool, tokens: u64) -> Self {
+        let cost = limit.cost_units();
+        let capacity = limit.capacity_units();
         let tokens = tokens.min(capacity);
         let next_token_us = if tokens >= capacity {
             0
         } else {
-            policy.micros_to_gain(cost - tokens % cost)
+            limit.micros_to_gain(cost - tokens % cost)
         };
         Self {
             allowed,
             remaining: tokens / cost,
             next_token_us,
-            full_after_us: policy.micros_to_gain(capacity - tokens),
+            full_after_us: limit.micros_to_gain(capacity - tokens),
         }
     }
 
@@ -55,14 +55,14 @@ impl Decision {
 
 /// The units a bucket holds at `now_us`: a missing bucket is full, and a clock that went
 /// backwards (a failover to a node whose clock is behind) refills nothing.
-pub fn refill(policy: &Policy, state: Option<BucketState>, now_us: u64) -> u64 {
-    let capacity = policy.capacity_units();
+pub fn refill(limit: &Limit, state: Option<BucketState>, now_us: u64) -> u64 {
+    let capacity = limit.capacity_units();
     let Some(state) = state else {
         return capacity;
     };
     let elapsed = now_us.saturating_sub(state.updated_us);
     let missing = capacity.saturating_sub(state.tokens);
-    let gained = u128::from(elapsed) * u128::from(policy.refill_units_per_us());
+    let gained = u128::from(elapsed) * u128::from(limit.refill_units_per_us());
     if gained >= u128::from(missing) {
         capacity
     } else {
@@ -74,40 +74,46 @@ pub fn refill(policy: &Policy, state: Option<BucketState>, now_us: u64) -> u64 {
 /// state to store. A denial changes nothing: refill is linear, so the old state still
 /// describes the bucket exactly, and the store need not write.
 pub fn take(
-    policy: &Policy,
+    limit: &Limit,
     state: Option<BucketState>,
     now_us: u64,
 ) -> (Decision, Option<BucketState>) {
-    let tokens = refill(policy, state, now_us);
-    let cost = policy.cost_units();
+    let tokens = refill(limit, state, now_us);
+    let cost = limit.cost_units();
     if tokens < cost {
-        return (Decision::from_units(policy, false, tokens), None);
+        return (Decision::from_units(limit, false, tokens), None);
     }
     let tokens = tokens - cost;
     let new_state = BucketState {
         tokens,
         updated_us: now_us,
     };
-    (Decision::from_units(policy, true, tokens), Some(new_state))
+    (Decision::from_units(limit, true, tokens), Some(new_state))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::LimitSpec;
     use super::*;
     use proptest::prelude::*;
 
     const SECOND: u64 = 1_000_000;
 
-    fn default_policy() -> Policy {
-        Policy::parse(10, 60, 10).unwrap()
+    fn default_limit() -> Limit {
+        Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 60,
+            burst: 10,
+        })
+        .unwrap()
     }
 
     /// Replays `arrivals` (µs, ascending) through the bucket; returns admitted times.
-    fn admitted_at(policy: &Policy, arrivals: &[u64]) -> Vec<u64> {
+    fn admitted_at(limit: &Limit, arrivals: &[u64]) -> Vec<u64> {
         let mut state = None;
         let mut admitted = Vec::new();
         for &now in arrivals {
-            let (decision, new_state) = take(policy, state, now);
+            let (decision, new_state) = take(limit, state, now);
             if decision.allowed {
                 admitted.push(now);
             }
@@ -118,14 +124,14 @@ mod tests {
 
     #[test]
     fn ten_rapid_requests_pass_and_the_eleventh_waits_six_seconds() {
-        let policy = default_policy();
+        let limit = default_limit();
         let mut state = None;
         for i in 0..10 {
-            let (decision, new_state) = take(&policy, state, 1_000 + i);
+            let (decision, new_state) = take(&limit, state, 1_000 + i);
             assert!(decision.allowed, "request {i} should pass");
             state = new_state;
         }
-        let (decision, new_state) = take(&policy, state, 1_010);
+        let (decision, new_state) = take(&limit, state, 1_010);
         assert!(!decision.allowed);
         assert_eq!(new_state, None);
         assert_eq!(decision.remaining, 0);
@@ -134,22 +140,27 @@ mod tests {
 
     #[test]
     fn a_denied_client_is_admitted_exactly_when_told_to_retry() {
-        let policy = default_policy();
+        let limit = default_limit();
         let arrivals: Vec<u64> = (0..10).collect();
         let mut state = None;
         for &now in &arrivals {
-            state = take(&policy, state, now).1.or(state);
+            state = take(&limit, state, now).1.or(state);
         }
-        let (denied, _) = take(&policy, state, 10);
+        let (denied, _) = take(&limit, state, 10);
         let retry_at = 10 + denied.retry_after_us();
-        assert!(!take(&policy, state, retry_at - 1).0.allowed);
-        assert!(take(&policy, state, retry_at).0.allowed);
+        assert!(!take(&limit, state, retry_at - 1).0.allowed);
+        assert!(take(&limit, state, retry_at).0.allowed);
     }
 
     #[test]
     fn a_new_client_starts_with_a_full_bucket() {
-        let policy = Policy::parse(10, 60, 25).unwrap();
-        let (decision, _) = take(&policy, None, 0);
+        let limit = Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 60,
+            burst: 25,
+        })
+        .unwrap();
+        let (decision, _) = take(&limit, None, 0);
         assert!(decision.allowed);
         assert_eq!(decision.remaining, 24);
         assert_eq!(decision.full_after_us, 6 * SECOND);
@@ -157,8 +168,8 @@ mod tests {
 
     #[test]
     fn a_full_bucket_reports_no_wait_for_a_next_token() {
-        let policy = default_policy();
-        let decision = Decision::from_units(&policy, true, policy.capacity_units());
+        let limit = default_limit();
+        let decision = Decision::from_units(&limit, true, limit.capacity_units());
         assert_eq!(decision.next_token_us, 0);
         assert_eq!(decision.full_after_us, 0);
         assert_eq!(decision.remaining, 10);
@@ -166,21 +177,21 @@ mod tests {
 
     #[test]
     fn a_clock_that_goes_backwards_refills_nothing() {
-        let policy = default_policy();
+        let limit = default_limit();
         let state = BucketState {
             tokens: 0,
             updated_us: 100 * SECOND,
         };
-        assert_eq!(refill(&policy, Some(state), 40 * SECOND), 0);
+        assert_eq!(refill(&limit, Some(state), 40 * SECOND), 0);
     }
 
     #[test]
     fn one_request_passes_every_six_seconds_after_the_burst() {
-        let policy = default_policy();
+        let limit = default_limit();
         // Ten at t=0, then one attempt every second for a minute.
         let mut arrivals: Vec<u64> = vec![0; 10];
         arrivals.extend((1..=60).map(|s| s * SECOND));
-        let admitted = admitted_at(&policy, &arrivals);
+        let admitted = admitted_at(&limit, &arrivals);
         assert_eq!(admitted.len(), 10 + 10);
         let refills: Vec<u64> = admitted[10..].iter().map(|t| t / SECOND).collect();
         assert_eq!(refills, vec![6, 12, 18, 24, 30, 36, 42, 48, 54, 60]);
@@ -196,10 +207,10 @@ mod tests {
             gap in 1u64..50_000,
             steps in 1usize..3_000,
         ) {
-            let policy = Policy::parse(rate, window_s, burst).unwrap();
+            let limit = Limit::parse(LimitSpec { rate, window_s, burst }).unwrap();
             let arrivals: Vec<u64> = (0..steps as u64).map(|i| i * gap).collect();
             let elapsed = *arrivals.last().unwrap();
-            let admitted = admitted_at(&policy, &arrivals).len() as u128;
+            let admitted = admitted_at(&limit, &arrivals).len() as u128;
             let refilled = u128::from(elapsed) * u128::from(rate) / (u128::from(window_s) * 1_000_000);
             let bound = u128::from(burst) + refilled;
             prop_assert!(admitted <= bound, "admitted {} > bound {}", admitted, bound);
@@ -220,8 +231,8 @@ mod tests {
             mut arrivals in proptest::collection::vec(0u64..200_000_000, 1..400),
         ) {
             arrivals.sort_unstable();
-            let policy = Policy::parse(rate, window_s, burst).unwrap();
-            let admitted = admitted_at(&policy, &arrivals);
+            let limit = Limit::parse(LimitSpec { rate, window_s, burst }).unwrap();
+            let admitted = admitted_at(&limit, &arrivals);
             for (i, start) in admitted.iter().enumerate() {
                 for (j, end) in admitted.iter().enumerate().skip(i) {
                     let count = (j - i + 1) as u128;
@@ -240,15 +251,15 @@ mod tests {
             burst in 1u64..1_000,
             tokens_frac in 0.0f64..1.0,
         ) {
-            let policy = Policy::parse(rate, window_s, burst).unwrap();
-            let units = (policy.capacity_units() as f64 * tokens_frac) as u64;
-            let decision = Decision::from_units(&policy, true, units);
-            let tokens = units as f64 / policy.cost_units() as f64;
+            let limit = Limit::parse(LimitSpec { rate, window_s, burst }).unwrap();
+            let units = (limit.capacity_units() as f64 * tokens_frac) as u64;
+            let decision = Decision::from_units(&limit, true, units);
+            let tokens = units as f64 / limit.cost_units() as f64;
             let per_token_s = window_s as f64 / rate as f64;
             prop_assert_eq!(decision.remaining, tokens.floor() as u64);
             let model_full_s = (burst as f64 - tokens) * per_token_s;
             prop_assert!((decision.full_after_us as f64 / 1e6 - model_full_s).abs() < 1e-5);
-            let model_next_s = if units == policy.capacity_units() { 0.0 } else {
+            let model_next_s = if units == limit.capacity_units() { 0.0 } else {
                 (tokens.floor() + 1.0 - tokens) * per_token_s
             };
             prop_assert!((decision.next_token_us as f64 / 1e6 - model_next_s).abs() < 1e-5);

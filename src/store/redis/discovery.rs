@@ -1,14 +1,12 @@
-//! The resolver thread: finds the master, confirms it, and swaps it into the
+//! Discovery: the resolver thread finds the master, confirms it, and swaps it into the
 //! [`MasterSlot`] that the Redis store decides through.
 //!
 //! It follows the Sentinel client guidelines: ask the sentinels in turn (each with a short
 //! timeout), move the first that answers to the front, confirm with `ROLE` that the named
 //! node really is a master, and listen for `+switch-master` so a failover is seen within
 //! milliseconds; the poll covers lost events. With a single `REDIS_URL` the same thread
-//! only re-confirms that one node after failures.
-//!
-//! It also announces this instance in Redis, so that the local fallback can divide the
-//! limits by the number of live instances.
+//! only re-confirms that one node after failures. After each good round it announces this
+//! instance in the [`InstanceRegistry`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,9 +14,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use redis::{ConnectionInfo, Role};
+use tokio::sync::oneshot;
 
-use super::StoreError;
-use super::redis::{ConnectionMode, Master, MasterSlot, classify, connect, node_info};
+use super::classify;
+use super::master::{ConnectionSettings, Master, MasterSlot};
+use super::node::{connect, node_info};
+use super::registry::InstanceRegistry;
+use crate::metrics::Metrics;
 
 /// How this instance finds its master.
 #[derive(Clone)]
@@ -35,12 +37,11 @@ pub enum Discovery {
 
 pub struct ResolverSettings {
     pub discovery: Discovery,
-    pub mode: ConnectionMode,
-    pub pool_size: u32,
-    pub timeout: Duration,
+    pub connections: ConnectionSettings,
+    /// How often to re-ask when nothing rings.
     pub poll: Duration,
-    pub instance_name: String,
-    pub key_prefix: String,
+    pub registry: Arc<InstanceRegistry>,
+    pub metrics: Metrics,
 }
 
 /// The running resolver; dropping it stops the threads.
@@ -50,50 +51,48 @@ pub struct Resolver {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// How long an instance counts as live after its last announcement.
-const ANNOUNCE_TTL_MS: u64 = 5_000;
-
-const ANNOUNCE_LUA: &str = r#"
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return redis.call('ZCARD', KEYS[1])
-"#;
+/// Resolves once the first round is over (found a master or not), so that a service whose
+/// Redis is up can start ready without doing that round's network I/O on its own thread.
+pub type FirstRound = oneshot::Receiver<()>;
 
 impl Resolver {
-    /// Resolves once before returning, so a service whose Redis is up starts ready, then
-    /// keeps resolving on its own threads.
-    pub fn start(settings: ResolverSettings, slot: Arc<MasterSlot>) -> Self {
+    /// Starts resolving on threads of its own; the first round's end is signalled on the
+    /// returned [`FirstRound`]. Fails only when a thread cannot be spawned.
+    pub fn start(
+        settings: ResolverSettings,
+        slot: Arc<MasterSlot>,
+    ) -> std::io::Result<(Self, FirstRound)> {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut worker = Worker {
-            settings,
+        let mut resolver = Self {
+            stop: stop.clone(),
             slot: slot.clone(),
-            sentinel_order: Vec::new(),
-            announce: redis::Script::new(ANNOUNCE_LUA),
+            threads: Vec::new(),
         };
-        if let Discovery::Sentinels { sentinels, .. } = &worker.settings.discovery {
-            worker.sentinel_order = sentinels.clone();
-        }
-        worker.resolve();
-        let mut threads = Vec::new();
-        if let Discovery::Sentinels { sentinels, .. } = &worker.settings.discovery {
+        let sentinel_order = match &settings.discovery {
+            Discovery::Sentinels { sentinels, .. } => sentinels.clone(),
+            Discovery::Fixed(_) => Vec::new(),
+        };
+        if !sentinel_order.is_empty() {
             let listener = SwitchListener {
-                sentinels: sentinels.clone(),
+                sentinels: sentinel_order.clone(),
                 slot: slot.clone(),
                 stop: stop.clone(),
-                timeout: worker.settings.timeout,
+                timeout: settings.connections.timeout,
             };
-            threads.push(spawn("sentinel-events", move || listener.run()));
+            resolver
+                .threads
+                .push(spawn("sentinel-events", move || listener.run())?);
         }
-        let worker_stop = stop.clone();
-        threads.push(spawn("master-resolver", move || worker.run(&worker_stop)));
-        Self {
-            stop,
+        let worker = Worker {
+            settings,
             slot,
-            threads,
-        }
+            sentinel_order,
+        };
+        let (first_round, first_round_done) = oneshot::channel();
+        resolver.threads.push(spawn("master-resolver", move || {
+            worker.run(&stop, first_round)
+        })?);
+        Ok((resolver, first_round_done))
     }
 
     /// Stops the threads and waits for them; each wakes within a timeout of a request.
@@ -116,11 +115,8 @@ impl Drop for Resolver {
     }
 }
 
-fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(body)
-        .unwrap_or_else(|err| panic!("cannot start the {name} thread: {err}"))
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(name.into()).spawn(body)
 }
 
 struct Worker {
@@ -128,11 +124,13 @@ struct Worker {
     slot: Arc<MasterSlot>,
     /// The sentinels, the last one that answered first.
     sentinel_order: Vec<ConnectionInfo>,
-    announce: redis::Script,
 }
 
 impl Worker {
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &AtomicBool, first_round: oneshot::Sender<()>) {
+        self.resolve();
+        // Nobody waiting for the first round is not an error.
+        let _ = first_round.send(());
         while !stop.load(Ordering::Acquire) {
             self.slot.wait_for_ring(self.settings.poll);
             if stop.load(Ordering::Acquire) {
@@ -157,12 +155,8 @@ impl Worker {
                 }
                 previous => {
                     self.confirm_master(&info)?;
-                    let master = Master::open(
-                        info,
-                        self.settings.mode,
-                        self.settings.pool_size,
-                        self.settings.timeout,
-                    )?;
+                    let master = Master::open(info, self.settings.connections)
+                        .map_err(|err| err.to_string())?;
                     self.slot.install(Arc::new(master));
                     match previous {
                         Some(old) => {
@@ -170,18 +164,14 @@ impl Worker {
                         }
                         None => log::info!("Redis master is {addr}"),
                     }
-                    crate::metrics::master_changed(&addr);
+                    self.settings.metrics.master_changed(&addr);
                     Ok(())
                 }
             }
         });
         match found {
             Ok(()) => self.announce(),
-            Err(error) => {
-                let reason = match &error {
-                    StoreError::NoMaster(detail) => detail.clone(),
-                    other => other.to_string(),
-                };
+            Err(reason) => {
                 if self.slot.mark_unusable(reason.clone()) {
                     log::warn!("no usable Redis master: {reason}");
                 }
@@ -189,8 +179,9 @@ impl Worker {
         }
     }
 
-    fn find_master(&mut self) -> Result<ConnectionInfo, StoreError> {
-        let timeout = self.settings.timeout;
+    /// The master's address, or why none was found.
+    fn find_master(&mut self) -> Result<ConnectionInfo, String> {
+        let timeout = self.settings.connections.timeout;
         let (master_name, node_password) = match &self.settings.discovery {
             Discovery::Fixed(info) => return Ok(info.clone()),
             Discovery::Sentinels {
@@ -220,22 +211,22 @@ impl Worker {
                 Err(err) => failures.push(format!("{}: {err}", sentinel.addr())),
             }
         }
-        Err(StoreError::NoMaster(format!(
+        Err(format!(
             "no sentinel named a master for {master_name} ({})",
             failures.join("; ")
-        )))
+        ))
     }
 
     /// A sentinel's answer can be stale; only the node itself can say it is a master.
-    fn confirm_master(&self, info: &ConnectionInfo) -> Result<(), StoreError> {
-        let timeout = self.settings.timeout;
+    fn confirm_master(&self, info: &ConnectionInfo) -> Result<(), String> {
+        let timeout = self.settings.connections.timeout;
         let addr = info.addr();
         let role = connect(info, timeout)
             .and_then(|mut conn| redis::cmd("ROLE").query::<Role>(&mut conn))
-            .map_err(|err| StoreError::NoMaster(format!("{addr}: {}", classify(&err, timeout))))?;
+            .map_err(|err| format!("{addr}: {}", classify(&err, timeout)))?;
         match role {
             Role::Primary { .. } => Ok(()),
-            _ => Err(StoreError::NoMaster(format!("{addr} is not a master"))),
+            _ => Err(format!("{addr} is not a master")),
         }
     }
 
@@ -243,18 +234,8 @@ impl Worker {
         let Some(master) = self.slot.current() else {
             return;
         };
-        let result = connect(&master.info, self.settings.timeout).and_then(|mut conn| {
-            self.announce
-                .key(format!("{}:instances", self.settings.key_prefix))
-                .arg(&self.settings.instance_name)
-                .arg(ANNOUNCE_TTL_MS)
-                .invoke::<u64>(&mut conn)
-        });
-        match result {
-            Ok(live) => self
-                .slot
-                .live_instances
-                .store(live.max(1), Ordering::Relaxed),
+        match connect(&master.info, self.settings.connections.timeout) {
+            Ok(mut conn) => self.settings.registry.announce(&mut conn),
             Err(err) => log::debug!("could not announce this instance: {err}"),
         }
     }

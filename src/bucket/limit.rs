@@ -1,0 +1,223 @@
+//! A validated rate limit and the integer units the bucket arithmetic works in.
+//!
+//! A token is worth `window_us` *units*, and the bucket gains `rate_limit` units per
+//! microsecond. That makes every quantity an exact integer: the refill rate
+//! `rate_limit / window` tokens per second becomes `rate_limit` units per µs, with no
+//! rounding and so no drift however long a bucket lives.
+
+use thiserror::Error;
+
+/// The largest number of units a bucket may hold. The Lua mirror of the arithmetic runs
+/// on IEEE doubles, which are exact integers only up to 2^53.
+pub const MAX_CAPACITY_UNITS: u64 = 1 << 53;
+
+const MICROS_PER_SECOND: u64 = 1_000_000;
+
+/// Why a limit cannot be built. The caller knows which setting or file line it came from
+/// and names it.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LimitError {
+    #[error("the rate must be at least 1")]
+    ZeroRate,
+    #[error("the burst must be at least 1")]
+    ZeroCapacity,
+    #[error("the window must be at least 1 second")]
+    ZeroWindow,
+    #[error(
+        "burst × window is too large: {capacity} tokens over {window_s} s exceeds the 2^53 µs·tokens an exact bucket can hold"
+    )]
+    TooLarge { capacity: u64, window_s: u64 },
+}
+
+/// A limit as people state it: `rate` tokens per `window_s` seconds, bursts of `burst`.
+/// Named fields, because three bare integers in a row are easy to swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSpec {
+    pub rate: u64,
+    pub window_s: u64,
+    pub burst: u64,
+}
+
+/// How many requests a client may make: a burst of `capacity`, refilled continuously at
+/// `rate_limit` tokens per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    capacity: u64,
+    rate_limit: u64,
+    window_us: u64,
+}
+
+impl Limit {
+    pub fn parse(spec: LimitSpec) -> Result<Self, LimitError> {
+        let LimitSpec {
+            rate,
+            window_s,
+            burst,
+        } = spec;
+        if rate == 0 {
+            return Err(LimitError::ZeroRate);
+        }
+        if burst == 0 {
+            return Err(LimitError::ZeroCapacity);
+        }
+        if window_s == 0 {
+            return Err(LimitError::ZeroWindow);
+        }
+        let too_large = LimitError::TooLarge {
+            capacity: burst,
+            window_s,
+        };
+        let window_us = window_s.checked_mul(MICROS_PER_SECOND).ok_or(too_large)?;
+        Self::from_window_us(rate, window_us, burst)
+    }
+
+    fn from_window_us(rate_limit: u64, window_us: u64, capacity: u64) -> Result<Self, LimitError> {
+        let too_large = LimitError::TooLarge {
+            capacity,
+            window_s: window_us / MICROS_PER_SECOND,
+        };
+        match capacity.checked_mul(window_us) {
+            Some(units) if units <= MAX_CAPACITY_UNITS => Ok(Self {
+                capacity,
+                rate_limit,
+                window_us,
+            }),
+            _ => Err(too_large),
+        }
+    }
+
+    /// The limit one of `instances` instances enforces alone, so that together they admit
+    /// about what the shared limit would. The window is stretched instead of dividing the
+    /// rate, which keeps the refill exact.
+    pub fn share_of(&self, instances: u64) -> Self {
+        let instances = instances.max(1);
+        let capacity = (self.capacity / instances).max(1);
+        Self::from_window_us(self.rate_limit, self.window_us * instances, capacity).unwrap_or(*self)
+    }
+
+    /// Burst size in tokens.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Tokens added per window.
+    pub fn rate_limit(&self) -> u64 {
+        self.rate_limit
+    }
+
+    /// The window in whole seconds, as the `RateLimit-Policy` header states it.
+    pub fn window_secs(&self) -> u64 {
+        self.window_us.div_ceil(MICROS_PER_SECOND)
+    }
+
+    /// Units one request costs: one token.
+    pub fn cost_units(&self) -> u64 {
+        self.window_us
+    }
+
+    /// Units a full bucket holds.
+    pub fn capacity_units(&self) -> u64 {
+        self.capacity * self.window_us
+    }
+
+    /// Units gained per microsecond.
+    pub fn refill_units_per_us(&self) -> u64 {
+        self.rate_limit
+    }
+
+    /// Microseconds it takes to gain `units`, rounded up so that a client told to come
+    /// back then really finds them there.
+    pub fn micros_to_gain(&self, units: u64) -> u64 {
+        units.div_ceil(self.rate_limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_rate_window_or_burst_is_rejected() {
+        assert_eq!(
+            Limit::parse(LimitSpec {
+                rate: 0,
+                window_s: 60,
+                burst: 10
+            }),
+            Err(LimitError::ZeroRate)
+        );
+        assert_eq!(
+            Limit::parse(LimitSpec {
+                rate: 10,
+                window_s: 0,
+                burst: 10
+            }),
+            Err(LimitError::ZeroWindow)
+        );
+        assert_eq!(
+            Limit::parse(LimitSpec {
+                rate: 10,
+                window_s: 60,
+                burst: 0
+            }),
+            Err(LimitError::ZeroCapacity)
+        );
+    }
+
+    #[test]
+    fn a_limit_beyond_exact_double_arithmetic_is_rejected() {
+        let one_year = 365 * 24 * 3600;
+        assert!(matches!(
+            Limit::parse(LimitSpec {
+                rate: 1_000_000,
+                window_s: one_year,
+                burst: 1_000_000
+            }),
+            Err(LimitError::TooLarge { .. })
+        ));
+        assert!(
+            Limit::parse(LimitSpec {
+                rate: u64::MAX,
+                window_s: u64::MAX,
+                burst: 1
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_default_limit_refills_one_token_every_six_seconds() {
+        let limit = Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 60,
+            burst: 10,
+        })
+        .unwrap();
+        assert_eq!(limit.micros_to_gain(limit.cost_units()), 6_000_000);
+    }
+
+    #[test]
+    fn a_share_of_two_instances_halves_burst_and_rate() {
+        let limit = Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 60,
+            burst: 10,
+        })
+        .unwrap();
+        let share = limit.share_of(2);
+        assert_eq!(share.capacity(), 5);
+        assert_eq!(share.micros_to_gain(share.cost_units()), 12_000_000);
+        assert_eq!(limit.share_of(0), limit);
+    }
+
+    #[test]
+    fn a_share_never_drops_below_one_token() {
+        let limit = Limit::parse(LimitSpec {
+            rate: 2,
+            window_s: 60,
+            burst: 2,
+        })
+        .unwrap();
+        assert_eq!(limit.share_of(5).capacity(), 1);
+    }
+}

@@ -1,0 +1,168 @@
+//! Every setting, declared once: its name, its default, what it accepts, and the line of
+//! documentation the README's table shows. The loader, the known-names filter, the logged
+//! configuration and the tests that hold `config/default.toml` and the README to this list
+//! all read it from here.
+
+use strum::VariantNames;
+
+use crate::decision::FailMode;
+use crate::http::headers::HeaderMode;
+use crate::store::redis::ConnectionMode;
+
+/// One setting: `name` in the environment, `name` in lower case in TOML files.
+#[derive(Debug)]
+pub struct Setting {
+    pub name: &'static str,
+    pub preset: Preset,
+    pub expects: Expect,
+    /// The README's "meaning" column, Markdown.
+    pub doc: &'static str,
+}
+
+/// What a setting is when nothing sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// This text, parsed like any other value.
+    Value(&'static str),
+    /// Nothing; the service derives something, as the README describes it.
+    Unset(&'static str),
+}
+
+/// What a setting accepts; the loader says so when a value does not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Whole {
+        min: u64,
+        max: u64,
+    },
+    /// One of these words, in any case.
+    Word(&'static [&'static str]),
+    /// on/off, true/false, 1/0.
+    Switch,
+    /// Text the loader checks in its own way.
+    Text,
+    /// Text that is never printed: logged as `***`.
+    Secret,
+    /// A URL whose credentials are never printed.
+    Url,
+}
+
+impl Setting {
+    /// The key in `config/default.toml` and `CONFIG_FILE`.
+    pub fn file_key(&self) -> String {
+        self.name.to_ascii_lowercase()
+    }
+}
+
+const MAX_COUNT: u64 = 1_000_000_000;
+
+macro_rules! settings {
+    ($($name:ident: $preset:expr, $expects:expr, $doc:literal;)*) => {
+        $(pub const $name: Setting = Setting {
+            name: stringify!($name),
+            preset: $preset,
+            expects: $expects,
+            doc: $doc,
+        };)*
+
+        /// The layered settings, in the order the README and `config/default.toml` list them.
+        pub const LAYERED: &[&Setting] = &[$(&$name),*];
+    };
+}
+
+use Expect::*;
+use Preset::*;
+
+settings! {
+    RATE_LIMIT: Value("10"), Whole { min: 1, max: MAX_COUNT },
+        "tokens added per `TIME_WINDOW`";
+    TIME_WINDOW: Value("60"), Whole { min: 1, max: 365 * 86_400 },
+        "seconds";
+    BURST: Unset("`RATE_LIMIT`"), Whole { min: 1, max: MAX_COUNT },
+        "bucket capacity";
+    REDIS_URL: Unset("unset"), Url,
+        "one Redis server, e.g. `redis://:password@127.0.0.1:6379`";
+    SENTINEL_HOSTS: Unset("unset"), Text,
+        "`host:port,host:port,…`: Sentinel mode (exclusive with `REDIS_URL`)";
+    REDIS_MASTER: Value("redis-master"), Text,
+        "the name the sentinels monitor";
+    REDIS_PASSWORD: Unset("unset"), Secret,
+        "AUTH for every data node (all share it)";
+    SENTINEL_PASSWORD: Unset("unset"), Secret,
+        "AUTH for the sentinels";
+    SENTINEL_POLL_MS: Value("1000"), Whole { min: 10, max: 3_600_000 },
+        "how often the resolver re-asks the sentinels (`+switch-master` events are seen at once)";
+    REDIS_TIMEOUT_MS: Value("100"), Whole { min: 1, max: 60_000 },
+        "connect, read and write timeout of every Redis call, and the pool checkout timeout";
+    REDIS_CLIENT: Value("multiplexed"), Word(ConnectionMode::VARIANTS),
+        "how decisions reach Redis: `multiplexed` (one pipelined async connection per worker thread) or `pool` (an r2d2 pool of blocking connections, used from blocking threads); `docs/BENCHMARKS.md` compares them";
+    REDIS_POOL_SIZE: Value("16"), Whole { min: 1, max: 1024 },
+        "connections per instance to the master, with `REDIS_CLIENT=pool`";
+    KEY_PREFIX: Value("ratelimit"), Text,
+        "prefix of the bucket keys";
+    FAIL_MODE: Value("local"), Word(FailMode::VARIANTS),
+        "when Redis cannot decide: `local` (this instance's share of the limits), `open` (admit), `closed` (503 with `Retry-After: 1`)";
+    FALLBACK_INSTANCES: Unset("counted"), Whole { min: 1, max: 10_000 },
+        "how many instances share the limits in `local` mode; by default the instances that announced themselves in Redis in the last 5 s";
+    DENY_CACHE_SIZE: Value("100000"), Whole { min: 0, max: 100_000_000 },
+        "keys whose denial is answered locally until it expires; `0` turns it off";
+    MEMORY_STORE_MAX_BUCKETS: Value("200000"), Whole { min: 1, max: 100_000_000 },
+        "most buckets kept in the instance's memory (the embedded store, and the `local` fallback); beyond it the buckets closest to full are forgotten first, so those clients regain a few tokens early";
+    TRUSTED_PROXIES: Unset("none"), Text,
+        "IPs or CIDRs whose forwarding headers are believed";
+    IPV6_PREFIX_LEN: Value("64"), Whole { min: 1, max: 128 },
+        "IPv6 clients are keyed by this prefix";
+    RATELIMIT_HEADERS: Value("draft"), Word(HeaderMode::VARIANTS),
+        "`draft`, `legacy`, `both` or `none`";
+    HOST: Value("0.0.0.0"), Text,
+        "address to listen on";
+    PORT: Value("8000"), Whole { min: 0, max: 65_535 },
+        "port to listen on (`0`: any free port)";
+    WORKERS: Unset("CPUs"), Whole { min: 1, max: 1024 },
+        "HTTP worker threads";
+    INSTANCE_NAME: Unset("host name"), Text,
+        "reported in bodies, `X-Instance` and logs";
+    ACCESS_LOG: Value("off"), Switch,
+        "one `info` line per request";
+    METRICS: Value("on"), Switch,
+        "`off` records nothing for `/metrics`; `scripts/bench.sh` compares both and found no measurable difference in CPU per request";
+    SHUTDOWN_TIMEOUT_S: Value("10"), Whole { min: 0, max: 3600 },
+        "on SIGTERM/SIGINT, how long in-flight requests may take";
+}
+
+/// Read from the environment only, before any layering.
+pub const RUST_LOG: Setting = Setting {
+    name: "RUST_LOG",
+    preset: Value("info"),
+    expects: Text,
+    doc: "log filter, as env_logger reads it",
+};
+
+/// Names the TOML file layered between `config/default.toml` and the environment.
+pub const CONFIG_FILE: Setting = Setting {
+    name: "CONFIG_FILE",
+    preset: Unset("unset"),
+    expects: Text,
+    doc: "a TOML file with the settings above in lower case",
+};
+
+/// Every variable the service reads, in the README's order.
+pub fn all() -> impl Iterator<Item = &'static Setting> {
+    LAYERED.iter().copied().chain([&RUST_LOG, &CONFIG_FILE])
+}
+
+/// The README's table of variables, as this list says it must read.
+pub fn readme_table() -> String {
+    let mut table = String::from("| variable | default | meaning |\n|---|---|---|\n");
+    for setting in all() {
+        let preset = match setting.preset {
+            Value(value) => format!("`{value}`"),
+            Unset(described) => described.to_string(),
+        };
+        table.push_str(&format!(
+            "| `{}` | {preset} | {} |\n",
+            setting.name, setting.doc
+        ));
+    }
+    table
+}

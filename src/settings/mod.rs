@@ -1,0 +1,509 @@
+//! Settings: `config/default.toml` (compiled in), then an optional `CONFIG_FILE`, then
+//! environment variables; parsed once, at start-up, into the domain's own types.
+//!
+//! Each setting is declared once, in [`declared`]. Every problem is reported, each on its
+//! own line naming the variable and the value it got, so that one restart fixes them all.
+//! This module depends on the domain (limits, fail modes, header modes); the domain never
+//! depends on it.
+
+pub mod declared;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use ipnet::IpNet;
+use secrecy::SecretString;
+use thiserror::Error;
+
+use crate::bucket::{Limit, LimitSpec};
+use crate::decision::FailMode;
+use crate::http::headers::HeaderMode;
+use crate::identity::IdentityRules;
+use crate::store::redis::ConnectionMode;
+use declared::{Expect, Preset, Setting};
+
+/// `config/default.toml`, the base layer.
+pub const DEFAULTS: &str = include_str!("../../config/default.toml");
+
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    #[error("cannot read the settings: {0}")]
+    Unreadable(String),
+}
+
+/// Where buckets live.
+#[derive(Clone)]
+pub enum StoreSettings {
+    Memory,
+    Redis {
+        url: SecretString,
+    },
+    Sentinel {
+        hosts: Vec<(String, u16)>,
+        master_name: String,
+        sentinel_password: Option<SecretString>,
+    },
+}
+
+#[derive(Clone)]
+pub struct RedisSettings {
+    pub mode: ConnectionMode,
+    pub password: Option<SecretString>,
+    pub timeout: Duration,
+    pub pool_size: u32,
+    pub poll: Duration,
+    pub key_prefix: String,
+}
+
+#[derive(Clone)]
+pub struct Settings {
+    pub limit: Limit,
+    pub store: StoreSettings,
+    pub redis: RedisSettings,
+    pub fail_mode: FailMode,
+    pub fallback_instances: Option<u64>,
+    pub identity: IdentityRules,
+    pub host: IpAddr,
+    pub port: u16,
+    pub workers: Option<usize>,
+    pub instance_name: String,
+    pub headers: HeaderMode,
+    pub access_log: bool,
+    pub shutdown_timeout: Duration,
+    pub deny_cache_size: usize,
+    pub memory_store_max_buckets: usize,
+    pub metrics: bool,
+    /// Every setting's effective value, secrets masked, for the start-up log line.
+    effective: String,
+}
+
+impl Settings {
+    /// Loads from the process environment.
+    pub fn load() -> Result<Self, SettingsError> {
+        Self::load_from(std::env::vars().collect())
+    }
+
+    /// Loads from `env` instead of the process environment (tests use this).
+    pub fn load_from(env: HashMap<String, String>) -> Result<Self, SettingsError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = env
+            .get(declared::CONFIG_FILE.name)
+            .filter(|p| !p.is_empty())
+        {
+            if !std::path::Path::new(path).is_file() {
+                return Err(SettingsError::Invalid(vec![format!(
+                    "CONFIG_FILE: no such file, got {path:?}"
+                )]));
+            }
+            builder = builder.add_source(File::new(path, FileFormat::Toml));
+        }
+        let known: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(name, _)| declared::LAYERED.iter().any(|s| s.name == name))
+            .collect();
+        let layered = builder
+            .add_source(Environment::default().source(Some(known)))
+            .build()
+            .map_err(|err| SettingsError::Unreadable(err.to_string()))?;
+        let mut raw = HashMap::new();
+        for setting in declared::LAYERED {
+            // A number in TOML reads as its text; anything else (a table, a list) is a
+            // problem to report, not a reason to stop reading the others.
+            match layered.get_string(&setting.file_key()) {
+                Ok(text) => {
+                    raw.insert(setting.name, text);
+                }
+                Err(config::ConfigError::NotFound(_)) => {}
+                Err(err) => {
+                    return Err(SettingsError::Unreadable(format!(
+                        "{}: {err}",
+                        setting.name
+                    )));
+                }
+            }
+        }
+        Parser {
+            raw,
+            problems: Vec::new(),
+        }
+        .parse()
+    }
+
+    /// The effective configuration on one line, secrets masked.
+    pub fn effective(&self) -> &str {
+        &self.effective
+    }
+}
+
+impl std::fmt::Display for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.effective)
+    }
+}
+
+/// Turns raw text into typed values, collecting every problem instead of stopping at one.
+struct Parser {
+    /// The layered text of each setting that any layer gave.
+    raw: HashMap<&'static str, String>,
+    problems: Vec<String>,
+}
+
+impl Parser {
+    /// The setting's text, or its preset when no layer gave one (an empty value means
+    /// "not set").
+    fn text(&self, setting: &Setting) -> Option<&str> {
+        let given = self
+            .raw
+            .get(setting.name)
+            .map(|text| text.trim())
+            .filter(|text| !text.is_empty());
+        match (given, setting.preset) {
+            (Some(text), _) => Some(text),
+            (None, Preset::Value(preset)) => Some(preset),
+            (None, Preset::Unset(_)) => None,
+        }
+    }
+
+    fn problem(&mut self, setting: &Setting, expected: &str, got: &str) {
+        self.problems.push(format!(
+            "{}: expected {expected}, got {got:?}",
+            setting.name
+        ));
+    }
+
+    fn whole(&mut self, setting: &Setting) -> Option<u64> {
+        let Expect::Whole { min, max } = setting.expects else {
+            unreachable!("{} is not declared as a whole number", setting.name)
+        };
+        let text = self.text(setting)?;
+        match text.parse::<u64>() {
+            Ok(value) if (min..=max).contains(&value) => Some(value),
+            _ => {
+                let text = text.to_string();
+                self.problem(
+                    setting,
+                    &format!("a whole number from {min} to {max}"),
+                    &text,
+                );
+                None
+            }
+        }
+    }
+
+    fn word<T: FromStr>(&mut self, setting: &Setting) -> Option<T> {
+        let Expect::Word(words) = setting.expects else {
+            unreachable!("{} is not declared as a word", setting.name)
+        };
+        let text = self.text(setting)?;
+        match text.parse::<T>() {
+            Ok(value) => Some(value),
+            Err(_) => {
+                let text = text.to_string();
+                self.problem(setting, &format!("one of {}", words.join(", ")), &text);
+                None
+            }
+        }
+    }
+
+    fn switch(&mut self, setting: &Setting) -> Option<bool> {
+        let text = self.text(setting)?;
+        match text.to_ascii_lowercase().as_str() {
+            "on" | "true" | "1" => Some(true),
+            "off" | "false" | "0" => Some(false),
+            _ => {
+                let text = text.to_string();
+                self.problem(setting, "one of on, off, true, false, 1, 0", &text);
+                None
+            }
+        }
+    }
+
+    fn secret(&self, setting: &Setting) -> Option<SecretString> {
+        self.text(setting).map(SecretString::from)
+    }
+
+    fn parse(mut self) -> Result<Settings, SettingsError> {
+        use declared::*;
+        let effective = self.effective();
+        let rate = self.whole(&RATE_LIMIT);
+        let window_s = self.whole(&TIME_WINDOW);
+        let burst = self.whole(&BURST);
+        let limit = match (rate, window_s) {
+            (Some(rate), Some(window_s)) => Limit::parse(LimitSpec {
+                rate,
+                window_s,
+                burst: burst.unwrap_or(rate),
+            })
+            .map_err(|err| {
+                self.problems
+                    .push(format!("RATE_LIMIT, TIME_WINDOW, BURST: {err}"))
+            })
+            .ok(),
+            _ => None,
+        };
+
+        let store = self.store();
+        let timeout_ms = self.whole(&REDIS_TIMEOUT_MS);
+        let poll_ms = self.whole(&SENTINEL_POLL_MS);
+        let pool_size = self.whole(&REDIS_POOL_SIZE);
+        let mode = self.word::<ConnectionMode>(&REDIS_CLIENT);
+        let key_prefix = self.text(&KEY_PREFIX).unwrap_or_default().to_string();
+        if key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            self.problem(&KEY_PREFIX, "no spaces or control characters", &key_prefix);
+        }
+
+        let fail_mode = self.word::<FailMode>(&FAIL_MODE);
+        let fallback_instances = self.whole(&FALLBACK_INSTANCES);
+        let trusted_proxies = self.trusted_proxies();
+        let ipv6_prefix_len = self.whole(&IPV6_PREFIX_LEN);
+
+        let host = self.text(&HOST).unwrap_or_default().to_string();
+        let host = host
+            .parse::<IpAddr>()
+            .map_err(|_| {
+                self.problem(
+                    &HOST,
+                    "an IP address to listen on, such as 0.0.0.0 or ::",
+                    &host,
+                )
+            })
+            .ok();
+        let port = self.whole(&PORT);
+        let workers = self.whole(&WORKERS);
+        let headers = self.word::<HeaderMode>(&RATELIMIT_HEADERS);
+        let metrics = self.switch(&METRICS);
+        let access_log = self.switch(&ACCESS_LOG);
+        let shutdown_timeout = self.whole(&SHUTDOWN_TIMEOUT_S);
+        let deny_cache_size = self.whole(&DENY_CACHE_SIZE);
+        let memory_store_max_buckets = self.whole(&MEMORY_STORE_MAX_BUCKETS);
+
+        let instance_name = self
+            .text(&INSTANCE_NAME)
+            .map(str::to_string)
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+        if instance_name.is_empty() || instance_name.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+            self.problem(
+                &INSTANCE_NAME,
+                "printable ASCII without spaces",
+                &instance_name,
+            );
+        }
+        let redis_password = self.secret(&REDIS_PASSWORD);
+
+        // Every setting with a preset parses to Some unless it was reported.
+        let (
+            Some(limit),
+            Some(store),
+            Some(timeout_ms),
+            Some(poll_ms),
+            Some(pool_size),
+            Some(mode),
+            Some(fail_mode),
+            Some(trusted_proxies),
+            Some(ipv6_prefix_len),
+            Some(host),
+            Some(port),
+            Some(headers),
+            Some(metrics),
+            Some(access_log),
+            Some(shutdown_timeout),
+            Some(deny_cache_size),
+            Some(memory_store_max_buckets),
+        ) = (
+            limit,
+            store,
+            timeout_ms,
+            poll_ms,
+            pool_size,
+            mode,
+            fail_mode,
+            trusted_proxies,
+            ipv6_prefix_len,
+            host,
+            port,
+            headers,
+            metrics,
+            access_log,
+            shutdown_timeout,
+            deny_cache_size,
+            memory_store_max_buckets,
+        )
+        else {
+            return Err(SettingsError::Invalid(self.problems));
+        };
+        if !self.problems.is_empty() {
+            return Err(SettingsError::Invalid(self.problems));
+        }
+        Ok(Settings {
+            limit,
+            store,
+            redis: RedisSettings {
+                mode,
+                password: redis_password,
+                timeout: Duration::from_millis(timeout_ms),
+                pool_size: pool_size as u32,
+                poll: Duration::from_millis(poll_ms),
+                key_prefix,
+            },
+            fail_mode,
+            fallback_instances,
+            identity: IdentityRules::new(trusted_proxies, ipv6_prefix_len as u8),
+            host,
+            port: port as u16,
+            workers: workers.map(|w| w as usize),
+            instance_name,
+            headers,
+            access_log,
+            shutdown_timeout: Duration::from_secs(shutdown_timeout),
+            deny_cache_size: deny_cache_size as usize,
+            memory_store_max_buckets: memory_store_max_buckets as usize,
+            metrics,
+            effective,
+        })
+    }
+
+    /// `NAME=value` for every layered setting, as the service will use it.
+    fn effective(&self) -> String {
+        let mut line = String::new();
+        for setting in declared::LAYERED {
+            let shown = match (self.text(setting), setting.expects) {
+                (None, _) => "(unset)".to_string(),
+                (Some(_), Expect::Secret) => "***".to_string(),
+                (Some(url), Expect::Url) => mask_url(url),
+                (Some(text), _) => text.to_string(),
+            };
+            let separator = if line.is_empty() { "" } else { " " };
+            let _ = write!(line, "{separator}{}={shown}", setting.name);
+        }
+        line
+    }
+
+    fn store(&mut self) -> Option<StoreSettings> {
+        use declared::*;
+        let url = self.text(&REDIS_URL).map(str::to_string);
+        let hosts = self.text(&SENTINEL_HOSTS).map(str::to_string);
+        match (url, hosts) {
+            (Some(_), Some(_)) => {
+                self.problems.push(
+                    "REDIS_URL and SENTINEL_HOSTS are both set: set REDIS_URL for one Redis server or SENTINEL_HOSTS for Sentinel, not both".into(),
+                );
+                None
+            }
+            (Some(url), None) => {
+                if redis::parse_redis_url(&url).is_none() || !url.starts_with("redis://") {
+                    self.problem(
+                        &REDIS_URL,
+                        "a URL such as redis://:password@host:6379",
+                        &mask_url(&url),
+                    );
+                    return None;
+                }
+                Some(StoreSettings::Redis {
+                    url: SecretString::from(url),
+                })
+            }
+            (None, Some(hosts)) => {
+                let mut parsed = Vec::new();
+                for entry in hosts.split(',').map(str::trim) {
+                    match parse_host_port(entry) {
+                        Some(host_port) => parsed.push(host_port),
+                        None => {
+                            self.problem(&SENTINEL_HOSTS, "host:port,host:port,...", &hosts);
+                            return None;
+                        }
+                    }
+                }
+                Some(StoreSettings::Sentinel {
+                    hosts: parsed,
+                    master_name: self.text(&REDIS_MASTER).unwrap_or_default().to_string(),
+                    sentinel_password: self.secret(&SENTINEL_PASSWORD),
+                })
+            }
+            (None, None) => Some(StoreSettings::Memory),
+        }
+    }
+
+    fn trusted_proxies(&mut self) -> Option<Vec<IpNet>> {
+        let Some(text) = self.text(&declared::TRUSTED_PROXIES).map(str::to_string) else {
+            return Some(Vec::new());
+        };
+        let mut nets = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let net = entry
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from));
+            match net {
+                Some(net) => nets.push(net.trunc()),
+                None => {
+                    self.problem(
+                        &declared::TRUSTED_PROXIES,
+                        "comma-separated IP addresses or CIDRs",
+                        entry,
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(nets)
+    }
+}
+
+fn parse_host_port(entry: &str) -> Option<(String, u16)> {
+    let (host, port) = entry.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok().filter(|p| *p > 0)?))
+}
+
+/// `url` with its credentials masked, fit for logs and error messages: a password
+/// (`user:secret@`), a lone user part (`secret@`, which Redis takes as a password when it
+/// has no ACL users) and `password=`/`pass=` query parameters all become `***`.
+pub fn mask_url(url: &str) -> String {
+    let (rest, query) = match url.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (url, None),
+    };
+    let mut masked = match (rest.find("://"), rest.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &rest[scheme_end + 3..at];
+            let shown = match credentials.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_string(),
+            };
+            format!("{}{shown}{}", &rest[..scheme_end + 3], &rest[at..])
+        }
+        _ => rest.to_string(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _))
+                    if name.eq_ignore_ascii_case("password")
+                        || name.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{name}=***")
+                }
+                _ => param.to_string(),
+            })
+            .collect();
+        masked.push('?');
+        masked.push_str(&params.join("&"));
+    }
+    masked
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,288 @@
+use super::*;
+
+fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+    Settings::load_from(
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn problems(vars: &[(&str, &str)]) -> String {
+    match load(vars) {
+        Err(err) => err.to_string(),
+        Ok(_) => panic!("{vars:?} should be rejected"),
+    }
+}
+
+fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
+    Limit::parse(LimitSpec {
+        rate,
+        window_s,
+        burst,
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_defaults_are_ten_per_minute_in_memory() {
+    let settings = load(&[]).unwrap();
+    assert_eq!(settings.limit, limit(10, 60, 10));
+    assert!(matches!(settings.store, StoreSettings::Memory));
+    assert_eq!(settings.port, 8000);
+    assert_eq!(settings.fail_mode, FailMode::Local);
+    assert_eq!(settings.headers, HeaderMode::Draft);
+}
+
+#[test]
+fn environment_variables_override_the_defaults() {
+    let settings = load(&[("RATE_LIMIT", "20"), ("TIME_WINDOW", "30"), ("BURST", "40")]).unwrap();
+    assert_eq!(settings.limit, limit(20, 30, 40));
+}
+
+#[test]
+fn a_config_file_sits_between_defaults_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custom.toml");
+    std::fs::write(&path, "rate_limit = 7\nport = 9000\n").unwrap();
+    let path = path.to_str().unwrap();
+    let settings = load(&[("CONFIG_FILE", path), ("PORT", "9100")]).unwrap();
+    assert_eq!(settings.limit.capacity(), 7);
+    assert_eq!(settings.port, 9100);
+}
+
+#[test]
+fn every_bad_value_is_named_with_what_it_got() {
+    let message = problems(&[
+        ("RATE_LIMIT", "abc"),
+        ("TIME_WINDOW", "-1"),
+        ("TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("RATELIMIT_HEADERS", "fancy"),
+    ]);
+    assert!(
+        message.contains("RATE_LIMIT: expected a whole number from 1 to 1000000000, got \"abc\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("TIME_WINDOW: expected a whole number from 1 to 31536000, got \"-1\""),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            "TRUSTED_PROXIES: expected comma-separated IP addresses or CIDRs, got \"10.0.0.0/33\""
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            "RATELIMIT_HEADERS: expected one of draft, legacy, both, none, got \"fancy\""
+        ),
+        "{message}"
+    );
+    assert_eq!(message.lines().count(), 4, "{message}");
+}
+
+#[test]
+fn a_zero_rate_is_rejected() {
+    assert!(
+        problems(&[("RATE_LIMIT", "0")]).contains("RATE_LIMIT: expected a whole number from 1")
+    );
+}
+
+#[test]
+fn a_limit_too_large_for_exact_arithmetic_names_the_three_settings() {
+    let message = problems(&[
+        ("RATE_LIMIT", "1000000"),
+        ("TIME_WINDOW", "31536000"),
+        ("BURST", "1000000"),
+    ]);
+    assert!(
+        message.starts_with("RATE_LIMIT, TIME_WINDOW, BURST: burst × window is too large"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    assert!(
+        problems(&[("CONFIG_FILE", "/nonexistent.toml")]).contains("CONFIG_FILE: no such file")
+    );
+}
+
+#[test]
+fn redis_url_and_sentinel_hosts_exclude_each_other() {
+    let message = problems(&[
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("SENTINEL_HOSTS", "127.0.0.1:26379"),
+    ]);
+    assert!(message.contains("not both"), "{message}");
+}
+
+#[test]
+fn sentinel_hosts_are_parsed_with_the_master_name() {
+    let settings = load(&[
+        ("SENTINEL_HOSTS", "s1:26379, 127.0.0.1:26380"),
+        ("REDIS_MASTER", "mymaster"),
+    ])
+    .unwrap();
+    let StoreSettings::Sentinel {
+        hosts, master_name, ..
+    } = settings.store
+    else {
+        panic!("not sentinel mode");
+    };
+    assert_eq!(
+        hosts,
+        vec![("s1".to_string(), 26379), ("127.0.0.1".to_string(), 26380)]
+    );
+    assert_eq!(master_name, "mymaster");
+    assert!(problems(&[("SENTINEL_HOSTS", "s1")]).contains("SENTINEL_HOSTS: expected host:port"));
+}
+
+#[test]
+fn passwords_never_reach_the_logged_configuration() {
+    let settings = load(&[
+        ("REDIS_URL", "redis://:s3cret@127.0.0.1:6379"),
+        ("REDIS_PASSWORD", "hunter2"),
+        ("SENTINEL_PASSWORD", "swordfish"),
+    ])
+    .unwrap();
+    let logged = settings.to_string();
+    for secret in ["s3cret", "hunter2", "swordfish"] {
+        assert!(!logged.contains(secret), "{logged}");
+    }
+    assert!(
+        logged.contains("REDIS_URL=redis://:***@127.0.0.1:6379"),
+        "{logged}"
+    );
+    assert!(logged.contains("REDIS_PASSWORD=***"), "{logged}");
+}
+
+#[test]
+fn a_secret_cannot_be_printed_by_accident() {
+    let settings = load(&[("REDIS_PASSWORD", "hunter2")]).unwrap();
+    let debugged = format!("{:?}", settings.redis.password);
+    assert!(!debugged.contains("hunter2"), "{debugged}");
+}
+
+#[test]
+fn every_form_of_url_credentials_is_masked() {
+    assert_eq!(
+        mask_url("redis://secret@host:6379"),
+        "redis://***@host:6379"
+    );
+    assert_eq!(
+        mask_url("redis://user:secret@host:6379/0"),
+        "redis://user:***@host:6379/0"
+    );
+    assert_eq!(mask_url("redis://:secret@host"), "redis://:***@host");
+    assert_eq!(
+        mask_url("redis+unix:///run/redis.sock?db=1&pass=secret"),
+        "redis+unix:///run/redis.sock?db=1&pass=***"
+    );
+    assert_eq!(mask_url("redis://host:6379"), "redis://host:6379");
+    assert_eq!(mask_url("redis://a@b:secret@host"), "redis://a@b:***@host");
+    assert!(!mask_url("redis://p@ss@host").contains("ss"));
+}
+
+#[test]
+fn a_bad_redis_url_is_named_without_its_password() {
+    let message = problems(&[("REDIS_URL", "http://user:hunter2@host")]);
+    assert!(message.starts_with("REDIS_URL: expected"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[test]
+fn trusted_proxies_accept_addresses_and_networks() {
+    let settings = load(&[("TRUSTED_PROXIES", "127.0.0.2, 10.0.0.0/8,::1")]).unwrap();
+    let nets: Vec<String> = settings
+        .identity
+        .trusted_proxies()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, vec!["127.0.0.2/32", "10.0.0.0/8", "::1/128"]);
+}
+
+#[test]
+fn unrelated_environment_variables_are_ignored() {
+    assert!(load(&[("PATH", "/usr/bin"), ("HOME", "x")]).is_ok());
+}
+
+#[test]
+fn an_empty_value_means_the_preset() {
+    let settings = load(&[("PORT", ""), ("FAIL_MODE", " ")]).unwrap();
+    assert_eq!(settings.port, 8000);
+    assert_eq!(settings.fail_mode, FailMode::Local);
+}
+
+#[test]
+fn every_word_setting_accepts_each_of_its_words_in_any_case() {
+    for setting in declared::LAYERED {
+        let Expect::Word(words) = setting.expects else {
+            continue;
+        };
+        for word in words {
+            let upper = word.to_ascii_uppercase();
+            assert!(
+                load(&[(setting.name, &upper)]).is_ok(),
+                "{}={upper}",
+                setting.name
+            );
+        }
+    }
+}
+
+/// `config/default.toml` is the base layer; it must say exactly what the declarations do.
+#[test]
+fn the_default_file_holds_every_declared_setting_with_its_preset() {
+    let file = Config::builder()
+        .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+        .build()
+        .unwrap();
+    let mut keys: Vec<String> = file
+        .clone()
+        .try_deserialize::<HashMap<String, config::Value>>()
+        .unwrap()
+        .into_keys()
+        .map(|key| key.to_ascii_lowercase())
+        .collect();
+    keys.sort();
+    let mut declared_keys: Vec<String> = declared::LAYERED.iter().map(|s| s.file_key()).collect();
+    declared_keys.sort();
+    assert_eq!(keys, declared_keys, "config/default.toml's keys");
+    for setting in declared::LAYERED {
+        let in_file = file.get_string(&setting.file_key()).unwrap();
+        let preset = match setting.preset {
+            Preset::Value(value) => value,
+            Preset::Unset(_) => "",
+        };
+        assert_eq!(
+            in_file,
+            preset,
+            "config/default.toml: {} = {in_file:?}, but it is declared as {preset:?}",
+            setting.file_key()
+        );
+    }
+}
+
+/// The README's table of variables is rendered from the declarations; on a mismatch the
+/// message is the table to paste.
+#[test]
+fn the_readme_documents_every_variable_as_declared() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("| variable | default | meaning |")
+        .expect("README.md has a table of variables");
+    let table: String = readme[start..]
+        .lines()
+        .take_while(|line| line.starts_with('|'))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let expected = declared::readme_table();
+    assert!(
+        table == expected,
+        "README.md's table of variables differs from src/settings/declared.rs; it should read:\n{expected}"
+    );
+}
