@@ -1,16 +1,16 @@
-//! What decides a limited request: the deny cache when it already knows the answer is
-//! no, else the store, else the configured failure policy ([`FailMode`]).
+//! What decides a limited request over all the limits that apply to it: the deny cache
+//! when it already knows the answer is no, else the store (all or nothing, in one
+//! operation), else the configured failure policy ([`FailMode`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::bucket::{Decision, Limit};
+use crate::bucket::{Charge, Decision, Group, Limit};
 use crate::deny_cache::DenyCache;
-use crate::identity::ClientKey;
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
-use crate::store::{Store, StoreError};
+use crate::store::{KeyedCharge, Outcome, Store, StoreError};
 
 /// What to do when Redis cannot decide (`FAIL_MODE`).
 #[derive(
@@ -65,51 +65,110 @@ pub enum Bucket {
     Local,
 }
 
-/// What happens to one request. Each variant carries exactly what its answer needs.
+/// Which limit of which policy, as headers, bodies and metrics name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// A bucket decided, under `limit` (a share of the configured one in the fallback).
-    Decided {
-        bucket: Bucket,
-        limit: Limit,
-        decision: Decision,
-    },
-    /// No store could decide and `FAIL_MODE=open` admitted the request.
-    Open { limit: Limit },
-    /// No store could decide and `FAIL_MODE=closed` refused it.
-    Closed { limit: Limit },
+pub struct LimitName<'a> {
+    pub policy: &'a str,
+    pub limit: &'a str,
 }
 
-impl Verdict {
+/// One bucket a request draws on: a limit of a policy, for this request's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitCharge<'a> {
+    pub name: LimitName<'a>,
+    /// The bucket's name in the store.
+    pub key: String,
+    pub charge: Charge,
+}
+
+/// One limit's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judged<'a> {
+    pub name: LimitName<'a>,
+    /// The limit it was judged under: the configured one, or its share in the fallback.
+    pub limit: Limit,
+    pub group: Group,
+    pub decision: Decision,
+}
+
+/// A limit that applied when no bucket could be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unasked<'a> {
+    pub name: LimitName<'a>,
+    pub limit: Limit,
+    pub group: Group,
+}
+
+/// What happens to one request. Each variant carries exactly what its answer needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// No policy applies: admitted, nothing counted.
+    Unlimited,
+    /// Buckets decided: admitted when every enforced limit had the tokens.
+    Decided {
+        bucket: Bucket,
+        admitted: bool,
+        limits: Vec<Judged<'a>>,
+    },
+    /// No store could decide and `FAIL_MODE=open` admitted the request.
+    Open { limits: Vec<Unasked<'a>> },
+    /// No store could decide and `FAIL_MODE=closed` refused it.
+    Closed { limits: Vec<Unasked<'a>> },
+}
+
+impl Verdict<'_> {
     pub fn allowed(&self) -> bool {
         match self {
-            Verdict::Decided { decision, .. } => decision.allowed,
-            Verdict::Open { .. } => true,
+            Verdict::Unlimited | Verdict::Open { .. } => true,
+            Verdict::Decided { admitted, .. } => *admitted,
             Verdict::Closed { .. } => false,
         }
     }
 
-    pub fn source(&self) -> Source {
+    /// What decided, for `X-RateLimit-Source`; `None` when nothing had to.
+    pub fn source(&self) -> Option<Source> {
         match self {
+            Verdict::Unlimited => None,
             Verdict::Decided {
                 bucket: Bucket::Shared,
                 ..
-            } => Source::Redis,
+            } => Some(Source::Redis),
             Verdict::Decided {
                 bucket: Bucket::Local,
                 ..
-            } => Source::Local,
-            Verdict::Open { .. } => Source::Open,
-            Verdict::Closed { .. } => Source::Closed,
+            } => Some(Source::Local),
+            Verdict::Open { .. } => Some(Source::Open),
+            Verdict::Closed { .. } => Some(Source::Closed),
         }
     }
 
-    /// The limit the request was judged under.
-    pub fn limit(&self) -> &Limit {
+    /// For a denial: when every enforced limit that lacked tokens has them again.
+    pub fn retry_after_us(&self) -> u64 {
         match self {
-            Verdict::Decided { limit, .. }
-            | Verdict::Open { limit }
-            | Verdict::Closed { limit } => limit,
+            Verdict::Decided {
+                admitted: false,
+                limits,
+                ..
+            } => limits
+                .iter()
+                .filter(|judged| judged.group == Group::Enforced)
+                .map(|judged| judged.decision.retry_after_us)
+                .max()
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// The enforced limits that lacked tokens, in order (the problem body's
+    /// `violated-policies`).
+    pub fn violated(&self) -> Vec<LimitName<'_>> {
+        match self {
+            Verdict::Decided { limits, .. } => limits
+                .iter()
+                .filter(|judged| judged.group == Group::Enforced && !judged.decision.allowed)
+                .map(|judged| judged.name)
+                .collect(),
+            _ => Vec::new(),
         }
     }
 }
@@ -129,7 +188,6 @@ pub enum Buckets {
 /// What a [`Decider`] is built from.
 pub struct DeciderSettings {
     pub buckets: Buckets,
-    pub limit: Limit,
     pub fail_mode: FailMode,
     /// The divisor of the local fallback's share.
     pub instances: InstanceCount,
@@ -142,7 +200,6 @@ pub struct DeciderSettings {
 
 pub struct Decider {
     buckets: Buckets,
-    limit: Limit,
     fail_mode: FailMode,
     fallback: MemoryStore,
     instances: InstanceCount,
@@ -161,7 +218,6 @@ impl Decider {
         };
         Self {
             buckets: settings.buckets,
-            limit: settings.limit,
             fail_mode: settings.fail_mode,
             fallback: settings.fallback,
             instances: settings.instances,
@@ -179,72 +235,107 @@ impl Decider {
         }
     }
 
-    /// Takes a token for `key`.
-    pub async fn decide(&self, key: ClientKey) -> Verdict {
+    /// Decides a request that draws on `charges`, all or nothing.
+    pub async fn decide<'a>(&self, charges: Vec<LimitCharge<'a>>) -> Verdict<'a> {
+        if charges.is_empty() {
+            return Verdict::Unlimited;
+        }
+        let (names, keyed): (Vec<LimitName<'a>>, Vec<KeyedCharge>) = charges
+            .into_iter()
+            .map(|c| {
+                (
+                    c.name,
+                    KeyedCharge {
+                        key: c.key,
+                        charge: c.charge,
+                    },
+                )
+            })
+            .unzip();
         let verdict = match &self.buckets {
             Buckets::Local(store) => {
                 let started = Instant::now();
-                let decision = store.take_now(&key, &self.limit);
+                let outcome = store.take_all_now(&keyed);
                 self.metrics.store_call(started.elapsed());
-                Verdict::Decided {
-                    bucket: Bucket::Local,
-                    limit: self.limit,
-                    decision,
-                }
+                judged(Bucket::Local, &names, &keyed, outcome)
             }
-            Buckets::Shared(store) => self.decide_shared(store.as_ref(), key).await,
+            Buckets::Shared(store) => self.decide_shared(store.as_ref(), &names, &keyed).await,
         };
-        self.metrics
-            .decision(verdict.allowed(), verdict.source().as_str());
+        self.metrics.decision(
+            verdict.allowed(),
+            verdict.source().map_or("none", Source::as_str),
+        );
         verdict
     }
 
-    async fn decide_shared(&self, store: &dyn Store, key: ClientKey) -> Verdict {
-        let asked_at_us = self.denials.as_ref().map(DenyCache::now_us);
-        if let (Some(denials), Some(now_us)) = (&self.denials, asked_at_us)
-            && let Some(decision) = denials.lookup_at(&key, now_us)
+    async fn decide_shared<'a>(
+        &self,
+        store: &dyn Store,
+        names: &[LimitName<'a>],
+        charges: &[KeyedCharge],
+    ) -> Verdict<'a> {
+        let asked = self
+            .denials
+            .as_ref()
+            .map(|denials| (denials, denials.fingerprint(charges), denials.now_us()));
+        if let Some((denials, fingerprint, now_us)) = asked
+            && let Some(decisions) = denials.lookup_at(fingerprint, now_us)
         {
-            return self.shared(decision);
+            let outcome = Outcome {
+                admitted: false,
+                decisions,
+            };
+            return judged(Bucket::Shared, names, charges, outcome);
         }
         let started = Instant::now();
-        let result = store.take(key, self.limit).await;
+        let result = store.take(charges).await;
         self.metrics.store_call(started.elapsed());
         match result {
-            Ok(decision) => {
+            Ok(outcome) => {
                 self.note_recovered();
-                if let (Some(denials), Some(asked_at_us)) = (&self.denials, asked_at_us) {
-                    denials.remember_at(&key, asked_at_us, &decision);
+                if let Some((denials, fingerprint, asked_at_us)) = asked {
+                    denials.remember_at(fingerprint, asked_at_us, charges, &outcome);
                 }
-                self.shared(decision)
+                judged(Bucket::Shared, names, charges, outcome)
             }
             Err(error) => {
                 self.metrics.store_error(error.kind());
                 self.note_degraded(&error);
-                self.fall_back(&key)
+                self.fall_back(names, charges)
             }
         }
     }
 
-    fn shared(&self, decision: Decision) -> Verdict {
-        Verdict::Decided {
-            bucket: Bucket::Shared,
-            limit: self.limit,
-            decision,
-        }
-    }
-
-    fn fall_back(&self, key: &ClientKey) -> Verdict {
+    fn fall_back<'a>(&self, names: &[LimitName<'a>], charges: &[KeyedCharge]) -> Verdict<'a> {
+        let unasked = || {
+            names
+                .iter()
+                .zip(charges)
+                .map(|(name, keyed)| Unasked {
+                    name: *name,
+                    limit: keyed.charge.limit,
+                    group: keyed.charge.group,
+                })
+                .collect()
+        };
         match self.fail_mode {
             FailMode::Local => {
-                let limit = self.limit.share_of((self.instances)());
-                Verdict::Decided {
-                    bucket: Bucket::Local,
-                    limit,
-                    decision: self.fallback.take_now(key, &limit),
-                }
+                let instances = (self.instances)();
+                let shares: Vec<KeyedCharge> = charges
+                    .iter()
+                    .map(|keyed| KeyedCharge {
+                        key: keyed.key.clone(),
+                        charge: Charge {
+                            limit: keyed.charge.limit.share_of(instances),
+                            ..keyed.charge
+                        },
+                    })
+                    .collect();
+                let outcome = self.fallback.take_all_now(&shares);
+                judged(Bucket::Local, names, &shares, outcome)
             }
-            FailMode::Open => Verdict::Open { limit: self.limit },
-            FailMode::Closed => Verdict::Closed { limit: self.limit },
+            FailMode::Open => Verdict::Open { limits: unasked() },
+            FailMode::Closed => Verdict::Closed { limits: unasked() },
         }
     }
 
@@ -263,5 +354,29 @@ impl Decider {
             self.metrics.fallback_active(false);
             log::info!("Redis decides again");
         }
+    }
+}
+
+fn judged<'a>(
+    bucket: Bucket,
+    names: &[LimitName<'a>],
+    charges: &[KeyedCharge],
+    outcome: Outcome,
+) -> Verdict<'a> {
+    let limits = names
+        .iter()
+        .zip(charges)
+        .zip(outcome.decisions)
+        .map(|((name, keyed), decision)| Judged {
+            name: *name,
+            limit: keyed.charge.limit,
+            group: keyed.charge.group,
+            decision,
+        })
+        .collect();
+    Verdict::Decided {
+        bucket,
+        admitted: outcome.admitted,
+        limits,
     }
 }

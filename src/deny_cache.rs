@@ -1,37 +1,58 @@
 //! An exact local cache of denials.
 //!
-//! When Redis answers "no token until t" for a key, this instance answers that key with
-//! 429 until t without asking again. That is exact, not approximate: a bucket only gains
-//! tokens with time, and other instances can only take them, so Redis could not say yes
-//! before t either. The deadline is measured from when the question was *sent*, which is
-//! no later than when Redis answered it, so the cache never outlasts the real denial.
+//! When Redis denies a request because some enforced limit lacks tokens until t, this
+//! instance answers the same request (the same buckets at the same costs) with 429 until
+//! t without asking again. That is exact, not approximate: a bucket only gains tokens
+//! with time, and other instances can only take them, so Redis could not say yes before
+//! t either. With several limits, t is when the *last* limit that lacked tokens has them:
+//! until then at least one still lacks them, and all or nothing means no. The deadline is
+//! measured from when the question was *sent*, which is no later than when Redis answered
+//! it, so the cache never outlasts the real denial.
 
+use std::hash::{BuildHasher, RandomState};
 use std::time::Instant;
 
 use quick_cache::sync::Cache;
 
-use crate::bucket::Decision;
-use crate::identity::ClientKey;
+use crate::bucket::{Decision, Group};
+use crate::store::{KeyedCharge, Outcome};
 
+/// One bucket's figures in a cached denial, as deadlines on the cache's clock.
 #[derive(Debug, Clone, Copy)]
-struct Denial {
-    /// No token before this (µs since `epoch`).
-    until_us: u64,
-    /// The bucket is full again at this (µs since `epoch`), for `X-RateLimit-Reset`.
+struct Figures {
+    allowed: bool,
+    remaining: u64,
+    next_token_at_us: u64,
     full_at_us: u64,
+    retry_at_us: u64,
 }
+
+#[derive(Debug, Clone)]
+struct Denial {
+    /// No admission before this (µs since `epoch`).
+    until_us: u64,
+    buckets: Box<[Figures]>,
+}
+
+/// What identifies one request's question: its buckets, costs and groups.
+pub type Fingerprint = u128;
 
 pub struct DenyCache {
     /// Bounded: the least recently useful entries are evicted first.
-    entries: Cache<ClientKey, Denial>,
+    entries: Cache<Fingerprint, Denial>,
+    /// Two independent hashes make a 128-bit fingerprint, so two different questions
+    /// never share an answer in practice.
+    hashers: [RandomState; 2],
     epoch: Instant,
 }
 
 impl DenyCache {
-    /// A cache of at most `capacity` keys, or none when `capacity` is 0 (`DENY_CACHE_SIZE=0`).
+    /// A cache of at most `capacity` entries, or none when `capacity` is 0
+    /// (`DENY_CACHE_SIZE=0`).
     pub fn new(capacity: usize) -> Option<Self> {
         (capacity > 0).then(|| Self {
             entries: Cache::new(capacity),
+            hashers: [RandomState::new(), RandomState::new()],
             epoch: Instant::now(),
         })
     }
@@ -40,31 +61,72 @@ impl DenyCache {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// The cached denial of `key` at `now_us`, if one still holds.
-    pub fn lookup_at(&self, key: &ClientKey, now_us: u64) -> Option<Decision> {
-        let denial = self.entries.get(key)?;
-        if now_us >= denial.until_us {
-            self.entries.remove(key);
-            return None;
-        }
-        Some(Decision {
-            allowed: false,
-            remaining: 0,
-            next_token_us: denial.until_us - now_us,
-            full_after_us: denial.full_at_us.saturating_sub(now_us),
-        })
+    pub fn fingerprint(&self, charges: &[KeyedCharge]) -> Fingerprint {
+        let [high, low] = &self.hashers;
+        (u128::from(high.hash_one(charges)) << 64) | u128::from(low.hash_one(charges))
     }
 
-    /// Remembers a denial that the store gave to a question sent at `asked_at_us`.
-    pub fn remember_at(&self, key: &ClientKey, asked_at_us: u64, decision: &Decision) {
-        if decision.allowed || decision.next_token_us == 0 {
+    /// The cached denial of the question `fingerprint` at `now_us`, if one still holds.
+    pub fn lookup_at(&self, fingerprint: Fingerprint, now_us: u64) -> Option<Vec<Decision>> {
+        let denial = self.entries.get(&fingerprint)?;
+        if now_us >= denial.until_us {
+            self.entries.remove(&fingerprint);
+            return None;
+        }
+        let after = |at_us: u64| at_us.saturating_sub(now_us);
+        Some(
+            denial
+                .buckets
+                .iter()
+                .map(|figures| Decision {
+                    allowed: figures.allowed && figures.retry_at_us <= now_us,
+                    remaining: figures.remaining,
+                    next_token_us: after(figures.next_token_at_us),
+                    full_after_us: after(figures.full_at_us),
+                    retry_after_us: after(figures.retry_at_us),
+                })
+                .collect(),
+        )
+    }
+
+    /// Remembers a denial that the store gave to `charges`, asked at `asked_at_us`.
+    pub fn remember_at(
+        &self,
+        fingerprint: Fingerprint,
+        asked_at_us: u64,
+        charges: &[KeyedCharge],
+        outcome: &Outcome,
+    ) {
+        if outcome.admitted {
             return;
         }
+        let lacking = charges
+            .iter()
+            .zip(&outcome.decisions)
+            .filter(|(keyed, decision)| keyed.charge.group == Group::Enforced && !decision.allowed)
+            .map(|(_, decision)| decision.retry_after_us)
+            .max()
+            .unwrap_or(0);
+        if lacking == 0 {
+            return;
+        }
+        let at = |after_us: u64| asked_at_us.saturating_add(after_us);
+        let buckets = outcome
+            .decisions
+            .iter()
+            .map(|decision| Figures {
+                allowed: decision.allowed,
+                remaining: decision.remaining,
+                next_token_at_us: at(decision.next_token_us),
+                full_at_us: at(decision.full_after_us),
+                retry_at_us: at(decision.retry_after_us),
+            })
+            .collect();
         self.entries.insert(
-            *key,
+            fingerprint,
             Denial {
-                until_us: asked_at_us.saturating_add(decision.next_token_us),
-                full_at_us: asked_at_us.saturating_add(decision.full_after_us),
+                until_us: at(lacking),
+                buckets,
             },
         );
     }
@@ -81,20 +143,39 @@ impl DenyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{self, Limit, LimitSpec};
+    use crate::bucket::{self, BucketState, Charge, Limit, LimitSpec};
     use proptest::prelude::*;
-    use std::net::Ipv4Addr;
 
-    fn key(n: u32) -> ClientKey {
-        ClientKey::V4(Ipv4Addr::from(n))
+    fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
+        Limit::parse(LimitSpec {
+            rate,
+            window_s,
+            burst,
+        })
+        .unwrap()
     }
 
-    fn denial(next_token_us: u64) -> Decision {
-        Decision {
-            allowed: false,
-            remaining: 0,
-            next_token_us,
-            full_after_us: next_token_us * 10,
+    fn charges(name: &str, limits: &[Limit]) -> Vec<KeyedCharge> {
+        limits
+            .iter()
+            .enumerate()
+            .map(|(i, limit)| KeyedCharge {
+                key: format!("{name}:{i}"),
+                charge: Charge::one(*limit),
+            })
+            .collect()
+    }
+
+    fn denial(retry_after_us: u64) -> Outcome {
+        Outcome {
+            admitted: false,
+            decisions: vec![Decision {
+                allowed: false,
+                remaining: 0,
+                next_token_us: retry_after_us,
+                full_after_us: retry_after_us * 10,
+                retry_after_us,
+            }],
         }
     }
 
@@ -106,66 +187,109 @@ mod tests {
     #[test]
     fn a_denial_is_answered_locally_until_the_next_token_and_not_after() {
         let cache = DenyCache::new(10).unwrap();
-        cache.remember_at(&key(1), 1_000, &denial(6_000_000));
-        let cached = cache.lookup_at(&key(1), 2_000).unwrap();
-        assert!(!cached.allowed);
-        assert_eq!(cached.next_token_us, 6_000_000 - 1_000);
-        assert_eq!(cached.full_after_us, 60_000_000 - 1_000);
-        assert!(cache.lookup_at(&key(1), 6_000_999).is_some());
-        assert!(cache.lookup_at(&key(1), 6_001_000).is_none());
-        assert!(cache.lookup_at(&key(2), 2_000).is_none());
+        let one = charges("a", &[limit(10, 60, 10)]);
+        let other = charges("b", &[limit(10, 60, 10)]);
+        let key = cache.fingerprint(&one);
+        cache.remember_at(key, 1_000, &one, &denial(6_000_000));
+        let cached = cache.lookup_at(key, 2_000).unwrap();
+        assert!(!cached[0].allowed);
+        assert_eq!(cached[0].retry_after_us, 6_000_000 - 1_000);
+        assert_eq!(cached[0].full_after_us, 60_000_000 - 1_000);
+        assert!(cache.lookup_at(key, 6_000_999).is_some());
+        assert!(cache.lookup_at(key, 6_001_000).is_none());
+        assert!(cache.lookup_at(cache.fingerprint(&other), 2_000).is_none());
     }
 
     #[test]
     fn admissions_are_never_cached() {
         let cache = DenyCache::new(10).unwrap();
-        let admitted = Decision {
-            allowed: true,
-            ..denial(5)
-        };
-        cache.remember_at(&key(1), 0, &admitted);
+        let one = charges("a", &[limit(10, 60, 10)]);
+        let mut admitted = denial(5);
+        admitted.admitted = true;
+        cache.remember_at(cache.fingerprint(&one), 0, &one, &admitted);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn the_same_buckets_at_another_cost_are_another_question() {
+        let cache = DenyCache::new(10).unwrap();
+        let one = charges("a", &[limit(10, 60, 10)]);
+        let mut costly = one.clone();
+        costly[0].charge.cost = 5;
+        assert_ne!(cache.fingerprint(&one), cache.fingerprint(&costly));
+    }
+
+    #[test]
+    fn with_several_limits_the_denial_lasts_until_the_last_lacking_one_recovers() {
+        let cache = DenyCache::new(10).unwrap();
+        let both = charges("a", &[limit(10, 60, 10), limit(15, 3600, 15)]);
+        let lacking = |retry_after_us| Decision {
+            allowed: false,
+            remaining: 0,
+            next_token_us: retry_after_us,
+            full_after_us: retry_after_us,
+            retry_after_us,
+        };
+        let outcome = Outcome {
+            admitted: false,
+            decisions: vec![lacking(6_000_000), lacking(240_000_000)],
+        };
+        let key = cache.fingerprint(&both);
+        cache.remember_at(key, 0, &both, &outcome);
+        assert!(cache.lookup_at(key, 239_999_999).is_some());
+        assert!(cache.lookup_at(key, 240_000_000).is_none());
     }
 
     #[test]
     fn the_cache_holds_no_more_than_its_capacity() {
         let cache = DenyCache::new(100).unwrap();
         for n in 0..10_000 {
-            cache.remember_at(&key(n), 0, &denial(1_000_000));
+            let one = charges(&n.to_string(), &[limit(1, 60, 1)]);
+            cache.remember_at(cache.fingerprint(&one), 0, &one, &denial(1_000_000));
         }
         assert!(cache.len() <= 100, "{} entries", cache.len());
     }
 
     proptest! {
-        /// A flood through the cache admits exactly what the bucket alone admits, with the
-        /// store answering at an arbitrary delay after each question was sent.
+        /// A flood through the cache admits exactly what the buckets alone admit, over two
+        /// limits, with the store answering at an arbitrary delay after each question was
+        /// sent.
         #[test]
         fn a_flood_is_admitted_exactly_as_without_the_cache(
             rate in 1u64..50,
             window_s in 1u64..20,
             burst in 1u64..20,
+            day_rate in 1u64..80,
             gap in 1u64..200_000,
             delay in 0u64..5_000,
             steps in 1usize..2_000,
         ) {
-            let limit = Limit::parse(LimitSpec { rate, window_s, burst }).unwrap();
+            let limits = [limit(rate, window_s, burst), limit(day_rate, 60, day_rate)];
+            let question = charges("k", &limits);
+            let bucket_charges: Vec<Charge> = question.iter().map(|c| c.charge).collect();
             let cache = DenyCache::new(16).unwrap();
-            let k = key(7);
-            let (mut with_cache, mut without) = (None, None);
+            let key = cache.fingerprint(&question);
+            let mut with_cache: Vec<Option<BucketState>> = vec![None, None];
+            let mut without: Vec<Option<BucketState>> = vec![None, None];
             let (mut admitted_with, mut admitted_without) = (0, 0);
             for i in 0..steps as u64 {
                 let sent = i * gap;
-                let (plain, new_state) = bucket::take(&limit, without, sent + delay);
-                without = new_state.or(without);
-                admitted_without += u64::from(plain.allowed);
+                let plain = bucket::take_all(&bucket_charges, &without, sent + delay);
+                for (state, write) in without.iter_mut().zip(&plain.writes) {
+                    *state = write.or(*state);
+                }
+                admitted_without += u64::from(plain.admitted);
 
-                if cache.lookup_at(&k, sent).is_some() {
+                if cache.lookup_at(key, sent).is_some() {
                     continue;
                 }
-                let (decision, new_state) = bucket::take(&limit, with_cache, sent + delay);
-                with_cache = new_state.or(with_cache);
-                admitted_with += u64::from(decision.allowed);
-                cache.remember_at(&k, sent, &decision);
+                let taken = bucket::take_all(&bucket_charges, &with_cache, sent + delay);
+                for (state, write) in with_cache.iter_mut().zip(&taken.writes) {
+                    *state = write.or(*state);
+                }
+                admitted_with += u64::from(taken.admitted);
+                let outcome = Outcome { admitted: taken.admitted, decisions: taken.decisions };
+                cache.remember_at(key, sent, &question, &outcome);
             }
             prop_assert_eq!(admitted_with, admitted_without);
         }

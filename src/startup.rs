@@ -12,7 +12,7 @@ use secrecy::ExposeSecret;
 use thiserror::Error;
 
 use crate::decision::{Buckets, Decider, DeciderSettings, InstanceCount};
-use crate::http::routes::AppState;
+use crate::http::routes::{AppState, DefaultPolicy};
 use crate::metrics::Metrics;
 use crate::settings::{Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
@@ -57,7 +57,6 @@ impl Application {
         let (buckets, instances, resolver) = build_buckets(&settings, &metrics).await?;
         let decider = Decider::new(DeciderSettings {
             buckets,
-            limit: settings.limit,
             fail_mode: settings.fail_mode,
             instances,
             deny_cache_size: settings.deny_cache_size,
@@ -66,6 +65,10 @@ impl Application {
         });
         let state = web::Data::new(AppState::new(
             settings.instance_name.clone(),
+            DefaultPolicy {
+                limit: settings.limit,
+                key_prefix: settings.redis.key_prefix.clone(),
+            },
             decider,
             settings.identity.clone(),
             settings.headers,
@@ -182,11 +185,7 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
     // The round is bounded by the Redis timeouts; a resolver that died early only means
     // starting unready, which discovery's next round mends.
     let _ = first_round.await;
-    let store = RedisStore::new(
-        slot,
-        settings.redis.key_prefix.clone(),
-        settings.redis.timeout,
-    );
+    let store = RedisStore::new(slot, settings.redis.timeout);
     let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
     Ok((Buckets::Shared(Arc::new(store)), count, Some(resolver)))
 }

@@ -1,7 +1,8 @@
-//! The token bucket, as pure arithmetic: state in, time in, decision and new state out.
+//! The token bucket, as pure arithmetic: states in, time in, decisions and new states out.
 //!
-//! `token_bucket.lua` mirrors [`take`] line by line for Redis; the parity tests run one
-//! table of cases against both.
+//! A request may draw on several buckets at once (several limits of one policy, several
+//! policies). [`take_all`] decides them all or nothing; `token_bucket.lua` mirrors it line
+//! by line for Redis, and the parity tests run one table of cases against both.
 
 use super::limit::Limit;
 
@@ -14,42 +15,77 @@ pub struct BucketState {
     pub updated_us: u64,
 }
 
-/// The answer to one request, and what the client may be told about its bucket.
+/// Which buckets are paid together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Group {
+    /// Every enforced bucket of a request: all of them pay, or none.
+    Enforced,
+    /// The buckets of one shadow policy: they pay together when the request is admitted
+    /// and they all have the tokens, and never change what an enforced bucket decides.
+    Shadow(u32),
+}
+
+/// One bucket a request draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Charge {
+    pub limit: Limit,
+    /// Tokens this request costs here.
+    pub cost: u64,
+    pub group: Group,
+}
+
+impl Charge {
+    /// One token from an enforced bucket: the shape of every request before policies.
+    pub fn one(limit: Limit) -> Self {
+        Self {
+            limit,
+            cost: 1,
+            group: Group::Enforced,
+        }
+    }
+}
+
+/// One bucket's answer, and what the client may be told about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
+    /// Whether this bucket had the tokens. The request is admitted when every enforced
+    /// bucket had them ([`Taken::admitted`]).
     pub allowed: bool,
     /// Whole tokens left after this request.
     pub remaining: u64,
-    /// Until the next whole token is in the bucket (0 when it is full). For a denial this
-    /// is exactly when a retry can succeed.
+    /// Until the next whole token is in the bucket (0 when it is full).
     pub next_token_us: u64,
     /// Until the bucket is full again, which is also when forgetting it loses nothing.
     pub full_after_us: u64,
+    /// For a bucket that lacked the tokens: until it has them (0 otherwise). Exactly when
+    /// a retry can succeed here, since tokens only come back with time.
+    pub retry_after_us: u64,
 }
 
 impl Decision {
     /// Derives the client-facing figures from the units a bucket holds after deciding.
     /// Both stores call this, so headers cannot disagree between them.
-    pub fn from_units(limit: &Limit, allowed: bool, tokens: u64) -> Self {
-        let cost = limit.cost_units();
+    pub fn from_units(limit: &Limit, allowed: bool, tokens: u64, cost: u64) -> Self {
+        let token = limit.token_units();
         let capacity = limit.capacity_units();
         let tokens = tokens.min(capacity);
         let next_token_us = if tokens >= capacity {
             0
         } else {
-            limit.micros_to_gain(cost - tokens % cost)
+            limit.micros_to_gain(token - tokens % token)
+        };
+        let retry_after_us = if allowed {
+            0
+        } else {
+            limit.micros_to_gain(limit.units_of(cost).saturating_sub(tokens))
         };
         Self {
             allowed,
-            remaining: tokens / cost,
+            remaining: tokens / token,
             next_token_us,
             full_after_us: limit.micros_to_gain(capacity - tokens),
+            retry_after_us,
         }
-    }
-
-    /// Until a retry can succeed, or 0 when this request was admitted.
-    pub fn retry_after_us(&self) -> u64 {
-        if self.allowed { 0 } else { self.next_token_us }
     }
 }
 
@@ -70,25 +106,70 @@ pub fn refill(limit: &Limit, state: Option<BucketState>, now_us: u64) -> u64 {
     }
 }
 
-/// Takes one token at `now_us`. Returns the decision and, when the bucket changed, the
-/// state to store. A denial changes nothing: refill is linear, so the old state still
-/// describes the bucket exactly, and the store need not write.
+/// What one request did to its buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// Every enforced bucket had the tokens, and paid them.
+    pub admitted: bool,
+    /// One per charge, in order.
+    pub decisions: Vec<Decision>,
+    /// One per charge: the state to store, or `None` where the bucket did not pay. A
+    /// bucket that did not pay is unchanged: refill is linear, so its old state still
+    /// describes it exactly, and the store need not write.
+    pub writes: Vec<Option<BucketState>>,
+}
+
+/// Decides one request over all its buckets at `now_us`, all or nothing: the enforced
+/// buckets pay only if every one of them has the tokens; each shadow group pays only if
+/// the request is admitted and every bucket of the group has the tokens.
+pub fn take_all(charges: &[Charge], states: &[Option<BucketState>], now_us: u64) -> Taken {
+    let held: Vec<u64> = charges
+        .iter()
+        .zip(states)
+        .map(|(charge, state)| refill(&charge.limit, *state, now_us))
+        .collect();
+    let has = |i: usize| held[i] >= charges[i].limit.units_of(charges[i].cost);
+    let group_has = |group: Group| {
+        (0..charges.len())
+            .filter(|&i| charges[i].group == group)
+            .all(has)
+    };
+    let admitted = group_has(Group::Enforced);
+    let mut decisions = Vec::with_capacity(charges.len());
+    let mut writes = Vec::with_capacity(charges.len());
+    for (i, charge) in charges.iter().enumerate() {
+        let pays = admitted && group_has(charge.group);
+        let tokens = if pays {
+            held[i] - charge.limit.units_of(charge.cost)
+        } else {
+            held[i]
+        };
+        decisions.push(Decision::from_units(
+            &charge.limit,
+            has(i),
+            tokens,
+            charge.cost,
+        ));
+        writes.push(pays.then_some(BucketState {
+            tokens,
+            updated_us: now_us,
+        }));
+    }
+    Taken {
+        admitted,
+        decisions,
+        writes,
+    }
+}
+
+/// Takes one token from one bucket: [`take_all`] for a single enforced charge.
 pub fn take(
     limit: &Limit,
     state: Option<BucketState>,
     now_us: u64,
 ) -> (Decision, Option<BucketState>) {
-    let tokens = refill(limit, state, now_us);
-    let cost = limit.cost_units();
-    if tokens < cost {
-        return (Decision::from_units(limit, false, tokens), None);
-    }
-    let tokens = tokens - cost;
-    let new_state = BucketState {
-        tokens,
-        updated_us: now_us,
-    };
-    (Decision::from_units(limit, true, tokens), Some(new_state))
+    let taken = take_all(&[Charge::one(*limit)], &[state], now_us);
+    (taken.decisions[0], taken.writes[0])
 }
 
 #[cfg(test)]
@@ -135,7 +216,7 @@ mod tests {
         assert!(!decision.allowed);
         assert_eq!(new_state, None);
         assert_eq!(decision.remaining, 0);
-        assert_eq!(decision.retry_after_us().div_ceil(SECOND), 6);
+        assert_eq!(decision.retry_after_us.div_ceil(SECOND), 6);
     }
 
     #[test]
@@ -147,7 +228,7 @@ mod tests {
             state = take(&limit, state, now).1.or(state);
         }
         let (denied, _) = take(&limit, state, 10);
-        let retry_at = 10 + denied.retry_after_us();
+        let retry_at = 10 + denied.retry_after_us;
         assert!(!take(&limit, state, retry_at - 1).0.allowed);
         assert!(take(&limit, state, retry_at).0.allowed);
     }
@@ -169,7 +250,7 @@ mod tests {
     #[test]
     fn a_full_bucket_reports_no_wait_for_a_next_token() {
         let limit = default_limit();
-        let decision = Decision::from_units(&limit, true, limit.capacity_units());
+        let decision = Decision::from_units(&limit, true, limit.capacity_units(), 1);
         assert_eq!(decision.next_token_us, 0);
         assert_eq!(decision.full_after_us, 0);
         assert_eq!(decision.remaining, 10);
@@ -253,8 +334,8 @@ mod tests {
         ) {
             let limit = Limit::parse(LimitSpec { rate, window_s, burst }).unwrap();
             let units = (limit.capacity_units() as f64 * tokens_frac) as u64;
-            let decision = Decision::from_units(&limit, true, units);
-            let tokens = units as f64 / limit.cost_units() as f64;
+            let decision = Decision::from_units(&limit, true, units, 1);
+            let tokens = units as f64 / limit.token_units() as f64;
             let per_token_s = window_s as f64 / rate as f64;
             prop_assert_eq!(decision.remaining, tokens.floor() as u64);
             let model_full_s = (burst as f64 - tokens) * per_token_s;
@@ -263,6 +344,118 @@ mod tests {
                 (tokens.floor() + 1.0 - tokens) * per_token_s
             };
             prop_assert!((decision.next_token_us as f64 / 1e6 - model_next_s).abs() < 1e-5);
+        }
+    }
+
+    fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
+        Limit::parse(LimitSpec {
+            rate,
+            window_s,
+            burst,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_request_denied_by_one_limit_spends_nothing_from_the_others() {
+        let minute = limit(10, 60, 10);
+        let day = limit(15, 86_400, 15);
+        let charges = [Charge::one(minute), Charge::one(day)];
+        let drained_day = Some(BucketState {
+            tokens: 0,
+            updated_us: 1,
+        });
+        let taken = take_all(&charges, &[None, drained_day], 1);
+        assert!(!taken.admitted);
+        assert!(taken.decisions[0].allowed && !taken.decisions[1].allowed);
+        assert_eq!(taken.writes, vec![None, None]);
+        assert_eq!(taken.decisions[0].remaining, 10);
+        assert_eq!(taken.decisions[0].retry_after_us, 0);
+        assert_eq!(taken.decisions[1].retry_after_us, 86_400 * SECOND / 15);
+    }
+
+    #[test]
+    fn a_shadow_group_never_changes_what_the_enforced_limits_decide() {
+        let enforced = Charge::one(limit(2, 60, 2));
+        let shadow = Charge {
+            group: Group::Shadow(1),
+            ..Charge::one(limit(1, 60, 1))
+        };
+        let (mut with, mut without) = ([None, None], [None]);
+        for now in 0..5 {
+            let taken = take_all(&[enforced, shadow], &with, now);
+            let alone = take_all(&[enforced], &without, now);
+            assert_eq!(taken.admitted, alone.admitted, "at {now}");
+            assert_eq!(taken.decisions[0], alone.decisions[0]);
+            with = [taken.writes[0].or(with[0]), taken.writes[1].or(with[1])];
+            without = [alone.writes[0].or(without[0])];
+        }
+    }
+
+    #[test]
+    fn a_shadow_group_pays_only_for_admitted_requests_it_could_afford() {
+        let enforced = Charge::one(limit(1, 60, 1));
+        let shadow = Charge {
+            group: Group::Shadow(1),
+            ..Charge::one(limit(5, 60, 5))
+        };
+        let first = take_all(&[enforced, shadow], &[None, None], 0);
+        assert!(first.admitted && first.writes[1].is_some());
+        let second = take_all(&[enforced, shadow], &[first.writes[0], first.writes[1]], 1);
+        assert!(!second.admitted);
+        assert_eq!(
+            second.writes,
+            vec![None, None],
+            "a denied request pays nowhere"
+        );
+    }
+
+    #[test]
+    fn a_cost_of_several_tokens_waits_for_all_of_them() {
+        let limit = limit(1, 1, 10);
+        let (decision, state) = take(&limit, None, 0);
+        assert!(decision.allowed);
+        let charge = Charge {
+            cost: 10,
+            ..Charge::one(limit)
+        };
+        let taken = take_all(&[charge], &[state], 0);
+        assert!(!taken.admitted);
+        // 9 tokens held, 10 needed: one more second.
+        assert_eq!(taken.decisions[0].retry_after_us, SECOND);
+    }
+
+    proptest! {
+        /// Under any interleaving of requests drawing on two limits, each limit admits at
+        /// most burst + refill, and a request is admitted only when both paid.
+        #[test]
+        fn two_limits_each_hold_their_bound_and_pay_together(
+            minute_rate in 1u64..20,
+            hour_rate in 1u64..40,
+            gaps in proptest::collection::vec(0u64..20 * SECOND, 1..300),
+        ) {
+            let minute = limit(minute_rate, 60, minute_rate);
+            let hour = limit(hour_rate, 3_600, hour_rate);
+            let charges = [Charge::one(minute), Charge::one(hour)];
+            let mut states = [None, None];
+            let (mut now, mut admitted) = (0u64, 0u128);
+            let mut paid = [0u128, 0u128];
+            for gap in gaps {
+                now += gap;
+                let taken = take_all(&charges, &states, now);
+                admitted += u128::from(taken.admitted);
+                for i in 0..2 {
+                    paid[i] += u128::from(taken.writes[i].is_some());
+                    states[i] = taken.writes[i].or(states[i]);
+                }
+            }
+            prop_assert_eq!(paid[0], admitted);
+            prop_assert_eq!(paid[1], admitted);
+            let bound = |rate: u64, window_s: u64| {
+                u128::from(rate) + u128::from(now) * u128::from(rate) / (u128::from(window_s) * u128::from(SECOND))
+            };
+            prop_assert!(admitted <= bound(minute_rate, 60));
+            prop_assert!(admitted <= bound(hour_rate, 3_600));
         }
     }
 }

@@ -1,9 +1,12 @@
 //! A validated rate limit and the integer units the bucket arithmetic works in.
 //!
-//! A token is worth `window_us` *units*, and the bucket gains `rate_limit` units per
-//! microsecond. That makes every quantity an exact integer: the refill rate
-//! `rate_limit / window` tokens per second becomes `rate_limit` units per µs, with no
-//! rounding and so no drift however long a bucket lives.
+//! A token is worth `window_us / g` *units*, and the bucket gains `rate_limit / g` units
+//! per microsecond, where `g = gcd(rate_limit, window_us)`. That makes every quantity an
+//! exact integer: the refill rate `rate_limit / window` tokens per second is exactly
+//! `(rate_limit / g) / (window_us / g)` tokens per µs, with no rounding and so no drift
+//! however long a bucket lives. Dividing by `g` keeps the units small enough for Lua's
+//! doubles: 10^6 per day is 86,400 units a token and 1 unit per µs, not 8.64 × 10^10 and
+//! 10^6.
 
 use thiserror::Error;
 
@@ -40,11 +43,15 @@ pub struct LimitSpec {
 
 /// How many requests a client may make: a burst of `capacity`, refilled continuously at
 /// `rate_limit` tokens per `window`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limit {
     capacity: u64,
     rate_limit: u64,
     window_us: u64,
+    /// Units one token is worth: `window_us / gcd(rate_limit, window_us)`.
+    token_units: u64,
+    /// Units gained per µs: `rate_limit / gcd(rate_limit, window_us)`.
+    refill_units_per_us: u64,
 }
 
 impl Limit {
@@ -76,11 +83,15 @@ impl Limit {
             capacity,
             window_s: window_us / MICROS_PER_SECOND,
         };
-        match capacity.checked_mul(window_us) {
+        let divisor = gcd(rate_limit, window_us);
+        let token_units = window_us / divisor;
+        match capacity.checked_mul(token_units) {
             Some(units) if units <= MAX_CAPACITY_UNITS => Ok(Self {
                 capacity,
                 rate_limit,
                 window_us,
+                token_units,
+                refill_units_per_us: rate_limit / divisor,
             }),
             _ => Err(too_large),
         }
@@ -110,26 +121,41 @@ impl Limit {
         self.window_us.div_ceil(MICROS_PER_SECOND)
     }
 
-    /// Units one request costs: one token.
-    pub fn cost_units(&self) -> u64 {
-        self.window_us
+    /// Units one token is worth.
+    pub fn token_units(&self) -> u64 {
+        self.token_units
+    }
+
+    /// Units `tokens` tokens are worth, capped at a full bucket (a cost beyond the burst
+    /// can never be paid, and the policy file refuses one).
+    pub fn units_of(&self, tokens: u64) -> u64 {
+        tokens
+            .saturating_mul(self.token_units)
+            .min(self.capacity_units())
     }
 
     /// Units a full bucket holds.
     pub fn capacity_units(&self) -> u64 {
-        self.capacity * self.window_us
+        self.capacity * self.token_units
     }
 
     /// Units gained per microsecond.
     pub fn refill_units_per_us(&self) -> u64 {
-        self.rate_limit
+        self.refill_units_per_us
     }
 
     /// Microseconds it takes to gain `units`, rounded up so that a client told to come
     /// back then really finds them there.
     pub fn micros_to_gain(&self, units: u64) -> u64 {
-        units.div_ceil(self.rate_limit)
+        units.div_ceil(self.refill_units_per_us)
     }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 #[cfg(test)]
@@ -169,7 +195,7 @@ mod tests {
         let one_year = 365 * 24 * 3600;
         assert!(matches!(
             Limit::parse(LimitSpec {
-                rate: 1_000_000,
+                rate: 7,
                 window_s: one_year,
                 burst: 1_000_000
             }),
@@ -193,7 +219,7 @@ mod tests {
             burst: 10,
         })
         .unwrap();
-        assert_eq!(limit.micros_to_gain(limit.cost_units()), 6_000_000);
+        assert_eq!(limit.micros_to_gain(limit.token_units()), 6_000_000);
     }
 
     #[test]
@@ -206,7 +232,7 @@ mod tests {
         .unwrap();
         let share = limit.share_of(2);
         assert_eq!(share.capacity(), 5);
-        assert_eq!(share.micros_to_gain(share.cost_units()), 12_000_000);
+        assert_eq!(share.micros_to_gain(share.token_units()), 12_000_000);
         assert_eq!(limit.share_of(0), limit);
     }
 
@@ -219,5 +245,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!(limit.share_of(5).capacity(), 1);
+    }
+
+    #[test]
+    fn long_windows_and_high_rates_fit_the_exact_units() {
+        let day = 86_400;
+        for (rate, window_s) in [(1_000_000, day), (1, 30 * day), (1_000_000_000, 1)] {
+            let limit = Limit::parse(LimitSpec {
+                rate,
+                window_s,
+                burst: rate,
+            })
+            .unwrap_or_else(|err| panic!("{rate} per {window_s} s: {err}"));
+            // One token is gained in exactly window / rate.
+            let per_token_us = (u128::from(window_s) * 1_000_000).div_ceil(u128::from(rate));
+            assert_eq!(
+                u128::from(limit.micros_to_gain(limit.token_units())),
+                per_token_us
+            );
+        }
     }
 }

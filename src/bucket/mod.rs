@@ -9,7 +9,7 @@
 mod arithmetic;
 mod limit;
 
-pub use arithmetic::{BucketState, Decision, refill, take};
+pub use arithmetic::{BucketState, Charge, Decision, Group, Taken, refill, take, take_all};
 pub use limit::{Limit, LimitError, LimitSpec, MAX_CAPACITY_UNITS};
 
 /// The Redis mirror of [`take`].

@@ -5,7 +5,10 @@
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 
-use crate::decision::Verdict;
+use std::fmt::Write as _;
+
+use crate::bucket::{Decision, Group, Limit};
+use crate::decision::{LimitName, Verdict};
 
 /// How a limited response describes the client's quota (`RATELIMIT_HEADERS`).
 #[derive(
@@ -27,8 +30,16 @@ impl HeaderMode {
     }
 }
 
-/// The one policy this service enforces, as headers and problem bodies name it.
-pub const POLICY_NAME: &str = "default";
+/// The name a limit goes by in headers and problem bodies: `<policy>-<limit>`, or just
+/// the policy's name when its limit is named after it (the default policy's one limit,
+/// `default`).
+pub fn item_name(name: &LimitName<'_>, out: &mut String) {
+    out.push_str(name.policy);
+    if name.limit != name.policy {
+        out.push('-');
+        out.push_str(name.limit);
+    }
+}
 
 /// Whole seconds, rounded up: a client told to wait `n` seconds never comes back early.
 pub fn ceil_secs(micros: u64) -> u64 {
@@ -45,38 +56,110 @@ pub fn retry_after_secs(retry_after_us: u64) -> u64 {
     ceil_secs(retry_after_us).max(1)
 }
 
+/// What the headers say about one enforced limit.
+struct Stated<'a> {
+    name: LimitName<'a>,
+    limit: Limit,
+    decision: Option<Decision>,
+}
+
+/// The enforced limits of a verdict: shadow ones never show.
+fn stated<'a>(verdict: &Verdict<'a>) -> Vec<Stated<'a>> {
+    match verdict {
+        Verdict::Unlimited => Vec::new(),
+        Verdict::Decided { limits, .. } => limits
+            .iter()
+            .filter(|judged| judged.group == Group::Enforced)
+            .map(|judged| Stated {
+                name: judged.name,
+                limit: judged.limit,
+                decision: Some(judged.decision),
+            })
+            .collect(),
+        Verdict::Open { limits } | Verdict::Closed { limits } => limits
+            .iter()
+            .filter(|unasked| unasked.group == Group::Enforced)
+            .map(|unasked| Stated {
+                name: unasked.name,
+                limit: unasked.limit,
+                decision: None,
+            })
+            .collect(),
+    }
+}
+
 /// The headers a limited response carries in `mode`, besides `Retry-After`. Names are
 /// lower case, as HTTP/1.1 sends them here and HTTP/2 requires.
+///
+/// Draft (draft-ietf-httpapi-ratelimit-headers-11): `RateLimit-Policy` lists every
+/// enforced limit that applied (`"name";q=<burst>;w=<window s>`), and `RateLimit` each one's
+/// state (`"name";r=<remaining>;t=<s until more quota>`, where for a limit that lacked
+/// tokens "more" means enough for this request). `qu` is left out: every quota here is
+/// counted in the registry's default unit, requests (a header-set cost counts as that
+/// many requests); `pk` is left out because the partition is the client itself.
+/// Legacy: `X-RateLimit-*` of the most restrictive limit, the one with the fewest tokens
+/// left (or the smallest burst when no bucket was asked).
 pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, HeaderValue)> {
     let draft = matches!(mode, HeaderMode::Draft | HeaderMode::Both);
     let legacy = matches!(mode, HeaderMode::Legacy | HeaderMode::Both);
-    let limit = verdict.limit();
+    let stated = stated(verdict);
     let mut headers = Vec::with_capacity(5);
+    if stated.is_empty() {
+        return headers;
+    }
     if draft {
-        headers.push((
-            RATELIMIT_POLICY,
-            formatted(format_args!(
-                "\"{POLICY_NAME}\";q={};w={}",
-                limit.capacity(),
-                limit.window_secs()
-            )),
-        ));
+        let mut policy = String::with_capacity(32 * stated.len());
+        let mut state = String::with_capacity(32 * stated.len());
+        for (i, item) in stated.iter().enumerate() {
+            if i > 0 {
+                policy.push_str(", ");
+            }
+            policy.push('"');
+            item_name(&item.name, &mut policy);
+            let _ = write!(
+                policy,
+                "\";q={};w={}",
+                item.limit.capacity(),
+                item.limit.window_secs()
+            );
+            if let Some(decision) = &item.decision {
+                if !state.is_empty() {
+                    state.push_str(", ");
+                }
+                state.push('"');
+                item_name(&item.name, &mut state);
+                let until_more = if decision.allowed {
+                    decision.next_token_us
+                } else {
+                    decision.retry_after_us
+                };
+                let _ = write!(
+                    state,
+                    "\";r={};t={}",
+                    decision.remaining,
+                    ceil_secs(until_more)
+                );
+            }
+        }
+        headers.push((RATELIMIT_POLICY, text_value(policy)));
+        if !state.is_empty() {
+            headers.push((RATELIMIT, text_value(state)));
+        }
     }
     if legacy {
-        headers.push((X_RATELIMIT_LIMIT, HeaderValue::from(limit.capacity())));
-    }
-    if let Verdict::Decided { decision, .. } = verdict {
-        if draft {
-            headers.push((
-                RATELIMIT,
-                formatted(format_args!(
-                    "\"{POLICY_NAME}\";r={};t={}",
-                    decision.remaining,
-                    ceil_secs(decision.next_token_us)
-                )),
-            ));
-        }
-        if legacy {
+        let strictest = stated
+            .iter()
+            .min_by_key(|item| {
+                item.decision.map_or((item.limit.capacity(), 0), |d| {
+                    (d.remaining, u64::MAX - d.full_after_us)
+                })
+            })
+            .unwrap_or_else(|| unreachable!("stated is not empty"));
+        headers.push((
+            X_RATELIMIT_LIMIT,
+            HeaderValue::from(strictest.limit.capacity()),
+        ));
+        if let Some(decision) = &strictest.decision {
             headers.push((X_RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)));
             headers.push((
                 X_RATELIMIT_RESET,
@@ -95,17 +178,17 @@ const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit
 const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// A header value from text that is printable ASCII by construction (a quoted token and
-/// numbers), so it cannot be rejected.
-fn formatted(text: std::fmt::Arguments<'_>) -> HeaderValue {
-    HeaderValue::try_from(text.to_string()).expect("printable ASCII is a valid header value")
+/// A header value from text that is printable ASCII by construction (names of
+/// `[a-z0-9_-]` and numbers), so it cannot be rejected.
+fn text_value(text: String) -> HeaderValue {
+    HeaderValue::try_from(text).expect("printable ASCII is a valid header value")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Decision, Limit, LimitSpec};
-    use crate::decision::Bucket;
+    use crate::bucket::LimitSpec;
+    use crate::decision::{Bucket, Judged, Unasked};
 
     fn as_text(headers: Vec<(HeaderName, HeaderValue)>) -> Vec<(String, String)> {
         headers
@@ -118,20 +201,40 @@ mod tests {
         (name.to_string(), value.to_string())
     }
 
-    fn verdict(decision: Option<Decision>) -> Verdict {
-        let limit = Limit::parse(LimitSpec {
-            rate: 10,
-            window_s: 60,
-            burst: 10,
+    fn limit(rate: u64, window_s: u64) -> Limit {
+        Limit::parse(LimitSpec {
+            rate,
+            window_s,
+            burst: rate,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    const DEFAULT: LimitName<'static> = LimitName {
+        policy: "default",
+        limit: "default",
+    };
+
+    fn verdict(decision: Option<Decision>) -> Verdict<'static> {
+        let limit = limit(10, 60);
         match decision {
             Some(decision) => Verdict::Decided {
                 bucket: Bucket::Shared,
-                limit,
-                decision,
+                admitted: decision.allowed,
+                limits: vec![Judged {
+                    name: DEFAULT,
+                    limit,
+                    group: Group::Enforced,
+                    decision,
+                }],
             },
-            None => Verdict::Open { limit },
+            None => Verdict::Open {
+                limits: vec![Unasked {
+                    name: DEFAULT,
+                    limit,
+                    group: Group::Enforced,
+                }],
+            },
         }
     }
 
@@ -141,6 +244,7 @@ mod tests {
             remaining: 0,
             next_token_us: 5_000_001,
             full_after_us: 59_000_000,
+            retry_after_us: 5_000_001,
         }
     }
 
@@ -153,6 +257,52 @@ mod tests {
                 text("ratelimit-policy", "\"default\";q=10;w=60"),
                 text("ratelimit", "\"default\";r=0;t=6"),
             ]
+        );
+    }
+
+    #[test]
+    fn every_enforced_limit_is_listed_and_shadow_ones_never() {
+        let judged = |policy, name, rate, window_s, remaining, group| Judged {
+            name: LimitName {
+                policy,
+                limit: name,
+            },
+            limit: limit(rate, window_s),
+            group,
+            decision: Decision {
+                allowed: true,
+                remaining,
+                next_token_us: 1_000_000,
+                full_after_us: 9_000_000,
+                retry_after_us: 0,
+            },
+        };
+        let verdict = Verdict::Decided {
+            bucket: Bucket::Shared,
+            admitted: true,
+            limits: vec![
+                judged("api", "minute", 100, 60, 42, Group::Enforced),
+                judged("api", "day", 10_000, 86_400, 9_958, Group::Enforced),
+                judged("trial", "minute", 5, 60, 0, Group::Shadow(1)),
+            ],
+        };
+        assert_eq!(
+            as_text(quota_headers(HeaderMode::Draft, &verdict)),
+            vec![
+                text(
+                    "ratelimit-policy",
+                    "\"api-minute\";q=100;w=60, \"api-day\";q=10000;w=86400"
+                ),
+                text(
+                    "ratelimit",
+                    "\"api-minute\";r=42;t=1, \"api-day\";r=9958;t=1"
+                ),
+            ]
+        );
+        // Legacy describes the most restrictive: the minute limit, with 42 left.
+        assert_eq!(
+            as_text(quota_headers(HeaderMode::Legacy, &verdict))[0],
+            text("x-ratelimit-limit", "100")
         );
     }
 
@@ -176,6 +326,7 @@ mod tests {
             5
         );
         assert!(quota_headers(HeaderMode::None, &verdict(Some(denial()))).is_empty());
+        assert!(quota_headers(HeaderMode::Both, &Verdict::Unlimited).is_empty());
     }
 
     #[test]

@@ -9,15 +9,46 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use super::headers::{
-    HeaderMode, POLICY_NAME, X_RATELIMIT_SOURCE, ceil_millis, quota_headers, retry_after_secs,
+    HeaderMode, X_RATELIMIT_SOURCE, ceil_millis, item_name, quota_headers, retry_after_secs,
 };
 use super::problem::Problem;
-use crate::decision::{Decider, Verdict};
+use crate::bucket::{Charge, Limit};
+use crate::decision::{Decider, LimitCharge, LimitName, Verdict};
 use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
 use crate::metrics::Metrics;
 
+/// The one policy of a service without a policy file: `RATE_LIMIT` per `TIME_WINDOW`
+/// (burst `BURST`) per client IP on `/limited_endpoint`.
+pub struct DefaultPolicy {
+    pub limit: Limit,
+    pub key_prefix: String,
+}
+
+const DEFAULT: LimitName<'static> = LimitName {
+    policy: "default",
+    limit: "default",
+};
+
+impl DefaultPolicy {
+    fn charges(&self, client: &ClientKey) -> Vec<LimitCharge<'static>> {
+        let limit = &self.limit;
+        vec![LimitCharge {
+            name: DEFAULT,
+            key: format!(
+                "{}:default:default:{}-{}-{}:{{{client}}}",
+                self.key_prefix,
+                limit.rate_limit(),
+                limit.window_secs(),
+                limit.capacity()
+            ),
+            charge: Charge::one(*limit),
+        }]
+    }
+}
+
 pub struct AppState {
     pub instance: String,
+    pub policy: DefaultPolicy,
     pub decider: Decider,
     pub identity: IdentityRules,
     pub headers: HeaderMode,
@@ -30,6 +61,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         instance: String,
+        policy: DefaultPolicy,
         decider: Decider,
         identity: IdentityRules,
         headers: HeaderMode,
@@ -42,6 +74,7 @@ impl AppState {
             index_body: render("Hello World"),
             admitted_body: render("This is a limited endpoint"),
             instance,
+            policy,
             decider,
             identity,
             headers,
@@ -85,23 +118,36 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
             .detail("the client address is unknown")
             .response();
     };
-    let verdict = state.decider.decide(key).await;
+    let verdict = state.decider.decide(state.policy.charges(&key)).await;
     let mut response = HttpResponse::build(StatusCode::OK);
-    response.insert_header((
-        X_RATELIMIT_SOURCE,
-        HeaderValue::from_static(verdict.source().as_str()),
-    ));
+    if let Some(source) = verdict.source() {
+        response.insert_header((
+            X_RATELIMIT_SOURCE,
+            HeaderValue::from_static(source.as_str()),
+        ));
+    }
     for header in quota_headers(state.headers, &verdict) {
         response.insert_header(header);
     }
     match verdict {
-        Verdict::Decided { decision, .. } if !decision.allowed => {
-            let retry_after_us = decision.retry_after_us();
+        Verdict::Decided {
+            admitted: false, ..
+        } => {
+            let retry_after_us = verdict.retry_after_us();
             response.insert_header((RETRY_AFTER, retry_after_secs(retry_after_us)));
-            Problem::quota_exceeded(&[POLICY_NAME], ceil_millis(retry_after_us).max(1))
-                .respond(response)
+            let violated: Vec<String> = verdict
+                .violated()
+                .iter()
+                .map(|name| {
+                    let mut text = String::new();
+                    item_name(name, &mut text);
+                    text
+                })
+                .collect();
+            let violated: Vec<&str> = violated.iter().map(String::as_str).collect();
+            Problem::quota_exceeded(&violated, ceil_millis(retry_after_us).max(1)).respond(response)
         }
-        Verdict::Decided { .. } | Verdict::Open { .. } => response
+        Verdict::Unlimited | Verdict::Decided { .. } | Verdict::Open { .. } => response
             .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
             .content_type(ContentType::json())
             .body(state.admitted_body.clone()),

@@ -1,6 +1,10 @@
 //! Buckets kept in this process: the embedded store when no Redis is configured, and the
 //! local fallback when Redis cannot decide.
 //!
+//! A request over several buckets is decided under the locks of all their shards at once
+//! (taken in shard order, so two requests never wait on each other in a circle): the same
+//! all-or-nothing step the Lua script is in Redis.
+//!
 //! Limits are then per instance, not shared. Buckets that have refilled completely are
 //! dropped, which loses nothing: a missing bucket is a full one. When more clients than
 //! `max_buckets` are still refilling at once, the store forgets the buckets closest to
@@ -9,13 +13,12 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{Store, StoreFuture};
-use crate::bucket::{self, BucketState, Decision, Limit};
-use crate::identity::ClientKey;
+use super::{KeyedCharge, Outcome, Store, StoreFuture};
+use crate::bucket::{self, BucketState, Charge, Decision, Limit};
 
 /// Enough shards that worker threads rarely wait on one another.
 const SHARDS: usize = 64;
@@ -26,7 +29,9 @@ pub const DEFAULT_MAX_BUCKETS: usize = 200_000;
 
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    /// Two independent hashes of a bucket's name make its 128-bit key here: names are long
+    /// strings, and 16 bytes a bucket is what memory can afford.
+    hashers: [RandomState; 2],
     /// Buckets measure time from here; a monotonic clock cannot jump.
     epoch: Instant,
     /// Most buckets one shard holds; `max_buckets` spread over the shards.
@@ -35,8 +40,29 @@ pub struct MemoryStore {
     evicted: AtomicBool,
 }
 
+/// A bucket's 128-bit key (see [`MemoryStore::hashers`]).
+type Key = u128;
+
+/// A bucket and what it needs to be swept: how full is full, and how fast it refills.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    state: BucketState,
+    capacity_units: u64,
+    refill_units_per_us: u64,
+}
+
+impl Held {
+    /// Units still missing at `now_us`: 0 means the bucket is full and can be forgotten.
+    fn missing(&self, now_us: u64) -> u64 {
+        let elapsed = now_us.saturating_sub(self.state.updated_us);
+        let gained = u128::from(elapsed) * u128::from(self.refill_units_per_us);
+        let missing = self.capacity_units.saturating_sub(self.state.tokens);
+        u64::try_from(u128::from(missing).saturating_sub(gained)).unwrap_or(0)
+    }
+}
+
 struct Shard {
-    buckets: HashMap<ClientKey, BucketState>,
+    buckets: HashMap<Key, Held>,
     sweep_at_len: usize,
 }
 
@@ -61,7 +87,7 @@ impl MemoryStore {
             .collect();
         Self {
             shards,
-            hasher: RandomState::new(),
+            hashers: [RandomState::new(), RandomState::new()],
             epoch: Instant::now(),
             shard_capacity,
             evicted: AtomicBool::new(false),
@@ -72,34 +98,84 @@ impl MemoryStore {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// [`Store::take`] at an explicit time, so tests can drive the clock.
-    pub fn take_at(&self, key: &ClientKey, limit: &Limit, now_us: u64) -> Decision {
-        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
-        // A poisoned shard only means another thread panicked mid-update of plain data;
-        // the map is still consistent, so keep serving.
-        let mut shard = shard
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let state = shard.buckets.get(key).copied();
-        let (decision, new_state) = bucket::take(limit, state, now_us);
-        if let Some(new_state) = new_state {
-            shard.buckets.insert(*key, new_state);
-            if shard.buckets.len() >= shard.sweep_at_len
-                && shard.shrink(limit, now_us, self.shard_capacity)
-                && !self.evicted.swap(true, Ordering::Relaxed)
-            {
-                log::warn!(
-                    "memory store full: more than {} clients are refilling at once, so the buckets closest to full are forgotten (their clients regain those tokens early); raise MEMORY_STORE_MAX_BUCKETS",
-                    self.shard_capacity * SHARDS
-                );
-            }
-        }
-        decision
+    fn key(&self, name: &str) -> Key {
+        let [high, low] = &self.hashers;
+        (u128::from(high.hash_one(name)) << 64) | u128::from(low.hash_one(name))
     }
 
-    /// Takes a token now, on this store's clock.
-    pub fn take_now(&self, key: &ClientKey, limit: &Limit) -> Decision {
-        self.take_at(key, limit, self.now_us())
+    fn shard_of(key: Key) -> usize {
+        (key % SHARDS as u128) as usize
+    }
+
+    /// [`Store::take`] at an explicit time, so tests can drive the clock.
+    pub fn take_all_at(&self, charges: &[KeyedCharge], now_us: u64) -> Outcome {
+        let keys: Vec<Key> = charges.iter().map(|c| self.key(&c.key)).collect();
+        let mut shard_ids: Vec<usize> = keys.iter().map(|k| Self::shard_of(*k)).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        // A poisoned shard only means another thread panicked mid-update of plain data;
+        // the map is still consistent, so keep serving.
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> = shard_ids
+            .iter()
+            .map(|&id| {
+                let guard = self.shards[id]
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                (id, guard)
+            })
+            .collect();
+        let bucket_charges: Vec<Charge> = charges.iter().map(|c| c.charge).collect();
+        let states: Vec<Option<BucketState>> = keys
+            .iter()
+            .map(|key| {
+                locked(&mut guards, *key)
+                    .buckets
+                    .get(key)
+                    .map(|held| held.state)
+            })
+            .collect();
+        let taken = bucket::take_all(&bucket_charges, &states, now_us);
+        let mut evicted = false;
+        for ((key, charge), write) in keys.iter().zip(&bucket_charges).zip(&taken.writes) {
+            let Some(state) = write else { continue };
+            let shard = locked(&mut guards, *key);
+            shard.buckets.insert(
+                *key,
+                Held {
+                    state: *state,
+                    capacity_units: charge.limit.capacity_units(),
+                    refill_units_per_us: charge.limit.refill_units_per_us(),
+                },
+            );
+            if shard.buckets.len() >= shard.sweep_at_len {
+                evicted |= shard.shrink(now_us, self.shard_capacity);
+            }
+        }
+        if evicted && !self.evicted.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "memory store full: more than {} clients are refilling at once, so the buckets closest to full are forgotten (their clients regain those tokens early); raise MEMORY_STORE_MAX_BUCKETS",
+                self.shard_capacity * SHARDS
+            );
+        }
+        Outcome {
+            admitted: taken.admitted,
+            decisions: taken.decisions,
+        }
+    }
+
+    /// Decides now, on this store's clock.
+    pub fn take_all_now(&self, charges: &[KeyedCharge]) -> Outcome {
+        self.take_all_at(charges, self.now_us())
+    }
+
+    /// One token from the bucket `key` under `limit`, at `now_us`.
+    pub fn take_at(&self, key: &str, limit: &Limit, now_us: u64) -> Decision {
+        let charge = KeyedCharge {
+            key: key.to_string(),
+            charge: Charge::one(*limit),
+        };
+        self.take_all_at(std::slice::from_ref(&charge), now_us)
+            .decisions[0]
     }
 
     /// How many buckets are held, full ones not yet swept included.
@@ -115,27 +191,36 @@ impl MemoryStore {
     }
 
     #[cfg(test)]
-    fn holds(&self, key: &ClientKey) -> bool {
-        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
-        shard.lock().unwrap().buckets.contains_key(key)
+    fn holds(&self, name: &str) -> bool {
+        let key = self.key(name);
+        let shard = &self.shards[Self::shard_of(key)];
+        shard.lock().unwrap().buckets.contains_key(&key)
     }
+}
+
+/// The shard of `key` among the locked ones.
+fn locked<'g>(guards: &'g mut [(usize, MutexGuard<'_, Shard>)], key: Key) -> &'g mut Shard {
+    let id = MemoryStore::shard_of(key);
+    let at = guards
+        .iter()
+        .position(|(held, _)| *held == id)
+        .unwrap_or_else(|| unreachable!("every key's shard is locked"));
+    &mut guards[at].1
 }
 
 impl Shard {
     /// Drops the buckets that are full again; if the shard still holds more than
     /// `shard_capacity`, forgets those closest to full down to 7/8 of it, so the cost of a
     /// pass is shared by the next eighth of inserts. Says whether it had to forget any.
-    fn shrink(&mut self, limit: &Limit, now_us: u64, shard_capacity: usize) -> bool {
-        let capacity = limit.capacity_units();
-        let missing = |state: &BucketState| capacity - bucket::refill(limit, Some(*state), now_us);
-        self.buckets.retain(|_, state| missing(state) > 0);
+    fn shrink(&mut self, now_us: u64, shard_capacity: usize) -> bool {
+        self.buckets.retain(|_, held| held.missing(now_us) > 0);
         let over = self.buckets.len() > shard_capacity;
         if over {
             let keep = shard_capacity - shard_capacity / 8;
-            let mut by_missing: Vec<(u64, ClientKey)> = self
+            let mut by_missing: Vec<(u64, Key)> = self
                 .buckets
                 .iter()
-                .map(|(key, state)| (missing(state), *key))
+                .map(|(key, held)| (held.missing(now_us), *key))
                 .collect();
             let forget = by_missing.len() - keep;
             by_missing.select_nth_unstable_by_key(forget, |(missing, _)| *missing);
@@ -151,9 +236,8 @@ impl Shard {
 }
 
 impl Store for MemoryStore {
-    fn take(&self, key: ClientKey, limit: Limit) -> StoreFuture<'_, Decision> {
-        let decision = self.take_now(&key, &limit);
-        Box::pin(std::future::ready(Ok(decision)))
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome> {
+        Box::pin(std::future::ready(Ok(self.take_all_now(charges))))
     }
 
     fn check_ready(&self) -> StoreFuture<'_, ()> {
@@ -165,10 +249,9 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::bucket::LimitSpec;
-    use std::net::Ipv4Addr;
 
-    fn key(n: u32) -> ClientKey {
-        ClientKey::V4(Ipv4Addr::from(n))
+    fn key(n: u32) -> String {
+        format!("client-{n}")
     }
 
     #[test]

@@ -13,8 +13,7 @@ use std::pin::Pin;
 
 use thiserror::Error;
 
-use crate::bucket::{Decision, Limit};
-use crate::identity::ClientKey;
+use crate::bucket::{Charge, Decision};
 
 /// Why a store could not decide, sorted by what the decision layer does about it. A
 /// denial is not an error: it is a [`Decision`]. The Redis error, where there is one, is
@@ -111,10 +110,27 @@ fn noscript() -> ::redis::ErrorKind {
 /// What a store call returns: it may wait on the network.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
 
-/// A place that keeps token buckets and can take a token from one atomically.
+/// One bucket a request draws on, by its name in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyedCharge {
+    pub key: String,
+    pub charge: Charge,
+}
+
+/// What a store decided for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Every enforced bucket had the tokens, and paid them.
+    pub admitted: bool,
+    /// One per charge, in order.
+    pub decisions: Vec<Decision>,
+}
+
+/// A place that keeps token buckets and can decide a request over several of them
+/// atomically.
 pub trait Store: Send + Sync + 'static {
-    /// Takes one token from `key`'s bucket under `limit`, as one atomic step.
-    fn take(&self, key: ClientKey, limit: Limit) -> StoreFuture<'_, Decision>;
+    /// Decides `charges` as one atomic step, all or nothing (see `bucket::take_all`).
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome>;
 
     /// Whether the store can decide right now, for `/ready`.
     fn check_ready(&self) -> StoreFuture<'_, ()>;

@@ -1,16 +1,15 @@
 //! The Redis store against a real `redis-server`: parity with the Rust arithmetic,
 //! exactness across instances, script reloading and key expiry.
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimiter::bucket::{self, Decision, Limit, LimitSpec};
-use ratelimiter::identity::ClientKey;
+use ratelimiter::bucket::{self, BucketState, Charge, Decision, Group, Limit, LimitSpec};
 use ratelimiter::store::memory::MemoryStore;
 use ratelimiter::store::redis::{
     ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
 };
+use ratelimiter::store::{KeyedCharge, Outcome};
 
 use crate::support::{RedisProcess, TestApp, client, header, unique_prefix, wait_until};
 
@@ -19,7 +18,7 @@ const SECOND: u64 = 1_000_000;
 const MODES: [ConnectionMode; 2] = [ConnectionMode::Multiplexed, ConnectionMode::Pool];
 
 /// A Redis store on `redis`, with its master installed directly (no resolver).
-fn redis_store(redis: &RedisProcess, prefix: &str, mode: ConnectionMode) -> RedisStore {
+fn redis_store(redis: &RedisProcess, mode: ConnectionMode) -> RedisStore {
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
     let timeout = Duration::from_secs(2);
     let slot = Arc::new(MasterSlot::default());
@@ -29,80 +28,155 @@ fn redis_store(redis: &RedisProcess, prefix: &str, mode: ConnectionMode) -> Redi
         timeout,
     };
     slot.install(Arc::new(Master::open(info, connections).unwrap()));
-    RedisStore::new(slot, prefix.to_string(), timeout)
+    RedisStore::new(slot, timeout)
 }
 
-/// One row of the parity table: a policy and the times (µs) at which one client asks.
+fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
+    Limit::parse(LimitSpec {
+        rate,
+        window_s,
+        burst,
+    })
+    .unwrap()
+}
+
+/// One token from the bucket `key`: the request of a single-limit policy.
+fn one(key: &str, limit: Limit) -> Vec<KeyedCharge> {
+    vec![KeyedCharge {
+        key: key.to_string(),
+        charge: Charge::one(limit),
+    }]
+}
+
+/// Decides one token from `key` on Redis's clock.
+async fn take_one(store: &RedisStore, key: &str, limit: Limit) -> Decision {
+    store
+        .take_at(&one(key, limit), None)
+        .await
+        .unwrap()
+        .decisions[0]
+}
+
+/// One row of the parity table: the buckets one request draws on (limit, cost, group)
+/// and the times (µs) at which that request is made.
 struct Case {
     name: &'static str,
-    rate: u64,
-    window_s: u64,
-    burst: u64,
+    charges: Vec<Charge>,
     arrivals_us: Vec<u64>,
+}
+
+fn single(name: &'static str, limit: Limit, arrivals_us: Vec<u64>) -> Case {
+    Case {
+        name,
+        charges: vec![Charge::one(limit)],
+        arrivals_us,
+    }
 }
 
 fn parity_table() -> Vec<Case> {
     // Clock values near today's epoch microseconds, as Redis TIME would give.
     let t0 = 1_790_000_000 * SECOND;
+    let day = 86_400;
+    let shadow = |group, limit| Charge {
+        group: Group::Shadow(group),
+        ..Charge::one(limit)
+    };
     vec![
-        Case {
-            name: "burst then denied",
-            rate: 10,
-            window_s: 60,
-            burst: 10,
-            arrivals_us: (0..12).map(|i| t0 + i).collect(),
-        },
-        Case {
-            name: "one token every six seconds",
-            rate: 10,
-            window_s: 60,
-            burst: 10,
-            arrivals_us: (0..10)
+        single(
+            "burst then denied",
+            limit(10, 60, 10),
+            (0..12).map(|i| t0 + i).collect(),
+        ),
+        single(
+            "one token every six seconds",
+            limit(10, 60, 10),
+            (0..10)
                 .map(|i| t0 + i)
                 .chain((1..=8).map(|s| t0 + s * 3 * SECOND))
                 .collect(),
-        },
-        Case {
-            name: "retry exactly at the boundary",
-            rate: 1,
-            window_s: 7,
-            burst: 1,
-            arrivals_us: vec![
+        ),
+        single(
+            "retry exactly at the boundary",
+            limit(1, 7, 1),
+            vec![
                 t0,
                 t0 + 7 * SECOND - 1,
                 t0 + 7 * SECOND,
                 t0 + 7 * SECOND + 1,
             ],
-        },
-        Case {
-            name: "burst above rate, long idle refills to full",
-            rate: 3,
-            window_s: 10,
-            burst: 8,
-            arrivals_us: (0..9)
+        ),
+        single(
+            "burst above rate, long idle refills to full",
+            limit(3, 10, 8),
+            (0..9)
                 .map(|i| t0 + i * 1_000)
                 .chain([t0 + 3600 * SECOND, t0 + 3600 * SECOND + 1])
                 .collect(),
-        },
-        Case {
-            name: "clock going backwards refills nothing",
-            rate: 2,
-            window_s: 1,
-            burst: 2,
-            arrivals_us: vec![
+        ),
+        single(
+            "clock going backwards refills nothing",
+            limit(2, 1, 2),
+            vec![
                 t0 + 10 * SECOND,
                 t0 + 10 * SECOND,
                 t0 + 5 * SECOND,
                 t0 + 10 * SECOND + 499_999,
                 t0 + 10 * SECOND + 500_000,
             ],
+        ),
+        single(
+            "large policy stays exact",
+            limit(1_000_000, 3600, 2_000_000),
+            vec![t0, t0 + 1, t0 + 3_600, t0 + 7_200_000_000],
+        ),
+        single(
+            "a million a day",
+            limit(1_000_000, day, 1_000_000),
+            vec![t0, t0 + 1, t0 + 86_399, t0 + 86_400, t0 + day * SECOND],
+        ),
+        single(
+            "one per thirty days",
+            limit(1, 30 * day, 1),
+            vec![
+                t0,
+                t0 + 30 * day * SECOND - 1,
+                t0 + 30 * day * SECOND,
+                t0 + 30 * day * SECOND + 1,
+            ],
+        ),
+        single(
+            "a billion a second",
+            limit(1_000_000_000, 1, 1_000_000_000),
+            vec![t0, t0 + 1, t0 + SECOND],
+        ),
+        Case {
+            name: "minute and hour: the hour runs out first and spends nothing of the minute",
+            charges: vec![
+                Charge::one(limit(10, 60, 10)),
+                Charge::one(limit(15, 3600, 15)),
+            ],
+            arrivals_us: (0..12)
+                .map(|i| t0 + i)
+                .chain((1..=10).map(|s| t0 + s * 6 * SECOND))
+                .collect(),
         },
         Case {
-            name: "large policy stays exact",
-            rate: 1_000_000,
-            window_s: 3600,
-            burst: 2_000_000,
-            arrivals_us: vec![t0, t0 + 1, t0 + 3_600, t0 + 7_200_000_000],
+            name: "a cost of three tokens",
+            charges: vec![Charge {
+                cost: 3,
+                ..Charge::one(limit(1, 1, 10))
+            }],
+            arrivals_us: vec![t0, t0, t0, t0 + 1, t0 + 2 * SECOND, t0 + 3 * SECOND],
+        },
+        Case {
+            name: "two shadow policies beside an enforced limit",
+            charges: vec![
+                Charge::one(limit(4, 60, 4)),
+                shadow(1, limit(2, 60, 2)),
+                shadow(1, limit(5, 60, 5)),
+                shadow(2, limit(1, 60, 1)),
+            ],
+            arrivals_us: (0..6).map(|i| t0 + i).collect(),
         },
     ]
 }
@@ -112,21 +186,30 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
     let redis = RedisProcess::server(None, &[]);
     for mode in MODES {
         let memory = MemoryStore::default();
-        for (index, case) in parity_table().into_iter().enumerate() {
-            let policy = Limit::parse(LimitSpec {
-                rate: case.rate,
-                window_s: case.window_s,
-                burst: case.burst,
-            })
-            .unwrap();
-            let store = redis_store(&redis, &unique_prefix("parity"), mode);
-            let key = ClientKey::V4(Ipv4Addr::new(10, 0, 0, index as u8));
-            let mut state = None;
+        for case in parity_table() {
+            let store = redis_store(&redis, mode);
+            let prefix = unique_prefix("parity");
+            let keyed: Vec<KeyedCharge> = case
+                .charges
+                .iter()
+                .enumerate()
+                .map(|(i, charge)| KeyedCharge {
+                    key: format!("{prefix}:{i}:{{k}}"),
+                    charge: *charge,
+                })
+                .collect();
+            let mut states: Vec<Option<BucketState>> = vec![None; case.charges.len()];
             for &now in &case.arrivals_us {
-                let (expected, new_state) = bucket::take(&policy, state, now);
-                state = new_state.or(state);
-                let from_lua: Decision = store.take_at(key, policy, Some(now)).await.unwrap();
-                let from_memory = memory.take_at(&key, &policy, now);
+                let taken = bucket::take_all(&case.charges, &states, now);
+                for (state, write) in states.iter_mut().zip(&taken.writes) {
+                    *state = write.or(*state);
+                }
+                let expected = Outcome {
+                    admitted: taken.admitted,
+                    decisions: taken.decisions,
+                };
+                let from_lua = store.take_at(&keyed, Some(now)).await.unwrap();
+                let from_memory = memory.take_all_at(&keyed, now);
                 assert_eq!(from_lua, expected, "{} ({mode:?}): Lua at {now}", case.name);
                 assert_eq!(from_memory, expected, "{}: memory at {now}", case.name);
             }
@@ -138,18 +221,12 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
 async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("ttl");
-    let store = redis_store(&redis, &prefix, ConnectionMode::Multiplexed);
-    let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 1));
-    let policy = Limit::parse(LimitSpec {
-        rate: 10,
-        window_s: 60,
-        burst: 10,
-    })
-    .unwrap();
-    store.take_at(key, policy, None).await.unwrap();
-    let pttl: i64 = redis.command(&["PTTL", &store.bucket_key(&key)]);
+    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let key = format!("{prefix}:{{192.0.2.1}}");
+    take_one(&store, &key, limit(10, 60, 10)).await;
+    let pttl: i64 = redis.command(&["PTTL", &key]);
     assert!((5_900..=6_000).contains(&pttl), "PTTL {pttl}");
-    let fields: Vec<String> = redis.command(&["HKEYS", &store.bucket_key(&key)]);
+    let fields: Vec<String> = redis.command(&["HKEYS", &key]);
     assert_eq!(fields, vec!["tokens", "ts", "exp"]);
 }
 
@@ -157,30 +234,21 @@ async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
 async fn a_returning_clients_key_lives_one_refill_time_and_its_next_decisions_write_only_the_hash()
 {
     let redis = RedisProcess::server(None, &[]);
-    let store = redis_store(
-        &redis,
-        &unique_prefix("extend"),
-        ConnectionMode::Multiplexed,
-    );
-    let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 4));
-    let bucket_key = store.bucket_key(&key);
-    let policy = Limit::parse(LimitSpec {
-        rate: 10,
-        window_s: 60,
-        burst: 10,
-    })
-    .unwrap();
-    store.take_at(key, policy, None).await.unwrap();
-    store.take_at(key, policy, None).await.unwrap();
+    let prefix = unique_prefix("extend");
+    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let bucket_key = format!("{prefix}:{{192.0.2.4}}");
+    let policy = limit(10, 60, 10);
+    take_one(&store, &bucket_key, policy).await;
+    take_one(&store, &bucket_key, policy).await;
     // Ten tokens take 60 s to come back: the longest this bucket can need.
     let pttl: i64 = redis.command(&["PTTL", &bucket_key]);
     assert!((59_900..=60_000).contains(&pttl), "PTTL {pttl}");
     let expiries_before = redis.command_calls("pexpire");
     let hash_writes_before = redis.command_calls("hset");
     for _ in 0..8 {
-        assert!(store.take_at(key, policy, None).await.unwrap().allowed);
+        assert!(take_one(&store, &bucket_key, policy).await.allowed);
     }
-    assert!(!store.take_at(key, policy, None).await.unwrap().allowed);
+    assert!(!take_one(&store, &bucket_key, policy).await.allowed);
     assert_eq!(redis.command_calls("pexpire"), expiries_before);
     assert_eq!(redis.command_calls("hset"), hash_writes_before + 8);
     let pttl: i64 = redis.command(&["PTTL", &bucket_key]);
@@ -190,17 +258,11 @@ async fn a_returning_clients_key_lives_one_refill_time_and_its_next_decisions_wr
 #[tokio::test]
 async fn an_idle_key_disappears_after_its_refill_time() {
     let redis = RedisProcess::server(None, &[]);
-    let store = redis_store(&redis, &unique_prefix("idle"), ConnectionMode::Multiplexed);
-    let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 2));
+    let prefix = unique_prefix("idle");
+    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let bucket_key = format!("{prefix}:{{192.0.2.2}}");
     // Ten per second: one token is back 100 ms after it was taken.
-    let policy = Limit::parse(LimitSpec {
-        rate: 10,
-        window_s: 1,
-        burst: 10,
-    })
-    .unwrap();
-    store.take_at(key, policy, None).await.unwrap();
-    let bucket_key = store.bucket_key(&key);
+    take_one(&store, &bucket_key, limit(10, 1, 10)).await;
     assert_eq!(redis.command::<i64>(&["EXISTS", &bucket_key]), 1);
     wait_until("the idle bucket to expire", Duration::from_secs(5), || {
         redis.command::<i64>(&["EXISTS", &bucket_key]) == 0
@@ -210,18 +272,14 @@ async fn an_idle_key_disappears_after_its_refill_time() {
 #[tokio::test]
 async fn a_denial_writes_nothing_to_redis() {
     let redis = RedisProcess::server(None, &[]);
-    let store = redis_store(&redis, &unique_prefix("deny"), ConnectionMode::Multiplexed);
-    let key = ClientKey::V4(Ipv4Addr::new(192, 0, 2, 3));
-    let policy = Limit::parse(LimitSpec {
-        rate: 1,
-        window_s: 60,
-        burst: 1,
-    })
-    .unwrap();
-    assert!(store.take_at(key, policy, None).await.unwrap().allowed);
-    let before: Vec<String> = redis.command(&["HMGET", &store.bucket_key(&key), "tokens", "ts"]);
-    assert!(!store.take_at(key, policy, None).await.unwrap().allowed);
-    let after: Vec<String> = redis.command(&["HMGET", &store.bucket_key(&key), "tokens", "ts"]);
+    let prefix = unique_prefix("deny");
+    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let key = format!("{prefix}:{{192.0.2.3}}");
+    let policy = limit(1, 60, 1);
+    assert!(take_one(&store, &key, policy).await.allowed);
+    let before: Vec<String> = redis.command(&["HMGET", &key, "tokens", "ts"]);
+    assert!(!take_one(&store, &key, policy).await.allowed);
+    let after: Vec<String> = redis.command(&["HMGET", &key, "tokens", "ts"]);
     assert_eq!(before, after);
 }
 
@@ -303,11 +361,36 @@ async fn script_flush_is_recovered_without_a_failed_decision() {
     }
 }
 
+#[tokio::test]
+async fn a_request_denied_by_its_hour_limit_leaves_its_minute_bucket_untouched_in_redis() {
+    let redis = RedisProcess::server(None, &[]);
+    let prefix = unique_prefix("all-or-nothing");
+    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let (minute, hour) = (format!("{prefix}:m:{{k}}"), format!("{prefix}:h:{{k}}"));
+    let charges = vec![
+        KeyedCharge {
+            key: minute.clone(),
+            charge: Charge::one(limit(10, 60, 10)),
+        },
+        KeyedCharge {
+            key: hour.clone(),
+            charge: Charge::one(limit(1, 3600, 1)),
+        },
+    ];
+    assert!(store.take_at(&charges, None).await.unwrap().admitted);
+    let before: Vec<String> = redis.command(&["HMGET", &minute, "tokens", "ts"]);
+    let denied = store.take_at(&charges, None).await.unwrap();
+    assert!(!denied.admitted);
+    assert!(denied.decisions[0].allowed && !denied.decisions[1].allowed);
+    let after: Vec<String> = redis.command(&["HMGET", &minute, "tokens", "ts"]);
+    assert_eq!(before, after, "the minute bucket paid for a denied request");
+}
+
 #[test]
 fn a_policy_too_large_for_exact_lua_arithmetic_is_refused_at_start() {
     assert!(
         Limit::parse(LimitSpec {
-            rate: 1_000_000_000,
+            rate: 7,
             window_s: 31_536_000,
             burst: 1_000_000_000
         })

@@ -27,9 +27,8 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 pub use master::{ConnectionMode, ConnectionSettings, Connections, Master, MasterSlot};
 pub use node::{connect, node_info, with_password};
 
-use super::{Store, StoreError, StoreFuture, Unavailable};
-use crate::bucket::{Decision, Limit, TOKEN_BUCKET_LUA};
-use crate::identity::ClientKey;
+use super::{KeyedCharge, Outcome, Store, StoreError, StoreFuture, Unavailable};
+use crate::bucket::{Decision, Group, TOKEN_BUCKET_LUA};
 
 thread_local! {
     /// This thread's multiplexed connection and the generation of the master it goes to.
@@ -47,65 +46,91 @@ pub struct RedisStore {
 struct Inner {
     slot: Arc<MasterSlot>,
     script: redis::Script,
-    key_prefix: String,
     timeout: Duration,
 }
 
 impl RedisStore {
     /// A store deciding on whatever master `slot` holds; `timeout` is the one every
     /// connection of that master was opened with, named in timeout errors.
-    pub fn new(slot: Arc<MasterSlot>, key_prefix: String, timeout: Duration) -> Self {
+    pub fn new(slot: Arc<MasterSlot>, timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 slot,
                 script: redis::Script::new(TOKEN_BUCKET_LUA),
-                key_prefix,
                 timeout,
             }),
         }
     }
 
-    /// The Redis key of `key`'s bucket.
-    pub fn bucket_key(&self, key: &ClientKey) -> String {
-        self.inner.bucket_key(key)
-    }
-
     /// [`Store::take`] with an explicit clock (`now_us`), for the parity tests.
     pub async fn take_at(
         &self,
-        key: ClientKey,
-        limit: Limit,
+        charges: &[KeyedCharge],
         now_us: Option<u64>,
-    ) -> Result<Decision, StoreError> {
-        let decide = self.inner.decide_cmd(&key, &limit, now_us);
-        let (allowed, tokens): (u8, u64) = self.inner.query(decide).await?;
-        Ok(Decision::from_units(&limit, allowed == 1, tokens))
+    ) -> Result<Outcome, StoreError> {
+        let decide = decide_cmd(&self.inner.script, charges, now_us);
+        let answer: Vec<u64> = self.inner.query(decide).await?;
+        if answer.len() != 2 * charges.len() {
+            return Err(StoreError::Other {
+                source: RedisError::from((
+                    ErrorKind::Parse,
+                    "the bucket script answered the wrong number of values",
+                    format!("{} for {} buckets", answer.len(), charges.len()),
+                )),
+            });
+        }
+        let decisions: Vec<Decision> = charges
+            .iter()
+            .zip(answer.chunks_exact(2))
+            .map(|(keyed, had_tokens)| {
+                let charge = &keyed.charge;
+                Decision::from_units(
+                    &charge.limit,
+                    had_tokens[0] == 1,
+                    had_tokens[1],
+                    charge.cost,
+                )
+            })
+            .collect();
+        let admitted = charges
+            .iter()
+            .zip(&decisions)
+            .all(|(keyed, decision)| keyed.charge.group != Group::Enforced || decision.allowed);
+        Ok(Outcome {
+            admitted,
+            decisions,
+        })
     }
 }
 
+/// `EVALSHA` of the bucket script over `charges`, written straight into one command
+/// buffer: a `ScriptInvocation` would allocate each argument separately first, on every
+/// decision.
+fn decide_cmd(script: &redis::Script, charges: &[KeyedCharge], now_us: Option<u64>) -> Cmd {
+    let mut cmd = Cmd::with_capacity(4 + 5 * charges.len(), 64 + 96 * charges.len());
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(charges.len());
+    for keyed in charges {
+        cmd.arg(&keyed.key);
+    }
+    match now_us {
+        Some(now_us) => cmd.arg(now_us),
+        None => cmd.arg(""),
+    };
+    for keyed in charges {
+        let charge = &keyed.charge;
+        let group = match charge.group {
+            Group::Enforced => 0,
+            Group::Shadow(n) => n,
+        };
+        cmd.arg(charge.limit.capacity_units())
+            .arg(charge.limit.refill_units_per_us())
+            .arg(charge.limit.units_of(charge.cost))
+            .arg(group);
+    }
+    cmd
+}
+
 impl Inner {
-    fn bucket_key(&self, key: &ClientKey) -> String {
-        format!("{}:{key}", self.key_prefix)
-    }
-
-    /// `EVALSHA` of the token-bucket script for `key`, written straight into one command
-    /// buffer: a `ScriptInvocation` would allocate each argument separately first, on
-    /// every decision.
-    fn decide_cmd(&self, key: &ClientKey, limit: &Limit, now_us: Option<u64>) -> Cmd {
-        let mut cmd = Cmd::with_capacity(8, 128);
-        cmd.arg("EVALSHA")
-            .arg(self.script.get_hash())
-            .arg(1)
-            .arg(self.bucket_key(key))
-            .arg(limit.capacity_units())
-            .arg(limit.refill_units_per_us())
-            .arg(limit.cost_units());
-        if let Some(now_us) = now_us {
-            cmd.arg(now_us);
-        }
-        cmd
-    }
-
     /// Sends `cmd` to the current master. A node that lost the script (`NOSCRIPT`, after a
     /// restart, a failover or `SCRIPT FLUSH`) is given it and asked again, on the same
     /// master, so no decision fails for it.
@@ -216,8 +241,8 @@ fn forget_worker_connection(generation: u64) {
 }
 
 impl Store for RedisStore {
-    fn take(&self, key: ClientKey, limit: Limit) -> StoreFuture<'_, Decision> {
-        Box::pin(self.take_at(key, limit, None))
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome> {
+        Box::pin(self.take_at(charges, None))
     }
 
     /// A real round trip to the master: a stale "ready" is worse than none.
