@@ -265,6 +265,16 @@ impl Decider {
             verdict.allowed(),
             verdict.source().map_or("none", Source::as_str),
         );
+        if let Verdict::Decided { limits, .. } = &verdict {
+            for judged in limits {
+                self.metrics.limit_decision(
+                    judged.name.policy,
+                    judged.name.limit,
+                    judged.group != Group::Enforced,
+                    judged.decision.allowed,
+                );
+            }
+        }
         verdict
     }
 

@@ -27,6 +27,7 @@ pub mod deny_cache;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod reload;
 pub mod settings;
 pub mod startup;
 pub mod store;

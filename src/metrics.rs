@@ -45,9 +45,31 @@ struct RouteStatusLabels {
     status: u16,
 }
 
+/// Bounded by the policy file: policies × limits × modes × outcomes, never by key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    policy: String,
+    limit: String,
+    mode: &'static str,
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyVersionLabels {
+    version: String,
+}
+
 struct Recorder {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    limit_decisions: Family<LimitLabels, Counter>,
+    policy_reloads: Family<ResultLabels, Counter>,
+    policy_version: Family<PolicyVersionLabels, Gauge>,
     store_duration: Histogram,
     store_errors: Family<KindLabels, Counter>,
     master_changes: Counter,
@@ -120,9 +142,30 @@ impl Recorder {
             "HTTP request latency by route",
             http_duration.clone(),
         );
+        let limit_decisions = Family::default();
+        registry.register(
+            "limit_decisions",
+            "What each limit of each policy decided (mode: enforce or shadow; a shadow limit's limited is a would-be denial)",
+            limit_decisions.clone(),
+        );
+        let policy_reloads = Family::default();
+        registry.register(
+            "policy_reloads",
+            "Policy file reloads by result",
+            policy_reloads.clone(),
+        );
+        let policy_version = Family::default();
+        registry.register(
+            "policy_version_info",
+            "The active policy set's version, a hash of its file (value 1)",
+            policy_version.clone(),
+        );
         Self {
             registry,
             decisions,
+            limit_decisions,
+            policy_reloads,
+            policy_version,
             store_duration,
             store_errors,
             master_changes,
@@ -165,6 +208,45 @@ impl Metrics {
             .decisions
             .get_or_create(&DecisionLabels { decision, source })
             .inc();
+    }
+
+    /// One limit's part in a decision: whether it had the tokens, by policy, limit and mode.
+    pub fn limit_decision(&self, policy: &str, limit: &str, shadow: bool, allowed: bool) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        recorder
+            .limit_decisions
+            .get_or_create(&LimitLabels {
+                policy: policy.to_string(),
+                limit: limit.to_string(),
+                mode: if shadow { "shadow" } else { "enforce" },
+                decision: if allowed { "allowed" } else { "limited" },
+            })
+            .inc();
+    }
+
+    /// A policy reload attempt (`applied`, `rejected`, `unreadable`).
+    pub fn policy_reload(&self, result: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .policy_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        }
+    }
+
+    /// The policy set now active.
+    pub fn policy_version(&self, version: &str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.policy_version.clear();
+            recorder
+                .policy_version
+                .get_or_create(&PolicyVersionLabels {
+                    version: version.to_string(),
+                })
+                .set(1);
+        }
     }
 
     pub fn store_call(&self, elapsed: Duration) {
