@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{PASSWORD, SentinelCluster, TestApp, client, header, unique_prefix, wait_until};
+use support::{
+    DATA_NODE_ARGS, PASSWORD, SentinelCluster, TestApp, all_at_once, client, header, metric,
+    metrics, unique_prefix, until_redis_decides, wait_until,
+};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -48,11 +51,7 @@ fn spawn_pair_with(
             ("INSTANCE_NAME", name.to_string()),
         ]
     };
-    let spawn = |name| {
-        let vars = vars(name);
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        TestApp::spawn(&vars)
-    };
+    let spawn = |name| TestApp::spawn_with(&vars(name));
     (spawn("app-1"), spawn("app-2"))
 }
 
@@ -341,22 +340,14 @@ impl Figures {
 /// and returns how many passed and from which sources.
 async fn fresh_client_burst(apps: &[&TestApp], client_id: usize) -> (u64, Vec<String>) {
     let http = client();
-    let requests = (0..2 * CAPACITY as usize).map(|n| {
-        let request = http
-            .get(apps[n % apps.len()].at("/limited_endpoint"))
-            .header("X-Forwarded-For", client_ip(client_id));
-        tokio::spawn(async move {
-            let response = request.send().await.unwrap();
-            (
-                response.status().as_u16(),
-                header(&response, "X-RateLimit-Source"),
-            )
-        })
-    });
+    let answers = all_at_once((0..2 * CAPACITY as usize).map(|n| {
+        http.get(apps[n % apps.len()].at("/limited_endpoint"))
+            .header("X-Forwarded-For", client_ip(client_id))
+    }))
+    .await;
     let mut passed = 0;
     let mut sources = Vec::new();
-    for request in requests.collect::<Vec<_>>() {
-        let (status, source) = request.await.unwrap();
+    for (status, source) in answers {
         assert!(status == 200 || status == 429, "status {status}");
         passed += u64::from(status == 200);
         sources.push(source);
@@ -369,23 +360,11 @@ async fn wait_for_redis_decisions(apps: &[&TestApp], probe_client: usize) {
     let http = client();
     let deadline = Instant::now() + Duration::from_secs(10);
     for app in apps {
-        loop {
-            let response = http
-                .get(app.at("/limited_endpoint"))
+        until_redis_decides(&app.url, deadline, || {
+            http.get(app.at("/limited_endpoint"))
                 .header("X-Forwarded-For", client_ip(probe_client))
-                .send()
-                .await
-                .unwrap();
-            if header(&response, "X-RateLimit-Source") == "redis" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never went back to Redis",
-                app.url
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 }
 
@@ -501,22 +480,8 @@ async fn a_flushed_script_cache_and_a_forced_failover_fail_no_decision() {
 }
 
 async fn noscript_errors(app: &TestApp) -> f64 {
-    let text = client()
-        .get(app.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(r#"ratelimit_store_errors_total{kind="noscript"}"#)?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    let text = metrics(&client(), app).await;
+    metric(&text, r#"ratelimit_store_errors_total{kind="noscript"}"#)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -605,20 +570,18 @@ async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recover
     assert_eq!(header(&response, "X-RateLimit-Source"), "closed");
 
     // Bring the nodes back where the sentinels expect them; nothing is restarted in the service.
-    let extra = [
-        "--min-replicas-to-write",
-        "1",
-        "--min-replicas-max-lag",
-        "1",
-    ];
     cluster.nodes.clear();
-    cluster
-        .nodes
-        .push(support::RedisProcess::server_on(master, None, &extra));
+    cluster.nodes.push(support::RedisProcess::server_on(
+        master,
+        None,
+        DATA_NODE_ARGS,
+    ));
     for port in replicas {
-        cluster
-            .nodes
-            .push(support::RedisProcess::server_on(port, Some(master), &extra));
+        cluster.nodes.push(support::RedisProcess::server_on(
+            port,
+            Some(master),
+            DATA_NODE_ARGS,
+        ));
     }
     let recovery_started = Instant::now();
     wait_for_redis_decisions(&[&first, &second], 503).await;

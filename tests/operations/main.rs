@@ -4,7 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use support::{TestApp, client};
+use support::{TestApp, client, metric, metrics};
 
 /// Serialises the tests of this binary: they read process-wide counters.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -14,7 +14,7 @@ async fn metrics_count_decisions_by_outcome_and_source() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let app = TestApp::spawn(&[("RATE_LIMIT", "2"), ("INSTANCE_NAME", "metrics-test")]);
     let client = client();
-    let before = scrape(&client, &app).await;
+    let before = metrics(&client, &app).await;
     for _ in 0..5 {
         client
             .get(app.at("/limited_endpoint"))
@@ -22,28 +22,15 @@ async fn metrics_count_decisions_by_outcome_and_source() {
             .await
             .unwrap();
     }
-    let after = scrape(&client, &app).await;
+    let after = metrics(&client, &app).await;
     let allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
     let limited = r#"ratelimit_decisions_total{decision="limited",source="local"}"#;
-    assert_eq!(value(&after, allowed) - value(&before, allowed), 2.0);
-    assert_eq!(value(&after, limited) - value(&before, limited), 3.0);
+    assert_eq!(metric(&after, allowed) - metric(&before, allowed), 2.0);
+    assert_eq!(metric(&after, limited) - metric(&before, limited), 3.0);
     assert!(after.contains("ratelimit_build_info{version="), "{after}");
     assert!(
         after.contains(r#"ratelimit_http_requests_total{route="/limited_endpoint",status="429"}"#)
     );
-}
-
-async fn scrape(client: &reqwest::Client, app: &TestApp) -> String {
-    let response = client.get(app.at("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
-}
-
-/// The value of one sample line, 0 when absent.
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// The binary as a child process, so it can receive a real SIGTERM.
@@ -55,15 +42,8 @@ struct Service {
 impl Service {
     fn start(vars: &[(&str, &str)]) -> Self {
         let port = support::free_port();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ratelimiter"));
-        command
-            .env("HOST", "127.0.0.1")
-            .env("PORT", port.to_string())
-            .env("RUST_LOG", "warn");
-        for (name, value) in vars {
-            command.env(name, value);
-        }
-        let child = command
+        let child = support::service_command(port, vars)
+            .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -81,26 +61,14 @@ impl Service {
     }
 
     fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        support::send_signal(self.child.id(), signal);
     }
 
     /// Waits for the exit code, killing the process if it does not exit in `limit`.
     fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll the service") {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("the service did not exit within {limit:?} of SIGTERM");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        support::wait_for_exit(&mut self.child, limit)
+            .unwrap_or_else(|| panic!("the service did not exit within {limit:?} of SIGTERM"))
+            .code()
     }
 }
 
@@ -219,8 +187,8 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
     let client = client();
     let connection_errors = r#"ratelimit_store_errors_total{kind="connection"}"#;
     let local_allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
-    let before = scrape(&client, &app).await;
-    assert_eq!(value(&before, "ratelimit_fallback_active"), 0.0);
+    let before = metrics(&client, &app).await;
+    assert_eq!(metric(&before, "ratelimit_fallback_active"), 0.0);
     assert!(
         before.contains("ratelimit_current_master_info{addr="),
         "{before}"
@@ -234,31 +202,20 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
             .await
             .unwrap();
     }
-    let during = scrape(&client, &app).await;
-    assert_eq!(value(&during, "ratelimit_fallback_active"), 1.0);
-    assert!(value(&during, connection_errors) > value(&before, connection_errors));
+    let during = metrics(&client, &app).await;
+    assert_eq!(metric(&during, "ratelimit_fallback_active"), 1.0);
+    assert!(metric(&during, connection_errors) > metric(&before, connection_errors));
     assert_eq!(
-        value(&during, local_allowed) - value(&before, local_allowed),
+        metric(&during, local_allowed) - metric(&before, local_allowed),
         3.0
     );
 
     let _back = support::RedisProcess::server_on(port, None, &[]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let response = client
-            .get(app.at("/limited_endpoint"))
-            .send()
-            .await
-            .unwrap();
-        if support::header(&response, "X-RateLimit-Source") == "redis" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never went back to Redis"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let after = scrape(&client, &app).await;
-    assert_eq!(value(&after, "ratelimit_fallback_active"), 0.0);
+    support::until_redis_decides(&app.url, deadline, || {
+        client.get(app.at("/limited_endpoint"))
+    })
+    .await;
+    let after = metrics(&client, &app).await;
+    assert_eq!(metric(&after, "ratelimit_fallback_active"), 0.0);
 }
