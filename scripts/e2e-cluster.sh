@@ -3,7 +3,8 @@
 # through Nginx (exactness across instances, the 429's shape, per-client buckets, spoofed
 # X-Forwarded-For via Nginx and directly, oversized headers, a failover mid-traffic), then
 # `scripts/cluster.sh down`, whatever happened. Exits non-zero when anything failed, after
-# printing the cluster's status and the end of its logs.
+# printing the cluster's status and the end of its logs. Those tests are `#[ignore]`d, so a
+# plain `cargo test` reports them as ignored; this script runs them with `--ignored`.
 #
 # Usage: scripts/e2e-cluster.sh [TEST NAME FILTER...]
 #
@@ -60,5 +61,5 @@ scripts/cluster.sh up 9>&-
 say "cluster up in $((SECONDS - up_started))s; running the suite against $E2E_CLUSTER_URL"
 
 suite_started=$SECONDS
-cargo test --test e2e_cluster -- --nocapture "$@"
+cargo test --test e2e_cluster -- --ignored --nocapture "$@"
 say "suite ran in $((SECONDS - suite_started))s"

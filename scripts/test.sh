@@ -5,6 +5,9 @@
 #   scripts/test.sh            everything
 #   scripts/test.sh --quick    fmt, clippy and cargo tests only (no Nginx cluster, no Docker)
 #
+# The cargo tests of tests/e2e_cluster.rs need the native cluster, so `cargo test` reports
+# them as ignored; the full run runs them through scripts/e2e-cluster.sh, which starts it.
+#
 # The Compose suite needs a Docker engine; without one it is skipped with a notice,
 # except in CI (CI=true) or with REQUIRE_DOCKER=1, where a missing engine is a failure.
 #
@@ -49,6 +52,7 @@ say "cargo test"
 cargo test --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"
 
 if $quick; then
+  say "not run: tests/e2e_cluster.rs (ignored above) and the Compose suite; scripts/test.sh without --quick runs them"
   exit 0
 fi
 

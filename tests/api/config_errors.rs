@@ -1,27 +1,18 @@
 //! Bad configuration stops the binary with exit code 2 and one line per problem.
 
-use std::process::Command;
 use std::time::Duration;
 
+use crate::support::{service_command, wait_for_exit};
+
 fn run_with(vars: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ratelimiter"));
-    command.env("PORT", "0").env("HOST", "127.0.0.1");
-    for (name, value) in vars {
-        command.env(name, value);
-    }
-    let mut child = command
+    let mut child = service_command(0, vars)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run the binary");
     // Bad configuration must stop the process at once; a hang fails the test.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("poll the child").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the binary did not exit with {vars:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if wait_for_exit(&mut child, Duration::from_secs(10)).is_none() {
+        panic!("the binary did not exit with {vars:?}");
     }
     let output = child.wait_with_output().expect("collect output");
     (

@@ -2,21 +2,7 @@
 
 use reqwest::header::HeaderValue;
 
-use crate::support::{TestApp, client, client_from};
-
-/// How many of `attempts` requests built by `send` pass.
-async fn passes(attempts: usize, send: impl Fn() -> reqwest::RequestBuilder) -> usize {
-    let mut passed = 0;
-    for _ in 0..attempts {
-        let response = send().send().await.unwrap();
-        let status = response.status().as_u16();
-        assert!(status == 200 || status == 429, "status {status}");
-        if status == 200 {
-            passed += 1;
-        }
-    }
-    passed
-}
+use crate::support::{TestApp, client, client_from, passes};
 
 /// How many requests pass when sent one by one as forwarded for each of `addresses`.
 async fn passes_forwarded_as(client: &reqwest::Client, url: &str, addresses: &[&str]) -> usize {
@@ -233,7 +219,7 @@ async fn distinct_source_addresses_are_distinct_clients() {
     let app = TestApp::spawn(&[("RATE_LIMIT", "1"), ("HOST", "0.0.0.0")]);
     let url = format!("http://127.0.0.1:{}/limited_endpoint", app.port);
     for source in ["127.0.0.21", "127.0.0.22", "127.0.0.23"] {
-        let client = client_from(source);
+        let client = client_from(source.parse().expect("a source address"));
         assert_eq!(
             client.get(&url).send().await.unwrap().status(),
             200,

@@ -11,7 +11,9 @@ use ratelimiter::store::redis::{
 };
 use ratelimiter::store::{KeyedCharge, Outcome};
 
-use crate::support::{RedisProcess, TestApp, client, header, unique_prefix, wait_until};
+use crate::support::{
+    RedisProcess, TestApp, all_at_once, client, header, unique_prefix, wait_until,
+};
 
 const SECOND: u64 = 1_000_000;
 
@@ -299,24 +301,16 @@ async fn two_instances_sharing_redis_admit_exactly_the_burst_of_200_concurrent_r
             ("TIME_WINDOW", "3600".into()),
             ("REDIS_TIMEOUT_MS", "2000".into()),
         ];
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let first = TestApp::spawn(&vars);
-        let second = TestApp::spawn(&vars);
+        let first = TestApp::spawn_with(&vars);
+        let second = TestApp::spawn_with(&vars);
         let client = client();
-        let requests = (0..200).map(|n| {
+        let answers = all_at_once((0..200).map(|n| {
             let app = if n % 2 == 0 { &first } else { &second };
-            let request = client.get(app.at("/limited_endpoint"));
-            tokio::spawn(async move {
-                let response = request.send().await.unwrap();
-                (
-                    response.status().as_u16(),
-                    header(&response, "X-RateLimit-Source"),
-                )
-            })
-        });
+            client.get(app.at("/limited_endpoint"))
+        }))
+        .await;
         let mut passed = 0;
-        for request in requests.collect::<Vec<_>>() {
-            let (status, source) = request.await.unwrap();
+        for (status, source) in answers {
             assert!(
                 status == 200 || status == 429,
                 "{redis_client}: status {status}"

@@ -4,7 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use support::{TestApp, client};
+use support::{TestApp, client, metric, metrics};
 
 #[tokio::test]
 async fn metrics_count_decisions_by_outcome_and_source() {
@@ -17,11 +17,11 @@ async fn metrics_count_decisions_by_outcome_and_source() {
             .await
             .unwrap();
     }
-    let after = scrape(&client, &app).await;
+    let after = metrics(&client, &app).await;
     let allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
     let limited = r#"ratelimit_decisions_total{decision="limited",source="local"}"#;
-    assert_eq!(value(&after, allowed), 2.0, "{after}");
-    assert_eq!(value(&after, limited), 3.0, "{after}");
+    assert_eq!(metric(&after, allowed), 2.0, "{after}");
+    assert_eq!(metric(&after, limited), 3.0, "{after}");
     assert!(after.contains("ratelimit_build_info{version="), "{after}");
     assert!(
         after.contains(r#"ratelimit_http_requests_total{route="/limited_endpoint",status="429"}"#)
@@ -40,11 +40,11 @@ async fn requests_are_counted_by_the_route_actix_matched() {
     ] {
         client.get(app.at(path)).send().await.unwrap();
     }
-    let text = scrape(&client, &app).await;
+    let text = metrics(&client, &app).await;
     let limited = r#"ratelimit_http_requests_total{route="/limited_endpoint",status="200"}"#;
     let other = r#"ratelimit_http_requests_total{route="other",status="404"}"#;
-    assert_eq!(value(&text, limited), 2.0, "{text}");
-    assert_eq!(value(&text, other), 2.0, "{text}");
+    assert_eq!(metric(&text, limited), 2.0, "{text}");
+    assert_eq!(metric(&text, other), 2.0, "{text}");
 }
 
 #[tokio::test]
@@ -64,23 +64,10 @@ async fn two_services_in_one_process_keep_their_own_fallback_gauge() {
         .await
         .unwrap();
     let gauge = "ratelimit_fallback_active";
-    let degraded_text = scrape(&client, &degraded).await;
-    assert_eq!(value(&degraded_text, gauge), 1.0, "{degraded_text}");
-    let healthy_text = scrape(&client, &healthy).await;
-    assert_eq!(value(&healthy_text, gauge), 0.0, "{healthy_text}");
-}
-
-async fn scrape(client: &reqwest::Client, app: &TestApp) -> String {
-    let response = client.get(app.at("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
-}
-
-/// The value of one sample line, 0 when absent.
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    let degraded_text = metrics(&client, &degraded).await;
+    assert_eq!(metric(&degraded_text, gauge), 1.0, "{degraded_text}");
+    let healthy_text = metrics(&client, &healthy).await;
+    assert_eq!(metric(&healthy_text, gauge), 0.0, "{healthy_text}");
 }
 
 /// The binary as a child process, so it can receive a real SIGTERM.
@@ -92,15 +79,8 @@ struct Service {
 impl Service {
     fn start(vars: &[(&str, &str)]) -> Self {
         let port = support::free_port();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ratelimiter"));
-        command
-            .env("HOST", "127.0.0.1")
-            .env("PORT", port.to_string())
-            .env("RUST_LOG", "warn");
-        for (name, value) in vars {
-            command.env(name, value);
-        }
-        let child = command
+        let child = support::service_command(port, vars)
+            .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -118,26 +98,14 @@ impl Service {
     }
 
     fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        support::send_signal(self.child.id(), signal);
     }
 
     /// Waits for the exit code, killing the process if it does not exit in `limit`.
     fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll the service") {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("the service did not exit within {limit:?} of SIGTERM");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        support::wait_for_exit(&mut self.child, limit)
+            .unwrap_or_else(|| panic!("the service did not exit within {limit:?} of SIGTERM"))
+            .code()
     }
 }
 
@@ -254,8 +222,8 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
     let client = client();
     let connection_errors = r#"ratelimit_store_errors_total{kind="connection"}"#;
     let local_allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
-    let before = scrape(&client, &app).await;
-    assert_eq!(value(&before, "ratelimit_fallback_active"), 0.0);
+    let before = metrics(&client, &app).await;
+    assert_eq!(metric(&before, "ratelimit_fallback_active"), 0.0);
     assert!(
         before.contains("ratelimit_current_master_info{addr="),
         "{before}"
@@ -269,31 +237,20 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
             .await
             .unwrap();
     }
-    let during = scrape(&client, &app).await;
-    assert_eq!(value(&during, "ratelimit_fallback_active"), 1.0);
-    assert!(value(&during, connection_errors) > value(&before, connection_errors));
+    let during = metrics(&client, &app).await;
+    assert_eq!(metric(&during, "ratelimit_fallback_active"), 1.0);
+    assert!(metric(&during, connection_errors) > metric(&before, connection_errors));
     assert_eq!(
-        value(&during, local_allowed) - value(&before, local_allowed),
+        metric(&during, local_allowed) - metric(&before, local_allowed),
         3.0
     );
 
     let _back = support::RedisProcess::server_on(port, None, &[]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let response = client
-            .get(app.at("/limited_endpoint"))
-            .send()
-            .await
-            .unwrap();
-        if support::header(&response, "X-RateLimit-Source") == "redis" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never went back to Redis"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let after = scrape(&client, &app).await;
-    assert_eq!(value(&after, "ratelimit_fallback_active"), 0.0);
+    support::until_redis_decides(&app.url, deadline, || {
+        client.get(app.at("/limited_endpoint"))
+    })
+    .await;
+    let after = metrics(&client, &app).await;
+    assert_eq!(metric(&after, "ratelimit_fallback_active"), 0.0);
 }

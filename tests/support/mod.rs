@@ -1,19 +1,32 @@
-//! The test harness: real `redis-server` and `redis-sentinel` processes on free ports in
-//! temporary folders, and the service itself on port 0, all stopped on `Drop`.
+//! The test harness, shared by every test binary (each includes it with
+//! `#[path = "…/support/mod.rs"] mod support;`, so each compiles it anew and uses a part):
+//!
+//! - `redis_nodes`: real `redis-server` and `redis-sentinel` processes on free ports in
+//!   temporary folders, stopped on `Drop`;
+//! - `app`: the service itself, on its own thread on port 0 (`TestApp`) or as the real
+//!   binary in a child process;
+//! - `http`: clients with timeouts, and the requests several suites make the same way.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+mod app;
+mod http;
+mod redis_nodes;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ratelimiter::settings::Settings;
-use ratelimiter::startup::Application;
-
-pub const PASSWORD: &str = "test-secret";
+// Each binary uses a part of the harness; what it leaves is not a mistake.
+#[allow(unused_imports)]
+pub use app::{TestApp, service_command, wait_for_exit};
+#[allow(unused_imports)]
+pub use http::{
+    all_at_once, client, client_from, header, metric, metrics, passes, until_redis_decides,
+};
+#[allow(unused_imports)]
+pub use redis_nodes::{DATA_NODE_ARGS, PASSWORD, RedisProcess, SentinelCluster};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -33,18 +46,6 @@ pub fn unique_prefix(test: &str) -> String {
     )
 }
 
-fn require(binary: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {binary}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    assert!(
-        found,
-        "{binary} is not installed: run `apt-get install -y {package}` (or `bash .ci/run`, which installs it)"
-    );
-}
-
 /// Polls `ready` every 20 ms until it holds or `limit` passes.
 pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -57,420 +58,13 @@ pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) 
     }
 }
 
-/// One `redis-server` or `redis-sentinel` process.
-pub struct RedisProcess {
-    pub port: u16,
-    child: Child,
-    dir: tempfile::TempDir,
-    pub sentinel: bool,
-    stopped: bool,
-}
-
-impl RedisProcess {
-    /// A data node; `replica_of` makes it a replica. Every data node has the same password.
-    pub fn server(replica_of: Option<u16>, extra: &[&str]) -> Self {
-        Self::server_on(free_port(), replica_of, extra)
-    }
-
-    /// A data node on a given port, e.g. to bring one back where the sentinels expect it.
-    pub fn server_on(port: u16, replica_of: Option<u16>, extra: &[&str]) -> Self {
-        require("redis-server", "redis-server");
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--requirepass",
-            PASSWORD,
-            "--masterauth",
-            PASSWORD,
-            "--logfile",
-            "redis.log",
-            "--repl-diskless-sync",
-            "yes",
-            "--repl-diskless-sync-delay",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(master) = replica_of {
-            args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn("redis-server", &args, dir, port, false)
-    }
-
-    /// A sentinel watching `master_port` as `redis-master`, with its own writable config.
-    pub fn sentinel(master_port: u16, down_after_ms: u64) -> Self {
-        require("redis-sentinel", "redis-sentinel");
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let port = free_port();
-        let config = format!(
-            "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile sentinel.log\n\
-             sentinel monitor redis-master 127.0.0.1 {master_port} 2\n\
-             sentinel auth-pass redis-master {PASSWORD}\n\
-             sentinel down-after-milliseconds redis-master {down_after_ms}\n\
-             sentinel failover-timeout redis-master 3000\n\
-             sentinel parallel-syncs redis-master 1\n",
-            dir = dir.path().display()
-        );
-        let path = dir.path().join("sentinel.conf");
-        std::fs::write(&path, config).expect("write sentinel.conf");
-        let args = vec![path.display().to_string()];
-        Self::spawn("redis-sentinel", &args, dir, port, true)
-    }
-
-    fn spawn(
-        binary: &str,
-        args: &[String],
-        dir: tempfile::TempDir,
-        port: u16,
-        sentinel: bool,
-    ) -> Self {
-        let child = Command::new(binary)
-            .args(args)
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {binary}: {err}"));
-        let process = Self {
-            port,
-            child,
-            dir,
-            sentinel,
-            stopped: false,
-        };
-        wait_until(
-            &format!("{binary} on port {port}"),
-            Duration::from_secs(10),
-            || process.try_connection().is_some(),
-        );
-        process
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn try_connection(&self) -> Option<redis::Connection> {
-        let url = if self.sentinel {
-            format!("redis://127.0.0.1:{}", self.port)
-        } else {
-            self.url()
-        };
-        let client = redis::Client::open(url).ok()?;
-        let conn = client
-            .get_connection_with_timeout(Duration::from_millis(500))
-            .ok()?;
-        conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        conn.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut conn = conn;
-        redis::cmd("PING").query::<String>(&mut conn).ok()?;
-        Some(conn)
-    }
-
-    /// A connection with timeouts; panics if the process does not answer.
-    pub fn connection(&self) -> redis::Connection {
-        self.try_connection()
-            .unwrap_or_else(|| panic!("no answer from port {}\n{}", self.port, self.log_tail()))
-    }
-
-    pub fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut cmd = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
-        cmd.query(&mut self.connection())
-            .unwrap_or_else(|err| panic!("{args:?} on port {}: {err}", self.port))
-    }
-
-    /// How many times `command` ran here (`INFO commandstats`), e.g. `"evalsha"`.
-    pub fn command_calls(&self, command: &str) -> u64 {
-        let stats: String = self.command(&["INFO", "commandstats"]);
-        let prefix = format!("cmdstat_{command}:calls=");
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|calls| calls.parse().ok())
-            .unwrap_or(0)
-    }
-
-    pub fn role(&self) -> Option<String> {
-        let mut conn = self.try_connection()?;
-        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).ok()?;
-        match role.first()? {
-            redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-            redis::Value::SimpleString(text) => Some(text.clone()),
-            _ => None,
-        }
-    }
-
-    pub fn log_tail(&self) -> String {
-        let name = if self.sentinel {
-            "sentinel.log"
-        } else {
-            "redis.log"
-        };
-        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {}", self.pid());
-    }
-
-    /// `kill -9`, and reap it.
-    pub fn kill(&mut self) {
-        if !self.stopped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            self.stopped = true;
-        }
-    }
-}
-
-impl Drop for RedisProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() && !self.stopped {
-            eprintln!(
-                "--- last lines of the process on port {} ---\n{}",
-                self.port,
-                self.log_tail()
-            );
-        }
-        // A stopped (SIGSTOP) process ignores SIGKILL until continued, on some kernels.
-        if !self.stopped {
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.pid().to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
-        self.kill();
-    }
-}
-
-/// 1 master, 2 replicas, 3 sentinels.
-pub struct SentinelCluster {
-    pub nodes: Vec<RedisProcess>,
-    pub sentinels: Vec<RedisProcess>,
-}
-
-impl SentinelCluster {
-    pub fn start(down_after_ms: u64) -> Self {
-        let master = RedisProcess::server(
-            None,
-            &[
-                "--min-replicas-to-write",
-                "1",
-                "--min-replicas-max-lag",
-                "1",
-            ],
-        );
-        let mut nodes = vec![master];
-        for _ in 0..2 {
-            let replica = RedisProcess::server(
-                Some(nodes[0].port),
-                &[
-                    "--min-replicas-to-write",
-                    "1",
-                    "--min-replicas-max-lag",
-                    "1",
-                    "--replica-priority",
-                    "100",
-                ],
-            );
-            nodes.push(replica);
-        }
-        for replica in &nodes[1..] {
-            wait_until("replication link up", Duration::from_secs(15), || {
-                let info: String = replica.command(&["INFO", "replication"]);
-                info.contains("master_link_status:up")
-            });
-        }
-        let sentinels: Vec<RedisProcess> = (0..3)
-            .map(|_| RedisProcess::sentinel(nodes[0].port, down_after_ms))
-            .collect();
-        let cluster = Self { nodes, sentinels };
-        wait_until(
-            "sentinels to agree (CKQUORUM) and see both replicas",
-            Duration::from_secs(20),
-            || {
-                cluster.sentinels.iter().all(|s| {
-                    let mut conn = s.connection();
-                    let quorum = redis::cmd("SENTINEL")
-                        .arg("CKQUORUM")
-                        .arg("redis-master")
-                        .query::<String>(&mut conn);
-                    let replicas: redis::RedisResult<Vec<redis::Value>> = redis::cmd("SENTINEL")
-                        .arg("REPLICAS")
-                        .arg("redis-master")
-                        .query(&mut conn);
-                    quorum.is_ok() && replicas.is_ok_and(|r| r.len() == 2)
-                })
-            },
-        );
-        cluster
-    }
-
-    pub fn sentinel_hosts(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// The master's port according to the first sentinel that answers.
-    pub fn master_port(&self) -> Option<u16> {
-        self.sentinels.iter().find_map(|s| {
-            let mut conn = s.try_connection()?;
-            let (_, port): (String, u16) = redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg("redis-master")
-                .query(&mut conn)
-                .ok()?;
-            Some(port)
-        })
-    }
-
-    pub fn node(&self, port: u16) -> &RedisProcess {
-        self.nodes
-            .iter()
-            .find(|n| n.port == port)
-            .expect("a node on that port")
-    }
-
-    pub fn node_mut(&mut self, port: u16) -> &mut RedisProcess {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .expect("a node on that port")
-    }
-}
-
-/// The service, on its own thread and actix system, on a free port.
-pub struct TestApp {
-    pub port: u16,
-    pub url: String,
-    handle: actix_web::dev::ServerHandle,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl TestApp {
-    /// Starts the service with the defaults overridden by `vars` (environment names).
-    pub fn spawn(vars: &[(&str, &str)]) -> Self {
-        let mut env: HashMap<String, String> = [
-            ("HOST", "127.0.0.1"),
-            ("PORT", "0"),
-            ("WORKERS", "2"),
-            ("INSTANCE_NAME", "test"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let settings =
-            Settings::load_from(env).unwrap_or_else(|err| panic!("test settings: {err}"));
-        let (sender, receiver) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            actix_rt::System::new().block_on(async move {
-                let app = Application::build(settings)
-                    .await
-                    .expect("the service starts");
-                sender
-                    .send((app.port(), app.handle()))
-                    .expect("report the port");
-                app.run_until_stopped().await.expect("the service runs");
-            });
-        });
-        let (port, handle) = receiver
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the service started");
-        Self {
-            port,
-            url: format!("http://127.0.0.1:{port}"),
-            handle,
-            thread: Some(thread),
-        }
-    }
-
-    pub fn at(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    /// Graceful stop; waits for in-flight requests.
-    pub async fn stop(mut self) {
-        self.handle.stop(true).await;
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let handle = self.handle.clone();
-            // Stop without awaiting: Drop may run inside or outside a runtime.
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                if let Ok(runtime) = runtime {
-                    runtime.block_on(handle.stop(false));
-                }
-            })
-            .join()
-            .ok();
-            let _ = thread.join();
-        }
-    }
-}
-
-/// A client with a short timeout, so a hang fails the test instead of stalling it.
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client")
-}
-
-/// A client whose requests come from `source` (any 127.0.0.0/8 address works on Linux).
-pub fn client_from(source: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .local_address(Some(source.parse().expect("a source address")))
-        .build()
-        .expect("an HTTP client")
-}
-
-pub fn header(response: &reqwest::Response, name: &str) -> String {
-    response
-        .headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap_or("<not text>").to_string())
-        .unwrap_or_default()
+/// `kill -SIGNAL pid`; panics if `kill` fails.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {

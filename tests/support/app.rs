@@ -1,0 +1,128 @@
+//! The service under test: in this process on its own thread (`TestApp`), or as the real
+//! binary in a child process, where it can be given signals and its exit code read.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, ExitStatus};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ratelimiter::settings::Settings;
+use ratelimiter::startup::Application;
+
+/// The service, on its own thread and actix system, on a free port.
+pub struct TestApp {
+    pub port: u16,
+    pub url: String,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestApp {
+    /// Starts the service with the defaults overridden by `vars` (environment names).
+    pub fn spawn(vars: &[(&str, &str)]) -> Self {
+        Self::start(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    /// `spawn`, for values built at run time.
+    pub fn spawn_with(vars: &[(&str, String)]) -> Self {
+        Self::start(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
+    }
+
+    fn start(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut env: HashMap<String, String> = [
+            ("HOST", "127.0.0.1"),
+            ("PORT", "0"),
+            ("WORKERS", "2"),
+            ("INSTANCE_NAME", "test"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.extend(vars);
+        let settings =
+            Settings::load_from(env).unwrap_or_else(|err| panic!("test settings: {err}"));
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                let app = Application::build(settings)
+                    .await
+                    .expect("the service starts");
+                sender
+                    .send((app.port(), app.handle()))
+                    .expect("report the port");
+                app.run_until_stopped().await.expect("the service runs");
+            });
+        });
+        let (port, handle) = receiver
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the service started");
+        Self {
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Graceful stop; waits for in-flight requests.
+    pub async fn stop(mut self) {
+        self.handle.stop(true).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let handle = self.handle.clone();
+            // Stop without awaiting: Drop may run inside or outside a runtime.
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(handle.stop(false));
+                }
+            })
+            .join()
+            .ok();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The service's binary listening on `127.0.0.1:port`, with `vars` (environment names) on
+/// top; `vars` may override `HOST` and `PORT` too.
+pub fn service_command(port: u16, vars: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ratelimiter"));
+    command
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string());
+    for (name, value) in vars {
+        command.env(name, value);
+    }
+    command
+}
+
+/// Waits at most `limit` for `child` to exit; a child still running then is killed, and
+/// the answer is `None`.
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,103 @@
+//! HTTP clients with timeouts, so a hang fails a test instead of stalling it, and the
+//! requests several suites make the same way.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, RequestBuilder, Response};
+
+use super::TestApp;
+
+/// A client with a short timeout.
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// A client whose requests come from `source` (any 127.0.0.0/8 address works on Linux).
+pub fn client_from(source: IpAddr) -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .local_address(source)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// The header's value; empty when it is absent.
+pub fn header(response: &Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap_or("<not text>").to_string())
+        .unwrap_or_default()
+}
+
+/// How many of `attempts` requests built by `send`, sent one after the other, pass;
+/// every answer must be a 200 or a 429.
+pub async fn passes(attempts: usize, send: impl Fn() -> RequestBuilder) -> usize {
+    let mut passed = 0;
+    for _ in 0..attempts {
+        let response = send().send().await.unwrap();
+        let status = response.status().as_u16();
+        assert!(status == 200 || status == 429, "status {status}");
+        if status == 200 {
+            passed += 1;
+        }
+    }
+    passed
+}
+
+/// Sends every request at once; answers with each one's status and `X-RateLimit-Source`,
+/// in the order given.
+pub async fn all_at_once(requests: impl IntoIterator<Item = RequestBuilder>) -> Vec<(u16, String)> {
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                (
+                    response.status().as_u16(),
+                    header(&response, "X-RateLimit-Source"),
+                )
+            })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// Sends `request()` every 50 ms until an answer says `X-RateLimit-Source: redis`; fails,
+/// naming `what`, if none has by `deadline`.
+pub async fn until_redis_decides(
+    what: &str,
+    deadline: Instant,
+    request: impl Fn() -> RequestBuilder,
+) {
+    loop {
+        let response = request().send().await.unwrap();
+        if header(&response, "X-RateLimit-Source") == "redis" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} never went back to Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET /metrics`, which must answer 200.
+pub async fn metrics(client: &Client, app: &TestApp) -> String {
+    let response = client.get(app.at("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
+/// The value of one sample line of a `/metrics` text, 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,323 @@
+//! Real `redis-server` and `redis-sentinel` processes on free ports, each in its own
+//! temporary folder, killed on `Drop` (after printing their last log lines when the test
+//! failed).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, send_signal, wait_until};
+
+pub const PASSWORD: &str = "test-secret";
+
+/// What every data node of a `SentinelCluster` runs with, and what a test that brings one
+/// back must give it again: an isolated master stops taking writes (docs/RELIABILITY.md).
+pub const DATA_NODE_ARGS: &[&str] = &[
+    "--min-replicas-to-write",
+    "1",
+    "--min-replicas-max-lag",
+    "1",
+];
+
+fn require(binary: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        found,
+        "{binary} is not installed: run `apt-get install -y {package}` (or `bash .ci/run`, which installs it)"
+    );
+}
+
+/// One `redis-server` or `redis-sentinel` process.
+pub struct RedisProcess {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+    pub sentinel: bool,
+    stopped: bool,
+}
+
+impl RedisProcess {
+    /// A data node; `replica_of` makes it a replica. Every data node has the same password.
+    pub fn server(replica_of: Option<u16>, extra: &[&str]) -> Self {
+        Self::server_on(free_port(), replica_of, extra)
+    }
+
+    /// A data node on a given port, e.g. to bring one back where the sentinels expect it.
+    pub fn server_on(port: u16, replica_of: Option<u16>, extra: &[&str]) -> Self {
+        require("redis-server", "redis-server");
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            PASSWORD,
+            "--masterauth",
+            PASSWORD,
+            "--logfile",
+            "redis.log",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(master) = replica_of {
+            args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn("redis-server", &args, dir, port, false)
+    }
+
+    /// A sentinel watching `master_port` as `redis-master`, with its own writable config.
+    pub fn sentinel(master_port: u16, down_after_ms: u64) -> Self {
+        require("redis-sentinel", "redis-sentinel");
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let port = free_port();
+        let config = format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile sentinel.log\n\
+             sentinel monitor redis-master 127.0.0.1 {master_port} 2\n\
+             sentinel auth-pass redis-master {PASSWORD}\n\
+             sentinel down-after-milliseconds redis-master {down_after_ms}\n\
+             sentinel failover-timeout redis-master 3000\n\
+             sentinel parallel-syncs redis-master 1\n",
+            dir = dir.path().display()
+        );
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, config).expect("write sentinel.conf");
+        let args = vec![path.display().to_string()];
+        Self::spawn("redis-sentinel", &args, dir, port, true)
+    }
+
+    fn spawn(
+        binary: &str,
+        args: &[String],
+        dir: tempfile::TempDir,
+        port: u16,
+        sentinel: bool,
+    ) -> Self {
+        let child = Command::new(binary)
+            .args(args)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {binary}: {err}"));
+        let process = Self {
+            port,
+            child,
+            dir,
+            sentinel,
+            stopped: false,
+        };
+        wait_until(
+            &format!("{binary} on port {port}"),
+            Duration::from_secs(10),
+            || process.try_connection().is_some(),
+        );
+        process
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn try_connection(&self) -> Option<redis::Connection> {
+        let url = if self.sentinel {
+            format!("redis://127.0.0.1:{}", self.port)
+        } else {
+            self.url()
+        };
+        let client = redis::Client::open(url).ok()?;
+        let conn = client
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        conn.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut conn = conn;
+        redis::cmd("PING").query::<String>(&mut conn).ok()?;
+        Some(conn)
+    }
+
+    /// A connection with timeouts; panics if the process does not answer.
+    pub fn connection(&self) -> redis::Connection {
+        self.try_connection()
+            .unwrap_or_else(|| panic!("no answer from port {}\n{}", self.port, self.log_tail()))
+    }
+
+    pub fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut self.connection())
+            .unwrap_or_else(|err| panic!("{args:?} on port {}: {err}", self.port))
+    }
+
+    /// How many times `command` ran here (`INFO commandstats`), e.g. `"evalsha"`.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let stats: String = self.command(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn role(&self) -> Option<String> {
+        let mut conn = self.try_connection()?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).ok()?;
+        match role.first()? {
+            redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            redis::Value::SimpleString(text) => Some(text.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let name = if self.sentinel {
+            "sentinel.log"
+        } else {
+            "redis.log"
+        };
+        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// `kill -9`, and reap it.
+    pub fn kill(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.stopped = true;
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.stopped {
+            eprintln!(
+                "--- last lines of the process on port {} ---\n{}",
+                self.port,
+                self.log_tail()
+            );
+        }
+        // A stopped (SIGSTOP) process ignores SIGKILL until continued, on some kernels.
+        if !self.stopped {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.pid().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// 1 master, 2 replicas, 3 sentinels.
+pub struct SentinelCluster {
+    pub nodes: Vec<RedisProcess>,
+    pub sentinels: Vec<RedisProcess>,
+}
+
+impl SentinelCluster {
+    pub fn start(down_after_ms: u64) -> Self {
+        let master = RedisProcess::server(None, DATA_NODE_ARGS);
+        let replica_args = [DATA_NODE_ARGS, &["--replica-priority", "100"]].concat();
+        let mut nodes = vec![master];
+        for _ in 0..2 {
+            let replica = RedisProcess::server(Some(nodes[0].port), &replica_args);
+            nodes.push(replica);
+        }
+        for replica in &nodes[1..] {
+            wait_until("replication link up", Duration::from_secs(15), || {
+                let info: String = replica.command(&["INFO", "replication"]);
+                info.contains("master_link_status:up")
+            });
+        }
+        let sentinels: Vec<RedisProcess> = (0..3)
+            .map(|_| RedisProcess::sentinel(nodes[0].port, down_after_ms))
+            .collect();
+        let cluster = Self { nodes, sentinels };
+        wait_until(
+            "sentinels to agree (CKQUORUM) and see both replicas",
+            Duration::from_secs(20),
+            || {
+                cluster.sentinels.iter().all(|s| {
+                    let mut conn = s.connection();
+                    let quorum = redis::cmd("SENTINEL")
+                        .arg("CKQUORUM")
+                        .arg("redis-master")
+                        .query::<String>(&mut conn);
+                    let replicas: redis::RedisResult<Vec<redis::Value>> = redis::cmd("SENTINEL")
+                        .arg("REPLICAS")
+                        .arg("redis-master")
+                        .query(&mut conn);
+                    quorum.is_ok() && replicas.is_ok_and(|r| r.len() == 2)
+                })
+            },
+        );
+        cluster
+    }
+
+    pub fn sentinel_hosts(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The master's port according to the first sentinel that answers.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            let mut conn = s.try_connection()?;
+            let (_, port): (String, u16) = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg("redis-master")
+                .query(&mut conn)
+                .ok()?;
+            Some(port)
+        })
+    }
+
+    pub fn node(&self, port: u16) -> &RedisProcess {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node on that port")
+    }
+
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisProcess {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node on that port")
+    }
+}
