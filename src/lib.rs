@@ -8,6 +8,8 @@
 //! - [`bucket`]: the token bucket as pure arithmetic on a validated [`bucket::Limit`],
 //!   time passed in; `token_bucket.lua`, its Redis mirror.
 //! - [`identity`]: which client a request counts against; trusted proxies only.
+//! - [`policy`]: the rules of a policy file: which requests each applies to, the bucket
+//!   key it charges them to, its limits and their cost; pure, parsed once.
 //! - [`decision`]: what decides a request: the [`deny_cache`], the store, and `FAIL_MODE`
 //!   when the store cannot; its answer is a [`decision::Verdict`].
 //! - [`store`]: where buckets live, behind one trait: in this process
@@ -15,11 +17,13 @@
 //!   master, discovery, the instance registry).
 //! - [`http`]: the route table, handlers, quota headers and the one problem+json shape.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
+//! - [`reload`]: keeps the policy file's parsed set current (SIGHUP, file changes).
 //! - [`telemetry`]: log format.
 //! - [`startup`]: the composition root, [`startup::Application`].
 //!
 //! Dependencies point one way: `startup` → `settings` → `http` → `decision` → `store` →
-//! `bucket`; `metrics` and `identity` import nothing of the others'.
+//! `bucket`; `policy` uses `bucket` and `identity`; `metrics` and `identity` import nothing
+//! of the others'.
 
 pub mod bucket;
 pub mod decision;
@@ -27,6 +31,7 @@ pub mod deny_cache;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod reload;
 pub mod settings;
 pub mod startup;
