@@ -8,11 +8,15 @@ use std::time::Instant;
 use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::middleware::{Condition, DefaultHeaders, Logger};
 use actix_web::{App, HttpServer, web};
+use arc_swap::ArcSwap;
 use secrecy::ExposeSecret;
 use thiserror::Error;
 
 use crate::decision::{Buckets, Decider, DeciderSettings, InstanceCount};
-use crate::http::routes::{AppState, DefaultPolicy};
+use crate::http::routes::AppState;
+use crate::policy::PolicySet;
+use crate::reload::{WatchSettings, Watcher};
+use crate::settings::PolicySource;
 use crate::metrics::Metrics;
 use crate::settings::{Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
@@ -40,6 +44,8 @@ pub struct Application {
     port: u16,
     server: Server,
     resolver: Option<Resolver>,
+    /// Keeps the policies current while the service runs; `None` without a policy file.
+    watcher: Option<Watcher>,
 }
 
 impl Application {
@@ -63,12 +69,13 @@ impl Application {
             fallback: MemoryStore::new(settings.memory_store_max_buckets),
             metrics: metrics.clone(),
         });
+        let policies = Arc::new(ArcSwap::new(settings.policies.clone()));
+        metrics.policy_version(settings.policies.version());
+        let watcher = watch_policies(&settings, &policies, &metrics)?;
         let state = web::Data::new(AppState::new(
             settings.instance_name.clone(),
-            DefaultPolicy {
-                limit: settings.limit,
-                key_prefix: settings.redis.key_prefix.clone(),
-            },
+            policies,
+            settings.redis.key_prefix.clone(),
             decider,
             settings.identity.clone(),
             settings.headers,
@@ -102,6 +109,7 @@ impl Application {
             port,
             server,
             resolver,
+            watcher,
         })
     }
 
@@ -119,12 +127,47 @@ impl Application {
     /// requests finish, then stops discovery.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        drop(self.watcher);
         if let Some(resolver) = self.resolver {
             // Joining may wait out one Redis timeout; keep it off the event loop.
             let _ = tokio::task::spawn_blocking(move || resolver.stop()).await;
         }
         result
     }
+}
+
+/// Starts watching `POLICY_FILE`, when there is one: a valid change replaces `active`.
+fn watch_policies(
+    settings: &Settings,
+    active: &Arc<ArcSwap<PolicySet>>,
+    metrics: &Metrics,
+) -> Result<Option<Watcher>, StartupError> {
+    let PolicySource::File { path, text, poll } = &settings.policy_source else {
+        return Ok(None);
+    };
+    let (file_name, hash_key) = (path.display().to_string(), settings.policy_hash_key.clone());
+    let observed = metrics.clone();
+    let watcher = Watcher::start(
+        WatchSettings {
+            path: path.clone(),
+            poll: *poll,
+            parse: Box::new(move |text| {
+                PolicySet::parse_with_hash_key(text, &file_name, hash_key.clone())
+                    .map_err(|err| err.problems)
+            }),
+            observe: Box::new(move |result, set: Option<&PolicySet>| {
+                observed.policy_reload(result.as_str());
+                if let Some(set) = set {
+                    observed.policy_version(set.version());
+                    log::info!("policies {} are active", set.version());
+                }
+            }),
+        },
+        active.clone(),
+        text.clone(),
+    )
+    .map_err(|err| StartupError::Thread("policy-reload", err))?;
+    Ok(Some(watcher))
 }
 
 type Built = (Buckets, InstanceCount, Option<Resolver>);

@@ -12,43 +12,22 @@ use super::headers::{
     HeaderMode, X_RATELIMIT_SOURCE, ceil_millis, item_name, quota_headers, retry_after_secs,
 };
 use super::problem::Problem;
-use crate::bucket::{Charge, Limit};
+use std::sync::Arc;
+
+use actix_web::http::header::{HOST, HeaderMap};
+use arc_swap::ArcSwap;
+
+use crate::bucket::{Charge, Group};
 use crate::decision::{Decider, LimitCharge, LimitName, Verdict};
+use crate::policy::{Applied, HeaderLookup, Mode, PolicySet, RequestView};
 use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
 use crate::metrics::Metrics;
 
-/// The one policy of a service without a policy file: `RATE_LIMIT` per `TIME_WINDOW`
-/// (burst `BURST`) per client IP on `/limited_endpoint`.
-pub struct DefaultPolicy {
-    pub limit: Limit,
-    pub key_prefix: String,
-}
-
-const DEFAULT: LimitName<'static> = LimitName {
-    policy: "default",
-    limit: "default",
-};
-
-impl DefaultPolicy {
-    fn charges(&self, client: &ClientKey) -> Vec<LimitCharge<'static>> {
-        let limit = &self.limit;
-        vec![LimitCharge {
-            name: DEFAULT,
-            key: format!(
-                "{}:default:default:{}-{}-{}:{{{client}}}",
-                self.key_prefix,
-                limit.rate_limit(),
-                limit.window_secs(),
-                limit.capacity()
-            ),
-            charge: Charge::one(*limit),
-        }]
-    }
-}
-
 pub struct AppState {
     pub instance: String,
-    pub policy: DefaultPolicy,
+    /// The policies in force; a reload swaps them between requests.
+    pub policies: Arc<ArcSwap<PolicySet>>,
+    pub key_prefix: String,
     pub decider: Decider,
     pub identity: IdentityRules,
     pub headers: HeaderMode,
@@ -61,7 +40,8 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         instance: String,
-        policy: DefaultPolicy,
+        policies: Arc<ArcSwap<PolicySet>>,
+        key_prefix: String,
         decider: Decider,
         identity: IdentityRules,
         headers: HeaderMode,
@@ -74,7 +54,8 @@ impl AppState {
             index_body: render("Hello World"),
             admitted_body: render("This is a limited endpoint"),
             instance,
-            policy,
+            policies,
+            key_prefix,
             decider,
             identity,
             headers,
@@ -111,14 +92,34 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-/// `GET /limited_endpoint`: one token per request.
+/// `GET /limited_endpoint`: every policy that applies decides, all or nothing.
 pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let Some(key) = client_key(&req, &state.identity) else {
+    let Some(client) = client_key(&req, &state.identity) else {
         return Problem::new(StatusCode::BAD_REQUEST)
             .detail("the client address is unknown")
             .response();
     };
-    let verdict = state.decider.decide(state.policy.charges(&key)).await;
+    let policies = state.policies.load_full();
+    let headers = Headers(req.headers());
+    let view = RequestView {
+        method: req.method().as_str(),
+        path: req.match_info().as_str(),
+        host: req.headers().get(HOST).and_then(|host| host.to_str().ok()),
+        headers: &headers,
+        client,
+    };
+    let applied = match policies.evaluate(&view) {
+        Ok(applied) => applied,
+        Err(rejection) => {
+            return Problem::new(StatusCode::BAD_REQUEST)
+                .detail(&rejection.to_string())
+                .response();
+        }
+    };
+    let verdict = state
+        .decider
+        .decide(charges(&applied, &state.key_prefix))
+        .await;
     let mut response = HttpResponse::build(StatusCode::OK);
     if let Some(source) = verdict.source() {
         response.insert_header((
@@ -160,9 +161,49 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
     }
 }
 
+/// The buckets the applied policies charge: every limit of each; the enforced policies
+/// pay together, each shadow policy on its own.
+pub fn charges<'a>(applied: &[Applied<'a>], key_prefix: &str) -> Vec<LimitCharge<'a>> {
+    let mut charges = Vec::with_capacity(applied.iter().map(|a| a.limits.len()).sum());
+    let mut shadow_policies = 0;
+    for applied in applied {
+        let group = match applied.policy.mode {
+            Mode::Enforce => Group::Enforced,
+            Mode::Shadow => {
+                shadow_policies += 1;
+                Group::Shadow(shadow_policies)
+            }
+        };
+        for limit in applied.limits {
+            charges.push(LimitCharge {
+                name: LimitName {
+                    policy: &applied.policy.name,
+                    limit: &limit.name,
+                },
+                key: applied.policy.bucket_key(limit, &applied.key, key_prefix),
+                charge: Charge {
+                    limit: limit.limit,
+                    cost: applied.cost,
+                    group,
+                },
+            });
+        }
+    }
+    charges
+}
+
+/// A request's headers as the policies read them.
+pub struct Headers<'a>(pub &'a HeaderMap);
+
+impl HeaderLookup for Headers<'_> {
+    fn header(&self, lowercase_name: &str) -> Option<&[u8]> {
+        self.0.get(lowercase_name).map(|value| value.as_bytes())
+    }
+}
+
 /// The bucket this request is charged to, from its TCP peer and, through trusted
 /// proxies only, its forwarding headers.
-fn client_key(req: &HttpRequest, rules: &IdentityRules) -> Option<ClientKey> {
+pub fn client_key(req: &HttpRequest, rules: &IdentityRules) -> Option<ClientKey> {
     let peer: IpAddr = req.peer_addr()?.ip();
     let headers = req.headers();
     let forwarded = ForwardedHeaders {

@@ -128,6 +128,12 @@ settings! {
         "`off` records nothing for `/metrics`; `scripts/bench.sh` compares both and found no measurable difference in CPU per request";
     SHUTDOWN_TIMEOUT_S: Value("10"), Whole { min: 0, max: 3600 },
         "on SIGTERM/SIGINT, how long in-flight requests may take";
+    POLICY_FILE: Unset("unset"), Text,
+        "a TOML file of policies (`config/policies.example.toml`); unset: one policy, `RATE_LIMIT` per `TIME_WINDOW` per client IP on `/limited_endpoint`";
+    POLICY_POLL_MS: Value("1000"), Whole { min: 50, max: 3_600_000 },
+        "how often `POLICY_FILE` is checked for changes (`SIGHUP` reloads at once)";
+    POLICY_KEY_SECRET: Unset("unset"), Secret,
+        "keys the hash that replaces header values (API keys) in bucket keys; every instance must share it; unset: a fixed public key";
 }
 
 /// Read from the environment only, before any layering.

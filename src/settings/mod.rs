@@ -23,6 +23,7 @@ use crate::bucket::{Limit, LimitSpec};
 use crate::decision::FailMode;
 use crate::http::headers::HeaderMode;
 use crate::identity::IdentityRules;
+use crate::policy::{HashKey, PolicySet};
 use crate::store::redis::ConnectionMode;
 use declared::{Expect, Preset, Setting};
 
@@ -61,9 +62,28 @@ pub struct RedisSettings {
     pub key_prefix: String,
 }
 
+/// Where the policies come from.
+#[derive(Clone)]
+pub enum PolicySource {
+    /// No `POLICY_FILE`: the one default policy.
+    Single,
+    /// `POLICY_FILE`, as read at start; reloaded while the service runs.
+    File {
+        path: std::path::PathBuf,
+        text: String,
+        poll: Duration,
+    },
+}
+
 #[derive(Clone)]
 pub struct Settings {
+    /// The default policy's limit (`RATE_LIMIT`, `TIME_WINDOW`, `BURST`).
     pub limit: Limit,
+    /// The policies in force at start.
+    pub policies: std::sync::Arc<PolicySet>,
+    pub policy_source: PolicySource,
+    /// Keys the hash of header values in bucket keys (`POLICY_KEY_SECRET`).
+    pub policy_hash_key: HashKey,
     pub store: StoreSettings,
     pub redis: RedisSettings,
     pub fail_mode: FailMode,
@@ -234,19 +254,29 @@ impl Parser {
         let rate = self.whole(&RATE_LIMIT);
         let window_s = self.whole(&TIME_WINDOW);
         let burst = self.whole(&BURST);
-        let limit = match (rate, window_s) {
-            (Some(rate), Some(window_s)) => Limit::parse(LimitSpec {
+        let spec = match (rate, window_s) {
+            (Some(rate), Some(window_s)) => Some(LimitSpec {
                 rate,
                 window_s,
                 burst: burst.unwrap_or(rate),
-            })
-            .map_err(|err| {
-                self.problems
-                    .push(format!("RATE_LIMIT, TIME_WINDOW, BURST: {err}"))
-            })
-            .ok(),
+            }),
             _ => None,
         };
+        let limit = spec.and_then(|spec| {
+            Limit::parse(spec)
+                .map_err(|err| {
+                    self.problems
+                        .push(format!("RATE_LIMIT, TIME_WINDOW, BURST: {err}"))
+                })
+                .ok()
+        });
+        let policy_hash_key = self
+            .text(&POLICY_KEY_SECRET)
+            .map_or_else(HashKey::default, |secret| {
+                HashKey::from_secret(secret.as_bytes())
+            });
+        let policy_poll = self.whole(&POLICY_POLL_MS).map(Duration::from_millis);
+        let policies = self.policies(spec, &policy_hash_key, policy_poll);
 
         let store = self.store();
         let timeout_ms = self.whole(&REDIS_TIMEOUT_MS);
@@ -302,6 +332,7 @@ impl Parser {
         // Every setting with a preset parses to Some unless it was reported.
         let (
             Some(limit),
+            Some((policies, policy_source)),
             Some(store),
             Some(timeout_ms),
             Some(poll_ms),
@@ -320,6 +351,7 @@ impl Parser {
             Some(memory_store_max_buckets),
         ) = (
             limit,
+            policies,
             store,
             timeout_ms,
             poll_ms,
@@ -345,6 +377,9 @@ impl Parser {
         }
         Ok(Settings {
             limit,
+            policies: std::sync::Arc::new(policies),
+            policy_source,
+            policy_hash_key,
             store,
             redis: RedisSettings {
                 mode,
@@ -385,6 +420,45 @@ impl Parser {
             let _ = write!(line, "{separator}{}={shown}", setting.name);
         }
         line
+    }
+
+    /// The policy file's set, or the default policy; a file that cannot be read or does not
+    /// parse is reported as `POLICY_FILE` problems, one line each (`file:line: message`).
+    fn policies(
+        &mut self,
+        spec: Option<LimitSpec>,
+        hash_key: &HashKey,
+        poll: Option<Duration>,
+    ) -> Option<(PolicySet, PolicySource)> {
+        let Some(path) = self.text(&declared::POLICY_FILE).map(std::path::PathBuf::from) else {
+            let set = PolicySet::single(spec?).ok()?;
+            return Some((set, PolicySource::Single));
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) => {
+                self.problems.push(format!(
+                    "POLICY_FILE: cannot read {:?}: {err}",
+                    path.display().to_string()
+                ));
+                return None;
+            }
+        };
+        match PolicySet::parse_with_hash_key(&text, &path.display().to_string(), hash_key.clone())
+        {
+            Ok(set) => Some((
+                set,
+                PolicySource::File {
+                    path,
+                    text,
+                    poll: poll?,
+                },
+            )),
+            Err(err) => {
+                self.problems.extend(err.problems);
+                None
+            }
+        }
     }
 
     fn store(&mut self) -> Option<StoreSettings> {
