@@ -198,8 +198,50 @@ pub struct DeciderSettings {
     pub metrics: Metrics,
 }
 
+/// Would-be denials of shadow policies, logged at most once per [`ShadowLog::EVERY`] as
+/// counts per policy: a shadow rule that would deny at full rate must not flood the log.
+#[derive(Default)]
+struct ShadowLog {
+    pending: std::sync::Mutex<ShadowCounts>,
+}
+
+#[derive(Default)]
+struct ShadowCounts {
+    since: Option<Instant>,
+    by_policy: Vec<(String, u64)>,
+}
+
+impl ShadowLog {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn note(&self, policy: &str) {
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        let since = *pending.since.get_or_insert_with(Instant::now);
+        match pending
+            .by_policy
+            .iter_mut()
+            .find(|(name, _)| name == policy)
+        {
+            Some((_, count)) => *count += 1,
+            None => pending.by_policy.push((policy.to_string(), 1)),
+        }
+        if since.elapsed() >= Self::EVERY {
+            for (name, count) in pending.by_policy.drain(..) {
+                log::info!(
+                    "shadow policy {name} would have denied {count} requests in the last {} s",
+                    since.elapsed().as_secs()
+                );
+            }
+            pending.since = None;
+        }
+    }
+}
+
 pub struct Decider {
     buckets: Buckets,
+    shadow_log: ShadowLog,
     fail_mode: FailMode,
     fallback: MemoryStore,
     instances: InstanceCount,
@@ -218,6 +260,7 @@ impl Decider {
         };
         Self {
             buckets: settings.buckets,
+            shadow_log: ShadowLog::default(),
             fail_mode: settings.fail_mode,
             fallback: settings.fallback,
             instances: settings.instances,
@@ -267,12 +310,16 @@ impl Decider {
         );
         if let Verdict::Decided { limits, .. } = &verdict {
             for judged in limits {
+                let shadow = judged.group != Group::Enforced;
                 self.metrics.limit_decision(
                     judged.name.policy,
                     judged.name.limit,
-                    judged.group != Group::Enforced,
+                    shadow,
                     judged.decision.allowed,
                 );
+                if shadow && !judged.decision.allowed {
+                    self.shadow_log.note(judged.name.policy);
+                }
             }
         }
         verdict

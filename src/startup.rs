@@ -14,10 +14,10 @@ use thiserror::Error;
 
 use crate::decision::{Buckets, Decider, DeciderSettings, InstanceCount};
 use crate::http::routes::AppState;
+use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::reload::{WatchSettings, Watcher};
 use crate::settings::PolicySource;
-use crate::metrics::Metrics;
 use crate::settings::{Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::discovery::{Discovery, Resolver, ResolverSettings};

@@ -411,6 +411,25 @@ mod tests {
     }
 
     #[test]
+    fn long_windows_admit_exactly_burst_plus_what_has_refilled() {
+        let day = 86_400 * SECOND;
+        // (limit, gap between requests, requests): a flood far faster than the refill.
+        let cases = [
+            (limit(1_000_000, 86_400, 10), 10_000, 100_000),
+            (limit(1, 30 * 86_400, 1), 3_600 * SECOND, 24 * 90),
+        ];
+        for (limit, gap, requests) in cases {
+            let arrivals: Vec<u64> = (0..requests).map(|i| i * gap).collect();
+            let elapsed = *arrivals.last().unwrap();
+            let refilled = u128::from(elapsed) * u128::from(limit.rate_limit())
+                / (u128::from(limit.window_secs()) * u128::from(SECOND));
+            let expected = u128::from(limit.capacity()) + refilled;
+            let admitted = admitted_at(&limit, &arrivals).len() as u128;
+            assert_eq!(admitted, expected, "{limit:?} over {} days", elapsed / day);
+        }
+    }
+
+    #[test]
     fn a_cost_of_several_tokens_waits_for_all_of_them() {
         let limit = limit(1, 1, 10);
         let (decision, state) = take(&limit, None, 0);

@@ -4,8 +4,10 @@
 //! - [`routes`]: the handlers and the state they share.
 //! - [`headers`]: `RateLimit`/`RateLimit-Policy` and the legacy `X-RateLimit-*`.
 //! - [`problem`]: `application/problem+json` for 400, 404, 405, 429 and 503.
+//! - [`policies`]: `/v1/policies` and `/v1/explain`, what the policies are and would do.
 
 pub mod headers;
+pub mod policies;
 pub mod problem;
 pub mod routes;
 
@@ -40,6 +42,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
             "/limited_endpoint",
             get().to(routes::limited_endpoint),
         ))
+        .service(endpoint("/v1/policies", get().to(policies::list)))
+        .service(endpoint("/v1/explain", get().to(policies::explain)))
         .default_service(web::to(problem::not_found));
 }
 

@@ -19,9 +19,9 @@ use arc_swap::ArcSwap;
 
 use crate::bucket::{Charge, Group};
 use crate::decision::{Decider, LimitCharge, LimitName, Verdict};
-use crate::policy::{Applied, HeaderLookup, Mode, PolicySet, RequestView};
 use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
 use crate::metrics::Metrics;
+use crate::policy::{Applied, HeaderLookup, Mode, PolicySet, RequestView};
 
 pub struct AppState {
     pub instance: String,

@@ -430,7 +430,10 @@ impl Parser {
         hash_key: &HashKey,
         poll: Option<Duration>,
     ) -> Option<(PolicySet, PolicySource)> {
-        let Some(path) = self.text(&declared::POLICY_FILE).map(std::path::PathBuf::from) else {
+        let Some(path) = self
+            .text(&declared::POLICY_FILE)
+            .map(std::path::PathBuf::from)
+        else {
             let set = PolicySet::single(spec?).ok()?;
             return Some((set, PolicySource::Single));
         };
@@ -444,8 +447,7 @@ impl Parser {
                 return None;
             }
         };
-        match PolicySet::parse_with_hash_key(&text, &path.display().to_string(), hash_key.clone())
-        {
+        match PolicySet::parse_with_hash_key(&text, &path.display().to_string(), hash_key.clone()) {
             Ok(set) => Some((
                 set,
                 PolicySource::File {

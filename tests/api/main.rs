@@ -6,4 +6,5 @@ mod support;
 mod config_errors;
 mod contract;
 mod identity;
+mod policies;
 mod redis_store;

@@ -1,0 +1,140 @@
+//! `GET /v1/policies` (the active set and its version) and `GET /v1/explain` (which
+//! policies a given request would meet, and the key each would charge). Neither is
+//! limited, and neither spends a token.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::problem::Problem;
+use super::routes::{AppState, Headers, charges, client_key};
+use crate::policy::{Mode, NamedLimit, RequestView};
+
+#[derive(Serialize)]
+struct LimitView<'a> {
+    name: &'a str,
+    rate: u64,
+    per_s: u64,
+    burst: u64,
+}
+
+impl<'a> From<&'a NamedLimit> for LimitView<'a> {
+    fn from(limit: &'a NamedLimit) -> Self {
+        Self {
+            name: &limit.name,
+            rate: limit.spec.rate,
+            per_s: limit.spec.window_s,
+            burst: limit.spec.burst,
+        }
+    }
+}
+
+fn mode(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Enforce => "enforce",
+        Mode::Shadow => "shadow",
+    }
+}
+
+/// `GET /v1/policies`.
+pub async fn list(state: web::Data<AppState>) -> HttpResponse {
+    let set = state.policies.load_full();
+    let policies: Vec<_> = set
+        .policies()
+        .iter()
+        .map(|policy| {
+            json!({
+                "name": policy.name,
+                "mode": mode(policy.mode),
+                "max_cost": policy.max_cost(),
+                "limits": policy.limits().iter().map(LimitView::from).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"version": set.version(), "policies": policies}))
+}
+
+/// The request `/v1/explain` describes; its headers are the explain request's own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Explained {
+    method: String,
+    path: String,
+    host: Option<String>,
+}
+
+/// `GET /v1/explain?method=POST&path=/login[&host=api.example.com]`: the policies that
+/// request would meet, sent with this request's headers from this request's client. Key
+/// parts from headers are shown hashed, as the buckets hold them.
+pub async fn explain(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let explained = match web::Query::<Explained>::from_query(req.query_string()) {
+        Ok(query) => query.into_inner(),
+        Err(err) => {
+            let detail =
+                format!("query: {err}; expected method=<METHOD>&path=<PATH>[&host=<HOST>]");
+            return Problem::new(StatusCode::BAD_REQUEST)
+                .detail(&detail)
+                .response();
+        }
+    };
+    let Some(client) = client_key(&req, &state.identity) else {
+        return Problem::new(StatusCode::BAD_REQUEST)
+            .detail("the client address is unknown")
+            .response();
+    };
+    let set = state.policies.load_full();
+    let headers = Headers(req.headers());
+    let view = RequestView {
+        method: &explained.method,
+        path: &explained.path,
+        host: explained.host.as_deref(),
+        headers: &headers,
+        client,
+    };
+    let request = json!({
+        "method": explained.method,
+        "path": explained.path,
+        "host": explained.host,
+        "client": client.to_string(),
+    });
+    let applied = match set.evaluate(&view) {
+        Ok(applied) => applied,
+        Err(rejection) => {
+            return HttpResponse::Ok().json(json!({
+                "version": set.version(),
+                "request": request,
+                "refused": rejection.to_string(),
+            }));
+        }
+    };
+    let buckets = charges(&applied, &state.key_prefix);
+    let mut keys = buckets.iter().map(|charge| charge.key.as_str());
+    let policies: Vec<_> = applied
+        .iter()
+        .map(|applied| {
+            let limits: Vec<_> = applied
+                .limits
+                .iter()
+                .map(|limit| {
+                    json!({
+                        "limit": LimitView::from(limit),
+                        "bucket": keys.next(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": applied.policy.name,
+                "mode": mode(applied.policy.mode),
+                "key": applied.key,
+                "cost": applied.cost,
+                "limits": limits,
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "version": set.version(),
+        "request": request,
+        "policies": policies,
+    }))
+}
