@@ -889,8 +889,8 @@ report() {
 check_tools
 # The load generator's version does not move the service's figures: build it only if missing.
 [[ -x $LOADTEST ]] || {
-    say "building the load generator: cargo build --release --bin loadtest"
-    cargo build --release --bin loadtest
+    say "building the load generator: cargo build --release -p loadtest"
+    cargo build --release -p loadtest
 }
 rm -rf "$OUT" && mkdir -p "$OUT"
 : >"$RESULTS"

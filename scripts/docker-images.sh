@@ -122,8 +122,8 @@ build_app() {
   local started
   started=$(date +%s)
   if $cargo_build; then
-    log "cargo build --release --locked"
-    (cd "$repo" && cargo build --release --locked --bin ratelimiter)
+    log "cargo build --release --locked -p ratelimiter"
+    (cd "$repo" && cargo build --release --locked -p ratelimiter)
   fi
   local binary=$repo/target/release/ratelimiter
   [[ -x $binary ]] || { echo "$binary is missing: run cargo build --release" >&2; exit 1; }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Drives the rate limiter (through Nginx on 127.0.0.1:8000 by default) from many client
-# addresses and reports what it admitted: a thin wrapper over the crate's `loadtest` binary.
+# addresses and reports what it admitted: a thin wrapper over the `loadtest` binary, the
+# workspace's member crate in loadtest/.
 #
 # Usage: scripts/loadtest.sh [LOADTEST FLAGS...]
 #        scripts/loadtest.sh --help      this text, then every flag of the binary
@@ -25,13 +26,13 @@ fi
 
 stale() {
     [[ ! -x "$binary" ]] && return 0
-    [[ -n "$(find "$repo/src/bin/loadtest" "$repo/Cargo.toml" "$repo/Cargo.lock" \
+    [[ -n "$(find "$repo/loadtest" "$repo/Cargo.toml" "$repo/Cargo.lock" \
         -newer "$binary" -print -quit 2>/dev/null)" ]]
 }
 
 if stale; then
-    echo "+ cargo build --release --bin loadtest" >&2
-    (cd "$repo" && cargo build --release --bin loadtest)
+    echo "+ cargo build --release -p loadtest" >&2
+    (cd "$repo" && cargo build --release -p loadtest)
 fi
 
 echo "+ $binary $*" >&2
