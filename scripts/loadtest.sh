@@ -16,24 +16,19 @@
 # Exit codes are the binary's: 0 done, 1 the run failed, 2 bad flags, 3 --check failed,
 # 130 interrupted by Ctrl-C (the summary still covers what was sent).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-binary="${CARGO_TARGET_DIR:-$repo/target}/release/loadtest"
+binary=$(release_binary loadtest)
 
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+    script_help "${BASH_SOURCE[0]}"
 fi
 
-stale() {
-    [[ ! -x "$binary" ]] && return 0
-    [[ -n "$(find "$repo/loadtest" "$repo/Cargo.toml" "$repo/Cargo.lock" \
-        -newer "$binary" -print -quit 2>/dev/null)" ]]
-}
-
-if stale; then
-    echo "+ cargo build --release -p loadtest" >&2
-    (cd "$repo" && cargo build --release -p loadtest)
+# Progress goes to stderr: stdout is the binary's.
+if stale "$binary" loadtest Cargo.toml Cargo.lock; then
+    warn "+ cargo build --release -p loadtest"
+    (cd "$ROOT" && cargo build --release -p loadtest)
 fi
 
-echo "+ $binary $*" >&2
+warn "+ $binary $*"
 exec "$binary" "$@"
