@@ -3,9 +3,11 @@
 #
 #   Redis master 6379, replicas 6380 and 6381   (redis/master.conf, redis/replica.conf)
 #   Sentinels 26379, 26380, 26381                (redis/sentinel.conf, one copy each)
-
+#
+# Every config is a template rendered into the run folder by scripts/render-config.sh, as
+# docker/compose.yaml renders the same templates in its containers.
 #   app-1 on 8001, app-2 on 8002                 (target/release/ratelimiter)
-#   Nginx on 8000, and on 80 when it may bind it (nginx/native.conf.template)
+#   Nginx on 8000, and on 80 when it may bind it (nginx/nginx.conf.template)
 #
 # Nginx reaches the instances from 127.0.0.2 (proxy_bind) and the instances trust only
 # that address as a proxy, so a client on 127.0.0.1 that talks to an instance directly
@@ -38,8 +40,7 @@ CLUSTER_DIR=${CLUSTER_DIR:-$ROOT/run/cluster}
 PIDS_FILE=$CLUSTER_DIR/pids
 WAIT_SECS=${CLUSTER_WAIT_SECS:-30}
 
-# The default password of the native cluster, the one redis/master.conf and
-# redis/replica.conf carry: loopback development only.
+# The default password of the native cluster: loopback development only.
 REDIS_PASSWORD=${REDIS_PASSWORD:-ratelimiter-dev-password}
 SENTINEL_PASSWORD=${SENTINEL_PASSWORD:-}
 
@@ -187,39 +188,21 @@ build_binary() {
     build_service
 }
 
+# The configs: the shared templates, rendered the one way (scripts/render-config.sh).
 render_data_conf() {
-    local template=$1 out=$2
-    # The copy holds the password: readable by this user only.
-    (
-        umask 077
-        {
-            grep -Ev '^(requirepass|masterauth)[[:space:]]' "$template"
-            printf '\n# Set by scripts/cluster.sh from REDIS_PASSWORD.\n'
-            printf 'requirepass %s\nmasterauth %s\n' "$REDIS_PASSWORD" "$REDIS_PASSWORD"
-        } >"$out"
-    )
+    PASSWORD=$REDIS_PASSWORD scripts/render-config.sh "$1" "$2"
 }
 
 render_sentinel_conf() {
-    local out=$1 text
-    text=$(<redis/sentinel.conf)
-    text=${text//__MASTER_HOST__/"$LOOPBACK"}
-    text=${text//__MASTER_PORT__/"$MASTER_PORT"}
-    text=${text//__PASSWORD__/"$REDIS_PASSWORD"}
-    (
-        umask 077
-        {
-            printf '%s\n' "$text"
-            if [[ -n $SENTINEL_PASSWORD ]]; then
-                printf '\n# Set by scripts/cluster.sh from SENTINEL_PASSWORD.\n'
-                printf 'requirepass %s\nsentinel sentinel-pass %s\n' "$SENTINEL_PASSWORD" "$SENTINEL_PASSWORD"
-            fi
-        } >"$out"
-    )
+    local extra=""
+    [[ -z $SENTINEL_PASSWORD ]] ||
+        extra="requirepass $SENTINEL_PASSWORD"$'\n'"sentinel sentinel-pass $SENTINEL_PASSWORD"
+    MASTER_HOST=$LOOPBACK MASTER_PORT=$MASTER_PORT PASSWORD=$REDIS_PASSWORD EXTRA_CONFIG=$extra \
+        scripts/render-config.sh redis/sentinel.conf "$1"
 }
 
 render_nginx_conf() {
-    local prefix=$1 out=$2 listen text
+    local prefix=$1 out=$2 listen
     listen="listen $LOOPBACK:$NGINX_PORT;"
     if ! can_bind_port_80; then
         say "note: not listening on port 80 (needs root or net.ipv4.ip_unprivileged_port_start <= 80); port $NGINX_PORT only"
@@ -228,12 +211,10 @@ render_nginx_conf() {
     else
         listen+=" listen $LOOPBACK:80;"
     fi
-    text=$(<nginx/native.conf.template)
-    text=${text//__PREFIX__/"$prefix"}
-    text=${text//__LISTEN__/"$listen"}
-    text=${text//__APP_1__/"$LOOPBACK:${APP_PORTS[0]}"}
-    text=${text//__APP_2__/"$LOOPBACK:${APP_PORTS[1]}"}
-    printf '%s\n' "$text" >"$out"
+    PID_FILE=$prefix/nginx.pid ERROR_LOG=$prefix/logs/error.log ACCESS_LOG=$prefix/logs/access.log \
+        TEMP_DIR=$prefix/temp LISTEN=$listen APP_1=$LOOPBACK:${APP_PORTS[0]} \
+        APP_2=$LOOPBACK:${APP_PORTS[1]} PROXY_BIND=$PROXY_ADDR \
+        scripts/render-config.sh nginx/nginx.conf.template "$out"
 }
 
 replica_linked() {
@@ -336,7 +317,7 @@ up() {
     render_nginx_conf "$dir" "$dir/nginx.conf"
     # -e: the log Nginx opens before it reads its config (the built-in one is root's).
     nginx -t -q -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf" ||
-        die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/native.conf.template)"
+        die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/nginx.conf.template)"
     start nginx "$dir/logs/error.log" nginx -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf"
     wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/ready answers 200" \
         http_ok "http://$LOOPBACK:$NGINX_PORT/ready"

@@ -5,6 +5,7 @@
 # It sets ROOT (the repository, absolute) and LOOPBACK, and names messages after the script
 # that sourced it ("cluster: ...", from scripts/cluster.sh), unless that script set
 # LOG_NAME first. Nothing here changes the working directory or starts anything by itself.
+# (Containers run scripts/render-config.sh, which stands alone, not this file.)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOG_NAME=${LOG_NAME:-$(basename "${BASH_SOURCE[1]:-$0}" .sh)}
