@@ -137,7 +137,6 @@ teardown() {
     log "timings:"
     printf "$LOG_NAME:   %s\n" "${timings[@]}"
     printf "$LOG_NAME:   %-44s %6ss\n" "down -v" "$(elapsed "$started")" "total" "$(elapsed "$script_started")"
-    log "$passed passed, 0 failed"
     echo "e2e-compose: $passed passed, 0 failed"
   else
     if [[ -n $failure ]]; then warn "FAILED: $failure"; fi
