@@ -197,3 +197,35 @@ stop_recorded() {
     rm -f "$pids_file"
 }
 
+# The benchmark program (bench/), built in the dev profile: it waits on the load
+# generators more than it computes, and compiles in seconds.
+build_bench() {
+    say "building the bench program: cargo build -p bench"
+    (cd "$ROOT" && cargo build --quiet -p bench)
+    BENCH_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/bench
+}
+
+# run_bench PIDS_FILE ARGS...: runs the bench program in the background and waits for it,
+# so that a signal reaches this script's traps at once; if this script exits before it,
+# the program is stopped, and so is everything it recorded in PIDS_FILE. Returns its
+# exit status.
+run_bench() {
+    BENCH_PIDS=$1
+    shift
+    "$BENCH_BIN" "$@" &
+    BENCH_PID=$!
+    local code=0
+    wait "$BENCH_PID" || code=$?
+    BENCH_PID=""
+    return "$code"
+}
+
+# For an EXIT trap: stops the bench program if it still runs, then what it started.
+stop_bench() {
+    if [[ -n ${BENCH_PID:-} ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
+        kill -TERM "$BENCH_PID" 2>/dev/null || true
+        wait "$BENCH_PID" 2>/dev/null || true
+    fi
+    BENCH_PID=""
+    [[ -z ${BENCH_PIDS:-} ]] || stop_recorded --quiet "$BENCH_PIDS"
+}
