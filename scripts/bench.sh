@@ -72,6 +72,12 @@ case ${1:-} in
     ;;
 esac
 
+# One run per checkout: a second would empty the first one's run/bench/ and, at its end,
+# stop the first one's cluster.
+mkdir -p run
+exec 9>"$ROOT/run/bench.lock"
+flock -n 9 || die "another scripts/bench.sh runs in this checkout (it holds run/bench.lock); wait for it"
+
 need_tools wrk=wrk redis-cli=redis-tools redis-benchmark=redis-tools curl=curl cargo=cargo
 build_bench
 # The load generator's version does not move the service's figures: build it only if missing.
@@ -99,6 +105,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP PIPE
 
 code=0
-run_bench "$ROOT/run/bench/pids" throughput --invocation "scripts/bench.sh${*:+ $*}" "$@" || code=$?
+# The lock stays with this script, not with the daemons the program starts.
+run_bench "$ROOT/run/bench/pids" throughput --invocation "scripts/bench.sh${*:+ $*}" "$@" 9>&- || code=$?
 ((code != 2)) || warn "see: scripts/bench.sh --help"
 exit "$code"

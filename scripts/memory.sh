@@ -35,6 +35,11 @@ case ${1:-} in
     ;;
 esac
 
+# One run per checkout: a second would share run/memory/ and its record of processes.
+mkdir -p run
+exec 9>"$ROOT/run/memory.lock"
+flock -n 9 || die "another scripts/memory.sh runs in this checkout (it holds run/memory.lock); wait for it"
+
 need_tools wrk=wrk redis-server=redis-server cargo=cargo
 build_bench
 if [[ -n ${RATELIMITER_BIN:-} ]]; then
@@ -48,6 +53,6 @@ trap 'stop_bench; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM HUP PIPE
 
 code=0
-run_bench "$ROOT/run/memory/pids" memory --work-dir "$WORK" "$@" || code=$?
+run_bench "$ROOT/run/memory/pids" memory --work-dir "$WORK" "$@" 9>&- || code=$?
 ((code != 2)) || warn "see: scripts/memory.sh --help"
 exit "$code"
