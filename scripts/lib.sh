@@ -1,4 +1,4 @@
-# Shell helpers the scripts of this folder share. Source it right after `set -euo pipefail`:
+# Shell functions the scripts of this folder share. Source it right after `set -euo pipefail`:
 #
 #   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #
