@@ -3,8 +3,11 @@
 #
 #   Redis master 6379, replicas 6380 and 6381   (redis/master.conf, redis/replica.conf)
 #   Sentinels 26379, 26380, 26381                (redis/sentinel.conf, one copy each)
+#
+# Every config is a template rendered into the run folder by scripts/render-config.sh, as
+# docker/compose.yaml renders the same templates in its containers.
 #   app-1 on 8001, app-2 on 8002                 (target/release/ratelimiter)
-#   Nginx on 8000, and on 80 when it may bind it (nginx/native.conf.template)
+#   Nginx on 8000, and on 80 when it may bind it (nginx/nginx.conf.template)
 #
 # Nginx reaches the instances from 127.0.0.2 (proxy_bind) and the instances trust only
 # that address as a proxy, so a client on 127.0.0.1 that talks to an instance directly
@@ -30,19 +33,17 @@ set -euo pipefail
 
 # A CLUSTER_DIR given relative to where the script was called from stays that.
 [[ -z ${CLUSTER_DIR:-} ]] || CLUSTER_DIR=$(realpath -m -- "$CLUSTER_DIR")
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ROOT=$PWD
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
 
 CLUSTER_DIR=${CLUSTER_DIR:-$ROOT/run/cluster}
 PIDS_FILE=$CLUSTER_DIR/pids
 WAIT_SECS=${CLUSTER_WAIT_SECS:-30}
 
-# The default password of the native cluster, the one redis/master.conf and
-# redis/replica.conf carry: loopback development only.
+# The default password of the native cluster: loopback development only.
 REDIS_PASSWORD=${REDIS_PASSWORD:-ratelimiter-dev-password}
 SENTINEL_PASSWORD=${SENTINEL_PASSWORD:-}
 
-LOOPBACK=127.0.0.1
 PROXY_ADDR=127.0.0.2
 MASTER_NAME=redis-master
 MASTER_PORT=6379
@@ -53,51 +54,21 @@ APP_NAMES=(app-1 app-2)
 APP_PORTS=(8001 8002)
 NGINX_PORT=8000
 
-CARGO_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=${RATELIMITER_BIN:-$CARGO_TARGET/release/ratelimiter}
-
-say() { printf 'cluster: %s\n' "$*"; }
-warn() { printf 'cluster: %s\n' "$*" >&2; }
-die() {
-    warn "error: $*"
-    exit 1
-}
+BIN=${RATELIMITER_BIN:-$(release_binary ratelimiter)}
 
 usage() {
-    sed -n '/^# Usage:/,/^#   --install/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    script_usage "${BASH_SOURCE[0]}" '^#   --install' >&2
     exit 2
 }
 
 # --- tools ------------------------------------------------------------------------
 
-# command -> Debian package that provides it
-declare -A PACKAGE_OF=(
-    [redis-server]=redis-server
-    [redis-sentinel]=redis-sentinel
-    [redis-cli]=redis-tools
-    [nginx]=nginx-light
-    [curl]=curl
-)
-
 check_tools() {
-    local install=$1 missing=() packages=() tool
-    for tool in redis-server redis-sentinel redis-cli nginx curl; do
-        command -v "$tool" >/dev/null || {
-            missing+=("$tool")
-            packages+=("${PACKAGE_OF[$tool]}")
-        }
-    done
-    ((${#missing[@]} == 0)) && return 0
-    if [[ $install == yes ]]; then
-        say "installing ${packages[*]} (missing: ${missing[*]})"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
-        return 0
-    fi
-    warn "missing: ${missing[*]}"
-    warn "install them with:  apt-get install ${packages[*]}"
-    warn "(or run: scripts/cluster.sh --install up)"
-    exit 1
+    local options=()
+    [[ $1 == yes ]] && options=(--install)
+    INSTALL_HINT="(or run: scripts/cluster.sh --install up)" need_tools "${options[@]}" \
+        redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools \
+        nginx=nginx-light curl=curl
 }
 
 # --- helpers ----------------------------------------------------------------------
@@ -139,15 +110,6 @@ master_by() {
     return 0
 }
 
-http_code() {
-    curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null || true
-}
-
-port_open() {
-    # Something accepts connections there (on 127.0.0.1, or on all addresses).
-    (exec 3<>"/dev/tcp/$LOOPBACK/$1") 2>/dev/null
-}
-
 can_bind_port_80() {
     [[ $(id -u) == 0 ]] && return 0
     local start
@@ -155,31 +117,10 @@ can_bind_port_80() {
     ((start <= 80))
 }
 
-# The kernel's start time of PID (clock ticks since boot): with the pid, it names one
-# process, so a pid reused by an unrelated process after ours exited is never mistaken
-# for ours. Prints nothing for a missing process or a zombie.
-start_time_of() {
-    local stat fields
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
-    # Fields after the command name, which may itself contain spaces and parentheses.
-    read -r -a fields <<<"${stat##*) }"
-    [[ ${fields[0]} == Z ]] || printf '%s\n' "${fields[19]}"
-}
-
-# Is the recorded process (PID, START) still running?
-still_running() {
-    [[ -n $2 && $(start_time_of "$1") == "$2" ]]
-}
-
 # Start a process in the background with its output in LOG, and record its pid and
 # start time, so that `down` stops that process and no other.
 start() {
-    local name=$1 log=$2
-    shift 2
-    "$@" </dev/null >>"$log" 2>&1 &
-    local pid=$!
-    printf '%s %s %s %s\n' "$name" "$pid" "$(start_time_of "$pid")" "$log" >>"$PIDS_FILE"
-    say "started $name (pid $pid), log: ${log#"$ROOT"/}"
+    record_start "$PIDS_FILE" "$@"
 }
 
 # The record (pid, start time) of NAME.
@@ -227,15 +168,6 @@ wait_for() {
 
 # --- up ---------------------------------------------------------------------------
 
-anything_running() {
-    local n pid since log
-    [[ -f $PIDS_FILE ]] || return 1
-    while read -r n pid since log; do
-        still_running "$pid" "$since" && return 0
-    done <"$PIDS_FILE"
-    return 1
-}
-
 check_ports_free() {
     local port busy=()
     for port in "${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}" "${APP_PORTS[@]}" "$NGINX_PORT"; do
@@ -253,47 +185,24 @@ build_binary() {
     fi
     command -v cargo >/dev/null ||
         die "cargo is not installed (https://rustup.rs), and no RATELIMITER_BIN was given"
-    if [[ ! -x $BIN ]] || [[ -n $(find src config Cargo.toml Cargo.lock -newer "$BIN" -print -quit 2>/dev/null) ]]; then
-        say "building the release binary: cargo build --release"
-        cargo build --release --bin ratelimiter
-    else
-        say "release binary is up to date: ${BIN#"$ROOT"/}"
-    fi
+    build_service
 }
 
+# The configs: the shared templates, rendered the one way (scripts/render-config.sh).
 render_data_conf() {
-    local template=$1 out=$2
-    # The copy holds the password: readable by this user only.
-    (
-        umask 077
-        {
-            grep -Ev '^(requirepass|masterauth)[[:space:]]' "$template"
-            printf '\n# Set by scripts/cluster.sh from REDIS_PASSWORD.\n'
-            printf 'requirepass %s\nmasterauth %s\n' "$REDIS_PASSWORD" "$REDIS_PASSWORD"
-        } >"$out"
-    )
+    PASSWORD=$REDIS_PASSWORD scripts/render-config.sh "$1" "$2"
 }
 
 render_sentinel_conf() {
-    local out=$1 text
-    text=$(<redis/sentinel.conf)
-    text=${text//__MASTER_HOST__/"$LOOPBACK"}
-    text=${text//__MASTER_PORT__/"$MASTER_PORT"}
-    text=${text//__PASSWORD__/"$REDIS_PASSWORD"}
-    (
-        umask 077
-        {
-            printf '%s\n' "$text"
-            if [[ -n $SENTINEL_PASSWORD ]]; then
-                printf '\n# Set by scripts/cluster.sh from SENTINEL_PASSWORD.\n'
-                printf 'requirepass %s\nsentinel sentinel-pass %s\n' "$SENTINEL_PASSWORD" "$SENTINEL_PASSWORD"
-            fi
-        } >"$out"
-    )
+    local extra=""
+    [[ -z $SENTINEL_PASSWORD ]] ||
+        extra="requirepass $SENTINEL_PASSWORD"$'\n'"sentinel sentinel-pass $SENTINEL_PASSWORD"
+    MASTER_HOST=$LOOPBACK MASTER_PORT=$MASTER_PORT PASSWORD=$REDIS_PASSWORD EXTRA_CONFIG=$extra \
+        scripts/render-config.sh redis/sentinel.conf "$1"
 }
 
 render_nginx_conf() {
-    local prefix=$1 out=$2 listen text
+    local prefix=$1 out=$2 listen
     listen="listen $LOOPBACK:$NGINX_PORT;"
     if ! can_bind_port_80; then
         say "note: not listening on port 80 (needs root or net.ipv4.ip_unprivileged_port_start <= 80); port $NGINX_PORT only"
@@ -302,12 +211,10 @@ render_nginx_conf() {
     else
         listen+=" listen $LOOPBACK:80;"
     fi
-    text=$(<nginx/native.conf.template)
-    text=${text//__PREFIX__/"$prefix"}
-    text=${text//__LISTEN__/"$listen"}
-    text=${text//__APP_1__/"$LOOPBACK:${APP_PORTS[0]}"}
-    text=${text//__APP_2__/"$LOOPBACK:${APP_PORTS[1]}"}
-    printf '%s\n' "$text" >"$out"
+    PID_FILE=$prefix/nginx.pid ERROR_LOG=$prefix/logs/error.log ACCESS_LOG=$prefix/logs/access.log \
+        TEMP_DIR=$prefix/temp LISTEN=$listen APP_1=$LOOPBACK:${APP_PORTS[0]} \
+        APP_2=$LOOPBACK:${APP_PORTS[1]} PROXY_BIND=$PROXY_ADDR \
+        scripts/render-config.sh nginx/nginx.conf.template "$out"
 }
 
 replica_linked() {
@@ -327,13 +234,9 @@ sentinel_ready() {
     [[ $(sed -n '/^num-slaves$/{n;p}' <<<"$master") == "${#REPLICA_PORTS[@]}" ]]
 }
 
-http_ok() {
-    [[ $(http_code "$1") == 200 ]]
-}
-
 up() {
     local started=$SECONDS
-    if anything_running; then
+    if any_recorded_running "$PIDS_FILE"; then
         die "the cluster is already running (pids in ${PIDS_FILE#"$ROOT"/}); run: scripts/cluster.sh down"
     fi
     local name
@@ -414,7 +317,7 @@ up() {
     render_nginx_conf "$dir" "$dir/nginx.conf"
     # -e: the log Nginx opens before it reads its config (the built-in one is root's).
     nginx -t -q -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf" ||
-        die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/native.conf.template)"
+        die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/nginx.conf.template)"
     start nginx "$dir/logs/error.log" nginx -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf"
     wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/ready answers 200" \
         http_ok "http://$LOOPBACK:$NGINX_PORT/ready"
@@ -430,28 +333,9 @@ down() {
         say "nothing to stop (no ${PIDS_FILE#"$ROOT"/})"
         return 0
     fi
-    local lines=() n pid since log i deadline
-    mapfile -t lines <"$PIDS_FILE"
     # Reverse start order: Nginx, instances, sentinels (no failover while the data nodes
     # stop), replicas, master.
-    for ((i = ${#lines[@]} - 1; i >= 0; i--)); do
-        read -r n pid since log <<<"${lines[i]}"
-        if ! still_running "$pid" "$since"; then
-            say "$n (pid $pid) is not running"
-            continue
-        fi
-        say "stopping $n (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        deadline=$((SECONDS + 10))
-        while still_running "$pid" "$since" && ((SECONDS < deadline)); do
-            sleep 0.1
-        done
-        if still_running "$pid" "$since"; then
-            warn "$n (pid $pid) ignored SIGTERM for 10s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
-    rm -f "$PIDS_FILE"
+    stop_recorded "$PIDS_FILE"
     say "stopped; logs remain in ${CLUSTER_DIR#"$ROOT"/}"
 }
 

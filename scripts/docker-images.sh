@@ -15,8 +15,9 @@
 #   --no-cargo  use target/release/ratelimiter as it is instead of running `cargo build --release`
 # Environment: BASE_IMAGE, APP_IMAGE (image names), DEBIAN_MIRROR, DEBIAN_SUITE.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$ROOT
 BASE_IMAGE=${BASE_IMAGE:-ratelimiter-base:bookworm}
 APP_IMAGE=${APP_IMAGE:-ratelimiter:local}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -31,12 +32,12 @@ for arg in "$@"; do
   case $arg in
     --rebuild) rebuild=true ;;
     --no-cargo) cargo_build=false ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) script_help "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
 
-log() { printf '[docker-images] %s\n' "$*"; }
+log() { say "$@"; }
 # Runs a command, showing its output only if it fails (the classic builder's deprecation notice
 # would otherwise drown the log).
 quietly() {
@@ -122,10 +123,11 @@ build_app() {
   local started
   started=$(date +%s)
   if $cargo_build; then
-    log "cargo build --release --locked"
-    (cd "$repo" && cargo build --release --locked --bin ratelimiter)
+    log "cargo build --release --locked -p ratelimiter"
+    (cd "$repo" && cargo build --release --locked -p ratelimiter)
   fi
-  local binary=$repo/target/release/ratelimiter
+  local binary
+  binary=$(release_binary ratelimiter)
   [[ -x $binary ]] || { echo "$binary is missing: run cargo build --release" >&2; exit 1; }
 
   # The runtime stage of docker/Dockerfile is the one users get; only the binary's origin differs.

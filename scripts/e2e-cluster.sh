@@ -13,7 +13,8 @@
 # can never stop a cluster started by hand. Needs the ports of scripts/cluster.sh free.
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
 started=$SECONDS
 
 export RATE_LIMIT=${RATE_LIMIT:-5}
@@ -21,8 +22,6 @@ export TIME_WINDOW=${TIME_WINDOW:-60}
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/run/e2e-cluster}
 export E2E_CLUSTER_URL=${E2E_CLUSTER_URL:-http://127.0.0.1:8000}
 export E2E_APP_URL=${E2E_APP_URL:-http://127.0.0.1:8001}
-
-say() { printf 'e2e-cluster: %s\n' "$*"; }
 
 # One run at a time: a second one would find the ports taken, and its clean-up must not
 # stop the first one's cluster.

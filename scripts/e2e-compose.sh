@@ -26,8 +26,9 @@
 # Traffic goes only to this project: its ports published on 127.0.0.1, and its own containers
 # from client containers on its network. Every wait is bounded.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$ROOT
 compose_file=$repo/docker/compose.yaml
 
 build_images=true
@@ -36,7 +37,7 @@ for arg in "$@"; do
   case $arg in
     --no-images) build_images=false ;;
     --no-cargo) images_args+=(--no-cargo) ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) script_help "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -71,12 +72,12 @@ compose+=(--project-name "$project" --file "$compose_file")
 
 passed=0
 timings=()
-log() { printf '[e2e-compose] %s\n' "$*"; }
-ok() { passed=$((passed + 1)); printf '[e2e-compose]   ok: %s\n' "$*"; }
+log() { say "$@"; }
+ok() { passed=$((passed + 1)); say "  ok: $*"; }
 failure=""
 fail() {
   failure=$*
-  printf '[e2e-compose] FAILED: %s\n' "$failure" >&2
+  warn "FAILED: $failure"
   exit 1
 }
 phase_started=0
@@ -134,12 +135,11 @@ teardown() {
   log "   down: $(elapsed "$started")s"
   if ((status == 0)); then
     log "timings:"
-    printf '[e2e-compose]   %s\n' "${timings[@]}"
-    printf '[e2e-compose]   %-44s %6ss\n' "down -v" "$(elapsed "$started")" "total" "$(elapsed "$script_started")"
-    log "$passed passed, 0 failed"
+    printf "$LOG_NAME:   %s\n" "${timings[@]}"
+    printf "$LOG_NAME:   %-44s %6ss\n" "down -v" "$(elapsed "$started")" "total" "$(elapsed "$script_started")"
     echo "e2e-compose: $passed passed, 0 failed"
   else
-    if [[ -n $failure ]]; then printf '[e2e-compose] FAILED: %s\n' "$failure" >&2; fi
+    if [[ -n $failure ]]; then warn "FAILED: $failure"; fi
     echo "e2e-compose: $passed passed, 1 failed"
   fi
   exit "$status"
@@ -204,7 +204,7 @@ all_healthy() {
     [[ $status == healthy ]] || return 1
   done
 }
-ready() { [[ $(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "http://127.0.0.1:$1/ready") == 200 ]]; }
+ready() { http_ok "http://$LOOPBACK:$1/ready"; }
 
 # ---------------------------------------------------------------------------------------------
 # Clients. Each prints one line per request: STATUS INSTANCE SOURCE.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Drives the rate limiter (through Nginx on 127.0.0.1:8000 by default) from many client
-# addresses and reports what it admitted: a thin wrapper over the crate's `loadtest` binary.
+# addresses and reports what it admitted: a thin wrapper over the `loadtest` binary, the
+# workspace's member crate in loadtest/.
 #
 # Usage: scripts/loadtest.sh [LOADTEST FLAGS...]
 #        scripts/loadtest.sh --help      this text, then every flag of the binary
@@ -15,24 +16,19 @@
 # Exit codes are the binary's: 0 done, 1 the run failed, 2 bad flags, 3 --check failed,
 # 130 interrupted by Ctrl-C (the summary still covers what was sent).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-binary="${CARGO_TARGET_DIR:-$repo/target}/release/loadtest"
+binary=$(release_binary loadtest)
 
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+    script_help "${BASH_SOURCE[0]}"
 fi
 
-stale() {
-    [[ ! -x "$binary" ]] && return 0
-    [[ -n "$(find "$repo/src/bin/loadtest" "$repo/Cargo.toml" "$repo/Cargo.lock" \
-        -newer "$binary" -print -quit 2>/dev/null)" ]]
-}
-
-if stale; then
-    echo "+ cargo build --release --bin loadtest" >&2
-    (cd "$repo" && cargo build --release --bin loadtest)
+# Progress goes to stderr: stdout is the binary's.
+if stale "$binary" loadtest Cargo.toml Cargo.lock; then
+    warn "+ cargo build --release -p loadtest"
+    (cd "$ROOT" && cargo build --release -p loadtest)
 fi
 
-echo "+ $binary $*" >&2
+warn "+ $binary $*"
 exec "$binary" "$@"

@@ -14,61 +14,49 @@
 # Missing Debian packages are installed when running as root; otherwise the exact
 # apt-get command is printed and the script stops.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
 
 quick=false
 [[ "${1:-}" == "--quick" ]] && quick=true
 
-say() { printf '\n== %s\n' "$*"; }
+section() { printf '\n== %s\n' "$*"; }
 
-packages=()
-command -v redis-server >/dev/null || packages+=(redis-server)
-command -v redis-sentinel >/dev/null || packages+=(redis-sentinel)
-command -v redis-cli >/dev/null || packages+=(redis-tools)
-if ! $quick; then
-  command -v nginx >/dev/null || packages+=(nginx-light)
-  command -v curl >/dev/null || packages+=(curl)
-  command -v debootstrap >/dev/null || packages+=(debootstrap)
-fi
-if ((${#packages[@]})); then
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    say "installing ${packages[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}"
-  else
-    echo "missing: ${packages[*]}. Install them with:" >&2
-    echo "  sudo apt-get update && sudo apt-get install -y ${packages[*]}" >&2
-    exit 1
-  fi
+tools=(redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools)
+$quick || tools+=(nginx=nginx-light curl=curl debootstrap=debootstrap)
+if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+  need_tools --install "${tools[@]}"
+else
+  need_tools "${tools[@]}"
 fi
 
-say "cargo fmt --check"
+section "cargo fmt --check"
 cargo fmt --all -- --check
 
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+section "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-say "cargo test"
-cargo test --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"
+section "cargo test --workspace"
+cargo test --workspace --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"
 
 if $quick; then
-  say "not run: tests/e2e_cluster.rs (ignored above) and the Compose suite; scripts/test.sh without --quick runs them"
+  section "not run: tests/e2e_cluster.rs (ignored above) and the Compose suite; scripts/test.sh without --quick runs them"
   exit 0
 fi
 
 suite_started=$SECONDS
-say "end-to-end: the native cluster through Nginx (scripts/e2e-cluster.sh)"
+section "end-to-end: the native cluster through Nginx (scripts/e2e-cluster.sh)"
 scripts/e2e-cluster.sh
 echo "native cluster suite: $((SECONDS - suite_started)) s"
 
 suite_started=$SECONDS
 if docker info >/dev/null 2>&1; then
-  say "end-to-end: Docker Compose (scripts/e2e-compose.sh)"
+  section "end-to-end: Docker Compose (scripts/e2e-compose.sh)"
   scripts/e2e-compose.sh
   echo "Compose suite: $((SECONDS - suite_started)) s"
 elif [[ "${CI:-}" == true || "${REQUIRE_DOCKER:-0}" == 1 ]]; then
   echo "the Compose suite must run here, but no Docker engine answers (docker info failed)" >&2
   exit 1
 else
-  say "skipped: Docker Compose suite (no Docker engine answers; REQUIRE_DOCKER=1 makes this an error)"
+  section "skipped: Docker Compose suite (no Docker engine answers; REQUIRE_DOCKER=1 makes this an error)"
 fi

@@ -76,8 +76,10 @@ pub struct LimitName<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitCharge<'a> {
     pub name: LimitName<'a>,
-    /// The bucket's name in the store.
+    /// Where the bucket is in the store: the policy's hash for this key, and the limit's
+    /// field in it.
     pub key: String,
+    pub field: String,
     pub charge: Charge,
 }
 
@@ -290,6 +292,7 @@ impl Decider {
                     c.name,
                     KeyedCharge {
                         key: c.key,
+                        field: c.field,
                         charge: c.charge,
                     },
                 )
@@ -382,6 +385,7 @@ impl Decider {
                     .iter()
                     .map(|keyed| KeyedCharge {
                         key: keyed.key.clone(),
+                        field: keyed.field.clone(),
                         charge: Charge {
                             limit: keyed.charge.limit.share_of(instances),
                             ..keyed.charge

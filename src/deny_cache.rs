@@ -160,7 +160,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, limit)| KeyedCharge {
-                key: format!("{name}:{i}"),
+                key: name.to_string(),
+                field: i.to_string(),
                 charge: Charge::one(*limit),
             })
             .collect()

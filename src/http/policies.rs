@@ -109,7 +109,9 @@ pub async fn explain(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
         }
     };
     let buckets = charges(&applied, &state.key_prefix);
-    let mut keys = buckets.iter().map(|charge| charge.key.as_str());
+    let mut keys = buckets
+        .iter()
+        .map(|charge| (charge.key.as_str(), charge.field.as_str()));
     let policies: Vec<_> = applied
         .iter()
         .map(|applied| {
@@ -117,9 +119,10 @@ pub async fn explain(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
                 .limits
                 .iter()
                 .map(|limit| {
+                    let (key, field) = keys.next().unwrap_or_default();
                     json!({
                         "limit": LimitView::from(limit),
-                        "bucket": keys.next(),
+                        "bucket": {"key": key, "field": field},
                     })
                 })
                 .collect();

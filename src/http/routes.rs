@@ -21,7 +21,7 @@ use crate::bucket::{Charge, Group};
 use crate::decision::{Decider, LimitCharge, LimitName, Verdict};
 use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
 use crate::metrics::Metrics;
-use crate::policy::{Applied, HeaderLookup, Mode, PolicySet, RequestView};
+use crate::policy::{Applied, HeaderLookup, Mode, Policy, PolicySet, RequestView};
 
 pub struct AppState {
     pub instance: String,
@@ -174,13 +174,15 @@ pub fn charges<'a>(applied: &[Applied<'a>], key_prefix: &str) -> Vec<LimitCharge
                 Group::Shadow(shadow_policies)
             }
         };
+        let key = applied.policy.bucket_key(&applied.key, key_prefix);
         for limit in applied.limits {
             charges.push(LimitCharge {
                 name: LimitName {
                     policy: &applied.policy.name,
                     limit: &limit.name,
                 },
-                key: applied.policy.bucket_key(limit, &applied.key, key_prefix),
+                key: key.clone(),
+                field: Policy::bucket_field(limit),
                 charge: Charge {
                     limit: limit.limit,
                     cost: applied.cost,

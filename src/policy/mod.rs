@@ -172,7 +172,7 @@ pub trait HeaderLookup {
 pub struct Applied<'a> {
     pub policy: &'a Policy,
     /// The bucket key of this policy for this request: its parts encoded unambiguously,
-    /// header values hashed. [`Policy::bucket_key`] turns it into a Redis key per limit.
+    /// header values hashed. [`Policy::bucket_key`] turns it into the Redis key.
     pub key: String,
     /// The policy's limits, or an override's for this key.
     pub limits: &'a [NamedLimit],
@@ -283,23 +283,26 @@ impl PolicySet {
 }
 
 impl Policy {
-    /// The Redis key of `limit` for the bucket key `key`:
-    /// `<key_prefix>:<policy>:<limit>:<rate>-<window_s>-<burst>:{<key>}`.
+    /// Where this policy's buckets for the bucket key `key` live: one Redis hash,
+    /// `<key_prefix>:<policy>:{<key>}`, holding every limit's bucket in fields of its own
+    /// ([`Policy::bucket_field`]).
     ///
     /// The braces are a Redis Cluster hash tag: every limit of one policy for one key is
-    /// in one slot, so one script can take from all of them atomically. The numbers are
-    /// in the key so that a limit whose numbers change starts with fresh buckets after a
-    /// reload, while an unchanged one keeps its buckets.
-    pub fn bucket_key(&self, limit: &NamedLimit, key: &str, key_prefix: &str) -> String {
+    /// in one slot (and one hash), so one script reads and writes them all at once.
+    pub fn bucket_key(&self, key: &str, key_prefix: &str) -> String {
+        format!("{key_prefix}:{}:{{{key}}}", self.name)
+    }
+
+    /// The name of `limit`'s bucket within the hash: `<limit>:<rate>-<window_s>-<burst>`.
+    /// The numbers are in it so that a limit whose numbers change starts with a fresh
+    /// bucket after a reload, while an unchanged one keeps its bucket.
+    pub fn bucket_field(limit: &NamedLimit) -> String {
         let LimitSpec {
             rate,
             window_s,
             burst,
         } = limit.spec;
-        format!(
-            "{key_prefix}:{}:{}:{rate}-{window_s}-{burst}:{{{key}}}",
-            self.name, limit.name
-        )
+        format!("{}:{rate}-{window_s}-{burst}", limit.name)
     }
 
     /// The policy's own limits (an override's are in [`Applied::limits`]).

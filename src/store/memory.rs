@@ -98,8 +98,9 @@ impl MemoryStore {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    fn key(&self, name: &str) -> Key {
+    fn key(&self, key: &str, field: &str) -> Key {
         let [high, low] = &self.hashers;
+        let name = (key, field);
         (u128::from(high.hash_one(name)) << 64) | u128::from(low.hash_one(name))
     }
 
@@ -109,7 +110,7 @@ impl MemoryStore {
 
     /// [`Store::take`] at an explicit time, so tests can drive the clock.
     pub fn take_all_at(&self, charges: &[KeyedCharge], now_us: u64) -> Outcome {
-        let keys: Vec<Key> = charges.iter().map(|c| self.key(&c.key)).collect();
+        let keys: Vec<Key> = charges.iter().map(|c| self.key(&c.key, &c.field)).collect();
         let mut shard_ids: Vec<usize> = keys.iter().map(|k| Self::shard_of(*k)).collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
@@ -172,6 +173,7 @@ impl MemoryStore {
     pub fn take_at(&self, key: &str, limit: &Limit, now_us: u64) -> Decision {
         let charge = KeyedCharge {
             key: key.to_string(),
+            field: String::new(),
             charge: Charge::one(*limit),
         };
         self.take_all_at(std::slice::from_ref(&charge), now_us)
@@ -192,7 +194,7 @@ impl MemoryStore {
 
     #[cfg(test)]
     fn holds(&self, name: &str) -> bool {
-        let key = self.key(name);
+        let key = self.key(name, "");
         let shard = &self.shards[Self::shard_of(key)];
         shard.lock().unwrap().buckets.contains_key(&key)
     }

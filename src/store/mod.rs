@@ -110,10 +110,13 @@ fn noscript() -> ::redis::ErrorKind {
 /// What a store call returns: it may wait on the network.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
 
-/// One bucket a request draws on, by its name in the store.
+/// One bucket a request draws on, by its name in the store: the buckets of one policy's
+/// limits for one key share a `key` (one Redis hash, one Cluster slot) and each has its
+/// own `field` there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyedCharge {
     pub key: String,
+    pub field: String,
     pub charge: Charge,
 }
 

@@ -45,14 +45,31 @@ limits = [
 ]
 "#;
 
-/// What the bucket `key` holds, in whole tokens of `token_units` units.
-fn tokens_in(redis: &RedisProcess, key: &str, token_units: u64) -> u64 {
-    let tokens: String = redis.command(&["HGET", key, "tokens"]);
-    tokens.parse::<u64>().expect("a whole number of units") / token_units
+/// Where a bucket is in Redis: its hash and its field there.
+struct Bucket {
+    key: String,
+    field: String,
 }
 
-/// The Redis key of each limit `/v1/explain` says a request with `api_key` would charge.
-async fn buckets_of(app: &TestApp, api_key: &str) -> Vec<String> {
+impl Bucket {
+    /// What the bucket holds, in whole tokens of `token_units` units.
+    fn tokens(&self, redis: &RedisProcess, token_units: u64) -> u64 {
+        let tokens: String = redis.command(&["HGET", &self.key, &format!("{}:tokens", self.field)]);
+        tokens.parse::<u64>().expect("a whole number of units") / token_units
+    }
+
+    /// Its fields as stored: units and time of the last write.
+    fn state(&self, redis: &RedisProcess) -> Vec<String> {
+        let (tokens, ts) = (
+            format!("{}:tokens", self.field),
+            format!("{}:ts", self.field),
+        );
+        redis.command(&["HMGET", &self.key, &tokens, &ts])
+    }
+}
+
+/// The bucket of each limit `/v1/explain` says a request with `api_key` would charge.
+async fn buckets_of(app: &TestApp, api_key: &str) -> Vec<Bucket> {
     let explained: serde_json::Value = client()
         .get(app.at("/v1/explain?method=GET&path=/limited_endpoint"))
         .header("x-api-key", api_key)
@@ -66,7 +83,10 @@ async fn buckets_of(app: &TestApp, api_key: &str) -> Vec<String> {
         .as_array()
         .expect("the api policy applies")
         .iter()
-        .map(|limit| limit["bucket"].as_str().unwrap().to_string())
+        .map(|limit| Bucket {
+            key: limit["bucket"]["key"].as_str().unwrap().to_string(),
+            field: limit["bucket"]["field"].as_str().unwrap().to_string(),
+        })
         .collect()
 }
 
@@ -101,7 +121,7 @@ async fn two_instances_admit_exactly_the_minute_burst_and_the_hour_pays_exactly_
         let buckets = buckets_of(&first, "user-42").await;
         // 15 per hour: one token is 240,000,000 units (3.6e9 µs / gcd(15, 3.6e9)).
         assert_eq!(
-            tokens_in(&redis, &buckets[1], 240_000_000),
+            buckets[1].tokens(&redis, 240_000_000),
             5,
             "REDIS_CLIENT={redis_client}: the hour limit paid for exactly the admitted requests"
         );
@@ -136,14 +156,14 @@ limits = [
     };
     assert_eq!(send().send().await.unwrap().status(), 200);
     let minute = &buckets_of(&app, "k").await[0];
-    let before: Vec<String> = redis.command(&["HMGET", minute, "tokens", "ts"]);
+    let before = minute.state(&redis);
     for _ in 0..5 {
         let denied = send().send().await.unwrap();
         assert_eq!(denied.status(), 429);
         let body: serde_json::Value = denied.json().await.unwrap();
         assert_eq!(body["violated-policies"], serde_json::json!(["api-hour"]));
     }
-    let after: Vec<String> = redis.command(&["HMGET", minute, "tokens", "ts"]);
+    let after = minute.state(&redis);
     assert_eq!(before, after);
 }
 

@@ -46,6 +46,7 @@ fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
 fn one(key: &str, limit: Limit) -> Vec<KeyedCharge> {
     vec![KeyedCharge {
         key: key.to_string(),
+        field: "l".to_string(),
         charge: Charge::one(limit),
     }]
 }
@@ -196,7 +197,13 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
                 .iter()
                 .enumerate()
                 .map(|(i, charge)| KeyedCharge {
-                    key: format!("{prefix}:{i}:{{k}}"),
+                    // The enforced limits share one hash, as one policy's do; each shadow
+                    // group has its own, as each shadow policy does.
+                    key: match charge.group {
+                        Group::Enforced => format!("{prefix}:enforced:{{k}}"),
+                        Group::Shadow(n) => format!("{prefix}:shadow-{n}:{{k}}"),
+                    },
+                    field: format!("limit-{i}"),
                     charge: *charge,
                 })
                 .collect();
@@ -229,7 +236,7 @@ async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
     let pttl: i64 = redis.command(&["PTTL", &key]);
     assert!((5_900..=6_000).contains(&pttl), "PTTL {pttl}");
     let fields: Vec<String> = redis.command(&["HKEYS", &key]);
-    assert_eq!(fields, vec!["tokens", "ts", "exp"]);
+    assert_eq!(fields, vec!["l:tokens", "l:ts", "exp"]);
 }
 
 #[tokio::test]
@@ -279,9 +286,9 @@ async fn a_denial_writes_nothing_to_redis() {
     let key = format!("{prefix}:{{192.0.2.3}}");
     let policy = limit(1, 60, 1);
     assert!(take_one(&store, &key, policy).await.allowed);
-    let before: Vec<String> = redis.command(&["HMGET", &key, "tokens", "ts"]);
+    let before: Vec<String> = redis.command(&["HMGET", &key, "l:tokens", "l:ts"]);
     assert!(!take_one(&store, &key, policy).await.allowed);
-    let after: Vec<String> = redis.command(&["HMGET", &key, "tokens", "ts"]);
+    let after: Vec<String> = redis.command(&["HMGET", &key, "l:tokens", "l:ts"]);
     assert_eq!(before, after);
 }
 
@@ -360,23 +367,25 @@ async fn a_request_denied_by_its_hour_limit_leaves_its_minute_bucket_untouched_i
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("all-or-nothing");
     let store = redis_store(&redis, ConnectionMode::Multiplexed);
-    let (minute, hour) = (format!("{prefix}:m:{{k}}"), format!("{prefix}:h:{{k}}"));
+    let policy = format!("{prefix}:api:{{k}}");
     let charges = vec![
         KeyedCharge {
-            key: minute.clone(),
+            key: policy.clone(),
+            field: "minute".into(),
             charge: Charge::one(limit(10, 60, 10)),
         },
         KeyedCharge {
-            key: hour.clone(),
+            key: policy.clone(),
+            field: "hour".into(),
             charge: Charge::one(limit(1, 3600, 1)),
         },
     ];
     assert!(store.take_at(&charges, None).await.unwrap().admitted);
-    let before: Vec<String> = redis.command(&["HMGET", &minute, "tokens", "ts"]);
+    let before: Vec<String> = redis.command(&["HMGET", &policy, "minute:tokens", "minute:ts"]);
     let denied = store.take_at(&charges, None).await.unwrap();
     assert!(!denied.admitted);
     assert!(denied.decisions[0].allowed && !denied.decisions[1].allowed);
-    let after: Vec<String> = redis.command(&["HMGET", &minute, "tokens", "ts"]);
+    let after: Vec<String> = redis.command(&["HMGET", &policy, "minute:tokens", "minute:ts"]);
     assert_eq!(before, after, "the minute bucket paid for a denied request");
 }
 

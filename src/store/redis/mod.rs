@@ -105,27 +105,38 @@ impl RedisStore {
 
 /// `EVALSHA` of the bucket script over `charges`, written straight into one command
 /// buffer: a `ScriptInvocation` would allocate each argument separately first, on every
-/// decision.
+/// decision. Consecutive charges on one key (the limits of one policy) are one hash.
 fn decide_cmd(script: &redis::Script, charges: &[KeyedCharge], now_us: Option<u64>) -> Cmd {
-    let mut cmd = Cmd::with_capacity(4 + 5 * charges.len(), 64 + 96 * charges.len());
-    cmd.arg("EVALSHA").arg(script.get_hash()).arg(charges.len());
-    for keyed in charges {
-        cmd.arg(&keyed.key);
+    let mut cmd = Cmd::with_capacity(4 + 8 * charges.len(), 64 + 128 * charges.len());
+    let runs: Vec<&[KeyedCharge]> = charges.chunk_by(|a, b| a.key == b.key).collect();
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(runs.len());
+    for run in &runs {
+        cmd.arg(&run[0].key);
     }
     match now_us {
         Some(now_us) => cmd.arg(now_us),
         None => cmd.arg(""),
     };
-    for keyed in charges {
-        let charge = &keyed.charge;
-        let group = match charge.group {
-            Group::Enforced => 0,
-            Group::Shadow(n) => n,
-        };
-        cmd.arg(charge.limit.capacity_units())
-            .arg(charge.limit.refill_units_per_us())
-            .arg(charge.limit.units_of(charge.cost))
-            .arg(group);
+    let mut field = String::with_capacity(64);
+    for run in &runs {
+        cmd.arg(run.len());
+        for keyed in *run {
+            let charge = &keyed.charge;
+            let group = match charge.group {
+                Group::Enforced => 0,
+                Group::Shadow(n) => n,
+            };
+            for suffix in [":tokens", ":ts"] {
+                field.clear();
+                field.push_str(&keyed.field);
+                field.push_str(suffix);
+                cmd.arg(field.as_str());
+            }
+            cmd.arg(charge.limit.capacity_units())
+                .arg(charge.limit.refill_units_per_us())
+                .arg(charge.limit.units_of(charge.cost))
+                .arg(group);
+        }
     }
     cmd
 }

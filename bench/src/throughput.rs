@@ -1,0 +1,1242 @@
+//! `scripts/bench.sh`: every phase under its own policy, each measurement counted per
+//! process group, then the report. See the script's header for what each phase is.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+
+use crate::http;
+use crate::loadgen::LoadtestSummary;
+use crate::machine::{self, Machine};
+use crate::procfs::{self, MachineTicks, ProcStat, ticks_of};
+use crate::prom::{self, StatusCounts};
+use crate::record;
+use crate::redis_info::{Node, ScriptCounters, info_field};
+use crate::report::{self, RunInfo};
+use crate::row::{AppDetail, GroupTicks, Label, Row, Snapshot, Target, Tool, Traffic, Via};
+use crate::script::{self, ScriptRow, ScriptRun};
+use crate::spawn::{self, Records, Started, recorded_pids, tail};
+use crate::wrk::WrkReport;
+use crate::{LOOPBACK, say, warn};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Length of one measurement, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=60))]
+    duration: u32,
+    /// Rounds per phase; each round measures every target of the phase once, in reverse
+    /// order every other round.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..=20))]
+    rounds: u32,
+    /// wrk threads (two cores are shared by everything).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    threads: u32,
+    /// The machine is "quiet" when processes outside the benchmark use at most this % of it.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=100))]
+    quiet_max: u32,
+    /// How long each measurement waits for a quiet machine, in seconds (0: never).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=600))]
+    quiet_wait: u32,
+    /// Also write the run into docs/BENCHMARKS.md.
+    #[arg(long)]
+    record: bool,
+    /// The policy of the mixed phase: RATE_LIMIT = BURST per 1 s.
+    #[arg(long, env = "MIXED_RATE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    mixed_rate: u64,
+    /// The command line the report quotes (the wrapper's own).
+    #[arg(long, default_value = "scripts/bench.sh")]
+    invocation: String,
+}
+
+const NGINX_PORT: u16 = 8000;
+const APP_PORTS: [u16; 2] = [8001, 8002];
+const DATA_PORTS: [u16; 3] = [6379, 6380, 6381];
+const SENTINEL_PORTS: [u16; 3] = [26379, 26380, 26381];
+const MIXED_SOURCES: &str = "127.0.0.10-250";
+const BENCH_KEY_PREFIX: &str = "ratelimit:bench";
+const LUA_REPORT: &str = "scripts/bench/report.lua";
+const DOC: &str = "docs/BENCHMARKS.md";
+/// A measurement during which others used the machine is taken again at most this often.
+const RETAKES: u32 = 2;
+/// Environment the bench decides per phase; everything else reaches the instances as given.
+const PHASE_VARS: [&str; 7] = [
+    "RATE_LIMIT",
+    "TIME_WINDOW",
+    "BURST",
+    "DENY_CACHE_SIZE",
+    "FAIL_MODE",
+    "REDIS_CLIENT",
+    "METRICS",
+];
+/// Instance settings that pass through to every phase, named in the report when set.
+const PASSED_SETTINGS: [&str; 4] = [
+    "WORKERS",
+    "REDIS_POOL_SIZE",
+    "REDIS_TIMEOUT_MS",
+    "ACCESS_LOG",
+];
+const LIMITED: &str = "/limited_endpoint";
+const ROOT_PATH: &str = "/";
+
+/// The targets of a phase: for each connection count, each way in, `/limited_endpoint`
+/// then `/`.
+fn targets(tool: Tool, vias: &[Via], connections: &[u32]) -> Vec<Target> {
+    let mut list = Vec::new();
+    for &connections in connections {
+        for &via in vias {
+            for path in [LIMITED, ROOT_PATH] {
+                list.push(Target {
+                    tool,
+                    via,
+                    path,
+                    connections,
+                });
+            }
+        }
+    }
+    list
+}
+
+/// The process groups of the topology, found once per phase.
+#[derive(Debug, Clone, Default)]
+struct Groups {
+    app: Vec<u32>,
+    nginx: Vec<u32>,
+    master: Vec<u32>,
+    replicas: Vec<u32>,
+    sentinels: Vec<u32>,
+}
+
+impl Groups {
+    fn ticks(&self) -> GroupTicks {
+        GroupTicks {
+            app: ticks_of(&self.app),
+            nginx: ticks_of(&self.nginx),
+            master: ticks_of(&self.master),
+            replicas: ticks_of(&self.replicas),
+            sentinels: ticks_of(&self.sentinels),
+        }
+    }
+
+    fn app_detail(&self) -> AppDetail {
+        let mut detail = AppDetail::default();
+        for &pid in &self.app {
+            if let Some(stat) = ProcStat::read(pid) {
+                detail.user += stat.utime;
+                detail.system += stat.stime;
+                detail.threads += stat.threads;
+            }
+            detail.switches += procfs::context_switches(pid);
+        }
+        detail
+    }
+}
+
+/// Responses Nginx logged, by status, from its access log's lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AccessCounts {
+    pub ok: u64,
+    pub denied: u64,
+    pub other: u64,
+    /// 499: the client (the load generator, at its end) closed the connection first.
+    pub closed: u64,
+}
+
+impl AccessCounts {
+    /// Counts one line of the combined log format: the status follows the request's
+    /// closing quote.
+    pub fn add_line(&mut self, line: &str) {
+        let status = line
+            .split('"')
+            .nth(2)
+            .and_then(|rest| rest.split_whitespace().next());
+        match status {
+            Some("200") => self.ok += 1,
+            Some("429") => self.denied += 1,
+            Some("499") => self.closed += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
+struct Bench {
+    options: Options,
+    root: PathBuf,
+    out: PathBuf,
+    hz: u64,
+    password: String,
+    bin: PathBuf,
+    loadtest: PathBuf,
+    records: Records,
+    cluster_dir: PathBuf,
+    own_cluster: bool,
+    cluster_up: bool,
+    direct_port: u16,
+    memory_instance: Option<Started>,
+    groups: Groups,
+    master: Option<Node>,
+    rows: Vec<Row>,
+    scripts: Vec<ScriptRow>,
+    commands: Vec<String>,
+    seen_commands: HashSet<String>,
+    retaken: u32,
+    still_busy: u32,
+}
+
+pub fn run(options: Options) -> Result<()> {
+    let started = Instant::now();
+    let started_at = SystemTime::now();
+    let root = std::env::current_dir()?;
+    if !root.join("scripts/cluster.sh").is_file() {
+        bail!("run this from the repository (scripts/bench.sh does)");
+    }
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let out = root.join("run/bench");
+    if out.exists() {
+        fs::remove_dir_all(&out).with_context(|| format!("cannot empty {}", out.display()))?;
+    }
+    fs::create_dir_all(&out)?;
+    let given_bin = std::env::var_os("RATELIMITER_BIN").map(PathBuf::from);
+    let mut bench = Bench {
+        hz: procfs::clock_ticks_per_second()?,
+        password: std::env::var("REDIS_PASSWORD")
+            .unwrap_or_else(|_| "ratelimiter-dev-password".into()),
+        bin: given_bin
+            .clone()
+            .unwrap_or_else(|| target_dir.join("release/ratelimiter")),
+        loadtest: target_dir.join("release/loadtest"),
+        records: Records::new(out.join("pids")),
+        cluster_dir: root.join("run/cluster"),
+        own_cluster: false,
+        cluster_up: false,
+        direct_port: APP_PORTS[0],
+        memory_instance: None,
+        groups: Groups::default(),
+        master: None,
+        rows: Vec::new(),
+        scripts: Vec::new(),
+        commands: Vec::new(),
+        seen_commands: HashSet::new(),
+        retaken: 0,
+        still_busy: 0,
+        options,
+        root,
+        out,
+    };
+
+    let load_before = machine::load_average();
+    say!(
+        "load average now: {load_before} ({} cores); other engineers' work moves the figures, see the 'other processes' column",
+        Machine::read().cores
+    );
+
+    let service;
+    if http::ready(NGINX_PORT) && APP_PORTS.iter().all(|&port| http::ready(port)) {
+        if let Some(dir) = std::env::var_os("CLUSTER_DIR") {
+            bench.cluster_dir = PathBuf::from(dir);
+        }
+        let pids = bench.cluster_dir.join("pids");
+        if recorded_pids(&pids, |name| name == "nginx").is_empty() {
+            bail!(
+                "something answers /ready on 8000-8002 but it is not a native cluster with pid records in {} (Compose?): stop it, or set CLUSTER_DIR to its run folder",
+                bench.rel(&bench.cluster_dir)
+            );
+        }
+        if bench.options.record {
+            bail!(
+                "--record needs every phase, so the bench's own cluster: stop the running one first (scripts/cluster.sh down)"
+            );
+        }
+        say!(
+            "using the running cluster ({}); it keeps its policy and keeps running",
+            bench.rel(&bench.cluster_dir)
+        );
+        let policy = http::get(NGINX_PORT, LIMITED, Duration::from_secs(5))
+            .ok()
+            .and_then(|response| response.header("ratelimit-policy").map(str::to_owned))
+            .unwrap_or_default();
+        say!("its policy: {policy}");
+        service = format!(
+            "the running cluster's binary; this checkout is at commit {}",
+            machine::commit()
+        );
+        bench.running_phase()?;
+    } else {
+        let busy: Vec<String> = [NGINX_PORT]
+            .iter()
+            .chain(&APP_PORTS)
+            .chain(&DATA_PORTS)
+            .chain(&SENTINEL_PORTS)
+            .filter(|&&port| port_open(port))
+            .map(u16::to_string)
+            .collect();
+        if let Some(first) = busy.first() {
+            bail!(
+                "port(s) {} are in use but no native cluster answers on 8000-8002; free them (see: ss -ltnp 'sport = :{first}') and retry",
+                busy.join(" ")
+            );
+        }
+        bench.own_cluster = true;
+        bench.cluster_dir = bench.root.join("run/bench-cluster");
+        service = match &given_bin {
+            Some(bin) => {
+                let built = fs::metadata(bin)
+                    .and_then(|m| m.modified())
+                    .map_or_else(|_| "at an unknown time".into(), machine::utc_minute);
+                format!(
+                    "RATELIMITER_BIN={} (built {built}); this checkout is at commit {}",
+                    bench.rel(bin),
+                    machine::commit()
+                )
+            }
+            None => {
+                // Every phase runs the same binary, even if the working tree is rebuilt
+                // meanwhile: a copy, made once.
+                let copy = bench.out.join("ratelimiter");
+                fs::copy(&bench.bin, &copy).with_context(|| {
+                    format!("cannot copy {} (is it built?)", bench.bin.display())
+                })?;
+                let note = machine::service_note(
+                    Path::new(&bench.rel(&bench.bin)),
+                    false,
+                    &bench.rel(&copy),
+                );
+                bench.bin = copy;
+                say!("every phase runs a copy of it: {}", bench.rel(&bench.bin));
+                note
+            }
+        };
+        let outcome = bench.own_phases();
+        bench.memory_instance_down();
+        bench.cluster_down();
+        outcome?;
+    }
+
+    let info = RunInfo {
+        started: machine::utc_minute(started_at),
+        machine: Machine::read(),
+        software: machine::software(),
+        service,
+        load_before,
+        load_after: machine::load_average(),
+        rounds: bench.options.rounds,
+        duration_s: bench.options.duration,
+        threads: bench.options.threads,
+        elapsed_s: started.elapsed().as_secs(),
+        quiet_max: bench.options.quiet_max,
+        retaken: bench.retaken,
+        still_busy: bench.still_busy,
+        instance_settings: PASSED_SETTINGS
+            .iter()
+            .filter_map(|name| {
+                let value = std::env::var(name).ok().filter(|v| !v.is_empty())?;
+                Some(format!("{name}={value}"))
+            })
+            .collect(),
+        invocation: bench.options.invocation.clone(),
+        commands: bench.commands.clone(),
+        nginx_configs: nginx_configs(&bench.root)?,
+    };
+    let report = report::render(&info, &bench.rows, &bench.scripts);
+    fs::write(bench.out.join("report.md"), &report)?;
+    println!("\n{report}");
+    say!(
+        "done in {}s; raw outputs in {}",
+        info.elapsed_s,
+        bench.rel(&bench.out)
+    );
+    if bench.options.record {
+        record::record(&bench.root.join(DOC), "bench.sh", &report)?;
+        say!("recorded in {DOC}");
+    }
+    Ok(())
+}
+
+/// Every shipped Nginx config (`nginx/*.conf*`), by path.
+fn nginx_configs(root: &Path) -> Result<Vec<(String, String)>> {
+    let mut configs = Vec::new();
+    for entry in fs::read_dir(root.join("nginx")).context("cannot list nginx/")? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains(".conf") {
+            configs.push((format!("nginx/{name}"), fs::read_to_string(entry.path())?));
+        }
+    }
+    configs.sort();
+    Ok(configs)
+}
+
+fn port_open(port: u16) -> bool {
+    let address = format!("{LOOPBACK}:{port}")
+        .parse()
+        .expect("a loopback address");
+    std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500)).is_ok()
+}
+
+/// Whether a binary knows a setting: its name is among the binary's strings.
+fn binary_mentions(binary: &Path, needle: &[u8]) -> bool {
+    fs::read(binary).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+}
+
+impl Bench {
+    fn rel(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
+    fn running_phase(&mut self) -> Result<()> {
+        self.find_processes()?;
+        self.warm_up(&[
+            (NGINX_PORT, LIMITED),
+            (NGINX_PORT, ROOT_PATH),
+            (APP_PORTS[0], LIMITED),
+        ]);
+        self.run_rounds(
+            "running",
+            &targets(Tool::Wrk, &[Via::Nginx, Via::Direct], &[16, 64]),
+        )?;
+        self.run_script_alone()
+    }
+
+    fn own_phases(&mut self) -> Result<()> {
+        let allow = [
+            ("RATE_LIMIT", "1000000000".to_owned()),
+            ("TIME_WINDOW", "1".to_owned()),
+            ("BURST", "1000000000".to_owned()),
+        ];
+        let with = |extra: (&'static str, &str)| {
+            let mut vars = allow.to_vec();
+            vars.push((extra.0, extra.1.to_owned()));
+            vars
+        };
+        let both = [Via::Nginx, Via::Direct];
+        let warm = [
+            (NGINX_PORT, LIMITED),
+            (NGINX_PORT, ROOT_PATH),
+            (APP_PORTS[0], LIMITED),
+        ];
+
+        self.cluster_phase(
+            "allow",
+            &allow,
+            &targets(Tool::Wrk, &both, &[16, 64]),
+            &warm,
+        )?;
+        self.run_script_alone()?;
+        self.cluster_down();
+
+        // What /metrics costs: the allow phase again with every metric switched off.
+        self.cluster_phase(
+            "metrics-off",
+            &with(("METRICS", "off")),
+            &targets(Tool::Wrk, &both, &[64]),
+            &warm,
+        )?;
+        self.cluster_down();
+
+        if binary_mentions(&self.bin, b"REDIS_CLIENT") {
+            self.cluster_phase(
+                "allow-pool",
+                &with(("REDIS_CLIENT", "pool")),
+                &targets(Tool::Wrk, &both, &[16, 64]),
+                &warm,
+            )?;
+            self.cluster_down();
+        } else {
+            say!(
+                "phase allow-pool skipped: this binary has no REDIS_CLIENT setting (one Redis client design only)"
+            );
+        }
+
+        self.memory_instance_up(&allow)?;
+        let port = self.direct_port;
+        self.warm_up(&[(port, LIMITED), (port, ROOT_PATH)]);
+        self.run_rounds(
+            "memory-store",
+            &targets(Tool::Wrk, &[Via::Direct], &[16, 64]),
+        )?;
+        self.memory_instance_down();
+
+        let mixed = self.options.mixed_rate.to_string();
+        let mixed = [
+            ("RATE_LIMIT", mixed.clone()),
+            ("TIME_WINDOW", "1".to_owned()),
+            ("BURST", mixed),
+        ];
+        self.cluster_phase(
+            "mixed",
+            &mixed,
+            &targets(Tool::Loadtest, &both, &[16, 64]),
+            &warm,
+        )?;
+        self.cluster_down();
+
+        let flood = [
+            ("RATE_LIMIT", "10".to_owned()),
+            ("TIME_WINDOW", "60".to_owned()),
+        ];
+        let flood_targets = targets(Tool::Wrk, &[Via::Nginx], &[64]);
+        self.cluster_phase("flood", &flood, &flood_targets, &warm)?;
+        self.cluster_down();
+
+        let mut nocache = flood.to_vec();
+        nocache.push(("DENY_CACHE_SIZE", "0".to_owned()));
+        self.cluster_phase("flood-nocache", &nocache, &flood_targets, &warm)?;
+        self.cluster_down();
+        Ok(())
+    }
+
+    fn cluster_phase(
+        &mut self,
+        phase: &str,
+        vars: &[(&str, String)],
+        list: &[Target],
+        warm: &[(u16, &str)],
+    ) -> Result<()> {
+        self.cluster_up_with(phase, vars)?;
+        self.find_processes()?;
+        self.warm_up(warm);
+        self.run_rounds(phase, list)
+    }
+
+    // --- commands -------------------------------------------------------------------
+
+    /// Remembers a command for the report (once) and shows it.
+    fn note_command(&mut self, text: &str) {
+        let mut text = text.replace(&format!("{}/", self.root.display()), "");
+        if self.memory_instance.is_some() {
+            text = text.replace(
+                &format!("http://{LOOPBACK}:{}", self.direct_port),
+                &format!("http://{LOOPBACK}:PORT"),
+            );
+        }
+        if self.seen_commands.insert(text.clone()) {
+            say!("+ {text}");
+            self.commands.push(text);
+        }
+    }
+
+    // --- the cluster ----------------------------------------------------------------
+
+    fn cluster_up_with(&mut self, phase: &str, vars: &[(&str, String)]) -> Result<()> {
+        let log = self.out.join(format!("cluster-{phase}.log"));
+        let assignments: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.note_command(&format!(
+            "{} CLUSTER_DIR={} scripts/cluster.sh up",
+            assignments.join(" "),
+            self.rel(&self.cluster_dir)
+        ));
+        say!(
+            "phase {phase}: starting the cluster (log: {})",
+            self.rel(&log)
+        );
+        self.cluster_up = true;
+        let mut command = self.cluster_command("up");
+        for var in PHASE_VARS {
+            command.env_remove(var);
+        }
+        command.envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+        let file = File::create(&log)?;
+        let status = command
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .status()
+            .context("cannot run scripts/cluster.sh")?;
+        if !status.success() {
+            eprintln!("{}", tail(&log, 20));
+            bail!(
+                "scripts/cluster.sh up failed (phase {phase}); see {}",
+                self.rel(&log)
+            );
+        }
+        let last = tail(&log, 1);
+        say!(
+            "phase {phase}: {}",
+            last.strip_prefix("cluster: ").unwrap_or(&last)
+        );
+        Ok(())
+    }
+
+    fn cluster_command(&self, verb: &str) -> Command {
+        let mut command = Command::new(self.root.join("scripts/cluster.sh"));
+        command
+            .arg(verb)
+            .env("CLUSTER_DIR", &self.cluster_dir)
+            .env("RATELIMITER_BIN", &self.bin)
+            .env("REDIS_PASSWORD", &self.password)
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn cluster_down(&mut self) {
+        if !(self.own_cluster && self.cluster_up) {
+            return;
+        }
+        self.note_command(&format!(
+            "CLUSTER_DIR={} scripts/cluster.sh down",
+            self.rel(&self.cluster_dir)
+        ));
+        let log = self.out.join("cluster-down.log");
+        let ok = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|file| {
+                let mut command = self.cluster_command("down");
+                command.stdout(file.try_clone()?).stderr(file).status()
+            })
+            .is_ok_and(|status| status.success());
+        if !ok {
+            warn!("scripts/cluster.sh down failed; see {}", self.rel(&log));
+        }
+        self.cluster_up = false;
+    }
+
+    fn find_processes(&mut self) -> Result<()> {
+        let pids = self.cluster_dir.join("pids");
+        let mut groups = Groups {
+            app: recorded_pids(&pids, |name| name.starts_with("app-")),
+            sentinels: recorded_pids(&pids, |name| name.starts_with("sentinel-")),
+            ..Groups::default()
+        };
+        let nginx_master = recorded_pids(&pids, |name| name == "nginx");
+        for &master in &nginx_master {
+            groups.nginx.push(master);
+            groups.nginx.extend(procfs::children_of(master));
+        }
+        self.master = None;
+        for port in DATA_PORTS {
+            let node = Node::new(port, Some(&self.password));
+            let name = format!("redis-{port}");
+            let node_pids = recorded_pids(&pids, |n| n == name);
+            if node.role().is_ok_and(|role| role == "master") {
+                groups.master.extend(node_pids);
+                self.master = Some(node);
+            } else {
+                groups.replicas.extend(node_pids);
+            }
+        }
+        if groups.app.len() != 2 || groups.nginx.len() < 2 || groups.master.len() != 1 {
+            bail!(
+                "cannot find the cluster's processes in {} (instances: {}, nginx: {}, master: {})",
+                self.rel(&pids),
+                groups.app.len(),
+                groups.nginx.len(),
+                groups.master.len()
+            );
+        }
+        let list = |pids: &[u32]| {
+            pids.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        say!(
+            "processes: instances {}; nginx {}; master :{} {}; replicas {}; sentinels {}",
+            list(&groups.app),
+            list(&groups.nginx),
+            self.master.as_ref().map_or(0, |node| node.port),
+            list(&groups.master),
+            list(&groups.replicas),
+            list(&groups.sentinels)
+        );
+        self.groups = groups;
+        Ok(())
+    }
+
+    // --- the embedded-store instance ------------------------------------------------
+
+    /// One instance with the embedded store (no Redis: the decision runs inline, on the
+    /// event loop), on a free port: what a decision costs without the Redis round trip.
+    fn memory_instance_up(&mut self, vars: &[(&str, String)]) -> Result<()> {
+        let log = self.out.join("memory-instance.log");
+        let assignments: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.note_command(&format!(
+            "env -i HOST={LOOPBACK} PORT=0 INSTANCE_NAME=bench-memory {} {} &",
+            assignments.join(" "),
+            self.bin.display()
+        ));
+        let mut command = Command::new(&self.bin);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("HOST", LOOPBACK)
+            .env("PORT", "0")
+            .env("INSTANCE_NAME", "bench-memory")
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+        let mut instance = Started::spawn(&self.records, "bench-memory", &mut command, &log)?;
+        let port = wait_for_instance(&mut instance, &log, Duration::from_secs(15))
+            .with_context(|| format!("the embedded-store instance; see {}", self.rel(&log)))?;
+        say!(
+            "phase memory-store: one instance with the embedded store (pid {}) on port {port}",
+            instance.pid()
+        );
+        self.groups = Groups {
+            app: vec![instance.pid()],
+            ..Groups::default()
+        };
+        self.master = None;
+        self.direct_port = port;
+        self.memory_instance = Some(instance);
+        Ok(())
+    }
+
+    fn memory_instance_down(&mut self) {
+        if let Some(mut instance) = self.memory_instance.take() {
+            instance.stop(Duration::from_secs(10));
+        }
+        self.direct_port = APP_PORTS[0];
+    }
+
+    // --- measurements ---------------------------------------------------------------
+
+    /// Short unrecorded runs, so that pools, connections and caches are warm.
+    fn warm_up(&self, urls: &[(u16, &str)]) {
+        say!("warming up (2 s per target, not recorded)");
+        for (port, path) in urls {
+            let _ = Command::new("wrk")
+                .args([
+                    "-t1",
+                    "-c16",
+                    "-d2s",
+                    &format!("http://{LOOPBACK}:{port}{path}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Every round measures each target, in order on odd rounds and in reverse on even
+    /// ones, so that drift hits pairs of figures alike.
+    fn run_rounds(&mut self, phase: &str, list: &[Target]) -> Result<()> {
+        for round in 1..=self.options.rounds {
+            say!("phase {phase}, round {round} of {}", self.options.rounds);
+            let ordered: Vec<&Target> = if round % 2 == 1 {
+                list.iter().collect()
+            } else {
+                list.iter().rev().collect()
+            };
+            for target in ordered {
+                self.measure(phase, round, target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits, at most --quiet-wait seconds, until the machine (the idle topology included)
+    /// is at most --quiet-max % busy over half a second.
+    fn wait_quiet(&self) -> Result<()> {
+        if self.options.quiet_wait == 0 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.options.quiet_wait.into());
+        loop {
+            let a = MachineTicks::read()?;
+            sleep(Duration::from_millis(500));
+            let busy = a.busy_percent_until(&MachineTicks::read()?).trunc();
+            if busy <= f64::from(self.options.quiet_max) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                say!(
+                    "  the machine is still {busy}% busy after waiting {}s; measuring anyway",
+                    self.options.quiet_wait
+                );
+                return Ok(());
+            }
+            sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// One row. A measurement during which other processes used more than --quiet-max %
+    /// of the machine is taken again (at most RETAKES times); the quietest one is kept.
+    fn measure(&mut self, phase: &str, round: u32, target: &Target) -> Result<()> {
+        let mut best: Option<Row> = None;
+        for attempt in 0..=RETAKES {
+            self.wait_quiet()?;
+            let row = self.measure_once(phase, round, target)?;
+            let others = row.others_percent;
+            if best.as_ref().is_none_or(|b| others < b.others_percent) {
+                best = Some(row);
+            }
+            if others <= f64::from(self.options.quiet_max) {
+                break;
+            }
+            if attempt < RETAKES {
+                self.retaken += 1;
+                say!("  other processes used {others}% of the machine meanwhile; measuring again");
+            } else {
+                self.still_busy += 1;
+            }
+        }
+        let row = best.expect("at least one attempt");
+        let mut line = serde_json::to_string(&row)?;
+        line.push('\n');
+        append(&self.out.join("results.jsonl"), &line)?;
+        self.rows.push(row);
+        Ok(())
+    }
+
+    fn snapshot_before(&self) -> Snapshot {
+        Snapshot {
+            redis: self.redis_counters(),
+            app: self.groups.app_detail(),
+            machine: MachineTicks::read().unwrap_or_default(),
+            groups: self.groups.ticks(),
+        }
+    }
+
+    fn snapshot_after(&self) -> Snapshot {
+        let groups = self.groups.ticks();
+        let app = self.groups.app_detail();
+        let machine = MachineTicks::read().unwrap_or_default();
+        Snapshot {
+            groups,
+            app,
+            machine,
+            redis: self.redis_counters(),
+        }
+    }
+
+    fn redis_counters(&self) -> ScriptCounters {
+        self.master
+            .as_ref()
+            .and_then(|node| node.command_stats().ok())
+            .map(|stats| stats.script_counters())
+            .unwrap_or_default()
+    }
+
+    fn access_log(&self) -> PathBuf {
+        self.cluster_dir.join("nginx/logs/access.log")
+    }
+
+    /// What instance 8001 (or the embedded-store one) counted for `path`.
+    fn app_counts(&self, path: &str) -> StatusCounts {
+        http::get(self.direct_port, "/metrics", Duration::from_secs(5))
+            .map(|response| prom::requests_by_status(&response.body, path))
+            .unwrap_or_default()
+    }
+
+    fn measure_once(&mut self, phase: &str, round: u32, target: &Target) -> Result<Row> {
+        let port = match target.via {
+            Via::Nginx => NGINX_PORT,
+            Via::Direct => self.direct_port,
+        };
+        let url = format!("http://{LOOPBACK}:{port}{}", target.path);
+        let name = format!(
+            "{phase}-r{round}-{}-{}-{}-c{}",
+            target.tool,
+            target.via,
+            target.path.replace('/', "_"),
+            target.connections
+        );
+        let out = self.out.join(format!("{name}.txt"));
+        let json = self.out.join(format!("{name}.json"));
+        let duration = format!("{}s", self.options.duration);
+        let mut argv: Vec<String> = match target.tool {
+            Tool::Wrk => vec![
+                "wrk".into(),
+                format!("-t{}", self.options.threads),
+                format!("-c{}", target.connections),
+                format!("-d{duration}"),
+                "--latency".into(),
+                "-s".into(),
+                LUA_REPORT.into(),
+                url,
+            ],
+            Tool::Loadtest => vec![
+                self.loadtest.display().to_string(),
+                "--url".into(),
+                url,
+                "--connections".into(),
+                target.connections.to_string(),
+                "--duration".into(),
+                duration,
+                "--sources".into(),
+                MIXED_SOURCES.into(),
+                "--max-requests".into(),
+                "100000000".into(),
+                "--json".into(),
+            ],
+        };
+        if target.tool == Tool::Loadtest {
+            self.note_command(&format!("{} run/bench/NAME.json", argv.join(" ")));
+            argv.push(json.display().to_string());
+        } else {
+            self.note_command(&argv.join(" "));
+        }
+
+        let log_offset = fs::metadata(self.access_log()).map_or(0, |m| m.len());
+        let counts_before = (target.via == Via::Direct).then(|| self.app_counts(target.path));
+        let before = self.snapshot_before();
+        let (status, load_generator_ticks) = spawn::run_counted(
+            &self.records,
+            &target.tool.to_string(),
+            Command::new(&argv[0])
+                .args(&argv[1..])
+                .current_dir(&self.root),
+            &out,
+        )?;
+        let after = self.snapshot_after();
+        if !status.success() {
+            eprintln!("{}", tail(&out, 5));
+            bail!("the load generator failed ({status}): {}", argv.join(" "));
+        }
+
+        let mut closed = 0;
+        let traffic = match target.tool {
+            Tool::Wrk => {
+                let output = fs::read_to_string(&out)?;
+                let report = WrkReport::from_output(&output)
+                    .with_context(|| format!("in {}", self.rel(&out)))?;
+                let (ok, denied, other) = if target.via == Via::Nginx {
+                    let counts = self.access_log_counts(log_offset)?;
+                    closed = counts.closed;
+                    (counts.ok, counts.denied, counts.other)
+                } else {
+                    let delta = counts_before
+                        .unwrap_or_default()
+                        .delta_until(&self.app_counts(target.path));
+                    if delta.total() == 0 {
+                        // METRICS=off: the instance counted nothing, so wrk's own count
+                        // stands in (no 429 is expected there; any status >= 400 is "other").
+                        (
+                            report.requests.saturating_sub(report.errors.status),
+                            0,
+                            report.errors.status,
+                        )
+                    } else {
+                        (delta.ok, delta.denied, delta.other)
+                    }
+                };
+                Traffic {
+                    requests: report.requests,
+                    seconds: report.seconds(),
+                    p50_ms: report.latency_us.p50 / 1e3,
+                    p99_ms: report.latency_us.p99 / 1e3,
+                    max_ms: report.latency_us.max / 1e3,
+                    ok,
+                    denied,
+                    other: other + report.errors.socket(),
+                }
+            }
+            Tool::Loadtest => {
+                let summary = LoadtestSummary::parse(
+                    &fs::read_to_string(&json)
+                        .with_context(|| format!("cannot read {}", self.rel(&json)))?,
+                )
+                .with_context(|| format!("in {}", self.rel(&json)))?;
+                let latency = summary.latency_ms.unwrap_or(crate::loadgen::Latency {
+                    p50: 0.0,
+                    p99: 0.0,
+                    max: 0.0,
+                });
+                Traffic {
+                    requests: summary.requests.answered,
+                    seconds: summary.elapsed_s,
+                    p50_ms: latency.p50,
+                    p99_ms: latency.p99,
+                    max_ms: latency.max,
+                    ok: summary.classes.admitted,
+                    denied: summary.classes.rejected,
+                    other: summary.not_decided(),
+                }
+            }
+        };
+        let label = Label {
+            phase,
+            round,
+            target,
+        };
+        let row = Row::compute(
+            &label,
+            &traffic,
+            &before,
+            &after,
+            load_generator_ticks,
+            self.hz,
+        );
+        say!("  {}", row.progress_line());
+        if closed > 0 {
+            // A 499 is Nginx logging a request that the load generator abandoned when its
+            // time was up.
+            say!(
+                "  ({closed} requests abandoned by the load generator at its end: Nginx logged 499)"
+            );
+        }
+        Ok(row)
+    }
+
+    /// Statuses of the access log's lines after byte `offset`.
+    fn access_log_counts(&self, offset: u64) -> Result<AccessCounts> {
+        let mut counts = AccessCounts::default();
+        let Ok(mut file) = File::open(self.access_log()) else {
+            return Ok(counts);
+        };
+        file.seek(SeekFrom::Start(offset))?;
+        for line in BufReader::new(file).lines() {
+            counts.add_line(&line?);
+        }
+        Ok(counts)
+    }
+
+    // --- the Lua script alone -------------------------------------------------------
+
+    fn run_script_alone(&mut self) -> Result<()> {
+        let master = self.master.clone().context("no Redis master found")?;
+        let lua = fs::read_to_string(self.root.join("src/bucket/token_bucket.lua"))?;
+        let sha = master.script_load(&lua)?;
+        let expected = sha1_smol::Sha1::from(&lua).digest().to_string();
+        if sha != expected {
+            bail!("SCRIPT LOAD answered '{sha}', not the SHA-1 of src/bucket/token_bucket.lua");
+        }
+        // A script that only returns what the real one returns: the floor of any EVALSHA
+        // with these arguments on this machine (argument tables, the call, the reply).
+        let floor = master.script_load("return {1, 0}")?;
+        let reference = master.script_load(&fs::read_to_string(
+            self.root.join("scripts/bench/reference_token_bucket.lua"),
+        )?)?;
+        let replication = master.info("replication").unwrap_or_default();
+        say!(
+            "redis-benchmark: src/bucket/token_bucket.lua is {sha}; replicas attached: {}",
+            info_field(&replication, "connected_slaves").unwrap_or("?")
+        );
+        let random = format!("{BENCH_KEY_PREFIX}:__rand_int__");
+        // The shipped policy, 10 per 60 s, in the script's units (src/bucket/limit.rs): a
+        // token is TIME_WINDOW × 10^6 / g units and the refill RATE_LIMIT / g units per µs,
+        // g = gcd(RATE_LIMIT, TIME_WINDOW × 10^6) = 10; capacity = BURST tokens. ARGV: now
+        // ('' = Redis's clock), then capacity, refill, cost, group per key. Random keys of
+        // a burst of 10 are admitted (two calls per key on average).
+        const SHIPPED: [&str; 4] = ["60000000", "1", "6000000", "0"];
+        // 15 per hour, the second limit of a two-limit policy: g = 15.
+        const HOURLY: [&str; 4] = ["3600000000", "1", "240000000", "0"];
+        let now = [""];
+        let one_limit: Vec<&str> = now.iter().chain(&SHIPPED).copied().collect();
+        let two_limits: Vec<&str> = now.iter().chain(&SHIPPED).chain(&HOURLY).copied().collect();
+        self.script_alone(&master, "allow-heavy", &sha, &[&random], &one_limit)?;
+        let random_hour = format!("{BENCH_KEY_PREFIX}:hour:__rand_int__");
+        self.script_alone(
+            &master,
+            "allow-heavy, two limits",
+            &sha,
+            &[&random, &random_hour],
+            &two_limits,
+        )?;
+        // One client coming back again and again under the allow policy of the HTTP phases
+        // (10^9 per 1 s): after its first call its key is extended, so a call writes only
+        // the hash.
+        // 10^9 per second: g = 10^6, one unit a token, 1,000 units per µs.
+        const ALLOW: [&str; 4] = ["1000000000", "1000", "1", "0"];
+        let returning = format!("{BENCH_KEY_PREFIX}:returning");
+        let returning_too = format!("{BENCH_KEY_PREFIX}:returning:second");
+        let allow_one: Vec<&str> = now.iter().chain(&ALLOW).copied().collect();
+        let allow_two: Vec<&str> = now.iter().chain(&ALLOW).chain(&ALLOW).copied().collect();
+        self.script_alone(&master, "returning", &sha, &[&returning], &allow_one)?;
+        self.script_alone(
+            &master,
+            "returning, two limits",
+            &sha,
+            &[&returning, &returning_too],
+            &allow_two,
+        )?;
+        // One key with a burst of 1 and a refill of one token per 60 s: denied after its
+        // first call.
+        let denied = format!("{BENCH_KEY_PREFIX}:denied");
+        self.script_alone(
+            &master,
+            "deny-heavy",
+            &sha,
+            &[&denied],
+            &["", "60000000", "1", "60000000", "0"],
+        )?;
+        self.script_alone(
+            &master,
+            "floor (return {1, 0})",
+            &floor,
+            &[&random],
+            &one_limit,
+        )?;
+        // The same random keys and policy (10 tokens, 10 per 60 s) for the reference script.
+        self.script_alone(
+            &master,
+            "reference",
+            &reference,
+            &[&format!("{BENCH_KEY_PREFIX}:ref:__rand_int__")],
+            &["10", "0.16666667", "1790000000"],
+        )?;
+        master.del(&[&denied, &returning, &returning_too])?;
+        Ok(())
+    }
+
+    fn script_alone(
+        &mut self,
+        master: &Node,
+        name: &str,
+        sha: &str,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<()> {
+        let port = master.port.to_string();
+        let argv = |password: &str| -> Vec<String> {
+            let mut argv: Vec<String> = [
+                "redis-benchmark",
+                "-h",
+                LOOPBACK,
+                "-p",
+                &port,
+                "-a",
+                password,
+                "-n",
+                "200000",
+                "-r",
+                "100000",
+                "--csv",
+                "EVALSHA",
+                sha,
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            argv.push(keys.len().to_string());
+            argv.extend(keys.iter().map(|s| (*s).to_owned()));
+            argv.extend(args.iter().map(|s| (*s).to_owned()));
+            argv
+        };
+        self.note_command(&argv("PASSWORD").join(" "));
+        let argv = argv(&self.password);
+        let out = self.out.join(format!("redis-benchmark-{name}.txt"));
+        let before = master.command_stats()?;
+        let t0 = ticks_of(&self.groups.master);
+        let (status, client_ticks) = spawn::run_counted(
+            &self.records,
+            "redis-benchmark",
+            Command::new(&argv[0]).args(&argv[1..]),
+            &out,
+        )?;
+        let t1 = ticks_of(&self.groups.master);
+        let after = master.command_stats()?;
+        if !status.success() {
+            bail!("redis-benchmark failed: {}", tail(&out, 3));
+        }
+        let calls_per_second = script::benchmark_rps(&fs::read_to_string(&out)?)
+            .with_context(|| format!("in {}", self.rel(&out)))?;
+        let row = ScriptRow::compute(
+            &ScriptRun {
+                name,
+                before: &before,
+                after: &after,
+                master_ticks: t1.saturating_sub(t0),
+                client_ticks,
+                calls_per_second,
+            },
+            self.hz,
+        );
+        say!("  {}", row.progress_line());
+        let mut line = serde_json::to_string(&row)?;
+        line.push('\n');
+        append(&self.out.join("scripts.jsonl"), &line)?;
+        self.scripts.push(row);
+        Ok(())
+    }
+}
+
+/// Waits until an instance started with PORT=0 says its port and answers /ready.
+pub fn wait_for_instance(instance: &mut Started, log: &Path, within: Duration) -> Result<u16> {
+    let deadline = Instant::now() + within;
+    loop {
+        if !instance.running() {
+            bail!("it exited: {}", tail(log, 5));
+        }
+        if let Some(port) = listening_port(&fs::read_to_string(log).unwrap_or_default())
+            && http::ready(port)
+        {
+            return Ok(port);
+        }
+        if Instant::now() >= deadline {
+            bail!("it is not ready after {} s", within.as_secs());
+        }
+        sleep(Duration::from_millis(200));
+    }
+}
+
+/// The port of the instance's "listening on port N" log line.
+pub fn listening_port(log: &str) -> Option<u16> {
+    log.lines().find_map(|line| {
+        let rest = &line[line.find("listening on port ")? + "listening on port ".len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_lines_are_counted_by_status() {
+        let mut counts = AccessCounts::default();
+        for line in [
+            r#"127.0.0.1 - - [27/Nov/2026:11:49:00 +0000] "GET /limited_endpoint HTTP/1.1" 200 361 "-" "-""#,
+            r#"127.0.0.1 - - [27/Nov/2026:11:49:00 +0000] "GET /limited_endpoint HTTP/1.1" 429 245 "-" "-""#,
+            r#"127.0.0.1 - - [27/Nov/2026:11:49:00 +0000] "GET / HTTP/1.1" 499 0 "-" "-""#,
+            r#"127.0.0.1 - - [27/Nov/2026:11:49:00 +0000] "GET / HTTP/1.1" 502 157 "-" "-""#,
+        ] {
+            counts.add_line(line);
+        }
+        assert_eq!(
+            counts,
+            AccessCounts {
+                ok: 1,
+                denied: 1,
+                other: 1,
+                closed: 1
+            }
+        );
+    }
+
+    #[test]
+    fn the_port_is_read_from_the_instances_log() {
+        let log = "[2026-11-27T11:49:00Z INFO  ratelimiter] starting: ...\n\
+                   [2026-11-27T11:49:00Z INFO  ratelimiter] listening on port 41234\n";
+        assert_eq!(listening_port(log), Some(41234));
+        assert_eq!(listening_port("starting\n"), None);
+    }
+
+    #[test]
+    fn each_phase_measures_both_paths_per_way_in_and_connection_count() {
+        let list = targets(Tool::Wrk, &[Via::Nginx, Via::Direct], &[16, 64]);
+        assert_eq!(list.len(), 8);
+        assert_eq!(
+            (list[0].via, list[0].path, list[0].connections),
+            (Via::Nginx, LIMITED, 16)
+        );
+        assert_eq!(
+            (list[3].via, list[3].path, list[3].connections),
+            (Via::Direct, ROOT_PATH, 16)
+        );
+        assert_eq!(list[7].connections, 64);
+    }
+}
