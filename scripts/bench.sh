@@ -26,6 +26,10 @@
 #                  client coming back (returning), one denied key (deny-heavy), a script
 #                  that only returns (the floor), and a reference token-bucket script
 #                  (scripts/bench/reference_token_bucket.lua) to calibrate the anchors.
+#   two-limits     POLICY_FILE with one policy of two limits (both 10^9 per second and per
+#                  minute): `/` and `/limited_endpoint` at 64 connections, through Nginx and
+#                  directly; redis-benchmark measures one and two limits side by side in
+#                  the allow phase.
 #   metrics-off    the targets of `allow` at 64 connections with METRICS=off: what
 #                  /metrics costs.
 #   allow-pool     the same with REDIS_CLIENT=pool (r2d2 through web::block) instead of the

@@ -296,6 +296,28 @@ pub fn goals(info: &RunInfo, rows: &[Row], scripts: &[ScriptRow]) -> String {
         text(median_of(("flood-nocache", Nginx, LIMITED, 64), calls)),
     );
     out.push_str("6. **Memory**: see the `scripts/memory.sh` section.\n");
+
+    let two = |name: &'static str, one: &'static str| {
+        usec(name).zip(usec(one)).map(|(two, one)| two / one)
+    };
+    let new_keys = two("allow-heavy, two limits", "allow-heavy");
+    let returning = two("returning, two limits", "returning");
+    let (med, lo, hi) = spread_parts(ratio(rows, "two-limits", Nginx, 64));
+    let _ = writeln!(
+        out,
+        "7. **Two limits per decision** (one policy, one hash): Redis `usec_per_call` {} µs on random keys and {} µs for a returning client, against {} and {} µs for one limit: **{}×** and **{}×** (goal ≤ 1.4: {} and {}). Through Nginx at 64 connections, `/limited_endpoint` under the two-limit policy ÷ `/` = **{med}** ({lo}–{hi}); app CPU {} µs per decision (one limit: {}), Redis master {} µs per request.",
+        fixed(usec("allow-heavy, two limits"), 2),
+        fixed(usec("returning, two limits"), 2),
+        fixed(allow_heavy, 2),
+        fixed(usec("returning"), 2),
+        fixed(new_keys, 2),
+        fixed(returning, 2),
+        verdict(new_keys, Goal::AtMost(1.4)),
+        verdict(returning, Goal::AtMost(1.4)),
+        text(median_of(("two-limits", Nginx, LIMITED, 64), app)),
+        text(decision),
+        text(median_of(("two-limits", Nginx, LIMITED, 64), master)),
+    );
     out
 }
 

@@ -65,7 +65,7 @@ const DOC: &str = "docs/BENCHMARKS.md";
 /// A measurement during which others used the machine is taken again at most this often.
 const RETAKES: u32 = 2;
 /// Environment the bench decides per phase; everything else reaches the instances as given.
-const PHASE_VARS: [&str; 7] = [
+const PHASE_VARS: [&str; 8] = [
     "RATE_LIMIT",
     "TIME_WINDOW",
     "BURST",
@@ -73,7 +73,19 @@ const PHASE_VARS: [&str; 7] = [
     "FAIL_MODE",
     "REDIS_CLIENT",
     "METRICS",
+    "POLICY_FILE",
 ];
+
+/// The policy of the two-limits phase: one policy of two limits on `/limited_endpoint`,
+/// both so large that every request runs the whole decision and is admitted.
+const TWO_LIMITS: &str = r#"[[policy]]
+name = "two"
+match = { path = "/limited_endpoint" }
+limits = [
+    { name = "second", rate = 1000000000, per = "1s" },
+    { name = "minute", rate = 1000000000, per = "1m" },
+]
+"#;
 /// Instance settings that pass through to every phase, named in the report when set.
 const PASSED_SETTINGS: [&str; 4] = [
     "WORKERS",
@@ -432,6 +444,17 @@ impl Bench {
             &warm,
         )?;
         self.run_script_alone()?;
+        self.cluster_down();
+
+        // A policy of two limits, decided in one script call over one hash.
+        let two_limits = self.out.join("two-limits.toml");
+        fs::write(&two_limits, TWO_LIMITS)?;
+        self.cluster_phase(
+            "two-limits",
+            &[("POLICY_FILE", two_limits.display().to_string())],
+            &targets(Tool::Wrk, &both, &[64]),
+            &warm,
+        )?;
         self.cluster_down();
 
         // What /metrics costs: the allow phase again with every metric switched off.
