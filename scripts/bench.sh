@@ -32,7 +32,7 @@
 #                  the allow phase.
 #   metrics-off    the targets of `allow` at 64 connections with METRICS=off: what
 #                  /metrics costs.
-#   allow-pool     the same with REDIS_CLIENT=pool (r2d2 through web::block) instead of the
+#   allow-pool     the same with REDIS_CLIENT=pool (r2d2 on tokio's blocking pool) instead of the
 #                  default client, when the binary knows that setting.
 #   memory-store   one instance with the embedded store instead (no cluster), the same
 #                  policy, directly: the decision without the Redis round trip.

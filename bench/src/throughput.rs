@@ -1039,38 +1039,41 @@ impl Bench {
         // The shipped policy, 10 per 60 s, in the script's units (src/bucket/limit.rs): a
         // token is TIME_WINDOW × 10^6 / g units and the refill RATE_LIMIT / g units per µs,
         // g = gcd(RATE_LIMIT, TIME_WINDOW × 10^6) = 10; capacity = BURST tokens. ARGV: now
-        // ('' = Redis's clock), then capacity, refill, cost, group per key. Random keys of
-        // a burst of 10 are admitted (two calls per key on average).
-        const SHIPPED: [&str; 4] = ["60000000", "1", "6000000", "0"];
+        // ('' = Redis's clock), then per key (one policy's hash) its number of limits and
+        // per limit its two fields, capacity, refill, cost and group. Random keys of a
+        // burst of 10 are admitted (two calls per key on average).
+        const SHIPPED: [&str; 6] = ["m:tokens", "m:ts", "60000000", "1", "6000000", "0"];
         // 15 per hour, the second limit of a two-limit policy: g = 15.
-        const HOURLY: [&str; 4] = ["3600000000", "1", "240000000", "0"];
-        let now = [""];
-        let one_limit: Vec<&str> = now.iter().chain(&SHIPPED).copied().collect();
-        let two_limits: Vec<&str> = now.iter().chain(&SHIPPED).chain(&HOURLY).copied().collect();
+        const HOURLY: [&str; 6] = ["h:tokens", "h:ts", "3600000000", "1", "240000000", "0"];
+        let one = ["", "1"];
+        let two = ["", "2"];
+        let one_limit: Vec<&str> = one.iter().chain(&SHIPPED).copied().collect();
+        let two_limits: Vec<&str> = two.iter().chain(&SHIPPED).chain(&HOURLY).copied().collect();
         self.script_alone(&master, "allow-heavy", &sha, &[&random], &one_limit)?;
-        let random_hour = format!("{BENCH_KEY_PREFIX}:hour:__rand_int__");
+        let random_two = format!("{BENCH_KEY_PREFIX}:two:__rand_int__");
         self.script_alone(
             &master,
             "allow-heavy, two limits",
             &sha,
-            &[&random, &random_hour],
+            &[&random_two],
             &two_limits,
         )?;
         // One client coming back again and again under the allow policy of the HTTP phases
         // (10^9 per 1 s): after its first call its key is extended, so a call writes only
         // the hash.
         // 10^9 per second: g = 10^6, one unit a token, 1,000 units per µs.
-        const ALLOW: [&str; 4] = ["1000000000", "1000", "1", "0"];
+        const SECOND: [&str; 6] = ["s:tokens", "s:ts", "1000000000", "1000", "1", "0"];
+        const ALSO: [&str; 6] = ["a:tokens", "a:ts", "1000000000", "1000", "1", "0"];
         let returning = format!("{BENCH_KEY_PREFIX}:returning");
-        let returning_too = format!("{BENCH_KEY_PREFIX}:returning:second");
-        let allow_one: Vec<&str> = now.iter().chain(&ALLOW).copied().collect();
-        let allow_two: Vec<&str> = now.iter().chain(&ALLOW).chain(&ALLOW).copied().collect();
+        let returning_too = format!("{BENCH_KEY_PREFIX}:returning:two");
+        let allow_one: Vec<&str> = one.iter().chain(&SECOND).copied().collect();
+        let allow_two: Vec<&str> = two.iter().chain(&SECOND).chain(&ALSO).copied().collect();
         self.script_alone(&master, "returning", &sha, &[&returning], &allow_one)?;
         self.script_alone(
             &master,
             "returning, two limits",
             &sha,
-            &[&returning, &returning_too],
+            &[&returning_too],
             &allow_two,
         )?;
         // One key with a burst of 1 and a refill of one token per 60 s: denied after its
@@ -1081,7 +1084,9 @@ impl Bench {
             "deny-heavy",
             &sha,
             &[&denied],
-            &["", "60000000", "1", "60000000", "0"],
+            &[
+                "", "1", "d:tokens", "d:ts", "60000000", "1", "60000000", "0",
+            ],
         )?;
         self.script_alone(
             &master,
