@@ -229,7 +229,7 @@ pub fn goals(info: &RunInfo, rows: &[Row], scripts: &[ScriptRow]) -> String {
     let pool = median_of(("allow-pool", Nginx, LIMITED, 64), app);
     let _ = writeln!(
         out,
-        "   With `REDIS_CLIENT=pool` (r2d2 through `web::block`): **{} µs** per decision through Nginx ({}), {} µs directly; `/limited_endpoint` ÷ `/` through Nginx at 64 connections {}. Without Redis (one instance with the embedded store, directly, 64 connections): {} µs per decision, {} µs per `/`. Context switches per request through Nginx at 64 connections: {} per decision with the default client, {} with the pool, {} per `/`.",
+        "   With `REDIS_CLIENT=pool` (r2d2 on tokio's blocking pool): **{} µs** per decision through Nginx ({}), {} µs directly; `/limited_endpoint` ÷ `/` through Nginx at 64 connections {}. Without Redis (one instance with the embedded store, directly, 64 connections): {} µs per decision, {} µs per `/`. Context switches per request through Nginx at 64 connections: {} per decision with the default client, {} with the pool, {} per `/`.",
         text(pool),
         verdict(pool, Goal::AtMost(18.0)),
         text(median_of(("allow-pool", Direct, LIMITED, 64), app)),
