@@ -506,14 +506,16 @@ async fn sighup_reloads_the_policy_file_and_does_not_stop_the_service() {
     let file = PolicyFile::new(GENEROUS);
     let port = crate::support::free_port();
     let path = file.path();
-    let mut child = service_command(
-        port,
-        &[("POLICY_FILE", &path), ("POLICY_POLL_MS", "3600000")],
-    )
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .expect("start the binary");
+    let mut child = Stopped(
+        service_command(
+            port,
+            &[("POLICY_FILE", &path), ("POLICY_POLL_MS", "3600000")],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the binary"),
+    );
     let url = format!("http://127.0.0.1:{port}/limited_endpoint");
     let client = client();
     let policy_of = async |client: &reqwest::Client| -> Option<String> {
@@ -538,14 +540,22 @@ async fn sighup_reloads_the_policy_file_and_does_not_stop_the_service() {
     })
     .await;
     file.write(AFTER);
-    send_signal(child.id(), "HUP");
+    send_signal(child.0.id(), "HUP");
     until("the reload on SIGHUP", &|p| p.contains("\"after-minute\"")).await;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.try_wait().unwrap().is_none(),
         "SIGHUP stopped the service"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// A child process that is killed when the test ends, passed or failed.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
