@@ -276,18 +276,14 @@ mod tests {
             for i in 0..steps as u64 {
                 let sent = i * gap;
                 let plain = bucket::take_all(&bucket_charges, &without, sent + delay);
-                for (state, write) in without.iter_mut().zip(&plain.writes) {
-                    *state = write.or(*state);
-                }
+                plain.apply_to(&mut without);
                 admitted_without += u64::from(plain.admitted);
 
                 if cache.lookup_at(key, sent).is_some() {
                     continue;
                 }
                 let taken = bucket::take_all(&bucket_charges, &with_cache, sent + delay);
-                for (state, write) in with_cache.iter_mut().zip(&taken.writes) {
-                    *state = write.or(*state);
-                }
+                taken.apply_to(&mut with_cache);
                 admitted_with += u64::from(taken.admitted);
                 let outcome = Outcome { admitted: taken.admitted, decisions: taken.decisions };
                 cache.remember_at(key, sent, &question, &outcome);

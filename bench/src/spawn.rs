@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn a_record_line_names_a_process_and_its_start() {
         assert_eq!(
-            Record::parse("app-1 4242 987654 /work/run/cluster/app-1/app.log"),
+            Record::parse("app-1 4242 987654 run/cluster/app-1/app.log"),
             Some(Record {
                 name: "app-1".into(),
                 pid: 4242,

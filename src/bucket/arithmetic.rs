@@ -119,6 +119,16 @@ pub struct Taken {
     pub writes: Vec<Option<BucketState>>,
 }
 
+impl Taken {
+    /// `states` (one per charge) as they are after this decision: the written ones
+    /// replaced, the others unchanged.
+    pub fn apply_to(&self, states: &mut [Option<BucketState>]) {
+        for (state, write) in states.iter_mut().zip(&self.writes) {
+            *state = write.or(*state);
+        }
+    }
+}
+
 /// Decides one request over all its buckets at `now_us`, all or nothing: the enforced
 /// buckets pay only if every one of them has the tokens; each shadow group pays only if
 /// the request is admitted and every bucket of the group has the tokens.
@@ -463,10 +473,10 @@ mod tests {
                 now += gap;
                 let taken = take_all(&charges, &states, now);
                 admitted += u128::from(taken.admitted);
-                for i in 0..2 {
-                    paid[i] += u128::from(taken.writes[i].is_some());
-                    states[i] = taken.writes[i].or(states[i]);
+                for (paid, write) in paid.iter_mut().zip(&taken.writes) {
+                    *paid += u128::from(write.is_some());
                 }
+                taken.apply_to(&mut states);
             }
             prop_assert_eq!(paid[0], admitted);
             prop_assert_eq!(paid[1], admitted);

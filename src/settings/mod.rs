@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use thiserror::Error;
 
-use crate::bucket::{Limit, LimitSpec};
+use crate::bucket::LimitSpec;
 use crate::decision::FailMode;
 use crate::http::headers::HeaderMode;
 use crate::identity::IdentityRules;
@@ -77,8 +77,6 @@ pub enum PolicySource {
 
 #[derive(Clone)]
 pub struct Settings {
-    /// The default policy's limit (`RATE_LIMIT`, `TIME_WINDOW`, `BURST`).
-    pub limit: Limit,
     /// The policies in force at start.
     pub policies: std::sync::Arc<PolicySet>,
     pub policy_source: PolicySource,
@@ -153,11 +151,6 @@ impl Settings {
             problems: Vec::new(),
         }
         .parse()
-    }
-
-    /// The effective configuration on one line, secrets masked.
-    pub fn effective(&self) -> &str {
-        &self.effective
     }
 }
 
@@ -262,14 +255,6 @@ impl Parser {
             }),
             _ => None,
         };
-        let limit = spec.and_then(|spec| {
-            Limit::parse(spec)
-                .map_err(|err| {
-                    self.problems
-                        .push(format!("RATE_LIMIT, TIME_WINDOW, BURST: {err}"))
-                })
-                .ok()
-        });
         let policy_hash_key = self
             .text(&POLICY_KEY_SECRET)
             .map_or_else(HashKey::default, |secret| {
@@ -331,7 +316,6 @@ impl Parser {
 
         // Every setting with a preset parses to Some unless it was reported.
         let (
-            Some(limit),
             Some((policies, policy_source)),
             Some(store),
             Some(timeout_ms),
@@ -350,7 +334,6 @@ impl Parser {
             Some(deny_cache_size),
             Some(memory_store_max_buckets),
         ) = (
-            limit,
             policies,
             store,
             timeout_ms,
@@ -376,7 +359,6 @@ impl Parser {
             return Err(SettingsError::Invalid(self.problems));
         }
         Ok(Settings {
-            limit,
             policies: std::sync::Arc::new(policies),
             policy_source,
             policy_hash_key,
@@ -434,7 +416,12 @@ impl Parser {
             .text(&declared::POLICY_FILE)
             .map(std::path::PathBuf::from)
         else {
-            let set = PolicySet::single(spec?).ok()?;
+            let set = PolicySet::single(spec?)
+                .map_err(|err| {
+                    self.problems
+                        .push(format!("RATE_LIMIT, TIME_WINDOW, BURST: {err}"))
+                })
+                .ok()?;
             return Some((set, PolicySource::Single));
         };
         let text = match std::fs::read_to_string(&path) {

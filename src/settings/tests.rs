@@ -1,4 +1,5 @@
 use super::*;
+use crate::bucket::Limit;
 
 fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
     Settings::load_from(
@@ -15,6 +16,11 @@ fn problems(vars: &[(&str, &str)]) -> String {
     }
 }
 
+/// The one limit of the default policy the settings built.
+fn default_limit(settings: &Settings) -> Limit {
+    settings.policies.policies()[0].limits()[0].limit
+}
+
 fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
     Limit::parse(LimitSpec {
         rate,
@@ -27,7 +33,7 @@ fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
 #[test]
 fn the_defaults_are_ten_per_minute_in_memory() {
     let settings = load(&[]).unwrap();
-    assert_eq!(settings.limit, limit(10, 60, 10));
+    assert_eq!(default_limit(&settings), limit(10, 60, 10));
     assert!(matches!(settings.store, StoreSettings::Memory));
     assert_eq!(settings.port, 8000);
     assert_eq!(settings.fail_mode, FailMode::Local);
@@ -37,7 +43,7 @@ fn the_defaults_are_ten_per_minute_in_memory() {
 #[test]
 fn environment_variables_override_the_defaults() {
     let settings = load(&[("RATE_LIMIT", "20"), ("TIME_WINDOW", "30"), ("BURST", "40")]).unwrap();
-    assert_eq!(settings.limit, limit(20, 30, 40));
+    assert_eq!(default_limit(&settings), limit(20, 30, 40));
 }
 
 #[test]
@@ -47,7 +53,7 @@ fn a_config_file_sits_between_defaults_and_environment() {
     std::fs::write(&path, "rate_limit = 7\nport = 9000\n").unwrap();
     let path = path.to_str().unwrap();
     let settings = load(&[("CONFIG_FILE", path), ("PORT", "9100")]).unwrap();
-    assert_eq!(settings.limit.capacity(), 7);
+    assert_eq!(default_limit(&settings).capacity(), 7);
     assert_eq!(settings.port, 9100);
 }
 

@@ -210,9 +210,7 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
             let mut states: Vec<Option<BucketState>> = vec![None; case.charges.len()];
             for &now in &case.arrivals_us {
                 let taken = bucket::take_all(&case.charges, &states, now);
-                for (state, write) in states.iter_mut().zip(&taken.writes) {
-                    *state = write.or(*state);
-                }
+                taken.apply_to(&mut states);
                 let expected = Outcome {
                     admitted: taken.admitted,
                     decisions: taken.decisions,
