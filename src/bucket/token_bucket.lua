@@ -10,7 +10,8 @@
 --          tokens field, ts field,
 --          capacity_units       a full bucket (burst × one token's units)
 --          refill_units_per_us  units gained per µs
---          cost_units           what this request costs here
+--          cost_units           what this request costs here; 0 reads the bucket and
+--                               writes nothing
 --          group                0: enforced (all pay or none); n > 0: shadow policy n
 --
 -- Returns {had_1, tokens_1, had_2, tokens_2, ...} per limit in order: whether it had the
@@ -20,94 +21,135 @@
 local now_us = tonumber(ARGV[1])
 if not now_us then
     local time = redis.call('TIME')
-    now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
+    now_us = time[1] * 1000000 + time[2]
 end
 
--- One bucket (the default policy, every one-limit policy without shadow policies beside
--- it): the same steps as below, without the tables the general case needs. The parity
--- table runs both paths.
-if #KEYS == 1 and ARGV[2] == '1' then
-    local capacity = tonumber(ARGV[5])
-    local refill_units_per_us = tonumber(ARGV[6])
-    local cost = tonumber(ARGV[7])
-    local state = redis.call('HMGET', KEYS[1], ARGV[3], ARGV[4], 'exp')
-    local tokens = tonumber(state[1])
-    local updated_us = tonumber(state[2])
-    if tokens == nil or updated_us == nil then
-        tokens = capacity
-    else
-        local elapsed = math.max(now_us - updated_us, 0)
-        local missing = math.max(capacity - tokens, 0)
-        if elapsed * refill_units_per_us >= missing then
-            tokens = capacity
-        else
-            tokens = tokens + elapsed * refill_units_per_us
-        end
+-- Numbers arrive as strings; `s + 0` converts one with a single strtod where tonumber
+-- takes two, and a value in a bucket field that is not a number is an error, not a full
+-- bucket.
+
+-- refill(): a missing bucket is full; a clock that went backwards refills nothing.
+local function refilled(tokens, updated_us, capacity, refill_units_per_us)
+    if not (tokens and updated_us) then
+        return capacity
     end
-    if tokens < cost then
-        return {0, tokens}
+    tokens = tokens + 0
+    local gained = (now_us - updated_us) * refill_units_per_us
+    if gained < 0 then
+        return tokens
     end
-    tokens = tokens - cost
-    local full_at_us = now_us + math.ceil((capacity - tokens) / refill_units_per_us)
-    local expires_us = tonumber(state[3])
-    local tokens_text, now_text = string.format('%d', tokens), string.format('%d', now_us)
+    if gained >= capacity - tokens then
+        return capacity
+    end
+    return tokens + gained
+end
+
+-- Writes a hash's paid buckets (`writes`: field, value pairs). The hash must live until
+-- every bucket in it would be full again: a missing bucket is a full one, so forgetting it
+-- then loses nothing, and forgetting it earlier would admit too much. A new hash expires
+-- exactly when its buckets are full. One that would expire too early is extended to a
+-- whole refill time from now, the longest any of its buckets needs, so a returning
+-- client's next decisions write only the fields: one write command, nothing extra to
+-- replicate.
+local function persist(key, writes, expires_us, full_at_us, refill_time_us)
     if expires_us and full_at_us <= expires_us then
-        redis.call('HSET', KEYS[1], ARGV[3], tokens_text, ARGV[4], now_text)
-        return {1, tokens}
+        redis.call('HSET', key, unpack(writes))
+        return
     end
     if expires_us then
-        expires_us = now_us + math.ceil(capacity / refill_units_per_us)
+        expires_us = now_us + refill_time_us
     else
         expires_us = full_at_us
     end
-    redis.call('HSET', KEYS[1], ARGV[3], tokens_text, ARGV[4], now_text, 'exp', string.format('%d', expires_us))
-    redis.call('PEXPIRE', KEYS[1], math.max(math.ceil((expires_us - now_us) / 1000), 1))
-    return {1, tokens}
+    local n = #writes
+    writes[n + 1], writes[n + 2] = 'exp', string.format('%d', expires_us)
+    redis.call('HSET', key, unpack(writes))
+    redis.call('PEXPIRE', key, math.max(math.ceil((expires_us - now_us) / 1000), 1))
 end
 
--- First, read every bucket: units now, and whether each has its cost.
+-- Reads one hash's buckets: HMGET of every limit's two fields, and `exp`.
+local function read(k, at, m)
+    if m == 1 then
+        return redis.call('HMGET', KEYS[k], ARGV[at], ARGV[at + 1], 'exp')
+    end
+    local fields = {}
+    for j = 0, m - 1 do
+        fields[2 * j + 1] = ARGV[at + 6 * j]
+        fields[2 * j + 2] = ARGV[at + 6 * j + 1]
+    end
+    fields[2 * m + 1] = 'exp'
+    return redis.call('HMGET', KEYS[k], unpack(fields))
+end
+
+-- One hash, one policy: every request under a single policy, however many limits it has.
+-- Its limits share a group, so they pay together or not at all, whatever the group is;
+-- one pass decides and pays, and a denial gives back what the pass took before it found
+-- out. The general case below gives the same answers (the parity table runs both).
+if #KEYS == 1 then
+    local m = ARGV[2] + 0
+    local state = read(1, 3, m)
+    local expires_us = state[2 * m + 1]
+    expires_us = expires_us and expires_us + 0
+    local result, writes = {}, {}
+    local admitted, now_text = true, nil
+    local full_at_us, refill_time_us = 0, 0
+    for j = 1, m do
+        local at = 6 * j - 3
+        local capacity, refill_units_per_us = ARGV[at + 2] + 0, ARGV[at + 3] + 0
+        local cost = ARGV[at + 4] + 0
+        local tokens = refilled(state[2 * j - 1], state[2 * j], capacity, refill_units_per_us)
+        if tokens < cost then
+            admitted = false
+            result[2 * j - 1] = 0
+        else
+            result[2 * j - 1] = 1
+            -- A bucket charged nothing is read, not written: its stored state still
+            -- describes it, and the hash already lives until it is full.
+            if cost > 0 then
+                tokens = tokens - cost
+                now_text = now_text or string.format('%d', now_us)
+                local n = #writes
+                writes[n + 1], writes[n + 2] = ARGV[at], string.format('%d', tokens)
+                writes[n + 3], writes[n + 4] = ARGV[at + 1], now_text
+                full_at_us = math.max(full_at_us, now_us + math.ceil((capacity - tokens) / refill_units_per_us))
+                refill_time_us = math.max(refill_time_us, math.ceil(capacity / refill_units_per_us))
+            end
+        end
+        result[2 * j] = tokens
+    end
+    if not admitted then
+        -- A denial writes nothing, since each stored state still describes its bucket.
+        for j = 1, m do
+            if result[2 * j - 1] == 1 then
+                result[2 * j] = result[2 * j] + ARGV[6 * j + 1]
+            end
+        end
+        return result
+    end
+    if #writes > 0 then
+        persist(KEYS[1], writes, expires_us, full_at_us, refill_time_us)
+    end
+    return result
+end
+
+-- Several policies. First, read every bucket: units now, and whether each has its cost.
 local tokens_of, expires_of = {}, {}
 local admitted = true
 -- Only requests with shadow policies pay for this table.
 local shadow_has = nil
 local at, l = 2, 0
 for k = 1, #KEYS do
-    local m = tonumber(ARGV[at])
+    local m = ARGV[at] + 0
     at = at + 1
-    local state
-    if m == 1 then
-        state = redis.call('HMGET', KEYS[k], ARGV[at], ARGV[at + 1], 'exp')
-    else
-        local fields = {}
-        for j = 0, m - 1 do
-            fields[2 * j + 1] = ARGV[at + 6 * j]
-            fields[2 * j + 2] = ARGV[at + 6 * j + 1]
-        end
-        fields[2 * m + 1] = 'exp'
-        state = redis.call('HMGET', KEYS[k], unpack(fields))
-    end
-    expires_of[k] = tonumber(state[2 * m + 1])
+    local state = read(k, at, m)
+    local expires_us = state[2 * m + 1]
+    expires_of[k] = expires_us and expires_us + 0
     for j = 1, m do
         l = l + 1
-        local capacity = tonumber(ARGV[at + 2])
-        local refill_units_per_us = tonumber(ARGV[at + 3])
-        local group = ARGV[at + 5]
-        -- refill(): a missing bucket is full; a clock that went backwards refills nothing.
-        local tokens = tonumber(state[2 * j - 1])
-        local updated_us = tonumber(state[2 * j])
-        if tokens == nil or updated_us == nil then
-            tokens = capacity
-        else
-            local elapsed = math.max(now_us - updated_us, 0)
-            local missing = math.max(capacity - tokens, 0)
-            if elapsed * refill_units_per_us >= missing then
-                tokens = capacity
-            else
-                tokens = tokens + elapsed * refill_units_per_us
-            end
-        end
-        local has = tokens >= tonumber(ARGV[at + 4])
+        local tokens = refilled(state[2 * j - 1], state[2 * j], ARGV[at + 2] + 0, ARGV[at + 3] + 0)
+        local has = tokens >= ARGV[at + 4] + 0
         tokens_of[l] = tokens
+        local group = ARGV[at + 5]
         if group == '0' then
             admitted = admitted and has
         else
@@ -123,55 +165,31 @@ local result = {}
 local now_text = nil
 at, l = 2, 0
 for k = 1, #KEYS do
-    local m = tonumber(ARGV[at])
+    local m = ARGV[at] + 0
     at = at + 1
-    local writes = nil
-    local expires_us = expires_of[k]
-    local extend, full_at_us, refill_time_us = false, 0, 0
+    local writes = {}
+    local full_at_us, refill_time_us = 0, 0
     for j = 1, m do
         l = l + 1
         local tokens = tokens_of[l]
-        local cost = tonumber(ARGV[at + 4])
+        local cost = ARGV[at + 4] + 0
         result[2 * l - 1] = tokens >= cost and 1 or 0
         local group = ARGV[at + 5]
-        if admitted and (group == '0' or shadow_has[group]) then
-            local capacity = tonumber(ARGV[at + 2])
-            local refill_units_per_us = tonumber(ARGV[at + 3])
+        if admitted and cost > 0 and (group == '0' or shadow_has[group]) then
+            local capacity, refill_units_per_us = ARGV[at + 2] + 0, ARGV[at + 3] + 0
             tokens = tokens - cost
             now_text = now_text or string.format('%d', now_us)
-            writes = writes or {}
             local n = #writes
             writes[n + 1], writes[n + 2] = ARGV[at], string.format('%d', tokens)
             writes[n + 3], writes[n + 4] = ARGV[at + 1], now_text
-            -- The hash must live until every bucket in it would be full again: a missing
-            -- bucket is a full one, so forgetting it then loses nothing, and forgetting it
-            -- earlier would admit too much.
-            local full_at = now_us + math.ceil((capacity - tokens) / refill_units_per_us)
-            full_at_us = math.max(full_at_us, full_at)
+            full_at_us = math.max(full_at_us, now_us + math.ceil((capacity - tokens) / refill_units_per_us))
             refill_time_us = math.max(refill_time_us, math.ceil(capacity / refill_units_per_us))
-            extend = extend or not (expires_us and full_at <= expires_us)
         end
         result[2 * l] = tokens
         at = at + 6
     end
-    if writes then
-        if extend then
-            -- A new hash expires exactly when its buckets are full. One that would expire
-            -- too early is extended to a whole refill time from now, the longest any of its
-            -- buckets needs, so a returning client's next decisions write only the fields:
-            -- one write command, nothing extra to replicate.
-            if expires_us then
-                expires_us = now_us + refill_time_us
-            else
-                expires_us = full_at_us
-            end
-            local n = #writes
-            writes[n + 1], writes[n + 2] = 'exp', string.format('%d', expires_us)
-            redis.call('HSET', KEYS[k], unpack(writes))
-            redis.call('PEXPIRE', KEYS[k], math.max(math.ceil((expires_us - now_us) / 1000), 1))
-        else
-            redis.call('HSET', KEYS[k], unpack(writes))
-        end
+    if #writes > 0 then
+        persist(KEYS[k], writes, expires_of[k], full_at_us, refill_time_us)
     end
 end
 return result

@@ -181,6 +181,26 @@ fn parity_table() -> Vec<Case> {
             ],
             arrivals_us: (0..6).map(|i| t0 + i).collect(),
         },
+        Case {
+            name: "a shadow policy alone: its limits pay together or not at all",
+            charges: vec![shadow(1, limit(3, 60, 3)), shadow(1, limit(2, 60, 2))],
+            arrivals_us: (0..4)
+                .map(|i| t0 + i)
+                .chain([t0 + 30 * SECOND, t0 + 60 * SECOND])
+                .collect(),
+        },
+        Case {
+            name: "three limits in one hash, the middle one denies",
+            charges: vec![
+                Charge::one(limit(5, 1, 5)),
+                Charge::one(limit(2, 60, 2)),
+                Charge::one(limit(100, 86_400, 100)),
+            ],
+            arrivals_us: (0..4)
+                .map(|i| t0 + i)
+                .chain([t0 + 30 * SECOND, t0 + 31 * SECOND])
+                .collect(),
+        },
     ]
 }
 
