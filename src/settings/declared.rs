@@ -110,6 +110,8 @@ settings! {
         "most buckets kept in the instance's memory (the embedded store, and the `local` fallback); beyond it the buckets closest to full are forgotten first, so those clients regain a few tokens early";
     TRUSTED_PROXIES: Unset("none"), Text,
         "IPs or CIDRs whose forwarding headers are believed";
+    TRUSTED_PROXIES_ALLOW_ALL: Value("off"), Switch,
+        "`on` accepts a `TRUSTED_PROXIES` entry that trusts every address (`0.0.0.0/0`, `::/0`), refused otherwise: every client could then name its own address and escape its limit";
     IPV6_PREFIX_LEN: Value("64"), Whole { min: 1, max: 128 },
         "IPv6 clients are keyed by this prefix";
     RATELIMIT_HEADERS: Value("draft"), Word(HeaderMode::VARIANTS),

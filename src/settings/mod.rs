@@ -517,6 +517,18 @@ impl Parser {
                 }
             }
         }
+        let allow_all = self.switch(&declared::TRUSTED_PROXIES_ALLOW_ALL)?;
+        if let Some(everything) = nets.iter().find(|net| net.prefix_len() == 0)
+            && !allow_all
+        {
+            self.problems.push(format!(
+                "TRUSTED_PROXIES: {everything} trusts every address as a proxy, so any client \
+                 could set X-Forwarded-For to a new address on each request and never be \
+                 limited; list your proxies' addresses, or set TRUSTED_PROXIES_ALLOW_ALL=on \
+                 if no client can reach the instances except through them"
+            ));
+            return None;
+        }
         Some(nets)
     }
 }

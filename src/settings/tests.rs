@@ -211,6 +211,25 @@ fn trusted_proxies_accept_addresses_and_networks() {
 }
 
 #[test]
+fn trusted_proxies_that_trust_everything_need_a_second_setting() {
+    for everything in ["0.0.0.0/0", "10.0.0.1, ::/0", "0.0.0.0/0,::/0"] {
+        let message = problems(&[("TRUSTED_PROXIES", everything)]);
+        assert!(
+            message.starts_with("TRUSTED_PROXIES: ")
+                && message.contains("TRUSTED_PROXIES_ALLOW_ALL=on"),
+            "{everything}: {message}"
+        );
+    }
+    let settings = load(&[
+        ("TRUSTED_PROXIES", "0.0.0.0/0"),
+        ("TRUSTED_PROXIES_ALLOW_ALL", "on"),
+    ])
+    .unwrap();
+    assert_eq!(settings.identity.trusted_proxies().len(), 1);
+    assert!(load(&[("TRUSTED_PROXIES", "0.0.0.0/1")]).is_ok());
+}
+
+#[test]
 fn unrelated_environment_variables_are_ignored() {
     assert!(load(&[("PATH", "/usr/bin"), ("HOME", "x")]).is_ok());
 }
