@@ -40,6 +40,16 @@ pub enum StoreError {
         #[source]
         source: ::redis::RedisError,
     },
+    /// A bucket key holds something that is not a bucket: another type (`WRONGTYPE`), or
+    /// a field that is not a number. Someone else writes under the key prefix; the
+    /// decision is left to `FAIL_MODE`, like any other failure of the store.
+    #[error(
+        "a bucket key holds a value that is not a bucket (another program writes under KEY_PREFIX?): {source}"
+    )]
+    ForeignValue {
+        #[source]
+        source: ::redis::RedisError,
+    },
     /// An answer the store did not expect; retrying elsewhere would not help.
     #[error("unexpected answer: {source}")]
     Other {
@@ -92,6 +102,7 @@ impl StoreError {
                 Unavailable::Loading => "loading",
             },
             StoreError::MasterChanged { .. } => "readonly",
+            StoreError::ForeignValue { .. } => "wrongtype",
             StoreError::Other { source } if source.kind() == noscript() => "noscript",
             StoreError::Other { .. } => "other",
         }
@@ -99,7 +110,10 @@ impl StoreError {
 
     /// Whether the node we talk to may no longer be the master, so discovery should run now.
     pub fn suggests_master_change(&self) -> bool {
-        !matches!(self, StoreError::Other { .. })
+        !matches!(
+            self,
+            StoreError::Other { .. } | StoreError::ForeignValue { .. }
+        )
     }
 }
 

@@ -12,7 +12,7 @@ use ratelimiter::store::redis::{
 use ratelimiter::store::{KeyedCharge, Outcome};
 
 use crate::support::{
-    RedisProcess, TestApp, all_at_once, client, header, unique_prefix, wait_until,
+    RedisProcess, TestApp, all_at_once, client, header, metric, metrics, unique_prefix, wait_until,
 };
 
 const SECOND: u64 = 1_000_000;
@@ -489,4 +489,50 @@ async fn the_denial_cache_admits_a_flooding_client_exactly_as_redis_alone_would(
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_foreign_value_at_a_bucket_key_is_its_own_failure_never_a_full_bucket() {
+    let redis = RedisProcess::server(None, &[]);
+    for mode in MODES {
+        let store = redis_store(&redis, mode);
+        let prefix = unique_prefix("foreign");
+        let string_key = format!("{prefix}:{{string}}");
+        let _: () = redis.command(&["SET", &string_key, "not a bucket"]);
+        let garbage_key = format!("{prefix}:{{garbage}}");
+        let _: () = redis.command(&["HSET", &garbage_key, "l:tokens", "many", "l:ts", "1"]);
+        for key in [&string_key, &garbage_key] {
+            let error = store
+                .take_at(&one(key, limit(10, 60, 10)), None)
+                .await
+                .expect_err("a foreign value decides nothing");
+            assert_eq!(error.kind(), "wrongtype", "{mode:?} {key}: {error}");
+            assert!(!error.suggests_master_change(), "{error}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_value_is_decided_by_fail_mode_and_counted_as_wrongtype() {
+    let redis = RedisProcess::server(None, &[]);
+    let prefix = unique_prefix("foreign-http");
+    let app = TestApp::spawn(&[
+        ("REDIS_URL", &redis.url()),
+        ("KEY_PREFIX", &prefix),
+        ("FAIL_MODE", "closed"),
+    ]);
+    let _: () = redis.command(&["SET", &format!("{prefix}:default:{{ip=127.0.0.1}}"), "x"]);
+    let client = client();
+    let response = client
+        .get(app.at("/limited_endpoint"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "x-ratelimit-source"), "closed");
+    let text = metrics(&client, &app).await;
+    assert_eq!(
+        metric(&text, r#"ratelimit_store_errors_total{kind="wrongtype"}"#),
+        1.0
+    );
 }

@@ -286,6 +286,15 @@ pub fn classify(err: &RedisError, timeout: Duration) -> StoreError {
         _ => {}
     }
     match err.code() {
+        Some("WRONGTYPE") => StoreError::ForeignValue {
+            source: err.clone(),
+        },
+        // The script's own arithmetic on a field that holds no number.
+        Some("ERR") if err.to_string().contains("attempt to perform arithmetic") => {
+            StoreError::ForeignValue {
+                source: err.clone(),
+            }
+        }
         Some("NOREPLICAS") => unavailable(Unavailable::NoReplicas),
         Some("READONLY") => StoreError::MasterChanged {
             source: err.clone(),
