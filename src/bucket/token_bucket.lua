@@ -28,29 +28,45 @@ end
 -- takes two, and a value in a bucket field that is not a number is an error, not a full
 -- bucket.
 
--- refill(): a missing bucket is full; a clock that went backwards refills nothing.
+-- refill(): a missing bucket is full; a clock that went backwards refills nothing. The
+-- second answer says whether the bucket was written ahead of this clock (rebased() in
+-- arithmetic.rs): such a bucket is written again now, even when it pays nothing, so that
+-- it loses the skew once instead of refilling nothing until this clock catches up.
 local function refilled(tokens, updated_us, capacity, refill_units_per_us)
     if not (tokens and updated_us) then
-        return capacity
+        return capacity, false
     end
     tokens = tokens + 0
     local gained = (now_us - updated_us) * refill_units_per_us
     if gained < 0 then
-        return tokens
+        return tokens, true
     end
     if gained >= capacity - tokens then
-        return capacity
+        return capacity, false
     end
-    return tokens + gained
+    return tokens + gained, false
 end
 
--- Writes a hash's paid buckets (`writes`: field, value pairs). The hash must live until
--- every bucket in it would be full again: a missing bucket is a full one, so forgetting it
--- then loses nothing, and forgetting it earlier would admit too much. A new hash expires
--- exactly when its buckets are full. One that would expire too early is extended to a
--- whole refill time from now, the longest any of its buckets needs, so a returning
--- client's next decisions write only the fields: one write command, nothing extra to
--- replicate.
+-- Stages the write of the bucket whose arguments start at ARGV[at], holding `tokens`
+-- now, into `writes` (field, value pairs of one hash); returns the hash's new latest
+-- full time and longest refill time.
+local now_text = nil
+local function stage(writes, at, tokens, full_at_us, refill_time_us)
+    local capacity, refill_units_per_us = ARGV[at + 2] + 0, ARGV[at + 3] + 0
+    now_text = now_text or string.format('%d', now_us)
+    local n = #writes
+    writes[n + 1], writes[n + 2] = ARGV[at], string.format('%d', tokens)
+    writes[n + 3], writes[n + 4] = ARGV[at + 1], now_text
+    return math.max(full_at_us, now_us + math.ceil((capacity - tokens) / refill_units_per_us)),
+        math.max(refill_time_us, math.ceil(capacity / refill_units_per_us))
+end
+
+-- Writes a hash's staged buckets. The hash must live until every bucket in it would be
+-- full again: a missing bucket is a full one, so forgetting it then loses nothing, and
+-- forgetting it earlier would admit too much. A new hash expires exactly when its
+-- buckets are full. One that would expire too early is extended to a whole refill time
+-- from now, the longest any of its buckets needs, so a returning client's next decisions
+-- write only the fields: one write command, nothing extra to replicate.
 local function persist(key, writes, expires_us, full_at_us, refill_time_us)
     if expires_us and full_at_us <= expires_us then
         redis.call('HSET', key, unpack(writes))
@@ -83,21 +99,25 @@ end
 
 -- One hash, one policy: every request under a single policy, however many limits it has.
 -- Its limits share a group, so they pay together or not at all, whatever the group is;
--- one pass decides and pays, and a denial gives back what the pass took before it found
--- out. The general case below gives the same answers (the parity table runs both).
+-- one pass decides and stages the payments, and a denial drops them and gives back what
+-- the pass took before it found out. The general case below gives the same answers (the
+-- parity table runs both).
 if #KEYS == 1 then
     local m = ARGV[2] + 0
     local state = read(1, 3, m)
     local expires_us = state[2 * m + 1]
     expires_us = expires_us and expires_us + 0
     local result, writes = {}, {}
-    local admitted, now_text = true, nil
+    local admitted, ahead = true, nil
     local full_at_us, refill_time_us = 0, 0
     for j = 1, m do
         local at = 6 * j - 3
-        local capacity, refill_units_per_us = ARGV[at + 2] + 0, ARGV[at + 3] + 0
         local cost = ARGV[at + 4] + 0
-        local tokens = refilled(state[2 * j - 1], state[2 * j], capacity, refill_units_per_us)
+        local tokens, rebased = refilled(state[2 * j - 1], state[2 * j], ARGV[at + 2] + 0, ARGV[at + 3] + 0)
+        if rebased then
+            ahead = ahead or {}
+            ahead[#ahead + 1] = j
+        end
         if tokens < cost then
             admitted = false
             result[2 * j - 1] = 0
@@ -107,24 +127,23 @@ if #KEYS == 1 then
             -- describes it, and the hash already lives until it is full.
             if cost > 0 then
                 tokens = tokens - cost
-                now_text = now_text or string.format('%d', now_us)
-                local n = #writes
-                writes[n + 1], writes[n + 2] = ARGV[at], string.format('%d', tokens)
-                writes[n + 3], writes[n + 4] = ARGV[at + 1], now_text
-                full_at_us = math.max(full_at_us, now_us + math.ceil((capacity - tokens) / refill_units_per_us))
-                refill_time_us = math.max(refill_time_us, math.ceil(capacity / refill_units_per_us))
+                full_at_us, refill_time_us = stage(writes, at, tokens, full_at_us, refill_time_us)
             end
         end
         result[2 * j] = tokens
     end
     if not admitted then
-        -- A denial writes nothing, since each stored state still describes its bucket.
         for j = 1, m do
             if result[2 * j - 1] == 1 then
                 result[2 * j] = result[2 * j] + ARGV[6 * j + 1]
             end
         end
-        return result
+        writes, full_at_us, refill_time_us = {}, 0, 0
+    end
+    if ahead and #writes == 0 then
+        for _, j in ipairs(ahead) do
+            full_at_us, refill_time_us = stage(writes, 6 * j - 3, result[2 * j], full_at_us, refill_time_us)
+        end
     end
     if #writes > 0 then
         persist(KEYS[1], writes, expires_us, full_at_us, refill_time_us)
@@ -135,8 +154,8 @@ end
 -- Several policies. First, read every bucket: units now, and whether each has its cost.
 local tokens_of, expires_of = {}, {}
 local admitted = true
--- Only requests with shadow policies pay for this table.
-local shadow_has = nil
+-- Only requests with shadow policies, or with buckets from a clock ahead, pay for these.
+local shadow_has, ahead_of = nil, nil
 local at, l = 2, 0
 for k = 1, #KEYS do
     local m = ARGV[at] + 0
@@ -146,7 +165,11 @@ for k = 1, #KEYS do
     expires_of[k] = expires_us and expires_us + 0
     for j = 1, m do
         l = l + 1
-        local tokens = refilled(state[2 * j - 1], state[2 * j], ARGV[at + 2] + 0, ARGV[at + 3] + 0)
+        local tokens, rebased = refilled(state[2 * j - 1], state[2 * j], ARGV[at + 2] + 0, ARGV[at + 3] + 0)
+        if rebased then
+            ahead_of = ahead_of or {}
+            ahead_of[l] = true
+        end
         local has = tokens >= ARGV[at + 4] + 0
         tokens_of[l] = tokens
         local group = ARGV[at + 5]
@@ -160,9 +183,8 @@ for k = 1, #KEYS do
     end
 end
 
--- Then pay. A denial writes nothing, since each stored state still describes its bucket.
+-- Then pay. A bucket that pays nothing keeps its stored state, which still describes it.
 local result = {}
-local now_text = nil
 at, l = 2, 0
 for k = 1, #KEYS do
     local m = ARGV[at] + 0
@@ -175,15 +197,12 @@ for k = 1, #KEYS do
         local cost = ARGV[at + 4] + 0
         result[2 * l - 1] = tokens >= cost and 1 or 0
         local group = ARGV[at + 5]
-        if admitted and cost > 0 and (group == '0' or shadow_has[group]) then
-            local capacity, refill_units_per_us = ARGV[at + 2] + 0, ARGV[at + 3] + 0
+        local pays = admitted and cost > 0 and (group == '0' or shadow_has[group])
+        if pays then
             tokens = tokens - cost
-            now_text = now_text or string.format('%d', now_us)
-            local n = #writes
-            writes[n + 1], writes[n + 2] = ARGV[at], string.format('%d', tokens)
-            writes[n + 3], writes[n + 4] = ARGV[at + 1], now_text
-            full_at_us = math.max(full_at_us, now_us + math.ceil((capacity - tokens) / refill_units_per_us))
-            refill_time_us = math.max(refill_time_us, math.ceil(capacity / refill_units_per_us))
+        end
+        if pays or (ahead_of and ahead_of[l]) then
+            full_at_us, refill_time_us = stage(writes, at, tokens, full_at_us, refill_time_us)
         end
         result[2 * l] = tokens
         at = at + 6

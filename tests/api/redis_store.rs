@@ -190,6 +190,31 @@ fn parity_table() -> Vec<Case> {
                 .collect(),
         },
         Case {
+            name: "a failover to a clock a minute behind costs the skew once",
+            charges: vec![
+                Charge::one(limit(2, 60, 2)),
+                Charge::one(limit(100, 3600, 100)),
+            ],
+            arrivals_us: vec![
+                t0 + 120 * SECOND,
+                t0 + 120 * SECOND,
+                t0 + 60 * SECOND,
+                t0 + 89 * SECOND,
+                t0 + 90 * SECOND,
+                t0 + 91 * SECOND,
+            ],
+        },
+        Case {
+            name: "a clock behind, with shadow policies in other hashes",
+            charges: vec![Charge::one(limit(1, 60, 1)), shadow(1, limit(1, 60, 1))],
+            arrivals_us: vec![
+                t0 + 100 * SECOND,
+                t0 + 40 * SECOND,
+                t0 + 99 * SECOND,
+                t0 + 100 * SECOND,
+            ],
+        },
+        Case {
             name: "three limits in one hash, the middle one denies",
             charges: vec![
                 Charge::one(limit(5, 1, 5)),
