@@ -10,7 +10,7 @@
 --          tokens field, ts field,
 --          capacity_units       a full bucket (burst × one token's units)
 --          refill_units_per_us  units gained per µs
---          cost_units           what this request costs here
+--          cost_units           what this request costs here; 0 reads without writing
 --          group                0: enforced (all pay or none); n > 0: shadow policy n
 --
 -- Returns {had_1, tokens_1, had_2, tokens_2, ...} per limit in order: whether it had the
@@ -46,6 +46,9 @@ if #KEYS == 1 and ARGV[2] == '1' then
     end
     if tokens < cost then
         return {0, tokens}
+    end
+    if cost == 0 then
+        return {1, tokens}
     end
     tokens = tokens - cost
     local full_at_us = now_us + math.ceil((capacity - tokens) / refill_units_per_us)
@@ -118,7 +121,8 @@ for k = 1, #KEYS do
     end
 end
 
--- Then pay. A denial writes nothing, since each stored state still describes its bucket.
+-- Then pay. A denial writes nothing, and neither does a bucket charged 0 tokens (a read),
+-- since each stored state still describes its bucket.
 local result = {}
 local now_text = nil
 at, l = 2, 0
@@ -134,7 +138,7 @@ for k = 1, #KEYS do
         local cost = tonumber(ARGV[at + 4])
         result[2 * l - 1] = tokens >= cost and 1 or 0
         local group = ARGV[at + 5]
-        if admitted and (group == '0' or shadow_has[group]) then
+        if cost > 0 and admitted and (group == '0' or shadow_has[group]) then
             local capacity = tonumber(ARGV[at + 2])
             local refill_units_per_us = tonumber(ARGV[at + 3])
             tokens = tokens - cost
