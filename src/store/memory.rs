@@ -181,6 +181,18 @@ impl MemoryStore {
             .decisions[0]
     }
 
+    /// Forgets the buckets of `buckets` (by key and field), so they are full again.
+    pub fn remove(&self, buckets: &[KeyedCharge]) {
+        for bucket in buckets {
+            let key = self.key(&bucket.key, &bucket.field);
+            self.shards[Self::shard_of(key)]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .buckets
+                .remove(&key);
+        }
+    }
+
     /// What the store holds for one bucket; `None` for a bucket it has never written (or
     /// has dropped), which is a full one.
     pub fn state(&self, key: &str, field: &str) -> Option<BucketState> {
@@ -253,6 +265,13 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(self.take_all_now(charges))))
     }
 
+    /// Forgets the buckets named (this store has no hashes: each bucket is kept on its own,
+    /// so only the fields given are forgotten).
+    fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
+        self.remove(buckets);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn check_ready(&self) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
@@ -307,6 +326,27 @@ mod tests {
         assert!(found.admitted);
         assert_eq!(found.decisions[0].remaining, 1);
         assert_eq!(store.state("spent", ""), before);
+    }
+
+    #[test]
+    fn a_removed_bucket_is_full_again_and_its_neighbours_are_kept() {
+        let store = MemoryStore::default();
+        let limit = Limit::parse(LimitSpec {
+            rate: 1,
+            window_s: 60,
+            burst: 1,
+        })
+        .unwrap();
+        store.take_at(&key(1), &limit, 0);
+        store.take_at(&key(2), &limit, 0);
+        let bucket = KeyedCharge {
+            key: key(1),
+            field: String::new(),
+            charge: Charge::one(limit),
+        };
+        store.remove(std::slice::from_ref(&bucket));
+        assert!(store.take_at(&key(1), &limit, 1).allowed);
+        assert!(!store.take_at(&key(2), &limit, 1).allowed);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use ratelimiter::store::memory::MemoryStore;
 use ratelimiter::store::redis::{
     ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
 };
-use ratelimiter::store::{KeyedCharge, Outcome};
+use ratelimiter::store::{KeyedCharge, Outcome, Store};
 
 use crate::support::{
     RedisProcess, TestApp, all_at_once, client, header, unique_prefix, wait_until,
@@ -588,4 +588,22 @@ async fn the_denial_cache_admits_a_flooding_client_exactly_as_redis_alone_would(
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_reset_deletes_the_hash_of_every_bucket_named_and_fails_when_redis_is_gone() {
+    let mut redis = RedisProcess::server(None, &[]);
+    let prefix = unique_prefix("reset");
+    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let (reset, kept) = (format!("{prefix}:{{a}}"), format!("{prefix}:{{b}}"));
+    let policy = limit(1, 60, 1);
+    for key in [&reset, &kept] {
+        assert!(take_one(&store, key, policy).await.allowed);
+    }
+    store.reset(&one(&reset, policy)).await.unwrap();
+    assert_eq!(redis.command::<i64>(&["EXISTS", &reset]), 0);
+    assert_eq!(redis.command::<i64>(&["EXISTS", &kept]), 1);
+    assert!(take_one(&store, &reset, policy).await.allowed, "full again");
+    redis.kill();
+    assert!(store.reset(&one(&reset, policy)).await.is_err());
 }
