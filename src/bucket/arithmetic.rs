@@ -308,9 +308,12 @@ mod tests {
             let bound = u128::from(burst) + refilled;
             prop_assert!(admitted <= bound, "admitted {} > bound {}", admitted, bound);
             // With a request at least as often as a token appears, every token is used
-            // as soon as it exists: the count is exact, not just bounded.
+            // as soon as it exists: the count is exact, not just bounded. Not with a burst
+            // of 1: such a bucket is full the moment its token appears, so what accrues
+            // until the next request is capped away (rate 240 per 7 s, a request every
+            // 1,092 µs: 43 of 44 in 1.25 s).
             let token_interval = window_s * 1_000_000 / rate;
-            if gap <= token_interval {
+            if gap <= token_interval && burst >= 2 {
                 prop_assert_eq!(admitted, bound.min(steps as u128));
             }
         }
