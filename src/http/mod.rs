@@ -5,7 +5,11 @@
 //! - [`headers`]: `RateLimit`/`RateLimit-Policy` and the legacy `X-RateLimit-*`.
 //! - [`problem`]: `application/problem+json` for 400, 404, 405, 429 and 503.
 //! - [`policies`]: `/v1/policies` and `/v1/explain`, what the policies are and would do.
+//! - [`admin_auth`]: who may call the decision and bucket API: the `ADMIN_TOKEN` bearer
+//!   token when it is set, else local callers only (a loopback peer, not forwarded for
+//!   another client).
 
+pub mod admin_auth;
 pub mod headers;
 pub mod policies;
 pub mod problem;
