@@ -280,6 +280,32 @@ impl Decider {
         }
     }
 
+    /// Makes the buckets of `charges` full again: in the store (the whole hash of each
+    /// key), in the local fallback's share, and in this instance's deny cache, which is
+    /// cleared entirely. Other instances keep answering a denial they cached until its
+    /// retry-after passes. Fails, changing nothing here, when the store cannot be reached.
+    pub async fn reset(&self, charges: &[LimitCharge<'_>]) -> Result<(), StoreError> {
+        let keyed: Vec<KeyedCharge> = charges
+            .iter()
+            .map(|c| KeyedCharge {
+                key: c.key.clone(),
+                field: c.field.clone(),
+                charge: c.charge,
+            })
+            .collect();
+        match &self.buckets {
+            Buckets::Local(store) => store.remove(&keyed),
+            Buckets::Shared(store) => {
+                store.reset(&keyed).await?;
+                self.fallback.remove(&keyed);
+            }
+        }
+        if let Some(denials) = &self.denials {
+            denials.clear();
+        }
+        Ok(())
+    }
+
     /// Decides a request that draws on `charges`, all or nothing.
     pub async fn decide<'a>(&self, charges: Vec<LimitCharge<'a>>) -> Verdict<'a> {
         if charges.is_empty() {

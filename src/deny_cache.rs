@@ -8,8 +8,14 @@
 //! until then at least one still lacks them, and all or nothing means no. The deadline is
 //! measured from when the question was *sent*, which is no later than when Redis answered
 //! it, so the cache never outlasts the real denial.
+//!
+//! The one thing that gives tokens back early is a reset (`DELETE /v1/buckets/…`): the
+//! instance that resets clears its whole cache ([`DenyCache::clear`]), and an answer to a
+//! question sent before that is not cached afterwards. Other instances cannot know, and
+//! keep answering a denial they cached until its retry-after passes.
 
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use quick_cache::sync::Cache;
@@ -44,6 +50,9 @@ pub struct DenyCache {
     /// never share an answer in practice.
     hashers: [RandomState; 2],
     epoch: Instant,
+    /// Answers to questions sent before this (µs since `epoch`) are not cached: the
+    /// buckets may have been reset since.
+    cleared_at_us: AtomicU64,
 }
 
 impl DenyCache {
@@ -54,6 +63,7 @@ impl DenyCache {
             entries: Cache::new(capacity),
             hashers: [RandomState::new(), RandomState::new()],
             epoch: Instant::now(),
+            cleared_at_us: AtomicU64::new(0),
         })
     }
 
@@ -97,7 +107,7 @@ impl DenyCache {
         charges: &[KeyedCharge],
         outcome: &Outcome,
     ) {
-        if outcome.admitted {
+        if outcome.admitted || asked_at_us < self.cleared_at_us.load(Ordering::Acquire) {
             return;
         }
         let lacking = charges
@@ -129,6 +139,21 @@ impl DenyCache {
                 buckets,
             },
         );
+    }
+
+    /// Forgets every denial, for after a reset of some buckets: the cache is keyed by
+    /// fingerprints, which do not say which buckets they cover, and resets are rare.
+    pub fn clear(&self) {
+        self.clear_at(self.now_us());
+    }
+
+    /// [`DenyCache::clear`] at an explicit time: answers to questions sent before
+    /// `now_us` are not remembered after it either.
+    pub fn clear_at(&self, now_us: u64) {
+        // First the mark, then the entries: a denial remembered in between is either
+        // refused by the mark or removed with the rest.
+        self.cleared_at_us.fetch_max(now_us, Ordering::AcqRel);
+        self.entries.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -239,6 +264,21 @@ mod tests {
         cache.remember_at(key, 0, &both, &outcome);
         assert!(cache.lookup_at(key, 239_999_999).is_some());
         assert!(cache.lookup_at(key, 240_000_000).is_none());
+    }
+
+    #[test]
+    fn a_clear_forgets_every_denial_and_refuses_answers_to_questions_sent_before_it() {
+        let cache = DenyCache::new(10).unwrap();
+        let one = charges("a", &[limit(10, 60, 10)]);
+        let key = cache.fingerprint(&one);
+        cache.remember_at(key, 1_000, &one, &denial(6_000_000));
+        cache.clear_at(2_000);
+        assert!(cache.lookup_at(key, 2_001).is_none());
+        // Sent before the reset, answered after it: the bucket may be full now.
+        cache.remember_at(key, 1_500, &one, &denial(6_000_000));
+        assert!(cache.is_empty());
+        cache.remember_at(key, 2_000, &one, &denial(6_000_000));
+        assert!(cache.lookup_at(key, 2_001).is_some());
     }
 
     #[test]

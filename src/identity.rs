@@ -79,7 +79,8 @@ impl IdentityRules {
         &self.trusted_proxies
     }
 
-    fn is_trusted(&self, addr: IpAddr) -> bool {
+    /// Whether `addr` is one of the proxies whose forwarding headers are believed.
+    pub fn is_trusted(&self, addr: IpAddr) -> bool {
         let addr = canonical(addr);
         self.trusted_proxies.iter().any(|net| net.contains(&addr))
     }

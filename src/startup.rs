@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 use thiserror::Error;
 
 use crate::decision::{Buckets, Decider, DeciderSettings, InstanceCount};
+use crate::http::admin_auth::AdminAuth;
 use crate::http::routes::AppState;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
@@ -81,12 +82,17 @@ impl Application {
             settings.headers,
             metrics.clone(),
         ));
+        let admin = web::Data::new(AdminAuth::new(
+            settings.admin_token.as_ref(),
+            settings.identity.clone(),
+        ));
         let instance = settings.instance_name.clone();
         let access_log = settings.access_log;
         let mut server = HttpServer::new(move || {
             let metrics = metrics.clone();
             App::new()
                 .app_data(state.clone())
+                .app_data(admin.clone())
                 .wrap(Condition::new(
                     access_log,
                     Logger::new("%a \"%r\" %s %b %Dms"),

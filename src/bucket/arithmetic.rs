@@ -122,9 +122,10 @@ pub struct Taken {
     /// One per charge, in order.
     pub decisions: Vec<Decision>,
     /// One per charge: the state to store, or `None` where the stored one still holds. A
-    /// bucket that paid nothing is unchanged: refill is linear, so its old state still
-    /// describes it exactly, and the store need not write. The exception is a bucket
-    /// written on a clock ahead of this one (see [`rebased`]).
+    /// bucket that paid nothing (it did not pay, or was charged 0, which only reads) is
+    /// unchanged: refill is linear, so its old state still describes it exactly (and a
+    /// missing one is still full), and the store need not write. The exception is a
+    /// bucket written on a clock ahead of this one (see [`rebased`]).
     pub writes: Vec<Option<BucketState>>,
 }
 
@@ -140,7 +141,8 @@ impl Taken {
 
 /// Decides one request over all its buckets at `now_us`, all or nothing: the enforced
 /// buckets pay only if every one of them has the tokens; each shadow group pays only if
-/// the request is admitted and every bucket of the group has the tokens.
+/// the request is admitted and every bucket of the group has the tokens. A bucket charged
+/// 0 tokens always has them and is never written: a cost of 0 is a read.
 pub fn take_all(charges: &[Charge], states: &[Option<BucketState>], now_us: u64) -> Taken {
     let held: Vec<u64> = charges
         .iter()
@@ -499,6 +501,63 @@ mod tests {
         assert!(!taken.admitted);
         // 9 tokens held, 10 needed: one more second.
         assert_eq!(taken.decisions[0].retry_after_us, SECOND);
+    }
+
+    fn read(limit: Limit) -> Charge {
+        Charge {
+            cost: 0,
+            ..Charge::one(limit)
+        }
+    }
+
+    #[test]
+    fn a_cost_of_zero_reports_the_bucket_and_writes_nothing() {
+        let limit = limit(10, 60, 10);
+        let fresh = take_all(&[read(limit)], &[None], 0);
+        assert!(fresh.admitted && fresh.decisions[0].allowed);
+        assert_eq!(fresh.decisions[0].remaining, 10);
+        assert_eq!(fresh.writes, vec![None], "a missing bucket stays missing");
+        let drained = Some(BucketState {
+            tokens: 0,
+            updated_us: 0,
+        });
+        // Three tokens have come back after 18 s; the stored state still says so later.
+        let taken = take_all(&[read(limit)], &[drained], 18 * SECOND);
+        assert!(taken.admitted && taken.decisions[0].allowed);
+        assert_eq!(taken.decisions[0].remaining, 3);
+        assert_eq!(taken.decisions[0].retry_after_us, 0);
+        assert_eq!(taken.writes, vec![None]);
+    }
+
+    proptest! {
+        /// Reads (cost 0) between requests change no state and no decision, and a read
+        /// reports what a request at that moment finds: one token more than it leaves.
+        #[test]
+        fn reads_between_requests_change_nothing_and_report_what_a_request_finds(
+            arrivals in proptest::collection::vec((0u64..5 * SECOND, any::<bool>()), 1..200),
+        ) {
+            let limit = limit(3, 10, 5);
+            let (mut with_reads, mut without) = ([None], [None]);
+            let mut now = 0;
+            for (gap, read_first) in arrivals {
+                now += gap;
+                let found = read_first.then(|| take_all(&[read(limit)], &with_reads, now));
+                if let Some(found) = &found {
+                    prop_assert!(found.admitted);
+                    prop_assert_eq!(&found.writes, &vec![None]);
+                }
+                let taken = take_all(&[Charge::one(limit)], &with_reads, now);
+                let alone = take_all(&[Charge::one(limit)], &without, now);
+                prop_assert_eq!(&taken, &alone);
+                if let Some(found) = found {
+                    let spent = u64::from(taken.admitted);
+                    prop_assert_eq!(found.decisions[0].remaining, taken.decisions[0].remaining + spent);
+                }
+                taken.apply_to(&mut with_reads);
+                alone.apply_to(&mut without);
+                prop_assert_eq!(with_reads, without);
+            }
+        }
     }
 
     proptest! {

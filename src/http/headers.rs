@@ -56,6 +56,18 @@ pub fn retry_after_secs(retry_after_us: u64) -> u64 {
     ceil_secs(retry_after_us).max(1)
 }
 
+/// Seconds until one limit has more quota, as `RateLimit`'s `t` says it: until the next
+/// whole token for a limit that had the tokens, until it has enough for the request for
+/// one that lacked them.
+pub fn reset_secs(decision: &Decision) -> u64 {
+    let until_more = if decision.allowed {
+        decision.next_token_us
+    } else {
+        decision.retry_after_us
+    };
+    ceil_secs(until_more)
+}
+
 /// What the headers say about one enforced limit.
 struct Stated<'a> {
     name: LimitName<'a>,
@@ -128,16 +140,11 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, He
                 }
                 state.push('"');
                 item_name(&item.name, &mut state);
-                let until_more = if decision.allowed {
-                    decision.next_token_us
-                } else {
-                    decision.retry_after_us
-                };
                 let _ = write!(
                     state,
                     "\";r={};t={}",
                     decision.remaining,
-                    ceil_secs(until_more)
+                    reset_secs(decision)
                 );
             }
         }

@@ -3,9 +3,19 @@
 //!
 //! - [`routes`]: the handlers and the state they share.
 //! - [`headers`]: `RateLimit`/`RateLimit-Policy` and the legacy `X-RateLimit-*`.
-//! - [`problem`]: `application/problem+json` for 400, 404, 405, 429 and 503.
+//! - [`problem`]: `application/problem+json` for every error answer.
 //! - [`policies`]: `/v1/policies` and `/v1/explain`, what the policies are and would do.
+//! - [`decide`]: the decision API for applications, `POST /v1/decide` (a policy and a
+//!   key named by the caller, decided as a request with that key would be), and the
+//!   bucket API, `GET` (a read: spends and writes nothing) and `DELETE` (a reset) of
+//!   `/v1/buckets/{policy}/{key}` (a one-part key) or `/v1/buckets/{policy}?key=…&key=…`
+//!   (a composite key, one `key` per part in order; no `key` for a policy keyed
+//!   `global`).
+//! - [`admin_auth`]: who may call those three: the `ADMIN_TOKEN` bearer token when it is
+//!   set, else local callers only (a loopback peer, not forwarded for another client).
 
+pub mod admin_auth;
+pub mod decide;
 pub mod headers;
 pub mod policies;
 pub mod problem;
@@ -44,6 +54,26 @@ pub fn configure(config: &mut web::ServiceConfig) {
         ))
         .service(endpoint("/v1/policies", get().to(policies::list)))
         .service(endpoint("/v1/explain", get().to(policies::explain)))
+        .service(
+            web::resource("/v1/decide")
+                .app_data(RouteLabel("/v1/decide"))
+                .route(web::post().to(decide::decide))
+                .default_service(web::to(|| problem::not_allowed("POST"))),
+        )
+        .service(
+            web::resource("/v1/buckets/{policy}")
+                .app_data(RouteLabel("/v1/buckets/{policy}"))
+                .route(get().to(decide::show_bucket))
+                .route(web::delete().to(decide::reset_bucket))
+                .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE"))),
+        )
+        .service(
+            web::resource("/v1/buckets/{policy}/{key}")
+                .app_data(RouteLabel("/v1/buckets/{policy}/{key}"))
+                .route(get().to(decide::show_bucket_of))
+                .route(web::delete().to(decide::reset_bucket_of))
+                .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE"))),
+        )
         .default_service(web::to(problem::not_found));
 }
 

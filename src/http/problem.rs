@@ -1,6 +1,7 @@
 //! The one shape of every error answer: `application/problem+json` (RFC 9457).
 //!
-//! 400, 404, 405, 429 and 503 all come from [`Problem`], so a client parses one shape. The
+//! 400, 401, 403, 404, 405, 413, 415, 429 and 503 all come from [`Problem`], so a client
+//! parses one shape. The
 //! body is written by hand because a 429 is on the flood path; the tests parse it back as
 //! JSON.
 
@@ -110,6 +111,16 @@ fn json_string(text: &str) -> String {
 /// 404 for any path this service does not serve.
 pub async fn not_found() -> HttpResponse {
     Problem::new(StatusCode::NOT_FOUND).response()
+}
+
+/// 405 for a path that answers only the methods `allow` lists (`"POST"`,
+/// `"GET, HEAD, DELETE"`).
+pub async fn not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = HttpResponse::build(StatusCode::METHOD_NOT_ALLOWED);
+    response.insert_header(("Allow", HeaderValue::from_static(allow)));
+    Problem::new(StatusCode::METHOD_NOT_ALLOWED)
+        .detail(&format!("this path answers {allow}"))
+        .respond(response)
 }
 
 /// 405 for a known path with a method it does not accept.

@@ -426,13 +426,17 @@ fn read_policy(
     })
 }
 
-fn check_name(name: &str) -> Result<(), String> {
-    let valid = !name.is_empty()
+/// Whether `name` is made as a policy's or a limit's name must be.
+pub(super) fn is_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if valid {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if is_name(name) {
         Ok(())
     } else {
         Err(format!(

@@ -183,6 +183,37 @@ impl KeySpec {
         })
     }
 
+    /// How many raw values a key of this policy is made of: 0 for `global`.
+    pub(super) fn part_count(&self) -> usize {
+        match self {
+            KeySpec::Global => 0,
+            KeySpec::Parts { parts, .. } => parts.len(),
+        }
+    }
+
+    /// The parts as a policy file names them: `header:x-api-key, method`.
+    pub(super) fn describe(&self) -> String {
+        let KeySpec::Parts { parts, .. } = self else {
+            return GLOBAL.to_string();
+        };
+        let names: Vec<String> = parts
+            .iter()
+            .map(|part| match part {
+                KeyPart::ClientIp => "client_ip".to_string(),
+                KeyPart::Header(name) => format!("header:{name}"),
+                KeyPart::Path => "path".to_string(),
+                KeyPart::Method => "method".to_string(),
+                KeyPart::Host => "host".to_string(),
+            })
+            .collect();
+        names.join(", ")
+    }
+
+    /// The key of a policy keyed `global`.
+    pub(super) fn global() -> String {
+        GLOBAL.to_string()
+    }
+
     /// The key of `request`; `None` when a part is missing and the policy then skips.
     pub(super) fn build(
         &self,

@@ -9,6 +9,10 @@
 //! - `matching.rs`: the compiled `match` section, checked without allocating.
 //! - `key.rs`: the bucket key of a request, header values hashed, and its cost.
 //!
+//! [`PolicySet::evaluate`] answers for a request; [`PolicySet::applied_for`] for a policy
+//! named by a caller that gives the raw values of the key (the decision API), encoded the
+//! same way, so both reach the same buckets.
+//!
 //! # The policy file
 //!
 //! `config/policies.example.toml` is a complete example; this is the reference.
@@ -201,6 +205,42 @@ pub enum Rejection {
     },
 }
 
+/// Why a decision asked for by policy name and raw key (`/v1/decide`, `/v1/buckets`)
+/// cannot be made (HTTP 400). Each message starts with the field it is about, and never
+/// repeats a key value: it may be an API key.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LookupError {
+    /// `name` is kept only when it reads like a policy name, so that the message never
+    /// repeats arbitrary text.
+    #[error("policy: {}; GET /v1/policies lists them", unknown_policy(.name))]
+    UnknownPolicy { name: Option<String> },
+    #[error("key: policy {policy:?} is keyed \"global\": it has one bucket and takes no key")]
+    KeyNotTaken { policy: String },
+    #[error("key: policy {policy:?} is keyed by {parts}, so a key is needed: {expected}")]
+    KeyMissing {
+        policy: String,
+        parts: String,
+        expected: String,
+    },
+    #[error("key: policy {policy:?} is keyed by {parts}: {problem}")]
+    BadKey {
+        policy: String,
+        parts: String,
+        problem: String,
+    },
+    #[error(
+        "cost: {cost} is more than {max}, the smallest burst of policy {policy:?} for this key, so it could never be admitted"
+    )]
+    CostTooLarge { policy: String, cost: u64, max: u64 },
+}
+
+fn unknown_policy(name: &Option<String>) -> String {
+    match name {
+        Some(name) => format!("no active policy is named {name:?}"),
+        None => "no active policy has that name".to_string(),
+    }
+}
+
 /// The path the service limits when there is no policy file.
 const DEFAULT_PATH: &str = "/limited_endpoint";
 
@@ -259,6 +299,75 @@ impl PolicySet {
 
     pub fn policies(&self) -> &[Policy] {
         &self.policies
+    }
+
+    /// The policy `name` as it would apply to a request whose key parts have the raw
+    /// values `key` (none for a policy keyed `global`), costing `cost`: the key encoded
+    /// exactly as a request's would be (header parts hashed), so both share buckets, and
+    /// the limits an override gives that key. A cost above the smallest burst of those
+    /// limits is refused: no bucket could ever hold it. The policy's own `cost` rule is
+    /// for requests; here the caller names the cost.
+    pub fn applied_for(
+        &self,
+        name: &str,
+        key: Option<&[String]>,
+        cost: u64,
+    ) -> Result<Applied<'_>, LookupError> {
+        let Some(policy) = self.policies.iter().find(|policy| policy.name == name) else {
+            return Err(LookupError::UnknownPolicy {
+                name: file::is_name(name).then(|| name.to_string()),
+            });
+        };
+        let parts = policy.key.part_count();
+        let key = match (key, parts) {
+            (None, 0) => key::KeySpec::global(),
+            (Some(_), 0) => {
+                return Err(LookupError::KeyNotTaken {
+                    policy: policy.name.clone(),
+                });
+            }
+            (None, parts) => {
+                let expected = if parts == 1 {
+                    "a string".to_string()
+                } else {
+                    format!("a list of {parts} strings, one per part in this order")
+                };
+                return Err(LookupError::KeyMissing {
+                    policy: policy.name.clone(),
+                    parts: policy.key.describe(),
+                    expected,
+                });
+            }
+            (Some(values), _) => {
+                policy
+                    .key
+                    .encode_raw(values, &self.hash_key)
+                    .map_err(|problem| LookupError::BadKey {
+                        policy: policy.name.clone(),
+                        parts: policy.key.describe(),
+                        problem,
+                    })?
+            }
+        };
+        let limits = policy.overrides.limits_for(&key).unwrap_or(&policy.limits);
+        let max = limits
+            .iter()
+            .map(|limit| limit.limit.capacity())
+            .min()
+            .unwrap_or(0);
+        if cost > max {
+            return Err(LookupError::CostTooLarge {
+                policy: policy.name.clone(),
+                cost,
+                max,
+            });
+        }
+        Ok(Applied {
+            policy,
+            key,
+            limits,
+            cost,
+        })
     }
 
     /// The policies that apply to `request`, in file order, each with its key, limits and

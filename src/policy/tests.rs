@@ -1129,3 +1129,118 @@ fn single_refuses_a_limit_that_cannot_be_built() {
     };
     assert_eq!(PolicySet::single(zero).unwrap_err(), LimitError::ZeroRate);
 }
+
+// ---- a decision asked for by name ----
+
+fn values(values: &[&str]) -> Vec<String> {
+    values.iter().map(|v| v.to_string()).collect()
+}
+
+fn lookup_error(set: &PolicySet, name: &str, key: Option<&[&str]>, cost: u64) -> String {
+    let key = key.map(values);
+    match set.applied_for(name, key.as_deref(), cost) {
+        Err(error) => error.to_string(),
+        Ok(applied) => panic!("{name} {key:?} {cost} should be refused: {applied:?}"),
+    }
+}
+
+#[test]
+fn a_named_key_is_the_bucket_a_request_with_that_value_is_charged_to() {
+    let set = keyed("[\"header:x-api-key\", \"method\"]", None);
+    let request = request("post", "/").header("x-api-key", "  key-123 ");
+    let named = set
+        .applied_for("p", Some(&values(&["key-123", "POST"])), 1)
+        .unwrap();
+    assert_eq!(named.key, key_of(&set, &request));
+    assert_eq!(named.cost, 1);
+    let by_ip = keyed("[\"client_ip\"]", None);
+    let named = by_ip
+        .applied_for("p", Some(&values(&["203.0.113.9"])), 0)
+        .unwrap();
+    assert_eq!(named.key, key_of(&by_ip, &request));
+    assert_eq!(named.cost, 0);
+}
+
+#[test]
+fn a_named_key_with_an_override_gets_the_overrides_limits() {
+    let set = policies(&one_policy(&format!(
+        "key = [\"header:x-api-key\"]\n{MINUTE}\n[[policy.override]]\nkeys = [\"gold\"]\nlimits = [{{ name = \"minute\", rate = 100, per = \"1m\" }}]"
+    )));
+    let gold = set.applied_for("p", Some(&values(&["gold"])), 1).unwrap();
+    assert_eq!(gold.limits[0].spec.rate, 100);
+    let plain = set.applied_for("p", Some(&values(&["silver"])), 1).unwrap();
+    assert_eq!(plain.limits[0].spec.rate, 10);
+    // The override's burst is the one a cost is held to.
+    assert!(set.applied_for("p", Some(&values(&["gold"])), 100).is_ok());
+    let message = lookup_error(&set, "p", Some(&["silver"]), 100);
+    assert!(
+        message.starts_with("cost: 100 is more than 10, the smallest burst of policy \"p\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_global_policy_takes_no_key_and_a_keyed_one_needs_one() {
+    let global = keyed("[\"global\"]", None);
+    assert_eq!(global.applied_for("p", None, 1).unwrap().key, "global");
+    let message = lookup_error(&global, "p", Some(&["x"]), 1);
+    assert!(
+        message.starts_with("key: ") && message.contains("takes no key"),
+        "{message}"
+    );
+    let pair = keyed("[\"header:x-api-key\", \"method\"]", None);
+    assert_eq!(
+        lookup_error(&pair, "p", None, 1),
+        "key: policy \"p\" is keyed by header:x-api-key, method, so a key is needed: a list of 2 strings, one per part in this order"
+    );
+    assert_eq!(
+        lookup_error(&keyed("[\"path\"]", None), "p", None, 1),
+        "key: policy \"p\" is keyed by path, so a key is needed: a string"
+    );
+}
+
+#[test]
+fn a_bad_named_key_is_refused_naming_the_field_and_never_repeating_the_value() {
+    let pair = keyed("[\"header:x-api-key\", \"method\"]", None);
+    let message = lookup_error(&pair, "p", Some(&["secret-key-1"]), 1);
+    assert!(
+        message
+            .starts_with("key: policy \"p\" is keyed by header:x-api-key, method: 1 values given"),
+        "{message}"
+    );
+    assert!(!message.contains("secret-key-1"));
+    let by_ip = keyed("[\"client_ip\"]", None);
+    let message = lookup_error(&by_ip, "p", Some(&["not-an-address"]), 1);
+    assert!(
+        message.starts_with("key: ") && message.contains("IPv4"),
+        "{message}"
+    );
+    assert!(!message.contains("not-an-address"));
+}
+
+#[test]
+fn an_unknown_policy_is_named_only_when_its_name_could_be_one() {
+    let set = keyed("[\"global\"]", None);
+    assert_eq!(
+        lookup_error(&set, "nope", None, 1),
+        "policy: no active policy is named \"nope\"; GET /v1/policies lists them"
+    );
+    let message = lookup_error(&set, "<script>", None, 1);
+    assert!(
+        message.starts_with("policy: no active policy has that name"),
+        "{message}"
+    );
+    assert!(!message.contains("script"));
+}
+
+#[test]
+fn a_cost_up_to_the_smallest_burst_is_accepted_and_zero_is_a_read() {
+    let set = policies(&one_policy(
+        "limits = [{ name = \"minute\", rate = 10, per = \"1m\" }, { name = \"day\", rate = 100, per = \"1d\", burst = 5 }]",
+    ));
+    let ip = values(&["192.0.2.1"]);
+    assert_eq!(set.applied_for("p", Some(&ip), 0).unwrap().cost, 0);
+    assert_eq!(set.applied_for("p", Some(&ip), 5).unwrap().cost, 5);
+    assert!(lookup_error(&set, "p", Some(&["192.0.2.1"]), 6).starts_with("cost: 6 is more than 5"));
+    assert!(lookup_error(&set, "p", Some(&["192.0.2.1"]), u64::MAX).starts_with("cost: "));
+}

@@ -136,6 +136,8 @@ settings! {
         "how often `POLICY_FILE` is checked for changes (`SIGHUP` reloads at once)";
     POLICY_KEY_SECRET: Unset("unset"), Secret,
         "keys the hash that replaces header values (API keys) in bucket keys; every instance must share it; unset: a fixed public key";
+    ADMIN_TOKEN: Unset("unset"), Secret,
+        "the `Authorization: Bearer` token `/v1/decide` and `/v1/buckets/…` require; unset: they answer local callers only (loopback peer, not forwarded for another client)";
 }
 
 /// Read from the environment only, before any layering.

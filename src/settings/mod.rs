@@ -97,6 +97,9 @@ pub struct Settings {
     pub deny_cache_size: usize,
     pub memory_store_max_buckets: usize,
     pub metrics: bool,
+    /// `ADMIN_TOKEN`: what the decision and bucket API require as a bearer token; `None`
+    /// serves them to local callers only.
+    pub admin_token: Option<SecretString>,
     /// Every setting's effective value, secrets masked, for the start-up log line.
     effective: String,
 }
@@ -313,6 +316,7 @@ impl Parser {
             );
         }
         let redis_password = self.secret(&REDIS_PASSWORD);
+        let admin_token = self.secret(&ADMIN_TOKEN);
 
         // Every setting with a preset parses to Some unless it was reported.
         let (
@@ -384,6 +388,7 @@ impl Parser {
             deny_cache_size: deny_cache_size as usize,
             memory_store_max_buckets: memory_store_max_buckets as usize,
             metrics,
+            admin_token,
             effective,
         })
     }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::bucket::Limit;
+use secrecy::ExposeSecret;
 
 fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
     Settings::load_from(
@@ -151,10 +152,11 @@ fn passwords_never_reach_the_logged_configuration() {
         ("REDIS_URL", "redis://:s3cret@127.0.0.1:6379"),
         ("REDIS_PASSWORD", "hunter2"),
         ("SENTINEL_PASSWORD", "swordfish"),
+        ("ADMIN_TOKEN", "open-sesame"),
     ])
     .unwrap();
     let logged = settings.to_string();
-    for secret in ["s3cret", "hunter2", "swordfish"] {
+    for secret in ["s3cret", "hunter2", "swordfish", "open-sesame"] {
         assert!(!logged.contains(secret), "{logged}");
     }
     assert!(
@@ -162,6 +164,16 @@ fn passwords_never_reach_the_logged_configuration() {
         "{logged}"
     );
     assert!(logged.contains("REDIS_PASSWORD=***"), "{logged}");
+    assert!(logged.contains("ADMIN_TOKEN=***"), "{logged}");
+}
+
+#[test]
+fn an_empty_admin_token_is_no_token() {
+    assert!(load(&[]).unwrap().admin_token.is_none());
+    assert!(load(&[("ADMIN_TOKEN", "")]).unwrap().admin_token.is_none());
+    let settings = load(&[("ADMIN_TOKEN", "open-sesame")]).unwrap();
+    let token = settings.admin_token.as_ref().map(|t| t.expose_secret());
+    assert_eq!(token, Some("open-sesame"));
 }
 
 #[test]

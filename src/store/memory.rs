@@ -3,7 +3,8 @@
 //!
 //! A request over several buckets is decided under the locks of all their shards at once
 //! (taken in shard order, so two requests never wait on each other in a circle): the same
-//! all-or-nothing step the Lua script is in Redis.
+//! all-or-nothing step the Lua script is in Redis. Like the script, it writes only the
+//! buckets that paid: a denial, or a charge of 0 tokens (a read), stores nothing.
 //!
 //! Limits are then per instance, not shared. Buckets that have refilled completely are
 //! dropped, which loses nothing: a missing bucket is a full one. When more clients than
@@ -180,6 +181,28 @@ impl MemoryStore {
             .decisions[0]
     }
 
+    /// Forgets the buckets of `buckets` (by key and field), so they are full again.
+    pub fn remove(&self, buckets: &[KeyedCharge]) {
+        for bucket in buckets {
+            let key = self.key(&bucket.key, &bucket.field);
+            self.shards[Self::shard_of(key)]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .buckets
+                .remove(&key);
+        }
+    }
+
+    /// What the store holds for one bucket; `None` for a bucket it has never written (or
+    /// has dropped), which is a full one.
+    pub fn state(&self, key: &str, field: &str) -> Option<BucketState> {
+        let key = self.key(key, field);
+        let shard = self.shards[Self::shard_of(key)]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        shard.buckets.get(&key).map(|held| held.state)
+    }
+
     /// How many buckets are held, full ones not yet swept included.
     pub fn len(&self) -> usize {
         self.shards
@@ -242,6 +265,13 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(self.take_all_now(charges))))
     }
 
+    /// Forgets the buckets named (this store has no hashes: each bucket is kept on its own,
+    /// so only the fields given are forgotten).
+    fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
+        self.remove(buckets);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn check_ready(&self) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
@@ -268,6 +298,55 @@ mod tests {
         assert!(store.take_at(&key(1), &limit, 0).allowed);
         assert!(!store.take_at(&key(1), &limit, 1).allowed);
         assert!(store.take_at(&key(2), &limit, 1).allowed);
+    }
+
+    #[test]
+    fn a_charge_of_zero_tokens_stores_nothing() {
+        let store = MemoryStore::default();
+        let limit = Limit::parse(LimitSpec {
+            rate: 1,
+            window_s: 60,
+            burst: 2,
+        })
+        .unwrap();
+        let read = |name: &str| KeyedCharge {
+            key: name.to_string(),
+            field: String::new(),
+            charge: Charge {
+                cost: 0,
+                ..Charge::one(limit)
+            },
+        };
+        let fresh = store.take_all_at(&[read("fresh")], 0);
+        assert_eq!(fresh.decisions[0].remaining, 2);
+        assert!(store.is_empty(), "a read made a bucket");
+        store.take_at("spent", &limit, 0);
+        let before = store.state("spent", "");
+        let found = store.take_all_at(&[read("spent")], 30_000_000);
+        assert!(found.admitted);
+        assert_eq!(found.decisions[0].remaining, 1);
+        assert_eq!(store.state("spent", ""), before);
+    }
+
+    #[test]
+    fn a_removed_bucket_is_full_again_and_its_neighbours_are_kept() {
+        let store = MemoryStore::default();
+        let limit = Limit::parse(LimitSpec {
+            rate: 1,
+            window_s: 60,
+            burst: 1,
+        })
+        .unwrap();
+        store.take_at(&key(1), &limit, 0);
+        store.take_at(&key(2), &limit, 0);
+        let bucket = KeyedCharge {
+            key: key(1),
+            field: String::new(),
+            charge: Charge::one(limit),
+        };
+        store.remove(std::slice::from_ref(&bucket));
+        assert!(store.take_at(&key(1), &limit, 1).allowed);
+        assert!(!store.take_at(&key(2), &limit, 1).allowed);
     }
 
     #[test]

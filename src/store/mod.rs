@@ -149,6 +149,12 @@ pub trait Store: Send + Sync + 'static {
     /// Decides `charges` as one atomic step, all or nothing (see `bucket::take_all`).
     fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome>;
 
+    /// Makes the buckets of `buckets` full again (their charges are not looked at): each
+    /// named hash is deleted as a whole, so every bucket in it is full, the fields of
+    /// limits no longer in force included. Goes to the same node as [`Store::take`], so
+    /// it fails the same way (and a failure is an error, never a silent success).
+    fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()>;
+
     /// Whether the store can decide right now, for `/ready`.
     fn check_ready(&self) -> StoreFuture<'_, ()>;
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod config_errors;
 mod contract;
+mod decide;
 mod identity;
 mod policies;
 mod redis_store;

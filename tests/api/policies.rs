@@ -4,34 +4,9 @@
 use std::time::Duration;
 
 use crate::support::{
-    RedisProcess, TestApp, all_at_once, client, header, metric, metrics, send_signal,
+    PolicyFile, RedisProcess, TestApp, all_at_once, client, header, metric, metrics, send_signal,
     service_command, unique_prefix, wait_for_exit,
 };
-
-/// A policy file in its own temporary folder, kept as long as the value lives.
-struct PolicyFile {
-    dir: tempfile::TempDir,
-}
-
-impl PolicyFile {
-    fn new(text: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let file = Self { dir };
-        file.write(text);
-        file
-    }
-
-    fn path(&self) -> String {
-        self.dir.path().join("policies.toml").display().to_string()
-    }
-
-    /// Replaces the file the way editors do: write a new file, rename it over the old.
-    fn write(&self, text: &str) {
-        let staged = self.dir.path().join("policies.toml.new");
-        std::fs::write(&staged, text).expect("write the policy file");
-        std::fs::rename(&staged, self.path()).expect("rename the policy file into place");
-    }
-}
 
 const MINUTE_AND_HOUR: &str = r#"
 [[policy]]

@@ -9,7 +9,7 @@ use ratelimiter::store::memory::MemoryStore;
 use ratelimiter::store::redis::{
     ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
 };
-use ratelimiter::store::{KeyedCharge, Outcome};
+use ratelimiter::store::{KeyedCharge, Outcome, Store};
 
 use crate::support::{
     RedisProcess, TestApp, all_at_once, client, header, metric, metrics, unique_prefix, wait_until,
@@ -66,6 +66,9 @@ struct Case {
     name: &'static str,
     charges: Vec<Charge>,
     arrivals_us: Vec<u64>,
+    /// Every other arrival (the second, the fourth, …) is a read: the same buckets
+    /// charged 0 tokens.
+    reads_between: bool,
 }
 
 fn single(name: &'static str, limit: Limit, arrivals_us: Vec<u64>) -> Case {
@@ -73,10 +76,67 @@ fn single(name: &'static str, limit: Limit, arrivals_us: Vec<u64>) -> Case {
         name,
         charges: vec![Charge::one(limit)],
         arrivals_us,
+        reads_between: false,
+    }
+}
+
+impl Case {
+    /// This case with a read right after each of its requests.
+    fn with_reads(self) -> Case {
+        let arrivals_us = self.arrivals_us.iter().flat_map(|&at| [at, at]).collect();
+        Case {
+            arrivals_us,
+            reads_between: true,
+            ..self
+        }
+    }
+
+    /// The charges of arrival `n`.
+    fn charges_at(&self, n: usize) -> Vec<Charge> {
+        let read = self.reads_between && n % 2 == 1;
+        self.charges
+            .iter()
+            .map(|charge| Charge {
+                cost: if read { 0 } else { charge.cost },
+                ..*charge
+            })
+            .collect()
     }
 }
 
 fn parity_table() -> Vec<Case> {
+    let mut table = base_parity_table();
+    // The same requests with a read after each, through the one-bucket path of the script
+    // and through the general one: reads write nothing and change no later decision.
+    let with_reads: Vec<Case> = base_parity_table()
+        .into_iter()
+        .filter(|case| {
+            [
+                "burst then denied",
+                "clock going backwards refills nothing",
+                "minute and hour: the hour runs out first and spends nothing of the minute",
+                "a cost of three tokens",
+                "two shadow policies beside an enforced limit",
+            ]
+            .contains(&case.name)
+        })
+        .map(Case::with_reads)
+        .collect();
+    assert_eq!(with_reads.len(), 5, "every case named above exists");
+    table.extend(with_reads);
+    table.push(Case {
+        name: "only reads: nothing is ever written",
+        charges: vec![Charge {
+            cost: 0,
+            ..Charge::one(limit(10, 60, 10))
+        }],
+        arrivals_us: vec![1_790_000_000 * SECOND, 1_790_000_000 * SECOND + 1],
+        reads_between: false,
+    });
+    table
+}
+
+fn base_parity_table() -> Vec<Case> {
     // Clock values near today's epoch microseconds, as Redis TIME would give.
     let t0 = 1_790_000_000 * SECOND;
     let day = 86_400;
@@ -162,6 +222,7 @@ fn parity_table() -> Vec<Case> {
                 .map(|i| t0 + i)
                 .chain((1..=10).map(|s| t0 + s * 6 * SECOND))
                 .collect(),
+            reads_between: false,
         },
         Case {
             name: "a cost of three tokens",
@@ -170,6 +231,7 @@ fn parity_table() -> Vec<Case> {
                 ..Charge::one(limit(1, 1, 10))
             }],
             arrivals_us: vec![t0, t0, t0, t0 + 1, t0 + 2 * SECOND, t0 + 3 * SECOND],
+            reads_between: false,
         },
         Case {
             name: "two shadow policies beside an enforced limit",
@@ -180,9 +242,11 @@ fn parity_table() -> Vec<Case> {
                 shadow(2, limit(1, 60, 1)),
             ],
             arrivals_us: (0..6).map(|i| t0 + i).collect(),
+            reads_between: false,
         },
         Case {
             name: "a shadow policy alone: its limits pay together or not at all",
+            reads_between: false,
             charges: vec![shadow(1, limit(3, 60, 3)), shadow(1, limit(2, 60, 2))],
             arrivals_us: (0..4)
                 .map(|i| t0 + i)
@@ -191,6 +255,7 @@ fn parity_table() -> Vec<Case> {
         },
         Case {
             name: "a failover to a clock a minute behind costs the skew once",
+            reads_between: false,
             charges: vec![
                 Charge::one(limit(2, 60, 2)),
                 Charge::one(limit(100, 3600, 100)),
@@ -206,6 +271,7 @@ fn parity_table() -> Vec<Case> {
         },
         Case {
             name: "a clock behind, with shadow policies in other hashes",
+            reads_between: false,
             charges: vec![Charge::one(limit(1, 60, 1)), shadow(1, limit(1, 60, 1))],
             arrivals_us: vec![
                 t0 + 100 * SECOND,
@@ -216,6 +282,7 @@ fn parity_table() -> Vec<Case> {
         },
         Case {
             name: "three limits in one hash, the middle one denies",
+            reads_between: false,
             charges: vec![
                 Charge::one(limit(5, 1, 5)),
                 Charge::one(limit(2, 60, 2)),
@@ -232,38 +299,94 @@ fn parity_table() -> Vec<Case> {
 #[tokio::test]
 async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_case() {
     let redis = RedisProcess::server(None, &[]);
+    let mut conn = redis.connection();
     for mode in MODES {
         let memory = MemoryStore::default();
         for case in parity_table() {
             let store = redis_store(&redis, mode);
             let prefix = unique_prefix("parity");
-            let keyed: Vec<KeyedCharge> = case
-                .charges
-                .iter()
-                .enumerate()
-                .map(|(i, charge)| KeyedCharge {
-                    // The enforced limits share one hash, as one policy's do; each shadow
-                    // group has its own, as each shadow policy does.
-                    key: match charge.group {
-                        Group::Enforced => format!("{prefix}:enforced:{{k}}"),
-                        Group::Shadow(n) => format!("{prefix}:shadow-{n}:{{k}}"),
-                    },
-                    field: format!("limit-{i}"),
-                    charge: *charge,
-                })
-                .collect();
             let mut states: Vec<Option<BucketState>> = vec![None; case.charges.len()];
-            for &now in &case.arrivals_us {
-                let taken = bucket::take_all(&case.charges, &states, now);
+            for (n, &now) in case.arrivals_us.iter().enumerate() {
+                let charges = case.charges_at(n);
+                let keyed: Vec<KeyedCharge> = charges
+                    .iter()
+                    .enumerate()
+                    .map(|(i, charge)| KeyedCharge {
+                        // The enforced limits share one hash, as one policy's do; each
+                        // shadow group has its own, as each shadow policy does.
+                        key: match charge.group {
+                            Group::Enforced => format!("{prefix}:enforced:{{k}}"),
+                            Group::Shadow(n) => format!("{prefix}:shadow-{n}:{{k}}"),
+                        },
+                        field: format!("limit-{i}"),
+                        charge: *charge,
+                    })
+                    .collect();
+                let taken = bucket::take_all(&charges, &states, now);
                 taken.apply_to(&mut states);
                 let expected = Outcome {
                     admitted: taken.admitted,
                     decisions: taken.decisions,
                 };
+                let what = |store: &str| {
+                    let reads = if case.reads_between {
+                        ", with reads"
+                    } else {
+                        ""
+                    };
+                    format!("{}{reads} ({mode:?}): {store} at {now}", case.name)
+                };
                 let from_lua = store.take_at(&keyed, Some(now)).await.unwrap();
+                // A hash's expiry runs in real time, from times on the test's clock: one
+                // that fills within milliseconds there would be gone before the next
+                // arrival here. The script reads only the hash's `exp` field, so keeping
+                // the hash changes no decision (the expiry has tests of its own).
+                for keyed in &keyed {
+                    let _: i64 = redis::cmd("PERSIST")
+                        .arg(&keyed.key)
+                        .query(&mut conn)
+                        .unwrap();
+                }
                 let from_memory = memory.take_all_at(&keyed, now);
-                assert_eq!(from_lua, expected, "{} ({mode:?}): Lua at {now}", case.name);
-                assert_eq!(from_memory, expected, "{}: memory at {now}", case.name);
+                assert_eq!(from_lua, expected, "{}", what("Lua"));
+                assert_eq!(from_memory, expected, "{}", what("memory"));
+                // And each wrote exactly what the arithmetic wrote: nothing for a read or
+                // a denial, a bucket never written stays absent.
+                for (keyed, state) in keyed.iter().zip(&states) {
+                    let fields = [
+                        format!("{}:tokens", keyed.field),
+                        format!("{}:ts", keyed.field),
+                    ];
+                    let stored: Vec<Option<u64>> = redis::cmd("HMGET")
+                        .arg(&keyed.key)
+                        .arg(&fields)
+                        .query(&mut conn)
+                        .unwrap();
+                    let expected = state.map(|s| vec![Some(s.tokens), Some(s.updated_us)]);
+                    // Unless it expired before PERSIST reached it: a hash whose buckets
+                    // fill within a second on the test's clock (a billion a second after
+                    // one token) lives a millisecond or so.
+                    let may_have_expired = state.is_some_and(|s| {
+                        let limit = &keyed.charge.limit;
+                        Decision::from_units(limit, true, s.tokens, 0).full_after_us < SECOND
+                    });
+                    if !(may_have_expired && stored == [None, None]) {
+                        assert_eq!(
+                            stored,
+                            expected.unwrap_or(vec![None, None]),
+                            "{}: {}",
+                            what("Lua's hash"),
+                            keyed.field
+                        );
+                    }
+                    assert_eq!(
+                        memory.state(&keyed.key, &keyed.field),
+                        *state,
+                        "{}: {}",
+                        what("memory's bucket"),
+                        keyed.field
+                    );
+                }
             }
         }
     }
@@ -560,4 +683,22 @@ async fn a_foreign_value_is_decided_by_fail_mode_and_counted_as_wrongtype() {
         metric(&text, r#"ratelimit_store_errors_total{kind="wrongtype"}"#),
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_reset_deletes_the_hash_of_every_bucket_named_and_fails_when_redis_is_gone() {
+    let mut redis = RedisProcess::server(None, &[]);
+    let prefix = unique_prefix("reset");
+    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let (reset, kept) = (format!("{prefix}:{{a}}"), format!("{prefix}:{{b}}"));
+    let policy = limit(1, 60, 1);
+    for key in [&reset, &kept] {
+        assert!(take_one(&store, key, policy).await.allowed);
+    }
+    store.reset(&one(&reset, policy)).await.unwrap();
+    assert_eq!(redis.command::<i64>(&["EXISTS", &reset]), 0);
+    assert_eq!(redis.command::<i64>(&["EXISTS", &kept]), 1);
+    assert!(take_one(&store, &reset, policy).await.allowed, "full again");
+    redis.kill();
+    assert!(store.reset(&one(&reset, policy)).await.is_err());
 }

@@ -5,11 +5,13 @@
 //!   temporary folders, stopped on `Drop`;
 //! - `app`: the service itself, on its own thread on port 0 (`TestApp`) or as the real
 //!   binary in a child process;
-//! - `http`: clients with timeouts, and the requests several suites make the same way.
+//! - `http`: clients with timeouts, and the requests several suites make the same way;
+//! - `policy_file`: policy files in temporary folders.
 #![allow(dead_code)]
 
 mod app;
 mod http;
+mod policy_file;
 mod redis_nodes;
 
 use std::net::TcpListener;
@@ -25,6 +27,8 @@ pub use app::{TestApp, service_command, wait_for_exit};
 pub use http::{
     all_at_once, client, client_from, header, metric, metrics, passes, until_redis_decides,
 };
+#[allow(unused_imports)]
+pub use policy_file::PolicyFile;
 #[allow(unused_imports)]
 pub use redis_nodes::{DATA_NODE_ARGS, PASSWORD, RedisProcess, SentinelCluster};
 

@@ -256,6 +256,21 @@ impl Store for RedisStore {
         Box::pin(self.take_at(charges, None))
     }
 
+    /// `DEL` of every hash `buckets` name, on the master, through [`Inner::query`].
+    fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
+        let mut keys: Vec<&str> = buckets.iter().map(|b| b.key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let mut delete = redis::cmd("DEL");
+        for key in keys {
+            delete.arg(key);
+        }
+        Box::pin(async move { self.inner.query::<u64>(delete).await.map(|_deleted| ()) })
+    }
+
     /// A real round trip to the master: a stale "ready" is worse than none.
     fn check_ready(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.inner.query::<()>(redis::cmd("PING")))
