@@ -3,6 +3,7 @@
 //!
 //! - `redis_nodes`: real `redis-server` and `redis-sentinel` processes on free ports in
 //!   temporary folders, stopped on `Drop`;
+//! - `redis_cluster`: six of those nodes made one Redis Cluster (3 masters, 3 replicas);
 //! - `app`: the service itself, on its own thread on port 0 (`TestApp`) or as the real
 //!   binary in a child process;
 //! - `http`: clients with timeouts, and the requests several suites make the same way.
@@ -10,6 +11,7 @@
 
 mod app;
 mod http;
+mod redis_cluster;
 mod redis_nodes;
 
 use std::net::TcpListener;
@@ -25,6 +27,8 @@ pub use app::{TestApp, service_command, wait_for_exit};
 pub use http::{
     all_at_once, client, client_from, header, metric, metrics, passes, until_redis_decides,
 };
+#[allow(unused_imports)]
+pub use redis_cluster::{RedisCluster, SLOTS, cluster_info};
 #[allow(unused_imports)]
 pub use redis_nodes::{DATA_NODE_ARGS, PASSWORD, RedisProcess, SentinelCluster};
 
