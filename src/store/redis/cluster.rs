@@ -331,6 +331,8 @@ impl Inner {
             .zip(refund)
             .filter(|(_, refunded)| **refunded)
             .map(|(&i, _)| charges[i].clone())
+            // A charge of no tokens took nothing.
+            .filter(|keyed| keyed.charge.cost > 0)
             .collect();
         if part.is_empty() {
             return;
