@@ -6,7 +6,8 @@
 //! - [`settings`]: every setting declared once ([`settings::declared`]); layered from
 //!   `config/default.toml`, `CONFIG_FILE` and the environment into the domain's types.
 //! - [`bucket`]: the token bucket as pure arithmetic on a validated [`bucket::Limit`],
-//!   time passed in; `token_bucket.lua`, its Redis mirror.
+//!   time passed in; `token_bucket.lua`, its Redis mirror; [`bucket::refund`] and
+//!   `refund.lua`, for payments another hash slot undid.
 //! - [`identity`]: which client a request counts against; trusted proxies only.
 //! - [`policy`]: the rules of a policy file: which requests each applies to, the bucket
 //!   key it charges them to, its limits and their cost; pure, parsed once.
@@ -14,7 +15,8 @@
 //!   when the store cannot; its answer is a [`decision::Verdict`].
 //! - [`store`]: where buckets live, behind one trait: in this process
 //!   ([`store::memory`]) or in Redis ([`store::redis`]: connections to a node, the current
-//!   master, discovery, the instance registry).
+//!   master, discovery, the instance registry; [`store::redis::cluster`] for a Redis
+//!   Cluster).
 //! - [`http`]: the route table, handlers, quota headers and the one problem+json shape.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
 //! - [`reload`]: keeps the policy file's parsed set current (SIGHUP, file changes).

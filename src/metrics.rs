@@ -75,6 +75,7 @@ struct Recorder {
     master_changes: Counter,
     current_master: Family<AddrLabels, Gauge>,
     fallback_active: Gauge,
+    cluster_refunds: Family<ResultLabels, Counter>,
     http_requests: Family<RouteStatusLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram>,
 }
@@ -122,6 +123,12 @@ impl Recorder {
             "fallback_active",
             "1 while Redis cannot decide and FAIL_MODE applies",
             fallback_active.clone(),
+        );
+        let cluster_refunds = Family::default();
+        registry.register(
+            "cluster_refunds",
+            "Payments given back in Redis Cluster mode because another hash slot refused the request, by result",
+            cluster_refunds.clone(),
         );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
@@ -171,6 +178,7 @@ impl Recorder {
             master_changes,
             current_master,
             fallback_active,
+            cluster_refunds,
             http_requests,
             http_duration,
         }
@@ -277,6 +285,32 @@ impl Metrics {
                 addr: addr.to_string(),
             })
             .set(1);
+    }
+
+    /// The masters of a Redis Cluster now in use, `added` of them new since the last call.
+    pub fn cluster_masters(&self, addrs: &[String], added: u64) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        recorder.master_changes.inc_by(added);
+        recorder.current_master.clear();
+        for addr in addrs {
+            recorder
+                .current_master
+                .get_or_create(&AddrLabels { addr: addr.clone() })
+                .set(1);
+        }
+    }
+
+    /// A refund in Redis Cluster mode: `given` when the script ran, else it failed.
+    pub fn cluster_refund(&self, given: bool) {
+        if let Some(recorder) = &self.recorder {
+            let result = if given { "given" } else { "failed" };
+            recorder
+                .cluster_refunds
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        }
     }
 
     pub fn fallback_active(&self, active: bool) {

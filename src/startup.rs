@@ -21,6 +21,7 @@ use crate::reload::{WatchSettings, Watcher};
 use crate::settings::PolicySource;
 use crate::settings::{Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::cluster::{ClusterSettings, ClusterStore, ClusterWatch};
 use crate::store::redis::discovery::{Discovery, Resolver, ResolverSettings};
 use crate::store::redis::registry::InstanceRegistry;
 use crate::store::redis::{ConnectionSettings, MasterSlot, RedisStore, node_info, with_password};
@@ -34,6 +35,8 @@ pub enum StartupError {
     },
     #[error("REDIS_URL is not usable: {0}")]
     RedisUrl(String),
+    #[error("REDIS_CLUSTER_NODES is not usable: {0}")]
+    ClusterNodes(String),
     #[error("cannot start the {0} thread: {1}")]
     Thread(&'static str, std::io::Error),
     #[error("cannot start the HTTP server: {0}")]
@@ -45,6 +48,8 @@ pub struct Application {
     port: u16,
     server: Server,
     resolver: Option<Resolver>,
+    /// In Cluster mode: announces this instance and follows the masters.
+    cluster_watch: Option<ClusterWatch>,
     /// Keeps the policies current while the service runs; `None` without a policy file.
     watcher: Option<Watcher>,
 }
@@ -61,7 +66,8 @@ impl Application {
         let port = listener.local_addr().map_err(StartupError::Server)?.port();
 
         let metrics = Metrics::new(settings.metrics);
-        let (buckets, instances, resolver) = build_buckets(&settings, &metrics).await?;
+        let (buckets, instances, resolver, cluster_watch) =
+            build_buckets(&settings, &metrics).await?;
         let decider = Decider::new(DeciderSettings {
             buckets,
             fail_mode: settings.fail_mode,
@@ -115,6 +121,7 @@ impl Application {
             port,
             server,
             resolver,
+            cluster_watch,
             watcher,
         })
     }
@@ -134,6 +141,9 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
         drop(self.watcher);
+        if let Some(watch) = self.cluster_watch {
+            watch.stop();
+        }
         if let Some(resolver) = self.resolver {
             // Joining may wait out one Redis timeout; keep it off the event loop.
             let _ = tokio::task::spawn_blocking(move || resolver.stop()).await;
@@ -176,11 +186,22 @@ fn watch_policies(
     Ok(Some(watcher))
 }
 
-type Built = (Buckets, InstanceCount, Option<Resolver>);
+type Built = (
+    Buckets,
+    InstanceCount,
+    Option<Resolver>,
+    Option<ClusterWatch>,
+);
 
 async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, StartupError> {
     let fixed_instances = settings.fallback_instances;
     let password = settings.redis.password.as_ref().map(|p| p.expose_secret());
+    let registry = || {
+        Arc::new(InstanceRegistry::new(
+            &settings.redis.key_prefix,
+            &settings.instance_name,
+        ))
+    };
     let discovery = match &settings.store {
         StoreSettings::Memory => {
             log::warn!(
@@ -188,7 +209,17 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
             );
             let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or(1));
             let store = MemoryStore::new(settings.memory_store_max_buckets);
-            return Ok((Buckets::Local(Arc::new(store)), count, None));
+            return Ok((Buckets::Local(Arc::new(store)), count, None, None));
+        }
+        StoreSettings::Cluster { nodes } => {
+            let settings = ClusterSettings {
+                nodes: nodes
+                    .iter()
+                    .map(|(host, port)| node_info(host, *port, password))
+                    .collect(),
+                timeout: settings.redis.timeout,
+            };
+            return build_cluster(&settings, registry(), metrics, fixed_instances).await;
         }
         StoreSettings::Redis { url } => {
             let info = redis::IntoConnectionInfo::into_connection_info(url.expose_secret())
@@ -212,10 +243,7 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
         }
     };
     let slot = Arc::new(MasterSlot::default());
-    let registry = Arc::new(InstanceRegistry::new(
-        &settings.redis.key_prefix,
-        &settings.instance_name,
-    ));
+    let registry = registry();
     let (resolver, first_round) = Resolver::start(
         ResolverSettings {
             discovery,
@@ -236,5 +264,26 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
     let _ = first_round.await;
     let store = RedisStore::new(slot, settings.redis.timeout);
     let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
-    Ok((Buckets::Shared(Arc::new(store)), count, Some(resolver)))
+    Ok((
+        Buckets::Shared(Arc::new(store)),
+        count,
+        Some(resolver),
+        None,
+    ))
+}
+
+/// The Cluster store, and its watch announcing this instance in `registry`. Waits for the
+/// watch's first round (bounded by the Redis timeouts), so the instance count is known.
+async fn build_cluster(
+    settings: &ClusterSettings,
+    registry: Arc<InstanceRegistry>,
+    metrics: &Metrics,
+    fixed_instances: Option<u64>,
+) -> Result<Built, StartupError> {
+    let store = ClusterStore::new(settings, metrics.clone())
+        .map_err(|err| StartupError::ClusterNodes(err.to_string()))?;
+    let (watch, first_round) = store.watch(registry.clone());
+    let _ = first_round.await;
+    let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
+    Ok((Buckets::Shared(Arc::new(store)), count, None, Some(watch)))
 }

@@ -5,12 +5,19 @@
 //! - [`take`] / [`refill`]: state in, time in, decision and new state out; no clock.
 //! - [`TOKEN_BUCKET_LUA`]: the same arithmetic, line by line, run atomically in Redis
 //!   on Redis's own clock. One parity table tests both (`tests/api/redis_store.rs`).
+//! - [`refund`] / [`REFUND_LUA`]: giving back a payment that another hash slot's denial
+//!   undid (the Cluster store), never more than the bucket lost by it.
 
 mod arithmetic;
 mod limit;
+mod refund;
 
 pub use arithmetic::{BucketState, Charge, Decision, Group, Taken, refill, take, take_all};
 pub use limit::{Limit, LimitError, LimitSpec, MAX_CAPACITY_UNITS};
+pub use refund::{Refunded, refund};
 
 /// The Redis mirror of [`take`].
 pub const TOKEN_BUCKET_LUA: &str = include_str!("token_bucket.lua");
+
+/// The Redis mirror of [`refund`].
+pub const REFUND_LUA: &str = include_str!("refund.lua");

@@ -84,6 +84,8 @@ settings! {
         "one Redis server, e.g. `redis://:password@127.0.0.1:6379`";
     SENTINEL_HOSTS: Unset("unset"), Text,
         "`host:port,host:port,…`: Sentinel mode (exclusive with `REDIS_URL`)";
+    REDIS_CLUSTER_NODES: Unset("unset"), Text,
+        "`host:port,host:port,…`: seed nodes of a Redis Cluster (the others are discovered): Cluster mode (exclusive with `REDIS_URL` and `SENTINEL_HOSTS`)";
     REDIS_MASTER: Value("redis-master"), Text,
         "the name the sentinels monitor";
     REDIS_PASSWORD: Unset("unset"), Secret,

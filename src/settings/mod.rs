@@ -50,6 +50,10 @@ pub enum StoreSettings {
         master_name: String,
         sentinel_password: Option<SecretString>,
     },
+    /// Redis Cluster: seed nodes, which tell of the others.
+    Cluster {
+        nodes: Vec<(String, u16)>,
+    },
 }
 
 #[derive(Clone)]
@@ -279,6 +283,21 @@ impl Parser {
             self.problem(&KEY_PREFIX, "no spaces or control characters", &key_prefix);
         }
 
+        if matches!(store, Some(StoreSettings::Cluster { .. })) {
+            if mode == Some(ConnectionMode::Pool) {
+                self.problems.push(
+                    "REDIS_CLIENT: pool does not apply with REDIS_CLUSTER_NODES (Cluster mode keeps one multiplexed connection per node and worker); unset it".into(),
+                );
+            }
+            if key_prefix.contains(['{', '}']) {
+                self.problem(
+                    &KEY_PREFIX,
+                    "no braces with REDIS_CLUSTER_NODES (a {…} in the prefix would put every bucket in one hash slot)",
+                    &key_prefix,
+                );
+            }
+        }
+
         let fail_mode = self.word::<FailMode>(&FAIL_MODE);
         let fallback_instances = self.whole(&FALLBACK_INSTANCES);
         let trusted_proxies = self.trusted_proxies();
@@ -459,6 +478,21 @@ impl Parser {
         use declared::*;
         let url = self.text(&REDIS_URL).map(str::to_string);
         let hosts = self.text(&SENTINEL_HOSTS).map(str::to_string);
+        if let Some(nodes) = self.text(&REDIS_CLUSTER_NODES).map(str::to_string) {
+            let others: Vec<&str> = [(&url, REDIS_URL.name), (&hosts, SENTINEL_HOSTS.name)]
+                .into_iter()
+                .filter_map(|(set, name)| set.as_ref().map(|_| name))
+                .collect();
+            if !others.is_empty() {
+                self.problems.push(format!(
+                    "REDIS_CLUSTER_NODES and {} are both set: set REDIS_CLUSTER_NODES for Redis Cluster, SENTINEL_HOSTS for Sentinel or REDIS_URL for one Redis server, only one of them",
+                    others.join(" and ")
+                ));
+                return None;
+            }
+            let nodes = self.host_ports(&REDIS_CLUSTER_NODES, &nodes)?;
+            return Some(StoreSettings::Cluster { nodes });
+        }
         match (url, hosts) {
             (Some(_), Some(_)) => {
                 self.problems.push(
@@ -479,25 +513,28 @@ impl Parser {
                     url: SecretString::from(url),
                 })
             }
-            (None, Some(hosts)) => {
-                let mut parsed = Vec::new();
-                for entry in hosts.split(',').map(str::trim) {
-                    match parse_host_port(entry) {
-                        Some(host_port) => parsed.push(host_port),
-                        None => {
-                            self.problem(&SENTINEL_HOSTS, "host:port,host:port,...", &hosts);
-                            return None;
-                        }
-                    }
-                }
-                Some(StoreSettings::Sentinel {
-                    hosts: parsed,
-                    master_name: self.text(&REDIS_MASTER).unwrap_or_default().to_string(),
-                    sentinel_password: self.secret(&SENTINEL_PASSWORD),
-                })
-            }
+            (None, Some(hosts)) => Some(StoreSettings::Sentinel {
+                hosts: self.host_ports(&SENTINEL_HOSTS, &hosts)?,
+                master_name: self.text(&REDIS_MASTER).unwrap_or_default().to_string(),
+                sentinel_password: self.secret(&SENTINEL_PASSWORD),
+            }),
             (None, None) => Some(StoreSettings::Memory),
         }
+    }
+
+    /// `text` as `host:port,host:port,…`, or a problem reported for `setting`.
+    fn host_ports(&mut self, setting: &Setting, text: &str) -> Option<Vec<(String, u16)>> {
+        let mut parsed = Vec::new();
+        for entry in text.split(',').map(str::trim) {
+            match parse_host_port(entry) {
+                Some(host_port) => parsed.push(host_port),
+                None => {
+                    self.problem(setting, "host:port,host:port,...", text);
+                    return None;
+                }
+            }
+        }
+        Some(parsed)
     }
 
     fn trusted_proxies(&mut self) -> Option<Vec<IpNet>> {

@@ -323,3 +323,59 @@ fn the_readme_documents_every_variable_as_declared() {
         "README.md's table of variables differs from src/settings/declared.rs; it should read:\n{expected}"
     );
 }
+
+#[test]
+fn redis_cluster_nodes_select_cluster_mode() {
+    let settings = load(&[("REDIS_CLUSTER_NODES", "10.0.0.1:7000, [::1]:7001")]).unwrap();
+    let StoreSettings::Cluster { nodes } = settings.store else {
+        panic!("not cluster mode");
+    };
+    assert_eq!(
+        nodes,
+        vec![("10.0.0.1".to_string(), 7000), ("::1".to_string(), 7001)]
+    );
+    assert!(
+        problems(&[("REDIS_CLUSTER_NODES", "n1:7000,n2")])
+            .contains("REDIS_CLUSTER_NODES: expected host:port,host:port,..., got \"n1:7000,n2\"")
+    );
+}
+
+#[test]
+fn redis_cluster_nodes_exclude_redis_url_and_sentinel_hosts_naming_the_conflict() {
+    let with_url = problems(&[
+        ("REDIS_CLUSTER_NODES", "127.0.0.1:7000"),
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+    ]);
+    assert!(
+        with_url.starts_with("REDIS_CLUSTER_NODES and REDIS_URL are both set"),
+        "{with_url}"
+    );
+    let with_both = problems(&[
+        ("REDIS_CLUSTER_NODES", "127.0.0.1:7000"),
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("SENTINEL_HOSTS", "127.0.0.1:26379"),
+    ]);
+    assert!(
+        with_both.starts_with("REDIS_CLUSTER_NODES and REDIS_URL and SENTINEL_HOSTS are both set"),
+        "{with_both}"
+    );
+    assert_eq!(with_both.lines().count(), 1, "{with_both}");
+}
+
+#[test]
+fn cluster_mode_refuses_the_pool_client_and_a_prefix_with_a_hash_tag() {
+    let message = problems(&[
+        ("REDIS_CLUSTER_NODES", "127.0.0.1:7000"),
+        ("REDIS_CLIENT", "pool"),
+        ("KEY_PREFIX", "rl{x}"),
+    ]);
+    assert!(
+        message.contains("REDIS_CLIENT: pool does not apply with REDIS_CLUSTER_NODES"),
+        "{message}"
+    );
+    assert!(
+        message.contains("KEY_PREFIX: expected no braces with REDIS_CLUSTER_NODES"),
+        "{message}"
+    );
+    assert!(load(&[("REDIS_CLIENT", "pool"), ("KEY_PREFIX", "rl{x}")]).is_ok());
+}

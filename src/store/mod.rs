@@ -3,6 +3,8 @@
 //! - [`memory::MemoryStore`]: in this process; the embedded default and the fallback.
 //! - [`redis::RedisStore`]: shared by every instance, on the master that
 //!   [`redis::discovery`] keeps current.
+//! - [`redis::cluster::ClusterStore`]: shared by every instance, on the masters of a
+//!   Redis Cluster, each slot on its own.
 
 pub mod memory;
 pub mod redis;
@@ -69,6 +71,9 @@ pub enum Unavailable {
     Loading,
     /// Discovery has no confirmed master, for this reason.
     NoMaster(String),
+    /// Redis Cluster cannot serve the slot now (`CLUSTERDOWN`, `TRYAGAIN`, redirections
+    /// that did not settle in time, slots no master covers).
+    ClusterDown(String),
 }
 
 impl fmt::Display for Unavailable {
@@ -80,6 +85,9 @@ impl fmt::Display for Unavailable {
             }
             Unavailable::Loading => f.write_str("the node is loading its data set (LOADING)"),
             Unavailable::NoMaster(reason) => write!(f, "no usable Redis master: {reason}"),
+            Unavailable::ClusterDown(reason) => {
+                write!(f, "Redis Cluster cannot serve the slot: {reason}")
+            }
         }
     }
 }
@@ -100,6 +108,7 @@ impl StoreError {
                 Unavailable::NoConnection(_) | Unavailable::NoMaster(_) => "connection",
                 Unavailable::NoReplicas => "noreplicas",
                 Unavailable::Loading => "loading",
+                Unavailable::ClusterDown(_) => "clusterdown",
             },
             StoreError::MasterChanged { .. } => "readonly",
             StoreError::ForeignValue { .. } => "wrongtype",

@@ -113,3 +113,16 @@ fn a_port_in_use_exits_1_with_the_address() {
         "{stderr}"
     );
 }
+
+#[test]
+fn redis_cluster_nodes_beside_sentinel_hosts_exits_2_naming_both() {
+    let (code, stderr) = run_with(&[
+        ("REDIS_CLUSTER_NODES", "127.0.0.1:7000,127.0.0.1:7001"),
+        ("SENTINEL_HOSTS", "127.0.0.1:26379"),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("REDIS_CLUSTER_NODES and SENTINEL_HOSTS are both set"),
+        "{stderr}"
+    );
+}

@@ -3,6 +3,7 @@
 //!
 //! - `redis_nodes`: real `redis-server` and `redis-sentinel` processes on free ports in
 //!   temporary folders, stopped on `Drop`;
+//! - `redis_cluster`: six of those nodes made one Redis Cluster (3 masters, 3 replicas);
 //! - `app`: the service itself, on its own thread on port 0 (`TestApp`) or as the real
 //!   binary in a child process;
 //! - `http`: clients with timeouts, and the requests several suites make the same way;
@@ -12,6 +13,7 @@
 mod app;
 mod http;
 mod policy_file;
+mod redis_cluster;
 mod redis_nodes;
 
 use std::net::TcpListener;
@@ -29,6 +31,8 @@ pub use http::{
 };
 #[allow(unused_imports)]
 pub use policy_file::PolicyFile;
+#[allow(unused_imports)]
+pub use redis_cluster::{RedisCluster, SLOTS, cluster_info};
 #[allow(unused_imports)]
 pub use redis_nodes::{DATA_NODE_ARGS, PASSWORD, RedisProcess, SentinelCluster};
 

@@ -5,6 +5,7 @@
 //! - [`master`]: the current master, its generation and its connections.
 //! - [`discovery`]: the resolver thread that finds and confirms the master.
 //! - [`registry`]: the instances that share the limits, for the local fallback.
+//! - [`cluster`]: the same script on the masters of a Redis Cluster, slot by slot.
 //!
 //! Every command goes through one path, [`Inner::query`]: it picks the connection the
 //! master's [`Connections`] say (a multiplexed async connection per worker thread, or an
@@ -12,6 +13,7 @@
 //! reloads the script once on `NOSCRIPT`, and tells discovery when a failure suggests the
 //! master changed.
 
+pub mod cluster;
 pub mod discovery;
 pub mod master;
 pub mod node;
@@ -68,48 +70,67 @@ impl RedisStore {
         charges: &[KeyedCharge],
         now_us: Option<u64>,
     ) -> Result<Outcome, StoreError> {
-        let decide = decide_cmd(&self.inner.script, charges, now_us);
+        let decide = decide_cmd(ScriptCall::Sha(&self.inner.script), charges, now_us);
         let answer: Vec<u64> = self.inner.query(decide).await?;
-        if answer.len() != 2 * charges.len() {
-            return Err(StoreError::Other {
-                source: RedisError::from((
-                    ErrorKind::Parse,
-                    "the bucket script answered the wrong number of values",
-                    format!("{} for {} buckets", answer.len(), charges.len()),
-                )),
-            });
-        }
-        let decisions: Vec<Decision> = charges
-            .iter()
-            .zip(answer.chunks_exact(2))
-            .map(|(keyed, had_tokens)| {
-                let charge = &keyed.charge;
-                Decision::from_units(
-                    &charge.limit,
-                    had_tokens[0] == 1,
-                    had_tokens[1],
-                    charge.cost,
-                )
-            })
-            .collect();
-        let admitted = charges
-            .iter()
-            .zip(&decisions)
-            .all(|(keyed, decision)| keyed.charge.group != Group::Enforced || decision.allowed);
-        Ok(Outcome {
-            admitted,
-            decisions,
-        })
+        outcome_of(charges, &answer)
     }
 }
 
-/// `EVALSHA` of the bucket script over `charges`, written straight into one command
-/// buffer: a `ScriptInvocation` would allocate each argument separately first, on every
-/// decision. Consecutive charges on one key (the limits of one policy) are one hash.
-fn decide_cmd(script: &redis::Script, charges: &[KeyedCharge], now_us: Option<u64>) -> Cmd {
+/// What the bucket script's answer (`had`, `units` per charge) says about `charges`.
+fn outcome_of(charges: &[KeyedCharge], answer: &[u64]) -> Result<Outcome, StoreError> {
+    if answer.len() != 2 * charges.len() {
+        return Err(StoreError::Other {
+            source: RedisError::from((
+                ErrorKind::Parse,
+                "the bucket script answered the wrong number of values",
+                format!("{} for {} buckets", answer.len(), charges.len()),
+            )),
+        });
+    }
+    let decisions: Vec<Decision> = charges
+        .iter()
+        .zip(answer.chunks_exact(2))
+        .map(|(keyed, had_tokens)| {
+            let charge = &keyed.charge;
+            Decision::from_units(
+                &charge.limit,
+                had_tokens[0] == 1,
+                had_tokens[1],
+                charge.cost,
+            )
+        })
+        .collect();
+    let admitted = charges
+        .iter()
+        .zip(&decisions)
+        .all(|(keyed, decision)| keyed.charge.group != Group::Enforced || decision.allowed);
+    Ok(Outcome {
+        admitted,
+        decisions,
+    })
+}
+
+/// How a command names the bucket script.
+#[derive(Clone, Copy)]
+enum ScriptCall<'a> {
+    /// `EVALSHA` with its hash: what every decision sends.
+    Sha(&'a redis::Script),
+    /// `EVAL` with its text, for a node that answered `NOSCRIPT`: it runs the script and
+    /// keeps it, in the one command that the Cluster client routes by key.
+    Text,
+}
+
+/// The bucket script over `charges`, written straight into one command buffer: a
+/// `ScriptInvocation` would allocate each argument separately first, on every decision.
+/// Consecutive charges on one key (the limits of one policy) are one hash.
+fn decide_cmd(script: ScriptCall<'_>, charges: &[KeyedCharge], now_us: Option<u64>) -> Cmd {
     let mut cmd = Cmd::with_capacity(4 + 8 * charges.len(), 64 + 128 * charges.len());
     let runs: Vec<&[KeyedCharge]> = charges.chunk_by(|a, b| a.key == b.key).collect();
-    cmd.arg("EVALSHA").arg(script.get_hash()).arg(runs.len());
+    match script {
+        ScriptCall::Sha(script) => cmd.arg("EVALSHA").arg(script.get_hash()),
+        ScriptCall::Text => cmd.arg("EVAL").arg(TOKEN_BUCKET_LUA),
+    };
+    cmd.arg(runs.len());
     for run in &runs {
         cmd.arg(&run[0].key);
     }

@@ -52,6 +52,38 @@ impl InstanceRegistry {
             .arg(&self.instance_name)
             .arg(ANNOUNCE_TTL.as_millis() as u64)
             .invoke::<u64>(conn);
+        self.count(announced);
+    }
+
+    /// [`announce`](Self::announce) on an async connection (a Redis Cluster's): by the
+    /// script's hash, and in full (`EVAL`) on a node that lacks it, so the command stays one
+    /// that is routed by the registry's key. `SCRIPT LOAD` is sent to every node, and fails
+    /// while one is down.
+    pub async fn announce_async(&self, conn: &mut impl redis::aio::ConnectionLike) {
+        let call = |verb: &str, script: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(script)
+                .arg(1)
+                .arg(&self.key)
+                .arg(&self.instance_name)
+                .arg(ANNOUNCE_TTL.as_millis() as u64);
+            cmd
+        };
+        let announced = match call("EVALSHA", self.script.get_hash())
+            .query_async::<u64>(conn)
+            .await
+        {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                call("EVAL", ANNOUNCE_LUA).query_async::<u64>(conn).await
+            }
+            answer => answer,
+        };
+        self.count(announced);
+    }
+
+    fn count(&self, announced: redis::RedisResult<u64>) {
         match announced {
             Ok(live) => self.live.store(live.max(1), Ordering::Relaxed),
             Err(err) => log::debug!("could not announce this instance: {err}"),

@@ -1,0 +1,200 @@
+//! Redis Cluster mode against real processes: a cluster of 3 masters and 3 replicas on
+//! free ports (`support::RedisCluster`) per test, and service instances on it.
+//!
+//! - `exactness`: keys spread over every master, each admitted exactly its burst; a policy
+//!   whose keys lie in two slots, with the refunds that keeps it exact.
+//! - `faults`: scripts missing everywhere, a master killed, a slot moved under load, slots
+//!   no master serves.
+//! - `refund`: `bucket/refund.lua` against the Rust arithmetic it mirrors.
+//!
+//! The tests run one at a time: each starts six Redis processes and two instances, and the
+//! machine is shared. Timing is used only as a generous bound on hangs.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod exactness;
+mod faults;
+mod refund;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{PASSWORD, RedisCluster, TestApp, all_at_once, client, header};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a master may be silent before its replica takes over. Short, so the tests run
+/// fast; production uses several seconds.
+const NODE_TIMEOUT_MS: u64 = 1000;
+/// The default policy's burst; one token an hour comes back, so none during a test.
+const BURST: u64 = 5;
+
+/// The address of client `n` (any of 2^24), as Nginx would forward it.
+fn client_ip(n: usize) -> String {
+    format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255)
+}
+
+/// The hash that holds client `ip`'s default bucket.
+fn bucket_key(prefix: &str, ip: &str) -> String {
+    format!("{prefix}:default:{{ip={ip}}}")
+}
+
+/// Two instances in Cluster mode on `cluster`, sharing `prefix`, with `extra` on top.
+fn spawn_pair(
+    cluster: &RedisCluster,
+    prefix: &str,
+    extra: &[(&str, String)],
+) -> (TestApp, TestApp) {
+    let spawn = |name: &str| {
+        let mut vars = vec![
+            ("REDIS_CLUSTER_NODES", cluster.seeds()),
+            ("REDIS_PASSWORD", PASSWORD.to_string()),
+            ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
+            ("RATE_LIMIT", BURST.to_string()),
+            ("TIME_WINDOW", "3600".to_string()),
+            ("KEY_PREFIX", prefix.to_string()),
+            ("INSTANCE_NAME", name.to_string()),
+        ];
+        vars.extend(extra.iter().cloned());
+        TestApp::spawn_with(&vars)
+    };
+    (spawn("app-1"), spawn("app-2"))
+}
+
+/// How many `EVALSHA` calls each master has served, by port.
+fn evalsha_by_master(cluster: &RedisCluster) -> BTreeMap<u16, u64> {
+    cluster
+        .masters()
+        .into_iter()
+        .map(|master| (master.port, master.command_calls("evalsha")))
+        .collect()
+}
+
+/// `requests` requests at once from client `ip`, alternating between `apps`; every answer
+/// must be a 200 or a 429 decided by Redis. Returns how many passed.
+async fn burst_from(apps: &[&TestApp], ip: &str, requests: usize) -> u64 {
+    let http = client();
+    let answers = all_at_once((0..requests).map(|n| {
+        http.get(apps[n % apps.len()].at("/limited_endpoint"))
+            .header("X-Forwarded-For", ip)
+    }))
+    .await;
+    let mut passed = 0;
+    for (status, source) in answers {
+        assert!(status == 200 || status == 429, "{ip}: status {status}");
+        assert_eq!(source, "redis", "{ip}: decided by {source}");
+        passed += u64::from(status == 200);
+    }
+    passed
+}
+
+/// One answered (or failed) request of `Traffic`.
+#[derive(Debug, Clone)]
+struct Record {
+    client: usize,
+    sent: Instant,
+    latency: Duration,
+    /// 0 when the request failed without an HTTP answer.
+    status: u16,
+    source: String,
+}
+
+impl Record {
+    fn answered(&self) -> Instant {
+        self.sent + self.latency
+    }
+}
+
+/// Clients each sending a request every `interval` to the instances in turn, as Nginx
+/// would forward them; bounded in time (30 s) whatever happens.
+struct Traffic {
+    records: Arc<Mutex<Vec<Record>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(apps: &[&TestApp], clients: &[usize], interval: Duration) -> Self {
+        Self::start_after(Duration::ZERO, apps, clients, interval)
+    }
+
+    /// [`start`](Self::start), the first requests `delay` from now.
+    fn start_after(
+        delay: Duration,
+        apps: &[&TestApp],
+        clients: &[usize],
+        interval: Duration,
+    ) -> Self {
+        let urls: Vec<String> = apps.iter().map(|app| app.at("/limited_endpoint")).collect();
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let http = client();
+        let tasks = clients
+            .iter()
+            .map(|&client_id| {
+                let (records, stop, http, urls) =
+                    (records.clone(), stop.clone(), http.clone(), urls.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let mut n = client_id;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let url = &urls[n % urls.len()];
+                        n += 1;
+                        let sent = Instant::now();
+                        let answer = http
+                            .get(url)
+                            .header("X-Forwarded-For", client_ip(client_id))
+                            .send()
+                            .await;
+                        let (status, source) = match answer {
+                            Ok(response) => (
+                                response.status().as_u16(),
+                                header(&response, "X-RateLimit-Source"),
+                            ),
+                            Err(_) => (0, String::new()),
+                        };
+                        records.lock().unwrap().push(Record {
+                            client: client_id,
+                            sent,
+                            latency: sent.elapsed(),
+                            status,
+                            source,
+                        });
+                        tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            records,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> Vec<Record> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.records.lock().unwrap().clone()
+    }
+}
+
+/// The first client numbers from `from` on whose default bucket the master on `port` owns.
+fn clients_on(
+    cluster: &RedisCluster,
+    prefix: &str,
+    port: u16,
+    from: usize,
+    count: usize,
+) -> Vec<usize> {
+    (from..from + 10_000)
+        .filter(|&n| cluster.owner(cluster.slot_of(&bucket_key(prefix, &client_ip(n)))) == port)
+        .take(count)
+        .collect()
+}

@@ -1,0 +1,160 @@
+//! `bucket/refund.lua` and `bucket::refund` agree: one table of cases, each a payment by
+//! the bucket script then a refund, both at given times, on a plain `redis-server` (the
+//! script is the same wherever the slot is).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ratelimiter::bucket::{self, BucketState, Charge, Limit, LimitSpec};
+use ratelimiter::store::KeyedCharge;
+use ratelimiter::store::redis::cluster::refund_cmd;
+use ratelimiter::store::redis::{
+    ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
+};
+
+use crate::support::{RedisProcess, unique_prefix};
+
+const SECOND: u64 = 1_000_000;
+
+fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
+    Limit::parse(LimitSpec {
+        rate,
+        window_s,
+        burst,
+    })
+    .unwrap()
+}
+
+/// A refund case: the request's buckets (one hash), how many requests pay before the one
+/// refunded (all at `t0`), when the refunded one pays, and when and with what `paid_at`
+/// its refund runs.
+struct Case {
+    name: &'static str,
+    limits: Vec<Limit>,
+    paid_before: usize,
+    paid_at: u64,
+    /// `paid_at` as the refund is told it; later than the real payment means "lost".
+    told_paid_at: u64,
+    refund_at: u64,
+}
+
+fn cases() -> Vec<Case> {
+    let t0 = 1_790_000_000 * SECOND;
+    let minute = limit(10, 60, 10);
+    let hour = limit(15, 3600, 15);
+    let case = |name, limits, paid_before, paid_at, told_paid_at, refund_at| Case {
+        name,
+        limits,
+        paid_before,
+        paid_at,
+        told_paid_at,
+        refund_at,
+    };
+    vec![
+        case("at once", vec![minute], 3, t0, t0, t0),
+        case("a second later", vec![minute], 3, t0, t0, t0 + SECOND),
+        case(
+            "two limits in one hash",
+            vec![minute, hour],
+            4,
+            t0,
+            t0,
+            t0 + 250_000,
+        ),
+        case(
+            "after it would have refilled",
+            vec![minute],
+            2,
+            t0,
+            t0,
+            t0 + 7 * SECOND,
+        ),
+        case(
+            "into a full bucket",
+            vec![minute],
+            0,
+            t0,
+            t0,
+            t0 + 120 * SECOND,
+        ),
+        case("the payment was lost", vec![minute], 3, t0, t0 + 1, t0 + 2),
+        case(
+            "a clock behind the payment",
+            vec![hour],
+            1,
+            t0,
+            t0,
+            t0 - 5 * SECOND,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn the_refund_script_and_the_rust_arithmetic_agree_on_every_case() {
+    let redis = RedisProcess::server(None, &[]);
+    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    let slot = Arc::new(MasterSlot::default());
+    let connections = ConnectionSettings {
+        mode: ConnectionMode::Multiplexed,
+        pool_size: 1,
+        timeout: Duration::from_secs(2),
+    };
+    slot.install(Arc::new(Master::open(info, connections).unwrap()));
+    let store = RedisStore::new(slot, Duration::from_secs(2));
+    let mut conn = redis.connection();
+    for case in cases() {
+        let key = format!("{}:p:{{k}}", unique_prefix("refund"));
+        let charges: Vec<KeyedCharge> = case
+            .limits
+            .iter()
+            .enumerate()
+            .map(|(i, limit)| KeyedCharge {
+                key: key.clone(),
+                field: format!("l{i}"),
+                charge: Charge::one(*limit),
+            })
+            .collect();
+        let plain: Vec<Charge> = charges.iter().map(|c| c.charge).collect();
+        let mut states: Vec<Option<BucketState>> = vec![None; plain.len()];
+        for _ in 0..case.paid_before {
+            bucket::take_all(&plain, &states, case.paid_at).apply_to(&mut states);
+            store.take_at(&charges, Some(case.paid_at)).await.unwrap();
+        }
+        bucket::take_all(&plain, &states, case.paid_at).apply_to(&mut states);
+        assert!(
+            store
+                .take_at(&charges, Some(case.paid_at))
+                .await
+                .unwrap()
+                .admitted
+        );
+
+        let expected: Vec<bucket::Refunded> = plain
+            .iter()
+            .zip(&states)
+            .map(|(charge, state)| {
+                bucket::refund(&charge.limit, *state, 1, case.told_paid_at, case.refund_at)
+            })
+            .collect();
+        let units: Vec<u64> = refund_cmd(None, &charges, case.told_paid_at, Some(case.refund_at))
+            .query(&mut conn)
+            .unwrap();
+        let expected_units: Vec<u64> = expected.iter().map(|r| r.units).collect();
+        assert_eq!(units, expected_units, "{}: units", case.name);
+        for (i, (refunded, before)) in expected.iter().zip(&states).enumerate() {
+            let stored: Vec<u64> = redis::cmd("HMGET")
+                .arg(&key)
+                .arg(format!("l{i}:tokens"))
+                .arg(format!("l{i}:ts"))
+                .query(&mut conn)
+                .unwrap();
+            let state = refunded.write.or(*before).unwrap();
+            assert_eq!(
+                stored,
+                vec![state.tokens, state.updated_us],
+                "{}: the stored state of limit {i}",
+                case.name
+            );
+        }
+    }
+}
