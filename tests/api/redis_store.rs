@@ -9,7 +9,7 @@ use ratelimiter::store::memory::MemoryStore;
 use ratelimiter::store::redis::{
     ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
 };
-use ratelimiter::store::{KeyedCharge, Outcome, Store};
+use ratelimiter::store::{KeyedCharge, Outcome, Store, StoreError};
 
 use crate::support::{
     RedisProcess, TestApp, all_at_once, client, header, metric, metrics, unique_prefix, wait_until,
@@ -701,4 +701,37 @@ async fn a_reset_deletes_the_hash_of_every_bucket_named_and_fails_when_redis_is_
     assert!(take_one(&store, &reset, policy).await.allowed, "full again");
     redis.kill();
     assert!(store.reset(&one(&reset, policy)).await.is_err());
+}
+
+#[test]
+fn a_lone_failure_keeps_the_master_and_readonly_or_three_in_a_row_retire_it() {
+    let redis = RedisProcess::server(None, &[]);
+    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    let connections = ConnectionSettings {
+        mode: ConnectionMode::Multiplexed,
+        pool_size: 1,
+        timeout: Duration::from_secs(1),
+    };
+    let master = Arc::new(Master::open(info, connections).unwrap());
+    let slot = MasterSlot::default();
+    slot.install(master.clone());
+    let timeout = || StoreError::Timeout {
+        after_ms: 100,
+        source: None,
+    };
+    assert!(!slot.report_failure(&master, &timeout()));
+    assert!(slot.is_usable(), "one timeout is no failover");
+    slot.report_success();
+    assert!(!slot.report_failure(&master, &timeout()));
+    assert!(!slot.report_failure(&master, &timeout()));
+    assert!(slot.is_usable(), "a success ended the first run");
+    assert!(slot.report_failure(&master, &timeout()));
+    assert!(!slot.is_usable(), "three failures in a row");
+
+    slot.install(master.clone());
+    let readonly = StoreError::MasterChanged {
+        source: redis::RedisError::from((redis::ErrorKind::Client, "READONLY")),
+    };
+    assert!(slot.report_failure(&master, &readonly));
+    assert!(!slot.is_usable(), "a replica is no master, at once");
 }

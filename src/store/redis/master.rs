@@ -1,6 +1,6 @@
 //! The current master: what discovery installs and the store decides through.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -95,14 +95,23 @@ impl Master {
     }
 }
 
+/// Failed decisions in a row that make a master unusable without a sign that it changed:
+/// enough that a lone timeout or `NOREPLICAS` never does, few enough that a master that
+/// stopped answering costs at most this many timeouts before decisions fall back at once.
+pub const FAILURES_IN_A_ROW: u32 = 3;
+
 /// The current master, shared by the store (which uses it) and discovery (which
 /// replaces it), and discovery's doorbell.
 pub struct MasterSlot {
     current: ArcSwapOption<Master>,
-    /// False from the first failure that suggests a master change until discovery has
-    /// confirmed a master again; meanwhile decisions fall back at once instead of each
-    /// waiting out a timeout.
+    /// False from a sign that the master changed (`READONLY`, or
+    /// [`FAILURES_IN_A_ROW`] failed decisions) until discovery has confirmed a master
+    /// again; meanwhile decisions fall back at once instead of each waiting out a timeout.
     usable: AtomicBool,
+    /// Decisions that failed in a row on the current master. One slow call is no sign of
+    /// a failover: it falls back alone, and with `FAIL_MODE=open` marking the master
+    /// unusable on it would lift every limit of the instance until discovery confirmed.
+    failures_in_a_row: AtomicU32,
     reason: Mutex<String>,
     wake: Mutex<bool>,
     woken: Condvar,
@@ -113,6 +122,7 @@ impl Default for MasterSlot {
         Self {
             current: ArcSwapOption::empty(),
             usable: AtomicBool::new(false),
+            failures_in_a_row: AtomicU32::new(0),
             reason: Mutex::new("no master resolved yet".into()),
             wake: Mutex::new(false),
             woken: Condvar::new(),
@@ -147,6 +157,7 @@ impl MasterSlot {
     /// Puts a confirmed master in place and makes the slot usable.
     pub fn install(&self, master: Arc<Master>) {
         self.current.store(Some(master));
+        self.failures_in_a_row.store(0, Ordering::Release);
         self.mark_usable();
     }
 
@@ -154,9 +165,12 @@ impl MasterSlot {
         self.usable.store(true, Ordering::Release);
     }
 
-    /// Records that `master` failed. Only the first report for the current master rings
-    /// discovery; a stampede of failing requests rings it once. Returns whether this
-    /// report was that first one.
+    /// Records that a decision on `master` failed. A sign that it is no master any more
+    /// (`READONLY`), or the [`FAILURES_IN_A_ROW`]th failure without a success between,
+    /// makes the slot unusable and rings discovery; only the first such report for the
+    /// current master does, so a stampede of failing requests rings it once, and this
+    /// returns whether this report was that one. A lesser failure only rings discovery,
+    /// which looks again without taking the master away.
     pub fn report_failure(&self, master: &Arc<Master>, error: &StoreError) -> bool {
         let is_current = self
             .current
@@ -166,7 +180,19 @@ impl MasterSlot {
         if !is_current {
             return false;
         }
-        self.mark_unusable(format!("master {} failed: {error}", master.addr))
+        let in_a_row = self.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+        if matches!(error, StoreError::MasterChanged { .. }) || in_a_row >= FAILURES_IN_A_ROW {
+            return self.mark_unusable(format!("master {} failed: {error}", master.addr));
+        }
+        self.ring();
+        false
+    }
+
+    /// Records that a decision succeeded, which ends a run of failures.
+    pub fn report_success(&self) {
+        if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_a_row.store(0, Ordering::Release);
+        }
     }
 
     /// Returns whether the slot was usable until now.

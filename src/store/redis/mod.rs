@@ -162,11 +162,29 @@ fn decide_cmd(script: ScriptCall<'_>, charges: &[KeyedCharge], now_us: Option<u6
     cmd
 }
 
+/// Who sends a command through [`Inner::query_as`].
+#[derive(Clone, Copy)]
+enum Asker {
+    Decision,
+    Probe,
+}
+
 impl Inner {
     /// Sends `cmd` to the current master. A node that lost the script (`NOSCRIPT`, after a
     /// restart, a failover or `SCRIPT FLUSH`) is given it and asked again, on the same
     /// master, so no decision fails for it.
     async fn query<T: FromRedisValue + Send + 'static>(&self, cmd: Cmd) -> Result<T, StoreError> {
+        self.query_as(cmd, Asker::Decision).await
+    }
+
+    /// [`Inner::query`], saying who asks: only decisions tell the slot how the master
+    /// does. A readiness probe that fails (a flood of `GET /ready` can make its own PINGs
+    /// time out) answers "not ready" and changes nothing else.
+    async fn query_as<T: FromRedisValue + Send + 'static>(
+        &self,
+        cmd: Cmd,
+        asker: Asker,
+    ) -> Result<T, StoreError> {
         let master = self.slot.usable_master()?;
         let result = match self.send::<T>(&master, cmd).await {
             (cmd, Err(err)) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
@@ -180,11 +198,14 @@ impl Inner {
             (_, answer) => answer,
         };
         let result = result.map_err(|err| classify(&err, self.timeout));
-        if let Err(error) = &result
-            && error.suggests_master_change()
-            && self.slot.report_failure(&master, error)
-        {
-            log::warn!("Redis master {} stopped deciding: {error}", master.addr);
+        match (&result, asker) {
+            (_, Asker::Probe) => {}
+            (Ok(_), Asker::Decision) => self.slot.report_success(),
+            (Err(error), Asker::Decision) => {
+                if error.suggests_master_change() && self.slot.report_failure(&master, error) {
+                    log::warn!("Redis master {} stopped deciding: {error}", master.addr);
+                }
+            }
         }
         result
     }
@@ -294,7 +315,7 @@ impl Store for RedisStore {
 
     /// A real round trip to the master: a stale "ready" is worse than none.
     fn check_ready(&self) -> StoreFuture<'_, ()> {
-        Box::pin(self.inner.query::<()>(redis::cmd("PING")))
+        Box::pin(self.inner.query_as::<()>(redis::cmd("PING"), Asker::Probe))
     }
 }
 
