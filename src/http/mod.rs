@@ -5,7 +5,9 @@
 //! - [`headers`]: `RateLimit`/`RateLimit-Policy` and the legacy `X-RateLimit-*`.
 //! - [`problem`]: `application/problem+json` for 400, 404, 405, 429 and 503.
 //! - [`policies`]: `/v1/policies` and `/v1/explain`, what the policies are and would do.
+//! - [`check`]: `/v1/check`, the decision Nginx's `auth_request` asks for (the gateway).
 
+pub mod check;
 pub mod headers;
 pub mod policies;
 pub mod problem;
@@ -44,6 +46,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         ))
         .service(endpoint("/v1/policies", get().to(policies::list)))
         .service(endpoint("/v1/explain", get().to(policies::explain)))
+        .service(endpoint("/v1/check", web::route().to(check::check)))
         .default_service(web::to(problem::not_found));
 }
 

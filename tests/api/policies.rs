@@ -9,19 +9,19 @@ use crate::support::{
 };
 
 /// A policy file in its own temporary folder, kept as long as the value lives.
-struct PolicyFile {
+pub(crate) struct PolicyFile {
     dir: tempfile::TempDir,
 }
 
 impl PolicyFile {
-    fn new(text: &str) -> Self {
+    pub(crate) fn new(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("temporary folder");
         let file = Self { dir };
         file.write(text);
         file
     }
 
-    fn path(&self) -> String {
+    pub(crate) fn path(&self) -> String {
         self.dir.path().join("policies.toml").display().to_string()
     }
 
