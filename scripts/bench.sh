@@ -43,7 +43,7 @@
 #                  connections through Nginx with the deny cache on; / beside it.
 #   flood-nocache  the same with DENY_CACHE_SIZE=0.
 #
-# When /ready answers on 8000, 8001 and 8002 and the cluster is a native one with pid
+# When Nginx answers /health on 8000 and /ready answers on 8001 and 8002, and the cluster is a native one with pid
 # records (CLUSTER_DIR, default run/cluster), that cluster is used as it is: one phase
 # ("running") under whatever policy it has, and nothing of it is stopped. Otherwise the
 # script starts its own cluster per phase in run/bench-cluster and stops it at the end.
@@ -91,7 +91,7 @@ build_bench
 }
 if [[ -n ${RATELIMITER_BIN:-} ]]; then
     [[ -x $RATELIMITER_BIN ]] || die "RATELIMITER_BIN=$RATELIMITER_BIN is not an executable file"
-elif ! { http_ok "http://$LOOPBACK:8000/ready" && http_ok "http://$LOOPBACK:8001/ready" &&
+elif ! { http_ok "http://$LOOPBACK:8000/health" && http_ok "http://$LOOPBACK:8001/ready" &&
     http_ok "http://$LOOPBACK:8002/ready"; }; then
     # The bench starts its own cluster: its phases run a copy of this binary.
     build_service

@@ -7,16 +7,22 @@
 # Every config is a template rendered into the run folder by scripts/render-config.sh, as
 # docker/compose.yaml renders the same templates in its containers.
 #   app-1 on 8001, app-2 on 8002                 (target/release/ratelimiter)
-#   Nginx on 8000, and on 80 when it may bind it (nginx/nginx.conf.template)
+#   Nginx on 8000, and on 80 when it may bind it (nginx/nginx.conf.template): the public server
+#   Nginx on 8080: the gateway, which asks an instance's /v1/check about every request and
+#                  sends the admitted ones to GATEWAY_UPSTREAM (default 127.0.0.1:8081)
+#   with --gateway: the demo upstream on 8081, its counts on 8082 (target/release/demo-upstream)
 #
 # Nginx reaches the instances from 127.0.0.2 (proxy_bind) and the instances trust only
 # that address as a proxy, so a client on 127.0.0.1 that talks to an instance directly
 # cannot choose its identity with X-Forwarded-For.
 #
-# Usage: scripts/cluster.sh [--install] up|down|status|failover|logs [-f]
+# Usage: scripts/cluster.sh [--install] up [--gateway]|down|status|failover|logs [-f]
 #
 #   up        start everything, wait until it is ready (replication linked, sentinels
 #             agree, instances ready) and say so; builds the release binary if needed
+#             --gateway: also the demo upstream behind the gateway (GATEWAY_UPSTREAM is
+#             then its address; curl http://127.0.0.1:8082/__upstream/count shows what
+#             reached it)
 #   down      stop exactly the processes `up` started (their recorded pids); idempotent
 #   status    roles of the data nodes, the master per sentinel, each instance's /ready
 #   failover  SENTINEL FAILOVER, then wait until the new master takes writes
@@ -26,9 +32,13 @@
 # Environment: every variable the service reads (README.md) passes through to both
 # instances (RATE_LIMIT, TIME_WINDOW, BURST, FAIL_MODE, DENY_CACHE_SIZE, ...), except
 # REDIS_URL, which this topology replaces. REDIS_PASSWORD defaults to the dev password of redis/*.conf.
+# GATEWAY_UPSTREAM (host:port, default 127.0.0.1:8081) is the application the gateway guards;
+# GATEWAY_FAIL_MODE (closed, the default, or open) what the gateway does when no instance
+# answers its check (README.md, "Put it in front of your API").
 # CLUSTER_DIR (default run/cluster, ignored by git) holds configs, data, logs and pids.
 # CLUSTER_WAIT_SECS (default 30) bounds each wait. RATELIMITER_BIN runs another binary
-# instead of building target/release/ratelimiter.
+# instead of building target/release/ratelimiter; DEMO_UPSTREAM_BIN likewise for
+# target/release/demo-upstream.
 set -euo pipefail
 
 # A CLUSTER_DIR given relative to where the script was called from stays that.
@@ -53,8 +63,14 @@ SENTINEL_PORTS=(26379 26380 26381)
 APP_NAMES=(app-1 app-2)
 APP_PORTS=(8001 8002)
 NGINX_PORT=8000
+GATEWAY_PORT=8080
+UPSTREAM_PORT=8081
+UPSTREAM_COUNT_PORT=8082
+GATEWAY_UPSTREAM=${GATEWAY_UPSTREAM:-$LOOPBACK:$UPSTREAM_PORT}
+GATEWAY_FAIL_MODE=${GATEWAY_FAIL_MODE:-closed}
 
 BIN=${RATELIMITER_BIN:-$(release_binary ratelimiter)}
+UPSTREAM_BIN=${DEMO_UPSTREAM_BIN:-$(release_binary demo-upstream)}
 
 usage() {
     script_usage "${BASH_SOURCE[0]}" '^#   --install' >&2
@@ -168,9 +184,10 @@ wait_for() {
 
 # --- up ---------------------------------------------------------------------------
 
+# check_ports_free PORT...: the cluster's ports, and these, are free.
 check_ports_free() {
     local port busy=()
-    for port in "${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}" "${APP_PORTS[@]}" "$NGINX_PORT"; do
+    for port in "${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}" "${APP_PORTS[@]}" "$NGINX_PORT" "$GATEWAY_PORT" "$@"; do
         port_open "$port" && busy+=("$port")
     done
     ((${#busy[@]} == 0)) ||
@@ -186,6 +203,17 @@ build_binary() {
     command -v cargo >/dev/null ||
         die "cargo is not installed (https://rustup.rs), and no RATELIMITER_BIN was given"
     build_service
+}
+
+build_upstream_binary() {
+    if [[ -n ${DEMO_UPSTREAM_BIN:-} ]]; then
+        [[ -x $UPSTREAM_BIN ]] || die "DEMO_UPSTREAM_BIN=$UPSTREAM_BIN is not an executable file"
+        say "using $UPSTREAM_BIN"
+        return 0
+    fi
+    command -v cargo >/dev/null ||
+        die "cargo is not installed (https://rustup.rs), and no DEMO_UPSTREAM_BIN was given"
+    build_demo_upstream
 }
 
 # The configs: the shared templates, rendered the one way (scripts/render-config.sh).
@@ -214,6 +242,8 @@ render_nginx_conf() {
     PID_FILE=$prefix/nginx.pid ERROR_LOG=$prefix/logs/error.log ACCESS_LOG=$prefix/logs/access.log \
         TEMP_DIR=$prefix/temp LISTEN=$listen APP_1=$LOOPBACK:${APP_PORTS[0]} \
         APP_2=$LOOPBACK:${APP_PORTS[1]} PROXY_BIND=$PROXY_ADDR \
+        GATEWAY_LISTEN="listen $LOOPBACK:$GATEWAY_PORT;" GATEWAY_UPSTREAM=$GATEWAY_UPSTREAM \
+        GATEWAY_FAIL_MODE=$GATEWAY_FAIL_MODE \
         scripts/render-config.sh nginx/nginx.conf.template "$out"
 }
 
@@ -235,7 +265,14 @@ sentinel_ready() {
 }
 
 up() {
-    local started=$SECONDS
+    local started=$SECONDS gateway=no
+    case ${1:-} in
+    --gateway) gateway=yes ;;
+    "") ;;
+    *) usage ;;
+    esac
+    [[ $GATEWAY_FAIL_MODE == open || $GATEWAY_FAIL_MODE == closed ]] ||
+        die "GATEWAY_FAIL_MODE must be open or closed, got \"$GATEWAY_FAIL_MODE\""
     if any_recorded_running "$PIDS_FILE"; then
         die "the cluster is already running (pids in ${PIDS_FILE#"$ROOT"/}); run: scripts/cluster.sh down"
     fi
@@ -245,8 +282,13 @@ up() {
         [[ ${!name} != *[[:space:]\"\'\\]* ]] ||
             die "$name must not contain spaces, quotes or backslashes (Sentinel rewrites it into its config unquoted)"
     done
-    check_ports_free
+    if [[ $gateway == yes ]]; then
+        check_ports_free "$UPSTREAM_PORT" "$UPSTREAM_COUNT_PORT"
+    else
+        check_ports_free
+    fi
     build_binary
+    [[ $gateway == no ]] || build_upstream_binary
 
     say "run folder: ${CLUSTER_DIR#"$ROOT"/}"
     mkdir -p "$CLUSTER_DIR"
@@ -312,6 +354,17 @@ up() {
     done
     say "instances are ready: ${APP_NAMES[*]} on ${APP_PORTS[*]}"
 
+    if [[ $gateway == yes ]]; then
+        dir=$CLUSTER_DIR/demo-upstream
+        rm -rf "$dir" && mkdir -p "$dir"
+        start demo-upstream "$dir/demo-upstream.log" "$UPSTREAM_BIN" \
+            --listen "$LOOPBACK:$UPSTREAM_PORT" --count-listen "$LOOPBACK:$UPSTREAM_COUNT_PORT"
+        wait_for demo-upstream "GET http://$LOOPBACK:$UPSTREAM_COUNT_PORT/health answers 200" \
+            http_ok "http://$LOOPBACK:$UPSTREAM_COUNT_PORT/health"
+        say "demo upstream is ready on $UPSTREAM_PORT (counts: http://$LOOPBACK:$UPSTREAM_COUNT_PORT/__upstream/count)"
+        GATEWAY_UPSTREAM=$LOOPBACK:$UPSTREAM_PORT
+    fi
+
     dir=$CLUSTER_DIR/nginx
     rm -rf "$dir" && mkdir -p "$dir/logs" "$dir/temp"
     render_nginx_conf "$dir" "$dir/nginx.conf"
@@ -319,11 +372,13 @@ up() {
     nginx -t -q -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf" ||
         die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/nginx.conf.template)"
     start nginx "$dir/logs/error.log" nginx -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf"
-    wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/ready answers 200" \
-        http_ok "http://$LOOPBACK:$NGINX_PORT/ready"
+    wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/health answers 200" \
+        http_ok "http://$LOOPBACK:$NGINX_PORT/health"
+    wait_for nginx "the gateway listens on $GATEWAY_PORT" port_open "$GATEWAY_PORT"
 
     trap - EXIT INT TERM
     say "the cluster is up in $((SECONDS - started))s: http://$LOOPBACK:$NGINX_PORT/ (Nginx) -> ${APP_NAMES[*]}; master $LOOPBACK:$MASTER_PORT"
+    say "gateway: http://$LOOPBACK:$GATEWAY_PORT/ -> $GATEWAY_UPSTREAM (GATEWAY_FAIL_MODE=$GATEWAY_FAIL_MODE)"
 }
 
 # --- down -------------------------------------------------------------------------
@@ -400,6 +455,19 @@ status() {
     code=$(http_code "http://$LOOPBACK:$NGINX_PORT/health")
     printf '  %s  nginx  /health %s\n' "$NGINX_PORT" "${code/000/not answering}"
     [[ $code == 200 ]] || healthy=no
+    # The gateway is only looked at: a request through it would reach the application.
+    if port_open "$GATEWAY_PORT"; then
+        printf '  %s  nginx gateway  listening\n' "$GATEWAY_PORT"
+    else
+        printf '  %s  nginx gateway  not listening\n' "$GATEWAY_PORT"
+        healthy=no
+    fi
+    if [[ -f $PIDS_FILE && -n $(record_of demo-upstream) ]]; then
+        code=$(http_code "http://$LOOPBACK:$UPSTREAM_COUNT_PORT/health")
+        printf '  %s  demo-upstream  /health %s (counts on %s)\n' "$UPSTREAM_PORT" \
+            "${code/000/not answering}" "$UPSTREAM_COUNT_PORT"
+        [[ $code == 200 ]] || healthy=no
+    fi
     [[ $healthy == yes ]]
 }
 
@@ -468,7 +536,7 @@ command=${1:-}
 case $command in
 up)
     check_tools "$install"
-    up
+    up "$@"
     ;;
 down) down ;;
 status) status ;;

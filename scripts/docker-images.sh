@@ -5,14 +5,16 @@
 #                              redis-server, redis-sentinel, nginx-light and curl; it stands in for
 #                              the redis, nginx and debian:bookworm-slim images of docker/compose.yaml
 #   ratelimiter:local          docker/Dockerfile's runtime stage on that base, holding the release
-#                              binary built on this host (there is no Rust image to build it in);
+#                              binaries built on this host (there is no Rust image to build them
+#                              in): the service, and the demo upstream of the `gateway` profile;
 #                              the stage alone is tagged ratelimiter:local-runtime
 #
 # The base is built once and reused; --rebuild makes it again.
 #
 # Usage: scripts/docker-images.sh [--rebuild] [--no-cargo]
 #   --rebuild   debootstrap the base image again even if it exists
-#   --no-cargo  use target/release/ratelimiter as it is instead of running `cargo build --release`
+#   --no-cargo  use target/release/{ratelimiter,demo-upstream} as they are instead of running
+#               `cargo build --release`
 # Environment: BASE_IMAGE, APP_IMAGE (image names), DEBIAN_MIRROR, DEBIAN_SUITE.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -123,12 +125,14 @@ build_app() {
   local started
   started=$(date +%s)
   if $cargo_build; then
-    log "cargo build --release --locked -p ratelimiter"
-    (cd "$repo" && cargo build --release --locked -p ratelimiter)
+    log "cargo build --release --locked -p ratelimiter -p demo-upstream"
+    (cd "$repo" && cargo build --release --locked -p ratelimiter -p demo-upstream)
   fi
-  local binary
-  binary=$(release_binary ratelimiter)
-  [[ -x $binary ]] || { echo "$binary is missing: run cargo build --release" >&2; exit 1; }
+  local binary name
+  for name in ratelimiter demo-upstream; do
+    binary=$(release_binary "$name")
+    [[ -x $binary ]] || { echo "$binary is missing: run cargo build --release -p $name" >&2; exit 1; }
+  done
 
   # The runtime stage of docker/Dockerfile is the one users get; only the binary's origin differs.
   # It is the first stage, so the classic builder never reaches the Rust builder stage.
@@ -139,7 +143,8 @@ build_app() {
     --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" --tag "$APP_IMAGE-runtime" "$repo"
 
   context=$(mktemp -d "${TMPDIR:-/tmp}/ratelimiter-app.XXXXXX")
-  cp "$binary" "$context/ratelimiter"
+  cp "$(release_binary ratelimiter)" "$context/ratelimiter"
+  cp "$(release_binary demo-upstream)" "$context/demo-upstream"
   cp "$repo/docker/Dockerfile.prebuilt" "$context/Dockerfile"
   quietly docker build --quiet --build-arg "RUNTIME_IMAGE=$APP_IMAGE-runtime" --tag "$APP_IMAGE" "$context"
   remove_replaced "$previous" "$APP_IMAGE"

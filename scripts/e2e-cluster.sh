@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The native cluster's end-to-end suite: `scripts/cluster.sh up`, then tests/e2e_cluster.rs
-# through Nginx (exactness across instances, the 429's shape, per-client buckets, spoofed
-# X-Forwarded-For via Nginx and directly, oversized headers, a failover mid-traffic), then
+# The native cluster's end-to-end suite: `scripts/cluster.sh up --gateway`, then
+# tests/e2e_cluster.rs through Nginx (exactness across instances, the 429's shape, per-client
+# buckets, spoofed X-Forwarded-For via Nginx and directly, oversized headers, a failover
+# mid-traffic; through the gateway, exactly the limit reaches the demo upstream; the internal
+# routes are not served through Nginx), then
 # `scripts/cluster.sh down`, whatever happened. Exits non-zero when anything failed, after
 # printing the cluster's status and the end of its logs. Those tests are `#[ignore]`d, so a
 # plain `cargo test` reports them as ignored; this script runs them with `--ignored`.
@@ -22,6 +24,8 @@ export TIME_WINDOW=${TIME_WINDOW:-60}
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/run/e2e-cluster}
 export E2E_CLUSTER_URL=${E2E_CLUSTER_URL:-http://127.0.0.1:8000}
 export E2E_APP_URL=${E2E_APP_URL:-http://127.0.0.1:8001}
+export E2E_GATEWAY_URL=${E2E_GATEWAY_URL:-http://127.0.0.1:8080}
+export E2E_UPSTREAM_COUNT_URL=${E2E_UPSTREAM_COUNT_URL:-http://127.0.0.1:8082}
 
 # One run at a time: a second one would find the ports taken, and its clean-up must not
 # stop the first one's cluster.
@@ -56,7 +60,7 @@ trap 'exit 130' INT TERM
 say "starting the cluster (RATE_LIMIT=$RATE_LIMIT TIME_WINDOW=$TIME_WINDOW) in ${CLUSTER_DIR#"$PWD"/}"
 up_started=$SECONDS
 # The lock stays with this script, not with the daemons `up` leaves running.
-scripts/cluster.sh up 9>&-
+scripts/cluster.sh up --gateway 9>&-
 say "cluster up in $((SECONDS - up_started))s; running the suite against $E2E_CLUSTER_URL"
 
 suite_started=$SECONDS

@@ -15,14 +15,20 @@
 #   5. `docker network disconnect` of the master (a partition), under the same stream: the isolated
 #      master refuses writes (NOREPLICAS), the others promote a replica and keep serving, limits
 #      are exact again; reconnected, the old master rejoins as a replica
-#   6. down -v, always, whatever happened (also on failure or Ctrl-C)
+#   6. the gateway (profile `gateway`): a client gets exactly RATE_LIMIT requests through to the
+#      demo upstream (its own count), then 429s with the problem body and headers; spoofed
+#      forwarding headers change nothing; a path no policy limits passes untouched; the
+#      instances' internal routes answer 404 through Nginx and 200 on their own ports
+#   7. every instance killed: the gateway answers 503 (GATEWAY_FAIL_MODE=closed) within its
+#      timeouts, and nothing reaches the upstream
+#   8. down -v, always, whatever happened (also on failure or Ctrl-C)
 #
 # Usage: scripts/e2e-compose.sh [--no-images] [--no-cargo]
 #   --no-images  use the images as they are (do not run scripts/docker-images.sh)
 #   --no-cargo   build the app image from target/release/ratelimiter as it is
 # Environment: E2E_PROJECT (Compose project, default ratelimiter-e2e); NGINX_PORT,
-#   NGINX_HTTP_PORT, APP_1_PORT, APP_2_PORT (host ports on 127.0.0.1, default 8000, 80, 8001,
-#   8002); NET_PREFIX (the project's /24, default 172.28.99); RATE_LIMIT (default 10).
+#   NGINX_HTTP_PORT, APP_1_PORT, APP_2_PORT, GATEWAY_PORT, UPSTREAM_COUNT_PORT (host ports on
+#   127.0.0.1, default 8000, 80, 8001, 8002, 8080, 8082); NET_PREFIX (the project's /24, default 172.28.99); RATE_LIMIT (default 10).
 # Traffic goes only to this project: its ports published on 127.0.0.1, and its own containers
 # from client containers on its network. Every wait is bounded.
 set -euo pipefail
@@ -53,6 +59,9 @@ export NGINX_PORT=${NGINX_PORT:-8000}
 export NGINX_HTTP_PORT=${NGINX_HTTP_PORT:-80}
 export APP_1_PORT=${APP_1_PORT:-8001}
 export APP_2_PORT=${APP_2_PORT:-8002}
+export GATEWAY_PORT=${GATEWAY_PORT:-8080}
+export UPSTREAM_COUNT_PORT=${UPSTREAM_COUNT_PORT:-8082}
+export GATEWAY_FAIL_MODE=closed
 export NET_PREFIX=${NET_PREFIX:-172.28.99}
 export RATE_LIMIT=${RATE_LIMIT:-10}
 # One token comes back every TIME_WINDOW / RATE_LIMIT seconds: none may during a client's burst.
@@ -65,7 +74,7 @@ if docker compose version >/dev/null 2>&1; then
 else
   compose=(docker-compose)
 fi
-compose+=(--project-name "$project" --file "$compose_file")
+compose+=(--project-name "$project" --file "$compose_file" --profile gateway)
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
@@ -154,7 +163,7 @@ sentinels=(sentinel-1 sentinel-2 sentinel-3)
 declare -A container_ids=()
 find_containers() {
   local service
-  for service in "${data_nodes[@]}" "${sentinels[@]}" app-1 app-2 nginx; do
+  for service in "${data_nodes[@]}" "${sentinels[@]}" app-1 app-2 nginx demo-upstream; do
     container_ids[$service]=$(docker ps --all --quiet --filter "label=com.docker.compose.project=$project" \
       --filter "label=com.docker.compose.service=$service" | head -n 1)
   done
@@ -198,7 +207,7 @@ is_replica_of() {
 }
 all_healthy() {
   local id status
-  (($(project_containers | wc -l) == 9)) || return 1
+  (($(project_containers | wc -l) == 10)) || return 1
   for id in $(project_containers); do
     status=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")
     [[ $status == healthy ]] || return 1
@@ -257,6 +266,28 @@ expect_exact_limit() {
   ok "$who: $RATE_LIMIT × 200 then 2 × 429, decided by Redis, answered by $instances"
 }
 
+# client_curl ADDRESS CURL-ARGUMENTS...: one curl from a new container at ADDRESS; prints what
+# curl prints.
+client_curl() {
+  local address=$1
+  shift
+  docker run --rm --name "$project-client-${address##*.}" --label "ratelimiter-e2e=$project" \
+    --network "$network" --ip "$address" "$CLIENT_IMAGE" curl -s --max-time 10 "$@"
+}
+# What reached the demo upstream from client ADDRESS (0 when nothing did).
+upstream_count_of() {
+  local counts
+  counts=$(curl -s --max-time 5 "http://127.0.0.1:$UPSTREAM_COUNT_PORT/__upstream/count") ||
+    fail "the demo upstream's counts do not answer on port $UPSTREAM_COUNT_PORT"
+  grep -o "\"$1\":[0-9]*" <<<"$counts" | cut -d: -f2 | grep . || echo 0
+}
+# The value of header NAME in curl -i output (lower case, no carriage return).
+header_of() { tr -d '\r' <<<"$2" | awk -v name="$1" 'index(tolower($0), name ": ") == 1 { sub(/^[^:]*: /, ""); print; exit }'; }
+# Every request that reached the demo upstream.
+upstream_total() {
+  curl -s --max-time 5 "http://127.0.0.1:$UPSTREAM_COUNT_PORT/__upstream/count" | grep -o '"total":[0-9]*' | cut -d: -f2
+}
+
 # A steady stream of requests from this host, 20 a second, for at most two minutes, on one
 # keep-alive connection through Nginx; one line per request goes to $stream_log.
 start_stream() {
@@ -299,7 +330,7 @@ fi
 for image in "$APP_IMAGE" "$REDIS_IMAGE" "$NGINX_IMAGE" "$CLIENT_IMAGE"; do
   docker image inspect "$image" >/dev/null 2>&1 || fail "image $image is missing: run scripts/docker-images.sh"
 done
-for variable in NGINX_PORT NGINX_HTTP_PORT APP_1_PORT APP_2_PORT; do
+for variable in NGINX_PORT NGINX_HTTP_PORT APP_1_PORT APP_2_PORT GATEWAY_PORT UPSTREAM_COUNT_PORT; do
   if [[ -n $(ss -Hltn "sport = :${!variable}") ]]; then
     trap - EXIT
     fail "port ${!variable} is in use on this host: set $variable to a free port"
@@ -317,7 +348,7 @@ network=$(docker inspect --format '{{range $name, $_ := .NetworkSettings.Network
   "$(container_of nginx)")
 until_true 120 "every container healthy" all_healthy
 until_true 30 "both instances ready" instances_ready
-ok "9 containers healthy, both instances ready (network $network)"
+ok "10 containers healthy, both instances ready (network $network)"
 phase_done
 
 phase "limits through Nginx"
@@ -389,4 +420,66 @@ until_true 60 "$isolated, reconnected, rejoins as a replica of $promoted" is_rep
 ok "$isolated, reconnected, is a replica of $promoted"
 new_client
 expect_exact_limit "after the partition healed, client $client" "$(client_requests "$client" $((RATE_LIMIT + 2)))"
+phase_done
+
+phase "the gateway in front of the demo upstream"
+gateway=http://nginx:8080
+new_client
+lines=$(client_requests "$client" $((RATE_LIMIT + 2)) "$gateway/limited_endpoint")
+expected=""
+for ((i = 0; i < RATE_LIMIT; i++)); do expected+="200 "; done
+[[ "$(statuses "$lines") " == "${expected}429 429 " ]] ||
+  fail "client $client through the gateway: expected $RATE_LIMIT × 200 then 429s, got $(statuses "$lines")"
+# No X-Instance through the gateway (the upstream answered): the source is the last field.
+[[ $(awk '{ print $NF }' <<<"$lines" | sort -u) == redis ]] || fail "through the gateway, not all decided by Redis: $lines"
+reached=$(upstream_count_of "$client")
+((reached == RATE_LIMIT)) || fail "client $client: $reached requests reached the upstream, not $RATE_LIMIT"
+ok "client $client: exactly $RATE_LIMIT requests reached the upstream (its own count), then 429s"
+denied=$(client_curl "$client" -i "$gateway/limited_endpoint")
+[[ $denied == "HTTP/1.1 429"* ]] || fail "the denial through the gateway is not a 429: $denied"
+[[ $(header_of content-type "$denied") == application/problem+json ]] || fail "the 429's Content-Type: $denied"
+retry_after=$(header_of retry-after "$denied")
+[[ $retry_after =~ ^[1-9][0-9]*$ ]] || fail "the 429's Retry-After: $denied"
+[[ $(header_of ratelimit "$denied") == "\"default\";r=0;t=$retry_after" ]] || fail "the 429's RateLimit: $denied"
+[[ $(header_of ratelimit-policy "$denied") == "\"default\";q=$RATE_LIMIT;w=$TIME_WINDOW" ]] ||
+  fail "the 429's RateLimit-Policy: $denied"
+[[ $denied == *'"violated-policies":["default"],"retry_after_ms":'[1-9]* ]] || fail "the 429's body: $denied"
+((reached == $(upstream_count_of "$client"))) || fail "a denied request reached the upstream"
+ok "the denial is a 429 problem+json with violated-policies, retry_after_ms, Retry-After and the draft headers"
+exhausted=$client
+new_client
+lines=$(client_requests "$client" 1 "$gateway/limited_endpoint" -H "X-Forwarded-For: $exhausted" \
+  -H "X-Real-IP: $exhausted" -H "Forwarded: for=$exhausted")
+[[ $(statuses "$lines") == 200 ]] || fail "client $client, claiming to be $exhausted, got $(statuses "$lines")"
+((reached == $(upstream_count_of "$exhausted"))) || fail "the upstream counted a request as $exhausted's"
+ok "through the gateway, a client claiming to be the exhausted $exhausted keeps its own bucket"
+new_client
+free=$(client_curl "$client" -i "$gateway/your/api?page=2")
+[[ $free == "HTTP/1.1 200"* && -z $(header_of ratelimit "$free") && -z $(header_of ratelimit-policy "$free") ]] ||
+  fail "a path no policy limits did not pass untouched: $free"
+(($(upstream_count_of "$client") == 1)) || fail "the unlimited request did not reach the upstream once"
+ok "a path no policy limits passes to the upstream without quota headers"
+for target in /ready /metrics /v1/policies //v1/policies /v1/../metrics; do
+  code=$(curl -s --path-as-is -o /dev/null --max-time 5 -w '%{http_code}' "http://127.0.0.1:$NGINX_PORT$target")
+  [[ $code == 404 ]] || fail "GET $target through Nginx answered $code, not 404"
+done
+[[ $(curl -s -o /dev/null --max-time 5 -w '%{http_code}' "http://127.0.0.1:$GATEWAY_PORT/__ratelimiter/check") == 404 ]] ||
+  fail "the gateway's check location answers from outside"
+for target in /ready /metrics /v1/policies; do
+  http_ok "http://$LOOPBACK:$APP_1_PORT$target" || fail "GET $target on app-1's own port is not 200"
+done
+ok "/ready, /metrics and /v1/* answer 404 through Nginx (however spelt) and 200 on the instances' ports"
+phase_done
+
+phase "every instance down: the gateway fails closed"
+docker kill "$(container_of app-1)" "$(container_of app-2)" >/dev/null
+before=$(upstream_total)
+started=$EPOCHREALTIME
+answer=$(curl -s -i --max-time 15 "http://127.0.0.1:$GATEWAY_PORT/limited_endpoint") || fail "the gateway did not answer within 15 s"
+took=$(elapsed "$started")
+[[ $answer == "HTTP/1.1 503"* ]] || fail "with both instances down the gateway answered: $answer"
+[[ $(header_of content-type "$answer") == application/problem+json && $(header_of x-ratelimit-source "$answer") == gateway-closed ]] ||
+  fail "the gateway's 503 is not its problem+json: $answer"
+(($(upstream_total) == before)) || fail "with both instances down a request reached the upstream"
+ok "both instances killed: 503 problem+json from the gateway in ${took}s, nothing reached the upstream"
 phase_done

@@ -75,17 +75,25 @@ stale() {
     [[ -n $(cd "$ROOT" && find "$@" -newer "$binary" -print -quit 2>/dev/null) ]]
 }
 
-# Builds the service's release binary when it is older than its sources.
-build_service() {
-    local binary
-    binary=$(release_binary ratelimiter)
-    if stale "$binary" src config Cargo.toml Cargo.lock; then
-        say "building the release binary: cargo build --release -p ratelimiter"
-        (cd "$ROOT" && cargo build --release -p ratelimiter)
+# build_release PACKAGE SOURCE...: builds PACKAGE's release binary when it is older than
+# its sources (paths under ROOT) or the workspace's manifests.
+build_release() {
+    local package=$1 binary
+    shift
+    binary=$(release_binary "$package")
+    if stale "$binary" "$@" Cargo.toml Cargo.lock; then
+        say "building the release binary: cargo build --release -p $package"
+        (cd "$ROOT" && cargo build --release -p "$package")
     else
         say "release binary is up to date: $(rel "$binary")"
     fi
 }
+
+# Builds the service's release binary when it is older than its sources.
+build_service() { build_release ratelimiter src config; }
+
+# Builds the demo upstream's release binary (the application behind the gateway) likewise.
+build_demo_upstream() { build_release demo-upstream demo-upstream; }
 
 # --- network ----------------------------------------------------------------------
 

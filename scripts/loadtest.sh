@@ -12,6 +12,8 @@
 #   scripts/loadtest.sh --rate 1000 --duration 30s --plot load.png --json load.json
 #   scripts/loadtest.sh --connections 64 --duration 5s    flat out
 #   scripts/loadtest.sh --sources 127.0.0.10-20 --rate 50 --check
+#   scripts/loadtest.sh --url http://127.0.0.1:8080/limited_endpoint   through the gateway
+#                                                         (scripts/cluster.sh up --gateway)
 #
 # Exit codes are the binary's: 0 done, 1 the run failed, 2 bad flags, 3 --check failed,
 # 130 interrupted by Ctrl-C (the summary still covers what was sent).

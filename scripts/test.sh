@@ -3,10 +3,12 @@
 # redis-server / redis-sentinel processes, then the end-to-end suites.
 #
 #   scripts/test.sh            everything
-#   scripts/test.sh --quick    fmt, clippy and cargo tests only (no Nginx cluster, no Docker)
+#   scripts/test.sh --quick    fmt, clippy and cargo tests only (no native cluster, no Docker)
 #
-# The cargo tests of tests/e2e_cluster.rs need the native cluster, so `cargo test` reports
-# them as ignored; the full run runs them through scripts/e2e-cluster.sh, which starts it.
+# The cargo tests include tests/gateway/, which runs the shipped Nginx template on free
+# ports, so nginx is needed even with --quick. Those of tests/e2e_cluster.rs need the
+# native cluster, so `cargo test` reports them as ignored; the full run runs them through
+# scripts/e2e-cluster.sh, which starts it.
 #
 # The Compose suite needs a Docker engine; without one it is skipped with a notice,
 # except in CI (CI=true) or with REQUIRE_DOCKER=1, where a missing engine is a failure.
@@ -22,8 +24,8 @@ quick=false
 
 section() { printf '\n== %s\n' "$*"; }
 
-tools=(redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools)
-$quick || tools+=(nginx=nginx-light curl=curl debootstrap=debootstrap)
+tools=(redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools nginx=nginx-light)
+$quick || tools+=(curl=curl debootstrap=debootstrap)
 if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
   need_tools --install "${tools[@]}"
 else

@@ -17,7 +17,8 @@
 //!   ([`store::memory`]) or in Redis ([`store::redis`]: connections to a node, the current
 //!   master, discovery, the instance registry; [`store::redis::cluster`] for a Redis
 //!   Cluster).
-//! - [`http`]: the route table, handlers, quota headers and the one problem+json shape.
+//! - [`http`]: the route table, handlers (the gateway's `/v1/check` among them), quota
+//!   headers and the one problem+json shape.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
 //! - [`reload`]: keeps the policy file's parsed set current (SIGHUP, file changes).
 //! - [`telemetry`]: log format.

@@ -7,6 +7,9 @@
 //! `E2E_CLUSTER_URL`, or with nothing answering there, each of them fails and says so.
 //! Other variables, all optional:
 //! - `E2E_APP_URL`: one instance, reached directly (default `http://127.0.0.1:8001`);
+//! - `E2E_GATEWAY_URL`: the gateway (default `http://127.0.0.1:8080`), in front of the demo
+//!   upstream (`scripts/cluster.sh up --gateway`), whose counts `E2E_UPSTREAM_COUNT_URL`
+//!   serves (default `http://127.0.0.1:8082`);
 //! - `BURST` or else `RATE_LIMIT`: the bucket size the cluster was started with (default 10);
 //! - `E2E_CLUSTER_SCRIPT`: what `failover` runs (default `scripts/cluster.sh` of this crate);
 //!   it inherits `CLUSTER_DIR` and the passwords.
@@ -43,6 +46,10 @@ struct Cluster {
     url: Url,
     /// One instance, bypassing Nginx.
     app_url: Url,
+    /// The gateway.
+    gateway_url: Url,
+    /// The demo upstream's counts.
+    count_url: Url,
     /// Requests a fresh client is admitted before its first 429.
     capacity: usize,
 }
@@ -55,8 +62,13 @@ impl Cluster {
                  scripts/e2e-cluster.sh starts one, sets it and runs them"
             )
         });
-        let app_url =
-            std::env::var("E2E_APP_URL").unwrap_or_else(|_| "http://127.0.0.1:8001".into());
+        let var = |name: &str, default: &str| {
+            let value = std::env::var(name).unwrap_or_else(|_| default.into());
+            loopback_url(name, &value)
+        };
+        let app_url = var("E2E_APP_URL", "http://127.0.0.1:8001");
+        let gateway_url = var("E2E_GATEWAY_URL", "http://127.0.0.1:8080");
+        let count_url = var("E2E_UPSTREAM_COUNT_URL", "http://127.0.0.1:8082");
         let capacity = ["BURST", "RATE_LIMIT"]
             .iter()
             .find_map(|name| std::env::var(name).ok())
@@ -64,7 +76,9 @@ impl Cluster {
             .unwrap_or(10);
         Self {
             url: loopback_url("E2E_CLUSTER_URL", &url),
-            app_url: loopback_url("E2E_APP_URL", &app_url),
+            app_url,
+            gateway_url,
+            count_url,
             capacity,
         }
     }
@@ -75,6 +89,7 @@ impl Cluster {
         for (name, url) in [
             ("E2E_CLUSTER_URL", &self.url),
             ("E2E_APP_URL", &self.app_url),
+            ("E2E_UPSTREAM_COUNT_URL", &self.count_url),
         ] {
             if let Err(e) = client.get(url.clone()).send().await {
                 panic!(
@@ -539,4 +554,204 @@ async fn run_cluster_script(command: &str) {
         .unwrap_or_else(|_| panic!("{} {command} took over 60 s", script.display()))
         .unwrap_or_else(|e| panic!("{} {command}: {e}", script.display()));
     assert!(status.success(), "{} {command}: {status}", script.display());
+}
+
+/// What has reached the demo upstream behind the gateway from `client`.
+async fn upstream_count_of(cluster: &Cluster, client: IpAddr) -> u64 {
+    let url = cluster.count_url.join("/__upstream/count").unwrap();
+    let counts: serde_json::Value = support::client()
+        .get(url.clone())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e} (was the cluster started with --gateway?)"))
+        .json()
+        .await
+        .expect("the counts are JSON");
+    counts["clients"][client.to_string()].as_u64().unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs the native cluster: run scripts/e2e-cluster.sh"]
+fn through_the_gateway_a_client_reaches_the_upstream_exactly_the_limit_then_gets_429s() {
+    shared(|cluster| async move {
+        // Arrange
+        let address = address(9, 1);
+        let client = client_from(address);
+
+        // Act
+        let mut admitted = Vec::new();
+        for _ in 0..cluster.capacity {
+            admitted.push(get(&client, &cluster.gateway_url, LIMITED).await);
+        }
+        let denied = get(&client, &cluster.gateway_url, LIMITED).await;
+
+        // Assert
+        for (i, response) in admitted.iter().enumerate() {
+            assert_eq!(response.status(), 200, "request {}", i + 1);
+            let state = header(response, "ratelimit");
+            let remaining = format!("\"default\";r={};t=", cluster.capacity - 1 - i);
+            assert!(state.starts_with(&remaining), "RateLimit: {state:?}");
+            assert!(!header(response, "ratelimit-policy").is_empty());
+            assert_eq!(header(response, "x-instance"), "", "the upstream answered");
+        }
+        assert_eq!(
+            upstream_count_of(&cluster, address).await,
+            cluster.capacity as u64,
+            "what reached the upstream"
+        );
+        assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(header(&denied, "content-type"), "application/problem+json");
+        let retry_after: u64 = header(&denied, "retry-after").parse().expect("seconds");
+        assert!(retry_after >= 1);
+        assert_eq!(
+            header(&denied, "ratelimit"),
+            format!("\"default\";r=0;t={retry_after}")
+        );
+        assert!(!header(&denied, "ratelimit-policy").is_empty());
+        assert_eq!(header(&denied, "x-ratelimit-source"), "redis");
+        let body: serde_json::Value = denied.json().await.expect("a JSON body");
+        assert_eq!(
+            body["type"],
+            "https://iana.org/assignments/http-problem-types#quota-exceeded"
+        );
+        assert_eq!(body["status"], 429);
+        assert_eq!(body["violated-policies"], serde_json::json!(["default"]));
+        assert!(body["retry_after_ms"].as_u64().is_some_and(|ms| ms >= 1));
+        assert_eq!(
+            upstream_count_of(&cluster, address).await,
+            cluster.capacity as u64,
+            "a denied request never reaches the upstream"
+        );
+    });
+}
+
+#[test]
+#[ignore = "needs the native cluster: run scripts/e2e-cluster.sh"]
+fn spoofed_forwarding_headers_through_the_gateway_change_nothing() {
+    shared(|cluster| async move {
+        // Arrange
+        let address = address(10, 1);
+        let client = client_from(address);
+        let mut answers = Vec::new();
+
+        // Act
+        for i in 0..cluster.capacity + 2 {
+            let spoofed = format!("203.0.113.{}", i + 1);
+            let response = client
+                .get(cluster.gateway_url.join(LIMITED).unwrap())
+                .header("X-Forwarded-For", &spoofed)
+                .header("X-Real-IP", &spoofed)
+                .header("Forwarded", format!("for={spoofed}"))
+                .send()
+                .await
+                .expect("a response");
+            answers.push(Answer::of(&response));
+        }
+
+        // Assert
+        assert_exactly_admitted(
+            cluster.capacity,
+            &answers,
+            "a client spoofing through the gateway",
+        );
+        assert_eq!(
+            upstream_count_of(&cluster, address).await,
+            cluster.capacity as u64
+        );
+    });
+}
+
+#[test]
+#[ignore = "needs the native cluster: run scripts/e2e-cluster.sh"]
+fn a_request_no_policy_matches_passes_the_gateway_untouched() {
+    shared(|cluster| async move {
+        // Arrange: the default policy limits /limited_endpoint only.
+        let address = address(11, 1);
+        let client = client_from(address);
+        let count = cluster.capacity + 3;
+
+        // Act
+        let mut answers = Vec::new();
+        for _ in 0..count {
+            answers.push(get(&client, &cluster.gateway_url, "/any/path/of/yours").await);
+        }
+
+        // Assert
+        for response in &answers {
+            assert_eq!(response.status(), 200);
+            for name in ["ratelimit", "ratelimit-policy", "x-ratelimit-source"] {
+                assert_eq!(
+                    header(response, name),
+                    "",
+                    "an unlimited answer has no {name}"
+                );
+            }
+        }
+        assert_eq!(upstream_count_of(&cluster, address).await, count as u64);
+    });
+}
+
+/// One raw request (the target exactly as given, which a URL library would normalise),
+/// answered by its status and whether an instance sent it (`X-Instance`).
+fn raw_get(url: &Url, target: &str) -> (u16, bool) {
+    use std::io::{Read, Write};
+    let addr = (
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap(),
+    );
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("an answer");
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("GET {target}: no status in {answer:?}"));
+    (status, answer.contains("\r\nx-instance:"))
+}
+
+#[test]
+#[ignore = "needs the native cluster: run scripts/e2e-cluster.sh"]
+fn internal_routes_are_not_reachable_through_nginx_and_stay_on_the_instances_ports() {
+    shared(|cluster| async move {
+        for target in [
+            "/ready",
+            "/metrics",
+            "/v1/policies",
+            "/v1/check",
+            "//v1/policies",
+            "/v1/../metrics",
+            "/%761/explain?method=GET&path=/",
+            "/./ready",
+        ] {
+            assert_eq!(
+                raw_get(&cluster.url, target),
+                (404, false),
+                "GET {target} through the public Nginx"
+            );
+        }
+        assert_eq!(
+            raw_get(&cluster.gateway_url, "/__ratelimiter/check").0,
+            404,
+            "the gateway's check location is internal"
+        );
+        let (_, from_instance) = raw_get(&cluster.gateway_url, "/metrics");
+        assert!(!from_instance, "the gateway sends /metrics to the upstream");
+        for target in ["/ready", "/metrics", "/v1/policies"] {
+            assert_eq!(
+                raw_get(&cluster.app_url, target),
+                (200, true),
+                "GET {target} on an instance's own port"
+            );
+        }
+    });
 }

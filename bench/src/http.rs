@@ -104,9 +104,14 @@ pub fn get(port: u16, path: &str, timeout: Duration) -> Result<Response> {
     Response::parse(&raw).with_context(|| format!("GET {path} from {address}"))
 }
 
-/// Does `GET /ready` answer 200 on `port`?
+/// Does `GET /ready` answer 200 on `port` (an instance)?
 pub fn ready(port: u16) -> bool {
     get(port, "/ready", Duration::from_secs(2)).is_ok_and(|response| response.status == 200)
+}
+
+/// Does `GET /health` answer 200 on `port`? Nginx's public server answers `/ready` 404.
+pub fn healthy(port: u16) -> bool {
+    get(port, "/health", Duration::from_secs(2)).is_ok_and(|response| response.status == 200)
 }
 
 #[cfg(test)]

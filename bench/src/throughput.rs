@@ -250,14 +250,14 @@ pub fn run(options: Options) -> Result<()> {
     );
 
     let service;
-    if http::ready(NGINX_PORT) && APP_PORTS.iter().all(|&port| http::ready(port)) {
+    if http::healthy(NGINX_PORT) && APP_PORTS.iter().all(|&port| http::ready(port)) {
         if let Some(dir) = std::env::var_os("CLUSTER_DIR") {
             bench.cluster_dir = PathBuf::from(dir);
         }
         let pids = bench.cluster_dir.join("pids");
         if recorded_pids(&pids, |name| name == "nginx").is_empty() {
             bail!(
-                "something answers /ready on 8000-8002 but it is not a native cluster with pid records in {} (Compose?): stop it, or set CLUSTER_DIR to its run folder",
+                "something answers on 8000-8002 but it is not a native cluster with pid records in {} (Compose?): stop it, or set CLUSTER_DIR to its run folder",
                 bench.rel(&bench.cluster_dir)
             );
         }

@@ -13,8 +13,10 @@
 //!   `global`).
 //! - [`admin_auth`]: who may call those three: the `ADMIN_TOKEN` bearer token when it is
 //!   set, else local callers only (a loopback peer, not forwarded for another client).
+//! - [`check`]: `/v1/check`, the decision Nginx's `auth_request` asks for (the gateway).
 
 pub mod admin_auth;
+pub mod check;
 pub mod decide;
 pub mod headers;
 pub mod policies;
@@ -74,6 +76,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .route(web::delete().to(decide::reset_bucket_of))
                 .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE"))),
         )
+        .service(endpoint("/v1/check", web::route().to(check::check)))
         .default_service(web::to(problem::not_found));
 }
 

@@ -3,7 +3,9 @@
 use std::net::IpAddr;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CACHE_CONTROL, ContentType, HeaderValue, RETRY_AFTER};
+use actix_web::http::header::{
+    CACHE_CONTROL, CONTENT_TYPE, ContentType, HeaderName, HeaderValue, RETRY_AFTER,
+};
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
@@ -11,7 +13,7 @@ use serde_json::json;
 use super::headers::{
     HeaderMode, X_RATELIMIT_SOURCE, ceil_millis, item_name, quota_headers, retry_after_secs,
 };
-use super::problem::Problem;
+use super::problem::{PROBLEM_JSON, Problem};
 use std::sync::Arc;
 
 use actix_web::http::header::{HOST, HeaderMap};
@@ -94,48 +96,125 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /limited_endpoint`: every policy that applies decides, all or nothing.
 pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let Some(client) = client_key(&req, &state.identity) else {
-        return Problem::new(StatusCode::BAD_REQUEST)
-            .detail("the client address is unknown")
-            .response();
+    let target = Target {
+        method: req.method().as_str(),
+        path: req.match_info().as_str(),
+        host: req.headers().get(HOST).and_then(|host| host.to_str().ok()),
+    };
+    let judgement = judge(&req, &state, target).await;
+    let mut response = HttpResponse::build(judgement.outcome.status());
+    for header in judgement.headers {
+        response.insert_header(header);
+    }
+    match judgement.outcome {
+        Outcome::Admitted => response
+            .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
+            .content_type(ContentType::json())
+            .body(state.admitted_body.clone()),
+        Outcome::Limited(problem) | Outcome::Unavailable(problem) | Outcome::Refused(problem) => {
+            response
+                .insert_header((CONTENT_TYPE, PROBLEM_JSON))
+                .body(problem)
+        }
+    }
+}
+
+/// The request a decision is about: the one being served (`/limited_endpoint`), or the
+/// one Nginx holds while it asks (`/v1/check`). Its headers and its client are those of
+/// the request being served, which for `/v1/check` are the original's, as Nginx forwards
+/// them.
+pub struct Target<'a> {
+    pub method: &'a str,
+    /// Percent-decoded, without the query.
+    pub path: &'a str,
+    /// The host it was sent to; a port is ignored.
+    pub host: Option<&'a str>,
+}
+
+/// What the limiter says about one request: the headers that describe the decision, and
+/// how the request ends. Every route that decides answers from one of these, so a client
+/// sees the same headers and problem bodies whichever route decided.
+pub struct Judgement {
+    /// `X-RateLimit-Source`, the quota headers (`RATELIMIT_HEADERS`), and `Retry-After`
+    /// on a 429 or 503.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub outcome: Outcome,
+}
+
+/// How a request ends; the problem body of a refusal is rendered once, here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every enforced limit had the tokens, or none applied, or `FAIL_MODE=open`.
+    Admitted,
+    /// 429: an enforced limit lacked tokens.
+    Limited(String),
+    /// 503: the store cannot decide and `FAIL_MODE=closed`.
+    Unavailable(String),
+    /// 400: the request cannot be judged (a policy refuses its shape, or its client is
+    /// unknown); no bucket was asked.
+    Refused(String),
+}
+
+impl Outcome {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Outcome::Admitted => StatusCode::OK,
+            Outcome::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Outcome::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::Refused(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl Judgement {
+    /// A 400 before any policy was asked; `detail` says why, never quoting the client.
+    pub fn refused(detail: &str) -> Self {
+        Judgement {
+            headers: Vec::new(),
+            outcome: Outcome::Refused(Problem::new(StatusCode::BAD_REQUEST).detail(detail).body()),
+        }
+    }
+}
+
+/// Decides `target` under the active policies and describes the verdict.
+pub async fn judge(req: &HttpRequest, state: &AppState, target: Target<'_>) -> Judgement {
+    let Some(client) = client_key(req, &state.identity) else {
+        return Judgement::refused("the client address is unknown");
     };
     let policies = state.policies.load_full();
     let headers = Headers(req.headers());
     let view = RequestView {
-        method: req.method().as_str(),
-        path: req.match_info().as_str(),
-        host: req.headers().get(HOST).and_then(|host| host.to_str().ok()),
+        method: target.method,
+        path: target.path,
+        host: target.host,
         headers: &headers,
         client,
     };
     let applied = match policies.evaluate(&view) {
         Ok(applied) => applied,
-        Err(rejection) => {
-            return Problem::new(StatusCode::BAD_REQUEST)
-                .detail(&rejection.to_string())
-                .response();
-        }
+        Err(rejection) => return Judgement::refused(&rejection.to_string()),
     };
     let verdict = state
         .decider
         .decide(charges(&applied, &state.key_prefix))
         .await;
-    let mut response = HttpResponse::build(StatusCode::OK);
+    let mut headers = quota_headers(state.headers, &verdict);
     if let Some(source) = verdict.source() {
-        response.insert_header((
+        headers.push((
             X_RATELIMIT_SOURCE,
             HeaderValue::from_static(source.as_str()),
         ));
     }
-    for header in quota_headers(state.headers, &verdict) {
-        response.insert_header(header);
-    }
-    match verdict {
+    let outcome = match verdict {
         Verdict::Decided {
             admitted: false, ..
         } => {
             let retry_after_us = verdict.retry_after_us();
-            response.insert_header((RETRY_AFTER, retry_after_secs(retry_after_us)));
+            headers.push((
+                RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(retry_after_us)),
+            ));
             let violated: Vec<String> = verdict
                 .violated()
                 .iter()
@@ -146,19 +225,21 @@ pub async fn limited_endpoint(req: HttpRequest, state: web::Data<AppState>) -> H
                 })
                 .collect();
             let violated: Vec<&str> = violated.iter().map(String::as_str).collect();
-            Problem::quota_exceeded(&violated, ceil_millis(retry_after_us).max(1)).respond(response)
+            Outcome::Limited(
+                Problem::quota_exceeded(&violated, ceil_millis(retry_after_us).max(1)).body(),
+            )
         }
-        Verdict::Unlimited | Verdict::Decided { .. } | Verdict::Open { .. } => response
-            .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
-            .content_type(ContentType::json())
-            .body(state.admitted_body.clone()),
+        Verdict::Unlimited | Verdict::Decided { .. } | Verdict::Open { .. } => Outcome::Admitted,
         Verdict::Closed { .. } => {
-            response.insert_header((RETRY_AFTER, HeaderValue::from_static("1")));
-            Problem::new(StatusCode::SERVICE_UNAVAILABLE)
-                .detail("the rate-limit store cannot decide and FAIL_MODE=closed")
-                .respond(response)
+            headers.push((RETRY_AFTER, HeaderValue::from_static("1")));
+            Outcome::Unavailable(
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE)
+                    .detail("the rate-limit store cannot decide and FAIL_MODE=closed")
+                    .body(),
+            )
         }
-    }
+    };
+    Judgement { headers, outcome }
 }
 
 /// The buckets the applied policies charge: every limit of each; the enforced policies

@@ -7,14 +7,19 @@
 //! - `app`: the service itself, on its own thread on port 0 (`TestApp`) or as the real
 //!   binary in a child process;
 //! - `http`: clients with timeouts, and the requests several suites make the same way;
-//! - `policy_file`: policy files in temporary folders.
+//! - `policy_file`: policy files in temporary folders;
+//! - `nginx`: Nginx from the shipped template, rendered by `scripts/render-config.sh`, on
+//!   free ports;
+//! - `upstream`: the demo upstream behind the gateway, on its own thread on port 0.
 #![allow(dead_code)]
 
 mod app;
 mod http;
+mod nginx;
 mod policy_file;
 mod redis_cluster;
 mod redis_nodes;
+mod upstream;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -30,11 +35,15 @@ pub use http::{
     all_at_once, client, client_from, header, metric, metrics, passes, until_redis_decides,
 };
 #[allow(unused_imports)]
+pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};
+#[allow(unused_imports)]
 pub use policy_file::PolicyFile;
 #[allow(unused_imports)]
 pub use redis_cluster::{RedisCluster, SLOTS, cluster_info};
 #[allow(unused_imports)]
 pub use redis_nodes::{DATA_NODE_ARGS, PASSWORD, RedisProcess, SentinelCluster};
+#[allow(unused_imports)]
+pub use upstream::TestUpstream;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -73,6 +82,19 @@ pub fn send_signal(pid: u32, signal: &str) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Panics, naming the Debian package to install, unless `binary` is on the PATH.
+pub fn require(binary: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        found,
+        "{binary} is not installed: run `apt-get install -y {package}` (or `bash .ci/run`, which installs it)"
+    );
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, send_signal, wait_until};
+use super::{free_port, require, send_signal, wait_until};
 
 pub const PASSWORD: &str = "test-secret";
 
@@ -18,18 +18,6 @@ pub const DATA_NODE_ARGS: &[&str] = &[
     "--min-replicas-max-lag",
     "1",
 ];
-
-fn require(binary: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {binary}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    assert!(
-        found,
-        "{binary} is not installed: run `apt-get install -y {package}` (or `bash .ci/run`, which installs it)"
-    );
-}
 
 /// One `redis-server` or `redis-sentinel` process.
 pub struct RedisProcess {

@@ -1,0 +1,574 @@
+//! The gateway through the shipped config: `nginx/nginx.conf.template` rendered by
+//! `scripts/render-config.sh` as the native topology renders it, real Nginx in front of
+//! two instances sharing a real `redis-server`, and the demo upstream behind it, all on
+//! free ports. What reached the upstream is read from the upstream's own counts.
+//!
+//! Clients are loopback addresses of `127.0.1.0/24`: never `127.0.0.2`, the address
+//! Nginx reaches the instances from and the only proxy they trust.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, Response};
+use serde_json::json;
+
+use support::{
+    NginxProcess, NginxSettings, RedisProcess, TestApp, TestUpstream, client, client_from,
+    free_port, header, unique_prefix,
+};
+
+/// The policies every stack runs with, unless a test says otherwise.
+const POLICIES: &str = r#"
+[[policy]]
+name = "api"
+match = { path = "/api/**" }
+limits = [{ name = "minute", rate = 3, per = "1m" }]
+
+[[policy]]
+name = "keyed"
+match = { path = "/keyed/**" }
+key = ["header:x-api-key"]
+limits = [{ name = "minute", rate = 2, per = "1m" }]
+"#;
+
+/// Requests a fresh client is admitted on `/api/**`.
+const API_LIMIT: usize = 3;
+
+/// How long any answer through the gateway may take, however broken what is behind it:
+/// the check's timeouts bound it near 2 s; this only catches a hang.
+const HANG_BOUND: Duration = Duration::from_secs(10);
+
+/// Client `host` of this binary's clients.
+fn address(host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 1, host))
+}
+
+/// What a stack is built with.
+struct Setup {
+    /// Extra settings of both instances.
+    vars: Vec<(&'static str, String)>,
+    /// `GATEWAY_FAIL_MODE`.
+    gateway_fail_mode: &'static str,
+    /// What Nginx believes the instances are; `None`: the two started instances.
+    instances: Option<[String; 2]>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            vars: Vec::new(),
+            gateway_fail_mode: "closed",
+            instances: None,
+        }
+    }
+}
+
+/// Redis, two instances sharing it, the demo upstream, and Nginx in front of them.
+struct Stack {
+    nginx: NginxProcess,
+    upstream: TestUpstream,
+    apps: Vec<TestApp>,
+    _redis: RedisProcess,
+    _policies: tempfile::TempDir,
+}
+
+impl Stack {
+    fn start(setup: Setup) -> Self {
+        let redis = RedisProcess::server(None, &[]);
+        let policies = tempfile::tempdir().expect("temporary folder");
+        let policy_file = policies.path().join("policies.toml");
+        std::fs::write(&policy_file, POLICIES).expect("write the policy file");
+        let prefix = unique_prefix("gateway");
+        let apps: Vec<TestApp> = ["app-1", "app-2"]
+            .into_iter()
+            .map(|name| {
+                let mut vars = vec![
+                    ("REDIS_URL", redis.url()),
+                    ("KEY_PREFIX", prefix.clone()),
+                    ("POLICY_FILE", policy_file.display().to_string()),
+                    ("TRUSTED_PROXIES", support::PROXY_ADDR.to_string()),
+                    ("INSTANCE_NAME", name.to_string()),
+                    ("WORKERS", "1".to_string()),
+                ];
+                vars.extend(setup.vars.iter().cloned());
+                TestApp::spawn_with(&vars)
+            })
+            .collect();
+        let upstream = TestUpstream::spawn();
+        let instances = setup.instances.unwrap_or_else(|| {
+            [
+                format!("127.0.0.1:{}", apps[0].port),
+                format!("127.0.0.1:{}", apps[1].port),
+            ]
+        });
+        let nginx = NginxProcess::start(&NginxSettings {
+            instances,
+            upstream: upstream.addr(),
+            fail_mode: setup.gateway_fail_mode,
+        });
+        Self {
+            nginx,
+            upstream,
+            apps,
+            _redis: redis,
+            _policies: policies,
+        }
+    }
+
+    /// GET `path` through the gateway from `client`, within [`HANG_BOUND`].
+    async fn get(&self, client: &Client, path: &str) -> Response {
+        let url = self.nginx.gateway(path);
+        let started = Instant::now();
+        let response = client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert!(
+            started.elapsed() < HANG_BOUND,
+            "GET {url} took {:?}",
+            started.elapsed()
+        );
+        response
+    }
+}
+
+/// Statuses of `count` requests to `path` in a row.
+async fn statuses(stack: &Stack, client: &Client, path: &str, count: usize) -> Vec<u16> {
+    let mut statuses = Vec::with_capacity(count);
+    for _ in 0..count {
+        statuses.push(stack.get(client, path).await.status().as_u16());
+    }
+    statuses
+}
+
+fn admitted_then_denied(admitted: usize, total: usize) -> Vec<u16> {
+    (0..total)
+        .map(|i| if i < admitted { 200 } else { 429 })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_client_under_a_policy_of_n_reaches_the_upstream_exactly_n_times_then_gets_429s() {
+    // Arrange
+    let stack = Stack::start(Setup::default());
+    let client = client_from(address(1));
+
+    // Act
+    let answers = statuses(&stack, &client, "/api/items", API_LIMIT + 2).await;
+    let denied = stack.get(&client, "/api/items").await;
+
+    // Assert
+    assert_eq!(answers, admitted_then_denied(API_LIMIT, API_LIMIT + 2));
+    let counts = stack.upstream.counts().await;
+    assert_eq!(counts.client("127.0.1.1"), API_LIMIT as u64, "{counts:?}");
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "Content-Type"), "application/problem+json");
+    let retry_after: u64 = header(&denied, "Retry-After").parse().expect("seconds");
+    assert!((1..=20).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(
+        header(&denied, "RateLimit-Policy"),
+        "\"api-minute\";q=3;w=60"
+    );
+    assert_eq!(
+        header(&denied, "RateLimit"),
+        format!("\"api-minute\";r=0;t={retry_after}")
+    );
+    assert_eq!(header(&denied, "X-RateLimit-Source"), "redis");
+    for internal in ["X-RateLimit-Status", "X-RateLimit-Problem", "X-Instance"] {
+        assert_eq!(header(&denied, internal), "", "{internal} stays inside");
+    }
+    let mut body: serde_json::Value = denied.json().await.expect("a JSON body");
+    let retry_after_ms = body["retry_after_ms"].take().as_u64().expect("a number");
+    assert!(
+        (1..=retry_after * 1000).contains(&retry_after_ms),
+        "retry_after_ms {retry_after_ms}"
+    );
+    assert_eq!(
+        body,
+        json!({
+            "type": "https://iana.org/assignments/http-problem-types#quota-exceeded",
+            "title": "Too Many Requests",
+            "status": 429,
+            "violated-policies": ["api-minute"],
+            "retry_after_ms": null,
+        })
+    );
+}
+
+#[tokio::test]
+async fn admitted_responses_are_the_upstreams_with_the_draft_headers_added() {
+    let stack = Stack::start(Setup::default());
+    let client = client_from(address(2));
+
+    for remaining in (0..API_LIMIT).rev() {
+        let response = stack.get(&client, "/api/items?page=2").await;
+
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "RateLimit-Policy"),
+            "\"api-minute\";q=3;w=60"
+        );
+        assert_eq!(
+            header(&response, "RateLimit"),
+            format!("\"api-minute\";r={remaining};t=20")
+        );
+        assert_eq!(header(&response, "X-RateLimit-Source"), "redis");
+        assert_eq!(header(&response, "X-RateLimit-Limit"), "", "draft only");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["upstream"], "demo-upstream");
+        assert_eq!(body["path"], "/api/items");
+    }
+}
+
+#[tokio::test]
+async fn legacy_headers_reach_the_client_when_the_instances_send_them() {
+    let stack = Stack::start(Setup {
+        vars: vec![("RATELIMIT_HEADERS", "both".to_string())],
+        ..Setup::default()
+    });
+    let client = client_from(address(3));
+
+    let response = stack.get(&client, "/api/items").await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "X-RateLimit-Limit"), "3");
+    assert_eq!(header(&response, "X-RateLimit-Remaining"), "2");
+    assert_eq!(header(&response, "X-RateLimit-Reset"), "20");
+    assert_eq!(header(&response, "RateLimit"), "\"api-minute\";r=2;t=20");
+}
+
+#[tokio::test]
+async fn spoofed_forwarding_headers_through_the_gateway_change_nothing() {
+    let stack = Stack::start(Setup::default());
+    let client = client_from(address(4));
+    let mut answers = Vec::new();
+
+    for i in 0..API_LIMIT + 2 {
+        let spoofed = format!("203.0.113.{}", i + 1);
+        let response = client
+            .get(stack.nginx.gateway("/api/items"))
+            .header("X-Forwarded-For", &spoofed)
+            .header("X-Real-IP", &spoofed)
+            .header("Forwarded", format!("for={spoofed}"))
+            .send()
+            .await
+            .unwrap();
+        answers.push(response.status().as_u16());
+    }
+
+    assert_eq!(answers, admitted_then_denied(API_LIMIT, API_LIMIT + 2));
+    let counts = stack.upstream.counts().await;
+    assert_eq!(counts.client("127.0.1.4"), API_LIMIT as u64, "{counts:?}");
+    assert_eq!(
+        counts.clients.len(),
+        1,
+        "the upstream saw one client: {counts:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_keyed_by_an_api_key_limits_each_key_on_its_own() {
+    let stack = Stack::start(Setup::default());
+    let client = client_from(address(5));
+    let send = |key: &'static str| {
+        client
+            .get(stack.nginx.gateway("/keyed/report"))
+            .header("x-api-key", key)
+            .send()
+    };
+
+    let mut alpha = Vec::new();
+    for _ in 0..3 {
+        alpha.push(send("alpha").await.unwrap().status().as_u16());
+    }
+    let beta = send("beta").await.unwrap();
+
+    assert_eq!(alpha, [200, 200, 429]);
+    assert_eq!(beta.status(), 200);
+    assert_eq!(header(&beta, "RateLimit"), "\"keyed-minute\";r=1;t=30");
+    let counts = stack.upstream.counts().await;
+    assert_eq!(counts.path("/keyed/report"), 3, "{counts:?}");
+}
+
+#[tokio::test]
+async fn a_request_no_policy_matches_passes_untouched() {
+    let stack = Stack::start(Setup::default());
+    let client = client_from(address(6));
+    let count = API_LIMIT + 3;
+
+    for _ in 0..count {
+        let response = stack.get(&client, "/free/page").await;
+        assert_eq!(response.status(), 200);
+        for name in ["RateLimit", "RateLimit-Policy", "X-RateLimit-Source"] {
+            assert_eq!(
+                header(&response, name),
+                "",
+                "an unlimited answer has no {name}"
+            );
+        }
+    }
+    let posted = client
+        .post(stack.nginx.gateway("/free/upload"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(posted.status(), 200);
+    let body: serde_json::Value = posted.json().await.unwrap();
+    assert_eq!(body["method"], "POST");
+    let counts = stack.upstream.counts().await;
+    assert_eq!(counts.path("/free/page"), count as u64, "{counts:?}");
+    assert_eq!(counts.path("/free/upload"), 1, "{counts:?}");
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_be_judged_is_a_400_problem_and_never_reaches_the_upstream() {
+    let stack = Stack::start(Setup::default());
+    let client = client_from(address(7));
+
+    let too_long = client
+        .get(stack.nginx.gateway("/keyed/report"))
+        .header("x-api-key", "k".repeat(300))
+        .send()
+        .await
+        .unwrap();
+    let undecodable = stack.get(&client, "/api/%FF").await;
+
+    for (response, named) in [(too_long, "x-api-key"), (undecodable, "X-Original-URI")] {
+        assert_eq!(response.status(), 400, "{named}");
+        assert_eq!(
+            header(&response, "Content-Type"),
+            "application/problem+json"
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["status"], 400, "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(named),
+            "{body} should name {named}"
+        );
+    }
+    assert_eq!(stack.upstream.counts().await.total, 0);
+}
+
+#[tokio::test]
+async fn a_denial_is_problem_json_whatever_the_paths_extension() {
+    let stack = Stack::start(Setup::default());
+    let client = client_from(address(8));
+    statuses(&stack, &client, "/api/report.html", API_LIMIT).await;
+
+    let denied = stack.get(&client, "/api/report.html").await;
+
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "Content-Type"), "application/problem+json");
+}
+
+#[tokio::test]
+async fn with_redis_down_and_fail_mode_closed_limited_requests_get_a_503() {
+    let stack = Stack::start(Setup {
+        vars: vec![
+            ("REDIS_URL", format!("redis://127.0.0.1:{}", free_port())),
+            ("REDIS_TIMEOUT_MS", "50".to_string()),
+            ("FAIL_MODE", "closed".to_string()),
+        ],
+        ..Setup::default()
+    });
+    let client = client_from(address(9));
+
+    let limited = stack.get(&client, "/api/items").await;
+    let unlimited = stack.get(&client, "/free/page").await;
+
+    assert_eq!(limited.status(), 503);
+    assert_eq!(header(&limited, "Content-Type"), "application/problem+json");
+    assert_eq!(header(&limited, "Retry-After"), "1");
+    assert_eq!(header(&limited, "X-RateLimit-Source"), "closed");
+    let body: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(body["status"], 503, "{body}");
+    assert_eq!(unlimited.status(), 200, "no policy, no store needed");
+    let counts = stack.upstream.counts().await;
+    assert_eq!(
+        (counts.path("/api/items"), counts.total),
+        (0, 1),
+        "{counts:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_down_and_fail_mode_open_limited_requests_reach_the_upstream() {
+    let stack = Stack::start(Setup {
+        vars: vec![
+            ("REDIS_URL", format!("redis://127.0.0.1:{}", free_port())),
+            ("REDIS_TIMEOUT_MS", "50".to_string()),
+            ("FAIL_MODE", "open".to_string()),
+        ],
+        ..Setup::default()
+    });
+    let client = client_from(address(10));
+
+    let answers = statuses(&stack, &client, "/api/items", API_LIMIT + 2).await;
+
+    assert_eq!(answers, vec![200; API_LIMIT + 2]);
+    let response = stack.get(&client, "/api/items").await;
+    assert_eq!(header(&response, "X-RateLimit-Source"), "open");
+    assert_eq!(
+        stack.upstream.counts().await.path("/api/items"),
+        API_LIMIT as u64 + 3
+    );
+}
+
+/// Two addresses where no instance listens: connections are refused.
+fn refusing_instances() -> [String; 2] {
+    [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ]
+}
+
+#[tokio::test]
+async fn with_every_instance_down_the_gateway_fails_closed_with_a_503() {
+    let stack = Stack::start(Setup {
+        instances: Some(refusing_instances()),
+        ..Setup::default()
+    });
+    let client = client_from(address(11));
+
+    for path in ["/api/items", "/free/page"] {
+        let response = stack.get(&client, path).await;
+
+        assert_eq!(response.status(), 503, "{path}");
+        assert_eq!(
+            header(&response, "Content-Type"),
+            "application/problem+json"
+        );
+        assert_eq!(header(&response, "X-RateLimit-Source"), "gateway-closed");
+        assert_eq!(header(&response, "Retry-After"), "1");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["status"], 503, "{body}");
+    }
+    assert_eq!(stack.upstream.counts().await.total, 0);
+}
+
+#[tokio::test]
+async fn with_every_instance_down_and_gateway_fail_mode_open_the_upstream_is_reached() {
+    let stack = Stack::start(Setup {
+        instances: Some(refusing_instances()),
+        gateway_fail_mode: "open",
+        ..Setup::default()
+    });
+    let client = client_from(address(12));
+
+    let answers = statuses(&stack, &client, "/api/items", API_LIMIT + 2).await;
+
+    assert_eq!(answers, vec![200; API_LIMIT + 2]);
+    let response = stack.get(&client, "/api/items").await;
+    assert_eq!(header(&response, "X-RateLimit-Source"), "gateway-open");
+    assert_eq!(header(&response, "RateLimit"), "");
+    let counts = stack.upstream.counts().await;
+    assert_eq!(
+        counts.path("/api/items"),
+        API_LIMIT as u64 + 3,
+        "{counts:?}"
+    );
+}
+
+#[tokio::test]
+async fn instances_that_accept_but_never_answer_are_given_up_on_within_the_timeouts() {
+    // Both accept connections (the kernel completes them) and never read or answer.
+    let silent: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    let addr = |i: usize| format!("127.0.0.1:{}", silent[i].local_addr().unwrap().port());
+    let stack = Stack::start(Setup {
+        instances: Some([addr(0), addr(1)]),
+        ..Setup::default()
+    });
+    let client = client_from(address(13));
+
+    let response = stack.get(&client, "/api/items").await;
+
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "X-RateLimit-Source"), "gateway-closed");
+    assert_eq!(stack.upstream.counts().await.total, 0);
+}
+
+/// One raw request (the target exactly as given, unlike a URL library's), answered by
+/// its status and whether an instance sent it (`X-Instance`).
+fn raw_get(port: u16, target: &str) -> (u16, bool) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("an answer");
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("GET {target}: no status in {answer:?}"));
+    (status, answer.contains("\r\nx-instance:"))
+}
+
+#[tokio::test]
+async fn internal_routes_answer_404_through_the_public_server_however_spelt() {
+    let stack = Stack::start(Setup::default());
+    let spellings = [
+        "/ready",
+        "/metrics",
+        "/metrics?format=text",
+        "/v1/policies",
+        "/v1/explain?method=GET&path=/",
+        "/v1/check",
+        "/v1",
+        "//v1/policies",
+        "/v1/../metrics",
+        "/./ready",
+        "/%761/policies",
+        "/%6detrics",
+        "/limited_endpoint/../metrics",
+    ];
+
+    for target in spellings {
+        let (status, from_instance) = raw_get(stack.nginx.port, target);
+        assert_eq!(status, 404, "GET {target} through the public server");
+        assert!(!from_instance, "GET {target} reached an instance");
+    }
+    for target in ["/health", "/limited_endpoint", "/"] {
+        assert_eq!(raw_get(stack.nginx.port, target), (200, true), "{target}");
+    }
+    for target in ["/ready", "/metrics", "/v1/policies"] {
+        let (status, _) = raw_get(stack.apps[0].port, target);
+        assert_eq!(status, 200, "{target} on the instance's own port");
+    }
+}
+
+#[tokio::test]
+async fn internal_routes_are_not_reachable_through_the_gateway_either() {
+    let stack = Stack::start(Setup::default());
+
+    let (check_location, _) = raw_get(stack.nginx.gateway_port, "/__ratelimiter/check");
+
+    assert_eq!(check_location, 404, "the check location is internal");
+    let client = client();
+    for path in ["/metrics", "/v1/policies", "/v1/check", "/ready"] {
+        let response = stack.get(&client, path).await;
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            header(&response, "X-Instance"),
+            "",
+            "{path} reached an instance"
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["upstream"], "demo-upstream", "{path}: {body}");
+    }
+}

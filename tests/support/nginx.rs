@@ -1,0 +1,153 @@
+//! Nginx as shipped: `nginx/nginx.conf.template` rendered by `scripts/render-config.sh`,
+//! with the placeholders the native topology gives it (`proxy_bind 127.0.0.2`, so the
+//! instances must trust that address), on free ports, in a temporary folder. Stopped on
+//! `Drop`, after printing the end of its error log when the test failed.
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, repo_path, require, send_signal, wait_until};
+
+/// The address Nginx reaches the instances from; the instances must trust it
+/// (`TRUSTED_PROXIES`), and no test client may use it.
+pub const PROXY_ADDR: &str = "127.0.0.2";
+
+/// What the template's placeholders become, besides ports and paths.
+pub struct NginxSettings {
+    /// The two instances, `host:port`.
+    pub instances: [String; 2],
+    /// The application behind the gateway, `host:port`.
+    pub upstream: String,
+    /// `GATEWAY_FAIL_MODE`.
+    pub fail_mode: &'static str,
+}
+
+pub struct NginxProcess {
+    /// The public server.
+    pub port: u16,
+    /// The gateway server.
+    pub gateway_port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+    stopped: bool,
+}
+
+impl NginxProcess {
+    pub fn start(settings: &NginxSettings) -> Self {
+        require("nginx", "nginx-light");
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let (port, gateway_port) = (free_port(), free_port());
+        let root = dir.path();
+        for folder in ["logs", "temp"] {
+            std::fs::create_dir(root.join(folder)).expect("nginx folders");
+        }
+        let config = root.join("nginx.conf");
+        let error_log = root.join("logs/error.log");
+        let rendered = Command::new("bash")
+            .arg(repo_path("scripts/render-config.sh"))
+            .arg(repo_path("nginx/nginx.conf.template"))
+            .arg(&config)
+            .env("PID_FILE", root.join("nginx.pid"))
+            .env("ERROR_LOG", &error_log)
+            .env("ACCESS_LOG", root.join("logs/access.log"))
+            .env("TEMP_DIR", root.join("temp"))
+            .env("LISTEN", format!("listen 127.0.0.1:{port};"))
+            .env("APP_1", &settings.instances[0])
+            .env("APP_2", &settings.instances[1])
+            .env("PROXY_BIND", PROXY_ADDR)
+            .env(
+                "GATEWAY_LISTEN",
+                format!("listen 127.0.0.1:{gateway_port};"),
+            )
+            .env("GATEWAY_UPSTREAM", &settings.upstream)
+            .env("GATEWAY_FAIL_MODE", settings.fail_mode)
+            .stdout(Stdio::null())
+            .output()
+            .expect("run scripts/render-config.sh");
+        assert!(
+            rendered.status.success(),
+            "render-config.sh: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+        let args = |command: &mut Command| {
+            command
+                .arg("-e")
+                .arg(&error_log)
+                .arg("-p")
+                .arg(format!("{}/", root.display()))
+                .arg("-c")
+                .arg(&config);
+        };
+        let mut test = Command::new("nginx");
+        test.arg("-t").arg("-q");
+        args(&mut test);
+        let tested = test.output().expect("run nginx -t");
+        assert!(
+            tested.status.success(),
+            "nginx rejects the rendered template: {}",
+            String::from_utf8_lossy(&tested.stderr)
+        );
+        let mut command = Command::new("nginx");
+        args(&mut command);
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let nginx = Self {
+            port,
+            gateway_port,
+            child,
+            dir,
+            stopped: false,
+        };
+        wait_until("nginx listening", Duration::from_secs(10), || {
+            [port, gateway_port]
+                .iter()
+                .all(|port| TcpStream::connect(("127.0.0.1", *port)).is_ok())
+        });
+        nginx
+    }
+
+    /// `path` on the public server.
+    pub fn public(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `path` on the gateway.
+    pub fn gateway(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.gateway_port)
+    }
+
+    pub fn error_log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("logs/error.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Fast shutdown (SIGTERM): the master stops its workers, then exits.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        send_signal(self.child.id(), "TERM");
+        if super::wait_for_exit(&mut self.child, Duration::from_secs(10)).is_none() {
+            eprintln!("nginx ignored SIGTERM for 10 s and was killed");
+        }
+    }
+}
+
+impl Drop for NginxProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of nginx's error log ---\n{}",
+                self.error_log_tail()
+            );
+        }
+        self.stop();
+    }
+}
