@@ -735,3 +735,51 @@ fn a_lone_failure_keeps_the_master_and_readonly_or_three_in_a_row_retire_it() {
     assert!(slot.report_failure(&master, &readonly));
     assert!(!slot.is_usable(), "a replica is no master, at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_ready_probes_that_time_out_sends_no_decision_to_fail_mode() {
+    let redis = RedisProcess::server(None, &["--enable-debug-command", "yes"]);
+    let app = TestApp::spawn(&[
+        ("REDIS_URL", &redis.url()),
+        ("KEY_PREFIX", &unique_prefix("ready-flood")),
+        ("REDIS_TIMEOUT_MS", "100"),
+        ("FAIL_MODE", "open"),
+        ("RATE_LIMIT", "3"),
+        ("TIME_WINDOW", "3600"),
+        // Every decision below must reach the store, not a cached denial.
+        ("DENY_CACHE_SIZE", "0"),
+    ]);
+    let client = client();
+    let limited = || client.get(app.at("/limited_endpoint")).send();
+    for _ in 0..3 {
+        assert_eq!(limited().await.unwrap().status(), 200);
+    }
+    assert_eq!(limited().await.unwrap().status(), 429);
+    // From now on discovery cannot confirm the master (ROLE is refused): a master taken
+    // out of use would stay out, and every decision would go to FAIL_MODE=open.
+    let _: () = redis.command(&["ACL", "SETUSER", "default", "-role"]);
+
+    // Redis stops answering for 600 ms; the probes meanwhile time out.
+    let url = redis.url();
+    let sleeping = tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.6")
+            .query::<()>(&mut conn)
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let probes = all_at_once((0..200).map(|_| client.get(app.at("/ready")))).await;
+    assert!(
+        probes.iter().any(|(status, _)| *status == 503),
+        "no probe failed"
+    );
+    sleeping.await.unwrap();
+
+    for _ in 0..5 {
+        let response = limited().await.unwrap();
+        assert_eq!(header(&response, "x-ratelimit-source"), "redis");
+        assert_eq!(response.status(), 429, "the limit still holds");
+    }
+}
