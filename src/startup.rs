@@ -200,6 +200,10 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
         Arc::new(InstanceRegistry::new(
             &settings.redis.key_prefix,
             &settings.instance_name,
+            match settings.store {
+                StoreSettings::Cluster { .. } => crate::store::redis::cluster::WATCH_EVERY,
+                _ => settings.redis.poll,
+            },
         ))
     };
     let discovery = match &settings.store {

@@ -99,11 +99,24 @@ impl Limit {
 
     /// The limit one of `instances` instances enforces alone, so that together they admit
     /// about what the shared limit would. The window is stretched instead of dividing the
-    /// rate, which keeps the refill exact.
+    /// rate, which keeps the refill exact. Where the stretched window cannot be exact, the
+    /// rate is divided instead (rounded down), and failing that one token per window is
+    /// left: a share is never larger than the whole limit divided, whatever the numbers.
     pub fn share_of(&self, instances: u64) -> Self {
         let instances = instances.max(1);
+        if instances == 1 {
+            return *self;
+        }
         let capacity = (self.capacity / instances).max(1);
-        Self::from_window_us(self.rate_limit, self.window_us * instances, capacity).unwrap_or(*self)
+        self.window_us
+            .checked_mul(instances)
+            .and_then(|window_us| Self::from_window_us(self.rate_limit, window_us, capacity).ok())
+            .or_else(|| {
+                let rate = (self.rate_limit / instances).max(1);
+                Self::from_window_us(rate, self.window_us, capacity).ok()
+            })
+            .or_else(|| Self::from_window_us(1, self.window_us, 1).ok())
+            .unwrap_or(*self)
     }
 
     /// Burst size in tokens.
@@ -245,6 +258,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(limit.share_of(5).capacity(), 1);
+    }
+
+    #[test]
+    fn a_share_that_cannot_stretch_its_window_exactly_is_still_a_share() {
+        // One a year with a burst of 100: a window 1,000 times longer has no exact units.
+        let limit = Limit::parse(LimitSpec {
+            rate: 1,
+            window_s: 365 * 86_400,
+            burst: 100,
+        })
+        .unwrap();
+        let share = limit.share_of(1_000);
+        assert_ne!(share, limit, "the whole limit is no share");
+        assert_eq!(share.capacity(), 1);
+        // Its refill is no faster than the whole limit's.
+        assert!(
+            u128::from(share.rate_limit()) * u128::from(limit.window_us)
+                <= u128::from(limit.rate_limit()) * u128::from(share.window_us)
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ settings! {
     FAIL_MODE: Value("local"), Word(FailMode::VARIANTS),
         "when Redis cannot decide: `local` (this instance's share of the limits), `open` (admit), `closed` (503 with `Retry-After: 1`)";
     FALLBACK_INSTANCES: Unset("counted"), Whole { min: 1, max: 10_000 },
-        "how many instances share the limits in `local` mode; by default the instances that announced themselves in Redis in the last 5 s";
+        "how many instances share the limits in `local` mode; by default the instances announced in Redis (an announcement lasts three `SENTINEL_POLL_MS`, at least 5 s), and 4 until this instance has counted them once";
     DENY_CACHE_SIZE: Value("100000"), Whole { min: 0, max: 100_000_000 },
         "keys whose denial is answered locally until it expires; `0` turns it off";
     MEMORY_STORE_MAX_BUCKETS: Value("200000"), Whole { min: 1, max: 100_000_000 },
