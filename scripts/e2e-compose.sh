@@ -349,6 +349,11 @@ network=$(docker inspect --format '{{range $name, $_ := .NetworkSettings.Network
 until_true 120 "every container healthy" all_healthy
 until_true 30 "both instances ready" instances_ready
 ok "10 containers healthy, both instances ready (network $network)"
+for id in $(project_containers); do
+  rotation=$(docker inspect --format '{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config "max-size"}} {{index .HostConfig.LogConfig.Config "max-file"}}' "$id")
+  [[ $rotation == "json-file 10m 3" ]] || fail "container $id keeps its log as \"$rotation\", not rotated"
+done
+ok "every container's log is rotated (json-file, 3 × 10m)"
 phase_done
 
 phase "limits through Nginx"
