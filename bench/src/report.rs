@@ -81,11 +81,52 @@ fn over_rounds(
 
 /// `/limited_endpoint` ÷ `/` requests per second, round by round, rounded as printed.
 pub fn ratio(rows: &[Row], phase: &str, via: Via, connections: u32) -> Option<Spread> {
-    let limited: Vec<&Row> = matching(rows, phase, via, LIMITED, connections).collect();
-    let pairs: Vec<(f64, f64)> = matching(rows, phase, via, ROOT, connections)
-        .filter_map(|root| {
-            let decision = limited.iter().find(|row| row.round == root.round)?;
-            Some((decision.per_second, root.per_second))
+    paired_ratio(rows, phase, (via, LIMITED), (via, ROOT), connections, |r| {
+        r.per_second
+    })
+}
+
+/// Admitted (200) requests per second: the requests per second, times the share of the
+/// requests answered 200.
+pub fn admitted_per_second(row: &Row) -> f64 {
+    if row.requests == 0 {
+        return 0.0;
+    }
+    row.per_second * row.ok.min(row.requests) as f64 / row.requests as f64
+}
+
+/// The path through the gateway and through the bench's own Nginx straight to the
+/// upstream.
+pub const GATEWAY_PATH: &str = "/api/items";
+
+/// Admitted requests per second through the gateway ÷ through the bench's own Nginx
+/// straight to the same upstream, round by round, rounded as printed.
+pub fn gateway_ratio(rows: &[Row], connections: u32) -> Option<Spread> {
+    paired_ratio(
+        rows,
+        "gateway",
+        (Via::Gateway, GATEWAY_PATH),
+        (Via::Proxy, GATEWAY_PATH),
+        connections,
+        admitted_per_second,
+    )
+}
+
+/// `field` of one (way in, path) ÷ `field` of another, both of `phase` at `connections`,
+/// paired round by round; the median and the spread of the ratios, rounded as printed.
+fn paired_ratio(
+    rows: &[Row],
+    phase: &str,
+    (top_via, top_path): (Via, &str),
+    (bottom_via, bottom_path): (Via, &str),
+    connections: u32,
+    field: Field,
+) -> Option<Spread> {
+    let top: Vec<&Row> = matching(rows, phase, top_via, top_path, connections).collect();
+    let pairs: Vec<(f64, f64)> = matching(rows, phase, bottom_via, bottom_path, connections)
+        .filter_map(|bottom| {
+            let over = top.iter().find(|row| row.round == bottom.round)?;
+            Some((field(over), field(bottom)))
         })
         .collect();
     Spread::of_ratios(&pairs).map(|spread| Spread {
@@ -318,6 +359,31 @@ pub fn goals(info: &RunInfo, rows: &[Row], scripts: &[ScriptRow]) -> String {
         text(decision),
         text(median_of(("two-limits", Nginx, LIMITED, 64), master)),
     );
+
+    let gateway = gateway_ratio(rows, 64);
+    let (med, lo, hi) = spread_parts(gateway);
+    let through = ("gateway", Via::Gateway, GATEWAY_PATH, 64);
+    let straight = ("gateway", Via::Proxy, GATEWAY_PATH, 64);
+    let sum = |key, field: Field| text(over_rounds(rows, key, field, Sum));
+    let _ = writeln!(
+        out,
+        "8. **Gateway** (one policy on every path, per client address, 10^9 per 1 s, so every request runs the whole decision and is admitted; wrk on `{GATEWAY_PATH}` at 64 connections): admitted requests per second through the gateway ÷ Nginx proxying straight to the upstream = **{med}** ({lo}–{hi}) (goal ≥ 0.5: {}); {} admitted/s through the gateway, {} req/s straight (medians). CPU µs per request through the gateway: Nginx {}, instances {}, Redis master {}, demo upstream {}; straight: Nginx {}, demo upstream {}. Through the gateway Nginx logged {} × 200, {} × 429 and {} other, and the demo upstream counted {}; p99 {} ms through the gateway, {} ms straight.",
+        verdict(gateway.map(|s| s.median), Goal::AtLeast(0.5)),
+        text(median_of(through, admitted_per_second).map(|v| round_to(v, 0))),
+        text(median_of(straight, admitted_per_second).map(|v| round_to(v, 0))),
+        text(median_of(through, |r| r.cpu.nginx)),
+        text(median_of(through, app)),
+        text(median_of(through, master)),
+        text(median_of(through, |r| r.cpu.upstream)),
+        text(median_of(straight, |r| r.cpu.proxy)),
+        text(median_of(straight, |r| r.cpu.upstream)),
+        sum(through, |r| r.ok as f64),
+        sum(through, |r| r.denied as f64),
+        sum(through, |r| r.other as f64),
+        sum(through, |r| r.upstream as f64),
+        text(median_of(through, |r| r.p99_ms)),
+        text(median_of(straight, |r| r.p99_ms)),
+    );
     out
 }
 
@@ -503,6 +569,7 @@ mod tests {
             ok: (per_second * 5.0) as u64,
             denied: 0,
             other: 0,
+            upstream: 0,
             cpu: GroupCpu {
                 app,
                 nginx: 14.8,
@@ -510,6 +577,7 @@ mod tests {
                 replicas: 2.6,
                 sentinels: 0.1,
                 load_generator: 5.4,
+                ..GroupCpu::default()
             },
             others_percent: f64::from(round),
             script_calls_per_request: if path == LIMITED { 1.0 } else { 0.0 },
@@ -606,6 +674,69 @@ mod tests {
         );
         assert!(goals.contains("allow-heavy (random keys, half of them new) **- µs** (read against the goal of 5.5 µs as it stands: not measured)"), "{goals}");
         assert!(goals.contains("At 16 connections: - (-–-)."), "{goals}");
+    }
+
+    /// Three rounds of the gateway phase: the gateway admits 0.52, 0.50 and 0.55 of what
+    /// Nginx straight to the upstream answers.
+    fn gateway_rows() -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (round, gateway, proxy) in [
+            (1, 10400.0, 20000.0),
+            (2, 10000.0, 20000.0),
+            (3, 11000.0, 20000.0),
+        ] {
+            let mut through = row("gateway", round, Via::Gateway, GATEWAY_PATH, gateway, 30.0);
+            through.upstream = through.ok;
+            through.cpu.upstream = 12.0;
+            let mut straight = row("gateway", round, Via::Proxy, GATEWAY_PATH, proxy, 0.0);
+            straight.cpu.proxy = 20.0;
+            straight.cpu.nginx = 0.0;
+            straight.cpu.upstream = 11.0;
+            rows.push(through);
+            rows.push(straight);
+        }
+        rows
+    }
+
+    #[test]
+    fn the_gateway_ratio_pairs_admitted_requests_round_by_round() {
+        let rows = gateway_rows();
+        let spread = gateway_ratio(&rows, 64).unwrap();
+        assert_eq!((spread.median, spread.low, spread.high), (0.52, 0.5, 0.55));
+        // Half the answers through the gateway were not 200: half the rate is admitted.
+        let mut rows = rows;
+        for row in rows.iter_mut().filter(|r| r.via == Via::Gateway) {
+            row.ok = row.requests / 2;
+        }
+        assert_eq!(gateway_ratio(&rows, 64).unwrap().median, 0.26);
+        assert_eq!(gateway_ratio(&allow_rows(), 64), None);
+    }
+
+    #[test]
+    fn admitted_requests_per_second_count_only_200s() {
+        let mut r = row("gateway", 1, Via::Gateway, GATEWAY_PATH, 1000.0, 1.0);
+        assert_eq!(admitted_per_second(&r), 1000.0);
+        r.ok = r.requests / 4;
+        assert_eq!(admitted_per_second(&r), 250.0);
+        r.requests = 0;
+        assert_eq!(admitted_per_second(&r), 0.0);
+    }
+
+    #[test]
+    fn the_gateway_finding_names_the_ratio_and_the_cpu_of_each_process() {
+        let found = goals(&info(), &gateway_rows(), &[]);
+        let line = found
+            .lines()
+            .find(|l| l.starts_with("8. **Gateway**"))
+            .unwrap();
+        assert!(line.contains("= **0.52** (0.50–0.55) (goal ≥ 0.5: met); 10400 admitted/s through the gateway, 20000 req/s straight"), "{line}");
+        assert!(line.contains("through the gateway: Nginx 14.8, instances 30, Redis master 8.8, demo upstream 12; straight: Nginx 20, demo upstream 11."), "{line}");
+        assert!(line.contains("Nginx logged 157000 × 200, 0 × 429 and 0 other, and the demo upstream counted 157000"), "{line}");
+        let missed = goals(&info(), &allow_rows(), &[]);
+        assert!(
+            missed.contains("= **-** (-–-) (goal ≥ 0.5: not measured)"),
+            "{missed}"
+        );
     }
 
     #[test]
