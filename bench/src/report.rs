@@ -408,8 +408,8 @@ fn median_by(rows: &[&Row], field: Field) -> f64 {
 /// Medians over the rounds of each (phase, load generator, way in, path, connections).
 pub fn summary_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| phase | load | via | path | conns | req/s | p50 ms | p99 ms | max ms | 200 | 429 | other | app µs/req | Nginx µs/req | Redis master µs/req | replicas µs/req | sentinels µs/req | load gen µs/req | other processes % | script calls/req | Redis µs/call |\n\
-         |---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| phase | load | via | path | conns | req/s | p50 ms | p99 ms | max ms | 200 | 429 | other | app µs/req | Nginx µs/req | Redis master µs/req | replicas µs/req | sentinels µs/req | demo upstream µs/req | load gen µs/req | other processes % | script calls/req | Redis µs/call |\n\
+         |---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     let groups = grouped(rows, |r| {
         (
@@ -429,7 +429,7 @@ pub fn summary_table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {phase} | {tool} | {via} | `{path}` | {connections} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {calls:.3} | {usec} |",
+            "| {phase} | {tool} | {via} | `{path}` | {connections} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {calls:.3} | {usec} |",
             median_by(&members, |r| r.per_second),
             median_by(&members, |r| r.p50_ms),
             median_by(&members, |r| r.p99_ms),
@@ -438,10 +438,13 @@ pub fn summary_table(rows: &[Row]) -> String {
             members.iter().map(|r| r.denied).sum::<u64>(),
             members.iter().map(|r| r.other).sum::<u64>(),
             median_by(&members, |r| r.cpu.app),
-            median_by(&members, |r| r.cpu.nginx),
+            // The cluster's Nginx, or the bench's own one for the `proxy` rows (the other
+            // one idles meanwhile).
+            median_by(&members, |r| r.cpu.nginx + r.cpu.proxy),
             median_by(&members, |r| r.cpu.master),
             median_by(&members, |r| r.cpu.replicas),
             median_by(&members, |r| r.cpu.sentinels),
+            median_by(&members, |r| r.cpu.upstream),
             median_by(&members, |r| r.cpu.load_generator),
             median_by(&members, |r| r.others_percent),
         );
@@ -530,7 +533,7 @@ pub fn render(info: &RunInfo, rows: &[Row], scripts: &[ScriptRow]) -> String {
     out.push_str("### Goals\n\n");
     out.push_str(&goals(info, rows, scripts));
     out.push_str("\n### Medians over the rounds\n\n");
-    out.push_str("CPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together. \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n");
+    out.push_str("CPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together; \"Nginx\" is the cluster's, and the bench's own one (straight to the demo upstream) on the gateway phase's `proxy` rows. \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n");
     out.push_str(&summary_table(rows));
     out.push_str("\n### Where the instances spend their CPU (medians)\n\n");
     out.push_str("User and system time of both instances per answered request, their threads' context switches per request (voluntary + involuntary, threads alive at the end), and their thread count at the end.\n\n");
@@ -618,7 +621,7 @@ mod tests {
         assert_eq!(lines.len(), 4, "{table}");
         assert_eq!(
             lines[2],
-            "| allow | wrk | nginx | `/limited_endpoint` | 64 | 39200 | 1.00 | 3.20 | 9.00 | 597150 | 0 | 0 | 15.8 | 14.8 | 8.8 | 2.6 | 0.1 | 5.4 | 2 | 1.000 | 6.20 |"
+            "| allow | wrk | nginx | `/limited_endpoint` | 64 | 39200 | 1.00 | 3.20 | 9.00 | 597150 | 0 | 0 | 15.8 | 14.8 | 8.8 | 2.6 | 0.1 | 0.0 | 5.4 | 2 | 1.000 | 6.20 |"
         );
         assert!(
             lines[3].starts_with("| allow | wrk | nginx | `/` | 64 | 71000 |"),
@@ -696,6 +699,16 @@ mod tests {
             rows.push(straight);
         }
         rows
+    }
+
+    #[test]
+    fn the_summary_table_shows_the_benchs_nginx_and_the_upstream_on_proxy_rows() {
+        let table = summary_table(&gateway_rows());
+        let proxy = table.lines().find(|l| l.contains("| proxy |")).unwrap();
+        assert!(
+            proxy.contains("| 0.0 | 20.0 | 8.8 | 2.6 | 0.1 | 11.0 | 5.4 |"),
+            "{proxy}"
+        );
     }
 
     #[test]
