@@ -4,7 +4,7 @@
 # machine, and prints Markdown tables; with --record it also writes docs/BENCHMARKS.md.
 #
 # Usage: scripts/bench.sh [--duration SECS] [--rounds N] [--threads N]
-#                         [--quiet-max PCT] [--quiet-wait SECS] [--record]
+#                         [--quiet-max PCT] [--quiet-wait SECS] [--phases A,B,...] [--record]
 #
 #   --duration SECS  length of one measurement (default 5; 1 to 60)
 #   --rounds N       rounds per phase (default 3; 3 to 20); each round measures every
@@ -14,8 +14,12 @@
 #                    most PCT % of it (default 15): each measurement waits for that (up to
 #                    --quiet-wait SECS, default 30; 0 does not wait), and one during which
 #                    others used more is taken again, twice at most, keeping the quietest
+#   --phases A,B,... only these phases of the bench's own cluster (names below, comma-
+#                    separated; they run in the order below), e.g. --phases allow,two-limits,gateway;
+#                    default all. Refused when a cluster is running (that gets one phase)
 #   --record         also write the run into docs/BENCHMARKS.md (needs the bench's own
-#                    cluster, since only that runs every phase)
+#                    cluster and every phase: recording rewrites the whole block, so it
+#                    refuses --phases with a subset)
 #
 # Phases, each with the cluster started by this script under its own policy:
 #   allow          RATE_LIMIT=BURST=10^9 per 1 s: every request runs the whole Redis
@@ -42,6 +46,18 @@
 #   flood          the shipped policy (10 per 60 s): one client (wrk) floods at 64
 #                  connections through Nginx with the deny cache on; / beside it.
 #   flood-nocache  the same with DENY_CACHE_SIZE=0.
+#   gateway        `scripts/cluster.sh up --gateway` (the demo upstream on 8081, its counts on
+#                  8082, the gateway on 8080) with a POLICY_FILE of one policy on every path
+#                  (no match), per client address, 10^9 per 1 s: every gateway request runs
+#                  the whole decision (auth_request to an instance's /v1/check) and is
+#                  admitted. Beside it the bench starts its own Nginx (config, pid, logs and
+#                  temp files in run/bench/proxy-nginx/, on the first free port from 8090)
+#                  proxying straight to the same upstream with the gateway server's worker,
+#                  keepalive and proxy settings. wrk on /api/items at 64 connections through
+#                  each: admitted requests/s of the gateway ÷ the direct Nginx's, and the
+#                  CPU per request of each process (both Nginx, instances, Redis, the demo
+#                  upstream). Every answer through the gateway must be a 200 that the demo
+#                  upstream counted (GET 8082/__upstream/count), or the run stops.
 #
 # When Nginx answers /health on 8000 and /ready answers on 8001 and 8002, and the cluster is a native one with pid
 # records (CLUSTER_DIR, default run/cluster), that cluster is used as it is: one phase

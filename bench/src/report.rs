@@ -81,11 +81,52 @@ fn over_rounds(
 
 /// `/limited_endpoint` ÷ `/` requests per second, round by round, rounded as printed.
 pub fn ratio(rows: &[Row], phase: &str, via: Via, connections: u32) -> Option<Spread> {
-    let limited: Vec<&Row> = matching(rows, phase, via, LIMITED, connections).collect();
-    let pairs: Vec<(f64, f64)> = matching(rows, phase, via, ROOT, connections)
-        .filter_map(|root| {
-            let decision = limited.iter().find(|row| row.round == root.round)?;
-            Some((decision.per_second, root.per_second))
+    paired_ratio(rows, phase, (via, LIMITED), (via, ROOT), connections, |r| {
+        r.per_second
+    })
+}
+
+/// Admitted (200) requests per second: the requests per second, times the share of the
+/// requests answered 200.
+pub fn admitted_per_second(row: &Row) -> f64 {
+    if row.requests == 0 {
+        return 0.0;
+    }
+    row.per_second * row.ok.min(row.requests) as f64 / row.requests as f64
+}
+
+/// The path through the gateway and through the bench's own Nginx straight to the
+/// upstream.
+pub const GATEWAY_PATH: &str = "/api/items";
+
+/// Admitted requests per second through the gateway ÷ through the bench's own Nginx
+/// straight to the same upstream, round by round, rounded as printed.
+pub fn gateway_ratio(rows: &[Row], connections: u32) -> Option<Spread> {
+    paired_ratio(
+        rows,
+        "gateway",
+        (Via::Gateway, GATEWAY_PATH),
+        (Via::Proxy, GATEWAY_PATH),
+        connections,
+        admitted_per_second,
+    )
+}
+
+/// `field` of one (way in, path) ÷ `field` of another, both of `phase` at `connections`,
+/// paired round by round; the median and the spread of the ratios, rounded as printed.
+fn paired_ratio(
+    rows: &[Row],
+    phase: &str,
+    (top_via, top_path): (Via, &str),
+    (bottom_via, bottom_path): (Via, &str),
+    connections: u32,
+    field: Field,
+) -> Option<Spread> {
+    let top: Vec<&Row> = matching(rows, phase, top_via, top_path, connections).collect();
+    let pairs: Vec<(f64, f64)> = matching(rows, phase, bottom_via, bottom_path, connections)
+        .filter_map(|bottom| {
+            let over = top.iter().find(|row| row.round == bottom.round)?;
+            Some((field(over), field(bottom)))
         })
         .collect();
     Spread::of_ratios(&pairs).map(|spread| Spread {
@@ -318,6 +359,31 @@ pub fn goals(info: &RunInfo, rows: &[Row], scripts: &[ScriptRow]) -> String {
         text(decision),
         text(median_of(("two-limits", Nginx, LIMITED, 64), master)),
     );
+
+    let gateway = gateway_ratio(rows, 64);
+    let (med, lo, hi) = spread_parts(gateway);
+    let through = ("gateway", Via::Gateway, GATEWAY_PATH, 64);
+    let straight = ("gateway", Via::Proxy, GATEWAY_PATH, 64);
+    let sum = |key, field: Field| text(over_rounds(rows, key, field, Sum));
+    let _ = writeln!(
+        out,
+        "8. **Gateway** (one policy on every path, per client address, 10^9 per 1 s, so every request runs the whole decision and is admitted; wrk on `{GATEWAY_PATH}` at 64 connections): admitted requests per second through the gateway ÷ Nginx proxying straight to the upstream = **{med}** ({lo}–{hi}) (goal ≥ 0.5: {}); {} admitted/s through the gateway, {} req/s straight (medians). CPU µs per request through the gateway: Nginx {}, instances {}, Redis master {}, demo upstream {}; straight: Nginx {}, demo upstream {}. Through the gateway Nginx logged {} × 200, {} × 429 and {} other, and the demo upstream counted {}; p99 {} ms through the gateway, {} ms straight.",
+        verdict(gateway.map(|s| s.median), Goal::AtLeast(0.5)),
+        text(median_of(through, admitted_per_second).map(|v| round_to(v, 0))),
+        text(median_of(straight, admitted_per_second).map(|v| round_to(v, 0))),
+        text(median_of(through, |r| r.cpu.nginx)),
+        text(median_of(through, app)),
+        text(median_of(through, master)),
+        text(median_of(through, |r| r.cpu.upstream)),
+        text(median_of(straight, |r| r.cpu.proxy)),
+        text(median_of(straight, |r| r.cpu.upstream)),
+        sum(through, |r| r.ok as f64),
+        sum(through, |r| r.denied as f64),
+        sum(through, |r| r.other as f64),
+        sum(through, |r| r.upstream as f64),
+        text(median_of(through, |r| r.p99_ms)),
+        text(median_of(straight, |r| r.p99_ms)),
+    );
     out
 }
 
@@ -342,8 +408,8 @@ fn median_by(rows: &[&Row], field: Field) -> f64 {
 /// Medians over the rounds of each (phase, load generator, way in, path, connections).
 pub fn summary_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| phase | load | via | path | conns | req/s | p50 ms | p99 ms | max ms | 200 | 429 | other | app µs/req | Nginx µs/req | Redis master µs/req | replicas µs/req | sentinels µs/req | load gen µs/req | other processes % | script calls/req | Redis µs/call |\n\
-         |---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| phase | load | via | path | conns | req/s | p50 ms | p99 ms | max ms | 200 | 429 | other | app µs/req | Nginx µs/req | Redis master µs/req | replicas µs/req | sentinels µs/req | demo upstream µs/req | load gen µs/req | other processes % | script calls/req | Redis µs/call |\n\
+         |---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     let groups = grouped(rows, |r| {
         (
@@ -363,7 +429,7 @@ pub fn summary_table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {phase} | {tool} | {via} | `{path}` | {connections} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {calls:.3} | {usec} |",
+            "| {phase} | {tool} | {via} | `{path}` | {connections} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {calls:.3} | {usec} |",
             median_by(&members, |r| r.per_second),
             median_by(&members, |r| r.p50_ms),
             median_by(&members, |r| r.p99_ms),
@@ -372,10 +438,13 @@ pub fn summary_table(rows: &[Row]) -> String {
             members.iter().map(|r| r.denied).sum::<u64>(),
             members.iter().map(|r| r.other).sum::<u64>(),
             median_by(&members, |r| r.cpu.app),
-            median_by(&members, |r| r.cpu.nginx),
+            // The cluster's Nginx, or the bench's own one for the `proxy` rows (the other
+            // one idles meanwhile).
+            median_by(&members, |r| r.cpu.nginx + r.cpu.proxy),
             median_by(&members, |r| r.cpu.master),
             median_by(&members, |r| r.cpu.replicas),
             median_by(&members, |r| r.cpu.sentinels),
+            median_by(&members, |r| r.cpu.upstream),
             median_by(&members, |r| r.cpu.load_generator),
             median_by(&members, |r| r.others_percent),
         );
@@ -464,7 +533,7 @@ pub fn render(info: &RunInfo, rows: &[Row], scripts: &[ScriptRow]) -> String {
     out.push_str("### Goals\n\n");
     out.push_str(&goals(info, rows, scripts));
     out.push_str("\n### Medians over the rounds\n\n");
-    out.push_str("CPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together. \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n");
+    out.push_str("CPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together; \"Nginx\" is the cluster's, and the bench's own one (straight to the demo upstream) on the gateway phase's `proxy` rows. \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n");
     out.push_str(&summary_table(rows));
     out.push_str("\n### Where the instances spend their CPU (medians)\n\n");
     out.push_str("User and system time of both instances per answered request, their threads' context switches per request (voluntary + involuntary, threads alive at the end), and their thread count at the end.\n\n");
@@ -503,6 +572,7 @@ mod tests {
             ok: (per_second * 5.0) as u64,
             denied: 0,
             other: 0,
+            upstream: 0,
             cpu: GroupCpu {
                 app,
                 nginx: 14.8,
@@ -510,6 +580,7 @@ mod tests {
                 replicas: 2.6,
                 sentinels: 0.1,
                 load_generator: 5.4,
+                ..GroupCpu::default()
             },
             others_percent: f64::from(round),
             script_calls_per_request: if path == LIMITED { 1.0 } else { 0.0 },
@@ -550,7 +621,7 @@ mod tests {
         assert_eq!(lines.len(), 4, "{table}");
         assert_eq!(
             lines[2],
-            "| allow | wrk | nginx | `/limited_endpoint` | 64 | 39200 | 1.00 | 3.20 | 9.00 | 597150 | 0 | 0 | 15.8 | 14.8 | 8.8 | 2.6 | 0.1 | 5.4 | 2 | 1.000 | 6.20 |"
+            "| allow | wrk | nginx | `/limited_endpoint` | 64 | 39200 | 1.00 | 3.20 | 9.00 | 597150 | 0 | 0 | 15.8 | 14.8 | 8.8 | 2.6 | 0.1 | 0.0 | 5.4 | 2 | 1.000 | 6.20 |"
         );
         assert!(
             lines[3].starts_with("| allow | wrk | nginx | `/` | 64 | 71000 |"),
@@ -606,6 +677,79 @@ mod tests {
         );
         assert!(goals.contains("allow-heavy (random keys, half of them new) **- µs** (read against the goal of 5.5 µs as it stands: not measured)"), "{goals}");
         assert!(goals.contains("At 16 connections: - (-–-)."), "{goals}");
+    }
+
+    /// Three rounds of the gateway phase: the gateway admits 0.52, 0.50 and 0.55 of what
+    /// Nginx straight to the upstream answers.
+    fn gateway_rows() -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (round, gateway, proxy) in [
+            (1, 10400.0, 20000.0),
+            (2, 10000.0, 20000.0),
+            (3, 11000.0, 20000.0),
+        ] {
+            let mut through = row("gateway", round, Via::Gateway, GATEWAY_PATH, gateway, 30.0);
+            through.upstream = through.ok;
+            through.cpu.upstream = 12.0;
+            let mut straight = row("gateway", round, Via::Proxy, GATEWAY_PATH, proxy, 0.0);
+            straight.cpu.proxy = 20.0;
+            straight.cpu.nginx = 0.0;
+            straight.cpu.upstream = 11.0;
+            rows.push(through);
+            rows.push(straight);
+        }
+        rows
+    }
+
+    #[test]
+    fn the_summary_table_shows_the_benchs_nginx_and_the_upstream_on_proxy_rows() {
+        let table = summary_table(&gateway_rows());
+        let proxy = table.lines().find(|l| l.contains("| proxy |")).unwrap();
+        assert!(
+            proxy.contains("| 0.0 | 20.0 | 8.8 | 2.6 | 0.1 | 11.0 | 5.4 |"),
+            "{proxy}"
+        );
+    }
+
+    #[test]
+    fn the_gateway_ratio_pairs_admitted_requests_round_by_round() {
+        let rows = gateway_rows();
+        let spread = gateway_ratio(&rows, 64).unwrap();
+        assert_eq!((spread.median, spread.low, spread.high), (0.52, 0.5, 0.55));
+        // Half the answers through the gateway were not 200: half the rate is admitted.
+        let mut rows = rows;
+        for row in rows.iter_mut().filter(|r| r.via == Via::Gateway) {
+            row.ok = row.requests / 2;
+        }
+        assert_eq!(gateway_ratio(&rows, 64).unwrap().median, 0.26);
+        assert_eq!(gateway_ratio(&allow_rows(), 64), None);
+    }
+
+    #[test]
+    fn admitted_requests_per_second_count_only_200s() {
+        let mut r = row("gateway", 1, Via::Gateway, GATEWAY_PATH, 1000.0, 1.0);
+        assert_eq!(admitted_per_second(&r), 1000.0);
+        r.ok = r.requests / 4;
+        assert_eq!(admitted_per_second(&r), 250.0);
+        r.requests = 0;
+        assert_eq!(admitted_per_second(&r), 0.0);
+    }
+
+    #[test]
+    fn the_gateway_finding_names_the_ratio_and_the_cpu_of_each_process() {
+        let found = goals(&info(), &gateway_rows(), &[]);
+        let line = found
+            .lines()
+            .find(|l| l.starts_with("8. **Gateway**"))
+            .unwrap();
+        assert!(line.contains("= **0.52** (0.50–0.55) (goal ≥ 0.5: met); 10400 admitted/s through the gateway, 20000 req/s straight"), "{line}");
+        assert!(line.contains("through the gateway: Nginx 14.8, instances 30, Redis master 8.8, demo upstream 12; straight: Nginx 20, demo upstream 11."), "{line}");
+        assert!(line.contains("Nginx logged 157000 × 200, 0 × 429 and 0 other, and the demo upstream counted 157000"), "{line}");
+        let missed = goals(&info(), &allow_rows(), &[]);
+        assert!(
+            missed.contains("= **-** (-–-) (goal ≥ 0.5: not measured)"),
+            "{missed}"
+        );
     }
 
     #[test]

@@ -17,12 +17,16 @@ pub enum Tool {
     Loadtest,
 }
 
-/// Through Nginx (8000), or straight to one instance.
+/// Through Nginx (8000), straight to one instance, through the gateway (8080: Nginx asks
+/// an instance, then proxies to the demo upstream), or through the bench's own Nginx
+/// proxying straight to the demo upstream (no check).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
     Nginx,
     Direct,
+    Gateway,
+    Proxy,
 }
 
 impl fmt::Display for Tool {
@@ -39,6 +43,8 @@ impl fmt::Display for Via {
         f.write_str(match self {
             Self::Nginx => "nginx",
             Self::Direct => "direct",
+            Self::Gateway => "gateway",
+            Self::Proxy => "proxy",
         })
     }
 }
@@ -61,6 +67,12 @@ pub struct GroupCpu {
     pub replicas: f64,
     pub sentinels: f64,
     pub load_generator: f64,
+    /// The demo upstream behind the gateway (gateway phase only).
+    #[serde(default)]
+    pub upstream: f64,
+    /// The bench's own Nginx proxying straight to the demo upstream (gateway phase only).
+    #[serde(default)]
+    pub proxy: f64,
 }
 
 /// CPU ticks of each process group at one instant.
@@ -71,6 +83,8 @@ pub struct GroupTicks {
     pub master: u64,
     pub replicas: u64,
     pub sentinels: u64,
+    pub upstream: u64,
+    pub proxy: u64,
 }
 
 impl GroupTicks {
@@ -81,11 +95,19 @@ impl GroupTicks {
             master: later.master.saturating_sub(self.master),
             replicas: later.replicas.saturating_sub(self.replicas),
             sentinels: later.sentinels.saturating_sub(self.sentinels),
+            upstream: later.upstream.saturating_sub(self.upstream),
+            proxy: later.proxy.saturating_sub(self.proxy),
         }
     }
 
     fn total(&self) -> u64 {
-        self.app + self.nginx + self.master + self.replicas + self.sentinels
+        self.app
+            + self.nginx
+            + self.master
+            + self.replicas
+            + self.sentinels
+            + self.upstream
+            + self.proxy
     }
 }
 
@@ -119,6 +141,8 @@ pub struct Traffic {
     pub denied: u64,
     /// Statuses other than 200 and 429, and requests that got no answer.
     pub other: u64,
+    /// Requests the demo upstream counted for the path (gateway phase only).
+    pub upstream: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +162,9 @@ pub struct Row {
     pub ok: u64,
     pub denied: u64,
     pub other: u64,
+    /// Requests the demo upstream counted for the path (gateway phase; 0 elsewhere).
+    #[serde(default)]
+    pub upstream: u64,
     pub cpu: GroupCpu,
     /// CPU that every process outside the topology and the load generator used, in % of
     /// the machine.
@@ -209,6 +236,7 @@ impl Row {
             ok: traffic.ok,
             denied: traffic.denied,
             other: traffic.other,
+            upstream: traffic.upstream,
             cpu: GroupCpu {
                 app: cpu(groups.app),
                 nginx: cpu(groups.nginx),
@@ -216,6 +244,8 @@ impl Row {
                 replicas: cpu(groups.replicas),
                 sentinels: cpu(groups.sentinels),
                 load_generator: cpu(load_generator_ticks),
+                upstream: cpu(groups.upstream),
+                proxy: cpu(groups.proxy),
             },
             others_percent: round_to(others, 1),
             script_calls_per_request: round_to(redis.script_calls as f64 / q, 3),
@@ -316,6 +346,7 @@ mod tests {
             ok: 100_000,
             denied: 0,
             other: 0,
+            upstream: 0,
         };
         let before = snapshot(GroupTicks::default(), 0, 0, 0);
         let groups = GroupTicks {
@@ -324,6 +355,7 @@ mod tests {
             master: 90,
             replicas: 30,
             sentinels: 0,
+            ..GroupTicks::default()
         };
         // The machine: 1000 ticks in all, 550 busy; the groups and wrk (60) account for
         // 490, so others used 60 of 1000.

@@ -49,12 +49,24 @@ pub struct Options {
     /// The policy of the mixed phase: RATE_LIMIT = BURST per 1 s.
     #[arg(long, env = "MIXED_RATE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     mixed_rate: u64,
+    /// The phases to run, comma-separated, in any order (they run in the usual one), or
+    /// `all`. `--record` needs all of them.
+    #[arg(long, default_value = "all", value_parser = parse_phases)]
+    phases: Phases,
     /// The command line the report quotes (the wrapper's own).
     #[arg(long, default_value = "scripts/bench.sh")]
     invocation: String,
 }
 
 const NGINX_PORT: u16 = 8000;
+/// The gateway server of the cluster's Nginx, the demo upstream behind it and its counts.
+const GATEWAY_PORT: u16 = 8080;
+const UPSTREAM_PORT: u16 = 8081;
+const UPSTREAM_COUNT_PORT: u16 = 8082;
+/// The first port tried for the bench's own Nginx in front of the demo upstream.
+const PROXY_PORTS: std::ops::RangeInclusive<u16> = 8090..=8099;
+/// What wrk asks for through the gateway: any path reaches the demo upstream.
+const GATEWAY_PATH: &str = report::GATEWAY_PATH;
 const APP_PORTS: [u16; 2] = [8001, 8002];
 const DATA_PORTS: [u16; 3] = [6379, 6380, 6381];
 const SENTINEL_PORTS: [u16; 3] = [26379, 26380, 26381];
@@ -86,6 +98,192 @@ limits = [
     { name = "minute", rate = 1000000000, per = "1m" },
 ]
 "#;
+/// The policy of the gateway phase: one policy on every path (no `match`), per client
+/// address, so large that every request through the gateway runs the whole decision and
+/// is admitted.
+const GATEWAY_POLICY: &str = r#"[[policy]]
+name = "gateway"
+key = ["client_ip"]
+limits = [{ name = "second", rate = 1000000000, per = "1s" }]
+"#;
+
+/// Every phase of the bench's own cluster, in the order they run.
+pub const PHASES: [&str; 9] = [
+    "allow",
+    "two-limits",
+    "metrics-off",
+    "allow-pool",
+    "memory-store",
+    "mixed",
+    "flood",
+    "flood-nocache",
+    "gateway",
+];
+
+/// The phases `--phases` chose, in the order of [`PHASES`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Phases(Vec<&'static str>);
+
+impl Phases {
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains(&name)
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.0.len() == PHASES.len()
+    }
+
+    pub fn names(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+/// `--phases`: `all`, or phase names separated by commas (spaces around them, repeats
+/// and order do not matter).
+pub fn parse_phases(text: &str) -> Result<Phases, String> {
+    let names: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Err(format!(
+            "name at least one phase (or all): {}",
+            PHASES.join(",")
+        ));
+    }
+    if names == ["all"] {
+        return Ok(Phases(PHASES.to_vec()));
+    }
+    if let Some(unknown) = names.iter().find(|name| !PHASES.contains(name)) {
+        return Err(format!(
+            "no phase '{unknown}'; the phases: {} (or all)",
+            PHASES.join(",")
+        ));
+    }
+    Ok(Phases(
+        PHASES
+            .iter()
+            .copied()
+            .filter(|phase| names.contains(phase))
+            .collect(),
+    ))
+}
+
+/// The two targets of the gateway phase: through the gateway, then through the bench's
+/// own Nginx straight to the same upstream, at 64 connections.
+fn gateway_targets() -> Vec<Target> {
+    [Via::Gateway, Via::Proxy]
+        .into_iter()
+        .map(|via| Target {
+            tool: Tool::Wrk,
+            via,
+            path: GATEWAY_PATH,
+            connections: 64,
+        })
+        .collect()
+}
+
+/// The bench's own Nginx: the settings of the shipped gateway server (nginx/nginx.conf.template)
+/// that concern the way to the application, without the auth_request, in front of the
+/// same demo upstream. `dir` holds its pid, logs and temp files.
+fn proxy_config(dir: &Path, port: u16) -> String {
+    let dir = dir.display();
+    format!(
+        r#"# Written by the bench (gateway phase): Nginx straight to the demo upstream, with the
+# gateway server's worker, keepalive and proxy settings, and no rate-limit check.
+daemon off;
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/logs/error.log notice;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log {dir}/logs/access.log;
+    client_body_temp_path {dir}/temp/client_body;
+    proxy_temp_path {dir}/temp/proxy;
+    fastcgi_temp_path {dir}/temp/fastcgi;
+    uwsgi_temp_path {dir}/temp/uwsgi;
+    scgi_temp_path {dir}/temp/scgi;
+
+    default_type application/octet-stream;
+    server_tokens off;
+
+    upstream application {{
+        server {LOOPBACK}:{UPSTREAM_PORT};
+        keepalive 64;
+        keepalive_timeout 4s;
+    }}
+
+    server {{
+        listen {LOOPBACK}:{port};
+
+        client_header_timeout 10s;
+        client_body_timeout 10s;
+        send_timeout 10s;
+        keepalive_timeout 30s;
+        client_header_buffer_size 1k;
+        large_client_header_buffers 4 8k;
+
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header Forwarded "";
+
+        location / {{
+            proxy_pass http://application;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+/// Whether the answers through the gateway are what its phase needs: some 200s, no 429
+/// (the policy admits everything), and the demo upstream counted each 200 (and at most
+/// the requests wrk abandoned or that failed besides). An error says what is wrong; a
+/// warning (`Ok(Some)`) what is odd but leaves the figures standing.
+pub fn check_admitted(
+    ok: u64,
+    denied: u64,
+    other: u64,
+    closed: u64,
+    upstream: u64,
+) -> Result<Option<String>, String> {
+    if ok == 0 {
+        return Err("no request was answered 200".into());
+    }
+    if denied > 0 {
+        return Err(format!(
+            "{denied} requests were denied (429): the policy should admit every request"
+        ));
+    }
+    if upstream < ok {
+        return Err(format!(
+            "the demo upstream counted {upstream} requests, fewer than the {ok} answered 200"
+        ));
+    }
+    let mut odd = Vec::new();
+    if other > 0 {
+        odd.push(format!(
+            "{other} answers other than 200/429 (or socket errors)"
+        ));
+    }
+    if upstream > ok + closed + other {
+        odd.push(format!(
+            "the demo upstream counted {upstream} requests, more than the {ok} answered 200 and {} abandoned or failed",
+            closed + other
+        ));
+    }
+    Ok((!odd.is_empty()).then(|| odd.join("; ")))
+}
+
 /// Instance settings that pass through to every phase, named in the report when set.
 const PASSED_SETTINGS: [&str; 4] = [
     "WORKERS",
@@ -123,6 +321,10 @@ struct Groups {
     master: Vec<u32>,
     replicas: Vec<u32>,
     sentinels: Vec<u32>,
+    /// The demo upstream (gateway phase).
+    upstream: Vec<u32>,
+    /// The bench's own Nginx in front of the demo upstream (gateway phase).
+    proxy: Vec<u32>,
 }
 
 impl Groups {
@@ -133,6 +335,8 @@ impl Groups {
             master: ticks_of(&self.master),
             replicas: ticks_of(&self.replicas),
             sentinels: ticks_of(&self.sentinels),
+            upstream: ticks_of(&self.upstream),
+            proxy: ticks_of(&self.proxy),
         }
     }
 
@@ -191,6 +395,9 @@ struct Bench {
     cluster_up: bool,
     direct_port: u16,
     memory_instance: Option<Started>,
+    /// The bench's own Nginx in front of the demo upstream, and its port.
+    proxy: Option<Started>,
+    proxy_port: u16,
     groups: Groups,
     master: Option<Node>,
     rows: Vec<Row>,
@@ -207,6 +414,12 @@ pub fn run(options: Options) -> Result<()> {
     let root = std::env::current_dir()?;
     if !root.join("scripts/cluster.sh").is_file() {
         bail!("run this from the repository (scripts/bench.sh does)");
+    }
+    if options.record && !options.phases.is_all() {
+        bail!(
+            "--record rewrites the whole block of {DOC}, so it needs every phase: drop --phases {}",
+            options.phases.names()
+        );
     }
     let target_dir =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
@@ -230,6 +443,8 @@ pub fn run(options: Options) -> Result<()> {
         cluster_up: false,
         direct_port: APP_PORTS[0],
         memory_instance: None,
+        proxy: None,
+        proxy_port: *PROXY_PORTS.start(),
         groups: Groups::default(),
         master: None,
         rows: Vec::new(),
@@ -266,6 +481,11 @@ pub fn run(options: Options) -> Result<()> {
                 "--record needs every phase, so the bench's own cluster: stop the running one first (scripts/cluster.sh down)"
             );
         }
+        if !bench.options.phases.is_all() {
+            bail!(
+                "--phases chooses phases of the bench's own cluster, but a cluster is running (it gets one phase, \"running\"): stop it first (scripts/cluster.sh down), or drop --phases"
+            );
+        }
         say!(
             "using the running cluster ({}); it keeps its policy and keeps running",
             bench.rel(&bench.cluster_dir)
@@ -281,8 +501,14 @@ pub fn run(options: Options) -> Result<()> {
         );
         bench.running_phase()?;
     } else {
-        let busy: Vec<String> = [NGINX_PORT]
+        let gateway_ports: &[u16] = if bench.options.phases.has("gateway") {
+            &[UPSTREAM_PORT, UPSTREAM_COUNT_PORT]
+        } else {
+            &[]
+        };
+        let busy: Vec<String> = [NGINX_PORT, GATEWAY_PORT]
             .iter()
+            .chain(gateway_ports)
             .chain(&APP_PORTS)
             .chain(&DATA_PORTS)
             .chain(&SENTINEL_PORTS)
@@ -325,7 +551,9 @@ pub fn run(options: Options) -> Result<()> {
                 note
             }
         };
+        say!("phases: {}", bench.options.phases.names());
         let outcome = bench.own_phases();
+        bench.proxy_down();
         bench.memory_instance_down();
         bench.cluster_down();
         outcome?;
@@ -437,85 +665,228 @@ impl Bench {
             (APP_PORTS[0], LIMITED),
         ];
 
-        self.cluster_phase(
-            "allow",
-            &allow,
-            &targets(Tool::Wrk, &both, &[16, 64]),
-            &warm,
-        )?;
-        self.run_script_alone()?;
-        self.cluster_down();
-
-        // A policy of two limits, decided in one script call over one hash.
-        let two_limits = self.out.join("two-limits.toml");
-        fs::write(&two_limits, TWO_LIMITS)?;
-        self.cluster_phase(
-            "two-limits",
-            &[("POLICY_FILE", two_limits.display().to_string())],
-            &targets(Tool::Wrk, &both, &[64]),
-            &warm,
-        )?;
-        self.cluster_down();
-
-        // What /metrics costs: the allow phase again with every metric switched off.
-        self.cluster_phase(
-            "metrics-off",
-            &with(("METRICS", "off")),
-            &targets(Tool::Wrk, &both, &[64]),
-            &warm,
-        )?;
-        self.cluster_down();
-
-        if binary_mentions(&self.bin, b"REDIS_CLIENT") {
+        let phases = self.options.phases.clone();
+        let wants = |name: &str| phases.has(name);
+        if wants("allow") {
             self.cluster_phase(
-                "allow-pool",
-                &with(("REDIS_CLIENT", "pool")),
+                "allow",
+                &allow,
                 &targets(Tool::Wrk, &both, &[16, 64]),
                 &warm,
             )?;
+            self.run_script_alone()?;
             self.cluster_down();
-        } else {
-            say!(
-                "phase allow-pool skipped: this binary has no REDIS_CLIENT setting (one Redis client design only)"
-            );
         }
 
-        self.memory_instance_up(&allow)?;
-        let port = self.direct_port;
-        self.warm_up(&[(port, LIMITED), (port, ROOT_PATH)]);
-        self.run_rounds(
-            "memory-store",
-            &targets(Tool::Wrk, &[Via::Direct], &[16, 64]),
-        )?;
-        self.memory_instance_down();
+        if wants("two-limits") {
+            // A policy of two limits, decided in one script call over one hash.
+            let two_limits = self.out.join("two-limits.toml");
+            fs::write(&two_limits, TWO_LIMITS)?;
+            self.cluster_phase(
+                "two-limits",
+                &[("POLICY_FILE", two_limits.display().to_string())],
+                &targets(Tool::Wrk, &both, &[64]),
+                &warm,
+            )?;
+            self.cluster_down();
+        }
 
-        let mixed = self.options.mixed_rate.to_string();
-        let mixed = [
-            ("RATE_LIMIT", mixed.clone()),
-            ("TIME_WINDOW", "1".to_owned()),
-            ("BURST", mixed),
-        ];
-        self.cluster_phase(
-            "mixed",
-            &mixed,
-            &targets(Tool::Loadtest, &both, &[16, 64]),
-            &warm,
-        )?;
-        self.cluster_down();
+        if wants("metrics-off") {
+            // What /metrics costs: the allow phase again with every metric switched off.
+            self.cluster_phase(
+                "metrics-off",
+                &with(("METRICS", "off")),
+                &targets(Tool::Wrk, &both, &[64]),
+                &warm,
+            )?;
+            self.cluster_down();
+        }
+
+        if wants("allow-pool") {
+            if binary_mentions(&self.bin, b"REDIS_CLIENT") {
+                self.cluster_phase(
+                    "allow-pool",
+                    &with(("REDIS_CLIENT", "pool")),
+                    &targets(Tool::Wrk, &both, &[16, 64]),
+                    &warm,
+                )?;
+                self.cluster_down();
+            } else {
+                say!(
+                    "phase allow-pool skipped: this binary has no REDIS_CLIENT setting (one Redis client design only)"
+                );
+            }
+        }
+
+        if wants("memory-store") {
+            self.memory_instance_up(&allow)?;
+            let port = self.direct_port;
+            self.warm_up(&[(port, LIMITED), (port, ROOT_PATH)]);
+            self.run_rounds(
+                "memory-store",
+                &targets(Tool::Wrk, &[Via::Direct], &[16, 64]),
+            )?;
+            self.memory_instance_down();
+        }
+
+        if wants("mixed") {
+            let mixed = self.options.mixed_rate.to_string();
+            let mixed = [
+                ("RATE_LIMIT", mixed.clone()),
+                ("TIME_WINDOW", "1".to_owned()),
+                ("BURST", mixed),
+            ];
+            self.cluster_phase(
+                "mixed",
+                &mixed,
+                &targets(Tool::Loadtest, &both, &[16, 64]),
+                &warm,
+            )?;
+            self.cluster_down();
+        }
 
         let flood = [
             ("RATE_LIMIT", "10".to_owned()),
             ("TIME_WINDOW", "60".to_owned()),
         ];
         let flood_targets = targets(Tool::Wrk, &[Via::Nginx], &[64]);
-        self.cluster_phase("flood", &flood, &flood_targets, &warm)?;
-        self.cluster_down();
+        if wants("flood") {
+            self.cluster_phase("flood", &flood, &flood_targets, &warm)?;
+            self.cluster_down();
+        }
 
-        let mut nocache = flood.to_vec();
-        nocache.push(("DENY_CACHE_SIZE", "0".to_owned()));
-        self.cluster_phase("flood-nocache", &nocache, &flood_targets, &warm)?;
+        if wants("flood-nocache") {
+            let mut nocache = flood.to_vec();
+            nocache.push(("DENY_CACHE_SIZE", "0".to_owned()));
+            self.cluster_phase("flood-nocache", &nocache, &flood_targets, &warm)?;
+            self.cluster_down();
+        }
+
+        if wants("gateway") {
+            self.gateway_phase()?;
+        }
+        Ok(())
+    }
+
+    /// The gateway (8080: auth_request to an instance's /v1/check, then the demo upstream)
+    /// beside the bench's own Nginx proxying straight to the same upstream.
+    fn gateway_phase(&mut self) -> Result<()> {
+        let policy = self.out.join("gateway.toml");
+        fs::write(&policy, GATEWAY_POLICY)?;
+        self.cluster_up_with(
+            "gateway",
+            &[("POLICY_FILE", policy.display().to_string())],
+            true,
+        )?;
+        self.proxy_up()?;
+        self.find_processes()?;
+        for (port, what) in [
+            (GATEWAY_PORT, "the gateway"),
+            (self.proxy_port, "the bench's Nginx"),
+        ] {
+            let before = self.upstream_count(GATEWAY_PATH)?;
+            let response = http::get(port, GATEWAY_PATH, Duration::from_secs(5))?;
+            let after = self.upstream_count(GATEWAY_PATH)?;
+            if response.status != 200 || after != before + 1 {
+                bail!(
+                    "GET {GATEWAY_PATH} through {what} (port {port}) answered {} and the demo upstream counted {} of it (want 200 and 1)",
+                    response.status,
+                    after.saturating_sub(before)
+                );
+            }
+        }
+        self.warm_up(&[
+            (GATEWAY_PORT, GATEWAY_PATH),
+            (self.proxy_port, GATEWAY_PATH),
+        ]);
+        self.run_rounds("gateway", &gateway_targets())?;
+        self.proxy_down();
         self.cluster_down();
         Ok(())
+    }
+
+    // --- the bench's own Nginx, straight to the demo upstream -----------------------
+
+    fn proxy_dir(&self) -> PathBuf {
+        self.out.join("proxy-nginx")
+    }
+
+    fn proxy_up(&mut self) -> Result<()> {
+        let port = PROXY_PORTS
+            .clone()
+            .find(|&port| !port_open(port))
+            .with_context(|| {
+                format!(
+                    "no free port in {}-{} for the bench's Nginx",
+                    PROXY_PORTS.start(),
+                    PROXY_PORTS.end()
+                )
+            })?;
+        let dir = self.proxy_dir();
+        fs::create_dir_all(dir.join("logs"))?;
+        fs::create_dir_all(dir.join("temp"))?;
+        let config = dir.join("nginx.conf");
+        fs::write(&config, proxy_config(&dir, port))?;
+        let error_log = dir.join("logs/error.log");
+        let args = [
+            "-e".to_owned(),
+            error_log.display().to_string(),
+            "-p".to_owned(),
+            format!("{}/", dir.display()),
+            "-c".to_owned(),
+            config.display().to_string(),
+        ];
+        self.note_command(&format!("nginx {} &", args.join(" ")));
+        let log = dir.join("nginx.log");
+        let mut proxy = Started::spawn(
+            &self.records,
+            "proxy-nginx",
+            Command::new("nginx").args(&args),
+            &log,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !port_open(port) {
+            if !proxy.running() {
+                bail!(
+                    "the bench's Nginx exited: {} {}",
+                    tail(&log, 5),
+                    tail(&error_log, 5)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the bench's Nginx does not listen on {port} after 10 s; see {}",
+                    self.rel(&error_log)
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+        say!(
+            "phase gateway: the bench's Nginx (pid {}) on {port} proxies straight to {LOOPBACK}:{UPSTREAM_PORT} ({})",
+            proxy.pid(),
+            self.rel(&config)
+        );
+        self.proxy_port = port;
+        self.proxy = Some(proxy);
+        Ok(())
+    }
+
+    fn proxy_down(&mut self) {
+        if let Some(mut proxy) = self.proxy.take() {
+            proxy.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// What the demo upstream counted for `path` so far.
+    fn upstream_count(&self, path: &str) -> Result<u64> {
+        let response = http::get(
+            UPSTREAM_COUNT_PORT,
+            "/__upstream/count",
+            Duration::from_secs(5),
+        )?;
+        let counts: serde_json::Value = serde_json::from_str(&response.body)
+            .context("the demo upstream's counts are not JSON")?;
+        Ok(counts["paths"][path].as_u64().unwrap_or(0))
     }
 
     fn cluster_phase(
@@ -525,7 +896,7 @@ impl Bench {
         list: &[Target],
         warm: &[(u16, &str)],
     ) -> Result<()> {
-        self.cluster_up_with(phase, vars)?;
+        self.cluster_up_with(phase, vars, false)?;
         self.find_processes()?;
         self.warm_up(warm);
         self.run_rounds(phase, list)
@@ -550,11 +921,18 @@ impl Bench {
 
     // --- the cluster ----------------------------------------------------------------
 
-    fn cluster_up_with(&mut self, phase: &str, vars: &[(&str, String)]) -> Result<()> {
+    /// `scripts/cluster.sh up` (with `--gateway`: also the demo upstream behind the gateway).
+    fn cluster_up_with(
+        &mut self,
+        phase: &str,
+        vars: &[(&str, String)],
+        gateway: bool,
+    ) -> Result<()> {
         let log = self.out.join(format!("cluster-{phase}.log"));
         let assignments: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let flag = if gateway { " --gateway" } else { "" };
         self.note_command(&format!(
-            "{} CLUSTER_DIR={} scripts/cluster.sh up",
+            "{} CLUSTER_DIR={} scripts/cluster.sh up{flag}",
             assignments.join(" "),
             self.rel(&self.cluster_dir)
         ));
@@ -564,6 +942,9 @@ impl Bench {
         );
         self.cluster_up = true;
         let mut command = self.cluster_command("up");
+        if gateway {
+            command.arg("--gateway");
+        }
         for var in PHASE_VARS {
             command.env_remove(var);
         }
@@ -629,8 +1010,13 @@ impl Bench {
         let mut groups = Groups {
             app: recorded_pids(&pids, |name| name.starts_with("app-")),
             sentinels: recorded_pids(&pids, |name| name.starts_with("sentinel-")),
+            upstream: recorded_pids(&pids, |name| name == "demo-upstream"),
             ..Groups::default()
         };
+        if let Some(proxy) = &self.proxy {
+            groups.proxy.push(proxy.pid());
+            groups.proxy.extend(procfs::children_of(proxy.pid()));
+        }
         let nginx_master = recorded_pids(&pids, |name| name == "nginx");
         for &master in &nginx_master {
             groups.nginx.push(master);
@@ -672,6 +1058,13 @@ impl Bench {
             list(&groups.replicas),
             list(&groups.sentinels)
         );
+        if !groups.upstream.is_empty() || !groups.proxy.is_empty() {
+            say!(
+                "processes: demo upstream {}; the bench's nginx {}",
+                list(&groups.upstream),
+                list(&groups.proxy)
+            );
+        }
         self.groups = groups;
         Ok(())
     }
@@ -840,8 +1233,13 @@ impl Bench {
             .unwrap_or_default()
     }
 
-    fn access_log(&self) -> PathBuf {
-        self.cluster_dir.join("nginx/logs/access.log")
+    /// The access log of the Nginx a way in goes through (the cluster's serves 8000 and
+    /// the gateway).
+    fn access_log(&self, via: Via) -> PathBuf {
+        match via {
+            Via::Proxy => self.proxy_dir().join("logs/access.log"),
+            _ => self.cluster_dir.join("nginx/logs/access.log"),
+        }
     }
 
     /// What instance 8001 (or the embedded-store one) counted for `path`.
@@ -855,6 +1253,8 @@ impl Bench {
         let port = match target.via {
             Via::Nginx => NGINX_PORT,
             Via::Direct => self.direct_port,
+            Via::Gateway => GATEWAY_PORT,
+            Via::Proxy => self.proxy_port,
         };
         let url = format!("http://{LOOPBACK}:{port}{}", target.path);
         let name = format!(
@@ -900,8 +1300,15 @@ impl Bench {
             self.note_command(&argv.join(" "));
         }
 
-        let log_offset = fs::metadata(self.access_log()).map_or(0, |m| m.len());
+        let access_log = self.access_log(target.via);
+        let log_offset = fs::metadata(&access_log).map_or(0, |m| m.len());
         let counts_before = (target.via == Via::Direct).then(|| self.app_counts(target.path));
+        let upstream_counted = matches!(target.via, Via::Gateway | Via::Proxy);
+        let upstream_before = if upstream_counted {
+            self.upstream_count(target.path)?
+        } else {
+            0
+        };
         let before = self.snapshot_before();
         let (status, load_generator_ticks) = spawn::run_counted(
             &self.records,
@@ -912,6 +1319,12 @@ impl Bench {
             &out,
         )?;
         let after = self.snapshot_after();
+        let upstream = if upstream_counted {
+            self.upstream_count(target.path)?
+                .saturating_sub(upstream_before)
+        } else {
+            0
+        };
         if !status.success() {
             eprintln!("{}", tail(&out, 5));
             bail!("the load generator failed ({status}): {}", argv.join(" "));
@@ -923,8 +1336,8 @@ impl Bench {
                 let output = fs::read_to_string(&out)?;
                 let report = WrkReport::from_output(&output)
                     .with_context(|| format!("in {}", self.rel(&out)))?;
-                let (ok, denied, other) = if target.via == Via::Nginx {
-                    let counts = self.access_log_counts(log_offset)?;
+                let (ok, denied, other) = if target.via != Via::Direct {
+                    let counts = self.access_log_counts(&access_log, log_offset)?;
                     closed = counts.closed;
                     (counts.ok, counts.denied, counts.other)
                 } else {
@@ -952,6 +1365,7 @@ impl Bench {
                     ok,
                     denied,
                     other: other + report.errors.socket(),
+                    upstream,
                 }
             }
             Tool::Loadtest => {
@@ -974,6 +1388,7 @@ impl Bench {
                     ok: summary.classes.admitted,
                     denied: summary.classes.rejected,
                     other: summary.not_decided(),
+                    upstream: 0,
                 }
             }
         };
@@ -991,6 +1406,14 @@ impl Bench {
             self.hz,
         );
         say!("  {}", row.progress_line());
+        if upstream_counted {
+            let what = format!("through {} (port {port})", target.via);
+            match check_admitted(row.ok, row.denied, row.other, closed, row.upstream) {
+                Ok(None) => {}
+                Ok(Some(odd)) => warn!("  {what}: {odd}"),
+                Err(wrong) => bail!("{what}: {wrong}"),
+            }
+        }
         if closed > 0 {
             // A 499 is Nginx logging a request that the load generator abandoned when its
             // time was up.
@@ -1002,9 +1425,9 @@ impl Bench {
     }
 
     /// Statuses of the access log's lines after byte `offset`.
-    fn access_log_counts(&self, offset: u64) -> Result<AccessCounts> {
+    fn access_log_counts(&self, log: &Path, offset: u64) -> Result<AccessCounts> {
         let mut counts = AccessCounts::default();
-        let Ok(mut file) = File::open(self.access_log()) else {
+        let Ok(mut file) = File::open(log) else {
             return Ok(counts);
         };
         file.seek(SeekFrom::Start(offset))?;
@@ -1251,6 +1674,81 @@ mod tests {
                    [2026-11-27T11:49:00Z INFO  ratelimiter] listening on port 41234\n";
         assert_eq!(listening_port(log), Some(41234));
         assert_eq!(listening_port("starting\n"), None);
+    }
+
+    #[test]
+    fn phases_are_chosen_by_name_and_run_in_the_usual_order() {
+        let all = parse_phases("all").unwrap();
+        assert!(all.is_all());
+        assert_eq!(all.names(), PHASES.join(","));
+        let some = parse_phases("gateway, allow,two-limits,allow").unwrap();
+        assert_eq!(some.names(), "allow,two-limits,gateway");
+        assert!(!some.is_all());
+        assert!(some.has("gateway") && !some.has("mixed"));
+        assert_eq!(
+            parse_phases(&PHASES.join(",")).unwrap(),
+            all,
+            "naming every phase is all of them"
+        );
+    }
+
+    #[test]
+    fn unknown_or_no_phases_are_refused() {
+        let error = parse_phases("allow,gatway").unwrap_err();
+        assert!(
+            error.starts_with("no phase 'gatway'; the phases: allow,"),
+            "{error}"
+        );
+        assert!(parse_phases("").is_err());
+        assert!(parse_phases(" , ").is_err());
+        assert!(parse_phases("all,allow").is_err(), "all stands alone");
+    }
+
+    #[test]
+    fn the_gateway_phase_compares_the_gateway_with_nginx_straight_to_the_upstream() {
+        let list = gateway_targets();
+        assert_eq!(list.len(), 2);
+        assert_eq!(
+            (list[0].via, list[0].path, list[0].connections),
+            (Via::Gateway, "/api/items", 64)
+        );
+        assert_eq!(
+            (list[1].via, list[1].path, list[1].connections),
+            (Via::Proxy, "/api/items", 64)
+        );
+    }
+
+    #[test]
+    fn the_benchs_nginx_has_the_gateways_keepalive_settings() {
+        let config = proxy_config(Path::new("/tmp/x"), 8090);
+        assert_eq!(
+            report::keepalive_line("proxy", &config),
+            "- `proxy`: `keepalive 64;` (met)"
+        );
+        assert!(config.contains("listen 127.0.0.1:8090;"), "{config}");
+        assert!(config.contains("server 127.0.0.1:8081;"), "{config}");
+        assert!(config.contains("pid /tmp/x/nginx.pid;"), "{config}");
+        assert!(config.contains("daemon off;"), "{config}");
+        assert!(!config.contains("auth_request"), "{config}");
+    }
+
+    #[test]
+    fn gateway_answers_must_be_admitted_and_counted() {
+        assert_eq!(check_admitted(1000, 0, 0, 3, 1002), Ok(None));
+        assert!(check_admitted(0, 0, 5, 0, 0).is_err());
+        assert!(
+            check_admitted(1000, 1, 0, 0, 1000)
+                .unwrap_err()
+                .contains("429")
+        );
+        assert!(
+            check_admitted(1000, 0, 0, 0, 999)
+                .unwrap_err()
+                .contains("fewer")
+        );
+        let odd = check_admitted(1000, 0, 2, 0, 1010).unwrap().unwrap();
+        assert!(odd.starts_with("2 answers other than 200/429"), "{odd}");
+        assert!(odd.contains("counted 1010 requests, more than"), "{odd}");
     }
 
     #[test]
