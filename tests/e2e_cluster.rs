@@ -691,32 +691,13 @@ fn a_request_no_policy_matches_passes_the_gateway_untouched() {
     });
 }
 
-/// One raw request (the target exactly as given, which a URL library would normalise),
-/// answered by its status and whether an instance sent it (`X-Instance`).
+/// [`support::raw_get`] to the host and port of `url`.
 fn raw_get(url: &Url, target: &str) -> (u16, bool) {
-    use std::io::{Read, Write};
-    let addr = (
+    support::raw_get(
         url.host_str().unwrap(),
         url.port_or_known_default().unwrap(),
-    );
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        target,
     )
-    .unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("an answer");
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("GET {target}: no status in {answer:?}"));
-    (status, answer.contains("\r\nx-instance:"))
 }
 
 #[test]

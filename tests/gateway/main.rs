@@ -9,7 +9,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -496,27 +496,9 @@ async fn instances_that_accept_but_never_answer_are_given_up_on_within_the_timeo
     assert_eq!(stack.upstream.counts().await.total, 0);
 }
 
-/// One raw request (the target exactly as given, unlike a URL library's), answered by
-/// its status and whether an instance sent it (`X-Instance`).
+/// [`support::raw_get`] on loopback.
 fn raw_get(port: u16, target: &str) -> (u16, bool) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("an answer");
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("GET {target}: no status in {answer:?}"));
-    (status, answer.contains("\r\nx-instance:"))
+    support::raw_get("127.0.0.1", port, target)
 }
 
 #[tokio::test]

@@ -101,3 +101,28 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// `GET target` written as it is on a raw connection to `host:port` (so that no client
+/// normalises the path first), answered by its status and whether an instance sent it
+/// (`X-Instance`).
+pub fn raw_get(host: &str, port: u16, target: &str) -> (u16, bool) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect((host, port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("an answer");
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("GET {target}: no status in {answer:?}"));
+    (status, answer.contains("\r\nx-instance:"))
+}
