@@ -31,7 +31,8 @@
 #
 # Environment: every variable the service reads (README.md) passes through to both
 # instances (RATE_LIMIT, TIME_WINDOW, BURST, FAIL_MODE, DENY_CACHE_SIZE, ...), except
-# REDIS_URL, which this topology replaces. REDIS_PASSWORD defaults to the dev password of redis/*.conf.
+# REDIS_URL, which this topology replaces. WORKERS defaults to half the CPUs (at least 1):
+# the two instances share the machine. REDIS_PASSWORD defaults to the dev password of redis/*.conf.
 # GATEWAY_UPSTREAM (host:port, default 127.0.0.1:8081) is the application the gateway guards;
 # GATEWAY_FAIL_MODE (closed, the default, or open) what the gateway does when no instance
 # answers its check (README.md, "Put it in front of your API").
@@ -68,6 +69,11 @@ UPSTREAM_PORT=8081
 UPSTREAM_COUNT_PORT=8082
 GATEWAY_UPSTREAM=${GATEWAY_UPSTREAM:-$LOOPBACK:$UPSTREAM_PORT}
 GATEWAY_FAIL_MODE=${GATEWAY_FAIL_MODE:-closed}
+
+# Both instances share this machine's cores with Nginx and Redis: each gets its share as
+# actix workers rather than one per core, which would put twice as many busy threads as
+# cores and have them preempt each other (WORKERS overrides).
+INSTANCE_WORKERS=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))
 
 BIN=${RATELIMITER_BIN:-$(release_binary ratelimiter)}
 UPSTREAM_BIN=${DEMO_UPSTREAM_BIN:-$(release_binary demo-upstream)}
@@ -345,7 +351,7 @@ up() {
             HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" INSTANCE_NAME="${APP_NAMES[i]}" \
             SENTINEL_HOSTS="$sentinel_hosts" REDIS_MASTER="$MASTER_NAME" \
             REDIS_PASSWORD="$REDIS_PASSWORD" TRUSTED_PROXIES="$PROXY_ADDR" \
-            RUST_LOG="${RUST_LOG:-info}" \
+            RUST_LOG="${RUST_LOG:-info}" WORKERS="${WORKERS:-$INSTANCE_WORKERS}" \
             "$BIN"
     done
     for i in "${!APP_NAMES[@]}"; do

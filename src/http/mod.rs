@@ -46,6 +46,9 @@ pub fn configure(config: &mut web::ServiceConfig) {
             .default_service(web::to(problem::method_not_allowed))
     };
     config
+        // First: the gateway asks about every request, and routes are tried in order; the
+        // patterns with segments below are regexes that a static path need not run.
+        .service(endpoint("/v1/check", web::route().to(check::check)))
         .service(endpoint("/", get().to(routes::index)))
         .service(endpoint("/health", get().to(routes::health)))
         .service(endpoint("/ready", get().to(routes::ready)))
@@ -76,7 +79,6 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .route(web::delete().to(decide::reset_bucket_of))
                 .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE"))),
         )
-        .service(endpoint("/v1/check", web::route().to(check::check)))
         .default_service(web::to(problem::not_found));
 }
 
