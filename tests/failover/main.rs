@@ -4,10 +4,12 @@
 //! records and holds them to its promise, the bound on what a client is admitted beyond
 //! its shared bucket included.
 //!
-//! `sentinels` holds the sentinels that name the wrong master. The tests run one at a
-//! time, because they measure latency and each one already keeps both cores busy; their
-//! metrics are their own (each service builds its own handle).
+//! `sentinels` holds the sentinels that name the wrong master, `restarts` the data nodes
+//! and instances that restart. The tests run one at a time, because they measure latency
+//! and each one already keeps both cores busy; their metrics are their own (each service
+//! builds its own handle).
 
+mod restarts;
 mod sentinels;
 #[path = "../support/mod.rs"]
 mod support;
