@@ -22,7 +22,7 @@ use crate::settings::PolicySource;
 use crate::settings::{Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::cluster::{ClusterSettings, ClusterStore, ClusterWatch};
-use crate::store::redis::discovery::{Discovery, Resolver, ResolverSettings};
+use crate::store::redis::discovery::{DataNodes, Discovery, Resolver, ResolverSettings};
 use crate::store::redis::registry::InstanceRegistry;
 use crate::store::redis::{ConnectionSettings, MasterSlot, RedisStore, node_info, with_password};
 
@@ -234,6 +234,7 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
             hosts,
             master_name,
             sentinel_password,
+            data_nodes,
         } => {
             let sentinel_password = sentinel_password.as_ref().map(|p| p.expose_secret());
             Discovery::Sentinels {
@@ -243,6 +244,7 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
                     .collect(),
                 master_name: master_name.clone(),
                 node_password: password.map(str::to_string),
+                data_nodes: data_nodes.clone().map(DataNodes::new),
             }
         }
     };

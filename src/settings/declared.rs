@@ -94,6 +94,8 @@ settings! {
         "AUTH for the sentinels";
     SENTINEL_POLL_MS: Value("1000"), Whole { min: 10, max: 3_600_000 },
         "how often the resolver re-asks the sentinels (`+switch-master` events are seen at once)";
+    REDIS_DATA_NODES: Unset("any"), Text,
+        "`host:port,host:port,…`: with `SENTINEL_HOSTS`, the only addresses the instances believe a sentinel names as the master, written as the sentinels name them; another is ignored and logged as a warning";
     REDIS_TIMEOUT_MS: Value("100"), Whole { min: 1, max: 60_000 },
         "connect, read and write timeout of every Redis call, and the pool checkout timeout";
     REDIS_CLIENT: Value("multiplexed"), Word(ConnectionMode::VARIANTS),

@@ -49,6 +49,8 @@ pub enum StoreSettings {
         hosts: Vec<(String, u16)>,
         master_name: String,
         sentinel_password: Option<SecretString>,
+        /// `REDIS_DATA_NODES`: the only masters to believe; `None` believes any.
+        data_nodes: Option<Vec<(String, u16)>>,
     },
     /// Redis Cluster: seed nodes, which tell of the others.
     Cluster {
@@ -478,6 +480,13 @@ impl Parser {
         use declared::*;
         let url = self.text(&REDIS_URL).map(str::to_string);
         let hosts = self.text(&SENTINEL_HOSTS).map(str::to_string);
+        let data_nodes = self.text(&REDIS_DATA_NODES).map(str::to_string);
+        if data_nodes.is_some() && hosts.is_none() {
+            self.problems.push(
+                "REDIS_DATA_NODES: applies only with SENTINEL_HOSTS (it limits the masters a sentinel may name); unset it, or set SENTINEL_HOSTS".into(),
+            );
+            return None;
+        }
         if let Some(nodes) = self.text(&REDIS_CLUSTER_NODES).map(str::to_string) {
             let others: Vec<&str> = [(&url, REDIS_URL.name), (&hosts, SENTINEL_HOSTS.name)]
                 .into_iter()
@@ -517,6 +526,10 @@ impl Parser {
                 hosts: self.host_ports(&SENTINEL_HOSTS, &hosts)?,
                 master_name: self.text(&REDIS_MASTER).unwrap_or_default().to_string(),
                 sentinel_password: self.secret(&SENTINEL_PASSWORD),
+                data_nodes: match data_nodes {
+                    Some(nodes) => Some(self.host_ports(&REDIS_DATA_NODES, &nodes)?),
+                    None => None,
+                },
             }),
             (None, None) => Some(StoreSettings::Memory),
         }

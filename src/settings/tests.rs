@@ -147,6 +147,41 @@ fn sentinel_hosts_are_parsed_with_the_master_name() {
 }
 
 #[test]
+fn data_nodes_limit_the_masters_a_sentinel_may_name_and_need_sentinels() {
+    let settings = load(&[
+        ("SENTINEL_HOSTS", "s1:26379"),
+        ("REDIS_DATA_NODES", "redis-master:6379, 10.0.0.2:6380"),
+    ])
+    .unwrap();
+    let StoreSettings::Sentinel { data_nodes, .. } = settings.store else {
+        panic!("not sentinel mode");
+    };
+    assert_eq!(
+        data_nodes,
+        Some(vec![
+            ("redis-master".to_string(), 6379),
+            ("10.0.0.2".to_string(), 6380)
+        ])
+    );
+    let message = problems(&[
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("REDIS_DATA_NODES", "127.0.0.1:6379"),
+    ]);
+    assert!(
+        message.contains("REDIS_DATA_NODES: applies only with SENTINEL_HOSTS"),
+        "{message}"
+    );
+    let message = problems(&[
+        ("SENTINEL_HOSTS", "s1:26379"),
+        ("REDIS_DATA_NODES", "redis-master"),
+    ]);
+    assert!(
+        message.contains("REDIS_DATA_NODES: expected host:port"),
+        "{message}"
+    );
+}
+
+#[test]
 fn passwords_never_reach_the_logged_configuration() {
     let settings = load(&[
         ("REDIS_URL", "redis://:s3cret@127.0.0.1:6379"),

@@ -4,9 +4,13 @@
 //! records and holds them to its promise, the bound on what a client is admitted beyond
 //! its shared bucket included.
 //!
-//! The tests run one at a time, because they measure latency and each one already keeps
-//! both cores busy; their metrics are their own (each service builds its own handle).
+//! `sentinels` holds the sentinels that name the wrong master, `restarts` the data nodes
+//! and instances that restart. The tests run one at a time, because they measure latency
+//! and each one already keeps both cores busy; their metrics are their own (each service
+//! builds its own handle).
 
+mod restarts;
+mod sentinels;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -43,24 +47,40 @@ fn spawn_pair_with(
     fail_mode: &str,
     redis_client: &str,
 ) -> (TestApp, TestApp) {
-    let hosts = cluster.sentinel_hosts();
-    let vars = |name: &'static str| {
-        vec![
-            ("SENTINEL_HOSTS", hosts.clone()),
-            ("SENTINEL_POLL_MS", POLL.as_millis().to_string()),
-            ("REDIS_PASSWORD", PASSWORD.to_string()),
-            ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
-            ("RATE_LIMIT", CAPACITY.to_string()),
-            ("TIME_WINDOW", WINDOW_S.to_string()),
-            ("REDIS_TIMEOUT_MS", "100".to_string()),
-            ("KEY_PREFIX", prefix.to_string()),
-            ("FAIL_MODE", fail_mode.to_string()),
-            ("REDIS_CLIENT", redis_client.to_string()),
-            ("INSTANCE_NAME", name.to_string()),
-        ]
+    let spawn = |name| {
+        TestApp::spawn_with(&instance_vars(
+            &cluster.sentinel_hosts(),
+            prefix,
+            fail_mode,
+            redis_client,
+            name,
+        ))
     };
-    let spawn = |name| TestApp::spawn_with(&vars(name));
     (spawn("app-1"), spawn("app-2"))
+}
+
+/// The settings of one instance of [`spawn_pair_with`], named `name`; a setting added
+/// after them overrides theirs.
+fn instance_vars(
+    sentinel_hosts: &str,
+    prefix: &str,
+    fail_mode: &str,
+    redis_client: &str,
+    name: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("SENTINEL_HOSTS", sentinel_hosts.to_string()),
+        ("SENTINEL_POLL_MS", POLL.as_millis().to_string()),
+        ("REDIS_PASSWORD", PASSWORD.to_string()),
+        ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
+        ("RATE_LIMIT", CAPACITY.to_string()),
+        ("TIME_WINDOW", WINDOW_S.to_string()),
+        ("REDIS_TIMEOUT_MS", "100".to_string()),
+        ("KEY_PREFIX", prefix.to_string()),
+        ("FAIL_MODE", fail_mode.to_string()),
+        ("REDIS_CLIENT", redis_client.to_string()),
+        ("INSTANCE_NAME", name.to_string()),
+    ]
 }
 
 /// A cluster, two instances on it, and a watch on `+switch-master`.

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, require, send_signal, wait_until};
+use super::{free_port, repo_path, require, send_signal, wait_until};
 
 pub const PASSWORD: &str = "test-secret";
 
@@ -26,6 +26,9 @@ pub struct RedisProcess {
     dir: tempfile::TempDir,
     pub sentinel: bool,
     stopped: bool,
+    /// What it was started with, to start it again the same way ([`RedisProcess::restart`]).
+    binary: String,
+    args: Vec<String>,
 }
 
 impl RedisProcess {
@@ -68,8 +71,55 @@ impl RedisProcess {
         Self::spawn("redis-server", &args, dir, port, false)
     }
 
+    /// A data node from a shipped template (`redis/master.conf` or `redis/replica.conf`),
+    /// rendered into its folder by `scripts/render-config.sh` and started with the command
+    /// line `scripts/cluster.sh` gives it, so the node behaves as shipped (persistence and
+    /// write safety included). Only the log file is the harness's own.
+    pub fn server_from_template(template: &str, replica_of: Option<u16>) -> Self {
+        require("redis-server", "redis-server");
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let port = free_port();
+        let copy = dir.path().join("redis.conf");
+        let rendered = Command::new(repo_path("scripts/render-config.sh"))
+            .arg(repo_path(template))
+            .arg(&copy)
+            .env("PASSWORD", PASSWORD)
+            .output()
+            .expect("run scripts/render-config.sh");
+        assert!(
+            rendered.status.success(),
+            "scripts/render-config.sh {template}: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+        let dir_arg = dir.path().display().to_string();
+        let mut args: Vec<String> = [
+            copy.display().to_string().as_str(),
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir_arg,
+            "--logfile",
+            "redis.log",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(master) = replica_of {
+            args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+        }
+        Self::spawn("redis-server", &args, dir, port, false)
+    }
+
     /// A sentinel watching `master_port` as `redis-master`, with its own writable config.
     pub fn sentinel(master_port: u16, down_after_ms: u64) -> Self {
+        Self::sentinel_with(master_port, down_after_ms, "")
+    }
+
+    /// [`RedisProcess::sentinel`] with `extra` lines appended to its config, e.g. a
+    /// `sentinel config-epoch` that a real sentinel would only reach by failovers.
+    pub fn sentinel_with(master_port: u16, down_after_ms: u64, extra: &str) -> Self {
         require("redis-sentinel", "redis-sentinel");
         let dir = tempfile::tempdir().expect("temporary folder");
         let port = free_port();
@@ -79,7 +129,7 @@ impl RedisProcess {
              sentinel auth-pass redis-master {PASSWORD}\n\
              sentinel down-after-milliseconds redis-master {down_after_ms}\n\
              sentinel failover-timeout redis-master 3000\n\
-             sentinel parallel-syncs redis-master 1\n",
+             sentinel parallel-syncs redis-master 1\n{extra}\n",
             dir = dir.path().display()
         );
         let path = dir.path().join("sentinel.conf");
@@ -95,26 +145,46 @@ impl RedisProcess {
         port: u16,
         sentinel: bool,
     ) -> Self {
-        let child = Command::new(binary)
-            .args(args)
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {binary}: {err}"));
+        let child = Self::launch(binary, args, dir.path());
         let process = Self {
             port,
             child,
             dir,
             sentinel,
             stopped: false,
+            binary: binary.to_string(),
+            args: args.to_vec(),
         };
-        wait_until(
-            &format!("{binary} on port {port}"),
-            Duration::from_secs(10),
-            || process.try_connection().is_some(),
-        );
+        process.wait_for_answer();
         process
+    }
+
+    fn launch(binary: &str, args: &[String], dir: &Path) -> Child {
+        Command::new(binary)
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {binary}: {err}"))
+    }
+
+    /// Until it answers PING (a data node still loading its files answers `LOADING`).
+    fn wait_for_answer(&self) {
+        wait_until(
+            &format!("{} on port {}", self.binary, self.port),
+            Duration::from_secs(10),
+            || self.try_connection().is_some(),
+        );
+    }
+
+    /// Starts a process that was killed again: the same port, folder and command line,
+    /// as a supervisor (Compose's `restart:`, systemd) would.
+    pub fn restart(&mut self) {
+        assert!(self.stopped, "restart a process that was killed first");
+        self.child = Self::launch(&self.binary, &self.args, self.dir.path());
+        self.stopped = false;
+        self.wait_for_answer();
     }
 
     pub fn url(&self) -> String {
@@ -236,11 +306,27 @@ pub struct SentinelCluster {
 
 impl SentinelCluster {
     pub fn start(down_after_ms: u64) -> Self {
-        let master = RedisProcess::server(None, DATA_NODE_ARGS);
         let replica_args = [DATA_NODE_ARGS, &["--replica-priority", "100"]].concat();
-        let mut nodes = vec![master];
+        Self::start_with(down_after_ms, |replica_of| match replica_of {
+            None => RedisProcess::server(None, DATA_NODE_ARGS),
+            Some(master) => RedisProcess::server(Some(master), &replica_args),
+        })
+    }
+
+    /// The data nodes from the shipped `redis/master.conf` and `redis/replica.conf`
+    /// ([`RedisProcess::server_from_template`]).
+    pub fn start_from_shipped_configs(down_after_ms: u64) -> Self {
+        Self::start_with(down_after_ms, |replica_of| match replica_of {
+            None => RedisProcess::server_from_template("redis/master.conf", None),
+            Some(master) => RedisProcess::server_from_template("redis/replica.conf", Some(master)),
+        })
+    }
+
+    /// `data_node(None)` starts the master, `data_node(Some(port))` a replica of it.
+    fn start_with(down_after_ms: u64, data_node: impl Fn(Option<u16>) -> RedisProcess) -> Self {
+        let mut nodes = vec![data_node(None)];
         for _ in 0..2 {
-            let replica = RedisProcess::server(Some(nodes[0].port), &replica_args);
+            let replica = data_node(Some(nodes[0].port));
             nodes.push(replica);
         }
         for replica in &nodes[1..] {

@@ -1,13 +1,17 @@
 //! Discovery: the resolver thread finds the master, confirms it, and swaps it into the
 //! [`MasterSlot`] that the Redis store decides through.
 //!
-//! It follows the Sentinel client guidelines: ask the sentinels in turn (each with a short
-//! timeout), move the first that answers to the front, confirm with `ROLE` that the named
-//! node really is a master, and listen for `+switch-master` so a failover is seen within
-//! milliseconds; the poll covers lost events. With a single `REDIS_URL` the same thread
-//! only re-confirms that one node after failures. After each good round it announces this
-//! instance in the [`InstanceRegistry`].
+//! Each round asks every sentinel at once (each with a short timeout) and believes the
+//! answer with the highest configuration epoch, the most sentinels breaking a tie (see
+//! [`choose`]): the first sentinel to answer may be one that was cut off with the old
+//! master, or one that monitors another server under the same name. Addresses outside
+//! `REDIS_DATA_NODES`, when it is set, are not believed at all. The named node must then
+//! confirm with `ROLE` that it really is a master. A listener for `+switch-master` rings
+//! the resolver so a failover is seen within milliseconds; the poll covers lost events.
+//! With a single `REDIS_URL` the same thread only re-confirms that one node after
+//! failures. After each good round it announces this instance in the [`InstanceRegistry`].
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -32,7 +36,32 @@ pub enum Discovery {
         sentinels: Vec<ConnectionInfo>,
         master_name: String,
         node_password: Option<String>,
+        /// The only masters to believe (`REDIS_DATA_NODES`); `None` believes any.
+        data_nodes: Option<DataNodes>,
     },
+}
+
+/// The addresses a sentinel may name as the master (`REDIS_DATA_NODES`). A sentinel that
+/// anyone can reconfigure (`SENTINEL MONITOR`) could otherwise send the instances, and the
+/// data nodes' password, to a server of its choosing.
+#[derive(Debug, Clone)]
+pub struct DataNodes(BTreeSet<(String, u16)>);
+
+impl DataNodes {
+    /// Hosts are compared without regard to case, as DNS does; they are not resolved, so
+    /// list them as the sentinels name them (host names where they announce host names).
+    pub fn new(nodes: impl IntoIterator<Item = (String, u16)>) -> Self {
+        Self(
+            nodes
+                .into_iter()
+                .map(|(host, port)| (host.to_ascii_lowercase(), port))
+                .collect(),
+        )
+    }
+
+    pub fn admits(&self, host: &str, port: u16) -> bool {
+        self.0.contains(&(host.to_ascii_lowercase(), port))
+    }
 }
 
 pub struct ResolverSettings {
@@ -68,13 +97,13 @@ impl Resolver {
             slot: slot.clone(),
             threads: Vec::new(),
         };
-        let sentinel_order = match &settings.discovery {
+        let sentinels = match &settings.discovery {
             Discovery::Sentinels { sentinels, .. } => sentinels.clone(),
             Discovery::Fixed(_) => Vec::new(),
         };
-        if !sentinel_order.is_empty() {
+        if !sentinels.is_empty() {
             let listener = SwitchListener {
-                sentinels: sentinel_order.clone(),
+                sentinels,
                 slot: slot.clone(),
                 stop: stop.clone(),
                 timeout: settings.connections.timeout,
@@ -86,7 +115,7 @@ impl Resolver {
         let worker = Worker {
             settings,
             slot,
-            sentinel_order,
+            warned_outsiders: BTreeSet::new(),
         };
         let (first_round, first_round_done) = oneshot::channel();
         resolver.threads.push(spawn("master-resolver", move || {
@@ -122,8 +151,10 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<Jo
 struct Worker {
     settings: ResolverSettings,
     slot: Arc<MasterSlot>,
-    /// The sentinels, the last one that answered first.
-    sentinel_order: Vec<ConnectionInfo>,
+    /// Addresses outside `REDIS_DATA_NODES` that a sentinel named in the last round, and
+    /// that were logged as a warning then: one line when a sentinel starts naming one, not
+    /// one per poll while it keeps doing so.
+    warned_outsiders: BTreeSet<String>,
 }
 
 impl Worker {
@@ -182,39 +213,47 @@ impl Worker {
     /// The master's address, or why none was found.
     fn find_master(&mut self) -> Result<ConnectionInfo, String> {
         let timeout = self.settings.connections.timeout;
-        let (master_name, node_password) = match &self.settings.discovery {
+        let (sentinels, master_name, node_password, data_nodes) = match &self.settings.discovery {
             Discovery::Fixed(info) => return Ok(info.clone()),
             Discovery::Sentinels {
+                sentinels,
                 master_name,
                 node_password,
-                ..
-            } => (master_name.clone(), node_password.clone()),
+                data_nodes,
+            } => (sentinels, master_name, node_password, data_nodes),
         };
+        let answers = ask_every_sentinel(sentinels, master_name, timeout);
         let mut failures = Vec::new();
-        for index in 0..self.sentinel_order.len() {
-            let sentinel = &self.sentinel_order[index];
-            let answer = connect(sentinel, timeout).and_then(|mut conn| {
-                redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(&master_name)
-                    .query::<Option<(String, u16)>>(&mut conn)
-            });
+        let mut believed = Vec::new();
+        let mut outsiders = BTreeSet::new();
+        for (sentinel, answer) in answers {
             match answer {
-                Ok(Some((host, port))) => {
-                    let answered = self.sentinel_order.remove(index);
-                    self.sentinel_order.insert(0, answered);
-                    return Ok(node_info(&host, port, node_password.as_deref()));
-                }
-                Ok(None) => {
-                    failures.push(format!("{} does not know {master_name}", sentinel.addr()))
-                }
-                Err(err) => failures.push(format!("{}: {err}", sentinel.addr())),
+                Ok(Some(named)) => match data_nodes {
+                    Some(nodes) if !nodes.admits(&named.host, named.port) => {
+                        let addr = named.addr();
+                        if !self.warned_outsiders.contains(&addr) {
+                            log::warn!(
+                                "sentinel {sentinel} names {addr} as the master of {master_name}, which is not in REDIS_DATA_NODES: ignored"
+                            );
+                        }
+                        failures.push(format!("{sentinel} named {addr}, not a data node"));
+                        outsiders.insert(addr);
+                    }
+                    _ => believed.push(named),
+                },
+                Ok(None) => failures.push(format!("{sentinel} does not know {master_name}")),
+                Err(err) => failures.push(format!("{sentinel}: {err}")),
             }
         }
-        Err(format!(
-            "no sentinel named a master for {master_name} ({})",
-            failures.join("; ")
-        ))
+        self.warned_outsiders = outsiders;
+        let current = self.slot.current().map(|master| master.addr.clone());
+        match choose(&believed, current.as_deref()) {
+            Some(named) => Ok(node_info(&named.host, named.port, node_password.as_deref())),
+            None => Err(format!(
+                "no sentinel named a master for {master_name} ({})",
+                failures.join("; ")
+            )),
+        }
     }
 
     /// A sentinel's answer can be stale; only the node itself can say it is a master.
@@ -239,6 +278,127 @@ impl Worker {
             Err(err) => log::debug!("could not announce this instance: {err}"),
         }
     }
+}
+
+/// What one sentinel says of the master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Named {
+    host: String,
+    port: u16,
+    /// The epoch of the configuration the sentinel holds: each failover takes a new,
+    /// higher one, and sentinels adopt a configuration only from a higher epoch than theirs.
+    epoch: u64,
+}
+
+impl Named {
+    fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Each sentinel's answer, in `sentinels`' order, asked all at once so that one that does
+/// not answer costs the round one timeout, not one per sentinel behind it.
+fn ask_every_sentinel(
+    sentinels: &[ConnectionInfo],
+    master_name: &str,
+    timeout: Duration,
+) -> Vec<(String, redis::RedisResult<Option<Named>>)> {
+    std::thread::scope(|scope| {
+        let asking: Vec<_> = sentinels
+            .iter()
+            .map(|sentinel| {
+                (
+                    sentinel.addr().to_string(),
+                    scope.spawn(move || ask_sentinel(sentinel, master_name, timeout)),
+                )
+            })
+            .collect();
+        asking
+            .into_iter()
+            .map(|(addr, asked)| {
+                let answer = asked.join().unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "the thread asking this sentinel failed",
+                    )))
+                });
+                (addr, answer)
+            })
+            .collect()
+    })
+}
+
+/// `SENTINEL MASTER`: the address and the configuration epoch in one answer. `None` when
+/// the sentinel does not monitor `master_name`.
+fn ask_sentinel(
+    sentinel: &ConnectionInfo,
+    master_name: &str,
+    timeout: Duration,
+) -> redis::RedisResult<Option<Named>> {
+    let mut conn = connect(sentinel, timeout)?;
+    let answer = redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg(master_name)
+        .query::<HashMap<String, String>>(&mut conn);
+    let fields = match answer {
+        Ok(fields) => fields,
+        Err(err) if err.to_string().contains("No such master") => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let field = |name: &str| {
+        fields.get(name).ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "SENTINEL MASTER answered without a field",
+                name.to_string(),
+            ))
+        })
+    };
+    let number = |name: &str| {
+        field(name)?.parse::<u64>().map_err(|_| {
+            redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "SENTINEL MASTER answered a field that is no number",
+                name.to_string(),
+            ))
+        })
+    };
+    let port = u16::try_from(number("port")?).map_err(|_| {
+        redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "SENTINEL MASTER answered a port out of range",
+        ))
+    })?;
+    Ok(Some(Named {
+        host: field("ip")?.clone(),
+        port,
+        epoch: number("config-epoch")?,
+    }))
+}
+
+/// The master to believe among the sentinels' answers: the one named with the highest
+/// configuration epoch, since a sentinel that missed a failover (cut off with the old
+/// master, paused, restarted from an old file) still holds the epoch before it. Answers
+/// of one epoch normally agree; if they do not (before any failover every configuration
+/// has epoch 0, and a sentinel pointed at another server by `SENTINEL MONITOR` starts at
+/// 0 too), the address most of them name wins, then the one in use (`current`), then the
+/// first in `SENTINEL_HOSTS` order.
+fn choose<'a>(answers: &'a [Named], current: Option<&str>) -> Option<&'a Named> {
+    let top = answers.iter().map(|named| named.epoch).max()?;
+    let newest: Vec<&Named> = answers.iter().filter(|named| named.epoch == top).collect();
+    let votes = |candidate: &Named| {
+        newest
+            .iter()
+            .filter(|named| named.host == candidate.host && named.port == candidate.port)
+            .count()
+    };
+    let is_current = |candidate: &Named| current == Some(candidate.addr().as_str());
+    // max_by_key keeps the last of equals; walking in reverse makes that the first.
+    newest
+        .iter()
+        .rev()
+        .max_by_key(|named| (votes(named), is_current(named)))
+        .copied()
 }
 
 /// Listens for `+switch-master` on one sentinel at a time and rings the resolver.
@@ -284,5 +444,46 @@ impl SwitchListener {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(port: u16, epoch: u64) -> Named {
+        Named {
+            host: "127.0.0.1".into(),
+            port,
+            epoch,
+        }
+    }
+
+    #[test]
+    fn a_sentinel_that_missed_a_failover_is_outvoted_by_the_newer_epoch_alone() {
+        let answers = [named(6379, 0), named(6380, 1)];
+        assert_eq!(choose(&answers, Some("127.0.0.1:6379")), Some(&answers[1]));
+    }
+
+    #[test]
+    fn within_one_epoch_the_address_most_sentinels_name_wins() {
+        let answers = [named(7000, 0), named(6379, 0), named(6379, 0)];
+        assert_eq!(choose(&answers, Some("127.0.0.1:7000")), Some(&answers[1]));
+    }
+
+    #[test]
+    fn a_tie_keeps_the_master_in_use_and_otherwise_takes_the_first_sentinels_answer() {
+        let answers = [named(7000, 2), named(6379, 2)];
+        assert_eq!(choose(&answers, Some("127.0.0.1:6379")), Some(&answers[1]));
+        assert_eq!(choose(&answers, None), Some(&answers[0]));
+        assert_eq!(choose(&[], None), None);
+    }
+
+    #[test]
+    fn data_nodes_are_matched_by_host_in_any_case_and_port() {
+        let nodes = DataNodes::new([("Redis-Master".to_string(), 6379)]);
+        assert!(nodes.admits("redis-master", 6379));
+        assert!(!nodes.admits("redis-master", 6380));
+        assert!(!nodes.admits("127.0.0.1", 6379));
     }
 }
