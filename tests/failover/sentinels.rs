@@ -68,6 +68,25 @@ async fn a_sentinel_left_with_an_old_master_is_outvoted_at_start_and_after_a_fai
     // The sentinel the instances are told of first: one that believes the first sentinel
     // that answers stays on the old master.
     leave_behind(&cluster.sentinels[0], old_master.port);
+    // Sentinels send their hello messages to the sentinels they know as well, and one
+    // with a newer epoch would bring the one left behind up to date: the others forget
+    // it, and it cannot be found again where they look (the group's nodes).
+    for sentinel in &cluster.sentinels[1..] {
+        let _: u64 = sentinel.command(&["SENTINEL", "RESET", "redis-master"]);
+    }
+    wait_until(
+        "the two others to know each other and both replicas",
+        Duration::from_secs(30),
+        || {
+            cluster.sentinels[1..].iter().all(|sentinel| {
+                let others: Vec<redis::Value> =
+                    sentinel.command(&["SENTINEL", "SENTINELS", "redis-master"]);
+                let replicas: Vec<redis::Value> =
+                    sentinel.command(&["SENTINEL", "REPLICAS", "redis-master"]);
+                others.len() == 1 && replicas.len() == 2
+            })
+        },
+    );
     let (first, second) = spawn_pair(&cluster, &unique_prefix("stale-sentinel"), "local");
 
     // At start every configuration has epoch 0: two sentinels of three name the master.

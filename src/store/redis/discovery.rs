@@ -3,7 +3,7 @@
 //!
 //! Each round asks every sentinel at once (each with a short timeout) and believes the
 //! answer with the highest configuration epoch, the most sentinels breaking a tie (see
-//! [`choose`]): the first sentinel to answer may be one that was cut off with the old
+//! [`candidates`]): the first sentinel to answer may be one that was cut off with the old
 //! master, or one that monitors another server under the same name. Addresses outside
 //! `REDIS_DATA_NODES`, when it is set, are not believed at all. The named node must then
 //! confirm with `ROLE` that it really is a master. A listener for `+switch-master` rings
@@ -173,32 +173,15 @@ impl Worker {
 
     /// One round: find the master, confirm it, install it if it changed, announce.
     fn resolve(&mut self) {
-        let found = self.find_master().and_then(|info| {
-            let addr = info.addr().to_string();
-            let current = self.slot.current();
-            match current {
-                Some(master) if master.addr == addr && self.slot.is_usable() => Ok(()),
-                Some(master) if master.addr == addr => {
-                    self.confirm_master(&info)?;
-                    self.slot.mark_usable();
-                    log::info!("Redis master {addr} is usable again");
-                    Ok(())
-                }
-                previous => {
-                    self.confirm_master(&info)?;
-                    let master = Master::open(info, self.settings.connections)
-                        .map_err(|err| err.to_string())?;
-                    self.slot.install(Arc::new(master));
-                    match previous {
-                        Some(old) => {
-                            log::warn!("Redis master switched from {} to {addr}", old.addr)
-                        }
-                        None => log::info!("Redis master is {addr}"),
-                    }
-                    self.settings.metrics.master_changed(&addr);
-                    Ok(())
+        let found = self.find_master().and_then(|candidates| {
+            let mut refusals = Vec::new();
+            for info in candidates {
+                match self.adopt(info) {
+                    Ok(()) => return Ok(()),
+                    Err(reason) => refusals.push(reason),
                 }
             }
+            Err(refusals.join("; "))
         });
         match found {
             Ok(()) => self.announce(),
@@ -210,11 +193,39 @@ impl Worker {
         }
     }
 
-    /// The master's address, or why none was found.
-    fn find_master(&mut self) -> Result<ConnectionInfo, String> {
+    /// Makes `info` the master if it confirms that it is one (the one in use and usable
+    /// needs no asking).
+    fn adopt(&mut self, info: ConnectionInfo) -> Result<(), String> {
+        let addr = info.addr().to_string();
+        match self.slot.current() {
+            Some(master) if master.addr == addr && self.slot.is_usable() => Ok(()),
+            Some(master) if master.addr == addr => {
+                self.confirm_master(&info)?;
+                self.slot.mark_usable();
+                log::info!("Redis master {addr} is usable again");
+                Ok(())
+            }
+            previous => {
+                self.confirm_master(&info)?;
+                let master =
+                    Master::open(info, self.settings.connections).map_err(|err| err.to_string())?;
+                self.slot.install(Arc::new(master));
+                match previous {
+                    Some(old) => log::warn!("Redis master switched from {} to {addr}", old.addr),
+                    None => log::info!("Redis master is {addr}"),
+                }
+                self.settings.metrics.master_changed(&addr);
+                Ok(())
+            }
+        }
+    }
+
+    /// The addresses to try as the master, best first (see [`candidates`]), or why there
+    /// are none.
+    fn find_master(&mut self) -> Result<Vec<ConnectionInfo>, String> {
         let timeout = self.settings.connections.timeout;
         let (sentinels, master_name, node_password, data_nodes) = match &self.settings.discovery {
-            Discovery::Fixed(info) => return Ok(info.clone()),
+            Discovery::Fixed(info) => return Ok(vec![info.clone()]),
             Discovery::Sentinels {
                 sentinels,
                 master_name,
@@ -247,13 +258,17 @@ impl Worker {
         }
         self.warned_outsiders = outsiders;
         let current = self.slot.current().map(|master| master.addr.clone());
-        match choose(&believed, current.as_deref()) {
-            Some(named) => Ok(node_info(&named.host, named.port, node_password.as_deref())),
-            None => Err(format!(
+        let candidates = candidates(&believed, current.as_deref());
+        if candidates.is_empty() {
+            return Err(format!(
                 "no sentinel named a master for {master_name} ({})",
                 failures.join("; ")
-            )),
+            ));
         }
+        Ok(candidates
+            .into_iter()
+            .map(|named| node_info(&named.host, named.port, node_password.as_deref()))
+            .collect())
     }
 
     /// A sentinel's answer can be stale; only the node itself can say it is a master.
@@ -376,29 +391,33 @@ fn ask_sentinel(
     }))
 }
 
-/// The master to believe among the sentinels' answers: the one named with the highest
-/// configuration epoch, since a sentinel that missed a failover (cut off with the old
-/// master, paused, restarted from an old file) still holds the epoch before it. Answers
-/// of one epoch normally agree; if they do not (before any failover every configuration
-/// has epoch 0, and a sentinel pointed at another server by `SENTINEL MONITOR` starts at
-/// 0 too), the address most of them name wins, then the one in use (`current`), then the
-/// first in `SENTINEL_HOSTS` order.
-fn choose<'a>(answers: &'a [Named], current: Option<&str>) -> Option<&'a Named> {
-    let top = answers.iter().map(|named| named.epoch).max()?;
-    let newest: Vec<&Named> = answers.iter().filter(|named| named.epoch == top).collect();
-    let votes = |candidate: &Named| {
-        newest
-            .iter()
-            .filter(|named| named.host == candidate.host && named.port == candidate.port)
-            .count()
+/// The masters to believe among the sentinels' answers, best first: the addresses named
+/// with the highest configuration epoch, since a sentinel that missed a failover (cut off
+/// with the old master, paused, restarted from an old file) still holds the epoch before
+/// it. Answers of one epoch can disagree: before any failover every configuration has
+/// epoch 0 (and a sentinel pointed at another server by `SENTINEL MONITOR` starts at 0
+/// too), and during one the leader already holds the new epoch while it still names the
+/// old master, which the others, told by its hello messages, have left. So the address
+/// most of them name comes first, then the one in use (`current`), then `SENTINEL_HOSTS`
+/// order; the round takes the first that confirms it is a master, and an older epoch's
+/// address is never tried.
+fn candidates<'a>(answers: &'a [Named], current: Option<&str>) -> Vec<&'a Named> {
+    let Some(top) = answers.iter().map(|named| named.epoch).max() else {
+        return Vec::new();
     };
+    let newest: Vec<&Named> = answers.iter().filter(|named| named.epoch == top).collect();
+    let same = |a: &Named, b: &Named| a.host == b.host && a.port == b.port;
+    let mut distinct: Vec<(&Named, usize)> = Vec::new();
+    for named in &newest {
+        match distinct.iter_mut().find(|(seen, _)| same(seen, named)) {
+            Some((_, votes)) => *votes += 1,
+            None => distinct.push((named, 1)),
+        }
+    }
     let is_current = |candidate: &Named| current == Some(candidate.addr().as_str());
-    // max_by_key keeps the last of equals; walking in reverse makes that the first.
-    newest
-        .iter()
-        .rev()
-        .max_by_key(|named| (votes(named), is_current(named)))
-        .copied()
+    // A stable sort keeps SENTINEL_HOSTS order among equals.
+    distinct.sort_by_key(|(named, votes)| std::cmp::Reverse((*votes, is_current(named))));
+    distinct.into_iter().map(|(named, _)| named).collect()
 }
 
 /// Listens for `+switch-master` on one sentinel at a time and rings the resolver.
@@ -459,24 +478,46 @@ mod tests {
         }
     }
 
+    fn ports(candidates: Vec<&Named>) -> Vec<u16> {
+        candidates.into_iter().map(|named| named.port).collect()
+    }
+
     #[test]
     fn a_sentinel_that_missed_a_failover_is_outvoted_by_the_newer_epoch_alone() {
         let answers = [named(6379, 0), named(6380, 1)];
-        assert_eq!(choose(&answers, Some("127.0.0.1:6379")), Some(&answers[1]));
+        assert_eq!(ports(candidates(&answers, Some("127.0.0.1:6379"))), [6380]);
     }
 
     #[test]
-    fn within_one_epoch_the_address_most_sentinels_name_wins() {
+    fn within_one_epoch_the_address_most_sentinels_name_comes_first() {
         let answers = [named(7000, 0), named(6379, 0), named(6379, 0)];
-        assert_eq!(choose(&answers, Some("127.0.0.1:7000")), Some(&answers[1]));
+        assert_eq!(
+            ports(candidates(&answers, Some("127.0.0.1:7000"))),
+            [6379, 7000]
+        );
     }
 
     #[test]
-    fn a_tie_keeps_the_master_in_use_and_otherwise_takes_the_first_sentinels_answer() {
+    fn a_tie_puts_the_master_in_use_first_and_otherwise_the_first_sentinels_answer() {
         let answers = [named(7000, 2), named(6379, 2)];
-        assert_eq!(choose(&answers, Some("127.0.0.1:6379")), Some(&answers[1]));
-        assert_eq!(choose(&answers, None), Some(&answers[0]));
-        assert_eq!(choose(&[], None), None);
+        assert_eq!(
+            ports(candidates(&answers, Some("127.0.0.1:6379"))),
+            [6379, 7000]
+        );
+        assert_eq!(ports(candidates(&answers, None)), [7000, 6379]);
+        assert!(candidates(&[], None).is_empty());
+    }
+
+    /// During a failover the leader holds the new epoch but still names the old master,
+    /// while a sentinel its hello messages reached names the new one: the dead master in
+    /// use comes first, and the new one must still be tried in the same round.
+    #[test]
+    fn a_leader_mid_failover_ties_with_the_new_master_which_stays_a_candidate() {
+        let answers = [named(6380, 1), named(6379, 1), named(6379, 0)];
+        assert_eq!(
+            ports(candidates(&answers, Some("127.0.0.1:6379"))),
+            [6379, 6380]
+        );
     }
 
     #[test]
