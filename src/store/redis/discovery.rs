@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::classify;
 use super::master::{ConnectionSettings, Master, MasterSlot};
-use super::node::{connect, node_info};
+use super::node::{Login, connect, node_info};
 use super::registry::InstanceRegistry;
 use crate::metrics::Metrics;
 
@@ -31,7 +31,8 @@ pub enum Discovery {
     Sentinels {
         sentinels: Vec<ConnectionInfo>,
         master_name: String,
-        node_password: Option<String>,
+        /// How to log in to the master they name.
+        node_login: Login,
     },
 }
 
@@ -182,13 +183,13 @@ impl Worker {
     /// The master's address, or why none was found.
     fn find_master(&mut self) -> Result<ConnectionInfo, String> {
         let timeout = self.settings.connections.timeout;
-        let (master_name, node_password) = match &self.settings.discovery {
+        let (master_name, node_login) = match &self.settings.discovery {
             Discovery::Fixed(info) => return Ok(info.clone()),
             Discovery::Sentinels {
                 master_name,
-                node_password,
+                node_login,
                 ..
-            } => (master_name.clone(), node_password.clone()),
+            } => (master_name.clone(), node_login.clone()),
         };
         let mut failures = Vec::new();
         for index in 0..self.sentinel_order.len() {
@@ -203,7 +204,7 @@ impl Worker {
                 Ok(Some((host, port))) => {
                     let answered = self.sentinel_order.remove(index);
                     self.sentinel_order.insert(0, answered);
-                    return Ok(node_info(&host, port, node_password.as_deref()));
+                    return Ok(node_info(&host, port, &node_login));
                 }
                 Ok(None) => {
                     failures.push(format!("{} does not know {master_name}", sentinel.addr()))
