@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    DATA_NODE_ARGS, PASSWORD, SentinelCluster, TestApp, all_at_once, client, header, metric,
-    metrics, unique_prefix, until_redis_decides, wait_until,
+    DATA_NODE_ARGS, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp, all_at_once, client,
+    header, metric, metrics, unique_prefix, until_redis_decides, wait_until,
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -48,7 +48,8 @@ fn spawn_pair_with(
         vec![
             ("SENTINEL_HOSTS", hosts.clone()),
             ("SENTINEL_POLL_MS", POLL.as_millis().to_string()),
-            ("REDIS_PASSWORD", PASSWORD.to_string()),
+            ("REDIS_USERNAME", SERVICE_USER.to_string()),
+            ("REDIS_PASSWORD", SERVICE_PASSWORD.to_string()),
             ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
             ("RATE_LIMIT", CAPACITY.to_string()),
             ("TIME_WINDOW", WINDOW_S.to_string()),

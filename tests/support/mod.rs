@@ -41,7 +41,9 @@ pub use policy_file::PolicyFile;
 #[allow(unused_imports)]
 pub use redis_cluster::{RedisCluster, SLOTS, cluster_info};
 #[allow(unused_imports)]
-pub use redis_nodes::{DATA_NODE_ARGS, PASSWORD, RedisProcess, SentinelCluster};
+pub use redis_nodes::{
+    DATA_NODE_ARGS, PASSWORD, RedisProcess, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster,
+};
 #[allow(unused_imports)]
 pub use upstream::TestUpstream;
 

@@ -1,14 +1,30 @@
 //! Real `redis-server` and `redis-sentinel` processes on free ports, each in its own
 //! temporary folder, killed on `Drop` (after printing their last log lines when the test
 //! failed).
+//!
+//! Every data node runs with the shipped users (`redis/users.acl`, rendered by
+//! `scripts/render-config.sh`): [`RedisProcess::url`] logs in as the instances'
+//! restricted user, so every test of the service runs with exactly the rights the shipped
+//! topologies give it; the harness itself, and tests that arrange or inspect a node, use
+//! the default (operators') user with [`PASSWORD`]. Replicas follow their master as the
+//! replication user, and sentinels watch the nodes as the sentinel user.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, require, send_signal, wait_until};
+use super::{free_port, repo_path, require, send_signal, wait_until};
 
+/// The default user's: the operators' password.
 pub const PASSWORD: &str = "test-secret";
+/// The instances' user of `redis/users.acl`, and its password.
+pub const SERVICE_USER: &str = "ratelimiter";
+pub const SERVICE_PASSWORD: &str = "test-service-secret";
+pub const REPLICA_PASSWORD: &str = "test-replica-secret";
+pub const SENTINEL_AUTH_PASSWORD: &str = "test-sentinel-auth-secret";
+/// What the instances' user may touch: every test's prefix ([`super::unique_prefix`])
+/// starts with `t`, and the service's default `KEY_PREFIX` is `ratelimit`.
+pub const SERVICE_KEY_PREFIX: &str = "t*";
 
 /// What every data node of a `SentinelCluster` runs with, and what a test that brings one
 /// back must give it again: an isolated master stops taking writes (docs/RELIABILITY.md).
@@ -47,10 +63,12 @@ impl RedisProcess {
             "",
             "--appendonly",
             "no",
-            "--requirepass",
-            PASSWORD,
+            "--aclfile",
+            &render_users(dir.path()),
+            "--masteruser",
+            "replica",
             "--masterauth",
-            PASSWORD,
+            REPLICA_PASSWORD,
             "--logfile",
             "redis.log",
             "--repl-diskless-sync",
@@ -76,7 +94,8 @@ impl RedisProcess {
         let config = format!(
             "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile sentinel.log\n\
              sentinel monitor redis-master 127.0.0.1 {master_port} 2\n\
-             sentinel auth-pass redis-master {PASSWORD}\n\
+             sentinel auth-user redis-master sentinel\n\
+             sentinel auth-pass redis-master {SENTINEL_AUTH_PASSWORD}\n\
              sentinel down-after-milliseconds redis-master {down_after_ms}\n\
              sentinel failover-timeout redis-master 3000\n\
              sentinel parallel-syncs redis-master 1\n",
@@ -117,7 +136,16 @@ impl RedisProcess {
         process
     }
 
+    /// The node as the instances' restricted user sees it: what the service is given.
     pub fn url(&self) -> String {
+        format!(
+            "redis://{SERVICE_USER}:{SERVICE_PASSWORD}@127.0.0.1:{}",
+            self.port
+        )
+    }
+
+    /// The node as its default (operators') user.
+    pub fn admin_url(&self) -> String {
         format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port)
     }
 
@@ -133,7 +161,7 @@ impl RedisProcess {
         let url = if self.sentinel {
             format!("redis://127.0.0.1:{}", self.port)
         } else {
-            self.url()
+            self.admin_url()
         };
         let client = redis::Client::open(url).ok()?;
         let conn = client
@@ -308,4 +336,27 @@ impl SentinelCluster {
             .find(|n| n.port == port)
             .expect("a node on that port")
     }
+}
+
+/// `redis/users.acl` rendered into `dir` with the harness's passwords; its path.
+fn render_users(dir: &Path) -> String {
+    let path = dir.join("users.acl");
+    let rendered = Command::new("bash")
+        .arg(repo_path("scripts/render-config.sh"))
+        .arg(repo_path("redis/users.acl"))
+        .arg(&path)
+        .env("REDIS_ADMIN_PASSWORD", PASSWORD)
+        .env("REDIS_PASSWORD", SERVICE_PASSWORD)
+        .env("KEY_PREFIX", SERVICE_KEY_PREFIX)
+        .env("REDIS_REPLICA_PASSWORD", REPLICA_PASSWORD)
+        .env("SENTINEL_AUTH_PASSWORD", SENTINEL_AUTH_PASSWORD)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run scripts/render-config.sh");
+    assert!(
+        rendered.status.success(),
+        "render-config.sh redis/users.acl: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    path.display().to_string()
 }
