@@ -366,15 +366,6 @@ if [[ -n $(project_containers) ]]; then
 fi
 
 phase "no password from the repository"
-empty_env=$(mktemp "${TMPDIR:-/tmp}/e2e-compose-env.XXXXXX")
-for name in "${password_names[@]}"; do
-  refused=$(env -u "$name" "${compose[@]}" --env-file "$empty_env" config 2>&1 >/dev/null) &&
-    { rm -f "$empty_env"; fail "Compose renders its file without $name"; }
-  [[ $refused == *"$name is unset; run scripts/compose-secrets.sh"* ]] ||
-    { rm -f "$empty_env"; fail "without $name Compose says: $refused"; }
-done
-rm -f "$empty_env"
-ok "without any one of ${password_names[*]} Compose refuses to start, naming it"
 "$repo/scripts/compose-secrets.sh" "$secrets_file" >/dev/null
 [[ $(stat -c %a "$secrets_file") == 600 ]] || fail "scripts/compose-secrets.sh left $secrets_file readable by others"
 set -a
@@ -385,6 +376,16 @@ for name in "${password_names[@]}"; do
   [[ ${!name} =~ ^[0-9a-f]{48}$ ]] || fail "scripts/compose-secrets.sh wrote no random $name"
 done
 ok "scripts/compose-secrets.sh generated ${#password_names[@]} random passwords into a file only its owner reads"
+empty_env=$(mktemp "${TMPDIR:-/tmp}/e2e-compose-env.XXXXXX")
+for name in "${password_names[@]}"; do
+  # The others are set: Compose must name this one.
+  refused=$(env -u "$name" "${compose[@]}" --env-file "$empty_env" config 2>&1 >/dev/null) &&
+    { rm -f "$empty_env"; fail "Compose renders its file without $name"; }
+  [[ $refused == *"$name is unset; run scripts/compose-secrets.sh"* ]] ||
+    { rm -f "$empty_env"; fail "without $name Compose says: $refused"; }
+done
+rm -f "$empty_env"
+ok "without any one of ${password_names[*]} Compose refuses to start, naming it"
 phase_done
 
 phase "up until every container is healthy and ready"
