@@ -420,7 +420,7 @@ for sentinel in "${sentinels[@]}"; do
 done
 ok "every sentinel refuses unauthenticated commands (SENTINEL MONITOR, GET-MASTER-ADDR-BY-NAME, PING: NOAUTH)"
 master_id=$(container_of "$(current_master)")
-for command in flushall "config set maxmemory 1" "replicaof 192.0.2.1 6379" "set elsewhere:x 1" "del elsewhere:x" "keys *"; do
+for command in flushall "config set maxmemory 1" "replicaof 192.0.2.1 6379" "set elsewhere:x 1" "del elsewhere:x" "scan 0"; do
   # shellcheck disable=SC2086 # the command's words
   reply=$(instance_user_cli "$master_id" $command)
   [[ $reply == *NOPERM* ]] || fail "the instances' user was not refused \"$command\" on the master: $reply"
