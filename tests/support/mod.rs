@@ -42,7 +42,8 @@ pub use policy_file::PolicyFile;
 pub use redis_cluster::{RedisCluster, SLOTS, cluster_info};
 #[allow(unused_imports)]
 pub use redis_nodes::{
-    DATA_NODE_ARGS, PASSWORD, RedisProcess, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster,
+    DATA_NODE_ARGS, PASSWORD, RedisProcess, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER,
+    SentinelCluster,
 };
 #[allow(unused_imports)]
 pub use upstream::TestUpstream;

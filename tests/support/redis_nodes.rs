@@ -7,7 +7,8 @@
 //! restricted user, so every test of the service runs with exactly the rights the shipped
 //! topologies give it; the harness itself, and tests that arrange or inspect a node, use
 //! the default (operators') user with [`PASSWORD`]. Replicas follow their master as the
-//! replication user, and sentinels watch the nodes as the sentinel user.
+//! replication user, and sentinels watch the nodes as the sentinel user; every sentinel
+//! requires [`SENTINEL_PASSWORD`], as the shipped ones do.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -22,6 +23,8 @@ pub const SERVICE_USER: &str = "ratelimiter";
 pub const SERVICE_PASSWORD: &str = "test-service-secret";
 pub const REPLICA_PASSWORD: &str = "test-replica-secret";
 pub const SENTINEL_AUTH_PASSWORD: &str = "test-sentinel-auth-secret";
+/// What every sentinel requires (`requirepass`), and presents to the others.
+pub const SENTINEL_PASSWORD: &str = "test-sentinel-secret";
 /// What the instances' user may touch: every test's prefix ([`super::unique_prefix`])
 /// starts with `t`, and the service's default `KEY_PREFIX` is `ratelimit`.
 pub const SERVICE_KEY_PREFIX: &str = "t*";
@@ -96,6 +99,8 @@ impl RedisProcess {
              sentinel monitor redis-master 127.0.0.1 {master_port} 2\n\
              sentinel auth-user redis-master sentinel\n\
              sentinel auth-pass redis-master {SENTINEL_AUTH_PASSWORD}\n\
+             requirepass {SENTINEL_PASSWORD}\n\
+             sentinel sentinel-pass {SENTINEL_PASSWORD}\n\
              sentinel down-after-milliseconds redis-master {down_after_ms}\n\
              sentinel failover-timeout redis-master 3000\n\
              sentinel parallel-syncs redis-master 1\n",
@@ -144,6 +149,11 @@ impl RedisProcess {
         )
     }
 
+    /// A sentinel, with the password it requires.
+    pub fn sentinel_url(&self) -> String {
+        format!("redis://:{SENTINEL_PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
     /// The node as its default (operators') user.
     pub fn admin_url(&self) -> String {
         format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port)
@@ -159,7 +169,7 @@ impl RedisProcess {
 
     fn try_connection(&self) -> Option<redis::Connection> {
         let url = if self.sentinel {
-            format!("redis://127.0.0.1:{}", self.port)
+            self.sentinel_url()
         } else {
             self.admin_url()
         };
