@@ -344,7 +344,7 @@ impl Parser {
             self.problem(
                 &REDIS_USERNAME,
                 "a Redis user name: printable ASCII without spaces",
-                &username.clone(),
+                username,
             );
         }
         let redis_password = self.secret(&REDIS_PASSWORD);
