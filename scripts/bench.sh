@@ -78,9 +78,9 @@
 # computes the medians, the tables and the docs/BENCHMARKS.md block.
 #
 # Environment: MIXED_RATE (see above); WORKERS, REDIS_POOL_SIZE, REDIS_TIMEOUT_MS,
-# ACCESS_LOG and RUST_LOG reach the instances as they are; REDIS_PASSWORD and
-# RATELIMITER_BIN (a binary to run instead of building target/release/ratelimiter) as for
-# scripts/cluster.sh. Needs wrk, redis-tools, curl, and cargo to build the binaries.
+# ACCESS_LOG and RUST_LOG reach the instances as they are; the passwords (the bench reads the
+# data nodes as REDIS_ADMIN_PASSWORD's operators' user) and RATELIMITER_BIN (a binary to run
+# instead of building target/release/ratelimiter) as for scripts/cluster.sh. Needs wrk, redis-tools, curl, and cargo to build the binaries.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"

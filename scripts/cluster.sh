@@ -31,8 +31,15 @@
 #
 # Environment: every variable the service reads (README.md) passes through to both
 # instances (RATE_LIMIT, TIME_WINDOW, BURST, FAIL_MODE, DENY_CACHE_SIZE, ...), except
-# REDIS_URL, which this topology replaces. WORKERS defaults to half the CPUs (at least 1):
-# the two instances share the machine. REDIS_PASSWORD defaults to the dev password of redis/*.conf.
+# REDIS_URL, which this topology replaces, and REDIS_USERNAME (ratelimiter, the instances'
+# user of redis/users.acl). The passwords, each with a default for loopback development only:
+#   REDIS_PASSWORD          the instances' user on the data nodes (ratelimiter-dev-password)
+#   REDIS_ADMIN_PASSWORD    the data nodes' default user, for operators and this script
+#   REDIS_REPLICA_PASSWORD  the replication user (masteruser/masterauth)
+#   SENTINEL_AUTH_PASSWORD  the sentinels' user on the data nodes
+#   SENTINEL_PASSWORD       what every sentinel requires (the instances use it too)
+# KEY_PREFIX (default ratelimit) is also what the instances' user may touch (redis/users.acl).
+# WORKERS defaults to half the CPUs (at least 1): the two instances share the machine.
 # GATEWAY_UPSTREAM (host:port, default 127.0.0.1:8081) is the application the gateway guards;
 # GATEWAY_FAIL_MODE (closed, the default, or open) what the gateway does when no instance
 # answers its check (README.md, "Put it in front of your API").
@@ -51,9 +58,16 @@ CLUSTER_DIR=${CLUSTER_DIR:-$ROOT/run/cluster}
 PIDS_FILE=$CLUSTER_DIR/pids
 WAIT_SECS=${CLUSTER_WAIT_SECS:-30}
 
-# The default password of the native cluster: loopback development only.
+# The default passwords of the native cluster: loopback development only.
 REDIS_PASSWORD=${REDIS_PASSWORD:-ratelimiter-dev-password}
-SENTINEL_PASSWORD=${SENTINEL_PASSWORD:-}
+REDIS_ADMIN_PASSWORD=${REDIS_ADMIN_PASSWORD:-ratelimiter-dev-admin-password}
+REDIS_REPLICA_PASSWORD=${REDIS_REPLICA_PASSWORD:-ratelimiter-dev-replica-password}
+SENTINEL_AUTH_PASSWORD=${SENTINEL_AUTH_PASSWORD:-ratelimiter-dev-sentinel-auth-password}
+SENTINEL_PASSWORD=${SENTINEL_PASSWORD:-ratelimiter-dev-sentinel-password}
+PASSWORD_NAMES=(REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD SENTINEL_PASSWORD)
+# The instances' user of redis/users.acl, and the keys it may touch.
+REDIS_USERNAME=ratelimiter
+KEY_PREFIX=${KEY_PREFIX:-ratelimit}
 
 PROXY_ADDR=127.0.0.2
 MASTER_NAME=redis-master
@@ -95,13 +109,13 @@ check_tools() {
 
 # --- helpers ----------------------------------------------------------------------
 
-# redis-cli against a data node, authenticated through the environment (not argv).
-# Prints the reply without carriage returns, or nothing when the node does not answer;
-# callers judge the reply, never the exit status.
+# redis-cli against a data node as its default (operators') user, authenticated through the
+# environment (not argv). Prints the reply without carriage returns, or nothing when the
+# node does not answer; callers judge the reply, never the exit status.
 rcli() {
     local port=$1 reply
     shift
-    reply=$(REDISCLI_AUTH=$REDIS_PASSWORD timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
+    reply=$(REDISCLI_AUTH=$REDIS_ADMIN_PASSWORD timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
     printf '%s\n' "${reply//$'\r'/}"
 }
 
@@ -109,11 +123,7 @@ rcli() {
 scli() {
     local port=$1 reply
     shift
-    if [[ -n $SENTINEL_PASSWORD ]]; then
-        reply=$(REDISCLI_AUTH=$SENTINEL_PASSWORD timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
-    else
-        reply=$(timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
-    fi
+    reply=$(REDISCLI_AUTH=$SENTINEL_PASSWORD timeout 3 redis-cli -h "$LOOPBACK" -p "$port" "$@" 2>/dev/null) || true
     printf '%s\n' "${reply//$'\r'/}"
 }
 
@@ -223,16 +233,17 @@ build_upstream_binary() {
 }
 
 # The configs: the shared templates, rendered the one way (scripts/render-config.sh).
+# A data node's users (redis/users.acl) go beside its config, which loads them from there.
 render_data_conf() {
-    PASSWORD=$REDIS_PASSWORD scripts/render-config.sh "$1" "$2"
+    REDIS_ADMIN_PASSWORD=$REDIS_ADMIN_PASSWORD REDIS_PASSWORD=$REDIS_PASSWORD KEY_PREFIX=$KEY_PREFIX \
+        REDIS_REPLICA_PASSWORD=$REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD=$SENTINEL_AUTH_PASSWORD \
+        scripts/render-config.sh redis/users.acl "$(dirname "$2")/users.acl"
+    REDIS_REPLICA_PASSWORD=$REDIS_REPLICA_PASSWORD scripts/render-config.sh "$1" "$2"
 }
 
 render_sentinel_conf() {
-    local extra=""
-    [[ -z $SENTINEL_PASSWORD ]] ||
-        extra="requirepass $SENTINEL_PASSWORD"$'\n'"sentinel sentinel-pass $SENTINEL_PASSWORD"
-    MASTER_HOST=$LOOPBACK MASTER_PORT=$MASTER_PORT PASSWORD=$REDIS_PASSWORD EXTRA_CONFIG=$extra \
-        scripts/render-config.sh redis/sentinel.conf "$1"
+    MASTER_HOST=$LOOPBACK MASTER_PORT=$MASTER_PORT SENTINEL_AUTH_PASSWORD=$SENTINEL_AUTH_PASSWORD \
+        SENTINEL_PASSWORD=$SENTINEL_PASSWORD scripts/render-config.sh redis/sentinel.conf "$1"
 }
 
 render_nginx_conf() {
@@ -283,11 +294,15 @@ up() {
         die "the cluster is already running (pids in ${PIDS_FILE#"$ROOT"/}); run: scripts/cluster.sh down"
     fi
     local name
-    for name in REDIS_PASSWORD SENTINEL_PASSWORD; do
-        # Sentinel writes these into its config file unquoted when it rewrites it.
+    for name in "${PASSWORD_NAMES[@]}"; do
+        [[ -n ${!name} ]] || die "$name must not be empty: every data node user and every sentinel has a password"
+        # Sentinel writes these into its config file unquoted when it rewrites it, and an
+        # ACL file splits its lines at spaces.
         [[ ${!name} != *[[:space:]\"\'\\]* ]] ||
             die "$name must not contain spaces, quotes or backslashes (Sentinel rewrites it into its config unquoted)"
     done
+    [[ $KEY_PREFIX != *[[:space:]*?\[\]\\]* ]] ||
+        die "KEY_PREFIX must not contain spaces or glob characters (*?[]\\): the instances' Redis user is limited to \"\$KEY_PREFIX:*\""
     if [[ $gateway == yes ]]; then
         check_ports_free "$UPSTREAM_PORT" "$UPSTREAM_COUNT_PORT"
     else
@@ -350,7 +365,8 @@ up() {
         start "${APP_NAMES[i]}" "$dir/app.log" env -u REDIS_URL \
             HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" INSTANCE_NAME="${APP_NAMES[i]}" \
             SENTINEL_HOSTS="$sentinel_hosts" REDIS_MASTER="$MASTER_NAME" \
-            REDIS_PASSWORD="$REDIS_PASSWORD" TRUSTED_PROXIES="$PROXY_ADDR" \
+            REDIS_USERNAME="$REDIS_USERNAME" REDIS_PASSWORD="$REDIS_PASSWORD" \
+            SENTINEL_PASSWORD="$SENTINEL_PASSWORD" KEY_PREFIX="$KEY_PREFIX" TRUSTED_PROXIES="$PROXY_ADDR" \
             RUST_LOG="${RUST_LOG:-info}" WORKERS="${WORKERS:-$INSTANCE_WORKERS}" \
             "$BIN"
     done

@@ -4,7 +4,13 @@
 # its image variables. Requests go through Nginx, except those showing that an instance reached
 # directly ignores a client's X-Forwarded-For.
 #
+#   0. without its passwords Compose refuses to start, naming the variable (none is written in
+#      the repository); scripts/compose-secrets.sh generates them, into a private file
 #   1. up: every container healthy, both instances ready
+#   1b. who may talk to what: an unauthenticated command to a sentinel is refused (NOAUTH); the
+#      instances' Redis user is refused FLUSHALL, CONFIG SET, REPLICAOF and keys outside their
+#      prefix; from the Nginx container the data nodes' and sentinels' names do not resolve and
+#      their addresses do not connect (they are on the back-end network only)
 #   2. one client gets exactly RATE_LIMIT 200s then 429s, from both instances; another client
 #      has its own bucket
 #   3. X-Forwarded-For is believed from Nginx only: a client claiming another address, directly
@@ -12,7 +18,7 @@
 #   4. `docker kill` of the master under a steady stream of requests: no 5xx; Sentinel promotes a
 #      replica; a new client again gets exactly RATE_LIMIT (the instances share Redis again);
 #      the killed node, started again, rejoins as a replica
-#   5. `docker network disconnect` of the master (a partition), under the same stream: the isolated
+#   5. `docker network disconnect` of the master from the back-end network (a partition), under the same stream: the isolated
 #      master refuses writes (NOREPLICAS), the others promote a replica and keep serving, limits
 #      are exact again; reconnected, the old master rejoins as a replica
 #   6. the gateway (profile `gateway`): a client gets exactly RATE_LIMIT requests through to the
@@ -68,6 +74,10 @@ export RATE_LIMIT=${RATE_LIMIT:-10}
 export TIME_WINDOW=60
 export FAIL_MODE=local
 project=${E2E_PROJECT:-ratelimiter-e2e}
+# This run's own passwords, generated as users generate theirs (scripts/compose-secrets.sh),
+# in a private temporary file: whatever docker/.env holds is overridden by the environment.
+secrets_file=$(mktemp "${TMPDIR:-/tmp}/e2e-compose-secrets.XXXXXX")
+password_names=(REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD SENTINEL_PASSWORD)
 
 if docker compose version >/dev/null 2>&1; then
   compose=(docker compose)
@@ -142,6 +152,7 @@ teardown() {
   "${compose[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 ||
     log "down -v failed: run ${compose[*]} down -v"
   log "   down: $(elapsed "$started")s"
+  rm -f "$secrets_file"
   if ((status == 0)); then
     log "timings:"
     printf "$LOG_NAME:   %s\n" "${timings[@]}"
@@ -194,6 +205,19 @@ sentinels_moved_from() {
 }
 replication() {
   docker exec "$(container_of "$1")" redis-cli info replication 2>/dev/null | tr -d '\r'
+}
+# redis-cli in container $1 with the rest as arguments, without the password the container's
+# environment gives it; the reply with the error code, whatever the exit status.
+unauthenticated_cli() {
+  local id=$1
+  shift
+  docker exec "$id" env -u REDISCLI_AUTH redis-cli "$@" 2>&1 | tr -d '\r' || true
+}
+# redis-cli in data node container $1 as the instances' user.
+instance_user_cli() {
+  local id=$1
+  shift
+  docker exec -e "REDISCLI_AUTH=$REDIS_PASSWORD" "$id" redis-cli --user ratelimiter "$@" 2>&1 | tr -d '\r' || true
 }
 # $1, cut off from its replicas, refuses writes.
 refuses_writes() {
@@ -341,11 +365,38 @@ if [[ -n $(project_containers) ]]; then
   fail "project $project is already running: ${compose[*]} down -v"
 fi
 
+phase "no password from the repository"
+"$repo/scripts/compose-secrets.sh" "$secrets_file" >/dev/null
+[[ $(stat -c %a "$secrets_file") == 600 ]] || fail "scripts/compose-secrets.sh left $secrets_file readable by others"
+set -a
+# shellcheck disable=SC1090 # generated just above
+source "$secrets_file"
+set +a
+for name in "${password_names[@]}"; do
+  [[ ${!name} =~ ^[0-9a-f]{48}$ ]] || fail "scripts/compose-secrets.sh wrote no random $name"
+done
+ok "scripts/compose-secrets.sh generated ${#password_names[@]} random passwords into a file only its owner reads"
+empty_env=$(mktemp "${TMPDIR:-/tmp}/e2e-compose-env.XXXXXX")
+for name in "${password_names[@]}"; do
+  # The others are set: Compose must name this one.
+  refused=$(env -u "$name" "${compose[@]}" --env-file "$empty_env" config 2>&1 >/dev/null) &&
+    { rm -f "$empty_env"; fail "Compose renders its file without $name"; }
+  [[ $refused == *"$name is unset; run scripts/compose-secrets.sh"* ]] ||
+    { rm -f "$empty_env"; fail "without $name Compose says: $refused"; }
+done
+rm -f "$empty_env"
+ok "without any one of ${password_names[*]} Compose refuses to start, naming it"
+phase_done
+
 phase "up until every container is healthy and ready"
 up_log=$("${compose[@]}" up --detach --no-build 2>&1) || { printf '%s\n' "$up_log" >&2; fail "up failed"; }
 find_containers
+# Clients join Nginx's network (the front one); the partition cuts a data node off the back one.
 network=$(docker inspect --format '{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}{{end}}' \
   "$(container_of nginx)")
+backend=$(docker inspect --format '{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}{{end}}' \
+  "$(container_of redis-master)")
+[[ $network != "$backend" ]] || fail "Nginx and the data nodes share the network $network"
 until_true 120 "every container healthy" all_healthy
 until_true 30 "both instances ready" instances_ready
 ok "10 containers healthy, both instances ready (network $network)"
@@ -354,6 +405,41 @@ for id in $(project_containers); do
   [[ $rotation == "json-file 10m 3" ]] || fail "container $id keeps its log as \"$rotation\", not rotated"
 done
 ok "every container's log is rotated (json-file, 3 × 10m)"
+phase_done
+
+phase "who may talk to what"
+for sentinel in "${sentinels[@]}"; do
+  id=$(container_of "$sentinel")
+  for command in "sentinel monitor evil 192.0.2.1 6379 2" "sentinel get-master-addr-by-name redis-master" ping; do
+    # shellcheck disable=SC2086 # the command's words
+    reply=$(unauthenticated_cli "$id" -p 26379 $command)
+    [[ $reply == *NOAUTH* ]] || fail "$sentinel answered \"$command\" without a password: $reply"
+  done
+  [[ $(docker exec "$id" redis-cli -p 26379 sentinel masters | grep -c '^evil$' || true) == 0 ]] ||
+    fail "$sentinel monitors the fake master"
+done
+ok "every sentinel refuses unauthenticated commands (SENTINEL MONITOR, GET-MASTER-ADDR-BY-NAME, PING: NOAUTH)"
+master_id=$(container_of "$(current_master)")
+for command in flushall "config set maxmemory 1" "replicaof 192.0.2.1 6379" "set elsewhere:x 1" "del elsewhere:x" "scan 0"; do
+  # shellcheck disable=SC2086 # the command's words
+  reply=$(instance_user_cli "$master_id" $command)
+  [[ $reply == *NOPERM* ]] || fail "the instances' user was not refused \"$command\" on the master: $reply"
+done
+[[ $(instance_user_cli "$master_id" ping) == PONG ]] || fail "the instances' user cannot even PING the master"
+[[ $(unauthenticated_cli "$master_id" ping) == *NOAUTH* ]] || fail "the master answers without a password"
+ok "the instances' Redis user is refused FLUSHALL, CONFIG SET, REPLICAOF, and keys outside ${KEY_PREFIX:-ratelimit}:"
+nginx_id=$(container_of nginx)
+for service in "${data_nodes[@]}" "${sentinels[@]}"; do
+  docker exec "$nginx_id" getent hosts "$service" >/dev/null 2>&1 &&
+    fail "the Nginx container resolves $service"
+  address=$(docker inspect --format "{{(index .NetworkSettings.Networks \"$backend\").IPAddress}}" "$(container_of "$service")")
+  [[ -n $address ]] || fail "$service has no address on $backend"
+  port=6379
+  [[ $service == sentinel-* ]] && port=26379
+  docker exec "$nginx_id" timeout 3 bash -c "exec 3<>/dev/tcp/$address/$port" >/dev/null 2>&1 &&
+    fail "the Nginx container connects to $service at $address:$port"
+done
+ok "from the Nginx container no data node or sentinel resolves or connects (they are on $backend only)"
 phase_done
 
 phase "limits through Nginx"
@@ -407,8 +493,8 @@ phase "network partition of the master"
 isolated=$(current_master) || fail "no sentinel names a master"
 start_stream
 sleep 2
-docker network disconnect "$network" "$(container_of "$isolated")"
-log "   disconnected $isolated from $network"
+docker network disconnect "$backend" "$(container_of "$isolated")"
+log "   disconnected $isolated from $backend"
 until_true 15 "the isolated master $isolated refuses writes (NOREPLICAS)" refuses_writes "$isolated"
 ok "the isolated master $isolated refuses writes: NOREPLICAS"
 until_true 30 "sentinels promote a replica while $isolated is cut off" sentinels_moved_from "$isolated"
@@ -419,7 +505,7 @@ sleep 1
 expect_stream_served
 new_client
 expect_exact_limit "during the partition, client $client" "$(client_requests "$client" $((RATE_LIMIT + 2)))"
-docker network connect --alias "$isolated" "$network" "$(container_of "$isolated")"
+docker network connect --alias "$isolated" "$backend" "$(container_of "$isolated")"
 log "   reconnected $isolated"
 until_true 60 "$isolated, reconnected, rejoins as a replica of $promoted" is_replica_of "$isolated" "$promoted"
 ok "$isolated, reconnected, is a replica of $promoted"

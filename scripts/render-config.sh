@@ -7,8 +7,10 @@
 # Every __NAME__ placeholder outside comments becomes the value of the environment
 # variable NAME (__MASTER_HOST__ becomes $MASTER_HOST); a placeholder without its variable
 # stops it, naming the variable. Comments keep their placeholders: they document the
-# template, and no password lands in them. EXTRA_CONFIG, if set, is appended (the lines
-# one topology adds, such as a Compose replica's first `replicaof`). The copy may hold a
+# template, and no password lands in them; a template named *.acl (a Redis ACL file, where
+# Redis reads no comments) is written without its comment and blank lines. EXTRA_CONFIG, if
+# set, is appended (the lines one topology adds, such as a Compose replica's first
+# `replicaof`). The copy may hold a
 # password, so it is readable by its owner only, and it is written whole or not at all.
 #
 # A COPY that exists already is kept: a server that rewrites its own config (a sentinel
@@ -39,6 +41,9 @@ if [[ ! -s $copy ]]; then
     done
     config=""
     while IFS= read -r line || [[ -n $line ]]; do
+        if [[ $template == *.acl && $line == *([[:space:]])?(#*) ]]; then
+            continue
+        fi
         if [[ $line != *([[:space:]])#* ]]; then
             for name in "${names[@]}"; do line=${line//"__${name}__"/"${!name}"}; done
         fi

@@ -24,7 +24,9 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::cluster::{ClusterSettings, ClusterStore, ClusterWatch};
 use crate::store::redis::discovery::{DataNodes, Discovery, Resolver, ResolverSettings};
 use crate::store::redis::registry::InstanceRegistry;
-use crate::store::redis::{ConnectionSettings, MasterSlot, RedisStore, node_info, with_password};
+use crate::store::redis::{
+    ConnectionSettings, Login, MasterSlot, RedisStore, node_info, with_login,
+};
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -195,7 +197,14 @@ type Built = (
 
 async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, StartupError> {
     let fixed_instances = settings.fallback_instances;
-    let password = settings.redis.password.as_ref().map(|p| p.expose_secret());
+    let login = Login {
+        username: settings.redis.username.clone(),
+        password: settings
+            .redis
+            .password
+            .as_ref()
+            .map(|p| p.expose_secret().to_string()),
+    };
     let registry = || {
         Arc::new(InstanceRegistry::new(
             &settings.redis.key_prefix,
@@ -219,7 +228,7 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
             let settings = ClusterSettings {
                 nodes: nodes
                     .iter()
-                    .map(|(host, port)| node_info(host, *port, password))
+                    .map(|(host, port)| node_info(host, *port, &login))
                     .collect(),
                 timeout: settings.redis.timeout,
             };
@@ -228,7 +237,7 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
         StoreSettings::Redis { url } => {
             let info = redis::IntoConnectionInfo::into_connection_info(url.expose_secret())
                 .map_err(|err| StartupError::RedisUrl(err.to_string()))?;
-            Discovery::Fixed(with_password(info, password))
+            Discovery::Fixed(with_login(info, &login))
         }
         StoreSettings::Sentinel {
             hosts,
@@ -236,14 +245,15 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
             sentinel_password,
             data_nodes,
         } => {
-            let sentinel_password = sentinel_password.as_ref().map(|p| p.expose_secret());
+            let sentinel_login =
+                Login::password(sentinel_password.as_ref().map(|p| p.expose_secret()));
             Discovery::Sentinels {
                 sentinels: hosts
                     .iter()
-                    .map(|(host, port)| node_info(host, *port, sentinel_password))
+                    .map(|(host, port)| node_info(host, *port, &sentinel_login))
                     .collect(),
                 master_name: master_name.clone(),
-                node_password: password.map(str::to_string),
+                node_login: login,
                 data_nodes: data_nodes.clone().map(DataNodes::new),
             }
         }

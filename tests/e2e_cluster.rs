@@ -736,3 +736,97 @@ fn internal_routes_are_not_reachable_through_nginx_and_stay_on_the_instances_por
         }
     });
 }
+
+/// The sentinels and data nodes of `scripts/cluster.sh`, on its fixed loopback ports.
+const SENTINEL_PORTS: [u16; 3] = [26379, 26380, 26381];
+const DATA_PORTS: [u16; 3] = [6379, 6380, 6381];
+
+/// What `args` get from the node on `port` logged in as `login` (`None`: not at all): the
+/// reply, or the error text in upper case.
+fn redis_reply(
+    port: u16,
+    login: Option<(&str, &str)>,
+    args: &[&str],
+) -> Result<redis::Value, String> {
+    let mut url = format!("redis://127.0.0.1:{port}");
+    if let Some((user, password)) = login {
+        url = format!("redis://{user}:{password}@127.0.0.1:{port}");
+    }
+    let answer = redis::Client::open(url)
+        .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(3)))
+        .and_then(|mut conn| {
+            let mut cmd = redis::cmd(args[0]);
+            for arg in &args[1..] {
+                cmd.arg(*arg);
+            }
+            conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+            cmd.query::<redis::Value>(&mut conn)
+        });
+    answer.map_err(|err| err.to_string().to_uppercase())
+}
+
+#[test]
+#[ignore = "needs the native cluster: run scripts/e2e-cluster.sh"]
+fn a_sentinel_refuses_every_unauthenticated_command_while_the_instances_are_ready() {
+    shared(|cluster| async move {
+        for port in SENTINEL_PORTS {
+            for args in [
+                &["SENTINEL", "MONITOR", "evil", "127.0.0.1", "1", "2"][..],
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "redis-master"],
+                &["PING"],
+            ] {
+                let reply = redis_reply(port, None, args);
+                assert!(
+                    reply.as_ref().is_err_and(|e| e.contains("NOAUTH")),
+                    "sentinel {port} answered {args:?} without a password: {reply:?}"
+                );
+            }
+        }
+        let ready = support::client()
+            .get(cluster.app_url.join("/ready").unwrap())
+            .send()
+            .await
+            .expect("the instance answers");
+        assert_eq!(
+            ready.status(),
+            StatusCode::OK,
+            "the instance, which logs in, is ready"
+        );
+    });
+}
+
+#[test]
+#[ignore = "needs the native cluster: run scripts/e2e-cluster.sh"]
+fn the_instances_redis_user_may_not_administer_a_data_node_nor_touch_other_keys() {
+    shared(|_cluster| async move {
+        // scripts/cluster.sh's development default, unless the run set its own.
+        let password = std::env::var("REDIS_PASSWORD")
+            .unwrap_or_else(|_| "ratelimiter-dev-password".to_string());
+        let login = Some(("ratelimiter", password.as_str()));
+        for port in DATA_PORTS {
+            let pong = redis_reply(port, login, &["PING"]);
+            assert!(
+                matches!(&pong, Ok(redis::Value::SimpleString(s)) if s == "PONG"),
+                "data node {port} refuses the instances' user: {pong:?}"
+            );
+            for args in [
+                &["FLUSHALL"][..],
+                &["CONFIG", "SET", "maxmemory", "1"],
+                &["REPLICAOF", "127.0.0.1", "1"],
+                &["DEL", "elsewhere:x"],
+                &["KEYS", "*"],
+            ] {
+                let reply = redis_reply(port, login, args);
+                assert!(
+                    reply.as_ref().is_err_and(|e| e.contains("NOPERM")),
+                    "data node {port} let the instances' user run {args:?}: {reply:?}"
+                );
+            }
+            let anonymous = redis_reply(port, None, &["PING"]);
+            assert!(
+                anonymous.as_ref().is_err_and(|e| e.contains("NOAUTH")),
+                "data node {port} answers without a password: {anonymous:?}"
+            );
+        }
+    });
+}

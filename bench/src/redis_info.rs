@@ -12,7 +12,7 @@ use crate::LOOPBACK;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A data node: its port and the password every node of the topology shares.
+/// A data node: its port and the password of its default (operators') user.
 #[derive(Debug, Clone)]
 pub struct Node {
     pub port: u16,

@@ -386,6 +386,7 @@ struct Bench {
     root: PathBuf,
     out: PathBuf,
     hz: u64,
+    /// The data nodes' default (operators') user's password.
     password: String,
     bin: PathBuf,
     loadtest: PathBuf,
@@ -431,8 +432,10 @@ pub fn run(options: Options) -> Result<()> {
     let given_bin = std::env::var_os("RATELIMITER_BIN").map(PathBuf::from);
     let mut bench = Bench {
         hz: procfs::clock_ticks_per_second()?,
-        password: std::env::var("REDIS_PASSWORD")
-            .unwrap_or_else(|_| "ratelimiter-dev-password".into()),
+        // The bench reads the nodes (INFO, SCRIPT LOAD, redis-benchmark on keys of its own)
+        // as their operators' user: the instances' user may do none of that.
+        password: std::env::var("REDIS_ADMIN_PASSWORD")
+            .unwrap_or_else(|_| "ratelimiter-dev-admin-password".into()),
         bin: given_bin
             .clone()
             .unwrap_or_else(|| target_dir.join("release/ratelimiter")),
@@ -976,7 +979,7 @@ impl Bench {
             .arg(verb)
             .env("CLUSTER_DIR", &self.cluster_dir)
             .env("RATELIMITER_BIN", &self.bin)
-            .env("REDIS_PASSWORD", &self.password)
+            .env("REDIS_ADMIN_PASSWORD", &self.password)
             .stdin(Stdio::null());
         command
     }

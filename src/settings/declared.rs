@@ -88,10 +88,12 @@ settings! {
         "`host:port,host:port,…`: seed nodes of a Redis Cluster (the others are discovered): Cluster mode (exclusive with `REDIS_URL` and `SENTINEL_HOSTS`)";
     REDIS_MASTER: Value("redis-master"), Text,
         "the name the sentinels monitor";
+    REDIS_USERNAME: Unset("the default user"), Text,
+        "the Redis ACL user this instance logs in to every data node as (Sentinel-named masters, the pool and Cluster nodes alike); the shipped topologies use `ratelimiter`, limited to `KEY_PREFIX` and the commands the service sends (`redis/users.acl`); a `REDIS_URL` that names a user keeps it";
     REDIS_PASSWORD: Unset("unset"), Secret,
-        "AUTH for every data node (all share it)";
+        "the password of `REDIS_USERNAME` (or of the default user) on every data node (all share it)";
     SENTINEL_PASSWORD: Unset("unset"), Secret,
-        "AUTH for the sentinels";
+        "what the sentinels require (their `requirepass`); every shipped topology sets one";
     SENTINEL_POLL_MS: Value("1000"), Whole { min: 10, max: 3_600_000 },
         "how often the resolver re-asks the sentinels (`+switch-master` events are seen at once)";
     REDIS_DATA_NODES: Unset("any"), Text,

@@ -61,6 +61,8 @@ pub enum StoreSettings {
 #[derive(Clone)]
 pub struct RedisSettings {
     pub mode: ConnectionMode,
+    /// `REDIS_USERNAME`: the ACL user on every data node; `None` is Redis's default user.
+    pub username: Option<String>,
     pub password: Option<SecretString>,
     pub timeout: Duration,
     pub pool_size: u32,
@@ -336,6 +338,17 @@ impl Parser {
                 &instance_name,
             );
         }
+        let redis_username = self.text(&REDIS_USERNAME).map(str::to_string);
+        if let Some(username) = &redis_username
+            && username.bytes().any(|b| !(0x21..0x7f).contains(&b))
+        {
+            // Redis refuses such a name in an ACL rule; saying so here beats a WRONGPASS.
+            self.problem(
+                &REDIS_USERNAME,
+                "a Redis user name: printable ASCII without spaces",
+                username,
+            );
+        }
         let redis_password = self.secret(&REDIS_PASSWORD);
         let admin_token = self.secret(&ADMIN_TOKEN);
 
@@ -390,6 +403,7 @@ impl Parser {
             store,
             redis: RedisSettings {
                 mode,
+                username: redis_username,
                 password: redis_password,
                 timeout: Duration::from_millis(timeout_ms),
                 pool_size: pool_size as u32,

@@ -414,3 +414,14 @@ fn cluster_mode_refuses_the_pool_client_and_a_prefix_with_a_hash_tag() {
     );
     assert!(load(&[("REDIS_CLIENT", "pool"), ("KEY_PREFIX", "rl{x}")]).is_ok());
 }
+
+#[test]
+fn a_redis_username_is_the_user_every_data_node_is_logged_in_to_as() {
+    assert_eq!(load(&[]).unwrap().redis.username, None);
+    let settings = load(&[("REDIS_USERNAME", "ratelimiter")]).unwrap();
+    assert_eq!(settings.redis.username.as_deref(), Some("ratelimiter"));
+    assert!(
+        problems(&[("REDIS_USERNAME", "rate limiter")]).contains("REDIS_USERNAME: expected"),
+        "a name with a space is refused, naming the variable"
+    );
+}

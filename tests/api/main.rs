@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod acl;
 mod check;
 mod config_errors;
 mod contract;

@@ -12,7 +12,8 @@ use ratelimiter::store::redis::{
 use ratelimiter::store::{KeyedCharge, Outcome, Store, StoreError};
 
 use crate::support::{
-    RedisProcess, TestApp, all_at_once, client, header, metric, metrics, unique_prefix, wait_until,
+    RedisProcess, SERVICE_USER, TestApp, all_at_once, client, header, metric, metrics,
+    unique_prefix, wait_until,
 };
 
 const SECOND: u64 = 1_000_000;
@@ -757,10 +758,10 @@ async fn a_flood_of_ready_probes_that_time_out_sends_no_decision_to_fail_mode() 
     assert_eq!(limited().await.unwrap().status(), 429);
     // From now on discovery cannot confirm the master (ROLE is refused): a master taken
     // out of use would stay out, and every decision would go to FAIL_MODE=open.
-    let _: () = redis.command(&["ACL", "SETUSER", "default", "-role"]);
+    let _: () = redis.command(&["ACL", "SETUSER", SERVICE_USER, "-role"]);
 
     // Redis stops answering for 600 ms; the probes meanwhile time out.
-    let url = redis.url();
+    let url = redis.admin_url();
     let sleeping = tokio::task::spawn_blocking(move || {
         let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
         redis::cmd("DEBUG")

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    DATA_NODE_ARGS, PASSWORD, SentinelCluster, TestApp, all_at_once, client, header, metric,
-    metrics, unique_prefix, until_redis_decides, wait_until,
+    DATA_NODE_ARGS, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp,
+    all_at_once, client, header, metric, metrics, unique_prefix, until_redis_decides, wait_until,
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -71,7 +71,9 @@ fn instance_vars(
     vec![
         ("SENTINEL_HOSTS", sentinel_hosts.to_string()),
         ("SENTINEL_POLL_MS", POLL.as_millis().to_string()),
-        ("REDIS_PASSWORD", PASSWORD.to_string()),
+        ("REDIS_USERNAME", SERVICE_USER.to_string()),
+        ("REDIS_PASSWORD", SERVICE_PASSWORD.to_string()),
+        ("SENTINEL_PASSWORD", SENTINEL_PASSWORD.to_string()),
         ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
         ("RATE_LIMIT", CAPACITY.to_string()),
         ("TIME_WINDOW", WINDOW_S.to_string()),
@@ -233,8 +235,10 @@ impl SwitchWatch {
         let thread = {
             let (at, stop) = (at.clone(), stop.clone());
             std::thread::spawn(move || {
-                let client =
-                    redis::Client::open(format!("redis://127.0.0.1:{sentinel_port}")).unwrap();
+                let client = redis::Client::open(format!(
+                    "redis://:{SENTINEL_PASSWORD}@127.0.0.1:{sentinel_port}"
+                ))
+                .unwrap();
                 let mut conn = client
                     .get_connection_with_timeout(Duration::from_secs(2))
                     .unwrap();

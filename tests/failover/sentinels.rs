@@ -5,7 +5,7 @@
 
 use std::io::Read;
 
-use super::support::{RedisProcess, free_port, service_command};
+use super::support::{RedisProcess, SENTINEL_AUTH_PASSWORD, free_port, service_command};
 use super::*;
 
 /// `sentinel` forgets the group and monitors `other` under the same name: a sentinel cut
@@ -21,7 +21,15 @@ fn leave_behind(sentinel: &RedisProcess, other: u16) {
         &other.to_string(),
         "2",
     ]);
-    let _: () = sentinel.command(&["SENTINEL", "SET", "redis-master", "auth-pass", PASSWORD]);
+    let _: () = sentinel.command(&[
+        "SENTINEL",
+        "SET",
+        "redis-master",
+        "auth-user",
+        "sentinel",
+        "auth-pass",
+        SENTINEL_AUTH_PASSWORD,
+    ]);
 }
 
 /// The port of the master `sentinel` names.

@@ -41,7 +41,10 @@ pub use policy_file::PolicyFile;
 #[allow(unused_imports)]
 pub use redis_cluster::{RedisCluster, SLOTS, cluster_info};
 #[allow(unused_imports)]
-pub use redis_nodes::{DATA_NODE_ARGS, PASSWORD, RedisProcess, SentinelCluster};
+pub use redis_nodes::{
+    DATA_NODE_ARGS, PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD,
+    SERVICE_PASSWORD, SERVICE_USER, SentinelCluster,
+};
 #[allow(unused_imports)]
 pub use upstream::TestUpstream;
 

@@ -1,6 +1,14 @@
 //! Real `redis-server` and `redis-sentinel` processes on free ports, each in its own
 //! temporary folder, killed on `Drop` (after printing their last log lines when the test
 //! failed).
+//!
+//! Every data node runs with the shipped users (`redis/users.acl`, rendered by
+//! `scripts/render-config.sh`): [`RedisProcess::url`] logs in as the instances'
+//! restricted user, so every test of the service runs with exactly the rights the shipped
+//! topologies give it; the harness itself, and tests that arrange or inspect a node, use
+//! the default (operators') user with [`PASSWORD`]. Replicas follow their master as the
+//! replication user, and sentinels watch the nodes as the sentinel user; every sentinel
+//! requires [`SENTINEL_PASSWORD`], as the shipped ones do.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -8,7 +16,18 @@ use std::time::Duration;
 
 use super::{free_port, repo_path, require, send_signal, wait_until};
 
+/// The default user's: the operators' password.
 pub const PASSWORD: &str = "test-secret";
+/// The instances' user of `redis/users.acl`, and its password.
+pub const SERVICE_USER: &str = "ratelimiter";
+pub const SERVICE_PASSWORD: &str = "test-service-secret";
+pub const REPLICA_PASSWORD: &str = "test-replica-secret";
+pub const SENTINEL_AUTH_PASSWORD: &str = "test-sentinel-auth-secret";
+/// What every sentinel requires (`requirepass`), and presents to the others.
+pub const SENTINEL_PASSWORD: &str = "test-sentinel-secret";
+/// What the instances' user may touch: every test's prefix ([`super::unique_prefix`])
+/// starts with `t`, and the service's default `KEY_PREFIX` is `ratelimit`.
+pub const SERVICE_KEY_PREFIX: &str = "t*";
 
 /// What every data node of a `SentinelCluster` runs with, and what a test that brings one
 /// back must give it again: an isolated master stops taking writes (docs/RELIABILITY.md).
@@ -50,10 +69,12 @@ impl RedisProcess {
             "",
             "--appendonly",
             "no",
-            "--requirepass",
-            PASSWORD,
+            "--aclfile",
+            &render_users(dir.path()),
+            "--masteruser",
+            "replica",
             "--masterauth",
-            PASSWORD,
+            REPLICA_PASSWORD,
             "--logfile",
             "redis.log",
             "--repl-diskless-sync",
@@ -83,7 +104,7 @@ impl RedisProcess {
         let rendered = Command::new(repo_path("scripts/render-config.sh"))
             .arg(repo_path(template))
             .arg(&copy)
-            .env("PASSWORD", PASSWORD)
+            .env("REDIS_REPLICA_PASSWORD", REPLICA_PASSWORD)
             .output()
             .expect("run scripts/render-config.sh");
         assert!(
@@ -91,6 +112,8 @@ impl RedisProcess {
             "scripts/render-config.sh {template}: {}",
             String::from_utf8_lossy(&rendered.stderr)
         );
+        // The template loads `users.acl` from its own folder, as the topologies render it.
+        render_users(dir.path());
         let dir_arg = dir.path().display().to_string();
         let mut args: Vec<String> = [
             copy.display().to_string().as_str(),
@@ -126,7 +149,10 @@ impl RedisProcess {
         let config = format!(
             "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile sentinel.log\n\
              sentinel monitor redis-master 127.0.0.1 {master_port} 2\n\
-             sentinel auth-pass redis-master {PASSWORD}\n\
+             sentinel auth-user redis-master sentinel\n\
+             sentinel auth-pass redis-master {SENTINEL_AUTH_PASSWORD}\n\
+             requirepass {SENTINEL_PASSWORD}\n\
+             sentinel sentinel-pass {SENTINEL_PASSWORD}\n\
              sentinel down-after-milliseconds redis-master {down_after_ms}\n\
              sentinel failover-timeout redis-master 3000\n\
              sentinel parallel-syncs redis-master 1\n{extra}\n",
@@ -187,7 +213,21 @@ impl RedisProcess {
         self.wait_for_answer();
     }
 
+    /// The node as the instances' restricted user sees it: what the service is given.
     pub fn url(&self) -> String {
+        format!(
+            "redis://{SERVICE_USER}:{SERVICE_PASSWORD}@127.0.0.1:{}",
+            self.port
+        )
+    }
+
+    /// A sentinel, with the password it requires.
+    pub fn sentinel_url(&self) -> String {
+        format!("redis://:{SENTINEL_PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
+    /// The node as its default (operators') user.
+    pub fn admin_url(&self) -> String {
         format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port)
     }
 
@@ -201,9 +241,9 @@ impl RedisProcess {
 
     fn try_connection(&self) -> Option<redis::Connection> {
         let url = if self.sentinel {
-            format!("redis://127.0.0.1:{}", self.port)
+            self.sentinel_url()
         } else {
-            self.url()
+            self.admin_url()
         };
         let client = redis::Client::open(url).ok()?;
         let conn = client
@@ -394,4 +434,27 @@ impl SentinelCluster {
             .find(|n| n.port == port)
             .expect("a node on that port")
     }
+}
+
+/// `redis/users.acl` rendered into `dir` with the harness's passwords; its path.
+fn render_users(dir: &Path) -> String {
+    let path = dir.join("users.acl");
+    let rendered = Command::new("bash")
+        .arg(repo_path("scripts/render-config.sh"))
+        .arg(repo_path("redis/users.acl"))
+        .arg(&path)
+        .env("REDIS_ADMIN_PASSWORD", PASSWORD)
+        .env("REDIS_PASSWORD", SERVICE_PASSWORD)
+        .env("KEY_PREFIX", SERVICE_KEY_PREFIX)
+        .env("REDIS_REPLICA_PASSWORD", REPLICA_PASSWORD)
+        .env("SENTINEL_AUTH_PASSWORD", SENTINEL_AUTH_PASSWORD)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run scripts/render-config.sh");
+    assert!(
+        rendered.status.success(),
+        "render-config.sh redis/users.acl: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    path.display().to_string()
 }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use super::classify;
 use super::master::{ConnectionSettings, Master, MasterSlot};
-use super::node::{connect, node_info};
+use super::node::{Login, connect, node_info};
 use super::registry::InstanceRegistry;
 use crate::metrics::Metrics;
 
@@ -35,7 +35,8 @@ pub enum Discovery {
     Sentinels {
         sentinels: Vec<ConnectionInfo>,
         master_name: String,
-        node_password: Option<String>,
+        /// How to log in to the master they name.
+        node_login: Login,
         /// The only masters to believe (`REDIS_DATA_NODES`); `None` believes any.
         data_nodes: Option<DataNodes>,
     },
@@ -224,14 +225,14 @@ impl Worker {
     /// are none.
     fn find_master(&mut self) -> Result<Vec<ConnectionInfo>, String> {
         let timeout = self.settings.connections.timeout;
-        let (sentinels, master_name, node_password, data_nodes) = match &self.settings.discovery {
+        let (sentinels, master_name, node_login, data_nodes) = match &self.settings.discovery {
             Discovery::Fixed(info) => return Ok(vec![info.clone()]),
             Discovery::Sentinels {
                 sentinels,
                 master_name,
-                node_password,
+                node_login,
                 data_nodes,
-            } => (sentinels, master_name, node_password, data_nodes),
+            } => (sentinels, master_name, node_login, data_nodes),
         };
         let answers = ask_every_sentinel(sentinels, master_name, timeout);
         let mut failures = Vec::new();
@@ -267,7 +268,7 @@ impl Worker {
         }
         Ok(candidates
             .into_iter()
-            .map(|named| node_info(&named.host, named.port, node_password.as_deref()))
+            .map(|named| node_info(&named.host, named.port, node_login))
             .collect())
     }
 

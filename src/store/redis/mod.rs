@@ -27,7 +27,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 
 pub use master::{ConnectionMode, ConnectionSettings, Connections, Master, MasterSlot};
-pub use node::{connect, node_info, with_password};
+pub use node::{Login, connect, node_info, with_login};
 
 use super::{KeyedCharge, Outcome, Store, StoreError, StoreFuture, Unavailable};
 use crate::bucket::{Decision, Group, TOKEN_BUCKET_LUA};

@@ -1,23 +1,44 @@
-//! Connections to one node: its address and password, and connections whose every step
-//! has a timeout, alone or from an r2d2 pool.
+//! Connections to one node: its address and login, and connections whose every step has
+//! a timeout, alone or from an r2d2 pool.
 
 use std::time::Duration;
 
 use redis::io::tcp::TcpSettings;
 use redis::{ConnectionInfo, ConnectionLike, IntoConnectionInfo, RedisConnectionInfo};
 
+/// How to log in to a node: an ACL user (`None`: Redis's default user) and its password.
+#[derive(Clone, Default)]
+pub struct Login {
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Login {
+    /// The default user, with `password` if there is one (a sentinel's `requirepass`).
+    pub fn password(password: Option<&str>) -> Self {
+        Self {
+            username: None,
+            password: password.map(str::to_string),
+        }
+    }
+}
+
 /// Where a data node is and how to log in to it.
-pub fn node_info(host: &str, port: u16, password: Option<&str>) -> ConnectionInfo {
+pub fn node_info(host: &str, port: u16, login: &Login) -> ConnectionInfo {
     let info = redis::ConnectionAddr::Tcp(host.into(), port).into_connection_info();
     // A TCP address always converts; the error arm exists only for the trait's signature.
     let info = info.unwrap_or_else(|_| unreachable!("a TCP address is a connection info"));
-    with_password(info, password)
+    with_login(info, login)
 }
 
-/// `info` with `password` for AUTH, unless `info` already carries one.
-pub fn with_password(info: ConnectionInfo, password: Option<&str>) -> ConnectionInfo {
+/// `info` logging in with `login`'s user and password, each unless `info` already names
+/// its own (a `REDIS_URL` with credentials keeps them).
+pub fn with_login(info: ConnectionInfo, login: &Login) -> ConnectionInfo {
     let mut settings: RedisConnectionInfo = info.redis_settings().clone();
-    if let (None, Some(password)) = (settings.password(), password) {
+    if let (None, Some(username)) = (settings.username(), &login.username) {
+        settings = settings.set_username(username);
+    }
+    if let (None, Some(password)) = (settings.password(), &login.password) {
         settings = settings.set_password(password);
     }
     info.set_redis_settings(settings.set_skip_set_lib_name())
@@ -72,4 +93,39 @@ pub fn async_config(timeout: Duration) -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(username: Option<&str>, password: Option<&str>) -> Login {
+        Login {
+            username: username.map(str::to_string),
+            password: password.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_node_is_logged_in_to_as_the_configured_user() {
+        let info = node_info("127.0.0.1", 6379, &login(Some("ratelimiter"), Some("pw")));
+        assert_eq!(info.redis_settings().username(), Some("ratelimiter"));
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+    }
+
+    #[test]
+    fn a_url_that_names_its_own_user_and_password_keeps_them() {
+        let url = "redis://operator:own@127.0.0.1:6379".into_connection_info();
+        let info = with_login(url.unwrap(), &login(Some("ratelimiter"), Some("pw")));
+        assert_eq!(info.redis_settings().username(), Some("operator"));
+        assert_eq!(info.redis_settings().password(), Some("own"));
+    }
+
+    #[test]
+    fn a_url_without_credentials_takes_the_configured_ones() {
+        let url = "redis://127.0.0.1:6379".into_connection_info();
+        let info = with_login(url.unwrap(), &login(Some("ratelimiter"), Some("pw")));
+        assert_eq!(info.redis_settings().username(), Some("ratelimiter"));
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+    }
 }

@@ -1,0 +1,126 @@
+//! The instances' Redis user (`redis/users.acl`, which the harness loads into every data
+//! node as the shipped topologies do): it decides, and it can do nothing else. A leaked
+//! instance password must not empty the data set, reconfigure a node, make it follow
+//! another master or reach keys that are not the limiter's.
+
+use std::time::Duration;
+
+use crate::support::{
+    RedisProcess, SERVICE_PASSWORD, SERVICE_USER, TestApp, client, header, unique_prefix,
+    wait_until,
+};
+
+/// The error `args` get from `redis` as the instances' user, or `None` if it ran.
+fn refusal_to_the_service_user(redis: &RedisProcess, args: &[&str]) -> Option<String> {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query::<redis::Value>(&mut conn)
+        .err()
+        .map(|err| err.to_string().to_uppercase())
+}
+
+#[test]
+fn the_instances_user_is_refused_every_command_that_administers_a_node() {
+    // DEBUG enabled, so that only the user's rights can refuse it.
+    let redis = RedisProcess::server(None, &["--enable-debug-command", "yes"]);
+    let replica_of_nowhere = ["REPLICAOF", "127.0.0.1", "1"];
+    for args in [
+        &["FLUSHALL"][..],
+        &["FLUSHDB"],
+        &["CONFIG", "SET", "maxmemory", "1"],
+        &["CONFIG", "GET", "*"],
+        &replica_of_nowhere,
+        &["SLAVEOF", "NO", "ONE"],
+        &["ACL", "SETUSER", SERVICE_USER, "+@all"],
+        &["SHUTDOWN", "NOSAVE"],
+        &["DEBUG", "SLEEP", "0"],
+        &["KEYS", "*"],
+        &["SCRIPT", "FLUSH"],
+        &["EVAL", "return 1", "0"],
+        &["SUBSCRIBE", "__sentinel__:hello"],
+    ] {
+        let refusal = refusal_to_the_service_user(&redis, args);
+        assert!(
+            refusal.as_deref().is_some_and(|e| e.contains("NOPERM")),
+            "{args:?} as {SERVICE_USER}: {refusal:?}"
+        );
+    }
+    let role: String = redis.role().expect("the node answers");
+    assert_eq!(role, "master", "no REPLICAOF got through");
+}
+
+#[test]
+fn the_instances_user_reaches_no_key_outside_the_limiters_prefix() {
+    let redis = RedisProcess::server(None, &[]);
+    let _: () = redis.command(&["SET", "elsewhere:secret", "1"]);
+    let hash = "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"; // SHA1 of "return 1"
+    let loaded: String = redis.command(&["SCRIPT", "LOAD", "return 1"]);
+    assert_eq!(loaded, hash);
+    for args in [
+        &["DEL", "elsewhere:secret"][..],
+        &["EVALSHA", hash, "1", "elsewhere:secret"],
+        &["HSET", "elsewhere:secret", "f", "1"],
+    ] {
+        let refusal = refusal_to_the_service_user(&redis, args);
+        assert!(
+            refusal.as_deref().is_some_and(|e| e.contains("NOPERM")),
+            "{args:?} as {SERVICE_USER}: {refusal:?}"
+        );
+    }
+    let kept: i64 = redis.command(&["EXISTS", "elsewhere:secret"]);
+    assert_eq!(kept, 1);
+    let own = format!("{}:default:{{ip=203.0.113.9}}", unique_prefix("acl"));
+    assert_eq!(
+        refusal_to_the_service_user(&redis, &["EVALSHA", hash, "1", &own]),
+        None,
+        "its own keys are allowed"
+    );
+}
+
+/// `REDIS_USERNAME` with a `REDIS_URL` that names no user: every connection of either
+/// client mode logs in as that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_logs_in_as_redis_username_in_both_client_modes() {
+    let redis = RedisProcess::server(None, &[]);
+    let bare_url = format!("redis://127.0.0.1:{}", redis.port);
+    for mode in ["multiplexed", "pool"] {
+        let app = TestApp::spawn(&[
+            ("REDIS_URL", &bare_url),
+            ("REDIS_USERNAME", SERVICE_USER),
+            ("REDIS_PASSWORD", SERVICE_PASSWORD),
+            ("REDIS_CLIENT", mode),
+            ("KEY_PREFIX", &unique_prefix("acl-login")),
+            ("FAIL_MODE", "closed"),
+        ]);
+        let response = client()
+            .get(app.at("/limited_endpoint"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{mode}");
+        assert_eq!(header(&response, "x-ratelimit-source"), "redis", "{mode}");
+        let clients: String = redis.command(&["CLIENT", "LIST"]);
+        let logged_in = |user: &str| {
+            clients
+                .lines()
+                .any(|c| c.contains(&format!(" user={user} ")))
+        };
+        assert!(logged_in(SERVICE_USER), "{mode}: {clients}");
+        app.stop().await;
+        // The next mode's connections must be its own.
+        wait_until(
+            "the instance's connections to close",
+            Duration::from_secs(5),
+            || {
+                let clients: String = redis.command(&["CLIENT", "LIST"]);
+                !clients.contains(&format!(" user={SERVICE_USER} "))
+            },
+        );
+    }
+}
