@@ -354,9 +354,12 @@ up() {
     done
     say "sentinels agree (CKQUORUM OK on ${SENTINEL_PORTS[*]})"
 
-    local sentinel_hosts
+    local sentinel_hosts data_nodes
     sentinel_hosts=$(printf "$LOOPBACK:%s," "${SENTINEL_PORTS[@]}")
     sentinel_hosts=${sentinel_hosts%,}
+    # The instances believe no master outside these, whatever a sentinel names.
+    data_nodes=$(printf "$LOOPBACK:%s," "${DATA_PORTS[@]}")
+    data_nodes=${data_nodes%,}
     say "instances: RATE_LIMIT=${RATE_LIMIT:-(default)} TIME_WINDOW=${TIME_WINDOW:-(default)} BURST=${BURST:-(default)} FAIL_MODE=${FAIL_MODE:-(default)}"
     for i in "${!APP_NAMES[@]}"; do
         dir=$CLUSTER_DIR/${APP_NAMES[i]}
@@ -364,7 +367,7 @@ up() {
         # REDIS_URL would name a single server instead of the sentinels: not this topology.
         start "${APP_NAMES[i]}" "$dir/app.log" env -u REDIS_URL \
             HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" INSTANCE_NAME="${APP_NAMES[i]}" \
-            SENTINEL_HOSTS="$sentinel_hosts" REDIS_MASTER="$MASTER_NAME" \
+            SENTINEL_HOSTS="$sentinel_hosts" REDIS_MASTER="$MASTER_NAME" REDIS_DATA_NODES="$data_nodes" \
             REDIS_USERNAME="$REDIS_USERNAME" REDIS_PASSWORD="$REDIS_PASSWORD" \
             SENTINEL_PASSWORD="$SENTINEL_PASSWORD" KEY_PREFIX="$KEY_PREFIX" TRUSTED_PROXIES="$PROXY_ADDR" \
             RUST_LOG="${RUST_LOG:-info}" WORKERS="${WORKERS:-$INSTANCE_WORKERS}" \
