@@ -556,7 +556,7 @@ slot_map() {
             for (r in follows) if (!(r in failed)) replicas[port_of[follows[r]]] = replicas[port_of[follows[r]]] " " r
             for (m in masters) printf "master %s %s %d%s\n", m, slots[m], counts[m], replicas[m]
             for (f in failed) printf "failed %s %s\n", f, failed[f]
-        }' | sort -k1,1 -k2n
+        }' | sort -k1,1r -k2n
 }
 
 status_redis_cluster() {
