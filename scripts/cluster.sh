@@ -312,7 +312,12 @@ replicas_linked() {
         *) return 1 ;;
         esac
     done
-    ((masters == ${#CLUSTER_PORTS[@]} / 2))
+    ((masters == ${#CLUSTER_PORTS[@]} / 2)) || return 1
+    # And every node has heard so: until gossip reaches it, a node lists a new replica as a
+    # master without slots.
+    for port in "${CLUSTER_PORTS[@]}"; do
+        (($(rcli "$port" CLUSTER NODES | awk '$3 ~ /(^|,)slave(,|$)/' | grep -c .) == masters)) || return 1
+    done
 }
 
 # The Redis Cluster of Cluster mode: six empty nodes, joined by redis-cli --cluster create.
@@ -341,7 +346,7 @@ start_redis_cluster() {
         wait_for "redis-cluster-$port" "CLUSTER INFO shows cluster_state:ok, $CLUSTER_SLOTS slots served, ${#CLUSTER_PORTS[@]} nodes known" \
             cluster_whole "$port"
     done
-    wait_for "redis-cluster-${CLUSTER_PORTS[0]}" "three masters answer and every replica's link is up" replicas_linked
+    wait_for "redis-cluster-${CLUSTER_PORTS[0]}" "three masters answer, every replica's link is up and every node lists the three replicas" replicas_linked
     say "the Redis Cluster is whole: every slot served, every replica linked (${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[-1]})"
 }
 

@@ -54,9 +54,11 @@ impl NodeLine {
         })
     }
 
+    /// A master that serves slots: a replica that the node asked has not yet heard of as
+    /// one is listed as a master without slots.
     fn is_master(&self) -> bool {
         let flags: Vec<&str> = self.flags.split(',').collect();
-        flags.contains(&"master") && !flags.contains(&"fail")
+        flags.contains(&"master") && !flags.contains(&"fail") && !self.slots.is_empty()
     }
 
     fn serves(&self, slot: u16) -> bool {
