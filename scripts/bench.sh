@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks the rate limiter in the native topology of scripts/cluster.sh (Nginx on 8000,
-# instances on 8001/8002, a Redis master with two replicas, three sentinels), all on this
+# instances on 8001/8002, a Redis master with two replicas, three sentinels; the cluster
+# phase also its Cluster mode, 3 masters and 3 replicas on 7000-7005), all on this
 # machine, and prints Markdown tables; with --record it also writes docs/BENCHMARKS.md.
 #
 # Usage: scripts/bench.sh [--duration SECS] [--rounds N] [--threads N]
@@ -15,7 +16,7 @@
 #                    --quiet-wait SECS, default 30; 0 does not wait), and one during which
 #                    others used more is taken again, twice at most, keeping the quietest
 #   --phases A,B,... only these phases of the bench's own cluster (names below, comma-
-#                    separated; they run in the order below), e.g. --phases allow,two-limits,gateway;
+#                    separated; they run in the order below), e.g. --phases allow,cluster;
 #                    default all. Refused when a cluster is running (that gets one phase)
 #   --record         also write the run into docs/BENCHMARKS.md (needs the bench's own
 #                    cluster and every phase: recording rewrites the whole block, so it
@@ -58,6 +59,15 @@
 #                  CPU per request of each process (both Nginx, instances, Redis, the demo
 #                  upstream). Every answer through the gateway must be a 200 that the demo
 #                  upstream counted (GET 8082/__upstream/count), or the run stops.
+#   cluster        Sentinel mode, then Cluster mode (`scripts/cluster.sh up --redis-cluster`:
+#                  3 masters and 3 replicas on 7000-7005), both under a POLICY_FILE that keys
+#                  /limited_endpoint by the header X-Bench-Key, 10^9 per 1 s (every request
+#                  decided and admitted), and wrk with scripts/bench/keys.lua (a new key every
+#                  request, 100,000 in turn) through Nginx and directly at 64 connections: the
+#                  CPU per decision of the instances, Nginx and Redis (the master, or the three
+#                  masters together) side by side. Then, in Cluster mode, one wrk run through
+#                  Nginx long enough for 100,000 keys: each master's share of the script calls
+#                  (INFO commandstats), which should be within ±10 % of a third.
 #
 # When Nginx answers /health on 8000 and /ready answers on 8001 and 8002, and the cluster is a native one with pid
 # records (CLUSTER_DIR, default run/cluster), that cluster is used as it is: one phase

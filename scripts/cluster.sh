@@ -3,6 +3,9 @@
 #
 #   Redis master 6379, replicas 6380 and 6381   (redis/master.conf, redis/replica.conf)
 #   Sentinels 26379, 26380, 26381                (redis/sentinel.conf, one copy each)
+#   or, with --redis-cluster, a Redis Cluster instead of both:
+#   cluster nodes 7000-7005 (bus 17000-17005)    (redis/cluster-node.conf): 3 masters and 3
+#                                                replicas, made by redis-cli --cluster create
 #
 # Every config is a template rendered into the run folder by scripts/render-config.sh, as
 # docker/compose.yaml renders the same templates in its containers.
@@ -16,22 +19,27 @@
 # that address as a proxy, so a client on 127.0.0.1 that talks to an instance directly
 # cannot choose its identity with X-Forwarded-For.
 #
-# Usage: scripts/cluster.sh [--install] up [--gateway]|down|status|failover|logs [-f]
+# Usage: scripts/cluster.sh [--install] up [--gateway] [--redis-cluster]|down|status|failover|logs [-f]
 #
 #   up        start everything, wait until it is ready (replication linked, sentinels
 #             agree, instances ready) and say so; builds the release binary if needed
 #             --gateway: also the demo upstream behind the gateway (GATEWAY_UPSTREAM is
 #             then its address; curl http://127.0.0.1:8082/__upstream/count shows what
 #             reached it)
+#             --redis-cluster: a Redis Cluster instead of the Sentinel group (every slot
+#             covered, every replica linked); the instances get REDIS_CLUSTER_NODES
 #   down      stop exactly the processes `up` started (their recorded pids); idempotent
-#   status    roles of the data nodes, the master per sentinel, each instance's /ready
-#   failover  SENTINEL FAILOVER, then wait until the new master takes writes
+#   status    roles of the data nodes, the master per sentinel, each instance's /ready;
+#             in Cluster mode the slot map: each master's slots and its replica
+#   failover  SENTINEL FAILOVER, then wait until the new master takes writes; in Cluster
+#             mode CLUSTER FAILOVER on the replica of the master of slot 0
 #   logs      the last lines of every log; `logs -f` follows them
 #   --install install missing packages with apt-get first (never done otherwise)
 #
 # Environment: every variable the service reads (README.md) passes through to both
 # instances (RATE_LIMIT, TIME_WINDOW, BURST, FAIL_MODE, DENY_CACHE_SIZE, ...), except
-# REDIS_URL, which this topology replaces, and REDIS_USERNAME (ratelimiter, the instances'
+# REDIS_URL, SENTINEL_HOSTS and REDIS_CLUSTER_NODES, which this topology sets (one of the
+# last two, by mode), and REDIS_USERNAME (ratelimiter, the instances'
 # user of redis/users.acl). The passwords, each with a default for loopback development only:
 #   REDIS_PASSWORD          the instances' user on the data nodes (ratelimiter-dev-password)
 #   REDIS_ADMIN_PASSWORD    the data nodes' default user, for operators and this script
@@ -43,7 +51,9 @@
 # GATEWAY_UPSTREAM (host:port, default 127.0.0.1:8081) is the application the gateway guards;
 # GATEWAY_FAIL_MODE (closed, the default, or open) what the gateway does when no instance
 # answers its check (README.md, "Put it in front of your API").
-# CLUSTER_DIR (default run/cluster, ignored by git) holds configs, data, logs and pids.
+# CLUSTER_DIR (default run/cluster, ignored by git) holds configs, data, logs and pids, and
+# in the file `mode` which of the two Redis topologies `up` started (sentinel or
+# redis-cluster), which `status`, `failover` and `logs` follow.
 # CLUSTER_WAIT_SECS (default 30) bounds each wait. RATELIMITER_BIN runs another binary
 # instead of building target/release/ratelimiter; DEMO_UPSTREAM_BIN likewise for
 # target/release/demo-upstream.
@@ -56,6 +66,7 @@ cd "$ROOT"
 
 CLUSTER_DIR=${CLUSTER_DIR:-$ROOT/run/cluster}
 PIDS_FILE=$CLUSTER_DIR/pids
+MODE_FILE=$CLUSTER_DIR/mode
 WAIT_SECS=${CLUSTER_WAIT_SECS:-30}
 
 # The default passwords of the native cluster: loopback development only.
@@ -75,6 +86,10 @@ MASTER_PORT=6379
 REPLICA_PORTS=(6380 6381)
 DATA_PORTS=("$MASTER_PORT" "${REPLICA_PORTS[@]}")
 SENTINEL_PORTS=(26379 26380 26381)
+# Cluster mode: six nodes, of which redis-cli --cluster create makes three masters. Each also
+# listens on its port + 10000, the cluster bus.
+CLUSTER_PORTS=(7000 7001 7002 7003 7004 7005)
+CLUSTER_SLOTS=16384
 APP_NAMES=(app-1 app-2)
 APP_PORTS=(8001 8002)
 NGINX_PORT=8000
@@ -200,10 +215,16 @@ wait_for() {
 
 # --- up ---------------------------------------------------------------------------
 
-# check_ports_free PORT...: the cluster's ports, and these, are free.
+# check_ports_free MODE PORT...: the ports of the topology of MODE, and these, are free.
 check_ports_free() {
-    local port busy=()
-    for port in "${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}" "${APP_PORTS[@]}" "$NGINX_PORT" "$GATEWAY_PORT" "$@"; do
+    local mode=$1 port busy=() redis_ports=()
+    shift
+    if [[ $mode == redis-cluster ]]; then
+        for port in "${CLUSTER_PORTS[@]}"; do redis_ports+=("$port" $((port + 10000))); done
+    else
+        redis_ports=("${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}")
+    fi
+    for port in "${redis_ports[@]}" "${APP_PORTS[@]}" "$NGINX_PORT" "$GATEWAY_PORT" "$@"; do
         port_open "$port" && busy+=("$port")
     done
     ((${#busy[@]} == 0)) ||
@@ -281,13 +302,80 @@ sentinel_ready() {
     [[ $(sed -n '/^num-slaves$/{n;p}' <<<"$master") == "${#REPLICA_PORTS[@]}" ]]
 }
 
+# The mode `up` recorded in the run folder: sentinel (also when nothing was recorded, as
+# before the file existed) or redis-cluster.
+recorded_mode() {
+    local mode=sentinel
+    [[ -s $MODE_FILE ]] && mode=$(<"$MODE_FILE")
+    echo "$mode"
+}
+
+# The node on PORT sees a cluster of all six nodes with every slot served.
+cluster_whole() {
+    local port=$1 info
+    info=$(rcli "$port" CLUSTER INFO)
+    [[ $info == *cluster_state:ok* && $info == *"cluster_slots_ok:$CLUSTER_SLOTS"* &&
+        $info == *"cluster_known_nodes:${#CLUSTER_PORTS[@]}"* ]]
+}
+
+# Three masters answer, and every other node is a replica with its link up.
+replicas_linked() {
+    local port role masters=0
+    for port in "${CLUSTER_PORTS[@]}"; do
+        role=$(info_field "$port" replication role)
+        case $role in
+        master) masters=$((masters + 1)) ;;
+        slave) replica_linked "$port" || return 1 ;;
+        *) return 1 ;;
+        esac
+    done
+    ((masters == ${#CLUSTER_PORTS[@]} / 2)) || return 1
+    # And every node has heard so: until gossip reaches it, a node lists a new replica as a
+    # master without slots.
+    for port in "${CLUSTER_PORTS[@]}"; do
+        (($(rcli "$port" CLUSTER NODES | awk '$3 ~ /(^|,)slave(,|$)/' | grep -c .) == masters)) || return 1
+    done
+}
+
+# The Redis Cluster of Cluster mode: six empty nodes, joined by redis-cli --cluster create.
+start_redis_cluster() {
+    local port dir addresses=()
+    for port in "${CLUSTER_PORTS[@]}"; do
+        dir=$CLUSTER_DIR/redis-cluster-$port
+        rm -rf "$dir" && mkdir -m 700 "$dir"
+        render_data_conf redis/cluster-node.conf "$dir/redis.conf"
+        start "redis-cluster-$port" "$dir/redis.log" redis-server "$dir/redis.conf" \
+            --port "$port" --bind "$LOOPBACK" --dir "$dir"
+        addresses+=("$LOOPBACK:$port")
+    done
+    for port in "${CLUSTER_PORTS[@]}"; do
+        wait_for "redis-cluster-$port" "it answers PING on port $port" data_node_answers "$port"
+    done
+    local log=$CLUSTER_DIR/redis-cluster-create.log
+    say "redis-cli --cluster create ${addresses[*]} --cluster-replicas 1 (log: $(rel "$log"))"
+    REDISCLI_AUTH=$REDIS_ADMIN_PASSWORD timeout "$WAIT_SECS" redis-cli --cluster create "${addresses[@]}" \
+        --cluster-replicas 1 --cluster-yes </dev/null >"$log" 2>&1 || {
+        warn "last lines of $(rel "$log"):"
+        tail -n 15 "$log" | sed 's/^/    /' >&2
+        die "redis-cli --cluster create failed"
+    }
+    for port in "${CLUSTER_PORTS[@]}"; do
+        wait_for "redis-cluster-$port" "CLUSTER INFO shows cluster_state:ok, $CLUSTER_SLOTS slots served, ${#CLUSTER_PORTS[@]} nodes known" \
+            cluster_whole "$port"
+    done
+    wait_for "redis-cluster-${CLUSTER_PORTS[0]}" "three masters answer, every replica's link is up and every node lists the three replicas" replicas_linked
+    say "the Redis Cluster is whole: every slot served, every replica linked (${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[-1]})"
+}
+
 up() {
-    local started=$SECONDS gateway=no
-    case ${1:-} in
-    --gateway) gateway=yes ;;
-    "") ;;
-    *) usage ;;
-    esac
+    local started=$SECONDS gateway=no mode=sentinel arg
+    for arg in "$@"; do
+        case $arg in
+        --gateway) gateway=yes ;;
+        --redis-cluster) mode=redis-cluster ;;
+        *) usage ;;
+        esac
+    done
     [[ $GATEWAY_FAIL_MODE == open || $GATEWAY_FAIL_MODE == closed ]] ||
         die "GATEWAY_FAIL_MODE must be open or closed, got \"$GATEWAY_FAIL_MODE\""
     if any_recorded_running "$PIDS_FILE"; then
@@ -304,9 +392,9 @@ up() {
     [[ $KEY_PREFIX != *[[:space:]*?\[\]\\]* ]] ||
         die "KEY_PREFIX must not contain spaces or glob characters (*?[]\\): the instances' Redis user is limited to \"\$KEY_PREFIX:*\""
     if [[ $gateway == yes ]]; then
-        check_ports_free "$UPSTREAM_PORT" "$UPSTREAM_COUNT_PORT"
+        check_ports_free "$mode" "$UPSTREAM_PORT" "$UPSTREAM_COUNT_PORT"
     else
-        check_ports_free
+        check_ports_free "$mode"
     fi
     build_binary
     [[ $gateway == no ]] || build_upstream_binary
@@ -314,11 +402,82 @@ up() {
     say "run folder: ${CLUSTER_DIR#"$ROOT"/}"
     mkdir -p "$CLUSTER_DIR"
     rm -f "$PIDS_FILE"
+    echo "$mode" >"$MODE_FILE"
     # From here on, a failure (or Ctrl-C) stops what was started; logs stay.
     trap 'code=$?; if ((code != 0)); then warn "up failed; stopping what was started"; down; fi' EXIT
     trap 'exit 130' INT TERM
 
-    local port dir i
+    local port dir i store_env
+    if [[ $mode == redis-cluster ]]; then
+        # The other topology's folders go, so that `logs` shows this one's only.
+        rm -rf "${DATA_PORTS[@]/#/$CLUSTER_DIR/redis-}" "${SENTINEL_PORTS[@]/#/$CLUSTER_DIR/sentinel-}"
+        start_redis_cluster
+        store_env=("REDIS_CLUSTER_NODES=$(printf "$LOOPBACK:%s," "${CLUSTER_PORTS[@]:0:3}")")
+        store_env[0]=${store_env[0]%,}
+    else
+        rm -rf "${CLUSTER_PORTS[@]/#/$CLUSTER_DIR/redis-cluster-}" "$CLUSTER_DIR/redis-cluster-create.log"
+        start_sentinel_group
+        local sentinel_hosts data_nodes
+        sentinel_hosts=$(printf "$LOOPBACK:%s," "${SENTINEL_PORTS[@]}")
+        # The instances believe no master outside these, whatever a sentinel names.
+        data_nodes=$(printf "$LOOPBACK:%s," "${DATA_PORTS[@]}")
+        store_env=("SENTINEL_HOSTS=${sentinel_hosts%,}" "REDIS_MASTER=$MASTER_NAME"
+            "REDIS_DATA_NODES=${data_nodes%,}" "SENTINEL_PASSWORD=$SENTINEL_PASSWORD")
+    fi
+
+    say "instances: RATE_LIMIT=${RATE_LIMIT:-(default)} TIME_WINDOW=${TIME_WINDOW:-(default)} BURST=${BURST:-(default)} FAIL_MODE=${FAIL_MODE:-(default)}"
+    for i in "${!APP_NAMES[@]}"; do
+        dir=$CLUSTER_DIR/${APP_NAMES[i]}
+        rm -rf "$dir" && mkdir -p "$dir"
+        # REDIS_URL would name a single server instead: not this topology; and of the
+        # other two, only this mode's own.
+        start "${APP_NAMES[i]}" "$dir/app.log" env -u REDIS_URL -u SENTINEL_HOSTS -u REDIS_MASTER \
+            -u REDIS_CLUSTER_NODES \
+            HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" INSTANCE_NAME="${APP_NAMES[i]}" \
+            "${store_env[@]}" \
+            REDIS_USERNAME="$REDIS_USERNAME" REDIS_PASSWORD="$REDIS_PASSWORD" KEY_PREFIX="$KEY_PREFIX" \
+            TRUSTED_PROXIES="$PROXY_ADDR" \
+            RUST_LOG="${RUST_LOG:-info}" WORKERS="${WORKERS:-$INSTANCE_WORKERS}" \
+            "$BIN"
+    done
+    for i in "${!APP_NAMES[@]}"; do
+        wait_for "${APP_NAMES[i]}" "GET http://$LOOPBACK:${APP_PORTS[i]}/ready answers 200" \
+            http_ok "http://$LOOPBACK:${APP_PORTS[i]}/ready"
+    done
+    say "instances are ready: ${APP_NAMES[*]} on ${APP_PORTS[*]}"
+
+    if [[ $gateway == yes ]]; then
+        dir=$CLUSTER_DIR/demo-upstream
+        rm -rf "$dir" && mkdir -p "$dir"
+        start demo-upstream "$dir/demo-upstream.log" "$UPSTREAM_BIN" \
+            --listen "$LOOPBACK:$UPSTREAM_PORT" --count-listen "$LOOPBACK:$UPSTREAM_COUNT_PORT"
+        wait_for demo-upstream "GET http://$LOOPBACK:$UPSTREAM_COUNT_PORT/health answers 200" \
+            http_ok "http://$LOOPBACK:$UPSTREAM_COUNT_PORT/health"
+        say "demo upstream is ready on $UPSTREAM_PORT (counts: http://$LOOPBACK:$UPSTREAM_COUNT_PORT/__upstream/count)"
+        GATEWAY_UPSTREAM=$LOOPBACK:$UPSTREAM_PORT
+    fi
+
+    dir=$CLUSTER_DIR/nginx
+    rm -rf "$dir" && mkdir -p "$dir/logs" "$dir/temp"
+    render_nginx_conf "$dir" "$dir/nginx.conf"
+    # -e: the log Nginx opens before it reads its config (the built-in one is root's).
+    nginx -t -q -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf" ||
+        die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/nginx.conf.template)"
+    start nginx "$dir/logs/error.log" nginx -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf"
+    wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/health answers 200" \
+        http_ok "http://$LOOPBACK:$NGINX_PORT/health"
+    wait_for nginx "the gateway listens on $GATEWAY_PORT" port_open "$GATEWAY_PORT"
+
+    trap - EXIT INT TERM
+    local redis=" master $LOOPBACK:$MASTER_PORT"
+    [[ $mode == sentinel ]] || redis=" Redis Cluster on $LOOPBACK:${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[-1]}"
+    say "the cluster is up in $((SECONDS - started))s: http://$LOOPBACK:$NGINX_PORT/ (Nginx) -> ${APP_NAMES[*]};$redis"
+    say "gateway: http://$LOOPBACK:$GATEWAY_PORT/ -> $GATEWAY_UPSTREAM (GATEWAY_FAIL_MODE=$GATEWAY_FAIL_MODE)"
+}
+
+# The Sentinel group: a master, two replicas, three sentinels.
+start_sentinel_group() {
+    local port dir
     for port in "${DATA_PORTS[@]}"; do
         dir=$CLUSTER_DIR/redis-$port
         # Private: Redis and Sentinel rewrite their configs, password included, as 0644.
@@ -353,57 +512,6 @@ up() {
             sentinel_ready "$port"
     done
     say "sentinels agree (CKQUORUM OK on ${SENTINEL_PORTS[*]})"
-
-    local sentinel_hosts data_nodes
-    sentinel_hosts=$(printf "$LOOPBACK:%s," "${SENTINEL_PORTS[@]}")
-    sentinel_hosts=${sentinel_hosts%,}
-    # The instances believe no master outside these, whatever a sentinel names.
-    data_nodes=$(printf "$LOOPBACK:%s," "${DATA_PORTS[@]}")
-    data_nodes=${data_nodes%,}
-    say "instances: RATE_LIMIT=${RATE_LIMIT:-(default)} TIME_WINDOW=${TIME_WINDOW:-(default)} BURST=${BURST:-(default)} FAIL_MODE=${FAIL_MODE:-(default)}"
-    for i in "${!APP_NAMES[@]}"; do
-        dir=$CLUSTER_DIR/${APP_NAMES[i]}
-        rm -rf "$dir" && mkdir -p "$dir"
-        # REDIS_URL would name a single server instead of the sentinels: not this topology.
-        start "${APP_NAMES[i]}" "$dir/app.log" env -u REDIS_URL \
-            HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" INSTANCE_NAME="${APP_NAMES[i]}" \
-            SENTINEL_HOSTS="$sentinel_hosts" REDIS_MASTER="$MASTER_NAME" REDIS_DATA_NODES="$data_nodes" \
-            REDIS_USERNAME="$REDIS_USERNAME" REDIS_PASSWORD="$REDIS_PASSWORD" \
-            SENTINEL_PASSWORD="$SENTINEL_PASSWORD" KEY_PREFIX="$KEY_PREFIX" TRUSTED_PROXIES="$PROXY_ADDR" \
-            RUST_LOG="${RUST_LOG:-info}" WORKERS="${WORKERS:-$INSTANCE_WORKERS}" \
-            "$BIN"
-    done
-    for i in "${!APP_NAMES[@]}"; do
-        wait_for "${APP_NAMES[i]}" "GET http://$LOOPBACK:${APP_PORTS[i]}/ready answers 200" \
-            http_ok "http://$LOOPBACK:${APP_PORTS[i]}/ready"
-    done
-    say "instances are ready: ${APP_NAMES[*]} on ${APP_PORTS[*]}"
-
-    if [[ $gateway == yes ]]; then
-        dir=$CLUSTER_DIR/demo-upstream
-        rm -rf "$dir" && mkdir -p "$dir"
-        start demo-upstream "$dir/demo-upstream.log" "$UPSTREAM_BIN" \
-            --listen "$LOOPBACK:$UPSTREAM_PORT" --count-listen "$LOOPBACK:$UPSTREAM_COUNT_PORT"
-        wait_for demo-upstream "GET http://$LOOPBACK:$UPSTREAM_COUNT_PORT/health answers 200" \
-            http_ok "http://$LOOPBACK:$UPSTREAM_COUNT_PORT/health"
-        say "demo upstream is ready on $UPSTREAM_PORT (counts: http://$LOOPBACK:$UPSTREAM_COUNT_PORT/__upstream/count)"
-        GATEWAY_UPSTREAM=$LOOPBACK:$UPSTREAM_PORT
-    fi
-
-    dir=$CLUSTER_DIR/nginx
-    rm -rf "$dir" && mkdir -p "$dir/logs" "$dir/temp"
-    render_nginx_conf "$dir" "$dir/nginx.conf"
-    # -e: the log Nginx opens before it reads its config (the built-in one is root's).
-    nginx -t -q -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf" ||
-        die "nginx rejects ${dir#"$ROOT"/}/nginx.conf (rendered from nginx/nginx.conf.template)"
-    start nginx "$dir/logs/error.log" nginx -e "$dir/logs/error.log" -p "$dir/" -c "$dir/nginx.conf"
-    wait_for nginx "GET http://$LOOPBACK:$NGINX_PORT/health answers 200" \
-        http_ok "http://$LOOPBACK:$NGINX_PORT/health"
-    wait_for nginx "the gateway listens on $GATEWAY_PORT" port_open "$GATEWAY_PORT"
-
-    trap - EXIT INT TERM
-    say "the cluster is up in $((SECONDS - started))s: http://$LOOPBACK:$NGINX_PORT/ (Nginx) -> ${APP_NAMES[*]}; master $LOOPBACK:$MASTER_PORT"
-    say "gateway: http://$LOOPBACK:$GATEWAY_PORT/ -> $GATEWAY_UPSTREAM (GATEWAY_FAIL_MODE=$GATEWAY_FAIL_MODE)"
 }
 
 # --- down -------------------------------------------------------------------------
@@ -416,7 +524,7 @@ down() {
     # Reverse start order: Nginx, instances, sentinels (no failover while the data nodes
     # stop), replicas, master.
     stop_recorded "$PIDS_FILE"
-    say "stopped; logs remain in ${CLUSTER_DIR#"$ROOT"/}"
+    say "stopped ($(recorded_mode) mode); logs remain in ${CLUSTER_DIR#"$ROOT"/}"
 }
 
 # --- status -----------------------------------------------------------------------
@@ -434,8 +542,106 @@ current_master() {
     return 1
 }
 
+# CLUSTER NODES of the first node that answers, and that node's port on the first line.
+cluster_nodes() {
+    local port nodes
+    for port in "${CLUSTER_PORTS[@]}"; do
+        nodes=$(rcli "$port" CLUSTER NODES)
+        if [[ -n ${nodes//[[:space:]]/} ]]; then
+            printf '%s\n%s\n' "$port" "$nodes"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# The slot map from CLUSTER NODES (on stdin, after the line naming who was asked): per
+# master its slots and its replicas, then the nodes the cluster counts as failed.
+# Lines: "master PORT SLOTS COUNT REPLICA-PORTS", "failed PORT FLAGS".
+slot_map() {
+    awk '
+        NR == 1 { next }
+        {
+            addr = $2; sub(/@.*/, "", addr); port = addr; sub(/.*:/, "", port)
+            port_of[$1] = port
+            is_master = is_failed = 0
+            n = split($3, flags, ",")
+            for (i = 1; i <= n; i++) {
+                if (flags[i] == "master") is_master = 1
+                if (flags[i] == "fail") is_failed = 1
+            }
+            if (is_failed) { failed[port] = $3 }
+            if (is_master && !is_failed) {
+                masters[port] = 1; ranges = ""; count = 0
+                for (i = 9; i <= NF; i++) {
+                    if ($i ~ /^\[/) continue
+                    n = split($i, ends, "-")
+                    count += (n == 2) ? ends[2] - ends[1] + 1 : 1
+                    ranges = ranges (ranges == "" ? "" : ",") $i
+                }
+                slots[port] = (ranges == "" ? "none" : ranges); counts[port] = count
+            } else if ($4 != "-") { follows[port] = $4 }
+        }
+        END {
+            for (r in follows) if (!(r in failed)) replicas[port_of[follows[r]]] = replicas[port_of[follows[r]]] " " r
+            for (m in masters) printf "master %s %s %d%s\n", m, slots[m], counts[m], replicas[m]
+            for (f in failed) printf "failed %s %s\n", f, failed[f]
+        }' | sort -k1,1r -k2n
+}
+
+status_redis_cluster() {
+    local healthy=yes nodes asked line kind port slots count replica role link masters=0 info
+    say "Redis Cluster:"
+    if ! nodes=$(cluster_nodes); then
+        printf '  no node answers on %s\n' "${CLUSTER_PORTS[*]}"
+        return 1
+    fi
+    asked=${nodes%%$'\n'*}
+    info=$(rcli "$asked" CLUSTER INFO)
+    printf '  as %s sees it: cluster_state:%s, %s of %s slots served, %s nodes known\n' "$asked" \
+        "$(sed -n 's/^cluster_state://p' <<<"$info")" "$(sed -n 's/^cluster_slots_ok://p' <<<"$info")" \
+        "$CLUSTER_SLOTS" "$(sed -n 's/^cluster_known_nodes://p' <<<"$info")"
+    cluster_whole "$asked" || healthy=no
+    while read -r kind port slots count replica; do
+        case $kind in
+        master)
+            masters=$((masters + 1))
+            printf '  %s  master of slots %s (%s slots)\n' "$port" "$slots" "$count"
+            if [[ -z $replica ]]; then
+                printf '          no replica\n'
+                healthy=no
+            fi
+            for replica in $replica; do
+                link=$(info_field "$replica" replication master_link_status)
+                printf '          replica %s, link %s\n' "$replica" "${link:-not answering}"
+                [[ $link == up ]] || healthy=no
+            done
+            ;;
+        failed)
+            printf '  %s  failed (%s)\n' "$port" "$slots"
+            healthy=no
+            ;;
+        esac
+    done < <(slot_map <<<"$nodes")
+    ((masters == ${#CLUSTER_PORTS[@]} / 2)) || healthy=no
+    for port in "${CLUSTER_PORTS[@]}"; do
+        role=$(info_field "$port" replication role)
+        [[ -n $role ]] || {
+            printf '  %s  not answering\n' "$port"
+            healthy=no
+        }
+    done
+    [[ $healthy == yes ]]
+}
+
 status() {
     local port role healthy=yes addr code i elected note
+    if [[ $(recorded_mode) == redis-cluster ]]; then
+        status_redis_cluster || healthy=no
+        status_front || healthy=no
+        [[ $healthy == yes ]]
+        return
+    fi
     elected=$(current_master || true)
     say "data nodes:"
     for port in "${DATA_PORTS[@]}"; do
@@ -471,6 +677,13 @@ status() {
             healthy=no
         fi
     done
+    status_front || healthy=no
+    [[ $healthy == yes ]]
+}
+
+# The instances, Nginx and the demo upstream.
+status_front() {
+    local healthy=yes code i
     say "instances:"
     for i in "${!APP_NAMES[@]}"; do
         code=$(http_code "http://$LOOPBACK:${APP_PORTS[i]}/ready")
@@ -498,6 +711,40 @@ status() {
 
 # --- failover ---------------------------------------------------------------------
 
+# The port of the master that serves SLOT, and of its first replica, from the slot map.
+master_and_replica_of_slot() {
+    local slot=$1 nodes kind port slots count replicas range
+    nodes=$(cluster_nodes) || return 1
+    while read -r kind port slots count replicas; do
+        [[ $kind == master ]] || continue
+        for range in ${slots//,/ }; do
+            if ((slot >= ${range%-*} && slot <= ${range#*-})); then
+                echo "$port ${replicas%% *}"
+                return 0
+            fi
+        done
+    done < <(slot_map <<<"$nodes")
+    return 1
+}
+
+failover_redis_cluster() {
+    local started=$SECONDS deadline pair master replica reply
+    pair=$(master_and_replica_of_slot 0) ||
+        die "no node answers on ${CLUSTER_PORTS[*]}, or none serves slot 0; is the cluster up?"
+    read -r master replica <<<"$pair"
+    [[ -n $replica ]] || die "the master of slot 0 ($master) has no replica to fail over to"
+    say "master of slot 0: $LOOPBACK:$master; asking its replica $LOOPBACK:$replica to take over (CLUSTER FAILOVER)"
+    reply=$(rcli "$replica" CLUSTER FAILOVER)
+    [[ $reply == OK ]] || die "CLUSTER FAILOVER on $replica answered: ${reply:-nothing}"
+    deadline=$((SECONDS + WAIT_SECS))
+    until [[ $(info_field "$replica" replication role) == master ]] && cluster_whole "$replica" &&
+        [[ $(master_and_replica_of_slot 0) == "$replica $master" ]] && replica_linked "$master"; do
+        ((SECONDS < deadline)) || die "after ${WAIT_SECS}s $replica is not the master of slot 0 with $master its linked replica; see scripts/cluster.sh status"
+        sleep 0.2
+    done
+    say "failover done in $((SECONDS - started))s: $master -> $replica, which serves slot 0; $master follows it"
+}
+
 master_moved_everywhere() {
     local old=$1 port addr
     for port in "${SENTINEL_PORTS[@]}"; do
@@ -515,6 +762,10 @@ takes_writes() {
 
 failover() {
     local old new reply started=$SECONDS deadline
+    if [[ $(recorded_mode) == redis-cluster ]]; then
+        failover_redis_cluster
+        return
+    fi
     old=$(current_master) || die "no sentinel answers on ${SENTINEL_PORTS[*]}; is the cluster up?"
     say "current master: $old; asking sentinel ${SENTINEL_PORTS[0]} for a failover"
     reply=$(scli "${SENTINEL_PORTS[0]}" SENTINEL FAILOVER "$MASTER_NAME")
@@ -542,6 +793,7 @@ logs() {
     local files=()
     mapfile -t files < <(find "$CLUSTER_DIR" -name '*.log' | sort)
     ((${#files[@]} > 0)) || die "no logs in ${CLUSTER_DIR#"$ROOT"/}"
+    say "mode: $(recorded_mode) (${MODE_FILE#"$ROOT"/})"
     if [[ ${1:-} == -f ]]; then
         tail -n 20 -F "${files[@]}"
     else

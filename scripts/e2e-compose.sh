@@ -27,14 +27,23 @@
 #      instances' internal routes answer 404 through Nginx and 200 on their own ports
 #   7. every instance killed: the gateway answers 503 (GATEWAY_FAIL_MODE=closed) within its
 #      timeouts, and nothing reaches the upstream
-#   8. down -v, always, whatever happened (also on failure or Ctrl-C)
+#   8. Cluster mode (profile redis-cluster: six nodes joined by redis-cli --cluster create, its own
+#      instances and Nginx): clients whose buckets lie on each of the three masters each get
+#      exactly RATE_LIMIT through Nginx from both instances, and each master ran EVALSHA; then
+#      `docker kill` of a master under a stream of requests on its slots: no 5xx, its replica is
+#      promoted, a new client on those slots gets exactly RATE_LIMIT from Redis again; the killed
+#      node, started again, rejoins as that replica's replica
+#   9. down -v, always, whatever happened (also on failure or Ctrl-C)
 #
 # Usage: scripts/e2e-compose.sh [--no-images] [--no-cargo]
 #   --no-images  use the images as they are (do not run scripts/docker-images.sh)
 #   --no-cargo   build the app image from target/release/ratelimiter as it is
 # Environment: E2E_PROJECT (Compose project, default ratelimiter-e2e); NGINX_PORT,
 #   NGINX_HTTP_PORT, APP_1_PORT, APP_2_PORT, GATEWAY_PORT, UPSTREAM_COUNT_PORT (host ports on
-#   127.0.0.1, default 8000, 80, 8001, 8002, 8080, 8082); NET_PREFIX (the project's /24, default 172.28.99); RATE_LIMIT (default 10).
+#   127.0.0.1, default 8000, 80, 8001, 8002, 8080, 8082); CLUSTER_NGINX_PORT, CLUSTER_APP_1_PORT,
+#   CLUSTER_APP_2_PORT (the profile redis-cluster's, default 8100-8102); NET_PREFIX and
+#   CLUSTER_NET_PREFIX (the project's two /24s, default 172.28.99 and 172.28.98); RATE_LIMIT
+#   (default 10).
 # Traffic goes only to this project: its ports published on 127.0.0.1, and its own containers
 # from client containers on its network. Every wait is bounded.
 set -euo pipefail
@@ -67,6 +76,10 @@ export APP_1_PORT=${APP_1_PORT:-8001}
 export APP_2_PORT=${APP_2_PORT:-8002}
 export GATEWAY_PORT=${GATEWAY_PORT:-8080}
 export UPSTREAM_COUNT_PORT=${UPSTREAM_COUNT_PORT:-8082}
+export CLUSTER_NGINX_PORT=${CLUSTER_NGINX_PORT:-8100}
+export CLUSTER_APP_1_PORT=${CLUSTER_APP_1_PORT:-8101}
+export CLUSTER_APP_2_PORT=${CLUSTER_APP_2_PORT:-8102}
+export CLUSTER_NET_PREFIX=${CLUSTER_NET_PREFIX:-172.28.98}
 export GATEWAY_FAIL_MODE=closed
 export NET_PREFIX=${NET_PREFIX:-172.28.99}
 export RATE_LIMIT=${RATE_LIMIT:-10}
@@ -85,6 +98,8 @@ else
   compose=(docker-compose)
 fi
 compose+=(--project-name "$project" --file "$compose_file" --profile gateway)
+# The Cluster mode phase, and the teardown, see the profile redis-cluster too.
+compose_all=("${compose[@]}" --profile redis-cluster)
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
@@ -143,14 +158,15 @@ teardown() {
   trap - EXIT INT TERM
   if [[ -n $stream_pid ]]; then kill "$stream_pid" 2>/dev/null || true; fi
   if ((status != 0)); then diagnostics >&2; fi
+  if ((status != 0)) && [[ -n ${cluster_phase:-} ]]; then cluster_diagnostics >&2; fi
   local clients
   clients=$(docker ps --all --quiet --filter "label=ratelimiter-e2e=$project")
   # shellcheck disable=SC2086 # one id per word
   if [[ -n $clients ]]; then docker rm --force $clients >/dev/null 2>&1 || true; fi
   local started=$EPOCHREALTIME
   log "down -v"
-  "${compose[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 ||
-    log "down -v failed: run ${compose[*]} down -v"
+  "${compose_all[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 ||
+    log "down -v failed: run ${compose_all[*]} down -v"
   log "   down: $(elapsed "$started")s"
   rm -f "$secrets_file"
   if ((status == 0)); then
@@ -273,10 +289,10 @@ client_requests() {
 }
 statuses() { awk '{ printf "%s%s", (NR > 1 ? " " : ""), $1 }' <<<"$1"; }
 
-# expect_exact_limit WHO LINES: RATE_LIMIT 200s, then only 429s, all decided by Redis and
-# answered by both instances.
+# expect_exact_limit WHO LINES [INSTANCES]: RATE_LIMIT 200s, then only 429s, all decided by Redis
+# and answered by both instances (INSTANCES, default app-1,app-2).
 expect_exact_limit() {
-  local who=$1 lines=$2 statuses expected sources instances i
+  local who=$1 lines=$2 both=${3:-app-1,app-2} statuses expected sources instances i
   statuses=$(awk '{ printf "%s ", $1 }' <<<"$lines")
   expected=""
   for ((i = 0; i < RATE_LIMIT; i++)); do expected+="200 "; done
@@ -286,7 +302,7 @@ expect_exact_limit() {
   [[ $statuses == "$expected" ]] ||
     fail "$who: expected $RATE_LIMIT × 200 then 429s, got: $statuses (sources: $sources)"
   [[ $sources == "$((RATE_LIMIT + 2))×redis " ]] || fail "$who: decisions not all by Redis: $sources"
-  [[ $instances == app-1,app-2 ]] || fail "$who: answered by $instances, not by both instances"
+  [[ $instances == "$both" ]] || fail "$who: answered by $instances, not by both instances"
   ok "$who: $RATE_LIMIT × 200 then 2 × 429, decided by Redis, answered by $instances"
 }
 
@@ -325,6 +341,10 @@ expect_stream_served() {
   kill "$stream_pid" 2>/dev/null || true
   wait "$stream_pid" 2>/dev/null || true
   stream_pid=""
+  stream_verdict
+}
+# Judges the lines of $stream_log (STATUS INSTANCE SOURCE), then removes it.
+stream_verdict() {
   local total bad summary
   total=$(grep -c . "$stream_log" || true)
   bad=$(awk '$1 !~ /^[24][0-9][0-9]$/' "$stream_log" | wc -l)
@@ -354,7 +374,8 @@ fi
 for image in "$APP_IMAGE" "$REDIS_IMAGE" "$NGINX_IMAGE" "$CLIENT_IMAGE"; do
   docker image inspect "$image" >/dev/null 2>&1 || fail "image $image is missing: run scripts/docker-images.sh"
 done
-for variable in NGINX_PORT NGINX_HTTP_PORT APP_1_PORT APP_2_PORT GATEWAY_PORT UPSTREAM_COUNT_PORT; do
+for variable in NGINX_PORT NGINX_HTTP_PORT APP_1_PORT APP_2_PORT GATEWAY_PORT UPSTREAM_COUNT_PORT \
+  CLUSTER_NGINX_PORT CLUSTER_APP_1_PORT CLUSTER_APP_2_PORT; do
   if [[ -n $(ss -Hltn "sport = :${!variable}") ]]; then
     trap - EXIT
     fail "port ${!variable} is in use on this host: set $variable to a free port"
@@ -573,4 +594,179 @@ took=$(elapsed "$started")
   fail "the gateway's 503 is not its problem+json: $answer"
 (($(upstream_total) == before)) || fail "with both instances down a request reached the upstream"
 ok "both instances killed: 503 problem+json from the gateway in ${took}s, nothing reached the upstream"
+phase_done
+
+# ---------------------------------------------------------------------------------------------
+# Cluster mode: the profile redis-cluster. Its nodes have fixed addresses, CLUSTER_NET_PREFIX.21
+# to .26 for redis-cluster-1 to -6; its clients take addresses from .100 on.
+
+cluster_container_of() {
+  docker ps --all --quiet --filter "label=com.docker.compose.project=$project" \
+    --filter "label=com.docker.compose.service=$1" | head -n 1
+}
+# The service of the node at ADDRESS.
+cluster_node_at() { echo "redis-cluster-${1##*.2}"; }
+cluster_cli() {
+  local service=$1
+  shift
+  docker exec "$(cluster_container_of "$service")" redis-cli "$@" 2>/dev/null | tr -d '\r'
+}
+# CLUSTER NODES as the first of the services given that answers sees it.
+cluster_nodes_seen() {
+  local service nodes
+  for service in "$@"; do
+    nodes=$(cluster_cli "$service" cluster nodes) && [[ -n $nodes ]] && { echo "$nodes"; return 0; }
+  done
+  return 1
+}
+# The masters the cluster counts, one line each: ADDRESS ID SLOT-RANGES (comma-separated).
+cluster_masters() {
+  cluster_nodes_seen "$@" | awk '{
+      n = split($3, flags, ","); master = 0; failed = 0
+      for (i = 1; i <= n; i++) { if (flags[i] == "master") master = 1; if (flags[i] == "fail") failed = 1 }
+      if (!master || failed) next
+      address = $2; sub(/:.*/, "", address); ranges = ""
+      for (i = 9; i <= NF; i++) if ($i !~ /^\[/) ranges = ranges (ranges == "" ? "" : ",") $i
+      print address, $1, ranges
+    }' | sort
+}
+# The address of the replica following the master with ID.
+cluster_replica_of() {
+  cluster_nodes_seen "${@:2}" | awk -v id="$1" '$4 == id { address = $2; sub(/:.*/, "", address); print address; exit }'
+}
+# owner_of SLOT MASTERS: the address of the master (of the lines of cluster_masters) serving SLOT.
+owner_of() {
+  awk -v slot="$1" '{
+      n = split($3, ranges, ",")
+      for (i = 1; i <= n; i++) {
+        m = split(ranges[i], ends, "-"); if (m == 1) ends[2] = ends[1]
+        if (slot >= ends[1] && slot <= ends[2]) { print $1; exit }
+      }
+    }' <<<"$2"
+}
+# client_slots FROM TO: "ADDRESS SLOT" for the client addresses .FROM to .TO: the slot of its
+# bucket, whose hash tag is {ip=ADDRESS}.
+client_slots() {
+  docker exec "$(cluster_container_of redis-cluster-1)" bash -c '
+    for ((h = $2; h <= $3; h++)); do
+      echo "$1.$h $(redis-cli cluster keyslot "{ip=$1.$h}")"
+    done' slots "$CLUSTER_NET_PREFIX" "$1" "$2" 2>/dev/null | tr -d '\r'
+}
+evalsha_calls() {
+  cluster_cli "$1" info commandstats | sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\),.*/\1/p' | grep . || echo 0
+}
+cluster_whole() {
+  local info
+  info=$(cluster_cli "$1" cluster info)
+  [[ $info == *cluster_state:ok* && $info == *cluster_slots_ok:16384* ]]
+}
+cluster_healthy() {
+  local service status
+  for service in redis-cluster-{1..6} cluster-app-1 cluster-app-2 cluster-nginx; do
+    status=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' \
+      "$(cluster_container_of "$service")" 2>/dev/null) || return 1
+    [[ $status == healthy ]] || return 1
+  done
+}
+cluster_ready() { ready "$CLUSTER_APP_1_PORT" && ready "$CLUSTER_APP_2_PORT"; }
+is_master() { [[ $(cluster_cli "$1" info replication) == *role:master* ]]; }
+# $1 is a replica of the node at address $2 with its link up.
+is_cluster_replica_of() {
+  local info
+  info=$(cluster_cli "$1" info replication)
+  [[ $info == *role:slave* && $info == *"master_host:$2"* && $info == *master_link_status:up* ]]
+}
+cluster_diagnostics() {
+  log "--- Cluster mode at the failure"
+  cluster_nodes_seen redis-cluster-{1..6} || true
+  "${compose_all[@]}" logs --no-color --tail 15 redis-cluster-create || true
+  # The instances' own messages, without the access log.
+  "${compose_all[@]}" logs --no-color cluster-app-1 cluster-app-2 | grep -v 'middleware::logger' | tail -n 30 || true
+}
+# A stream of requests from a client container at ADDRESS, 20 a second, at most two minutes; its
+# lines (STATUS INSTANCE SOURCE) are the container's output, on stderr, which is not buffered, so
+# that none is lost when the container is stopped.
+start_client_stream() {
+  stream_container=$(docker run --detach --name "$project-stream-${1##*.}" --label "ratelimiter-e2e=$project" \
+    --network "$cluster_network" --ip "$1" "$CLIENT_IMAGE" \
+    curl -s --rate 20/s --max-time 3 -o /dev/null -w "%{stderr}$format" \
+    "http://cluster-nginx:8000/limited_endpoint?n=[1-2400]")
+}
+expect_client_stream_served() {
+  docker stop --time 1 "$stream_container" >/dev/null 2>&1 || true
+  stream_log=$(mktemp "${TMPDIR:-/tmp}/e2e-compose-stream.XXXXXX")
+  docker logs "$stream_container" >"$stream_log" 2>&1
+  docker rm --force "$stream_container" >/dev/null 2>&1 || true
+  stream_verdict
+}
+
+phase "Cluster mode (profile redis-cluster)"
+cluster_phase=yes
+# The Sentinel topology is done with: its CPU goes to this one (two shared cores).
+"${compose[@]}" stop --timeout 2 >/dev/null 2>&1 || fail "could not stop the Sentinel topology's containers"
+up_log=$("${compose_all[@]}" up --detach --no-build cluster-nginx 2>&1) ||
+  { printf '%s\n' "$up_log" >&2; fail "up of the profile redis-cluster failed"; }
+until_true 120 "every Cluster mode container healthy" cluster_healthy
+until_true 30 "both Cluster mode instances ready" cluster_ready
+[[ $(docker inspect --format '{{.State.ExitCode}}' "$(cluster_container_of redis-cluster-create)") == 0 ]] ||
+  fail "redis-cluster-create did not exit 0"
+cluster_network=$(docker inspect --format '{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}{{end}}' \
+  "$(cluster_container_of cluster-nginx)")
+masters=$(cluster_masters redis-cluster-{1..6})
+(($(grep -c . <<<"$masters") == 3)) || fail "not three masters: $masters"
+ok "redis-cluster-create made 3 masters ($(awk '{ printf "%s%s", (NR > 1 ? ", " : ""), $1 }' <<<"$masters")) with a replica each; both instances ready"
+
+# Two clients on each master, of .100 to .149.
+declare -A clients_of=()
+while read -r address slot; do
+  owner=$(owner_of "$slot" "$masters")
+  [[ -n $owner ]] || fail "no master serves slot $slot"
+  if (($(wc -w <<<"${clients_of[$owner]:-}") < 2)); then clients_of[$owner]+=" $address"; fi
+done < <(client_slots 100 149)
+declare -A calls_before=()
+for owner in $(awk '{ print $1 }' <<<"$masters"); do
+  (($(wc -w <<<"${clients_of[$owner]:-}") == 2)) || fail "no two of 50 clients on master $owner"
+  calls_before[$owner]=$(evalsha_calls "$(cluster_node_at "$owner")")
+done
+network=$cluster_network
+for owner in "${!clients_of[@]}"; do
+  for address in ${clients_of[$owner]}; do
+    expect_exact_limit "Cluster mode, client $address (on master $owner)" \
+      "$(client_requests "$address" $((RATE_LIMIT + 2)) http://cluster-nginx:8000/limited_endpoint)" \
+      cluster-app-1,cluster-app-2
+  done
+  calls=$(($(evalsha_calls "$(cluster_node_at "$owner")") - calls_before[$owner]))
+  ((calls >= 2 * RATE_LIMIT)) || fail "master $owner ran EVALSHA $calls times for 2 clients of $RATE_LIMIT admissions"
+  ok "master $owner ran EVALSHA $calls times for its 2 clients"
+done
+
+# docker kill of the master serving the stream's client, .99.
+streamer=$CLUSTER_NET_PREFIX.99
+victim=$(owner_of "$(cluster_cli redis-cluster-1 cluster keyslot "{ip=$streamer}")" "$masters")
+victim_id=$(awk -v a="$victim" '$1 == a { print $2 }' <<<"$masters")
+heir=$(cluster_replica_of "$victim_id" redis-cluster-{1..6})
+[[ -n $heir ]] || fail "no replica follows master $victim"
+start_client_stream "$streamer"
+sleep 2
+docker kill "$(cluster_container_of "$(cluster_node_at "$victim")")" >/dev/null
+log "   killed $(cluster_node_at "$victim") ($victim); its replica is $(cluster_node_at "$heir") ($heir)"
+until_true 30 "the cluster promotes $heir after $victim was killed" is_master "$(cluster_node_at "$heir")"
+until_true 30 "the cluster is whole again, as $heir sees it" cluster_whole "$(cluster_node_at "$heir")"
+until_true 30 "both Cluster mode instances ready again" cluster_ready
+sleep 1
+expect_client_stream_served
+masters=$(cluster_masters "$(cluster_node_at "$heir")")
+fresh=""
+while read -r address slot; do
+  if [[ $(owner_of "$slot" "$masters") == "$heir" ]]; then
+    fresh=$address
+    break
+  fi
+done < <(client_slots 150 199)
+[[ -n $fresh ]] || fail "no fresh client on the promoted master $heir"
+expect_exact_limit "after the kill, client $fresh on the promoted master $heir" \
+  "$(client_requests "$fresh" $((RATE_LIMIT + 2)) http://cluster-nginx:8000/limited_endpoint)" cluster-app-1,cluster-app-2
+docker start "$(cluster_container_of "$(cluster_node_at "$victim")")" >/dev/null
+until_true 60 "$victim, started again, rejoins as a replica of $heir" is_cluster_replica_of "$(cluster_node_at "$victim")" "$heir"
+ok "$(cluster_node_at "$victim"), started again, is a replica of $heir"
 phase_done

@@ -1,5 +1,6 @@
 //! End-to-end tests of the native cluster (`scripts/cluster.sh`): two instances sharing
-//! buckets in Redis behind Nginx, with Sentinel keeping a master elected.
+//! buckets in Redis behind Nginx, with Sentinel keeping a master elected; and, in
+//! [`redis_cluster`], the same topology on a Redis Cluster instead.
 //!
 //! Ignored by a plain `cargo test`, since they need that cluster running:
 //! `scripts/e2e-cluster.sh` brings it up, runs them with `--ignored` and `E2E_CLUSTER_URL`
@@ -31,6 +32,9 @@ use reqwest::{Client, Response, StatusCode, Url};
 
 #[path = "support/mod.rs"]
 mod support;
+
+#[path = "e2e_cluster/redis_cluster.rs"]
+mod redis_cluster;
 
 use support::{client_from, header};
 
@@ -471,6 +475,8 @@ struct Traffic {
     failures: Vec<String>,
     /// Answers by `X-RateLimit-Source`.
     sources: BTreeMap<String, u64>,
+    /// The longest wait for an answer.
+    slowest: Duration,
 }
 
 /// Sends until told to stop (or for at most 60 s and 20 000 requests).
@@ -488,7 +494,10 @@ async fn keep_sending(
         }
         let path = if i % 4 == 3 { "/" } else { LIMITED };
         let url = base.join(path).unwrap();
-        match client.get(url.clone()).send().await {
+        let asked = Instant::now();
+        let answer = client.get(url.clone()).send().await;
+        seen.slowest = seen.slowest.max(asked.elapsed());
+        match answer {
             Ok(response) => {
                 let answer = Answer::of(&response);
                 if !answer.source.is_empty() {

@@ -166,6 +166,15 @@ pub struct ScriptCounters {
 }
 
 impl ScriptCounters {
+    /// Both counted together: the masters of a Redis Cluster as one.
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            script_calls: self.script_calls + other.script_calls,
+            script_usec: self.script_usec + other.script_usec,
+            all_calls: self.all_calls + other.all_calls,
+        }
+    }
+
     pub fn delta_until(&self, later: &Self) -> Self {
         Self {
             script_calls: later.script_calls.saturating_sub(self.script_calls),

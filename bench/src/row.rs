@@ -15,6 +15,9 @@ use crate::stats::round_to;
 pub enum Tool {
     Wrk,
     Loadtest,
+    /// wrk with scripts/bench/keys.lua: a key of its own in every request's X-Bench-Key.
+    #[serde(rename = "wrk-keys")]
+    WrkKeys,
 }
 
 /// Through Nginx (8000), straight to one instance, through the gateway (8080: Nginx asks
@@ -34,6 +37,7 @@ impl fmt::Display for Tool {
         f.write_str(match self {
             Self::Wrk => "wrk",
             Self::Loadtest => "loadtest",
+            Self::WrkKeys => "wrk-keys",
         })
     }
 }

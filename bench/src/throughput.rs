@@ -70,6 +70,12 @@ const GATEWAY_PATH: &str = report::GATEWAY_PATH;
 const APP_PORTS: [u16; 2] = [8001, 8002];
 const DATA_PORTS: [u16; 3] = [6379, 6380, 6381];
 const SENTINEL_PORTS: [u16; 3] = [26379, 26380, 26381];
+/// The nodes of `scripts/cluster.sh up --redis-cluster` (each with its bus on port + 10000).
+const CLUSTER_PORTS: [u16; 6] = [7000, 7001, 7002, 7003, 7004, 7005];
+/// The distinct keys of the cluster phase's spread measurement.
+const CLUSTER_KEYS: u64 = 100_000;
+/// The wrk script that gives every request its own key (X-Bench-Key).
+const KEYS_SCRIPT: &str = "scripts/bench/keys.lua";
 const MIXED_SOURCES: &str = "127.0.0.10-250";
 const BENCH_KEY_PREFIX: &str = "ratelimit:bench";
 const LUA_REPORT: &str = "scripts/bench/report.lua";
@@ -107,8 +113,20 @@ key = ["client_ip"]
 limits = [{ name = "second", rate = 1000000000, per = "1s" }]
 "#;
 
+/// The policy of the cluster phase: `/limited_endpoint` keyed by X-Bench-Key (which
+/// scripts/bench/keys.lua sets), so large that every request runs the whole decision and is
+/// admitted. One load generator thus decides many keys, spread over every master in Cluster
+/// mode. A request without the header is not limited (the warm-up's are all keyed anyway).
+const KEYED_POLICY: &str = r#"[[policy]]
+name = "keyed"
+match = { path = "/limited_endpoint" }
+key = ["header:x-bench-key"]
+on_missing = "skip"
+limits = [{ name = "second", rate = 1000000000, per = "1s" }]
+"#;
+
 /// Every phase of the bench's own cluster, in the order they run.
-pub const PHASES: [&str; 9] = [
+pub const PHASES: [&str; 10] = [
     "allow",
     "two-limits",
     "metrics-off",
@@ -118,6 +136,7 @@ pub const PHASES: [&str; 9] = [
     "flood",
     "flood-nocache",
     "gateway",
+    "cluster",
 ];
 
 /// The phases `--phases` chose, in the order of [`PHASES`].
@@ -401,6 +420,10 @@ struct Bench {
     proxy_port: u16,
     groups: Groups,
     master: Option<Node>,
+    /// Cluster mode: every master, whose counters the rows sum.
+    masters: Vec<Node>,
+    /// The cluster phase's spread of keys over the masters, and its side-by-side table.
+    cluster_report: String,
     rows: Vec<Row>,
     scripts: Vec<ScriptRow>,
     commands: Vec<String>,
@@ -450,6 +473,8 @@ pub fn run(options: Options) -> Result<()> {
         proxy_port: *PROXY_PORTS.start(),
         groups: Groups::default(),
         master: None,
+        masters: Vec::new(),
+        cluster_report: String::new(),
         rows: Vec::new(),
         scripts: Vec::new(),
         commands: Vec::new(),
@@ -509,9 +534,18 @@ pub fn run(options: Options) -> Result<()> {
         } else {
             &[]
         };
+        let cluster_ports: Vec<u16> = if bench.options.phases.has("cluster") {
+            CLUSTER_PORTS
+                .iter()
+                .flat_map(|&p| [p, p + 10_000])
+                .collect()
+        } else {
+            Vec::new()
+        };
         let busy: Vec<String> = [NGINX_PORT, GATEWAY_PORT]
             .iter()
             .chain(gateway_ports)
+            .chain(&cluster_ports)
             .chain(&APP_PORTS)
             .chain(&DATA_PORTS)
             .chain(&SENTINEL_PORTS)
@@ -587,7 +621,8 @@ pub fn run(options: Options) -> Result<()> {
         commands: bench.commands.clone(),
         nginx_configs: nginx_configs(&bench.root)?,
     };
-    let report = report::render(&info, &bench.rows, &bench.scripts);
+    let mut report = report::render(&info, &bench.rows, &bench.scripts);
+    report.push_str(&bench.cluster_report);
     fs::write(bench.out.join("report.md"), &report)?;
     println!("\n{report}");
     say!(
@@ -768,7 +803,214 @@ impl Bench {
         if wants("gateway") {
             self.gateway_phase()?;
         }
+
+        if wants("cluster") {
+            self.cluster_comparison()?;
+        }
         Ok(())
+    }
+
+    /// Sentinel mode, then Cluster mode, under the same keyed policy and load; then how
+    /// [`CLUSTER_KEYS`] keys spread their decisions over the three masters.
+    fn cluster_comparison(&mut self) -> Result<()> {
+        let policy = self.out.join("keyed.toml");
+        fs::write(&policy, KEYED_POLICY)?;
+        let vars = [("POLICY_FILE", policy.display().to_string())];
+        let list: Vec<Target> = [Via::Nginx, Via::Direct]
+            .into_iter()
+            .map(|via| Target {
+                tool: Tool::WrkKeys,
+                via,
+                path: LIMITED,
+                connections: 64,
+            })
+            .collect();
+        for (phase, flags) in [
+            ("cluster-sentinel", &[][..]),
+            ("cluster-redis", &["--redis-cluster"][..]),
+        ] {
+            self.cluster_up_with(phase, &vars, flags)?;
+            self.find_processes()?;
+            self.warm_up_keys(&[NGINX_PORT, APP_PORTS[0]]);
+            self.run_rounds(phase, &list)?;
+            if !self.masters.is_empty() {
+                self.measure_spread(phase)?;
+            }
+            self.cluster_down();
+        }
+        self.cluster_report.insert_str(0, &self.side_by_side());
+        Ok(())
+    }
+
+    /// Like [`warm_up`](Self::warm_up), with a key of its own in every request, so that
+    /// every instance has connections to every master before the rounds.
+    fn warm_up_keys(&self, ports: &[u16]) {
+        say!("warming up (2 s per target, keyed, not recorded)");
+        for port in ports {
+            let _ = Command::new("wrk")
+                .args([
+                    "-t1",
+                    "-c16",
+                    "-d2s",
+                    "-s",
+                    KEYS_SCRIPT,
+                    &format!("http://{LOOPBACK}:{port}{LIMITED}"),
+                ])
+                .current_dir(&self.root)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// One wrk run through Nginx long enough for at least [`CLUSTER_KEYS`] requests (from
+    /// the rounds' rate), keys 0 to CLUSTER_KEYS - 1 in turn; each master's share of the
+    /// script calls it caused (`INFO commandstats`).
+    fn measure_spread(&mut self, phase: &str) -> Result<()> {
+        let rates: Vec<f64> = self
+            .rows
+            .iter()
+            .filter(|r| r.phase == phase && r.via == Via::Nginx)
+            .map(|r| r.per_second)
+            .collect();
+        let rate = crate::stats::median(&rates).unwrap_or(1000.0).max(1.0);
+        // A quarter more than the rounds' rate needs, and a second to connect.
+        let seconds = ((CLUSTER_KEYS as f64 * 1.25 / rate).ceil() as u64 + 1).clamp(3, 60);
+        let url = format!("http://{LOOPBACK}:{NGINX_PORT}{LIMITED}");
+        let argv: Vec<String> = [
+            "wrk",
+            &format!("-t{}", self.options.threads),
+            "-c64",
+            &format!("-d{seconds}s"),
+            "-s",
+            KEYS_SCRIPT,
+            &url,
+            "--",
+            &CLUSTER_KEYS.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        self.note_command(&argv.join(" "));
+        let calls = |masters: &[Node]| -> Result<Vec<u64>> {
+            masters
+                .iter()
+                .map(|m| Ok(m.command_stats()?.script_counters().script_calls))
+                .collect()
+        };
+        let before = calls(&self.masters)?;
+        let out = self.out.join(format!("{phase}-spread.txt"));
+        say!(
+            "phase {phase}: the spread of {CLUSTER_KEYS} keys over the masters ({seconds} s through Nginx)"
+        );
+        let (status, _) = spawn::run_counted(
+            &self.records,
+            "wrk",
+            Command::new(&argv[0])
+                .args(&argv[1..])
+                .current_dir(&self.root),
+            &out,
+        )?;
+        let after = calls(&self.masters)?;
+        if !status.success() {
+            bail!("wrk failed ({status}): {}", tail(&out, 5));
+        }
+        let report = WrkReport::from_output(&fs::read_to_string(&out)?)
+            .with_context(|| format!("in {}", self.rel(&out)))?;
+        let deltas: Vec<u64> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| a.saturating_sub(*b))
+            .collect();
+        let total: u64 = deltas.iter().sum();
+        let keys = report.requests.min(CLUSTER_KEYS);
+        let mut text = format!(
+            "\n### Cluster mode: {keys} keys over {} masters\n\n`{}`: {} requests through Nginx in {:.1} s, so keys 0 to {} each decided at least once; \
+             the script calls (EVALSHA + EVAL, `INFO commandstats` deltas) each master ran meanwhile. \
+             Goal: each share within ±10 % of a third (30.0 % to 36.7 %).\n\n\
+             | master | script calls | share | within ±10 % of ⅓ |\n|---|---|---|---|\n",
+            self.masters.len(),
+            argv.join(" "),
+            report.requests,
+            report.seconds(),
+            keys.saturating_sub(1),
+        );
+        let mut all_within = true;
+        for (master, calls) in self.masters.iter().zip(&deltas) {
+            let share = if total > 0 {
+                *calls as f64 / total as f64
+            } else {
+                0.0
+            };
+            let within = (share - 1.0 / 3.0).abs() <= 0.1 / 3.0;
+            all_within &= within;
+            text.push_str(&format!(
+                "| {LOOPBACK}:{} | {calls} | {:.2} % | {} |\n",
+                master.port,
+                100.0 * share,
+                if within { "yes" } else { "**no**" }
+            ));
+            say!(
+                "  master {}: {calls} script calls, {:.2} % of {total}",
+                master.port,
+                100.0 * share
+            );
+        }
+        text.push_str(&format!(
+            "\nEvery share within ±10 % of a third: {}.\n",
+            if all_within && total > 0 {
+                "yes"
+            } else {
+                "**no**"
+            }
+        ));
+        self.cluster_report.push_str(&text);
+        Ok(())
+    }
+
+    /// Sentinel and Cluster mode beside each other: medians of the CPU per decision
+    /// (through Nginx and directly, 64 connections) of each process group.
+    fn side_by_side(&self) -> String {
+        let mut text = String::from(
+            "\n### Sentinel and Cluster mode, side by side\n\n\
+             The same keyed policy (`/limited_endpoint`, 10^9 per 1 s per X-Bench-Key, every request admitted) and load \
+             (wrk -c64 with scripts/bench/keys.lua: a new key every request). Medians over the rounds; CPU in µs per decision. \
+             \"Redis masters\" is the one master in Sentinel mode and all three together in Cluster mode.\n\n\
+             | mode | via | req/s | p99 ms | app µs | Nginx µs | Redis masters µs | replicas µs | sentinels µs | script calls/req | Redis µs/call |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for (phase, mode) in [
+            ("cluster-sentinel", "Sentinel"),
+            ("cluster-redis", "Cluster"),
+        ] {
+            for via in [Via::Nginx, Via::Direct] {
+                let rows: Vec<&Row> = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.phase == phase && r.via == via)
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let median = |field: fn(&Row) -> f64| {
+                    crate::stats::median(&rows.iter().map(|r| field(r)).collect::<Vec<_>>())
+                        .unwrap_or(0.0)
+                };
+                text.push_str(&format!(
+                    "| {mode} | {via} | {:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2} |\n",
+                    median(|r| r.per_second),
+                    median(|r| r.p99_ms),
+                    median(|r| r.cpu.app),
+                    median(|r| r.cpu.nginx),
+                    median(|r| r.cpu.master),
+                    median(|r| r.cpu.replicas),
+                    median(|r| r.cpu.sentinels),
+                    median(|r| r.script_calls_per_request),
+                    median(|r| r.usec_per_script_call),
+                ));
+            }
+        }
+        text
     }
 
     /// The gateway (8080: auth_request to an instance's /v1/check, then the demo upstream)
@@ -779,7 +1021,7 @@ impl Bench {
         self.cluster_up_with(
             "gateway",
             &[("POLICY_FILE", policy.display().to_string())],
-            true,
+            &["--gateway"],
         )?;
         self.proxy_up()?;
         self.find_processes()?;
@@ -899,7 +1141,7 @@ impl Bench {
         list: &[Target],
         warm: &[(u16, &str)],
     ) -> Result<()> {
-        self.cluster_up_with(phase, vars, false)?;
+        self.cluster_up_with(phase, vars, &[])?;
         self.find_processes()?;
         self.warm_up(warm);
         self.run_rounds(phase, list)
@@ -924,16 +1166,17 @@ impl Bench {
 
     // --- the cluster ----------------------------------------------------------------
 
-    /// `scripts/cluster.sh up` (with `--gateway`: also the demo upstream behind the gateway).
+    /// `scripts/cluster.sh up` with `flags` (`--gateway`: also the demo upstream behind the
+    /// gateway; `--redis-cluster`: a Redis Cluster instead of Sentinel).
     fn cluster_up_with(
         &mut self,
         phase: &str,
         vars: &[(&str, String)],
-        gateway: bool,
+        flags: &[&str],
     ) -> Result<()> {
         let log = self.out.join(format!("cluster-{phase}.log"));
         let assignments: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let flag = if gateway { " --gateway" } else { "" };
+        let flag: String = flags.iter().map(|f| format!(" {f}")).collect();
         self.note_command(&format!(
             "{} CLUSTER_DIR={} scripts/cluster.sh up{flag}",
             assignments.join(" "),
@@ -945,9 +1188,7 @@ impl Bench {
         );
         self.cluster_up = true;
         let mut command = self.cluster_command("up");
-        if gateway {
-            command.arg("--gateway");
-        }
+        command.args(flags);
         for var in PHASE_VARS {
             command.env_remove(var);
         }
@@ -1026,18 +1267,33 @@ impl Bench {
             groups.nginx.extend(procfs::children_of(master));
         }
         self.master = None;
-        for port in DATA_PORTS {
+        self.masters.clear();
+        let redis_cluster = !recorded_pids(&pids, |n| n.starts_with("redis-cluster-")).is_empty();
+        let (ports, prefix): (&[u16], &str) = if redis_cluster {
+            (&CLUSTER_PORTS, "redis-cluster-")
+        } else {
+            (&DATA_PORTS, "redis-")
+        };
+        for &port in ports {
             let node = Node::new(port, Some(&self.password));
-            let name = format!("redis-{port}");
+            let name = format!("{prefix}{port}");
             let node_pids = recorded_pids(&pids, |n| n == name);
             if node.role().is_ok_and(|role| role == "master") {
                 groups.master.extend(node_pids);
-                self.master = Some(node);
+                if redis_cluster {
+                    self.masters.push(node);
+                } else {
+                    self.master = Some(node);
+                }
             } else {
                 groups.replicas.extend(node_pids);
             }
         }
-        if groups.app.len() != 2 || groups.nginx.len() < 2 || groups.master.len() != 1 {
+        let masters_expected = if redis_cluster { 3 } else { 1 };
+        if groups.app.len() != 2
+            || groups.nginx.len() < 2
+            || groups.master.len() != masters_expected
+        {
             bail!(
                 "cannot find the cluster's processes in {} (instances: {}, nginx: {}, master: {})",
                 self.rel(&pids),
@@ -1052,11 +1308,17 @@ impl Bench {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let master_ports: Vec<String> = self
+            .master
+            .iter()
+            .chain(&self.masters)
+            .map(|node| format!(":{}", node.port))
+            .collect();
         say!(
-            "processes: instances {}; nginx {}; master :{} {}; replicas {}; sentinels {}",
+            "processes: instances {}; nginx {}; master(s) {} {}; replicas {}; sentinels {}",
             list(&groups.app),
             list(&groups.nginx),
-            self.master.as_ref().map_or(0, |node| node.port),
+            master_ports.join(","),
             list(&groups.master),
             list(&groups.replicas),
             list(&groups.sentinels)
@@ -1105,6 +1367,7 @@ impl Bench {
             ..Groups::default()
         };
         self.master = None;
+        self.masters.clear();
         self.direct_port = port;
         self.memory_instance = Some(instance);
         Ok(())
@@ -1230,10 +1493,12 @@ impl Bench {
 
     fn redis_counters(&self) -> ScriptCounters {
         self.master
-            .as_ref()
-            .and_then(|node| node.command_stats().ok())
-            .map(|stats| stats.script_counters())
-            .unwrap_or_default()
+            .iter()
+            .chain(&self.masters)
+            .filter_map(|node| node.command_stats().ok())
+            .fold(ScriptCounters::default(), |sum, stats| {
+                sum.plus(&stats.script_counters())
+            })
     }
 
     /// The access log of the Nginx a way in goes through (the cluster's serves 8000 and
@@ -1271,6 +1536,18 @@ impl Bench {
         let json = self.out.join(format!("{name}.json"));
         let duration = format!("{}s", self.options.duration);
         let mut argv: Vec<String> = match target.tool {
+            Tool::WrkKeys => vec![
+                "wrk".into(),
+                format!("-t{}", self.options.threads),
+                format!("-c{}", target.connections),
+                format!("-d{duration}"),
+                "--latency".into(),
+                "-s".into(),
+                KEYS_SCRIPT.into(),
+                url,
+                "--".into(),
+                CLUSTER_KEYS.to_string(),
+            ],
             Tool::Wrk => vec![
                 "wrk".into(),
                 format!("-t{}", self.options.threads),
@@ -1335,7 +1612,7 @@ impl Bench {
 
         let mut closed = 0;
         let traffic = match target.tool {
-            Tool::Wrk => {
+            Tool::Wrk | Tool::WrkKeys => {
                 let output = fs::read_to_string(&out)?;
                 let report = WrkReport::from_output(&output)
                     .with_context(|| format!("in {}", self.rel(&out)))?;

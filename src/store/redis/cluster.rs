@@ -64,6 +64,13 @@ const RETRIES: u32 = 16;
 /// timeout: a failover or a slot move settles in milliseconds on a LAN.
 const RETRY_WAIT_MIN_MS: u64 = 1;
 const RETRY_WAIT_FACTOR_MS: u64 = 2;
+/// A connect may take this share of the timeout. A master that died with its host (a killed
+/// container: its address answers nothing, not even a refusal) is a seed the client
+/// reconnects to, and while it does every request of that connection waits: a connect
+/// bounded by the whole timeout would make every decision time out, again and again, for
+/// as long as the dead node stays listed. A quarter leaves the rest to reconnect to the
+/// live seeds, read the new slot map and decide on the promoted replica.
+const CONNECT_SHARE: u32 = 4;
 
 /// How often the watch announces this instance and reads the slot map: well within the
 /// registry's 5 s, so a live instance is always counted.
@@ -110,7 +117,7 @@ impl ClusterStore {
     pub fn new(settings: &ClusterSettings, metrics: Metrics) -> RedisResult<Self> {
         let timeout = settings.timeout;
         let client = ClusterClientBuilder::new(settings.nodes.clone())
-            .connection_timeout(timeout)
+            .connection_timeout((timeout / CONNECT_SHARE).max(Duration::from_millis(1)))
             .response_timeout(timeout)
             .overall_response_timeout(Some(timeout))
             .retries(RETRIES)
