@@ -27,11 +27,13 @@
 #     plus the local fallback's shares during T (docs/RELIABILITY.md, "Measured");
 #   - VmRSS and open descriptors of every process grew less than 5 % from its first
 #     samples after warm-up to its last ones (the median of 6 each, taken while the load
-#     runs). Warm-up: 60 s after the load started, or after the process did if later (a
-#     restarted data node); for a data node also until its replication backlog is full
-#     (repl-backlog-size, 4 MB at about 35 KB/s: two minutes), since until then it grows
-#     with every write by design. A process with less than 30 s of samples after its
-#     warm-up (every data node in a 2-minute soak) is listed as not judged.
+#     runs; a data node's only in the role it ended in, since a master holds more
+#     connections than a replica). Warm-up: 60 s, or a quarter of the run if longer,
+#     after the load started or the process did if later (a restarted data node); for a
+#     data node also until its replication backlog is full (repl-backlog-size, 4 MB at
+#     about 35 KB/s: two minutes), since until then it grows with every write by design.
+#     A process with less than 30 s of samples after its warm-up (every data node in a
+#     2-minute soak) is listed as not judged.
 # Decisions by the fallback in a minute without a kill (a Redis call that timed out on a
 # busy machine) are reported; the per-client bound, which allows nothing for them, judges.
 # It prints the tables (Markdown) and leaves them, with every minute's summary and the

@@ -94,8 +94,9 @@ pub struct Options {
     /// Minutes between two master kills (the first comes in the first minute).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     kill_every: u64,
-    /// Seconds of warm-up: samples of a process count from this long after the load
-    /// started or the process did, whichever is later.
+    /// Seconds of warm-up, at least (a quarter of the run when that is longer): samples
+    /// of a process count from this long after the load started or the process did,
+    /// whichever is later.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
     warmup_secs: u64,
 }
@@ -299,6 +300,9 @@ pub struct Sample {
     /// `repl_backlog_size`)? Until then it grows with every write, by design, up to
     /// `repl-backlog-size`. `None` for every other process.
     pub backlog_full: Option<bool>,
+    /// A data node: `master` or `slave`. Its descriptors follow its role (a master holds
+    /// the instances' connections and its replicas'), so only samples of one role compare.
+    pub role: Option<String>,
 }
 
 /// A process's memory and descriptors from the first sample after its warm-up to its last.
@@ -349,7 +353,8 @@ fn median(samples: &[&Sample], value: impl Fn(&Sample) -> u64) -> u64 {
 
 /// Per process (name and pid, in the order first seen): its warm-up ends `warmup_s`
 /// after its first sample (the load starts at 0 s, with every process of the cluster
-/// already up), and for a data node not before its replication backlog is full.
+/// already up), and for a data node not before its replication backlog is full; of a
+/// data node, only the samples taken in the role it ended in count.
 /// Compared are the first samples after warm-up and the last ones (the median of
 /// [`MEDIAN_OF`] each, fewer when there are fewer), all taken while the load ran
 /// (`under_load`: connections, and so descriptors, come and go between the load
@@ -375,10 +380,11 @@ pub fn flatness(
                 .filter(|s| s.name == name && s.pid == pid)
                 .collect();
             let warm = own.first().map_or(0.0, |s| s.at_s) + warmup_s;
+            let final_role = own.last().and_then(|s| s.role.clone());
             let judged: Vec<&Sample> = own
                 .iter()
                 .copied()
-                .filter(|s| under_load(s.at_s))
+                .filter(|s| under_load(s.at_s) && s.role == final_role)
                 .skip_while(|s| s.at_s < warm || s.backlog_full == Some(false))
                 .collect();
             let (Some(first), Some(last)) = (judged.first(), judged.last()) else {
@@ -456,6 +462,14 @@ pub fn run(options: Options) -> Result<()> {
     soak.run()
 }
 
+/// The warm-up: `at_least` seconds, or a quarter of the run when that is longer. Memory
+/// settles where the first hard minutes leave it (the first failovers and the first
+/// slow calls: allocators keep what the busiest moment asked for), which comes later in
+/// a longer run; a leak goes on growing over the three quarters left.
+pub fn warmup_secs(at_least: u64, minutes: u64) -> u64 {
+    at_least.max(minutes * 60 / 4)
+}
+
 fn write_policy(path: &Path, policy: &Policy) -> Result<()> {
     // A new file renamed over the old: the watcher never reads half a file.
     let fresh = path.with_extension("toml.new");
@@ -506,7 +520,7 @@ impl Soak {
         let report = Report {
             minutes,
             samples,
-            warmup_s: self.options.warmup_secs as f64,
+            warmup_s: warmup_secs(self.options.warmup_secs, self.options.minutes) as f64,
             rate: self.options.rate,
             started: machine::utc_minute(started_at),
             machine: Machine::read(),
@@ -783,11 +797,14 @@ fn look_at(pid: u32) -> Option<(u64, u64)> {
     (rss_kib > 0).then_some((rss_kib, fds))
 }
 
-fn backlog_full(node: &Node) -> bool {
-    node.info("replication").is_ok_and(|info| {
-        let field = |name| info_field(&info, name).and_then(|v| v.parse::<u64>().ok());
-        matches!((field("repl_backlog_histlen"), field("repl_backlog_size")), (Some(len), Some(size)) if len >= size)
-    })
+/// A data node's role, and whether its replication backlog is full.
+fn replication(node: &Node) -> (Option<String>, bool) {
+    let Ok(info) = node.info("replication") else {
+        return (None, false);
+    };
+    let field = |name| info_field(&info, name).and_then(|v| v.parse::<u64>().ok());
+    let full = matches!((field("repl_backlog_histlen"), field("repl_backlog_size")), (Some(len), Some(size)) if len >= size);
+    (info_field(&info, "role").map(str::to_owned), full)
 }
 
 /// Every running process of the pids file, and Nginx's workers (one sample for all of
@@ -802,11 +819,11 @@ fn sample_once(pids_file: &Path, password: &str, at_s: f64) -> Vec<Sample> {
         let Some((rss_kib, fds)) = look_at(record.pid) else {
             continue;
         };
-        let backlog = record
+        let replication = record
             .name
             .strip_prefix("redis-")
             .and_then(|port| port.parse::<u16>().ok())
-            .map(|port| backlog_full(&Node::new(port, Some(password))));
+            .map(|port| replication(&Node::new(port, Some(password))));
         if record.name == "nginx" {
             let workers: Vec<(u64, u64)> = children_of(record.pid)
                 .into_iter()
@@ -819,6 +836,7 @@ fn sample_once(pids_file: &Path, password: &str, at_s: f64) -> Vec<Sample> {
                 rss_kib: workers.iter().map(|w| w.0).sum(),
                 fds: workers.iter().map(|w| w.1).sum(),
                 backlog_full: None,
+                role: None,
             });
         }
         taken.push(Sample {
@@ -827,7 +845,8 @@ fn sample_once(pids_file: &Path, password: &str, at_s: f64) -> Vec<Sample> {
             pid: record.pid,
             rss_kib,
             fds,
-            backlog_full: backlog,
+            backlog_full: replication.as_ref().map(|r| r.1),
+            role: replication.and_then(|r| r.0),
         });
     }
     taken
@@ -855,15 +874,20 @@ fn sample_until(
 }
 
 fn write_samples(path: &Path, samples: &[Sample]) -> Result<()> {
-    let mut text = String::from("at_s,name,pid,rss_kib,fds,backlog_full\n");
+    let mut text = String::from("at_s,name,pid,rss_kib,fds,backlog_full,role\n");
     for s in samples {
         let backlog = s
             .backlog_full
             .map_or(String::new(), |full| full.to_string());
         let _ = writeln!(
             text,
-            "{:.1},{},{},{},{},{backlog}",
-            s.at_s, s.name, s.pid, s.rss_kib, s.fds
+            "{:.1},{},{},{},{},{backlog},{}",
+            s.at_s,
+            s.name,
+            s.pid,
+            s.rss_kib,
+            s.fds,
+            s.role.as_deref().unwrap_or("")
         );
     }
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
@@ -1119,6 +1143,7 @@ mod tests {
             rss_kib,
             fds,
             backlog_full: None,
+            role: None,
         }
     }
 
@@ -1151,6 +1176,28 @@ mod tests {
             always,
         );
         assert!(!grown[0].2.clone().unwrap().flat());
+    }
+
+    #[test]
+    fn warm_up_is_a_minute_or_a_quarter_of_the_run() {
+        assert_eq!(warmup_secs(60, 2), 60);
+        assert_eq!(warmup_secs(60, 30), 450);
+    }
+
+    #[test]
+    fn a_data_node_is_judged_in_the_role_it_ended_in() {
+        let node = |at_s, fds, role: &str| Sample {
+            role: Some(role.into()),
+            ..sample(at_s, "redis-7381", 9, 18_000, fds)
+        };
+        let samples = vec![
+            node(60.0, 17, "slave"),
+            node(90.0, 17, "slave"),
+            node(120.0, 20, "master"),
+            node(150.0, 20, "master"),
+        ];
+        let f = flatness(&samples, 0.0, always)[0].2.clone().unwrap();
+        assert_eq!((f.from_s, f.fds), (120.0, (20, 20)));
     }
 
     #[test]
