@@ -54,6 +54,10 @@
 # CLUSTER_DIR (default run/cluster, ignored by git) holds configs, data, logs and pids, and
 # in the file `mode` which of the two Redis topologies `up` started (sentinel or
 # redis-cluster), which `status`, `failover` and `logs` follow.
+# CLUSTER_PORT_OFFSET (default 0) is added to every port above (data nodes, sentinels,
+# Cluster mode's nodes, instances, Nginx, gateway, demo upstream), so a second cluster
+# (scripts/soak.sh uses 1000: Nginx on 9000, master 7379) runs beside one on the default
+# ports; give it its own CLUSTER_DIR too. With an offset, Nginx never listens on port 80.
 # CLUSTER_WAIT_SECS (default 30) bounds each wait. RATELIMITER_BIN runs another binary
 # instead of building target/release/ratelimiter; DEMO_UPSTREAM_BIN likewise for
 # target/release/demo-upstream.
@@ -80,22 +84,26 @@ PASSWORD_NAMES=(REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTI
 REDIS_USERNAME=ratelimiter
 KEY_PREFIX=${KEY_PREFIX:-ratelimit}
 
+PORT_OFFSET=${CLUSTER_PORT_OFFSET:-0}
+[[ $PORT_OFFSET =~ ^[0-9]+$ ]] && ((PORT_OFFSET <= 30000)) ||
+    die "CLUSTER_PORT_OFFSET must be a whole number from 0 to 30000, got \"$PORT_OFFSET\""
 PROXY_ADDR=127.0.0.2
 MASTER_NAME=redis-master
-MASTER_PORT=6379
-REPLICA_PORTS=(6380 6381)
+MASTER_PORT=$((6379 + PORT_OFFSET))
+REPLICA_PORTS=($((6380 + PORT_OFFSET)) $((6381 + PORT_OFFSET)))
 DATA_PORTS=("$MASTER_PORT" "${REPLICA_PORTS[@]}")
-SENTINEL_PORTS=(26379 26380 26381)
+SENTINEL_PORTS=($((26379 + PORT_OFFSET)) $((26380 + PORT_OFFSET)) $((26381 + PORT_OFFSET)))
 # Cluster mode: six nodes, of which redis-cli --cluster create makes three masters. Each also
 # listens on its port + 10000, the cluster bus.
-CLUSTER_PORTS=(7000 7001 7002 7003 7004 7005)
+CLUSTER_PORTS=()
+for port in 7000 7001 7002 7003 7004 7005; do CLUSTER_PORTS+=($((port + PORT_OFFSET))); done
 CLUSTER_SLOTS=16384
 APP_NAMES=(app-1 app-2)
-APP_PORTS=(8001 8002)
-NGINX_PORT=8000
-GATEWAY_PORT=8080
-UPSTREAM_PORT=8081
-UPSTREAM_COUNT_PORT=8082
+APP_PORTS=($((8001 + PORT_OFFSET)) $((8002 + PORT_OFFSET)))
+NGINX_PORT=$((8000 + PORT_OFFSET))
+GATEWAY_PORT=$((8080 + PORT_OFFSET))
+UPSTREAM_PORT=$((8081 + PORT_OFFSET))
+UPSTREAM_COUNT_PORT=$((8082 + PORT_OFFSET))
 GATEWAY_UPSTREAM=${GATEWAY_UPSTREAM:-$LOOPBACK:$UPSTREAM_PORT}
 GATEWAY_FAIL_MODE=${GATEWAY_FAIL_MODE:-closed}
 
@@ -270,7 +278,9 @@ render_sentinel_conf() {
 render_nginx_conf() {
     local prefix=$1 out=$2 listen
     listen="listen $LOOPBACK:$NGINX_PORT;"
-    if ! can_bind_port_80; then
+    if ((PORT_OFFSET != 0)); then
+        say "note: not listening on port 80 (CLUSTER_PORT_OFFSET=$PORT_OFFSET); port $NGINX_PORT only"
+    elif ! can_bind_port_80; then
         say "note: not listening on port 80 (needs root or net.ipv4.ip_unprivileged_port_start <= 80); port $NGINX_PORT only"
     elif port_open 80; then
         say "note: port 80 is already in use; Nginx listens on port $NGINX_PORT only"
@@ -498,7 +508,7 @@ start_sentinel_group() {
         wait_for "redis-$port" "INFO replication shows master_link_status:up (replica of $LOOPBACK:$MASTER_PORT)" \
             replica_linked "$port"
     done
-    say "replication is linked: 6379 -> ${REPLICA_PORTS[*]}"
+    say "replication is linked: $MASTER_PORT -> ${REPLICA_PORTS[*]}"
 
     for port in "${SENTINEL_PORTS[@]}"; do
         dir=$CLUSTER_DIR/sentinel-$port

@@ -10,6 +10,10 @@
 # native cluster, so `cargo test` reports them as ignored; the full run runs them through
 # scripts/e2e-cluster.sh, which starts it.
 #
+# The full run ends with a 2-minute soak (scripts/soak.sh --minutes 2: steady load, a master
+# kill, a restart in place, a policy reload, memory and descriptors sampled), on its own
+# cluster with ports shifted by 1000.
+#
 # The Compose suite needs a Docker engine; without one it is skipped with a notice,
 # except in CI (CI=true) or with REQUIRE_DOCKER=1, where a missing engine is a failure.
 #
@@ -62,3 +66,8 @@ elif [[ "${CI:-}" == true || "${REQUIRE_DOCKER:-0}" == 1 ]]; then
 else
   section "skipped: Docker Compose suite (no Docker engine answers; REQUIRE_DOCKER=1 makes this an error)"
 fi
+
+suite_started=$SECONDS
+section "soak: 2 minutes of load with a master kill, a restart in place and a policy reload (scripts/soak.sh --minutes 2)"
+scripts/soak.sh --minutes 2
+echo "soak: $((SECONDS - suite_started)) s"

@@ -21,7 +21,7 @@
 //!   headers and the one problem+json shape.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
 //! - [`reload`]: keeps the policy file's parsed set current (SIGHUP, file changes).
-//! - [`telemetry`]: log format.
+//! - [`telemetry`]: log format, and the thread that alone writes the logs to stderr.
 //! - [`startup`]: the composition root, [`startup::Application`].
 //!
 //! Dependencies point one way: `startup` → `settings` → `http` → `decision` → `store` →

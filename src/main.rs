@@ -14,7 +14,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ratelimiter::telemetry::init(&settings.instance_name);
+    // Kept to the end: its drop writes the lines still queued.
+    let _log_writer =
+        ratelimiter::telemetry::init(&settings.instance_name, settings.log_queue_lines);
     log::info!("starting: {settings}");
     let served = actix_rt::System::new().block_on(async move {
         let app = Application::build(settings)

@@ -3,11 +3,12 @@
 //! prefix, never labelled per client. It knows nothing of the modules that record: they
 //! pass their labels in, so no import runs back from here.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -64,8 +65,31 @@ struct PolicyVersionLabels {
     version: String,
 }
 
+/// Where a count kept outside the registry is read, once the composition root says.
+type Reading = Arc<OnceLock<fn() -> u64>>;
+
+/// A counter whose value lives elsewhere (the log writer counts the lines it drops, and
+/// the logger is the process's, not this handle's): read at every scrape, 0 until a
+/// reading is given.
+#[derive(Debug)]
+struct ReadCounter {
+    name: &'static str,
+    help: &'static str,
+    reading: Reading,
+}
+
+impl Collector for ReadCounter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(self.reading.get().map_or(0, |read| read()));
+        let metric =
+            encoder.encode_descriptor(self.name, self.help, None, counter.metric_type())?;
+        counter.encode(metric)
+    }
+}
+
 struct Recorder {
     registry: Registry,
+    log_lines_dropped: Reading,
     decisions: Family<DecisionLabels, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
     policy_reloads: Family<ResultLabels, Counter>,
@@ -167,8 +191,15 @@ impl Recorder {
             "The active policy set's version, a hash of its file (value 1)",
             policy_version.clone(),
         );
+        let log_lines_dropped = Reading::default();
+        registry.register_collector(Box::new(ReadCounter {
+            name: "log_lines_dropped",
+            help: "Log lines dropped because the queue to the stderr writer was full (LOG_QUEUE_LINES)",
+            reading: Arc::clone(&log_lines_dropped),
+        }));
         Self {
             registry,
+            log_lines_dropped,
             decisions,
             limit_decisions,
             policy_reloads,
@@ -232,6 +263,14 @@ impl Metrics {
                 decision: if allowed { "allowed" } else { "limited" },
             })
             .inc();
+    }
+
+    /// Where `ratelimit_log_lines_dropped_total` is read from at every scrape; the first
+    /// reading given stays.
+    pub fn read_log_lines_dropped(&self, read: fn() -> u64) {
+        if let Some(recorder) = &self.recorder {
+            let _ = recorder.log_lines_dropped.set(read);
+        }
     }
 
     /// A policy reload attempt (`applied`, `rejected`, `unreadable`).
@@ -348,6 +387,24 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropped_log_lines_are_read_at_every_scrape() {
+        let metrics = Metrics::new(true);
+        assert!(
+            metrics
+                .render()
+                .contains("\nratelimit_log_lines_dropped_total 0\n")
+        );
+        metrics.read_log_lines_dropped(|| 42);
+        assert!(
+            metrics
+                .render()
+                .contains("\nratelimit_log_lines_dropped_total 42\n"),
+            "{}",
+            metrics.render()
+        );
+    }
 
     #[test]
     fn two_handles_keep_their_own_figures() {

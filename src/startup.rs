@@ -68,6 +68,7 @@ impl Application {
         let port = listener.local_addr().map_err(StartupError::Server)?.port();
 
         let metrics = Metrics::new(settings.metrics);
+        metrics.read_log_lines_dropped(crate::telemetry::dropped_lines);
         let (buckets, instances, resolver, cluster_watch) =
             build_buckets(&settings, &metrics).await?;
         let decider = Decider::new(DeciderSettings {

@@ -6,7 +6,8 @@
 //! the Markdown block of docs/BENCHMARKS.md.
 //!
 //! # Layout
-//! - [`throughput`] and [`memory`]: the two runs, start to report.
+//! - [`throughput`] and [`memory`]: the two runs, start to report; [`soak`], the soak of
+//!   scripts/soak.sh.
 //! - [`row`] and [`script`]: one measurement, one `redis-benchmark` run, as typed rows.
 //! - [`report`]: the goals, the tables of medians and the block `--record` writes.
 //! - [`stats`]: medians, spreads, number formats.
@@ -27,6 +28,7 @@ mod redis_info;
 mod report;
 mod row;
 mod script;
+mod soak;
 mod spawn;
 mod stats;
 mod throughput;
@@ -76,6 +78,9 @@ enum Run {
     Throughput(throughput::Options),
     /// Resident memory after many client identities (scripts/memory.sh).
     Memory(memory::Options),
+    /// Steady load with master kills, restarts and a policy reload, then a verdict
+    /// (scripts/soak.sh).
+    Soak(soak::Options),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +93,10 @@ fn main() -> ExitCode {
         Run::Memory(options) => {
             let _ = NAME.set("memory");
             memory::run(options)
+        }
+        Run::Soak(options) => {
+            let _ = NAME.set("soak");
+            soak::run(options)
         }
     };
     match result {

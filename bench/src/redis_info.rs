@@ -84,6 +84,21 @@ impl Node {
             .is_ok_and(|reply| reply == "PONG")
     }
 
+    /// A sentinel's `SENTINEL GET-MASTER-ADDR-BY-NAME`: the master's port (every node of
+    /// the topology is on loopback).
+    pub fn sentinel_master_port(&self, master_name: &str) -> Result<u16> {
+        let reply: Vec<String> = self.query(
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(master_name),
+        )?;
+        let port = reply
+            .get(1)
+            .with_context(|| format!("sentinel on port {} named no master", self.port))?;
+        port.parse()
+            .with_context(|| format!("sentinel on port {} named port {port:?}", self.port))
+    }
+
     pub fn del(&self, keys: &[&str]) -> Result<u64> {
         self.query(redis::cmd("DEL").arg(keys))
     }

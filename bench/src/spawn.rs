@@ -81,6 +81,26 @@ fn log_file(log: &Path) -> Result<(File, File)> {
     Ok((out, err))
 }
 
+/// Starts `command` in the background and records it, without owning it: it outlives
+/// this program, and whoever stops the pids file's processes stops it (a data node of
+/// scripts/cluster.sh restarted in place, which `scripts/cluster.sh down` stops).
+pub fn spawn_recorded(
+    records: &Records,
+    name: &str,
+    command: &mut Command,
+    log: &Path,
+) -> Result<u32> {
+    let (out, err) = log_file(log)?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("cannot start {name} ({command:?})"))?;
+    records.add(name, child.id(), log)?;
+    Ok(child.id())
+}
+
 /// A process this program started and will stop.
 #[derive(Debug)]
 pub struct Started {

@@ -132,6 +132,8 @@ settings! {
         "reported in bodies, `X-Instance` and logs";
     ACCESS_LOG: Value("off"), Switch,
         "one `info` line per request";
+    LOG_QUEUE_LINES: Value("8192"), Whole { min: 1, max: 1_000_000 },
+        "log lines that may wait for the thread that writes them to stderr; past that, lines are dropped and counted (`ratelimit_log_lines_dropped_total`), so a slow stderr never stalls a request";
     METRICS: Value("on"), Switch,
         "`off` records nothing for `/metrics`; `scripts/bench.sh` compares both and found no measurable difference in CPU per request";
     SHUTDOWN_TIMEOUT_S: Value("10"), Whole { min: 0, max: 3600 },

@@ -101,6 +101,8 @@ pub struct Settings {
     pub instance_name: String,
     pub headers: HeaderMode,
     pub access_log: bool,
+    /// `LOG_QUEUE_LINES`: how many log lines may wait for the writer thread.
+    pub log_queue_lines: usize,
     pub shutdown_timeout: Duration,
     pub deny_cache_size: usize,
     pub memory_store_max_buckets: usize,
@@ -323,6 +325,7 @@ impl Parser {
         let headers = self.word::<HeaderMode>(&RATELIMIT_HEADERS);
         let metrics = self.switch(&METRICS);
         let access_log = self.switch(&ACCESS_LOG);
+        let log_queue_lines = self.whole(&LOG_QUEUE_LINES);
         let shutdown_timeout = self.whole(&SHUTDOWN_TIMEOUT_S);
         let deny_cache_size = self.whole(&DENY_CACHE_SIZE);
         let memory_store_max_buckets = self.whole(&MEMORY_STORE_MAX_BUCKETS);
@@ -368,6 +371,7 @@ impl Parser {
             Some(headers),
             Some(metrics),
             Some(access_log),
+            Some(log_queue_lines),
             Some(shutdown_timeout),
             Some(deny_cache_size),
             Some(memory_store_max_buckets),
@@ -386,6 +390,7 @@ impl Parser {
             headers,
             metrics,
             access_log,
+            log_queue_lines,
             shutdown_timeout,
             deny_cache_size,
             memory_store_max_buckets,
@@ -419,6 +424,7 @@ impl Parser {
             instance_name,
             headers,
             access_log,
+            log_queue_lines: log_queue_lines as usize,
             shutdown_timeout: Duration::from_secs(shutdown_timeout),
             deny_cache_size: deny_cache_size as usize,
             memory_store_max_buckets: memory_store_max_buckets as usize,

@@ -1,8 +1,11 @@
-//! Operating the service: metrics and graceful shutdown. Each service builds its own
+//! Operating the service: metrics, logging and graceful shutdown. Each service builds its own
 //! metrics handle, so these tests run side by side and count exactly.
 
 #[path = "../support/mod.rs"]
 mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use support::{TestApp, client, metric, metrics};
 
@@ -78,11 +81,15 @@ struct Service {
 
 impl Service {
     fn start(vars: &[(&str, &str)]) -> Self {
+        Self::start_with_stderr(&[&[("RUST_LOG", "warn")], vars].concat(), Stdio::null())
+    }
+
+    /// `vars` may set `RUST_LOG`. A piped stderr stays with the child, unread.
+    fn start_with_stderr(vars: &[(&str, &str)], stderr: Stdio) -> Self {
         let port = support::free_port();
         let child = support::service_command(port, vars)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start the service");
         let service = Self {
@@ -114,6 +121,54 @@ impl Drop for Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// With access logging on, every request logs a line; this stderr is a pipe nobody reads,
+/// so it is full after about 64 KiB. A worker that wrote there itself would block on the
+/// next line, and its request with it.
+#[tokio::test]
+async fn a_stderr_nobody_reads_stalls_no_request_and_the_lines_it_cannot_take_are_counted() {
+    let service = Service::start_with_stderr(
+        &[
+            ("ACCESS_LOG", "on"),
+            ("RUST_LOG", "info"),
+            ("LOG_QUEUE_LINES", "64"),
+        ],
+        Stdio::piped(),
+    );
+    let http = client();
+    let started = Instant::now();
+    for request in 0..2000 {
+        let status = http
+            .get(format!("{}/limited_endpoint", service.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("request {request} was not answered within the client's 10 s: {e}")
+            })
+            .status();
+        assert!(
+            matches!(status.as_u16(), 200 | 429),
+            "request {request}: {status}"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(60),
+        "2,000 requests took {took:?}"
+    );
+    let text = http
+        .get(format!("{}/metrics", service.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The pipe takes some 600 lines of about 110 bytes and the queue 64: most of the
+    // 2,000 are dropped, every one of them counted.
+    let dropped = metric(&text, "ratelimit_log_lines_dropped_total");
+    assert!(dropped >= 1000.0, "dropped {dropped} lines:\n{text}");
 }
 
 #[tokio::test]
