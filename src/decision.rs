@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::bucket::{Charge, Decision, Group, Limit};
+use crate::bucket::{Charge, Group, Level, Limit, Taken};
 use crate::deny_cache::DenyCache;
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
-use crate::store::{KeyedCharge, Outcome, Store, StoreError};
+use crate::store::{KeyedCharge, Store, StoreError};
 
 /// What to do when Redis cannot decide (`FAIL_MODE`).
 #[derive(
@@ -90,7 +90,7 @@ pub struct Judged<'a> {
     /// The limit it was judged under: the configured one, or its share in the fallback.
     pub limit: Limit,
     pub group: Group,
-    pub decision: Decision,
+    pub decision: Level,
 }
 
 /// A limit that applied when no bucket could be asked.
@@ -365,11 +365,11 @@ impl Decider {
             .as_ref()
             .map(|denials| (denials, denials.fingerprint(charges), denials.now_us()));
         if let Some((denials, fingerprint, now_us)) = asked
-            && let Some(decisions) = denials.lookup_at(fingerprint, now_us)
+            && let Some(levels) = denials.lookup_at(fingerprint, now_us)
         {
-            let outcome = Outcome {
+            let outcome = Taken {
                 admitted: false,
-                decisions,
+                levels,
             };
             return judged(Bucket::Shared, names, charges, outcome);
         }
@@ -448,12 +448,12 @@ fn judged<'a>(
     bucket: Bucket,
     names: &[LimitName<'a>],
     charges: &[KeyedCharge],
-    outcome: Outcome,
+    outcome: Taken,
 ) -> Verdict<'a> {
     let limits = names
         .iter()
         .zip(charges)
-        .zip(outcome.decisions)
+        .zip(outcome.levels)
         .map(|((name, keyed), decision)| Judged {
             name: *name,
             limit: keyed.charge.limit,

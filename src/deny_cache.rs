@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use quick_cache::sync::Cache;
 
-use crate::bucket::{Decision, Group};
-use crate::store::{KeyedCharge, Outcome};
+use crate::bucket::{Group, Level, Taken};
+use crate::store::KeyedCharge;
 
 /// One bucket's figures in a cached denial, as deadlines on the cache's clock.
 #[derive(Debug, Clone, Copy)]
@@ -77,7 +77,7 @@ impl DenyCache {
     }
 
     /// The cached denial of the question `fingerprint` at `now_us`, if one still holds.
-    pub fn lookup_at(&self, fingerprint: Fingerprint, now_us: u64) -> Option<Vec<Decision>> {
+    pub fn lookup_at(&self, fingerprint: Fingerprint, now_us: u64) -> Option<Vec<Level>> {
         let denial = self.entries.get(&fingerprint)?;
         if now_us >= denial.until_us {
             self.entries.remove(&fingerprint);
@@ -88,7 +88,7 @@ impl DenyCache {
             denial
                 .buckets
                 .iter()
-                .map(|figures| Decision {
+                .map(|figures| Level {
                     allowed: figures.allowed && figures.retry_at_us <= now_us,
                     remaining: figures.remaining,
                     next_token_us: after(figures.next_token_at_us),
@@ -105,14 +105,14 @@ impl DenyCache {
         fingerprint: Fingerprint,
         asked_at_us: u64,
         charges: &[KeyedCharge],
-        outcome: &Outcome,
+        outcome: &Taken,
     ) {
         if outcome.admitted || asked_at_us < self.cleared_at_us.load(Ordering::Acquire) {
             return;
         }
         let lacking = charges
             .iter()
-            .zip(&outcome.decisions)
+            .zip(&outcome.levels)
             .filter(|(keyed, decision)| keyed.charge.group == Group::Enforced && !decision.allowed)
             .map(|(_, decision)| decision.retry_after_us)
             .max()
@@ -122,7 +122,7 @@ impl DenyCache {
         }
         let at = |after_us: u64| asked_at_us.saturating_add(after_us);
         let buckets = outcome
-            .decisions
+            .levels
             .iter()
             .map(|decision| Figures {
                 allowed: decision.allowed,
@@ -192,10 +192,10 @@ mod tests {
             .collect()
     }
 
-    fn denial(retry_after_us: u64) -> Outcome {
-        Outcome {
+    fn denial(retry_after_us: u64) -> Taken {
+        Taken {
             admitted: false,
-            decisions: vec![Decision {
+            levels: vec![Level {
                 allowed: false,
                 remaining: 0,
                 next_token_us: retry_after_us,
@@ -249,16 +249,16 @@ mod tests {
     fn with_several_limits_the_denial_lasts_until_the_last_lacking_one_recovers() {
         let cache = DenyCache::new(10).unwrap();
         let both = charges("a", &[limit(10, 60, 10), limit(15, 3600, 15)]);
-        let lacking = |retry_after_us| Decision {
+        let lacking = |retry_after_us| Level {
             allowed: false,
             remaining: 0,
             next_token_us: retry_after_us,
             full_after_us: retry_after_us,
             retry_after_us,
         };
-        let outcome = Outcome {
+        let outcome = Taken {
             admitted: false,
-            decisions: vec![lacking(6_000_000), lacking(240_000_000)],
+            levels: vec![lacking(6_000_000), lacking(240_000_000)],
         };
         let key = cache.fingerprint(&both);
         cache.remember_at(key, 0, &both, &outcome);
@@ -315,17 +315,17 @@ mod tests {
             let (mut admitted_with, mut admitted_without) = (0, 0);
             for i in 0..steps as u64 {
                 let sent = i * gap;
-                let plain = bucket::take_all(&bucket_charges, &without, sent + delay);
-                plain.apply_to(&mut without);
+                let (plain, plain_writes) = bucket::take_all(&bucket_charges, &without, sent + delay);
+                plain_writes.apply_to(&mut without);
                 admitted_without += u64::from(plain.admitted);
 
                 if cache.lookup_at(key, sent).is_some() {
                     continue;
                 }
-                let taken = bucket::take_all(&bucket_charges, &with_cache, sent + delay);
-                taken.apply_to(&mut with_cache);
+                let (taken, taken_writes) = bucket::take_all(&bucket_charges, &with_cache, sent + delay);
+                taken_writes.apply_to(&mut with_cache);
                 admitted_with += u64::from(taken.admitted);
-                let outcome = Outcome { admitted: taken.admitted, decisions: taken.decisions };
+                let outcome = Taken { admitted: taken.admitted, levels: taken.levels };
                 cache.remember_at(key, sent, &question, &outcome);
             }
             prop_assert_eq!(admitted_with, admitted_without);

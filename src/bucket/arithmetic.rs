@@ -47,7 +47,7 @@ impl Charge {
 
 /// One bucket's answer, and what the client may be told about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
+pub struct Level {
     /// Whether this bucket had the tokens. The request is admitted when every enforced
     /// bucket had them ([`Taken::admitted`]).
     pub allowed: bool,
@@ -62,7 +62,7 @@ pub struct Decision {
     pub retry_after_us: u64,
 }
 
-impl Decision {
+impl Level {
     /// Derives the client-facing figures from the units a bucket holds after deciding.
     /// Both stores call this, so headers cannot disagree between them.
     pub fn from_units(limit: &Limit, allowed: bool, tokens: u64, cost: u64) -> Self {
@@ -114,74 +114,108 @@ pub fn rebased(state: Option<BucketState>, now_us: u64) -> bool {
     state.is_some_and(|state| state.updated_us > now_us)
 }
 
-/// What one request did to its buckets.
+/// What one request did to its buckets: the answer every store gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     /// Every enforced bucket had the tokens, and paid them.
     pub admitted: bool,
     /// One per charge, in order.
-    pub decisions: Vec<Decision>,
-    /// One per charge: the state to store, or `None` where the stored one still holds. A
-    /// bucket that paid nothing (it did not pay, or was charged 0, which only reads) is
-    /// unchanged: refill is linear, so its old state still describes it exactly (and a
-    /// missing one is still full), and the store need not write. The exception is a
-    /// bucket written on a clock ahead of this one (see [`rebased`]).
-    pub writes: Vec<Option<BucketState>>,
+    pub levels: Vec<Level>,
 }
 
-impl Taken {
+/// One per charge of a [`take_all`]: the state to store, or `None` where the stored one
+/// still holds. A bucket that paid nothing (it did not pay, or was charged 0, which only
+/// reads) is unchanged: refill is linear, so its old state still describes it exactly (and
+/// a missing one is still full), and the store need not write. The exception is a bucket
+/// written on a clock ahead of this one (see [`rebased`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writes(pub Vec<Option<BucketState>>);
+
+impl Writes {
     /// `states` (one per charge) as they are after this decision: the written ones
     /// replaced, the others unchanged.
     pub fn apply_to(&self, states: &mut [Option<BucketState>]) {
-        for (state, write) in states.iter_mut().zip(&self.writes) {
+        for (state, write) in states.iter_mut().zip(&self.0) {
             *state = write.or(*state);
         }
     }
 }
 
-/// Decides one request over all its buckets at `now_us`, all or nothing: the enforced
-/// buckets pay only if every one of them has the tokens; each shadow group pays only if
-/// the request is admitted and every bucket of the group has the tokens. A bucket charged
-/// 0 tokens always has them and is never written: a cost of 0 is a read.
-pub fn take_all(charges: &[Charge], states: &[Option<BucketState>], now_us: u64) -> Taken {
+/// Who pays for a request, by the one admission rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    /// Every enforced bucket had the tokens.
+    pub admitted: bool,
+    /// One per charge: whether it pays.
+    pub pays: Vec<bool>,
+}
+
+/// The admission rule, said once for every store (`token_bucket.lua` mirrors it, and the
+/// parity table holds the two together): a request is admitted only if every enforced
+/// bucket had the tokens, and then every enforced bucket pays; a shadow group pays only if
+/// the request is admitted and every bucket of the group had the tokens, so a shadow
+/// bucket never changes what an enforced one decides. `had(i)` says whether charge `i`'s
+/// bucket had its tokens; `group` reads a charge's group.
+pub fn settle<C>(
+    charges: &[C],
+    group: impl Fn(&C) -> Group,
+    had: impl Fn(usize) -> bool,
+) -> Settlement {
+    let group_had = |wanted: Group| {
+        charges
+            .iter()
+            .enumerate()
+            .filter(|(_, charge)| group(charge) == wanted)
+            .all(|(i, _)| had(i))
+    };
+    let admitted = group_had(Group::Enforced);
+    let pays = charges
+        .iter()
+        .map(|charge| admitted && group_had(group(charge)))
+        .collect();
+    Settlement { admitted, pays }
+}
+
+/// Decides one request over all its buckets at `now_us`, all or nothing, by [`settle`]'s
+/// rule. A bucket charged 0 tokens always has them and is never written: a cost of 0 is a
+/// read.
+pub fn take_all(
+    charges: &[Charge],
+    states: &[Option<BucketState>],
+    now_us: u64,
+) -> (Taken, Writes) {
     let held: Vec<u64> = charges
         .iter()
         .zip(states)
         .map(|(charge, state)| refill(&charge.limit, *state, now_us))
         .collect();
     let has = |i: usize| held[i] >= charges[i].limit.units_of(charges[i].cost);
-    let group_has = |group: Group| {
-        (0..charges.len())
-            .filter(|&i| charges[i].group == group)
-            .all(has)
-    };
-    let admitted = group_has(Group::Enforced);
-    let mut decisions = Vec::with_capacity(charges.len());
+    let settlement = settle(charges, |charge| charge.group, has);
+    let mut levels = Vec::with_capacity(charges.len());
     let mut writes = Vec::with_capacity(charges.len());
-    for (i, charge) in charges.iter().enumerate() {
-        let pays = admitted && group_has(charge.group);
-        let tokens = if pays {
+    for (i, (charge, pays)) in charges.iter().zip(&settlement.pays).enumerate() {
+        let tokens = if *pays {
             held[i] - charge.limit.units_of(charge.cost)
         } else {
             held[i]
         };
-        decisions.push(Decision::from_units(
+        levels.push(Level::from_units(
             &charge.limit,
             has(i),
             tokens,
             charge.cost,
         ));
-        let paid = pays && charge.cost > 0;
+        let paid = *pays && charge.cost > 0;
         writes.push((paid || rebased(states[i], now_us)).then_some(BucketState {
             tokens,
             updated_us: now_us,
         }));
     }
-    Taken {
-        admitted,
-        decisions,
-        writes,
-    }
+    let taken = Taken {
+        admitted: settlement.admitted,
+        levels,
+    };
+    (taken, Writes(writes))
 }
 
 /// Takes one token from one bucket: [`take_all`] for a single enforced charge.
@@ -189,9 +223,9 @@ pub fn take(
     limit: &Limit,
     state: Option<BucketState>,
     now_us: u64,
-) -> (Decision, Option<BucketState>) {
-    let taken = take_all(&[Charge::one(*limit)], &[state], now_us);
-    (taken.decisions[0], taken.writes[0])
+) -> (Level, Option<BucketState>) {
+    let (taken, writes) = take_all(&[Charge::one(*limit)], &[state], now_us);
+    (taken.levels[0], writes.0[0])
 }
 
 #[cfg(test)]
@@ -272,7 +306,7 @@ mod tests {
     #[test]
     fn a_full_bucket_reports_no_wait_for_a_next_token() {
         let limit = default_limit();
-        let decision = Decision::from_units(&limit, true, limit.capacity_units(), 1);
+        let decision = Level::from_units(&limit, true, limit.capacity_units(), 1);
         assert_eq!(decision.next_token_us, 0);
         assert_eq!(decision.full_after_us, 0);
         assert_eq!(decision.remaining, 10);
@@ -297,19 +331,19 @@ mod tests {
             updated_us: 100 * SECOND,
         })];
         let charges = [Charge::one(limit)];
-        let denied = take_all(&charges, &states, 40 * SECOND);
+        let (denied, denied_writes) = take_all(&charges, &states, 40 * SECOND);
         assert!(!denied.admitted);
         assert_eq!(
-            denied.writes[0],
+            denied_writes.0[0],
             Some(BucketState {
                 tokens: 0,
                 updated_us: 40 * SECOND
             }),
             "a denial rewrites the time of a bucket from the future"
         );
-        denied.apply_to(&mut states);
-        assert!(!take_all(&charges, &states, 46 * SECOND - 1).admitted);
-        assert!(take_all(&charges, &states, 46 * SECOND).admitted);
+        denied_writes.apply_to(&mut states);
+        assert!(!take_all(&charges, &states, 46 * SECOND - 1).0.admitted);
+        assert!(take_all(&charges, &states, 46 * SECOND).0.admitted);
     }
 
     #[test]
@@ -319,8 +353,8 @@ mod tests {
             tokens: 0,
             updated_us: 40 * SECOND,
         })];
-        let denied = take_all(&[Charge::one(limit)], &states, 41 * SECOND);
-        assert_eq!(denied.writes, vec![None]);
+        let (_, denied_writes) = take_all(&[Charge::one(limit)], &states, 41 * SECOND);
+        assert_eq!(denied_writes.0, vec![None]);
     }
 
     #[test]
@@ -393,7 +427,7 @@ mod tests {
         ) {
             let limit = Limit::parse(LimitSpec { rate, window_s, burst }).unwrap();
             let units = (limit.capacity_units() as f64 * tokens_frac) as u64;
-            let decision = Decision::from_units(&limit, true, units, 1);
+            let decision = Level::from_units(&limit, true, units, 1);
             let tokens = units as f64 / limit.token_units() as f64;
             let per_token_s = window_s as f64 / rate as f64;
             prop_assert_eq!(decision.remaining, tokens.floor() as u64);
@@ -424,13 +458,13 @@ mod tests {
             tokens: 0,
             updated_us: 1,
         });
-        let taken = take_all(&charges, &[None, drained_day], 1);
+        let (taken, taken_writes) = take_all(&charges, &[None, drained_day], 1);
         assert!(!taken.admitted);
-        assert!(taken.decisions[0].allowed && !taken.decisions[1].allowed);
-        assert_eq!(taken.writes, vec![None, None]);
-        assert_eq!(taken.decisions[0].remaining, 10);
-        assert_eq!(taken.decisions[0].retry_after_us, 0);
-        assert_eq!(taken.decisions[1].retry_after_us, 86_400 * SECOND / 15);
+        assert!(taken.levels[0].allowed && !taken.levels[1].allowed);
+        assert_eq!(taken_writes.0, vec![None, None]);
+        assert_eq!(taken.levels[0].remaining, 10);
+        assert_eq!(taken.levels[0].retry_after_us, 0);
+        assert_eq!(taken.levels[1].retry_after_us, 86_400 * SECOND / 15);
     }
 
     #[test]
@@ -442,12 +476,12 @@ mod tests {
         };
         let (mut with, mut without) = ([None, None], [None]);
         for now in 0..5 {
-            let taken = take_all(&[enforced, shadow], &with, now);
-            let alone = take_all(&[enforced], &without, now);
+            let (taken, taken_writes) = take_all(&[enforced, shadow], &with, now);
+            let (alone, alone_writes) = take_all(&[enforced], &without, now);
             assert_eq!(taken.admitted, alone.admitted, "at {now}");
-            assert_eq!(taken.decisions[0], alone.decisions[0]);
-            with = [taken.writes[0].or(with[0]), taken.writes[1].or(with[1])];
-            without = [alone.writes[0].or(without[0])];
+            assert_eq!(taken.levels[0], alone.levels[0]);
+            with = [taken_writes.0[0].or(with[0]), taken_writes.0[1].or(with[1])];
+            without = [alone_writes.0[0].or(without[0])];
         }
     }
 
@@ -458,12 +492,16 @@ mod tests {
             group: Group::Shadow(1),
             ..Charge::one(limit(5, 60, 5))
         };
-        let first = take_all(&[enforced, shadow], &[None, None], 0);
-        assert!(first.admitted && first.writes[1].is_some());
-        let second = take_all(&[enforced, shadow], &[first.writes[0], first.writes[1]], 1);
+        let (first, first_writes) = take_all(&[enforced, shadow], &[None, None], 0);
+        assert!(first.admitted && first_writes.0[1].is_some());
+        let (second, second_writes) = take_all(
+            &[enforced, shadow],
+            &[first_writes.0[0], first_writes.0[1]],
+            1,
+        );
         assert!(!second.admitted);
         assert_eq!(
-            second.writes,
+            second_writes.0,
             vec![None, None],
             "a denied request pays nowhere"
         );
@@ -497,10 +535,10 @@ mod tests {
             cost: 10,
             ..Charge::one(limit)
         };
-        let taken = take_all(&[charge], &[state], 0);
+        let (taken, _) = take_all(&[charge], &[state], 0);
         assert!(!taken.admitted);
         // 9 tokens held, 10 needed: one more second.
-        assert_eq!(taken.decisions[0].retry_after_us, SECOND);
+        assert_eq!(taken.levels[0].retry_after_us, SECOND);
     }
 
     fn read(limit: Limit) -> Charge {
@@ -513,20 +551,20 @@ mod tests {
     #[test]
     fn a_cost_of_zero_reports_the_bucket_and_writes_nothing() {
         let limit = limit(10, 60, 10);
-        let fresh = take_all(&[read(limit)], &[None], 0);
-        assert!(fresh.admitted && fresh.decisions[0].allowed);
-        assert_eq!(fresh.decisions[0].remaining, 10);
-        assert_eq!(fresh.writes, vec![None], "a missing bucket stays missing");
+        let (fresh, fresh_writes) = take_all(&[read(limit)], &[None], 0);
+        assert!(fresh.admitted && fresh.levels[0].allowed);
+        assert_eq!(fresh.levels[0].remaining, 10);
+        assert_eq!(fresh_writes.0, vec![None], "a missing bucket stays missing");
         let drained = Some(BucketState {
             tokens: 0,
             updated_us: 0,
         });
         // Three tokens have come back after 18 s; the stored state still says so later.
-        let taken = take_all(&[read(limit)], &[drained], 18 * SECOND);
-        assert!(taken.admitted && taken.decisions[0].allowed);
-        assert_eq!(taken.decisions[0].remaining, 3);
-        assert_eq!(taken.decisions[0].retry_after_us, 0);
-        assert_eq!(taken.writes, vec![None]);
+        let (taken, taken_writes) = take_all(&[read(limit)], &[drained], 18 * SECOND);
+        assert!(taken.admitted && taken.levels[0].allowed);
+        assert_eq!(taken.levels[0].remaining, 3);
+        assert_eq!(taken.levels[0].retry_after_us, 0);
+        assert_eq!(taken_writes.0, vec![None]);
     }
 
     proptest! {
@@ -542,19 +580,19 @@ mod tests {
             for (gap, read_first) in arrivals {
                 now += gap;
                 let found = read_first.then(|| take_all(&[read(limit)], &with_reads, now));
-                if let Some(found) = &found {
+                if let Some((found, found_writes)) = &found {
                     prop_assert!(found.admitted);
-                    prop_assert_eq!(&found.writes, &vec![None]);
+                    prop_assert_eq!(&found_writes.0, &vec![None]);
                 }
-                let taken = take_all(&[Charge::one(limit)], &with_reads, now);
-                let alone = take_all(&[Charge::one(limit)], &without, now);
+                let (taken, taken_writes) = take_all(&[Charge::one(limit)], &with_reads, now);
+                let (alone, alone_writes) = take_all(&[Charge::one(limit)], &without, now);
                 prop_assert_eq!(&taken, &alone);
-                if let Some(found) = found {
+                if let Some((found, _)) = found {
                     let spent = u64::from(taken.admitted);
-                    prop_assert_eq!(found.decisions[0].remaining, taken.decisions[0].remaining + spent);
+                    prop_assert_eq!(found.levels[0].remaining, taken.levels[0].remaining + spent);
                 }
-                taken.apply_to(&mut with_reads);
-                alone.apply_to(&mut without);
+                taken_writes.apply_to(&mut with_reads);
+                alone_writes.apply_to(&mut without);
                 prop_assert_eq!(with_reads, without);
             }
         }
@@ -577,12 +615,12 @@ mod tests {
             let mut paid = [0u128, 0u128];
             for gap in gaps {
                 now += gap;
-                let taken = take_all(&charges, &states, now);
+                let (taken, taken_writes) = take_all(&charges, &states, now);
                 admitted += u128::from(taken.admitted);
-                for (paid, write) in paid.iter_mut().zip(&taken.writes) {
+                for (paid, write) in paid.iter_mut().zip(&taken_writes.0) {
                     *paid += u128::from(write.is_some());
                 }
-                taken.apply_to(&mut states);
+                taken_writes.apply_to(&mut states);
             }
             prop_assert_eq!(paid[0], admitted);
             prop_assert_eq!(paid[1], admitted);

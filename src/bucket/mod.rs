@@ -12,7 +12,9 @@ mod arithmetic;
 mod limit;
 mod refund;
 
-pub use arithmetic::{BucketState, Charge, Decision, Group, Taken, refill, take, take_all};
+pub use arithmetic::{
+    BucketState, Charge, Group, Level, Settlement, Taken, Writes, refill, settle, take, take_all,
+};
 pub use limit::{Limit, LimitError, LimitSpec, MAX_CAPACITY_UNITS};
 pub use refund::{Refunded, refund};
 

@@ -95,9 +95,9 @@ mod tests {
 
     /// Pays one token at `now_us` from `state`; the state after.
     fn pay(limit: &Limit, state: Option<BucketState>, now_us: u64) -> BucketState {
-        let taken = take_all(&[Charge::one(*limit)], &[state], now_us);
+        let (taken, taken_writes) = take_all(&[Charge::one(*limit)], &[state], now_us);
         assert!(taken.admitted);
-        taken.writes[0].unwrap()
+        taken_writes.0[0].unwrap()
     }
 
     #[test]
@@ -229,9 +229,9 @@ mod tests {
                 let t = *t;
                 match step {
                     Step::Pay(event) => {
-                        let taken = take_all(&[Charge::one(limit)], &[state], t);
+                        let (taken, taken_writes) = take_all(&[Charge::one(limit)], &[state], t);
                         if taken.admitted {
-                            taken.apply_to(std::slice::from_mut(&mut state));
+                            taken_writes.apply_to(std::slice::from_mut(&mut state));
                             match event {
                                 Event::Admitted => admitted_at.push(t),
                                 Event::Refused(later) => {

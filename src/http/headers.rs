@@ -7,7 +7,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 
 use std::fmt::Write as _;
 
-use crate::bucket::{Decision, Group, Limit};
+use crate::bucket::{Group, Level, Limit};
 use crate::decision::{LimitName, Verdict};
 
 /// How a limited response describes the client's quota (`RATELIMIT_HEADERS`).
@@ -59,7 +59,7 @@ pub fn retry_after_secs(retry_after_us: u64) -> u64 {
 /// Seconds until one limit has more quota, as `RateLimit`'s `t` says it: until the next
 /// whole token for a limit that had the tokens, until it has enough for the request for
 /// one that lacked them.
-pub fn reset_secs(decision: &Decision) -> u64 {
+pub fn reset_secs(decision: &Level) -> u64 {
     let until_more = if decision.allowed {
         decision.next_token_us
     } else {
@@ -72,7 +72,7 @@ pub fn reset_secs(decision: &Decision) -> u64 {
 struct Stated<'a> {
     name: LimitName<'a>,
     limit: Limit,
-    decision: Option<Decision>,
+    decision: Option<Level>,
 }
 
 /// The enforced limits of a verdict: shadow ones never show.
@@ -222,7 +222,7 @@ mod tests {
         limit: "default",
     };
 
-    fn verdict(decision: Option<Decision>) -> Verdict<'static> {
+    fn verdict(decision: Option<Level>) -> Verdict<'static> {
         let limit = limit(10, 60);
         match decision {
             Some(decision) => Verdict::Decided {
@@ -245,8 +245,8 @@ mod tests {
         }
     }
 
-    fn denial() -> Decision {
-        Decision {
+    fn denial() -> Level {
+        Level {
             allowed: false,
             remaining: 0,
             next_token_us: 5_000_001,
@@ -276,7 +276,7 @@ mod tests {
             },
             limit: limit(rate, window_s),
             group,
-            decision: Decision {
+            decision: Level {
                 allowed: true,
                 remaining,
                 next_token_us: 1_000_000,

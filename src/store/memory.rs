@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{KeyedCharge, Outcome, Store, StoreFuture};
-use crate::bucket::{self, BucketState, Charge, Decision, Limit};
+use super::{KeyedCharge, Store, StoreFuture};
+use crate::bucket::{self, BucketState, Charge, Level, Limit, Taken};
 
 /// Enough shards that worker threads rarely wait on one another.
 const SHARDS: usize = 64;
@@ -110,7 +110,7 @@ impl MemoryStore {
     }
 
     /// [`Store::take`] at an explicit time, so tests can drive the clock.
-    pub fn take_all_at(&self, charges: &[KeyedCharge], now_us: u64) -> Outcome {
+    pub fn take_all_at(&self, charges: &[KeyedCharge], now_us: u64) -> Taken {
         let keys: Vec<Key> = charges.iter().map(|c| self.key(&c.key, &c.field)).collect();
         let mut shard_ids: Vec<usize> = keys.iter().map(|k| Self::shard_of(*k)).collect();
         shard_ids.sort_unstable();
@@ -136,9 +136,9 @@ impl MemoryStore {
                     .map(|held| held.state)
             })
             .collect();
-        let taken = bucket::take_all(&bucket_charges, &states, now_us);
+        let (taken, writes) = bucket::take_all(&bucket_charges, &states, now_us);
         let mut evicted = false;
-        for ((key, charge), write) in keys.iter().zip(&bucket_charges).zip(&taken.writes) {
+        for ((key, charge), write) in keys.iter().zip(&bucket_charges).zip(&writes.0) {
             let Some(state) = write else { continue };
             let shard = locked(&mut guards, *key);
             shard.buckets.insert(
@@ -159,26 +159,23 @@ impl MemoryStore {
                 self.shard_capacity * SHARDS
             );
         }
-        Outcome {
-            admitted: taken.admitted,
-            decisions: taken.decisions,
-        }
+        taken
     }
 
     /// Decides now, on this store's clock.
-    pub fn take_all_now(&self, charges: &[KeyedCharge]) -> Outcome {
+    pub fn take_all_now(&self, charges: &[KeyedCharge]) -> Taken {
         self.take_all_at(charges, self.now_us())
     }
 
     /// One token from the bucket `key` under `limit`, at `now_us`.
-    pub fn take_at(&self, key: &str, limit: &Limit, now_us: u64) -> Decision {
+    pub fn take_at(&self, key: &str, limit: &Limit, now_us: u64) -> Level {
         let charge = KeyedCharge {
             key: key.to_string(),
             field: String::new(),
             charge: Charge::one(*limit),
         };
         self.take_all_at(std::slice::from_ref(&charge), now_us)
-            .decisions[0]
+            .levels[0]
     }
 
     /// Forgets the buckets of `buckets` (by key and field), so they are full again.
@@ -261,7 +258,7 @@ impl Shard {
 }
 
 impl Store for MemoryStore {
-    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome> {
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Taken> {
         Box::pin(std::future::ready(Ok(self.take_all_now(charges))))
     }
 
@@ -318,13 +315,13 @@ mod tests {
             },
         };
         let fresh = store.take_all_at(&[read("fresh")], 0);
-        assert_eq!(fresh.decisions[0].remaining, 2);
+        assert_eq!(fresh.levels[0].remaining, 2);
         assert!(store.is_empty(), "a read made a bucket");
         store.take_at("spent", &limit, 0);
         let before = store.state("spent", "");
         let found = store.take_all_at(&[read("spent")], 30_000_000);
         assert!(found.admitted);
-        assert_eq!(found.decisions[0].remaining, 1);
+        assert_eq!(found.levels[0].remaining, 1);
         assert_eq!(store.state("spent", ""), before);
     }
 

@@ -15,10 +15,10 @@ use std::pin::Pin;
 
 use thiserror::Error;
 
-use crate::bucket::{Charge, Decision};
+use crate::bucket::{Charge, Taken};
 
 /// Why a store could not decide, sorted by what the decision layer does about it. A
-/// denial is not an error: it is a [`Decision`]. The Redis error, where there is one, is
+/// denial is not an error: it is a [`Level`]. The Redis error, where there is one, is
 /// kept as the source for logs.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -143,20 +143,11 @@ pub struct KeyedCharge {
     pub charge: Charge,
 }
 
-/// What a store decided for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    /// Every enforced bucket had the tokens, and paid them.
-    pub admitted: bool,
-    /// One per charge, in order.
-    pub decisions: Vec<Decision>,
-}
-
 /// A place that keeps token buckets and can decide a request over several of them
 /// atomically.
 pub trait Store: Send + Sync + 'static {
     /// Decides `charges` as one atomic step, all or nothing (see `bucket::take_all`).
-    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome>;
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Taken>;
 
     /// Makes the buckets of `buckets` full again (their charges are not looked at): each
     /// named hash is deleted as a whole, so every bucket in it is full, the fields of

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimiter::bucket::{self, BucketState, Charge, Decision, Group, Limit, LimitSpec};
+use ratelimiter::bucket::{self, BucketState, Charge, Group, Level, Limit, LimitSpec, Taken};
 use ratelimiter::store::memory::MemoryStore;
 use ratelimiter::store::redis::{
     ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
 };
-use ratelimiter::store::{KeyedCharge, Outcome, Store, StoreError};
+use ratelimiter::store::{KeyedCharge, Store, StoreError};
 
 use crate::support::{
     RedisProcess, SERVICE_USER, TestApp, all_at_once, client, header, metric, metrics,
@@ -53,12 +53,8 @@ fn one(key: &str, limit: Limit) -> Vec<KeyedCharge> {
 }
 
 /// Decides one token from `key` on Redis's clock.
-async fn take_one(store: &RedisStore, key: &str, limit: Limit) -> Decision {
-    store
-        .take_at(&one(key, limit), None)
-        .await
-        .unwrap()
-        .decisions[0]
+async fn take_one(store: &RedisStore, key: &str, limit: Limit) -> Level {
+    store.take_at(&one(key, limit), None).await.unwrap().levels[0]
 }
 
 /// One row of the parity table: the buckets one request draws on (limit, cost, group)
@@ -323,11 +319,11 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
                         charge: *charge,
                     })
                     .collect();
-                let taken = bucket::take_all(&charges, &states, now);
-                taken.apply_to(&mut states);
-                let expected = Outcome {
+                let (taken, taken_writes) = bucket::take_all(&charges, &states, now);
+                taken_writes.apply_to(&mut states);
+                let expected = Taken {
                     admitted: taken.admitted,
-                    decisions: taken.decisions,
+                    levels: taken.levels,
                 };
                 let what = |store: &str| {
                     let reads = if case.reads_between {
@@ -369,7 +365,7 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
                     // one token) lives a millisecond or so.
                     let may_have_expired = state.is_some_and(|s| {
                         let limit = &keyed.charge.limit;
-                        Decision::from_units(limit, true, s.tokens, 0).full_after_us < SECOND
+                        Level::from_units(limit, true, s.tokens, 0).full_after_us < SECOND
                     });
                     if !(may_have_expired && stored == [None, None]) {
                         assert_eq!(
@@ -551,7 +547,7 @@ async fn a_request_denied_by_its_hour_limit_leaves_its_minute_bucket_untouched_i
     let before: Vec<String> = redis.command(&["HMGET", &policy, "minute:tokens", "minute:ts"]);
     let denied = store.take_at(&charges, None).await.unwrap();
     assert!(!denied.admitted);
-    assert!(denied.decisions[0].allowed && !denied.decisions[1].allowed);
+    assert!(denied.levels[0].allowed && !denied.levels[1].allowed);
     let after: Vec<String> = redis.command(&["HMGET", &policy, "minute:tokens", "minute:ts"]);
     assert_eq!(before, after, "the minute bucket paid for a denied request");
 }

@@ -117,10 +117,14 @@ async fn the_refund_script_and_the_rust_arithmetic_agree_on_every_case() {
         let plain: Vec<Charge> = charges.iter().map(|c| c.charge).collect();
         let mut states: Vec<Option<BucketState>> = vec![None; plain.len()];
         for _ in 0..case.paid_before {
-            bucket::take_all(&plain, &states, case.paid_at).apply_to(&mut states);
+            bucket::take_all(&plain, &states, case.paid_at)
+                .1
+                .apply_to(&mut states);
             store.take_at(&charges, Some(case.paid_at)).await.unwrap();
         }
-        bucket::take_all(&plain, &states, case.paid_at).apply_to(&mut states);
+        bucket::take_all(&plain, &states, case.paid_at)
+            .1
+            .apply_to(&mut states);
         assert!(
             store
                 .take_at(&charges, Some(case.paid_at))

@@ -52,9 +52,9 @@ use tokio::time::Instant;
 
 use super::registry::InstanceRegistry;
 use super::{ScriptCall, decide_cmd, outcome_of};
-use crate::bucket::{Decision, Group, REFUND_LUA, TOKEN_BUCKET_LUA};
+use crate::bucket::{Group, Level, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::metrics::Metrics;
-use crate::store::{KeyedCharge, Outcome, Store, StoreError, StoreFuture, Unavailable};
+use crate::store::{KeyedCharge, Store, StoreError, StoreFuture, Unavailable};
 
 /// Every slot of a Redis Cluster.
 const SLOTS: u64 = 16_384;
@@ -213,11 +213,11 @@ impl Inner {
             .map_err(|err| classify(&err, self.timeout))
     }
 
-    async fn take(self: &Arc<Self>, charges: &[KeyedCharge]) -> Result<Outcome, StoreError> {
+    async fn take(self: &Arc<Self>, charges: &[KeyedCharge]) -> Result<Taken, StoreError> {
         if charges.is_empty() {
-            return Ok(Outcome {
+            return Ok(Taken {
                 admitted: true,
-                decisions: Vec::new(),
+                levels: Vec::new(),
             });
         }
         let deadline = Instant::now() + self.timeout;
@@ -459,7 +459,7 @@ impl Inner {
 }
 
 impl Store for ClusterStore {
-    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome> {
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Taken> {
         Box::pin(self.inner.take(charges))
     }
 
@@ -552,7 +552,7 @@ pub fn paid_in_call(charges: &[KeyedCharge], slot: &SlotAnswer) -> Vec<bool> {
 /// A request decided over several slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
-    pub outcome: Outcome,
+    pub outcome: Taken,
     /// Per slot answer, per charge it sent: whether to give its payment back.
     pub refunds: Vec<Vec<bool>>,
 }
@@ -615,19 +615,16 @@ pub fn settle(charges: &[KeyedCharge], answers: &[SlotAnswer]) -> Result<Settled
         }
         refunds.push(refund);
     }
-    let decisions = charges
+    let levels = charges
         .iter()
         .zip(had.iter().zip(&units))
         .map(|(keyed, (had, units))| {
             let charge = &keyed.charge;
-            Decision::from_units(&charge.limit, *had, *units, charge.cost)
+            Level::from_units(&charge.limit, *had, *units, charge.cost)
         })
         .collect();
     Ok(Settled {
-        outcome: Outcome {
-            admitted,
-            decisions,
-        },
+        outcome: Taken { admitted, levels },
         refunds,
     })
 }
@@ -812,10 +809,10 @@ mod tests {
         assert!(!settled.outcome.admitted);
         assert_eq!(settled.refunds, vec![vec![true], vec![false]]);
         // As a single master would have reported it: had the token, still holds all ten.
-        let minute = settled.outcome.decisions[0];
+        let minute = settled.outcome.levels[0];
         assert!(minute.allowed);
         assert_eq!(minute.remaining, 10);
-        assert!(!settled.outcome.decisions[1].allowed);
+        assert!(!settled.outcome.levels[1].allowed);
     }
 
     #[test]
@@ -831,8 +828,8 @@ mod tests {
         let settled = settle(&charges, &answers).unwrap();
         assert!(settled.outcome.admitted);
         assert_eq!(settled.refunds, vec![vec![false], vec![false]]);
-        assert_eq!(settled.outcome.decisions[0].remaining, 9);
-        assert_eq!(settled.outcome.decisions[1].remaining, 2);
+        assert_eq!(settled.outcome.levels[0].remaining, 9);
+        assert_eq!(settled.outcome.levels[1].remaining, 2);
     }
 
     #[test]
@@ -863,7 +860,7 @@ mod tests {
         let settled = settle(&charges, &answers).unwrap();
         assert!(!settled.outcome.admitted);
         assert_eq!(settled.refunds, vec![vec![false], vec![true]]);
-        assert_eq!(settled.outcome.decisions[1].remaining, 5);
+        assert_eq!(settled.outcome.levels[1].remaining, 5);
     }
 
     #[test]

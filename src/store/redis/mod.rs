@@ -29,8 +29,8 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 pub use master::{ConnectionMode, ConnectionSettings, Connections, Master, MasterSlot};
 pub use node::{Login, connect, node_info, with_login};
 
-use super::{KeyedCharge, Outcome, Store, StoreError, StoreFuture, Unavailable};
-use crate::bucket::{Decision, Group, TOKEN_BUCKET_LUA};
+use super::{KeyedCharge, Store, StoreError, StoreFuture, Unavailable};
+use crate::bucket::{self, Group, Level, TOKEN_BUCKET_LUA, Taken};
 
 thread_local! {
     /// This thread's multiplexed connection and the generation of the master it goes to.
@@ -69,7 +69,7 @@ impl RedisStore {
         &self,
         charges: &[KeyedCharge],
         now_us: Option<u64>,
-    ) -> Result<Outcome, StoreError> {
+    ) -> Result<Taken, StoreError> {
         let decide = decide_cmd(ScriptCall::Sha(&self.inner.script), charges, now_us);
         let answer: Vec<u64> = self.inner.query(decide).await?;
         outcome_of(charges, &answer)
@@ -77,7 +77,7 @@ impl RedisStore {
 }
 
 /// What the bucket script's answer (`had`, `units` per charge) says about `charges`.
-fn outcome_of(charges: &[KeyedCharge], answer: &[u64]) -> Result<Outcome, StoreError> {
+fn outcome_of(charges: &[KeyedCharge], answer: &[u64]) -> Result<Taken, StoreError> {
     if answer.len() != 2 * charges.len() {
         return Err(StoreError::Other {
             source: RedisError::from((
@@ -87,12 +87,12 @@ fn outcome_of(charges: &[KeyedCharge], answer: &[u64]) -> Result<Outcome, StoreE
             )),
         });
     }
-    let decisions: Vec<Decision> = charges
+    let levels: Vec<Level> = charges
         .iter()
         .zip(answer.chunks_exact(2))
         .map(|(keyed, had_tokens)| {
             let charge = &keyed.charge;
-            Decision::from_units(
+            Level::from_units(
                 &charge.limit,
                 had_tokens[0] == 1,
                 had_tokens[1],
@@ -100,14 +100,9 @@ fn outcome_of(charges: &[KeyedCharge], answer: &[u64]) -> Result<Outcome, StoreE
             )
         })
         .collect();
-    let admitted = charges
-        .iter()
-        .zip(&decisions)
-        .all(|(keyed, decision)| keyed.charge.group != Group::Enforced || decision.allowed);
-    Ok(Outcome {
-        admitted,
-        decisions,
-    })
+    let admitted =
+        bucket::settle(charges, |keyed| keyed.charge.group, |i| levels[i].allowed).admitted;
+    Ok(Taken { admitted, levels })
 }
 
 /// How a command names the bucket script.
@@ -294,7 +289,7 @@ fn forget_worker_connection(generation: u64) {
 }
 
 impl Store for RedisStore {
-    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Outcome> {
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Taken> {
         Box::pin(self.take_at(charges, None))
     }
 
