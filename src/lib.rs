@@ -29,10 +29,9 @@
 //! of the others'.
 
 pub mod bucket;
-pub mod decision;
-pub mod deny_cache;
 pub mod http;
 pub mod identity;
+pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod reload;

@@ -46,11 +46,12 @@ struct RouteStatusLabels {
     status: u16,
 }
 
-/// Bounded by the policy file: policies × limits × modes × outcomes, never by key.
+/// Bounded by the policy file: policies × limits × modes × outcomes, never by key. The
+/// names are the policy set's own `Arc`s: finding a series costs no allocation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
-    policy: String,
-    limit: String,
+    policy: Arc<str>,
+    limit: Arc<str>,
     mode: &'static str,
     decision: &'static str,
 }
@@ -250,15 +251,15 @@ impl Metrics {
     }
 
     /// One limit's part in a decision: whether it had the tokens, by policy, limit and mode.
-    pub fn limit_decision(&self, policy: &str, limit: &str, shadow: bool, allowed: bool) {
+    pub fn limit_decision(&self, policy: &Arc<str>, limit: &Arc<str>, shadow: bool, allowed: bool) {
         let Some(recorder) = &self.recorder else {
             return;
         };
         recorder
             .limit_decisions
             .get_or_create(&LimitLabels {
-                policy: policy.to_string(),
-                limit: limit.to_string(),
+                policy: policy.clone(),
+                limit: limit.clone(),
                 mode: if shadow { "shadow" } else { "enforce" },
                 decision: if allowed { "allowed" } else { "limited" },
             })

@@ -12,9 +12,9 @@ use arc_swap::ArcSwap;
 use secrecy::ExposeSecret;
 use thiserror::Error;
 
-use crate::decision::{Buckets, Decider, DeciderSettings, InstanceCount};
 use crate::http::admin_auth::AdminAuth;
 use crate::http::routes::AppState;
+use crate::limiter::{Buckets, Decider, DeciderSettings, InstanceCount, Limiter};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::reload::{WatchSettings, Watcher};
@@ -84,9 +84,7 @@ impl Application {
         let watcher = watch_policies(&settings, &policies, &metrics)?;
         let state = web::Data::new(AppState::new(
             settings.instance_name.clone(),
-            policies,
-            settings.redis.key_prefix.clone(),
-            decider,
+            Limiter::new(policies, settings.redis.key_prefix.clone(), decider),
             settings.identity.clone(),
             settings.headers,
             metrics.clone(),

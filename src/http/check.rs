@@ -31,7 +31,8 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use percent_encoding::percent_decode;
 use thiserror::Error;
 
-use super::routes::{AppState, Judgement, Outcome, Target, judge};
+use super::reply::{Ending, Reply};
+use super::routes::{AppState, Target, decide};
 
 /// The original request's method.
 pub const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
@@ -113,35 +114,35 @@ fn decoded_path(target: &[u8]) -> Result<Cow<'_, str>, OriginalError> {
 
 /// `/v1/check`, every method.
 pub async fn check(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let judgement = match Original::from_headers(req.headers()) {
+    let reply = match Original::from_headers(req.headers()) {
         Ok(original) => {
             let target = Target {
                 method: original.method,
                 path: &original.path,
                 host: original.host,
             };
-            judge(&req, &state, target).await
+            decide(&req, &state, target).await
         }
-        Err(error) => Judgement::refused(&error.to_string()),
+        Err(error) => Reply::refused(&error.to_string()),
     };
-    answer(judgement)
+    answer(reply)
 }
 
-/// The judgement in the statuses `auth_request` understands.
-fn answer(judgement: Judgement) -> HttpResponse {
-    let status = match &judgement.outcome {
-        Outcome::Admitted => StatusCode::NO_CONTENT,
-        Outcome::Limited(_) => StatusCode::FORBIDDEN,
-        Outcome::Unavailable(_) | Outcome::Refused(_) => StatusCode::UNAUTHORIZED,
+/// The reply in the statuses `auth_request` understands.
+fn answer(reply: Reply) -> HttpResponse {
+    let status = match &reply.ending {
+        Ending::Admitted => StatusCode::NO_CONTENT,
+        Ending::Limited(_) => StatusCode::FORBIDDEN,
+        Ending::Unavailable(_) | Ending::Refused(_) => StatusCode::UNAUTHORIZED,
     };
     let mut response = HttpResponse::build(status);
-    for header in judgement.headers {
+    for header in reply.headers {
         response.insert_header(header);
     }
-    let client_status = judgement.outcome.status();
-    match judgement.outcome {
-        Outcome::Admitted => {}
-        Outcome::Limited(problem) | Outcome::Unavailable(problem) | Outcome::Refused(problem) => {
+    let client_status = reply.ending.status();
+    match reply.ending {
+        Ending::Admitted => {}
+        Ending::Limited(problem) | Ending::Unavailable(problem) | Ending::Refused(problem) => {
             response.insert_header((
                 X_RATELIMIT_STATUS,
                 HeaderValue::from(client_status.as_u16()),

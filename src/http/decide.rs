@@ -10,8 +10,8 @@
 //!   `+` is a space and `%2B` a plus), and a policy keyed `global` as
 //!   `/v1/buckets/{policy}` alone.
 //!
-//! Deciding goes through [`Decider::decide`](crate::decision::Decider::decide), so the
-//! deny cache, `FAIL_MODE` and the metrics behave as for requests. [`AdminAuth`] says who
+//! Deciding goes through [`Limiter::decide_key`](crate::limiter::Limiter::decide_key), so
+//! the deny cache, `FAIL_MODE` and the metrics behave as for requests. [`AdminAuth`] says who
 //! may call. Every refusal is a problem body whose detail starts with the field it is
 //! about, and no input is a 500.
 
@@ -27,10 +27,9 @@ use super::headers::{
     X_RATELIMIT_SOURCE, ceil_millis, item_name, quota_headers, reset_secs, retry_after_secs,
 };
 use super::problem::Problem;
-use super::routes::{AppState, charges};
-use crate::bucket::Limit;
-use crate::decision::{Judged, LimitName, Unasked, Verdict};
-use crate::policy::{Applied, LookupError, Mode};
+use super::routes::AppState;
+use crate::limiter::{KeyVerdict, LimitVerdict, ResetError, Verdict};
+use crate::policy::{LookupError, Mode};
 use crate::store::StoreError;
 
 /// The largest `/v1/decide` body read; a larger one is a 413. A decision needs a few
@@ -278,9 +277,12 @@ pub async fn decide(
         .map_err(|_| ApiError::TooLarge)?
         .map_err(|_| ApiError::Unreadable)?;
     let asked = Asked::parse(&body)?;
-    let policies = state.policies.load_full();
-    let applied = policies.applied_for(&asked.policy, asked.key.as_deref(), asked.cost)?;
-    Ok(judge(&state, applied).await)
+    let policies = state.limiter.policies();
+    let decided = state
+        .limiter
+        .decide_key(&policies, &asked.policy, asked.key.as_deref(), asked.cost)
+        .await?;
+    Ok(respond(&state, &decided))
 }
 
 /// `GET /v1/buckets/{policy}?key=…` (composite and `global` keys).
@@ -334,9 +336,12 @@ async fn show(
 ) -> Result<HttpResponse, ApiError> {
     auth.check(req)?;
     let key = bucket_key(path_key, req.query_string())?;
-    let policies = state.policies.load_full();
-    let applied = policies.applied_for(policy, key.as_deref(), 0)?;
-    Ok(judge(state, applied).await)
+    let policies = state.limiter.policies();
+    let decided = state
+        .limiter
+        .decide_key(&policies, policy, key.as_deref(), 0)
+        .await?;
+    Ok(respond(state, &decided))
 }
 
 /// Deletes the policy's hash for the key: every limit full again. 204 once the store
@@ -350,26 +355,20 @@ async fn reset(
 ) -> Result<HttpResponse, ApiError> {
     auth.check(req)?;
     let key = bucket_key(path_key, req.query_string())?;
-    let policies = state.policies.load_full();
-    let applied = policies.applied_for(policy, key.as_deref(), 0)?;
-    let charges = charges(std::slice::from_ref(&applied), &state.key_prefix);
-    state.decider.reset(&charges).await?;
-    log::info!(
-        "reset the buckets of policy {} at {}",
-        applied.policy.name,
-        applied.policy.bucket_key(&applied.key, &state.key_prefix)
-    );
+    let policies = state.limiter.policies();
+    let bucket = match state.limiter.reset(&policies, policy, key.as_deref()).await {
+        Ok(bucket) => bucket,
+        Err(ResetError::Lookup(error)) => return Err(error.into()),
+        Err(ResetError::Store(error)) => return Err(error.into()),
+    };
+    log::info!("reset the buckets of policy {policy} at {bucket}");
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// Decides `applied` and answers with the verdict: 200 whether allowed or not (the call
-/// succeeded; `allowed` is its answer), with the quota headers a limited route sends.
-async fn judge(state: &AppState, applied: Applied<'_>) -> HttpResponse {
-    let bucket = applied.policy.bucket_key(&applied.key, &state.key_prefix);
-    let verdict = state
-        .decider
-        .decide(charges(std::slice::from_ref(&applied), &state.key_prefix))
-        .await;
+/// The verdict on a named key: 200 whether allowed or not (the call succeeded; `allowed`
+/// is its answer), with the quota headers a limited route sends.
+fn respond(state: &AppState, decided: &KeyVerdict<'_>) -> HttpResponse {
+    let verdict = &decided.verdict;
     let mut response = HttpResponse::Ok();
     if let Some(source) = verdict.source() {
         response.insert_header((
@@ -377,37 +376,37 @@ async fn judge(state: &AppState, applied: Applied<'_>) -> HttpResponse {
             HeaderValue::from_static(source.as_str()),
         ));
     }
-    for header in quota_headers(state.headers, &verdict) {
+    for header in quota_headers(state.headers, verdict) {
         response.insert_header(header);
     }
     response
         .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .json(Answer::new(&verdict, &applied, bucket))
+        .json(DecisionBody::new(decided))
 }
 
 /// The body of a decision: the verdict, and per limit its quota and state, in the
 /// numbers the `RateLimit` headers use.
 #[derive(Debug, Serialize)]
-pub struct Answer<'a> {
+pub struct DecisionBody<'a> {
     pub allowed: bool,
     /// `redis`, `local`, `open` or `closed`, as `X-RateLimit-Source` says it.
     pub source: Option<&'static str>,
     pub policy: &'a str,
     pub mode: &'static str,
     /// The Redis key of the policy's hash for this key.
-    pub bucket: String,
+    pub bucket: &'a str,
     pub cost: u64,
     /// For a denial, what a 429 would say: `Retry-After` (whole seconds, at least 1) and
     /// `retry_after_ms`; 0 when allowed.
     pub retry_after: u64,
     pub retry_after_ms: u64,
-    pub limits: Vec<LimitAnswer>,
+    pub limits: Vec<LimitBody>,
 }
 
-/// One limit in an [`Answer`]. Its state is `null` when no bucket was asked
+/// One limit in a [`DecisionBody`]. Its state is `null` when no bucket was asked
 /// (`FAIL_MODE=open` or `closed` while the store cannot decide).
 #[derive(Debug, Serialize)]
-pub struct LimitAnswer {
+pub struct LimitBody {
     /// `<policy>-<limit>`, as in the headers.
     pub name: String,
     /// The burst: what `RateLimit-Policy` says as `q`.
@@ -425,8 +424,9 @@ pub struct LimitAnswer {
     pub retry_after_ms: Option<u64>,
 }
 
-impl<'a> Answer<'a> {
-    pub fn new(verdict: &Verdict<'_>, applied: &'a Applied<'_>, bucket: String) -> Self {
+impl<'a> DecisionBody<'a> {
+    pub fn new(decided: &'a KeyVerdict<'_>) -> Self {
+        let verdict = &decided.verdict;
         let (retry_after, retry_after_ms) = match verdict {
             Verdict::Decided {
                 admitted: false, ..
@@ -438,23 +438,17 @@ impl<'a> Answer<'a> {
             Verdict::Closed { .. } => (1, 1_000),
             _ => (0, 0),
         };
-        let limits = match verdict {
-            Verdict::Unlimited => Vec::new(),
-            Verdict::Decided { limits, .. } => limits.iter().map(LimitAnswer::judged).collect(),
-            Verdict::Open { limits } | Verdict::Closed { limits } => {
-                limits.iter().map(LimitAnswer::unasked).collect()
-            }
-        };
+        let limits = verdict.limits().iter().map(LimitBody::new).collect();
         Self {
             allowed: verdict.allowed(),
             source: verdict.source().map(|source| source.as_str()),
-            policy: &applied.policy.name,
-            mode: match applied.policy.mode {
+            policy: &decided.policy.name,
+            mode: match decided.policy.mode {
                 Mode::Enforce => "enforce",
                 Mode::Shadow => "shadow",
             },
-            bucket,
-            cost: applied.cost,
+            bucket: &decided.bucket,
+            cost: decided.cost,
             retry_after,
             retry_after_ms,
             limits,
@@ -462,43 +456,38 @@ impl<'a> Answer<'a> {
     }
 }
 
-impl LimitAnswer {
-    fn judged(judged: &Judged<'_>) -> Self {
-        let decision = &judged.decision;
-        let (retry_after, retry_after_ms) = if decision.allowed {
-            (0, 0)
-        } else {
-            (
-                retry_after_secs(decision.retry_after_us),
-                ceil_millis(decision.retry_after_us).max(1),
-            )
-        };
-        Self {
-            allowed: Some(decision.allowed),
-            remaining: Some(decision.remaining),
-            reset: Some(reset_secs(decision)),
-            retry_after: Some(retry_after),
-            retry_after_ms: Some(retry_after_ms),
-            ..Self::quota(&judged.name, &judged.limit)
-        }
-    }
-
-    fn unasked(unasked: &Unasked<'_>) -> Self {
-        Self::quota(&unasked.name, &unasked.limit)
-    }
-
-    fn quota(name: &LimitName<'_>, limit: &Limit) -> Self {
-        let mut text = String::new();
-        item_name(name, &mut text);
-        Self {
-            name: text,
-            quota: limit.capacity(),
-            window: limit.window_secs(),
+impl LimitBody {
+    fn new(applied: &LimitVerdict<'_>) -> Self {
+        let mut name = String::new();
+        item_name(&applied.name, &mut name);
+        let quota = Self {
+            name,
+            quota: applied.limit.capacity(),
+            window: applied.limit.window_secs(),
             allowed: None,
             remaining: None,
             reset: None,
             retry_after: None,
             retry_after_ms: None,
+        };
+        let Some(level) = &applied.level else {
+            return quota;
+        };
+        let (retry_after, retry_after_ms) = if level.allowed {
+            (0, 0)
+        } else {
+            (
+                retry_after_secs(level.retry_after_us),
+                ceil_millis(level.retry_after_us).max(1),
+            )
+        };
+        Self {
+            allowed: Some(level.allowed),
+            remaining: Some(level.remaining),
+            reset: Some(reset_secs(level)),
+            retry_after: Some(retry_after),
+            retry_after_ms: Some(retry_after_ms),
+            ..quota
         }
     }
 }

@@ -1,14 +1,13 @@
 //! The quota headers of a limited route, as pure functions of a verdict.
 //!
-//! Draft: draft-ietf-httpapi-ratelimit-headers-10 (`RateLimit-Policy`, `RateLimit`).
+//! Draft: draft-ietf-httpapi-ratelimit-headers-11 (`RateLimit-Policy`, `RateLimit`).
 //! Legacy: the widely deployed `X-RateLimit-Limit`, `-Remaining`, `-Reset` (in seconds).
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 
 use std::fmt::Write as _;
 
-use crate::bucket::{Group, Level, Limit};
-use crate::decision::{LimitName, Verdict};
+use crate::limiter::{LimitName, LimitVerdict, Verdict};
 
 /// How a limited response describes the client's quota (`RATELIMIT_HEADERS`).
 #[derive(
@@ -16,7 +15,7 @@ use crate::decision::{LimitName, Verdict};
 )]
 #[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum HeaderMode {
-    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11).
     Draft,
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
     Legacy,
@@ -59,45 +58,13 @@ pub fn retry_after_secs(retry_after_us: u64) -> u64 {
 /// Seconds until one limit has more quota, as `RateLimit`'s `t` says it: until the next
 /// whole token for a limit that had the tokens, until it has enough for the request for
 /// one that lacked them.
-pub fn reset_secs(decision: &Level) -> u64 {
+pub fn reset_secs(decision: &crate::limiter::Level) -> u64 {
     let until_more = if decision.allowed {
         decision.next_token_us
     } else {
         decision.retry_after_us
     };
     ceil_secs(until_more)
-}
-
-/// What the headers say about one enforced limit.
-struct Stated<'a> {
-    name: LimitName<'a>,
-    limit: Limit,
-    decision: Option<Level>,
-}
-
-/// The enforced limits of a verdict: shadow ones never show.
-fn stated<'a>(verdict: &Verdict<'a>) -> Vec<Stated<'a>> {
-    match verdict {
-        Verdict::Unlimited => Vec::new(),
-        Verdict::Decided { limits, .. } => limits
-            .iter()
-            .filter(|judged| judged.group == Group::Enforced)
-            .map(|judged| Stated {
-                name: judged.name,
-                limit: judged.limit,
-                decision: Some(judged.decision),
-            })
-            .collect(),
-        Verdict::Open { limits } | Verdict::Closed { limits } => limits
-            .iter()
-            .filter(|unasked| unasked.group == Group::Enforced)
-            .map(|unasked| Stated {
-                name: unasked.name,
-                limit: unasked.limit,
-                decision: None,
-            })
-            .collect(),
-    }
 }
 
 /// The headers a limited response carries in `mode`, besides `Retry-After`. Names are
@@ -114,7 +81,8 @@ fn stated<'a>(verdict: &Verdict<'a>) -> Vec<Stated<'a>> {
 pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, HeaderValue)> {
     let draft = matches!(mode, HeaderMode::Draft | HeaderMode::Both);
     let legacy = matches!(mode, HeaderMode::Legacy | HeaderMode::Both);
-    let stated = stated(verdict);
+    // Shadow limits never show.
+    let stated: Vec<&LimitVerdict> = verdict.limits().iter().filter(|l| l.enforced).collect();
     let mut headers = Vec::with_capacity(5);
     if stated.is_empty() {
         return headers;
@@ -134,7 +102,7 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, He
                 item.limit.capacity(),
                 item.limit.window_secs()
             );
-            if let Some(decision) = &item.decision {
+            if let Some(decision) = &item.level {
                 if !state.is_empty() {
                     state.push_str(", ");
                 }
@@ -157,7 +125,7 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, He
         let strictest = stated
             .iter()
             .min_by_key(|item| {
-                item.decision.map_or((item.limit.capacity(), 0), |d| {
+                item.level.map_or((item.limit.capacity(), 0), |d| {
                     (d.remaining, u64::MAX - d.full_after_us)
                 })
             })
@@ -166,7 +134,7 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, He
             X_RATELIMIT_LIMIT,
             HeaderValue::from(strictest.limit.capacity()),
         ));
-        if let Some(decision) = &strictest.decision {
+        if let Some(decision) = &strictest.level {
             headers.push((X_RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)));
             headers.push((
                 X_RATELIMIT_RESET,
@@ -177,7 +145,7 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(HeaderName, He
     headers
 }
 
-/// Which part of the system decided (`decision::Source`); on every limited response.
+/// Which part of the system decided (`limiter::Source`); on every limited response.
 pub const X_RATELIMIT_SOURCE: HeaderName = HeaderName::from_static("x-ratelimit-source");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -195,7 +163,7 @@ fn text_value(text: String) -> HeaderValue {
 mod tests {
     use super::*;
     use crate::bucket::LimitSpec;
-    use crate::decision::{Bucket, Judged, Unasked};
+    use crate::limiter::{Bucket, Level, Limit};
 
     fn as_text(headers: Vec<(HeaderName, HeaderValue)>) -> Vec<(String, String)> {
         headers
@@ -217,10 +185,14 @@ mod tests {
         .unwrap()
     }
 
-    const DEFAULT: LimitName<'static> = LimitName {
-        policy: "default",
-        limit: "default",
-    };
+    /// A name as a loaded policy set holds it; leaked, as the set would outlive the test.
+    fn name(policy: &str, limit: &str) -> LimitName<'static> {
+        let leak = |text: &str| &*Box::leak(Box::new(std::sync::Arc::<str>::from(text)));
+        LimitName {
+            policy: leak(policy),
+            limit: leak(limit),
+        }
+    }
 
     fn verdict(decision: Option<Level>) -> Verdict<'static> {
         let limit = limit(10, 60);
@@ -228,18 +200,19 @@ mod tests {
             Some(decision) => Verdict::Decided {
                 bucket: Bucket::Shared,
                 admitted: decision.allowed,
-                limits: vec![Judged {
-                    name: DEFAULT,
+                limits: vec![LimitVerdict {
+                    name: name("default", "default"),
                     limit,
-                    group: Group::Enforced,
-                    decision,
+                    enforced: true,
+                    level: Some(decision),
                 }],
             },
             None => Verdict::Open {
-                limits: vec![Unasked {
-                    name: DEFAULT,
+                limits: vec![LimitVerdict {
+                    name: name("default", "default"),
                     limit,
-                    group: Group::Enforced,
+                    enforced: true,
+                    level: None,
                 }],
             },
         }
@@ -269,28 +242,25 @@ mod tests {
 
     #[test]
     fn every_enforced_limit_is_listed_and_shadow_ones_never() {
-        let judged = |policy, name, rate, window_s, remaining, group| Judged {
-            name: LimitName {
-                policy,
-                limit: name,
-            },
+        let judged = |policy, limit_name, rate, window_s, remaining, enforced| LimitVerdict {
+            name: name(policy, limit_name),
             limit: limit(rate, window_s),
-            group,
-            decision: Level {
+            enforced,
+            level: Some(Level {
                 allowed: true,
                 remaining,
                 next_token_us: 1_000_000,
                 full_after_us: 9_000_000,
                 retry_after_us: 0,
-            },
+            }),
         };
         let verdict = Verdict::Decided {
             bucket: Bucket::Shared,
             admitted: true,
             limits: vec![
-                judged("api", "minute", 100, 60, 42, Group::Enforced),
-                judged("api", "day", 10_000, 86_400, 9_958, Group::Enforced),
-                judged("trial", "minute", 5, 60, 0, Group::Shadow(1)),
+                judged("api", "minute", 100, 60, 42, true),
+                judged("api", "day", 10_000, 86_400, 9_958, true),
+                judged("trial", "minute", 5, 60, 0, false),
             ],
         };
         assert_eq!(

@@ -1,7 +1,8 @@
 //! The HTTP edge: the route table, the quota headers, and the one problem shape of every
 //! error answer.
 //!
-//! - [`routes`]: the handlers and the state they share.
+//! - [`routes`]: the handlers and the state they share; each decision is the limiter's.
+//! - [`reply`]: a verdict as statuses, headers and problem bodies.
 //! - [`headers`]: `RateLimit`/`RateLimit-Policy` and the legacy `X-RateLimit-*`.
 //! - [`problem`]: `application/problem+json` for every error answer.
 //! - [`policies`]: `/v1/policies` and `/v1/explain`, what the policies are and would do.
@@ -21,6 +22,7 @@ pub mod decide;
 pub mod headers;
 pub mod policies;
 pub mod problem;
+pub mod reply;
 pub mod routes;
 
 use std::time::Instant;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::problem::Problem;
-use super::routes::{AppState, Headers, charges, client_key};
+use super::routes::{AppState, Headers, client_key};
 use crate::policy::{Mode, NamedLimit, RequestView};
 
 #[derive(Serialize)]
@@ -39,7 +39,7 @@ fn mode(mode: Mode) -> &'static str {
 
 /// `GET /v1/policies`.
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {
-    let set = state.policies.load_full();
+    let set = state.limiter.policies();
     let policies: Vec<_> = set
         .policies()
         .iter()
@@ -83,7 +83,7 @@ pub async fn explain(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
             .detail("the client address is unknown")
             .response();
     };
-    let set = state.policies.load_full();
+    let set = state.limiter.policies();
     let headers = Headers(req.headers());
     let view = RequestView {
         method: &explained.method,
@@ -98,7 +98,7 @@ pub async fn explain(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
         "host": explained.host,
         "client": client.to_string(),
     });
-    let applied = match set.evaluate(&view) {
+    let applied = match state.limiter.explain(&set, &view) {
         Ok(applied) => applied,
         Err(rejection) => {
             return HttpResponse::Ok().json(json!({
@@ -108,21 +108,16 @@ pub async fn explain(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
             }));
         }
     };
-    let buckets = charges(&applied, &state.key_prefix);
-    let mut keys = buckets
-        .iter()
-        .map(|charge| (charge.key.as_str(), charge.field.as_str()));
     let policies: Vec<_> = applied
         .iter()
-        .map(|applied| {
+        .map(|(applied, bucket)| {
             let limits: Vec<_> = applied
                 .limits
                 .iter()
                 .map(|limit| {
-                    let (key, field) = keys.next().unwrap_or_default();
                     json!({
                         "limit": LimitView::from(limit),
-                        "bucket": {"key": key, "field": field},
+                        "bucket": {"key": bucket, "field": limit.field},
                     })
                 })
                 .collect();

@@ -416,7 +416,7 @@ fn read_policy(
     }
     let name = name?.into_inner();
     (reader.count() == before).then_some(Policy {
-        name,
+        name: name.into(),
         mode,
         matcher,
         key,
@@ -648,11 +648,7 @@ fn read_limit(
             );
             None
         }
-        Ok(limit) => Some(NamedLimit {
-            name: name.into_inner(),
-            spec,
-            limit,
-        }),
+        Ok(limit) => Some(NamedLimit::new(&name.into_inner(), spec, limit)),
         Err(error) => {
             reader.at(
                 at,

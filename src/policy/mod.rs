@@ -101,6 +101,8 @@ mod matching;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 use crate::bucket::{Limit, LimitError, LimitSpec};
@@ -125,7 +127,8 @@ pub struct PolicySet {
 /// One `[[policy]]` entry.
 #[derive(Debug)]
 pub struct Policy {
-    pub name: String,
+    /// Shared, not copied, by every metric series and verdict that names it.
+    pub name: Arc<str>,
     pub mode: Mode,
     matcher: Matcher,
     key: KeySpec,
@@ -146,9 +149,25 @@ pub enum Mode {
 /// file states them, and the validated limit built from them.
 #[derive(Clone, Debug)]
 pub struct NamedLimit {
-    pub name: String,
+    pub name: Arc<str>,
     pub spec: LimitSpec,
     pub limit: Limit,
+    /// Its bucket's field in the policy's hash ([`Policy::bucket_field`]): it depends on
+    /// the limit alone, so it is written once, when the policies load, not per request.
+    pub field: String,
+}
+
+impl NamedLimit {
+    pub fn new(name: &str, spec: LimitSpec, limit: Limit) -> Self {
+        let mut named = Self {
+            name: Arc::from(name),
+            spec,
+            limit,
+            field: String::new(),
+        };
+        named.field = Policy::bucket_field(&named);
+        named
+    }
 }
 
 /// What a policy may look at in a request. The caller derives `client` (trusted proxies
@@ -271,13 +290,9 @@ impl PolicySet {
     /// HEAD `/limited_endpoint`, keyed by the client's address, with one limit named
     /// `default`.
     pub fn single(limit: LimitSpec) -> Result<PolicySet, LimitError> {
-        let default = NamedLimit {
-            name: "default".to_string(),
-            spec: limit,
-            limit: Limit::parse(limit)?,
-        };
+        let default = NamedLimit::new("default", limit, Limit::parse(limit)?);
         let policy = Policy {
-            name: "default".to_string(),
+            name: Arc::from("default"),
             mode: Mode::Enforce,
             matcher: Matcher::route(&["GET", "HEAD"], DEFAULT_PATH),
             key: KeySpec::client_ip(),
@@ -313,7 +328,7 @@ impl PolicySet {
         key: Option<&[String]>,
         cost: u64,
     ) -> Result<Applied<'_>, LookupError> {
-        let Some(policy) = self.policies.iter().find(|policy| policy.name == name) else {
+        let Some(policy) = self.policies.iter().find(|policy| *policy.name == *name) else {
             return Err(LookupError::UnknownPolicy {
                 name: file::is_name(name).then(|| name.to_string()),
             });
@@ -323,7 +338,7 @@ impl PolicySet {
             (None, 0) => key::KeySpec::global(),
             (Some(_), 0) => {
                 return Err(LookupError::KeyNotTaken {
-                    policy: policy.name.clone(),
+                    policy: policy.name.to_string(),
                 });
             }
             (None, parts) => {
@@ -333,7 +348,7 @@ impl PolicySet {
                     format!("a list of {parts} strings, one per part in this order")
                 };
                 return Err(LookupError::KeyMissing {
-                    policy: policy.name.clone(),
+                    policy: policy.name.to_string(),
                     parts: policy.key.describe(),
                     expected,
                 });
@@ -343,7 +358,7 @@ impl PolicySet {
                     .key
                     .encode_raw(values, &self.hash_key)
                     .map_err(|problem| LookupError::BadKey {
-                        policy: policy.name.clone(),
+                        policy: policy.name.to_string(),
                         parts: policy.key.describe(),
                         problem,
                     })?
@@ -357,7 +372,7 @@ impl PolicySet {
             .unwrap_or(0);
         if cost > max {
             return Err(LookupError::CostTooLarge {
-                policy: policy.name.clone(),
+                policy: policy.name.to_string(),
                 cost,
                 max,
             });

@@ -93,7 +93,7 @@ fn applied(set: &PolicySet, request: &Request) -> Vec<String> {
     set.evaluate(&request.view())
         .unwrap()
         .iter()
-        .map(|found| found.policy.name.clone())
+        .map(|found| found.policy.name.to_string())
         .collect()
 }
 
@@ -114,7 +114,7 @@ const MINUTE: &str = "limits = [{ name = \"minute\", rate = 10, per = \"1m\" }]"
 #[test]
 fn the_example_file_parses_with_every_kind_of_rule_it_shows() {
     let set = PolicySet::parse(EXAMPLE, "policies.example.toml").unwrap_or_else(|e| panic!("{e}"));
-    let names: Vec<&str> = set.policies().iter().map(|p| p.name.as_str()).collect();
+    let names: Vec<&str> = set.policies().iter().map(|p| &*p.name).collect();
     assert_eq!(names, ["login", "api", "reports-ceiling", "uploads-trial"]);
     let modes: Vec<Mode> = set.policies().iter().map(|p| p.mode).collect();
     assert_eq!(
@@ -1102,10 +1102,10 @@ fn single_limits_get_and_head_of_the_limited_endpoint_by_client() {
     assert_eq!(set.version(), "default");
     assert_eq!(set.policies().len(), 1);
     let policy = &set.policies()[0];
-    assert_eq!(policy.name, "default");
+    assert_eq!(&*policy.name, "default");
     assert_eq!(policy.mode, Mode::Enforce);
     assert_eq!(policy.limits().len(), 1);
-    assert_eq!(policy.limits()[0].name, "default");
+    assert_eq!(&*policy.limits()[0].name, "default");
     assert_eq!(policy.limits()[0].spec, spec);
     for method in ["GET", "HEAD"] {
         let found = set

@@ -5,8 +5,8 @@
 
 use strum::VariantNames;
 
-use crate::decision::FailMode;
 use crate::http::headers::HeaderMode;
+use crate::limiter::FailMode;
 use crate::store::redis::ConnectionMode;
 
 /// One setting: `name` in the environment, `name` in lower case in TOML files.

@@ -20,9 +20,9 @@ use secrecy::SecretString;
 use thiserror::Error;
 
 use crate::bucket::LimitSpec;
-use crate::decision::FailMode;
 use crate::http::headers::HeaderMode;
 use crate::identity::IdentityRules;
+use crate::limiter::FailMode;
 use crate::policy::{HashKey, PolicySet};
 use crate::store::redis::ConnectionMode;
 use declared::{Expect, Preset, Setting};

@@ -1,13 +1,16 @@
-//! What decides a limited request over all the limits that apply to it: the deny cache
-//! when it already knows the answer is no, else the store (all or nothing, in one
-//! operation), else the configured failure policy ([`FailMode`]).
+//! What decides a request's charges, whatever front asked: the deny cache when it already
+//! knows the answer is no, else the store (all or nothing, in one operation), else the
+//! configured failure policy ([`FailMode`]). It also keeps the degraded state (logged once
+//! each way, exported as a gauge) and the per-limit metrics.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::bucket::{Charge, Group, Level, Limit, Taken};
-use crate::deny_cache::DenyCache;
+use super::Charges;
+use super::deny_cache::DenyCache;
+use super::verdict::{Bucket, LimitName, LimitVerdict, Source, Verdict};
+use crate::bucket::{Charge, Group, Taken};
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
 use crate::store::{KeyedCharge, Store, StoreError};
@@ -29,149 +32,6 @@ pub enum FailMode {
 impl FailMode {
     pub fn as_str(self) -> &'static str {
         self.into()
-    }
-}
-
-/// Which part of the system decided, as `X-RateLimit-Source` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The shared store.
-    Redis,
-    /// This process: the embedded store, or the fallback while Redis cannot decide.
-    Local,
-    /// Redis could not decide and `FAIL_MODE=open` admitted the request.
-    Open,
-    /// Redis could not decide and `FAIL_MODE=closed` refused the request.
-    Closed,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Redis => "redis",
-            Source::Local => "local",
-            Source::Open => "open",
-            Source::Closed => "closed",
-        }
-    }
-}
-
-/// Which bucket answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bucket {
-    /// The shared store (Redis), directly or through its cached denial.
-    Shared,
-    /// This process's memory: the embedded store, or the fallback's share.
-    Local,
-}
-
-/// Which limit of which policy, as headers, bodies and metrics name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LimitName<'a> {
-    pub policy: &'a str,
-    pub limit: &'a str,
-}
-
-/// One bucket a request draws on: a limit of a policy, for this request's key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitCharge<'a> {
-    pub name: LimitName<'a>,
-    /// Where the bucket is in the store: the policy's hash for this key, and the limit's
-    /// field in it.
-    pub key: String,
-    pub field: String,
-    pub charge: Charge,
-}
-
-/// One limit's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Judged<'a> {
-    pub name: LimitName<'a>,
-    /// The limit it was judged under: the configured one, or its share in the fallback.
-    pub limit: Limit,
-    pub group: Group,
-    pub decision: Level,
-}
-
-/// A limit that applied when no bucket could be asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unasked<'a> {
-    pub name: LimitName<'a>,
-    pub limit: Limit,
-    pub group: Group,
-}
-
-/// What happens to one request. Each variant carries exactly what its answer needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict<'a> {
-    /// No policy applies: admitted, nothing counted.
-    Unlimited,
-    /// Buckets decided: admitted when every enforced limit had the tokens.
-    Decided {
-        bucket: Bucket,
-        admitted: bool,
-        limits: Vec<Judged<'a>>,
-    },
-    /// No store could decide and `FAIL_MODE=open` admitted the request.
-    Open { limits: Vec<Unasked<'a>> },
-    /// No store could decide and `FAIL_MODE=closed` refused it.
-    Closed { limits: Vec<Unasked<'a>> },
-}
-
-impl Verdict<'_> {
-    pub fn allowed(&self) -> bool {
-        match self {
-            Verdict::Unlimited | Verdict::Open { .. } => true,
-            Verdict::Decided { admitted, .. } => *admitted,
-            Verdict::Closed { .. } => false,
-        }
-    }
-
-    /// What decided, for `X-RateLimit-Source`; `None` when nothing had to.
-    pub fn source(&self) -> Option<Source> {
-        match self {
-            Verdict::Unlimited => None,
-            Verdict::Decided {
-                bucket: Bucket::Shared,
-                ..
-            } => Some(Source::Redis),
-            Verdict::Decided {
-                bucket: Bucket::Local,
-                ..
-            } => Some(Source::Local),
-            Verdict::Open { .. } => Some(Source::Open),
-            Verdict::Closed { .. } => Some(Source::Closed),
-        }
-    }
-
-    /// For a denial: when every enforced limit that lacked tokens has them again.
-    pub fn retry_after_us(&self) -> u64 {
-        match self {
-            Verdict::Decided {
-                admitted: false,
-                limits,
-                ..
-            } => limits
-                .iter()
-                .filter(|judged| judged.group == Group::Enforced)
-                .map(|judged| judged.decision.retry_after_us)
-                .max()
-                .unwrap_or(0),
-            _ => 0,
-        }
-    }
-
-    /// The enforced limits that lacked tokens, in order (the problem body's
-    /// `violated-policies`).
-    pub fn violated(&self) -> Vec<LimitName<'_>> {
-        match self {
-            Verdict::Decided { limits, .. } => limits
-                .iter()
-                .filter(|judged| judged.group == Group::Enforced && !judged.decision.allowed)
-                .map(|judged| judged.name)
-                .collect(),
-            _ => Vec::new(),
-        }
     }
 }
 
@@ -284,20 +144,12 @@ impl Decider {
     /// key), in the local fallback's share, and in this instance's deny cache, which is
     /// cleared entirely. Other instances keep answering a denial they cached until its
     /// retry-after passes. Fails, changing nothing here, when the store cannot be reached.
-    pub async fn reset(&self, charges: &[LimitCharge<'_>]) -> Result<(), StoreError> {
-        let keyed: Vec<KeyedCharge> = charges
-            .iter()
-            .map(|c| KeyedCharge {
-                key: c.key.clone(),
-                field: c.field.clone(),
-                charge: c.charge,
-            })
-            .collect();
+    pub async fn reset(&self, buckets: &[KeyedCharge]) -> Result<(), StoreError> {
         match &self.buckets {
-            Buckets::Local(store) => store.remove(&keyed),
+            Buckets::Local(store) => store.remove(buckets),
             Buckets::Shared(store) => {
-                store.reset(&keyed).await?;
-                self.fallback.remove(&keyed);
+                store.reset(buckets).await?;
+                self.fallback.remove(buckets);
             }
         }
         if let Some(denials) = &self.denials {
@@ -307,29 +159,20 @@ impl Decider {
     }
 
     /// Decides a request that draws on `charges`, all or nothing.
-    pub async fn decide<'a>(&self, charges: Vec<LimitCharge<'a>>) -> Verdict<'a> {
-        if charges.is_empty() {
+    pub async fn decide<'a>(&self, charges: Charges<'a>) -> Verdict<'a> {
+        if charges.buckets.is_empty() {
             return Verdict::Unlimited;
         }
-        let (names, keyed): (Vec<LimitName<'a>>, Vec<KeyedCharge>) = charges
-            .into_iter()
-            .map(|c| {
-                (
-                    c.name,
-                    KeyedCharge {
-                        key: c.key,
-                        field: c.field,
-                        charge: c.charge,
-                    },
-                )
-            })
-            .unzip();
+        let Charges {
+            names,
+            buckets: keyed,
+        } = charges;
         let verdict = match &self.buckets {
             Buckets::Local(store) => {
                 let started = Instant::now();
-                let outcome = store.take_all_now(&keyed);
+                let taken = store.take_all_now(&keyed);
                 self.metrics.store_call(started.elapsed());
-                judged(Bucket::Local, &names, &keyed, outcome)
+                decided(Bucket::Local, &names, &keyed, taken)
             }
             Buckets::Shared(store) => self.decide_shared(store.as_ref(), &names, &keyed).await,
         };
@@ -338,16 +181,16 @@ impl Decider {
             verdict.source().map_or("none", Source::as_str),
         );
         if let Verdict::Decided { limits, .. } = &verdict {
-            for judged in limits {
-                let shadow = judged.group != Group::Enforced;
+            for limit in limits {
+                let allowed = !limit.lacked();
                 self.metrics.limit_decision(
-                    judged.name.policy,
-                    judged.name.limit,
-                    shadow,
-                    judged.decision.allowed,
+                    limit.name.policy,
+                    limit.name.limit,
+                    !limit.enforced,
+                    allowed,
                 );
-                if shadow && !judged.decision.allowed {
-                    self.shadow_log.note(judged.name.policy);
+                if !limit.enforced && !allowed {
+                    self.shadow_log.note(limit.name.policy);
                 }
             }
         }
@@ -367,22 +210,22 @@ impl Decider {
         if let Some((denials, fingerprint, now_us)) = asked
             && let Some(levels) = denials.lookup_at(fingerprint, now_us)
         {
-            let outcome = Taken {
+            let taken = Taken {
                 admitted: false,
                 levels,
             };
-            return judged(Bucket::Shared, names, charges, outcome);
+            return decided(Bucket::Shared, names, charges, taken);
         }
         let started = Instant::now();
         let result = store.take(charges).await;
         self.metrics.store_call(started.elapsed());
         match result {
-            Ok(outcome) => {
+            Ok(taken) => {
                 self.note_recovered();
                 if let Some((denials, fingerprint, asked_at_us)) = asked {
-                    denials.remember_at(fingerprint, asked_at_us, charges, &outcome);
+                    denials.remember_at(fingerprint, asked_at_us, charges, &taken);
                 }
-                judged(Bucket::Shared, names, charges, outcome)
+                decided(Bucket::Shared, names, charges, taken)
             }
             Err(error) => {
                 self.metrics.store_error(error.kind());
@@ -397,11 +240,7 @@ impl Decider {
             names
                 .iter()
                 .zip(charges)
-                .map(|(name, keyed)| Unasked {
-                    name: *name,
-                    limit: keyed.charge.limit,
-                    group: keyed.charge.group,
-                })
+                .map(|(name, keyed)| limit_verdict(*name, &keyed.charge, None))
                 .collect()
         };
         match self.fail_mode {
@@ -418,8 +257,8 @@ impl Decider {
                         },
                     })
                     .collect();
-                let outcome = self.fallback.take_all_now(&shares);
-                judged(Bucket::Local, names, &shares, outcome)
+                let taken = self.fallback.take_all_now(&shares);
+                decided(Bucket::Local, names, &shares, taken)
             }
             FailMode::Open => Verdict::Open { limits: unasked() },
             FailMode::Closed => Verdict::Closed { limits: unasked() },
@@ -444,26 +283,34 @@ impl Decider {
     }
 }
 
-fn judged<'a>(
+fn limit_verdict<'a>(
+    name: LimitName<'a>,
+    charge: &Charge,
+    level: Option<crate::bucket::Level>,
+) -> LimitVerdict<'a> {
+    LimitVerdict {
+        name,
+        limit: charge.limit,
+        enforced: charge.group == Group::Enforced,
+        level,
+    }
+}
+
+fn decided<'a>(
     bucket: Bucket,
     names: &[LimitName<'a>],
     charges: &[KeyedCharge],
-    outcome: Taken,
+    taken: Taken,
 ) -> Verdict<'a> {
     let limits = names
         .iter()
         .zip(charges)
-        .zip(outcome.levels)
-        .map(|((name, keyed), decision)| Judged {
-            name: *name,
-            limit: keyed.charge.limit,
-            group: keyed.charge.group,
-            decision,
-        })
+        .zip(taken.levels)
+        .map(|((name, keyed), level)| limit_verdict(*name, &keyed.charge, Some(level)))
         .collect();
     Verdict::Decided {
         bucket,
-        admitted: outcome.admitted,
+        admitted: taken.admitted,
         limits,
     }
 }
