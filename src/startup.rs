@@ -3,17 +3,14 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::Instant;
 
-use actix_web::dev::{Server, ServerHandle, Service};
-use actix_web::middleware::{Condition, DefaultHeaders, Logger};
-use actix_web::{App, HttpServer, web};
 use arc_swap::ArcSwap;
 use secrecy::ExposeSecret;
 use thiserror::Error;
 
 use crate::http::admin_auth::AdminAuth;
 use crate::http::routes::AppState;
+use crate::http::{ServeSettings, Server, ServerHandle};
 use crate::limiter::{Buckets, Decider, DeciderSettings, InstanceCount, Limiter};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
@@ -82,42 +79,25 @@ impl Application {
         let policies = Arc::new(ArcSwap::new(settings.policies.clone()));
         metrics.policy_version(settings.policies.version());
         let watcher = watch_policies(&settings, &policies, &metrics)?;
-        let state = web::Data::new(AppState::new(
+        let state = AppState::new(
             settings.instance_name.clone(),
             Limiter::new(policies, settings.redis.key_prefix.clone(), decider),
             settings.identity.clone(),
             settings.headers,
             metrics.clone(),
-        ));
-        let admin = web::Data::new(AdminAuth::new(
-            settings.admin_token.as_ref(),
-            settings.identity.clone(),
-        ));
-        let instance = settings.instance_name.clone();
-        let access_log = settings.access_log;
-        let mut server = HttpServer::new(move || {
-            let metrics = metrics.clone();
-            App::new()
-                .app_data(state.clone())
-                .app_data(admin.clone())
-                .wrap(Condition::new(
-                    access_log,
-                    Logger::new("%a \"%r\" %s %b %Dms"),
-                ))
-                .wrap(DefaultHeaders::new().add(("X-Instance", instance.clone())))
-                .wrap_fn(move |req, service| {
-                    let started = Instant::now();
-                    let response = service.call(req);
-                    let metrics = metrics.clone();
-                    async move { Ok(crate::http::record(&metrics, started, response.await?)) }
-                })
-                .configure(crate::http::configure)
-        })
-        .shutdown_timeout(settings.shutdown_timeout.as_secs());
-        if let Some(workers) = settings.workers {
-            server = server.workers(workers);
-        }
-        let server = server.listen(listener).map_err(StartupError::Server)?.run();
+        );
+        let admin = AdminAuth::new(settings.admin_token.as_ref(), settings.identity.clone());
+        let server = crate::http::serve(
+            listener,
+            state,
+            admin,
+            ServeSettings {
+                access_log: settings.access_log,
+                shutdown_timeout: settings.shutdown_timeout,
+                workers: settings.workers,
+            },
+        )
+        .map_err(StartupError::Server)?;
         Ok(Self {
             port,
             server,

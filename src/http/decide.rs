@@ -28,9 +28,8 @@ use super::headers::{
 };
 use super::problem::Problem;
 use super::routes::AppState;
-use crate::limiter::{KeyVerdict, LimitVerdict, ResetError, Verdict};
+use crate::limiter::{KeyVerdict, LimitVerdict, ResetError, StoreError, Verdict};
 use crate::policy::{LookupError, Mode};
-use crate::store::StoreError;
 
 /// The largest `/v1/decide` body read; a larger one is a 413. A decision needs a few
 /// hundred bytes at most (a key part is at most 256).

@@ -25,13 +25,67 @@ pub mod problem;
 pub mod reply;
 pub mod routes;
 
-use std::time::Instant;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
-use actix_web::dev::ServiceResponse;
-use actix_web::{guard, web};
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::middleware::{Condition, DefaultHeaders, Logger};
+use actix_web::{App, HttpServer, guard, web};
 
 use crate::metrics::Metrics;
+use admin_auth::AdminAuth;
+use routes::AppState;
+
+/// The running server, and what stops it from elsewhere.
+pub use actix_web::dev::{Server, ServerHandle};
+
+/// How the HTTP server runs, beside what it serves.
+pub struct ServeSettings {
+    /// `ACCESS_LOG`: one line per request.
+    pub access_log: bool,
+    /// How long in-flight requests may take after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    /// Worker threads; `None` is one per CPU.
+    pub workers: Option<usize>,
+}
+
+/// Serves every route on `listener`: each answer carries `X-Instance` and is counted in
+/// the metrics by its route.
+pub fn serve(
+    listener: TcpListener,
+    state: AppState,
+    admin: AdminAuth,
+    settings: ServeSettings,
+) -> std::io::Result<Server> {
+    let instance = state.instance.clone();
+    let metrics = state.metrics.clone();
+    let (state, admin) = (web::Data::new(state), web::Data::new(admin));
+    let access_log = settings.access_log;
+    let mut server = HttpServer::new(move || {
+        let metrics = metrics.clone();
+        App::new()
+            .app_data(state.clone())
+            .app_data(admin.clone())
+            .wrap(Condition::new(
+                access_log,
+                Logger::new("%a \"%r\" %s %b %Dms"),
+            ))
+            .wrap(DefaultHeaders::new().add(("X-Instance", instance.clone())))
+            .wrap_fn(move |req, service| {
+                let started = Instant::now();
+                let response = service.call(req);
+                let metrics = metrics.clone();
+                async move { Ok(record(&metrics, started, response.await?)) }
+            })
+            .configure(configure)
+    })
+    .shutdown_timeout(settings.shutdown_timeout.as_secs());
+    if let Some(workers) = settings.workers {
+        server = server.workers(workers);
+    }
+    Ok(server.listen(listener)?.run())
+}
 
 /// A route's name in metrics: attached to its resource, so the label is the route actix
 /// matched (`/limited%5Fendpoint` counts as `/limited_endpoint`), from this one table.

@@ -26,7 +26,9 @@ pub use crate::bucket::{Level, Limit};
 
 use crate::bucket::{Charge, Group};
 use crate::policy::{Applied, LookupError, Mode, Policy, PolicySet, Rejection, RequestView};
-use crate::store::{KeyedCharge, StoreError};
+use crate::store::KeyedCharge;
+// Why the store could not decide or reset, as the fronts report it.
+pub use crate::store::StoreError;
 
 /// The buckets one request draws on, per limit that applies: its name (for the verdict)
 /// and its bucket in the store, in the same order.
