@@ -2,31 +2,38 @@
 //! kept available by Redis Sentinel.
 //!
 //! # Layout
-//! `docs/ARCHITECTURE.md` draws how a request and a failover travel through these.
+//! `docs/ARCHITECTURE.md` draws how a request and a failover travel through these. Each
+//! room has one job:
 //! - [`settings`]: every setting declared once ([`settings::declared`]); layered from
-//!   `config/default.toml`, `CONFIG_FILE` and the environment into the domain's types.
-//! - [`bucket`]: the token bucket as pure arithmetic on a validated [`bucket::Limit`],
-//!   time passed in; `token_bucket.lua`, its Redis mirror; [`bucket::refund`] and
-//!   `refund.lua`, for payments another hash slot undid.
+//!   `config/default.toml`, `CONFIG_FILE` and the environment into typed values, once.
+//! - [`policy`]: the rules of a policy file: which requests each applies to, the key it
+//!   charges them to, its limits and their cost; pure, parsed once.
 //! - [`identity`]: which client a request counts against; trusted proxies only.
-//! - [`policy`]: the rules of a policy file: which requests each applies to, the bucket
-//!   key it charges them to, its limits and their cost; pure, parsed once.
-//! - [`decision`]: what decides a request: the [`deny_cache`], the store, and `FAIL_MODE`
-//!   when the store cannot; its answer is a [`decision::Verdict`].
-//! - [`store`]: where buckets live, behind one trait: in this process
-//!   ([`store::memory`]) or in Redis ([`store::redis`]: connections to a node, the current
-//!   master, discovery, the instance registry; [`store::redis::cluster`] for a Redis
-//!   Cluster).
-//! - [`http`]: the route table, handlers (the gateway's `/v1/check` among them), quota
-//!   headers and the one problem+json shape.
+//! - [`limiter`]: the decision room, protocol-neutral: a request's view (or an explicit
+//!   policy, key and cost) in, a [`limiter::Verdict`] out, through the deny cache, the
+//!   store and `FAIL_MODE` ([`limiter::Decider`]).
+//! - [`bucket`]: the token bucket as pure arithmetic on a validated [`bucket::Limit`],
+//!   time passed in, and the one admission rule ([`bucket::settle`]); `token_bucket.lua`
+//!   and `refund.lua`, its Redis mirrors.
+//! - [`store`]: where buckets live, behind one trait: in this process ([`store::memory`])
+//!   or in Redis ([`store::redis`]: one master found by Sentinel, or a Redis Cluster).
+//! - [`http`]: the HTTP front: it extracts a request's view, asks the limiter and renders
+//!   the verdict (routes, the gateway's `/v1/check`, the decision API, quota headers, the
+//!   one problem+json shape). Only it knows actix.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
 //! - [`reload`]: keeps the policy file's parsed set current (SIGHUP, file changes).
 //! - [`telemetry`]: log format, and the thread that alone writes the logs to stderr.
 //! - [`startup`]: the composition root, [`startup::Application`].
 //!
-//! Dependencies point one way: `startup` → `settings` → `http` → `decision` → `store` →
-//! `bucket`; `policy` uses `bucket` and `identity`; `metrics` and `identity` import nothing
-//! of the others'.
+//! One noun per layer, in the order a request meets them: a [`bucket::Charge`] (what a
+//! request asks of one bucket; [`store::KeyedCharge`] with its place in the store) →
+//! [`bucket::Taken`] (what the store did: admitted or not, a [`bucket::Level`] per
+//! bucket) → [`limiter::Verdict`] (a [`limiter::LimitVerdict`] per limit, and what decided)
+//! → the front's answer ([`http::reply::Reply`], the decision API's body).
+//!
+//! Dependencies point one way (`tests/architecture.rs`): `startup` → `settings`, `http` →
+//! `limiter` → `store` → `bucket`; `policy` uses `bucket` and `identity`; `metrics` and
+//! `identity` import nothing of the others'.
 
 pub mod bucket;
 pub mod http;

@@ -304,6 +304,27 @@ impl Metrics {
     }
 
     /// A store call that could not decide, by its kind (`StoreError::kind`).
+    /// Writes every series of the bounded label sets at 0 before anything is counted: an
+    /// absent series is not 0 to Prometheus (`rate()` of nothing is nothing, an alert on it
+    /// never fires), nor to a check that something "stays 0".
+    pub fn declare(&self, store_error_kinds: &[&'static str], sources: &[&'static str]) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        for &kind in store_error_kinds {
+            drop(recorder.store_errors.get_or_create(&KindLabels { kind }));
+        }
+        for &source in sources {
+            for decision in ["allowed", "limited"] {
+                drop(
+                    recorder
+                        .decisions
+                        .get_or_create(&DecisionLabels { decision, source }),
+                );
+            }
+        }
+    }
+
     pub fn store_error(&self, kind: &'static str) {
         if let Some(recorder) = &self.recorder {
             recorder

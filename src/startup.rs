@@ -11,7 +11,9 @@ use thiserror::Error;
 use crate::http::admin_auth::AdminAuth;
 use crate::http::routes::AppState;
 use crate::http::{ServeSettings, Server, ServerHandle};
-use crate::limiter::{Buckets, Decider, DeciderSettings, InstanceCount, Limiter};
+use crate::limiter::{
+    Buckets, Decider, DeciderSettings, InstanceCount, Limiter, Source, StoreError,
+};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::reload::{WatchSettings, Watcher};
@@ -66,6 +68,7 @@ impl Application {
 
         let metrics = Metrics::new(settings.metrics);
         metrics.read_log_lines_dropped(crate::telemetry::dropped_lines);
+        metrics.declare(StoreError::KINDS, &Source::ALL.map(Source::as_str));
         let (buckets, instances, resolver, cluster_watch) =
             build_buckets(&settings, &metrics).await?;
         let decider = Decider::new(DeciderSettings {

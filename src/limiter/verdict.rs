@@ -18,6 +18,8 @@ pub enum Source {
 }
 
 impl Source {
+    pub const ALL: [Source; 4] = [Source::Redis, Source::Local, Source::Open, Source::Closed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Redis => "redis",

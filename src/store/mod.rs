@@ -100,6 +100,19 @@ impl StoreError {
         }
     }
 
+    /// Every name [`StoreError::kind`] gives.
+    pub const KINDS: &[&'static str] = &[
+        "timeout",
+        "connection",
+        "noreplicas",
+        "loading",
+        "clusterdown",
+        "readonly",
+        "wrongtype",
+        "noscript",
+        "other",
+    ];
+
     /// A stable, low-cardinality name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

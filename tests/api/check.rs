@@ -5,7 +5,7 @@
 use reqwest::{Client, RequestBuilder, Response};
 
 use crate::support::PolicyFile;
-use crate::support::{TestApp, client, free_port, header, metric, metrics};
+use crate::support::{TestApp, client, counter, free_port, header, metrics};
 
 /// A check of `method uri`, as the gateway sends it.
 fn check(client: &Client, app: &TestApp, method: &str, uri: &str) -> RequestBuilder {
@@ -290,6 +290,6 @@ async fn checks_are_counted_under_their_own_route() {
 
     let admitted = r#"ratelimit_http_requests_total{route="/v1/check",status="204"}"#;
     let denied = r#"ratelimit_http_requests_total{route="/v1/check",status="403"}"#;
-    assert_eq!(metric(&text, admitted), 1.0, "{text}");
-    assert_eq!(metric(&text, denied), 2.0, "{text}");
+    assert_eq!(counter(&text, admitted), 1.0, "{text}");
+    assert_eq!(counter(&text, denied), 2.0, "{text}");
 }

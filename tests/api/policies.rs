@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::{
-    PolicyFile, RedisProcess, TestApp, all_at_once, client, header, metric, metrics, send_signal,
+    PolicyFile, RedisProcess, TestApp, all_at_once, client, counter, header, metrics, send_signal,
     service_command, unique_prefix, wait_for_exit,
 };
 
@@ -222,7 +222,7 @@ async fn a_shadow_policy_never_denies_is_counted_and_changes_no_enforced_decisio
         let would_deny = r#"ratelimit_limit_decisions_total{policy="trial",limit="minute",mode="shadow",decision="limited"}"#;
         if text.contains("trial") {
             // The first request fills the shadow bucket's one token; the other five lack it.
-            assert_eq!(metric(&text, would_deny), 5.0, "{text}");
+            assert_eq!(counter(&text, would_deny), 5.0, "{text}");
         }
         statuses.push(seen);
     }
@@ -452,7 +452,7 @@ async fn a_reload_under_load_fails_no_request_applies_to_the_next_ones_and_an_in
     file.write("[[policy]]\nname = \"Bad Name\"\nlimits = []\n");
     let rejected = r#"ratelimit_policy_reloads_total{result="rejected"}"#;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while metric(&metrics(&client, &app).await, rejected) < 1.0 {
+    while counter(&metrics(&client, &app).await, rejected) < 1.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the invalid file was not reported"

@@ -12,7 +12,7 @@ use ratelimiter::store::redis::{
 use ratelimiter::store::{KeyedCharge, Store, StoreError};
 
 use crate::support::{
-    RedisProcess, SERVICE_USER, TestApp, all_at_once, client, header, metric, metrics,
+    RedisProcess, SERVICE_USER, TestApp, all_at_once, client, counter, header, metrics,
     unique_prefix, wait_until,
 };
 
@@ -677,7 +677,7 @@ async fn a_foreign_value_is_decided_by_fail_mode_and_counted_as_wrongtype() {
     assert_eq!(header(&response, "x-ratelimit-source"), "closed");
     let text = metrics(&client, &app).await;
     assert_eq!(
-        metric(&text, r#"ratelimit_store_errors_total{kind="wrongtype"}"#),
+        counter(&text, r#"ratelimit_store_errors_total{kind="wrongtype"}"#),
         1.0
     );
 }

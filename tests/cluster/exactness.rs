@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::support::{RedisCluster, TestApp, client, metric, metrics, unique_prefix};
+use crate::support::{RedisCluster, TestApp, client, counter, metrics, unique_prefix};
 use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, evalsha_by_master,
     spawn_pair,
@@ -174,8 +174,8 @@ async fn a_policy_over_two_slots_admits_no_more_than_either_limit_and_refunds_wh
     let (mut given, mut failed) = (0.0, 0.0);
     for app in [&first, &second] {
         let text = metrics(&http, app).await;
-        given += metric(&text, r#"ratelimit_cluster_refunds_total{result="given"}"#);
-        failed += metric(&text, r#"ratelimit_cluster_refunds_total{result="failed"}"#);
+        given += counter(&text, r#"ratelimit_cluster_refunds_total{result="given"}"#);
+        failed += counter(&text, r#"ratelimit_cluster_refunds_total{result="failed"}"#);
     }
     println!(
         "FIGURES | two slots: {admitted} admitted at once, {given} refunds given, {failed} failed"

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use redis::cluster_routing::Slot;
 
-use crate::support::{RedisCluster, client, header, metric, metrics, unique_prefix};
+use crate::support::{RedisCluster, client, counter, header, metrics, unique_prefix};
 use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, Traffic, bucket_key, burst_from, client_ip, clients_on,
     evalsha_by_master, spawn_pair,
@@ -42,7 +42,7 @@ async fn with_every_script_cache_flushed_the_next_decisions_succeed_on_every_mas
         let text = metrics(&http, app).await;
         for kind in ["noscript", "other", "timeout", "connection", "clusterdown"] {
             let series = format!(r#"ratelimit_store_errors_total{{kind="{kind}"}}"#);
-            assert_eq!(metric(&text, &series), 0.0, "{series}");
+            assert_eq!(counter(&text, &series), 0.0, "{series}");
         }
     }
     // Every master decided again, by hash, once the script was back in its cache.

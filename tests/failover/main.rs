@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use support::{
     DATA_NODE_ARGS, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp,
-    all_at_once, client, header, metric, metrics, unique_prefix, until_redis_decides, wait_until,
+    all_at_once, client, counter, header, metrics, unique_prefix, until_redis_decides, wait_until,
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -623,7 +623,7 @@ async fn a_flushed_script_cache_and_a_forced_failover_fail_no_decision() {
 
 async fn noscript_errors(app: &TestApp) -> f64 {
     let text = metrics(&client(), app).await;
-    metric(&text, r#"ratelimit_store_errors_total{kind="noscript"}"#)
+    counter(&text, r#"ratelimit_store_errors_total{kind="noscript"}"#)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

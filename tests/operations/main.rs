@@ -7,7 +7,7 @@ mod support;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{TestApp, client, metric, metrics};
+use support::{TestApp, client, counter, metric, metrics};
 
 #[tokio::test]
 async fn metrics_count_decisions_by_outcome_and_source() {
@@ -23,8 +23,8 @@ async fn metrics_count_decisions_by_outcome_and_source() {
     let after = metrics(&client, &app).await;
     let allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
     let limited = r#"ratelimit_decisions_total{decision="limited",source="local"}"#;
-    assert_eq!(metric(&after, allowed), 2.0, "{after}");
-    assert_eq!(metric(&after, limited), 3.0, "{after}");
+    assert_eq!(counter(&after, allowed), 2.0, "{after}");
+    assert_eq!(counter(&after, limited), 3.0, "{after}");
     assert!(after.contains("ratelimit_build_info{version="), "{after}");
     assert!(
         after.contains(r#"ratelimit_http_requests_total{route="/limited_endpoint",status="429"}"#)
@@ -46,8 +46,8 @@ async fn requests_are_counted_by_the_route_actix_matched() {
     let text = metrics(&client, &app).await;
     let limited = r#"ratelimit_http_requests_total{route="/limited_endpoint",status="200"}"#;
     let other = r#"ratelimit_http_requests_total{route="other",status="404"}"#;
-    assert_eq!(metric(&text, limited), 2.0, "{text}");
-    assert_eq!(metric(&text, other), 2.0, "{text}");
+    assert_eq!(counter(&text, limited), 2.0, "{text}");
+    assert_eq!(counter(&text, other), 2.0, "{text}");
 }
 
 #[tokio::test]
@@ -68,9 +68,9 @@ async fn two_services_in_one_process_keep_their_own_fallback_gauge() {
         .unwrap();
     let gauge = "ratelimit_fallback_active";
     let degraded_text = metrics(&client, &degraded).await;
-    assert_eq!(metric(&degraded_text, gauge), 1.0, "{degraded_text}");
+    assert_eq!(metric(&degraded_text, gauge), Some(1.0), "{degraded_text}");
     let healthy_text = metrics(&client, &healthy).await;
-    assert_eq!(metric(&healthy_text, gauge), 0.0, "{healthy_text}");
+    assert_eq!(metric(&healthy_text, gauge), Some(0.0), "{healthy_text}");
 }
 
 /// The binary as a child process, so it can receive a real SIGTERM.
@@ -167,7 +167,7 @@ async fn a_stderr_nobody_reads_stalls_no_request_and_the_lines_it_cannot_take_ar
         .unwrap();
     // The pipe takes some 600 lines of about 110 bytes and the queue 64: most of the
     // 2,000 are dropped, every one of them counted.
-    let dropped = metric(&text, "ratelimit_log_lines_dropped_total");
+    let dropped = counter(&text, "ratelimit_log_lines_dropped_total");
     assert!(dropped >= 1000.0, "dropped {dropped} lines:\n{text}");
 }
 
@@ -278,7 +278,7 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
     let connection_errors = r#"ratelimit_store_errors_total{kind="connection"}"#;
     let local_allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
     let before = metrics(&client, &app).await;
-    assert_eq!(metric(&before, "ratelimit_fallback_active"), 0.0);
+    assert_eq!(metric(&before, "ratelimit_fallback_active"), Some(0.0));
     assert!(
         before.contains("ratelimit_current_master_info{addr="),
         "{before}"
@@ -293,10 +293,10 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
             .unwrap();
     }
     let during = metrics(&client, &app).await;
-    assert_eq!(metric(&during, "ratelimit_fallback_active"), 1.0);
-    assert!(metric(&during, connection_errors) > metric(&before, connection_errors));
+    assert_eq!(metric(&during, "ratelimit_fallback_active"), Some(1.0));
+    assert!(counter(&during, connection_errors) > counter(&before, connection_errors));
     assert_eq!(
-        metric(&during, local_allowed) - metric(&before, local_allowed),
+        counter(&during, local_allowed) - counter(&before, local_allowed),
         3.0
     );
 
@@ -307,5 +307,5 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
     })
     .await;
     let after = metrics(&client, &app).await;
-    assert_eq!(metric(&after, "ratelimit_fallback_active"), 0.0);
+    assert_eq!(metric(&after, "ratelimit_fallback_active"), Some(0.0));
 }

@@ -95,11 +95,27 @@ pub async fn metrics(client: &Client, app: &TestApp) -> String {
     response.text().await.unwrap()
 }
 
-/// The value of one sample line of a `/metrics` text, 0 when absent.
-pub fn metric(text: &str, series: &str) -> f64 {
+/// The value of one sample line of a `/metrics` text; `None` when the series is absent,
+/// which is not 0: a renamed metric, or `METRICS=off`, is absent too.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+}
+
+/// A counter's value: 0 for a series never touched (prometheus-client writes a labelled
+/// series only once it has counted), but only when its family is declared in `text`, so
+/// a "stays 0" cannot pass because the metric is gone.
+pub fn counter(text: &str, series: &str) -> f64 {
+    let name = series.split('{').next().unwrap_or(series);
+    let family = name.strip_suffix("_total").unwrap_or(name);
+    assert!(
+        text.lines().any(|line| line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split(' ').next())
+            == Some(family)),
+        "no metric family {family} in /metrics:\n{text}"
+    );
+    metric(text, series).unwrap_or(0.0)
 }
 
 /// `GET target` written as it is on a raw connection to `host:port` (so that no client

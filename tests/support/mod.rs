@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 pub use app::{TestApp, service_command, wait_for_exit};
 #[allow(unused_imports)]
 pub use http::{
-    all_at_once, client, client_from, header, metric, metrics, passes, raw_get, until_redis_decides,
+    all_at_once, client, client_from, counter, header, metric, metrics, passes, raw_get,
+    until_redis_decides,
 };
 #[allow(unused_imports)]
 pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};
