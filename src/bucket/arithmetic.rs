@@ -1,4 +1,5 @@
 //! The token bucket, as pure arithmetic: states in, time in, decisions and new states out.
+//! One job; most of the file is its tests, properties over every order of requests.
 //!
 //! A request may draw on several buckets at once (several limits of one policy, several
 //! policies). [`take_all`] decides them all or nothing; `token_bucket.lua` mirrors it line

@@ -1,5 +1,6 @@
 //! The policy file: TOML in, validated [`Policy`] values out, or every problem found,
-//! each as `file:line: message`.
+//! each as `file:line: message`. One job, reading the file; it is long because every field
+//! of every table has its own check and its own message.
 //!
 //! The document is parsed once into spanned values and then read table by table, field
 //! by field: an unknown field, a value of the wrong type or a value that does not

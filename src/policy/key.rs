@@ -1,5 +1,6 @@
 //! The bucket key of a request, what the request costs, and the limits an override gives
-//! some keys.
+//! some keys: one job, what a matched request is charged, and the encoding that keeps two
+//! different keys from ever sharing a bucket.
 //!
 //! A key is its parts in the policy's order, joined by `|`. Each part is `tag=value` when
 //! the value is short and made only of [plain](is_plain) characters, and `tag#hash`

@@ -1,3 +1,6 @@
+//! The policy module's specification: one file of tests, from the file's syntax to which
+//! rule charges what.
+
 use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
