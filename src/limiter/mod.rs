@@ -199,3 +199,6 @@ impl Limiter {
         Ok(bucket)
     }
 }
+
+#[cfg(test)]
+mod tests;
