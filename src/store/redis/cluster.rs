@@ -46,12 +46,12 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::io::tcp::TcpSettings;
-use redis::{Cmd, ConnectionInfo, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
+use redis::{ConnectionInfo, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
 use tokio::sync::{OnceCell, oneshot};
 use tokio::time::Instant;
 
 use super::registry::InstanceRegistry;
-use super::{ScriptCall, decide_cmd, outcome_of};
+use super::script::{ScriptCall, decide_cmd, refund_cmd, taken_from};
 use crate::bucket::{Group, Level, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::metrics::Metrics;
 use crate::store::{KeyedCharge, Store, StoreError, StoreFuture, Unavailable};
@@ -231,7 +231,7 @@ impl Inner {
                         .map_err(|err| classify(&err, self.timeout))
                 })
                 .await?;
-            return outcome_of(charges, &answer);
+            return taken_from(charges, &answer);
         }
         let parts: Vec<Vec<KeyedCharge>> = shares
             .iter()
@@ -347,10 +347,15 @@ impl Inner {
         let (inner, mut conn, paid_at_us) = (self.clone(), conn.clone(), slot.paid_at_us);
         tokio::spawn(async move {
             let given = tokio::time::timeout(inner.timeout, async {
-                let by_hash = refund_cmd(Some(&inner.refund_script), &part, paid_at_us, None);
+                let by_hash = refund_cmd(
+                    ScriptCall::Sha(&inner.refund_script),
+                    &part,
+                    paid_at_us,
+                    None,
+                );
                 match by_hash.query_async::<Vec<u64>>(&mut conn).await {
                     Err(err) if is_noscript(&err) => {
-                        refund_cmd(None, &part, paid_at_us, None)
+                        refund_cmd(ScriptCall::Text, &part, paid_at_us, None)
                             .query_async::<Vec<u64>>(&mut conn)
                             .await
                     }
@@ -627,44 +632,6 @@ pub fn settle(charges: &[KeyedCharge], answers: &[SlotAnswer]) -> Result<Settled
         outcome: Taken { admitted, levels },
         refunds,
     })
-}
-
-/// `bucket/refund.lua` over `charges` (their payments were made no earlier than
-/// `paid_at_us`), by the hash of `script` or, without one, in full; `now_us` as the bucket
-/// script takes it (only the parity tests pass one).
-pub fn refund_cmd(
-    script: Option<&redis::Script>,
-    charges: &[KeyedCharge],
-    paid_at_us: u64,
-    now_us: Option<u64>,
-) -> Cmd {
-    let mut cmd = Cmd::with_capacity(5 + 7 * charges.len(), 64 + 128 * charges.len());
-    let runs: Vec<&[KeyedCharge]> = charges.chunk_by(|a, b| a.key == b.key).collect();
-    match script {
-        Some(script) => cmd.arg("EVALSHA").arg(script.get_hash()),
-        None => cmd.arg("EVAL").arg(REFUND_LUA),
-    };
-    cmd.arg(runs.len());
-    for run in &runs {
-        cmd.arg(&run[0].key);
-    }
-    match now_us {
-        Some(now_us) => cmd.arg(now_us),
-        None => cmd.arg(""),
-    };
-    cmd.arg(paid_at_us);
-    for run in &runs {
-        cmd.arg(run.len());
-        for keyed in *run {
-            let limit = &keyed.charge.limit;
-            cmd.arg(format!("{}:tokens", keyed.field))
-                .arg(format!("{}:ts", keyed.field))
-                .arg(limit.capacity_units())
-                .arg(limit.refill_units_per_us())
-                .arg(limit.units_of(keyed.charge.cost));
-        }
-    }
-    cmd
 }
 
 /// Whether `CLUSTER INFO` says every slot has a master that answers.

@@ -6,6 +6,7 @@
 //! - [`discovery`]: the resolver thread that finds and confirms the master.
 //! - [`registry`]: the instances that share the limits, for the local fallback.
 //! - [`cluster`]: the same script on the masters of a Redis Cluster, slot by slot.
+//! - [`script`]: the bucket scripts as commands, and what the bucket script answers.
 //!
 //! Every command goes through one path, [`Inner::query`]: it picks the connection the
 //! master's [`Connections`] say (a multiplexed async connection per worker thread, or an
@@ -18,6 +19,7 @@ pub mod discovery;
 pub mod master;
 pub mod node;
 pub mod registry;
+pub mod script;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -29,8 +31,10 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 pub use master::{ConnectionMode, ConnectionSettings, Connections, Master, MasterSlot};
 pub use node::{Login, connect, node_info, with_login};
 
+use script::{ScriptCall, decide_cmd, taken_from};
+
 use super::{KeyedCharge, Store, StoreError, StoreFuture, Unavailable};
-use crate::bucket::{self, Group, Level, TOKEN_BUCKET_LUA, Taken};
+use crate::bucket::{TOKEN_BUCKET_LUA, Taken};
 
 thread_local! {
     /// This thread's multiplexed connection and the generation of the master it goes to.
@@ -72,89 +76,8 @@ impl RedisStore {
     ) -> Result<Taken, StoreError> {
         let decide = decide_cmd(ScriptCall::Sha(&self.inner.script), charges, now_us);
         let answer: Vec<u64> = self.inner.query(decide).await?;
-        outcome_of(charges, &answer)
+        taken_from(charges, &answer)
     }
-}
-
-/// What the bucket script's answer (`had`, `units` per charge) says about `charges`.
-fn outcome_of(charges: &[KeyedCharge], answer: &[u64]) -> Result<Taken, StoreError> {
-    if answer.len() != 2 * charges.len() {
-        return Err(StoreError::Other {
-            source: RedisError::from((
-                ErrorKind::Parse,
-                "the bucket script answered the wrong number of values",
-                format!("{} for {} buckets", answer.len(), charges.len()),
-            )),
-        });
-    }
-    let levels: Vec<Level> = charges
-        .iter()
-        .zip(answer.chunks_exact(2))
-        .map(|(keyed, had_tokens)| {
-            let charge = &keyed.charge;
-            Level::from_units(
-                &charge.limit,
-                had_tokens[0] == 1,
-                had_tokens[1],
-                charge.cost,
-            )
-        })
-        .collect();
-    let admitted =
-        bucket::settle(charges, |keyed| keyed.charge.group, |i| levels[i].allowed).admitted;
-    Ok(Taken { admitted, levels })
-}
-
-/// How a command names the bucket script.
-#[derive(Clone, Copy)]
-enum ScriptCall<'a> {
-    /// `EVALSHA` with its hash: what every decision sends.
-    Sha(&'a redis::Script),
-    /// `EVAL` with its text, for a node that answered `NOSCRIPT`: it runs the script and
-    /// keeps it, in the one command that the Cluster client routes by key.
-    Text,
-}
-
-/// The bucket script over `charges`, written straight into one command buffer: a
-/// `ScriptInvocation` would allocate each argument separately first, on every decision.
-/// Consecutive charges on one key (the limits of one policy) are one hash.
-fn decide_cmd(script: ScriptCall<'_>, charges: &[KeyedCharge], now_us: Option<u64>) -> Cmd {
-    let mut cmd = Cmd::with_capacity(4 + 8 * charges.len(), 64 + 128 * charges.len());
-    let runs: Vec<&[KeyedCharge]> = charges.chunk_by(|a, b| a.key == b.key).collect();
-    match script {
-        ScriptCall::Sha(script) => cmd.arg("EVALSHA").arg(script.get_hash()),
-        ScriptCall::Text => cmd.arg("EVAL").arg(TOKEN_BUCKET_LUA),
-    };
-    cmd.arg(runs.len());
-    for run in &runs {
-        cmd.arg(&run[0].key);
-    }
-    match now_us {
-        Some(now_us) => cmd.arg(now_us),
-        None => cmd.arg(""),
-    };
-    let mut field = String::with_capacity(64);
-    for run in &runs {
-        cmd.arg(run.len());
-        for keyed in *run {
-            let charge = &keyed.charge;
-            let group = match charge.group {
-                Group::Enforced => 0,
-                Group::Shadow(n) => n,
-            };
-            for suffix in [":tokens", ":ts"] {
-                field.clear();
-                field.push_str(&keyed.field);
-                field.push_str(suffix);
-                cmd.arg(field.as_str());
-            }
-            cmd.arg(charge.limit.capacity_units())
-                .arg(charge.limit.refill_units_per_us())
-                .arg(charge.limit.units_of(charge.cost))
-                .arg(group);
-        }
-    }
-    cmd
 }
 
 /// Who sends a command through [`Inner::query_as`].
