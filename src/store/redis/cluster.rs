@@ -46,10 +46,11 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::io::tcp::TcpSettings;
-use redis::{ConnectionInfo, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
+use redis::{ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
 use tokio::sync::{OnceCell, oneshot};
 use tokio::time::Instant;
 
+use super::error::{classify_in_cluster, is_noscript};
 use super::registry::InstanceRegistry;
 use super::script::{ScriptCall, decide_cmd, refund_cmd, taken_from};
 use crate::bucket::{Group, Level, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
@@ -210,7 +211,7 @@ impl Inner {
         cell.get_or_try_init(|| self.client.get_async_connection())
             .await
             .cloned()
-            .map_err(|err| classify(&err, self.timeout))
+            .map_err(|err| classify_in_cluster(&err, self.timeout))
     }
 
     async fn take(self: &Arc<Self>, charges: &[KeyedCharge]) -> Result<Taken, StoreError> {
@@ -228,7 +229,7 @@ impl Inner {
                 .within(deadline, async {
                     self.decide(&mut conn, charges)
                         .await
-                        .map_err(|err| classify(&err, self.timeout))
+                        .map_err(|err| classify_in_cluster(&err, self.timeout))
                 })
                 .await?;
             return taken_from(charges, &answer);
@@ -252,7 +253,7 @@ impl Inner {
                 }),
                 // A slot that did not answer in time may have paid or not: nothing is given
                 // back there, which can only lower its limits.
-                Ok(Err(err)) => failure = failure.or(Some(classify(&err, self.timeout))),
+                Ok(Err(err)) => failure = failure.or(Some(classify_in_cluster(&err, self.timeout))),
                 Err(_) => {
                     failure = failure.or(Some(StoreError::Timeout {
                         after_ms: self.timeout.as_millis() as u64,
@@ -391,7 +392,7 @@ impl Inner {
                     .arg(key)
                     .query_async(&mut conn)
                     .await
-                    .map_err(|err| classify(&err, self.timeout))?;
+                    .map_err(|err| classify_in_cluster(&err, self.timeout))?;
             }
             Ok(())
         })
@@ -407,7 +408,7 @@ impl Inner {
                 .arg("INFO")
                 .query_async(&mut conn)
                 .await
-                .map_err(|err| classify(&err, self.timeout))?;
+                .map_err(|err| classify_in_cluster(&err, self.timeout))?;
             coverage(&info)
         })
         .await
@@ -476,31 +477,6 @@ impl Store for ClusterStore {
     /// every slot has a master that answers.
     fn check_ready(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.inner.ready())
-    }
-}
-
-fn is_noscript(err: &RedisError) -> bool {
-    err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
-}
-
-/// Sorts a Redis Cluster failure into what the service does about it: the cluster's own
-/// refusals are [`Unavailable::ClusterDown`], the rest as in the other modes.
-pub fn classify(err: &RedisError, timeout: Duration) -> StoreError {
-    match err.kind() {
-        ErrorKind::Server(
-            ServerErrorKind::ClusterDown
-            | ServerErrorKind::TryAgain
-            | ServerErrorKind::Moved
-            | ServerErrorKind::Ask,
-        ) => StoreError::Unavailable {
-            cause: Unavailable::ClusterDown(err.to_string()),
-            source: Some(err.clone()),
-        },
-        ErrorKind::ClusterConnectionNotFound => StoreError::Unavailable {
-            cause: Unavailable::NoConnection(err.to_string()),
-            source: Some(err.clone()),
-        },
-        _ => super::classify(err, timeout),
     }
 }
 
