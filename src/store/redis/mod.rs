@@ -13,7 +13,8 @@
 //! - [`discovery`]: the resolver thread that finds and confirms the master (Sentinel, or a
 //!   fixed `REDIS_URL`).
 //! - [`registry`]: the instances that share the limits, for the local fallback.
-//! - [`cluster`]: the same script on the masters of a Redis Cluster, slot by slot.
+//! - [`cluster`]: the same script on the masters of a Redis Cluster, slot by slot: its
+//!   store, how a request over several slots is settled, the slot map, and its watch.
 
 pub mod cluster;
 pub mod discovery;
