@@ -5,12 +5,13 @@
 
 use redis::{ErrorKind, RedisError};
 
-use crate::bucket::{Group, Level, Taken};
+use crate::bucket::{self, Level, Taken};
+use crate::store::redis::script::answered;
 use crate::store::{KeyedCharge, StoreError};
 
 /// What one slot's script call answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotAnswer {
+pub struct SlotReply {
     /// Which of the request's charges the call decided, in the order it sent them.
     pub charges: Vec<usize>,
     /// A time on the master's clock (µs) no later than the payment.
@@ -19,59 +20,43 @@ pub struct SlotAnswer {
     pub answer: Vec<u64>,
 }
 
-impl SlotAnswer {
+impl SlotReply {
+    /// Whether the bucket of the call's `at`th charge had the tokens.
     fn had(&self, at: usize) -> bool {
         self.answer[2 * at] == 1
     }
 }
 
-/// Which of `slot`'s charges its call paid (the script's own rule): all of them had the
-/// tokens for the call's enforced charges, and a shadow charge's group had them all in
-/// the call.
-pub fn paid_in_call(charges: &[KeyedCharge], slot: &SlotAnswer) -> Vec<bool> {
-    let group_had = |group: Group| {
-        slot.charges
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| charges[**i].charge.group == group)
-            .all(|(at, _)| slot.had(at))
-    };
-    let admitted = group_had(Group::Enforced);
-    slot.charges
-        .iter()
-        .map(|&i| admitted && group_had(charges[i].charge.group))
-        .collect()
-}
-
-/// A request decided over several slots.
+/// Per slot reply, per charge its call sent: whether to give that charge's payment back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settled {
-    pub outcome: Taken,
-    /// Per slot answer, per charge it sent: whether to give its payment back.
-    pub refunds: Vec<Vec<bool>>,
+pub struct Refunds(pub Vec<Vec<bool>>);
+
+/// Which of `reply`'s charges its call paid: the script applies [`bucket::settle`] to the
+/// charges of its own call, as if they were the whole request.
+pub fn paid_in_call(charges: &[KeyedCharge], reply: &SlotReply) -> Vec<bool> {
+    bucket::settle(
+        &reply.charges,
+        |&i| charges[i].charge.group,
+        |at| reply.had(at),
+    )
+    .pays
 }
 
-/// Joins the slots' answers into one decision, with the rule of `bucket::take_all`: the
-/// request is admitted when every enforced bucket had the tokens, and a shadow group pays
-/// when the request is admitted and its buckets all had them. A charge that its slot
-/// paid but this rule would not have is given back; its decision reports the bucket as
-/// it is without the payment, as a single master would have.
-pub fn settle(charges: &[KeyedCharge], answers: &[SlotAnswer]) -> Result<Settled, StoreError> {
+/// Joins the slots' replies into one answer, by [`bucket::settle`] over all the charges,
+/// as one master deciding them in one step would have. A charge that its slot paid but
+/// the rule would not have is given back (see [`Refunds`]); its level reports the bucket
+/// as it is without the payment, as that master would have.
+pub fn settle_slots(
+    charges: &[KeyedCharge],
+    replies: &[SlotReply],
+) -> Result<(Taken, Refunds), StoreError> {
     let mut had = vec![None; charges.len()];
     let mut units = vec![0; charges.len()];
-    for slot in answers {
-        if slot.answer.len() != 2 * slot.charges.len() {
-            return Err(StoreError::Other {
-                source: RedisError::from((
-                    ErrorKind::Parse,
-                    "the bucket script answered the wrong number of values",
-                    format!("{} for {} buckets", slot.answer.len(), slot.charges.len()),
-                )),
-            });
-        }
-        for (at, &i) in slot.charges.iter().enumerate() {
-            had[i] = Some(slot.had(at));
-            units[i] = slot.answer[2 * at + 1];
+    for reply in replies {
+        let pairs = answered(&reply.answer, reply.charges.len())?;
+        for (&i, (had_tokens, held)) in reply.charges.iter().zip(pairs) {
+            had[i] = Some(had_tokens);
+            units[i] = held;
         }
     }
     let Some(had) = had.into_iter().collect::<Option<Vec<bool>>>() else {
@@ -79,28 +64,17 @@ pub fn settle(charges: &[KeyedCharge], answers: &[SlotAnswer]) -> Result<Settled
             source: RedisError::from((ErrorKind::Client, "a charge was decided by no slot")),
         });
     };
-    let group_had = |group: Group| {
-        charges
-            .iter()
-            .zip(&had)
-            .filter(|(keyed, _)| keyed.charge.group == group)
-            .all(|(_, had)| *had)
-    };
-    let admitted = group_had(Group::Enforced);
-    let pays: Vec<bool> = charges
-        .iter()
-        .map(|keyed| admitted && group_had(keyed.charge.group))
-        .collect();
-    let mut refunds = Vec::with_capacity(answers.len());
-    for slot in answers {
-        let paid = paid_in_call(charges, slot);
-        let refund: Vec<bool> = slot
+    let settlement = bucket::settle(charges, |keyed| keyed.charge.group, |i| had[i]);
+    let mut refunds = Vec::with_capacity(replies.len());
+    for reply in replies {
+        let paid = paid_in_call(charges, reply);
+        let refund: Vec<bool> = reply
             .charges
             .iter()
             .zip(paid)
-            .map(|(&i, paid)| paid && !pays[i])
+            .map(|(&i, paid)| paid && !settlement.pays[i])
             .collect();
-        for (&i, refunded) in slot.charges.iter().zip(&refund) {
+        for (&i, refunded) in reply.charges.iter().zip(&refund) {
             if *refunded {
                 let charge = &charges[i].charge;
                 units[i] = (units[i] + charge.limit.units_of(charge.cost))
@@ -117,16 +91,17 @@ pub fn settle(charges: &[KeyedCharge], answers: &[SlotAnswer]) -> Result<Settled
             Level::from_units(&charge.limit, *had, *units, charge.cost)
         })
         .collect();
-    Ok(Settled {
-        outcome: Taken { admitted, levels },
-        refunds,
-    })
+    let taken = Taken {
+        admitted: settlement.admitted,
+        levels,
+    };
+    Ok((taken, Refunds(refunds)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Charge, Limit, LimitSpec};
+    use crate::bucket::{Charge, Group, Limit, LimitSpec};
 
     fn limit(burst: u64) -> Limit {
         Limit::parse(LimitSpec {
@@ -148,10 +123,10 @@ mod tests {
         }
     }
 
-    /// An answer of `call` (one slot's charges): per charge, whether it had the tokens; the
+    /// A reply to `call` (one slot's charges): per charge, whether it had the tokens; the
     /// units as the script reports them (paid or not, by the script's rule).
-    fn answer(charges: &[KeyedCharge], call: &[usize], had: &[bool]) -> SlotAnswer {
-        let mut slot = SlotAnswer {
+    fn reply(charges: &[KeyedCharge], call: &[usize], had: &[bool]) -> SlotReply {
+        let mut slot = SlotReply {
             charges: call.to_vec(),
             paid_at_us: 7,
             answer: had.iter().flat_map(|h| [u64::from(*h), 0]).collect(),
@@ -172,18 +147,18 @@ mod tests {
             charge("a:{1}", "minute", 10, Group::Enforced),
             charge("b:{2}", "day", 1, Group::Enforced),
         ];
-        let answers = [
-            answer(&charges, &[0], &[true]),
-            answer(&charges, &[1], &[false]),
+        let replies = [
+            reply(&charges, &[0], &[true]),
+            reply(&charges, &[1], &[false]),
         ];
-        let settled = settle(&charges, &answers).unwrap();
-        assert!(!settled.outcome.admitted);
-        assert_eq!(settled.refunds, vec![vec![true], vec![false]]);
+        let (taken, refunds) = settle_slots(&charges, &replies).unwrap();
+        assert!(!taken.admitted);
+        assert_eq!(refunds, Refunds(vec![vec![true], vec![false]]));
         // As a single master would have reported it: had the token, still holds all ten.
-        let minute = settled.outcome.levels[0];
+        let minute = taken.levels[0];
         assert!(minute.allowed);
         assert_eq!(minute.remaining, 10);
-        assert!(!settled.outcome.levels[1].allowed);
+        assert!(!taken.levels[1].allowed);
     }
 
     #[test]
@@ -192,15 +167,15 @@ mod tests {
             charge("a:{1}", "minute", 10, Group::Enforced),
             charge("b:{2}", "day", 3, Group::Enforced),
         ];
-        let answers = [
-            answer(&charges, &[0], &[true]),
-            answer(&charges, &[1], &[true]),
+        let replies = [
+            reply(&charges, &[0], &[true]),
+            reply(&charges, &[1], &[true]),
         ];
-        let settled = settle(&charges, &answers).unwrap();
-        assert!(settled.outcome.admitted);
-        assert_eq!(settled.refunds, vec![vec![false], vec![false]]);
-        assert_eq!(settled.outcome.levels[0].remaining, 9);
-        assert_eq!(settled.outcome.levels[1].remaining, 2);
+        let (taken, refunds) = settle_slots(&charges, &replies).unwrap();
+        assert!(taken.admitted);
+        assert_eq!(refunds, Refunds(vec![vec![false], vec![false]]));
+        assert_eq!(taken.levels[0].remaining, 9);
+        assert_eq!(taken.levels[1].remaining, 2);
     }
 
     #[test]
@@ -209,13 +184,13 @@ mod tests {
             charge("a:{1}", "minute", 10, Group::Enforced),
             charge("trial:{2}", "hour", 1, Group::Shadow(1)),
         ];
-        let answers = [
-            answer(&charges, &[0], &[true]),
-            answer(&charges, &[1], &[false]),
+        let replies = [
+            reply(&charges, &[0], &[true]),
+            reply(&charges, &[1], &[false]),
         ];
-        let settled = settle(&charges, &answers).unwrap();
-        assert!(settled.outcome.admitted);
-        assert_eq!(settled.refunds, vec![vec![false], vec![false]]);
+        let (taken, refunds) = settle_slots(&charges, &replies).unwrap();
+        assert!(taken.admitted);
+        assert_eq!(refunds, Refunds(vec![vec![false], vec![false]]));
     }
 
     #[test]
@@ -224,14 +199,14 @@ mod tests {
             charge("a:{1}", "minute", 1, Group::Enforced),
             charge("trial:{2}", "hour", 5, Group::Shadow(1)),
         ];
-        let answers = [
-            answer(&charges, &[0], &[false]),
-            answer(&charges, &[1], &[true]),
+        let replies = [
+            reply(&charges, &[0], &[false]),
+            reply(&charges, &[1], &[true]),
         ];
-        let settled = settle(&charges, &answers).unwrap();
-        assert!(!settled.outcome.admitted);
-        assert_eq!(settled.refunds, vec![vec![false], vec![true]]);
-        assert_eq!(settled.outcome.levels[1].remaining, 5);
+        let (taken, refunds) = settle_slots(&charges, &replies).unwrap();
+        assert!(!taken.admitted);
+        assert_eq!(refunds, Refunds(vec![vec![false], vec![true]]));
+        assert_eq!(taken.levels[1].remaining, 5);
     }
 
     #[test]
@@ -241,23 +216,23 @@ mod tests {
             charge("t:{1}", "x", 5, Group::Shadow(1)),
             charge("t:{2}", "y", 5, Group::Shadow(1)),
         ];
-        let answers = [
-            answer(&charges, &[0, 1], &[true, true]),
-            answer(&charges, &[2], &[false]),
+        let replies = [
+            reply(&charges, &[0, 1], &[true, true]),
+            reply(&charges, &[2], &[false]),
         ];
-        let settled = settle(&charges, &answers).unwrap();
-        assert!(settled.outcome.admitted);
-        assert_eq!(settled.refunds, vec![vec![false, true], vec![false]]);
+        let (taken, refunds) = settle_slots(&charges, &replies).unwrap();
+        assert!(taken.admitted);
+        assert_eq!(refunds, Refunds(vec![vec![false, true], vec![false]]));
     }
 
     #[test]
     fn an_answer_of_the_wrong_length_is_an_error_not_a_decision() {
         let charges = [charge("a:{1}", "m", 1, Group::Enforced)];
-        let broken = SlotAnswer {
+        let broken = SlotReply {
             charges: vec![0],
             paid_at_us: 0,
             answer: vec![1],
         };
-        assert!(settle(&charges, &[broken]).is_err());
+        assert!(settle_slots(&charges, &[broken]).is_err());
     }
 }

@@ -31,7 +31,7 @@ use redis::{ConnectionInfo, RedisResult};
 use tokio::sync::{OnceCell, oneshot};
 use tokio::time::Instant;
 
-use super::settle::{SlotAnswer, paid_in_call, settle};
+use super::settle::{SlotReply, paid_in_call, settle_slots};
 use super::slots::{by_slot, coverage};
 use super::watch::ClusterWatch;
 use crate::bucket::{REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
@@ -192,11 +192,11 @@ impl Inner {
             let mut conn = conn.clone();
             async move { tokio::time::timeout_at(deadline, self.pay(&mut conn, part)).await }
         });
-        let mut answers = Vec::with_capacity(shares.len());
+        let mut replies = Vec::with_capacity(shares.len());
         let mut failure = None;
         for (share, result) in shares.into_iter().zip(join_all(calls).await) {
             match result {
-                Ok(Ok((paid_at_us, answer))) => answers.push(SlotAnswer {
+                Ok(Ok((paid_at_us, answer))) => replies.push(SlotReply {
                     charges: share,
                     paid_at_us,
                     answer,
@@ -214,17 +214,17 @@ impl Inner {
         }
         if let Some(error) = failure {
             // Redis decides nothing for this request: give back whatever a slot paid.
-            for slot in &answers {
-                let paid = paid_in_call(charges, slot);
-                self.give_back(&conn, charges, slot, &paid);
+            for reply in &replies {
+                let paid = paid_in_call(charges, reply);
+                self.give_back(&conn, charges, reply, &paid);
             }
             return Err(error);
         }
-        let settled = settle(charges, &answers)?;
-        for (slot, refund) in answers.iter().zip(&settled.refunds) {
-            self.give_back(&conn, charges, slot, refund);
+        let (taken, refunds) = settle_slots(charges, &replies)?;
+        for (reply, refund) in replies.iter().zip(&refunds.0) {
+            self.give_back(&conn, charges, reply, refund);
         }
-        Ok(settled.outcome)
+        Ok(taken)
     }
 
     /// The bucket script over `part` (one slot's charges): by hash, and in full on a node
@@ -275,15 +275,15 @@ impl Inner {
         Ok((after_us.saturating_sub(took_us), answer))
     }
 
-    /// Sends the refund of `slot`'s charges marked in `refund`, without waiting for it.
+    /// Sends the refund of `reply`'s charges marked in `refund`, without waiting for it.
     fn give_back(
         self: &Arc<Self>,
         conn: &ClusterConnection,
         charges: &[KeyedCharge],
-        slot: &SlotAnswer,
+        reply: &SlotReply,
         refund: &[bool],
     ) {
-        let part: Vec<KeyedCharge> = slot
+        let part: Vec<KeyedCharge> = reply
             .charges
             .iter()
             .zip(refund)
@@ -295,7 +295,7 @@ impl Inner {
         if part.is_empty() {
             return;
         }
-        let (inner, mut conn, paid_at_us) = (self.clone(), conn.clone(), slot.paid_at_us);
+        let (inner, mut conn, paid_at_us) = (self.clone(), conn.clone(), reply.paid_at_us);
         tokio::spawn(async move {
             let given = tokio::time::timeout(inner.timeout, async {
                 let by_hash = refund_cmd(
