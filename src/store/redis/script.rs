@@ -115,11 +115,11 @@ pub(crate) fn answered(
 ) -> Result<impl Iterator<Item = (bool, u64)> + '_, StoreError> {
     if answer.len() != 2 * buckets {
         return Err(StoreError::Other {
-            source: RedisError::from((
+            source: Box::new(RedisError::from((
                 ErrorKind::Parse,
                 "the bucket script answered the wrong number of values",
                 format!("{} for {} buckets", answer.len(), buckets),
-            )),
+            ))),
         });
     }
     Ok(answer.chunks_exact(2).map(|pair| (pair[0] == 1, pair[1])))

@@ -61,7 +61,10 @@ pub fn settle_slots(
     }
     let Some(had) = had.into_iter().collect::<Option<Vec<bool>>>() else {
         return Err(StoreError::Other {
-            source: RedisError::from((ErrorKind::Client, "a charge was decided by no slot")),
+            source: Box::new(RedisError::from((
+                ErrorKind::Client,
+                "a charge was decided by no slot",
+            ))),
         });
     };
     let settlement = bucket::settle(charges, |keyed| keyed.charge.group, |i| had[i]);
