@@ -14,9 +14,9 @@
 //! - [`decision`]: what decides a request: the [`deny_cache`], the store, and `FAIL_MODE`
 //!   when the store cannot; its answer is a [`decision::Verdict`].
 //! - [`store`]: where buckets live, behind one trait: in this process
-//!   ([`store::memory`]) or in Redis ([`store::redis`]: connections to a node, the current
-//!   master, discovery, the instance registry; [`store::redis::cluster`] for a Redis
-//!   Cluster).
+//!   ([`store::memory`]) or in Redis ([`store::redis`]: the store on one master, the bucket
+//!   scripts as commands, connections to a node, the current master, discovery, the
+//!   instance registry; [`store::redis::cluster`] for a Redis Cluster).
 //! - [`http`]: the route table, handlers (the gateway's `/v1/check` among them), quota
 //!   headers and the one problem+json shape.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
