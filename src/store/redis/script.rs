@@ -35,11 +35,7 @@ enum BucketScript {
 
 /// `token_bucket.lua` over `charges`; `now_us` is the clock to decide on, or `None` for
 /// Redis's own (only the parity tests pass one).
-pub(crate) fn decide_cmd(
-    script: ScriptCall<'_>,
-    charges: &[KeyedCharge],
-    now_us: Option<u64>,
-) -> Cmd {
+pub fn decide_cmd(script: ScriptCall<'_>, charges: &[KeyedCharge], now_us: Option<u64>) -> Cmd {
     bucket_script_cmd(BucketScript::Decide, script, charges, now_us)
 }
 

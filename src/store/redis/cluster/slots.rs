@@ -45,7 +45,7 @@ pub fn coverage(info: &str) -> Result<(), StoreError> {
 }
 
 /// The masters in a `CLUSTER SLOTS` answer, as `host:port`, sorted.
-pub(crate) fn slot_masters(slots: &Value) -> Vec<String> {
+pub fn slot_masters(slots: &Value) -> Vec<String> {
     let text = |value: &Value| match value {
         Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
         Value::SimpleString(text) => Some(text.clone()),
