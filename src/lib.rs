@@ -16,7 +16,9 @@
 //!   time passed in, and the one admission rule ([`bucket::settle`]); `token_bucket.lua`
 //!   and `refund.lua`, its Redis mirrors.
 //! - [`store`]: where buckets live, behind one trait: in this process ([`store::memory`])
-//!   or in Redis ([`store::redis`]: one master found by Sentinel, or a Redis Cluster).
+//!   or in Redis ([`store::redis`]: the store on one master found by Sentinel, the bucket
+//!   scripts as commands, connections to a node, discovery, the instance registry;
+//!   [`store::redis::cluster`] for a Redis Cluster).
 //! - [`http`]: the HTTP front: it extracts a request's view, asks the limiter and renders
 //!   the verdict (routes, the gateway's `/v1/check`, the decision API, quota headers, the
 //!   one problem+json shape). Only it knows actix.

@@ -17,9 +17,13 @@ use thiserror::Error;
 
 use crate::bucket::{Charge, Taken};
 
+/// The failure beneath a [`StoreError`], kept as its source for logs. Boxed, so that what
+/// the decision layer reads depends on no store's client.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why a store could not decide, sorted by what the decision layer does about it. A
-/// denial is not an error: it is a [`Level`]. The Redis error, where there is one, is
-/// kept as the source for logs.
+/// denial is not an error: it is a [`Level`](crate::bucket::Level). The store's own
+/// error, where there is one, is kept as the source for logs.
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// No answer in time: the node may be paused, overloaded or gone.
@@ -27,20 +31,20 @@ pub enum StoreError {
     Timeout {
         after_ms: u64,
         #[source]
-        source: Option<::redis::RedisError>,
+        source: Option<Cause>,
     },
     /// No usable master can be reached now.
     #[error("{cause}")]
     Unavailable {
         cause: Unavailable,
         #[source]
-        source: Option<::redis::RedisError>,
+        source: Option<Cause>,
     },
     /// The node answered as a replica (`READONLY`): it is no longer the master.
     #[error("the node is a read-only replica (READONLY)")]
     MasterChanged {
         #[source]
-        source: ::redis::RedisError,
+        source: Cause,
     },
     /// A bucket key holds something that is not a bucket: another type (`WRONGTYPE`), or
     /// a field that is not a number. Someone else writes under the key prefix; the
@@ -50,13 +54,22 @@ pub enum StoreError {
     )]
     ForeignValue {
         #[source]
-        source: ::redis::RedisError,
+        source: Cause,
+    },
+    /// The node does not have the script a command named by its hash (`NOSCRIPT`). The
+    /// stores answer that themselves, by giving the node the script and asking again, so
+    /// this one got past them (the script was flushed again in between, say); it is
+    /// counted apart (kind `noscript`) so that a decision failed for it shows.
+    #[error("unexpected answer: {source}")]
+    ScriptMissing {
+        #[source]
+        source: Cause,
     },
     /// An answer the store did not expect; retrying elsewhere would not help.
     #[error("unexpected answer: {source}")]
     Other {
         #[source]
-        source: ::redis::RedisError,
+        source: Cause,
     },
 }
 
@@ -125,7 +138,7 @@ impl StoreError {
             },
             StoreError::MasterChanged { .. } => "readonly",
             StoreError::ForeignValue { .. } => "wrongtype",
-            StoreError::Other { source } if source.kind() == noscript() => "noscript",
+            StoreError::ScriptMissing { .. } => "noscript",
             StoreError::Other { .. } => "other",
         }
     }
@@ -134,13 +147,11 @@ impl StoreError {
     pub fn suggests_master_change(&self) -> bool {
         !matches!(
             self,
-            StoreError::Other { .. } | StoreError::ForeignValue { .. }
+            StoreError::Other { .. }
+                | StoreError::ScriptMissing { .. }
+                | StoreError::ForeignValue { .. }
         )
     }
-}
-
-fn noscript() -> ::redis::ErrorKind {
-    ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript)
 }
 
 /// What a store call returns: it may wait on the network.

@@ -727,7 +727,7 @@ fn a_lone_failure_keeps_the_master_and_readonly_or_three_in_a_row_retire_it() {
 
     slot.install(master.clone());
     let readonly = StoreError::MasterChanged {
-        source: redis::RedisError::from((redis::ErrorKind::Client, "READONLY")),
+        source: redis::RedisError::from((redis::ErrorKind::Client, "READONLY")).into(),
     };
     assert!(slot.report_failure(&master, &readonly));
     assert!(!slot.is_usable(), "a replica is no master, at once");

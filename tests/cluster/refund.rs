@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ratelimiter::bucket::{self, BucketState, Charge, Limit, LimitSpec};
 use ratelimiter::store::KeyedCharge;
-use ratelimiter::store::redis::cluster::refund_cmd;
+use ratelimiter::store::redis::script::{ScriptCall, refund_cmd};
 use ratelimiter::store::redis::{
     ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
 };
@@ -140,9 +140,14 @@ async fn the_refund_script_and_the_rust_arithmetic_agree_on_every_case() {
                 bucket::refund(&charge.limit, *state, 1, case.told_paid_at, case.refund_at)
             })
             .collect();
-        let units: Vec<u64> = refund_cmd(None, &charges, case.told_paid_at, Some(case.refund_at))
-            .query(&mut conn)
-            .unwrap();
+        let units: Vec<u64> = refund_cmd(
+            ScriptCall::Text,
+            &charges,
+            case.told_paid_at,
+            Some(case.refund_at),
+        )
+        .query(&mut conn)
+        .unwrap();
         let expected_units: Vec<u64> = expected.iter().map(|r| r.units).collect();
         assert_eq!(units, expected_units, "{}: units", case.name);
         for (i, (refunded, before)) in expected.iter().zip(&states).enumerate() {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use redis::{ConnectionInfo, Role};
 use tokio::sync::oneshot;
 
-use super::classify;
+use super::error::classify;
 use super::master::{ConnectionSettings, Master, MasterSlot};
 use super::node::{Login, connect, node_info};
 use super::registry::InstanceRegistry;

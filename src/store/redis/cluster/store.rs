@@ -1,0 +1,382 @@
+//! [`ClusterStore`]: buckets in a Redis Cluster, decided by the bucket script slot by
+//! slot: this thread's cluster connection, the take over one or several slots, and the
+//! refunds of what a slot paid for a request another slot refused.
+//!
+//! # Bounded time
+//! A decision has one deadline, `REDIS_TIMEOUT_MS` from its start, across every slot it
+//! asks and every retry the client makes: `MOVED`/`ASK` are followed at once, `TRYAGAIN`,
+//! `CLUSTERDOWN` and lost connections are retried after short waits (milliseconds, not the
+//! crate's default of seconds), and whatever is not answered by then becomes a
+//! [`StoreError`] that `FAIL_MODE` turns into a decision. `NOSCRIPT` (a node that never saw
+//! the script: new, restarted, promoted, flushed) is answered by sending the script itself
+//! (`EVAL`), routed by the same key, so it lands wherever the slot now is. Refunds are sent
+//! after the answer, on their own bounded time, and never delay it.
+//!
+//! # Connections
+//! Each worker thread has its own cluster connection (one multiplexed connection per node),
+//! opened on first use, so a decision never changes threads, as with Sentinel. Replicas
+//! are never read from: a bucket must be read where it is written.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::TcpSettings;
+use redis::{ConnectionInfo, RedisResult};
+use tokio::sync::{OnceCell, oneshot};
+use tokio::time::Instant;
+
+use super::settle::{SlotReply, paid_in_call, settle_slots};
+use super::slots::{by_slot, coverage};
+use super::watch::ClusterWatch;
+use crate::bucket::{REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
+use crate::metrics::Metrics;
+use crate::store::redis::error::{classify_in_cluster, is_noscript};
+use crate::store::redis::registry::InstanceRegistry;
+use crate::store::redis::script::{ScriptCall, decide_cmd, refund_cmd, taken_from};
+use crate::store::{KeyedCharge, Store, StoreError, StoreFuture};
+
+/// Retries of one command within its deadline; the deadline, not this, is what bounds it.
+const RETRIES: u32 = 16;
+/// The waits between retries grow from about 4 ms, doubling, up to a quarter of the
+/// timeout: a failover or a slot move settles in milliseconds on a LAN.
+const RETRY_WAIT_MIN_MS: u64 = 1;
+const RETRY_WAIT_FACTOR_MS: u64 = 2;
+/// A connect may take this share of the timeout. A master that died with its host (a killed
+/// container: its address answers nothing, not even a refusal) is a seed the client
+/// reconnects to, and while it does every request of that connection waits: a connect
+/// bounded by the whole timeout would make every decision time out, again and again, for
+/// as long as the dead node stays listed. A quarter leaves the rest to reconnect to the
+/// live seeds, read the new slot map and decide on the promoted replica.
+const CONNECT_SHARE: u32 = 4;
+
+/// Tells stores apart in the per-thread connection list.
+static STORE_IDS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's connection to each store's cluster (tests run several stores), opened
+    /// once however many requests ask for it at the same moment.
+    static CONNECTIONS: RefCell<Vec<(u64, Rc<OnceCell<ClusterConnection>>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// What the store needs to reach a cluster.
+#[derive(Clone)]
+pub struct ClusterSettings {
+    /// Seed nodes, each with the password every node shares.
+    pub nodes: Vec<ConnectionInfo>,
+    /// Bounds a whole decision, retries included, and every connect.
+    pub timeout: Duration,
+}
+
+/// Buckets in a Redis Cluster, decided by `TOKEN_BUCKET_LUA` slot by slot.
+#[derive(Clone)]
+pub struct ClusterStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: u64,
+    client: ClusterClient,
+    script: redis::Script,
+    refund_script: redis::Script,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+impl ClusterStore {
+    /// A store for the cluster the seed `settings.nodes` belong to. Connects to nothing
+    /// yet: each worker thread connects on its first decision. Fails only on settings the
+    /// client refuses (seeds that disagree on the password).
+    pub fn new(settings: &ClusterSettings, metrics: Metrics) -> RedisResult<Self> {
+        let timeout = settings.timeout;
+        let client = ClusterClientBuilder::new(settings.nodes.clone())
+            .connection_timeout((timeout / CONNECT_SHARE).max(Duration::from_millis(1)))
+            .response_timeout(timeout)
+            .overall_response_timeout(Some(timeout))
+            .retries(RETRIES)
+            .min_retry_wait(RETRY_WAIT_MIN_MS)
+            .max_retry_wait((timeout.as_millis() as u64 / 4).max(RETRY_WAIT_MIN_MS + 1))
+            .retry_wait_formula(RETRY_WAIT_FACTOR_MS, 2)
+            .tcp_settings(TcpSettings::default().set_nodelay(true))
+            .build()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                id: STORE_IDS.fetch_add(1, Ordering::Relaxed),
+                client,
+                script: redis::Script::new(TOKEN_BUCKET_LUA),
+                refund_script: redis::Script::new(REFUND_LUA),
+                timeout,
+                metrics,
+            }),
+        })
+    }
+
+    /// Starts the [`ClusterWatch`] of this store's cluster on this thread's runtime; the
+    /// returned receiver resolves after its first round.
+    pub fn watch(&self, registry: Arc<InstanceRegistry>) -> (ClusterWatch, oneshot::Receiver<()>) {
+        ClusterWatch::start(
+            self.inner.client.clone(),
+            self.inner.timeout,
+            self.inner.metrics.clone(),
+            registry,
+        )
+    }
+}
+
+impl Inner {
+    /// Runs `work` until the deadline; what is not done by then is a timeout.
+    async fn within<T>(
+        &self,
+        deadline: Instant,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Timeout {
+                    after_ms: self.timeout.as_millis() as u64,
+                    source: None,
+                })
+            })
+    }
+
+    /// This thread's connection to the cluster, opened on first use.
+    async fn connection(&self) -> Result<ClusterConnection, StoreError> {
+        let cell = CONNECTIONS.with_borrow_mut(|connections| {
+            match connections.iter().find(|(id, _)| *id == self.id) {
+                Some((_, cell)) => cell.clone(),
+                None => {
+                    let cell = Rc::new(OnceCell::new());
+                    connections.push((self.id, cell.clone()));
+                    cell
+                }
+            }
+        });
+        cell.get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+            .map_err(|err| classify_in_cluster(&err, self.timeout))
+    }
+
+    async fn take(self: &Arc<Self>, charges: &[KeyedCharge]) -> Result<Taken, StoreError> {
+        if charges.is_empty() {
+            return Ok(Taken {
+                admitted: true,
+                levels: Vec::new(),
+            });
+        }
+        let deadline = Instant::now() + self.timeout;
+        let shares = by_slot(charges);
+        let mut conn = self.within(deadline, self.connection()).await?;
+        if shares.len() <= 1 {
+            let answer = self
+                .within(deadline, async {
+                    self.decide(&mut conn, charges)
+                        .await
+                        .map_err(|err| classify_in_cluster(&err, self.timeout))
+                })
+                .await?;
+            return taken_from(charges, &answer);
+        }
+        let parts: Vec<Vec<KeyedCharge>> = shares
+            .iter()
+            .map(|share| share.iter().map(|&i| charges[i].clone()).collect())
+            .collect();
+        let calls = parts.iter().map(|part| {
+            let mut conn = conn.clone();
+            async move { tokio::time::timeout_at(deadline, self.pay(&mut conn, part)).await }
+        });
+        let mut replies = Vec::with_capacity(shares.len());
+        let mut failure = None;
+        for (share, result) in shares.into_iter().zip(join_all(calls).await) {
+            match result {
+                Ok(Ok((paid_at_us, answer))) => replies.push(SlotReply {
+                    charges: share,
+                    paid_at_us,
+                    answer,
+                }),
+                // A slot that did not answer in time may have paid or not: nothing is given
+                // back there, which can only lower its limits.
+                Ok(Err(err)) => failure = failure.or(Some(classify_in_cluster(&err, self.timeout))),
+                Err(_) => {
+                    failure = failure.or(Some(StoreError::Timeout {
+                        after_ms: self.timeout.as_millis() as u64,
+                        source: None,
+                    }))
+                }
+            }
+        }
+        if let Some(error) = failure {
+            // Redis decides nothing for this request: give back whatever a slot paid.
+            for reply in &replies {
+                let paid = paid_in_call(charges, reply);
+                self.give_back(&conn, charges, reply, &paid);
+            }
+            return Err(error);
+        }
+        let (taken, refunds) = settle_slots(charges, &replies)?;
+        for (reply, refund) in replies.iter().zip(&refunds.0) {
+            self.give_back(&conn, charges, reply, refund);
+        }
+        Ok(taken)
+    }
+
+    /// The bucket script over `part` (one slot's charges): by hash, and in full on a node
+    /// that lacks it.
+    async fn decide(
+        &self,
+        conn: &mut ClusterConnection,
+        part: &[KeyedCharge],
+    ) -> RedisResult<Vec<u64>> {
+        match decide_cmd(ScriptCall::Sha(&self.script), part, None)
+            .query_async(conn)
+            .await
+        {
+            Err(err) if is_noscript(&err) => {
+                decide_cmd(ScriptCall::Text, part, None)
+                    .query_async(conn)
+                    .await
+            }
+            answer => answer,
+        }
+    }
+
+    /// [`decide`](Self::decide), with the master's `TIME` in the same pipeline, so a
+    /// refund knows a time no later than the payment (see `bucket::refund`): `TIME` is read
+    /// right after the script, so the payment was made at most this call's duration (on
+    /// this instance's clock, retries included) before it. `TIME` goes after the script and
+    /// not before: a slot being moved redirects with `ASK`, and the `ASKING` the client
+    /// sends then holds for the next command only, which must be the script.
+    async fn pay(
+        &self,
+        conn: &mut ClusterConnection,
+        part: &[KeyedCharge],
+    ) -> RedisResult<(u64, Vec<u64>)> {
+        let timed = |script| {
+            let mut pipe = redis::pipe();
+            pipe.add_command(decide_cmd(script, part, None)).cmd("TIME");
+            pipe
+        };
+        let started = Instant::now();
+        let answer: RedisResult<(Vec<u64>, (u64, u64))> =
+            match timed(ScriptCall::Sha(&self.script)).query_async(conn).await {
+                Err(err) if is_noscript(&err) => timed(ScriptCall::Text).query_async(conn).await,
+                answer => answer,
+            };
+        let (answer, (seconds, micros)) = answer?;
+        let after_us = seconds * 1_000_000 + micros;
+        let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((after_us.saturating_sub(took_us), answer))
+    }
+
+    /// Sends the refund of `reply`'s charges marked in `refund`, without waiting for it.
+    fn give_back(
+        self: &Arc<Self>,
+        conn: &ClusterConnection,
+        charges: &[KeyedCharge],
+        reply: &SlotReply,
+        refund: &[bool],
+    ) {
+        let part: Vec<KeyedCharge> = reply
+            .charges
+            .iter()
+            .zip(refund)
+            .filter(|(_, refunded)| **refunded)
+            .map(|(&i, _)| charges[i].clone())
+            // A charge of no tokens took nothing.
+            .filter(|keyed| keyed.charge.cost > 0)
+            .collect();
+        if part.is_empty() {
+            return;
+        }
+        let (inner, mut conn, paid_at_us) = (self.clone(), conn.clone(), reply.paid_at_us);
+        tokio::spawn(async move {
+            let given = tokio::time::timeout(inner.timeout, async {
+                let by_hash = refund_cmd(
+                    ScriptCall::Sha(&inner.refund_script),
+                    &part,
+                    paid_at_us,
+                    None,
+                );
+                match by_hash.query_async::<Vec<u64>>(&mut conn).await {
+                    Err(err) if is_noscript(&err) => {
+                        refund_cmd(ScriptCall::Text, &part, paid_at_us, None)
+                            .query_async::<Vec<u64>>(&mut conn)
+                            .await
+                    }
+                    answer => answer,
+                }
+            })
+            .await;
+            match given {
+                Ok(Ok(_)) => inner.metrics.cluster_refund(true),
+                Ok(Err(err)) => {
+                    inner.metrics.cluster_refund(false);
+                    log::debug!("a refund to {} failed: {err}", part[0].key);
+                }
+                Err(_) => {
+                    inner.metrics.cluster_refund(false);
+                    log::debug!("a refund to {} timed out", part[0].key);
+                }
+            }
+        });
+    }
+
+    /// `DEL` of every hash `buckets` name, one key at a time: they may be in different
+    /// slots, and a reset is rare.
+    async fn reset(&self, buckets: &[KeyedCharge]) -> Result<(), StoreError> {
+        let mut keys: Vec<&str> = buckets.iter().map(|b| b.key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let deadline = Instant::now() + self.timeout;
+        self.within(deadline, async {
+            let mut conn = self.connection().await?;
+            for key in keys {
+                let _deleted: u64 = redis::cmd("DEL")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| classify_in_cluster(&err, self.timeout))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether every slot is served now, as a node of the cluster sees it.
+    async fn ready(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.timeout;
+        self.within(deadline, async {
+            let mut conn = self.connection().await?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .map_err(|err| classify_in_cluster(&err, self.timeout))?;
+            coverage(&info)
+        })
+        .await
+    }
+}
+
+impl Store for ClusterStore {
+    fn take<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Taken> {
+        Box::pin(self.inner.take(charges))
+    }
+
+    fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
+        Box::pin(self.inner.reset(buckets))
+    }
+
+    /// `CLUSTER INFO` of a node: a real round trip, and the cluster's own view of whether
+    /// every slot has a master that answers.
+    fn check_ready(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.inner.ready())
+    }
+}

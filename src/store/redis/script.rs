@@ -1,0 +1,241 @@
+//! The bucket scripts as Redis commands, and what the bucket script answers.
+//!
+//! Every store in Redis sends the same two scripts: `token_bucket.lua` decides
+//! ([`decide_cmd`]), `refund.lua` gives back what a Cluster slot paid for a request that
+//! another slot refused ([`refund_cmd`]). Both name their buckets alike: one key per run of
+//! consecutive charges on one hash, then per run its length and per bucket its two fields
+//! and its limit. So one builder writes both, straight into one command buffer: a
+//! `ScriptInvocation` would allocate each argument separately first, on every decision.
+
+use redis::{Cmd, ErrorKind, RedisError};
+
+use crate::bucket::{self, Group, Level, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
+use crate::store::{KeyedCharge, StoreError};
+
+/// How a command names its script.
+#[derive(Clone, Copy)]
+pub enum ScriptCall<'a> {
+    /// `EVALSHA` with the hash of this script, which must be the one the command runs:
+    /// what every call sends first.
+    Sha(&'a redis::Script),
+    /// `EVAL` with its text, for a node that answered `NOSCRIPT`: it runs the script and
+    /// keeps it, in the one command that the Cluster client routes by key.
+    Text,
+}
+
+/// Which of the two scripts a command runs, with what only that one takes.
+#[derive(Clone, Copy)]
+enum BucketScript {
+    Decide,
+    /// `paid_at_us`: a time on the master's clock no later than the payment.
+    Refund {
+        paid_at_us: u64,
+    },
+}
+
+/// `token_bucket.lua` over `charges`; `now_us` is the clock to decide on, or `None` for
+/// Redis's own (only the parity tests pass one).
+pub fn decide_cmd(script: ScriptCall<'_>, charges: &[KeyedCharge], now_us: Option<u64>) -> Cmd {
+    bucket_script_cmd(BucketScript::Decide, script, charges, now_us)
+}
+
+/// `refund.lua` over `charges`, whose payments were made no earlier than `paid_at_us`;
+/// `now_us` as [`decide_cmd`] takes it.
+pub fn refund_cmd(
+    script: ScriptCall<'_>,
+    charges: &[KeyedCharge],
+    paid_at_us: u64,
+    now_us: Option<u64>,
+) -> Cmd {
+    bucket_script_cmd(BucketScript::Refund { paid_at_us }, script, charges, now_us)
+}
+
+/// The one writer of both scripts' arguments: the layout is said once, here, and in the
+/// headers of the two scripts that read it. Consecutive charges on one key (the limits of
+/// one policy) are one hash.
+fn bucket_script_cmd(
+    which: BucketScript,
+    script: ScriptCall<'_>,
+    charges: &[KeyedCharge],
+    now_us: Option<u64>,
+) -> Cmd {
+    let same_hash = |a: &KeyedCharge, b: &KeyedCharge| a.key == b.key;
+    let mut cmd = Cmd::with_capacity(5 + 8 * charges.len(), 64 + 128 * charges.len());
+    match (script, which) {
+        (ScriptCall::Sha(script), _) => cmd.arg("EVALSHA").arg(script.get_hash()),
+        (ScriptCall::Text, BucketScript::Decide) => cmd.arg("EVAL").arg(TOKEN_BUCKET_LUA),
+        (ScriptCall::Text, BucketScript::Refund { .. }) => cmd.arg("EVAL").arg(REFUND_LUA),
+    };
+    cmd.arg(charges.chunk_by(same_hash).count());
+    for run in charges.chunk_by(same_hash) {
+        cmd.arg(&run[0].key);
+    }
+    match now_us {
+        Some(now_us) => cmd.arg(now_us),
+        None => cmd.arg(""),
+    };
+    if let BucketScript::Refund { paid_at_us } = which {
+        cmd.arg(paid_at_us);
+    }
+    let mut field = String::with_capacity(64);
+    for run in charges.chunk_by(same_hash) {
+        cmd.arg(run.len());
+        for keyed in run {
+            let charge = &keyed.charge;
+            for suffix in [":tokens", ":ts"] {
+                field.clear();
+                field.push_str(&keyed.field);
+                field.push_str(suffix);
+                cmd.arg(field.as_str());
+            }
+            cmd.arg(charge.limit.capacity_units())
+                .arg(charge.limit.refill_units_per_us())
+                .arg(charge.limit.units_of(charge.cost));
+            if let BucketScript::Decide = which {
+                cmd.arg(match charge.group {
+                    Group::Enforced => 0,
+                    Group::Shadow(n) => n,
+                });
+            }
+        }
+    }
+    cmd
+}
+
+/// The bucket script's answer for `buckets` charges, read as one `(had, units)` per
+/// charge, in order: whether its bucket had the tokens, and the units it holds after the
+/// call (paid or not, by the script's rule).
+pub(crate) fn answered(
+    answer: &[u64],
+    buckets: usize,
+) -> Result<impl Iterator<Item = (bool, u64)> + '_, StoreError> {
+    if answer.len() != 2 * buckets {
+        return Err(StoreError::Other {
+            source: Box::new(RedisError::from((
+                ErrorKind::Parse,
+                "the bucket script answered the wrong number of values",
+                format!("{} for {} buckets", answer.len(), buckets),
+            ))),
+        });
+    }
+    Ok(answer.chunks_exact(2).map(|pair| (pair[0] == 1, pair[1])))
+}
+
+/// What the bucket script's answer says about `charges`, all decided in one call.
+pub(crate) fn taken_from(charges: &[KeyedCharge], answer: &[u64]) -> Result<Taken, StoreError> {
+    let levels: Vec<Level> = charges
+        .iter()
+        .zip(answered(answer, charges.len())?)
+        .map(|(keyed, (had, units))| {
+            let charge = &keyed.charge;
+            Level::from_units(&charge.limit, had, units, charge.cost)
+        })
+        .collect();
+    let admitted =
+        bucket::settle(charges, |keyed| keyed.charge.group, |i| levels[i].allowed).admitted;
+    Ok(Taken { admitted, levels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::{Charge, Limit, LimitSpec};
+
+    fn limit() -> Limit {
+        Limit::parse(LimitSpec {
+            rate: 10,
+            window_s: 60,
+            burst: 20,
+        })
+        .unwrap()
+    }
+
+    fn charge(key: &str, field: &str, group: Group) -> KeyedCharge {
+        KeyedCharge {
+            key: key.into(),
+            field: field.into(),
+            charge: Charge {
+                group,
+                ..Charge::one(limit())
+            },
+        }
+    }
+
+    /// Two limits of one policy on hash `a`, one of another on hash `b`.
+    fn charges() -> [KeyedCharge; 3] {
+        [
+            charge("a", "m", Group::Enforced),
+            charge("a", "d", Group::Shadow(2)),
+            charge("b", "m", Group::Enforced),
+        ]
+    }
+
+    fn words(cmd: &Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => "<not an argument>".into(),
+            })
+            .collect()
+    }
+
+    /// A bucket's fields and limit, as both scripts read them.
+    fn bucket(field: &str) -> Vec<String> {
+        let limit = limit();
+        vec![
+            format!("{field}:tokens"),
+            format!("{field}:ts"),
+            limit.capacity_units().to_string(),
+            limit.refill_units_per_us().to_string(),
+            limit.units_of(1).to_string(),
+        ]
+    }
+
+    #[test]
+    fn a_decision_names_each_hash_once_and_each_bucket_with_its_group() {
+        let words = words(&decide_cmd(ScriptCall::Text, &charges(), Some(7)));
+        let mut expected: Vec<String> = ["EVAL", TOKEN_BUCKET_LUA, "2", "a", "b", "7", "2"]
+            .map(String::from)
+            .into();
+        expected.extend(bucket("m"));
+        expected.push("0".into());
+        expected.extend(bucket("d"));
+        expected.push("2".into());
+        expected.push("1".into());
+        expected.extend(bucket("m"));
+        expected.push("0".into());
+        assert_eq!(words, expected);
+    }
+
+    #[test]
+    fn a_refund_names_its_buckets_as_the_decision_did_after_the_time_of_the_payment() {
+        let words = words(&refund_cmd(ScriptCall::Text, &charges(), 5, None));
+        let mut expected: Vec<String> = ["EVAL", REFUND_LUA, "2", "a", "b", "", "5", "2"]
+            .map(String::from)
+            .into();
+        expected.extend(bucket("m"));
+        expected.extend(bucket("d"));
+        expected.push("1".into());
+        expected.extend(bucket("m"));
+        assert_eq!(words, expected);
+    }
+
+    #[test]
+    fn a_command_by_hash_names_the_script_by_its_hash() {
+        let script = redis::Script::new(REFUND_LUA);
+        let words = words(&refund_cmd(ScriptCall::Sha(&script), &charges(), 5, None));
+        assert_eq!(words[..2], ["EVALSHA", script.get_hash()]);
+    }
+
+    #[test]
+    fn an_answer_of_the_wrong_length_is_an_error_not_a_decision() {
+        let charges = charges();
+        assert!(taken_from(&charges, &[1, 0, 1, 0]).is_err());
+        let taken = taken_from(&charges, &[1, 0, 0, 0, 1, 0]).unwrap();
+        assert!(
+            taken.admitted,
+            "a shadow bucket without tokens denies nothing"
+        );
+        assert!(!taken.levels[1].allowed);
+    }
+}
