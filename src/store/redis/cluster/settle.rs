@@ -21,9 +21,11 @@ pub struct SlotReply {
 }
 
 impl SlotReply {
-    /// Whether the bucket of the call's `at`th charge had the tokens.
+    /// Whether the bucket of the call's `at`th charge had the tokens. A reply too short to
+    /// say reads as "it had not", so nothing is given back for it: that can only lower a
+    /// limit, and a malformed reply never panics a worker.
     fn had(&self, at: usize) -> bool {
-        self.answer[2 * at] == 1
+        self.answer.get(2 * at) == Some(&1)
     }
 }
 
@@ -237,5 +239,19 @@ mod tests {
             answer: vec![1],
         };
         assert!(settle_slots(&charges, &[broken]).is_err());
+    }
+
+    #[test]
+    fn a_reply_too_short_to_read_pays_nothing_and_never_panics() {
+        let charges = [
+            charge("a:{1}", "m", 1, Group::Enforced),
+            charge("a:{1}", "d", 1, Group::Enforced),
+        ];
+        let short = SlotReply {
+            charges: vec![0, 1],
+            paid_at_us: 0,
+            answer: vec![1, 0],
+        };
+        assert_eq!(paid_in_call(&charges, &short), vec![false, false]);
     }
 }
