@@ -185,8 +185,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, limit)| KeyedCharge {
-                key: name.to_string(),
-                field: i.to_string(),
+                key: name.into(),
+                field: i.to_string().into(),
                 charge: Charge::one(*limit),
             })
             .collect()

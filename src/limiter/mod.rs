@@ -55,7 +55,7 @@ impl<'a> Charges<'a> {
                     Group::Shadow(shadow_policies)
                 }
             };
-            let key = applied.policy.bucket_key(&applied.key, key_prefix);
+            let key: Arc<str> = applied.policy.bucket_key(&applied.key, key_prefix).into();
             for limit in applied.limits {
                 charges.names.push(LimitName {
                     policy: &applied.policy.name,
@@ -82,7 +82,7 @@ pub struct KeyVerdict<'p> {
     pub verdict: Verdict<'p>,
     pub policy: &'p Policy,
     /// Where the policy's buckets for this key are: its hash in the store.
-    pub bucket: String,
+    pub bucket: Arc<str>,
     pub cost: u64,
 }
 
@@ -156,6 +156,7 @@ impl Limiter {
                 applied[0]
                     .policy
                     .bucket_key(&applied[0].key, &self.key_prefix)
+                    .into()
             });
         Ok(KeyVerdict {
             verdict: self.decider.decide(charges).await,

@@ -123,8 +123,8 @@ impl Rule {
     /// Its bucket: one hash per policy, one field per limit.
     fn bucket(&self) -> KeyedCharge {
         KeyedCharge {
-            key: format!("test:{}", self.policy),
-            field: self.limit.to_string(),
+            key: format!("test:{}", self.policy).into(),
+            field: self.limit.to_string().into(),
             charge: self.charge,
         }
     }

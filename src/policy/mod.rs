@@ -154,7 +154,7 @@ pub struct NamedLimit {
     pub limit: Limit,
     /// Its bucket's field in the policy's hash ([`Policy::bucket_field`]): it depends on
     /// the limit alone, so it is written once, when the policies load, not per request.
-    pub field: String,
+    pub field: Arc<str>,
 }
 
 impl NamedLimit {
@@ -163,9 +163,9 @@ impl NamedLimit {
             name: Arc::from(name),
             spec,
             limit,
-            field: String::new(),
+            field: Arc::from(""),
         };
-        named.field = Policy::bucket_field(&named);
+        named.field = Policy::bucket_field(&named).into();
         named
     }
 }

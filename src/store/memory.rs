@@ -170,8 +170,8 @@ impl MemoryStore {
     /// One token from the bucket `key` under `limit`, at `now_us`.
     pub fn take_at(&self, key: &str, limit: &Limit, now_us: u64) -> Level {
         let charge = KeyedCharge {
-            key: key.to_string(),
-            field: String::new(),
+            key: key.into(),
+            field: "".into(),
             charge: Charge::one(*limit),
         };
         self.take_all_at(std::slice::from_ref(&charge), now_us)
@@ -307,8 +307,8 @@ mod tests {
         })
         .unwrap();
         let read = |name: &str| KeyedCharge {
-            key: name.to_string(),
-            field: String::new(),
+            key: name.into(),
+            field: "".into(),
             charge: Charge {
                 cost: 0,
                 ..Charge::one(limit)
@@ -337,8 +337,8 @@ mod tests {
         store.take_at(&key(1), &limit, 0);
         store.take_at(&key(2), &limit, 0);
         let bucket = KeyedCharge {
-            key: key(1),
-            field: String::new(),
+            key: key(1).into(),
+            field: "".into(),
             charge: Charge::one(limit),
         };
         store.remove(std::slice::from_ref(&bucket));

@@ -12,6 +12,7 @@ pub mod redis;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -162,8 +163,10 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// own `field` there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyedCharge {
-    pub key: String,
-    pub field: String,
+    /// Shared by every limit of one policy for one key, and built once per request.
+    pub key: Arc<str>,
+    /// The limit's own, built when the policies load.
+    pub field: Arc<str>,
     pub charge: Charge,
 }
 

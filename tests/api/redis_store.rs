@@ -46,8 +46,8 @@ fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
 /// One token from the bucket `key`: the request of a single-limit policy.
 fn one(key: &str, limit: Limit) -> Vec<KeyedCharge> {
     vec![KeyedCharge {
-        key: key.to_string(),
-        field: "l".to_string(),
+        key: key.into(),
+        field: "l".into(),
         charge: Charge::one(limit),
     }]
 }
@@ -312,10 +312,10 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
                         // The enforced limits share one hash, as one policy's do; each
                         // shadow group has its own, as each shadow policy does.
                         key: match charge.group {
-                            Group::Enforced => format!("{prefix}:enforced:{{k}}"),
-                            Group::Shadow(n) => format!("{prefix}:shadow-{n}:{{k}}"),
+                            Group::Enforced => format!("{prefix}:enforced:{{k}}").into(),
+                            Group::Shadow(n) => format!("{prefix}:shadow-{n}:{{k}}").into(),
                         },
-                        field: format!("limit-{i}"),
+                        field: format!("limit-{i}").into(),
                         charge: *charge,
                     })
                     .collect();
@@ -340,7 +340,7 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
                 // the hash changes no decision (the expiry has tests of its own).
                 for keyed in &keyed {
                     let _: i64 = redis::cmd("PERSIST")
-                        .arg(&keyed.key)
+                        .arg(&*keyed.key)
                         .query(&mut conn)
                         .unwrap();
                 }
@@ -355,7 +355,7 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
                         format!("{}:ts", keyed.field),
                     ];
                     let stored: Vec<Option<u64>> = redis::cmd("HMGET")
-                        .arg(&keyed.key)
+                        .arg(&*keyed.key)
                         .arg(&fields)
                         .query(&mut conn)
                         .unwrap();
@@ -533,12 +533,12 @@ async fn a_request_denied_by_its_hour_limit_leaves_its_minute_bucket_untouched_i
     let policy = format!("{prefix}:api:{{k}}");
     let charges = vec![
         KeyedCharge {
-            key: policy.clone(),
+            key: policy.as_str().into(),
             field: "minute".into(),
             charge: Charge::one(limit(10, 60, 10)),
         },
         KeyedCharge {
-            key: policy.clone(),
+            key: policy.as_str().into(),
             field: "hour".into(),
             charge: Charge::one(limit(1, 3600, 1)),
         },

@@ -109,8 +109,8 @@ async fn the_refund_script_and_the_rust_arithmetic_agree_on_every_case() {
             .iter()
             .enumerate()
             .map(|(i, limit)| KeyedCharge {
-                key: key.clone(),
-                field: format!("l{i}"),
+                key: key.as_str().into(),
+                field: format!("l{i}").into(),
                 charge: Charge::one(*limit),
             })
             .collect();

@@ -68,7 +68,7 @@ fn bucket_script_cmd(
     };
     cmd.arg(charges.chunk_by(same_hash).count());
     for run in charges.chunk_by(same_hash) {
-        cmd.arg(&run[0].key);
+        cmd.arg(&*run[0].key);
     }
     match now_us {
         Some(now_us) => cmd.arg(now_us),

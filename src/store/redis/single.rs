@@ -203,7 +203,7 @@ impl Store for RedisStore {
 
     /// `DEL` of every hash `buckets` name, on the master, through [`Inner::query`].
     fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
-        let mut keys: Vec<&str> = buckets.iter().map(|b| b.key.as_str()).collect();
+        let mut keys: Vec<&str> = buckets.iter().map(|b| &*b.key).collect();
         keys.sort_unstable();
         keys.dedup();
         if keys.is_empty() {

@@ -331,7 +331,7 @@ impl Inner {
     /// `DEL` of every hash `buckets` name, one key at a time: they may be in different
     /// slots, and a reset is rare.
     async fn reset(&self, buckets: &[KeyedCharge]) -> Result<(), StoreError> {
-        let mut keys: Vec<&str> = buckets.iter().map(|b| b.key.as_str()).collect();
+        let mut keys: Vec<&str> = buckets.iter().map(|b| &*b.key).collect();
         keys.sort_unstable();
         keys.dedup();
         let deadline = Instant::now() + self.timeout;
