@@ -441,19 +441,10 @@ mod tests {
         }
     }
 
-    fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
-        Limit::parse(LimitSpec {
-            rate,
-            window_s,
-            burst,
-        })
-        .unwrap()
-    }
-
     #[test]
     fn a_request_denied_by_one_limit_spends_nothing_from_the_others() {
-        let minute = limit(10, 60, 10);
-        let day = limit(15, 86_400, 15);
+        let minute = Limit::per(10, 60, 10).unwrap();
+        let day = Limit::per(15, 86_400, 15).unwrap();
         let charges = [Charge::one(minute), Charge::one(day)];
         let drained_day = Some(BucketState {
             tokens: 0,
@@ -470,10 +461,10 @@ mod tests {
 
     #[test]
     fn a_shadow_group_never_changes_what_the_enforced_limits_decide() {
-        let enforced = Charge::one(limit(2, 60, 2));
+        let enforced = Charge::one(Limit::per(2, 60, 2).unwrap());
         let shadow = Charge {
             group: Group::Shadow(1),
-            ..Charge::one(limit(1, 60, 1))
+            ..Charge::one(Limit::per(1, 60, 1).unwrap())
         };
         let (mut with, mut without) = ([None, None], [None]);
         for now in 0..5 {
@@ -488,10 +479,10 @@ mod tests {
 
     #[test]
     fn a_shadow_group_pays_only_for_admitted_requests_it_could_afford() {
-        let enforced = Charge::one(limit(1, 60, 1));
+        let enforced = Charge::one(Limit::per(1, 60, 1).unwrap());
         let shadow = Charge {
             group: Group::Shadow(1),
-            ..Charge::one(limit(5, 60, 5))
+            ..Charge::one(Limit::per(5, 60, 5).unwrap())
         };
         let (first, first_writes) = take_all(&[enforced, shadow], &[None, None], 0);
         assert!(first.admitted && first_writes.0[1].is_some());
@@ -513,8 +504,12 @@ mod tests {
         let day = 86_400 * SECOND;
         // (limit, gap between requests, requests): a flood far faster than the refill.
         let cases = [
-            (limit(1_000_000, 86_400, 10), 10_000, 100_000),
-            (limit(1, 30 * 86_400, 1), 3_600 * SECOND, 24 * 90),
+            (Limit::per(1_000_000, 86_400, 10).unwrap(), 10_000, 100_000),
+            (
+                Limit::per(1, 30 * 86_400, 1).unwrap(),
+                3_600 * SECOND,
+                24 * 90,
+            ),
         ];
         for (limit, gap, requests) in cases {
             let arrivals: Vec<u64> = (0..requests).map(|i| i * gap).collect();
@@ -529,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_cost_of_several_tokens_waits_for_all_of_them() {
-        let limit = limit(1, 1, 10);
+        let limit = Limit::per(1, 1, 10).unwrap();
         let (decision, state) = take(&limit, None, 0);
         assert!(decision.allowed);
         let charge = Charge {
@@ -551,7 +546,7 @@ mod tests {
 
     #[test]
     fn a_cost_of_zero_reports_the_bucket_and_writes_nothing() {
-        let limit = limit(10, 60, 10);
+        let limit = Limit::per(10, 60, 10).unwrap();
         let (fresh, fresh_writes) = take_all(&[read(limit)], &[None], 0);
         assert!(fresh.admitted && fresh.levels[0].allowed);
         assert_eq!(fresh.levels[0].remaining, 10);
@@ -575,7 +570,7 @@ mod tests {
         fn reads_between_requests_change_nothing_and_report_what_a_request_finds(
             arrivals in proptest::collection::vec((0u64..5 * SECOND, any::<bool>()), 1..200),
         ) {
-            let limit = limit(3, 10, 5);
+            let limit = Limit::per(3, 10, 5).unwrap();
             let (mut with_reads, mut without) = ([None], [None]);
             let mut now = 0;
             for (gap, read_first) in arrivals {
@@ -608,8 +603,8 @@ mod tests {
             hour_rate in 1u64..40,
             gaps in proptest::collection::vec(0u64..20 * SECOND, 1..300),
         ) {
-            let minute = limit(minute_rate, 60, minute_rate);
-            let hour = limit(hour_rate, 3_600, hour_rate);
+            let minute = Limit::per(minute_rate, 60, minute_rate).unwrap();
+            let hour = Limit::per(hour_rate, 3_600, hour_rate).unwrap();
             let charges = [Charge::one(minute), Charge::one(hour)];
             let mut states = [None, None];
             let (mut now, mut admitted) = (0u64, 0u128);

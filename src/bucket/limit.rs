@@ -55,6 +55,16 @@ pub struct Limit {
 }
 
 impl Limit {
+    /// `rate` tokens per `window_s` seconds, holding at most `burst`: [`Limit::parse`] of
+    /// the numbers as a policy file states them.
+    pub fn per(rate: u64, window_s: u64, burst: u64) -> Result<Self, LimitError> {
+        Self::parse(LimitSpec {
+            rate,
+            window_s,
+            burst,
+        })
+    }
+
     pub fn parse(spec: LimitSpec) -> Result<Self, LimitError> {
         let LimitSpec {
             rate,

@@ -78,20 +78,11 @@ pub fn refund(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Charge, LimitSpec, take_all};
+    use super::super::{Charge, take_all};
     use super::*;
     use proptest::prelude::*;
 
     const SECOND: u64 = 1_000_000;
-
-    fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
-        Limit::parse(LimitSpec {
-            rate,
-            window_s,
-            burst,
-        })
-        .unwrap()
-    }
 
     /// Pays one token at `now_us` from `state`; the state after.
     fn pay(limit: &Limit, state: Option<BucketState>, now_us: u64) -> BucketState {
@@ -102,7 +93,7 @@ mod tests {
 
     #[test]
     fn a_refund_at_once_restores_the_bucket_as_if_nothing_was_paid() {
-        let limit = limit(10, 60, 10);
+        let limit = Limit::per(10, 60, 10).unwrap();
         let paid = pay(&limit, None, 5 * SECOND);
         let refunded = refund(&limit, Some(paid), 1, 5 * SECOND, 5 * SECOND);
         assert_eq!(refunded.units, limit.capacity_units());
@@ -119,7 +110,7 @@ mod tests {
     fn a_refund_gives_back_the_payment_less_what_refilled_since() {
         // A token every 6 s; one second after the payment, a sixth of it has come back by
         // refill, so the refund gives back five sixths.
-        let limit = limit(10, 60, 10);
+        let limit = Limit::per(10, 60, 10).unwrap();
         let paid_at = 10;
         let mut state = None;
         for _ in 0..5 {
@@ -137,7 +128,7 @@ mod tests {
 
     #[test]
     fn a_refund_brings_a_bucket_back_to_full_at_most() {
-        let limit = limit(10, 60, 10);
+        let limit = Limit::per(10, 60, 10).unwrap();
         let paid = pay(&limit, None, 0);
         // Half a token's time later the bucket is nine and a half tokens full.
         let now = 3 * SECOND;
@@ -147,7 +138,7 @@ mod tests {
 
     #[test]
     fn a_refund_after_the_payment_would_have_refilled_gives_nothing() {
-        let limit = limit(10, 60, 10);
+        let limit = Limit::per(10, 60, 10).unwrap();
         let mut state = None;
         for i in 0..3 {
             state = Some(pay(&limit, state, i));
@@ -159,7 +150,7 @@ mod tests {
 
     #[test]
     fn a_bucket_that_no_longer_shows_the_payment_is_left_alone() {
-        let limit = limit(10, 60, 10);
+        let limit = Limit::per(10, 60, 10).unwrap();
         let missing = refund(&limit, None, 1, 100, 100);
         assert_eq!(missing.write, None);
         assert_eq!(missing.units, limit.capacity_units());
@@ -175,7 +166,7 @@ mod tests {
 
     #[test]
     fn a_clock_behind_the_payment_gives_back_no_more_than_was_paid() {
-        let limit = limit(1, 60, 5);
+        let limit = Limit::per(1, 60, 5).unwrap();
         let paid = pay(&limit, None, 100 * SECOND);
         let refunded = refund(&limit, Some(paid), 1, 100 * SECOND, 40 * SECOND);
         assert_eq!(refunded.units, limit.capacity_units());
@@ -210,7 +201,7 @@ mod tests {
             burst in 1u64..6,
             events in proptest::collection::vec(event(), 1..120),
         ) {
-            let limit = limit(1, 6, burst);
+            let limit = Limit::per(1, 6, burst).unwrap();
             // (time, what): payments happen at their time, refunds at theirs.
             #[derive(Debug)]
             enum Step { Pay(Event), Refund { paid_at: u64 } }

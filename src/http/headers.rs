@@ -162,7 +162,6 @@ fn text_value(text: String) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::LimitSpec;
     use crate::limiter::{Bucket, Level, Limit};
 
     fn as_text(headers: Vec<(HeaderName, HeaderValue)>) -> Vec<(String, String)> {
@@ -176,15 +175,6 @@ mod tests {
         (name.to_string(), value.to_string())
     }
 
-    fn limit(rate: u64, window_s: u64) -> Limit {
-        Limit::parse(LimitSpec {
-            rate,
-            window_s,
-            burst: rate,
-        })
-        .unwrap()
-    }
-
     /// A name as a loaded policy set holds it; leaked, as the set would outlive the test.
     fn name(policy: &str, limit: &str) -> LimitName<'static> {
         let leak = |text: &str| &*Box::leak(Box::new(std::sync::Arc::<str>::from(text)));
@@ -195,7 +185,7 @@ mod tests {
     }
 
     fn verdict(decision: Option<Level>) -> Verdict<'static> {
-        let limit = limit(10, 60);
+        let limit = Limit::per(10, 60, 10).unwrap();
         match decision {
             Some(decision) => Verdict::Decided {
                 bucket: Bucket::Shared,
@@ -244,7 +234,7 @@ mod tests {
     fn every_enforced_limit_is_listed_and_shadow_ones_never() {
         let judged = |policy, limit_name, rate, window_s, remaining, enforced| LimitVerdict {
             name: name(policy, limit_name),
-            limit: limit(rate, window_s),
+            limit: Limit::per(rate, window_s, rate).unwrap(),
             enforced,
             level: Some(Level {
                 allowed: true,

@@ -168,17 +168,8 @@ impl DenyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{self, BucketState, Charge, Limit, LimitSpec};
+    use crate::bucket::{self, BucketState, Charge, Limit};
     use proptest::prelude::*;
-
-    fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
-        Limit::parse(LimitSpec {
-            rate,
-            window_s,
-            burst,
-        })
-        .unwrap()
-    }
 
     fn charges(name: &str, limits: &[Limit]) -> Vec<KeyedCharge> {
         limits
@@ -213,8 +204,8 @@ mod tests {
     #[test]
     fn a_denial_is_answered_locally_until_the_next_token_and_not_after() {
         let cache = DenyCache::new(10).unwrap();
-        let one = charges("a", &[limit(10, 60, 10)]);
-        let other = charges("b", &[limit(10, 60, 10)]);
+        let one = charges("a", &[Limit::per(10, 60, 10).unwrap()]);
+        let other = charges("b", &[Limit::per(10, 60, 10).unwrap()]);
         let key = cache.fingerprint(&one);
         cache.remember_at(key, 1_000, &one, &denial(6_000_000));
         let cached = cache.lookup_at(key, 2_000).unwrap();
@@ -229,7 +220,7 @@ mod tests {
     #[test]
     fn admissions_are_never_cached() {
         let cache = DenyCache::new(10).unwrap();
-        let one = charges("a", &[limit(10, 60, 10)]);
+        let one = charges("a", &[Limit::per(10, 60, 10).unwrap()]);
         let mut admitted = denial(5);
         admitted.admitted = true;
         cache.remember_at(cache.fingerprint(&one), 0, &one, &admitted);
@@ -239,7 +230,7 @@ mod tests {
     #[test]
     fn the_same_buckets_at_another_cost_are_another_question() {
         let cache = DenyCache::new(10).unwrap();
-        let one = charges("a", &[limit(10, 60, 10)]);
+        let one = charges("a", &[Limit::per(10, 60, 10).unwrap()]);
         let mut costly = one.clone();
         costly[0].charge.cost = 5;
         assert_ne!(cache.fingerprint(&one), cache.fingerprint(&costly));
@@ -248,7 +239,13 @@ mod tests {
     #[test]
     fn with_several_limits_the_denial_lasts_until_the_last_lacking_one_recovers() {
         let cache = DenyCache::new(10).unwrap();
-        let both = charges("a", &[limit(10, 60, 10), limit(15, 3600, 15)]);
+        let both = charges(
+            "a",
+            &[
+                Limit::per(10, 60, 10).unwrap(),
+                Limit::per(15, 3600, 15).unwrap(),
+            ],
+        );
         let lacking = |retry_after_us| Level {
             allowed: false,
             remaining: 0,
@@ -269,7 +266,7 @@ mod tests {
     #[test]
     fn a_clear_forgets_every_denial_and_refuses_answers_to_questions_sent_before_it() {
         let cache = DenyCache::new(10).unwrap();
-        let one = charges("a", &[limit(10, 60, 10)]);
+        let one = charges("a", &[Limit::per(10, 60, 10).unwrap()]);
         let key = cache.fingerprint(&one);
         cache.remember_at(key, 1_000, &one, &denial(6_000_000));
         cache.clear_at(2_000);
@@ -285,7 +282,7 @@ mod tests {
     fn the_cache_holds_no_more_than_its_capacity() {
         let cache = DenyCache::new(100).unwrap();
         for n in 0..10_000 {
-            let one = charges(&n.to_string(), &[limit(1, 60, 1)]);
+            let one = charges(&n.to_string(), &[Limit::per(1, 60, 1).unwrap()]);
             cache.remember_at(cache.fingerprint(&one), 0, &one, &denial(1_000_000));
         }
         assert!(cache.len() <= 100, "{} entries", cache.len());
@@ -305,7 +302,7 @@ mod tests {
             delay in 0u64..5_000,
             steps in 1usize..2_000,
         ) {
-            let limits = [limit(rate, window_s, burst), limit(day_rate, 60, day_rate)];
+            let limits = [Limit::per(rate, window_s, burst).unwrap(), Limit::per(day_rate, 60, day_rate).unwrap()];
             let question = charges("k", &limits);
             let bucket_charges: Vec<Charge> = question.iter().map(|c| c.charge).collect();
             let cache = DenyCache::new(16).unwrap();

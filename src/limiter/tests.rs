@@ -12,7 +12,7 @@ use super::{
     Bucket, Buckets, Charges, Decider, DeciderSettings, FailMode, LimitName, LimitVerdict, Source,
     Verdict,
 };
-use crate::bucket::{Charge, Group, Limit, LimitSpec, Taken};
+use crate::bucket::{Charge, Group, Limit, Taken};
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
 use crate::store::{KeyedCharge, Store, StoreError, StoreFuture, Unavailable};
@@ -75,15 +75,6 @@ fn timeout() -> StoreError {
 
 fn no_replicas() -> StoreError {
     StoreError::unavailable(Unavailable::NoReplicas)
-}
-
-fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
-    Limit::parse(LimitSpec {
-        rate,
-        window_s,
-        burst,
-    })
-    .unwrap()
 }
 
 /// One limit of one policy as a request draws on it; the test owns the names the
@@ -199,7 +190,11 @@ async fn a_request_that_no_limit_applies_to_is_unlimited_and_the_store_is_not_as
 async fn under_fail_mode_local_a_store_failure_admits_only_this_instances_share_of_the_burst() {
     let harness = Harness::with(FailMode::Local, 2, 1024);
     harness.store.fail_next(6, timeout);
-    let rules = [Rule::enforced("api", "minute", limit(10, 60, 10))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(10, 60, 10).unwrap(),
+    )];
 
     let mut admitted = Vec::new();
     for _ in 0..6 {
@@ -213,7 +208,7 @@ async fn under_fail_mode_local_a_store_failure_admits_only_this_instances_share_
 async fn under_fail_mode_local_a_store_failure_is_decided_by_the_local_bucket_under_the_share() {
     let harness = Harness::with(FailMode::Local, 2, 1024);
     harness.store.fail_next(1, timeout);
-    let whole = limit(10, 60, 10);
+    let whole = Limit::per(10, 60, 10).unwrap();
     let rules = [Rule::enforced("api", "minute", whole)];
 
     let verdict = harness.decide(&rules).await;
@@ -231,7 +226,10 @@ async fn under_fail_mode_local_a_store_failure_is_decided_by_the_local_bucket_un
 async fn under_fail_mode_open_a_store_failure_admits_with_every_limit_listed_and_no_level() {
     let harness = Harness::new(FailMode::Open);
     harness.store.fail_next(1, timeout);
-    let (minute, day) = (limit(10, 60, 10), limit(1000, 86_400, 1000));
+    let (minute, day) = (
+        Limit::per(10, 60, 10).unwrap(),
+        Limit::per(1000, 86_400, 1000).unwrap(),
+    );
     let rules = [
         Rule::enforced("api", "minute", minute),
         Rule::shadow("trial", "day", day),
@@ -264,7 +262,11 @@ async fn under_fail_mode_open_a_store_failure_admits_with_every_limit_listed_and
 async fn under_fail_mode_closed_a_store_failure_refuses_the_request() {
     let harness = Harness::new(FailMode::Closed);
     harness.store.fail_next(1, timeout);
-    let rules = [Rule::enforced("api", "minute", limit(10, 60, 10))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(10, 60, 10).unwrap(),
+    )];
 
     let verdict = harness.decide(&rules).await;
 
@@ -280,7 +282,11 @@ async fn under_fail_mode_closed_a_store_failure_refuses_the_request() {
 async fn the_first_store_failure_turns_the_fallback_gauge_on() {
     let harness = Harness::new(FailMode::Open);
     harness.store.fail_next(1, timeout);
-    let rules = [Rule::enforced("api", "minute", limit(10, 60, 10))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(10, 60, 10).unwrap(),
+    )];
     assert_eq!(harness.series("ratelimit_fallback_active"), Some(0.0));
 
     harness.decide(&rules).await;
@@ -292,7 +298,11 @@ async fn the_first_store_failure_turns_the_fallback_gauge_on() {
 async fn a_store_success_after_a_failure_turns_the_fallback_gauge_off() {
     let harness = Harness::new(FailMode::Open);
     harness.store.fail_next(1, timeout);
-    let rules = [Rule::enforced("api", "minute", limit(10, 60, 10))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(10, 60, 10).unwrap(),
+    )];
     harness.decide(&rules).await;
     assert_eq!(harness.series("ratelimit_fallback_active"), Some(1.0));
 
@@ -307,7 +317,11 @@ async fn each_store_failure_is_counted_by_its_kind() {
     let harness = Harness::new(FailMode::Open);
     harness.store.fail_next(2, timeout);
     harness.store.fail_next(1, no_replicas);
-    let rules = [Rule::enforced("api", "minute", limit(10, 60, 10))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(10, 60, 10).unwrap(),
+    )];
 
     for _ in 0..3 {
         harness.decide(&rules).await;
@@ -326,7 +340,11 @@ async fn each_store_failure_is_counted_by_its_kind() {
 #[tokio::test]
 async fn a_denial_from_the_store_is_answered_again_without_asking_the_store() {
     let harness = Harness::new(FailMode::Closed);
-    let rules = [Rule::enforced("api", "minute", limit(1, 60, 1))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(1, 60, 1).unwrap(),
+    )];
     harness.decide(&rules).await;
     let denied = harness.decide(&rules).await;
     assert!(!denied.allowed());
@@ -343,7 +361,11 @@ async fn a_denial_from_the_store_is_answered_again_without_asking_the_store() {
 async fn a_cached_denial_ends_at_its_retry_after_and_the_store_is_asked_again() {
     let harness = Harness::new(FailMode::Closed);
     // A token every 50 ms: the denial is cached for at most that long.
-    let rules = [Rule::enforced("api", "second", limit(20, 1, 1))];
+    let rules = [Rule::enforced(
+        "api",
+        "second",
+        Limit::per(20, 1, 1).unwrap(),
+    )];
     harness.decide(&rules).await;
     let denied = harness.decide(&rules).await;
     assert!(!denied.allowed());
@@ -359,7 +381,11 @@ async fn a_cached_denial_ends_at_its_retry_after_and_the_store_is_asked_again() 
 #[tokio::test]
 async fn with_a_deny_cache_size_of_zero_every_request_asks_the_store() {
     let harness = Harness::with(FailMode::Closed, 1, 0);
-    let rules = [Rule::enforced("api", "minute", limit(1, 60, 1))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(1, 60, 1).unwrap(),
+    )];
 
     let mut allowed = Vec::new();
     for _ in 0..3 {
@@ -376,7 +402,11 @@ async fn with_a_deny_cache_size_of_zero_every_request_asks_the_store() {
 #[tokio::test]
 async fn while_a_denial_is_cached_a_failing_store_is_not_asked_and_the_cached_denial_stands() {
     let harness = Harness::new(FailMode::Open);
-    let rules = [Rule::enforced("api", "minute", limit(1, 60, 1))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(1, 60, 1).unwrap(),
+    )];
     harness.decide(&rules).await;
     assert!(!harness.decide(&rules).await.allowed());
     let asked = harness.store.takes();
@@ -403,7 +433,11 @@ async fn while_a_denial_is_cached_a_failing_store_is_not_asked_and_the_cached_de
 #[tokio::test]
 async fn a_reset_clears_the_deny_cache_so_the_next_request_asks_the_store() {
     let harness = Harness::new(FailMode::Closed);
-    let rules = [Rule::enforced("api", "minute", limit(1, 60, 1))];
+    let rules = [Rule::enforced(
+        "api",
+        "minute",
+        Limit::per(1, 60, 1).unwrap(),
+    )];
     harness.decide(&rules).await;
     assert!(!harness.decide(&rules).await.allowed());
     let asked = harness.store.takes();
@@ -419,8 +453,8 @@ async fn a_reset_clears_the_deny_cache_so_the_next_request_asks_the_store() {
 /// spends.
 fn enforced_and_thin_shadow() -> [Rule; 2] {
     [
-        Rule::enforced("api", "minute", limit(100, 60, 100)),
-        Rule::shadow("trial", "minute", limit(1, 60, 1)),
+        Rule::enforced("api", "minute", Limit::per(100, 60, 100).unwrap()),
+        Rule::shadow("trial", "minute", Limit::per(1, 60, 1).unwrap()),
     ]
 }
 
@@ -471,8 +505,8 @@ async fn a_shadow_limit_lacking_tokens_is_counted_as_limited_in_shadow_mode() {
 async fn an_enforced_denial_leaves_the_shadow_bucket_unpaid() {
     let harness = Harness::new(FailMode::Closed);
     let rules = [
-        Rule::enforced("api", "minute", limit(1, 60, 1)),
-        Rule::shadow("trial", "minute", limit(3, 60, 3)),
+        Rule::enforced("api", "minute", Limit::per(1, 60, 1).unwrap()),
+        Rule::shadow("trial", "minute", Limit::per(3, 60, 3).unwrap()),
     ];
     harness.decide(&rules).await;
 

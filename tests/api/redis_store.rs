@@ -34,15 +34,6 @@ fn redis_store(redis: &RedisProcess, mode: ConnectionMode) -> RedisStore {
     RedisStore::new(slot, timeout)
 }
 
-fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
-    Limit::parse(LimitSpec {
-        rate,
-        window_s,
-        burst,
-    })
-    .unwrap()
-}
-
 /// One token from the bucket `key`: the request of a single-limit policy.
 fn one(key: &str, limit: Limit) -> Vec<KeyedCharge> {
     vec![KeyedCharge {
@@ -125,7 +116,7 @@ fn parity_table() -> Vec<Case> {
         name: "only reads: nothing is ever written",
         charges: vec![Charge {
             cost: 0,
-            ..Charge::one(limit(10, 60, 10))
+            ..Charge::one(Limit::per(10, 60, 10).unwrap())
         }],
         arrivals_us: vec![1_790_000_000 * SECOND, 1_790_000_000 * SECOND + 1],
         reads_between: false,
@@ -144,12 +135,12 @@ fn base_parity_table() -> Vec<Case> {
     vec![
         single(
             "burst then denied",
-            limit(10, 60, 10),
+            Limit::per(10, 60, 10).unwrap(),
             (0..12).map(|i| t0 + i).collect(),
         ),
         single(
             "one token every six seconds",
-            limit(10, 60, 10),
+            Limit::per(10, 60, 10).unwrap(),
             (0..10)
                 .map(|i| t0 + i)
                 .chain((1..=8).map(|s| t0 + s * 3 * SECOND))
@@ -157,7 +148,7 @@ fn base_parity_table() -> Vec<Case> {
         ),
         single(
             "retry exactly at the boundary",
-            limit(1, 7, 1),
+            Limit::per(1, 7, 1).unwrap(),
             vec![
                 t0,
                 t0 + 7 * SECOND - 1,
@@ -167,7 +158,7 @@ fn base_parity_table() -> Vec<Case> {
         ),
         single(
             "burst above rate, long idle refills to full",
-            limit(3, 10, 8),
+            Limit::per(3, 10, 8).unwrap(),
             (0..9)
                 .map(|i| t0 + i * 1_000)
                 .chain([t0 + 3600 * SECOND, t0 + 3600 * SECOND + 1])
@@ -175,7 +166,7 @@ fn base_parity_table() -> Vec<Case> {
         ),
         single(
             "clock going backwards refills nothing",
-            limit(2, 1, 2),
+            Limit::per(2, 1, 2).unwrap(),
             vec![
                 t0 + 10 * SECOND,
                 t0 + 10 * SECOND,
@@ -186,17 +177,17 @@ fn base_parity_table() -> Vec<Case> {
         ),
         single(
             "large policy stays exact",
-            limit(1_000_000, 3600, 2_000_000),
+            Limit::per(1_000_000, 3600, 2_000_000).unwrap(),
             vec![t0, t0 + 1, t0 + 3_600, t0 + 7_200_000_000],
         ),
         single(
             "a million a day",
-            limit(1_000_000, day, 1_000_000),
+            Limit::per(1_000_000, day, 1_000_000).unwrap(),
             vec![t0, t0 + 1, t0 + 86_399, t0 + 86_400, t0 + day * SECOND],
         ),
         single(
             "one per thirty days",
-            limit(1, 30 * day, 1),
+            Limit::per(1, 30 * day, 1).unwrap(),
             vec![
                 t0,
                 t0 + 30 * day * SECOND - 1,
@@ -206,14 +197,14 @@ fn base_parity_table() -> Vec<Case> {
         ),
         single(
             "a billion a second",
-            limit(1_000_000_000, 1, 1_000_000_000),
+            Limit::per(1_000_000_000, 1, 1_000_000_000).unwrap(),
             vec![t0, t0 + 1, t0 + SECOND],
         ),
         Case {
             name: "minute and hour: the hour runs out first and spends nothing of the minute",
             charges: vec![
-                Charge::one(limit(10, 60, 10)),
-                Charge::one(limit(15, 3600, 15)),
+                Charge::one(Limit::per(10, 60, 10).unwrap()),
+                Charge::one(Limit::per(15, 3600, 15).unwrap()),
             ],
             arrivals_us: (0..12)
                 .map(|i| t0 + i)
@@ -225,7 +216,7 @@ fn base_parity_table() -> Vec<Case> {
             name: "a cost of three tokens",
             charges: vec![Charge {
                 cost: 3,
-                ..Charge::one(limit(1, 1, 10))
+                ..Charge::one(Limit::per(1, 1, 10).unwrap())
             }],
             arrivals_us: vec![t0, t0, t0, t0 + 1, t0 + 2 * SECOND, t0 + 3 * SECOND],
             reads_between: false,
@@ -233,10 +224,10 @@ fn base_parity_table() -> Vec<Case> {
         Case {
             name: "two shadow policies beside an enforced limit",
             charges: vec![
-                Charge::one(limit(4, 60, 4)),
-                shadow(1, limit(2, 60, 2)),
-                shadow(1, limit(5, 60, 5)),
-                shadow(2, limit(1, 60, 1)),
+                Charge::one(Limit::per(4, 60, 4).unwrap()),
+                shadow(1, Limit::per(2, 60, 2).unwrap()),
+                shadow(1, Limit::per(5, 60, 5).unwrap()),
+                shadow(2, Limit::per(1, 60, 1).unwrap()),
             ],
             arrivals_us: (0..6).map(|i| t0 + i).collect(),
             reads_between: false,
@@ -244,7 +235,10 @@ fn base_parity_table() -> Vec<Case> {
         Case {
             name: "a shadow policy alone: its limits pay together or not at all",
             reads_between: false,
-            charges: vec![shadow(1, limit(3, 60, 3)), shadow(1, limit(2, 60, 2))],
+            charges: vec![
+                shadow(1, Limit::per(3, 60, 3).unwrap()),
+                shadow(1, Limit::per(2, 60, 2).unwrap()),
+            ],
             arrivals_us: (0..4)
                 .map(|i| t0 + i)
                 .chain([t0 + 30 * SECOND, t0 + 60 * SECOND])
@@ -254,8 +248,8 @@ fn base_parity_table() -> Vec<Case> {
             name: "a failover to a clock a minute behind costs the skew once",
             reads_between: false,
             charges: vec![
-                Charge::one(limit(2, 60, 2)),
-                Charge::one(limit(100, 3600, 100)),
+                Charge::one(Limit::per(2, 60, 2).unwrap()),
+                Charge::one(Limit::per(100, 3600, 100).unwrap()),
             ],
             arrivals_us: vec![
                 t0 + 120 * SECOND,
@@ -269,7 +263,10 @@ fn base_parity_table() -> Vec<Case> {
         Case {
             name: "a clock behind, with shadow policies in other hashes",
             reads_between: false,
-            charges: vec![Charge::one(limit(1, 60, 1)), shadow(1, limit(1, 60, 1))],
+            charges: vec![
+                Charge::one(Limit::per(1, 60, 1).unwrap()),
+                shadow(1, Limit::per(1, 60, 1).unwrap()),
+            ],
             arrivals_us: vec![
                 t0 + 100 * SECOND,
                 t0 + 40 * SECOND,
@@ -281,9 +278,9 @@ fn base_parity_table() -> Vec<Case> {
             name: "three limits in one hash, the middle one denies",
             reads_between: false,
             charges: vec![
-                Charge::one(limit(5, 1, 5)),
-                Charge::one(limit(2, 60, 2)),
-                Charge::one(limit(100, 86_400, 100)),
+                Charge::one(Limit::per(5, 1, 5).unwrap()),
+                Charge::one(Limit::per(2, 60, 2).unwrap()),
+                Charge::one(Limit::per(100, 86_400, 100).unwrap()),
             ],
             arrivals_us: (0..4)
                 .map(|i| t0 + i)
@@ -395,7 +392,7 @@ async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
     let prefix = unique_prefix("ttl");
     let store = redis_store(&redis, ConnectionMode::Multiplexed);
     let key = format!("{prefix}:{{192.0.2.1}}");
-    take_one(&store, &key, limit(10, 60, 10)).await;
+    take_one(&store, &key, Limit::per(10, 60, 10).unwrap()).await;
     let pttl: i64 = redis.command(&["PTTL", &key]);
     assert!((5_900..=6_000).contains(&pttl), "PTTL {pttl}");
     let fields: Vec<String> = redis.command(&["HKEYS", &key]);
@@ -409,7 +406,7 @@ async fn a_returning_clients_key_lives_one_refill_time_and_its_next_decisions_wr
     let prefix = unique_prefix("extend");
     let store = redis_store(&redis, ConnectionMode::Multiplexed);
     let bucket_key = format!("{prefix}:{{192.0.2.4}}");
-    let policy = limit(10, 60, 10);
+    let policy = Limit::per(10, 60, 10).unwrap();
     take_one(&store, &bucket_key, policy).await;
     take_one(&store, &bucket_key, policy).await;
     // Ten tokens take 60 s to come back: the longest this bucket can need.
@@ -434,7 +431,7 @@ async fn an_idle_key_disappears_after_its_refill_time() {
     let store = redis_store(&redis, ConnectionMode::Multiplexed);
     let bucket_key = format!("{prefix}:{{192.0.2.2}}");
     // Ten per second: one token is back 100 ms after it was taken.
-    take_one(&store, &bucket_key, limit(10, 1, 10)).await;
+    take_one(&store, &bucket_key, Limit::per(10, 1, 10).unwrap()).await;
     assert_eq!(redis.command::<i64>(&["EXISTS", &bucket_key]), 1);
     wait_until("the idle bucket to expire", Duration::from_secs(5), || {
         redis.command::<i64>(&["EXISTS", &bucket_key]) == 0
@@ -447,7 +444,7 @@ async fn a_denial_writes_nothing_to_redis() {
     let prefix = unique_prefix("deny");
     let store = redis_store(&redis, ConnectionMode::Multiplexed);
     let key = format!("{prefix}:{{192.0.2.3}}");
-    let policy = limit(1, 60, 1);
+    let policy = Limit::per(1, 60, 1).unwrap();
     assert!(take_one(&store, &key, policy).await.allowed);
     let before: Vec<String> = redis.command(&["HMGET", &key, "l:tokens", "l:ts"]);
     assert!(!take_one(&store, &key, policy).await.allowed);
@@ -535,12 +532,12 @@ async fn a_request_denied_by_its_hour_limit_leaves_its_minute_bucket_untouched_i
         KeyedCharge {
             key: policy.as_str().into(),
             field: "minute".into(),
-            charge: Charge::one(limit(10, 60, 10)),
+            charge: Charge::one(Limit::per(10, 60, 10).unwrap()),
         },
         KeyedCharge {
             key: policy.as_str().into(),
             field: "hour".into(),
-            charge: Charge::one(limit(1, 3600, 1)),
+            charge: Charge::one(Limit::per(1, 3600, 1).unwrap()),
         },
     ];
     assert!(store.take_at(&charges, None).await.unwrap().admitted);
@@ -648,7 +645,7 @@ async fn a_foreign_value_at_a_bucket_key_is_its_own_failure_never_a_full_bucket(
         let _: () = redis.command(&["HSET", &garbage_key, "l:tokens", "many", "l:ts", "1"]);
         for key in [&string_key, &garbage_key] {
             let error = store
-                .take_at(&one(key, limit(10, 60, 10)), None)
+                .take_at(&one(key, Limit::per(10, 60, 10).unwrap()), None)
                 .await
                 .expect_err("a foreign value decides nothing");
             assert_eq!(error.kind(), "wrongtype", "{mode:?} {key}: {error}");
@@ -688,7 +685,7 @@ async fn a_reset_deletes_the_hash_of_every_bucket_named_and_fails_when_redis_is_
     let prefix = unique_prefix("reset");
     let store = redis_store(&redis, ConnectionMode::Multiplexed);
     let (reset, kept) = (format!("{prefix}:{{a}}"), format!("{prefix}:{{b}}"));
-    let policy = limit(1, 60, 1);
+    let policy = Limit::per(1, 60, 1).unwrap();
     for key in [&reset, &kept] {
         assert!(take_one(&store, key, policy).await.allowed);
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimiter::bucket::{self, BucketState, Charge, Limit, LimitSpec};
+use ratelimiter::bucket::{self, BucketState, Charge, Limit};
 use ratelimiter::store::KeyedCharge;
 use ratelimiter::store::redis::script::{ScriptCall, refund_cmd};
 use ratelimiter::store::redis::{
@@ -15,15 +15,6 @@ use ratelimiter::store::redis::{
 use crate::support::{RedisProcess, unique_prefix};
 
 const SECOND: u64 = 1_000_000;
-
-fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
-    Limit::parse(LimitSpec {
-        rate,
-        window_s,
-        burst,
-    })
-    .unwrap()
-}
 
 /// A refund case: the request's buckets (one hash), how many requests pay before the one
 /// refunded (all at `t0`), when the refunded one pays, and when and with what `paid_at`
@@ -40,8 +31,8 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let t0 = 1_790_000_000 * SECOND;
-    let minute = limit(10, 60, 10);
-    let hour = limit(15, 3600, 15);
+    let minute = Limit::per(10, 60, 10).unwrap();
+    let hour = Limit::per(15, 3600, 15).unwrap();
     let case = |name, limits, paid_before, paid_at, told_paid_at, refund_at| Case {
         name,
         limits,

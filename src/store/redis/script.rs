@@ -139,16 +139,7 @@ pub(crate) fn taken_from(charges: &[KeyedCharge], answer: &[u64]) -> Result<Take
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Charge, Limit, LimitSpec};
-
-    fn limit() -> Limit {
-        Limit::parse(LimitSpec {
-            rate: 10,
-            window_s: 60,
-            burst: 20,
-        })
-        .unwrap()
-    }
+    use crate::bucket::{Charge, Limit};
 
     fn charge(key: &str, field: &str, group: Group) -> KeyedCharge {
         KeyedCharge {
@@ -156,7 +147,7 @@ mod tests {
             field: field.into(),
             charge: Charge {
                 group,
-                ..Charge::one(limit())
+                ..Charge::one(Limit::per(10, 60, 20).unwrap())
             },
         }
     }
@@ -181,7 +172,7 @@ mod tests {
 
     /// A bucket's fields and limit, as both scripts read them.
     fn bucket(field: &str) -> Vec<String> {
-        let limit = limit();
+        let limit = Limit::per(10, 60, 20).unwrap();
         vec![
             format!("{field}:tokens"),
             format!("{field}:ts"),

@@ -106,16 +106,7 @@ pub fn settle_slots(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Charge, Group, Limit, LimitSpec};
-
-    fn limit(burst: u64) -> Limit {
-        Limit::parse(LimitSpec {
-            rate: 1,
-            window_s: 3600,
-            burst,
-        })
-        .unwrap()
-    }
+    use crate::bucket::{Charge, Group, Limit};
 
     fn charge(key: &str, field: &str, burst: u64, group: Group) -> KeyedCharge {
         KeyedCharge {
@@ -123,7 +114,7 @@ mod tests {
             field: field.into(),
             charge: Charge {
                 group,
-                ..Charge::one(limit(burst))
+                ..Charge::one(Limit::per(1, 3600, burst).unwrap())
             },
         }
     }

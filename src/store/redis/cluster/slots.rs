@@ -75,16 +75,7 @@ pub fn slot_masters(slots: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Charge, Group, Limit, LimitSpec};
-
-    fn limit(burst: u64) -> Limit {
-        Limit::parse(LimitSpec {
-            rate: 1,
-            window_s: 3600,
-            burst,
-        })
-        .unwrap()
-    }
+    use crate::bucket::{Charge, Group, Limit};
 
     fn charge(key: &str, field: &str, burst: u64, group: Group) -> KeyedCharge {
         KeyedCharge {
@@ -92,7 +83,7 @@ mod tests {
             field: field.into(),
             charge: Charge {
                 group,
-                ..Charge::one(limit(burst))
+                ..Charge::one(Limit::per(1, 3600, burst).unwrap())
             },
         }
     }
