@@ -4,8 +4,9 @@
 //! From the one list in `settings!` below follow: a [`Setting`] constant per variable (the
 //! names the environment is filtered by, the logged configuration, problem messages), the
 //! [`Given`] text of each, read from the layered configuration, and [`Declared`], each
-//! setting's typed value on its own. Tests hold `config/default.toml` and the README's table
-//! ([`readme_table`]) to this list.
+//! setting's typed value on its own, read by [`Problems`], which collects what does not
+//! parse. Tests hold `config/default.toml` and the README's table ([`readme_table`]) to this
+//! list.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -17,8 +18,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use strum::VariantNames;
 
+pub use super::parse::Expect;
 use super::parse::*;
-use super::{HostPort, RedisClient};
 use crate::decision::FailMode;
 use crate::http::headers::HeaderMode;
 
@@ -40,26 +41,6 @@ pub enum Preset {
     Value(&'static str),
     /// Nothing; the service derives something, as the README describes it.
     Unset(&'static str),
-}
-
-/// What a setting accepts: what the README and a problem message say of it, and whether
-/// its value may be printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expect {
-    Whole {
-        min: u64,
-        max: u64,
-    },
-    /// One of these words, in any case.
-    Word(&'static [&'static str]),
-    /// on/off, true/false, 1/0.
-    Switch,
-    /// Text its parser checks in its own way.
-    Text,
-    /// Text that is never printed: logged as `***`.
-    Secret,
-    /// A URL whose credentials are never printed.
-    Url,
 }
 
 const MAX_COUNT: u64 = 1_000_000_000;
@@ -255,6 +236,92 @@ settings! {
     /// the `Authorization: Bearer` token `/v1/decide` and `/v1/buckets/…` require; unset: they answer local callers only (loopback peer, not forwarded for another client)
     ADMIN_TOKEN / admin_token: Option<SecretString> = Unset("unset"),
         Secret => secret;
+}
+
+/// Every problem found in one load, in the order found, so that one restart fixes them all.
+#[derive(Default)]
+pub struct Problems {
+    lines: Vec<String>,
+    /// Settings whose own value was refused; they hold their preset from then on.
+    refused: Vec<&'static str>,
+}
+
+impl Problems {
+    /// The value of a setting with a preset: its text if given, else the preset. A value that
+    /// does not parse is reported and replaced by the preset, so that the rules between
+    /// settings still run (see [`Problems::add_unless_refused`]).
+    pub fn parse_or_preset<T>(
+        &mut self,
+        setting: &'static Setting,
+        given: Option<&str>,
+        parse: Parse<T>,
+    ) -> T {
+        let Preset::Value(preset) = setting.preset else {
+            unreachable!("{} is declared without a preset value", setting.name)
+        };
+        let text = given.unwrap_or(preset);
+        parse(&setting.expects, text).unwrap_or_else(|refused| {
+            self.refuse(setting, refused, text);
+            // `config/default.toml` holds every preset and is parsed on every load, so a
+            // preset that did not parse would fail every test.
+            parse(&setting.expects, preset)
+                .unwrap_or_else(|_| panic!("{}'s preset {preset:?} parses", setting.name))
+        })
+    }
+
+    /// The value of a setting without a preset: `None` when not given, or when its text was
+    /// refused (and reported).
+    pub fn parse_if_given<T>(
+        &mut self,
+        setting: &'static Setting,
+        given: Option<&str>,
+        parse: Parse<T>,
+    ) -> Option<T> {
+        let text = given?;
+        parse(&setting.expects, text)
+            .map_err(|refused| self.refuse(setting, refused, text))
+            .ok()
+    }
+
+    fn refuse(&mut self, setting: &'static Setting, refused: Refused, text: &str) {
+        let got = refused.part.as_deref().unwrap_or(text);
+        let shown = match setting.expects {
+            Expect::Secret => "***".to_string(),
+            Expect::Url => mask_url(got),
+            _ => got.to_string(),
+        };
+        self.lines.push(format!(
+            "{}: expected {}, got {shown:?}",
+            setting.name, refused.expected
+        ));
+        self.refused.push(setting.name);
+    }
+
+    /// A problem about which settings are given together; it holds whatever their values.
+    pub fn add(&mut self, line: String) {
+        self.lines.push(line);
+    }
+
+    /// A problem a rule found in the values of `settings`. Left out when one of them was
+    /// refused on its own: the rule then judged its preset, not what was given.
+    pub fn add_unless_refused(&mut self, settings: &[&Setting], line: String) {
+        if !settings.iter().any(|s| self.refused.contains(&s.name)) {
+            self.lines.push(line);
+        }
+    }
+
+    pub fn extend(&mut self, lines: impl IntoIterator<Item = String>) {
+        self.lines.extend(lines);
+    }
+
+    /// `value` when nothing was reported, else every problem; every rule that gives `None`
+    /// reports why.
+    pub fn finish<T>(self, value: Option<T>) -> Result<T, Vec<String>> {
+        match value {
+            Some(value) if self.lines.is_empty() => Ok(value),
+            _ => Err(self.lines),
+        }
+    }
 }
 
 /// Read from the environment only, before any layering.

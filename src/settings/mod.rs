@@ -28,11 +28,11 @@ use crate::http::headers::HeaderMode;
 use crate::identity::IdentityRules;
 use crate::policy::{HashKey, PolicySet};
 use declared::{
-    BURST, Declared, Given, INSTANCE_NAME, Preset, RATE_LIMIT, TIME_WINDOW, TRUSTED_PROXIES,
-    TRUSTED_PROXIES_ALLOW_ALL,
+    BURST, Declared, Expect, Given, INSTANCE_NAME, Preset, Problems, RATE_LIMIT, TIME_WINDOW,
+    TRUSTED_PROXIES, TRUSTED_PROXIES_ALLOW_ALL,
 };
-use parse::Problems;
-pub use store::{HostPort, MasterSettings, NodeAccess, RedisClient, StoreSettings};
+pub use parse::{HostPort, RedisClient, mask_url};
+pub use store::{MasterSettings, NodeAccess, StoreSettings};
 
 /// `config/default.toml`, the base layer.
 pub const DEFAULTS: &str = include_str!("../../config/default.toml");
@@ -142,7 +142,7 @@ impl Settings {
         let mut problems = Problems::default();
         let declared = given.read(&mut problems);
         let settings = Self::assemble(declared, &given, &mut problems);
-        problems.finish(settings)
+        problems.finish(settings).map_err(SettingsError::Invalid)
     }
 
     /// Applies the rules between settings. Every rule runs whatever the others found, so
@@ -277,52 +277,14 @@ fn effective(given: &Given) -> String {
             });
             let shown = match (text, setting.expects) {
                 (None, _) => "(unset)".to_string(),
-                (Some(_), declared::Expect::Secret) => "***".to_string(),
-                (Some(url), declared::Expect::Url) => mask_url(url),
+                (Some(_), Expect::Secret) => "***".to_string(),
+                (Some(url), Expect::Url) => mask_url(url),
                 (Some(text), _) => text.to_string(),
             };
             format!("{}={shown}", setting.name)
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// `url` with its credentials masked, fit for logs and error messages: a password
-/// (`user:secret@`), a lone user part (`secret@`, which Redis takes as a password when it
-/// has no ACL users) and `password=`/`pass=` query parameters all become `***`.
-pub fn mask_url(url: &str) -> String {
-    let (rest, query) = match url.split_once('?') {
-        Some((rest, query)) => (rest, Some(query)),
-        None => (url, None),
-    };
-    let mut masked = match (rest.find("://"), rest.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &rest[scheme_end + 3..at];
-            let shown = match credentials.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => "***".to_string(),
-            };
-            format!("{}{shown}{}", &rest[..scheme_end + 3], &rest[at..])
-        }
-        _ => rest.to_string(),
-    };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|param| match param.split_once('=') {
-                Some((name, _))
-                    if name.eq_ignore_ascii_case("password")
-                        || name.eq_ignore_ascii_case("pass") =>
-                {
-                    format!("{name}=***")
-                }
-                _ => param.to_string(),
-            })
-            .collect();
-        masked.push('?');
-        masked.push_str(&params.join("&"));
-    }
-    masked
 }
 
 #[cfg(test)]

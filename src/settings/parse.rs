@@ -1,7 +1,7 @@
-//! How one setting's text becomes its typed value, and how a value that does not fit is
-//! reported: one line naming the variable, what it expects and what it got (credentials
-//! masked). The parsers know nothing of other settings; the rules between settings live
-//! beside the types they build.
+//! How one setting's text becomes its typed value, and what a refusal says: what the
+//! setting expects, and the part of the value at fault. The parsers know nothing of other
+//! settings; the rules between settings live beside the types they build. This module
+//! imports nothing else of `settings`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -12,19 +12,49 @@ use ipnet::IpNet;
 use redis::{ConnectionInfo, IntoConnectionInfo};
 use secrecy::SecretString;
 
-use super::declared::{Expect, Preset, Setting};
-use super::{HostPort, SettingsError, mask_url};
+/// What a setting accepts: what the README and a problem message say of it, and whether
+/// its value may be printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Whole {
+        min: u64,
+        max: u64,
+    },
+    /// One of these words, in any case.
+    Word(&'static [&'static str]),
+    /// on/off, true/false, 1/0.
+    Switch,
+    /// Text its parser checks in its own way.
+    Text,
+    /// Text that is never printed: logged as `***`.
+    Secret,
+    /// A URL whose credentials are never printed.
+    Url,
+}
 
-/// How a setting's text becomes its value; `Err` says what it expects.
-pub type Parse<T> = fn(&Setting, &str) -> Result<T, Refused>;
+/// How a setting's text becomes its value, given what the setting accepts; `Err` says why
+/// not.
+pub type Parse<T> = fn(&Expect, &str) -> Result<T, Refused>;
+
+/// A node's address as written: a host name or IP, and a port.
+pub type HostPort = (String, u16);
+
+/// `REDIS_CLIENT`, as written; with `REDIS_POOL_SIZE` it makes a
+/// [`crate::store::redis::ConnectionMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
+pub enum RedisClient {
+    Multiplexed,
+    Pool,
+}
 
 /// Why a value does not fit its setting.
 #[derive(Debug)]
 pub struct Refused {
     /// Completes "expected …".
-    expected: String,
+    pub expected: String,
     /// The part of the value at fault, when it is not the whole value (one entry of a list).
-    part: Option<String>,
+    pub part: Option<String>,
 }
 
 impl Refused {
@@ -41,95 +71,10 @@ impl Refused {
     }
 }
 
-/// Every problem found in one load, in the order found, so that one restart fixes them all.
-#[derive(Default)]
-pub struct Problems {
-    lines: Vec<String>,
-    /// Settings whose own value was refused; they hold their preset from then on.
-    refused: Vec<&'static str>,
-}
-
-impl Problems {
-    /// The value of a setting with a preset: its text if given, else the preset. A value that
-    /// does not parse is reported and replaced by the preset, so that the rules between
-    /// settings still run (see [`Problems::add_unless_refused`]).
-    pub fn parse_or_preset<T>(
-        &mut self,
-        setting: &'static Setting,
-        given: Option<&str>,
-        parse: Parse<T>,
-    ) -> T {
-        let Preset::Value(preset) = setting.preset else {
-            unreachable!("{} is declared without a preset value", setting.name)
-        };
-        let text = given.unwrap_or(preset);
-        parse(setting, text).unwrap_or_else(|refused| {
-            self.refuse(setting, refused, text);
-            // `config/default.toml` holds every preset and is parsed on every load, so a
-            // preset that did not parse would fail every test.
-            parse(setting, preset)
-                .unwrap_or_else(|_| panic!("{}'s preset {preset:?} parses", setting.name))
-        })
-    }
-
-    /// The value of a setting without a preset: `None` when not given, or when its text was
-    /// refused (and reported).
-    pub fn parse_if_given<T>(
-        &mut self,
-        setting: &'static Setting,
-        given: Option<&str>,
-        parse: Parse<T>,
-    ) -> Option<T> {
-        let text = given?;
-        parse(setting, text)
-            .map_err(|refused| self.refuse(setting, refused, text))
-            .ok()
-    }
-
-    fn refuse(&mut self, setting: &'static Setting, refused: Refused, text: &str) {
-        let got = refused.part.as_deref().unwrap_or(text);
-        let shown = match setting.expects {
-            Expect::Secret => "***".to_string(),
-            Expect::Url => mask_url(got),
-            _ => got.to_string(),
-        };
-        self.lines.push(format!(
-            "{}: expected {}, got {shown:?}",
-            setting.name, refused.expected
-        ));
-        self.refused.push(setting.name);
-    }
-
-    /// A problem about which settings are given together; it holds whatever their values.
-    pub fn add(&mut self, line: String) {
-        self.lines.push(line);
-    }
-
-    /// A problem a rule found in the values of `settings`. Left out when one of them was
-    /// refused on its own: the rule then judged its preset, not what was given.
-    pub fn add_unless_refused(&mut self, settings: &[&Setting], line: String) {
-        if !settings.iter().any(|s| self.refused.contains(&s.name)) {
-            self.lines.push(line);
-        }
-    }
-
-    pub fn extend(&mut self, lines: impl IntoIterator<Item = String>) {
-        self.lines.extend(lines);
-    }
-
-    /// `value` when nothing was reported; every rule that gives `None` reports why.
-    pub fn finish<T>(self, value: Option<T>) -> Result<T, SettingsError> {
-        match value {
-            Some(value) if self.lines.is_empty() => Ok(value),
-            _ => Err(SettingsError::Invalid(self.lines)),
-        }
-    }
-}
-
-/// A whole number within the setting's [`Expect::Whole`] bounds.
-pub fn whole<T: TryFrom<u64>>(setting: &Setting, text: &str) -> Result<T, Refused> {
-    let Expect::Whole { min, max } = setting.expects else {
-        unreachable!("{} is not declared as a whole number", setting.name)
+/// A whole number within the [`Expect::Whole`] bounds.
+pub fn whole<T: TryFrom<u64>>(expects: &Expect, text: &str) -> Result<T, Refused> {
+    let &Expect::Whole { min, max } = expects else {
+        unreachable!("{expects:?} is not a whole number")
     };
     text.parse::<u64>()
         .ok()
@@ -139,25 +84,25 @@ pub fn whole<T: TryFrom<u64>>(setting: &Setting, text: &str) -> Result<T, Refuse
 }
 
 /// [`whole`] milliseconds.
-pub fn millis(setting: &Setting, text: &str) -> Result<Duration, Refused> {
-    whole(setting, text).map(Duration::from_millis)
+pub fn millis(expects: &Expect, text: &str) -> Result<Duration, Refused> {
+    whole(expects, text).map(Duration::from_millis)
 }
 
 /// [`whole`] seconds.
-pub fn seconds(setting: &Setting, text: &str) -> Result<Duration, Refused> {
-    whole(setting, text).map(Duration::from_secs)
+pub fn seconds(expects: &Expect, text: &str) -> Result<Duration, Refused> {
+    whole(expects, text).map(Duration::from_secs)
 }
 
-/// One of the setting's [`Expect::Word`]s, in any case.
-pub fn word<T: FromStr>(setting: &Setting, text: &str) -> Result<T, Refused> {
-    let Expect::Word(words) = setting.expects else {
-        unreachable!("{} is not declared as a word", setting.name)
+/// One of the [`Expect::Word`]s, in any case.
+pub fn word<T: FromStr>(expects: &Expect, text: &str) -> Result<T, Refused> {
+    let Expect::Word(words) = expects else {
+        unreachable!("{expects:?} is not a word")
     };
     text.parse::<T>()
         .map_err(|_| Refused::expected(format!("one of {}", words.join(", "))))
 }
 
-pub fn switch(_: &Setting, text: &str) -> Result<bool, Refused> {
+pub fn switch(_: &Expect, text: &str) -> Result<bool, Refused> {
     match text.to_ascii_lowercase().as_str() {
         "on" | "true" | "1" => Ok(true),
         "off" | "false" | "0" => Ok(false),
@@ -166,21 +111,21 @@ pub fn switch(_: &Setting, text: &str) -> Result<bool, Refused> {
 }
 
 /// Any text.
-pub fn text(_: &Setting, text: &str) -> Result<String, Refused> {
+pub fn text(_: &Expect, text: &str) -> Result<String, Refused> {
     Ok(text.to_string())
 }
 
-pub fn secret(_: &Setting, text: &str) -> Result<SecretString, Refused> {
+pub fn secret(_: &Expect, text: &str) -> Result<SecretString, Refused> {
     Ok(SecretString::from(text))
 }
 
-pub fn path(_: &Setting, text: &str) -> Result<PathBuf, Refused> {
+pub fn path(_: &Expect, text: &str) -> Result<PathBuf, Refused> {
     Ok(PathBuf::from(text))
 }
 
 /// A `redis://` URL, as the client will use it; `rediss://` and Unix sockets are not
 /// supported.
-pub fn redis_url(_: &Setting, text: &str) -> Result<ConnectionInfo, Refused> {
+pub fn redis_url(_: &Expect, text: &str) -> Result<ConnectionInfo, Refused> {
     text.starts_with("redis://")
         .then(|| text.into_connection_info().ok())
         .flatten()
@@ -188,7 +133,7 @@ pub fn redis_url(_: &Setting, text: &str) -> Result<ConnectionInfo, Refused> {
 }
 
 /// `host:port,host:port,…`; an IPv6 host may be bracketed (`[::1]:7000`).
-pub fn host_ports(_: &Setting, text: &str) -> Result<Vec<HostPort>, Refused> {
+pub fn host_ports(_: &Expect, text: &str) -> Result<Vec<HostPort>, Refused> {
     text.split(',')
         .map(|entry| host_port(entry.trim()))
         .collect::<Option<Vec<_>>>()
@@ -206,7 +151,7 @@ fn host_port(entry: &str) -> Option<HostPort> {
 
 /// Comma-separated addresses or networks; an address is a network of one. Empty entries
 /// are skipped.
-pub fn ip_nets(_: &Setting, text: &str) -> Result<Vec<IpNet>, Refused> {
+pub fn ip_nets(_: &Expect, text: &str) -> Result<Vec<IpNet>, Refused> {
     text.split(',')
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
@@ -221,13 +166,13 @@ pub fn ip_nets(_: &Setting, text: &str) -> Result<Vec<IpNet>, Refused> {
         .collect()
 }
 
-pub fn listen_addr(_: &Setting, text: &str) -> Result<IpAddr, Refused> {
+pub fn listen_addr(_: &Expect, text: &str) -> Result<IpAddr, Refused> {
     text.parse()
         .map_err(|_| Refused::expected("an IP address to listen on, such as 0.0.0.0 or ::"))
 }
 
 /// Printable ASCII without spaces: fit for a header value and a log field.
-pub fn printable(_: &Setting, text: &str) -> Result<String, Refused> {
+pub fn printable(_: &Expect, text: &str) -> Result<String, Refused> {
     if text.is_empty() || !is_printable(text) {
         return Err(Refused::expected("printable ASCII without spaces"));
     }
@@ -235,7 +180,7 @@ pub fn printable(_: &Setting, text: &str) -> Result<String, Refused> {
 }
 
 /// A name Redis accepts in an ACL rule; saying so here beats a WRONGPASS at the first call.
-pub fn redis_user(_: &Setting, text: &str) -> Result<String, Refused> {
+pub fn redis_user(_: &Expect, text: &str) -> Result<String, Refused> {
     if !is_printable(text) {
         return Err(Refused::expected(
             "a Redis user name: printable ASCII without spaces",
@@ -250,9 +195,47 @@ fn is_printable(text: &str) -> bool {
 
 /// A bucket key prefix: no spaces or control characters, which would split or garble a key
 /// in `redis-cli` and the logs.
-pub fn key_prefix(_: &Setting, text: &str) -> Result<String, Refused> {
+pub fn key_prefix(_: &Expect, text: &str) -> Result<String, Refused> {
     if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(Refused::expected("no spaces or control characters"));
     }
     Ok(text.to_string())
+}
+
+/// `url` with its credentials masked, fit for logs and error messages: a password
+/// (`user:secret@`), a lone user part (`secret@`, which Redis takes as a password when it
+/// has no ACL users) and `password=`/`pass=` query parameters all become `***`.
+pub fn mask_url(url: &str) -> String {
+    let (rest, query) = match url.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (url, None),
+    };
+    let mut masked = match (rest.find("://"), rest.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &rest[scheme_end + 3..at];
+            let shown = match credentials.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_string(),
+            };
+            format!("{}{shown}{}", &rest[..scheme_end + 3], &rest[at..])
+        }
+        _ => rest.to_string(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _))
+                    if name.eq_ignore_ascii_case("password")
+                        || name.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{name}=***")
+                }
+                _ => param.to_string(),
+            })
+            .collect();
+        masked.push('?');
+        masked.push_str(&params.join("&"));
+    }
+    masked
 }

@@ -8,22 +8,11 @@ use redis::ConnectionInfo;
 use secrecy::SecretString;
 
 use super::declared::{
-    Declared, Given, KEY_PREFIX, REDIS_CLIENT, REDIS_CLUSTER_NODES, REDIS_DATA_NODES, REDIS_URL,
-    SENTINEL_HOSTS, Setting,
+    Declared, Given, KEY_PREFIX, Problems, REDIS_CLIENT, REDIS_CLUSTER_NODES, REDIS_DATA_NODES,
+    REDIS_URL, SENTINEL_HOSTS, Setting,
 };
-use super::parse::Problems;
+use super::parse::{HostPort, RedisClient};
 use crate::store::redis::ConnectionMode;
-
-/// A node's address as written: a host name or IP, and a port.
-pub type HostPort = (String, u16);
-
-/// `REDIS_CLIENT`, as written; with `REDIS_POOL_SIZE` it makes a [`ConnectionMode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames)]
-#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
-pub enum RedisClient {
-    Multiplexed,
-    Pool,
-}
 
 /// Where buckets live.
 #[derive(Clone, Debug)]

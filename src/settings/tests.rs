@@ -1,7 +1,6 @@
 use super::*;
 use crate::bucket::Limit;
 use crate::store::redis::ConnectionMode;
-use declared::Expect;
 use secrecy::ExposeSecret;
 
 fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
