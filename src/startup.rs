@@ -46,9 +46,7 @@ pub enum StartupError {
 pub struct Application {
     port: u16,
     server: Server,
-    resolver: Option<Resolver>,
-    /// In Cluster mode: announces this instance and follows the masters.
-    cluster_watch: Option<ClusterWatch>,
+    follower: StoreFollower,
     /// Keeps the policies current while the service runs; `None` without a policy file.
     watcher: Option<Watcher>,
 }
@@ -66,8 +64,11 @@ impl Application {
 
         let metrics = Metrics::new(settings.metrics);
         metrics.read_log_lines_dropped(crate::telemetry::dropped_lines);
-        let (buckets, instances, resolver, cluster_watch) =
-            build_buckets(&settings, &metrics).await?;
+        let BuiltStore {
+            buckets,
+            instances,
+            follower,
+        } = build_buckets(&settings, &metrics).await?;
         let decider = Decider::new(DeciderSettings {
             buckets,
             fail_mode: settings.fail_mode,
@@ -120,8 +121,7 @@ impl Application {
         Ok(Self {
             port,
             server,
-            resolver,
-            cluster_watch,
+            follower,
             watcher,
         })
     }
@@ -141,13 +141,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
         drop(self.watcher);
-        if let Some(watch) = self.cluster_watch {
-            watch.stop();
-        }
-        if let Some(resolver) = self.resolver {
-            // Joining may wait out one Redis timeout; keep it off the event loop.
-            let _ = tokio::task::spawn_blocking(move || resolver.stop()).await;
-        }
+        self.follower.stop().await;
         result
     }
 }
@@ -185,14 +179,38 @@ fn watch_policies(
     Ok(Some(watcher))
 }
 
-type Built = (
-    Buckets,
-    InstanceCount,
-    Option<Resolver>,
-    Option<ClusterWatch>,
-);
+/// What keeps the store current while the service runs.
+enum StoreFollower {
+    /// Buckets in this process.
+    Nothing,
+    /// `REDIS_URL` or `SENTINEL_HOSTS`: finds, confirms and installs the master.
+    Resolver(Resolver),
+    /// Cluster mode: announces this instance and follows the masters.
+    ClusterWatch(ClusterWatch),
+}
 
-async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, StartupError> {
+impl StoreFollower {
+    async fn stop(self) {
+        match self {
+            StoreFollower::Nothing => {}
+            StoreFollower::ClusterWatch(watch) => watch.stop(),
+            StoreFollower::Resolver(resolver) => {
+                // Joining may wait out one Redis timeout; keep it off the event loop.
+                let _ = tokio::task::spawn_blocking(move || resolver.stop()).await;
+            }
+        }
+    }
+}
+
+/// The store the decider uses, how many instances share the limits, and what follows the
+/// store.
+struct BuiltStore {
+    buckets: Buckets,
+    instances: InstanceCount,
+    follower: StoreFollower,
+}
+
+async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<BuiltStore, StartupError> {
     let fixed_instances = settings.fallback_instances;
     let registry = |every| {
         Arc::new(InstanceRegistry::new(
@@ -207,8 +225,11 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
                 "no REDIS_URL or SENTINEL_HOSTS: buckets are kept in this process, so limits are per instance, not distributed"
             );
             let store = MemoryStore::new(settings.memory_store_max_buckets);
-            let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or(1));
-            return Ok((Buckets::Local(Arc::new(store)), count, None, None));
+            return Ok(BuiltStore {
+                buckets: Buckets::Local(Arc::new(store)),
+                instances: Arc::new(move || fixed_instances.unwrap_or(1)),
+                follower: StoreFollower::Nothing,
+            });
         }
         StoreSettings::Cluster { nodes, access } => {
             let login = login(access);
@@ -272,13 +293,11 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
     // starting unready, which discovery's next round mends.
     let _ = first_round.await;
     let store = RedisStore::new(slot, access.timeout);
-    let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
-    Ok((
-        Buckets::Shared(Arc::new(store)),
-        count,
-        Some(resolver),
-        None,
-    ))
+    Ok(BuiltStore {
+        buckets: Buckets::Shared(Arc::new(store)),
+        instances: Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live())),
+        follower: StoreFollower::Resolver(resolver),
+    })
 }
 
 /// How the store logs in to a data node.
@@ -299,11 +318,14 @@ async fn build_cluster(
     registry: Arc<InstanceRegistry>,
     metrics: &Metrics,
     fixed_instances: Option<u64>,
-) -> Result<Built, StartupError> {
+) -> Result<BuiltStore, StartupError> {
     let store = ClusterStore::new(settings, metrics.clone())
         .map_err(|err| StartupError::ClusterNodes(err.to_string()))?;
     let (watch, first_round) = store.watch(registry.clone());
     let _ = first_round.await;
-    let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
-    Ok((Buckets::Shared(Arc::new(store)), count, None, Some(watch)))
+    Ok(BuiltStore {
+        buckets: Buckets::Shared(Arc::new(store)),
+        instances: Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live())),
+        follower: StoreFollower::ClusterWatch(watch),
+    })
 }
