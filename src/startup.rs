@@ -17,8 +17,7 @@ use crate::limiter::{
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::reload::{WatchSettings, Watcher};
-use crate::settings::PolicySource;
-use crate::settings::{Settings, StoreSettings};
+use crate::settings::{MasterSettings, NodeAccess, PolicySource, Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::cluster::{ClusterSettings, ClusterStore, ClusterWatch};
 use crate::store::redis::discovery::{DataNodes, Discovery, Resolver, ResolverSettings};
@@ -34,8 +33,6 @@ pub enum StartupError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("REDIS_URL is not usable: {0}")]
-    RedisUrl(String),
     #[error("REDIS_CLUSTER_NODES is not usable: {0}")]
     ClusterNodes(String),
     #[error("cannot start the {0} thread: {1}")]
@@ -48,9 +45,7 @@ pub enum StartupError {
 pub struct Application {
     port: u16,
     server: Server,
-    resolver: Option<Resolver>,
-    /// In Cluster mode: announces this instance and follows the masters.
-    cluster_watch: Option<ClusterWatch>,
+    follower: StoreFollower,
     /// Keeps the policies current while the service runs; `None` without a policy file.
     watcher: Option<Watcher>,
 }
@@ -69,8 +64,11 @@ impl Application {
         let metrics = Metrics::new(settings.metrics);
         metrics.read_log_lines_dropped(crate::telemetry::dropped_lines);
         metrics.declare(StoreError::KINDS, &Source::ALL.map(Source::as_str));
-        let (buckets, instances, resolver, cluster_watch) =
-            build_buckets(&settings, &metrics).await?;
+        let BuiltStore {
+            buckets,
+            instances,
+            follower,
+        } = build_buckets(&settings, &metrics).await?;
         let decider = Decider::new(DeciderSettings {
             buckets,
             fail_mode: settings.fail_mode,
@@ -84,7 +82,7 @@ impl Application {
         let watcher = watch_policies(&settings, &policies, &metrics)?;
         let state = AppState::new(
             settings.instance_name.clone(),
-            Limiter::new(policies, settings.redis.key_prefix.clone(), decider),
+            Limiter::new(policies, settings.key_prefix.clone(), decider),
             settings.identity.clone(),
             settings.headers,
             metrics.clone(),
@@ -104,8 +102,7 @@ impl Application {
         Ok(Self {
             port,
             server,
-            resolver,
-            cluster_watch,
+            follower,
             watcher,
         })
     }
@@ -125,36 +122,29 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
         drop(self.watcher);
-        if let Some(watch) = self.cluster_watch {
-            watch.stop();
-        }
-        if let Some(resolver) = self.resolver {
-            // Joining may wait out one Redis timeout; keep it off the event loop.
-            let _ = tokio::task::spawn_blocking(move || resolver.stop()).await;
-        }
+        self.follower.stop().await;
         result
     }
 }
 
-/// Starts watching `POLICY_FILE`, when there is one: a valid change replaces `active`.
+/// Starts watching `POLICY_FILE`, when there is one: a valid change replaces `active`. The
+/// text parsed at start is the watcher's baseline, so the file is not parsed again until
+/// it changes.
 fn watch_policies(
     settings: &Settings,
     active: &Arc<ArcSwap<PolicySet>>,
     metrics: &Metrics,
 ) -> Result<Option<Watcher>, StartupError> {
-    let PolicySource::File { path, text, poll } = &settings.policy_source else {
+    let PolicySource::File { file, text } = &settings.policy_source else {
         return Ok(None);
     };
-    let (file_name, hash_key) = (path.display().to_string(), settings.policy_hash_key.clone());
+    let parser = file.clone();
     let observed = metrics.clone();
     let watcher = Watcher::start(
         WatchSettings {
-            path: path.clone(),
-            poll: *poll,
-            parse: Box::new(move |text| {
-                PolicySet::parse_with_hash_key(text, &file_name, hash_key.clone())
-                    .map_err(|err| err.problems)
-            }),
+            path: file.path.clone(),
+            poll: file.poll,
+            parse: Box::new(move |text| parser.parse(text)),
             observe: Box::new(move |result, set: Option<&PolicySet>| {
                 observed.policy_reload(result.as_str());
                 if let Some(set) = set {
@@ -170,87 +160,110 @@ fn watch_policies(
     Ok(Some(watcher))
 }
 
-type Built = (
-    Buckets,
-    InstanceCount,
-    Option<Resolver>,
-    Option<ClusterWatch>,
-);
+/// What keeps the store current while the service runs.
+enum StoreFollower {
+    /// Buckets in this process.
+    Nothing,
+    /// `REDIS_URL` or `SENTINEL_HOSTS`: finds, confirms and installs the master.
+    Resolver(Resolver),
+    /// Cluster mode: announces this instance and follows the masters.
+    ClusterWatch(ClusterWatch),
+}
 
-async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, StartupError> {
+impl StoreFollower {
+    async fn stop(self) {
+        match self {
+            StoreFollower::Nothing => {}
+            StoreFollower::ClusterWatch(watch) => watch.stop(),
+            StoreFollower::Resolver(resolver) => {
+                // Joining may wait out one Redis timeout; keep it off the event loop.
+                let _ = tokio::task::spawn_blocking(move || resolver.stop()).await;
+            }
+        }
+    }
+}
+
+/// The store the decider uses, how many instances share the limits, and what follows the
+/// store.
+struct BuiltStore {
+    buckets: Buckets,
+    instances: InstanceCount,
+    follower: StoreFollower,
+}
+
+async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<BuiltStore, StartupError> {
     let fixed_instances = settings.fallback_instances;
-    let login = Login {
-        username: settings.redis.username.clone(),
-        password: settings
-            .redis
-            .password
-            .as_ref()
-            .map(|p| p.expose_secret().to_string()),
-    };
-    let registry = || {
+    let registry = |every| {
         Arc::new(InstanceRegistry::new(
-            &settings.redis.key_prefix,
+            &settings.key_prefix,
             &settings.instance_name,
-            match settings.store {
-                StoreSettings::Cluster { .. } => crate::store::redis::cluster::WATCH_EVERY,
-                _ => settings.redis.poll,
-            },
+            every,
         ))
     };
-    let discovery = match &settings.store {
+    let (discovery, master) = match &settings.store {
         StoreSettings::Memory => {
             log::warn!(
                 "no REDIS_URL or SENTINEL_HOSTS: buckets are kept in this process, so limits are per instance, not distributed"
             );
-            let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or(1));
             let store = MemoryStore::new(settings.memory_store_max_buckets);
-            return Ok((Buckets::Local(Arc::new(store)), count, None, None));
+            return Ok(BuiltStore {
+                buckets: Buckets::Local(Arc::new(store)),
+                instances: Arc::new(move || fixed_instances.unwrap_or(1)),
+                follower: StoreFollower::Nothing,
+            });
         }
-        StoreSettings::Cluster { nodes } => {
-            let settings = ClusterSettings {
+        StoreSettings::Cluster { nodes, access } => {
+            let login = login(access);
+            let cluster = ClusterSettings {
                 nodes: nodes
                     .iter()
                     .map(|(host, port)| node_info(host, *port, &login))
                     .collect(),
-                timeout: settings.redis.timeout,
+                timeout: access.timeout,
             };
-            return build_cluster(&settings, registry(), metrics, fixed_instances).await;
+            let registry = registry(crate::store::redis::cluster::WATCH_EVERY);
+            return build_cluster(&cluster, registry, metrics, fixed_instances).await;
         }
-        StoreSettings::Redis { url } => {
-            let info = redis::IntoConnectionInfo::into_connection_info(url.expose_secret())
-                .map_err(|err| StartupError::RedisUrl(err.to_string()))?;
-            Discovery::Fixed(with_login(info, &login))
-        }
+        StoreSettings::Redis { url, master } => (
+            Discovery::Fixed(with_login(url.clone(), &login(&master.access))),
+            master,
+        ),
         StoreSettings::Sentinel {
             hosts,
             master_name,
             sentinel_password,
             data_nodes,
+            master,
         } => {
             let sentinel_login =
                 Login::password(sentinel_password.as_ref().map(|p| p.expose_secret()));
-            Discovery::Sentinels {
+            let discovery = Discovery::Sentinels {
                 sentinels: hosts
                     .iter()
                     .map(|(host, port)| node_info(host, *port, &sentinel_login))
                     .collect(),
                 master_name: master_name.clone(),
-                node_login: login,
+                node_login: login(&master.access),
                 data_nodes: data_nodes.clone().map(DataNodes::new),
-            }
+            };
+            (discovery, master)
         }
     };
+    let MasterSettings {
+        access,
+        connections,
+        poll,
+    } = master;
     let slot = Arc::new(MasterSlot::default());
-    let registry = registry();
+    let registry = registry(*poll);
     let (resolver, first_round) = Resolver::start(
         ResolverSettings {
             discovery,
             connections: ConnectionSettings {
-                mode: settings.redis.mode,
-                pool_size: settings.redis.pool_size,
-                timeout: settings.redis.timeout,
+                mode: *connections,
+                timeout: access.timeout,
             },
-            poll: settings.redis.poll,
+            poll: *poll,
             registry: registry.clone(),
             metrics: metrics.clone(),
         },
@@ -260,14 +273,23 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<Built, 
     // The round is bounded by the Redis timeouts; a resolver that died early only means
     // starting unready, which discovery's next round mends.
     let _ = first_round.await;
-    let store = RedisStore::new(slot, settings.redis.timeout);
-    let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
-    Ok((
-        Buckets::Shared(Arc::new(store)),
-        count,
-        Some(resolver),
-        None,
-    ))
+    let store = RedisStore::new(slot, access.timeout);
+    Ok(BuiltStore {
+        buckets: Buckets::Shared(Arc::new(store)),
+        instances: Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live())),
+        follower: StoreFollower::Resolver(resolver),
+    })
+}
+
+/// How the store logs in to a data node.
+fn login(access: &NodeAccess) -> Login {
+    Login {
+        username: access.username.clone(),
+        password: access
+            .password
+            .as_ref()
+            .map(|p| p.expose_secret().to_string()),
+    }
 }
 
 /// The Cluster store, and its watch announcing this instance in `registry`. Waits for the
@@ -277,11 +299,14 @@ async fn build_cluster(
     registry: Arc<InstanceRegistry>,
     metrics: &Metrics,
     fixed_instances: Option<u64>,
-) -> Result<Built, StartupError> {
+) -> Result<BuiltStore, StartupError> {
     let store = ClusterStore::new(settings, metrics.clone())
         .map_err(|err| StartupError::ClusterNodes(err.to_string()))?;
     let (watch, first_round) = store.watch(registry.clone());
     let _ = first_round.await;
-    let count: InstanceCount = Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live()));
-    Ok((Buckets::Shared(Arc::new(store)), count, None, Some(watch)))
+    Ok(BuiltStore {
+        buckets: Buckets::Shared(Arc::new(store)),
+        instances: Arc::new(move || fixed_instances.unwrap_or_else(|| registry.live())),
+        follower: StoreFollower::ClusterWatch(watch),
+    })
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::bucket::Limit;
+use crate::store::redis::ConnectionMode;
 use secrecy::ExposeSecret;
 
 fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
@@ -17,24 +18,26 @@ fn problems(vars: &[(&str, &str)]) -> String {
     }
 }
 
+/// How the settings reach every data node, in a mode with Redis.
+fn access(settings: &Settings) -> &NodeAccess {
+    match &settings.store {
+        StoreSettings::Redis { master, .. } | StoreSettings::Sentinel { master, .. } => {
+            &master.access
+        }
+        StoreSettings::Cluster { access, .. } => access,
+        StoreSettings::Memory => panic!("no Redis in memory mode"),
+    }
+}
+
 /// The one limit of the default policy the settings built.
 fn default_limit(settings: &Settings) -> Limit {
     settings.policies.policies()[0].limits()[0].limit
 }
 
-fn limit(rate: u64, window_s: u64, burst: u64) -> Limit {
-    Limit::parse(LimitSpec {
-        rate,
-        window_s,
-        burst,
-    })
-    .unwrap()
-}
-
 #[test]
 fn the_defaults_are_ten_per_minute_in_memory() {
     let settings = load(&[]).unwrap();
-    assert_eq!(default_limit(&settings), limit(10, 60, 10));
+    assert_eq!(default_limit(&settings), Limit::per(10, 60, 10).unwrap());
     assert!(matches!(settings.store, StoreSettings::Memory));
     assert_eq!(settings.port, 8000);
     assert_eq!(settings.fail_mode, FailMode::Local);
@@ -44,7 +47,7 @@ fn the_defaults_are_ten_per_minute_in_memory() {
 #[test]
 fn environment_variables_override_the_defaults() {
     let settings = load(&[("RATE_LIMIT", "20"), ("TIME_WINDOW", "30"), ("BURST", "40")]).unwrap();
-    assert_eq!(default_limit(&settings), limit(20, 30, 40));
+    assert_eq!(default_limit(&settings), Limit::per(20, 30, 40).unwrap());
 }
 
 #[test]
@@ -213,9 +216,18 @@ fn an_empty_admin_token_is_no_token() {
 
 #[test]
 fn a_secret_cannot_be_printed_by_accident() {
-    let settings = load(&[("REDIS_PASSWORD", "hunter2")]).unwrap();
-    let debugged = format!("{:?}", settings.redis.password);
+    let settings = load(&[
+        ("REDIS_URL", "redis://:s3cret@127.0.0.1:6379"),
+        ("REDIS_PASSWORD", "hunter2"),
+    ])
+    .unwrap();
+    let debugged = format!("{:?}", access(&settings).password);
     assert!(!debugged.contains("hunter2"), "{debugged}");
+    let debugged = format!("{:?}", settings.store);
+    assert!(
+        !debugged.contains("hunter2") && !debugged.contains("s3cret"),
+        "{debugged}"
+    );
 }
 
 #[test]
@@ -320,20 +332,22 @@ fn the_default_file_holds_every_declared_setting_with_its_preset() {
         .map(|key| key.to_ascii_lowercase())
         .collect();
     keys.sort();
-    let mut declared_keys: Vec<String> = declared::LAYERED.iter().map(|s| s.file_key()).collect();
+    let mut declared_keys: Vec<String> = declared::LAYERED
+        .iter()
+        .map(|s| s.key.to_string())
+        .collect();
     declared_keys.sort();
     assert_eq!(keys, declared_keys, "config/default.toml's keys");
     for setting in declared::LAYERED {
-        let in_file = file.get_string(&setting.file_key()).unwrap();
+        let in_file = file.get_string(setting.key).unwrap();
         let preset = match setting.preset {
             Preset::Value(value) => value,
             Preset::Unset(_) => "",
         };
         assert_eq!(
-            in_file,
-            preset,
+            in_file, preset,
             "config/default.toml: {} = {in_file:?}, but it is declared as {preset:?}",
-            setting.file_key()
+            setting.key
         );
     }
 }
@@ -362,7 +376,7 @@ fn the_readme_documents_every_variable_as_declared() {
 #[test]
 fn redis_cluster_nodes_select_cluster_mode() {
     let settings = load(&[("REDIS_CLUSTER_NODES", "10.0.0.1:7000, [::1]:7001")]).unwrap();
-    let StoreSettings::Cluster { nodes } = settings.store else {
+    let StoreSettings::Cluster { nodes, .. } = settings.store else {
         panic!("not cluster mode");
     };
     assert_eq!(
@@ -417,11 +431,119 @@ fn cluster_mode_refuses_the_pool_client_and_a_prefix_with_a_hash_tag() {
 
 #[test]
 fn a_redis_username_is_the_user_every_data_node_is_logged_in_to_as() {
-    assert_eq!(load(&[]).unwrap().redis.username, None);
-    let settings = load(&[("REDIS_USERNAME", "ratelimiter")]).unwrap();
-    assert_eq!(settings.redis.username.as_deref(), Some("ratelimiter"));
+    let url = ("REDIS_URL", "redis://127.0.0.1:6379");
+    assert_eq!(access(&load(&[url]).unwrap()).username, None);
+    let settings = load(&[url, ("REDIS_USERNAME", "ratelimiter")]).unwrap();
+    assert_eq!(access(&settings).username.as_deref(), Some("ratelimiter"));
     assert!(
         problems(&[("REDIS_USERNAME", "rate limiter")]).contains("REDIS_USERNAME: expected"),
         "a name with a space is refused, naming the variable"
     );
+}
+
+#[test]
+fn every_setting_is_named_in_toml_as_in_the_environment_in_lower_case() {
+    for setting in declared::all() {
+        assert_eq!(setting.key, setting.name.to_ascii_lowercase());
+    }
+}
+
+#[test]
+fn a_redis_url_is_parsed_once_into_the_address_the_store_connects_to() {
+    let settings = load(&[("REDIS_URL", "redis://:s3cret@10.0.0.1:6380/2")]).unwrap();
+    let StoreSettings::Redis { url, .. } = &settings.store else {
+        panic!("not one Redis server");
+    };
+    assert_eq!(
+        url.addr(),
+        &redis::ConnectionAddr::Tcp("10.0.0.1".to_string(), 6380)
+    );
+    assert_eq!(url.redis_settings().db(), 2);
+}
+
+#[test]
+fn only_the_pool_client_has_a_pool_size() {
+    let url = ("REDIS_URL", "redis://127.0.0.1:6379");
+    let connections = |vars: &[(&str, &str)]| match load(vars).unwrap().store {
+        StoreSettings::Redis { master, .. } | StoreSettings::Sentinel { master, .. } => {
+            master.connections
+        }
+        _ => panic!("not a mode with one master"),
+    };
+    assert_eq!(connections(&[url]), ConnectionMode::Multiplexed);
+    assert_eq!(
+        connections(&[url, ("REDIS_CLIENT", "pool")]),
+        ConnectionMode::Pool { size: 16 }
+    );
+    assert_eq!(
+        connections(&[
+            ("SENTINEL_HOSTS", "s1:26379"),
+            ("REDIS_CLIENT", "pool"),
+            ("REDIS_POOL_SIZE", "4")
+        ]),
+        ConnectionMode::Pool { size: 4 }
+    );
+}
+
+#[test]
+fn a_conflict_between_settings_is_reported_beside_a_bad_value() {
+    let message = problems(&[
+        ("PORT", "http"),
+        ("REDIS_CLUSTER_NODES", "127.0.0.1:7000"),
+        ("REDIS_CLIENT", "pool"),
+    ]);
+    assert!(message.contains("PORT: expected"), "{message}");
+    assert!(
+        message.contains("REDIS_CLIENT: pool does not apply with REDIS_CLUSTER_NODES"),
+        "{message}"
+    );
+    assert_eq!(message.lines().count(), 2, "{message}");
+}
+
+#[test]
+fn a_malformed_value_still_counts_as_given_when_modes_conflict() {
+    let message = problems(&[
+        ("REDIS_URL", "http://host"),
+        ("SENTINEL_HOSTS", "127.0.0.1:26379"),
+    ]);
+    assert!(message.contains("REDIS_URL: expected"), "{message}");
+    assert!(message.contains("not both"), "{message}");
+}
+
+#[test]
+fn a_rule_does_not_judge_a_value_that_was_refused_on_its_own() {
+    let message = problems(&[
+        ("TRUSTED_PROXIES", "0.0.0.0/0"),
+        ("TRUSTED_PROXIES_ALLOW_ALL", "maybe"),
+    ]);
+    assert!(
+        message.starts_with("TRUSTED_PROXIES_ALLOW_ALL: expected one of on, off"),
+        "{message}"
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
+}
+
+#[test]
+fn the_policy_file_is_read_once_and_reloads_parse_it_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policies.toml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/policies.example.toml"
+    ))
+    .unwrap();
+    std::fs::write(&path, &text).unwrap();
+    let settings = load(&[
+        ("POLICY_FILE", path.to_str().unwrap()),
+        ("POLICY_POLL_MS", "250"),
+        ("POLICY_KEY_SECRET", "shared"),
+    ])
+    .unwrap();
+    let PolicySource::File { file, text: read } = &settings.policy_source else {
+        panic!("no policy file");
+    };
+    assert_eq!(read, &text);
+    assert_eq!(file.poll, Duration::from_millis(250));
+    let reparsed = file.parse(read).unwrap();
+    assert_eq!(reparsed.version(), settings.policies.version());
 }

@@ -18,18 +18,17 @@ use crate::support::{
 
 const SECOND: u64 = 1_000_000;
 
-const MODES: [ConnectionMode; 2] = [ConnectionMode::Multiplexed, ConnectionMode::Pool];
+const MODES: [ConnectionMode; 2] = [
+    ConnectionMode::Multiplexed,
+    ConnectionMode::Pool { size: 2 },
+];
 
 /// A Redis store on `redis`, with its master installed directly (no resolver).
 fn redis_store(redis: &RedisProcess, mode: ConnectionMode) -> RedisStore {
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
     let timeout = Duration::from_secs(2);
     let slot = Arc::new(MasterSlot::default());
-    let connections = ConnectionSettings {
-        mode,
-        pool_size: 2,
-        timeout,
-    };
+    let connections = ConnectionSettings { mode, timeout };
     slot.install(Arc::new(Master::open(info, connections).unwrap()));
     RedisStore::new(slot, timeout)
 }
@@ -703,7 +702,6 @@ fn a_lone_failure_keeps_the_master_and_readonly_or_three_in_a_row_retire_it() {
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
     let connections = ConnectionSettings {
         mode: ConnectionMode::Multiplexed,
-        pool_size: 1,
         timeout: Duration::from_secs(1),
     };
     let master = Arc::new(Master::open(info, connections).unwrap());

@@ -87,7 +87,6 @@ async fn the_refund_script_and_the_rust_arithmetic_agree_on_every_case() {
     let slot = Arc::new(MasterSlot::default());
     let connections = ConnectionSettings {
         mode: ConnectionMode::Multiplexed,
-        pool_size: 1,
         timeout: Duration::from_secs(2),
     };
     slot.install(Arc::new(Master::open(info, connections).unwrap()));

@@ -11,16 +11,15 @@ use super::node::NodeManager;
 use crate::store::{StoreError, Unavailable};
 
 /// How decisions reach the master (`REDIS_CLIENT`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
-)]
-#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 pub enum ConnectionMode {
     /// One multiplexed async connection per worker thread: requests on a worker are
     /// pipelined on its connection and never leave its thread.
     Multiplexed,
-    /// An r2d2 pool of blocking connections, used from tokio's blocking threads.
-    Pool,
+    /// An r2d2 pool of `size` blocking connections per instance, used from tokio's blocking
+    /// threads.
+    Pool { size: u32 },
 }
 
 impl ConnectionMode {
@@ -53,8 +52,6 @@ pub struct Master {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionSettings {
     pub mode: ConnectionMode,
-    /// Connections per instance in [`ConnectionMode::Pool`].
-    pub pool_size: u32,
     /// Bounds every step: connect, read, write, and a pool checkout.
     pub timeout: Duration,
 }
@@ -66,9 +63,9 @@ impl Master {
         let addr = info.addr().to_string();
         let connections = match settings.mode {
             ConnectionMode::Multiplexed => Connections::Multiplexed,
-            ConnectionMode::Pool => Connections::Pool(
+            ConnectionMode::Pool { size } => Connections::Pool(
                 r2d2::Pool::builder()
-                    .max_size(settings.pool_size.max(1))
+                    .max_size(size.max(1))
                     .min_idle(Some(1))
                     .connection_timeout(settings.timeout)
                     // Every checkout already proves the connection by using it; a PING
