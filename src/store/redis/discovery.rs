@@ -1,5 +1,6 @@
 //! Discovery: the resolver thread finds the master, confirms it, and swaps it into the
-//! [`MasterSlot`] that the Redis store decides through.
+//! [`MasterSlot`] that the Redis store decides through. One job, following the master; it
+//! is long because each way a sentinel can mislead (stale, cut off, lying) has its rule.
 //!
 //! Each round asks every sentinel at once (each with a short timeout) and believes the
 //! answer with the highest configuration epoch, the most sentinels breaking a tie (see
