@@ -8,6 +8,9 @@
 //!   `config/default.toml`, `CONFIG_FILE` and the environment into typed values, once.
 //! - [`policy`]: the rules of a policy file: which requests each applies to, the key it
 //!   charges them to, its limits and their cost; pure, parsed once.
+//! - [`rls`]: the rules of Envoy's rate-limit service, in envoyproxy/ratelimit's own YAML:
+//!   which rule a request's descriptor matches, the limit it states, the descriptor's
+//!   bucket key; pure, parsed once.
 //! - [`identity`]: which client a request counts against; trusted proxies only.
 //! - [`limiter`]: the decision room, protocol-neutral: a request's view (or an explicit
 //!   policy, key and cost) in, a [`limiter::Verdict`] out, through the deny cache, the
@@ -32,8 +35,9 @@
 //! → the front's answer ([`http::reply::Reply`], the decision API's body).
 //!
 //! Dependencies point one way (`tests/architecture.rs`): `startup` → `settings`, `http` →
-//! `limiter` → `store` → `bucket`; `policy` uses `bucket` and `identity`; `metrics` and
-//! `identity` import nothing of the others'.
+//! `limiter` → `store` → `bucket`; `policy` uses `bucket` and `identity`; `rls` uses
+//! `bucket` and `policy`'s key encoding; `metrics` and `identity` import nothing of the
+//! others'.
 
 pub mod bucket;
 pub mod http;
@@ -42,6 +46,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
+pub mod rls;
 pub mod settings;
 pub mod startup;
 pub mod store;
