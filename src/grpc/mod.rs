@@ -11,8 +11,10 @@
 //! - `health.rs`: `grpc.health.v1`, `SERVING` only while the store can decide.
 //!
 //! Bounded by construction: a message over [`MAX_MESSAGE_BYTES`] is refused by the
-//! decoder before it is read whole, and the caps of [`crate::rls`] (descriptors, entries,
-//! entry length) are refused with `INVALID_ARGUMENT` before any bucket is asked.
+//! decoder before it is read whole, a connection carries at most
+//! [`MAX_STREAMS_PER_CONNECTION`] calls at once, and the caps of [`crate::rls`]
+//! (descriptors, entries, entry length) are refused with `INVALID_ARGUMENT` before any
+//! bucket is asked.
 
 mod health;
 mod service;
@@ -39,6 +41,11 @@ pub use service::RlsService;
 /// ordinary values, and bounds what one call can make the server hold.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Calls in flight on one connection at most: Envoy multiplexes its calls on a few
+/// connections, and this with [`MAX_MESSAGE_BYTES`] bounds what one connection can make
+/// the server hold.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Why the gRPC server stopped other than by its shutdown signal.
 #[derive(Debug, Error)]
 pub enum GrpcError {
@@ -62,6 +69,7 @@ pub async fn serve(
     let service = RlsService::new(limiter, rules, metrics);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(
             RateLimitServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )

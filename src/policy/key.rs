@@ -393,8 +393,8 @@ fn push_plain(key: &mut String, tag: &str, value: &str, case: Case, hash_key: &H
     }
 }
 
-/// Whether `text` is written into a key as it is: short, and only [plain](is_plain)
-/// characters (so never `|`, `=`, `#`, `{` or `}`).
+/// Whether `text` is written into a key as it is: short, and only plain characters
+/// (printable ASCII, never `|`, `=`, `#`, `{` or `}`).
 pub fn is_plain_part(text: &str) -> bool {
     text.len() <= MAX_PLAIN_BYTES && text.bytes().all(is_plain)
 }

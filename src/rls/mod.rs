@@ -11,9 +11,9 @@
 //!
 //! # The format
 //!
-//! One domain per file; `RLS_CONFIG` names one file or a folder of them (its `*.yaml` and
-//! `*.yml` files, not its subfolders nor hidden files). Two files with one domain are an
-//! error naming both.
+//! One domain per file; [`RuleSet::load`] reads one file or a folder of them (its `*.yaml`
+//! and `*.yml` files, not its subfolders nor hidden files). Two files with one domain are
+//! an error naming both.
 //!
 //! ```yaml
 //! domain: edge                      # required, unique across the files
