@@ -1,5 +1,5 @@
 //! A distributed HTTP rate limiter: Actix-web instances that share token buckets in Redis,
-//! kept available by Redis Sentinel.
+//! kept available by Redis Sentinel; also Envoy's rate-limit service over gRPC.
 //!
 //! # Layout
 //! `docs/ARCHITECTURE.md` draws how a request and a failover travel through these. Each
@@ -8,9 +8,13 @@
 //!   `config/default.toml`, `CONFIG_FILE` and the environment into typed values, once.
 //! - [`policy`]: the rules of a policy file: which requests each applies to, the key it
 //!   charges them to, its limits and their cost; pure, parsed once.
+//! - [`rls`]: the rules of Envoy's rate-limit service, in envoyproxy/ratelimit's own YAML:
+//!   which rule a request's descriptor matches, the limit it states, the descriptor's
+//!   bucket key; pure, parsed once.
 //! - [`identity`]: which client a request counts against; trusted proxies only.
 //! - [`limiter`]: the decision room, protocol-neutral: a request's view (or an explicit
-//!   policy, key and cost) in, a [`limiter::Verdict`] out, through the deny cache, the
+//!   policy, key and cost, or a rate-limit service request's descriptors) in, a
+//!   [`limiter::Verdict`] out, through the deny cache, the
 //!   store and `FAIL_MODE` ([`limiter::Decider`]).
 //! - [`bucket`]: the token bucket as pure arithmetic on a validated [`bucket::Limit`],
 //!   time passed in, and the one admission rule ([`bucket::settle`]); `token_bucket.lua`
@@ -22,6 +26,9 @@
 //! - [`http`]: the HTTP front: it extracts a request's view, asks the limiter and renders
 //!   the verdict (routes, the gateway's `/v1/check`, the decision API, quota headers, the
 //!   one problem+json shape). Only it knows actix.
+//! - [`grpc`]: the gRPC front: Envoy's rate-limit service (`ShouldRateLimit`) and
+//!   `grpc.health.v1`; it reads a request into [`rls`]' view, asks the limiter and renders
+//!   the verdict. Only it knows tonic and Envoy's generated types.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
 //! - [`reload`]: keeps the policy file's parsed set current (SIGHUP, file changes).
 //! - [`telemetry`]: log format, and the thread that alone writes the logs to stderr.
@@ -31,19 +38,23 @@
 //! request asks of one bucket; [`store::KeyedCharge`] with its place in the store) →
 //! [`bucket::Taken`] (what the store did: admitted or not, a [`bucket::Level`] per
 //! bucket) → [`limiter::Verdict`] (a [`limiter::LimitVerdict`] per limit, and what decided)
-//! → the front's answer ([`http::reply::Reply`], the decision API's body).
+//! → the front's answer ([`http::reply::Reply`], the decision API's body, a
+//! `RateLimitResponse`).
 //!
-//! Dependencies point one way (`tests/architecture.rs`): `startup` → `settings`, `http` →
-//! `limiter` → `store` → `bucket`; `policy` uses `bucket` and `identity`; `metrics` and
-//! `identity` import nothing of the others'.
+//! Dependencies point one way (`tests/architecture.rs`): `startup` → `settings`, `http` and
+//! `grpc` → `limiter` → `store` → `bucket`; `policy` uses `bucket` and `identity`; `rls` uses
+//! `bucket` and `policy`'s key encoding; `metrics` and `identity` import nothing of the
+//! others'.
 
 pub mod bucket;
+pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
+pub mod rls;
 pub mod settings;
 pub mod startup;
 pub mod store;

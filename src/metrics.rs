@@ -62,6 +62,16 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyVersionLabels {
     version: String,
 }
@@ -103,6 +113,8 @@ struct Recorder {
     cluster_refunds: Family<ResultLabels, Counter>,
     http_requests: Family<RouteStatusLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram>,
+    rls_unmatched: Family<ReasonLabels, Counter>,
+    grpc_requests: Family<CodeLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -192,6 +204,18 @@ impl Recorder {
             "The active policy set's version, a hash of its file (value 1)",
             policy_version.clone(),
         );
+        let rls_unmatched = Family::default();
+        registry.register(
+            "rls_unmatched_descriptors",
+            "Rate-limit service descriptors answered OK with no limit, by reason (unknown_domain, no_rule, replaced)",
+            rls_unmatched.clone(),
+        );
+        let grpc_requests = Family::default();
+        registry.register(
+            "grpc_requests",
+            "ShouldRateLimit calls by answer: OK, OVER_LIMIT, or the gRPC status of a refusal",
+            grpc_requests.clone(),
+        );
         let log_lines_dropped = Reading::default();
         registry.register_collector(Box::new(ReadCounter {
             name: "log_lines_dropped",
@@ -213,6 +237,8 @@ impl Recorder {
             cluster_refunds,
             http_requests,
             http_duration,
+            rls_unmatched,
+            grpc_requests,
         }
     }
 }
@@ -322,6 +348,44 @@ impl Metrics {
                         .get_or_create(&DecisionLabels { decision, source }),
                 );
             }
+        }
+    }
+
+    /// Writes the rate-limit service's series at 0 (see [`Metrics::declare`]).
+    pub fn declare_rls(&self, unmatched_reasons: &[&'static str], codes: &[&'static str]) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        for &reason in unmatched_reasons {
+            drop(
+                recorder
+                    .rls_unmatched
+                    .get_or_create(&ReasonLabels { reason }),
+            );
+        }
+        for &code in codes {
+            drop(recorder.grpc_requests.get_or_create(&CodeLabels { code }));
+        }
+    }
+
+    /// A descriptor of a rate-limit service request that no limit applied to, by why
+    /// (`rls::Unmatched::as_str`). Never by domain: a request names any domain it likes.
+    pub fn rls_unmatched(&self, reason: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .rls_unmatched
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        }
+    }
+
+    /// A `ShouldRateLimit` call, by its answer (`OK`, `OVER_LIMIT`) or its gRPC status.
+    pub fn grpc_request(&self, code: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .grpc_requests
+                .get_or_create(&CodeLabels { code })
+                .inc();
         }
     }
 

@@ -1,7 +1,7 @@
 //! The shape the crate docs promise (`src/lib.rs`, `docs/ARCHITECTURE.md`), checked on the
 //! source text: no module imports one that imports it back, only the HTTP front knows the
-//! HTTP framework, and the HTTP front decides nothing itself (it reaches the store and the
-//! bucket arithmetic only through the limiter).
+//! HTTP framework and only the gRPC front the gRPC one, and the fronts decide nothing
+//! themselves (they reach the store and the bucket arithmetic only through the limiter).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -262,11 +262,31 @@ fn only_the_http_front_knows_the_http_framework() {
 }
 
 #[test]
-fn the_http_front_reaches_the_store_and_the_buckets_only_through_the_limiter() {
+fn only_the_grpc_front_knows_the_grpc_framework_and_envoys_types() {
+    for (name, text) in modules() {
+        if name == "grpc" || name.starts_with("grpc::") {
+            continue;
+        }
+        let code = code(&text);
+        for framework in ["tonic", "envoy_types", "prost"] {
+            assert!(
+                !code.contains(framework),
+                "src/{} uses {framework}; only src/grpc/ may",
+                name.replace("::", "/")
+            );
+        }
+    }
+}
+
+#[test]
+fn the_fronts_reach_the_store_and_the_buckets_only_through_the_limiter() {
     let modules = modules();
     let known: BTreeSet<String> = modules.keys().cloned().collect();
     for (name, text) in &modules {
-        if !(name == "http" || name.starts_with("http::")) {
+        let front = ["http", "grpc"]
+            .iter()
+            .any(|front| name == front || name.starts_with(&format!("{front}::")));
+        if !front {
             continue;
         }
         let reaches = references(name, &code(text), &known);

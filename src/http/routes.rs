@@ -1,6 +1,7 @@
 //! The endpoints and the state they share.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use actix_web::http::header::{
     CACHE_CONTROL, CONTENT_TYPE, ContentType, HOST, HeaderMap, HeaderValue,
@@ -19,7 +20,8 @@ use crate::policy::{HeaderLookup, RequestView};
 
 pub struct AppState {
     pub instance: String,
-    pub limiter: Limiter,
+    /// Shared with the gRPC front, so both decide through one deny cache and fallback.
+    pub limiter: Arc<Limiter>,
     pub identity: IdentityRules,
     pub headers: HeaderMode,
     pub metrics: Metrics,
@@ -31,7 +33,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         instance: String,
-        limiter: Limiter,
+        limiter: Arc<Limiter>,
         identity: IdentityRules,
         headers: HeaderMode,
         metrics: Metrics,

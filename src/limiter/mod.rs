@@ -1,6 +1,7 @@
-//! The decision room: given a request's view (method, path, host, headers, client) or an
-//! explicit policy, key and cost, decide it. Every front (the HTTP routes, the gateway's
-//! `/v1/check`, the decision API) hands a view in and renders the [`Verdict`] it gets back;
+//! The decision room: given a request's view (method, path, host, headers, client), an
+//! explicit policy, key and cost, or a rate-limit service request's descriptors, decide
+//! it. Every front (the HTTP routes, the gateway's `/v1/check`, the decision API, the gRPC
+//! service) hands a view in and renders the [`Verdict`] it gets back;
 //! nothing outside this module turns policies into charges, numbers shadow groups or
 //! builds bucket keys, so no front needs to know how buckets are kept.
 //!
@@ -8,10 +9,13 @@
 //!   goes policies → [`Charges`] → decider → [`Verdict`].
 //! - [`decider`]: the deny cache, the store and `FAIL_MODE`, and the metrics of a decision.
 //! - [`deny_cache`]: denials Redis gave, answered here until they expire.
+//! - [`descriptors`]: a rate-limit service request (Envoy's descriptors, resolved by
+//!   [`crate::rls`]) → [`Charges`] → decider → a [`DescriptorVerdict`].
 //! - [`verdict`]: what a decision says, for the fronts to render.
 
 pub mod decider;
 pub mod deny_cache;
+pub mod descriptors;
 pub mod verdict;
 
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use arc_swap::ArcSwap;
 use thiserror::Error;
 
 pub use decider::{Buckets, Decider, DeciderSettings, FailMode, InstanceCount};
+pub use descriptors::{DescriptorOutcome, DescriptorVerdict};
 pub use verdict::{Bucket, LimitName, LimitVerdict, Source, Verdict};
 // The figures a verdict carries, for the fronts that render it.
 pub use crate::bucket::{Level, Limit};
@@ -38,14 +43,25 @@ pub struct Charges<'a> {
 }
 
 impl<'a> Charges<'a> {
+    /// Room for `count` charges.
+    fn with_capacity(count: usize) -> Self {
+        Charges {
+            names: Vec::with_capacity(count),
+            buckets: Vec::with_capacity(count),
+        }
+    }
+
+    /// One more bucket, under the limit `name`; the verdict lists it in this order.
+    fn push(&mut self, name: LimitName<'a>, bucket: KeyedCharge) {
+        self.names.push(name);
+        self.buckets.push(bucket);
+    }
+
     /// Every limit of each applied policy: the enforced policies pay together, each shadow
     /// policy on its own (its group). Each policy's hash key is built once.
     fn of(applied: &[Applied<'a>], key_prefix: &str) -> Self {
         let count = applied.iter().map(|a| a.limits.len()).sum();
-        let mut charges = Charges {
-            names: Vec::with_capacity(count),
-            buckets: Vec::with_capacity(count),
-        };
+        let mut charges = Charges::with_capacity(count);
         let mut shadow_policies = 0;
         for applied in applied {
             let group = match applied.policy.mode {
@@ -57,11 +73,11 @@ impl<'a> Charges<'a> {
             };
             let key: Arc<str> = applied.policy.bucket_key(&applied.key, key_prefix).into();
             for limit in applied.limits {
-                charges.names.push(LimitName {
+                let name = LimitName {
                     policy: &applied.policy.name,
                     limit: &limit.name,
-                });
-                charges.buckets.push(KeyedCharge {
+                };
+                let bucket = KeyedCharge {
                     key: key.clone(),
                     field: limit.field.clone(),
                     charge: Charge {
@@ -69,7 +85,8 @@ impl<'a> Charges<'a> {
                         cost: applied.cost,
                         group,
                     },
-                });
+                };
+                charges.push(name, bucket);
             }
         }
         charges

@@ -370,24 +370,49 @@ fn push_client(key: &mut String, client: ClientKey) {
 enum Case {
     Upper,
     Lower,
+    /// As given: the value is case-sensitive.
+    Keep,
 }
 
 /// `tag=value` when `value` is short and plain, `tag#hash` otherwise.
 fn push_plain(key: &mut String, tag: &str, value: &str, case: Case, hash_key: &HashKey) {
-    if value.len() <= MAX_PLAIN_BYTES && value.bytes().all(is_plain) {
+    if is_plain_part(value) {
         key.push_str(tag);
         key.push('=');
         key.extend(value.chars().map(|c| match case {
             Case::Upper => c.to_ascii_uppercase(),
             Case::Lower => c.to_ascii_lowercase(),
+            Case::Keep => c,
         }));
     } else {
         let cased = match case {
             Case::Upper => value.to_ascii_uppercase(),
             Case::Lower => value.to_ascii_lowercase(),
+            Case::Keep => value.to_string(),
         };
         push_hashed(key, tag, &[cased.as_bytes()], hash_key);
     }
+}
+
+/// Whether `text` is written into a key as it is: short, and only plain characters
+/// (printable ASCII, never `|`, `=`, `#`, `{` or `}`).
+pub fn is_plain_part(text: &str) -> bool {
+    text.len() <= MAX_PLAIN_BYTES && text.bytes().all(is_plain)
+}
+
+/// Writes a case-sensitive part of another front's key (the RLS descriptors) the way this
+/// module writes its own: `tag=value` when `value` is [plain](is_plain_part), `tag#hash`
+/// otherwise. `tag` must be plain itself, so that the key splits back into its parts.
+pub fn push_part(key: &mut String, tag: &str, value: &str, hash_key: &HashKey) {
+    debug_assert!(tag.is_empty() || is_plain_part(tag));
+    push_plain(key, tag, value, Case::Keep, hash_key);
+}
+
+/// Writes `tag#` and the keyed hash of the concatenated `pieces`, for a part that cannot
+/// be written as it is. The caller makes the concatenation unambiguous (by length
+/// prefixes, say) when it joins several values.
+pub fn push_hashed_part(key: &mut String, tag: &str, pieces: &[&[u8]], hash_key: &HashKey) {
+    push_hashed(key, tag, pieces, hash_key);
 }
 
 /// The normalised path, `/` for the root, as [`push_plain`] would write it.

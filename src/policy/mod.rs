@@ -109,7 +109,7 @@ use crate::bucket::{Limit, LimitError, LimitSpec};
 use crate::identity::ClientKey;
 
 pub use file::PolicyFileError;
-pub use key::{HashKey, MAX_HEADER_BYTES};
+pub use key::{HashKey, MAX_HEADER_BYTES, is_plain_part, push_hashed_part, push_part};
 
 use key::{Cost, KeySpec, Overrides};
 use matching::{Matcher, Prepared};

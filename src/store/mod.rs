@@ -155,8 +155,9 @@ impl StoreError {
     }
 }
 
-/// What a store call returns: it may wait on the network.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
+/// What a store call returns: it may wait on the network. `Send`, so that a front on a
+/// work-stealing runtime (the gRPC server) can await a decision.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// One bucket a request draws on, by its name in the store: the buckets of one policy's
 /// limits for one key share a `key` (one Redis hash, one Cluster slot) and each has its

@@ -18,7 +18,6 @@
 //! are never read from: a bucket must be read where it is written.
 
 use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -60,8 +59,11 @@ static STORE_IDS: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     /// This thread's connection to each store's cluster (tests run several stores), opened
-    /// once however many requests ask for it at the same moment.
-    static CONNECTIONS: RefCell<Vec<(u64, Rc<OnceCell<ClusterConnection>>)>> =
+    /// once however many requests ask for it at the same moment. Shared by `Arc`, not
+    /// `Rc`, so that a decision's future is `Send`: a front on a work-stealing runtime
+    /// (the gRPC server) may resume it on another thread, where the connection, a handle
+    /// to its driver task, works as well.
+    static CONNECTIONS: RefCell<Vec<(u64, Arc<OnceCell<ClusterConnection>>)>> =
         const { RefCell::new(Vec::new()) };
 }
 
@@ -152,7 +154,7 @@ impl Inner {
             match connections.iter().find(|(id, _)| *id == self.id) {
                 Some((_, cell)) => cell.clone(),
                 None => {
-                    let cell = Rc::new(OnceCell::new());
+                    let cell = Arc::new(OnceCell::new());
                     connections.push((self.id, cell.clone()));
                     cell
                 }

@@ -1,0 +1,362 @@
+//! A rate-limit service request (Envoy's `ShouldRateLimit`, as [`crate::rls`] resolved
+//! it) decided: every descriptor with a limit is one bucket, in one hash of its own, and
+//! all of them are decided together, all or nothing, in one store operation.
+//!
+//! The enforced descriptors pay together ([`Group::Enforced`]); each shadow descriptor is a
+//! group of its own, paying only when the request is admitted. A descriptor whose hits are
+//! more than its bucket can ever hold lacks them ([`Decider`] sees to it), so its request
+//! is over the limit and nothing is charged.
+//!
+//! [`Decider`]: super::Decider
+
+use super::verdict::{LimitName, LimitVerdict, Verdict};
+use super::{Charges, Limiter};
+use crate::bucket::{Charge, Group};
+use crate::rls::{Charged, LimitSource, Refusal, Resolved, RlsRequest, RuleSet, Unmatched};
+use crate::store::KeyedCharge;
+
+/// What one descriptor of a request came to.
+#[derive(Debug, Clone)]
+pub enum DescriptorOutcome<'r> {
+    /// Nothing limits it, and nothing was counted.
+    Unmatched(Unmatched),
+    /// An `unlimited` rule matched it.
+    Unlimited,
+    /// It was decided: `charged` says under which limit and at what cost, and its part in
+    /// the verdict is `verdict.limits()[limit]`.
+    Limited { charged: Charged<'r>, limit: usize },
+}
+
+/// A verdict on a rate-limit service request, with what each descriptor came to, in the
+/// request's order.
+#[derive(Debug)]
+pub struct DescriptorVerdict<'r> {
+    /// [`Verdict::Unlimited`] when no descriptor has a limit.
+    pub verdict: Verdict<'r>,
+    pub descriptors: Vec<DescriptorOutcome<'r>>,
+}
+
+impl<'r> DescriptorVerdict<'r> {
+    /// The part in the verdict of a descriptor that was decided.
+    pub fn limit_of(&self, outcome: &DescriptorOutcome<'r>) -> Option<&LimitVerdict<'r>> {
+        match outcome {
+            DescriptorOutcome::Limited { limit, .. } => self.verdict.limits().get(*limit),
+            _ => None,
+        }
+    }
+}
+
+impl Limiter {
+    /// Decides `request` under `rules`: every descriptor with a limit, all or nothing, in
+    /// one store operation (through the deny cache and `FAIL_MODE`, as every request);
+    /// or why it cannot be decided, with no bucket asked.
+    pub async fn decide_descriptors<'r>(
+        &self,
+        rules: &'r RuleSet,
+        request: &RlsRequest<'_>,
+    ) -> Result<DescriptorVerdict<'r>, Refusal> {
+        let resolution = rules.resolve(request)?;
+        let Some(domain) = resolution.domain else {
+            let unmatched = |resolved| match resolved {
+                Resolved::Unmatched(why) => why,
+                _ => Unmatched::UnknownDomain,
+            };
+            return Ok(DescriptorVerdict {
+                verdict: Verdict::Unlimited,
+                descriptors: (resolution.descriptors.into_iter())
+                    .map(|resolved| DescriptorOutcome::Unmatched(unmatched(resolved)))
+                    .collect(),
+            });
+        };
+        let mut charges = Charges::with_capacity(resolution.descriptors.len());
+        let mut descriptors = Vec::with_capacity(resolution.descriptors.len());
+        let mut shadow_groups = 0;
+        for resolved in resolution.descriptors {
+            let charged = match resolved {
+                Resolved::Unmatched(why) => {
+                    descriptors.push(DescriptorOutcome::Unmatched(why));
+                    continue;
+                }
+                Resolved::Unlimited(_) => {
+                    descriptors.push(DescriptorOutcome::Unlimited);
+                    continue;
+                }
+                Resolved::Charged(charged) => charged,
+            };
+            let group = if charged.shadow() {
+                shadow_groups += 1;
+                Group::Shadow(shadow_groups)
+            } else {
+                Group::Enforced
+            };
+            let limit = match &charged.source {
+                LimitSource::Rule(rule) => &rule.label,
+                LimitSource::Override(_) => &domain.override_label,
+            };
+            let stated = charged.limit();
+            let bucket = KeyedCharge {
+                key: domain.bucket_key(&charged.entries, &self.key_prefix).into(),
+                field: stated.bucket.field.clone(),
+                charge: Charge {
+                    limit: stated.bucket.limit,
+                    cost: charged.cost,
+                    group,
+                },
+            };
+            let name = LimitName {
+                policy: &domain.label,
+                limit,
+            };
+            let index = charges.buckets.len();
+            charges.push(name, bucket);
+            descriptors.push(DescriptorOutcome::Limited {
+                charged,
+                limit: index,
+            });
+        }
+        Ok(DescriptorVerdict {
+            verdict: self.decider.decide(charges).await,
+            descriptors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+
+    use super::*;
+    use crate::bucket::{LimitSpec, Taken};
+    use crate::limiter::{Buckets, Decider, DeciderSettings, FailMode, Source};
+    use crate::metrics::Metrics;
+    use crate::policy::{HashKey, PolicySet};
+    use crate::rls::{DescriptorView, LimitOverride, Unit};
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Store, StoreError, StoreFuture, Unavailable};
+
+    const RULES: &str = "\
+domain: edge
+descriptors:
+  - key: user
+    rate_limit: { name: per-user, unit: minute, requests_per_unit: 3 }
+  - key: org
+    rate_limit: { unit: minute, requests_per_unit: 10 }
+  - key: trial
+    shadow_mode: true
+    rate_limit: { unit: minute, requests_per_unit: 1 }
+";
+
+    fn rules() -> RuleSet {
+        RuleSet::parse(&[("edge.yaml", RULES)], HashKey::default()).unwrap()
+    }
+
+    fn limiter_on(buckets: Buckets, fail_mode: FailMode) -> Limiter {
+        let policies = PolicySet::single(LimitSpec {
+            rate: 1,
+            window_s: 1,
+            burst: 1,
+        })
+        .unwrap();
+        let decider = Decider::new(DeciderSettings {
+            buckets,
+            fail_mode,
+            instances: Arc::new(|| 1),
+            deny_cache_size: 0,
+            fallback: MemoryStore::new(1_000),
+            metrics: Metrics::off(),
+        });
+        Limiter::new(
+            Arc::new(ArcSwap::from_pointee(policies)),
+            "t".to_string(),
+            decider,
+        )
+    }
+
+    fn limiter() -> Limiter {
+        limiter_on(
+            Buckets::Local(Arc::new(MemoryStore::new(1_000))),
+            FailMode::Local,
+        )
+    }
+
+    fn one<'a>(key: &'a str, value: &'a str) -> DescriptorView<'a> {
+        DescriptorView {
+            entries: vec![(key, value)],
+            ..DescriptorView::default()
+        }
+    }
+
+    fn request(descriptors: Vec<DescriptorView<'_>>) -> RlsRequest<'_> {
+        RlsRequest {
+            domain: "edge",
+            descriptors,
+            hits_addend: 0,
+        }
+    }
+
+    /// Whether each decided descriptor had its tokens, and what it has left.
+    fn levels(decided: &DescriptorVerdict<'_>) -> Vec<Option<(bool, u64)>> {
+        decided
+            .descriptors
+            .iter()
+            .map(|outcome| {
+                decided
+                    .limit_of(outcome)
+                    .and_then(|limit| limit.level)
+                    .map(|level| (level.allowed, level.remaining))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_descriptor_is_admitted_exactly_its_limit() {
+        let (limiter, rules) = (limiter(), rules());
+        for remaining in [2, 1, 0] {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "ann")]))
+                .await
+                .unwrap();
+            assert!(decided.verdict.allowed());
+            assert_eq!(levels(&decided), [Some((true, remaining))]);
+        }
+        let decided = limiter
+            .decide_descriptors(&rules, &request(vec![one("user", "ann")]))
+            .await
+            .unwrap();
+        assert!(!decided.verdict.allowed());
+        assert_eq!(levels(&decided), [Some((false, 0))]);
+    }
+
+    #[tokio::test]
+    async fn a_descriptor_over_its_limit_spends_nothing_of_the_others() {
+        let (limiter, rules) = (limiter(), rules());
+        for _ in 0..3 {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "bob")]))
+                .await
+                .unwrap();
+            assert!(decided.verdict.allowed());
+        }
+        for _ in 0..5 {
+            let decided = limiter
+                .decide_descriptors(
+                    &rules,
+                    &request(vec![one("org", "acme"), one("user", "bob")]),
+                )
+                .await
+                .unwrap();
+            assert!(!decided.verdict.allowed());
+            assert_eq!(levels(&decided), [Some((true, 10)), Some((false, 0))]);
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_beyond_a_buckets_capacity_are_over_the_limit_and_spend_nothing() {
+        let (limiter, rules) = (limiter(), rules());
+        let mut many = one("user", "cat");
+        many.hits_addend = Some(4);
+        let decided = limiter
+            .decide_descriptors(&rules, &request(vec![one("org", "acme"), many]))
+            .await
+            .unwrap();
+        assert!(!decided.verdict.allowed());
+        assert_eq!(levels(&decided), [Some((true, 10)), Some((false, 3))]);
+        // Exactly the capacity is fine.
+        let mut all = one("user", "cat");
+        all.hits_addend = Some(3);
+        let decided = limiter
+            .decide_descriptors(&rules, &request(vec![all]))
+            .await
+            .unwrap();
+        assert_eq!(levels(&decided), [Some((true, 0))]);
+    }
+
+    #[tokio::test]
+    async fn a_shadow_descriptor_never_refuses_and_pays_on_its_own() {
+        let (limiter, rules) = (limiter(), rules());
+        for admitted in [true, false, false] {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("trial", "t"), one("org", "o")]))
+                .await
+                .unwrap();
+            assert!(decided.verdict.allowed());
+            let trial = decided.limit_of(&decided.descriptors[0]).unwrap();
+            assert!(!trial.enforced);
+            assert_eq!(!trial.lacked(), admitted);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_domain_decides_nothing() {
+        let (limiter, rules) = (limiter(), rules());
+        let mut asked = request(vec![one("user", "ann")]);
+        asked.domain = "elsewhere";
+        let decided = limiter.decide_descriptors(&rules, &asked).await.unwrap();
+        assert_eq!(decided.verdict, Verdict::Unlimited);
+        assert!(matches!(
+            decided.descriptors[0],
+            DescriptorOutcome::Unmatched(Unmatched::UnknownDomain)
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_override_has_a_bucket_of_its_own_beside_the_rules() {
+        let (limiter, rules) = (limiter(), rules());
+        let mut overridden = one("user", "dan");
+        overridden.limit = Some(LimitOverride {
+            requests_per_unit: 1,
+            unit: Some(Unit::Hour),
+        });
+        for allowed in [true, false] {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![overridden.clone()]))
+                .await
+                .unwrap();
+            assert_eq!(decided.verdict.allowed(), allowed);
+        }
+        let decided = limiter
+            .decide_descriptors(&rules, &request(vec![one("user", "dan")]))
+            .await
+            .unwrap();
+        assert_eq!(levels(&decided), [Some((true, 2))]);
+    }
+
+    /// A store that is never there.
+    struct Down;
+
+    impl Store for Down {
+        fn take<'a>(&'a self, _: &'a [KeyedCharge]) -> StoreFuture<'a, Taken> {
+            Box::pin(async { Err(down()) })
+        }
+        fn reset<'a>(&'a self, _: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(down()) })
+        }
+        fn check_ready(&self) -> StoreFuture<'_, ()> {
+            Box::pin(async { Err(down()) })
+        }
+    }
+
+    fn down() -> StoreError {
+        StoreError::unavailable(Unavailable::NoConnection("test".to_string()))
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_decide_leaves_it_to_fail_mode() {
+        let rules = rules();
+        for (mode, allowed, source) in [
+            (FailMode::Open, true, Source::Open),
+            (FailMode::Closed, false, Source::Closed),
+            (FailMode::Local, true, Source::Local),
+        ] {
+            let limiter = limiter_on(Buckets::Shared(Arc::new(Down)), mode);
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "eve")]))
+                .await
+                .unwrap();
+            assert_eq!(decided.verdict.allowed(), allowed, "{mode:?}");
+            assert_eq!(decided.verdict.source(), Some(source), "{mode:?}");
+        }
+    }
+}
