@@ -1,7 +1,8 @@
 //! Prometheus metrics, served at `GET /metrics`: a [`Metrics`] handle built at start and
 //! passed to whatever records, named to Prometheus conventions under the `ratelimit_`
 //! prefix, never labelled per client. It knows nothing of the modules that record: they
-//! pass their labels in, so no import runs back from here.
+//! pass their labels in, so no import runs back from here. One job; it is long because
+//! each family has its registration, its help text and its recording method.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

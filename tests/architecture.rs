@@ -292,7 +292,12 @@ fn the_fronts_reach_the_store_and_the_buckets_only_through_the_limiter() {
         let reaches = references(name, &code(text), &known);
         let forbidden: Vec<&String> = reaches
             .iter()
-            .filter(|module| module.starts_with("store") || module.starts_with("bucket"))
+            .filter(|module| {
+                module.starts_with("store")
+                    || module.starts_with("bucket")
+                    // Listing the policy file is the one front job that reads the rules.
+                    || (module.starts_with("policy") && name != "http::policies")
+            })
             .collect();
         assert!(
             forbidden.is_empty(),

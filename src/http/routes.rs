@@ -14,9 +14,8 @@ use super::headers::HeaderMode;
 use super::problem::PROBLEM_JSON;
 use super::reply::{Ending, Reply};
 use crate::identity::{ClientKey, ForwardedHeaders, IdentityRules};
-use crate::limiter::Limiter;
+use crate::limiter::{HeaderLookup, Limiter, RequestView};
 use crate::metrics::Metrics;
-use crate::policy::{HeaderLookup, RequestView};
 
 pub struct AppState {
     pub instance: String,

@@ -28,9 +28,11 @@ pub use descriptors::{DescriptorOutcome, DescriptorVerdict};
 pub use verdict::{Bucket, LimitName, LimitVerdict, Source, Verdict};
 // The figures a verdict carries, for the fronts that render it.
 pub use crate::bucket::{Level, Limit};
+// What a front hands in: a request's view, and the refusals it may get back.
+pub use crate::policy::{HeaderLookup, LookupError, Mode, Rejection, RequestView};
 
 use crate::bucket::{Charge, Group};
-use crate::policy::{Applied, LookupError, Mode, Policy, PolicySet, Rejection, RequestView};
+use crate::policy::{Applied, Policy, PolicySet};
 use crate::store::KeyedCharge;
 // Why the store could not decide or reset, as the fronts report it.
 pub use crate::store::StoreError;

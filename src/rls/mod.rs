@@ -1,6 +1,7 @@
 //! The rules of Envoy's rate-limit service, read from envoyproxy/ratelimit's own YAML
 //! format: which rule a request's descriptor matches, the limit that rule states, and the
-//! key of the descriptor's bucket.
+//! key of the descriptor's bucket. One job, the rule model and its matching; reading the
+//! files is [`config`]'s.
 //!
 //! Pure, like [`crate::policy`]: a [`RuleSet`] is parsed once and then only answers
 //! questions about the [`RlsRequest`] views it is handed. It reads no clock and no

@@ -1,3 +1,6 @@
+//! The settings' specification: defaults, every refusal and its message, the layering, and
+//! that the README table and `config/default.toml` follow the declarations.
+
 use super::*;
 use crate::bucket::Limit;
 use crate::store::redis::ConnectionMode;

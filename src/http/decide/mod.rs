@@ -31,8 +31,9 @@ use super::headers::{
 };
 use super::problem::Problem;
 use super::routes::AppState;
-use crate::limiter::{KeyVerdict, LimitVerdict, ResetError, StoreError, Verdict};
-use crate::policy::{LookupError, Mode};
+use crate::limiter::{
+    KeyVerdict, LimitVerdict, LookupError, Mode, ResetError, StoreError, Verdict,
+};
 
 /// Everything these routes answer besides a decision.
 #[derive(Debug, Error)]
