@@ -30,13 +30,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::{Client, Response, StatusCode, Url};
 
-#[path = "support/mod.rs"]
-mod support;
-
 #[path = "e2e_cluster/redis_cluster.rs"]
 mod redis_cluster;
 
-use support::{client_from, header};
+use testkit::{client_from, header};
 
 const LIMITED: &str = "/limited_endpoint";
 
@@ -89,7 +86,7 @@ impl Cluster {
 
     /// Fails, naming what is missing, unless Nginx and the instance both answer.
     async fn assert_running(&self) {
-        let client = support::client();
+        let client = testkit::client();
         for (name, url) in [
             ("E2E_CLUSTER_URL", &self.url),
             ("E2E_APP_URL", &self.app_url),
@@ -568,7 +565,7 @@ async fn run_cluster_script(command: &str) {
 /// What has reached the demo upstream behind the gateway from `client`.
 async fn upstream_count_of(cluster: &Cluster, client: IpAddr) -> u64 {
     let url = cluster.count_url.join("/__upstream/count").unwrap();
-    let counts: serde_json::Value = support::client()
+    let counts: serde_json::Value = testkit::client()
         .get(url.clone())
         .send()
         .await
@@ -700,9 +697,9 @@ fn a_request_no_policy_matches_passes_the_gateway_untouched() {
     });
 }
 
-/// [`support::raw_get`] to the host and port of `url`.
+/// [`testkit::raw_get`] to the host and port of `url`.
 fn raw_get(url: &Url, target: &str) -> (u16, bool) {
-    support::raw_get(
+    testkit::raw_get(
         url.host_str().unwrap(),
         url.port_or_known_default().unwrap(),
         target,
@@ -791,7 +788,7 @@ fn a_sentinel_refuses_every_unauthenticated_command_while_the_instances_are_read
                 );
             }
         }
-        let ready = support::client()
+        let ready = testkit::client()
             .get(cluster.app_url.join("/ready").unwrap())
             .send()
             .await

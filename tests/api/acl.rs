@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::support::{
+use testkit::{
     RedisProcess, SERVICE_PASSWORD, SERVICE_USER, TestApp, client, header, unique_prefix,
     wait_until,
 };

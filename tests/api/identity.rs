@@ -2,7 +2,7 @@
 
 use reqwest::header::HeaderValue;
 
-use crate::support::{TestApp, client, client_from, passes};
+use testkit::{TestApp, client, client_from, passes};
 
 /// How many requests pass when sent one by one as forwarded for each of `addresses`.
 async fn passes_forwarded_as(client: &reqwest::Client, url: &str, addresses: &[&str]) -> usize {

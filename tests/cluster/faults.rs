@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use redis::cluster_routing::Slot;
 
-use crate::support::{RedisCluster, client, counter, header, metrics, unique_prefix};
 use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, Traffic, bucket_key, burst_from, client_ip, clients_on,
     evalsha_by_master, spawn_pair,
 };
+use testkit::{RedisCluster, client, counter, header, metrics, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_script_cache_flushed_the_next_decisions_succeed_on_every_master() {

@@ -1,5 +1,5 @@
 //! Redis Cluster mode against real processes: a cluster of 3 masters and 3 replicas on
-//! free ports (`support::RedisCluster`) per test, and service instances on it.
+//! free ports (`testkit::RedisCluster`) per test, and service instances on it.
 //!
 //! - `exactness`: keys spread over every master, each admitted exactly its burst; a policy
 //!   whose keys lie in two slots, with the refunds that keeps it exact.
@@ -10,9 +10,6 @@
 //! The tests run one at a time: each starts six Redis processes and two instances, and the
 //! machine is shared. Timing is used only as a generous bound on hangs.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 mod exactness;
 mod faults;
 mod refund;
@@ -22,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{PASSWORD, RedisCluster, TestApp, all_at_once, client, header};
+use testkit::{PASSWORD, RedisCluster, TestApp, all_at_once, client, header};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::{
     Answer, LIMITED, Traffic, address, assert_exactly_admitted, burst, exclusive, get, shared,
 };
-use crate::support::{client_from, send_signal};
+use testkit::{client_from, send_signal};
 
 /// One line of `CLUSTER NODES`.
 #[derive(Debug, Clone)]

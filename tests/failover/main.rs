@@ -11,14 +11,12 @@
 
 mod restarts;
 mod sentinels;
-#[path = "../support/mod.rs"]
-mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{
+use testkit::{
     DATA_NODE_ARGS, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp,
     all_at_once, client, counter, header, metrics, unique_prefix, until_redis_decides, wait_until,
 };
@@ -714,13 +712,13 @@ async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recover
 
     // Bring the nodes back where the sentinels expect them; nothing is restarted in the service.
     cluster.nodes.clear();
-    cluster.nodes.push(support::RedisProcess::server_on(
+    cluster.nodes.push(testkit::RedisProcess::server_on(
         master,
         None,
         DATA_NODE_ARGS,
     ));
     for port in replicas {
-        cluster.nodes.push(support::RedisProcess::server_on(
+        cluster.nodes.push(testkit::RedisProcess::server_on(
             port,
             Some(master),
             DATA_NODE_ARGS,

@@ -5,8 +5,8 @@
 
 use std::io::Read;
 
-use super::support::{RedisProcess, SENTINEL_AUTH_PASSWORD, free_port, service_command};
 use super::*;
+use testkit::{RedisProcess, SENTINEL_AUTH_PASSWORD, free_port, service_command};
 
 /// `sentinel` forgets the group and monitors `other` under the same name: a sentinel cut
 /// off with an old master that keeps naming it. Its answer is a real master that confirms

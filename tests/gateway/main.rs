@@ -6,9 +6,6 @@
 //! Clients are loopback addresses of `127.0.1.0/24`: never `127.0.0.2`, the address
 //! Nginx reaches the instances from and the only proxy they trust.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -16,7 +13,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Client, Response};
 use serde_json::json;
 
-use support::{
+use testkit::{
     NginxProcess, NginxSettings, RedisProcess, TestApp, TestUpstream, client, client_from,
     free_port, header, unique_prefix,
 };
@@ -90,7 +87,7 @@ impl Stack {
                     ("REDIS_URL", redis.url()),
                     ("KEY_PREFIX", prefix.clone()),
                     ("POLICY_FILE", policy_file.display().to_string()),
-                    ("TRUSTED_PROXIES", support::PROXY_ADDR.to_string()),
+                    ("TRUSTED_PROXIES", testkit::PROXY_ADDR.to_string()),
                     ("INSTANCE_NAME", name.to_string()),
                     ("WORKERS", "1".to_string()),
                 ];
@@ -496,9 +493,9 @@ async fn instances_that_accept_but_never_answer_are_given_up_on_within_the_timeo
     assert_eq!(stack.upstream.counts().await.total, 0);
 }
 
-/// [`support::raw_get`] on loopback.
+/// [`testkit::raw_get`] on loopback.
 fn raw_get(port: u16, target: &str) -> (u16, bool) {
-    support::raw_get("127.0.0.1", port, target)
+    testkit::raw_get("127.0.0.1", port, target)
 }
 
 #[tokio::test]

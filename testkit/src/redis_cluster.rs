@@ -6,12 +6,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::redis_nodes::{PASSWORD, RedisProcess};
-use super::wait_until;
+use crate::machine::{require, wait_until};
+use crate::redis_node::{PASSWORD, RedisProcess};
 
-/// Every slot.
-pub const SLOTS: u16 = 16_384;
-
+/// Six nodes made one cluster.
 pub struct RedisCluster {
     pub nodes: Vec<RedisProcess>,
 }
@@ -21,6 +19,7 @@ impl RedisCluster {
     /// `cluster_state:ok` and knows all six. `node_timeout_ms` is how long a master may be
     /// unreachable before its replica takes over.
     pub fn start(node_timeout_ms: u64) -> Self {
+        require("redis-cli", "redis-tools");
         let timeout = node_timeout_ms.to_string();
         let extra = [
             "--cluster-enabled",
@@ -48,7 +47,7 @@ impl RedisCluster {
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
-            .expect("run redis-cli --cluster create (apt-get install redis-tools)");
+            .expect("run redis-cli --cluster create");
         let cluster = Self { nodes };
         assert!(
             output.status.success(),
@@ -218,7 +217,7 @@ impl RedisCluster {
 }
 
 /// `CLUSTER INFO` of `node`, or nothing when it does not answer.
-pub fn cluster_info(node: &RedisProcess) -> String {
+fn cluster_info(node: &RedisProcess) -> String {
     if node.role().is_none() {
         return String::new();
     }
