@@ -22,7 +22,9 @@
 //! - `policy_file`: policy files in temporary folders ([`PolicyFile`]);
 //! - `http`: clients with timeouts, the requests several suites make the same way, and
 //!   reading `/metrics` ([`metric`] is `None` for an absent series, [`counter`] requires
-//!   the family).
+//!   the family);
+//! - `traffic`: many clients sending steadily until told to stop ([`Traffic`]), and what
+//!   each request met ([`Record`]).
 
 mod app;
 mod http;
@@ -32,6 +34,7 @@ mod policy_file;
 mod redis_cluster;
 mod redis_node;
 mod sentinel;
+mod traffic;
 mod upstream;
 
 pub use app::{TestApp, service_command, wait_for_exit};
@@ -48,4 +51,5 @@ pub use redis_node::{
     SERVICE_PASSWORD, SERVICE_USER,
 };
 pub use sentinel::SentinelCluster;
+pub use traffic::{Origin, Record, Traffic};
 pub use upstream::TestUpstream;
