@@ -3,8 +3,9 @@
 //! free loopback ports, in temporary folders. Everything a test starts stops when its value
 //! drops; when the test failed, the processes print the end of their logs first.
 //!
-//! Nginx runs from the shipped template, and every data node with the shipped users,
-//! rendered by `scripts/render-config.sh` as `scripts/cluster.sh` and Compose render them.
+//! The Redis and Nginx processes run from the shipped configuration (`redis/`, `nginx/`),
+//! rendered by `scripts/render-config.sh` as `scripts/cluster.sh` and Compose render it,
+//! with only ports, folders and timings of the harness's own.
 //!
 //! # Layout
 //!
@@ -47,8 +48,8 @@ pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};
 pub use policy_file::PolicyFile;
 pub use redis_cluster::RedisCluster;
 pub use redis_node::{
-    DATA_NODE_ARGS, PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD,
-    SERVICE_PASSWORD, SERVICE_USER,
+    PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD, SERVICE_PASSWORD,
+    SERVICE_USER,
 };
 pub use sentinel::SentinelCluster;
 pub use traffic::{Origin, Record, Traffic};

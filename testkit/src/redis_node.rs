@@ -7,8 +7,8 @@
 //! restricted user, so every test of the service runs with exactly the rights the shipped
 //! topologies give it; the harness itself, and tests that arrange or inspect a node, use
 //! the default (operators') user with [`PASSWORD`]. Replicas follow their master as the
-//! replication user, and sentinels watch the nodes as the sentinel user; every sentinel
-//! requires [`SENTINEL_PASSWORD`], as the shipped ones do.
+//! replication user. Sentinels are the shipped `redis/sentinel.conf`: they watch the nodes
+//! as the sentinel user and require [`SENTINEL_PASSWORD`].
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -29,15 +29,6 @@ pub const SENTINEL_PASSWORD: &str = "test-sentinel-secret";
 /// What the instances' user may touch: every test's prefix ([`crate::unique_prefix`])
 /// starts with `t`, and the service's default `KEY_PREFIX` is `ratelimit`.
 const SERVICE_KEY_PREFIX: &str = "t*";
-
-/// What every data node of a `SentinelCluster` runs with, and what a test that brings one
-/// back must give it again: an isolated master stops taking writes (docs/RELIABILITY.md).
-pub const DATA_NODE_ARGS: &[&str] = &[
-    "--min-replicas-to-write",
-    "1",
-    "--min-replicas-max-lag",
-    "1",
-];
 
 /// One `redis-server` or `redis-sentinel` process.
 pub struct RedisProcess {
@@ -127,7 +118,9 @@ impl RedisProcess {
         Self::spawn("redis-server", args, dir, port, false)
     }
 
-    /// A sentinel watching `master_port` as `redis-master`, with its own writable config.
+    /// A sentinel from the shipped `redis/sentinel.conf`, watching `master_port` as
+    /// `redis-master`, on its own writable copy; `down_after_ms` and a 3 s failover
+    /// timeout replace the shipped timings, so that tests fail over fast.
     pub fn sentinel(master_port: u16, down_after_ms: u64) -> Self {
         Self::sentinel_with(master_port, down_after_ms, "")
     }
@@ -138,21 +131,33 @@ impl RedisProcess {
         require("redis-sentinel", "redis-sentinel");
         let dir = tempfile::tempdir().expect("temporary folder");
         let port = free_port();
-        let config = format!(
-            "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile sentinel.log\n\
-             sentinel monitor redis-master 127.0.0.1 {master_port} 2\n\
-             sentinel auth-user redis-master sentinel\n\
-             sentinel auth-pass redis-master {SENTINEL_AUTH_PASSWORD}\n\
-             requirepass {SENTINEL_PASSWORD}\n\
-             sentinel sentinel-pass {SENTINEL_PASSWORD}\n\
-             sentinel down-after-milliseconds redis-master {down_after_ms}\n\
-             sentinel failover-timeout redis-master 3000\n\
-             sentinel parallel-syncs redis-master 1\n{extra}\n",
-            dir = dir.path().display()
+        let copy = dir.path().join("sentinel.conf");
+        let timings = format!(
+            "sentinel down-after-milliseconds redis-master {down_after_ms}\n\
+             sentinel failover-timeout redis-master 3000\n{extra}"
         );
-        let path = dir.path().join("sentinel.conf");
-        std::fs::write(&path, config).expect("write sentinel.conf");
-        let args = vec![path.display().to_string()];
+        render(
+            "redis/sentinel.conf",
+            &copy,
+            &[
+                ("MASTER_HOST", "127.0.0.1"),
+                ("MASTER_PORT", &master_port.to_string()),
+                ("SENTINEL_AUTH_PASSWORD", SENTINEL_AUTH_PASSWORD),
+                ("SENTINEL_PASSWORD", SENTINEL_PASSWORD),
+                ("EXTRA_CONFIG", &timings),
+            ],
+        );
+        let args = strings(&[
+            &copy.display().to_string(),
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir.path().display().to_string(),
+            "--logfile",
+            "sentinel.log",
+        ]);
         Self::spawn("redis-sentinel", args, dir, port, true)
     }
 

@@ -1,10 +1,12 @@
-//! A Sentinel group: a master, two replicas and three sentinels, each on a free port in
-//! its own folder.
+//! A Sentinel group as the shipped topologies run it: a master from `redis/master.conf`,
+//! two replicas from `redis/replica.conf` and three sentinels from `redis/sentinel.conf`,
+//! each on a free port in its own folder. Only the sentinels' timings are the harness's,
+//! so that a failover takes a second or two.
 
 use std::time::Duration;
 
 use crate::machine::wait_until;
-use crate::redis_node::{DATA_NODE_ARGS, RedisProcess};
+use crate::redis_node::RedisProcess;
 
 /// 1 master, 2 replicas, 3 sentinels; every process is killed as this drops.
 pub struct SentinelCluster {
@@ -16,29 +18,11 @@ impl SentinelCluster {
     /// Starts the group; returns once both replicas are linked and every sentinel agrees
     /// (CKQUORUM) and knows both replicas. A master silent for `down_after_ms` is down.
     pub fn start(down_after_ms: u64) -> Self {
-        let replica_args = [DATA_NODE_ARGS, &["--replica-priority", "100"]].concat();
-        Self::start_with(down_after_ms, |replica_of| match replica_of {
-            None => RedisProcess::server(None, DATA_NODE_ARGS),
-            Some(master) => RedisProcess::server(Some(master), &replica_args),
-        })
-    }
-
-    /// The data nodes from the shipped `redis/master.conf` and `redis/replica.conf`
-    /// ([`RedisProcess::server_from_template`]).
-    pub fn start_from_shipped_configs(down_after_ms: u64) -> Self {
-        Self::start_with(down_after_ms, |replica_of| match replica_of {
-            None => RedisProcess::server_from_template("redis/master.conf", None, &[]),
-            Some(master) => {
-                RedisProcess::server_from_template("redis/replica.conf", Some(master), &[])
-            }
-        })
-    }
-
-    /// `data_node(None)` starts the master, `data_node(Some(port))` a replica of it.
-    fn start_with(down_after_ms: u64, data_node: impl Fn(Option<u16>) -> RedisProcess) -> Self {
-        let mut nodes = vec![data_node(None)];
+        let master = RedisProcess::server_from_template("redis/master.conf", None, &[]);
+        let mut nodes = vec![master];
         for _ in 0..2 {
-            let replica = data_node(Some(nodes[0].port));
+            let replica =
+                RedisProcess::server_from_template("redis/replica.conf", Some(nodes[0].port), &[]);
             nodes.push(replica);
         }
         for replica in &nodes[1..] {

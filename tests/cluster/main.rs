@@ -1,5 +1,7 @@
-//! Redis Cluster mode against real processes: a cluster of 3 masters and 3 replicas on
-//! free ports (`testkit::RedisCluster`) per test, and service instances on it.
+//! Redis Cluster mode against real processes: a cluster of 3 masters and 3 replicas from
+//! the shipped `redis/cluster-node.conf` on free ports (`testkit::RedisCluster`) per test,
+//! and service instances on it, logged in as the instances' user of `redis/users.acl`, as
+//! the shipped topologies run them.
 //!
 //! - `exactness`: keys spread over every master, each admitted exactly its burst; a policy
 //!   whose keys lie in two slots, with the refunds that keeps it exact.
@@ -17,7 +19,9 @@ mod refund;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use testkit::{Origin, PASSWORD, RedisCluster, TestApp, Traffic, all_at_once, client};
+use testkit::{
+    Origin, RedisCluster, SERVICE_PASSWORD, SERVICE_USER, TestApp, Traffic, all_at_once, client,
+};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -46,7 +50,8 @@ fn spawn_pair(
     let spawn = |name: &str| {
         let mut vars = vec![
             ("REDIS_CLUSTER_NODES", cluster.seeds()),
-            ("REDIS_PASSWORD", PASSWORD.to_string()),
+            ("REDIS_USERNAME", SERVICE_USER.to_string()),
+            ("REDIS_PASSWORD", SERVICE_PASSWORD.to_string()),
             ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
             ("RATE_LIMIT", BURST.to_string()),
             ("TIME_WINDOW", "3600".to_string()),

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use testkit::{
-    DATA_NODE_ARGS, Origin, Record, RedisProcess, SENTINEL_PASSWORD, SERVICE_PASSWORD,
-    SERVICE_USER, SentinelCluster, TestApp, Traffic, all_at_once, client, counter, header, metrics,
-    unique_prefix, until_redis_decides, wait_until,
+    Origin, Record, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp,
+    Traffic, all_at_once, client, counter, header, metrics, unique_prefix, until_redis_decides,
+    wait_until,
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -589,13 +589,6 @@ async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recover
     let (closed, _) = spawn_pair(&cluster, &unique_prefix("all-down-closed"), "closed");
     // Let every instance announce itself, so the local share is known.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let master = cluster.master_port().unwrap();
-    let replicas: Vec<u16> = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .filter(|p| *p != master)
-        .collect();
     for node in cluster.nodes.iter_mut() {
         node.kill();
     }
@@ -638,15 +631,10 @@ async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recover
     assert_eq!(header(&response, "Retry-After"), "1");
     assert_eq!(header(&response, "X-RateLimit-Source"), "closed");
 
-    // Bring the nodes back where the sentinels expect them; nothing is restarted in the service.
-    cluster.nodes.clear();
-    cluster
-        .nodes
-        .push(RedisProcess::server_on(master, None, DATA_NODE_ARGS));
-    for port in replicas {
-        cluster
-            .nodes
-            .push(RedisProcess::server_on(port, Some(master), DATA_NODE_ARGS));
+    // Bring the nodes back where the sentinels expect them, as their supervisor would;
+    // nothing is restarted in the service.
+    for node in cluster.nodes.iter_mut() {
+        node.restart();
     }
     let recovery_started = Instant::now();
     wait_for_redis_decisions(&[&first, &second], 503).await;
