@@ -265,6 +265,30 @@ impl RedisProcess {
             .unwrap_or_else(|err| panic!("{args:?} on port {}: {err}", self.port))
     }
 
+    /// What `args` get from this process logged in as `login` (`None`: without logging
+    /// in): the reply, or the error in upper case.
+    pub fn reply_to(
+        &self,
+        login: Option<(&str, &str)>,
+        args: &[&str],
+    ) -> Result<redis::Value, String> {
+        let url = match login {
+            Some((user, password)) => format!("redis://{user}:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        };
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        redis::Client::open(url)
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
+            .and_then(|mut conn| {
+                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+                cmd.query::<redis::Value>(&mut conn)
+            })
+            .map_err(|err| err.to_string().to_uppercase())
+    }
+
     /// How many times `command` ran here (`INFO commandstats`), e.g. `"evalsha"`.
     pub fn command_calls(&self, command: &str) -> u64 {
         let stats: String = self.command(&["INFO", "commandstats"]);
