@@ -122,6 +122,10 @@ async fn killing_a_master_under_load_costs_no_5xx_and_its_replica_decides_within
     assert_eq!(server_errors, 0, "no 5xx");
     assert_eq!(transport_errors, 0, "every request answered");
     assert!(worst < Duration::from_secs(1), "worst latency {worst:?}");
+    assert!(
+        local > 0,
+        "no decision fell back while the master was down, so the kill was not exercised"
+    );
     let back_on_redis = back_on_redis.expect("the dead master's keys decided by Redis again");
     assert!(
         back_on_redis < Duration::from_secs(2),
