@@ -3,12 +3,11 @@
 # redis-server / redis-sentinel processes, then the end-to-end suites.
 #
 #   scripts/test.sh            everything
-#   scripts/test.sh --quick    fmt, clippy and cargo tests only (no native cluster, no Docker)
+#   scripts/test.sh --quick    fmt, clippy and cargo tests only (no soak, no Docker)
 #
-# The cargo tests include tests/gateway/, which runs the shipped Nginx template on free
-# ports, so nginx is needed even with --quick. Those of tests/e2e_cluster.rs need the
-# native cluster, so `cargo test` reports them as ignored; the full run runs them through
-# scripts/e2e-cluster.sh, which starts it.
+# The cargo tests start every topology they need themselves (testkit/): Redis, Sentinel
+# and Redis Cluster from the shipped redis/ configs, and Nginx from the shipped template
+# (tests/gateway/), all on free ports, so nginx is needed even with --quick.
 #
 # The full run ends with a 2-minute soak (scripts/soak.sh --minutes 2: steady load, a master
 # kill, a restart in place, a policy reload, memory and descriptors sampled), on its own
@@ -46,14 +45,9 @@ section "cargo test --workspace"
 cargo test --workspace --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"
 
 if $quick; then
-  section "not run: tests/e2e_cluster.rs (ignored above) and the Compose suite; scripts/test.sh without --quick runs them"
+  section "not run: the Compose suite and the soak; scripts/test.sh without --quick runs them"
   exit 0
 fi
-
-suite_started=$SECONDS
-section "end-to-end: the native cluster through Nginx (scripts/e2e-cluster.sh)"
-scripts/e2e-cluster.sh
-echo "native cluster suite: $((SECONDS - suite_started)) s"
 
 suite_started=$SECONDS
 if docker info >/dev/null 2>&1; then

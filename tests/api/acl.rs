@@ -1,63 +1,86 @@
 //! The instances' Redis user (`redis/users.acl`, which the harness loads into every data
 //! node as the shipped topologies do): it decides, and it can do nothing else. A leaked
 //! instance password must not empty the data set, reconfigure a node, make it follow
-//! another master or reach keys that are not the limiter's.
+//! another master or reach keys that are not the limiter's; and a node answers nobody who
+//! does not log in.
 
 use std::time::Duration;
 
-use crate::support::{
+use testkit::{
     RedisProcess, SERVICE_PASSWORD, SERVICE_USER, TestApp, client, header, unique_prefix,
     wait_until,
 };
 
+/// The configs the shipped topologies run their data nodes from: the Sentinel group's
+/// master and replicas, and every node of Cluster mode.
+const SHIPPED_DATA_NODES: [&str; 3] = [
+    "redis/master.conf",
+    "redis/replica.conf",
+    "redis/cluster-node.conf",
+];
+
 /// The error `args` get from `redis` as the instances' user, or `None` if it ran.
 fn refusal_to_the_service_user(redis: &RedisProcess, args: &[&str]) -> Option<String> {
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query::<redis::Value>(&mut conn)
+    redis
+        .reply_to(Some((SERVICE_USER, SERVICE_PASSWORD)), args)
         .err()
-        .map(|err| err.to_string().to_uppercase())
 }
 
 #[test]
-fn the_instances_user_is_refused_every_command_that_administers_a_node() {
-    // DEBUG enabled, so that only the user's rights can refuse it.
-    let redis = RedisProcess::server(None, &["--enable-debug-command", "yes"]);
-    let replica_of_nowhere = ["REPLICAOF", "127.0.0.1", "1"];
-    for args in [
-        &["FLUSHALL"][..],
-        &["FLUSHDB"],
-        &["CONFIG", "SET", "maxmemory", "1"],
-        &["CONFIG", "GET", "*"],
-        &replica_of_nowhere,
-        &["SLAVEOF", "NO", "ONE"],
-        &["ACL", "SETUSER", SERVICE_USER, "+@all"],
-        &["SHUTDOWN", "NOSAVE"],
-        &["DEBUG", "SLEEP", "0"],
-        &["KEYS", "*"],
-        &["SCRIPT", "FLUSH"],
-        // EVAL is the user's (the Cluster client sends a script whole where a node lacks
-        // it), and a script runs with the user's rights, no more.
-        &["EVAL", "return redis.call('FLUSHALL')", "0"],
-        &["EVAL", "return redis.call('KEYS', '*')", "0"],
-        &["SUBSCRIBE", "__sentinel__:hello"],
-    ] {
-        let refusal = refusal_to_the_service_user(&redis, args);
-        // A command a script calls is refused in the script's own words.
+fn on_every_shipped_data_node_the_instances_user_is_refused_every_command_that_administers_it() {
+    for template in SHIPPED_DATA_NODES {
+        // DEBUG enabled, so that only the user's rights can refuse it.
+        let redis =
+            RedisProcess::server_from_template(template, None, &["--enable-debug-command", "yes"]);
+        let replica_of_nowhere = ["REPLICAOF", "127.0.0.1", "1"];
+        for args in [
+            &["FLUSHALL"][..],
+            &["FLUSHDB"],
+            &["CONFIG", "SET", "maxmemory", "1"],
+            &["CONFIG", "GET", "*"],
+            &replica_of_nowhere,
+            &["SLAVEOF", "NO", "ONE"],
+            &["ACL", "SETUSER", SERVICE_USER, "+@all"],
+            &["SHUTDOWN", "NOSAVE"],
+            &["DEBUG", "SLEEP", "0"],
+            &["KEYS", "*"],
+            &["SCRIPT", "FLUSH"],
+            // EVAL is the user's (the Cluster client sends a script whole where a node
+            // lacks it), and a script runs with the user's rights, no more.
+            &["EVAL", "return redis.call('FLUSHALL')", "0"],
+            &["EVAL", "return redis.call('KEYS', '*')", "0"],
+            &["SUBSCRIBE", "__sentinel__:hello"],
+        ] {
+            let refusal = refusal_to_the_service_user(&redis, args);
+            // A command a script calls is refused in the script's own words.
+            assert!(
+                refusal.as_deref().is_some_and(|e| e.contains("NOPERM")
+                    || e.contains("THE USER EXECUTING THE SCRIPT CAN'T RUN THIS COMMAND")),
+                "{template}: {args:?} as {SERVICE_USER}: {refusal:?}"
+            );
+        }
+        let role: String = redis.role().expect("the node answers");
+        assert_eq!(role, "master", "{template}: no REPLICAOF got through");
+    }
+}
+
+#[test]
+fn every_shipped_data_node_refuses_a_client_that_does_not_log_in() {
+    for template in SHIPPED_DATA_NODES {
+        let redis = RedisProcess::server_from_template(template, None, &[]);
+
+        let anonymous = redis.reply_to(None, &["PING"]);
+        let service = redis.reply_to(Some((SERVICE_USER, SERVICE_PASSWORD)), &["PING"]);
+
         assert!(
-            refusal.as_deref().is_some_and(|e| e.contains("NOPERM")
-                || e.contains("THE USER EXECUTING THE SCRIPT CAN'T RUN THIS COMMAND")),
-            "{args:?} as {SERVICE_USER}: {refusal:?}"
+            anonymous.as_ref().is_err_and(|e| e.contains("NOAUTH")),
+            "{template}: a PING without a login got {anonymous:?}"
+        );
+        assert!(
+            matches!(&service, Ok(redis::Value::SimpleString(pong)) if pong == "PONG"),
+            "{template}: the instances' user, which logs in, got {service:?}"
         );
     }
-    let role: String = redis.role().expect("the node answers");
-    assert_eq!(role, "master", "no REPLICAOF got through");
 }
 
 #[test]

@@ -4,8 +4,8 @@
 
 use reqwest::{Client, RequestBuilder, Response};
 
-use crate::support::PolicyFile;
-use crate::support::{TestApp, client, counter, free_port, header, metrics};
+use testkit::PolicyFile;
+use testkit::{TestApp, client, counter, free_port, header, metrics};
 
 /// A check of `method uri`, as the gateway sends it.
 fn check(client: &Client, app: &TestApp, method: &str, uri: &str) -> RequestBuilder {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{service_command, wait_for_exit};
+use testkit::{service_command, wait_for_exit};
 
 fn run_with(vars: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut child = service_command(0, vars)

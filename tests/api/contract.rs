@@ -1,6 +1,6 @@
 //! The HTTP contract, on the embedded store and on Redis alike.
 
-use crate::support::{RedisProcess, TestApp, client, header, passes, unique_prefix};
+use testkit::{RedisProcess, TestApp, client, header, passes, unique_prefix};
 
 async fn ten_pass_then_429_with_headers(app: &TestApp, expected_source: &str) {
     let client = client();
@@ -173,7 +173,7 @@ async fn unknown_paths_are_404_and_wrong_methods_405_both_as_problems() {
 
 #[tokio::test]
 async fn ready_is_503_with_a_reason_when_redis_is_unreachable_and_health_stays_200() {
-    let port = crate::support::free_port();
+    let port = testkit::free_port();
     let app = TestApp::spawn(&[
         ("REDIS_URL", &format!("redis://127.0.0.1:{port}")),
         ("REDIS_TIMEOUT_MS", "50"),

@@ -7,9 +7,7 @@ use std::net::IpAddr;
 use reqwest::{Client, RequestBuilder, Response};
 use serde_json::{Value, json};
 
-use crate::support::{
-    PolicyFile, RedisProcess, TestApp, client, client_from, header, unique_prefix,
-};
+use testkit::{PolicyFile, RedisProcess, TestApp, client, client_from, header, unique_prefix};
 
 const POLICIES: &str = r#"
 [[policy]]
@@ -638,7 +636,7 @@ async fn while_redis_is_down_a_decision_falls_back_as_a_request_does_and_a_reset
 
 #[tokio::test]
 async fn with_fail_mode_closed_and_redis_down_a_decision_is_no_with_the_quota_only() {
-    let port = crate::support::free_port();
+    let port = testkit::free_port();
     let file = PolicyFile::new(POLICIES);
     let app = spawn(
         None,

@@ -2,7 +2,7 @@
 
 use reqwest::header::HeaderValue;
 
-use crate::support::{TestApp, client, client_from, passes};
+use testkit::{PROXY_ADDR, TestApp, client, client_from, passes};
 
 /// How many requests pass when sent one by one as forwarded for each of `addresses`.
 async fn passes_forwarded_as(client: &reqwest::Client, url: &str, addresses: &[&str]) -> usize {
@@ -20,23 +20,29 @@ async fn passes_forwarded_as(client: &reqwest::Client, url: &str, addresses: &[&
 }
 
 #[tokio::test]
-async fn a_direct_client_cannot_escape_its_bucket_by_forwarding_headers() {
-    let app = TestApp::spawn(&[("RATE_LIMIT", "3")]);
-    let client = client();
+async fn a_direct_client_cannot_escape_its_bucket_by_forwarding_headers_to_an_instance_that_trusts_nginx()
+ {
+    // Arrange: the instance trusts Nginx's address, as the shipped topology has it; the
+    // client, on another loopback address, talks to the instance directly.
+    let app = TestApp::spawn(&[("RATE_LIMIT", "3"), ("TRUSTED_PROXIES", PROXY_ADDR)]);
+    let client = client_from("127.0.0.1".parse().unwrap());
     let url = app.at("/limited_endpoint");
+
+    // Act: every request claims to come from somewhere else.
     let mut passed = 0;
     for n in 0..10 {
         let response = client
             .get(&url)
             .header("X-Forwarded-For", format!("203.0.113.{n}"))
             .header("X-Real-IP", format!("198.51.100.{n}"))
+            .header("Forwarded", format!("for=192.0.2.{n}"))
             .send()
             .await
             .unwrap();
-        if response.status() == 200 {
-            passed += 1;
-        }
+        passed += usize::from(response.status() == 200);
     }
+
+    // Assert: one bucket, the client's own address.
     assert_eq!(passed, 3);
 }
 

@@ -1,8 +1,5 @@
 //! API tests: the service on port 0 against a real `redis-server` started per test.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 mod acl;
 mod check;
 mod config_errors;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{
+use testkit::{
     PolicyFile, RedisProcess, TestApp, all_at_once, client, counter, header, metrics, send_signal,
     service_command, unique_prefix, wait_for_exit,
 };
@@ -378,7 +378,7 @@ limits = [{ name = "minute", rate = 2, per = "1m" }]
     // Global: every client shares one bucket.
     let mut admitted = 0;
     for source in ["127.0.0.61", "127.0.0.62", "127.0.0.63", "127.0.0.64"] {
-        let from = crate::support::client_from(source.parse().unwrap());
+        let from = testkit::client_from(source.parse().unwrap());
         let response = from
             .get(app.at("/limited_endpoint"))
             .header("x-case", "global")
@@ -479,7 +479,7 @@ async fn a_reload_under_load_fails_no_request_applies_to_the_next_ones_and_an_in
 #[tokio::test]
 async fn sighup_reloads_the_policy_file_and_does_not_stop_the_service() {
     let file = PolicyFile::new(GENEROUS);
-    let port = crate::support::free_port();
+    let port = testkit::free_port();
     let path = file.path();
     let mut child = Stopped(
         service_command(
@@ -539,7 +539,7 @@ fn an_invalid_policy_file_at_start_exits_2_with_each_problem_and_its_line() {
         "[[policy]]\nname = \"Bad Name\"\nlimits = [{ name = \"m\", rate = 1, per = \"soon\" }]\n",
     );
     let path = file.path();
-    let mut child = service_command(crate::support::free_port(), &[("POLICY_FILE", &path)])
+    let mut child = service_command(testkit::free_port(), &[("POLICY_FILE", &path)])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -11,7 +11,7 @@ use ratelimiter::store::redis::{
 };
 use ratelimiter::store::{KeyedCharge, Store, StoreError};
 
-use crate::support::{
+use testkit::{
     RedisProcess, SERVICE_USER, TestApp, all_at_once, client, counter, header, metrics,
     unique_prefix, wait_until,
 };

@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::support::{RedisCluster, TestApp, client, counter, metrics, unique_prefix};
 use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, evalsha_by_master,
     spawn_pair,
 };
+use testkit::{RedisCluster, TestApp, client, counter, metrics, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_admit_each_of_sixty_keys_spread_over_three_masters_exactly_its_burst() {
@@ -116,7 +116,7 @@ async fn a_policy_over_two_slots_admits_no_more_than_either_limit_and_refunds_wh
 
     // Contention: twelve at once over both instances, the tenant's limit runs out first.
     let http = client();
-    let answers = crate::support::all_at_once((0..12).map(|n| {
+    let answers = testkit::all_at_once((0..12).map(|n| {
         let app = if n % 2 == 0 { &first } else { &second };
         http.get(app.at("/limited_endpoint"))
             .header("X-Forwarded-For", &ip)

@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use redis::cluster_routing::Slot;
 
-use crate::support::{RedisCluster, client, counter, header, metrics, unique_prefix};
 use crate::{
-    BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, Traffic, bucket_key, burst_from, client_ip, clients_on,
-    evalsha_by_master, spawn_pair,
+    BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, clients_on,
+    evalsha_by_master, spawn_pair, traffic, traffic_after,
 };
+use testkit::{RedisCluster, client, counter, header, metrics, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_script_cache_flushed_the_next_decisions_succeed_on_every_master() {
@@ -81,7 +81,7 @@ async fn killing_a_master_under_load_costs_no_5xx_and_its_replica_decides_within
         .take(14)
         .collect();
     let all: Vec<usize> = on_victim.iter().chain(&elsewhere).copied().collect();
-    let traffic = Traffic::start(&[&first, &second], &all, Duration::from_millis(100));
+    let traffic = traffic(&[&first, &second], &all, Duration::from_millis(100));
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let fault_at = Instant::now();
@@ -122,6 +122,10 @@ async fn killing_a_master_under_load_costs_no_5xx_and_its_replica_decides_within
     assert_eq!(server_errors, 0, "no 5xx");
     assert_eq!(transport_errors, 0, "every request answered");
     assert!(worst < Duration::from_secs(1), "worst latency {worst:?}");
+    assert!(
+        local > 0,
+        "no decision fell back while the master was down, so the kill was not exercised"
+    );
     let back_on_redis = back_on_redis.expect("the dead master's keys decided by Redis again");
     assert!(
         back_on_redis < Duration::from_secs(2),
@@ -193,12 +197,12 @@ async fn moving_a_slot_whose_keys_are_in_use_fails_no_decision_and_stays_exact()
     let in_use: Vec<usize> = (0..7).collect();
     let every = Duration::from_millis(40);
     let pairs = [[&single.0, &single.1], [&double.0, &double.1]];
-    let traffic = pairs.map(|apps| Traffic::start(&apps, &in_use, every));
+    let traffic = pairs.map(|apps| traffic(&apps, &in_use, every));
     tokio::time::sleep(Duration::from_millis(400)).await;
 
     // While the slot is half moved, the newcomer's first buckets are made where they land.
-    let late = pairs
-        .map(|apps| Traffic::start_after(Duration::from_millis(100), &apps, &[newcomer], every));
+    let late =
+        pairs.map(|apps| traffic_after(Duration::from_millis(100), &apps, &[newcomer], every));
     let moved = tokio::task::block_in_place(|| {
         cluster.move_slot(slot, from, to, Duration::from_millis(300))
     });

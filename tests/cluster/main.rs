@@ -1,5 +1,7 @@
-//! Redis Cluster mode against real processes: a cluster of 3 masters and 3 replicas on
-//! free ports (`support::RedisCluster`) per test, and service instances on it.
+//! Redis Cluster mode against real processes: a cluster of 3 masters and 3 replicas from
+//! the shipped `redis/cluster-node.conf` on free ports (`testkit::RedisCluster`) per test,
+//! and service instances on it, logged in as the instances' user of `redis/users.acl`, as
+//! the shipped topologies run them.
 //!
 //! - `exactness`: keys spread over every master, each admitted exactly its burst; a policy
 //!   whose keys lie in two slots, with the refunds that keeps it exact.
@@ -10,19 +12,16 @@
 //! The tests run one at a time: each starts six Redis processes and two instances, and the
 //! machine is shared. Timing is used only as a generous bound on hangs.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 mod exactness;
 mod faults;
 mod refund;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{PASSWORD, RedisCluster, TestApp, all_at_once, client, header};
+use testkit::{
+    Origin, RedisCluster, SERVICE_PASSWORD, SERVICE_USER, TestApp, Traffic, all_at_once, client,
+};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -51,7 +50,8 @@ fn spawn_pair(
     let spawn = |name: &str| {
         let mut vars = vec![
             ("REDIS_CLUSTER_NODES", cluster.seeds()),
-            ("REDIS_PASSWORD", PASSWORD.to_string()),
+            ("REDIS_USERNAME", SERVICE_USER.to_string()),
+            ("REDIS_PASSWORD", SERVICE_PASSWORD.to_string()),
             ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
             ("RATE_LIMIT", BURST.to_string()),
             ("TIME_WINDOW", "3600".to_string()),
@@ -91,98 +91,24 @@ async fn burst_from(apps: &[&TestApp], ip: &str, requests: usize) -> u64 {
     passed
 }
 
-/// One answered (or failed) request of `Traffic`.
-#[derive(Debug, Clone)]
-struct Record {
-    client: usize,
-    sent: Instant,
-    latency: Duration,
-    /// 0 when the request failed without an HTTP answer.
-    status: u16,
-    source: String,
+/// Each of `clients` sending a request every `every` to `apps` in turn, as Nginx would
+/// forward them.
+fn traffic(apps: &[&TestApp], clients: &[usize], every: Duration) -> Traffic {
+    traffic_after(Duration::ZERO, apps, clients, every)
 }
 
-impl Record {
-    fn answered(&self) -> Instant {
-        self.sent + self.latency
-    }
-}
-
-/// Clients each sending a request every `interval` to the instances in turn, as Nginx
-/// would forward them; bounded in time (30 s) whatever happens.
-struct Traffic {
-    records: Arc<Mutex<Vec<Record>>>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(apps: &[&TestApp], clients: &[usize], interval: Duration) -> Self {
-        Self::start_after(Duration::ZERO, apps, clients, interval)
-    }
-
-    /// [`start`](Self::start), the first requests `delay` from now.
-    fn start_after(
-        delay: Duration,
-        apps: &[&TestApp],
-        clients: &[usize],
-        interval: Duration,
-    ) -> Self {
-        let urls: Vec<String> = apps.iter().map(|app| app.at("/limited_endpoint")).collect();
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let http = client();
-        let tasks = clients
-            .iter()
-            .map(|&client_id| {
-                let (records, stop, http, urls) =
-                    (records.clone(), stop.clone(), http.clone(), urls.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    let mut n = client_id;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let url = &urls[n % urls.len()];
-                        n += 1;
-                        let sent = Instant::now();
-                        let answer = http
-                            .get(url)
-                            .header("X-Forwarded-For", client_ip(client_id))
-                            .send()
-                            .await;
-                        let (status, source) = match answer {
-                            Ok(response) => (
-                                response.status().as_u16(),
-                                header(&response, "X-RateLimit-Source"),
-                            ),
-                            Err(_) => (0, String::new()),
-                        };
-                        records.lock().unwrap().push(Record {
-                            client: client_id,
-                            sent,
-                            latency: sent.elapsed(),
-                            status,
-                            source,
-                        });
-                        tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
-                    }
-                })
-            })
-            .collect();
-        Self {
-            records,
-            stop,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> Vec<Record> {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.records.lock().unwrap().clone()
-    }
+/// [`traffic`], the first requests `delay` from now.
+fn traffic_after(
+    delay: Duration,
+    apps: &[&TestApp],
+    clients: &[usize],
+    every: Duration,
+) -> Traffic {
+    let urls: Vec<String> = apps.iter().map(|app| app.at("/limited_endpoint")).collect();
+    let clients = clients
+        .iter()
+        .map(|&id| (id, Origin::Forwarded(client_ip(id))));
+    Traffic::start_after(delay, &urls, clients, every)
 }
 
 /// The first client numbers from `from` on whose default bucket the master on `port` owns.

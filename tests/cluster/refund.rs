@@ -12,7 +12,7 @@ use ratelimiter::store::redis::{
     ConnectionMode, ConnectionSettings, Master, MasterSlot, RedisStore,
 };
 
-use crate::support::{RedisProcess, unique_prefix};
+use testkit::{RedisProcess, unique_prefix};
 
 const SECOND: u64 = 1_000_000;
 

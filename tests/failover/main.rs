@@ -11,16 +11,15 @@
 
 mod restarts;
 mod sentinels;
-#[path = "../support/mod.rs"]
-mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{
-    DATA_NODE_ARGS, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp,
-    all_at_once, client, counter, header, metrics, unique_prefix, until_redis_decides, wait_until,
+use testkit::{
+    Origin, Record, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp,
+    Traffic, all_at_once, client, counter, header, metrics, unique_prefix, until_redis_decides,
+    wait_until,
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -119,13 +118,15 @@ impl Stage {
         }
     }
 
-    /// `CLIENTS` clients, a request every 100 ms each, over both instances.
+    /// `CLIENTS` clients, a request every 100 ms each, over both instances, as Nginx
+    /// would forward them (`X-Forwarded-For` from a trusted proxy).
     fn traffic(&self) -> Traffic {
-        let urls = vec![
+        let urls = [
             self.first.at("/limited_endpoint"),
             self.second.at("/limited_endpoint"),
         ];
-        Traffic::start(urls, 0, CLIENTS, Duration::from_millis(100))
+        let clients = (0..CLIENTS).map(|id| (id, Origin::Forwarded(client_ip(id))));
+        Traffic::start(&urls, clients, Duration::from_millis(100))
     }
 
     /// When a sentinel announced the switch (waiting off the runtime's threads).
@@ -138,81 +139,6 @@ impl Stage {
 
     async fn assert_limits_shared_again(&self) {
         assert_limits_shared_again(&self.first, &self.second, 900).await;
-    }
-}
-
-/// One answered (or failed) request.
-#[derive(Debug, Clone)]
-struct Record {
-    client: usize,
-    sent: Instant,
-    latency: Duration,
-    /// 0 when the request failed without an HTTP answer.
-    status: u16,
-    source: String,
-}
-
-/// Many clients, each sending a request every `interval` to the instances in turn, as
-/// Nginx would forward them (`X-Forwarded-For` from a trusted proxy).
-struct Traffic {
-    records: Arc<Mutex<Vec<Record>>>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(urls: Vec<String>, first_client: usize, clients: usize, interval: Duration) -> Self {
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let http = client();
-        let tasks = (first_client..first_client + clients)
-            .map(|client_id| {
-                let (records, stop, http, urls) =
-                    (records.clone(), stop.clone(), http.clone(), urls.clone());
-                tokio::spawn(async move {
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    let mut n = client_id;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let url = &urls[n % urls.len()];
-                        n += 1;
-                        let sent = Instant::now();
-                        let answer = http
-                            .get(url)
-                            .header("X-Forwarded-For", client_ip(client_id))
-                            .send()
-                            .await;
-                        let (status, source) = match answer {
-                            Ok(response) => (
-                                response.status().as_u16(),
-                                header(&response, "X-RateLimit-Source"),
-                            ),
-                            Err(_) => (0, String::new()),
-                        };
-                        records.lock().unwrap().push(Record {
-                            client: client_id,
-                            sent,
-                            latency: sent.elapsed(),
-                            status,
-                            source,
-                        });
-                        tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
-                    }
-                })
-            })
-            .collect();
-        Self {
-            records,
-            stop,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> Vec<Record> {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.records.lock().unwrap().clone()
     }
 }
 
@@ -663,13 +589,6 @@ async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recover
     let (closed, _) = spawn_pair(&cluster, &unique_prefix("all-down-closed"), "closed");
     // Let every instance announce itself, so the local share is known.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let master = cluster.master_port().unwrap();
-    let replicas: Vec<u16> = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .filter(|p| *p != master)
-        .collect();
     for node in cluster.nodes.iter_mut() {
         node.kill();
     }
@@ -712,19 +631,10 @@ async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recover
     assert_eq!(header(&response, "Retry-After"), "1");
     assert_eq!(header(&response, "X-RateLimit-Source"), "closed");
 
-    // Bring the nodes back where the sentinels expect them; nothing is restarted in the service.
-    cluster.nodes.clear();
-    cluster.nodes.push(support::RedisProcess::server_on(
-        master,
-        None,
-        DATA_NODE_ARGS,
-    ));
-    for port in replicas {
-        cluster.nodes.push(support::RedisProcess::server_on(
-            port,
-            Some(master),
-            DATA_NODE_ARGS,
-        ));
+    // Bring the nodes back where the sentinels expect them, as their supervisor would;
+    // nothing is restarted in the service.
+    for node in cluster.nodes.iter_mut() {
+        node.restart();
     }
     let recovery_started = Instant::now();
     wait_for_redis_decisions(&[&first, &second], 503).await;

@@ -9,7 +9,7 @@ const RESTART_DOWN_AFTER_MS: u64 = 5000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_and_restarted_before_the_sentinels_notice_keeps_every_bucket() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut cluster = SentinelCluster::start_from_shipped_configs(RESTART_DOWN_AFTER_MS);
+    let mut cluster = SentinelCluster::start(RESTART_DOWN_AFTER_MS);
     let master = cluster.master_port().expect("a master");
     let hosts = cluster.sentinel_hosts();
     let prefix = unique_prefix("restart");

@@ -1,12 +1,13 @@
 //! Sentinels that name the wrong master: one left behind by a failover (stale), one that
 //! claims a newer configuration for a server of its own (lying). The instances believe
 //! the newest configuration the most sentinels hold, and with `REDIS_DATA_NODES` no master
-//! outside the data nodes they were given.
+//! outside the data nodes they were given. And what keeps anyone else from making a
+//! sentinel lie: the shipped sentinels answer nobody who does not log in.
 
 use std::io::Read;
 
-use super::support::{RedisProcess, SENTINEL_AUTH_PASSWORD, free_port, service_command};
 use super::*;
+use testkit::{RedisProcess, SENTINEL_AUTH_PASSWORD, free_port, service_command};
 
 /// `sentinel` forgets the group and monitors `other` under the same name: a sentinel cut
 /// off with an old master that keeps naming it. Its answer is a real master that confirms
@@ -203,4 +204,38 @@ async fn with_data_nodes_set_a_master_outside_them_is_ignored_and_logged_whateve
             .any(|line| line.contains("WARN") && line.contains(&foreign_addr)),
         "no warning naming {foreign_addr}:\n{logged}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sentinel_refuses_a_client_that_does_not_log_in_while_the_instances_that_do_decide() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let (first, second) = spawn_pair(&cluster, &unique_prefix("sentinel-login"), "local");
+
+    let monitor_a_fake = ["SENTINEL", "MONITOR", "evil", "127.0.0.1", "1", "2"];
+    for sentinel in &cluster.sentinels {
+        for args in [
+            &monitor_a_fake[..],
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "redis-master"],
+            &["PING"],
+        ] {
+            let reply = sentinel.reply_to(None, args);
+            assert!(
+                reply.as_ref().is_err_and(|e| e.contains("NOAUTH")),
+                "sentinel {} answered {args:?} without a password: {reply:?}",
+                sentinel.port
+            );
+        }
+        let masters: Vec<redis::Value> = sentinel.command(&["SENTINEL", "MASTERS"]);
+        assert_eq!(masters.len(), 1, "sentinel {}: {masters:?}", sentinel.port);
+    }
+    let http = client();
+    for app in [&first, &second] {
+        until_redis_decides(&app.url, Instant::now() + Duration::from_secs(10), || {
+            http.get(app.at("/limited_endpoint"))
+        })
+        .await;
+        let ready = http.get(app.at("/ready")).send().await.unwrap();
+        assert_eq!(ready.status(), 200, "{}", app.url);
+    }
 }

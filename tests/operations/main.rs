@@ -1,13 +1,10 @@
 //! Operating the service: metrics, logging and graceful shutdown. Each service builds its own
 //! metrics handle, so these tests run side by side and count exactly.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{TestApp, client, counter, metric, metrics};
+use testkit::{TestApp, client, counter, metric, metrics};
 
 #[tokio::test]
 async fn metrics_count_decisions_by_outcome_and_source() {
@@ -52,7 +49,7 @@ async fn requests_are_counted_by_the_route_actix_matched() {
 
 #[tokio::test]
 async fn two_services_in_one_process_keep_their_own_fallback_gauge() {
-    let unreachable = format!("redis://127.0.0.1:{}", support::free_port());
+    let unreachable = format!("redis://127.0.0.1:{}", testkit::free_port());
     let degraded = TestApp::spawn(&[("REDIS_URL", &unreachable), ("REDIS_TIMEOUT_MS", "50")]);
     let healthy = TestApp::spawn(&[]);
     let client = client();
@@ -86,8 +83,8 @@ impl Service {
 
     /// `vars` may set `RUST_LOG`. A piped stderr stays with the child, unread.
     fn start_with_stderr(vars: &[(&str, &str)], stderr: Stdio) -> Self {
-        let port = support::free_port();
-        let child = support::service_command(port, vars)
+        let port = testkit::free_port();
+        let child = testkit::service_command(port, vars)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -96,7 +93,7 @@ impl Service {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        support::wait_until(
+        testkit::wait_until(
             "the service to listen",
             std::time::Duration::from_secs(10),
             || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
@@ -105,12 +102,12 @@ impl Service {
     }
 
     fn signal(&self, signal: &str) {
-        support::send_signal(self.child.id(), signal);
+        testkit::send_signal(self.child.id(), signal);
     }
 
     /// Waits for the exit code, killing the process if it does not exit in `limit`.
     fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
-        support::wait_for_exit(&mut self.child, limit)
+        testkit::wait_for_exit(&mut self.child, limit)
             .unwrap_or_else(|| panic!("the service did not exit within {limit:?} of SIGTERM"))
             .code()
     }
@@ -173,12 +170,12 @@ async fn a_stderr_nobody_reads_stalls_no_request_and_the_lines_it_cannot_take_ar
 
 #[tokio::test]
 async fn sigterm_lets_every_in_flight_request_finish_and_exits_0() {
-    let redis = support::RedisProcess::server(None, &[]);
+    let redis = testkit::RedisProcess::server(None, &[]);
     let mut service = Service::start(&[
         ("REDIS_URL", &redis.url()),
         ("REDIS_TIMEOUT_MS", "1500"),
         ("SHUTDOWN_TIMEOUT_S", "10"),
-        ("KEY_PREFIX", &support::unique_prefix("shutdown")),
+        ("KEY_PREFIX", &testkit::unique_prefix("shutdown")),
     ]);
     let http = client();
     let ready = http
@@ -226,13 +223,13 @@ fn service_source() -> String {
         }
     }
     let mut text = String::new();
-    collect(&support::repo_path("src"), &mut text);
+    collect(&testkit::repo_path("src"), &mut text);
     text
 }
 
 #[test]
 fn every_message_the_operators_guide_quotes_is_one_the_service_prints() {
-    let guide = std::fs::read_to_string(support::repo_path("docs/OPERATIONS.md")).unwrap();
+    let guide = std::fs::read_to_string(testkit::repo_path("docs/OPERATIONS.md")).unwrap();
     let troubleshooting = guide
         .split("## Troubleshooting")
         .nth(1)
@@ -267,11 +264,11 @@ fn every_message_the_operators_guide_quotes_is_one_the_service_prints() {
 
 #[tokio::test]
 async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_returns() {
-    let mut redis = support::RedisProcess::server(None, &[]);
+    let mut redis = testkit::RedisProcess::server(None, &[]);
     let port = redis.port;
     let app = TestApp::spawn(&[
         ("REDIS_URL", &redis.url()),
-        ("KEY_PREFIX", &support::unique_prefix("fallback-metrics")),
+        ("KEY_PREFIX", &testkit::unique_prefix("fallback-metrics")),
         ("SENTINEL_POLL_MS", "100"),
     ]);
     let client = client();
@@ -300,9 +297,9 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
         3.0
     );
 
-    let _back = support::RedisProcess::server_on(port, None, &[]);
+    let _back = testkit::RedisProcess::server_on(port, None, &[]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    support::until_redis_decides(&app.url, deadline, || {
+    testkit::until_redis_decides(&app.url, deadline, || {
         client.get(app.at("/limited_endpoint"))
     })
     .await;

@@ -7,7 +7,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, repo_path, require, send_signal, wait_until};
+use crate::app::wait_for_exit;
+use crate::machine::{free_port, log_tail, render, require, send_signal, wait_until};
 
 /// The address Nginx reaches the instances from; the instances must trust it
 /// (`TRUSTED_PROXIES`), and no test client may use it.
@@ -44,31 +45,27 @@ impl NginxProcess {
         }
         let config = root.join("nginx.conf");
         let error_log = root.join("logs/error.log");
-        let rendered = Command::new("bash")
-            .arg(repo_path("scripts/render-config.sh"))
-            .arg(repo_path("nginx/nginx.conf.template"))
-            .arg(&config)
-            .env("PID_FILE", root.join("nginx.pid"))
-            .env("ERROR_LOG", &error_log)
-            .env("ACCESS_LOG", root.join("logs/access.log"))
-            .env("TEMP_DIR", root.join("temp"))
-            .env("LISTEN", format!("listen 127.0.0.1:{port};"))
-            .env("APP_1", &settings.instances[0])
-            .env("APP_2", &settings.instances[1])
-            .env("PROXY_BIND", PROXY_ADDR)
-            .env(
-                "GATEWAY_LISTEN",
-                format!("listen 127.0.0.1:{gateway_port};"),
-            )
-            .env("GATEWAY_UPSTREAM", &settings.upstream)
-            .env("GATEWAY_FAIL_MODE", settings.fail_mode)
-            .stdout(Stdio::null())
-            .output()
-            .expect("run scripts/render-config.sh");
-        assert!(
-            rendered.status.success(),
-            "render-config.sh: {}",
-            String::from_utf8_lossy(&rendered.stderr)
+        let (port_text, gateway_text) = (
+            format!("listen 127.0.0.1:{port};"),
+            format!("listen 127.0.0.1:{gateway_port};"),
+        );
+        let path = |relative: &str| root.join(relative).display().to_string();
+        render(
+            "nginx/nginx.conf.template",
+            &config,
+            &[
+                ("PID_FILE", &path("nginx.pid")),
+                ("ERROR_LOG", &path("logs/error.log")),
+                ("ACCESS_LOG", &path("logs/access.log")),
+                ("TEMP_DIR", &path("temp")),
+                ("LISTEN", &port_text),
+                ("APP_1", &settings.instances[0]),
+                ("APP_2", &settings.instances[1]),
+                ("PROXY_BIND", PROXY_ADDR),
+                ("GATEWAY_LISTEN", &gateway_text),
+                ("GATEWAY_UPSTREAM", &settings.upstream),
+                ("GATEWAY_FAIL_MODE", settings.fail_mode),
+            ],
         );
         let args = |command: &mut Command| {
             command
@@ -121,10 +118,7 @@ impl NginxProcess {
     }
 
     pub fn error_log_tail(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("logs/error.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        log_tail(&self.dir.path().join("logs/error.log"))
     }
 
     /// Fast shutdown (SIGTERM): the master stops its workers, then exits.
@@ -134,7 +128,7 @@ impl NginxProcess {
         }
         self.stopped = true;
         send_signal(self.child.id(), "TERM");
-        if super::wait_for_exit(&mut self.child, Duration::from_secs(10)).is_none() {
+        if wait_for_exit(&mut self.child, Duration::from_secs(10)).is_none() {
             eprintln!("nginx ignored SIGTERM for 10 s and was killed");
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use demo_upstream::{Counts, DemoUpstream};
 
-use super::client;
+use crate::client;
 
 pub struct TestUpstream {
     /// Where the gateway sends what it admits.

@@ -7,36 +7,28 @@
 //! restricted user, so every test of the service runs with exactly the rights the shipped
 //! topologies give it; the harness itself, and tests that arrange or inspect a node, use
 //! the default (operators') user with [`PASSWORD`]. Replicas follow their master as the
-//! replication user, and sentinels watch the nodes as the sentinel user; every sentinel
-//! requires [`SENTINEL_PASSWORD`], as the shipped ones do.
+//! replication user. Sentinels are the shipped `redis/sentinel.conf`: they watch the nodes
+//! as the sentinel user and require [`SENTINEL_PASSWORD`].
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, repo_path, require, send_signal, wait_until};
+use crate::machine::{free_port, log_tail, render, require, send_signal, wait_until};
 
 /// The default user's: the operators' password.
 pub const PASSWORD: &str = "test-secret";
 /// The instances' user of `redis/users.acl`, and its password.
 pub const SERVICE_USER: &str = "ratelimiter";
 pub const SERVICE_PASSWORD: &str = "test-service-secret";
-pub const REPLICA_PASSWORD: &str = "test-replica-secret";
+const REPLICA_PASSWORD: &str = "test-replica-secret";
+/// How the sentinels log in to the data nodes (the `sentinel` user of `redis/users.acl`).
 pub const SENTINEL_AUTH_PASSWORD: &str = "test-sentinel-auth-secret";
 /// What every sentinel requires (`requirepass`), and presents to the others.
 pub const SENTINEL_PASSWORD: &str = "test-sentinel-secret";
-/// What the instances' user may touch: every test's prefix ([`super::unique_prefix`])
+/// What the instances' user may touch: every test's prefix ([`crate::unique_prefix`])
 /// starts with `t`, and the service's default `KEY_PREFIX` is `ratelimit`.
-pub const SERVICE_KEY_PREFIX: &str = "t*";
-
-/// What every data node of a `SentinelCluster` runs with, and what a test that brings one
-/// back must give it again: an isolated master stops taking writes (docs/RELIABILITY.md).
-pub const DATA_NODE_ARGS: &[&str] = &[
-    "--min-replicas-to-write",
-    "1",
-    "--min-replicas-max-lag",
-    "1",
-];
+const SERVICE_KEY_PREFIX: &str = "t*";
 
 /// One `redis-server` or `redis-sentinel` process.
 pub struct RedisProcess {
@@ -51,16 +43,18 @@ pub struct RedisProcess {
 }
 
 impl RedisProcess {
-    /// A data node; `replica_of` makes it a replica. Every data node has the same password.
+    /// A data node with the harness's own settings (no persistence, no write safety);
+    /// `replica_of` makes it a replica.
     pub fn server(replica_of: Option<u16>, extra: &[&str]) -> Self {
         Self::server_on(free_port(), replica_of, extra)
     }
 
-    /// A data node on a given port, e.g. to bring one back where the sentinels expect it.
+    /// [`RedisProcess::server`] on a given port.
     pub fn server_on(port: u16, replica_of: Option<u16>, extra: &[&str]) -> Self {
         require("redis-server", "redis-server");
         let dir = tempfile::tempdir().expect("temporary folder");
-        let mut args: Vec<String> = [
+        let users = render_users(dir.path());
+        let mut args = strings(&[
             "--port",
             &port.to_string(),
             "--bind",
@@ -70,7 +64,7 @@ impl RedisProcess {
             "--appendonly",
             "no",
             "--aclfile",
-            &render_users(dir.path()),
+            &users,
             "--masteruser",
             "replica",
             "--masterauth",
@@ -81,61 +75,52 @@ impl RedisProcess {
             "yes",
             "--repl-diskless-sync-delay",
             "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         if let Some(master) = replica_of {
-            args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+            args.extend(strings(&["--replicaof", "127.0.0.1", &master.to_string()]));
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn("redis-server", &args, dir, port, false)
+        args.extend(strings(extra));
+        Self::spawn("redis-server", args, dir, port, false)
     }
 
-    /// A data node from a shipped template (`redis/master.conf` or `redis/replica.conf`),
-    /// rendered into its folder by `scripts/render-config.sh` and started with the command
-    /// line `scripts/cluster.sh` gives it, so the node behaves as shipped (persistence and
-    /// write safety included). Only the log file is the harness's own.
-    pub fn server_from_template(template: &str, replica_of: Option<u16>) -> Self {
+    /// A data node from a shipped template (`redis/master.conf`, `redis/replica.conf` or
+    /// `redis/cluster-node.conf`), rendered into its folder by `scripts/render-config.sh`
+    /// with `users.acl` beside it, and started with the command line `scripts/cluster.sh`
+    /// gives it, so the node behaves as shipped (persistence, write safety and users
+    /// included). Only the log file and `extra` (e.g. a shorter timeout) are the harness's.
+    pub fn server_from_template(template: &str, replica_of: Option<u16>, extra: &[&str]) -> Self {
         require("redis-server", "redis-server");
         let dir = tempfile::tempdir().expect("temporary folder");
         let port = free_port();
         let copy = dir.path().join("redis.conf");
-        let rendered = Command::new(repo_path("scripts/render-config.sh"))
-            .arg(repo_path(template))
-            .arg(&copy)
-            .env("REDIS_REPLICA_PASSWORD", REPLICA_PASSWORD)
-            .output()
-            .expect("run scripts/render-config.sh");
-        assert!(
-            rendered.status.success(),
-            "scripts/render-config.sh {template}: {}",
-            String::from_utf8_lossy(&rendered.stderr)
+        render(
+            template,
+            &copy,
+            &[("REDIS_REPLICA_PASSWORD", REPLICA_PASSWORD)],
         );
         // The template loads `users.acl` from its own folder, as the topologies render it.
         render_users(dir.path());
-        let dir_arg = dir.path().display().to_string();
-        let mut args: Vec<String> = [
-            copy.display().to_string().as_str(),
+        let mut args = strings(&[
+            &copy.display().to_string(),
             "--port",
             &port.to_string(),
             "--bind",
             "127.0.0.1",
             "--dir",
-            &dir_arg,
+            &dir.path().display().to_string(),
             "--logfile",
             "redis.log",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         if let Some(master) = replica_of {
-            args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+            args.extend(strings(&["--replicaof", "127.0.0.1", &master.to_string()]));
         }
-        Self::spawn("redis-server", &args, dir, port, false)
+        args.extend(strings(extra));
+        Self::spawn("redis-server", args, dir, port, false)
     }
 
-    /// A sentinel watching `master_port` as `redis-master`, with its own writable config.
+    /// A sentinel from the shipped `redis/sentinel.conf`, watching `master_port` as
+    /// `redis-master`, on its own writable copy; `down_after_ms` and a 3 s failover
+    /// timeout replace the shipped timings, so that tests fail over fast.
     pub fn sentinel(master_port: u16, down_after_ms: u64) -> Self {
         Self::sentinel_with(master_port, down_after_ms, "")
     }
@@ -146,32 +131,44 @@ impl RedisProcess {
         require("redis-sentinel", "redis-sentinel");
         let dir = tempfile::tempdir().expect("temporary folder");
         let port = free_port();
-        let config = format!(
-            "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile sentinel.log\n\
-             sentinel monitor redis-master 127.0.0.1 {master_port} 2\n\
-             sentinel auth-user redis-master sentinel\n\
-             sentinel auth-pass redis-master {SENTINEL_AUTH_PASSWORD}\n\
-             requirepass {SENTINEL_PASSWORD}\n\
-             sentinel sentinel-pass {SENTINEL_PASSWORD}\n\
-             sentinel down-after-milliseconds redis-master {down_after_ms}\n\
-             sentinel failover-timeout redis-master 3000\n\
-             sentinel parallel-syncs redis-master 1\n{extra}\n",
-            dir = dir.path().display()
+        let copy = dir.path().join("sentinel.conf");
+        let timings = format!(
+            "sentinel down-after-milliseconds redis-master {down_after_ms}\n\
+             sentinel failover-timeout redis-master 3000\n{extra}"
         );
-        let path = dir.path().join("sentinel.conf");
-        std::fs::write(&path, config).expect("write sentinel.conf");
-        let args = vec![path.display().to_string()];
-        Self::spawn("redis-sentinel", &args, dir, port, true)
+        render(
+            "redis/sentinel.conf",
+            &copy,
+            &[
+                ("MASTER_HOST", "127.0.0.1"),
+                ("MASTER_PORT", &master_port.to_string()),
+                ("SENTINEL_AUTH_PASSWORD", SENTINEL_AUTH_PASSWORD),
+                ("SENTINEL_PASSWORD", SENTINEL_PASSWORD),
+                ("EXTRA_CONFIG", &timings),
+            ],
+        );
+        let args = strings(&[
+            &copy.display().to_string(),
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir.path().display().to_string(),
+            "--logfile",
+            "sentinel.log",
+        ]);
+        Self::spawn("redis-sentinel", args, dir, port, true)
     }
 
     fn spawn(
         binary: &str,
-        args: &[String],
+        args: Vec<String>,
         dir: tempfile::TempDir,
         port: u16,
         sentinel: bool,
     ) -> Self {
-        let child = Self::launch(binary, args, dir.path());
+        let child = Self::launch(binary, &args, dir.path());
         let process = Self {
             port,
             child,
@@ -179,7 +176,7 @@ impl RedisProcess {
             sentinel,
             stopped: false,
             binary: binary.to_string(),
-            args: args.to_vec(),
+            args,
         };
         process.wait_for_answer();
         process
@@ -235,33 +232,30 @@ impl RedisProcess {
         self.child.id()
     }
 
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn try_connection(&self) -> Option<redis::Connection> {
+    pub(crate) fn try_connection(&self) -> Option<redis::Connection> {
         let url = if self.sentinel {
             self.sentinel_url()
         } else {
             self.admin_url()
         };
         let client = redis::Client::open(url).ok()?;
-        let conn = client
+        let mut conn = client
             .get_connection_with_timeout(Duration::from_millis(500))
             .ok()?;
         conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         conn.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut conn = conn;
         redis::cmd("PING").query::<String>(&mut conn).ok()?;
         Some(conn)
     }
 
-    /// A connection with timeouts; panics if the process does not answer.
+    /// A connection with timeouts, as the operators' user; panics if the process does not
+    /// answer.
     pub fn connection(&self) -> redis::Connection {
         self.try_connection()
             .unwrap_or_else(|| panic!("no answer from port {}\n{}", self.port, self.log_tail()))
     }
 
+    /// `args` as the operators' user; panics on an error reply.
     pub fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
         let mut cmd = redis::cmd(args[0]);
         for arg in &args[1..] {
@@ -269,6 +263,30 @@ impl RedisProcess {
         }
         cmd.query(&mut self.connection())
             .unwrap_or_else(|err| panic!("{args:?} on port {}: {err}", self.port))
+    }
+
+    /// What `args` get from this process logged in as `login` (`None`: without logging
+    /// in): the reply, or the error in upper case.
+    pub fn reply_to(
+        &self,
+        login: Option<(&str, &str)>,
+        args: &[&str],
+    ) -> Result<redis::Value, String> {
+        let url = match login {
+            Some((user, password)) => format!("redis://{user}:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        };
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        redis::Client::open(url)
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
+            .and_then(|mut conn| {
+                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+                cmd.query::<redis::Value>(&mut conn)
+            })
+            .map_err(|err| err.to_string().to_uppercase())
     }
 
     /// How many times `command` ran here (`INFO commandstats`), e.g. `"evalsha"`.
@@ -283,6 +301,7 @@ impl RedisProcess {
             .unwrap_or(0)
     }
 
+    /// `master` or `slave`; `None` when it does not answer.
     pub fn role(&self) -> Option<String> {
         let mut conn = self.try_connection()?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).ok()?;
@@ -299,9 +318,7 @@ impl RedisProcess {
         } else {
             "redis.log"
         };
-        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        log_tail(&self.dir.path().join(name))
     }
 
     pub fn signal(&self, signal: &str) {
@@ -338,123 +355,23 @@ impl Drop for RedisProcess {
     }
 }
 
-/// 1 master, 2 replicas, 3 sentinels.
-pub struct SentinelCluster {
-    pub nodes: Vec<RedisProcess>,
-    pub sentinels: Vec<RedisProcess>,
-}
-
-impl SentinelCluster {
-    pub fn start(down_after_ms: u64) -> Self {
-        let replica_args = [DATA_NODE_ARGS, &["--replica-priority", "100"]].concat();
-        Self::start_with(down_after_ms, |replica_of| match replica_of {
-            None => RedisProcess::server(None, DATA_NODE_ARGS),
-            Some(master) => RedisProcess::server(Some(master), &replica_args),
-        })
-    }
-
-    /// The data nodes from the shipped `redis/master.conf` and `redis/replica.conf`
-    /// ([`RedisProcess::server_from_template`]).
-    pub fn start_from_shipped_configs(down_after_ms: u64) -> Self {
-        Self::start_with(down_after_ms, |replica_of| match replica_of {
-            None => RedisProcess::server_from_template("redis/master.conf", None),
-            Some(master) => RedisProcess::server_from_template("redis/replica.conf", Some(master)),
-        })
-    }
-
-    /// `data_node(None)` starts the master, `data_node(Some(port))` a replica of it.
-    fn start_with(down_after_ms: u64, data_node: impl Fn(Option<u16>) -> RedisProcess) -> Self {
-        let mut nodes = vec![data_node(None)];
-        for _ in 0..2 {
-            let replica = data_node(Some(nodes[0].port));
-            nodes.push(replica);
-        }
-        for replica in &nodes[1..] {
-            wait_until("replication link up", Duration::from_secs(15), || {
-                let info: String = replica.command(&["INFO", "replication"]);
-                info.contains("master_link_status:up")
-            });
-        }
-        let sentinels: Vec<RedisProcess> = (0..3)
-            .map(|_| RedisProcess::sentinel(nodes[0].port, down_after_ms))
-            .collect();
-        let cluster = Self { nodes, sentinels };
-        wait_until(
-            "sentinels to agree (CKQUORUM) and see both replicas",
-            Duration::from_secs(20),
-            || {
-                cluster.sentinels.iter().all(|s| {
-                    let mut conn = s.connection();
-                    let quorum = redis::cmd("SENTINEL")
-                        .arg("CKQUORUM")
-                        .arg("redis-master")
-                        .query::<String>(&mut conn);
-                    let replicas: redis::RedisResult<Vec<redis::Value>> = redis::cmd("SENTINEL")
-                        .arg("REPLICAS")
-                        .arg("redis-master")
-                        .query(&mut conn);
-                    quorum.is_ok() && replicas.is_ok_and(|r| r.len() == 2)
-                })
-            },
-        );
-        cluster
-    }
-
-    pub fn sentinel_hosts(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// The master's port according to the first sentinel that answers.
-    pub fn master_port(&self) -> Option<u16> {
-        self.sentinels.iter().find_map(|s| {
-            let mut conn = s.try_connection()?;
-            let (_, port): (String, u16) = redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg("redis-master")
-                .query(&mut conn)
-                .ok()?;
-            Some(port)
-        })
-    }
-
-    pub fn node(&self, port: u16) -> &RedisProcess {
-        self.nodes
-            .iter()
-            .find(|n| n.port == port)
-            .expect("a node on that port")
-    }
-
-    pub fn node_mut(&mut self, port: u16) -> &mut RedisProcess {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .expect("a node on that port")
-    }
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| arg.to_string()).collect()
 }
 
 /// `redis/users.acl` rendered into `dir` with the harness's passwords; its path.
 fn render_users(dir: &Path) -> String {
     let path = dir.join("users.acl");
-    let rendered = Command::new("bash")
-        .arg(repo_path("scripts/render-config.sh"))
-        .arg(repo_path("redis/users.acl"))
-        .arg(&path)
-        .env("REDIS_ADMIN_PASSWORD", PASSWORD)
-        .env("REDIS_PASSWORD", SERVICE_PASSWORD)
-        .env("KEY_PREFIX", SERVICE_KEY_PREFIX)
-        .env("REDIS_REPLICA_PASSWORD", REPLICA_PASSWORD)
-        .env("SENTINEL_AUTH_PASSWORD", SENTINEL_AUTH_PASSWORD)
-        .stdout(Stdio::null())
-        .output()
-        .expect("run scripts/render-config.sh");
-    assert!(
-        rendered.status.success(),
-        "render-config.sh redis/users.acl: {}",
-        String::from_utf8_lossy(&rendered.stderr)
+    render(
+        "redis/users.acl",
+        &path,
+        &[
+            ("REDIS_ADMIN_PASSWORD", PASSWORD),
+            ("REDIS_PASSWORD", SERVICE_PASSWORD),
+            ("KEY_PREFIX", SERVICE_KEY_PREFIX),
+            ("REDIS_REPLICA_PASSWORD", REPLICA_PASSWORD),
+            ("SENTINEL_AUTH_PASSWORD", SENTINEL_AUTH_PASSWORD),
+        ],
     );
     path.display().to_string()
 }

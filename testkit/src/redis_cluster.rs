@@ -1,17 +1,17 @@
-//! A real Redis Cluster: 3 masters and 3 replicas, each a `redis-server --cluster-enabled
-//! yes` on a free port in its own temporary folder, joined by `redis-cli --cluster create`.
-//! Every node is killed on `Drop`; when the test failed, the cluster's view of itself
-//! (`CLUSTER NODES`) and each node's last log lines are printed first.
+//! A real Redis Cluster as the shipped Cluster mode topology runs it: 3 masters and 3
+//! replicas, each a node from `redis/cluster-node.conf` (with `redis/users.acl`) on a free
+//! port in its own temporary folder, joined by `redis-cli --cluster create`. Only the node
+//! timeout is the harness's. Every node is killed on `Drop`; when the test failed, the
+//! cluster's view of itself (`CLUSTER NODES`) and each node's last log lines are printed
+//! first.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::redis_nodes::{PASSWORD, RedisProcess};
-use super::wait_until;
+use crate::machine::{require, wait_until};
+use crate::redis_node::{PASSWORD, RedisProcess};
 
-/// Every slot.
-pub const SLOTS: u16 = 16_384;
-
+/// Six nodes made one cluster.
 pub struct RedisCluster {
     pub nodes: Vec<RedisProcess>,
 }
@@ -21,24 +21,12 @@ impl RedisCluster {
     /// `cluster_state:ok` and knows all six. `node_timeout_ms` is how long a master may be
     /// unreachable before its replica takes over.
     pub fn start(node_timeout_ms: u64) -> Self {
+        require("redis-cli", "redis-tools");
         let timeout = node_timeout_ms.to_string();
-        let extra = [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            timeout.as_str(),
-            // A replica with a lagging link may still take over: the tests kill masters
-            // under load and expect their replicas to step in at once.
-            "--cluster-replica-validity-factor",
-            "0",
-            // The masters that are up keep deciding while another one's slots are
-            // uncovered, as README recommends for a rate limiter.
-            "--cluster-require-full-coverage",
-            "no",
-        ];
-        let nodes: Vec<RedisProcess> = (0..6).map(|_| RedisProcess::server(None, &extra)).collect();
+        let extra = ["--cluster-node-timeout", timeout.as_str()];
+        let nodes: Vec<RedisProcess> = (0..6)
+            .map(|_| RedisProcess::server_from_template("redis/cluster-node.conf", None, &extra))
+            .collect();
         let mut create = Command::new("redis-cli");
         create.args(["-a", PASSWORD, "--no-auth-warning", "--cluster", "create"]);
         for node in &nodes {
@@ -48,7 +36,7 @@ impl RedisCluster {
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
-            .expect("run redis-cli --cluster create (apt-get install redis-tools)");
+            .expect("run redis-cli --cluster create");
         let cluster = Self { nodes };
         assert!(
             output.status.success(),
@@ -218,7 +206,7 @@ impl RedisCluster {
 }
 
 /// `CLUSTER INFO` of `node`, or nothing when it does not answer.
-pub fn cluster_info(node: &RedisProcess) -> String {
+fn cluster_info(node: &RedisProcess) -> String {
     if node.role().is_none() {
         return String::new();
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Client, RequestBuilder, Response};
 
-use super::TestApp;
+use crate::TestApp;
 
 /// A client with a short timeout.
 pub fn client() -> Client {

@@ -2,6 +2,7 @@
 //! binary in a child process, where it can be given signals and its exit code read.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -100,7 +101,7 @@ impl Drop for TestApp {
 /// The service's binary listening on `127.0.0.1:port`, with `vars` (environment names) on
 /// top; `vars` may override `HOST` and `PORT` too.
 pub fn service_command(port: u16, vars: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ratelimiter"));
+    let mut command = Command::new(service_binary());
     command
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string());
@@ -108,6 +109,25 @@ pub fn service_command(port: u16, vars: &[(&str, &str)]) -> Command {
         command.env(name, value);
     }
     command
+}
+
+/// The `ratelimiter` binary cargo built beside the running test: a test binary lies in
+/// `target/<profile>/deps/`, the package's binaries one folder up (cargo builds them
+/// before it runs an integration test). `CARGO_BIN_EXE_ratelimiter` names it only while
+/// a test of the root package itself compiles, not this crate.
+fn service_binary() -> PathBuf {
+    let test = std::env::current_exe().expect("the test binary's path");
+    let binary = test
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join(format!("ratelimiter{}", std::env::consts::EXE_SUFFIX)))
+        .expect("the test binary lies in target/<profile>/deps/");
+    assert!(
+        binary.is_file(),
+        "no service binary at {} (cargo builds it for the root package's tests)",
+        binary.display()
+    );
+    binary
 }
 
 /// Waits at most `limit` for `child` to exit; a child still running then is killed, and

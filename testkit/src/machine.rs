@@ -1,0 +1,96 @@
+//! What tests need of this machine: free ports, key prefixes no other test uses, waiting
+//! on a condition, signals, the tools a suite needs, and the repository's files.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// A key prefix no other test uses, so tests never share buckets and never need a flush.
+/// It starts with `t`: the instances' Redis user may touch `t*:*` (see `redis_node`).
+pub fn unique_prefix(test: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}-{}-{test}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Polls `ready` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `kill -SIGNAL pid`; panics if `kill` fails.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Panics, naming the Debian package to install, unless `binary` is on the PATH.
+pub fn require(binary: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        found,
+        "{binary} is not installed: run `apt-get install -y {package}` (or `bash .ci/run`, which installs it)"
+    );
+}
+
+/// A path of the repository (the root package), e.g. `repo_path("nginx/nginx.conf.template")`.
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit/ lies in the repository")
+        .join(relative)
+}
+
+/// `script TEMPLATE COPY` of `scripts/render-config.sh`, with `vars` as its placeholders'
+/// values: the one way the shipped topologies make a server's config.
+pub(crate) fn render(template: &str, copy: &Path, vars: &[(&str, &str)]) {
+    let mut command = Command::new("bash");
+    command
+        .arg(repo_path("scripts/render-config.sh"))
+        .arg(repo_path(template))
+        .arg(copy)
+        .stdout(Stdio::null());
+    for (name, value) in vars {
+        command.env(name, value);
+    }
+    let rendered = command.output().expect("run scripts/render-config.sh");
+    assert!(
+        rendered.status.success(),
+        "scripts/render-config.sh {template}: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+}
+
+/// The last 30 lines of the log at `path`; empty when there is none.
+pub(crate) fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
