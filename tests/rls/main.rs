@@ -1,9 +1,6 @@
 //! The rate-limit service over gRPC: the server on port 0 in this process, deciding in a
 //! real `redis-server` started per test, asked by a real tonic client.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +26,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use support::{RedisProcess, unique_prefix};
+use testkit::{RedisProcess, unique_prefix};
 
 const RULES: &str = "\
 domain: edge
