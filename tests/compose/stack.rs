@@ -225,7 +225,15 @@ pub struct Stack {
 impl Stack {
     pub async fn up(spec: Spec) -> Stack {
         prepare_images();
+        let waited = Instant::now();
         let one = ONE_AT_A_TIME.lock().await;
+        if waited.elapsed() > Duration::from_secs(1) {
+            let waited = waited.elapsed().as_secs_f64();
+            eprintln!(
+                "compose: {} waited {waited:.1}s for the other stack to go",
+                spec.project
+            );
+        }
         take_down_on_signals();
         let dir = tempfile::tempdir().expect("a temporary folder");
         let env_file = dir.path().join("secrets.env");

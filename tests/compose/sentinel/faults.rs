@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{INSTANCES, Topology};
-use crate::clients::{Stream, assert_exact};
+use crate::clients::{Stream, assert_exact_once_redis_decides};
 use crate::process::docker_ok;
 use crate::{RATE_LIMIT, wait_until};
 
@@ -20,13 +20,16 @@ impl Topology {
         .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         stream.assert_served();
-        let (client, replies) = self.new_client_through_nginx();
-        assert_exact(
-            &format!("after the failover, client {client}"),
-            &replies,
-            RATE_LIMIT,
-            &INSTANCES,
-        );
+        self.a_new_client_gets_exactly_its_limit("after the failover")
+            .await;
+    }
+
+    /// The instances share Redis again: a new client gets exactly its limit.
+    async fn a_new_client_gets_exactly_its_limit(&self, when: &str) {
+        assert_exact_once_redis_decides(when, RATE_LIMIT, &INSTANCES, || {
+            self.new_client_through_nginx()
+        })
+        .await;
     }
 
     fn start_stream(&self) -> Stream {
@@ -95,12 +98,7 @@ impl Topology {
         })
         .await;
         eprintln!("  ok: {isolated}, reconnected, is a replica of {promoted}");
-        let (client, replies) = self.new_client_through_nginx();
-        assert_exact(
-            &format!("after the partition healed, client {client}"),
-            &replies,
-            RATE_LIMIT,
-            &INSTANCES,
-        );
+        self.a_new_client_gets_exactly_its_limit("after the partition healed")
+            .await;
     }
 }
