@@ -43,7 +43,9 @@ pub fn prepare_images() {
         let mut script = Command::new(repo().join("scripts/docker-images.sh"));
         match choice.as_str() {
             "keep" => {}
-            "no-cargo" => drop(script.arg("--no-cargo")),
+            "no-cargo" => {
+                script.arg("--no-cargo");
+            }
             "" | "build" => {}
             other => {
                 panic!("COMPOSE_IMAGES is build (the default), no-cargo or keep, got {other:?}")
@@ -98,7 +100,10 @@ impl Compose {
     pub fn command(&self) -> Command {
         static PROGRAM: OnceLock<Vec<&str>> = OnceLock::new();
         let program = PROGRAM.get_or_init(|| {
-            let v2 = Command::new("docker").args(["compose", "version"]).output();
+            let v2 = try_run(
+                Command::new("docker").args(["compose", "version"]),
+                Duration::from_secs(30),
+            );
             if v2.is_ok_and(|out| out.status.success()) {
                 vec!["docker", "compose"]
             } else {
@@ -113,7 +118,7 @@ impl Compose {
                 command.env(key, value);
             }
         }
-        command.envs(self.vars.iter().map(|(k, v)| (k, v)));
+        command.envs(self.vars.iter().cloned());
         command
             .arg("--project-name")
             .arg(&self.project)
@@ -205,7 +210,7 @@ pub struct Spec {
     /// The project's two /24s, NET_PREFIX and CLUSTER_NET_PREFIX: its own, so that two
     /// projects never claim one subnet.
     pub net_prefixes: [&'static str; 2],
-    /// Each value of RATE_LIMIT, TIME_WINDOW and the like.
+    /// The service's settings (RATE_LIMIT, TIME_WINDOW, ...), as Compose passes them on.
     pub settings: &'static [(&'static str, &'static str)],
     /// `docker exec` commands (service, command) whose answers explain a failure.
     pub on_failure: &'static [(&'static str, &'static [&'static str])],
@@ -423,18 +428,11 @@ impl Stack {
             eprintln!("{}", text(&ps));
         }
         for (service, command) in self.on_failure {
-            let id = self.ids.borrow().get(*service).cloned();
-            if let Some(id) = id {
-                let answer = try_run(
-                    Command::new("docker").arg("exec").arg(id).args(*command),
-                    Duration::from_secs(10),
-                );
-                eprintln!(
-                    "{service}$ {}\n{}",
-                    command.join(" "),
-                    answer.map(|o| text(&o)).unwrap_or_else(|e| e)
-                );
-            }
+            let mut exec = vec!["exec", "-T", service];
+            exec.extend(*command);
+            let answer = self.compose.run(&exec, Duration::from_secs(10));
+            let answer = answer.map(|o| text(&o)).unwrap_or_else(|e| e);
+            eprintln!("{service}$ {}\n{answer}", command.join(" "));
         }
         // The services' own messages: the instances' access log would drown them.
         let logs = ["logs", "--no-color", "--tail", "40"];
