@@ -22,7 +22,7 @@ const SPEC: Spec = Spec {
     project: "ratelimiter-e2e-cluster",
     profiles: &["redis-cluster"],
     services: &["cluster-nginx"],
-    net_prefixes: ["172.28.96", NET],
+    net_prefixes: ["172.28.96", "172.28.94", NET],
     settings: &[
         ("RATE_LIMIT", "10"),
         ("TIME_WINDOW", "60"),

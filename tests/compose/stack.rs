@@ -207,9 +207,10 @@ pub struct Spec {
     /// The services `up` names (with what they depend on); none: every service of the
     /// profiles and of no profile.
     pub services: &'static [&'static str],
-    /// The project's two /24s, NET_PREFIX and CLUSTER_NET_PREFIX: its own, so that two
-    /// projects never claim one subnet.
-    pub net_prefixes: [&'static str; 2],
+    /// The project's /24s, NET_PREFIX, BACKEND_NET_PREFIX and CLUSTER_NET_PREFIX: its own,
+    /// so that two projects never claim one subnet (Compose makes every network of the
+    /// file, whichever services start).
+    pub net_prefixes: [&'static str; 3],
     /// The service's settings (RATE_LIMIT, TIME_WINDOW, ...), as Compose passes them on.
     pub settings: &'static [(&'static str, &'static str)],
     /// `docker exec` commands (service, command) whose answers explain a failure.
@@ -253,13 +254,14 @@ impl Stack {
         );
         let passwords = read_env_file(&env_file);
 
-        let [net, cluster_net] = spec.net_prefixes;
+        let [net, backend_net, cluster_net] = spec.net_prefixes;
         let mut vars: Vec<(&str, String)> = vec![
             ("APP_IMAGE", APP_IMAGE.into()),
             ("REDIS_IMAGE", BASE_IMAGE.into()),
             ("NGINX_IMAGE", BASE_IMAGE.into()),
             ("PUBLISH_ADDRESS", "127.0.0.1".into()),
             ("NET_PREFIX", net.into()),
+            ("BACKEND_NET_PREFIX", backend_net.into()),
             ("CLUSTER_NET_PREFIX", cluster_net.into()),
         ];
         // Host ports: Docker picks free ones (see `Stack::port`).
