@@ -40,8 +40,17 @@ async fn each_master_of_the_redis_cluster_profile_keeps_exact_limits_and_survive
     every_log_is_rotated(&stack);
 
     steps.step("exact limits on each master, each running EVALSHA");
-    let masters = masters_seen_by(&stack, "redis-cluster-1");
-    assert_eq!(masters.len(), 3, "not three masters: {masters:?}");
+    let nodes = nodes_seen_by(&stack, "redis-cluster-1");
+    let masters = masters_of(&nodes);
+    assert_eq!(masters.len(), 3, "not three masters: {nodes:?}");
+    for master in &masters {
+        let replicated = nodes.iter().any(|n| n.follows.as_ref() == Some(&master.id));
+        assert!(
+            replicated,
+            "no replica follows {}: {nodes:?}",
+            master.address
+        );
+    }
     eprintln!(
         "  ok: redis-cluster-create made 3 masters with a replica each; both instances ready"
     );
@@ -78,7 +87,7 @@ async fn each_master_of_the_redis_cluster_profile_keeps_exact_limits_and_survive
         .iter()
         .find(|m| m.serves(slot_of_client(&streamer)))
         .expect("a master of the stream's slot");
-    let heir = nodes(&stack, "redis-cluster-1")
+    let heir = nodes
         .into_iter()
         .find(|n| n.follows.as_deref() == Some(victim.id.as_str()))
         .unwrap_or_else(|| panic!("no replica follows master {}", victim.address));
@@ -110,12 +119,8 @@ async fn each_master_of_the_redis_cluster_profile_keeps_exact_limits_and_survive
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stream.assert_served();
-    let masters = masters_seen_by(&stack, &heir_node);
-    let promoted = masters
-        .iter()
-        .find(|m| m.address == heir.address)
-        .expect("the heir among the masters");
-    let mut fresh = clients_by_master(std::slice::from_ref(promoted), 150..=199)
+    let masters = masters_of(&nodes_seen_by(&stack, &heir_node));
+    let mut fresh = clients_by_master(&masters, 150..=199)
         .remove(&heir.address)
         .unwrap_or_default()
         .into_iter();
@@ -236,12 +241,15 @@ fn clients_by_master(
     let mut by_master: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for host in hosts {
         let address = format!("{NET}.{host}");
-        if let Some(master) = masters.iter().find(|m| m.serves(slot_of_client(&address))) {
-            by_master
-                .entry(master.address.clone())
-                .or_default()
-                .push(address);
-        }
+        let slot = slot_of_client(&address);
+        let master = masters
+            .iter()
+            .find(|m| m.serves(slot))
+            .unwrap_or_else(|| panic!("no master serves slot {slot}: {masters:?}"));
+        by_master
+            .entry(master.address.clone())
+            .or_default()
+            .push(address);
     }
     by_master
 }
@@ -277,7 +285,9 @@ fn parse_nodes(text: &str) -> Vec<Node> {
                 return None;
             };
             let flags: Vec<&str> = flags.split(',').collect();
-            let slots = fields[8..]
+            let slots = fields
+                .get(8..)
+                .unwrap_or_default()
                 .iter()
                 .filter(|s| !s.starts_with('['))
                 .filter_map(|s| match s.split_once('-') {
@@ -297,15 +307,17 @@ fn parse_nodes(text: &str) -> Vec<Node> {
         .collect()
 }
 
-fn nodes(stack: &Stack, asked: &str) -> Vec<Node> {
+/// The cluster as the node `asked` sees it.
+fn nodes_seen_by(stack: &Stack, asked: &str) -> Vec<Node> {
     parse_nodes(&stack.exec(asked, &["redis-cli", "cluster", "nodes"]))
 }
 
-/// The masters the cluster counts (not failed), as `asked` sees them, by address.
-fn masters_seen_by(stack: &Stack, asked: &str) -> Vec<Node> {
-    let mut masters: Vec<Node> = nodes(stack, asked)
-        .into_iter()
+/// The masters the cluster counts (not failed), by address.
+fn masters_of(nodes: &[Node]) -> Vec<Node> {
+    let mut masters: Vec<Node> = nodes
+        .iter()
         .filter(|n| n.master && !n.failed)
+        .cloned()
         .collect();
     masters.sort_by(|a, b| a.address.cmp(&b.address));
     masters
@@ -318,10 +330,11 @@ a1 172.28.98.21:6379@16379 myself,master - 0 0 1 connected 0-5460 [5461->-b2]
 b2 172.28.98.22:6379@16379,host master - 0 1 2 connected 5461-10922 16000
 c3 172.28.98.24:6379@16379 slave a1 0 1 1 connected
 d4 172.28.98.23:6379@16379 master,fail - 0 1 3 disconnected
+e5 172.28.98.25:6379@16379 handshake -
 ";
     let nodes = parse_nodes(text);
 
-    assert_eq!(nodes.len(), 4);
+    assert_eq!(nodes.len(), 5);
     assert_eq!(
         (nodes[0].address.as_str(), nodes[0].slots.clone()),
         ("172.28.98.21", vec![(0, 5460)])
@@ -329,6 +342,7 @@ d4 172.28.98.23:6379@16379 master,fail - 0 1 3 disconnected
     assert!(nodes[1].serves(16000) && nodes[1].serves(5461) && !nodes[1].serves(0));
     assert_eq!(nodes[2].follows.as_deref(), Some("a1"));
     assert!(!nodes[2].master && nodes[3].failed && nodes[3].slots.is_empty());
+    assert!(!nodes[4].master && nodes[4].slots.is_empty());
 }
 
 #[test]
