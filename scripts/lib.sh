@@ -1,77 +1,58 @@
-# Shell functions the scripts of this folder share. Source it right after `set -euo pipefail`:
-#
-#   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-#
+# shellcheck shell=bash disable=SC2034 # ROOT, LOG_NAME, LOOPBACK are for the scripts sourcing this
+# Shell functions that more than one script of this folder uses; source it right after
+# `set -euo pipefail`: source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # It sets ROOT (the repository, absolute) and LOOPBACK, and names messages after the script
-# that sourced it ("cluster: ...", from scripts/cluster.sh), unless that script set
-# LOG_NAME first. Nothing here changes the working directory or starts anything by itself.
-# (Containers run scripts/render-config.sh, which stands alone, not this file.)
+# that sourced it ("cluster: ..."), unless that script set LOG_NAME first. Nothing here
+# changes the working directory or starts anything by itself.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOG_NAME=${LOG_NAME:-$(basename "${BASH_SOURCE[1]:-$0}" .sh)}
 LOOPBACK=127.0.0.1
 
-# --- messages ---------------------------------------------------------------------
-
 say() { printf '%s: %s\n' "$LOG_NAME" "$*"; }
 warn() { printf '%s: %s\n' "$LOG_NAME" "$*" >&2; }
-die() {
-    warn "error: $*"
-    exit 1
-}
+die() { warn "error: $*"; exit 1; }
 
 # The comment block at the top of SCRIPT (after the shebang, up to `set -euo pipefail`),
 # without its comment marks: every script's --help.
-script_help() {
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$1"
-}
+script_help() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$1"; }
 
 # The lines of SCRIPT's header from `# Usage:` through the first line matching LAST.
-script_usage() {
-    sed -n "/^# Usage:/,/$2/s/^# \{0,1\}//p" "$1"
-}
+script_usage() { sed -n "/^# Usage:/,/$2/s/^# \{0,1\}//p" "$1"; }
 
 # A path relative to the repository when it is inside it, for messages.
 rel() { printf '%s\n' "${1#"$ROOT"/}"; }
-
-# --- tools ------------------------------------------------------------------------
 
 # need_tools [--install] TOOL=PACKAGE...: stops, naming the Debian packages to install,
 # unless every TOOL is on the PATH; with --install, installs them with apt-get instead.
 # INSTALL_HINT, if set, is one more line for the message.
 need_tools() {
-    local install=no spec tool package missing=() packages=()
-    if [[ ${1:-} == --install ]]; then
-        install=yes
-        shift
-    fi
+    local install=no spec missing=() packages=()
+    [[ ${1:-} != --install ]] || { install=yes && shift; }
     for spec in "$@"; do
-        tool=${spec%%=*} package=${spec#*=}
-        command -v "$tool" >/dev/null && continue
-        missing+=("$tool")
-        [[ " ${packages[*]} " == *" $package "* ]] || packages+=("$package")
+        command -v "${spec%%=*}" >/dev/null && continue
+        missing+=("${spec%%=*}")
+        [[ " ${packages[*]} " == *" ${spec#*=} "* ]] || packages+=("${spec#*=}")
     done
-    ((${#missing[@]} == 0)) && return 0
+    ((${#missing[@]} > 0)) || return 0
     if [[ $install == yes ]]; then
         say "installing ${packages[*]} (missing: ${missing[*]})"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
-        return 0
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
+        return
     fi
-    warn "missing: ${missing[*]}"
-    warn "install them with:  apt-get install ${packages[*]}"
+    warn "missing: ${missing[*]}; install them with:  apt-get install ${packages[*]}"
     [[ -z ${INSTALL_HINT:-} ]] || warn "$INSTALL_HINT"
     exit 1
 }
 
-# The release binary of PACKAGE's binary NAME in this tree's target folder.
+# The release binary NAME in this tree's target folder.
 release_binary() { printf '%s\n' "${CARGO_TARGET_DIR:-$ROOT/target}/release/$1"; }
 
 # Is BINARY missing, or older than any of the given sources (paths under ROOT)?
 stale() {
     local binary=$1
     shift
-    [[ ! -x $binary ]] && return 0
+    [[ -x $binary ]] || return 0
     [[ -n $(cd "$ROOT" && find "$@" -newer "$binary" -print -quit 2>/dev/null) ]]
 }
 
@@ -92,39 +73,16 @@ build_release() {
 # Builds the service's release binary when it is older than its sources.
 build_service() { build_release ratelimiter src config; }
 
-# Builds the demo upstream's release binary (the application behind the gateway) likewise.
-build_demo_upstream() { build_release demo-upstream demo-upstream; }
-
-# --- network ----------------------------------------------------------------------
-
-# Something accepts connections on PORT (of LOOPBACK, or of HOST).
-port_open() { (exec 3<>"/dev/tcp/${2:-$LOOPBACK}/$1") 2>/dev/null; }
-
-# A port nothing listens on, from 20000-59999.
-free_port() {
-    local port tries
-    for ((tries = 0; tries < 100; tries++)); do
-        port=$((20000 + RANDOM % 40000))
-        port_open "$port" || {
-            echo "$port"
-            return 0
-        }
-    done
-    die "no free port found on $LOOPBACK"
-}
-
 # The HTTP status of GET URL ("000" when nothing answers within 2 s).
-http_code() {
-    curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null || true
-}
-
+http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null || true; }
 http_ok() { [[ $(http_code "$1") == 200 ]]; }
 
 # --- processes --------------------------------------------------------------------
+# A pids file records started processes, one line "NAME PID START LOG" each (START: the
+# kernel's start time of PID, so that a pid reused by an unrelated process after ours
+# exited is never mistaken for ours). scripts/cluster.sh and the bench program write them.
 
-# The kernel's start time of PID (clock ticks since boot): with the pid, it names one
-# process, so a pid reused by an unrelated process after ours exited is never mistaken
-# for ours. Prints nothing for a missing process or a zombie.
+# The kernel's start time of PID (clock ticks since boot); nothing for a missing process or a zombie.
 start_time_of() {
     local stat fields
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
@@ -134,89 +92,53 @@ start_time_of() {
 }
 
 # Is the recorded process (PID, START) still running?
-still_running() {
-    [[ -n ${2:-} && $(start_time_of "$1") == "$2" ]]
-}
-
-# stop_process [--quiet] NAME PID START: SIGTERM, then SIGKILL if it is still running
-# after 10 s. --quiet says nothing of a process that is gone already.
-stop_process() {
-    local quiet=no
-    if [[ $1 == --quiet ]]; then
-        quiet=yes
-        shift
-    fi
-    local name=$1 pid=$2 since=$3 deadline
-    if ! still_running "$pid" "$since"; then
-        [[ $quiet == yes ]] || say "$name (pid $pid) is not running"
-        return 0
-    fi
-    say "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    deadline=$((SECONDS + 10))
-    while still_running "$pid" "$since" && ((SECONDS < deadline)); do
-        sleep 0.1
-    done
-    if still_running "$pid" "$since"; then
-        warn "$name (pid $pid) ignored SIGTERM for 10s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-}
-
-# Records of started processes are lines "NAME PID START LOG" in a pids file, written by
-# record_start (and by the bench program, in the same format).
-
-# record_start PIDS_FILE NAME LOG COMMAND...: starts COMMAND in the background, its
-# output appended to LOG, and records it.
-record_start() {
-    local pids_file=$1 name=$2 log=$3
-    shift 3
-    "$@" </dev/null >>"$log" 2>&1 &
-    local pid=$!
-    printf '%s %s %s %s\n' "$name" "$pid" "$(start_time_of "$pid")" "$log" >>"$pids_file"
-    say "started $name (pid $pid), log: $(rel "$log")"
-}
+still_running() { [[ -n ${2:-} && $(start_time_of "$1") == "$2" ]]; }
 
 # Is any process recorded in PIDS_FILE still running?
 any_recorded_running() {
     local n pid since log
-    [[ -f $1 ]] || return 1
-    while read -r n pid since log; do
-        still_running "$pid" "$since" && return 0
-    done <"$1"
+    while read -r n pid since log; do still_running "$pid" "$since" && return 0; done < <(cat "$1" 2>/dev/null)
     return 1
 }
 
-# stop_recorded [--quiet] PIDS_FILE: stops every process recorded there, newest first,
-# then removes the file.
+# stop_recorded [--quiet] PIDS_FILE: stops every process recorded there, newest first (SIGTERM,
+# SIGKILL after 10 s), then removes the file; --quiet says nothing of one gone already.
 stop_recorded() {
-    local options=()
-    if [[ $1 == --quiet ]]; then
-        options=(--quiet)
-        shift
-    fi
-    local pids_file=$1 lines=() n pid since log i
+    local quiet=no
+    [[ $1 != --quiet ]] || { quiet=yes && shift; }
+    local pids_file=$1 lines=() n pid since i deadline
     [[ -f $pids_file ]] || return 0
     mapfile -t lines <"$pids_file"
     for ((i = ${#lines[@]} - 1; i >= 0; i--)); do
-        read -r n pid since log <<<"${lines[i]}"
-        stop_process "${options[@]}" "$n" "$pid" "$since"
+        read -r n pid since _ <<<"${lines[i]}"
+        if ! still_running "$pid" "$since"; then
+            [[ $quiet == yes ]] || say "$n (pid $pid) is not running"
+            continue
+        fi
+        say "stopping $n (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        deadline=$((SECONDS + 10))
+        while still_running "$pid" "$since" && ((SECONDS < deadline)); do sleep 0.1; done
+        if still_running "$pid" "$since"; then
+            warn "$n (pid $pid) ignored SIGTERM for 10s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
     done
     rm -f "$pids_file"
 }
 
-# The benchmark program (bench/), built in the dev profile: it waits on the load
-# generators more than it computes, and compiles in seconds.
+# --- the bench program ------------------------------------------------------------
+
+# The bench program (bench/), in the dev profile: it waits more than it computes, and compiles fast.
 build_bench() {
     say "building the bench program: cargo build -p bench"
     (cd "$ROOT" && cargo build --quiet -p bench)
     BENCH_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/bench
 }
 
-# run_bench PIDS_FILE ARGS...: runs the bench program in the background and waits for it,
-# so that a signal reaches this script's traps at once; if this script exits before it,
-# the program is stopped, and so is everything it recorded in PIDS_FILE. Returns its
-# exit status.
+# run_bench PIDS_FILE ARGS...: the bench program, waited for in the background so that a
+# signal reaches this script's traps at once (stop_bench then stops it and what it recorded
+# in PIDS_FILE); returns its exit status.
 run_bench() {
     BENCH_PIDS=$1
     shift

@@ -51,8 +51,8 @@ fi
 
 suite_started=$SECONDS
 if docker info >/dev/null 2>&1; then
-  section "end-to-end: Docker Compose (scripts/e2e-compose.sh)"
-  scripts/e2e-compose.sh
+  section "end-to-end: Docker Compose (cargo test --test compose -- --ignored)"
+  cargo test --test compose -- --ignored --nocapture
   echo "Compose suite: $((SECONDS - suite_started)) s"
 elif [[ "${CI:-}" == true || "${REQUIRE_DOCKER:-0}" == 1 ]]; then
   echo "the Compose suite must run here, but no Docker engine answers (docker info failed)" >&2

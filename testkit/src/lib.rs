@@ -39,6 +39,8 @@ mod traffic;
 mod upstream;
 
 pub use app::{TestApp, service_command, wait_for_exit};
+/// What the demo upstream counted, as its `/__upstream/count` answers it.
+pub use demo_upstream::Counts as UpstreamCounts;
 pub use http::{
     all_at_once, client, client_from, counter, header, metric, metrics, passes, raw_get,
     until_redis_decides,

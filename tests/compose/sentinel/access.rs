@@ -1,0 +1,106 @@
+//! Who may talk to what: the sentinels and data nodes want a password, the instances'
+//! Redis user may touch only its keys, and Nginx is on a network without Redis.
+
+use super::{DATA_NODES, SENTINELS, Topology};
+
+impl Topology {
+    pub fn sentinels_refuse_unauthenticated_commands(&self) {
+        for sentinel in SENTINELS {
+            for command in [
+                "sentinel monitor evil 192.0.2.1 6379 2",
+                "sentinel get-master-addr-by-name redis-master",
+                "ping",
+            ] {
+                let mut args = vec!["env", "-u", "REDISCLI_AUTH", "redis-cli", "-p", "26379"];
+                args.extend(command.split(' '));
+                let answer = self.stack.exec(sentinel, &args);
+                assert!(
+                    answer.contains("NOAUTH"),
+                    "{sentinel} answered {command:?} without a password: {answer}"
+                );
+            }
+            let masters = self.sentinel_cli(sentinel, &["sentinel", "masters"]);
+            assert!(
+                !masters.lines().any(|line| line == "evil"),
+                "{sentinel} monitors the fake master"
+            );
+        }
+        eprintln!(
+            "  ok: every sentinel refuses SENTINEL MONITOR, GET-MASTER-ADDR-BY-NAME and PING without a password (NOAUTH)"
+        );
+    }
+
+    pub fn the_instances_redis_user_touches_only_its_keys(&self) {
+        let master = self.current_master();
+        let auth = format!("REDISCLI_AUTH={}", self.stack.passwords["REDIS_PASSWORD"]);
+        let as_instances = |command: &str| {
+            let mut args = vec!["env", auth.as_str(), "redis-cli", "--user", "ratelimiter"];
+            args.extend(command.split(' '));
+            self.stack.exec(&master, &args)
+        };
+        for command in [
+            "flushall",
+            "config set maxmemory 1",
+            "replicaof 192.0.2.1 6379",
+            "set elsewhere:x 1",
+            "del elsewhere:x",
+            "scan 0",
+        ] {
+            let answer = as_instances(command);
+            assert!(
+                answer.contains("NOPERM"),
+                "the instances' user was not refused {command:?}: {answer}"
+            );
+        }
+        assert_eq!(
+            as_instances("ping").trim(),
+            "PONG",
+            "the instances' user cannot PING"
+        );
+        let anonymous = self.stack.exec(
+            &master,
+            &["env", "-u", "REDISCLI_AUTH", "redis-cli", "ping"],
+        );
+        assert!(
+            anonymous.contains("NOAUTH"),
+            "the master answers without a password: {anonymous}"
+        );
+        eprintln!(
+            "  ok: the instances' user is refused FLUSHALL, CONFIG SET, REPLICAOF and keys outside ratelimit:"
+        );
+    }
+
+    pub fn nginx_neither_resolves_nor_reaches_redis(&self) {
+        for service in DATA_NODES.iter().chain(&SENTINELS) {
+            assert!(
+                !self
+                    .stack
+                    .exec_succeeds("nginx", &["getent", "hosts", service]),
+                "the Nginx container resolves {service}"
+            );
+            let format = format!(
+                "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+                self.back
+            );
+            let address = self.stack.inspect(service, &format);
+            assert!(
+                !address.is_empty(),
+                "{service} has no address on {}",
+                self.back
+            );
+            let port = if service.starts_with("sentinel") {
+                26379
+            } else {
+                6379
+            };
+            let connect = format!("exec 3<>/dev/tcp/{address}/{port}");
+            assert!(
+                !self
+                    .stack
+                    .exec_succeeds("nginx", &["timeout", "3", "bash", "-c", &connect]),
+                "the Nginx container connects to {service} at {address}:{port}"
+            );
+        }
+        eprintln!("  ok: from the Nginx container no data node or sentinel resolves or connects");
+    }
+}
