@@ -16,7 +16,7 @@ use crate::limiter::{
 };
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
-use crate::reload::{WatchSettings, Watcher};
+use crate::reload::{WatchSettings, Watcher, read_text};
 use crate::settings::{MasterSettings, NodeAccess, PolicySource, Settings, StoreSettings};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::cluster::{ClusterSettings, ClusterStore, ClusterWatch};
@@ -142,9 +142,11 @@ fn watch_policies(
     let observed = metrics.clone();
     let watcher = Watcher::start(
         WatchSettings {
+            name: "policies",
             path: file.path.clone(),
             poll: file.poll,
-            parse: Box::new(move |text| parser.parse(text)),
+            read: read_text(file.path.clone()),
+            parse: Box::new(move |text: &String| parser.parse(text)),
             observe: Box::new(move |result, set: Option<&PolicySet>| {
                 observed.policy_reload(result.as_str());
                 if let Some(set) = set {
@@ -156,7 +158,7 @@ fn watch_policies(
         active.clone(),
         text.clone(),
     )
-    .map_err(|err| StartupError::Thread("policy-reload", err))?;
+    .map_err(|err| StartupError::Thread("policies-reload", err))?;
     Ok(Some(watcher))
 }
 
