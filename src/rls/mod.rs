@@ -190,6 +190,9 @@ pub struct Rule {
     /// What metrics call it: its name, or the keys of its path (`tenant.user`) when it has
     /// none. Never a request's value, so label sets stay bounded by the files.
     pub label: Arc<str>,
+    /// The entries a descriptor matches it by, from the top, as written: `key` or
+    /// `key=value` (`key=prefix*` for a prefix).
+    pub descriptor: Vec<String>,
     pub limit: RuleLimit,
     /// `shadow_mode`: decided and counted, never refusing.
     pub shadow: bool,
@@ -453,7 +456,23 @@ pub struct Resolution<'r> {
 impl RuleSet {
     /// Reads `path`: one YAML file, or every `*.yaml` and `*.yml` file of a folder.
     pub fn load(path: &std::path::Path, hash_key: HashKey) -> Result<RuleSet, RlsConfigError> {
-        config::load(path, hash_key)
+        let files = Self::read_files(path)?;
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(name, text)| (name.as_str(), text.as_str()))
+            .collect();
+        Self::parse(&files, hash_key)
+    }
+
+    /// The files [`RuleSet::load`] reads at `path`, as (name, text), in name order: what a
+    /// reload compares to see a change, and then parses.
+    pub fn read_files(path: &std::path::Path) -> Result<Vec<(String, String)>, RlsConfigError> {
+        config::read_files(path)
+    }
+
+    /// No domain at all: every request is unmatched, so every answer is `OK`.
+    pub fn empty(hash_key: HashKey) -> RuleSet {
+        config::parse(&[], hash_key).expect("no file has no problem")
     }
 
     /// Parses files given as (name, text), one domain each.

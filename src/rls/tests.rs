@@ -128,6 +128,44 @@ fn every_field_of_a_rule_is_read() {
 }
 
 #[test]
+fn a_rule_lists_the_entries_that_lead_to_it_as_written() {
+    let set = edge();
+    let mut rules = set.domain("edge").unwrap().rules();
+    rules.sort_by_key(|rule| rule.line);
+    let paths: Vec<Vec<String>> = rules.iter().map(|rule| rule.descriptor.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            vec!["remote_address"],
+            vec!["api_key=premium-*"],
+            vec!["api_key=premium-gold-*"],
+            vec!["api_key=premium-gold-vip"],
+            vec!["api_key"],
+            vec!["tenant", "user"],
+            vec!["internal"],
+        ]
+        .map(|path| path.into_iter().map(String::from).collect::<Vec<_>>())
+    );
+}
+
+#[test]
+fn the_empty_set_knows_no_domain_and_answers_every_descriptor_unmatched() {
+    let set = RuleSet::empty(HashKey::default());
+    assert_eq!(set.domains().count(), 0);
+    let resolution = set
+        .resolve(&request(
+            "edge",
+            vec![descriptor(&[("remote_address", "a")])],
+        ))
+        .unwrap();
+    assert!(resolution.domain.is_none());
+    assert!(matches!(
+        resolution.descriptors[0],
+        Resolved::Unmatched(Unmatched::UnknownDomain)
+    ));
+}
+
+#[test]
 fn every_unit_of_envoys_format_is_read_in_any_case() {
     for (unit, seconds) in [
         ("second", 1),
