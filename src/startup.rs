@@ -82,7 +82,12 @@ impl Application {
         let watcher = watch_policies(&settings, &policies, &metrics)?;
         let state = AppState::new(
             settings.instance_name.clone(),
-            Arc::new(Limiter::new(policies, settings.key_prefix.clone(), decider)),
+            Arc::new(Limiter::new(
+                policies,
+                Arc::new(ArcSwap::new(settings.rules.clone())),
+                settings.key_prefix.clone(),
+                decider,
+            )),
             settings.identity.clone(),
             settings.headers,
             metrics.clone(),

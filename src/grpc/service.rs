@@ -11,7 +11,6 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as ResponseUnit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit,
@@ -24,29 +23,24 @@ use tonic::{Request, Response, Status};
 
 use crate::limiter::{DescriptorOutcome, DescriptorVerdict, Limiter, Verdict};
 use crate::metrics::Metrics;
-use crate::rls::{DescriptorView, LimitOverride, Refusal, RlsRequest, RuleSet, Unit};
+use crate::rls::{DescriptorView, LimitOverride, Refusal, RlsRequest, Unit};
 
-/// The rate-limit service, over the limiter every front shares.
+/// The rate-limit service, over the limiter every front shares (and the rules it holds:
+/// a reload swaps them between calls).
 pub struct RlsService {
     limiter: Arc<Limiter>,
-    /// The rules in force; a reload swaps them between calls.
-    rules: Arc<ArcSwap<RuleSet>>,
     metrics: Metrics,
 }
 
 impl RlsService {
-    pub fn new(limiter: Arc<Limiter>, rules: Arc<ArcSwap<RuleSet>>, metrics: Metrics) -> Self {
-        Self {
-            limiter,
-            rules,
-            metrics,
-        }
+    pub fn new(limiter: Arc<Limiter>, metrics: Metrics) -> Self {
+        Self { limiter, metrics }
     }
 
     async fn answer(&self, message: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
         let request = view_of(message);
         // The verdict borrows the rules' names: this snapshot outlives it.
-        let rules = self.rules.load_full();
+        let rules = self.limiter.rules();
         let decided = self
             .limiter
             .decide_descriptors(&rules, &request)

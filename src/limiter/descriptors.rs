@@ -10,9 +10,12 @@
 //! [`Decider`]: super::Decider
 
 use super::verdict::{LimitName, LimitVerdict, Verdict};
-use super::{Charges, Limiter};
+use super::{Charges, KeyVerdict, Limiter, ResetError};
 use crate::bucket::{Charge, Group};
-use crate::rls::{Charged, LimitSource, Refusal, Resolved, RlsRequest, RuleSet, Unmatched};
+use crate::policy::Mode;
+use crate::rls::{
+    Charged, Domain, KeyError, LimitSource, Refusal, Resolved, RlsRequest, RuleSet, Unmatched,
+};
 use crate::store::KeyedCharge;
 
 /// What one descriptor of a request came to.
@@ -89,24 +92,7 @@ impl Limiter {
             } else {
                 Group::Enforced
             };
-            let limit = match &charged.source {
-                LimitSource::Rule(rule) => &rule.label,
-                LimitSource::Override(_) => &domain.override_label,
-            };
-            let stated = charged.limit();
-            let bucket = KeyedCharge {
-                key: domain.bucket_key(&charged.entries, &self.key_prefix).into(),
-                field: stated.bucket.field.clone(),
-                charge: Charge {
-                    limit: stated.bucket.limit,
-                    cost: charged.cost,
-                    group,
-                },
-            };
-            let name = LimitName {
-                policy: &domain.label,
-                limit,
-            };
+            let (name, bucket) = self.charge_of(domain, &charged, group);
             let index = charges.buckets.len();
             charges.push(name, bucket);
             descriptors.push(DescriptorOutcome::Limited {
@@ -118,6 +104,83 @@ impl Limiter {
             verdict: self.decider.decide(charges).await,
             descriptors,
         })
+    }
+
+    /// Decides the descriptor of `entries` in `domain` at `cost` (0 only reads), as a
+    /// request carrying it alone would be decided: the same bucket, the deny cache,
+    /// `FAIL_MODE`. The decision API's `rls:<domain>`.
+    pub async fn decide_descriptor_key<'r>(
+        &self,
+        rules: &'r RuleSet,
+        domain: &str,
+        entries: &[(&str, &str)],
+        cost: u64,
+    ) -> Result<KeyVerdict<'r>, KeyError> {
+        let (domain, charged) = rules.charged_for(domain, entries, cost)?;
+        let group = if charged.shadow() {
+            Group::Shadow(1)
+        } else {
+            Group::Enforced
+        };
+        let (name, bucket) = self.charge_of(domain, &charged, group);
+        let key = bucket.key.clone();
+        let mut charges = Charges::with_capacity(1);
+        charges.push(name, bucket);
+        Ok(KeyVerdict {
+            verdict: self.decider.decide(charges).await,
+            policy: &domain.label,
+            mode: if charged.shadow() {
+                Mode::Shadow
+            } else {
+                Mode::Enforce
+            },
+            bucket: key,
+            cost,
+        })
+    }
+
+    /// Makes every bucket of the descriptor of `entries` in `domain` full again (see
+    /// [`Decider::reset`](super::Decider::reset)): in Redis its whole hash, request
+    /// overrides' buckets included; answers the hash.
+    pub async fn reset_descriptor(
+        &self,
+        rules: &RuleSet,
+        domain: &str,
+        entries: &[(&str, &str)],
+    ) -> Result<String, ResetError> {
+        let (domain, charged) = rules.charged_for(domain, entries, 0)?;
+        let (_, bucket) = self.charge_of(domain, &charged, Group::Enforced);
+        let key = bucket.key.to_string();
+        self.decider.reset(std::slice::from_ref(&bucket)).await?;
+        Ok(key)
+    }
+
+    /// A descriptor's bucket in the store, and the name its limit goes by.
+    fn charge_of<'r>(
+        &self,
+        domain: &'r Domain,
+        charged: &Charged<'r>,
+        group: Group,
+    ) -> (LimitName<'r>, KeyedCharge) {
+        let limit = match &charged.source {
+            LimitSource::Rule(rule) => &rule.label,
+            LimitSource::Override(_) => &domain.override_label,
+        };
+        let stated = charged.limit();
+        let bucket = KeyedCharge {
+            key: domain.bucket_key(&charged.entries, &self.key_prefix).into(),
+            field: stated.bucket.field.clone(),
+            charge: Charge {
+                limit: stated.bucket.limit,
+                cost: charged.cost,
+                group,
+            },
+        };
+        let name = LimitName {
+            policy: &domain.label,
+            limit,
+        };
+        (name, bucket)
     }
 }
 
@@ -169,6 +232,7 @@ descriptors:
         });
         Limiter::new(
             Arc::new(ArcSwap::from_pointee(policies)),
+            Arc::new(ArcSwap::from_pointee(rules())),
             "t".to_string(),
             decider,
         )
@@ -321,6 +385,76 @@ descriptors:
             .await
             .unwrap();
         assert_eq!(levels(&decided), [Some((true, 2))]);
+    }
+
+    #[tokio::test]
+    async fn a_named_descriptor_is_read_without_spending_decided_and_reset_in_its_bucket() {
+        let (limiter, rules) = (limiter(), rules());
+        let entries = [("user", "fay")];
+        let read = limiter
+            .decide_descriptor_key(&rules, "edge", &entries, 0)
+            .await
+            .unwrap();
+        assert_eq!(read.verdict.limits()[0].level.unwrap().remaining, 3);
+        assert_eq!(read.policy, "rls:edge");
+        assert_eq!(&**read.verdict.limits()[0].name.limit, "per-user");
+        // The bucket a ShouldRateLimit with this descriptor spends.
+        let spent = limiter
+            .decide_descriptors(&rules, &request(vec![one("user", "fay")]))
+            .await
+            .unwrap();
+        assert_eq!(levels(&spent), [Some((true, 2))]);
+        let named = limiter
+            .decide_descriptor_key(&rules, "edge", &entries, 2)
+            .await
+            .unwrap();
+        assert!(named.verdict.allowed());
+        assert_eq!(named.verdict.limits()[0].level.unwrap().remaining, 0);
+        let bucket = limiter
+            .reset_descriptor(&rules, "edge", &entries)
+            .await
+            .unwrap();
+        assert_eq!(bucket, &*read.bucket);
+        let after = limiter
+            .decide_descriptor_key(&rules, "edge", &entries, 0)
+            .await
+            .unwrap();
+        assert_eq!(after.verdict.limits()[0].level.unwrap().remaining, 3);
+    }
+
+    #[tokio::test]
+    async fn a_named_descriptor_without_a_bucket_or_at_a_cost_it_never_holds_is_refused() {
+        let (limiter, rules) = (limiter(), rules());
+        let refused = async |domain: &str, entries: &[(&str, &str)], cost: u64| match limiter
+            .decide_descriptor_key(&rules, domain, entries, cost)
+            .await
+        {
+            Err(error) => error.to_string(),
+            Ok(_) => panic!("{domain} {entries:?} was decided"),
+        };
+        assert!(
+            refused("nowhere", &[("user", "a")], 1)
+                .await
+                .starts_with("policy: no rate-limit domain is named \"nowhere\"")
+        );
+        assert!(
+            refused("<b>", &[("user", "a")], 1)
+                .await
+                .contains("has that name")
+        );
+        assert!(
+            refused("edge", &[], 1)
+                .await
+                .starts_with("key: the descriptor's entries")
+        );
+        assert!(
+            refused("edge", &[("colour", "secret-value")], 1)
+                .await
+                .starts_with("key: no rule of domain \"edge\"")
+        );
+        let too_much = refused("edge", &[("user", "secret-value")], 4).await;
+        assert!(too_much.starts_with("cost: 4 is more than 3"), "{too_much}");
+        assert!(!too_much.contains("secret-value"));
     }
 
     /// A store that is never there.

@@ -360,6 +360,44 @@ pub enum Refusal {
     NegativeHits { index: usize },
 }
 
+/// Why a descriptor named by its domain and entries (the decision and bucket API) has no
+/// bucket to decide. The messages start with the field of that API they are about, and
+/// never repeat an entry: a value may be an API key.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// `name` is kept only when it reads like a plain name.
+    #[error("policy: {}; GET /v1/policies lists the rate-limit domains", unknown_domain(.name))]
+    UnknownDomain { name: Option<String> },
+    #[error("key: the descriptor's entries are needed, as a list of \"key=value\" strings")]
+    NoEntries,
+    #[error("key: {count} entries, at most {max} are taken")]
+    TooManyEntries { count: usize, max: usize },
+    #[error("key: an entry's key or value is longer than {max} bytes")]
+    EntryTooLong { max: usize },
+    #[error("key: no rule of domain {domain:?} with a rate_limit matches these entries")]
+    NoRule { domain: String },
+    #[error(
+        "key: these entries match rule {rule:?} of domain {domain:?}, which is unlimited: it has no bucket"
+    )]
+    Unlimited { domain: String, rule: String },
+    #[error(
+        "cost: {cost} is more than {max}, the requests_per_unit of rule {rule:?} of domain {domain:?}, so it could never be admitted"
+    )]
+    CostTooLarge {
+        domain: String,
+        rule: String,
+        cost: u64,
+        max: u64,
+    },
+}
+
+fn unknown_domain(name: &Option<String>) -> String {
+    match name {
+        Some(name) => format!("no rate-limit domain is named {name:?}"),
+        None => "no rate-limit domain has that name".to_string(),
+    }
+}
+
 /// Why a descriptor has no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmatched {
@@ -581,6 +619,72 @@ impl RuleSet {
             }
         }
         key
+    }
+}
+
+impl RuleSet {
+    /// The descriptor of `entries` in `domain`, charged `cost` (0 only reads), as a request
+    /// carrying it alone would be charged under its rule; or why it has no bucket. The
+    /// decision and bucket API name a descriptor this way; a request's `limit` override
+    /// cannot be named, as it is not in the rules.
+    pub fn charged_for(
+        &self,
+        domain: &str,
+        entries: &[(&str, &str)],
+        cost: u64,
+    ) -> Result<(&Domain, Charged<'_>), KeyError> {
+        let Some(found) = self.domains.get(domain) else {
+            let plain = !domain.is_empty()
+                && domain.len() <= 64
+                && domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            return Err(KeyError::UnknownDomain {
+                name: plain.then(|| domain.to_string()),
+            });
+        };
+        if entries.is_empty() {
+            return Err(KeyError::NoEntries);
+        }
+        if entries.len() > MAX_ENTRIES {
+            return Err(KeyError::TooManyEntries {
+                count: entries.len(),
+                max: MAX_ENTRIES,
+            });
+        }
+        if entries
+            .iter()
+            .any(|(key, value)| key.len() > MAX_ENTRY_BYTES || value.len() > MAX_ENTRY_BYTES)
+        {
+            return Err(KeyError::EntryTooLong {
+                max: MAX_ENTRY_BYTES,
+            });
+        }
+        let domain_name = || found.name.to_string();
+        let rule = find(found, entries).ok_or_else(|| KeyError::NoRule {
+            domain: domain_name(),
+        })?;
+        let RuleLimit::Limited(limit) = &rule.limit else {
+            return Err(KeyError::Unlimited {
+                domain: domain_name(),
+                rule: rule.label.to_string(),
+            });
+        };
+        let max = limit.bucket.limit.capacity();
+        if cost > max {
+            return Err(KeyError::CostTooLarge {
+                domain: domain_name(),
+                rule: rule.label.to_string(),
+                cost,
+                max,
+            });
+        }
+        let charged = Charged {
+            source: LimitSource::Rule(rule),
+            entries: self.encode_entries(entries),
+            cost,
+        };
+        Ok((found, charged))
     }
 }
 

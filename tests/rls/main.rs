@@ -78,25 +78,20 @@ impl TestRls {
             burst: 1,
         })
         .unwrap();
+        let rules = RuleSet::parse(&[("edge.yaml", RULES)], HashKey::default()).unwrap();
         let limiter = Arc::new(Limiter::new(
             Arc::new(ArcSwap::from_pointee(policies)),
+            Arc::new(ArcSwap::from_pointee(rules)),
             prefix,
             decider,
         ));
-        let rules = RuleSet::parse(&[("edge.yaml", RULES)], HashKey::default()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(async move {
-            ratelimiter::grpc::serve(
-                listener,
-                limiter,
-                Arc::new(ArcSwap::from_pointee(rules)),
-                metrics,
-                async {
-                    let _ = stopped.await;
-                },
-            )
+            ratelimiter::grpc::serve(listener, limiter, metrics, async {
+                let _ = stopped.await;
+            })
             .await
             .expect("the gRPC server runs");
         });
