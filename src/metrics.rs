@@ -115,6 +115,8 @@ struct Recorder {
     http_duration: Family<RouteLabels, Histogram>,
     rls_unmatched: Family<ReasonLabels, Counter>,
     grpc_requests: Family<CodeLabels, Counter>,
+    rls_reloads: Family<ResultLabels, Counter>,
+    rls_version: Family<PolicyVersionLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -216,6 +218,18 @@ impl Recorder {
             "ShouldRateLimit calls by answer: OK, OVER_LIMIT, or the gRPC status of a refusal",
             grpc_requests.clone(),
         );
+        let rls_reloads = Family::default();
+        registry.register(
+            "rls_reloads",
+            "RLS_CONFIG reloads by result (the rate-limit service's rules)",
+            rls_reloads.clone(),
+        );
+        let rls_version = Family::default();
+        registry.register(
+            "rls_version_info",
+            "The active rate-limit service rules' version, a hash of their files (value 1)",
+            rls_version.clone(),
+        );
         let log_lines_dropped = Reading::default();
         registry.register_collector(Box::new(ReadCounter {
             name: "log_lines_dropped",
@@ -239,6 +253,8 @@ impl Recorder {
             http_duration,
             rls_unmatched,
             grpc_requests,
+            rls_reloads,
+            rls_version,
         }
     }
 }
@@ -316,6 +332,29 @@ impl Metrics {
             recorder.policy_version.clear();
             recorder
                 .policy_version
+                .get_or_create(&PolicyVersionLabels {
+                    version: version.to_string(),
+                })
+                .set(1);
+        }
+    }
+
+    /// An `RLS_CONFIG` reload attempt (`applied`, `rejected`, `unreadable`).
+    pub fn rls_reload(&self, result: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .rls_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        }
+    }
+
+    /// The rate-limit service's rules now active.
+    pub fn rls_version(&self, version: &str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.rls_version.clear();
+            recorder
+                .rls_version
                 .get_or_create(&PolicyVersionLabels {
                     version: version.to_string(),
                 })

@@ -9,9 +9,9 @@
 //! "valid" means is the parser's business: this module only watches, parses and swaps.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -50,9 +50,10 @@ pub type Observe<T> = Box<dyn Fn(Reloaded, Option<&T>) + Send>;
 
 /// What to watch and how; `S` is the snapshot read at each check.
 pub struct WatchSettings<T, S = String> {
-    /// What the value is, as the logs say it ("policies") and its thread is named
-    /// (`<name>-reload`).
+    /// What the value is, as the logs say it ("policies").
     pub name: &'static str,
+    /// The watching thread's name.
+    pub thread: &'static str,
     /// The file or folder read, as the logs name it.
     pub path: PathBuf,
     /// How often the file is checked for a change.
@@ -103,7 +104,7 @@ impl Watcher {
             })?;
         let thread_stop = stop.clone();
         let poll = settings.poll;
-        let thread_name = format!("{}-reload", settings.name);
+        let thread_name = settings.thread;
         let mut watching = Watching {
             settings,
             active,
@@ -111,7 +112,7 @@ impl Watcher {
             pending: None,
         };
         let thread = std::thread::Builder::new()
-            .name(thread_name)
+            .name(thread_name.into())
             .spawn(move || {
                 while !thread_stop.load(Ordering::Acquire) {
                     let forced = match woken.recv_timeout(poll) {
@@ -185,8 +186,8 @@ impl<T, S: PartialEq> Watching<T, S> {
                 return;
             }
         };
-        let settled = forced
-            || matches!(&self.pending, Some(Pending::Changed(seen)) if *seen == snapshot);
+        let settled =
+            forced || matches!(&self.pending, Some(Pending::Changed(seen)) if *seen == snapshot);
         if snapshot == self.applied && !forced {
             self.pending = None;
             return;
@@ -251,6 +252,7 @@ mod tests {
         let watcher = Watcher::start(
             WatchSettings {
                 name: "value",
+                thread: "value-reload",
                 path: path.clone(),
                 poll: Duration::from_millis(20),
                 read: read_text(path.clone()),
@@ -303,6 +305,7 @@ mod tests {
         let watcher = Watcher::start(
             WatchSettings {
                 name: "value",
+                thread: "value-reload",
                 path: path.clone(),
                 read: read_text(path.clone()),
                 // Far longer than the test: only the explicit reload can apply the change.
@@ -339,6 +342,7 @@ mod tests {
         let _watcher = Watcher::start(
             WatchSettings {
                 name: "sum",
+                thread: "sum-reload",
                 path: dir.path().to_path_buf(),
                 poll: Duration::from_millis(20),
                 read: Box::new(read_folder),
