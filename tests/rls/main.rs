@@ -1,6 +1,12 @@
-//! The rate-limit service over gRPC: the server on port 0 in this process, deciding in a
-//! real `redis-server` started per test, asked by a real tonic client.
+//! The rate-limit service over gRPC, asked by a real tonic client, deciding in a real
+//! `redis-server` started per test:
+//!
+//! - here, `grpc::serve` on port 0 over a limiter built by hand: what `ShouldRateLimit`
+//!   answers;
+//! - `service`: the whole service (`Application::build`, or the binary) with `GRPC_PORT`
+//!   and `RLS_CONFIG`: its reloads, its stop, and the HTTP API beside it.
 
+mod service;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -9,7 +15,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
@@ -29,7 +34,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use support::{RedisProcess, unique_prefix};
+use support::{RedisProcess, descriptor, rls_request, statuses, unique_prefix};
 
 const RULES: &str = "\
 domain: edge
@@ -135,34 +140,8 @@ impl Drop for TestRls {
     }
 }
 
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(key, value)| Entry {
-                key: key.to_string(),
-                value: value.to_string(),
-            })
-            .collect(),
-        ..RateLimitDescriptor::default()
-    }
-}
-
 fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: domain.to_string(),
-        descriptors,
-        hits_addend: 0,
-    }
-}
-
-/// Each status as (code, limit_remaining).
-fn statuses(response: &RateLimitResponse) -> Vec<(Code, u32)> {
-    response
-        .statuses
-        .iter()
-        .map(|status| (status.code(), status.limit_remaining))
-        .collect()
+    rls_request(domain, descriptors)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,8 @@
 //!   binary in a child process;
 //! - `http`: clients with timeouts, and the requests several suites make the same way;
 //! - `policy_file`: policy files in temporary folders;
+//! - `rls`: a tonic client of the rate-limit service, its messages, and rule files
+//!   (`RLS_CONFIG`) in temporary folders;
 //! - `nginx`: Nginx from the shipped template, rendered by `scripts/render-config.sh`, on
 //!   free ports;
 //! - `upstream`: the demo upstream behind the gateway, on its own thread on port 0.
@@ -19,6 +21,7 @@ mod nginx;
 mod policy_file;
 mod redis_cluster;
 mod redis_nodes;
+mod rls;
 mod upstream;
 
 use std::net::TcpListener;
@@ -46,6 +49,8 @@ pub use redis_nodes::{
     DATA_NODE_ARGS, PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD,
     SERVICE_PASSWORD, SERVICE_USER, SentinelCluster,
 };
+#[allow(unused_imports)]
+pub use rls::{RlsClient, RlsFiles, descriptor, rls_channel, rls_request, statuses};
 #[allow(unused_imports)]
 pub use upstream::TestUpstream;
 
