@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use super::settle::{SlotReply, paid_in_call, settle_slots};
 use super::slots::{by_slot, coverage};
 use super::watch::ClusterWatch;
-use crate::bucket::{REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
+use crate::bucket::{Paid, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::metrics::Metrics;
 use crate::store::redis::error::{classify_in_cluster, is_noscript};
 use crate::store::redis::registry::InstanceRegistry;
@@ -303,14 +303,19 @@ impl Inner {
                 let by_hash = refund_cmd(
                     ScriptCall::Sha(&inner.refund_script),
                     &part,
-                    paid_at_us,
+                    Paid::NoEarlierThan(paid_at_us),
                     None,
                 );
                 match by_hash.query_async::<Vec<u64>>(&mut conn).await {
                     Err(err) if is_noscript(&err) => {
-                        refund_cmd(ScriptCall::Text, &part, paid_at_us, None)
-                            .query_async::<Vec<u64>>(&mut conn)
-                            .await
+                        refund_cmd(
+                            ScriptCall::Text,
+                            &part,
+                            Paid::NoEarlierThan(paid_at_us),
+                            None,
+                        )
+                        .query_async::<Vec<u64>>(&mut conn)
+                        .await
                     }
                     answer => answer,
                 }
