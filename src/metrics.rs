@@ -117,6 +117,7 @@ struct Recorder {
     grpc_requests: Family<CodeLabels, Counter>,
     rls_reloads: Family<ResultLabels, Counter>,
     rls_version: Family<PolicyVersionLabels, Gauge>,
+    give_backs: Family<ResultLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -230,6 +231,12 @@ impl Recorder {
             "The active rate-limit service rules' version, a hash of their files (value 1)",
             rls_version.clone(),
         );
+        let give_backs = Family::default();
+        registry.register(
+            "give_backs",
+            "Calls that gave hits back (is_negative_hits), by where: redis, local (this instance's share), lost (the store could not be reached)",
+            give_backs.clone(),
+        );
         let log_lines_dropped = Reading::default();
         registry.register_collector(Box::new(ReadCounter {
             name: "log_lines_dropped",
@@ -255,6 +262,7 @@ impl Recorder {
             grpc_requests,
             rls_reloads,
             rls_version,
+            give_backs,
         }
     }
 }
@@ -359,6 +367,16 @@ impl Metrics {
                     version: version.to_string(),
                 })
                 .set(1);
+        }
+    }
+
+    /// Hits given back, by where (`redis`, `local`, `lost`).
+    pub fn give_back(&self, result: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .give_backs
+                .get_or_create(&ResultLabels { result })
+                .inc();
         }
     }
 

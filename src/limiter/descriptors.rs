@@ -7,10 +7,16 @@
 //! more than its bucket can ever hold lacks them ([`Decider`] sees to it), so its request
 //! is over the limit and nothing is charged.
 //!
+//! A descriptor with `is_negative_hits` takes no part in that decision: once the others
+//! are decided, its hits are given back to its bucket, never past full
+//! ([`Decider::give_back`]), whatever the others came to.
+//!
 //! [`Decider`]: super::Decider
+//! [`Decider::give_back`]: super::Decider::give_back
 
 use super::verdict::{LimitName, LimitVerdict, Verdict};
 use super::{Charges, KeyVerdict, Limiter, ResetError};
+use crate::bucket::Level;
 use crate::bucket::{Charge, Group};
 use crate::policy::Mode;
 use crate::rls::{
@@ -28,6 +34,12 @@ pub enum DescriptorOutcome<'r> {
     /// It was decided: `charged` says under which limit and at what cost, and its part in
     /// the verdict is `verdict.limits()[limit]`.
     Limited { charged: Charged<'r>, limit: usize },
+    /// Its hits were given back (`is_negative_hits`): `level` is its bucket after them,
+    /// `None` when no bucket could be asked.
+    GivenBack {
+        charged: Charged<'r>,
+        level: Option<Level>,
+    },
 }
 
 /// A verdict on a rate-limit service request, with what each descriptor came to, in the
@@ -73,6 +85,8 @@ impl Limiter {
         };
         let mut charges = Charges::with_capacity(resolution.descriptors.len());
         let mut descriptors = Vec::with_capacity(resolution.descriptors.len());
+        // The buckets hits are given back to, and their descriptors' places.
+        let mut given_back: Vec<(usize, KeyedCharge)> = Vec::new();
         let mut shadow_groups = 0;
         for resolved in resolution.descriptors {
             let charged = match resolved {
@@ -82,6 +96,18 @@ impl Limiter {
                 }
                 Resolved::Unlimited(_) => {
                     descriptors.push(DescriptorOutcome::Unlimited);
+                    continue;
+                }
+                Resolved::Charged(charged) if charged.gives_back => {
+                    let (_, mut bucket) = self.charge_of(domain, &charged, Group::Enforced);
+                    // More than a full bucket comes to a full bucket.
+                    let capacity = bucket.charge.limit.capacity();
+                    bucket.charge.cost = bucket.charge.cost.min(capacity);
+                    given_back.push((descriptors.len(), bucket));
+                    descriptors.push(DescriptorOutcome::GivenBack {
+                        charged,
+                        level: None,
+                    });
                     continue;
                 }
                 Resolved::Charged(charged) => charged,
@@ -100,8 +126,18 @@ impl Limiter {
                 limit: index,
             });
         }
+        let verdict = self.decider.decide(charges).await;
+        if !given_back.is_empty() {
+            let buckets: Vec<KeyedCharge> = given_back.iter().map(|(_, b)| b.clone()).collect();
+            let levels = self.decider.give_back(&buckets).await;
+            for ((at, _), after) in given_back.iter().zip(levels) {
+                if let DescriptorOutcome::GivenBack { level, .. } = &mut descriptors[*at] {
+                    *level = after;
+                }
+            }
+        }
         Ok(DescriptorVerdict {
-            verdict: self.decider.decide(charges).await,
+            verdict,
             descriptors,
         })
     }
@@ -467,6 +503,9 @@ descriptors:
         fn reset<'a>(&'a self, _: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
             Box::pin(async { Err(down()) })
         }
+        fn give_back<'a>(&'a self, _: &'a [KeyedCharge]) -> StoreFuture<'a, Vec<Level>> {
+            Box::pin(async { Err(down()) })
+        }
         fn check_ready(&self) -> StoreFuture<'_, ()> {
             Box::pin(async { Err(down()) })
         }
@@ -474,6 +513,108 @@ descriptors:
 
     fn down() -> StoreError {
         StoreError::unavailable(Unavailable::NoConnection("test".to_string()))
+    }
+
+    fn given_back<'a>(key: &'a str, value: &'a str, hits: u64) -> DescriptorView<'a> {
+        DescriptorView {
+            hits_addend: Some(hits),
+            negative_hits: true,
+            ..one(key, value)
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_given_back_fill_the_bucket_again_never_past_full_and_refuse_nothing() {
+        let (limiter, rules) = (limiter(), rules());
+        for _ in 0..3 {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "gus")]))
+                .await
+                .unwrap();
+            assert!(decided.verdict.allowed());
+        }
+        let given = limiter
+            .decide_descriptors(&rules, &request(vec![given_back("user", "gus", 2)]))
+            .await
+            .unwrap();
+        assert!(given.verdict.allowed());
+        let DescriptorOutcome::GivenBack { level, .. } = &given.descriptors[0] else {
+            panic!("not given back: {:?}", given.descriptors[0]);
+        };
+        assert_eq!(level.unwrap().remaining, 2);
+        let too_many = limiter
+            .decide_descriptors(&rules, &request(vec![given_back("user", "gus", 1_000)]))
+            .await
+            .unwrap();
+        let DescriptorOutcome::GivenBack { level, .. } = &too_many.descriptors[0] else {
+            panic!("not given back");
+        };
+        assert_eq!(level.unwrap().remaining, 3, "full, and no more");
+        for admitted in [true, true, true, false] {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "gus")]))
+                .await
+                .unwrap();
+            assert_eq!(decided.verdict.allowed(), admitted);
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_are_given_back_whatever_the_requests_other_descriptors_decide() {
+        let (limiter, rules) = (limiter(), rules());
+        for _ in 0..3 {
+            limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "hal")]))
+                .await
+                .unwrap();
+        }
+        let decided = limiter
+            .decide_descriptors(
+                &rules,
+                &request(vec![one("user", "hal"), given_back("org", "acme", 1)]),
+            )
+            .await
+            .unwrap();
+        assert!(!decided.verdict.allowed(), "the user has nothing left");
+        // The org was never charged: nothing to give back, and it stays full.
+        let DescriptorOutcome::GivenBack { level, .. } = &decided.descriptors[1] else {
+            panic!("not given back");
+        };
+        assert_eq!(level.unwrap().remaining, 10);
+        let refill = limiter
+            .decide_descriptors(
+                &rules,
+                &request(vec![given_back("user", "hal", 1), one("org", "acme")]),
+            )
+            .await
+            .unwrap();
+        assert!(refill.verdict.allowed(), "the org had room");
+        let user = limiter
+            .decide_descriptors(&rules, &request(vec![one("user", "hal")]))
+            .await
+            .unwrap();
+        assert!(user.verdict.allowed(), "the user's hit came back");
+    }
+
+    #[tokio::test]
+    async fn while_the_store_is_down_hits_go_back_to_the_local_share_or_are_lost() {
+        let rules = rules();
+        for (mode, asked) in [
+            (FailMode::Local, true),
+            (FailMode::Open, false),
+            (FailMode::Closed, false),
+        ] {
+            let limiter = limiter_on(Buckets::Shared(Arc::new(Down)), mode);
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![given_back("user", "ivy", 1)]))
+                .await
+                .unwrap();
+            let DescriptorOutcome::GivenBack { level, .. } = &decided.descriptors[0] else {
+                panic!("not given back");
+            };
+            assert_eq!(level.is_some(), asked, "{mode:?}");
+            assert!(decided.verdict.allowed(), "{mode:?}");
+        }
     }
 
     #[tokio::test]

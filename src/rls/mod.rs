@@ -66,6 +66,9 @@
 //!   file order).
 //! - `hits_addend` above a limit's `requests_per_unit` is over the limit, and charges
 //!   nothing.
+//! - `is_negative_hits` gives the hits back to the descriptor's bucket, never past full,
+//!   whatever the request's other descriptors decide (`bucket::refund` with an unknown
+//!   time of payment says what that keeps true).
 
 mod config;
 #[cfg(test)]
@@ -317,7 +320,7 @@ pub struct DescriptorView<'a> {
     pub limit: Option<LimitOverride>,
     /// This descriptor's hits, when the request sets them (0 only reads).
     pub hits_addend: Option<u64>,
-    /// The hits are given back rather than taken.
+    /// The hits are given back rather than taken (`is_negative_hits`).
     pub negative_hits: bool,
 }
 
@@ -351,13 +354,6 @@ pub enum Refusal {
         "descriptors[{index}].limit: needs requests_per_unit of at least 1 and a unit (second to year): {problem}"
     )]
     BadOverride { index: usize, problem: String },
-    /// A refund (`is_negative_hits`) on a limited descriptor. Giving tokens back safely
-    /// needs the time of the payment it undoes, which the protocol does not carry, and an
-    /// operation of the store that gives tokens back by the request; neither is built yet.
-    #[error(
-        "descriptors[{index}].is_negative_hits: giving hits back is not supported by this service"
-    )]
-    NegativeHits { index: usize },
 }
 
 /// Why a descriptor named by its domain and entries (the decision and bucket API) has no
@@ -439,8 +435,11 @@ pub struct Charged<'r> {
     pub source: LimitSource<'r>,
     /// The descriptor's entries encoded for its bucket key ([`Domain::bucket_key`]).
     pub entries: String,
-    /// Tokens this request takes (0 only reads).
+    /// Tokens this request takes (0 only reads), or gives back.
     pub cost: u64,
+    /// `is_negative_hits`: `cost` is given back to the bucket, never past full; the
+    /// descriptor takes no part in the request's admission.
+    pub gives_back: bool,
 }
 
 impl Charged<'_> {
@@ -551,16 +550,6 @@ impl RuleSet {
             descriptors.push(self.resolve_one(domain, index, descriptor, request.hits_addend)?);
         }
         drop_replaced(&mut descriptors);
-        for (index, (resolved, descriptor)) in
-            descriptors.iter().zip(&request.descriptors).enumerate()
-        {
-            if let Resolved::Charged(charged) = resolved
-                && descriptor.negative_hits
-                && charged.cost > 0
-            {
-                return Err(Refusal::NegativeHits { index });
-            }
-        }
         Ok(Resolution {
             domain: Some(domain),
             descriptors,
@@ -597,6 +586,7 @@ impl RuleSet {
             source,
             entries: self.encode_entries(&descriptor.entries),
             cost,
+            gives_back: descriptor.negative_hits,
         }))
     }
 
@@ -683,6 +673,7 @@ impl RuleSet {
             source: LimitSource::Rule(rule),
             entries: self.encode_entries(entries),
             cost,
+            gives_back: false,
         };
         Ok((found, charged))
     }

@@ -436,22 +436,34 @@ fn the_shape_of_a_request_is_checked_before_its_domain() {
 }
 
 #[test]
-fn giving_hits_back_on_a_limited_descriptor_is_refused() {
+fn hits_given_back_are_charged_to_the_descriptors_bucket_as_a_give_back() {
     let set = edge();
     let refund = |entries| DescriptorView {
         negative_hits: true,
+        hits_addend: Some(3),
         ..descriptor(entries)
     };
-    assert_eq!(
-        set.resolve(&request("edge", vec![refund(&[("remote_address", "a")])]))
-            .unwrap_err(),
-        Refusal::NegativeHits { index: 0 }
-    );
+    let resolution = set
+        .resolve(&request(
+            "edge",
+            vec![
+                refund(&[("remote_address", "a")]),
+                descriptor(&[("remote_address", "a")]),
+                refund(&[("path", "/health")]),
+            ],
+        ))
+        .unwrap();
+    let given = charged(&resolution.descriptors[0]);
+    let taken = charged(&resolution.descriptors[1]);
+    assert!(given.gives_back);
+    assert!(!taken.gives_back);
+    assert_eq!((given.cost, taken.cost), (3, 1));
+    assert_eq!(given.entries, taken.entries, "the same bucket");
     // Nothing to give back to where nothing is counted.
-    assert!(
-        set.resolve(&request("edge", vec![refund(&[("path", "/health")])]))
-            .is_ok()
-    );
+    assert!(matches!(
+        resolution.descriptors[2],
+        Resolved::Unmatched(Unmatched::NoRule)
+    ));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The rate-limit service in Cluster mode: descriptors whose buckets lie on every master,
-//! asked through both instances' gRPC ports, and a request whose descriptors lie in two
-//! slots, decided all or nothing.
+//! asked through both instances' gRPC ports, a request whose descriptors lie in two slots,
+//! decided all or nothing, and hits given back to buckets on two masters.
 
 use std::collections::BTreeSet;
 
@@ -124,4 +124,67 @@ async fn a_request_whose_descriptors_lie_in_two_slots_is_decided_all_or_nothing(
         admitted, 3,
         "the org's bucket paid for none of the refused requests"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_given_back_to_descriptors_on_two_masters_return_to_both() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let files = RlsFiles::new("edge.yaml", RULES);
+    let prefix = unique_prefix("rls-given-back");
+    let grpc = [
+        ("GRPC_PORT", "0".to_string()),
+        ("RLS_CONFIG", files.folder()),
+        ("REDIS_TIMEOUT_MS", "2000".to_string()),
+        // Every answer below must come from Redis, not from a denial cached here.
+        ("DENY_CACHE_SIZE", "0".to_string()),
+    ];
+    let (first, _second) = spawn_pair(&cluster, &prefix, &grpc);
+    let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "org", "acme")));
+    let user = (0..1000)
+        .map(|n| format!("u{n}"))
+        .find(|user| {
+            cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "user", user))) != org_master
+        })
+        .expect("a user whose bucket another master holds");
+    let mut rls = RlsClient::connect(first.grpc()).await;
+    let both = || {
+        vec![
+            descriptor(&[("org", "acme")]),
+            descriptor(&[("user", &user)]),
+        ]
+    };
+    for _ in 0..3 {
+        let response = rls.ask(rls_request("edge", both())).await.unwrap();
+        assert_eq!(response.overall_code(), Code::Ok);
+    }
+    let spent = rls.ask(rls_request("edge", both())).await.unwrap();
+    assert_eq!(
+        spent.overall_code(),
+        Code::OverLimit,
+        "the org has none left"
+    );
+
+    let given_back = |entries: &[(&str, &str)]| {
+        let mut descriptor = descriptor(entries);
+        descriptor.is_negative_hits = true;
+        descriptor.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 2 });
+        descriptor
+    };
+    let given = rls
+        .ask(rls_request(
+            "edge",
+            vec![
+                given_back(&[("org", "acme")]),
+                given_back(&[("user", &user)]),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(given.overall_code(), Code::Ok);
+    assert_eq!(statuses(&given), [(Code::Ok, 2), (Code::Ok, 4)]);
+    for code in [Code::Ok, Code::Ok, Code::OverLimit] {
+        let response = rls.ask(rls_request("edge", both())).await.unwrap();
+        assert_eq!(response.overall_code(), code);
+    }
 }

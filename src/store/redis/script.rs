@@ -108,6 +108,28 @@ fn bucket_script_cmd(
     cmd
 }
 
+/// `refund.lua`'s answer over `charges` (the units each bucket holds after it) as each
+/// bucket's level.
+pub(crate) fn levels_after_refund(
+    charges: &[KeyedCharge],
+    units: &[u64],
+) -> Result<Vec<Level>, StoreError> {
+    if units.len() != charges.len() {
+        return Err(StoreError::Other {
+            source: Box::new(RedisError::from((
+                ErrorKind::Parse,
+                "the refund script answered the wrong number of values",
+                format!("{} for {} buckets", units.len(), charges.len()),
+            ))),
+        });
+    }
+    Ok(charges
+        .iter()
+        .zip(units)
+        .map(|(keyed, &units)| Level::from_units(&keyed.charge.limit, true, units, 0))
+        .collect())
+}
+
 /// The bucket script's answer for `buckets` charges, read as one `(had, units)` per
 /// charge, in order: whether its bucket had the tokens, and the units it holds after the
 /// call (paid or not, by the script's rule).
