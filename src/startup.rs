@@ -188,12 +188,13 @@ fn bind(settings: &Settings, port: u16) -> Result<TcpListener, StartupError> {
 
 /// The gRPC front: its server on a multi-thread runtime on a thread of its own, and a
 /// thread that turns SIGTERM and SIGINT into its graceful stop (actix stops the HTTP
-/// server on the same signals by itself).
+/// server on the same signals by itself). Dropped, it stops the server without waiting.
 struct GrpcFront {
     port: u16,
     /// `true` stops the server: calls in flight may take `SHUTDOWN_TIMEOUT_S` more.
     stop: Arc<tokio::sync::watch::Sender<bool>>,
-    server: JoinHandle<()>,
+    /// Taken by [`GrpcFront::join`].
+    server: Option<JoinHandle<()>>,
     signals: signal_hook::iterator::Handle,
 }
 
@@ -215,18 +216,13 @@ impl GrpcFront {
             .enable_all()
             .build()
             .map_err(StartupError::Grpc)?;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let stop = Arc::new(stop);
-        let drain = settings.shutdown_timeout;
-        let server = std::thread::Builder::new()
-            .name("grpc".into())
-            .spawn(move || serve_grpc(runtime, listener, limiter, metrics, stopped, drain))
-            .map_err(|err| StartupError::Thread("grpc", err))?;
         let signals = signal_hook::iterator::Signals::new([
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
         ])
         .map_err(StartupError::Grpc)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = Arc::new(stop);
         let handle = signals.handle();
         let on_signal = stop.clone();
         std::thread::Builder::new()
@@ -238,12 +234,19 @@ impl GrpcFront {
                 }
             })
             .map_err(|err| StartupError::Thread("grpc-signals", err))?;
-        Ok(Self {
+        let mut front = Self {
             port,
             stop,
-            server,
+            server: None,
             signals: handle,
-        })
+        };
+        let drain = settings.shutdown_timeout;
+        let server = std::thread::Builder::new()
+            .name("grpc".into())
+            .spawn(move || serve_grpc(runtime, listener, limiter, metrics, stopped, drain))
+            .map_err(|err| StartupError::Thread("grpc", err))?;
+        front.server = Some(server);
+        Ok(front)
     }
 
     fn stop(&self) {
@@ -251,8 +254,17 @@ impl GrpcFront {
         self.signals.close();
     }
 
-    fn join(self) {
-        let _ = self.server.join();
+    /// Waits for the server to stop (at most `SHUTDOWN_TIMEOUT_S` once stopped).
+    fn join(mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+}
+
+impl Drop for GrpcFront {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

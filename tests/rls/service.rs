@@ -108,7 +108,12 @@ async fn the_service_with_grpc_port_and_rls_config_serves_should_rate_limit_and_
         3.0,
         "{text}"
     );
+    let grpc_port = app.grpc();
     app.stop().await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", grpc_port)).is_err(),
+        "the gRPC server outlived the HTTP server's stop"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
