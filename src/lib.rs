@@ -30,9 +30,11 @@
 //!   `grpc.health.v1`; it reads a request into [`rls`]' view, asks the limiter and renders
 //!   the verdict. Only it knows tonic and Envoy's generated types.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
-//! - [`reload`]: keeps the policy file's parsed set current (SIGHUP, file changes).
+//! - [`reload`]: keeps the policy file's and `RLS_CONFIG`'s parsed sets current (SIGHUP,
+//!   file changes).
 //! - [`telemetry`]: log format, and the thread that alone writes the logs to stderr.
-//! - [`startup`]: the composition root, [`startup::Application`].
+//! - [`startup`]: the composition root, [`startup::Application`]: the HTTP server, and the
+//!   gRPC front on a runtime of its own (`GRPC_PORT`), stopped together.
 //!
 //! One noun per layer, in the order a request meets them: a [`bucket::Charge`] (what a
 //! request asks of one bucket; [`store::KeyedCharge`] with its place in the store) →

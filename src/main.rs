@@ -23,6 +23,9 @@ fn main() -> ExitCode {
             .await
             .map_err(|err| err.to_string())?;
         log::info!("listening on port {}", app.port());
+        if let Some(grpc_port) = app.grpc_port() {
+            log::info!("Envoy's rate-limit service (gRPC) listening on port {grpc_port}");
+        }
         app.run_until_stopped().await.map_err(|err| err.to_string())
     });
     match served {

@@ -116,6 +116,9 @@ struct Recorder {
     http_duration: Family<RouteLabels, Histogram>,
     rls_unmatched: Family<ReasonLabels, Counter>,
     grpc_requests: Family<CodeLabels, Counter>,
+    rls_reloads: Family<ResultLabels, Counter>,
+    rls_version: Family<PolicyVersionLabels, Gauge>,
+    give_backs: Family<ResultLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -217,6 +220,24 @@ impl Recorder {
             "ShouldRateLimit calls by answer: OK, OVER_LIMIT, or the gRPC status of a refusal",
             grpc_requests.clone(),
         );
+        let rls_reloads = Family::default();
+        registry.register(
+            "rls_reloads",
+            "RLS_CONFIG reloads by result (the rate-limit service's rules)",
+            rls_reloads.clone(),
+        );
+        let rls_version = Family::default();
+        registry.register(
+            "rls_version_info",
+            "The active rate-limit service rules' version, a hash of their files (value 1)",
+            rls_version.clone(),
+        );
+        let give_backs = Family::default();
+        registry.register(
+            "give_backs",
+            "Calls that gave hits back (is_negative_hits), by where: redis, local (this instance's share), lost (the store could not be reached)",
+            give_backs.clone(),
+        );
         let log_lines_dropped = Reading::default();
         registry.register_collector(Box::new(ReadCounter {
             name: "log_lines_dropped",
@@ -240,6 +261,9 @@ impl Recorder {
             http_duration,
             rls_unmatched,
             grpc_requests,
+            rls_reloads,
+            rls_version,
+            give_backs,
         }
     }
 }
@@ -321,6 +345,39 @@ impl Metrics {
                     version: version.to_string(),
                 })
                 .set(1);
+        }
+    }
+
+    /// An `RLS_CONFIG` reload attempt (`applied`, `rejected`, `unreadable`).
+    pub fn rls_reload(&self, result: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .rls_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        }
+    }
+
+    /// The rate-limit service's rules now active.
+    pub fn rls_version(&self, version: &str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.rls_version.clear();
+            recorder
+                .rls_version
+                .get_or_create(&PolicyVersionLabels {
+                    version: version.to_string(),
+                })
+                .set(1);
+        }
+    }
+
+    /// Hits given back, by where (`redis`, `local`, `lost`).
+    pub fn give_back(&self, result: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .give_backs
+                .get_or_create(&ResultLabels { result })
+                .inc();
         }
     }
 

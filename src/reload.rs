@@ -1,16 +1,17 @@
-//! Keeps a configuration file's parsed value current while the service runs: on `SIGHUP`,
-//! and when the file's content changes (checked every poll; a change is applied once the
-//! content has held still for one more check, so a file caught mid-write is not read, and
-//! an editor's rename-and-replace is seen like any other change).
+//! Keeps a configuration's parsed value current while the service runs: on `SIGHUP`, and
+//! when what it reads changes (checked every poll; a change is applied once it has held
+//! still for one more check, so a file caught mid-write is not read, and an editor's
+//! rename-and-replace is seen like any other change).
 //!
-//! A valid file replaces the active value atomically between requests; an invalid one
-//! keeps the last good value and logs each problem. What "valid" means is the parser's
-//! business: this module only watches, parses and swaps.
+//! What is read is the caller's: one file's text (`POLICY_FILE`), or the names and texts of
+//! a folder's files (`RLS_CONFIG`). A valid read replaces the active value atomically
+//! between requests; an invalid one keeps the last good value and logs each problem. What
+//! "valid" means is the parser's business: this module only watches, parses and swaps.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -37,18 +38,34 @@ impl Reloaded {
     }
 }
 
-/// What the watcher calls: parse the text, or list its problems.
-pub type Parse<T> = Box<dyn Fn(&str) -> Result<T, Vec<String>> + Send>;
+/// What the watcher reads at each check: a snapshot compared with the last one, or why it
+/// could not be read.
+pub type Read<S> = Box<dyn Fn() -> Result<S, String> + Send>;
+
+/// What the watcher calls on a changed snapshot: parse it, or list its problems.
+pub type Parse<T, S> = Box<dyn Fn(&S) -> Result<T, Vec<String>> + Send>;
 
 /// Called after every reload attempt with its result and, when applied, the new value.
 pub type Observe<T> = Box<dyn Fn(Reloaded, Option<&T>) + Send>;
 
-pub struct WatchSettings<T> {
+/// What to watch and how; `S` is the snapshot read at each check.
+pub struct WatchSettings<T, S = String> {
+    /// What the value is, as the logs say it ("policies").
+    pub name: &'static str,
+    /// The watching thread's name.
+    pub thread: &'static str,
+    /// The file or folder read, as the logs name it.
     pub path: PathBuf,
     /// How often the file is checked for a change.
     pub poll: Duration,
-    pub parse: Parse<T>,
+    pub read: Read<S>,
+    pub parse: Parse<T, S>,
     pub observe: Observe<T>,
+}
+
+/// [`WatchSettings::read`] for one file: its text.
+pub fn read_text(path: PathBuf) -> Read<String> {
+    Box::new(move || std::fs::read_to_string(&path).map_err(|err| err.to_string()))
 }
 
 /// The running watcher; dropping it stops its thread.
@@ -59,13 +76,17 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Watches `settings.path`, swapping each valid new value into `active`, whose current
-    /// value came from `loaded_text`. `SIGHUP` makes it reload at once.
-    pub fn start<T: Send + Sync + 'static>(
-        settings: WatchSettings<T>,
+    /// Watches what `settings.read` reads, swapping each valid new value into `active`,
+    /// whose current value was parsed from `loaded`. `SIGHUP` makes it reload at once.
+    pub fn start<T, S>(
+        settings: WatchSettings<T, S>,
         active: Arc<ArcSwap<T>>,
-        loaded_text: String,
-    ) -> std::io::Result<Self> {
+        loaded: S,
+    ) -> std::io::Result<Self>
+    where
+        T: Send + Sync + 'static,
+        S: PartialEq + Send + 'static,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, woken) = mpsc::channel();
         let hangups = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
@@ -82,16 +103,17 @@ impl Watcher {
                 }
             })?;
         let thread_stop = stop.clone();
-        let state = Mutex::new(Watching {
+        let poll = settings.poll;
+        let thread_name = settings.thread;
+        let mut watching = Watching {
             settings,
             active,
-            applied_text: loaded_text,
-            pending_text: None,
-        });
+            applied: loaded,
+            pending: None,
+        };
         let thread = std::thread::Builder::new()
-            .name("policy-reload".into())
+            .name(thread_name.into())
             .spawn(move || {
-                let poll = state.lock().map(|s| s.settings.poll).unwrap_or_default();
                 while !thread_stop.load(Ordering::Acquire) {
                     let forced = match woken.recv_timeout(poll) {
                         Ok(()) => true,
@@ -101,9 +123,7 @@ impl Watcher {
                     if thread_stop.load(Ordering::Acquire) {
                         break;
                     }
-                    if let Ok(mut watching) = state.lock() {
-                        watching.check(forced);
-                    }
+                    watching.check(forced);
                 }
                 handle.close();
             })?;
@@ -130,50 +150,58 @@ impl Drop for Watcher {
     }
 }
 
-struct Watching<T> {
-    settings: WatchSettings<T>,
-    active: Arc<ArcSwap<T>>,
-    /// The text of the active value.
-    applied_text: String,
-    /// A changed text seen at the last check, applied once it reads the same again.
-    pending_text: Option<String>,
+/// What the last check saw that is not applied yet.
+enum Pending<S> {
+    /// The read failed (reported once, not at every poll).
+    Unreadable,
+    /// A snapshot other than the applied one, applied once it reads the same again.
+    Changed(S),
 }
 
-impl<T> Watching<T> {
-    /// One check: a forced one (SIGHUP) applies whatever the file says now; a poll applies
-    /// a change once it has held still for one more poll.
+struct Watching<T, S> {
+    settings: WatchSettings<T, S>,
+    active: Arc<ArcSwap<T>>,
+    /// The snapshot of the active value (or of the last rejected one: it is not tried
+    /// again until it changes or `SIGHUP` asks).
+    applied: S,
+    pending: Option<Pending<S>>,
+}
+
+impl<T, S: PartialEq> Watching<T, S> {
+    /// One check: a forced one (SIGHUP) applies whatever is read now; a poll applies a
+    /// change once it has held still for one more poll.
     fn check(&mut self, forced: bool) {
-        let path = &self.settings.path;
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
+        let (name, path) = (self.settings.name, &self.settings.path);
+        let snapshot = match (self.settings.read)() {
+            Ok(snapshot) => snapshot,
             Err(err) => {
-                if forced || self.pending_text.is_none() {
+                if forced || self.pending.is_none() {
                     log::warn!(
-                        "cannot read {}: {err}; keeping the active policies",
+                        "cannot read {}: {err}; keeping the active {name}",
                         path.display()
                     );
                     (self.settings.observe)(Reloaded::Unreadable, None);
                 }
-                // Remember the failure so a missing file is reported once, not every poll.
-                self.pending_text = Some(String::new());
+                self.pending = Some(Pending::Unreadable);
                 return;
             }
         };
-        let settled = forced || self.pending_text.as_deref() == Some(text.as_str());
-        if text == self.applied_text && !forced {
-            self.pending_text = None;
+        let settled =
+            forced || matches!(&self.pending, Some(Pending::Changed(seen)) if *seen == snapshot);
+        if snapshot == self.applied && !forced {
+            self.pending = None;
             return;
         }
         if !settled {
-            self.pending_text = Some(text);
+            self.pending = Some(Pending::Changed(snapshot));
             return;
         }
-        self.pending_text = None;
-        match (self.settings.parse)(&text) {
+        self.pending = None;
+        match (self.settings.parse)(&snapshot) {
             Ok(value) => {
                 let value = Arc::new(value);
                 self.active.store(value.clone());
-                self.applied_text = text;
+                self.applied = snapshot;
                 log::info!("reloaded {}", path.display());
                 (self.settings.observe)(Reloaded::Applied, Some(&value));
             }
@@ -182,12 +210,11 @@ impl<T> Watching<T> {
                     log::error!("{problem}");
                 }
                 log::warn!(
-                    "{} is invalid ({} problems); keeping the active policies",
+                    "{} is invalid ({} problems); keeping the active {name}",
                     path.display(),
                     problems.len()
                 );
-                // A rejected text is not tried again until it changes or SIGHUP asks.
-                self.applied_text = text;
+                self.applied = snapshot;
                 (self.settings.observe)(Reloaded::Rejected, None);
             }
         }
@@ -197,6 +224,7 @@ impl<T> Watching<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use std::time::Instant;
 
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -223,8 +251,11 @@ mod tests {
         let observed = seen.clone();
         let watcher = Watcher::start(
             WatchSettings {
+                name: "value",
+                thread: "value-reload",
                 path: path.clone(),
                 poll: Duration::from_millis(20),
+                read: read_text(path.clone()),
                 parse: Box::new(|text| text.trim().parse::<u64>().map_err(|e| vec![e.to_string()])),
                 observe: Box::new(move |result, _| observed.lock().unwrap().push(result)),
             },
@@ -273,7 +304,10 @@ mod tests {
         let active = Arc::new(ArcSwap::from_pointee(1u64));
         let watcher = Watcher::start(
             WatchSettings {
+                name: "value",
+                thread: "value-reload",
                 path: path.clone(),
+                read: read_text(path.clone()),
                 // Far longer than the test: only the explicit reload can apply the change.
                 poll: Duration::from_secs(3600),
                 parse: Box::new(|text| text.trim().parse::<u64>().map_err(|e| vec![e.to_string()])),
@@ -286,5 +320,46 @@ mod tests {
         std::fs::write(&path, "4").unwrap();
         watcher.reload_now();
         wait_for("the forced reload", || **active.load() == 4);
+    }
+
+    #[test]
+    fn a_folder_read_as_its_files_is_watched_like_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "1").unwrap();
+        let folder = dir.path().to_path_buf();
+        let read_folder = move || -> Result<Vec<(String, String)>, String> {
+            let mut files = Vec::new();
+            for entry in std::fs::read_dir(&folder).map_err(|e| e.to_string())? {
+                let path = entry.map_err(|e| e.to_string())?.path();
+                let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+                files.push((path.display().to_string(), text));
+            }
+            files.sort();
+            Ok(files)
+        };
+        let loaded = read_folder().unwrap();
+        let active = Arc::new(ArcSwap::from_pointee(1u64));
+        let _watcher = Watcher::start(
+            WatchSettings {
+                name: "sum",
+                thread: "sum-reload",
+                path: dir.path().to_path_buf(),
+                poll: Duration::from_millis(20),
+                read: Box::new(read_folder),
+                parse: Box::new(|files: &Vec<(String, String)>| {
+                    files
+                        .iter()
+                        .map(|(_, text)| text.trim().parse::<u64>())
+                        .sum::<Result<u64, _>>()
+                        .map_err(|e| vec![e.to_string()])
+                }),
+                observe: Box::new(|_, _| {}),
+            },
+            active.clone(),
+            loaded,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("b"), "5").unwrap();
+        wait_for("the second file to count", || **active.load() == 6);
     }
 }

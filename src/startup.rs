@@ -1,8 +1,17 @@
 //! The composition root: turns the settings into the store, its discovery, the decider and
-//! the metrics handle, binds the listener, and wires the routes.
+//! the metrics handle, binds the listeners, and wires the routes and the gRPC front.
+//!
+//! The gRPC front (`GRPC_PORT`) runs on a multi-thread tokio runtime of its own, on its
+//! own thread, rather than on actix's: actix gives each HTTP worker a single-threaded
+//! runtime and keeps the main one for itself, so tonic there would serve every Envoy call
+//! on one thread. A decision is a `Send` future over a shared [`Limiter`], so both fronts
+//! decide through one deny cache, one fallback and one store; a worker of either runtime
+//! keeps its own multiplexed Redis connection.
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use secrecy::ExposeSecret;
@@ -16,8 +25,11 @@ use crate::limiter::{
 };
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
-use crate::reload::{WatchSettings, Watcher};
-use crate::settings::{MasterSettings, NodeAccess, PolicySource, Settings, StoreSettings};
+use crate::reload::{WatchSettings, Watcher, read_text};
+use crate::rls::RuleSet;
+use crate::settings::{
+    MasterSettings, NodeAccess, PolicySource, RlsSource, Settings, StoreSettings,
+};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::cluster::{ClusterSettings, ClusterStore, ClusterWatch};
 use crate::store::redis::discovery::{DataNodes, Discovery, Resolver, ResolverSettings};
@@ -39,27 +51,33 @@ pub enum StartupError {
     Thread(&'static str, std::io::Error),
     #[error("cannot start the HTTP server: {0}")]
     Server(std::io::Error),
+    #[error("cannot start the gRPC server: {0}")]
+    Grpc(std::io::Error),
 }
 
 /// A built service: listening, not yet serving.
 pub struct Application {
     port: u16,
     server: Server,
+    /// Envoy's rate-limit service; `None` without `GRPC_PORT`.
+    grpc: Option<GrpcFront>,
     follower: StoreFollower,
     /// Keeps the policies current while the service runs; `None` without a policy file.
     watcher: Option<Watcher>,
+    /// Keeps the rate-limit service's rules current; `None` without `RLS_CONFIG`.
+    rules_watcher: Option<Watcher>,
 }
 
 impl Application {
     /// Builds the service. With Redis configured it waits for discovery's first round
     /// (done on discovery's own thread), so a service whose Redis is up starts ready.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let addr = (settings.host, settings.port);
-        let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind {
-            addr: format!("{}:{}", settings.host, settings.port),
-            source,
-        })?;
+        let listener = bind(&settings, settings.port)?;
         let port = listener.local_addr().map_err(StartupError::Server)?.port();
+        let grpc_listener = match settings.grpc_port {
+            Some(grpc_port) => Some(bind(&settings, grpc_port)?),
+            None => None,
+        };
 
         let metrics = Metrics::new(settings.metrics);
         metrics.read_log_lines_dropped(crate::telemetry::dropped_lines);
@@ -80,9 +98,26 @@ impl Application {
         let policies = Arc::new(ArcSwap::new(settings.policies.clone()));
         metrics.policy_version(settings.policies.version());
         let watcher = watch_policies(&settings, &policies, &metrics)?;
+        let rules = Arc::new(ArcSwap::new(settings.rules.clone()));
+        let rules_watcher = watch_rules(&settings, &rules, &metrics)?;
+        let limiter = Arc::new(Limiter::new(
+            policies,
+            rules,
+            settings.key_prefix.clone(),
+            decider,
+        ));
+        let grpc = match grpc_listener {
+            Some(listener) => Some(GrpcFront::start(
+                listener,
+                limiter.clone(),
+                metrics.clone(),
+                &settings,
+            )?),
+            None => None,
+        };
         let state = AppState::new(
             settings.instance_name.clone(),
-            Arc::new(Limiter::new(policies, settings.key_prefix.clone(), decider)),
+            limiter,
             settings.identity.clone(),
             settings.headers,
             metrics.clone(),
@@ -102,8 +137,10 @@ impl Application {
         Ok(Self {
             port,
             server,
+            grpc,
             follower,
             watcher,
+            rules_watcher,
         })
     }
 
@@ -112,19 +149,168 @@ impl Application {
         self.port
     }
 
+    /// The gRPC port actually bound (useful with `GRPC_PORT=0`); `None` without one.
+    pub fn grpc_port(&self) -> Option<u16> {
+        self.grpc.as_ref().map(|grpc| grpc.port)
+    }
+
     /// Stops the server from another task or thread.
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
     }
 
     /// Serves until stopped (SIGTERM, SIGINT or [`ServerHandle::stop`]), letting in-flight
-    /// requests finish, then stops discovery.
+    /// requests and calls finish, then stops discovery. SIGTERM and SIGINT stop both
+    /// servers at once; a stop through the handle stops the gRPC server once the HTTP one
+    /// has finished.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        if let Some(grpc) = self.grpc {
+            grpc.stop();
+            // Joining waits for the calls in flight (at most SHUTDOWN_TIMEOUT_S); keep it
+            // off the event loop.
+            let _ = tokio::task::spawn_blocking(move || grpc.join()).await;
+        }
         drop(self.watcher);
+        drop(self.rules_watcher);
         self.follower.stop().await;
         result
     }
+}
+
+/// A listener on `HOST` and `port`.
+fn bind(settings: &Settings, port: u16) -> Result<TcpListener, StartupError> {
+    TcpListener::bind((settings.host, port)).map_err(|source| StartupError::Bind {
+        addr: format!("{}:{port}", settings.host),
+        source,
+    })
+}
+
+/// The gRPC front: its server on a multi-thread runtime on a thread of its own, and a
+/// thread that turns SIGTERM and SIGINT into its graceful stop (actix stops the HTTP
+/// server on the same signals by itself). Dropped, it stops the server without waiting.
+struct GrpcFront {
+    port: u16,
+    /// `true` stops the server: calls in flight may take `SHUTDOWN_TIMEOUT_S` more.
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Taken by [`GrpcFront::join`].
+    server: Option<JoinHandle<()>>,
+    signals: signal_hook::iterator::Handle,
+}
+
+impl GrpcFront {
+    fn start(
+        listener: TcpListener,
+        limiter: Arc<Limiter>,
+        metrics: Metrics,
+        settings: &Settings,
+    ) -> Result<Self, StartupError> {
+        let port = listener.local_addr().map_err(StartupError::Grpc)?.port();
+        listener.set_nonblocking(true).map_err(StartupError::Grpc)?;
+        let workers = settings.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("grpc-worker")
+            .enable_all()
+            .build()
+            .map_err(StartupError::Grpc)?;
+        let signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .map_err(StartupError::Grpc)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = Arc::new(stop);
+        let handle = signals.handle();
+        let on_signal = stop.clone();
+        std::thread::Builder::new()
+            .name("grpc-signals".into())
+            .spawn(move || {
+                let mut signals = signals;
+                if signals.forever().next().is_some() {
+                    on_signal.send_replace(true);
+                }
+            })
+            .map_err(|err| StartupError::Thread("grpc-signals", err))?;
+        let mut front = Self {
+            port,
+            stop,
+            server: None,
+            signals: handle,
+        };
+        let drain = settings.shutdown_timeout;
+        let server = std::thread::Builder::new()
+            .name("grpc".into())
+            .spawn(move || serve_grpc(runtime, listener, limiter, metrics, stopped, drain))
+            .map_err(|err| StartupError::Thread("grpc", err))?;
+        front.server = Some(server);
+        Ok(front)
+    }
+
+    fn stop(&self) {
+        self.stop.send_replace(true);
+        self.signals.close();
+    }
+
+    /// Waits for the server to stop (at most `SHUTDOWN_TIMEOUT_S` once stopped).
+    fn join(mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+}
+
+impl Drop for GrpcFront {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs the gRPC server on `runtime` until `stopped` says so, then lets its calls finish
+/// for at most `drain` (a health `Watch` never does by itself).
+fn serve_grpc(
+    runtime: tokio::runtime::Runtime,
+    listener: TcpListener,
+    limiter: Arc<Limiter>,
+    metrics: Metrics,
+    stopped: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) {
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(err) => {
+                log::error!("the gRPC server cannot use its listener: {err}");
+                return;
+            }
+        };
+        let mut until_stopped = stopped.clone();
+        let shutdown = async move {
+            let _ = until_stopped.wait_for(|stop| *stop).await;
+        };
+        let mut drain_from = stopped;
+        let drained = async move {
+            let _ = drain_from.wait_for(|stop| *stop).await;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::select! {
+            served = crate::grpc::serve(listener, limiter, metrics, shutdown) => {
+                if let Err(err) = served {
+                    log::error!("{err}");
+                }
+            }
+            () = drained => {
+                log::warn!(
+                    "gRPC calls still open {} s after the stop (SHUTDOWN_TIMEOUT_S); closing them",
+                    drain.as_secs()
+                );
+            }
+        }
+    });
+    // A blocking Redis call still running is bounded by REDIS_TIMEOUT_MS.
+    runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
 /// Starts watching `POLICY_FILE`, when there is one: a valid change replaces `active`. The
@@ -142,9 +328,12 @@ fn watch_policies(
     let observed = metrics.clone();
     let watcher = Watcher::start(
         WatchSettings {
+            name: "policies",
+            thread: "policy-reload",
             path: file.path.clone(),
             poll: file.poll,
-            parse: Box::new(move |text| parser.parse(text)),
+            read: read_text(file.path.clone()),
+            parse: Box::new(move |text: &String| parser.parse(text)),
             observe: Box::new(move |result, set: Option<&PolicySet>| {
                 observed.policy_reload(result.as_str());
                 if let Some(set) = set {
@@ -157,6 +346,46 @@ fn watch_policies(
         text.clone(),
     )
     .map_err(|err| StartupError::Thread("policy-reload", err))?;
+    Ok(Some(watcher))
+}
+
+/// Starts watching `RLS_CONFIG`, when there is one: a valid change of its files replaces
+/// `active`. The files read at start are the watcher's baseline.
+fn watch_rules(
+    settings: &Settings,
+    active: &Arc<ArcSwap<RuleSet>>,
+    metrics: &Metrics,
+) -> Result<Option<Watcher>, StartupError> {
+    metrics.rls_version(settings.rules.version());
+    let RlsSource::Config { config, files } = &settings.rls_source else {
+        if settings.grpc_port.is_some() {
+            log::info!(
+                "no RLS_CONFIG: every domain is unknown, so every ShouldRateLimit is answered OK"
+            );
+        }
+        return Ok(None);
+    };
+    let (reader, parser, observed) = (config.clone(), config.clone(), metrics.clone());
+    let watcher = Watcher::start(
+        WatchSettings {
+            name: "rate-limit rules",
+            thread: "rls-reload",
+            path: config.path.clone(),
+            poll: config.poll,
+            read: Box::new(move || reader.read()),
+            parse: Box::new(move |files: &Vec<(String, String)>| parser.parse(files)),
+            observe: Box::new(move |result, rules: Option<&RuleSet>| {
+                observed.rls_reload(result.as_str());
+                if let Some(rules) = rules {
+                    observed.rls_version(rules.version());
+                    log::info!("rate-limit rules {} are active", rules.version());
+                }
+            }),
+        },
+        active.clone(),
+        files.clone(),
+    )
+    .map_err(|err| StartupError::Thread("rls-reload", err))?;
     Ok(Some(watcher))
 }
 

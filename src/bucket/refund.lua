@@ -1,12 +1,14 @@
 -- refund() of refund.rs, run atomically inside Redis: gives back what a request paid in
--- these buckets when a bucket in another hash slot refused it. refund.rs argues why this
--- never lets a limit admit more than it allows.
+-- these buckets when a bucket in another hash slot refused it, or hits a caller gives back
+-- (Envoy's is_negative_hits). refund.rs argues what each kind of refund keeps true.
 --
 -- KEYS[k]  the hashes token_bucket.lua wrote, in the same layout (a tokens field and a ts
 --          field per limit); a refund never touches `exp` nor the key's expiry, since
 --          a fuller bucket is full again sooner, never later
 -- ARGV[1]  now_us, or '' to read Redis's own clock; only the parity tests pass a time
 -- ARGV[2]  paid_at_us: a time on this master's clock no later than the payment
+--          (Paid::NoEarlierThan), or '' when the payment's time is unknown (Paid::Unknown):
+--          nothing decays, and any stored state may hold the payment
 -- then per key: m, the number of its limits, and five per limit:
 --          tokens field, ts field, capacity_units, refill_units_per_us, cost_units
 --
@@ -45,8 +47,12 @@ for k = 1, #KEYS do
                 tokens = tokens + elapsed * refill_units_per_us
             end
             -- The claim: the payment less what the refill has brought back since.
-            local decayed = math.max(now_us - paid_at_us, 0) * refill_units_per_us
-            if updated_us >= paid_at_us and decayed < cost and tokens < capacity then
+            local decayed, shows_payment = 0, true
+            if paid_at_us then
+                decayed = math.max(now_us - paid_at_us, 0) * refill_units_per_us
+                shows_payment = updated_us >= paid_at_us
+            end
+            if shows_payment and decayed < cost and tokens < capacity then
                 tokens = math.min(tokens + cost - decayed, capacity)
                 redis.call('HSET', KEYS[k], ARGV[at], string.format('%d', tokens),
                     ARGV[at + 1], string.format('%d', now_us))

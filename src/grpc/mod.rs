@@ -22,7 +22,6 @@ mod service;
 use std::future::Future;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -31,7 +30,6 @@ use tonic_health::pb::health_server::HealthServer;
 
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::rls::RuleSet;
 
 pub use health::RATE_LIMIT_SERVICE;
 pub use service::RlsService;
@@ -53,20 +51,19 @@ pub enum GrpcError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Serves `ShouldRateLimit` (under the rules `rules` holds at each call) and
+/// Serves `ShouldRateLimit` (under the rules the limiter holds at each call) and
 /// `grpc.health.v1` on `listener` until `shutdown` completes; calls in flight then finish.
 /// The listener is the caller's, so port 0 works in tests.
 pub async fn serve(
     listener: TcpListener,
     limiter: Arc<Limiter>,
-    rules: Arc<ArcSwap<RuleSet>>,
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
     let unmatched = crate::rls::Unmatched::ALL.map(crate::rls::Unmatched::as_str);
     metrics.declare_rls(&unmatched, service::CODES);
     let health = health::Health::new(limiter.clone());
-    let service = RlsService::new(limiter, rules, metrics);
+    let service = RlsService::new(limiter, metrics);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))

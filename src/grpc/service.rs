@@ -5,13 +5,13 @@
 //! code, its `current_limit` (rule name, `requests_per_unit`, unit), what is left of it
 //! and when its bucket is full again; a descriptor no limit applies to (unknown domain, no
 //! rule, a replaced rule) is `OK` with no `current_limit`, an `unlimited` one `OK` with
-//! `limit_remaining` at its maximum. A store that cannot decide follows `FAIL_MODE`:
-//! `local` decides from this instance's share, `open` answers `OK`, `closed` answers the
-//! status `UNAVAILABLE`.
+//! `limit_remaining` at its maximum. A descriptor that gives hits back
+//! (`is_negative_hits`) is `OK`, with what its bucket holds after them. A store that
+//! cannot decide follows `FAIL_MODE`: `local` decides from this instance's share, `open`
+//! answers `OK`, `closed` answers the status `UNAVAILABLE`.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as ResponseUnit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit,
@@ -22,31 +22,26 @@ use envoy_types::pb::envoy::r#type::v3::RateLimitUnit;
 use envoy_types::pb::google::protobuf::Duration;
 use tonic::{Request, Response, Status};
 
-use crate::limiter::{DescriptorOutcome, DescriptorVerdict, Limiter, Verdict};
+use crate::limiter::{DescriptorOutcome, DescriptorVerdict, Level, Limiter, Verdict};
 use crate::metrics::Metrics;
-use crate::rls::{DescriptorView, LimitOverride, Refusal, RlsRequest, RuleSet, Unit};
+use crate::rls::{Charged, DescriptorView, LimitOverride, Refusal, RlsRequest, Unit};
 
-/// The rate-limit service, over the limiter every front shares.
+/// The rate-limit service, over the limiter every front shares (and the rules it holds:
+/// a reload swaps them between calls).
 pub struct RlsService {
     limiter: Arc<Limiter>,
-    /// The rules in force; a reload swaps them between calls.
-    rules: Arc<ArcSwap<RuleSet>>,
     metrics: Metrics,
 }
 
 impl RlsService {
-    pub fn new(limiter: Arc<Limiter>, rules: Arc<ArcSwap<RuleSet>>, metrics: Metrics) -> Self {
-        Self {
-            limiter,
-            rules,
-            metrics,
-        }
+    pub fn new(limiter: Arc<Limiter>, metrics: Metrics) -> Self {
+        Self { limiter, metrics }
     }
 
     async fn answer(&self, message: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
         let request = view_of(message);
         // The verdict borrows the rules' names: this snapshot outlives it.
-        let rules = self.rules.load_full();
+        let rules = self.limiter.rules();
         let decided = self
             .limiter
             .decide_descriptors(&rules, &request)
@@ -135,16 +130,12 @@ fn response_unit(unit: Unit) -> ResponseUnit {
 }
 
 fn status_of(refusal: &Refusal) -> Status {
-    match refusal {
-        Refusal::NegativeHits { .. } => Status::unimplemented(refusal.to_string()),
-        _ => Status::invalid_argument(refusal.to_string()),
-    }
+    Status::invalid_argument(refusal.to_string())
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
     match code {
         tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-        tonic::Code::Unimplemented => "UNIMPLEMENTED",
         tonic::Code::Unavailable => "UNAVAILABLE",
         _ => "OTHER",
     }
@@ -155,7 +146,6 @@ pub const CODES: &[&str] = &[
     "OK",
     "OVER_LIMIT",
     "INVALID_ARGUMENT",
-    "UNIMPLEMENTED",
     "UNAVAILABLE",
     "OTHER",
 ];
@@ -180,23 +170,13 @@ fn response_of(decided: &DescriptorVerdict<'_>) -> RateLimitResponse {
                 ..DescriptorStatus::default()
             },
             DescriptorOutcome::Limited { charged, .. } => {
-                let stated = charged.limit();
                 let part = decided.limit_of(outcome);
                 let lacked = part.is_some_and(|part| part.enforced && part.lacked());
-                let level = part.and_then(|part| part.level);
-                DescriptorStatus {
-                    code: if lacked { Code::OverLimit } else { Code::Ok } as i32,
-                    current_limit: Some(RateLimit {
-                        name: charged.name().to_string(),
-                        requests_per_unit: stated.requests_per_unit,
-                        unit: response_unit(stated.unit) as i32,
-                    }),
-                    limit_remaining: level.map_or(0, |level| {
-                        u32::try_from(level.remaining).unwrap_or(u32::MAX)
-                    }),
-                    duration_until_reset: level.map(|level| duration(level.full_after_us)),
-                    quota: None,
-                }
+                let code = if lacked { Code::OverLimit } else { Code::Ok };
+                limited_status(code, charged, part.and_then(|part| part.level))
+            }
+            DescriptorOutcome::GivenBack { charged, level } => {
+                limited_status(Code::Ok, charged, *level)
             }
         })
         .collect();
@@ -204,6 +184,25 @@ fn response_of(decided: &DescriptorVerdict<'_>) -> RateLimitResponse {
         overall_code: overall as i32,
         statuses,
         ..RateLimitResponse::default()
+    }
+}
+
+/// The status of a descriptor with a limit: its rule's name and limit, and its bucket's
+/// level when one was asked.
+fn limited_status(code: Code, charged: &Charged<'_>, level: Option<Level>) -> DescriptorStatus {
+    let stated = charged.limit();
+    DescriptorStatus {
+        code: code as i32,
+        current_limit: Some(RateLimit {
+            name: charged.name().to_string(),
+            requests_per_unit: stated.requests_per_unit,
+            unit: response_unit(stated.unit) as i32,
+        }),
+        limit_remaining: level.map_or(0, |level| {
+            u32::try_from(level.remaining).unwrap_or(u32::MAX)
+        }),
+        duration_until_reset: level.map(|level| duration(level.full_after_us)),
+        quota: None,
     }
 }
 

@@ -1,4 +1,5 @@
-//! `GET /v1/policies` (the active set and its version) and `GET /v1/explain` (which
+//! `GET /v1/policies` (the active set and its version, and the rate-limit service's rules
+//! beside it) and `GET /v1/explain` (which
 //! policies a given request would meet, and the key each would charge). Neither is
 //! limited, and neither spends a token.
 
@@ -10,6 +11,7 @@ use serde_json::json;
 use super::problem::Problem;
 use super::routes::{AppState, Headers, client_key};
 use crate::policy::{Mode, NamedLimit, RequestView};
+use crate::rls::{Domain, Rule, RuleLimit, RuleSet};
 
 #[derive(Serialize)]
 struct LimitView<'a> {
@@ -37,8 +39,52 @@ fn mode(mode: Mode) -> &'static str {
     }
 }
 
-/// `GET /v1/policies`.
+/// One rule of the rate-limit service, as `/v1/policies` lists it.
+fn rule_view(rule: &Rule) -> serde_json::Value {
+    let limit = match &rule.limit {
+        RuleLimit::Unlimited => serde_json::Value::Null,
+        RuleLimit::Limited(limit) => json!({
+            "requests_per_unit": limit.requests_per_unit,
+            "unit": limit.unit.as_str(),
+        }),
+    };
+    json!({
+        "name": rule.name,
+        "label": rule.label,
+        "descriptor": rule.descriptor,
+        "limit": limit,
+        "unlimited": matches!(rule.limit, RuleLimit::Unlimited),
+        "shadow": rule.shadow,
+        "replaces": rule.replaces,
+        "line": rule.line,
+    })
+}
+
+/// The rate-limit service's rules in force: each domain (by name) with its rules (in file
+/// order), and `policy`, the name the decision API takes for them.
+fn rls_view(rules: &RuleSet) -> serde_json::Value {
+    let mut domains: Vec<&Domain> = rules.domains().collect();
+    domains.sort_by(|a, b| a.name.cmp(&b.name));
+    let domains: Vec<_> = domains
+        .into_iter()
+        .map(|domain| {
+            let mut listed = domain.rules();
+            listed.sort_by_key(|rule| rule.line);
+            json!({
+                "domain": domain.name,
+                "policy": domain.label,
+                "file": domain.file,
+                "rules": listed.into_iter().map(rule_view).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"version": rules.version(), "domains": domains})
+}
+
+/// `GET /v1/policies`: the policies, and beside them (`rls`) the rate-limit service's
+/// rules.
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {
+    let rules = rls_view(&state.limiter.rules());
     let set = state.limiter.policies();
     let policies: Vec<_> = set
         .policies()
@@ -52,7 +98,7 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
             })
         })
         .collect();
-    HttpResponse::Ok().json(json!({"version": set.version(), "policies": policies}))
+    HttpResponse::Ok().json(json!({"version": set.version(), "policies": policies, "rls": rules}))
 }
 
 /// The request `/v1/explain` describes; its headers are the explain request's own.

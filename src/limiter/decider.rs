@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::Charges;
 use super::deny_cache::DenyCache;
 use super::verdict::{Bucket, LimitName, LimitVerdict, Source, Verdict};
-use crate::bucket::{Charge, Group, Taken};
+use crate::bucket::{Charge, Group, Level, Taken};
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
 use crate::store::{KeyedCharge, Store, StoreError};
@@ -158,6 +158,67 @@ impl Decider {
         Ok(())
     }
 
+    /// Gives each charge's cost back to its bucket: hits a caller returns
+    /// (`is_negative_hits`; see [`Store::give_back`]), never past full, refusing nothing.
+    /// While the store cannot be reached, `FAIL_MODE=local` gives them back to this
+    /// instance's share, which is what decides meanwhile; with `open` or `closed` they are
+    /// lost, which can only lower what is admitted later. Answers each bucket's level
+    /// after it, `None` where none could be asked. Denials cached before stay until they
+    /// expire: a denial answered a little longer never admits more.
+    pub async fn give_back(&self, charges: &[KeyedCharge]) -> Vec<Option<Level>> {
+        let asked = |levels: Vec<Level>| levels.into_iter().map(Some).collect();
+        if charges.is_empty() {
+            return Vec::new();
+        }
+        let store = match &self.buckets {
+            Buckets::Local(store) => {
+                self.metrics.give_back("local");
+                return asked(store.give_back_now(charges));
+            }
+            Buckets::Shared(store) => store,
+        };
+        let started = Instant::now();
+        let result = store.give_back(charges).await;
+        self.metrics.store_call(started.elapsed());
+        match result {
+            Ok(levels) => {
+                self.note_recovered();
+                self.metrics.give_back("redis");
+                asked(levels)
+            }
+            Err(error) => {
+                self.metrics.store_error(error.kind());
+                self.note_degraded(&error);
+                match self.fail_mode {
+                    FailMode::Local => {
+                        self.metrics.give_back("local");
+                        asked(self.fallback.give_back_now(&self.shares(charges)))
+                    }
+                    FailMode::Open | FailMode::Closed => {
+                        self.metrics.give_back("lost");
+                        vec![None; charges.len()]
+                    }
+                }
+            }
+        }
+    }
+
+    /// `charges` against this instance's share of each limit (the local fallback's).
+    fn shares(&self, charges: &[KeyedCharge]) -> Vec<KeyedCharge> {
+        let instances = (self.instances)();
+        charges
+            .iter()
+            .map(|keyed| KeyedCharge {
+                key: keyed.key.clone(),
+                field: keyed.field.clone(),
+                charge: Charge {
+                    limit: keyed.charge.limit.share_of(instances),
+                    ..keyed.charge
+                },
+            })
+            .collect()
+    }
+
     /// Decides a request that draws on `charges`, all or nothing.
     pub async fn decide<'a>(&self, charges: Charges<'a>) -> Verdict<'a> {
         if charges.buckets.is_empty() {
@@ -247,18 +308,7 @@ impl Decider {
         };
         match self.fail_mode {
             FailMode::Local => {
-                let instances = (self.instances)();
-                let shares: Vec<KeyedCharge> = charges
-                    .iter()
-                    .map(|keyed| KeyedCharge {
-                        key: keyed.key.clone(),
-                        field: keyed.field.clone(),
-                        charge: Charge {
-                            limit: keyed.charge.limit.share_of(instances),
-                            ..keyed.charge
-                        },
-                    })
-                    .collect();
+                let shares = self.shares(charges);
                 let taken = self.fallback.take_all_now(&shares);
                 decided(Bucket::Local, names, &shares, taken)
             }

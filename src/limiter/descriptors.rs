@@ -7,12 +7,21 @@
 //! more than its bucket can ever hold lacks them ([`Decider`] sees to it), so its request
 //! is over the limit and nothing is charged.
 //!
+//! A descriptor with `is_negative_hits` takes no part in that decision: once the others
+//! are decided, its hits are given back to its bucket, never past full
+//! ([`Decider::give_back`]), whatever the others came to.
+//!
 //! [`Decider`]: super::Decider
+//! [`Decider::give_back`]: super::Decider::give_back
 
 use super::verdict::{LimitName, LimitVerdict, Verdict};
-use super::{Charges, Limiter};
+use super::{Charges, KeyVerdict, Limiter, ResetError};
+use crate::bucket::Level;
 use crate::bucket::{Charge, Group};
-use crate::rls::{Charged, LimitSource, Refusal, Resolved, RlsRequest, RuleSet, Unmatched};
+use crate::policy::Mode;
+use crate::rls::{
+    Charged, Domain, KeyError, LimitSource, Refusal, Resolved, RlsRequest, RuleSet, Unmatched,
+};
 use crate::store::KeyedCharge;
 
 /// What one descriptor of a request came to.
@@ -25,6 +34,12 @@ pub enum DescriptorOutcome<'r> {
     /// It was decided: `charged` says under which limit and at what cost, and its part in
     /// the verdict is `verdict.limits()[limit]`.
     Limited { charged: Charged<'r>, limit: usize },
+    /// Its hits were given back (`is_negative_hits`): `level` is its bucket after them,
+    /// `None` when no bucket could be asked.
+    GivenBack {
+        charged: Charged<'r>,
+        level: Option<Level>,
+    },
 }
 
 /// A verdict on a rate-limit service request, with what each descriptor came to, in the
@@ -70,6 +85,8 @@ impl Limiter {
         };
         let mut charges = Charges::with_capacity(resolution.descriptors.len());
         let mut descriptors = Vec::with_capacity(resolution.descriptors.len());
+        // The buckets hits are given back to, and their descriptors' places.
+        let mut given_back: Vec<(usize, KeyedCharge)> = Vec::new();
         let mut shadow_groups = 0;
         for resolved in resolution.descriptors {
             let charged = match resolved {
@@ -81,6 +98,18 @@ impl Limiter {
                     descriptors.push(DescriptorOutcome::Unlimited);
                     continue;
                 }
+                Resolved::Charged(charged) if charged.gives_back => {
+                    let (_, mut bucket) = self.charge_of(domain, &charged, Group::Enforced);
+                    // More than a full bucket comes to a full bucket.
+                    let capacity = bucket.charge.limit.capacity();
+                    bucket.charge.cost = bucket.charge.cost.min(capacity);
+                    given_back.push((descriptors.len(), bucket));
+                    descriptors.push(DescriptorOutcome::GivenBack {
+                        charged,
+                        level: None,
+                    });
+                    continue;
+                }
                 Resolved::Charged(charged) => charged,
             };
             let group = if charged.shadow() {
@@ -89,24 +118,7 @@ impl Limiter {
             } else {
                 Group::Enforced
             };
-            let limit = match &charged.source {
-                LimitSource::Rule(rule) => &rule.label,
-                LimitSource::Override(_) => &domain.override_label,
-            };
-            let stated = charged.limit();
-            let bucket = KeyedCharge {
-                key: domain.bucket_key(&charged.entries, &self.key_prefix).into(),
-                field: stated.bucket.field.clone(),
-                charge: Charge {
-                    limit: stated.bucket.limit,
-                    cost: charged.cost,
-                    group,
-                },
-            };
-            let name = LimitName {
-                policy: &domain.label,
-                limit,
-            };
+            let (name, bucket) = self.charge_of(domain, &charged, group);
             let index = charges.buckets.len();
             charges.push(name, bucket);
             descriptors.push(DescriptorOutcome::Limited {
@@ -114,10 +126,97 @@ impl Limiter {
                 limit: index,
             });
         }
+        let verdict = self.decider.decide(charges).await;
+        if !given_back.is_empty() {
+            let buckets: Vec<KeyedCharge> = given_back.iter().map(|(_, b)| b.clone()).collect();
+            let levels = self.decider.give_back(&buckets).await;
+            for ((at, _), after) in given_back.iter().zip(levels) {
+                if let DescriptorOutcome::GivenBack { level, .. } = &mut descriptors[*at] {
+                    *level = after;
+                }
+            }
+        }
         Ok(DescriptorVerdict {
-            verdict: self.decider.decide(charges).await,
+            verdict,
             descriptors,
         })
+    }
+
+    /// Decides the descriptor of `entries` in `domain` at `cost` (0 only reads), as a
+    /// request carrying it alone would be decided: the same bucket, the deny cache,
+    /// `FAIL_MODE`. The decision API's `rls:<domain>`.
+    pub async fn decide_descriptor_key<'r>(
+        &self,
+        rules: &'r RuleSet,
+        domain: &str,
+        entries: &[(&str, &str)],
+        cost: u64,
+    ) -> Result<KeyVerdict<'r>, KeyError> {
+        let (domain, charged) = rules.charged_for(domain, entries, cost)?;
+        let group = if charged.shadow() {
+            Group::Shadow(1)
+        } else {
+            Group::Enforced
+        };
+        let (name, bucket) = self.charge_of(domain, &charged, group);
+        let key = bucket.key.clone();
+        let mut charges = Charges::with_capacity(1);
+        charges.push(name, bucket);
+        Ok(KeyVerdict {
+            verdict: self.decider.decide(charges).await,
+            policy: &domain.label,
+            mode: if charged.shadow() {
+                Mode::Shadow
+            } else {
+                Mode::Enforce
+            },
+            bucket: key,
+            cost,
+        })
+    }
+
+    /// Makes every bucket of the descriptor of `entries` in `domain` full again (see
+    /// [`Decider::reset`](super::Decider::reset)): in Redis its whole hash, request
+    /// overrides' buckets included; answers the hash.
+    pub async fn reset_descriptor(
+        &self,
+        rules: &RuleSet,
+        domain: &str,
+        entries: &[(&str, &str)],
+    ) -> Result<String, ResetError> {
+        let (domain, charged) = rules.charged_for(domain, entries, 0)?;
+        let (_, bucket) = self.charge_of(domain, &charged, Group::Enforced);
+        let key = bucket.key.to_string();
+        self.decider.reset(std::slice::from_ref(&bucket)).await?;
+        Ok(key)
+    }
+
+    /// A descriptor's bucket in the store, and the name its limit goes by.
+    fn charge_of<'r>(
+        &self,
+        domain: &'r Domain,
+        charged: &Charged<'r>,
+        group: Group,
+    ) -> (LimitName<'r>, KeyedCharge) {
+        let limit = match &charged.source {
+            LimitSource::Rule(rule) => &rule.label,
+            LimitSource::Override(_) => &domain.override_label,
+        };
+        let stated = charged.limit();
+        let bucket = KeyedCharge {
+            key: domain.bucket_key(&charged.entries, &self.key_prefix).into(),
+            field: stated.bucket.field.clone(),
+            charge: Charge {
+                limit: stated.bucket.limit,
+                cost: charged.cost,
+                group,
+            },
+        };
+        let name = LimitName {
+            policy: &domain.label,
+            limit,
+        };
+        (name, bucket)
     }
 }
 
@@ -169,6 +268,7 @@ descriptors:
         });
         Limiter::new(
             Arc::new(ArcSwap::from_pointee(policies)),
+            Arc::new(ArcSwap::from_pointee(rules())),
             "t".to_string(),
             decider,
         )
@@ -323,6 +423,76 @@ descriptors:
         assert_eq!(levels(&decided), [Some((true, 2))]);
     }
 
+    #[tokio::test]
+    async fn a_named_descriptor_is_read_without_spending_decided_and_reset_in_its_bucket() {
+        let (limiter, rules) = (limiter(), rules());
+        let entries = [("user", "fay")];
+        let read = limiter
+            .decide_descriptor_key(&rules, "edge", &entries, 0)
+            .await
+            .unwrap();
+        assert_eq!(read.verdict.limits()[0].level.unwrap().remaining, 3);
+        assert_eq!(read.policy, "rls:edge");
+        assert_eq!(&**read.verdict.limits()[0].name.limit, "per-user");
+        // The bucket a ShouldRateLimit with this descriptor spends.
+        let spent = limiter
+            .decide_descriptors(&rules, &request(vec![one("user", "fay")]))
+            .await
+            .unwrap();
+        assert_eq!(levels(&spent), [Some((true, 2))]);
+        let named = limiter
+            .decide_descriptor_key(&rules, "edge", &entries, 2)
+            .await
+            .unwrap();
+        assert!(named.verdict.allowed());
+        assert_eq!(named.verdict.limits()[0].level.unwrap().remaining, 0);
+        let bucket = limiter
+            .reset_descriptor(&rules, "edge", &entries)
+            .await
+            .unwrap();
+        assert_eq!(bucket, &*read.bucket);
+        let after = limiter
+            .decide_descriptor_key(&rules, "edge", &entries, 0)
+            .await
+            .unwrap();
+        assert_eq!(after.verdict.limits()[0].level.unwrap().remaining, 3);
+    }
+
+    #[tokio::test]
+    async fn a_named_descriptor_without_a_bucket_or_at_a_cost_it_never_holds_is_refused() {
+        let (limiter, rules) = (limiter(), rules());
+        let refused = async |domain: &str, entries: &[(&str, &str)], cost: u64| match limiter
+            .decide_descriptor_key(&rules, domain, entries, cost)
+            .await
+        {
+            Err(error) => error.to_string(),
+            Ok(_) => panic!("{domain} {entries:?} was decided"),
+        };
+        assert!(
+            refused("nowhere", &[("user", "a")], 1)
+                .await
+                .starts_with("policy: no rate-limit domain is named \"nowhere\"")
+        );
+        assert!(
+            refused("<b>", &[("user", "a")], 1)
+                .await
+                .contains("has that name")
+        );
+        assert!(
+            refused("edge", &[], 1)
+                .await
+                .starts_with("key: the descriptor's entries")
+        );
+        assert!(
+            refused("edge", &[("colour", "secret-value")], 1)
+                .await
+                .starts_with("key: no rule of domain \"edge\"")
+        );
+        let too_much = refused("edge", &[("user", "secret-value")], 4).await;
+        assert!(too_much.starts_with("cost: 4 is more than 3"), "{too_much}");
+        assert!(!too_much.contains("secret-value"));
+    }
+
     /// A store that is never there.
     struct Down;
 
@@ -333,6 +503,9 @@ descriptors:
         fn reset<'a>(&'a self, _: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
             Box::pin(async { Err(down()) })
         }
+        fn give_back<'a>(&'a self, _: &'a [KeyedCharge]) -> StoreFuture<'a, Vec<Level>> {
+            Box::pin(async { Err(down()) })
+        }
         fn check_ready(&self) -> StoreFuture<'_, ()> {
             Box::pin(async { Err(down()) })
         }
@@ -340,6 +513,108 @@ descriptors:
 
     fn down() -> StoreError {
         StoreError::unavailable(Unavailable::NoConnection("test".to_string()))
+    }
+
+    fn given_back<'a>(key: &'a str, value: &'a str, hits: u64) -> DescriptorView<'a> {
+        DescriptorView {
+            hits_addend: Some(hits),
+            negative_hits: true,
+            ..one(key, value)
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_given_back_fill_the_bucket_again_never_past_full_and_refuse_nothing() {
+        let (limiter, rules) = (limiter(), rules());
+        for _ in 0..3 {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "gus")]))
+                .await
+                .unwrap();
+            assert!(decided.verdict.allowed());
+        }
+        let given = limiter
+            .decide_descriptors(&rules, &request(vec![given_back("user", "gus", 2)]))
+            .await
+            .unwrap();
+        assert!(given.verdict.allowed());
+        let DescriptorOutcome::GivenBack { level, .. } = &given.descriptors[0] else {
+            panic!("not given back: {:?}", given.descriptors[0]);
+        };
+        assert_eq!(level.unwrap().remaining, 2);
+        let too_many = limiter
+            .decide_descriptors(&rules, &request(vec![given_back("user", "gus", 1_000)]))
+            .await
+            .unwrap();
+        let DescriptorOutcome::GivenBack { level, .. } = &too_many.descriptors[0] else {
+            panic!("not given back");
+        };
+        assert_eq!(level.unwrap().remaining, 3, "full, and no more");
+        for admitted in [true, true, true, false] {
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "gus")]))
+                .await
+                .unwrap();
+            assert_eq!(decided.verdict.allowed(), admitted);
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_are_given_back_whatever_the_requests_other_descriptors_decide() {
+        let (limiter, rules) = (limiter(), rules());
+        for _ in 0..3 {
+            limiter
+                .decide_descriptors(&rules, &request(vec![one("user", "hal")]))
+                .await
+                .unwrap();
+        }
+        let decided = limiter
+            .decide_descriptors(
+                &rules,
+                &request(vec![one("user", "hal"), given_back("org", "acme", 1)]),
+            )
+            .await
+            .unwrap();
+        assert!(!decided.verdict.allowed(), "the user has nothing left");
+        // The org was never charged: nothing to give back, and it stays full.
+        let DescriptorOutcome::GivenBack { level, .. } = &decided.descriptors[1] else {
+            panic!("not given back");
+        };
+        assert_eq!(level.unwrap().remaining, 10);
+        let refill = limiter
+            .decide_descriptors(
+                &rules,
+                &request(vec![given_back("user", "hal", 1), one("org", "acme")]),
+            )
+            .await
+            .unwrap();
+        assert!(refill.verdict.allowed(), "the org had room");
+        let user = limiter
+            .decide_descriptors(&rules, &request(vec![one("user", "hal")]))
+            .await
+            .unwrap();
+        assert!(user.verdict.allowed(), "the user's hit came back");
+    }
+
+    #[tokio::test]
+    async fn while_the_store_is_down_hits_go_back_to_the_local_share_or_are_lost() {
+        let rules = rules();
+        for (mode, asked) in [
+            (FailMode::Local, true),
+            (FailMode::Open, false),
+            (FailMode::Closed, false),
+        ] {
+            let limiter = limiter_on(Buckets::Shared(Arc::new(Down)), mode);
+            let decided = limiter
+                .decide_descriptors(&rules, &request(vec![given_back("user", "ivy", 1)]))
+                .await
+                .unwrap();
+            let DescriptorOutcome::GivenBack { level, .. } = &decided.descriptors[0] else {
+                panic!("not given back");
+            };
+            assert_eq!(level.is_some(), asked, "{mode:?}");
+            assert!(decided.verdict.allowed(), "{mode:?}");
+        }
     }
 
     #[tokio::test]

@@ -32,7 +32,10 @@ pub use crate::bucket::{Level, Limit};
 pub use crate::policy::{HeaderLookup, LookupError, Mode, Rejection, RequestView};
 
 use crate::bucket::{Charge, Group};
-use crate::policy::{Applied, Policy, PolicySet};
+use crate::policy::{Applied, PolicySet};
+// Why a descriptor named by the decision API cannot be decided, as the fronts report it.
+pub use crate::rls::KeyError;
+use crate::rls::RuleSet;
 use crate::store::KeyedCharge;
 // Why the store could not decide or reset, as the fronts report it.
 pub use crate::store::StoreError;
@@ -99,7 +102,10 @@ impl<'a> Charges<'a> {
 /// beside it.
 pub struct KeyVerdict<'p> {
     pub verdict: Verdict<'p>,
-    pub policy: &'p Policy,
+    /// The policy's name, or `rls:<domain>` for a rate-limit service rule.
+    pub policy: &'p str,
+    /// A shadow policy or rule decides and counts, and never refuses.
+    pub mode: Mode,
     /// Where the policy's buckets for this key are: its hash in the store.
     pub bucket: Arc<str>,
     pub cost: u64,
@@ -111,21 +117,31 @@ pub enum ResetError {
     #[error(transparent)]
     Lookup(#[from] LookupError),
     #[error(transparent)]
+    Descriptor(#[from] KeyError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Decides requests under the policies in force.
+/// Decides requests under the policies and the rate-limit service's rules in force.
 pub struct Limiter {
     /// The policies in force; a reload swaps them between requests.
     policies: Arc<ArcSwap<PolicySet>>,
+    /// The rate-limit service's rules in force; a reload swaps them between requests.
+    rules: Arc<ArcSwap<RuleSet>>,
     key_prefix: String,
     decider: Decider,
 }
 
 impl Limiter {
-    pub fn new(policies: Arc<ArcSwap<PolicySet>>, key_prefix: String, decider: Decider) -> Self {
+    pub fn new(
+        policies: Arc<ArcSwap<PolicySet>>,
+        rules: Arc<ArcSwap<RuleSet>>,
+        key_prefix: String,
+        decider: Decider,
+    ) -> Self {
         Self {
             policies,
+            rules,
             key_prefix,
             decider,
         }
@@ -136,6 +152,11 @@ impl Limiter {
     /// meanwhile changes nothing for it.
     pub fn policies(&self) -> Arc<PolicySet> {
         self.policies.load_full()
+    }
+
+    /// The rate-limit service's rules in force now; held like [`Limiter::policies`].
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules.load_full()
     }
 
     /// Whether the store can decide right now, for `/ready`.
@@ -177,9 +198,11 @@ impl Limiter {
                     .bucket_key(&applied[0].key, &self.key_prefix)
                     .into()
             });
+        let policy = applied[0].policy;
         Ok(KeyVerdict {
             verdict: self.decider.decide(charges).await,
-            policy: applied[0].policy,
+            policy: &policy.name,
+            mode: policy.mode,
             bucket,
             cost,
         })

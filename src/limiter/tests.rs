@@ -12,7 +12,7 @@ use super::{
     Bucket, Buckets, Charges, Decider, DeciderSettings, FailMode, LimitName, LimitVerdict, Source,
     Verdict,
 };
-use crate::bucket::{Charge, Group, Limit, Taken};
+use crate::bucket::{Charge, Group, Level, Limit, Taken};
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
 use crate::store::{KeyedCharge, Store, StoreError, StoreFuture, Unavailable};
@@ -59,6 +59,10 @@ impl Store for ScriptedStore {
     fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
         self.buckets.remove(buckets);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn give_back<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Vec<Level>> {
+        Box::pin(std::future::ready(Ok(self.buckets.give_back_now(charges))))
     }
 
     fn check_ready(&self) -> StoreFuture<'_, ()> {

@@ -82,7 +82,9 @@ const UNSUPPORTED_FLAGS: &[(&str, &str)] = &[
     ),
 ];
 
-pub(super) fn load(path: &Path, hash_key: HashKey) -> Result<RuleSet, RlsConfigError> {
+/// The files `path` names, as (name, text): the file itself, or the `*.yaml` and `*.yml`
+/// files of a folder (not its subfolders nor hidden files), in name order.
+pub(super) fn read_files(path: &Path) -> Result<Vec<(String, String)>, RlsConfigError> {
     let unreadable = |source| RlsConfigError::Unreadable {
         path: path.display().to_string(),
         source,
@@ -118,11 +120,7 @@ pub(super) fn load(path: &Path, hash_key: HashKey) -> Result<RuleSet, RlsConfigE
         })?;
         files.push((path.display().to_string(), text));
     }
-    let files: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(name, text)| (name.as_str(), text.as_str()))
-        .collect();
-    parse(&files, hash_key)
+    Ok(files)
 }
 
 pub(super) fn parse(files: &[(&str, &str)], hash_key: HashKey) -> Result<RuleSet, RlsConfigError> {
@@ -167,6 +165,24 @@ pub(super) fn parse(files: &[(&str, &str)], hash_key: HashKey) -> Result<RuleSet
         version: digest[..16].to_string(),
         hash_key,
     })
+}
+
+/// One entry of a descriptor's path as written: its key, and its value if it has one
+/// (`premium-*` included).
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    value: Option<String>,
+}
+
+impl Entry {
+    /// `key`, or `key=value`.
+    fn written(&self) -> String {
+        match &self.value {
+            Some(value) => format!("{}={value}", self.key),
+            None => self.key.clone(),
+        }
+    }
 }
 
 /// Reads one file, collecting its problems.
@@ -260,7 +276,7 @@ impl Reader {
         };
         let mut root_level = Level::default();
         if let Some((line, node)) = fields.get("descriptors") {
-            root_level = self.level(line, node, "");
+            root_level = self.level(line, node, &[]);
         }
         let (name, line) = domain?;
         let name: Arc<str> = Arc::from(name);
@@ -366,8 +382,9 @@ impl Reader {
         number
     }
 
-    /// A `descriptors` list: the rules of one level. `keys` is the path above it.
-    fn level(&mut self, line: usize, node: &MarkedYaml<'_>, keys: &str) -> Level {
+    /// A `descriptors` list: the rules of one level, below the entries `above` (key, and
+    /// value as written).
+    fn level(&mut self, line: usize, node: &MarkedYaml<'_>, above: &[Entry]) -> Level {
         let mut level = Level::default();
         let YamlData::Sequence(items) = &node.data else {
             self.at(line, "descriptors: must be a list of descriptors");
@@ -376,7 +393,7 @@ impl Reader {
         // Where each (key, value) of this level was first written, for duplicates.
         let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
         for item in items {
-            let Some((key, value, node)) = self.descriptor(item, keys) else {
+            let Some((key, value, node)) = self.descriptor(item, above) else {
                 continue;
             };
             let item_line = line_of(item);
@@ -416,7 +433,7 @@ impl Reader {
     fn descriptor(
         &mut self,
         item: &MarkedYaml<'_>,
-        keys: &str,
+        above: &[Entry],
     ) -> Option<(String, Option<String>, Node)> {
         let fields = self.fields(item, DESCRIPTOR_FIELDS, "a descriptor")?;
         let key = match fields.get("key") {
@@ -464,11 +481,11 @@ impl Reader {
             Some((line, node)) => self.boolean(line, "shadow_mode", node).map(|on| (line, on)),
             None => None,
         };
-        let path = match &key {
-            Some(key) if keys.is_empty() => key.clone(),
-            Some(key) => format!("{keys}.{key}"),
-            None => keys.to_string(),
-        };
+        let mut path = above.to_vec();
+        path.push(Entry {
+            key: key.clone().unwrap_or_default(),
+            value: value.as_ref().map(|(_, value)| value.clone()),
+        });
         let rule = match fields.get("rate_limit") {
             Some((line, node)) => {
                 let shadow = shadow.is_some_and(|(_, on)| on);
@@ -491,12 +508,12 @@ impl Reader {
         Some((key?, value.map(|(_, value)| value), Node { rule, children }))
     }
 
-    /// A `rate_limit` mapping, its descriptor's keys being `path`.
+    /// A `rate_limit` mapping, its descriptor's entries being `path`.
     fn rule(
         &mut self,
         line: usize,
         node: &MarkedYaml<'_>,
-        path: &str,
+        path: &[Entry],
         shadow: bool,
     ) -> Option<Rule> {
         let fields = self.fields(node, RATE_LIMIT_FIELDS, "rate_limit")?;
@@ -580,9 +597,15 @@ impl Reader {
             }
         };
         let replaces = replaces?;
-        let label = if name.is_empty() { path } else { &name };
+        let label = if name.is_empty() {
+            let keys: Vec<&str> = path.iter().map(|entry| entry.key.as_str()).collect();
+            keys.join(".")
+        } else {
+            name.clone()
+        };
         Some(Rule {
             label: Arc::from(label),
+            descriptor: path.iter().map(Entry::written).collect(),
             name: Arc::from(name.as_str()),
             limit,
             shadow,

@@ -67,6 +67,9 @@
 //!   file order).
 //! - `hits_addend` above a limit's `requests_per_unit` is over the limit, and charges
 //!   nothing.
+//! - `is_negative_hits` gives the hits back to the descriptor's bucket, never past full,
+//!   whatever the request's other descriptors decide (`bucket::refund` with an unknown
+//!   time of payment says what that keeps true).
 
 mod config;
 #[cfg(test)]
@@ -191,6 +194,9 @@ pub struct Rule {
     /// What metrics call it: its name, or the keys of its path (`tenant.user`) when it has
     /// none. Never a request's value, so label sets stay bounded by the files.
     pub label: Arc<str>,
+    /// The entries a descriptor matches it by, from the top, as written: `key` or
+    /// `key=value` (`key=prefix*` for a prefix).
+    pub descriptor: Vec<String>,
     pub limit: RuleLimit,
     /// `shadow_mode`: decided and counted, never refusing.
     pub shadow: bool,
@@ -315,7 +321,7 @@ pub struct DescriptorView<'a> {
     pub limit: Option<LimitOverride>,
     /// This descriptor's hits, when the request sets them (0 only reads).
     pub hits_addend: Option<u64>,
-    /// The hits are given back rather than taken.
+    /// The hits are given back rather than taken (`is_negative_hits`).
     pub negative_hits: bool,
 }
 
@@ -349,13 +355,44 @@ pub enum Refusal {
         "descriptors[{index}].limit: needs requests_per_unit of at least 1 and a unit (second to year): {problem}"
     )]
     BadOverride { index: usize, problem: String },
-    /// A refund (`is_negative_hits`) on a limited descriptor. Giving tokens back safely
-    /// needs the time of the payment it undoes, which the protocol does not carry, and an
-    /// operation of the store that gives tokens back by the request; neither is built yet.
+}
+
+/// Why a descriptor named by its domain and entries (the decision and bucket API) has no
+/// bucket to decide. The messages start with the field of that API they are about, and
+/// never repeat an entry: a value may be an API key.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// `name` is kept only when it reads like a plain name.
+    #[error("policy: {}; GET /v1/policies lists the rate-limit domains", unknown_domain(.name))]
+    UnknownDomain { name: Option<String> },
+    #[error("key: the descriptor's entries are needed, as a list of \"key=value\" strings")]
+    NoEntries,
+    #[error("key: {count} entries, at most {max} are taken")]
+    TooManyEntries { count: usize, max: usize },
+    #[error("key: an entry's key or value is longer than {max} bytes")]
+    EntryTooLong { max: usize },
+    #[error("key: no rule of domain {domain:?} with a rate_limit matches these entries")]
+    NoRule { domain: String },
     #[error(
-        "descriptors[{index}].is_negative_hits: giving hits back is not supported by this service"
+        "key: these entries match rule {rule:?} of domain {domain:?}, which is unlimited: it has no bucket"
     )]
-    NegativeHits { index: usize },
+    Unlimited { domain: String, rule: String },
+    #[error(
+        "cost: {cost} is more than {max}, the requests_per_unit of rule {rule:?} of domain {domain:?}, so it could never be admitted"
+    )]
+    CostTooLarge {
+        domain: String,
+        rule: String,
+        cost: u64,
+        max: u64,
+    },
+}
+
+fn unknown_domain(name: &Option<String>) -> String {
+    match name {
+        Some(name) => format!("no rate-limit domain is named {name:?}"),
+        None => "no rate-limit domain has that name".to_string(),
+    }
 }
 
 /// Why a descriptor has no limit.
@@ -399,8 +436,11 @@ pub struct Charged<'r> {
     pub source: LimitSource<'r>,
     /// The descriptor's entries encoded for its bucket key ([`Domain::bucket_key`]).
     pub entries: String,
-    /// Tokens this request takes (0 only reads).
+    /// Tokens this request takes (0 only reads), or gives back.
     pub cost: u64,
+    /// `is_negative_hits`: `cost` is given back to the bucket, never past full; the
+    /// descriptor takes no part in the request's admission.
+    pub gives_back: bool,
 }
 
 impl Charged<'_> {
@@ -454,7 +494,23 @@ pub struct Resolution<'r> {
 impl RuleSet {
     /// Reads `path`: one YAML file, or every `*.yaml` and `*.yml` file of a folder.
     pub fn load(path: &std::path::Path, hash_key: HashKey) -> Result<RuleSet, RlsConfigError> {
-        config::load(path, hash_key)
+        let files = Self::read_files(path)?;
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(name, text)| (name.as_str(), text.as_str()))
+            .collect();
+        Self::parse(&files, hash_key)
+    }
+
+    /// The files [`RuleSet::load`] reads at `path`, as (name, text), in name order: what a
+    /// reload compares to see a change, and then parses.
+    pub fn read_files(path: &std::path::Path) -> Result<Vec<(String, String)>, RlsConfigError> {
+        config::read_files(path)
+    }
+
+    /// No domain at all: every request is unmatched, so every answer is `OK`.
+    pub fn empty(hash_key: HashKey) -> RuleSet {
+        config::parse(&[], hash_key).expect("no file has no problem")
     }
 
     /// Parses files given as (name, text), one domain each.
@@ -495,16 +551,6 @@ impl RuleSet {
             descriptors.push(self.resolve_one(domain, index, descriptor, request.hits_addend)?);
         }
         drop_replaced(&mut descriptors);
-        for (index, (resolved, descriptor)) in
-            descriptors.iter().zip(&request.descriptors).enumerate()
-        {
-            if let Resolved::Charged(charged) = resolved
-                && descriptor.negative_hits
-                && charged.cost > 0
-            {
-                return Err(Refusal::NegativeHits { index });
-            }
-        }
         Ok(Resolution {
             domain: Some(domain),
             descriptors,
@@ -541,6 +587,7 @@ impl RuleSet {
             source,
             entries: self.encode_entries(&descriptor.entries),
             cost,
+            gives_back: descriptor.negative_hits,
         }))
     }
 
@@ -563,6 +610,73 @@ impl RuleSet {
             }
         }
         key
+    }
+}
+
+impl RuleSet {
+    /// The descriptor of `entries` in `domain`, charged `cost` (0 only reads), as a request
+    /// carrying it alone would be charged under its rule; or why it has no bucket. The
+    /// decision and bucket API name a descriptor this way; a request's `limit` override
+    /// cannot be named, as it is not in the rules.
+    pub fn charged_for(
+        &self,
+        domain: &str,
+        entries: &[(&str, &str)],
+        cost: u64,
+    ) -> Result<(&Domain, Charged<'_>), KeyError> {
+        let Some(found) = self.domains.get(domain) else {
+            let plain = !domain.is_empty()
+                && domain.len() <= 64
+                && domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            return Err(KeyError::UnknownDomain {
+                name: plain.then(|| domain.to_string()),
+            });
+        };
+        if entries.is_empty() {
+            return Err(KeyError::NoEntries);
+        }
+        if entries.len() > MAX_ENTRIES {
+            return Err(KeyError::TooManyEntries {
+                count: entries.len(),
+                max: MAX_ENTRIES,
+            });
+        }
+        if entries
+            .iter()
+            .any(|(key, value)| key.len() > MAX_ENTRY_BYTES || value.len() > MAX_ENTRY_BYTES)
+        {
+            return Err(KeyError::EntryTooLong {
+                max: MAX_ENTRY_BYTES,
+            });
+        }
+        let domain_name = || found.name.to_string();
+        let rule = find(found, entries).ok_or_else(|| KeyError::NoRule {
+            domain: domain_name(),
+        })?;
+        let RuleLimit::Limited(limit) = &rule.limit else {
+            return Err(KeyError::Unlimited {
+                domain: domain_name(),
+                rule: rule.label.to_string(),
+            });
+        };
+        let max = limit.bucket.limit.capacity();
+        if cost > max {
+            return Err(KeyError::CostTooLarge {
+                domain: domain_name(),
+                rule: rule.label.to_string(),
+                cost,
+                max,
+            });
+        }
+        let charged = Charged {
+            source: LimitSource::Rule(rule),
+            entries: self.encode_entries(entries),
+            cost,
+            gives_back: false,
+        };
+        Ok((found, charged))
     }
 }
 

@@ -128,6 +128,44 @@ fn every_field_of_a_rule_is_read() {
 }
 
 #[test]
+fn a_rule_lists_the_entries_that_lead_to_it_as_written() {
+    let set = edge();
+    let mut rules = set.domain("edge").unwrap().rules();
+    rules.sort_by_key(|rule| rule.line);
+    let paths: Vec<Vec<String>> = rules.iter().map(|rule| rule.descriptor.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            vec!["remote_address"],
+            vec!["api_key=premium-*"],
+            vec!["api_key=premium-gold-*"],
+            vec!["api_key=premium-gold-vip"],
+            vec!["api_key"],
+            vec!["tenant", "user"],
+            vec!["internal"],
+        ]
+        .map(|path| path.into_iter().map(String::from).collect::<Vec<_>>())
+    );
+}
+
+#[test]
+fn the_empty_set_knows_no_domain_and_answers_every_descriptor_unmatched() {
+    let set = RuleSet::empty(HashKey::default());
+    assert_eq!(set.domains().count(), 0);
+    let resolution = set
+        .resolve(&request(
+            "edge",
+            vec![descriptor(&[("remote_address", "a")])],
+        ))
+        .unwrap();
+    assert!(resolution.domain.is_none());
+    assert!(matches!(
+        resolution.descriptors[0],
+        Resolved::Unmatched(Unmatched::UnknownDomain)
+    ));
+}
+
+#[test]
 fn every_unit_of_envoys_format_is_read_in_any_case() {
     for (unit, seconds) in [
         ("second", 1),
@@ -398,22 +436,34 @@ fn the_shape_of_a_request_is_checked_before_its_domain() {
 }
 
 #[test]
-fn giving_hits_back_on_a_limited_descriptor_is_refused() {
+fn hits_given_back_are_charged_to_the_descriptors_bucket_as_a_give_back() {
     let set = edge();
     let refund = |entries| DescriptorView {
         negative_hits: true,
+        hits_addend: Some(3),
         ..descriptor(entries)
     };
-    assert_eq!(
-        set.resolve(&request("edge", vec![refund(&[("remote_address", "a")])]))
-            .unwrap_err(),
-        Refusal::NegativeHits { index: 0 }
-    );
+    let resolution = set
+        .resolve(&request(
+            "edge",
+            vec![
+                refund(&[("remote_address", "a")]),
+                descriptor(&[("remote_address", "a")]),
+                refund(&[("path", "/health")]),
+            ],
+        ))
+        .unwrap();
+    let given = charged(&resolution.descriptors[0]);
+    let taken = charged(&resolution.descriptors[1]);
+    assert!(given.gives_back);
+    assert!(!taken.gives_back);
+    assert_eq!((given.cost, taken.cost), (3, 1));
+    assert_eq!(given.entries, taken.entries, "the same bucket");
     // Nothing to give back to where nothing is counted.
-    assert!(
-        set.resolve(&request("edge", vec![refund(&[("path", "/health")])]))
-            .is_ok()
-    );
+    assert!(matches!(
+        resolution.descriptors[2],
+        Resolved::Unmatched(Unmatched::NoRule)
+    ));
 }
 
 #[test]

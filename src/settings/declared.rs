@@ -206,6 +206,9 @@ settings! {
     /// port to listen on (`0`: any free port)
     PORT / port: u16 = Value("8000"),
         Whole { min: 0, max: 65_535 } => whole;
+    /// port of Envoy's rate-limit service (gRPC `ShouldRateLimit` and `grpc.health.v1`) on `HOST`, beside the HTTP port (`0`: any free port); unset: no gRPC listener ("Behind Envoy")
+    GRPC_PORT / grpc_port: Option<u16> = Unset("off"),
+        Whole { min: 0, max: 65_535 } => whole;
     /// HTTP worker threads
     WORKERS / workers: Option<usize> = Unset("CPUs"),
         Whole { min: 1, max: 1024 } => whole;
@@ -227,10 +230,13 @@ settings! {
     /// a TOML file of policies (`config/policies.example.toml`); unset: one policy, `RATE_LIMIT` per `TIME_WINDOW` per client IP on `/limited_endpoint`
     POLICY_FILE / policy_file: Option<PathBuf> = Unset("unset"),
         Text => path;
-    /// how often `POLICY_FILE` is checked for changes (`SIGHUP` reloads at once)
+    /// envoyproxy/ratelimit's YAML rules for the rate-limit service: one file, or a folder of `*.yaml`/`*.yml` files, one domain each (`config/rls.example.yaml`); needs `GRPC_PORT`; unset: no rules, so every domain is unknown and every answer `OK`
+    RLS_CONFIG / rls_config: Option<PathBuf> = Unset("unset"),
+        Text => path;
+    /// how often `POLICY_FILE` and `RLS_CONFIG` are checked for changes (`SIGHUP` reloads both at once)
     POLICY_POLL_MS / policy_poll_ms: Duration = Value("1000"),
         Whole { min: 50, max: 3_600_000 } => millis;
-    /// keys the hash that replaces header values (API keys) in bucket keys; every instance must share it; unset: a fixed public key
+    /// keys the hash that replaces header values (API keys) and long rate-limit descriptor values in bucket keys; every instance must share it; unset: a fixed public key
     POLICY_KEY_SECRET / policy_key_secret: Option<SecretString> = Unset("unset"),
         Secret => secret;
     /// the `Authorization: Bearer` token `/v1/decide` and `/v1/buckets/…` require; unset: they answer local callers only (loopback peer, not forwarded for another client)

@@ -27,9 +27,10 @@ use crate::http::headers::HeaderMode;
 use crate::identity::IdentityRules;
 use crate::limiter::FailMode;
 use crate::policy::{HashKey, PolicySet};
+use crate::rls::{RlsConfigError, RuleSet};
 use declared::{
-    BURST, Declared, Expect, Given, INSTANCE_NAME, Preset, Problems, RATE_LIMIT, TIME_WINDOW,
-    TRUSTED_PROXIES, TRUSTED_PROXIES_ALLOW_ALL,
+    BURST, Declared, Expect, GRPC_PORT, Given, INSTANCE_NAME, PORT, Preset, Problems, RATE_LIMIT,
+    RLS_CONFIG, TIME_WINDOW, TRUSTED_PROXIES, TRUSTED_PROXIES_ALLOW_ALL,
 };
 pub use parse::{HostPort, RedisClient, mask_url};
 pub use store::{MasterSettings, NodeAccess, StoreSettings};
@@ -73,6 +74,50 @@ impl PolicyFile {
     }
 }
 
+/// Where the rate-limit service's rules come from.
+#[derive(Clone)]
+pub enum RlsSource {
+    /// No `RLS_CONFIG`: no rules.
+    Empty,
+    /// `RLS_CONFIG`, and its files as read and parsed at start.
+    Config {
+        config: RlsConfig,
+        files: Vec<(String, String)>,
+    },
+}
+
+/// `RLS_CONFIG`, and how its files become rules: at start and at every reload alike.
+#[derive(Clone)]
+pub struct RlsConfig {
+    /// One YAML file, or a folder of them.
+    pub path: PathBuf,
+    /// `POLICY_POLL_MS`: how often the files are checked for a change.
+    pub poll: Duration,
+    /// Keys the hash of long descriptor values in bucket keys (`POLICY_KEY_SECRET`).
+    hash_key: HashKey,
+}
+
+impl RlsConfig {
+    /// The files as they are now, as (name, text), or why they cannot be read.
+    pub fn read(&self) -> Result<Vec<(String, String)>, String> {
+        RuleSet::read_files(&self.path).map_err(|err| err.to_string())
+    }
+
+    /// The rules `files` declare, or every problem in them (`file:line: message`).
+    pub fn parse(&self, files: &[(String, String)]) -> Result<RuleSet, Vec<String>> {
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(name, text)| (name.as_str(), text.as_str()))
+            .collect();
+        RuleSet::parse(&files, self.hash_key.clone()).map_err(|err| match err {
+            RlsConfigError::Invalid { problems } => {
+                problems.iter().map(ToString::to_string).collect()
+            }
+            other => vec![other.to_string()],
+        })
+    }
+}
+
 /// What the service runs with. The fields each declared setting fills on its own carry its
 /// name when it differs; its doc is in [`declared`].
 #[derive(Clone)]
@@ -87,8 +132,13 @@ pub struct Settings {
     pub fallback_instances: Option<u64>,
     /// `TRUSTED_PROXIES` and `IPV6_PREFIX_LEN`.
     pub identity: IdentityRules,
+    /// The rate-limit service's rules in force at start.
+    pub rules: Arc<RuleSet>,
+    pub rls_source: RlsSource,
     pub host: IpAddr,
     pub port: u16,
+    /// `GRPC_PORT`: where the rate-limit service listens, on `host`; `None`: it does not.
+    pub grpc_port: Option<u16>,
     pub workers: Option<usize>,
     /// `INSTANCE_NAME`, or the host name.
     pub instance_name: String,
@@ -149,13 +199,17 @@ impl Settings {
     /// that their problems are reported together; `None` only when one was reported.
     fn assemble(declared: Declared, given: &Given, problems: &mut Problems) -> Option<Self> {
         let policies = policies(&declared, problems);
+        let rules = rules(&declared, given, problems);
         let store = store::store(&declared, given, problems);
         let identity = identity(&declared, problems);
         let instance_name = instance_name(&declared, given, problems);
         let (policies, policy_source) = policies?;
+        let (rules, rls_source) = rules?;
         Some(Settings {
             policies: Arc::new(policies),
             policy_source,
+            rules: Arc::new(rules),
+            rls_source,
             store: store?,
             key_prefix: declared.key_prefix,
             fail_mode: declared.fail_mode,
@@ -163,6 +217,7 @@ impl Settings {
             identity: identity?,
             host: declared.host,
             port: declared.port,
+            grpc_port: declared.grpc_port,
             workers: declared.workers,
             instance_name: instance_name?,
             headers: declared.ratelimit_headers,
@@ -208,12 +263,7 @@ fn policies(declared: &Declared, problems: &mut Problems) -> Option<(PolicySet, 
     let file = PolicyFile {
         path: path.clone(),
         poll: declared.policy_poll_ms,
-        hash_key: declared
-            .policy_key_secret
-            .as_ref()
-            .map_or_else(HashKey::default, |secret| {
-                HashKey::from_secret(secret.expose_secret().as_bytes())
-            }),
+        hash_key: hash_key(declared),
     };
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -227,6 +277,65 @@ fn policies(declared: &Declared, problems: &mut Problems) -> Option<(PolicySet, 
     };
     match file.parse(&text) {
         Ok(set) => Some((set, PolicySource::File { file, text })),
+        Err(lines) => {
+            problems.extend(lines);
+            None
+        }
+    }
+}
+
+/// `POLICY_KEY_SECRET`'s key, or the fixed public one.
+fn hash_key(declared: &Declared) -> HashKey {
+    declared
+        .policy_key_secret
+        .as_ref()
+        .map_or_else(HashKey::default, |secret| {
+            HashKey::from_secret(secret.expose_secret().as_bytes())
+        })
+}
+
+/// The rate-limit service's rules from `RLS_CONFIG`, or none. Its files are read and
+/// parsed here, once: a folder that cannot be read is an `RLS_CONFIG` problem, and each
+/// problem of a file is a line of its own (`file:line: message`). The rules are served
+/// over gRPC only, so `RLS_CONFIG` without `GRPC_PORT` is a mistake said at start rather
+/// than a service that answers no one.
+fn rules(
+    declared: &Declared,
+    given: &Given,
+    problems: &mut Problems,
+) -> Option<(RuleSet, RlsSource)> {
+    if let (Some(grpc), port) = (declared.grpc_port, declared.port)
+        && grpc == port
+        && grpc != 0
+    {
+        problems.add_unless_refused(
+            &[&GRPC_PORT, &PORT],
+            format!("GRPC_PORT: expected a port other than PORT's, got \"{grpc}\" for both"),
+        );
+    }
+    let Some(path) = &declared.rls_config else {
+        return Some((RuleSet::empty(hash_key(declared)), RlsSource::Empty));
+    };
+    if !given.is_set(&GRPC_PORT) {
+        problems.add(
+            "RLS_CONFIG: applies only with GRPC_PORT (its rules answer Envoy's rate-limit service, served over gRPC); set GRPC_PORT, or unset RLS_CONFIG".into(),
+        );
+        return None;
+    }
+    let config = RlsConfig {
+        path: path.clone(),
+        poll: declared.policy_poll_ms,
+        hash_key: hash_key(declared),
+    };
+    let files = match config.read() {
+        Ok(files) => files,
+        Err(err) => {
+            problems.add(format!("{}: {err}", RLS_CONFIG.name));
+            return None;
+        }
+    };
+    match config.parse(&files) {
+        Ok(rules) => Some((rules, RlsSource::Config { config, files })),
         Err(lines) => {
             problems.extend(lines);
             None

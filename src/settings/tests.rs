@@ -550,3 +550,85 @@ fn the_policy_file_is_read_once_and_reloads_parse_it_the_same_way() {
     let reparsed = file.parse(read).unwrap();
     assert_eq!(reparsed.version(), settings.policies.version());
 }
+
+#[test]
+fn the_grpc_front_is_off_unless_a_port_is_given() {
+    let settings = load(&[]).unwrap();
+    assert_eq!(settings.grpc_port, None);
+    assert!(matches!(settings.rls_source, RlsSource::Empty));
+    assert_eq!(settings.rules.domains().count(), 0);
+    assert_eq!(
+        load(&[("GRPC_PORT", "8051")]).unwrap().grpc_port,
+        Some(8051)
+    );
+    assert_eq!(load(&[("GRPC_PORT", "0")]).unwrap().grpc_port, Some(0));
+}
+
+#[test]
+fn a_grpc_port_that_is_the_http_port_is_refused() {
+    let message = problems(&[("PORT", "8050"), ("GRPC_PORT", "8050")]);
+    assert_eq!(
+        message,
+        "GRPC_PORT: expected a port other than PORT's, got \"8050\" for both"
+    );
+    // Both 0: two different free ports.
+    assert!(load(&[("PORT", "0"), ("GRPC_PORT", "0")]).is_ok());
+}
+
+#[test]
+fn rls_config_needs_a_grpc_port() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rls.example.yaml");
+    let message = problems(&[("RLS_CONFIG", example)]);
+    assert!(
+        message.starts_with("RLS_CONFIG: applies only with GRPC_PORT"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_rls_config_is_read_once_and_reloads_parse_it_the_same_way() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rls.example.yaml");
+    let settings = load(&[
+        ("RLS_CONFIG", example),
+        ("GRPC_PORT", "0"),
+        ("POLICY_POLL_MS", "250"),
+    ])
+    .unwrap();
+    let RlsSource::Config { config, files } = &settings.rls_source else {
+        panic!("no rls config");
+    };
+    assert_eq!(files.len(), 1);
+    assert_eq!(config.poll, Duration::from_millis(250));
+    assert!(settings.rules.domain("edge").is_some());
+    assert_eq!(&config.read().unwrap(), files);
+    let reparsed = config.parse(files).unwrap();
+    assert_eq!(reparsed.version(), settings.rules.version());
+}
+
+#[test]
+fn every_problem_of_an_rls_config_is_reported_with_its_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "domain: edge\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n  - key: b\n    quota_mode: true\n",
+    )
+    .unwrap();
+    let message = problems(&[("RLS_CONFIG", path.to_str().unwrap()), ("GRPC_PORT", "0")]);
+    let file = path.display().to_string();
+    let lines: Vec<&str> = message.lines().collect();
+    assert_eq!(lines.len(), 2, "{message}");
+    assert!(
+        lines[0].starts_with(&format!("{file}:4: rate_limit.unit")),
+        "{message}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:6: quota_mode")),
+        "{message}"
+    );
+    let missing = problems(&[("RLS_CONFIG", "/nonexistent/rls"), ("GRPC_PORT", "0")]);
+    assert!(
+        missing.starts_with("RLS_CONFIG: /nonexistent/rls: cannot read"),
+        "{missing}"
+    );
+}

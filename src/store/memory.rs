@@ -6,6 +6,9 @@
 //! all-or-nothing step the Lua script is in Redis. Like the script, it writes only the
 //! buckets that paid: a denial, or a charge of 0 tokens (a read), stores nothing.
 //!
+//! Hits given back ([`MemoryStore::give_back_at`]) are added to their buckets under the
+//! same locks, never past full, as `refund.lua` adds them in Redis.
+//!
 //! Limits are then per instance, not shared. Buckets that have refilled completely are
 //! dropped, which loses nothing: a missing bucket is a full one. When more clients than
 //! `max_buckets` are still refilling at once, the store forgets the buckets closest to
@@ -19,7 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::{KeyedCharge, Store, StoreFuture};
-use crate::bucket::{self, BucketState, Charge, Level, Limit, Taken};
+use crate::bucket::{self, BucketState, Charge, Level, Limit, Paid, Taken};
 
 /// Enough shards that worker threads rarely wait on one another.
 const SHARDS: usize = 64;
@@ -162,6 +165,38 @@ impl MemoryStore {
         taken
     }
 
+    /// [`Store::give_back`] at an explicit time: each charge's cost given back to its
+    /// bucket, never past full.
+    pub fn give_back_at(&self, charges: &[KeyedCharge], now_us: u64) -> Vec<Level> {
+        let mut levels = Vec::with_capacity(charges.len());
+        for keyed in charges {
+            let key = self.key(&keyed.key, &keyed.field);
+            let limit = &keyed.charge.limit;
+            let mut shard = self.shards[Self::shard_of(key)]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let state = shard.buckets.get(&key).map(|held| held.state);
+            let given = bucket::refund(limit, state, keyed.charge.cost, Paid::Unknown, now_us);
+            if let Some(state) = given.write {
+                shard.buckets.insert(
+                    key,
+                    Held {
+                        state,
+                        capacity_units: limit.capacity_units(),
+                        refill_units_per_us: limit.refill_units_per_us(),
+                    },
+                );
+            }
+            levels.push(Level::from_units(limit, true, given.units, 0));
+        }
+        levels
+    }
+
+    /// [`MemoryStore::give_back_at`] now, on this store's clock.
+    pub fn give_back_now(&self, charges: &[KeyedCharge]) -> Vec<Level> {
+        self.give_back_at(charges, self.now_us())
+    }
+
     /// Decides now, on this store's clock.
     pub fn take_all_now(&self, charges: &[KeyedCharge]) -> Taken {
         self.take_all_at(charges, self.now_us())
@@ -267,6 +302,10 @@ impl Store for MemoryStore {
     fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
         self.remove(buckets);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn give_back<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Vec<Level>> {
+        Box::pin(std::future::ready(Ok(self.give_back_now(charges))))
     }
 
     fn check_ready(&self) -> StoreFuture<'_, ()> {

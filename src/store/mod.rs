@@ -1,4 +1,5 @@
-//! Where buckets live: one trait with one atomic operation, and its implementations.
+//! Where buckets live: one trait (the atomic take, a reset, hits given back) and its
+//! implementations.
 //!
 //! - [`memory::MemoryStore`]: in this process; the embedded default and the fallback.
 //! - [`redis::RedisStore`]: shared by every instance, on the master that
@@ -16,7 +17,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::bucket::{Charge, Taken};
+use crate::bucket::{Charge, Level, Taken};
 
 /// The failure beneath a [`StoreError`], kept as its source for logs. Boxed, so that what
 /// the decision layer reads depends on no store's client.
@@ -182,6 +183,12 @@ pub trait Store: Send + Sync + 'static {
     /// limits no longer in force included. Goes to the same node as [`Store::take`], so
     /// it fails the same way (and a failure is an error, never a silent success).
     fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()>;
+
+    /// Gives each charge's cost back to its bucket, at a time the caller does not say
+    /// (`bucket::refund` with `Paid::Unknown`): never past full, refusing nothing. Answers
+    /// each bucket's level after it, in order. A failure may leave some buckets given back
+    /// and others not; either way no bucket holds more than it would have.
+    fn give_back<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Vec<Level>>;
 
     /// Whether the store can decide right now, for `/ready`.
     fn check_ready(&self) -> StoreFuture<'_, ()>;

@@ -13,6 +13,8 @@ use ratelimiter::startup::Application;
 /// The service, on its own thread and actix system, on a free port.
 pub struct TestApp {
     pub port: u16,
+    /// The rate-limit service's port, with `GRPC_PORT` among the settings.
+    pub grpc_port: Option<u16>,
     pub url: String,
     handle: actix_web::dev::ServerHandle,
     thread: Option<JoinHandle<()>>,
@@ -49,16 +51,17 @@ impl TestApp {
                     .await
                     .expect("the service starts");
                 sender
-                    .send((app.port(), app.handle()))
+                    .send((app.port(), app.grpc_port(), app.handle()))
                     .expect("report the port");
                 app.run_until_stopped().await.expect("the service runs");
             });
         });
-        let (port, handle) = receiver
+        let (port, grpc_port, handle) = receiver
             .recv_timeout(Duration::from_secs(30))
             .expect("the service started");
         Self {
             port,
+            grpc_port,
             url: format!("http://127.0.0.1:{port}"),
             handle,
             thread: Some(thread),
@@ -67,6 +70,12 @@ impl TestApp {
 
     pub fn at(&self, path: &str) -> String {
         format!("{}{path}", self.url)
+    }
+
+    /// The rate-limit service's port; panics without `GRPC_PORT`.
+    pub fn grpc(&self) -> u16 {
+        self.grpc_port
+            .expect("the service was started with GRPC_PORT")
     }
 
     /// Graceful stop; waits for in-flight requests.

@@ -24,6 +24,8 @@
 //! - `http`: clients with timeouts, the requests several suites make the same way, and
 //!   reading `/metrics` ([`metric`] is `None` for an absent series, [`counter`] requires
 //!   the family);
+//! - `rls`: Envoy's side of the rate-limit service: a tonic client, its messages, and rule
+//!   files (`RLS_CONFIG`) in temporary folders ([`RlsClient`]);
 //! - `traffic`: many clients sending steadily until told to stop ([`Traffic`]), and what
 //!   each request met ([`Record`]).
 
@@ -34,6 +36,7 @@ mod nginx;
 mod policy_file;
 mod redis_cluster;
 mod redis_node;
+mod rls;
 mod sentinel;
 mod traffic;
 mod upstream;
@@ -53,6 +56,7 @@ pub use redis_node::{
     PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD, SERVICE_PASSWORD,
     SERVICE_USER,
 };
+pub use rls::{RlsClient, RlsFiles, descriptor, rls_channel, rls_request, statuses};
 pub use sentinel::SentinelCluster;
 pub use traffic::{Origin, Record, Traffic};
 pub use upstream::TestUpstream;

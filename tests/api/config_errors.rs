@@ -126,3 +126,60 @@ fn redis_cluster_nodes_beside_sentinel_hosts_exits_2_naming_both() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_invalid_rls_config_exits_2_with_each_problem_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge.yaml");
+    std::fs::write(
+        &path,
+        "domain: edge\ndescriptors:\n  - key: user\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n  - key: org\n    rate_limit: { unit: second, requests_per_unit: 0 }\n",
+    )
+    .unwrap();
+    let path = path.display().to_string();
+    let (code, stderr) = run_with(&[("RLS_CONFIG", &path), ("GRPC_PORT", "0")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{path}:4: rate_limit.unit: \"fortnight\" is not one of"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{path}:6: rate_limit.requests_per_unit: 0")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn rls_config_without_grpc_port_exits_2_naming_both() {
+    let example = testkit::repo_path("config/rls.example.yaml");
+    let (code, stderr) = run_with(&[("RLS_CONFIG", example.to_str().unwrap())]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("RLS_CONFIG: applies only with GRPC_PORT"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_rls_config_that_cannot_be_read_exits_2_naming_it() {
+    let (code, stderr) = run_with(&[("RLS_CONFIG", "/nonexistent/rls"), ("GRPC_PORT", "0")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("RLS_CONFIG: /nonexistent/rls: cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_grpc_port_in_use_exits_1_with_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, stderr) = run_with(&[("GRPC_PORT", &port)]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}

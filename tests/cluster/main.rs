@@ -8,6 +8,8 @@
 //! - `faults`: scripts missing everywhere, a master killed, a slot moved under load, slots
 //!   no master serves.
 //! - `refund`: `bucket/refund.lua` against the Rust arithmetic it mirrors.
+//! - `rls`: the rate-limit service's descriptors over every master, and a request whose
+//!   descriptors lie in two slots.
 //!
 //! The tests run one at a time: each starts six Redis processes and two instances, and the
 //! machine is shared. Timing is used only as a generous bound on hangs.
@@ -15,6 +17,7 @@
 mod exactness;
 mod faults;
 mod refund;
+mod rls;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,11 +1,12 @@
 //! `bucket/refund.lua` and `bucket::refund` agree: one table of cases, each a payment by
 //! the bucket script then a refund, both at given times, on a plain `redis-server` (the
-//! script is the same wherever the slot is).
+//! script is the same wherever the slot is): refunds of a payment made at a known time (the
+//! Cluster store's) and hits given back at an unknown one (Envoy's `is_negative_hits`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimiter::bucket::{self, BucketState, Charge, Limit};
+use ratelimiter::bucket::{self, BucketState, Charge, Limit, Paid};
 use ratelimiter::store::KeyedCharge;
 use ratelimiter::store::redis::script::{ScriptCall, refund_cmd};
 use ratelimiter::store::redis::{
@@ -17,16 +18,18 @@ use testkit::{RedisProcess, unique_prefix};
 const SECOND: u64 = 1_000_000;
 
 /// A refund case: the request's buckets (one hash), how many requests pay before the one
-/// refunded (all at `t0`), when the refunded one pays, and when and with what `paid_at`
-/// its refund runs.
+/// refunded (all at `t0`), when the refunded one pays, and when, told what of the
+/// payment's time, and how many tokens its refund gives back.
 struct Case {
     name: &'static str,
     limits: Vec<Limit>,
     paid_before: usize,
     paid_at: u64,
-    /// `paid_at` as the refund is told it; later than the real payment means "lost".
-    told_paid_at: u64,
+    /// The payment's time as the refund is told it; later than the real payment means
+    /// "lost".
+    told: Paid,
     refund_at: u64,
+    given: u64,
 }
 
 fn cases() -> Vec<Case> {
@@ -38,10 +41,49 @@ fn cases() -> Vec<Case> {
         limits,
         paid_before,
         paid_at,
-        told_paid_at,
+        told: Paid::NoEarlierThan(told_paid_at),
         refund_at,
+        given: 1,
+    };
+    let given_back = |name, limits, paid_before, refund_at, given| Case {
+        name,
+        limits,
+        paid_before,
+        paid_at: t0,
+        told: Paid::Unknown,
+        refund_at,
+        given,
     };
     vec![
+        given_back("hits given back at once", vec![minute], 3, t0, 1),
+        given_back(
+            "hits given back later, on top of the refill",
+            vec![minute],
+            6,
+            t0 + 10 * SECOND,
+            3,
+        ),
+        given_back(
+            "more hits given back than a bucket holds",
+            vec![minute, hour],
+            4,
+            t0 + 250_000,
+            50,
+        ),
+        given_back(
+            "hits given back to a full bucket",
+            vec![minute],
+            0,
+            t0 + 120 * SECOND,
+            2,
+        ),
+        given_back(
+            "hits given back on a clock behind the payment",
+            vec![hour],
+            2,
+            t0 - 5 * SECOND,
+            1,
+        ),
         case("at once", vec![minute], 3, t0, t0, t0),
         case("a second later", vec![minute], 3, t0, t0, t0 + SECOND),
         case(
@@ -127,17 +169,22 @@ async fn the_refund_script_and_the_rust_arithmetic_agree_on_every_case() {
             .iter()
             .zip(&states)
             .map(|(charge, state)| {
-                bucket::refund(&charge.limit, *state, 1, case.told_paid_at, case.refund_at)
+                bucket::refund(&charge.limit, *state, case.given, case.told, case.refund_at)
             })
             .collect();
-        let units: Vec<u64> = refund_cmd(
-            ScriptCall::Text,
-            &charges,
-            case.told_paid_at,
-            Some(case.refund_at),
-        )
-        .query(&mut conn)
-        .unwrap();
+        let given: Vec<KeyedCharge> = charges
+            .iter()
+            .map(|keyed| KeyedCharge {
+                charge: Charge {
+                    cost: case.given,
+                    ..keyed.charge
+                },
+                ..keyed.clone()
+            })
+            .collect();
+        let units: Vec<u64> = refund_cmd(ScriptCall::Text, &given, case.told, Some(case.refund_at))
+            .query(&mut conn)
+            .unwrap();
         let expected_units: Vec<u64> = expected.iter().map(|r| r.units).collect();
         assert_eq!(units, expected_units, "{}: units", case.name);
         for (i, (refunded, before)) in expected.iter().zip(&states).enumerate() {

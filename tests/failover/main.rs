@@ -5,10 +5,11 @@
 //! its shared bucket included.
 //!
 //! `sentinels` holds the sentinels that name the wrong master, `restarts` the data nodes
-//! and instances that restart. The tests run one at a time, because they measure latency
+//! and instances that restart, `grpc` the rate-limit service's calls through a failover. The tests run one at a time, because they measure latency
 //! and each one already keeps both cores busy; their metrics are their own (each service
 //! builds its own handle).
 
+mod grpc;
 mod restarts;
 mod sentinels;
 

@@ -1,12 +1,18 @@
-//! The rate-limit service over gRPC: the server on port 0 in this process, deciding in a
-//! real `redis-server` started per test, asked by a real tonic client.
+//! The rate-limit service over gRPC, asked by a real tonic client, deciding in a real
+//! `redis-server` started per test:
+//!
+//! - here, `grpc::serve` on port 0 over a limiter built by hand: what `ShouldRateLimit`
+//!   answers;
+//! - `service`: the whole service (`Application::build`, or the binary) with `GRPC_PORT`
+//!   and `RLS_CONFIG`: its reloads, its stop, and the HTTP API beside it.
+
+mod service;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
@@ -26,7 +32,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use testkit::{RedisProcess, unique_prefix};
+use testkit::{RedisProcess, descriptor, rls_request, statuses, unique_prefix};
 
 const RULES: &str = "\
 domain: edge
@@ -75,25 +81,20 @@ impl TestRls {
             burst: 1,
         })
         .unwrap();
+        let rules = RuleSet::parse(&[("edge.yaml", RULES)], HashKey::default()).unwrap();
         let limiter = Arc::new(Limiter::new(
             Arc::new(ArcSwap::from_pointee(policies)),
+            Arc::new(ArcSwap::from_pointee(rules)),
             prefix,
             decider,
         ));
-        let rules = RuleSet::parse(&[("edge.yaml", RULES)], HashKey::default()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(async move {
-            ratelimiter::grpc::serve(
-                listener,
-                limiter,
-                Arc::new(ArcSwap::from_pointee(rules)),
-                metrics,
-                async {
-                    let _ = stopped.await;
-                },
-            )
+            ratelimiter::grpc::serve(listener, limiter, metrics, async {
+                let _ = stopped.await;
+            })
             .await
             .expect("the gRPC server runs");
         });
@@ -137,34 +138,8 @@ impl Drop for TestRls {
     }
 }
 
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(key, value)| Entry {
-                key: key.to_string(),
-                value: value.to_string(),
-            })
-            .collect(),
-        ..RateLimitDescriptor::default()
-    }
-}
-
 fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: domain.to_string(),
-        descriptors,
-        hits_addend: 0,
-    }
-}
-
-/// Each status as (code, limit_remaining).
-fn statuses(response: &RateLimitResponse) -> Vec<(Code, u32)> {
-    response
-        .statuses
-        .iter()
-        .map(|status| (status.code(), status.limit_remaining))
-        .collect()
+    rls_request(domain, descriptors)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,17 +279,56 @@ async fn oversized_requests_are_refused_with_a_status_and_the_server_carries_on(
         .await
         .unwrap_err();
     assert_ne!(refused.code(), tonic::Code::Ok, "{refused:?}");
-    let refund = RateLimitDescriptor {
-        is_negative_hits: true,
-        ..descriptor(&[("user", "ann")])
-    };
-    let refused = rls.ask(request("edge", vec![refund])).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
     let fine = rls
         .ask(request("edge", vec![descriptor(&[("user", "ann")])]))
         .await
         .unwrap();
     assert_eq!(fine.overall_code(), Code::Ok);
+    rls.stop().await;
+}
+
+/// A descriptor giving `hits` back (`is_negative_hits`).
+fn given_back(entries: &[(&str, &str)], hits: u64) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        is_negative_hits: true,
+        hits_addend: Some(envoy_types::pb::google::protobuf::UInt64Value { value: hits }),
+        ..descriptor(entries)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_given_back_return_to_the_bucket_in_redis_never_past_its_limit() {
+    let redis = RedisProcess::server(None, &[]);
+    let mut rls = TestRls::start(&redis, "given-back", FailMode::Closed).await;
+    let ask_one = || request("edge", vec![descriptor(&[("user", "joe")])]);
+    for _ in 0..3 {
+        assert_eq!(rls.ask(ask_one()).await.unwrap().overall_code(), Code::Ok);
+    }
+    assert_eq!(
+        rls.ask(ask_one()).await.unwrap().overall_code(),
+        Code::OverLimit
+    );
+    let given = rls
+        .ask(request("edge", vec![given_back(&[("user", "joe")], 2)]))
+        .await
+        .unwrap();
+    assert_eq!(given.overall_code(), Code::Ok);
+    assert_eq!(statuses(&given), [(Code::Ok, 2)]);
+    assert_eq!(
+        given.statuses[0].current_limit.as_ref().unwrap().name,
+        "per-user"
+    );
+    for code in [Code::Ok, Code::Ok, Code::OverLimit] {
+        assert_eq!(rls.ask(ask_one()).await.unwrap().overall_code(), code);
+    }
+    let too_many = rls
+        .ask(request("edge", vec![given_back(&[("user", "joe")], 1_000)]))
+        .await
+        .unwrap();
+    assert_eq!(statuses(&too_many), [(Code::Ok, 3)], "full, and no more");
+    for code in [Code::Ok, Code::Ok, Code::Ok, Code::OverLimit] {
+        assert_eq!(rls.ask(ask_one()).await.unwrap().overall_code(), code);
+    }
     rls.stop().await;
 }
 

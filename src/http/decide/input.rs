@@ -57,6 +57,48 @@ pub enum InputError {
     UnknownParameter(Option<String>),
     #[error("query: the key is in the path already; give no query")]
     KeyTwice,
+    #[error(
+        "key: entry {entry} must be written key=value: a descriptor's entry, as rls:<domain> takes them"
+    )]
+    EntryNotPair { entry: usize },
+}
+
+/// The prefix that names a rate-limit service domain where a policy goes.
+pub const RLS_PREFIX: &str = "rls:";
+
+/// What a decision or bucket request names: a policy and its key, or a descriptor of a
+/// rate-limit service domain (`rls:<domain>`, its key the descriptor's entries in order,
+/// each `key=value`, split at the first `=`). Policy names never hold a `:`, so the two
+/// never meet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named<'a> {
+    Policy {
+        name: &'a str,
+        key: Option<&'a [String]>,
+    },
+    Descriptor {
+        domain: &'a str,
+        entries: Vec<(&'a str, &'a str)>,
+    },
+}
+
+impl<'a> Named<'a> {
+    pub fn read(policy: &'a str, key: Option<&'a [String]>) -> Result<Self, InputError> {
+        let Some(domain) = policy.strip_prefix(RLS_PREFIX) else {
+            return Ok(Named::Policy { name: policy, key });
+        };
+        let entries = key
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                entry
+                    .split_once('=')
+                    .ok_or(InputError::EntryNotPair { entry: index + 1 })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Named::Descriptor { domain, entries })
+    }
 }
 
 /// A name from the input, quoted when it reads like a field name, else described: the
@@ -301,6 +343,37 @@ mod tests {
             "{message}"
         );
         assert!(!message.contains("img"), "{message}");
+    }
+
+    #[test]
+    fn rls_and_a_domain_name_a_descriptor_whose_entries_split_at_the_first_equals_sign() {
+        let key = vec!["tenant=acme".to_string(), "q=a=b".to_string()];
+        assert_eq!(
+            Named::read("rls:edge", Some(&key)),
+            Ok(Named::Descriptor {
+                domain: "edge",
+                entries: vec![("tenant", "acme"), ("q", "a=b")],
+            })
+        );
+        assert_eq!(
+            Named::read("api", Some(&key)),
+            Ok(Named::Policy {
+                name: "api",
+                key: Some(&key[..]),
+            })
+        );
+        let bare = vec!["tenant=acme".to_string(), "user".to_string()];
+        assert_eq!(
+            Named::read("rls:edge", Some(&bare)),
+            Err(InputError::EntryNotPair { entry: 2 })
+        );
+        assert_eq!(
+            Named::read("rls:edge", None),
+            Ok(Named::Descriptor {
+                domain: "edge",
+                entries: vec![],
+            })
+        );
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //!   key is given as `/v1/buckets/{policy}?key=<part 1>&key=<part 2>` (form-encoded, so
 //!   `+` is a space and `%2B` a plus), and a policy keyed `global` as
 //!   `/v1/buckets/{policy}` alone.
+//! - `rls:<domain>` in place of a policy names a descriptor of a rate-limit service domain
+//!   (`RLS_CONFIG`); the key is its entries in order, each `key=value`:
+//!   `{"policy": "rls:edge", "key": ["tenant=acme", "user=bob"]}`,
+//!   `/v1/buckets/rls:edge/remote_address=203.0.113.9`. It is decided under the rule it
+//!   matches, as a `ShouldRateLimit` carrying that descriptor alone would be, and reset
+//!   with every bucket of those entries.
 //!
 //! Deciding goes through [`Limiter::decide_key`](crate::limiter::Limiter::decide_key), so
 //! the deny cache, `FAIL_MODE` and the metrics behave as for requests. [`AdminAuth`] says who
@@ -23,7 +29,7 @@ use thiserror::Error;
 
 mod input;
 
-pub use input::{Asked, InputError, MAX_BODY_BYTES, bucket_key};
+pub use input::{Asked, InputError, MAX_BODY_BYTES, Named, RLS_PREFIX, bucket_key};
 
 use super::admin_auth::{AdminAuth, AdminRefusal};
 use super::headers::{
@@ -32,7 +38,7 @@ use super::headers::{
 use super::problem::Problem;
 use super::routes::AppState;
 use crate::limiter::{
-    KeyVerdict, LimitVerdict, LookupError, Mode, ResetError, StoreError, Verdict,
+    KeyError, KeyVerdict, LimitVerdict, LookupError, Mode, ResetError, StoreError, Verdict,
 };
 
 /// Everything these routes answer besides a decision.
@@ -50,6 +56,8 @@ pub enum ApiError {
     Input(#[from] InputError),
     #[error(transparent)]
     Lookup(#[from] LookupError),
+    #[error(transparent)]
+    Descriptor(#[from] KeyError),
     #[error("the rate-limit store cannot reset these buckets now ({0}); nothing was reset")]
     Store(#[from] StoreError),
 }
@@ -60,9 +68,10 @@ impl ResponseError for ApiError {
             ApiError::Refused(refusal) => refusal.status_code(),
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unreadable | ApiError::Input(_) | ApiError::Lookup(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::Unreadable
+            | ApiError::Input(_)
+            | ApiError::Lookup(_)
+            | ApiError::Descriptor(_) => StatusCode::BAD_REQUEST,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -109,12 +118,31 @@ pub async fn decide(
         .map_err(|_| ApiError::TooLarge)?
         .map_err(|_| ApiError::Unreadable)?;
     let asked = Asked::parse(&body)?;
-    let policies = state.limiter.policies();
-    let decided = state
-        .limiter
-        .decide_key(&policies, &asked.policy, asked.key.as_deref(), asked.cost)
-        .await?;
-    Ok(respond(&state, &decided))
+    decide_named(&state, &asked.policy, asked.key.as_deref(), asked.cost).await
+}
+
+/// Decides what `policy` and `key` name at `cost` (0 only reads), and renders it.
+async fn decide_named(
+    state: &AppState,
+    policy: &str,
+    key: Option<&[String]>,
+    cost: u64,
+) -> Result<HttpResponse, ApiError> {
+    match Named::read(policy, key)? {
+        Named::Policy { name, key } => {
+            let policies = state.limiter.policies();
+            let decided = state.limiter.decide_key(&policies, name, key, cost).await?;
+            Ok(respond(state, &decided))
+        }
+        Named::Descriptor { domain, entries } => {
+            let rules = state.limiter.rules();
+            let decided = state
+                .limiter
+                .decide_descriptor_key(&rules, domain, &entries, cost)
+                .await?;
+            Ok(respond(state, &decided))
+        }
+    }
 }
 
 /// `GET /v1/buckets/{policy}?key=…` (composite and `global` keys).
@@ -168,12 +196,7 @@ async fn show(
 ) -> Result<HttpResponse, ApiError> {
     auth.check(req)?;
     let key = bucket_key(path_key, req.query_string())?;
-    let policies = state.limiter.policies();
-    let decided = state
-        .limiter
-        .decide_key(&policies, policy, key.as_deref(), 0)
-        .await?;
-    Ok(respond(state, &decided))
+    decide_named(state, policy, key.as_deref(), 0).await
 }
 
 /// Deletes the policy's hash for the key: every limit full again. 204 once the store
@@ -187,10 +210,23 @@ async fn reset(
 ) -> Result<HttpResponse, ApiError> {
     auth.check(req)?;
     let key = bucket_key(path_key, req.query_string())?;
-    let policies = state.limiter.policies();
-    let bucket = match state.limiter.reset(&policies, policy, key.as_deref()).await {
+    let reset = match Named::read(policy, key.as_deref())? {
+        Named::Policy { name, key } => {
+            let policies = state.limiter.policies();
+            state.limiter.reset(&policies, name, key).await
+        }
+        Named::Descriptor { domain, entries } => {
+            let rules = state.limiter.rules();
+            state
+                .limiter
+                .reset_descriptor(&rules, domain, &entries)
+                .await
+        }
+    };
+    let bucket = match reset {
         Ok(bucket) => bucket,
         Err(ResetError::Lookup(error)) => return Err(error.into()),
+        Err(ResetError::Descriptor(error)) => return Err(error.into()),
         Err(ResetError::Store(error)) => return Err(error.into()),
     };
     log::info!("reset the buckets of policy {policy} at {bucket}");
@@ -274,8 +310,8 @@ impl<'a> DecisionBody<'a> {
         Self {
             allowed: verdict.allowed(),
             source: verdict.source().map(|source| source.as_str()),
-            policy: &decided.policy.name,
-            mode: match decided.policy.mode {
+            policy: decided.policy,
+            mode: match decided.mode {
                 Mode::Enforce => "enforce",
                 Mode::Shadow => "shadow",
             },

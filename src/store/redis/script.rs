@@ -2,14 +2,14 @@
 //!
 //! Every store in Redis sends the same two scripts: `token_bucket.lua` decides
 //! ([`decide_cmd`]), `refund.lua` gives back what a Cluster slot paid for a request that
-//! another slot refused ([`refund_cmd`]). Both name their buckets alike: one key per run of
+//! another slot refused, or hits a caller gives back ([`refund_cmd`]). Both name their buckets alike: one key per run of
 //! consecutive charges on one hash, then per run its length and per bucket its two fields
 //! and its limit. So one builder writes both, straight into one command buffer: a
 //! `ScriptInvocation` would allocate each argument separately first, on every decision.
 
 use redis::{Cmd, ErrorKind, RedisError};
 
-use crate::bucket::{self, Group, Level, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
+use crate::bucket::{self, Group, Level, Paid, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::store::{KeyedCharge, StoreError};
 
 /// How a command names its script.
@@ -27,9 +27,9 @@ pub enum ScriptCall<'a> {
 #[derive(Clone, Copy)]
 enum BucketScript {
     Decide,
-    /// `paid_at_us`: a time on the master's clock no later than the payment.
+    /// When the payment was made, as far as the caller knows.
     Refund {
-        paid_at_us: u64,
+        paid: Paid,
     },
 }
 
@@ -39,15 +39,15 @@ pub fn decide_cmd(script: ScriptCall<'_>, charges: &[KeyedCharge], now_us: Optio
     bucket_script_cmd(BucketScript::Decide, script, charges, now_us)
 }
 
-/// `refund.lua` over `charges`, whose payments were made no earlier than `paid_at_us`;
-/// `now_us` as [`decide_cmd`] takes it.
+/// `refund.lua` over `charges`, whose payments were made when `paid` says; `now_us` as
+/// [`decide_cmd`] takes it.
 pub fn refund_cmd(
     script: ScriptCall<'_>,
     charges: &[KeyedCharge],
-    paid_at_us: u64,
+    paid: Paid,
     now_us: Option<u64>,
 ) -> Cmd {
-    bucket_script_cmd(BucketScript::Refund { paid_at_us }, script, charges, now_us)
+    bucket_script_cmd(BucketScript::Refund { paid }, script, charges, now_us)
 }
 
 /// The one writer of both scripts' arguments: the layout is said once, here, and in the
@@ -74,9 +74,15 @@ fn bucket_script_cmd(
         Some(now_us) => cmd.arg(now_us),
         None => cmd.arg(""),
     };
-    if let BucketScript::Refund { paid_at_us } = which {
-        cmd.arg(paid_at_us);
-    }
+    match which {
+        BucketScript::Refund {
+            paid: Paid::NoEarlierThan(paid_at_us),
+        } => cmd.arg(paid_at_us),
+        BucketScript::Refund {
+            paid: Paid::Unknown,
+        } => cmd.arg(""),
+        BucketScript::Decide => &mut cmd,
+    };
     let mut field = String::with_capacity(64);
     for run in charges.chunk_by(same_hash) {
         cmd.arg(run.len());
@@ -100,6 +106,28 @@ fn bucket_script_cmd(
         }
     }
     cmd
+}
+
+/// `refund.lua`'s answer over `charges` (the units each bucket holds after it) as each
+/// bucket's level.
+pub(crate) fn levels_after_refund(
+    charges: &[KeyedCharge],
+    units: &[u64],
+) -> Result<Vec<Level>, StoreError> {
+    if units.len() != charges.len() {
+        return Err(StoreError::Other {
+            source: Box::new(RedisError::from((
+                ErrorKind::Parse,
+                "the refund script answered the wrong number of values",
+                format!("{} for {} buckets", units.len(), charges.len()),
+            ))),
+        });
+    }
+    Ok(charges
+        .iter()
+        .zip(units)
+        .map(|(keyed, &units)| Level::from_units(&keyed.charge.limit, true, units, 0))
+        .collect())
 }
 
 /// The bucket script's answer for `buckets` charges, read as one `(had, units)` per
@@ -200,7 +228,12 @@ mod tests {
 
     #[test]
     fn a_refund_names_its_buckets_as_the_decision_did_after_the_time_of_the_payment() {
-        let words = words(&refund_cmd(ScriptCall::Text, &charges(), 5, None));
+        let words = words(&refund_cmd(
+            ScriptCall::Text,
+            &charges(),
+            Paid::NoEarlierThan(5),
+            None,
+        ));
         let mut expected: Vec<String> = ["EVAL", REFUND_LUA, "2", "a", "b", "", "5", "2"]
             .map(String::from)
             .into();
@@ -212,9 +245,25 @@ mod tests {
     }
 
     #[test]
+    fn hits_given_back_at_an_unknown_time_send_no_time_of_payment() {
+        let words = words(&refund_cmd(
+            ScriptCall::Text,
+            &charges(),
+            Paid::Unknown,
+            None,
+        ));
+        assert_eq!(words[2..8], ["2", "a", "b", "", "", "2"]);
+    }
+
+    #[test]
     fn a_command_by_hash_names_the_script_by_its_hash() {
         let script = redis::Script::new(REFUND_LUA);
-        let words = words(&refund_cmd(ScriptCall::Sha(&script), &charges(), 5, None));
+        let words = words(&refund_cmd(
+            ScriptCall::Sha(&script),
+            &charges(),
+            Paid::Unknown,
+            None,
+        ));
         assert_eq!(words[..2], ["EVALSHA", script.get_hash()]);
     }
 

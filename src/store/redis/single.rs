@@ -1,5 +1,6 @@
 //! [`RedisStore`]: buckets on one master, whichever the [`MasterSlot`] holds now (the one
-//! Sentinel names, or a fixed `REDIS_URL`), decided by [`TOKEN_BUCKET_LUA`].
+//! Sentinel names, or a fixed `REDIS_URL`), decided by [`TOKEN_BUCKET_LUA`]; hits given
+//! back by [`REFUND_LUA`].
 //!
 //! Every command goes through one path, [`Inner::query`]: it picks the connection the
 //! master's [`Connections`] say (a multiplexed async connection per worker thread, or an
@@ -17,8 +18,8 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError};
 use super::error::{classify, is_noscript};
 use super::master::{Connections, Master, MasterSlot};
 use super::node;
-use super::script::{ScriptCall, decide_cmd, taken_from};
-use crate::bucket::{TOKEN_BUCKET_LUA, Taken};
+use super::script::{ScriptCall, decide_cmd, levels_after_refund, refund_cmd, taken_from};
+use crate::bucket::{Level, Paid, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::store::{KeyedCharge, Store, StoreError, StoreFuture};
 
 thread_local! {
@@ -37,6 +38,7 @@ pub struct RedisStore {
 struct Inner {
     slot: Arc<MasterSlot>,
     script: redis::Script,
+    refund_script: redis::Script,
     timeout: Duration,
 }
 
@@ -48,6 +50,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 slot,
                 script: redis::Script::new(TOKEN_BUCKET_LUA),
+                refund_script: redis::Script::new(REFUND_LUA),
                 timeout,
             }),
         }
@@ -60,8 +63,20 @@ impl RedisStore {
         now_us: Option<u64>,
     ) -> Result<Taken, StoreError> {
         let decide = decide_cmd(ScriptCall::Sha(&self.inner.script), charges, now_us);
-        let answer: Vec<u64> = self.inner.query(decide).await?;
+        let answer: Vec<u64> = self.inner.query(decide, Some(TOKEN_BUCKET_LUA)).await?;
         taken_from(charges, &answer)
+    }
+
+    /// [`Store::give_back`] with an explicit clock, as [`RedisStore::take_at`].
+    pub async fn give_back_at(
+        &self,
+        charges: &[KeyedCharge],
+        now_us: Option<u64>,
+    ) -> Result<Vec<Level>, StoreError> {
+        let script = ScriptCall::Sha(&self.inner.refund_script);
+        let give_back = refund_cmd(script, charges, Paid::Unknown, now_us);
+        let units: Vec<u64> = self.inner.query(give_back, Some(REFUND_LUA)).await?;
+        levels_after_refund(charges, &units)
     }
 }
 
@@ -73,11 +88,15 @@ enum Asker {
 }
 
 impl Inner {
-    /// Sends `cmd` to the current master. A node that lost the script (`NOSCRIPT`, after a
-    /// restart, a failover or `SCRIPT FLUSH`) is given it and asked again, on the same
-    /// master, so no decision fails for it.
-    async fn query<T: FromRedisValue + Send + 'static>(&self, cmd: Cmd) -> Result<T, StoreError> {
-        self.query_as(cmd, Asker::Decision).await
+    /// Sends `cmd`, which runs `script` by its hash (if any), to the current master. A node that
+    /// lost the script (`NOSCRIPT`, after a restart, a failover or `SCRIPT FLUSH`) is given
+    /// it and asked again, on the same master, so no decision fails for it.
+    async fn query<T: FromRedisValue + Send + 'static>(
+        &self,
+        cmd: Cmd,
+        script: Option<&'static str>,
+    ) -> Result<T, StoreError> {
+        self.query_as(cmd, Asker::Decision, script).await
     }
 
     /// [`Inner::query`], saying who asks: only decisions tell the slot how the master
@@ -87,18 +106,19 @@ impl Inner {
         &self,
         cmd: Cmd,
         asker: Asker,
+        script: Option<&'static str>,
     ) -> Result<T, StoreError> {
         let master = self.slot.usable_master()?;
-        let result = match self.send::<T>(&master, cmd).await {
-            (cmd, Err(err)) if is_noscript(&err) => {
+        let result = match (self.send::<T>(&master, cmd).await, script) {
+            ((cmd, Err(err)), Some(script)) if is_noscript(&err) => {
                 let mut load = redis::cmd("SCRIPT");
-                load.arg("LOAD").arg(TOKEN_BUCKET_LUA);
+                load.arg("LOAD").arg(script);
                 match self.send::<String>(&master, load).await.1 {
                     Ok(_) => self.send::<T>(&master, cmd).await.1,
                     Err(err) => Err(err),
                 }
             }
-            (_, answer) => answer,
+            ((_, answer), _) => answer,
         };
         let result = result.map_err(|err| classify(&err, self.timeout));
         match (&result, asker) {
@@ -213,11 +233,23 @@ impl Store for RedisStore {
         for key in keys {
             delete.arg(key);
         }
-        Box::pin(async move { self.inner.query::<u64>(delete).await.map(|_deleted| ()) })
+        Box::pin(async move {
+            self.inner
+                .query::<u64>(delete, None)
+                .await
+                .map(|_deleted| ())
+        })
+    }
+
+    fn give_back<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Vec<Level>> {
+        Box::pin(self.give_back_at(charges, None))
     }
 
     /// A real round trip to the master: a stale "ready" is worse than none.
     fn check_ready(&self) -> StoreFuture<'_, ()> {
-        Box::pin(self.inner.query_as::<()>(redis::cmd("PING"), Asker::Probe))
+        Box::pin(
+            self.inner
+                .query_as::<()>(redis::cmd("PING"), Asker::Probe, None),
+        )
     }
 }

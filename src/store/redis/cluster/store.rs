@@ -1,6 +1,6 @@
 //! [`ClusterStore`]: buckets in a Redis Cluster, decided by the bucket script slot by
-//! slot: this thread's cluster connection, the take over one or several slots, and the
-//! refunds of what a slot paid for a request another slot refused.
+//! slot: this thread's cluster connection, the take over one or several slots, the
+//! refunds of what a slot paid for a request another slot refused, and hits given back.
 //!
 //! # Bounded time
 //! A decision has one deadline, `REDIS_TIMEOUT_MS` from its start, across every slot it
@@ -33,11 +33,13 @@ use tokio::time::Instant;
 use super::settle::{SlotReply, paid_in_call, settle_slots};
 use super::slots::{by_slot, coverage};
 use super::watch::ClusterWatch;
-use crate::bucket::{REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
+use crate::bucket::{Level, Paid, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::metrics::Metrics;
 use crate::store::redis::error::{classify_in_cluster, is_noscript};
 use crate::store::redis::registry::InstanceRegistry;
-use crate::store::redis::script::{ScriptCall, decide_cmd, refund_cmd, taken_from};
+use crate::store::redis::script::{
+    ScriptCall, decide_cmd, levels_after_refund, refund_cmd, taken_from,
+};
 use crate::store::{KeyedCharge, Store, StoreError, StoreFuture};
 
 /// Retries of one command within its deadline; the deadline, not this, is what bounds it.
@@ -218,13 +220,13 @@ impl Inner {
             // Redis decides nothing for this request: give back whatever a slot paid.
             for reply in &replies {
                 let paid = paid_in_call(charges, reply);
-                self.give_back(&conn, charges, reply, &paid);
+                self.send_refund(&conn, charges, reply, &paid);
             }
             return Err(error);
         }
         let (taken, refunds) = settle_slots(charges, &replies)?;
         for (reply, refund) in replies.iter().zip(&refunds.0) {
-            self.give_back(&conn, charges, reply, refund);
+            self.send_refund(&conn, charges, reply, refund);
         }
         Ok(taken)
     }
@@ -277,8 +279,62 @@ impl Inner {
         Ok((after_us.saturating_sub(took_us), answer))
     }
 
+    /// `refund.lua` over `part` (one slot's charges): by hash, and in full on a node that
+    /// lacks it.
+    async fn refund(
+        &self,
+        conn: &mut ClusterConnection,
+        part: &[KeyedCharge],
+        paid: Paid,
+    ) -> RedisResult<Vec<u64>> {
+        match refund_cmd(ScriptCall::Sha(&self.refund_script), part, paid, None)
+            .query_async(conn)
+            .await
+        {
+            Err(err) if is_noscript(&err) => {
+                refund_cmd(ScriptCall::Text, part, paid, None)
+                    .query_async(conn)
+                    .await
+            }
+            answer => answer,
+        }
+    }
+
+    /// [`Store::give_back`]: `refund.lua` with no time of payment, every slot at once on
+    /// its master, within one deadline. A slot that does not answer in time fails the
+    /// whole call; the others may have given back, which only fills buckets sooner.
+    async fn give_back(&self, charges: &[KeyedCharge]) -> Result<Vec<Level>, StoreError> {
+        if charges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + self.timeout;
+        let conn = self.within(deadline, self.connection()).await?;
+        let shares = by_slot(charges);
+        let calls = shares.iter().map(|share| {
+            let part: Vec<KeyedCharge> = share.iter().map(|&i| charges[i].clone()).collect();
+            let mut conn = conn.clone();
+            async move {
+                let units = self
+                    .within(deadline, async {
+                        self.refund(&mut conn, &part, Paid::Unknown)
+                            .await
+                            .map_err(|err| classify_in_cluster(&err, self.timeout))
+                    })
+                    .await?;
+                levels_after_refund(&part, &units)
+            }
+        });
+        let mut levels: Vec<Option<Level>> = vec![None; charges.len()];
+        for (share, answer) in shares.iter().zip(join_all(calls).await) {
+            for (&i, level) in share.iter().zip(answer?) {
+                levels[i] = Some(level);
+            }
+        }
+        Ok(levels.into_iter().flatten().collect())
+    }
+
     /// Sends the refund of `reply`'s charges marked in `refund`, without waiting for it.
-    fn give_back(
+    fn send_refund(
         self: &Arc<Self>,
         conn: &ClusterConnection,
         charges: &[KeyedCharge],
@@ -299,23 +355,9 @@ impl Inner {
         }
         let (inner, mut conn, paid_at_us) = (self.clone(), conn.clone(), reply.paid_at_us);
         tokio::spawn(async move {
-            let given = tokio::time::timeout(inner.timeout, async {
-                let by_hash = refund_cmd(
-                    ScriptCall::Sha(&inner.refund_script),
-                    &part,
-                    paid_at_us,
-                    None,
-                );
-                match by_hash.query_async::<Vec<u64>>(&mut conn).await {
-                    Err(err) if is_noscript(&err) => {
-                        refund_cmd(ScriptCall::Text, &part, paid_at_us, None)
-                            .query_async::<Vec<u64>>(&mut conn)
-                            .await
-                    }
-                    answer => answer,
-                }
-            })
-            .await;
+            let paid = Paid::NoEarlierThan(paid_at_us);
+            let given =
+                tokio::time::timeout(inner.timeout, inner.refund(&mut conn, &part, paid)).await;
             match given {
                 Ok(Ok(_)) => inner.metrics.cluster_refund(true),
                 Ok(Err(err)) => {
@@ -374,6 +416,10 @@ impl Store for ClusterStore {
 
     fn reset<'a>(&'a self, buckets: &'a [KeyedCharge]) -> StoreFuture<'a, ()> {
         Box::pin(self.inner.reset(buckets))
+    }
+
+    fn give_back<'a>(&'a self, charges: &'a [KeyedCharge]) -> StoreFuture<'a, Vec<Level>> {
+        Box::pin(self.inner.give_back(charges))
     }
 
     /// `CLUSTER INFO` of a node: a real round trip, and the cluster's own view of whether

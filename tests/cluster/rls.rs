@@ -1,0 +1,190 @@
+//! The rate-limit service in Cluster mode: descriptors whose buckets lie on every master,
+//! asked through both instances' gRPC ports, a request whose descriptors lie in two slots,
+//! decided all or nothing, and hits given back to buckets on two masters.
+
+use std::collections::BTreeSet;
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+
+use crate::{NODE_TIMEOUT_MS, ONE_AT_A_TIME, spawn_pair};
+use testkit::{
+    RedisCluster, RlsClient, RlsFiles, descriptor, rls_request, statuses, unique_prefix,
+};
+
+/// 5 an hour per user, 3 an hour per org: nothing refills during a test.
+const RULES: &str = "\
+domain: edge
+descriptors:
+  - key: user
+    rate_limit: { unit: hour, requests_per_unit: 5 }
+  - key: org
+    rate_limit: { unit: hour, requests_per_unit: 3 }
+";
+
+/// The hash of the descriptor `key=value`'s bucket: its entries are its hash tag.
+fn descriptor_hash(prefix: &str, key: &str, value: &str) -> String {
+    format!("{prefix}:rls:edge:{{{key}={value}}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_on_every_master_are_each_admitted_exactly_their_limit_over_two_instances() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let files = RlsFiles::new("edge.yaml", RULES);
+    let prefix = unique_prefix("rls-exact");
+    let grpc = [
+        ("GRPC_PORT", "0".to_string()),
+        ("RLS_CONFIG", files.folder()),
+        ("REDIS_TIMEOUT_MS", "2000".to_string()),
+    ];
+    let (first, second) = spawn_pair(&cluster, &prefix, &grpc);
+    let users: Vec<String> = (0..30).map(|n| format!("u{n}")).collect();
+    let masters: BTreeSet<u16> = users
+        .iter()
+        .map(|user| cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "user", user))))
+        .collect();
+    assert_eq!(masters.len(), 3, "the users' buckets lie on every master");
+
+    let clients = [
+        RlsClient::connect(first.grpc()).await,
+        RlsClient::connect(second.grpc()).await,
+    ];
+    let asked = users.iter().map(|user| {
+        let clients = clients.clone();
+        let user = user.clone();
+        async move {
+            let calls = (0..10).map(|n| {
+                let mut rls = clients[n % 2].clone();
+                let user = user.clone();
+                tokio::spawn(async move { rls.code_of("edge", &[("user", &user)]).await })
+            });
+            let mut admitted = 0;
+            for call in calls.collect::<Vec<_>>() {
+                admitted += u64::from(call.await.unwrap() == Code::Ok);
+            }
+            (user, admitted)
+        }
+    });
+    for (user, admitted) in futures_util::future::join_all(asked).await {
+        assert_eq!(admitted, 5, "user {user}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_descriptors_lie_in_two_slots_is_decided_all_or_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let files = RlsFiles::new("edge.yaml", RULES);
+    let prefix = unique_prefix("rls-two-slots");
+    let grpc = [
+        ("GRPC_PORT", "0".to_string()),
+        ("RLS_CONFIG", files.folder()),
+        ("REDIS_TIMEOUT_MS", "2000".to_string()),
+    ];
+    let (first, second) = spawn_pair(&cluster, &prefix, &grpc);
+    let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "org", "acme")));
+    let user = (0..1000)
+        .map(|n| format!("u{n}"))
+        .find(|user| {
+            cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "user", user))) != org_master
+        })
+        .expect("a user whose bucket another master holds");
+    let mut rls = [
+        RlsClient::connect(first.grpc()).await,
+        RlsClient::connect(second.grpc()).await,
+    ];
+    for _ in 0..5 {
+        assert_eq!(rls[0].code_of("edge", &[("user", &user)]).await, Code::Ok);
+    }
+    // The user has nothing left: the org's descriptor, decided on another master in the
+    // same request, must not be charged.
+    for n in 0..4 {
+        let response = rls[n % 2]
+            .ask(rls_request(
+                "edge",
+                vec![
+                    descriptor(&[("org", "acme")]),
+                    descriptor(&[("user", &user)]),
+                ],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.overall_code(), Code::OverLimit);
+        assert_eq!(
+            statuses(&response)[1],
+            (Code::OverLimit, 0),
+            "the user's descriptor"
+        );
+    }
+    let mut admitted = 0;
+    for n in 0..6 {
+        admitted += u64::from(rls[n % 2].code_of("edge", &[("org", "acme")]).await == Code::Ok);
+    }
+    assert_eq!(
+        admitted, 3,
+        "the org's bucket paid for none of the refused requests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_given_back_to_descriptors_on_two_masters_return_to_both() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let files = RlsFiles::new("edge.yaml", RULES);
+    let prefix = unique_prefix("rls-given-back");
+    let grpc = [
+        ("GRPC_PORT", "0".to_string()),
+        ("RLS_CONFIG", files.folder()),
+        ("REDIS_TIMEOUT_MS", "2000".to_string()),
+        // Every answer below must come from Redis, not from a denial cached here.
+        ("DENY_CACHE_SIZE", "0".to_string()),
+    ];
+    let (first, _second) = spawn_pair(&cluster, &prefix, &grpc);
+    let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "org", "acme")));
+    let user = (0..1000)
+        .map(|n| format!("u{n}"))
+        .find(|user| {
+            cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "user", user))) != org_master
+        })
+        .expect("a user whose bucket another master holds");
+    let mut rls = RlsClient::connect(first.grpc()).await;
+    let both = || {
+        vec![
+            descriptor(&[("org", "acme")]),
+            descriptor(&[("user", &user)]),
+        ]
+    };
+    for _ in 0..3 {
+        let response = rls.ask(rls_request("edge", both())).await.unwrap();
+        assert_eq!(response.overall_code(), Code::Ok);
+    }
+    let spent = rls.ask(rls_request("edge", both())).await.unwrap();
+    assert_eq!(
+        spent.overall_code(),
+        Code::OverLimit,
+        "the org has none left"
+    );
+
+    let given_back = |entries: &[(&str, &str)]| {
+        let mut descriptor = descriptor(entries);
+        descriptor.is_negative_hits = true;
+        descriptor.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 2 });
+        descriptor
+    };
+    let given = rls
+        .ask(rls_request(
+            "edge",
+            vec![
+                given_back(&[("org", "acme")]),
+                given_back(&[("user", &user)]),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(given.overall_code(), Code::Ok);
+    assert_eq!(statuses(&given), [(Code::Ok, 2), (Code::Ok, 4)]);
+    for code in [Code::Ok, Code::Ok, Code::OverLimit] {
+        let response = rls.ask(rls_request("edge", both())).await.unwrap();
+        assert_eq!(response.overall_code(), code);
+    }
+}
