@@ -6,7 +6,8 @@
 #   or, with --redis-cluster, instead of both:   nodes 7000-7005 (bus 17000-17005) of
 #                                                redis/cluster-node.conf, joined by
 #                                                redis-cli --cluster create: 3 masters, 3 replicas
-#   app-1 on 8001, app-2 on 8002                 (target/release/ratelimiter)
+#   app-1 on 8001, app-2 on 8002                 (target/release/ratelimiter); their gRPC
+#                                                rate-limit service on 8051, 8052 (RLS_CONFIG)
 #   Nginx on 8000, and 80 if it may bind it      (nginx/nginx.conf.template): the public server
 #   Nginx on 8080: the gateway, which asks an instance's /v1/check about every request and
 #                  sends the admitted ones to GATEWAY_UPSTREAM (default 127.0.0.1:8081)
@@ -66,7 +67,7 @@ offset=${CLUSTER_PORT_OFFSET:-0}
     die "CLUSTER_PORT_OFFSET must be a whole number from 0 to 30000, got \"$offset\""
 shifted() { local port; for port in "$@"; do echo $((port + offset)); done; }
 # shellcheck disable=SC2207 # one port per word
-APP_PORTS=($(shifted 8001 8002)) DATA_PORTS=($(shifted 6379 6380 6381)) SENTINEL_PORTS=($(shifted 26379 26380 26381))
+APP_PORTS=($(shifted 8001 8002)) GRPC_PORTS=($(shifted 8051 8052)) DATA_PORTS=($(shifted 6379 6380 6381)) SENTINEL_PORTS=($(shifted 26379 26380 26381))
 # shellcheck disable=SC2207
 CLUSTER_PORTS=($(shifted 7000 7001 7002 7003 7004 7005))
 NGINX_PORT=$(shifted 8000) GATEWAY_PORT=$(shifted 8080) UPSTREAM_PORT=$(shifted 8081) UPSTREAM_COUNT_PORT=$(shifted 8082)
@@ -251,7 +252,7 @@ up() {
     done
     [[ $KEY_PREFIX != *[[:space:]*?\[\]\\]* ]] ||
         die "KEY_PREFIX must not contain spaces or glob characters (*?[]\\): the instances' Redis user is limited to \"\$KEY_PREFIX:*\""
-    local ports=("${APP_PORTS[@]}" "$NGINX_PORT" "$GATEWAY_PORT")
+    local ports=("${APP_PORTS[@]}" "${GRPC_PORTS[@]}" "$NGINX_PORT" "$GATEWAY_PORT")
     [[ $gateway == no ]] || ports+=("$UPSTREAM_PORT" "$UPSTREAM_COUNT_PORT")
     [[ $mode == redis-cluster ]] || ports+=("${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}")
     [[ $mode == sentinel ]] || for port in "${CLUSTER_PORTS[@]}"; do ports+=("$port" $((port + 10000))); done
@@ -285,13 +286,14 @@ up() {
         # REDIS_URL would name a single server instead; of the other two, this mode's only.
         # Each instance gets its share of the cores as actix workers (both share the machine).
         start "${APP_NAMES[i]}" "$CLUSTER_DIR/${APP_NAMES[i]}/app.log" env -u REDIS_URL -u SENTINEL_HOSTS \
-            -u REDIS_MASTER -u REDIS_CLUSTER_NODES HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" \
+            -u REDIS_MASTER -u REDIS_CLUSTER_NODES HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" GRPC_PORT="${GRPC_PORTS[i]}" \
+            RLS_CONFIG="${RLS_CONFIG:-$ROOT/config/rls.example.yaml}" \
             INSTANCE_NAME="${APP_NAMES[i]}" "${store[@]}" REDIS_USERNAME=ratelimiter \
             REDIS_PASSWORD="$REDIS_PASSWORD" KEY_PREFIX="$KEY_PREFIX" TRUSTED_PROXIES="$PROXY_ADDR" \
             RUST_LOG="${RUST_LOG:-info}" WORKERS="${WORKERS:-$(($(nproc) / 2 > 1 ? $(nproc) / 2 : 1))}" "$BIN"
     done
     for i in 0 1; do wait_for "${APP_NAMES[i]}" "GET /ready on ${APP_PORTS[i]} answers 200" http_ok "http://$LOOPBACK:${APP_PORTS[i]}/ready"; done
-    say "instances are ready: ${APP_NAMES[*]} on ${APP_PORTS[*]}"
+    say "instances are ready: ${APP_NAMES[*]} on ${APP_PORTS[*]} (gRPC ${GRPC_PORTS[*]})"
     if [[ $gateway == yes ]]; then
         mkdir -p "$CLUSTER_DIR/demo-upstream"
         start demo-upstream "$CLUSTER_DIR/demo-upstream/demo-upstream.log" "$UPSTREAM_BIN" \

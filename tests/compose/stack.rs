@@ -275,6 +275,10 @@ impl Stack {
             "CLUSTER_NGINX_PORT",
             "CLUSTER_APP_1_PORT",
             "CLUSTER_APP_2_PORT",
+            "APP_1_GRPC_PORT",
+            "APP_2_GRPC_PORT",
+            "CLUSTER_APP_1_GRPC_PORT",
+            "CLUSTER_APP_2_GRPC_PORT",
         ] {
             vars.push((port, "0".into()));
         }

@@ -1,6 +1,10 @@
 //! Exact limits through Nginx from both instances, and X-Forwarded-For believed from
 //! Nginx only.
 
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use testkit::RlsClient;
+use tonic_health::pb::health_check_response::ServingStatus;
+
 use super::{INSTANCES, Topology};
 use crate::RATE_LIMIT;
 use crate::answers_200;
@@ -33,6 +37,25 @@ impl Topology {
             "Nginx does not answer /health on its port 80"
         );
         eprintln!("  ok: Nginx answers on port 80 too");
+    }
+
+    /// Envoy's rate-limit service on both instances' published gRPC ports: serving, and the
+    /// example rules' login limit (5 a minute per address) shared exactly between them.
+    pub async fn the_rate_limit_service_is_exact_across_both_instances(&self) {
+        let mut instances = Vec::new();
+        for instance in INSTANCES {
+            let mut client = RlsClient::connect(self.stack.port(instance, 8051)).await;
+            assert_eq!(client.serving().await, ServingStatus::Serving, "{instance}");
+            instances.push(client);
+        }
+        let entries = [("generic_key", "login"), ("remote_address", "203.0.113.77")];
+        let mut codes = Vec::new();
+        for call in 0..7 {
+            codes.push(instances[call % 2].code_of("edge", &entries).await);
+        }
+        let expected = [[Code::Ok; 5].as_slice(), &[Code::OverLimit; 2]].concat();
+        assert_eq!(codes, expected, "alternating between {INSTANCES:?}");
+        eprintln!("  ok: gRPC: 5 of 7 login calls admitted across both instances");
     }
 
     pub fn x_forwarded_for_is_believed_from_nginx_only(&self) {

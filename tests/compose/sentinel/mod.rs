@@ -68,6 +68,9 @@ async fn the_sentinel_topology_holds_exact_limits_through_kills_partitions_and_t
     steps.step("a client gets exactly its limit from both instances");
     t.a_client_gets_exactly_its_limit_from_both_instances()
         .await;
+    steps.step("Envoy's rate-limit service is exact across both instances");
+    t.the_rate_limit_service_is_exact_across_both_instances()
+        .await;
     steps.step("X-Forwarded-For is believed from Nginx only");
     t.x_forwarded_for_is_believed_from_nginx_only();
     steps.step("docker kill of the master under traffic");
