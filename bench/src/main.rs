@@ -122,3 +122,21 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_subcommand_parses_its_defaults() {
+        for args in [
+            "throughput --phases allow,cluster",
+            "memory --work-dir /tmp",
+            "soak --minutes 2",
+        ] {
+            let parsed = Cli::try_parse_from(["bench"].into_iter().chain(args.split(' ')));
+            assert!(parsed.is_ok(), "{args}: {parsed:?}");
+        }
+        assert!(Cli::try_parse_from(["bench", "soak", "--minutes", "1"]).is_err());
+    }
+}

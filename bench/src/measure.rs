@@ -238,7 +238,8 @@ impl Measurement {
             cpu: cpu_of,
             others_percent: round_to(others, 1),
             script_calls_per_request: round_to(redis.script_calls as f64 / q, 3),
-            usec_per_script_call: (redis.script_calls > 0)
+            // Without script calls of its own (a stray one is not the path's), no figure.
+            usec_per_script_call: (redis.script_calls as f64 / q >= 0.01)
                 .then(|| round_to(redis.script_usec as f64 / redis.script_calls as f64, 2)),
             commands_per_request: round_to(redis.all_calls as f64 / q, 3),
             app_user: cpu(app(0)),
@@ -250,29 +251,30 @@ impl Measurement {
 
     /// The line printed as each measurement ends.
     pub fn progress_line(&self) -> String {
+        let Self {
+            phase,
+            round,
+            tool,
+            via,
+            path,
+            connections,
+            per_second,
+            p99_ms,
+            ok,
+            denied,
+            other,
+            ..
+        } = self;
         let cpu = |g: &str| self.cpu.get(g).copied().unwrap_or(0.0);
-        format!(
-            "{:<13} r{} {:<8} {:<7} {:<17} c{:<3} {:>8.0} req/s  p50 {:>6.2}  p99 {:>6.2}  max {:>7.2} ms  200:{} 429:{} other:{}  \
-             app {:.1} µs/req  nginx {:.1}  redis {:.1}  gen {:.1}  others {:.0}%  script calls/req {:.3}",
-            self.phase,
-            self.round,
-            format!("{:?}", self.tool),
-            format!("{:?}", self.via),
-            self.path,
-            self.connections,
-            self.per_second,
-            self.p50_ms,
-            self.p99_ms,
-            self.max_ms,
-            self.ok,
-            self.denied,
-            self.other,
+        let (app, nginx, redis, others) = (
             cpu("app"),
             cpu("nginx") + cpu("proxy"),
             cpu("master"),
-            cpu("load_generator"),
             self.others_percent,
-            self.script_calls_per_request,
+        );
+        format!(
+            "{phase} r{round} {tool:?} {via:?} {path} c{connections}: {per_second:.0} req/s, p99 {p99_ms:.2} ms, \
+             200:{ok} 429:{denied} other:{other}; µs/req app {app:.1} nginx {nginx:.1} redis {redis:.1}; others {others:.0}%"
         )
     }
 }
@@ -283,14 +285,16 @@ mod tests {
 
     fn snapshot(ticks: &[(&'static str, u64)], busy: u64, all: u64, script_calls: u64) -> Snapshot {
         let app = ticks.iter().find(|(g, _)| *g == "app").map_or(0, |t| t.1);
+        let redis = ScriptCounters {
+            script_calls,
+            script_usec: script_calls * 6,
+            all_calls: script_calls + 1,
+        };
+        let (ticks, machine) = (ticks.iter().copied().collect(), MachineTicks { busy, all });
         Snapshot {
-            ticks: ticks.iter().copied().collect(),
-            machine: MachineTicks { busy, all },
-            redis: ScriptCounters {
-                script_calls,
-                script_usec: script_calls * 6,
-                all_calls: script_calls + 1,
-            },
+            ticks,
+            machine,
+            redis,
             app: [app / 2, app / 2, 0, 12],
         }
     }
@@ -303,7 +307,7 @@ mod tests {
     };
 
     #[test]
-    fn cpu_is_divided_by_the_answered_requests() {
+    fn cpu_is_divided_by_the_answered_requests_and_others_never_go_below_zero() {
         // 100 000 requests in 5 s; the instances used 160 ticks (1.6 s at 100 Hz). The
         // machine: 1000 ticks, 550 busy; the groups and wrk (60) account for 490.
         let traffic = Traffic {
@@ -311,67 +315,54 @@ mod tests {
             seconds: 5.0,
             p50_ms: 1.234,
             ok: 50_000,
-            ..Traffic::default()
+            ..Default::default()
         };
-        let before = snapshot(&[], 0, 0, 0);
-        let after = snapshot(
-            &[
-                ("app", 160),
-                ("nginx", 150),
-                ("master", 90),
-                ("replicas", 30),
-            ],
-            550,
-            1000,
-            100_000,
+        let groups = [
+            ("app", 160),
+            ("nginx", 150),
+            ("master", 90),
+            ("replicas", 30),
+        ];
+        let (before, after) = (
+            snapshot(&[], 0, 0, 0),
+            snapshot(&groups, 550, 1000, 100_000),
         );
         let row = Measurement::compute(("allow", 1), &TARGET, &traffic, &before, &after, 60, 100);
+        let figures = [
+            row.per_second,
+            row.admitted_per_second,
+            row.p50_ms,
+            row.others_percent,
+        ];
+        assert_eq!(figures, [20_000.0, 10_000.0, 1.23, 6.0]);
+        let cpu = ["app", "nginx", "master", "load_generator"].map(|g| row.cpu[g]);
+        assert_eq!(cpu, [16.0, 15.0, 9.0, 6.0]);
         assert_eq!(
-            (row.per_second, row.admitted_per_second, row.p50_ms),
-            (20_000.0, 10_000.0, 1.23)
+            (row.usec_per_script_call, row.app_user, row.threads),
+            (Some(6.0), 8.0, 12)
         );
-        assert_eq!(
-            (
-                row.cpu["app"],
-                row.cpu["nginx"],
-                row.cpu["master"],
-                row.cpu["load_generator"]
-            ),
-            (16.0, 15.0, 9.0, 6.0)
-        );
-        assert_eq!(
-            (
-                row.others_percent,
-                row.script_calls_per_request,
-                row.usec_per_script_call
-            ),
-            (6.0, 1.0, Some(6.0))
-        );
-        assert_eq!((row.app_user, row.threads), (8.0, 12));
-    }
-
-    #[test]
-    fn others_never_go_below_zero_and_no_requests_divide_by_one() {
-        let after = snapshot(&[("app", 10)], 5, 100, 0);
-        let row = Measurement::compute(
+        let idle = Measurement::compute(
             ("mixed", 2),
             &TARGET,
             &Traffic::default(),
-            &snapshot(&[], 0, 0, 0),
-            &after,
+            &before,
+            &snapshot(&[("app", 10)], 5, 100, 0),
             0,
             100,
         );
         assert_eq!(
-            (row.others_percent, row.cpu["app"], row.per_second),
-            (0.0, 100_000.0, 0.0)
+            (
+                idle.others_percent,
+                idle.cpu["app"],
+                idle.usec_per_script_call
+            ),
+            (0.0, 100_000.0, None)
         );
-        assert_eq!(row.usec_per_script_call, None);
-        let json = serde_json::to_string(&row).unwrap();
+        let json = serde_json::to_string(&idle).unwrap();
         assert!(
             json.contains("\"tool\":\"wrk\"") && json.contains("\"via\":\"nginx\""),
             "{json}"
         );
-        assert_eq!(serde_json::from_str::<Measurement>(&json).unwrap(), row);
+        assert_eq!(serde_json::from_str::<Measurement>(&json).unwrap(), idle);
     }
 }

@@ -33,8 +33,8 @@ pub struct Options {
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1000..=16_000_000))]
     identities: u64,
     /// Space-separated STORE:RATE_LIMIT/TIME_WINDOW/BURST, STORE being memory or redis.
-    #[arg(long, default_value = DEFAULT_CASES, value_parser = parse_cases)]
-    cases: Vec<Case>,
+    #[arg(long, default_value = DEFAULT_CASES, value_parser = |t: &str| parse_cases(t).map(Cases))]
+    cases: Cases,
     /// Bound on the traffic of one case, in seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=600))]
     max_secs: u64,
@@ -45,6 +45,9 @@ pub struct Options {
     #[arg(long)]
     work_dir: PathBuf,
 }
+
+#[derive(Debug, Clone)]
+pub struct Cases(Vec<Case>);
 
 /// One case: a store (Redis or the embedded one) and a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +183,7 @@ pub fn run(o: Options) -> Result<()> {
             (copy, note)
         }
     };
-    let specs: Vec<String> = o.cases.iter().map(Case::spec).collect();
+    let specs: Vec<String> = o.cases.0.iter().map(Case::spec).collect();
     let mut invocation = String::from("scripts/memory.sh");
     if specs.join(" ") != DEFAULT_CASES {
         invocation += &format!(" --cases \"{}\"", specs.join(" "));
@@ -190,7 +193,7 @@ pub fn run(o: Options) -> Result<()> {
     }
     let mut commands = vec![invocation];
     say!("load average now: {}", machine::load_average());
-    for case in &o.cases {
+    for case in &o.cases.0 {
         let result = run_case(&o, case, &bin, &out, &records, &mut commands)?;
         append_json(&out.join("results.jsonl"), &result)?;
     }

@@ -354,92 +354,86 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
 /// The whole report of the run in `dir`: the block `--record` writes.
 pub fn render(dir: &Path) -> Result<String> {
     let info: RunInfo = serde_json::from_str(&fs::read_to_string(dir.join("run.json"))?)?;
+    let read = |name: &str| read_jsonl(&dir.join(name));
+    let (rows, scripts, spread) = (
+        read("results.jsonl")?,
+        read("scripts.jsonl")?,
+        read("spread.jsonl")?,
+    );
     let records = Records {
-        rows: read_jsonl(&dir.join("results.jsonl"))?,
-        scripts: read_jsonl(&dir.join("scripts.jsonl"))?,
-        spread: read_jsonl(&dir.join("spread.jsonl"))?,
+        rows,
+        scripts,
+        spread,
     };
+    let RunInfo {
+        started,
+        software,
+        service,
+        rounds,
+        duration_s,
+        threads,
+        elapsed_s,
+        quiet_max,
+        ..
+    } = &info;
+    let ((before, after), (retaken, busy), machine) =
+        (&info.load, info.retaken, info.machine.describe());
     let others: Vec<f64> = records
         .rows
         .iter()
         .filter_map(|r| r["others_percent"].as_f64())
         .collect();
-    let mut out = format!(
-        "## Run of {}\n\n- Machine: {}\n- Software: {}\n- Service: {}\n",
-        info.started,
-        info.machine.describe(),
-        info.software,
-        info.service
-    );
-    let _ = writeln!(
-        out,
-        "- Load average before/after: {} / {}; the \"other processes\" column is the CPU every process outside the topology and the load generator used during each measurement, in % of all cores",
-        info.load.0, info.load.1
-    );
-    let _ = writeln!(
-        out,
-        "- {} rounds of {} s per measurement, wrk with {} thread(s); whole run {} s",
-        info.rounds, info.duration_s, info.threads, info.elapsed_s
-    );
-    let _ = writeln!(
-        out,
-        "- Measurements taken again because other processes used more than {}% of the machine: {}; kept although still above it: {}",
-        info.quiet_max, info.retaken.0, info.retaken.1
-    );
-    let highest = others.iter().copied().fold(0.0, f64::max);
-    let _ = writeln!(
-        out,
-        "- CPU used by processes outside the benchmark during the kept measurements: median {}%, highest {}% of the machine",
-        median(&others).map_or("-".into(), fmt_g),
-        fmt_g(highest)
-    );
+    let median_others = median(&others).map_or("-".into(), fmt_g);
+    let highest = fmt_g(others.iter().copied().fold(0.0, f64::max));
     let settings = if info.instance_settings.is_empty() {
-        "defaults".to_owned()
+        "defaults".into()
     } else {
         info.instance_settings.join(" ")
     };
-    let _ = writeln!(
-        out,
-        "- Instance settings beyond each phase's policy: {settings}\n\n### Goals\n"
+    let keepalive: String = info
+        .keepalive
+        .iter()
+        .map(|(path, line)| match line {
+            Some(line) => format!("   - `{path}`: `{line}` (met)\n"),
+            None => format!("   - `{path}`: lacks one of them (MISSED)\n"),
+        })
+        .collect();
+    let mut out = format!(
+        "## Run of {started}\n\n- Machine: {machine}\n- Software: {software}\n- Service: {service}\n\
+         - Load average before/after: {before} / {after}; the \"other processes\" column is the CPU every process outside the topology and the load generator used during each measurement, in % of all cores\n\
+         - {rounds} rounds of {duration_s} s per measurement, wrk with {threads} thread(s); whole run {elapsed_s} s\n\
+         - Measurements taken again because other processes used more than {quiet_max}% of the machine: {retaken}; kept although still above it: {busy}\n\
+         - CPU used by processes outside the benchmark during the kept measurements: median {median_others}%, highest {highest}% of the machine\n\
+         - Instance settings beyond each phase's policy: {settings}\n\n### Goals\n\n\
+         1. **Nginx upstream keepalive** (`keepalive N`, `proxy_http_version 1.1`, `Connection \"\"`) in every shipped config:\n{keepalive}\n{}\n\
+         ### Medians over the rounds\n\nCPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together; \"bench's Nginx\" the one the gateway phase starts straight to the demo upstream. \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master(s) per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n{}\n\
+         ### Where the instances spend their CPU (medians)\n\nUser and system time of both instances per answered request, their threads' context switches per request (voluntary + involuntary, threads alive at the end), and their thread count at the end.\n\n{}",
+        records.goals(),
+        table(&records.rows, MEDIANS),
+        table(&records.rows, DETAIL)
     );
-    out.push_str("1. **Nginx upstream keepalive** (`keepalive N`, `proxy_http_version 1.1`, `Connection \"\"`) in every shipped config:\n");
-    for (path, line) in &info.keepalive {
-        let _ = writeln!(
-            out,
-            "   - `{path}`: {}",
-            line.as_ref()
-                .map_or("lacks one of them (MISSED)".into(), |l| format!(
-                    "`{l}` (met)"
-                ))
-        );
-    }
-    out.push('\n');
-    out.push_str(&records.goals());
-    out.push_str("\n### Medians over the rounds\n\nCPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together; \"bench's Nginx\" the one the gateway phase starts straight to the demo upstream. \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master(s) per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n");
-    out.push_str(&table(&records.rows, MEDIANS));
-    out.push_str("\n### Where the instances spend their CPU (medians)\n\nUser and system time of both instances per answered request, their threads' context switches per request (voluntary + involuntary, threads alive at the end), and their thread count at the end.\n\n");
-    out.push_str(&table(&records.rows, DETAIL));
     if !records.scripts.is_empty() {
         out.push_str("\n### The Lua script alone (redis-benchmark, 200000 calls, 50 clients, replicas attached)\n\n`usec_per_call` of EVALSHA includes the commands the script runs; their own `usec` per script call follows, and \"engine\" is the rest. The floor row is a script that only returns `{1, 0}` with the same arguments; the reference row is `scripts/bench/reference_token_bucket.lua`. The client column is redis-benchmark's own CPU per call.\n\n");
         out.push_str(&table(&records.scripts, SCRIPTS));
     }
     if let Some(first) = records.spread.first() {
+        let (keys, masters, requests, seconds) = (
+            &first["keys"],
+            records.spread.len(),
+            &first["requests"],
+            &first["seconds"],
+        );
         let _ = writeln!(
             out,
-            "\n### Cluster mode: {} keys over {} masters\n\nOne wrk run through Nginx, {} requests in {} s; the script calls each master ran meanwhile (`INFO commandstats`). Goal: each share within ±10 % of an even one.\n",
-            first["keys"],
-            records.spread.len(),
-            first["requests"],
-            first["seconds"]
+            "\n### Cluster mode: {keys} keys over {masters} masters\n\nOne wrk run through Nginx, {requests} requests in {seconds} s; the script calls each master ran meanwhile (`INFO commandstats`). Goal: each share within ±10 % of an even one.\n"
         );
         out.push_str(&table(&records.spread, SPREAD));
     }
-    out.push_str("\n### Commands\n\n`PASSWORD` stands for REDIS_ADMIN_PASSWORD; `PORT` is a free port chosen at run time.\n\n```sh\n");
-    let _ = writeln!(
+    let commands = info.commands.join("\n");
+    let _ = write!(
         out,
-        "{}\n{}\n```",
-        info.invocation,
-        info.commands.join("\n")
+        "\n### Commands\n\n`PASSWORD` stands for REDIS_ADMIN_PASSWORD; `PORT` is a free port chosen at run time.\n\n```sh\n{}\n{commands}\n```\n",
+        info.invocation
     );
     Ok(out)
 }

@@ -573,10 +573,12 @@ impl Bench {
         } else {
             let report = WrkReport::from_output(&fs::read_to_string(&out)?)
                 .with_context(|| format!("in {}", out.display()))?;
-            let counts = match Counts::of_instance(port, t.path).minus(&counted_before) {
+            // Through Nginx its access log counts; directly, the instance's /metrics.
+            let counted = || Counts::of_instance(port, t.path).minus(&counted_before);
+            let counts = match direct.then(counted) {
                 // METRICS=off: the instance counted nothing, so wrk's count stands in
                 // (no 429 is expected there; any status >= 400 is "other").
-                none if direct && none.total() == 0 => {
+                Some(none) if none.total() == 0 => {
                     let other = report.errors.status;
                     Counts {
                         ok: report.requests.saturating_sub(other),
@@ -584,8 +586,8 @@ impl Bench {
                         ..none
                     }
                 }
-                delta if direct => delta,
-                _ => Counts::from_access_log(&access_log, offset)?,
+                Some(delta) => delta,
+                None => Counts::from_access_log(&access_log, offset)?,
             };
             closed = counts.closed;
             Traffic::of_wrk(&report, &counts)
