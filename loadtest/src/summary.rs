@@ -33,7 +33,7 @@ impl fmt::Display for StoppedBy {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub url: String,
     pub mode: String,
@@ -60,7 +60,7 @@ pub struct Summary {
     pub timeline: Vec<Second>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Requests {
     pub dispatched: u64,
     pub answered: u64,

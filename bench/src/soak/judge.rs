@@ -383,11 +383,12 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loadtest::summary::ClientRow;
 
-    fn sample(at_s: f64, name: &str, pid: u32, rss_kib: u64, fds: u64) -> Sample {
+    fn sample(at_s: f64, pid: u32, rss_kib: u64, fds: u64) -> Sample {
         Sample {
             at_s,
-            name: name.into(),
+            name: "p".into(),
             pid,
             rss_kib,
             fds,
@@ -396,23 +397,30 @@ mod tests {
         }
     }
 
-    fn always(_: f64) -> bool {
-        true
-    }
-
-    fn summary(clients: &[(&str, u64, f64)]) -> Summary {
-        let clients: Vec<Value> = clients.iter().map(|(a, admitted, span)| json!({"address": a, "sent": 0, "admitted": admitted, "rejected": 0,
-            "other": 0, "errors": 0, "span_s": span, "bound_low": null, "bound_high": null, "refused_last": false, "verdict": null})).collect();
-        serde_json::from_value(json!({"url": "", "mode": "", "mode_is_rate": true, "sources": "", "clients_count": 1, "stopped_by": "duration",
-            "planned_duration_s": 60.0, "elapsed_s": 60.0, "requests": {"dispatched": 0, "answered": 0, "errors": 0, "unanswered": 0, "late": 0,
-            "missed": 0, "max_lag_ms": 0.0, "achieved_per_s": 0.0}, "classes": {"admitted": 0, "rejected": 0, "server_errors": 0, "other": 0, "errors": 0},
-            "status": {}, "error_kinds": {}, "by_instance": {}, "by_decision_source": {"redis": 10, "local": 3}, "latency_ms": null, "policy": null,
-            "policy_header": null, "policy_problem": null, "admission": null, "clients": clients, "timeline": []})).unwrap()
+    /// The verdict on each process of `samples`, all taken under load.
+    fn judged(samples: &[Sample], warmup_s: f64) -> Vec<Option<Flatness>> {
+        flatness(samples, warmup_s, |_| true)
+            .into_iter()
+            .map(|(_, _, f)| f)
+            .collect()
     }
 
     #[test]
     fn a_minute_holds_each_client_to_the_load_generators_bound_plus_the_failovers() {
-        let bucket: Bucket = serde_json::from_value(json!({"capacity": 6, "quota": 12, "window_s": 60.0, "refill_per_s": 0.2, "origin": "flags"})).unwrap();
+        let client = |address: &str, admitted| {
+            let row = json!({"address": address, "sent": 0, "admitted": admitted, "rejected": 0, "other": 0, "errors": 0,
+                "span_s": 59.9, "bound_low": null, "bound_high": null, "refused_last": false, "verdict": null});
+            serde_json::from_value::<ClientRow>(row).unwrap()
+        };
+        let clients = vec![client("127.0.0.10", 25), client("127.0.0.11", 26)];
+        let by_decision_source = [("redis".into(), 10), ("local".into(), 3)].into();
+        let summary = Summary {
+            clients,
+            by_decision_source,
+            ..Summary::default()
+        };
+        let flags = json!({"capacity": 6, "quota": 12, "window_s": 60.0, "refill_per_s": 0.2, "origin": "flags"});
+        let bucket: Bucket = serde_json::from_value(flags).unwrap();
         let failover = Failover {
             old_port: 7379,
             new_port: 7380,
@@ -420,63 +428,58 @@ mod tests {
             fallback_s: 12.0,
             rejoined_s: 2.0,
         };
-        // 6 + 0.2 × 59.9 = 17.98: 17, and a failover of 12 s adds 2 × (3 + 1) = 8.
+        let policy = POLICIES[0];
         let mut minute = Minute {
             index: 0,
             load_s: (0.0, 60.0),
-            policy: POLICIES[0],
+            policy,
             bucket,
-            summary: summary(&[("127.0.0.10", 25, 59.9), ("127.0.0.11", 26, 59.9)]),
+            summary,
             failovers: vec![failover],
             reload_s: None,
         };
+        // 6 + 0.2 × 59.9 = 17.98: 17, and a failover of 12 s adds 2 × (3 + 1) = 8.
+        let worst = ("127.0.0.11".into(), 26, 25);
         assert_eq!(
             minute.verdict(),
             Verdict {
                 allowance: 8,
-                worst: ("127.0.0.11".into(), 26, 25),
+                worst,
                 over: 1
             }
         );
         assert_eq!(minute.fallback_decisions(), 3);
         minute.failovers.clear();
         assert_eq!(minute.verdict().over, 2);
-    }
-
-    #[test]
-    fn the_policy_file_says_what_the_bounds_assume() {
         let text = POLICIES[1].toml();
         assert!(
             text.contains("rate = 30, per = \"1m\", burst = 10")
-                && text.contains("key = [\"client_ip\"]"),
+                && text.contains("[\"client_ip\"]"),
             "{text}"
         );
     }
 
     #[test]
-    fn flatness_compares_the_first_samples_after_warm_up_with_the_last() {
+    fn flatness_compares_the_first_samples_after_a_warm_up_of_a_minute_or_a_quarter_with_the_last()
+    {
         let rss = [5000, 9000, 10_000, 10_400, 10_499];
         let samples: Vec<Sample> = rss
             .iter()
             .enumerate()
-            .map(|(i, &r)| sample(30.0 * i as f64, "app-1", 10, r, 40))
+            .map(|(i, &r)| sample(30.0 * i as f64, 10, r, 40))
             .collect();
-        let f = flatness(&samples, 60.0, always)[0].2.clone().unwrap();
+        let f = judged(&samples, 60.0)[0].clone().unwrap();
         assert_eq!(
-            ((f.from_s, f.to_s), f.rss_kib),
-            ((60.0, 120.0), (10_000, 10_499))
+            (f.from_s, f.to_s, f.rss_kib),
+            (60.0, 120.0, (10_000, 10_499))
         );
         assert!(f.flat(), "{f:?}");
         let grown = [
-            sample(0.0, "a", 1, 10_000, 40),
-            sample(60.0, "a", 1, 10_000, 40),
-            sample(90.0, "a", 1, 10_000, 42),
+            sample(0.0, 1, 10_000, 40),
+            sample(60.0, 1, 10_000, 40),
+            sample(90.0, 1, 10_000, 42),
         ];
-        assert!(!flatness(&grown, 60.0, always)[0].2.clone().unwrap().flat());
-    }
-
-    #[test]
-    fn warm_up_is_a_minute_or_a_quarter_of_the_run() {
+        assert!(!judged(&grown, 60.0)[0].clone().unwrap().flat());
         assert_eq!((warmup_secs(60, 2), warmup_secs(60, 30)), (60, 450));
     }
 
@@ -485,7 +488,7 @@ mod tests {
         let node = |at_s, fds, role: &str, full| Sample {
             role: Some(role.into()),
             backlog_full: Some(full),
-            ..sample(at_s, "redis-7381", 9, 18_000, fds)
+            ..sample(at_s, 9, 18_000, fds)
         };
         let samples = [
             node(60.0, 17, "slave", true),
@@ -493,7 +496,7 @@ mod tests {
             node(120.0, 20, "master", true),
             node(150.0, 20, "master", true),
         ];
-        let f = flatness(&samples, 0.0, always)[0].2.clone().unwrap();
+        let f = judged(&samples, 0.0)[0].clone().unwrap();
         assert_eq!((f.from_s, f.fds), (120.0, (20, 20)));
         assert!(
             flatness(&samples, 0.0, |at_s| at_s < 130.0)[0].2.is_none(),
@@ -503,32 +506,18 @@ mod tests {
 
     #[test]
     fn one_passing_connection_at_the_end_is_not_growth_but_a_steady_climb_is() {
-        let fds = |values: &[u64]| -> Vec<Sample> {
+        let fds = |values: [u64; 12]| {
             values
                 .iter()
                 .enumerate()
-                .map(|(i, &n)| sample(60.0 + 5.0 * i as f64, "app-1", 3, 7000, n))
-                .collect()
+                .map(|(i, &n)| sample(60.0 + 5.0 * i as f64, 3, 7000, n))
+                .collect::<Vec<_>>()
         };
-        assert!(
-            flatness(
-                &fds(&[24, 24, 25, 24, 24, 24, 24, 24, 24, 26, 24, 29]),
-                0.0,
-                always
-            )[0]
-            .2
+        let spike = judged(&fds([24, 24, 25, 24, 24, 24, 24, 24, 24, 26, 24, 29]), 0.0);
+        assert!(spike[0].clone().unwrap().flat());
+        let climb = judged(&fds([24, 24, 24, 24, 24, 24, 26, 26, 26, 26, 26, 26]), 0.0)[0]
             .clone()
-            .unwrap()
-            .flat()
-        );
-        let climb = flatness(
-            &fds(&[24, 24, 24, 24, 24, 24, 26, 26, 26, 26, 26, 26]),
-            0.0,
-            always,
-        )[0]
-        .2
-        .clone()
-        .unwrap();
+            .unwrap();
         assert_eq!(climb.fds, (24, 26));
         assert!(!climb.flat());
     }
@@ -536,25 +525,20 @@ mod tests {
     #[test]
     fn a_process_started_late_has_its_own_warm_up_and_may_be_too_young_to_judge() {
         let samples = [
-            sample(0.0, "r", 10, 8000, 12),
-            sample(40.0, "r", 20, 8000, 12),
-            sample(90.0, "r", 20, 8000, 12),
-            sample(90.0, "r", 10, 8000, 12),
-            sample(120.0, "r", 10, 8000, 12),
+            sample(0.0, 10, 8000, 12),
+            sample(40.0, 20, 8000, 12),
+            sample(90.0, 20, 8000, 12),
+            sample(90.0, 10, 8000, 12),
+            sample(120.0, 10, 8000, 12),
         ];
-        let judged = flatness(&samples, 60.0, always);
-        assert_eq!(
-            (
-                judged[0].1,
-                judged[0].2.is_some(),
-                judged[1].1,
-                judged[1].2.is_none()
-            ),
-            (10, true, 20, true)
+        let verdicts = judged(&samples, 60.0);
+        assert!(
+            verdicts[0].is_some() && verdicts[1].is_none(),
+            "{verdicts:?}"
         );
         assert_eq!(
-            (growth_percent((0, 0)), growth_percent((200, 210))),
-            (0.0, 5.0)
+            [growth_percent((0, 0)), growth_percent((200, 210))],
+            [0.0, 5.0]
         );
         assert!(growth_percent((0, 1)).is_infinite());
     }
