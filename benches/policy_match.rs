@@ -1,22 +1,19 @@
 //! What evaluating one request against 100 policies costs: the budget is 1 µs.
 //!
-//! `cargo bench --bench policy_match` measures. Run any other way (`cargo test
-//! --all-targets` runs it without `--bench`), it only checks that it works, in a handful
-//! of iterations.
+//! `cargo bench --bench policy_match` measures with criterion (`-- --quick` for a short
+//! run); `cargo test --all-targets` runs each case once, as a check that it works.
 //!
 //! The 100 policies mix exact, prefix and glob paths, methods, hosts and header values,
-//! as a real file would. In the first figure three of them apply to the request (one
+//! as a real file would. In the first case three of them apply to the request (one
 //! keyed by a hashed API key, one global, one per client address), so it includes
 //! building three keys; in the second none does, which is matching alone.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
-use std::time::Instant;
 
+use criterion::{Criterion, criterion_group, criterion_main};
 use ratelimiter::identity::ClientKey;
 use ratelimiter::policy::{HeaderLookup, PolicySet, RequestView};
-
-const BUDGET_NS: f64 = 1_000.0;
 
 /// Headers the way a framework's map answers: a short scan.
 struct Headers(Vec<(&'static str, &'static [u8])>);
@@ -90,40 +87,12 @@ limits = [{{ name = "minute", rate = 600, per = "1m" }}]
     text
 }
 
-/// Mean nanoseconds per `evaluate` over `iterations`, and how many policies applied.
-fn measure(set: &PolicySet, request: &RequestView<'_>, iterations: u32) -> (f64, usize) {
-    let applied = set
-        .evaluate(request)
-        .expect("the request is not refused")
-        .len();
-    let start = Instant::now();
-    for _ in 0..iterations {
-        black_box(set.evaluate(black_box(request)).ok());
-    }
-    (
-        start.elapsed().as_nanos() as f64 / f64::from(iterations),
-        applied,
-    )
-}
-
-/// The median of `rounds` measurements, so that one interrupted round does not count.
-fn median_of(rounds: usize, mut measure_once: impl FnMut() -> f64) -> f64 {
-    let mut figures: Vec<f64> = (0..rounds).map(|_| measure_once()).collect();
-    figures.sort_by(f64::total_cmp);
-    figures[figures.len() / 2]
-}
-
-fn main() {
-    let measuring = std::env::args().any(|arg| arg == "--bench");
-    let (rounds, iterations) = if measuring { (7, 200_000) } else { (1, 10) };
-
+fn policy_match(c: &mut Criterion) {
     let parse = |text: String| {
         let set = PolicySet::parse(&text, "bench.toml").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(set.policies().len(), 100);
         set
     };
-    let three_apply = parse(policy_file(true));
-    let none_apply = parse(policy_file(false));
     let headers = Headers(vec![
         (
             "user-agent",
@@ -141,38 +110,19 @@ fn main() {
         headers: &headers,
         client: ClientKey::V4(Ipv4Addr::new(203, 0, 113, 9)),
     };
-    let cases = [
-        ("matching, keys and costs", &three_apply),
-        ("matching alone", &none_apply),
-    ];
-
-    println!(
-        "policy_match: GET {} against 100 policies, median of {rounds} rounds of {iterations} evaluations{}",
-        request.path,
-        if measuring {
-            ""
-        } else {
-            " (a smoke run: `cargo bench --bench policy_match` measures)"
-        }
-    );
-    for (what, set) in cases {
-        if measuring {
-            // Warm caches and the branch predictor before anything counts.
-            measure(set, &request, iterations);
-        }
-        let mut applied = 0;
-        let ns = median_of(rounds, || {
-            let (ns, count) = measure(set, &request, iterations);
-            applied = count;
-            ns
+    let mut group = c.benchmark_group("policy_match");
+    for (what, applying, set) in [
+        ("matching, keys and costs", 3, parse(policy_file(true))),
+        ("matching alone", 0, parse(policy_file(false))),
+    ] {
+        let applied = set.evaluate(&request).expect("the request is not refused");
+        assert_eq!(applied.len(), applying, "{what}");
+        group.bench_function(what, |b| {
+            b.iter(|| black_box(set.evaluate(black_box(&request)).ok()))
         });
-        let verdict = if !measuring {
-            "not a measurement"
-        } else if ns <= BUDGET_NS {
-            "within the 1000 ns budget"
-        } else {
-            "OVER the 1000 ns budget"
-        };
-        println!("  {what} ({applied} apply): {ns:.0} ns per evaluation, {verdict}");
     }
+    group.finish();
 }
+
+criterion_group!(benches, policy_match);
+criterion_main!(benches);

@@ -66,11 +66,13 @@ offset=${CLUSTER_PORT_OFFSET:-0}
 [[ $offset =~ ^[0-9]+$ ]] && ((offset <= 30000)) ||
     die "CLUSTER_PORT_OFFSET must be a whole number from 0 to 30000, got \"$offset\""
 shifted() { local port; for port in "$@"; do echo $((port + offset)); done; }
-# shellcheck disable=SC2207 # one port per word
-APP_PORTS=($(shifted 8001 8002)) GRPC_PORTS=($(shifted 8051 8052)) DATA_PORTS=($(shifted 6379 6380 6381)) SENTINEL_PORTS=($(shifted 26379 26380 26381))
-# shellcheck disable=SC2207
-CLUSTER_PORTS=($(shifted 7000 7001 7002 7003 7004 7005))
-NGINX_PORT=$(shifted 8000) GATEWAY_PORT=$(shifted 8080) UPSTREAM_PORT=$(shifted 8081) UPSTREAM_COUNT_PORT=$(shifted 8082)
+# The ports, defined once in scripts/ports.env (the bench program reads it too), shifted here.
+source "$ROOT/scripts/ports.env"
+# shellcheck disable=SC2207,SC2086 # one port per word
+APP_PORTS=($(shifted $APP_PORTS)) GRPC_PORTS=($(shifted $GRPC_PORTS)) DATA_PORTS=($(shifted $DATA_PORTS)) SENTINEL_PORTS=($(shifted $SENTINEL_PORTS))
+# shellcheck disable=SC2207,SC2086
+CLUSTER_PORTS=($(shifted $CLUSTER_PORTS))
+NGINX_PORT=$(shifted $NGINX_PORT) GATEWAY_PORT=$(shifted $GATEWAY_PORT) UPSTREAM_PORT=$(shifted $UPSTREAM_PORT) UPSTREAM_COUNT_PORT=$(shifted $UPSTREAM_COUNT_PORT)
 MASTER_PORT=${DATA_PORTS[0]} MASTER_NAME=redis-master APP_NAMES=(app-1 app-2) PROXY_ADDR=127.0.0.2
 GATEWAY_UPSTREAM=${GATEWAY_UPSTREAM:-$LOOPBACK:$UPSTREAM_PORT}
 GATEWAY_FAIL_MODE=${GATEWAY_FAIL_MODE:-closed}

@@ -5,10 +5,10 @@
 # Usage: scripts/soak.sh --minutes N      N from 2 to 240
 #        scripts/soak.sh --help
 #
-# It starts its own cluster (CLUSTER_PORT_OFFSET=1000: Nginx on 9000, master 7379, so it
-# runs beside a cluster on the default ports) with FAIL_MODE=local and a policy file of
-# one limit per client address, then, minute by minute (the bench program, `bench soak`;
-# bench/src/soak.rs documents it):
+# The bench program (`bench soak`, bench/src/soak/) starts its own cluster
+# (CLUSTER_PORT_OFFSET=1000: Nginx on 9000, master 7379, so it runs beside a cluster on
+# the default ports) with FAIL_MODE=local and a policy file of one limit per client
+# address, then, minute by minute:
 #   load     241 clients (127.0.0.10-250) through Nginx, 200 requests a second in all,
 #            one run of the load generator (target/release/loadtest) per minute
 #   kill     every 3rd minute from the first, `kill -9` of the master 15 s in; once the
@@ -23,21 +23,20 @@
 #   - every client, in every minute, admitted at most floor(C + r × t) plus, for each
 #     failover of that minute, n × (max(1, floor(C / n)) + floor(r × T / n)) (n = 2
 #     instances, T from the kill until both instances answered a probe with a Redis
-#     decision): its bucket's burst and refill over t, its first send to its last answer,
+#     decision): the bound the load generator itself judges by (loadtest/src/policy.rs),
 #     plus the local fallback's shares during T (docs/RELIABILITY.md, "Measured");
 #   - VmRSS and open descriptors of every process grew less than 5 % from its first
 #     samples after warm-up to its last ones (the median of 6 each, taken while the load
-#     runs; a data node's only in the role it ended in, since a master holds more
-#     connections than a replica). Warm-up: 60 s, or a quarter of the run if longer,
-#     after the load started or the process did if later (a restarted data node); for a
-#     data node also until its replication backlog is full (repl-backlog-size, 4 MB at
-#     about 35 KB/s: two minutes), since until then it grows with every write by design.
-#     A process with less than 30 s of samples after its warm-up (every data node in a
-#     2-minute soak) is listed as not judged.
+#     runs; a data node's only in the role it ended in). Warm-up: 60 s, or a quarter of
+#     the run if longer, after the process's first sample (a restarted data node's own);
+#     for a data node also until its replication backlog is full (repl-backlog-size,
+#     4 MB at about 35 KB/s: two minutes), since until then it grows with every write by
+#     design. A process with less than 30 s of samples after its warm-up (every data node
+#     in a 2-minute soak) is listed as not judged.
 # Decisions by the fallback in a minute without a kill (a Redis call that timed out on a
 # busy machine) are reported; the per-client bound, which allows nothing for them, judges.
 # It prints the tables (Markdown) and leaves them, with every minute's summary and the
-# samples, in run/soak/out/. Whatever happens, it stops what it started (an EXIT trap).
+# samples, in run/soak/out/. Whatever happens, what it started is stopped.
 #
 # Environment: SOAK_PORT_OFFSET (default 1000) is the cluster's CLUSTER_PORT_OFFSET;
 # SOAK_DIR (default run/soak) its folder; REDIS_ADMIN_PASSWORD, SENTINEL_PASSWORD and
@@ -48,67 +47,33 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-usage() {
-    script_usage "${BASH_SOURCE[0]}" '^#        scripts/soak.sh --help' >&2
-    exit 2
-}
-
-minutes=""
-while (($# > 0)); do
-    case $1 in
-    --minutes)
-        (($# >= 2)) || usage
-        minutes=$2
-        shift 2
-        ;;
-    --minutes=*)
-        minutes=${1#--minutes=}
-        shift
-        ;;
-    -h | --help)
-        script_help "${BASH_SOURCE[0]}"
-        exit 0
-        ;;
-    *) usage ;;
-    esac
-done
-[[ -n $minutes ]] || usage
-[[ $minutes =~ ^[0-9]+$ ]] && ((10#$minutes >= 2 && 10#$minutes <= 240)) ||
-    die "--minutes must be a whole number from 2 to 240, got \"$minutes\""
-minutes=$((10#$minutes))
+case ${1:-} in
+-h | --help)
+    script_help "${BASH_SOURCE[0]}"
+    exit 0
+    ;;
+esac
 
 need_tools redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools \
     nginx=nginx-light curl=curl cargo=cargo
-
-export CLUSTER_PORT_OFFSET=${SOAK_PORT_OFFSET:-1000}
-SOAK_DIR=${SOAK_DIR:-$ROOT/run/soak}
-export CLUSTER_DIR=$SOAK_DIR/cluster
-OUT=$SOAK_DIR/out
-POLICY=$SOAK_DIR/policies.toml
-
+export SOAK_DIR=${SOAK_DIR:-$ROOT/run/soak} SOAK_PORT_OFFSET=${SOAK_PORT_OFFSET:-1000}
 mkdir -p "$SOAK_DIR"
 exec 9>"$SOAK_DIR/lock"
 flock -n 9 || die "another soak uses $(rel "$SOAK_DIR") (it holds its lock); give this one another SOAK_DIR and SOAK_PORT_OFFSET"
 
-if [[ -z ${RATELIMITER_BIN:-} ]]; then
-    build_service
-fi
+[[ -n ${RATELIMITER_BIN:-} ]] || build_service
 build_release loadtest loadtest
 build_bench
 
-rm -rf "$OUT" && mkdir -p "$OUT"
-"$BENCH_BIN" soak --minutes "$minutes" --cluster-dir "$CLUSTER_DIR" --policy-file "$POLICY" --write-policy
-
-# From here on, whatever happens, what was started is stopped.
-trap 'code=$?; stop_bench; scripts/cluster.sh down >"$OUT/down.log" 2>&1 || warn "scripts/cluster.sh down failed: see $(rel "$OUT")/down.log"; exit $code' EXIT
+# The program stops its cluster; should it be killed, this does.
+trap 'code=$?; stop_bench
+CLUSTER_DIR=$SOAK_DIR/cluster CLUSTER_PORT_OFFSET=$SOAK_PORT_OFFSET scripts/cluster.sh down >"$SOAK_DIR/down.log" 2>&1 ||
+    warn "scripts/cluster.sh down failed: see $(rel "$SOAK_DIR")/down.log"
+exit $code' EXIT
 trap 'exit 130' INT TERM HUP
 
-# The bounds assume the local fallback; the cluster's logs go to files, not to a pipe.
-POLICY_FILE=$POLICY FAIL_MODE=local scripts/cluster.sh up 9>&-
-
 code=0
-run_bench "$OUT/pids" soak --minutes "$minutes" --cluster-dir "$CLUSTER_DIR" \
-    --policy-file "$POLICY" --port-offset "$CLUSTER_PORT_OFFSET" \
-    --loadtest "$(release_binary loadtest)" --out-dir "$OUT" 9>&- || code=$?
-((code == 0)) || warn "the soak failed (exit $code); logs: $(rel "$CLUSTER_DIR"), summaries: $(rel "$OUT")"
+run_bench "$SOAK_DIR/out/pids" soak "$@" 9>&- || code=$?
+((code != 2)) || warn "see: scripts/soak.sh --help"
+((code == 0)) || warn "the soak failed (exit $code); logs: $(rel "$SOAK_DIR")/cluster, summaries: $(rel "$SOAK_DIR")/out"
 exit "$code"

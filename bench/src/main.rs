@@ -1,39 +1,39 @@
 //! `bench`: the program behind `scripts/bench.sh` (throughput, latency and CPU per request
-//! of every process of the native topology) and `scripts/memory.sh` (an instance's
-//! resident memory after a million client identities). The scripts check the tools, build
-//! the binaries and stop whatever this program leaves running; this program runs the
-//! phases, reads what the load generators and the kernel report, and writes the tables and
-//! the Markdown block of docs/BENCHMARKS.md.
+//! of every process of the native topology), `scripts/memory.sh` (an instance's resident
+//! memory after a million client identities) and `scripts/soak.sh` (load while the
+//! topology is hurt, then a verdict). The scripts check the tools, build the binaries and
+//! stop whatever this program leaves running.
 //!
 //! # Layout
-//! - [`throughput`] and [`memory`]: the two runs, start to report; [`soak`], the soak of
-//!   scripts/soak.sh.
-//! - [`row`] and [`script`]: one measurement, one `redis-benchmark` run, as typed rows.
-//! - [`report`]: the goals, the tables of medians and the block `--record` writes.
-//! - [`stats`]: medians, spreads, number formats.
-//! - Readers of structured output: [`wrk`] (the JSON line of scripts/bench/report.lua),
-//!   [`loadgen`] (the load generator's `--json`), [`procfs`] (`/proc`), [`redis_info`]
-//!   (`INFO`), [`prom`] (`/metrics`), [`http`] (a GET on loopback).
-//! - [`spawn`]: the processes this program starts, recorded and stopped by pid.
-//! - [`machine`], [`record`]: what a report says about where it ran; `--record`.
+//! - [`phases`]: every phase of the benchmark as data; [`throughput`], the one loop that
+//!   measures any of them; [`measure`], one measurement as a JSON record; [`script`], the
+//!   Lua script alone; [`report`], every table rendered from the JSON records.
+//! - [`memory`], and [`soak`] with its pure verdict in `soak::judge`.
+//! - The topology: [`ports`] (scripts/ports.env, shared with scripts/cluster.sh),
+//!   [`cluster`] (scripts/cluster.sh up and down, its processes), [`node`] (Redis),
+//!   [`gateway`] (the gateway phase's own Nginx and checks).
+//! - Readers and processes: [`probe`] (HTTP, /metrics, Nginx's log, wrk's JSON),
+//!   [`procfs`] (`/proc`), [`spawn`] (what this program starts, recorded and stopped by
+//!   pid), [`machine`] (where a report ran).
 
-mod http;
-mod loadgen;
+mod cluster;
+mod gateway;
 mod machine;
+mod measure;
 mod memory;
+mod node;
+mod phases;
+mod ports;
+mod probe;
 mod procfs;
-mod prom;
-mod record;
-mod redis_info;
 mod report;
-mod row;
 mod script;
 mod soak;
 mod spawn;
-mod stats;
 mod throughput;
-mod wrk;
 
+use std::io::Write as _;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
@@ -45,26 +45,45 @@ pub const LOOPBACK: &str = "127.0.0.1";
 static NAME: OnceLock<&'static str> = OnceLock::new();
 
 /// A progress line, named after the script the user ran ("bench: ...").
-pub fn say(message: std::fmt::Arguments<'_>) {
-    println!("{}: {message}", NAME.get().copied().unwrap_or("bench"));
-}
-
-pub fn warn(message: std::fmt::Arguments<'_>) {
-    eprintln!("{}: {message}", NAME.get().copied().unwrap_or("bench"));
-}
-
 #[macro_export]
 macro_rules! say {
-    ($($arg:tt)*) => { $crate::say(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { println!("{}: {}", $crate::name(), format_args!($($arg)*)) };
 }
 
 #[macro_export]
 macro_rules! warn {
-    ($($arg:tt)*) => { $crate::warn(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { eprintln!("{}: {}", $crate::name(), format_args!($($arg)*)) };
 }
 
-/// Runs the benchmarks of scripts/bench.sh and scripts/memory.sh (run those: they build
-/// what this needs and clean up after it).
+pub fn name() -> &'static str {
+    NAME.get().copied().unwrap_or("bench")
+}
+
+/// The `NAME=value` words of `text` as pairs (values hold no spaces).
+pub fn env_pairs(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.split_whitespace()
+        .filter_map(|word| word.split_once('='))
+}
+
+/// A release binary of the workspace (CARGO_TARGET_DIR, else target/).
+pub fn release_binary(root: &Path, name: &str) -> std::path::PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
+    target.join("release").join(name)
+}
+
+/// Appends `value` to a JSON-lines file.
+pub fn append_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(file, "{}", serde_json::to_string(value)?)?;
+    Ok(())
+}
+
+/// Runs the benchmarks of scripts/bench.sh, scripts/memory.sh and scripts/soak.sh (run
+/// those: they build what this needs and clean up after it).
 #[derive(Debug, Parser)]
 #[command(name = "bench", version)]
 struct Cli {
@@ -84,12 +103,8 @@ enum Run {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.run {
-        Run::Throughput(options) => {
-            let _ = NAME.set("bench");
-            throughput::run(options)
-        }
+    let result = match Cli::parse().run {
+        Run::Throughput(options) => throughput::run(options),
         Run::Memory(options) => {
             let _ = NAME.set("memory");
             memory::run(options)
@@ -105,5 +120,23 @@ fn main() -> ExitCode {
             warn!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_subcommand_parses_its_defaults() {
+        for args in [
+            "throughput --phases allow,cluster",
+            "memory --work-dir /tmp",
+            "soak --minutes 2",
+        ] {
+            let parsed = Cli::try_parse_from(["bench"].into_iter().chain(args.split(' ')));
+            assert!(parsed.is_ok(), "{args}: {parsed:?}");
+        }
+        assert!(Cli::try_parse_from(["bench", "soak", "--minutes", "1"]).is_err());
     }
 }

@@ -1,42 +1,39 @@
 //! `scripts/memory.sh`: one instance per case, a million identities through it, its
 //! resident memory before, during, right after and past the refill time; with Redis, the
-//! keys until they are gone. See the script's header for the method.
+//! keys until they are gone. Each case is one JSON line of run/memory/results.jsonl, and
+//! the table is rendered from those lines (`report::table`).
 
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::str::FromStr;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
 
 use crate::machine::{self, Machine};
+use crate::node::Node;
+use crate::phases::LIMITED;
+use crate::probe::{Counts, wait_for_instance};
 use crate::procfs::memory_kib;
-use crate::prom::{self, StatusCounts};
-use crate::record;
-use crate::redis_info::Node;
-use crate::spawn::{Records, Started};
-use crate::throughput::wait_for_instance;
-use crate::{LOOPBACK, http, say, warn};
+use crate::report::{Cell, Column, table};
+use crate::spawn::{Records, Started, wait_until};
+use crate::{LOOPBACK, append_json, env_pairs, say, warn};
 
 const DEFAULT_CASES: &str = "memory:10/60/10 memory:1/60/1 redis:1/2/1";
-const DEFAULT_IDENTITIES: u64 = 1_000_000;
-/// Every REPEAT_EVERY-th identity asks twice in a row.
+/// Every REPEAT_EVERY-th identity asks twice in a row; wrk runs THREADS threads.
 const REPEAT_EVERY: u64 = 10;
-const CONNECTIONS: u32 = 64;
 const THREADS: u64 = 2;
-const LIMIT_MIB: u64 = 64;
-const DOC: &str = "docs/BENCHMARKS.md";
+const LIMIT_MIB: f64 = 64.0;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
     /// Distinct identities per case (IPv4s of 10.0.0.0/8).
-    #[arg(long, default_value_t = DEFAULT_IDENTITIES, value_parser = clap::value_parser!(u64).range(1000..=16_000_000))]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1000..=16_000_000))]
     identities: u64,
     /// Space-separated STORE:RATE_LIMIT/TIME_WINDOW/BURST, STORE being memory or redis.
-    #[arg(long, default_value = DEFAULT_CASES, value_parser = parse_cases)]
+    #[arg(long, default_value = DEFAULT_CASES, value_parser = |t: &str| parse_cases(t).map(Cases))]
     cases: Cases,
     /// Bound on the traffic of one case, in seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=600))]
@@ -49,76 +46,49 @@ pub struct Options {
     work_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Store {
-    Memory,
-    Redis,
-}
+#[derive(Debug, Clone)]
+pub struct Cases(Vec<Case>);
 
-/// One case: a store and a policy.
+/// One case: a store (Redis or the embedded one) and a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Case {
-    pub store: Store,
+    pub redis: bool,
     pub rate: u64,
     pub window: u64,
     pub burst: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cases(pub Vec<Case>);
-
-impl FromStr for Case {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "a case is STORE:RATE_LIMIT/TIME_WINDOW/BURST with STORE memory or redis, got '{text}'"
-            )
-        };
-        let (store, policy) = text.split_once(':').ok_or_else(bad)?;
-        let store = match store {
-            "memory" => Store::Memory,
-            "redis" => Store::Redis,
-            _ => return Err(bad()),
-        };
+fn parse_cases(text: &str) -> Result<Vec<Case>, String> {
+    let case = |spec: &str| {
+        let (store, policy) = spec.split_once(':')?;
         let numbers: Vec<u64> = policy
             .split('/')
-            .map(|n| n.parse().map_err(|_| bad()))
-            .collect::<Result<_, _>>()?;
+            .map(|n| n.parse().ok())
+            .collect::<Option<_>>()?;
         let [rate, window, burst] = numbers[..] else {
-            return Err(bad());
+            return None;
         };
-        if rate == 0 || window == 0 || burst == 0 {
-            return Err(bad());
-        }
-        Ok(Self {
-            store,
+        let redis = ["memory", "redis"].iter().position(|s| *s == store)? == 1;
+        (rate > 0 && window > 0 && burst > 0).then_some(Case {
+            redis,
             rate,
             window,
             burst,
         })
-    }
-}
-
-fn parse_cases(text: &str) -> Result<Cases, String> {
-    let cases: Vec<Case> = text
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
+    };
+    let cases: Vec<Case> = text.split_whitespace().map(|spec| case(spec).ok_or(spec)).collect::<Result<_, _>>().map_err(|spec| {
+        format!("a case is STORE:RATE_LIMIT/TIME_WINDOW/BURST with STORE memory or redis, got '{spec}'")
+    })?;
     if cases.is_empty() {
         return Err("no case given".into());
     }
-    Ok(Cases(cases))
+    Ok(cases)
 }
 
 impl Case {
-    fn name(&self) -> String {
-        let store = match self.store {
-            Store::Memory => "memory",
-            Store::Redis => "redis",
-        };
-        format!("{store}-{}-{}-{}", self.rate, self.window, self.burst)
+    fn spec(&self) -> String {
+        let store = if self.redis { "redis" } else { "memory" };
+        format!("{store}:{}/{}/{}", self.rate, self.window, self.burst)
     }
 
     /// Seconds until every bucket is full again, plus two; at most 120.
@@ -127,503 +97,284 @@ impl Case {
     }
 }
 
-/// Requests the wrk script (scripts/bench/xff.lua) sends for `identities` over `threads`:
-/// each thread takes an equal share, and every `every`-th identity of a share asks twice.
+/// Requests scripts/bench/xff.lua sends for `identities` over `threads`: each thread
+/// takes an equal share, and every `every`-th identity of a share asks twice.
 pub fn planned_requests(identities: u64, threads: u64, every: u64) -> u64 {
     let per_thread = identities.div_ceil(threads);
+    let share = |i: u64| identities.saturating_sub(i * per_thread).min(per_thread);
     (0..threads)
-        .map(|i| {
-            let count = identities.saturating_sub(i * per_thread).min(per_thread);
-            match count.checked_div(every) {
-                Some(groups) => groups * (every + 1) + count % every,
-                None => count,
-            }
-        })
+        .map(|i| share(i) + share(i).checked_div(every).unwrap_or(0))
         .sum()
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
+fn mib(kib: u64) -> f64 {
+    crate::measure::round_to(kib as f64 / 1024.0, 1)
 }
 
-/// What one case measured.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CaseResult {
-    pub case: Case,
-    pub identities: u64,
-    pub answered: u64,
-    pub denied: u64,
-    pub seconds: f64,
-    pub rss_before_kib: u64,
-    pub rss_peak_kib: u64,
-    pub rss_after_kib: u64,
-    pub rss_settled_kib: u64,
-    pub hwm_kib: u64,
-    /// Redis keys before, at the peak, after, and the seconds until back (`None` without Redis).
-    pub keys: Option<Keys>,
+use Cell::{Key, Median, Sum};
+
+const COLUMNS: &[Column] = &[
+    ("store", "store", Key),
+    ("policy (RATE_LIMIT/TIME_WINDOW, BURST)", "policy", Key),
+    ("identities", "identities", Sum),
+    ("requests", "requests", Sum),
+    ("429", "denied", Sum),
+    ("req/s", "per_second", Median(0)),
+    ("VmRSS before MiB", "rss_before_mib", Median(1)),
+    ("peak during", "rss_peak_mib", Median(1)),
+    ("right after", "rss_after_mib", Median(1)),
+    ("after refill", "rss_settled_mib", Median(1)),
+    ("VmHWM MiB", "hwm_mib", Median(1)),
+    ("< 64 MiB", "verdict", Key),
+    ("Redis keys before", "keys.before", Median(0)),
+    ("peak", "keys.peak", Median(0)),
+    ("after", "keys.after", Median(0)),
+    ("s until back", "keys.secs_until_back", Median(0)),
+];
+
+/// The report of a run: its conditions (`run`: started, service, elapsed_s, identities,
+/// commands), the table of its cases, the commands.
+pub fn render(run: &Value, results: &[Value]) -> String {
+    let [started, service] = ["started", "service"].map(|k| run[k].as_str().unwrap_or("?"));
+    let commands: Vec<&str> = run["commands"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    format!(
+        "## Memory: run of {started}\n\n- Service: {service}\n- Machine: {}; whole run {} s\n\
+         - {} distinct identities per case (IPv4s from 10.0.0.0/8 in X-Forwarded-For from the trusted 127.0.0.1); every {REPEAT_EVERY}th asks twice in a row, so a burst of 1 denies it; wrk {THREADS} threads, 64 connections; deny cache at its default size (100000)\n\
+         - Goal: VmHWM (the peak resident memory the kernel saw) under {LIMIT_MIB} MiB; Redis keys back to what they were before the traffic (the instance's own announcement) within the refill time\n\n\
+         {}\nCommands (`PORT` is a free port chosen at run time):\n\n```sh\n{}\n```\n",
+        Machine::read().describe(),
+        run["elapsed_s"],
+        run["identities"],
+        table(results, COLUMNS),
+        commands.join("\n")
+    )
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keys {
-    pub before: u64,
-    pub peak: u64,
-    pub after: u64,
-    pub secs_until_back: u64,
-}
-
-impl CaseResult {
-    pub fn markdown(&self) -> String {
-        let c = &self.case;
-        let store = match c.store {
-            Store::Memory => "memory",
-            Store::Redis => "redis",
-        };
-        let per_second = if self.seconds > 0.0 {
-            self.answered as f64 / self.seconds
-        } else {
-            0.0
-        };
-        let verdict = if self.hwm_kib < LIMIT_MIB * 1024 {
-            "met"
-        } else {
-            "MISSED"
-        };
-        let keys = self.keys.map_or_else(
-            || ["-".to_owned(), "-".into(), "-".into(), "-".into()],
-            |k| {
-                [
-                    k.before.to_string(),
-                    k.peak.to_string(),
-                    k.after.to_string(),
-                    k.secs_until_back.to_string(),
-                ]
-            },
-        );
-        format!(
-            "| {store} | {}/{} s, burst {} | {} | {} | {} | {per_second:.0} | {} | {} | {} | {} | **{}** | {verdict} | {} |",
-            c.rate,
-            c.window,
-            c.burst,
-            self.identities,
-            self.answered,
-            self.denied,
-            mib(self.rss_before_kib),
-            mib(self.rss_peak_kib),
-            mib(self.rss_after_kib),
-            mib(self.rss_settled_kib),
-            mib(self.hwm_kib),
-            keys.join(" | ")
-        )
-    }
-}
-
-/// Everything about the run that is not a measurement.
-#[derive(Debug, Clone)]
-pub struct MemoryRunInfo {
-    pub started: String,
-    pub service: String,
-    pub machine: Machine,
-    pub elapsed_s: u64,
-    pub identities: u64,
-    pub invocation: String,
-    pub commands: Vec<String>,
-}
-
-pub fn render(info: &MemoryRunInfo, results: &[CaseResult]) -> String {
-    let m = &info.machine;
-    let mut out = String::new();
-    let _ = writeln!(out, "## Memory: run of {}\n", info.started);
-    let _ = writeln!(out, "- Service: {}", info.service);
-    let _ = writeln!(
-        out,
-        "- Machine: {} cores, {}, kernel {}; whole run {} s",
-        m.cores, m.model, m.kernel, info.elapsed_s
-    );
-    let _ = writeln!(
-        out,
-        "- {} distinct identities per case (IPv4s from 10.0.0.0/8 in X-Forwarded-For from the trusted 127.0.0.1); every {REPEAT_EVERY}th asks twice in a row, so a burst of 1 denies it; wrk {THREADS} threads, {CONNECTIONS} connections; deny cache at its default size (100000)",
-        info.identities
-    );
-    let _ = writeln!(
-        out,
-        "- Goal: VmHWM (the peak resident memory the kernel saw) under {LIMIT_MIB} MiB; Redis keys back to what they were before the traffic (the instance's own announcement) within the refill time\n"
-    );
-    let _ = writeln!(
-        out,
-        "| store | policy (RATE_LIMIT/TIME_WINDOW, BURST) | identities | requests | 429 | req/s | VmRSS before MiB | peak during | right after | after refill | VmHWM MiB | < {LIMIT_MIB} MiB | Redis keys before | peak | after | s until back |"
-    );
-    out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|\n");
-    for result in results {
-        out.push_str(&result.markdown());
-        out.push('\n');
-    }
-    out.push_str("\nCommands (`PORT` is a free port chosen at run time):\n\n```sh\n");
-    let _ = writeln!(out, "{}", info.invocation);
-    for command in &info.commands {
-        let _ = writeln!(out, "{command}");
-    }
-    out.push_str("```\n");
-    out
-}
-
-/// The command line a report quotes: the flags that differ from the defaults.
-fn invocation(options: &Options, cases: &str) -> String {
-    let mut text = String::from("scripts/memory.sh");
-    if cases != DEFAULT_CASES {
-        let _ = write!(text, " --cases \"{cases}\"");
-    }
-    if options.identities != DEFAULT_IDENTITIES {
-        let _ = write!(text, " --identities {}", options.identities);
-    }
-    text
-}
-
-fn case_text(case: &Case) -> String {
-    let store = match case.store {
-        Store::Memory => "memory",
-        Store::Redis => "redis",
-    };
-    format!("{store}:{}/{}/{}", case.rate, case.window, case.burst)
-}
-
-/// A port nothing listens on now: the kernel's choice for a listener, released at once.
-fn free_port() -> Result<u16> {
-    let listener =
-        std::net::TcpListener::bind((LOOPBACK, 0)).context("no free port on loopback")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// What the instance counted on /limited_endpoint.
-fn served(port: u16) -> StatusCounts {
-    http::get(port, "/metrics", Duration::from_secs(5))
-        .map(|response| prom::requests_by_status(&response.body, "/limited_endpoint"))
-        .unwrap_or_default()
-}
-
-struct MemoryBench {
-    options: Options,
-    root: PathBuf,
-    out: PathBuf,
-    bin: PathBuf,
-    records: Records,
-    commands: Vec<String>,
-}
-
-pub fn run(options: Options) -> Result<()> {
-    let started = Instant::now();
-    let started_at = SystemTime::now();
+pub fn run(o: Options) -> Result<()> {
+    let (started, started_at) = (Instant::now(), SystemTime::now());
     let root = std::env::current_dir()?;
     let out = root.join("run/memory");
     fs::create_dir_all(&out)?;
-    let pids = out.join("pids");
-    let _ = fs::remove_file(&pids);
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    for stale in ["pids", "results.jsonl"] {
+        let _ = fs::remove_file(out.join(stale));
+    }
+    let records = Records(out.join("pids"));
     let rel = |path: &Path| {
         path.strip_prefix(&root)
             .unwrap_or(path)
             .display()
             .to_string()
     };
-    let (bin, service) = match std::env::var_os("RATELIMITER_BIN") {
-        Some(bin) => {
-            let bin = PathBuf::from(bin);
-            let service = machine::service_note(Path::new(&rel(&bin)), true, "");
-            (bin, service)
-        }
+    let (bin, service) = match std::env::var_os("RATELIMITER_BIN").map(PathBuf::from) {
+        Some(bin) => (bin.clone(), machine::service_note(Some(&bin), "", "")),
         None => {
             // Every case runs the same binary, even if the working tree is rebuilt meanwhile.
-            let built = target_dir.join("release/ratelimiter");
-            let copy = out.join("ratelimiter");
-            fs::copy(&built, &copy)
-                .with_context(|| format!("cannot copy {} (is it built?)", built.display()))?;
-            let service = machine::service_note(Path::new(&rel(&built)), false, &rel(&copy));
-            (copy, service)
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), PathBuf::from);
+            let (built, copy) = (target.join("release/ratelimiter"), out.join("ratelimiter"));
+            let copied = fs::copy(&built, &copy);
+            copied.with_context(|| format!("cannot copy {} (is it built?)", built.display()))?;
+            let note = machine::service_note(None, &rel(&built), &rel(&copy));
+            (copy, note)
         }
     };
-    let cases_text = options
-        .cases
-        .0
-        .iter()
-        .map(case_text)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut bench = MemoryBench {
-        options,
-        root: root.clone(),
-        out,
-        bin,
-        records: Records::new(pids),
-        commands: Vec::new(),
-    };
-    say!("load average now: {}", machine::load_average());
-    let mut results = Vec::new();
-    for case in bench.options.cases.0.clone() {
-        results.push(bench.run_case(&case)?);
+    let specs: Vec<String> = o.cases.0.iter().map(Case::spec).collect();
+    let mut invocation = String::from("scripts/memory.sh");
+    if specs.join(" ") != DEFAULT_CASES {
+        invocation += &format!(" --cases \"{}\"", specs.join(" "));
     }
-    let info = MemoryRunInfo {
-        started: machine::utc_minute(started_at),
-        service,
-        machine: Machine::read(),
-        elapsed_s: started.elapsed().as_secs(),
-        identities: bench.options.identities,
-        invocation: invocation(&bench.options, &cases_text),
-        commands: bench.commands.clone(),
-    };
-    let report = render(&info, &results);
-    fs::write(bench.out.join("report.md"), &report)?;
+    if o.identities != 1_000_000 {
+        invocation += &format!(" --identities {}", o.identities);
+    }
+    let mut commands = vec![invocation];
+    say!("load average now: {}", machine::load_average());
+    for case in &o.cases.0 {
+        let result = run_case(&o, case, &bin, &out, &records, &mut commands)?;
+        append_json(&out.join("results.jsonl"), &result)?;
+    }
+    let commands: Vec<String> = commands
+        .iter()
+        .map(|c| c.replace(&format!("{}/", root.display()), ""))
+        .collect();
+    let elapsed_s = started.elapsed().as_secs();
+    let started = machine::utc_minute(started_at);
+    let run = json!({"started": started, "service": service, "elapsed_s": elapsed_s, "identities": o.identities, "commands": commands});
+    fs::write(out.join("run.json"), run.to_string())?;
+    let results = crate::report::read_jsonl(&out.join("results.jsonl"))?;
+    let report = render(&run, &results);
+    fs::write(out.join("report.md"), &report)?;
     println!("\n{report}");
-    say!("done in {}s; logs in {}", info.elapsed_s, rel(&bench.out));
-    if bench.options.record {
-        record::record(&root.join(DOC), "memory.sh", &report)?;
-        say!("recorded in {DOC}");
+    say!("done in {elapsed_s}s; logs in {}", rel(&out));
+    if o.record {
+        crate::report::record(&root.join("docs/BENCHMARKS.md"), "memory.sh", &report)?;
+        say!("recorded in docs/BENCHMARKS.md");
     }
     Ok(())
 }
 
-impl MemoryBench {
-    fn rel(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    }
-
-    fn run_case(&mut self, case: &Case) -> Result<CaseResult> {
-        let name = case.name();
-        let identities = self.options.identities;
-        say!(
-            "case {}: {} store, RATE_LIMIT={} TIME_WINDOW={} BURST={}, {identities} identities",
-            case_text(case),
-            if case.store == Store::Redis {
-                "redis"
-            } else {
-                "memory"
-            },
-            case.rate,
-            case.window,
-            case.burst
-        );
-
-        let mut redis: Option<(Started, Node)> = None;
-        if case.store == Store::Redis {
-            let port = free_port()?;
-            let dir = self.options.work_dir.join(format!("redis-{name}"));
-            fs::create_dir_all(&dir)?;
-            let log = self.out.join(format!("redis-{name}.log"));
-            let _ = fs::remove_file(&log);
-            let server = Started::spawn(
-                &self.records,
-                &format!("redis-{name}"),
-                Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--bind", LOOPBACK, "--dir"])
-                    .arg(&dir)
-                    .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]),
-                &log,
-            )?;
-            let node = Node::new(port, None);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !node.ping() {
-                if Instant::now() >= deadline {
-                    bail!(
-                        "redis-server on port {port} did not answer PING; see {}",
-                        self.rel(&log)
-                    );
-                }
-                sleep(Duration::from_millis(100));
-            }
-            say!(
-                "  started redis-server (pid {}) on port {port} in {}",
-                server.pid(),
-                dir.display()
-            );
-            redis = Some((server, node));
-        }
-
-        // Only what this case sets reaches the instance.
-        let log = self.out.join(format!("{name}.log"));
-        let _ = fs::remove_file(&log);
-        let mut command = Command::new(&self.bin);
-        command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env(
-                "HOME",
-                std::env::var_os("HOME").unwrap_or_else(|| "/".into()),
-            )
-            .env("RUST_LOG", "info")
-            .env("HOST", LOOPBACK)
-            .env("PORT", "0")
-            .env("INSTANCE_NAME", format!("memory-{name}"))
-            .env("TRUSTED_PROXIES", LOOPBACK)
-            .env("RATE_LIMIT", case.rate.to_string())
-            .env("TIME_WINDOW", case.window.to_string())
-            .env("BURST", case.burst.to_string());
-        if let Some((_, node)) = &redis {
-            command.env("REDIS_URL", format!("redis://{LOOPBACK}:{}", node.port));
-        }
-        let mut instance =
-            Started::spawn(&self.records, &format!("memory-{name}"), &mut command, &log)?;
-        let port = wait_for_instance(&mut instance, &log, Duration::from_secs(15))
-            .with_context(|| format!("the instance; see {}", self.rel(&log)))?;
-        let app = instance.pid();
-        say!(
-            "  started the instance (pid {app}) on port {port}; log: {}",
-            self.rel(&log)
-        );
-
-        let (before, _) = memory_kib(app);
-        let keys_of = |node: &Node| node.dbsize().ok();
-        let keys_before = redis
-            .as_ref()
-            .and_then(|(_, node)| keys_of(node))
-            .unwrap_or(0);
-        let planned = planned_requests(identities, THREADS, REPEAT_EVERY);
-        let argv: Vec<String> = vec![
-            "wrk".into(),
-            format!("-t{THREADS}"),
-            format!("-c{CONNECTIONS}"),
-            format!("-d{}s", self.options.max_secs),
-            "-s".into(),
-            "scripts/bench/xff.lua".into(),
-            format!("http://{LOOPBACK}:{port}/limited_endpoint"),
-            "--".into(),
-            identities.to_string(),
-            THREADS.to_string(),
-            REPEAT_EVERY.to_string(),
-        ];
-        let shown_redis = if redis.is_some() {
-            format!("REDIS_URL=redis://{LOOPBACK}:PORT ")
-        } else {
-            String::new()
-        };
-        self.commands.push(format!(
-            "RATE_LIMIT={} TIME_WINDOW={} BURST={} TRUSTED_PROXIES={LOOPBACK} HOST={LOOPBACK} PORT=0 {shown_redis}{} &",
-            case.rate,
-            case.window,
-            case.burst,
-            self.rel(&self.bin)
-        ));
-        let mut shown = argv.clone();
-        shown[6] = format!("http://{LOOPBACK}:PORT/limited_endpoint");
-        self.commands.push(shown.join(" "));
-        say!(
-            "  + {}  (stopped once {planned} requests are answered)",
-            argv.join(" ")
-        );
-
-        let wrk_log = self.out.join(format!("wrk-{name}.txt"));
-        let _ = fs::remove_file(&wrk_log);
-        let started = Instant::now();
-        let mut wrk = Started::spawn(
-            &self.records,
-            &format!("wrk-{name}"),
-            Command::new(&argv[0])
-                .args(&argv[1..])
-                .current_dir(&self.root),
-            &wrk_log,
+fn run_case(
+    o: &Options,
+    case: &Case,
+    bin: &Path,
+    out: &Path,
+    records: &Records,
+    commands: &mut Vec<String>,
+) -> Result<Value> {
+    let (name, spec, identities) = (
+        case.spec().replace([':', '/'], "-"),
+        case.spec(),
+        o.identities,
+    );
+    let Case {
+        rate,
+        window,
+        burst,
+        ..
+    } = *case;
+    say!(
+        "case {spec}: RATE_LIMIT={rate} TIME_WINDOW={window} BURST={burst}, {identities} identities"
+    );
+    let mut redis: Option<(Started, Node)> = None;
+    if case.redis {
+        let port = std::net::TcpListener::bind((LOOPBACK, 0))?
+            .local_addr()?
+            .port();
+        let dir = o.work_dir.join(format!("redis-{name}"));
+        fs::create_dir_all(&dir)?;
+        let args = format!("--port {port} --bind {LOOPBACK} --appendonly no --save");
+        let mut command = Command::new("redis-server");
+        command.args(args.split(' ')).arg("").arg("--dir").arg(&dir);
+        let log = out.join(format!("redis-{name}.log"));
+        let server = Started::spawn(records, &format!("redis-{name}"), &mut command, &log)?;
+        let node = Node::new(port, None);
+        wait_until(
+            &format!("redis-server on {port} answers PING"),
+            Duration::from_secs(10),
+            || node.ping(),
         )?;
-        let mut peak = before;
-        let mut keys_peak: Option<u64> = None;
-        let mut last_report = 0;
-        while wrk.running() {
-            sleep(Duration::from_secs(1));
-            let (rss, _) = memory_kib(app);
-            peak = peak.max(rss);
-            let n = served(port).total();
-            let keys = redis.as_ref().and_then(|(_, node)| keys_of(node));
-            if let Some(keys) = keys {
-                keys_peak = Some(keys_peak.map_or(keys, |p| p.max(keys)));
-            }
-            let now = started.elapsed().as_secs();
-            if now / 10 > last_report {
-                last_report = now / 10;
-                let keys = keys.map_or_else(String::new, |k| format!(", Redis keys {k}"));
-                say!(
-                    "  {now}s: {n} of {planned} answered, VmRSS {} MiB{keys}",
-                    mib(rss)
-                );
-            }
-            if n >= planned {
-                break;
-            }
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        wrk.stop(Duration::from_secs(10));
-        sleep(Duration::from_millis(500));
-        let counts = served(port);
-        let (after, _) = memory_kib(app);
-        peak = peak.max(after);
-        if counts.total() < planned {
-            warn!(
-                "only {} of {planned} requests were answered within {}s",
-                counts.total(),
-                self.options.max_secs
+        say!(
+            "  started redis-server (pid {}) on port {port} in {}",
+            server.pid(),
+            dir.display()
+        );
+        redis = Some((server, node));
+    }
+    // Only what this case sets reaches the instance.
+    let log = out.join(format!("{name}.log"));
+    let _ = fs::remove_file(&log);
+    let mut settings = format!(
+        "RATE_LIMIT={rate} TIME_WINDOW={window} BURST={burst} TRUSTED_PROXIES={LOOPBACK} HOST={LOOPBACK} PORT=0"
+    );
+    let mut shown = settings.clone();
+    if let Some((_, node)) = &redis {
+        settings += &format!(" REDIS_URL=redis://{LOOPBACK}:{}", node.port);
+        shown += &format!(" REDIS_URL=redis://{LOOPBACK}:PORT");
+    }
+    let mut command = Command::new(bin);
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", "/");
+    command
+        .envs(env_pairs(&settings))
+        .env("RUST_LOG", "info")
+        .env("INSTANCE_NAME", format!("memory-{name}"));
+    let mut instance = Started::spawn(records, &format!("memory-{name}"), &mut command, &log)?;
+    let port =
+        wait_for_instance(&mut instance, &log).with_context(|| format!("see {}", log.display()))?;
+    let app = instance.pid();
+    say!("  started the instance (pid {app}) on port {port}");
+
+    let (before, _) = memory_kib(app);
+    let keys = || redis.as_ref().and_then(|(_, node)| node.dbsize());
+    let keys_before = keys().unwrap_or(0);
+    let planned = planned_requests(identities, THREADS, REPEAT_EVERY);
+    let url = format!("http://{LOOPBACK}:{port}{LIMITED}");
+    let args = format!(
+        "-t{THREADS} -c64 -d{}s -s scripts/bench/xff.lua {url} -- {identities} {THREADS} {REPEAT_EVERY}",
+        o.max_secs
+    );
+    commands.push(format!("{shown} {} &", bin.display()));
+    commands.push(format!(
+        "wrk {}",
+        args.replace(&url, &format!("http://{LOOPBACK}:PORT{LIMITED}"))
+    ));
+    say!("  + wrk {args}  (stopped once {planned} requests are answered)");
+    let started = Instant::now();
+    let wrk_log = out.join(format!("wrk-{name}.txt"));
+    let mut wrk = Started::spawn(
+        records,
+        &format!("wrk-{name}"),
+        Command::new("wrk").args(args.split(' ')),
+        &wrk_log,
+    )?;
+    let (mut peak, mut keys_peak) = (before, None::<u64>);
+    while wrk.running() {
+        sleep(Duration::from_secs(1));
+        let ((rss, _), n, now) = (
+            memory_kib(app),
+            Counts::of_instance(port, LIMITED).total(),
+            keys(),
+        );
+        (peak, keys_peak) = (peak.max(rss), keys_peak.max(now));
+        let secs = started.elapsed().as_secs();
+        if secs.is_multiple_of(10) {
+            say!(
+                "  {secs}s: {n} of {planned} answered, VmRSS {} MiB, Redis keys {now:?}",
+                mib(rss)
             );
         }
-
-        // After the refill time every bucket is full again: nothing needs to be remembered.
-        let settle = case.settle_secs();
-        let keys = match &redis {
-            Some((_, node)) => {
-                let t0 = Instant::now();
-                let limit = t0 + Duration::from_secs(settle + 30);
-                let mut keys_after = keys_of(node);
-                while keys_after.is_some_and(|k| k > keys_before) && Instant::now() < limit {
-                    sleep(Duration::from_millis(500));
-                    keys_after = keys_of(node);
-                }
-                let gone = t0.elapsed().as_secs();
-                let keys = Keys {
-                    before: keys_before,
-                    peak: keys_peak.unwrap_or(0),
-                    after: keys_after.unwrap_or(0),
-                    secs_until_back: gone,
-                };
-                say!(
-                    "  Redis keys: {} before, peak {}, {} {gone}s after the traffic ended",
-                    keys.before,
-                    keys.peak,
-                    keys.after
-                );
-                if settle > gone {
-                    sleep(Duration::from_secs(settle - gone));
-                }
-                Some(keys)
-            }
-            None => {
-                say!("  waiting {settle}s, past the refill time");
-                sleep(Duration::from_secs(settle));
-                None
-            }
-        };
-        let (settled, hwm) = memory_kib(app);
-        say!(
-            "  VmRSS: {} MiB before, peak {} MiB during (VmHWM {}), {} right after, {} after the refill time",
-            mib(before),
-            mib(peak),
-            mib(hwm),
-            mib(after),
-            mib(settled)
-        );
-        instance.stop(Duration::from_secs(10));
-        if let Some((mut server, _)) = redis {
-            server.stop(Duration::from_secs(10));
+        if n >= planned {
+            break;
         }
-        Ok(CaseResult {
-            case: *case,
-            identities,
-            answered: counts.total(),
-            denied: counts.denied,
-            seconds,
-            rss_before_kib: before,
-            rss_peak_kib: peak,
-            rss_after_kib: after,
-            rss_settled_kib: settled,
-            hwm_kib: hwm,
-            keys,
-        })
     }
+    let seconds = started.elapsed().as_secs_f64();
+    wrk.stop();
+    sleep(Duration::from_millis(500));
+    let (counts, (after, _)) = (Counts::of_instance(port, LIMITED), memory_kib(app));
+    peak = peak.max(after);
+    if counts.total() < planned {
+        warn!(
+            "only {} of {planned} requests were answered within {}s",
+            counts.total(),
+            o.max_secs
+        );
+    }
+    // After the refill time every bucket is full again: nothing needs to be remembered.
+    let (settle, t0) = (Duration::from_secs(case.settle_secs()), Instant::now());
+    let mut keys_json = Value::Null;
+    if redis.is_some() {
+        let gone = || keys().is_some_and(|k| k <= keys_before);
+        let _ = wait_until(
+            "the bucket keys are gone",
+            settle + Duration::from_secs(30),
+            gone,
+        );
+        let back = t0.elapsed().as_secs();
+        keys_json = json!({"before": keys_before, "peak": keys_peak, "after": keys(), "secs_until_back": back});
+    }
+    say!(
+        "  waiting past the refill time ({} s); Redis keys: {keys_json}",
+        settle.as_secs()
+    );
+    sleep(settle.saturating_sub(t0.elapsed()));
+    let (settled, hwm) = memory_kib(app);
+    let [before, peak, after, settled, hwm] = [before, peak, after, settled, hwm].map(mib);
+    say!(
+        "  VmRSS MiB: {before} before, peak {peak} during (VmHWM {hwm}), {after} right after, {settled} after the refill time"
+    );
+    Ok(json!({
+        "store": if case.redis { "redis" } else { "memory" }, "policy": format!("{rate}/{window} s, burst {burst}"),
+        "identities": identities, "requests": counts.total(), "denied": counts.denied,
+        "per_second": (counts.total() as f64 / seconds.max(0.001)).round(),
+        "rss_before_mib": before, "rss_peak_mib": peak, "rss_after_mib": after, "rss_settled_mib": settled, "hwm_mib": hwm,
+        "verdict": if hwm < LIMIT_MIB { "met" } else { "MISSED" }, "keys": keys_json,
+    }))
 }
 
 #[cfg(test)]
@@ -633,25 +384,30 @@ mod tests {
     #[test]
     fn cases_are_parsed_from_their_spec() {
         let cases = parse_cases(DEFAULT_CASES).unwrap();
-        assert_eq!(cases.0.len(), 3);
         assert_eq!(
-            cases.0[2],
+            cases[2],
             Case {
-                store: Store::Redis,
+                redis: true,
                 rate: 1,
                 window: 2,
                 burst: 1
             }
         );
-        assert!(parse_cases("disk:1/2/3").is_err());
-        assert!(parse_cases("memory:1/2").is_err());
-        assert!(parse_cases("memory:0/60/1").is_err());
-        assert!(parse_cases("").is_err());
+        assert_eq!(cases[0].spec(), "memory:10/60/10");
+        for bad in ["disk:1/2/3", "memory:1/2", "memory:0/60/1", ""] {
+            assert!(parse_cases(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            (
+                cases[1].settle_secs(),
+                parse_cases("memory:1/3600/10").unwrap()[0].settle_secs()
+            ),
+            (62, 120)
+        );
     }
 
     #[test]
     fn planned_requests_count_each_repeated_identity_twice() {
-        // 1 000 000 identities over 2 threads, every 10th twice: 1 100 000 requests.
         assert_eq!(planned_requests(1_000_000, 2, 10), 1_100_000);
         // 1 005 over 2 threads: 503 and 502, with 50 repeats each.
         assert_eq!(planned_requests(1005, 2, 10), 553 + 552);
@@ -659,69 +415,21 @@ mod tests {
     }
 
     #[test]
-    fn the_wait_past_the_refill_time_is_bounded() {
-        let case: Case = "memory:1/60/1".parse().unwrap();
-        assert_eq!(case.settle_secs(), 62);
-        let slow: Case = "memory:1/3600/10".parse().unwrap();
-        assert_eq!(slow.settle_secs(), 120);
-    }
-
-    #[test]
-    fn a_row_gives_mib_and_the_verdict() {
-        let result = CaseResult {
-            case: "redis:1/2/1".parse().unwrap(),
-            identities: 1_000_000,
-            answered: 1_100_000,
-            denied: 100_000,
-            seconds: 21.0,
-            rss_before_kib: 5734,
-            rss_peak_kib: 13722,
-            rss_after_kib: 13722,
-            rss_settled_kib: 13722,
-            hwm_kib: 13722,
-            keys: Some(Keys {
-                before: 1,
-                peak: 154_218,
-                after: 1,
-                secs_until_back: 2,
-            }),
-        };
-        assert_eq!(
-            result.markdown(),
-            "| redis | 1/2 s, burst 1 | 1000000 | 1100000 | 100000 | 52381 | 5.6 | 13.4 | 13.4 | 13.4 | **13.4** | met | 1 | 154218 | 1 | 2 |"
+    fn the_table_gives_mib_keys_and_the_verdict_from_the_records() {
+        let redis = json!({"store": "redis", "policy": "1/2 s, burst 1", "identities": 1000000, "requests": 1100000, "denied": 100000,
+            "per_second": 52381.0, "rss_before_mib": 5.6, "rss_peak_mib": 13.4, "rss_after_mib": 13.4, "rss_settled_mib": 13.4,
+            "hwm_mib": 13.4, "verdict": "met", "keys": {"before": 1, "peak": 154218, "after": 1, "secs_until_back": 2}});
+        let memory = json!({"store": "memory", "policy": "10/60 s, burst 10", "hwm_mib": 70.0, "verdict": "MISSED", "keys": null});
+        let text = render(
+            &json!({"started": "now", "commands": ["scripts/memory.sh"]}),
+            &[redis, memory],
         );
-        let memory = CaseResult {
-            case: "memory:10/60/10".parse().unwrap(),
-            hwm_kib: 70 * 1024,
-            keys: None,
-            ..result
-        };
+        let row = "| redis | 1/2 s, burst 1 | 1000000 | 1100000 | 100000 | 52381 | 5.6 | 13.4 | 13.4 | 13.4 | 13.4 | met | 1 | 154218 | 1 | 2 |";
+        assert!(text.contains(row), "{text}");
         assert!(
-            memory
-                .markdown()
-                .ends_with("| **70.0** | MISSED | - | - | - | - |"),
-            "{}",
-            memory.markdown()
+            text.contains("| 70.0 | MISSED | - | - | - | - |")
+                && text.ends_with("```sh\nscripts/memory.sh\n```\n"),
+            "{text}"
         );
-    }
-
-    #[test]
-    fn the_quoted_command_names_only_flags_that_differ() {
-        let options = Options {
-            identities: 1000,
-            cases: parse_cases("memory:1/60/1").unwrap(),
-            max_secs: 10,
-            record: false,
-            work_dir: PathBuf::from("/tmp"),
-        };
-        assert_eq!(
-            invocation(&options, "memory:1/60/1"),
-            "scripts/memory.sh --cases \"memory:1/60/1\" --identities 1000"
-        );
-        let defaults = Options {
-            identities: DEFAULT_IDENTITIES,
-            ..options
-        };
-        assert_eq!(invocation(&defaults, DEFAULT_CASES), "scripts/memory.sh");
     }
 }

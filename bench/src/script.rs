@@ -1,25 +1,52 @@
-//! The Lua script alone: one `redis-benchmark` run of EVALSHA, and what Redis counted
-//! during it, per script call.
+//! The Lua script alone: `redis-benchmark` runs EVALSHA of each case on the master (its
+//! replicas attached), and what Redis counted meanwhile is split per script call into the
+//! commands the script runs and the rest. Rows go to run/bench/scripts.jsonl.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::redis_info::CommandStats;
-use crate::stats::round_to;
+use crate::measure::round_to;
+use crate::node::{CommandStats, Node};
+use crate::procfs::ticks_of;
+use crate::spawn::{Records, run_counted, tail};
+use crate::{LOOPBACK, append_json, say};
 
+/// Each case, one a line: its name | the script (`project`: src/bucket/token_bucket.lua;
+/// `floor`: one that only returns what the real one returns, the floor of any EVALSHA
+/// with these arguments on this machine; `reference`: scripts/bench/reference_token_bucket.lua,
+/// a textbook bucket over two string keys) | its key after ratelimit:bench: | ARGV.
+///
+/// ARGV: now ('' = Redis's clock), the number of limits, then per limit its two fields,
+/// capacity, refill, cost and group in the script's units (src/bucket/limit.rs). The
+/// shipped policy, 10 per 60 s: a token is 6,000,000 units, the refill 1 unit per µs, so
+/// random keys of a burst of 10 are admitted. 15 per hour is the second limit of a
+/// two-limit policy. 10^9 per second (the HTTP phases' allow policy): one unit a token,
+/// 1,000 per µs, so a returning client's call writes only the hash. Deny-heavy: a burst
+/// of 1 and one token per 60 s, denied after its first call. The reference runs the same
+/// random keys and policy (10 tokens, 10 per 60 s).
+const CASES: &str = "\
+allow-heavy | project | __rand_int__ | '' 1 m:tokens m:ts 60000000 1 6000000 0
+allow-heavy, two limits | project | two:__rand_int__ | '' 2 m:tokens m:ts 60000000 1 6000000 0 h:tokens h:ts 3600000000 1 240000000 0
+returning | project | returning | '' 1 s:tokens s:ts 1000000000 1000 1 0
+returning, two limits | project | returning:two | '' 2 s:tokens s:ts 1000000000 1000 1 0 a:tokens a:ts 1000000000 1000 1 0
+deny-heavy | project | denied | '' 1 d:tokens d:ts 60000000 1 60000000 0
+floor (return {1, 0}) | floor | __rand_int__ | '' 1 m:tokens m:ts 60000000 1 6000000 0
+reference | reference | ref:__rand_int__ | 10 0.16666667 1790000000";
+const KEY_PREFIX: &str = "ratelimit:bench:";
 /// The commands the scripts run; their `usec` is not the script engine's.
-const INNER_COMMANDS: [&str; 6] = ["time", "hmget", "hset", "pexpire", "get", "setex"];
+const INNER: [&str; 6] = ["time", "hmget", "hset", "pexpire", "get", "setex"];
 
-/// One row of the script table. Kept at the precision it prints.
+/// One row of the script table, kept at the precision it prints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScriptRow {
     pub name: String,
     pub calls: u64,
     /// `usec` ÷ `calls` of EVALSHA: the commands the script runs included.
     pub usec_per_call: f64,
-    /// The master's CPU from `/proc`, µs per call.
-    pub master_cpu: f64,
-    pub calls_per_second: f64,
     /// `usec` of each command the script runs, per script call.
     pub time: f64,
     pub hmget: f64,
@@ -27,85 +54,135 @@ pub struct ScriptRow {
     pub pexpire: f64,
     /// The rest of `usec_per_call`: the Lua call, its argument tables, the arithmetic, the reply.
     pub engine: f64,
-    /// redis-benchmark's own CPU, µs per call.
+    /// The master's CPU from `/proc`, and redis-benchmark's own, µs per call.
+    pub master_cpu: f64,
     pub client_cpu: f64,
-}
-
-/// What one run measured.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScriptRun<'a> {
-    pub name: &'a str,
-    pub before: &'a CommandStats,
-    pub after: &'a CommandStats,
-    pub master_ticks: u64,
-    pub client_ticks: u64,
     pub calls_per_second: f64,
 }
 
 impl ScriptRow {
-    pub fn compute(run: &ScriptRun<'_>, hz: u64) -> Self {
-        let delta = run.before.delta_until(run.after);
+    pub fn compute(
+        name: &str,
+        delta: &CommandStats,
+        ticks: (u64, u64),
+        calls_per_second: f64,
+        hz: u64,
+    ) -> Self {
         let evalsha = delta.get("evalsha");
         let q = evalsha.calls.max(1) as f64;
-        let per_call = |usec: u64| round_to(usec as f64 / q, 2);
+        let per_call = |name: &str| round_to(delta.get(name).usec as f64 / q, 2);
         let cpu = |ticks: u64| round_to(ticks as f64 * 1e6 / hz as f64 / q, 1);
-        let inner: u64 = INNER_COMMANDS.iter().map(|name| delta.get(name).usec).sum();
+        let inner: u64 = INNER.iter().map(|name| delta.get(name).usec).sum();
         Self {
-            name: run.name.to_owned(),
+            name: name.to_owned(),
             calls: evalsha.calls,
-            usec_per_call: per_call(evalsha.usec),
-            master_cpu: cpu(run.master_ticks),
-            calls_per_second: round_to(run.calls_per_second, 0),
-            time: per_call(delta.get("time").usec),
-            hmget: per_call(delta.get("hmget").usec),
-            hset: per_call(delta.get("hset").usec),
-            pexpire: per_call(delta.get("pexpire").usec),
+            usec_per_call: per_call("evalsha"),
+            time: per_call("time"),
+            hmget: per_call("hmget"),
+            hset: per_call("hset"),
+            pexpire: per_call("pexpire"),
             engine: round_to((evalsha.usec as f64 - inner as f64) / q, 2),
-            client_cpu: cpu(run.client_ticks),
+            master_cpu: cpu(ticks.0),
+            client_cpu: cpu(ticks.1),
+            calls_per_second: round_to(calls_per_second, 0),
         }
-    }
-
-    /// The table row of the report.
-    pub fn markdown(&self) -> String {
-        format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} |",
-            self.name,
-            self.calls,
-            self.usec_per_call,
-            self.time,
-            self.hmget,
-            self.hset,
-            self.pexpire,
-            self.engine,
-            self.master_cpu,
-            self.client_cpu,
-            self.calls_per_second
-        )
-    }
-
-    pub fn progress_line(&self) -> String {
-        format!(
-            "{}: {} calls, usec_per_call {:.2} (TIME {:.2}, HMGET {:.2}, HSET {:.2}, PEXPIRE {:.2}, the rest {:.2}), \
-             master CPU {:.1} µs/call, client {:.1} µs/call, {:.0} calls/s",
-            self.name,
-            self.calls,
-            self.usec_per_call,
-            self.time,
-            self.hmget,
-            self.hset,
-            self.pexpire,
-            self.engine,
-            self.master_cpu,
-            self.client_cpu,
-            self.calls_per_second
-        )
     }
 }
 
-/// The `rps` of the last test in `redis-benchmark --csv` output.
+/// Runs every case on `master` (whose processes are `pids`); returns the commands run.
+pub fn run(
+    master: &Node,
+    pids: &[u32],
+    root: &Path,
+    out: &Path,
+    records: &Records,
+    hz: u64,
+) -> Result<Vec<String>> {
+    let lua = fs::read_to_string(root.join("src/bucket/token_bucket.lua"))?;
+    let project = master.script_load(&lua)?;
+    if project != sha1_smol::Sha1::from(&lua).digest().to_string() {
+        bail!("SCRIPT LOAD answered '{project}', not the SHA-1 of src/bucket/token_bucket.lua");
+    }
+    let reference = fs::read_to_string(root.join("scripts/bench/reference_token_bucket.lua"))?;
+    let shas = [
+        ("project", project.clone()),
+        ("floor", master.script_load("return {1, 0}")?),
+        ("reference", master.script_load(&reference)?),
+    ];
+    let slaves = master
+        .info_field("replication", "connected_slaves")
+        .unwrap_or_default();
+    say!("redis-benchmark: src/bucket/token_bucket.lua is {project}; replicas attached: {slaves}");
+    let mut commands = Vec::new();
+    for line in CASES.lines() {
+        let [name, script, key, args] =
+            [0, 1, 2, 3].map(|i| line.split(" | ").nth(i).unwrap_or_default());
+        let sha = &shas
+            .iter()
+            .find(|(n, _)| *n == script)
+            .context("a case's script")?
+            .1;
+        let args = args.replace("''", "\"\"");
+        let port = master.port;
+        let argv = |password: &str| {
+            format!(
+                "-h {LOOPBACK} -p {port} -a {password} -n 200000 -r 100000 --csv EVALSHA {sha} 1 {KEY_PREFIX}{key} {args}"
+            )
+        };
+        commands.push(format!("redis-benchmark {}", argv("PASSWORD")));
+        let log = out.join(format!("redis-benchmark-{name}.txt"));
+        let (before, t0) = (master.command_stats()?, ticks_of(pids));
+        let password = master.password.as_deref().unwrap_or_default();
+        let words = argv(password)
+            .split(' ')
+            .map(|w| {
+                if w == "\"\"" {
+                    String::new()
+                } else {
+                    w.to_owned()
+                }
+            })
+            .collect::<Vec<_>>();
+        let (status, client_ticks) = run_counted(
+            records,
+            "redis-benchmark",
+            Command::new("redis-benchmark").args(words),
+            &log,
+        )?;
+        let master_ticks = ticks_of(pids).saturating_sub(t0);
+        let delta = before.delta_until(&master.command_stats()?);
+        if !status.success() {
+            bail!("redis-benchmark failed: {}", tail(&log, 3));
+        }
+        let rps = benchmark_rps(&fs::read_to_string(&log)?)
+            .with_context(|| format!("in {}", log.display()))?;
+        let row = ScriptRow::compute(name, &delta, (master_ticks, client_ticks), rps, hz);
+        let (calls, usec, engine, cpu, rps) = (
+            row.calls,
+            row.usec_per_call,
+            row.engine,
+            row.master_cpu,
+            row.calls_per_second,
+        );
+        say!(
+            "  {name}: {calls} calls, usec_per_call {usec:.2} (engine {engine:.2}), master CPU {cpu:.1} µs/call, {rps:.0} calls/s"
+        );
+        append_json(&out.join("scripts.jsonl"), &row)?;
+    }
+    let keys = ["denied", "returning", "returning:two"].map(|k| format!("{KEY_PREFIX}{k}"));
+    master.del(&keys.each_ref().map(String::as_str))?;
+    Ok(commands)
+}
+
+/// The `rps` of the last test in `redis-benchmark --csv` output (quoted fields).
 pub fn benchmark_rps(csv: &str) -> Result<f64> {
     let mut lines = csv.lines().filter(|line| line.starts_with('"'));
-    let header = csv_fields(
+    let fields = |line: &str| -> Vec<String> {
+        line.split("\",\"")
+            .map(|f| f.trim_matches('"').to_owned())
+            .collect()
+    };
+    let header = fields(
         lines
             .next()
             .context("redis-benchmark printed no CSV header")?,
@@ -114,31 +191,15 @@ pub fn benchmark_rps(csv: &str) -> Result<f64> {
         .iter()
         .position(|name| name == "rps")
         .context("redis-benchmark's CSV has no rps column")?;
-    let Some(last) = lines.next_back() else {
-        bail!("redis-benchmark printed no result (did the script run? see its output)");
-    };
-    let fields = csv_fields(last);
-    let rps = fields
+    let last = lines
+        .next_back()
+        .context("redis-benchmark printed no result (did the script run? see its output)")?;
+    let rps = fields(last)
         .get(column)
-        .with_context(|| format!("a CSV line without an rps field: {last:?}"))?;
+        .cloned()
+        .with_context(|| format!("no rps field in {last:?}"))?;
     rps.parse()
         .with_context(|| format!("redis-benchmark's rps {rps:?} is not a number"))
-}
-
-/// Fields of one CSV line whose fields are quoted (and hold no quotes).
-fn csv_fields(line: &str) -> Vec<String> {
-    let mut fields = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    for c in line.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut field)),
-            _ => field.push(c),
-        }
-    }
-    fields.push(field);
-    fields
 }
 
 #[cfg(test)]
@@ -149,44 +210,34 @@ mod tests {
     fn a_script_call_is_split_into_its_commands_and_the_engine() {
         // 200 000 calls; EVALSHA 1 422 000 µs of which TIME 20 000, HMGET 196 000, HSET
         // 104 000 and PEXPIRE 76 000: the engine is the remaining 1 026 000.
-        let before =
-            CommandStats::parse("cmdstat_evalsha:calls=6,usec=42\ncmdstat_info:calls=3,usec=9\n");
+        let before = CommandStats::parse("cmdstat_evalsha:calls=6,usec=42\n");
         let after = CommandStats::parse(
             "cmdstat_evalsha:calls=200006,usec=1422042\ncmdstat_time:calls=200000,usec=20000\n\
              cmdstat_hmget:calls=200000,usec=196000\ncmdstat_hset:calls=100000,usec=104000\n\
-             cmdstat_pexpire:calls=100000,usec=76000\ncmdstat_info:calls=4,usec=12\n",
+             cmdstat_pexpire:calls=100000,usec=76000\n",
         );
-        let run = ScriptRun {
-            name: "allow-heavy",
-            before: &before,
-            after: &after,
-            master_ticks: 272,
-            client_ticks: 124,
-            calls_per_second: 64579.2,
-        };
-        let row = ScriptRow::compute(&run, 100);
-        assert_eq!(row.calls, 200_000);
-        assert_eq!(row.usec_per_call, 7.11);
-        assert_eq!(row.hmget, 0.98);
-        assert_eq!(row.engine, 5.13);
-        assert_eq!(row.master_cpu, 13.6);
-        assert_eq!(row.client_cpu, 6.2);
+        let row = ScriptRow::compute(
+            "allow-heavy",
+            &before.delta_until(&after),
+            (272, 124),
+            64579.2,
+            100,
+        );
         assert_eq!(
-            row.markdown(),
-            "| allow-heavy | 200000 | 7.11 | 0.10 | 0.98 | 0.52 | 0.38 | 5.13 | 13.6 | 6.2 | 64579 |"
+            (row.calls, row.usec_per_call, row.hmget, row.engine),
+            (200_000, 7.11, 0.98, 5.13)
+        );
+        assert_eq!(
+            (row.master_cpu, row.client_cpu, row.calls_per_second),
+            (13.6, 6.2, 64579.0)
         );
     }
 
     #[test]
-    fn the_rate_is_read_from_the_csv_output() {
+    fn the_rate_is_read_from_the_csv_output_and_none_is_an_error() {
         let csv = "\"test\",\"rps\",\"avg_latency_ms\"\n\"EVALSHA abc 1 k:__rand_int__ 1,2\",\"17391.30\",\"2.199\"\n";
         assert_eq!(benchmark_rps(csv).unwrap(), 17391.3);
-    }
-
-    #[test]
-    fn csv_output_without_a_result_is_an_error() {
-        let csv = "Error from server: NOSCRIPT No matching script.\n\"test\",\"rps\"\n";
-        assert!(benchmark_rps(csv).is_err());
+        assert!(benchmark_rps("Error: NOSCRIPT\n\"test\",\"rps\"\n").is_err());
         assert!(benchmark_rps("").is_err());
     }
 }

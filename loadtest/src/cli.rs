@@ -8,9 +8,9 @@ use clap::Parser;
 use reqwest::Url;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::policy::PolicyFlags;
 use crate::schedule::Rate;
 use crate::sources::{self, Sources};
+use loadtest::policy::PolicyFlags;
 
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8000/limited_endpoint";
 pub const DEFAULT_SOURCES: &str = "127.0.0.10-127.0.0.250";

@@ -14,14 +14,11 @@ use reqwest::{Client, Url};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use loadtest::summary::{LATE_AFTER, StoppedBy, Summary};
+
 use crate::cli::{Config, Mode};
 use crate::schedule::{self, Rate};
-use crate::stats::{Outcome, Sample, Tally};
-use crate::summary::{RunInfo, Summary};
-
-/// A send this far behind its scheduled time counts as late. Timers tick by the
-/// millisecond, so anything tighter would flag ordinary jitter.
-pub const LATE_AFTER: Duration = Duration::from_millis(5);
+use crate::stats::{Outcome, RunInfo, Sample, Tally};
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Whether to go on: a first Ctrl-C stops sending, a second abandons what is in flight.
@@ -40,8 +37,7 @@ struct Dispatch {
     missed: u64,
     max_lag_ns: u64,
     last_send_ns: u64,
-    /// Why sending stopped: "duration", "max-requests" or "interrupt".
-    stopped_by: &'static str,
+    stopped_by: StoppedBy,
 }
 
 /// Everything a request needs, shared by all requests.
@@ -163,7 +159,7 @@ fn report(summary: &Summary, config: &Config) -> anyhow::Result<ExitCode> {
         }
         println!("check passed: every client within its bound");
     }
-    if summary.stopped_by == "interrupt" {
+    if summary.stopped_by == StoppedBy::Interrupt {
         return Ok(ExitCode::from(INTERRUPTED));
     }
     Ok(ExitCode::SUCCESS)
@@ -345,16 +341,16 @@ async fn at_rate(
     let mut in_flight = JoinSet::new();
     let mut result = Dispatch {
         stopped_by: if planned < on_the_clock {
-            "max-requests"
+            StoppedBy::MaxRequests
         } else {
-            "duration"
+            StoppedBy::Duration
         },
         ..Dispatch::default()
     };
     let mut next: u64 = 0;
     while next < planned {
         if *phase.borrow() != Phase::Sending {
-            result.stopped_by = "interrupt";
+            result.stopped_by = StoppedBy::Interrupt;
             break;
         }
         while in_flight.try_join_next().is_some() {}
@@ -445,11 +441,11 @@ async fn flat_out(
     }
     result.dispatched = shared.dispatched.load(Ordering::Relaxed);
     result.stopped_by = if *phase.borrow() != Phase::Sending {
-        "interrupt"
+        StoppedBy::Interrupt
     } else if result.dispatched >= max_requests {
-        "max-requests"
+        StoppedBy::MaxRequests
     } else {
-        "duration"
+        StoppedBy::Duration
     };
     result
 }

@@ -12,26 +12,26 @@
 //! from the `RateLimit-Policy` response header or from flags.
 //!
 //! # Layout
-//! - [`cli`]: flags, and their validation into a [`cli::Config`] (bad flags exit with 2).
+//! The library (`src/lib.rs`, shared with bench/): `policy`, the `RateLimit-Policy`
+//! header and the per-client admission bounds; `summary`, the run's summary, printed for
+//! a person, saved as JSON and checked. This binary, each module depending only on those
+//! listed before it:
 //! - [`sources`]: parsing of source address lists and ranges.
 //! - [`schedule`]: the open-model clock arithmetic, in exact integers.
-//! - [`policy`]: the `RateLimit-Policy` header and the per-client admission bounds.
+//! - [`cli`]: flags, and their validation into a [`cli::Config`] (bad flags exit with 2).
 //! - [`stats`]: what the answers add up to, folded one sample at a time.
-//! - [`summary`]: the run's summary, printed for a person, saved as JSON and checked.
 //! - [`plot`]: admitted and rejected per second, as a PNG.
 //! - [`drive`]: the HTTP clients, the dispatchers and the live progress line.
 //!
-//! This binary depends on external crates only; it talks to the service over HTTP like
-//! any other client would.
+//! It depends on external crates only; it talks to the service over HTTP like any other
+//! client would.
 
 mod cli;
 mod drive;
 mod plot;
-mod policy;
 mod schedule;
 mod sources;
 mod stats;
-mod summary;
 
 use std::process::ExitCode;
 

@@ -13,7 +13,7 @@
 //! `floor(C + r × t)`. A bucket not fresh at the start (the same addresses used within
 //! a window before) shows up as admissions short of the lower bound.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One policy of a `RateLimit-Policy` header: `"default";q=10;w=60`.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,7 +108,7 @@ pub struct PolicyFlags {
 }
 
 /// The bucket each client is held to.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bucket {
     pub capacity: u64,
     /// Tokens earned per window (RATE_LIMIT).
@@ -123,6 +123,21 @@ impl Bucket {
     /// The most a fresh bucket admits over `span_s` seconds, before rounding down.
     pub fn allowance(&self, span_s: f64) -> f64 {
         self.capacity as f64 + self.refill_per_s * span_s.max(0.0)
+    }
+
+    /// The most a fresh bucket admits over `span_s` seconds: `floor(C + r × t)`.
+    pub fn bound(&self, span_s: f64) -> u64 {
+        whole(self.allowance(span_s))
+    }
+
+    /// What one failover may add to a client's bound (docs/RELIABILITY.md, "Measured"):
+    /// while the local fallback decides for `fallback_s`, each of the `instances` gives
+    /// the client a share of its own, `max(1, floor(C / n))` tokens refilled at `r / n`,
+    /// charged to no shared bucket.
+    pub fn failover_allowance(&self, instances: u64, fallback_s: f64) -> u64 {
+        let share = (self.capacity / instances).max(1);
+        let refill = (self.refill_per_s * fallback_s / instances as f64).floor() as u64;
+        instances * (share + refill)
     }
 }
 
@@ -155,7 +170,7 @@ pub fn resolve(header: Option<&HeaderPolicy>, flags: &PolicyFlags) -> Result<Buc
 }
 
 /// How one client's admissions compare with its bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Admitted more than any fresh bucket could have: the limiter let too much through.
@@ -168,13 +183,17 @@ pub enum Verdict {
 /// Rounding slack for the floating-point bounds: far below one request.
 const EPSILON: f64 = 1e-6;
 
+/// `floor(x)`, keeping a bound that is a whole number from being lost to rounding.
+fn whole(x: f64) -> u64 {
+    (x + EPSILON).floor() as u64
+}
+
 /// Judges `admitted` against `floor(low)` and `floor(high)` (see the module docs);
 /// `refused_last` says whether the client's last answer was a 429.
 pub fn judge(admitted: u64, low: f64, high: f64, refused_last: bool) -> Verdict {
-    let admitted = admitted as f64;
-    if admitted > (high + EPSILON).floor() {
+    if admitted > whole(high) {
         Verdict::Over
-    } else if refused_last && admitted + 1.0 < (low + EPSILON).floor() {
+    } else if refused_last && admitted + 1 < whole(low) {
         Verdict::Short
     } else {
         Verdict::Within
@@ -285,6 +304,46 @@ mod tests {
         };
         let high = bucket.allowance(0.3);
         assert_eq!(judge(13, high, high, true), Verdict::Within);
+    }
+
+    fn soak_policy() -> Bucket {
+        // scripts/soak.sh's first policy: 12 per minute, burst 6.
+        resolve(
+            None,
+            &PolicyFlags {
+                limit: Some(12),
+                window_s: Some(60.0),
+                burst: Some(6),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_client_may_have_its_burst_and_the_refill_of_its_span() {
+        // 6 + 0.2 × 59.9 = 17.98
+        assert_eq!(soak_policy().bound(59.9), 17);
+        assert_eq!(soak_policy().bound(60.0), 18);
+    }
+
+    #[test]
+    fn a_failover_allows_each_instance_a_share_and_its_refill() {
+        let bucket = soak_policy();
+        // Shares of floor(6 / 2) = 3; 0.2 × 5 / 2 = 0.5 refills nothing more.
+        assert_eq!(bucket.failover_allowance(2, 5.0), 6);
+        // 0.2 × 12 / 2 = 1.2: one more token per instance.
+        assert_eq!(bucket.failover_allowance(2, 12.0), 8);
+        // A burst smaller than the instances still gives each one token.
+        let tiny = resolve(
+            None,
+            &PolicyFlags {
+                limit: Some(1),
+                window_s: Some(60.0),
+                burst: Some(1),
+            },
+        )
+        .unwrap();
+        assert_eq!(tiny.failover_allowance(2, 1.0), 2);
     }
 
     #[test]

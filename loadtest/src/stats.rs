@@ -4,10 +4,27 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use loadtest::policy::{self, Bucket, PolicyFlags, Verdict};
+use loadtest::summary::{
+    Admission, Classes, ClientRow, ErrorCount, Latency, Requests, Second, StoppedBy, Summary,
+};
 
-use crate::policy::{self, Bucket, PolicyFlags, Verdict};
-use crate::summary::{Admission, Classes, ClientRow, Latency, Requests, RunInfo, Summary};
+/// What the run was, from the dispatcher's side.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub url: String,
+    pub mode: String,
+    pub mode_is_rate: bool,
+    pub sources: String,
+    pub stopped_by: StoppedBy,
+    pub planned_duration_s: f64,
+    /// When the last request went out, in ns after the start.
+    pub dispatch_ns: u64,
+    pub dispatched: u64,
+    pub late: u64,
+    pub missed: u64,
+    pub max_lag_ns: u64,
+}
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// Latencies are recorded in µs, up to an hour, to three significant figures.
@@ -50,24 +67,6 @@ struct ClientTally {
     /// (sent, status) of the latest-sent answered request.
     last: Option<(u64, u16)>,
     last_done_ns: u64,
-}
-
-/// Per-second answer counts, by the second the answer arrived in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Second {
-    pub second: u64,
-    pub admitted: u64,
-    pub rejected: u64,
-    pub server_errors: u64,
-    pub other: u64,
-    pub errors: u64,
-}
-
-/// Errors of one kind, with the first one's text to go by.
-#[derive(Debug, Clone, Serialize)]
-pub struct ErrorCount {
-    pub count: u64,
-    pub example: String,
 }
 
 /// Everything the collector learns, folded in one sample at a time.
@@ -392,7 +391,7 @@ mod tests {
             mode: "10 req/s".into(),
             mode_is_rate: true,
             sources: "2 clients".into(),
-            stopped_by: "duration",
+            stopped_by: StoppedBy::Duration,
             planned_duration_s: 10.0,
             dispatch_ns: 10 * S,
             dispatched,

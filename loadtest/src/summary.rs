@@ -1,31 +1,39 @@
-//! The [`Summary`] of a run: what is printed for a person, saved as JSON, and checked.
+//! The [`Summary`] of a run: printed for a person, saved as JSON (`--json`), checked
+//! (`--check`), and read back by the benchmark driver (bench/) with this same type.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::{Bucket, Verdict};
-use crate::stats::{ErrorCount, Second};
 
-/// What the run was, from the dispatcher's side.
-#[derive(Debug, Clone)]
-pub struct RunInfo {
-    pub url: String,
-    pub mode: String,
-    pub mode_is_rate: bool,
-    pub sources: String,
-    pub stopped_by: &'static str,
-    pub planned_duration_s: f64,
-    /// When the last request went out, in ns after the start.
-    pub dispatch_ns: u64,
-    pub dispatched: u64,
-    pub late: u64,
-    pub missed: u64,
-    pub max_lag_ns: u64,
+/// A send this far behind its scheduled time counts as late. Timers tick by the
+/// millisecond, so anything tighter would flag ordinary jitter.
+pub const LATE_AFTER: Duration = Duration::from_millis(5);
+
+/// Why sending stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoppedBy {
+    #[default]
+    Duration,
+    MaxRequests,
+    Interrupt,
 }
 
-#[derive(Debug, Serialize)]
+impl fmt::Display for StoppedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Duration => "duration",
+            Self::MaxRequests => "max-requests",
+            Self::Interrupt => "interrupt",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub url: String,
     pub mode: String,
@@ -33,7 +41,7 @@ pub struct Summary {
     pub mode_is_rate: bool,
     pub sources: String,
     pub clients_count: usize,
-    pub stopped_by: &'static str,
+    pub stopped_by: StoppedBy,
     pub planned_duration_s: f64,
     pub elapsed_s: f64,
     pub requests: Requests,
@@ -42,6 +50,7 @@ pub struct Summary {
     pub error_kinds: BTreeMap<String, ErrorCount>,
     pub by_instance: BTreeMap<String, u64>,
     pub by_decision_source: BTreeMap<String, u64>,
+    /// `None` when nothing was answered.
     pub latency_ms: Option<Latency>,
     pub policy: Option<Bucket>,
     pub policy_header: Option<String>,
@@ -51,14 +60,14 @@ pub struct Summary {
     pub timeline: Vec<Second>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Requests {
     pub dispatched: u64,
     pub answered: u64,
     pub errors: u64,
     /// Sent but neither answered nor failed: abandoned by a second interrupt.
     pub unanswered: u64,
-    /// Sent more than [`crate::drive::LATE_AFTER`] behind their scheduled time.
+    /// Sent more than [`LATE_AFTER`] behind their scheduled time.
     pub late: u64,
     /// Due but skipped because --max-in-flight requests were outstanding.
     pub missed: u64,
@@ -66,7 +75,7 @@ pub struct Requests {
     pub achieved_per_s: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Classes {
     pub admitted: u64,
     pub rejected: u64,
@@ -75,7 +84,14 @@ pub struct Classes {
     pub errors: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+impl Classes {
+    /// Everything that was neither a 200 nor a 429: 5xx, other statuses, failed requests.
+    pub fn not_decided(&self) -> u64 {
+        self.server_errors + self.other + self.errors
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub p50: f64,
@@ -85,7 +101,25 @@ pub struct Latency {
     pub mean: f64,
 }
 
-#[derive(Debug, Serialize)]
+/// Errors of one kind, with the first one's text to go by.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorCount {
+    pub count: u64,
+    pub example: String,
+}
+
+/// Answers by the second they arrived in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Second {
+    pub second: u64,
+    pub admitted: u64,
+    pub rejected: u64,
+    pub server_errors: u64,
+    pub other: u64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Admission {
     /// Clients with at least one answer.
     pub clients: usize,
@@ -100,7 +134,7 @@ pub struct Admission {
     pub short: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientRow {
     pub address: String,
     pub sent: u64,
@@ -137,7 +171,7 @@ impl Summary {
     /// The summary as text, for a person.
     pub fn render(&self, all_clients: bool) -> String {
         let mut out = String::new();
-        let r = &self.requests;
+        let (r, c) = (&self.requests, &self.classes);
         let _ = writeln!(
             out,
             "loadtest: {} · {} · {}",
@@ -158,12 +192,11 @@ impl Summary {
                 out,
                 "schedule     {} late (> {} ms behind) · {} missed (in-flight cap) · max lag {:.1} ms",
                 r.late,
-                crate::drive::LATE_AFTER.as_millis(),
+                LATE_AFTER.as_millis(),
                 r.missed,
                 r.max_lag_ms
             );
         }
-        let c = &self.classes;
         let _ = writeln!(
             out,
             "outcome      admitted 200: {} · rejected 429: {} · 5xx: {} · other: {} · errors: {}",
@@ -183,31 +216,26 @@ impl Summary {
             "decided by   {}",
             join_counts(&self.by_decision_source)
         );
-        match &self.latency_ms {
-            Some(l) => {
-                let _ = writeln!(
-                    out,
-                    "latency      p50 {:.2} ms · p90 {:.2} ms · p99 {:.2} ms · max {:.2} ms ({} answers)",
-                    l.p50, l.p90, l.p99, l.max, l.count
-                );
-            }
-            None => {
-                let _ = writeln!(out, "latency      no answers");
-            }
-        }
-        match &self.policy {
-            Some(p) => {
-                let _ = writeln!(
-                    out,
-                    "policy       burst C = {}, refill r = {:.4}/s ({} per {} s), from the {}",
-                    p.capacity, p.refill_per_s, p.quota, p.window_s, p.origin
-                );
-            }
-            None => {
-                let why = self.policy_problem.as_deref().unwrap_or("unknown");
-                let _ = writeln!(out, "policy       {why}");
-            }
-        }
+        let _ = match &self.latency_ms {
+            Some(l) => writeln!(
+                out,
+                "latency      p50 {:.2} ms · p90 {:.2} ms · p99 {:.2} ms · max {:.2} ms ({} answers)",
+                l.p50, l.p90, l.p99, l.max, l.count
+            ),
+            None => writeln!(out, "latency      no answers"),
+        };
+        let _ = match &self.policy {
+            Some(p) => writeln!(
+                out,
+                "policy       burst C = {}, refill r = {:.4}/s ({} per {} s), from the {}",
+                p.capacity, p.refill_per_s, p.quota, p.window_s, p.origin
+            ),
+            None => writeln!(
+                out,
+                "policy       {}",
+                self.policy_problem.as_deref().unwrap_or("unknown")
+            ),
+        };
         if let (Some(_), Some(problem)) = (&self.policy, &self.policy_problem) {
             let _ = writeln!(out, "policy note  {problem}");
         }
@@ -224,79 +252,76 @@ impl Summary {
                 a.short,
                 a.refused_last
             );
+            let header_only = self
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.origin == "RateLimit-Policy header");
+            if header_only && a.over > 0 {
+                out.push_str("note         the header's q is the burst; when BURST differs from RATE_LIMIT, pass --limit RATE_LIMIT for the refill\n");
+            }
+            if a.short > 0 {
+                out.push_str("note         a short client's bucket was likely not full at the start: were these addresses used within the last window?\n");
+            }
         }
-        let header_only = self
-            .policy
-            .as_ref()
-            .is_some_and(|p| p.origin == "RateLimit-Policy header");
-        if header_only && self.admission.as_ref().is_some_and(|a| a.over > 0) {
-            let _ = writeln!(
-                out,
-                "note         the header's q is the burst; when BURST differs from RATE_LIMIT, pass --limit RATE_LIMIT for the refill"
-            );
-        }
-        if self.admission.as_ref().is_some_and(|a| a.short > 0) {
-            let _ = writeln!(
-                out,
-                "note         a short client's bucket was likely not full at the start: were these addresses used within the last window?"
-            );
-        }
+        self.render_clients(all_clients, &mut out);
+        out
+    }
+
+    /// Every client with `all`, else those outside their bounds (twenty at most).
+    fn render_clients(&self, all: bool, out: &mut String) {
         let shown: Vec<&ClientRow> = self
             .clients
             .iter()
-            .filter(|c| all_clients || matches!(c.verdict, Some(Verdict::Over | Verdict::Short)))
+            .filter(|c| all || matches!(c.verdict, Some(Verdict::Over | Verdict::Short)))
             .collect();
-        let limit = if all_clients { usize::MAX } else { 20 };
-        if !shown.is_empty() {
+        if shown.is_empty() {
+            return;
+        }
+        let limit = if all { usize::MAX } else { 20 };
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}  verdict",
+            "client", "sent", "200", "429", "other", "errors", "span s", "low", "high"
+        );
+        let optional = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
+        for row in shown.iter().take(limit) {
+            let verdict = match row.verdict {
+                Some(Verdict::Over) => "OVER",
+                Some(Verdict::Short) => "short",
+                Some(Verdict::Within) => "ok",
+                None => "-",
+            };
             let _ = writeln!(
                 out,
-                "\n{:<16} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}  verdict",
-                "client", "sent", "200", "429", "other", "errors", "span s", "low", "high"
+                "{:<16} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}  {verdict}",
+                row.address,
+                row.sent,
+                row.admitted,
+                row.rejected,
+                row.other,
+                row.errors,
+                optional(row.span_s),
+                optional(row.bound_low),
+                optional(row.bound_high),
             );
-            for row in shown.iter().take(limit) {
-                let _ = writeln!(
-                    out,
-                    "{:<16} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}  {}",
-                    row.address,
-                    row.sent,
-                    row.admitted,
-                    row.rejected,
-                    row.other,
-                    row.errors,
-                    optional(row.span_s, 2),
-                    optional(row.bound_low, 2),
-                    optional(row.bound_high, 2),
-                    match row.verdict {
-                        Some(Verdict::Over) => "OVER",
-                        Some(Verdict::Short) => "short",
-                        Some(Verdict::Within) => "ok",
-                        None => "-",
-                    }
-                );
-            }
-            if shown.len() > limit {
-                let _ = writeln!(
-                    out,
-                    "… and {} more (--clients lists all, --json saves all)",
-                    shown.len() - limit
-                );
-            }
         }
-        out
+        if shown.len() > limit {
+            let _ = writeln!(
+                out,
+                "… and {} more (--clients lists all, --json saves all)",
+                shown.len() - limit
+            );
+        }
     }
 }
 
-fn optional(value: Option<f64>, decimals: usize) -> String {
-    value.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
-}
-
-fn join_counts<K: std::fmt::Display>(counts: &BTreeMap<K, u64>) -> String {
+fn join_counts<K: fmt::Display>(counts: &BTreeMap<K, u64>) -> String {
     if counts.is_empty() {
         return "-".into();
     }
-    counts
+    let parts: Vec<String> = counts
         .iter()
         .map(|(key, count)| format!("{key}: {count}"))
-        .collect::<Vec<_>>()
-        .join(" · ")
+        .collect();
+    parts.join(" · ")
 }

@@ -1,0 +1,154 @@
+//! The gateway phase's own pieces: the bench's Nginx straight to the demo upstream
+//! (scripts/bench/proxy-nginx.conf), the upstream's counts, and the check that every
+//! answer through either was a 200 the upstream counted.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::probe::{self, port_open};
+use crate::spawn::{Records, Started, tail, wait_until};
+use crate::{LOOPBACK, say};
+
+/// Ports tried for the bench's own Nginx.
+const PROXY_PORTS: std::ops::RangeInclusive<u16> = 8090..=8099;
+
+/// Starts the bench's Nginx on the first free port of [`PROXY_PORTS`], its config, pid,
+/// logs and temp files in `out`/proxy-nginx, in front of the demo upstream on `upstream`;
+/// returns it, its port and the command.
+pub fn proxy_up(
+    root: &Path,
+    out: &Path,
+    own: &Records,
+    upstream: u16,
+) -> Result<(Started, u16, String)> {
+    let port = PROXY_PORTS
+        .clone()
+        .find(|&p| !port_open(p))
+        .context("no free port in 8090-8099 for the bench's Nginx")?;
+    let dir = out.join("proxy-nginx");
+    fs::create_dir_all(dir.join("logs"))?;
+    fs::create_dir_all(dir.join("temp"))?;
+    let template = fs::read_to_string(root.join("scripts/bench/proxy-nginx.conf"))?;
+    let upstream = format!("{LOOPBACK}:{upstream}");
+    let config = template
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@PORT@", &port.to_string());
+    fs::write(
+        dir.join("nginx.conf"),
+        config.replace("@UPSTREAM@", &upstream),
+    )?;
+    let error_log = dir.join("logs/error.log").display().to_string();
+    let args = [
+        "-e".into(),
+        error_log.clone(),
+        "-p".into(),
+        format!("{}/", dir.display()),
+        "-c".into(),
+        format!("{}/nginx.conf", dir.display()),
+    ];
+    let mut proxy = Started::spawn(
+        own,
+        "proxy-nginx",
+        Command::new("nginx").args(&args),
+        &dir.join("nginx.log"),
+    )?;
+    let listening = format!("the bench's Nginx listens on {port}");
+    wait_until(&listening, Duration::from_secs(10), || {
+        port_open(port) || !proxy.running()
+    })?;
+    if !proxy.running() {
+        bail!(
+            "the bench's Nginx exited: {}",
+            tail(Path::new(&error_log), 5)
+        );
+    }
+    say!(
+        "phase gateway: the bench's Nginx (pid {}) on {port} proxies straight to {upstream}",
+        proxy.pid()
+    );
+    Ok((proxy, port, format!("nginx {} &", args.join(" "))))
+}
+
+/// What the demo upstream (its counts on `port`) counted for `path` so far.
+pub fn upstream_count(port: u16, path: &str) -> Result<u64> {
+    let counts = probe::json(port, "/__upstream/count")?;
+    Ok(counts["paths"][path].as_u64().unwrap_or(0))
+}
+
+/// Whether the answers through the gateway are what its phase needs: some 200s, no 429
+/// (the policy admits everything), and the demo upstream counted each 200 (and at most
+/// the requests abandoned or failed besides). An error says what is wrong; `Ok(Some)`
+/// what is odd but leaves the figures standing.
+pub fn check_admitted(
+    ok: u64,
+    denied: u64,
+    other: u64,
+    closed: u64,
+    upstream: u64,
+) -> Result<Option<String>, String> {
+    if ok == 0 {
+        return Err("no request was answered 200".into());
+    }
+    if denied > 0 {
+        return Err(format!(
+            "{denied} requests were denied (429): the policy should admit every request"
+        ));
+    }
+    if upstream < ok {
+        return Err(format!(
+            "the demo upstream counted {upstream} requests, fewer than the {ok} answered 200"
+        ));
+    }
+    let mut odd = Vec::new();
+    if other > 0 {
+        odd.push(format!(
+            "{other} answers other than 200/429 (or socket errors)"
+        ));
+    }
+    if upstream > ok + closed + other {
+        odd.push(format!("the demo upstream counted {upstream} requests, more than the {ok} answered 200 and {} abandoned or failed", closed + other));
+    }
+    Ok((!odd.is_empty()).then(|| odd.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_answers_must_be_admitted_and_counted() {
+        assert_eq!(check_admitted(1000, 0, 0, 3, 1002), Ok(None));
+        assert!(check_admitted(0, 0, 5, 0, 0).is_err());
+        assert!(
+            check_admitted(1000, 1, 0, 0, 1000)
+                .unwrap_err()
+                .contains("429")
+        );
+        assert!(
+            check_admitted(1000, 0, 0, 0, 999)
+                .unwrap_err()
+                .contains("fewer")
+        );
+        let odd = check_admitted(1000, 0, 2, 0, 1010).unwrap().unwrap();
+        assert!(
+            odd.starts_with("2 answers other than 200/429")
+                && odd.contains("counted 1010 requests, more than"),
+            "{odd}"
+        );
+    }
+
+    #[test]
+    fn the_benchs_nginx_has_the_gateways_keepalive_settings() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let config = fs::read_to_string(root.join("scripts/bench/proxy-nginx.conf")).unwrap();
+        assert_eq!(
+            crate::report::keepalive(&config).as_deref(),
+            Some("keepalive 64;")
+        );
+        assert!(!config.contains("auth_request") && config.contains("listen 127.0.0.1:@PORT@;"));
+    }
+}

@@ -1,0 +1,368 @@
+//! One measurement: what ran, and what each process group spent per answered request.
+//! A [`Measurement`] is kept at the precision the tables print and saved as one JSON line
+//! of run/bench/results.jsonl.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use loadtest::summary::Summary;
+
+use crate::node::ScriptCounters;
+use crate::phases::{Target, Tool, Via};
+use crate::probe::{Counts, WrkReport};
+use crate::procfs::{MachineTicks, ProcStat, context_switches, ticks_of};
+
+/// The process groups whose CPU is counted, as the records name them.
+pub const GROUPS: [&str; 7] = [
+    "app",
+    "nginx",
+    "master",
+    "replicas",
+    "sentinels",
+    "upstream",
+    "proxy",
+];
+
+/// The pids of each group (of [`GROUPS`]); the instances are `app`.
+pub type Groups = BTreeMap<&'static str, Vec<u32>>;
+
+/// The counters read right before and right after a load generator ran.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub ticks: BTreeMap<&'static str, u64>,
+    pub machine: MachineTicks,
+    pub redis: ScriptCounters,
+    /// The instances' user and system ticks, context switches and threads.
+    pub app: [u64; 4],
+}
+
+impl Snapshot {
+    pub fn take(groups: &Groups, redis: ScriptCounters) -> Self {
+        let ticks = groups
+            .iter()
+            .map(|(name, pids)| (*name, ticks_of(pids)))
+            .collect();
+        let mut app = [0; 4];
+        for &pid in groups.get("app").into_iter().flatten() {
+            let stat = ProcStat::of(pid);
+            let (user, system, threads) = stat.map_or((0, 0, 0), |s| (s.utime, s.stime, s.threads));
+            for (slot, value) in app
+                .iter_mut()
+                .zip([user, system, context_switches(pid), threads])
+            {
+                *slot += value;
+            }
+        }
+        Self {
+            ticks,
+            machine: MachineTicks::read(),
+            redis,
+            app,
+        }
+    }
+}
+
+/// What the load generator reported, and the responses by status.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Traffic {
+    pub requests: u64,
+    pub seconds: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub ok: u64,
+    pub denied: u64,
+    /// Statuses other than 200 and 429, and requests that got no answer.
+    pub other: u64,
+    /// Requests the demo upstream counted for the path (gateway phase).
+    pub upstream: u64,
+}
+
+impl Traffic {
+    pub fn of_summary(summary: &Summary) -> Self {
+        let (p50_ms, p99_ms, max_ms) = summary
+            .latency_ms
+            .map_or((0.0, 0.0, 0.0), |l| (l.p50, l.p99, l.max));
+        let c = &summary.classes;
+        let (requests, seconds) = (summary.requests.answered, summary.elapsed_s);
+        let (ok, denied, other) = (c.admitted, c.rejected, c.not_decided());
+        Self {
+            requests,
+            seconds,
+            p50_ms,
+            p99_ms,
+            max_ms,
+            ok,
+            denied,
+            other,
+            upstream: 0,
+        }
+    }
+
+    /// wrk's figures, and the statuses counted elsewhere (wrk only counts >= 400).
+    pub fn of_wrk(report: &WrkReport, counts: &Counts) -> Self {
+        let (requests, seconds) = (report.requests, report.duration_us as f64 / 1e6);
+        let (p50_ms, p99_ms, max_ms) = (
+            report.latency_us.p50 / 1e3,
+            report.latency_us.p99 / 1e3,
+            report.latency_us.max / 1e3,
+        );
+        let (ok, denied, other) = (
+            counts.ok,
+            counts.denied,
+            counts.other + report.socket_errors(),
+        );
+        Self {
+            requests,
+            seconds,
+            p50_ms,
+            p99_ms,
+            max_ms,
+            ok,
+            denied,
+            other,
+            upstream: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    pub phase: String,
+    pub round: u32,
+    pub tool: Tool,
+    pub via: Via,
+    pub path: String,
+    pub connections: u32,
+    pub requests: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+    /// Requests per second answered 200.
+    pub admitted_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub ok: u64,
+    pub denied: u64,
+    pub other: u64,
+    pub upstream: u64,
+    /// µs of CPU per answered request of each group, and of the load generator.
+    pub cpu: BTreeMap<String, f64>,
+    /// CPU that every process outside the topology and the load generator used, in % of
+    /// the machine.
+    pub others_percent: f64,
+    pub script_calls_per_request: f64,
+    /// `usec` ÷ `calls` of the script calls; `None` without calls.
+    pub usec_per_script_call: Option<f64>,
+    pub commands_per_request: f64,
+    pub app_user: f64,
+    pub app_system: f64,
+    pub switches_per_request: f64,
+    /// The instances' threads at the end.
+    pub threads: u64,
+}
+
+/// `x` rounded to `decimals` places, as the tables print it, so medians print alike.
+pub fn round_to(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+impl Measurement {
+    /// Divides what happened between two snapshots by the answered requests.
+    /// `generator_ticks` is what the load generator itself used; `hz` is CLK_TCK.
+    pub fn compute(
+        (phase, round): (&str, u32),
+        target: &Target,
+        traffic: &Traffic,
+        before: &Snapshot,
+        after: &Snapshot,
+        generator_ticks: u64,
+        hz: u64,
+    ) -> Self {
+        let n = traffic.requests;
+        let q = n.max(1) as f64;
+        let cpu = |ticks: u64| round_to(ticks as f64 * 1e6 / hz as f64 / q, 1);
+        let delta = |name: &str| {
+            after
+                .ticks
+                .get(name)
+                .unwrap_or(&0)
+                .saturating_sub(*before.ticks.get(name).unwrap_or(&0))
+        };
+        let mut cpu_of: BTreeMap<String, f64> = GROUPS
+            .iter()
+            .map(|g| (g.to_string(), cpu(delta(g))))
+            .collect();
+        cpu_of.insert("load_generator".into(), cpu(generator_ticks));
+        let accounted = GROUPS.iter().map(|g| delta(g)).sum::<u64>() + generator_ticks;
+        let all = after.machine.all.saturating_sub(before.machine.all);
+        let busy = after.machine.busy.saturating_sub(before.machine.busy);
+        let others = 100.0 * busy.saturating_sub(accounted) as f64 / all.max(1) as f64;
+        let redis = ScriptCounters {
+            script_calls: after
+                .redis
+                .script_calls
+                .saturating_sub(before.redis.script_calls),
+            script_usec: after
+                .redis
+                .script_usec
+                .saturating_sub(before.redis.script_usec),
+            all_calls: after.redis.all_calls.saturating_sub(before.redis.all_calls),
+        };
+        let per_second = if traffic.seconds > 0.0 {
+            n as f64 / traffic.seconds
+        } else {
+            0.0
+        };
+        let app = |i: usize| after.app[i].saturating_sub(before.app[i]);
+        Self {
+            phase: phase.to_owned(),
+            round,
+            tool: target.tool,
+            via: target.via,
+            path: target.path.to_owned(),
+            connections: target.connections,
+            requests: n,
+            seconds: round_to(traffic.seconds, 2),
+            per_second: round_to(per_second, 0),
+            admitted_per_second: round_to(per_second * traffic.ok.min(n) as f64 / q, 0),
+            p50_ms: round_to(traffic.p50_ms, 2),
+            p99_ms: round_to(traffic.p99_ms, 2),
+            max_ms: round_to(traffic.max_ms, 2),
+            ok: traffic.ok,
+            denied: traffic.denied,
+            other: traffic.other,
+            upstream: traffic.upstream,
+            cpu: cpu_of,
+            others_percent: round_to(others, 1),
+            script_calls_per_request: round_to(redis.script_calls as f64 / q, 3),
+            // Without script calls of its own (a stray one is not the path's), no figure.
+            usec_per_script_call: (redis.script_calls as f64 / q >= 0.01)
+                .then(|| round_to(redis.script_usec as f64 / redis.script_calls as f64, 2)),
+            commands_per_request: round_to(redis.all_calls as f64 / q, 3),
+            app_user: cpu(app(0)),
+            app_system: cpu(app(1)),
+            switches_per_request: round_to(app(2) as f64 / q, 2),
+            threads: after.app[3],
+        }
+    }
+
+    /// The line printed as each measurement ends.
+    pub fn progress_line(&self) -> String {
+        let Self {
+            phase,
+            round,
+            tool,
+            via,
+            path,
+            connections,
+            per_second,
+            p99_ms,
+            ok,
+            denied,
+            other,
+            ..
+        } = self;
+        let cpu = |g: &str| self.cpu.get(g).copied().unwrap_or(0.0);
+        let (app, nginx, redis, others) = (
+            cpu("app"),
+            cpu("nginx") + cpu("proxy"),
+            cpu("master"),
+            self.others_percent,
+        );
+        format!(
+            "{phase} r{round} {tool:?} {via:?} {path} c{connections}: {per_second:.0} req/s, p99 {p99_ms:.2} ms, \
+             200:{ok} 429:{denied} other:{other}; µs/req app {app:.1} nginx {nginx:.1} redis {redis:.1}; others {others:.0}%"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(ticks: &[(&'static str, u64)], busy: u64, all: u64, script_calls: u64) -> Snapshot {
+        let app = ticks.iter().find(|(g, _)| *g == "app").map_or(0, |t| t.1);
+        let redis = ScriptCounters {
+            script_calls,
+            script_usec: script_calls * 6,
+            all_calls: script_calls + 1,
+        };
+        let (ticks, machine) = (ticks.iter().copied().collect(), MachineTicks { busy, all });
+        Snapshot {
+            ticks,
+            machine,
+            redis,
+            app: [app / 2, app / 2, 0, 12],
+        }
+    }
+
+    const TARGET: Target = Target {
+        tool: Tool::Wrk,
+        via: Via::Nginx,
+        path: "/limited_endpoint",
+        connections: 64,
+    };
+
+    #[test]
+    fn cpu_is_divided_by_the_answered_requests_and_others_never_go_below_zero() {
+        // 100 000 requests in 5 s; the instances used 160 ticks (1.6 s at 100 Hz). The
+        // machine: 1000 ticks, 550 busy; the groups and wrk (60) account for 490.
+        let traffic = Traffic {
+            requests: 100_000,
+            seconds: 5.0,
+            p50_ms: 1.234,
+            ok: 50_000,
+            ..Default::default()
+        };
+        let groups = [
+            ("app", 160),
+            ("nginx", 150),
+            ("master", 90),
+            ("replicas", 30),
+        ];
+        let (before, after) = (
+            snapshot(&[], 0, 0, 0),
+            snapshot(&groups, 550, 1000, 100_000),
+        );
+        let row = Measurement::compute(("allow", 1), &TARGET, &traffic, &before, &after, 60, 100);
+        let figures = [
+            row.per_second,
+            row.admitted_per_second,
+            row.p50_ms,
+            row.others_percent,
+        ];
+        assert_eq!(figures, [20_000.0, 10_000.0, 1.23, 6.0]);
+        let cpu = ["app", "nginx", "master", "load_generator"].map(|g| row.cpu[g]);
+        assert_eq!(cpu, [16.0, 15.0, 9.0, 6.0]);
+        assert_eq!(
+            (row.usec_per_script_call, row.app_user, row.threads),
+            (Some(6.0), 8.0, 12)
+        );
+        let idle = Measurement::compute(
+            ("mixed", 2),
+            &TARGET,
+            &Traffic::default(),
+            &before,
+            &snapshot(&[("app", 10)], 5, 100, 0),
+            0,
+            100,
+        );
+        assert_eq!(
+            (
+                idle.others_percent,
+                idle.cpu["app"],
+                idle.usec_per_script_call
+            ),
+            (0.0, 100_000.0, None)
+        );
+        let json = serde_json::to_string(&idle).unwrap();
+        assert!(
+            json.contains("\"tool\":\"wrk\"") && json.contains("\"via\":\"nginx\""),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Measurement>(&json).unwrap(), idle);
+    }
+}

@@ -1,0 +1,368 @@
+//! Every phase of scripts/bench.sh as data: where the instances run, under which
+//! settings and policy, what load goes where, and what is measured after the rounds.
+//! One loop (`throughput::Bench::phase`) measures any of them; its results are JSON
+//! records (run/bench/*.jsonl), from which `report` renders every table.
+
+use serde::{Deserialize, Serialize};
+
+/// How a request reaches the service: through the cluster's Nginx, straight to one
+/// instance, through the gateway (Nginx asks an instance, then proxies to the demo
+/// upstream), or through the bench's own Nginx straight to the demo upstream (no check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Nginx,
+    Direct,
+    Gateway,
+    Proxy,
+}
+
+/// The load generator: wrk with scripts/bench/report.lua; wrk with scripts/bench/keys.lua
+/// (a key of its own in every request's X-Bench-Key); the project's load generator over
+/// 241 client addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tool {
+    Wrk,
+    WrkKeys,
+    Loadtest,
+}
+
+/// Where the instances run: `scripts/cluster.sh up` with these flags (in
+/// run/bench-cluster), or one instance with the embedded store (no Redis) on a free port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    Cluster(&'static [&'static str]),
+    Embedded,
+}
+
+/// What is measured after the rounds: nothing, the Lua script alone on the master
+/// (`script`), or in Cluster mode how 100,000 keys spread over the masters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Nothing,
+    ScriptAlone,
+    Spread,
+}
+
+/// Each target of a phase: every way in, each path, at each connection count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub tool: Tool,
+    pub vias: &'static [Via],
+    pub paths: &'static [&'static str],
+    pub connections: &'static [u32],
+}
+
+/// One measurement's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub tool: Tool,
+    pub via: Via,
+    pub path: &'static str,
+    pub connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Phase {
+    /// Its name in the results and tables.
+    pub name: &'static str,
+    /// What `--phases` calls it: the cluster phase is two, Sentinel then Cluster mode.
+    pub chosen_by: &'static str,
+    pub topology: Topology,
+    /// The instances' settings, `NAME=value` words; `$MIXED_RATE` is `--mixed-rate`.
+    pub env: &'static str,
+    /// A POLICY_FILE for the instances, written to run/bench/NAME.toml.
+    pub policy: Option<&'static str>,
+    /// A setting the binary must know, else the phase is skipped.
+    pub requires: Option<&'static str>,
+    pub load: Load,
+    pub after: After,
+}
+
+const fn phase(name: &'static str, env: &'static str, load: Load) -> Phase {
+    let (topology, after) = (Topology::Cluster(&[]), After::Nothing);
+    Phase {
+        name,
+        chosen_by: name,
+        topology,
+        env,
+        policy: None,
+        requires: None,
+        load,
+        after,
+    }
+}
+
+const fn load(
+    tool: Tool,
+    vias: &'static [Via],
+    paths: &'static [&'static str],
+    connections: &'static [u32],
+) -> Load {
+    Load {
+        tool,
+        vias,
+        paths,
+        connections,
+    }
+}
+
+impl Phase {
+    const fn on(self, topology: Topology) -> Self {
+        Self { topology, ..self }
+    }
+
+    const fn policy(self, policy: &'static str) -> Self {
+        Self {
+            policy: Some(policy),
+            ..self
+        }
+    }
+
+    const fn then(self, after: After) -> Self {
+        Self { after, ..self }
+    }
+
+    /// For each connection count, each way in, each path.
+    pub fn targets(&self) -> Vec<Target> {
+        let Load {
+            tool,
+            vias,
+            paths,
+            connections,
+        } = self.load;
+        let mut list = Vec::new();
+        for &connections in connections {
+            for &via in vias {
+                list.extend(paths.iter().map(|&path| Target {
+                    tool,
+                    via,
+                    path,
+                    connections,
+                }));
+            }
+        }
+        list
+    }
+}
+
+pub const LIMITED: &str = "/limited_endpoint";
+/// What wrk asks for through the gateway: any path reaches the demo upstream.
+pub const GATEWAY_PATH: &str = "/api/items";
+/// The settings phases decide; any other reaches the instances as the caller set it.
+pub const PHASE_VARS: [&str; 8] = [
+    "RATE_LIMIT",
+    "TIME_WINDOW",
+    "BURST",
+    "DENY_CACHE_SIZE",
+    "FAIL_MODE",
+    "REDIS_CLIENT",
+    "METRICS",
+    "POLICY_FILE",
+];
+
+/// 10^9 per 1 s: every request runs the whole decision and is admitted.
+macro_rules! allow {
+    () => {
+        "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000"
+    };
+}
+/// The shipped policy, 10 per 60 s: one client flooding is denied almost always.
+const FLOOD: &str = "RATE_LIMIT=10 TIME_WINDOW=60";
+const BOTH: &[Via] = &[Via::Nginx, Via::Direct];
+const PATHS: &[&str] = &[LIMITED, "/"];
+const WRK_BOTH: Load = load(Tool::Wrk, BOTH, PATHS, &[16, 64]);
+const WRK_64: Load = load(Tool::Wrk, BOTH, PATHS, &[64]);
+const NGINX_64: Load = load(Tool::Wrk, &[Via::Nginx], PATHS, &[64]);
+
+/// One policy of two limits on `/limited_endpoint`, both admitting everything: decided in
+/// one script call over one hash.
+const TWO_LIMITS: &str = r#"[[policy]]
+name = "two"
+match = { path = "/limited_endpoint" }
+limits = [
+    { name = "second", rate = 1000000000, per = "1s" },
+    { name = "minute", rate = 1000000000, per = "1m" },
+]
+"#;
+
+/// One policy on every path (no `match`), per client address, admitting everything: every
+/// request through the gateway runs the whole decision.
+const GATEWAY_POLICY: &str = r#"[[policy]]
+name = "gateway"
+key = ["client_ip"]
+limits = [{ name = "second", rate = 1000000000, per = "1s" }]
+"#;
+
+/// `/limited_endpoint` keyed by X-Bench-Key (scripts/bench/keys.lua sets it), admitting
+/// everything: one load generator decides many keys, spread over every master in Cluster
+/// mode. A request without the header is not limited.
+const KEYED_POLICY: &str = r#"[[policy]]
+name = "keyed"
+match = { path = "/limited_endpoint" }
+key = ["header:x-bench-key"]
+on_missing = "skip"
+limits = [{ name = "second", rate = 1000000000, per = "1s" }]
+"#;
+
+const KEYED: Load = load(Tool::WrkKeys, BOTH, &[LIMITED], &[64]);
+const GATEWAY: Load = load(
+    Tool::Wrk,
+    &[Via::Gateway, Via::Proxy],
+    &[GATEWAY_PATH],
+    &[64],
+);
+const MIXED: &str = "RATE_LIMIT=$MIXED_RATE TIME_WINDOW=1 BURST=$MIXED_RATE";
+
+/// Every phase of the bench, in the order they run.
+pub const PHASES: &[Phase] = &[
+    // The whole Redis decision on every request, then the Lua script alone.
+    phase("allow", allow!(), WRK_BOTH).then(After::ScriptAlone),
+    phase("two-limits", "", WRK_64).policy(TWO_LIMITS),
+    // What /metrics costs.
+    phase("metrics-off", concat!(allow!(), " METRICS=off"), WRK_64),
+    // r2d2 on tokio's blocking pool instead of the default client.
+    Phase {
+        requires: Some("REDIS_CLIENT"),
+        ..phase(
+            "allow-pool",
+            concat!(allow!(), " REDIS_CLIENT=pool"),
+            WRK_BOTH,
+        )
+    },
+    // The decision without the Redis round trip.
+    phase(
+        "memory-store",
+        allow!(),
+        load(Tool::Wrk, &[Via::Direct], PATHS, &[16, 64]),
+    )
+    .on(Topology::Embedded),
+    // 200s and 429s both, over 241 clients.
+    phase("mixed", MIXED, load(Tool::Loadtest, BOTH, PATHS, &[16, 64])),
+    // One client flooding through Nginx, with the deny cache and without.
+    phase("flood", FLOOD, NGINX_64),
+    phase(
+        "flood-nocache",
+        "RATE_LIMIT=10 TIME_WINDOW=60 DENY_CACHE_SIZE=0",
+        NGINX_64,
+    ),
+    // The gateway beside the bench's own Nginx straight to the same upstream.
+    phase("gateway", "", GATEWAY)
+        .on(Topology::Cluster(&["--gateway"]))
+        .policy(GATEWAY_POLICY),
+    // Sentinel mode, then Cluster mode (3 masters, 3 replicas), under one keyed policy.
+    Phase {
+        chosen_by: "cluster",
+        ..phase("cluster-sentinel", "", KEYED).policy(KEYED_POLICY)
+    },
+    Phase {
+        chosen_by: "cluster",
+        ..phase("cluster-redis", "", KEYED).policy(KEYED_POLICY)
+    }
+    .on(Topology::Cluster(&["--redis-cluster"]))
+    .then(After::Spread),
+];
+
+/// The names `--phases` accepts, in the order their phases run.
+pub fn names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = PHASES.iter().map(|p| p.chosen_by).collect();
+    names.dedup();
+    names
+}
+
+/// `--phases`: `all`, or names separated by commas (repeats and order do not matter);
+/// the phases they choose, in the usual order.
+pub fn parse(text: &str) -> Result<Vec<&'static Phase>, String> {
+    let chosen: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let known = names();
+    let unknown = |n: &&&str| !known.contains(n) && (**n != "all" || chosen.len() > 1);
+    if let Some(name) = chosen.iter().find(unknown) {
+        return Err(format!(
+            "no phase '{name}'; the phases: {} (or all, alone)",
+            known.join(",")
+        ));
+    }
+    if chosen.is_empty() {
+        return Err(format!(
+            "name at least one phase (or all): {}",
+            known.join(",")
+        ));
+    }
+    Ok(PHASES
+        .iter()
+        .filter(|p| chosen == ["all"] || chosen.contains(&p.chosen_by))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_phase_of_the_script_is_in_the_table_and_chosen_by_name_in_its_order() {
+        let all = "allow,two-limits,metrics-off,allow-pool,memory-store,mixed,flood,flood-nocache,gateway,cluster";
+        assert_eq!(
+            (names().join(","), parse("all").unwrap().len()),
+            (all.into(), PHASES.len())
+        );
+        let some: Vec<&str> = parse("gateway, allow,cluster,allow")
+            .unwrap()
+            .iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            some,
+            ["allow", "gateway", "cluster-sentinel", "cluster-redis"]
+        );
+        assert!(
+            parse("allow,gatway")
+                .unwrap_err()
+                .starts_with("no phase 'gatway'; the phases: allow,")
+        );
+        assert!(
+            parse(" , ").is_err() && parse("all,allow").is_err(),
+            "all stands alone"
+        );
+    }
+
+    #[test]
+    fn a_phase_measures_each_path_per_way_in_and_connection_count() {
+        let list = PHASES[0].targets();
+        let key = |t: &Target| (t.via, t.path, t.connections);
+        assert_eq!(
+            (list.len(), key(&list[0]), key(&list[3])),
+            (8, (Via::Nginx, LIMITED, 16), (Via::Direct, "/", 16))
+        );
+        let gateway: Vec<_> = PHASES[8].targets().iter().map(key).collect();
+        assert_eq!(
+            gateway,
+            [
+                (Via::Gateway, GATEWAY_PATH, 64),
+                (Via::Proxy, GATEWAY_PATH, 64)
+            ]
+        );
+        assert_eq!(
+            PHASES[2].env,
+            "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off"
+        );
+    }
+
+    #[test]
+    fn the_cluster_phase_runs_one_keyed_load_in_both_modes() {
+        let [sentinel, cluster] = [PHASES[9], PHASES[10]];
+        assert_eq!(
+            (sentinel.policy, sentinel.load),
+            (cluster.policy, cluster.load)
+        );
+        assert_eq!(
+            (sentinel.after, cluster.after),
+            (After::Nothing, After::Spread)
+        );
+        assert_eq!(cluster.topology, Topology::Cluster(&["--redis-cluster"]));
+    }
+}

@@ -1,0 +1,545 @@
+//! The soak's verdict, pure: what each minute's clients were allowed (the load
+//! generator's own bound, `loadtest::policy`, plus each failover's allowance), whether
+//! memory and descriptors stayed flat after warm-up, and the report's tables.
+
+use loadtest::policy::Bucket;
+use loadtest::summary::Summary;
+use serde_json::{Value, json};
+
+use crate::machine::Machine;
+use crate::report::{Cell, Column, table};
+
+/// The instances of scripts/cluster.sh: the `n` of the local fallback's shares.
+pub const INSTANCES: u64 = 2;
+/// Growth allowed between the first samples after warm-up and the last, in percent.
+pub const FLAT_PERCENT: f64 = 5.0;
+/// The shortest stretch between the samples compared that is worth a verdict.
+pub const MIN_JUDGED_S: f64 = 30.0;
+/// How many samples stand for "the first after warm-up" and "the last": their median,
+/// so that one passing connection (Nginx opens more to an instance for a moment when a
+/// request is slow, and closes them after its 4 s keep-alive) is not taken for growth.
+pub const MEDIAN_OF: usize = 6;
+
+/// One limit per client address on `/limited_endpoint`; the reload swaps one for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub label: &'static str,
+    pub per_minute: u64,
+    pub burst: u64,
+}
+
+pub const POLICIES: [Policy; 2] = [
+    Policy {
+        label: "A",
+        per_minute: 12,
+        burst: 6,
+    },
+    Policy {
+        label: "B",
+        per_minute: 30,
+        burst: 10,
+    },
+];
+
+impl Policy {
+    pub fn toml(&self) -> String {
+        format!(
+            "# Written by scripts/soak.sh (policy {}); rewritten for its reload.\n[[policy]]\nname = \"soak\"\n\
+             match = {{ path = \"/limited_endpoint\" }}\nkey = [\"client_ip\"]\n\
+             limits = [{{ name = \"minute\", rate = {}, per = \"1m\", burst = {} }}]\n",
+            self.label, self.per_minute, self.burst
+        )
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {}/min, burst {}",
+            self.label, self.per_minute, self.burst
+        )
+    }
+}
+
+/// One master kill, and how the topology came back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failover {
+    pub old_port: u16,
+    pub new_port: u16,
+    /// Kill → every sentinel names the new master and it takes writes.
+    pub promoted_s: f64,
+    /// Kill → both instances answer a probe with a Redis decision: an upper bound on how
+    /// long the fallback decided.
+    pub fallback_s: f64,
+    /// The killed node's restart → it is a linked replica of the new master.
+    pub rejoined_s: f64,
+}
+
+/// One minute of load: the load generator's summary, and the bucket it judged by (the
+/// flags the soak gave it: C + r·t comes from `loadtest::policy`).
+#[derive(Debug, Clone)]
+pub struct Minute {
+    pub index: u64,
+    /// When its load generator started and ended, in seconds of the soak.
+    pub load_s: (f64, f64),
+    pub policy: Policy,
+    pub bucket: Bucket,
+    pub summary: Summary,
+    pub failovers: Vec<Failover>,
+    pub reload_s: Option<f64>,
+}
+
+/// The worst client of a minute, and how many were over.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Verdict {
+    pub allowance: u64,
+    pub worst: (String, u64, u64),
+    pub over: usize,
+}
+
+impl Minute {
+    pub fn allowance(&self) -> u64 {
+        self.failovers
+            .iter()
+            .map(|f| self.bucket.failover_allowance(INSTANCES, f.fallback_s))
+            .sum()
+    }
+
+    /// Each client against `floor(C + r × t)` over its span plus the failovers'
+    /// allowance; the one closest to (or furthest over) its bound.
+    pub fn verdict(&self) -> Verdict {
+        let allowance = self.allowance();
+        let mut verdict = Verdict {
+            allowance,
+            ..Verdict::default()
+        };
+        let mut worst_margin = i64::MAX;
+        for client in &self.summary.clients {
+            let bound = self.bucket.bound(client.span_s.unwrap_or(0.0)) + allowance;
+            let margin = bound as i64 - client.admitted as i64;
+            verdict.over += usize::from(margin < 0);
+            if margin < worst_margin {
+                worst_margin = margin;
+                verdict.worst = (client.address.clone(), client.admitted, bound);
+            }
+        }
+        verdict
+    }
+
+    /// Decisions not taken by Redis (the local fallback).
+    pub fn fallback_decisions(&self) -> u64 {
+        self.summary
+            .by_decision_source
+            .iter()
+            .filter(|(source, _)| *source != "redis")
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// One look at one process (Nginx's workers: all of them, summed, under the master's pid).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub at_s: f64,
+    pub name: String,
+    pub pid: u32,
+    pub rss_kib: u64,
+    pub fds: u64,
+    /// A data node: is its replication backlog full? Until then it grows with every
+    /// write, by design, up to `repl-backlog-size`.
+    pub backlog_full: Option<bool>,
+    /// A data node's role: its descriptors follow it (a master holds the instances' and
+    /// its replicas' connections), so only samples of one role compare.
+    pub role: Option<String>,
+}
+
+/// A process's memory and descriptors from its first samples after warm-up to its last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flatness {
+    pub from_s: f64,
+    pub to_s: f64,
+    pub rss_kib: (u64, u64),
+    pub fds: (u64, u64),
+}
+
+pub fn growth_percent((first, last): (u64, u64)) -> f64 {
+    match first {
+        0 if last == 0 => 0.0,
+        0 => f64::INFINITY,
+        _ => 100.0 * (last as f64 - first as f64) / first as f64,
+    }
+}
+
+impl Flatness {
+    pub fn flat(&self) -> bool {
+        growth_percent(self.rss_kib) < FLAT_PERCENT && growth_percent(self.fds) < FLAT_PERCENT
+    }
+}
+
+/// The warm-up: `at_least` seconds, or a quarter of the run when that is longer. Memory
+/// settles where the first hard minutes leave it (allocators keep what the busiest
+/// moment asked for), which comes later in a longer run; a leak goes on growing.
+pub fn warmup_secs(at_least: u64, minutes: u64) -> u64 {
+    at_least.max(minutes * 60 / 4)
+}
+
+/// Per process (name and pid, in the order first seen): its warm-up ends `warmup_s`
+/// after its first sample, and for a data node not before its backlog is full; of a data
+/// node only the samples in the role it ended in count, and only those `under_load`.
+/// Compared are the median of the first [`MEDIAN_OF`] judged samples and of the last
+/// ones (fewer when there are fewer); `None` when they span less than [`MIN_JUDGED_S`].
+pub fn flatness(
+    samples: &[Sample],
+    warmup_s: f64,
+    under_load: impl Fn(f64) -> bool,
+) -> Vec<(String, u32, Option<Flatness>)> {
+    let mut order: Vec<(String, u32)> = Vec::new();
+    for s in samples {
+        if !order.iter().any(|(n, p)| *n == s.name && *p == s.pid) {
+            order.push((s.name.clone(), s.pid));
+        }
+    }
+    let lower_median = |part: &[&Sample], value: fn(&Sample) -> u64| {
+        let mut values: Vec<u64> = part.iter().map(|s| value(s)).collect();
+        values.sort_unstable();
+        values[(values.len() - 1) / 2]
+    };
+    let judge = |name: &str, pid: u32| {
+        let own: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == name && s.pid == pid)
+            .collect();
+        let warm = own.first()?.at_s + warmup_s;
+        let role = own.last()?.role.clone();
+        let judged: Vec<&Sample> = own
+            .into_iter()
+            .filter(|s| under_load(s.at_s) && s.role == role)
+            .skip_while(|s| s.at_s < warm || s.backlog_full == Some(false))
+            .collect();
+        let (first, last) = (judged.first()?, judged.last()?);
+        if last.at_s - first.at_s < MIN_JUDGED_S {
+            return None;
+        }
+        let k = (judged.len() / 2).clamp(1, MEDIAN_OF);
+        let (head, tail) = (&judged[..k], &judged[judged.len() - k..]);
+        Some(Flatness {
+            from_s: first.at_s,
+            to_s: last.at_s,
+            rss_kib: (
+                lower_median(head, |s| s.rss_kib),
+                lower_median(tail, |s| s.rss_kib),
+            ),
+            fds: (lower_median(head, |s| s.fds), lower_median(tail, |s| s.fds)),
+        })
+    };
+    order
+        .into_iter()
+        .map(|(name, pid)| (name.clone(), pid, judge(&name, pid)))
+        .collect()
+}
+
+/// Everything the soak saw, and its checks.
+pub struct Report {
+    pub minutes: Vec<Minute>,
+    pub samples: Vec<Sample>,
+    pub warmup_s: f64,
+    pub rate: u32,
+    pub started: String,
+    pub machine: Machine,
+    pub load: String,
+}
+
+const MINUTES: &[Column] = &[
+    ("minute", "minute", Cell::Key),
+    ("policy", "policy", Cell::Key),
+    ("answered", "answered", Cell::Sum),
+    ("200", "admitted", Cell::Sum),
+    ("429", "rejected", Cell::Sum),
+    ("5xx", "server_errors", Cell::Sum),
+    ("failed", "failed", Cell::Sum),
+    ("p99 / max ms", "latency", Cell::Key),
+    ("not Redis", "fallback", Cell::Sum),
+    ("worst client: admitted / bound", "worst", Cell::Key),
+    ("events", "events", Cell::Key),
+];
+const FLATNESS: &[Column] = &[
+    ("process", "name", Cell::Key),
+    ("pid", "pid", Cell::Key),
+    ("judged over", "over", Cell::Key),
+    ("VmRSS KiB", "rss", Cell::Key),
+    ("growth", "rss_growth", Cell::Key),
+    ("open fds", "fds", Cell::Key),
+    ("growth", "fds_growth", Cell::Key),
+    ("flat", "flat", Cell::Key),
+];
+const CHECKS: &[Column] = &[
+    ("check", "check", Cell::Key),
+    ("result", "result", Cell::Key),
+];
+
+impl Report {
+    fn sum(&self, of: impl Fn(&Minute) -> u64) -> u64 {
+        self.minutes.iter().map(of).sum()
+    }
+
+    /// Is a sample at `at_s` one of steady load: at least 5 s into a minute's load
+    /// generator run, and at least 1 s before it ended?
+    fn under_load(&self, at_s: f64) -> bool {
+        self.minutes
+            .iter()
+            .any(|m| at_s >= m.load_s.0 + 5.0 && at_s <= m.load_s.1 - 1.0)
+    }
+
+    fn flatness(&self) -> Vec<(String, u32, Option<Flatness>)> {
+        flatness(&self.samples, self.warmup_s, |at_s| self.under_load(at_s))
+    }
+
+    /// Each check, whether it failed, and what it found.
+    pub fn checks(&self) -> Vec<(String, bool, String)> {
+        let errors = self.sum(|m| m.summary.classes.server_errors);
+        let failed = self.sum(|m| m.summary.classes.errors + m.summary.classes.other);
+        let over = self.sum(|m| m.verdict().over as u64);
+        let not_flat = self
+            .flatness()
+            .iter()
+            .filter(|(_, _, f)| f.as_ref().is_some_and(|f| !f.flat()))
+            .count();
+        // Fallback decisions in minutes without a kill: a Redis call that failed on its
+        // own (a timeout on a busy machine). Reported; the bound, allowing nothing for
+        // them, is the check.
+        let stray = self
+            .minutes
+            .iter()
+            .filter(|m| m.failovers.is_empty())
+            .map(Minute::fallback_decisions)
+            .sum::<u64>();
+        let failovers: usize = self.minutes.iter().map(|m| m.failovers.len()).sum();
+        vec![
+            (format!("no 5xx ({} answers)", self.sum(|m| m.summary.requests.answered)), errors > 0, errors.to_string()),
+            ("no failed request (timeouts, connection errors, other statuses)".into(), failed > 0, failed.to_string()),
+            (format!("every client of every minute within C + r·t + the failover allowance ({failovers} failover(s))"), over > 0, format!("{over} over")),
+            ("decisions by the fallback in minutes without a kill (reported: the bound above still holds them)".into(), false, stray.to_string()),
+            (format!("VmRSS and open fds of every judged process grew < {FLAT_PERCENT} %"), not_flat > 0, format!("{not_flat} not flat")),
+        ]
+    }
+
+    pub fn render(&self) -> String {
+        let m = &self.machine;
+        let minutes: Vec<Value> = self.minutes.iter().map(|minute| {
+            let v = minute.verdict();
+            let mut events: Vec<String> = minute.reload_s.iter().map(|took| format!("policy reload before it ({took:.1} s)")).collect();
+            events.extend(minute.failovers.iter().map(|f| format!(
+                "kill -9 of master {} → {}: promoted {:.1} s, fallback ≤ {:.1} s (+{} per client), restarted node linked in {:.1} s",
+                f.old_port, f.new_port, f.promoted_s, f.fallback_s, minute.bucket.failover_allowance(INSTANCES, f.fallback_s), f.rejoined_s
+            )));
+            let c = &minute.summary.classes;
+            json!({
+                "minute": minute.index + 1, "policy": minute.policy.describe(), "answered": minute.summary.requests.answered,
+                "admitted": c.admitted, "rejected": c.rejected, "server_errors": c.server_errors, "failed": c.errors + c.other,
+                "latency": minute.summary.latency_ms.map_or_else(|| "—".into(), |l| format!("{:.1} / {:.0}", l.p99, l.max)),
+                "fallback": minute.fallback_decisions(),
+                "worst": format!("{} / {}{}", v.worst.1, v.worst.2, if v.over > 0 { format!(" ({} over)", v.over) } else { String::new() }),
+                "events": if events.is_empty() { "—".into() } else { events.join("; ") },
+            })
+        }).collect();
+        let processes: Vec<Value> = self.flatness().into_iter().map(|(name, pid, judged)| match judged {
+            Some(f) => json!({
+                "name": name, "pid": pid, "over": format!("{:.0}–{:.0} s", f.from_s, f.to_s),
+                "rss": format!("{} → {}", f.rss_kib.0, f.rss_kib.1), "rss_growth": format!("{:+.1} %", growth_percent(f.rss_kib)),
+                "fds": format!("{} → {}", f.fds.0, f.fds.1), "fds_growth": format!("{:+.1} %", growth_percent(f.fds)),
+                "flat": if f.flat() { "yes" } else { "NO" },
+            }),
+            None => json!({"name": name, "pid": pid, "over": "—", "rss": "—", "rss_growth": "—", "fds": "—", "fds_growth": "—",
+                "flat": format!("not judged: no two samples {MIN_JUDGED_S} s apart after its warm-up")}),
+        }).collect();
+        let checks: Vec<Value> = self
+            .checks()
+            .into_iter()
+            .map(|(check, failed, found)| {
+                let result = if check.starts_with("decisions by the fallback") {
+                    found
+                } else {
+                    format!("{} ({found})", if failed { "FAILED" } else { "ok" })
+                };
+                json!({"check": check, "result": result})
+            })
+            .collect();
+        format!(
+            "Soak of {} minute(s), started {}: {}/s offered from 241 clients; {} cores, {}, kernel {}; load average at the end {}\n\n{}\n\
+             Memory and descriptors under load, first samples after warm-up ({} s after the process's first sample; for a data node, not before its replication backlog is full) → last samples, the median of {MEDIAN_OF} each:\n\n{}\n{}",
+            self.minutes.len(),
+            self.started,
+            self.rate,
+            m.cores,
+            m.model,
+            m.kernel,
+            self.load,
+            table(&minutes, MINUTES),
+            self.warmup_s,
+            table(&processes, FLATNESS),
+            table(&checks, CHECKS)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loadtest::summary::ClientRow;
+
+    fn sample(at_s: f64, pid: u32, rss_kib: u64, fds: u64) -> Sample {
+        Sample {
+            at_s,
+            name: "p".into(),
+            pid,
+            rss_kib,
+            fds,
+            backlog_full: None,
+            role: None,
+        }
+    }
+
+    /// The verdict on each process of `samples`, all taken under load.
+    fn judged(samples: &[Sample], warmup_s: f64) -> Vec<Option<Flatness>> {
+        flatness(samples, warmup_s, |_| true)
+            .into_iter()
+            .map(|(_, _, f)| f)
+            .collect()
+    }
+
+    #[test]
+    fn a_minute_holds_each_client_to_the_load_generators_bound_plus_the_failovers() {
+        let client = |address: &str, admitted| {
+            let row = json!({"address": address, "sent": 0, "admitted": admitted, "rejected": 0, "other": 0, "errors": 0,
+                "span_s": 59.9, "bound_low": null, "bound_high": null, "refused_last": false, "verdict": null});
+            serde_json::from_value::<ClientRow>(row).unwrap()
+        };
+        let clients = vec![client("127.0.0.10", 25), client("127.0.0.11", 26)];
+        let by_decision_source = [("redis".into(), 10), ("local".into(), 3)].into();
+        let summary = Summary {
+            clients,
+            by_decision_source,
+            ..Summary::default()
+        };
+        let flags = json!({"capacity": 6, "quota": 12, "window_s": 60.0, "refill_per_s": 0.2, "origin": "flags"});
+        let bucket: Bucket = serde_json::from_value(flags).unwrap();
+        let failover = Failover {
+            old_port: 7379,
+            new_port: 7380,
+            promoted_s: 3.0,
+            fallback_s: 12.0,
+            rejoined_s: 2.0,
+        };
+        let policy = POLICIES[0];
+        let mut minute = Minute {
+            index: 0,
+            load_s: (0.0, 60.0),
+            policy,
+            bucket,
+            summary,
+            failovers: vec![failover],
+            reload_s: None,
+        };
+        // 6 + 0.2 × 59.9 = 17.98: 17, and a failover of 12 s adds 2 × (3 + 1) = 8.
+        let worst = ("127.0.0.11".into(), 26, 25);
+        assert_eq!(
+            minute.verdict(),
+            Verdict {
+                allowance: 8,
+                worst,
+                over: 1
+            }
+        );
+        assert_eq!(minute.fallback_decisions(), 3);
+        minute.failovers.clear();
+        assert_eq!(minute.verdict().over, 2);
+        let text = POLICIES[1].toml();
+        assert!(
+            text.contains("rate = 30, per = \"1m\", burst = 10")
+                && text.contains("[\"client_ip\"]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn flatness_compares_the_first_samples_after_a_warm_up_of_a_minute_or_a_quarter_with_the_last()
+    {
+        let rss = [5000, 9000, 10_000, 10_400, 10_499];
+        let samples: Vec<Sample> = rss
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| sample(30.0 * i as f64, 10, r, 40))
+            .collect();
+        let f = judged(&samples, 60.0)[0].clone().unwrap();
+        assert_eq!(
+            (f.from_s, f.to_s, f.rss_kib),
+            (60.0, 120.0, (10_000, 10_499))
+        );
+        assert!(f.flat(), "{f:?}");
+        let grown = [
+            sample(0.0, 1, 10_000, 40),
+            sample(60.0, 1, 10_000, 40),
+            sample(90.0, 1, 10_000, 42),
+        ];
+        assert!(!judged(&grown, 60.0)[0].clone().unwrap().flat());
+        assert_eq!((warmup_secs(60, 2), warmup_secs(60, 30)), (60, 450));
+    }
+
+    #[test]
+    fn a_data_node_is_judged_in_the_role_it_ended_in_and_once_its_backlog_is_full() {
+        let node = |at_s, fds, role: &str, full| Sample {
+            role: Some(role.into()),
+            backlog_full: Some(full),
+            ..sample(at_s, 9, 18_000, fds)
+        };
+        let samples = [
+            node(60.0, 17, "slave", true),
+            node(90.0, 20, "master", false),
+            node(120.0, 20, "master", true),
+            node(150.0, 20, "master", true),
+        ];
+        let f = judged(&samples, 0.0)[0].clone().unwrap();
+        assert_eq!((f.from_s, f.fds), (120.0, (20, 20)));
+        assert!(
+            flatness(&samples, 0.0, |at_s| at_s < 130.0)[0].2.is_none(),
+            "too short a stretch under load"
+        );
+    }
+
+    #[test]
+    fn one_passing_connection_at_the_end_is_not_growth_but_a_steady_climb_is() {
+        let fds = |values: [u64; 12]| {
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| sample(60.0 + 5.0 * i as f64, 3, 7000, n))
+                .collect::<Vec<_>>()
+        };
+        let spike = judged(&fds([24, 24, 25, 24, 24, 24, 24, 24, 24, 26, 24, 29]), 0.0);
+        assert!(spike[0].clone().unwrap().flat());
+        let climb = judged(&fds([24, 24, 24, 24, 24, 24, 26, 26, 26, 26, 26, 26]), 0.0)[0]
+            .clone()
+            .unwrap();
+        assert_eq!(climb.fds, (24, 26));
+        assert!(!climb.flat());
+    }
+
+    #[test]
+    fn a_process_started_late_has_its_own_warm_up_and_may_be_too_young_to_judge() {
+        let samples = [
+            sample(0.0, 10, 8000, 12),
+            sample(40.0, 20, 8000, 12),
+            sample(90.0, 20, 8000, 12),
+            sample(90.0, 10, 8000, 12),
+            sample(120.0, 10, 8000, 12),
+        ];
+        let verdicts = judged(&samples, 60.0);
+        assert!(
+            verdicts[0].is_some() && verdicts[1].is_none(),
+            "{verdicts:?}"
+        );
+        assert_eq!(
+            [growth_percent((0, 0)), growth_percent((200, 210))],
+            [0.0, 5.0]
+        );
+        assert!(growth_percent((0, 1)).is_infinite());
+    }
+}

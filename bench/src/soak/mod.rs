@@ -1,0 +1,485 @@
+//! `scripts/soak.sh`: steady load on the native topology for a number of minutes while it
+//! is hurt on a schedule, then a verdict ([`judge`]). This program starts the cluster
+//! (`scripts/cluster.sh up`, FAIL_MODE=local, ports shifted by SOAK_PORT_OFFSET), drives
+//! the minutes, does the harm, samples every process, judges, and stops the cluster.
+//!
+//! Each minute is one run of the load generator (its `--json` is read afterwards): 241
+//! clients through Nginx at a steady offered rate. On top of it:
+//! - every `--kill-every` minutes, 15 s into the minute, `kill -9` of the current master;
+//!   once the sentinels have promoted a replica that takes writes and both instances
+//!   decide with Redis again, the killed node is started again in place (same port,
+//!   folder and config) and must rejoin as a replica;
+//! - before the middle minute, the policy file is rewritten with other numbers, and the
+//!   minute starts once both instances serve the new version (`GET /v1/policies`);
+//! - every `--sample-secs`, the resident memory (VmRSS) and open descriptors of every
+//!   process of the topology (those in the cluster's pids file, and Nginx's workers).
+
+pub mod judge;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, sleep};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use loadtest::summary::Summary;
+
+use self::judge::{Failover, Minute, POLICIES, Policy, Report, Sample, warmup_secs};
+use crate::cluster::Cluster;
+use crate::machine::{self, Machine};
+use crate::node::{Node, info_field};
+use crate::phases::LIMITED;
+use crate::procfs::{children_of, memory_kib, open_fds};
+use crate::spawn::{Records, Started, wait_until};
+use crate::{LOOPBACK, probe, say};
+
+/// The master's name in the sentinels (scripts/cluster.sh).
+const MASTER_NAME: &str = "redis-master";
+/// Into each minute, when its master kill comes.
+const KILL_AT: Duration = Duration::from_secs(15);
+/// Bound on every wait for the topology (a failover, a rejoin, a reload).
+const WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// How long the load runs, in minutes (one load-generator run each).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=240))]
+    minutes: u64,
+    /// The soak's folder: its cluster's CLUSTER_DIR is cluster/ in it, the summaries,
+    /// samples and report go to out/.
+    #[arg(long, env = "SOAK_DIR", default_value = "run/soak")]
+    dir: PathBuf,
+    /// CLUSTER_PORT_OFFSET of its cluster (Nginx on 8000 + offset).
+    #[arg(long, env = "SOAK_PORT_OFFSET", default_value_t = 1000)]
+    port_offset: u16,
+    /// The data nodes' operators' (default) user, which reads their INFO and roles.
+    #[arg(
+        long,
+        env = "REDIS_ADMIN_PASSWORD",
+        default_value = "ratelimiter-dev-admin-password"
+    )]
+    password: String,
+    /// The sentinels' password.
+    #[arg(
+        long,
+        env = "SENTINEL_PASSWORD",
+        default_value = "ratelimiter-dev-sentinel-password"
+    )]
+    sentinel_password: String,
+    /// Requests per second offered over all clients.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=2000))]
+    rate: u32,
+    /// Seconds between two samples of every process.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
+    sample_secs: u64,
+    /// Minutes between two master kills (the first comes in the first minute).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    kill_every: u64,
+    /// Seconds of warm-up, at least (a quarter of the run when that is longer): samples
+    /// of a process count from this long after its first one.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    warmup_secs: u64,
+}
+
+struct Soak {
+    o: Options,
+    cluster: Cluster,
+    policy_file: PathBuf,
+    /// The load generator runs this program starts (out/pids).
+    own: Records,
+    out: PathBuf,
+    loadtest: PathBuf,
+    started: Instant,
+}
+
+pub fn run(o: Options) -> Result<()> {
+    let root = std::env::current_dir()?;
+    let out = o.dir.join("out");
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out).with_context(|| format!("cannot make {}", out.display()))?;
+    let mut cluster = Cluster::new(&root, o.dir.join("cluster"), o.port_offset, &o.password)?;
+    cluster.bin = std::env::var_os("RATELIMITER_BIN").map(PathBuf::from);
+    let policy_file = o.dir.join("policies.toml");
+    write_policy(&policy_file, &POLICIES[0])?;
+    // The bounds assume the local fallback.
+    let env = format!("POLICY_FILE={} FAIL_MODE=local", policy_file.display());
+    let (own, loadtest) = (
+        Records(out.join("pids")),
+        crate::release_binary(&root, "loadtest"),
+    );
+    let mut soak = Soak {
+        own,
+        loadtest,
+        started: Instant::now(),
+        policy_file,
+        cluster,
+        out,
+        o,
+    };
+    let (dir, offset) = (soak.cluster.dir.display(), soak.o.port_offset);
+    let policy = POLICIES[0].describe();
+    say!("starting the cluster in {dir} (CLUSTER_PORT_OFFSET={offset}), policy {policy}");
+    let outcome = soak
+        .cluster
+        .start(&env, &[], &soak.out.join("up.log"))
+        .and_then(|last| {
+            say!("{last}");
+            soak.started = Instant::now();
+            soak.run()
+        });
+    soak.cluster.stop(&soak.out.join("down.log"));
+    outcome
+}
+
+fn write_policy(path: &Path, policy: &Policy) -> Result<()> {
+    // A new file renamed over the old: the watcher never reads half a file.
+    let fresh = path.with_extension("toml.new");
+    fs::write(&fresh, policy.toml())?;
+    fs::rename(&fresh, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+impl Soak {
+    fn run(&self) -> Result<()> {
+        let started_at = SystemTime::now();
+        let (samples, stop) = (Mutex::new(Vec::new()), AtomicBool::new(false));
+        let (minutes, outcome) = thread::scope(|scope| {
+            scope.spawn(|| self.sample_until(&samples, &stop));
+            let outcome = self.minutes();
+            stop.store(true, Ordering::Relaxed);
+            outcome
+        });
+        let samples = samples.into_inner().unwrap_or_default();
+        let mut csv = String::from("at_s,name,pid,rss_kib,fds,backlog_full,role\n");
+        for s in &samples {
+            let backlog = s
+                .backlog_full
+                .map_or(String::new(), |full| full.to_string());
+            let (name, pid, rss, fds) = (&s.name, s.pid, s.rss_kib, s.fds);
+            let role = s.role.as_deref().unwrap_or("");
+            let _ = writeln!(
+                csv,
+                "{:.1},{name},{pid},{rss},{fds},{backlog},{role}",
+                s.at_s
+            );
+        }
+        fs::write(self.out.join("samples.csv"), csv)?;
+        let warmup_s = warmup_secs(self.o.warmup_secs, self.o.minutes) as f64;
+        let (started, load) = (machine::utc_minute(started_at), machine::load_average());
+        let (rate, machine) = (self.o.rate, Machine::read());
+        let report = Report {
+            minutes,
+            samples,
+            warmup_s,
+            rate,
+            started,
+            machine,
+            load,
+        };
+        let text = report.render();
+        println!("{text}");
+        fs::write(self.out.join("report.md"), &text)?;
+        outcome?;
+        let failed = report
+            .checks()
+            .iter()
+            .filter(|(_, failed, _)| *failed)
+            .count();
+        if failed > 0 {
+            bail!(
+                "{failed} check(s) failed (report: {})",
+                self.out.join("report.md").display()
+            );
+        }
+        say!("every check passed");
+        Ok(())
+    }
+
+    /// Every minute, or those before the one that failed and why it did.
+    fn minutes(&self) -> (Vec<Minute>, Result<()>) {
+        let reload_minute = self.o.minutes / 2;
+        let (nginx, kill_every, rate) = (self.cluster.ports.nginx, self.o.kill_every, self.o.rate);
+        say!(
+            "{} minutes at {rate}/s from 241 clients through Nginx on {nginx}; master kill every {kill_every} min; reload before minute {}",
+            self.o.minutes,
+            reload_minute + 1
+        );
+        let mut minutes = Vec::new();
+        for index in 0..self.o.minutes {
+            match self.minute(index, reload_minute) {
+                Ok(minute) => minutes.push(minute),
+                Err(error) => {
+                    return (minutes, Err(error.context(format!("minute {}", index + 1))));
+                }
+            }
+        }
+        (minutes, Ok(()))
+    }
+
+    fn at_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Samples every process each `--sample-secs` until `stop`.
+    fn sample_until(&self, samples: &Mutex<Vec<Sample>>, stop: &AtomicBool) {
+        let records = self.cluster.records();
+        while !stop.load(Ordering::Relaxed) {
+            let next = Instant::now() + Duration::from_secs(self.o.sample_secs);
+            let taken = sample_once(&records, &self.o.password, self.at_s());
+            samples.lock().map(|mut s| s.extend(taken)).ok();
+            while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn minute(&self, index: u64, reload_minute: u64) -> Result<Minute> {
+        let reload_s = if index == reload_minute {
+            Some(self.reload(&POLICIES[1])?)
+        } else {
+            None
+        };
+        let policy = POLICIES[usize::from(index >= reload_minute)];
+        let json = self.out.join(format!("minute-{:03}.json", index + 1));
+        let log = self.out.join("loadtest.log");
+        let (begun, load_from) = (Instant::now(), self.at_s());
+        let (nginx, rate, limit, burst) = (
+            self.cluster.ports.nginx,
+            self.o.rate,
+            policy.per_minute,
+            policy.burst,
+        );
+        let url = format!("http://{LOOPBACK}:{nginx}{LIMITED}");
+        let args = format!(
+            "--url {url} --rate {rate} --duration 60s --timeout 5s --window 60 --limit {limit} --burst {burst} --json"
+        );
+        let mut command = Command::new(&self.loadtest);
+        command.args(args.split(' ')).arg(&json);
+        let mut load = Started::spawn(&self.own, "loadtest", &mut command, &log)?;
+        let mut failovers = Vec::new();
+        if index.is_multiple_of(self.o.kill_every) {
+            sleep(KILL_AT.saturating_sub(begun.elapsed()));
+            failovers.push(self.kill_master()?);
+        }
+        let status = load.wait()?;
+        let load_s = (load_from, self.at_s());
+        if !status.success() {
+            bail!(
+                "the load generator failed ({status}); see {}",
+                log.display()
+            );
+        }
+        let text =
+            fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
+        let summary: Summary =
+            serde_json::from_str(&text).with_context(|| format!("in {}", json.display()))?;
+        let bucket = summary
+            .policy
+            .clone()
+            .with_context(|| format!("{}: no policy", json.display()))?;
+        let minute = Minute {
+            index,
+            load_s,
+            policy,
+            bucket,
+            summary,
+            failovers,
+            reload_s,
+        };
+        let (v, c) = (minute.verdict(), &minute.summary.classes);
+        let (answered, admitted, errors, server_errors) = (
+            minute.summary.requests.answered,
+            c.admitted,
+            c.errors,
+            c.server_errors,
+        );
+        let over = if v.over > 0 {
+            format!("; {} client(s) OVER", v.over)
+        } else {
+            String::new()
+        };
+        let (number, worst, bound) = (index + 1, v.worst.1, v.worst.2);
+        say!(
+            "minute {number}: {answered} answered, {admitted} admitted, {server_errors} 5xx, {errors} errors; worst client {worst} of {bound} allowed{over}"
+        );
+        Ok(minute)
+    }
+
+    /// Rewrites the policy file and waits until both instances serve the new version.
+    fn reload(&self, policy: &Policy) -> Result<f64> {
+        let version = |port| Some(probe::json(port, "/v1/policies").ok()?["version"].to_string());
+        let before: Vec<Option<String>> = self
+            .cluster
+            .ports
+            .apps
+            .iter()
+            .map(|&p| version(p))
+            .collect();
+        let begun = Instant::now();
+        write_policy(&self.policy_file, policy)?;
+        for (&port, old) in self.cluster.ports.apps.iter().zip(&before) {
+            let what = format!("the instance on {port} serves the rewritten policy file");
+            wait_until(&what, WAIT, || {
+                version(port).is_some_and(|v| Some(&v) != old.as_ref())
+            })?;
+        }
+        let took = begun.elapsed().as_secs_f64();
+        say!(
+            "policy reloaded ({}) on both instances in {took:.1} s",
+            policy.describe()
+        );
+        Ok(took)
+    }
+
+    fn data_node(&self, port: u16) -> Node {
+        Node::new(port, Some(&self.o.password))
+    }
+
+    /// What every sentinel names as the master (`None` for one that does not answer).
+    fn named_masters(&self) -> Vec<Option<u16>> {
+        let sentinel = |port| Node::new(port, Some(&self.o.sentinel_password));
+        let named = |&port: &u16| sentinel(port).sentinel_master_port(MASTER_NAME);
+        self.cluster.ports.sentinels.iter().map(named).collect()
+    }
+
+    fn kill_master(&self) -> Result<Failover> {
+        let named = self.named_masters().into_iter().flatten().next();
+        let old_port = named.context("no sentinel names a master")?;
+        let name = format!("redis-{old_port}");
+        let records = self.cluster.records();
+        let record = records.running().into_iter().rfind(|r| r.name == name);
+        let record = record
+            .with_context(|| format!("the master {name} is not a running recorded process"))?;
+        let killed = Instant::now();
+        if !Command::new("kill")
+            .args(["-KILL", &record.pid.to_string()])
+            .status()?
+            .success()
+        {
+            bail!("kill -KILL {} ({name}) failed", record.pid);
+        }
+        say!(
+            "at {:.0} s: kill -9 of the master {name} (pid {})",
+            self.at_s(),
+            record.pid
+        );
+        let mut new_port = 0;
+        wait_until(
+            "every sentinel names a new master that takes writes",
+            WAIT,
+            || {
+                let named = self.named_masters();
+                new_port = named.first().copied().flatten().unwrap_or(old_port);
+                let all = named.iter().all(|p| *p == Some(new_port));
+                new_port != old_port && all && self.takes_writes(new_port)
+            },
+        )?;
+        let promoted_s = killed.elapsed().as_secs_f64();
+        for &port in &self.cluster.ports.apps {
+            // A request straight to the instance (from 127.0.0.1, not one of the load's
+            // clients): denied or not, the answer says who decided.
+            let source = || probe::header(&probe::get(port, LIMITED).ok()?, "x-ratelimit-source");
+            let what = format!("the instance on {port} decides with Redis again");
+            wait_until(&what, WAIT, || source().as_deref() == Some("redis"))?;
+        }
+        let fallback_s = killed.elapsed().as_secs_f64();
+        say!(
+            "new master {new_port} after {promoted_s:.1} s; both instances decide with Redis after {fallback_s:.1} s"
+        );
+
+        // In place: its port, folder and config (which Sentinel rewrote when it last
+        // changed the node's role), as scripts/cluster.sh started it. Not owned here:
+        // `scripts/cluster.sh down` stops it with the rest.
+        let (dir, restarted) = (self.cluster.dir.join(&name), Instant::now());
+        let mut command = Command::new("redis-server");
+        let args = format!("--port {old_port} --bind {LOOPBACK} --dir");
+        command
+            .arg(dir.join("redis.conf"))
+            .args(args.split(' '))
+            .arg(&dir);
+        let pid = records
+            .spawn(&name, &mut command, &dir.join("redis.log"))?
+            .id();
+        let old = self.data_node(old_port);
+        let field = |n| old.info_field("replication", n).unwrap_or_default();
+        let up =
+            || field("master_link_status") == "up" && field("master_port") == new_port.to_string();
+        let what = format!("the restarted {name} is a linked replica of {new_port}");
+        wait_until(&what, WAIT, || field("role") == "slave" && up())?;
+        let rejoined_s = restarted.elapsed().as_secs_f64();
+        say!("{name} restarted in place (pid {pid}); a linked replica after {rejoined_s:.1} s");
+        Ok(Failover {
+            old_port,
+            new_port,
+            promoted_s,
+            fallback_s,
+            rejoined_s,
+        })
+    }
+
+    /// A master with at least one good replica: it takes writes (min-replicas-to-write).
+    fn takes_writes(&self, port: u16) -> bool {
+        let node = self.data_node(port);
+        let good = node.info_field("replication", "min_slaves_good_slaves");
+        node.is_master()
+            && good
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= 1)
+    }
+}
+
+/// VmRSS and open descriptors of PID; `None` for a process that is gone.
+fn look_at(pid: u32) -> Option<(u64, u64)> {
+    let (rss_kib, _) = memory_kib(pid);
+    let fds = open_fds(pid)?;
+    (rss_kib > 0).then_some((rss_kib, fds))
+}
+
+/// Every running process of the pids file, and Nginx's workers (one sample for all of
+/// them: each client's connection lands on one worker or another by chance).
+fn sample_once(records: &Records, password: &str, at_s: f64) -> Vec<Sample> {
+    let mut taken = Vec::new();
+    for record in records.running() {
+        let Some(own) = look_at(record.pid) else {
+            continue;
+        };
+        let pid = record.pid;
+        let sample = |name, (rss_kib, fds)| Sample {
+            at_s,
+            name,
+            pid,
+            rss_kib,
+            fds,
+            backlog_full: None,
+            role: None,
+        };
+        if record.name == "nginx" {
+            let workers: Vec<(u64, u64)> =
+                children_of(pid).into_iter().filter_map(look_at).collect();
+            let sum = workers.iter().fold((0, 0), |(r, f), w| (r + w.0, f + w.1));
+            taken.push(sample(format!("nginx workers ({})", workers.len()), sum));
+        }
+        let mut own = sample(record.name.clone(), own);
+        // A data node's role, and whether its replication backlog is full.
+        let port = record
+            .name
+            .strip_prefix("redis-")
+            .and_then(|p| p.parse::<u16>().ok());
+        let node = port.map(|port| Node::new(port, Some(password)));
+        if let Some(info) = node.and_then(|node| node.info("replication").ok()) {
+            let field = |name| info_field(&info, name).and_then(|v| v.parse::<u64>().ok());
+            let (length, size) = (field("repl_backlog_histlen"), field("repl_backlog_size"));
+            own.backlog_full = Some(
+                length
+                    .zip(size)
+                    .is_some_and(|(length, size)| length >= size),
+            );
+            own.role = info_field(&info, "role").map(str::to_owned);
+        }
+        taken.push(own);
+    }
+    taken
+}
