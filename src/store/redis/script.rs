@@ -111,6 +111,19 @@ pub fn decide_batch_cmd<R: AsRef<[KeyedCharge]>>(
     cmd
 }
 
+/// `cmd`, a [`decide_cmd`] or [`decide_batch_cmd`] by hash, as the same call by the
+/// script's text ([`ScriptCall::Text`]): for a node that answered `NOSCRIPT`.
+pub fn by_text(cmd: &Cmd) -> Cmd {
+    let mut text = Cmd::new();
+    text.arg("EVAL").arg(TOKEN_BUCKET_LUA);
+    for arg in cmd.args_iter().skip(2) {
+        if let redis::Arg::Simple(bytes) = arg {
+            text.arg(bytes);
+        }
+    }
+    text
+}
+
 /// `charges` by hash: runs of consecutive charges on one key.
 fn hashes(charges: &[KeyedCharge]) -> impl Iterator<Item = &[KeyedCharge]> {
     charges.chunk_by(|a, b| a.key == b.key)
@@ -294,6 +307,28 @@ mod tests {
         expected.extend(bucket("m"));
         expected.push("0".into());
         assert_eq!(words, expected);
+    }
+
+    #[test]
+    fn a_call_by_hash_becomes_the_same_call_by_text() {
+        let script = redis::Script::new(TOKEN_BUCKET_LUA);
+        let requests = [charges().to_vec(), charges()[..1].to_vec()];
+        assert_eq!(
+            words(&by_text(&decide_batch_cmd(
+                ScriptCall::Sha(&script),
+                &requests,
+                None
+            ))),
+            words(&decide_batch_cmd(ScriptCall::Text, &requests, None))
+        );
+        assert_eq!(
+            words(&by_text(&decide_cmd(
+                ScriptCall::Sha(&script),
+                &charges(),
+                None
+            ))),
+            words(&decide_cmd(ScriptCall::Text, &charges(), None))
+        );
     }
 
     #[test]
