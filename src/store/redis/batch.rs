@@ -7,7 +7,9 @@
 //! [`Batcher`] knows nothing of Redis: a [`Sender`] sends one batch and answers each of its
 //! requests, and the batcher only sees that every caller gets the answer to its own
 //! request, or [`Unanswered`] if the call that carried it ended without one (a sender that
-//! panicked, a runtime shutting down); never nothing.
+//! panicked, a runtime shutting down); never nothing. A lone request is sent by its own
+//! caller, as it would be without a queue; the calls of queued requests are sent by a task
+//! of their own, so that no caller's lifetime decides whether they complete.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -67,24 +69,32 @@ impl<S: Sender> Batcher<S> {
         &self.sender
     }
 
-    /// Answers `request`: it goes in the next call, at once when no call is in flight,
-    /// else with the requests that queued behind the call in flight. Must run within a
-    /// tokio runtime, on which the calls are sent. A caller that stops waiting (a timeout)
-    /// before its request was sent takes it out of the queue: it is never decided behind
-    /// its back.
+    /// Answers `request`: at once, in a call of its own sent by this caller, when no call
+    /// is in flight (so that at low load nothing is added to a decision's way: no task,
+    /// no channel); else in the next call, with the requests that queued behind the call
+    /// in flight. Must run within a tokio runtime, on which later calls are sent. A caller
+    /// that stops waiting (a timeout) before its request was sent takes it out of the
+    /// queue: it is never decided behind its back.
     pub async fn submit(self: &Arc<Self>, request: S::Request) -> Result<S::Answer, Unanswered> {
-        let (reply, answer) = oneshot::channel();
-        let idle = {
+        let queued = {
             let mut queue = self.lock();
-            queue.waiting.push_back((request, reply));
-            !std::mem::replace(&mut queue.sending, true)
+            if queue.sending {
+                let (reply, answer) = oneshot::channel();
+                queue.waiting.push_back((request, reply));
+                Err(answer)
+            } else {
+                queue.sending = true;
+                Ok(request)
+            }
         };
-        if idle {
-            // Its own task, so that no caller's lifetime decides whether a call completes
-            // and its answers are delivered: a caller may be dropped at any await.
-            tokio::spawn(Arc::clone(self).send_until_empty());
+        match queued {
+            Ok(request) => {
+                let _hand_off = HandOff(Arc::clone(self));
+                let mut answers = self.sender.send(vec![request]).await;
+                answers.pop().ok_or(Unanswered)
+            }
+            Err(answer) => answer.await.map_err(|_| Unanswered),
         }
-        answer.await.map_err(|_| Unanswered)
     }
 
     /// Sends what waits, up to the cap at a time, until nothing does.
@@ -122,9 +132,36 @@ impl<S: Sender> Batcher<S> {
     }
 }
 
+/// Held by a caller sending its own call: when the call completes, or the caller is
+/// dropped at an await, or its sender panicked, whatever queued meanwhile is handed to a
+/// task of its own, so that no caller's lifetime decides whether the others are sent.
+struct HandOff<S: Sender>(Arc<Batcher<S>>);
+
+impl<S: Sender> Drop for HandOff<S> {
+    fn drop(&mut self) {
+        let batcher = &self.0;
+        let mut queue = batcher.lock();
+        if queue.waiting.is_empty() {
+            queue.sending = false;
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                drop(queue);
+                runtime.spawn(Arc::clone(batcher).send_until_empty());
+            }
+            // No runtime left to send on (it is shutting down): they are told now.
+            Err(_) => {
+                queue.sending = false;
+                queue.waiting.clear();
+            }
+        }
+    }
+}
+
 /// The sending task's mark: if it ends other than by finding the queue empty (its sender
 /// panicked, or the runtime dropped it), everyone waiting is told `Unanswered` now rather
-/// than never, and the next request starts a new task.
+/// than never, and the next request is sent as if nothing were in flight.
 struct Sending<'a, S: Sender> {
     batcher: &'a Batcher<S>,
     done: bool,
@@ -301,7 +338,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_sender_that_panics_answers_its_callers_and_the_next_request_is_sent() {
+    async fn a_sender_that_panics_answers_the_queued_callers_and_the_next_request_is_sent() {
         let (sender, gate) = Scripted::gated();
         let batcher = Batcher::new(sender.clone(), cap(8));
         sender.panics.store(true, Ordering::SeqCst);
@@ -313,13 +350,40 @@ mod tests {
         until("the first call", || sender.batches().len() == 1).await;
         let queued = submit(2);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        gate.add_permits(1);
-        assert_eq!(in_flight.await.unwrap(), Err(Unanswered));
+        gate.add_permits(2);
+        // A call sent by its own caller panics in that caller, as an unbatched call would.
+        assert!(in_flight.await.is_err());
         assert_eq!(queued.await.unwrap(), Err(Unanswered));
 
         sender.panics.store(false, Ordering::SeqCst);
         gate.add_permits(1);
         assert_eq!(batcher.submit(3).await, Ok(Ok(30)));
+    }
+
+    #[tokio::test]
+    async fn a_caller_dropped_during_its_own_call_leaves_the_queued_ones_to_be_sent() {
+        let (sender, gate) = Scripted::gated();
+        let batcher = Batcher::new(sender.clone(), cap(8));
+        let submit = |n: u32| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.submit(n).await })
+        };
+        let dropped = submit(1);
+        until("the first call", || sender.batches().len() == 1).await;
+        let queued = submit(2);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        dropped.abort();
+        gate.add_permits(1);
+
+        assert_eq!(queued.await.unwrap(), Ok(Ok(20)));
+        assert_eq!(sender.batches(), vec![vec![1], vec![2]]);
+        gate.add_permits(1);
+        assert_eq!(
+            batcher.submit(3).await,
+            Ok(Ok(30)),
+            "nothing left in flight"
+        );
     }
 
     #[tokio::test]
