@@ -4,6 +4,7 @@
 mod support;
 
 mod acl;
+mod batch_cost;
 mod check;
 mod config_errors;
 mod contract;
