@@ -52,6 +52,19 @@ fn cpu_us(pid: u32) -> u64 {
     ticks * 1_000_000 / per_second
 }
 
+/// Read and write system calls `pid` has made (`/proc/<pid>/io`): the socket reads and
+/// writes of an event loop that pipelining and batching both try to share among decisions.
+fn syscalls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/<pid>/io");
+    io.lines()
+        .filter_map(|line| {
+            line.strip_prefix("syscr: ")
+                .or(line.strip_prefix("syscw: "))
+        })
+        .map(|count| count.parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Calls of the bucket script Redis ran (`EVALSHA` and `EVAL`).
 fn script_calls(redis: &RedisProcess) -> u64 {
     redis.command_calls("evalsha") + redis.command_calls("eval")
@@ -61,6 +74,7 @@ struct Phase {
     decisions: u64,
     calls: u64,
     redis_cpu_us: u64,
+    redis_syscalls: u64,
     elapsed: Duration,
     latencies_us: Vec<u64>,
 }
@@ -230,6 +244,7 @@ async fn phase(
         return tokio::task::block_in_place(|| {
             drive_stores(redis, policy, cap, connections, 1);
             let (cpu_before, calls_before) = (cpu_us(redis.pid()), script_calls(redis));
+            let syscalls_before = syscalls(redis.pid());
             let started = Instant::now();
             let (decisions, latencies_us) = drive_stores(redis, policy, cap, connections, seconds);
             let elapsed = started.elapsed();
@@ -237,6 +252,7 @@ async fn phase(
                 decisions,
                 calls: script_calls(redis) - calls_before,
                 redis_cpu_us: cpu_us(redis.pid()) - cpu_before,
+                redis_syscalls: syscalls(redis.pid()) - syscalls_before,
                 elapsed,
                 latencies_us,
             }
@@ -255,10 +271,12 @@ async fn phase(
     let apps = [TestApp::spawn_with(&vars), TestApp::spawn_with(&vars)];
     drive(&apps, connections, 1).await;
     let (cpu_before, calls_before) = (cpu_us(redis.pid()), script_calls(redis));
+    let syscalls_before = syscalls(redis.pid());
     let started = Instant::now();
     let (decisions, latencies_us) = drive(&apps, connections, seconds).await;
     let elapsed = started.elapsed();
     let (cpu_after, calls_after) = (cpu_us(redis.pid()), script_calls(redis));
+    let redis_syscalls = syscalls(redis.pid()) - syscalls_before;
 
     for app in apps {
         app.stop().await;
@@ -267,6 +285,7 @@ async fn phase(
         decisions,
         calls: calls_after - calls_before,
         redis_cpu_us: cpu_after - cpu_before,
+        redis_syscalls,
         elapsed,
         latencies_us,
     }
@@ -297,7 +316,7 @@ async fn batch_cost() {
     let policies = std::env::var("BATCH_COST_POLICIES").unwrap_or("allow,returning".into());
     let drivers = std::env::var("BATCH_COST_DRIVERS").unwrap_or("http,store".into());
     println!(
-        "driver | policy | connections | REDIS_BATCH_MAX | decisions/s | calls/decision | master CPU µs/decision | master CPU % | p50 µs | p99 µs"
+        "driver | policy | connections | REDIS_BATCH_MAX | decisions/s | calls/decision | master CPU µs/decision | master CPU % | master reads+writes/decision | p50 µs | p99 µs"
     );
     for driver in drivers.split(',').map(|name| match name {
         "http" => Driver::Http,
@@ -332,10 +351,11 @@ async fn measure(
         };
         unbatched_cpu = unbatched_cpu.or(Some((cap, per_decision)));
         println!(
-            "{driver:?} | {policy:?} | {connections} | {cap} | {:.0} | {:.3} | {per_decision:.2}{relative} | {:.0} | {} | {}",
+            "{driver:?} | {policy:?} | {connections} | {cap} | {:.0} | {:.3} | {per_decision:.2}{relative} | {:.0} | {:.3} | {} | {}",
             phase.decisions as f64 / phase.elapsed.as_secs_f64(),
             phase.calls as f64 / phase.decisions as f64,
             phase.redis_cpu_us as f64 / phase.elapsed.as_micros() as f64 * 100.0,
+            phase.redis_syscalls as f64 / phase.decisions as f64,
             percentile(&phase.latencies_us, 0.5),
             percentile(&phase.latencies_us, 0.99),
         );
