@@ -27,12 +27,28 @@ const MODES: [ConnectionMode; 2] = [MULTIPLEXED, ConnectionMode::Pool { size: 2 
 
 /// A Redis store on `redis`, with its master installed directly (no resolver).
 fn redis_store(redis: &RedisProcess, mode: ConnectionMode) -> RedisStore {
-    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    redis_store_and_slot(redis, mode).0
+}
+
+/// [`redis_store`], and the slot its master is in, to install another.
+fn redis_store_and_slot(
+    redis: &RedisProcess,
+    mode: ConnectionMode,
+) -> (RedisStore, Arc<MasterSlot>) {
     let timeout = Duration::from_secs(2);
     let slot = Arc::new(MasterSlot::default());
-    let connections = ConnectionSettings { mode, timeout };
-    slot.install(Arc::new(Master::open(info, connections).unwrap()));
-    RedisStore::new(slot, timeout)
+    slot.install(open_master(redis, mode));
+    (RedisStore::new(slot.clone(), timeout), slot)
+}
+
+/// `redis` as a master, newly opened: a generation of its own.
+fn open_master(redis: &RedisProcess, mode: ConnectionMode) -> Arc<Master> {
+    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    let connections = ConnectionSettings {
+        mode,
+        timeout: Duration::from_secs(2),
+    };
+    Arc::new(Master::open(info, connections).unwrap())
 }
 
 /// One token from the bucket `key`: the request of a single-limit policy.
@@ -814,6 +830,111 @@ async fn script_flushes_while_batches_are_in_flight_fail_no_decision() {
     assert!(sources.iter().all(|s| s == "redis"), "{sources:?}");
     assert_eq!(admitted, 300, "each decided once");
     assert!(resent >= 1, "a flush met a call in flight");
+}
+
+#[tokio::test]
+async fn decisions_queued_when_the_master_changes_are_not_sent_to_the_old_one() {
+    let redis = RedisProcess::server(None, &["--enable-debug-command", "yes"]);
+    let (store, slot) = redis_store_and_slot(&redis, MULTIPLEXED);
+    let prefix = unique_prefix("batch-master-change");
+    let limit = Limit::per(100, 3600, 100).unwrap();
+    let request = |n: usize| one(&format!("{prefix}:{{client-{n}}}"), limit);
+    assert!(store.take_at(&request(0), None).await.unwrap().admitted);
+    let calls_before = redis.command_calls("evalsha");
+    // Redis answers nothing for 300 ms (nothing here may ask it meanwhile): the next call
+    // stays in flight, and the decisions behind it on this thread's connection queue.
+    let url = redis.admin_url();
+    let sleeping = tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.3")
+            .query::<()>(&mut conn)
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let decide = |n: usize| {
+        let store = store.clone();
+        let request = request(n);
+        tokio::spawn(async move { store.take_at(&request, None).await })
+    };
+    let in_flight = decide(1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let queued: Vec<_> = (2..=6).map(decide).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    slot.install(open_master(&redis, MULTIPLEXED));
+
+    assert!(
+        in_flight.await.unwrap().unwrap().admitted,
+        "the call in flight is answered"
+    );
+    for waiting in queued {
+        let error = waiting
+            .await
+            .unwrap()
+            .expect_err("not sent to the old master");
+        assert_eq!(error.kind(), "connection", "{error}");
+    }
+    sleeping.await.unwrap();
+    assert_eq!(
+        redis.command_calls("evalsha") - calls_before,
+        1,
+        "only the call in flight ran"
+    );
+    assert!(
+        store.take_at(&request(7), None).await.unwrap().admitted,
+        "the new master decides"
+    );
+}
+
+#[tokio::test]
+async fn decisions_queued_behind_a_call_that_hangs_each_time_out_within_the_timeout() {
+    let redis = RedisProcess::server(None, &["--enable-debug-command", "yes"]);
+    let timeout = Duration::from_millis(100);
+    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    let slot = Arc::new(MasterSlot::default());
+    let connections = ConnectionSettings {
+        mode: MULTIPLEXED,
+        timeout,
+    };
+    slot.install(Arc::new(Master::open(info, connections).unwrap()));
+    let store = RedisStore::new(slot, timeout);
+    let prefix = unique_prefix("batch-timeout");
+    let limit = Limit::per(100, 3600, 100).unwrap();
+    let request = |n: usize| one(&format!("{prefix}:{{client-{n}}}"), limit);
+    assert!(store.take_at(&request(0), None).await.unwrap().admitted);
+    // Redis answers nothing for 400 ms, four timeouts.
+    let url = redis.admin_url();
+    let sleeping = tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.4")
+            .query::<()>(&mut conn)
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let decisions: Vec<_> = (1..=6)
+        .map(|n| {
+            let store = store.clone();
+            let request = request(n);
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let answer = store.take_at(&request, None).await;
+                (answer, started.elapsed())
+            })
+        })
+        .collect();
+
+    for decision in decisions {
+        let (answer, took) = decision.await.unwrap();
+        let error = answer.expect_err("Redis is asleep");
+        assert_eq!(error.kind(), "timeout", "{error}");
+        assert!(took < Duration::from_millis(250), "answered after {took:?}");
+    }
+    sleeping.await.unwrap();
 }
 
 #[tokio::test]
