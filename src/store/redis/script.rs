@@ -199,7 +199,7 @@ pub(crate) fn taken_from(charges: &[KeyedCharge], answer: &[u64]) -> Result<Take
 }
 
 /// A batch's answer ([`decide_batch_cmd`] over `requests` requests), one per request in
-/// order: the values a lone call would have answered ([`taken_from`] reads them), or the
+/// order: the values a lone call would have answered (`taken_from` reads them), or the
 /// error that request alone met. The whole is an error only when it cannot be read.
 pub fn batch_answers(
     answer: Value,

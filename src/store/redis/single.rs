@@ -4,8 +4,8 @@
 //! Every command goes through one path, [`Inner::call`]: it picks the connection the
 //! master's [`Connections`] say (a multiplexed async connection per worker thread, or an
 //! r2d2 pool used from tokio's blocking threads; `docs/BENCHMARKS.md` compares them) and
-//! reloads the script once on `NOSCRIPT`; its callers tell discovery when a failure
-//! suggests the master changed.
+//! sends a call again with the script's text on `NOSCRIPT`; its callers tell discovery
+//! when a failure suggests the master changed.
 //!
 //! In multiplexed mode a decision goes through its worker thread's queue ([`Batcher`]):
 //! alone, as the same call it would make unbatched, when nothing is in flight on the
