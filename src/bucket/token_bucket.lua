@@ -1,5 +1,5 @@
 -- take_all() of arithmetic.rs, run atomically inside Redis: one request over all the
--- buckets it draws on, all or nothing.
+-- buckets it draws on, all or nothing; or a batch of requests, each decided so in turn.
 --
 -- KEYS[k]  one hash per policy and key, holding the buckets of that policy's limits:
 --          per limit a tokens field (units) and a ts field (µs of its last write), and
@@ -17,6 +17,17 @@
 -- Returns {had_1, tokens_1, had_2, tokens_2, ...} per limit in order: whether it had the
 -- cost (1/0), and its units after deciding. Every quantity stays below 2^53, where Lua's
 -- doubles are exact integers (Limit::parse enforces it).
+--
+-- A batch (several requests that were waiting on one connection) says so in ARGV[2]:
+-- ARGV[2]  'batch'
+-- ARGV[3]  n, the number of requests
+-- then per request: its number of keys, its number of arguments after these two, and
+--          its arguments as above from m on. KEYS holds every request's keys in order
+--          (one hash may appear in several requests).
+-- The requests are decided one after another on one clock, each on the buckets as the
+-- ones before it left them: take_all() applied request after request. Returns one answer
+-- per request: its array as above, or an error for that request alone when one of its
+-- keys holds something that is not a bucket (it decides nothing; the others are decided).
 
 local now_us = tonumber(ARGV[1])
 if not now_us then
@@ -84,9 +95,9 @@ local function persist(key, writes, expires_us, full_at_us, refill_time_us)
 end
 
 -- Reads one hash's buckets: HMGET of every limit's two fields, and `exp`.
-local function read(k, at, m)
+local function read(key, at, m)
     if m == 1 then
-        return redis.call('HMGET', KEYS[k], ARGV[at], ARGV[at + 1], 'exp')
+        return redis.call('HMGET', key, ARGV[at], ARGV[at + 1], 'exp')
     end
     local fields = {}
     for j = 0, m - 1 do
@@ -94,24 +105,24 @@ local function read(k, at, m)
         fields[2 * j + 2] = ARGV[at + 6 * j + 1]
     end
     fields[2 * m + 1] = 'exp'
-    return redis.call('HMGET', KEYS[k], unpack(fields))
+    return redis.call('HMGET', key, unpack(fields))
 end
 
 -- One hash, one policy: every request under a single policy, however many limits it has.
 -- Its limits share a group, so they pay together or not at all, whatever the group is;
 -- one pass decides and stages the payments, and a denial drops them and gives back what
 -- the pass took before it found out. The general case below gives the same answers (the
--- parity table runs both).
-if #KEYS == 1 then
-    local m = ARGV[2] + 0
-    local state = read(1, 3, m)
+-- parity table runs both). `first` is where the hash's arguments start (its m).
+local function one_hash(key, first)
+    local m = ARGV[first] + 0
+    local state = read(key, first + 1, m)
     local expires_us = state[2 * m + 1]
     expires_us = expires_us and expires_us + 0
     local result, writes = {}, {}
     local admitted, ahead = true, nil
     local full_at_us, refill_time_us = 0, 0
     for j = 1, m do
-        local at = 6 * j - 3
+        local at = first + 6 * j - 5
         local cost = ARGV[at + 4] + 0
         local tokens, rebased = refilled(state[2 * j - 1], state[2 * j], ARGV[at + 2] + 0, ARGV[at + 3] + 0)
         if rebased then
@@ -135,80 +146,117 @@ if #KEYS == 1 then
     if not admitted then
         for j = 1, m do
             if result[2 * j - 1] == 1 then
-                result[2 * j] = result[2 * j] + ARGV[6 * j + 1]
+                result[2 * j] = result[2 * j] + ARGV[first + 6 * j - 1]
             end
         end
         writes, full_at_us, refill_time_us = {}, 0, 0
     end
     if ahead and #writes == 0 then
         for _, j in ipairs(ahead) do
-            full_at_us, refill_time_us = stage(writes, 6 * j - 3, result[2 * j], full_at_us, refill_time_us)
+            full_at_us, refill_time_us = stage(writes, first + 6 * j - 5, result[2 * j], full_at_us, refill_time_us)
         end
     end
     if #writes > 0 then
-        persist(KEYS[1], writes, expires_us, full_at_us, refill_time_us)
+        persist(key, writes, expires_us, full_at_us, refill_time_us)
     end
     return result
 end
 
--- Several policies. First, read every bucket: units now, and whether each has its cost.
-local tokens_of, expires_of = {}, {}
-local admitted = true
--- Only requests with shadow policies, or with buckets from a clock ahead, pay for these.
-local shadow_has, ahead_of = nil, nil
-local at, l = 2, 0
-for k = 1, #KEYS do
-    local m = ARGV[at] + 0
-    at = at + 1
-    local state = read(k, at, m)
-    local expires_us = state[2 * m + 1]
-    expires_of[k] = expires_us and expires_us + 0
-    for j = 1, m do
-        l = l + 1
-        local tokens, rebased = refilled(state[2 * j - 1], state[2 * j], ARGV[at + 2] + 0, ARGV[at + 3] + 0)
-        if rebased then
-            ahead_of = ahead_of or {}
-            ahead_of[l] = true
+-- Several policies: the hashes KEYS[after_key + 1 .. after_key + keys], their arguments
+-- from ARGV[first]. First, read every bucket: units now, and whether each has its cost.
+local function several(after_key, keys, first)
+    local tokens_of, expires_of = {}, {}
+    local admitted = true
+    -- Only requests with shadow policies, or with buckets from a clock ahead, pay for these.
+    local shadow_has, ahead_of = nil, nil
+    local at, l = first, 0
+    for k = 1, keys do
+        local m = ARGV[at] + 0
+        at = at + 1
+        local state = read(KEYS[after_key + k], at, m)
+        local expires_us = state[2 * m + 1]
+        expires_of[k] = expires_us and expires_us + 0
+        for j = 1, m do
+            l = l + 1
+            local tokens, rebased = refilled(state[2 * j - 1], state[2 * j], ARGV[at + 2] + 0, ARGV[at + 3] + 0)
+            if rebased then
+                ahead_of = ahead_of or {}
+                ahead_of[l] = true
+            end
+            local has = tokens >= ARGV[at + 4] + 0
+            tokens_of[l] = tokens
+            local group = ARGV[at + 5]
+            if group == '0' then
+                admitted = admitted and has
+            else
+                shadow_has = shadow_has or {}
+                shadow_has[group] = (shadow_has[group] ~= false) and has
+            end
+            at = at + 6
         end
-        local has = tokens >= ARGV[at + 4] + 0
-        tokens_of[l] = tokens
-        local group = ARGV[at + 5]
-        if group == '0' then
-            admitted = admitted and has
-        else
-            shadow_has = shadow_has or {}
-            shadow_has[group] = (shadow_has[group] ~= false) and has
-        end
-        at = at + 6
     end
+
+    -- Then pay. A bucket that pays nothing keeps its stored state, which still describes it.
+    local result = {}
+    at, l = first, 0
+    for k = 1, keys do
+        local m = ARGV[at] + 0
+        at = at + 1
+        local writes = {}
+        local full_at_us, refill_time_us = 0, 0
+        for j = 1, m do
+            l = l + 1
+            local tokens = tokens_of[l]
+            local cost = ARGV[at + 4] + 0
+            result[2 * l - 1] = tokens >= cost and 1 or 0
+            local group = ARGV[at + 5]
+            local pays = admitted and cost > 0 and (group == '0' or shadow_has[group])
+            if pays then
+                tokens = tokens - cost
+            end
+            if pays or (ahead_of and ahead_of[l]) then
+                full_at_us, refill_time_us = stage(writes, at, tokens, full_at_us, refill_time_us)
+            end
+            result[2 * l] = tokens
+            at = at + 6
+        end
+        if #writes > 0 then
+            persist(KEYS[after_key + k], writes, expires_of[k], full_at_us, refill_time_us)
+        end
+    end
+    return result
 end
 
--- Then pay. A bucket that pays nothing keeps its stored state, which still describes it.
-local result = {}
-at, l = 2, 0
-for k = 1, #KEYS do
-    local m = ARGV[at] + 0
-    at = at + 1
-    local writes = {}
-    local full_at_us, refill_time_us = 0, 0
-    for j = 1, m do
-        l = l + 1
-        local tokens = tokens_of[l]
-        local cost = ARGV[at + 4] + 0
-        result[2 * l - 1] = tokens >= cost and 1 or 0
-        local group = ARGV[at + 5]
-        local pays = admitted and cost > 0 and (group == '0' or shadow_has[group])
-        if pays then
-            tokens = tokens - cost
-        end
-        if pays or (ahead_of and ahead_of[l]) then
-            full_at_us, refill_time_us = stage(writes, at, tokens, full_at_us, refill_time_us)
-        end
-        result[2 * l] = tokens
-        at = at + 6
+-- One request: its `keys` hashes from KEYS[after_key + 1], its arguments from ARGV[first].
+local function decide(after_key, keys, first)
+    if keys == 1 then
+        return one_hash(KEYS[after_key + 1], first)
     end
-    if #writes > 0 then
-        persist(KEYS[k], writes, expires_of[k], full_at_us, refill_time_us)
-    end
+    return several(after_key, keys, first)
 end
-return result
+
+if ARGV[2] ~= 'batch' then
+    return decide(0, #KEYS, 2)
+end
+
+-- A batch: each request on its own, in order, on the buckets as the ones before it left
+-- them. A request that fails (WRONGTYPE, or a field that is not a number) fails in its
+-- reads, before anything of it is written, so it leaves nothing behind; it is answered
+-- with its error and the next request is decided.
+local answers = {}
+local after_key, at = 0, 4
+for r = 1, ARGV[3] + 0 do
+    local keys, length = ARGV[at] + 0, ARGV[at + 1] + 0
+    local decided, answer = pcall(decide, after_key, keys, at + 2)
+    if decided or type(answer) == 'table' then
+        answers[r] = answer
+    elseif string.find(answer, '^%u+ ') then
+        -- A command's error keeps its code (WRONGTYPE ...).
+        answers[r] = redis.error_reply(answer)
+    else
+        -- The script's own, as Redis would have answered it: ERR user_script:...
+        answers[r] = redis.error_reply('ERR ' .. answer)
+    end
+    after_key, at = after_key + keys, at + 2 + length
+end
+return answers

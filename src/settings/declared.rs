@@ -173,6 +173,9 @@ settings! {
     /// connections per instance to the master, with `REDIS_CLIENT=pool`
     REDIS_POOL_SIZE / redis_pool_size: u32 = Value("16"),
         Whole { min: 1, max: 1024 } => whole;
+    /// with `REDIS_CLIENT=multiplexed`, the most decisions sent in one call: while a call is in flight on a worker's connection the decisions that arrive queue, and go together when it completes; a decision that finds nothing in flight goes at once. `1` sends each alone; the pool and Cluster modes always do
+    REDIS_BATCH_MAX / redis_batch_max: usize = Value("32"),
+        Whole { min: 1, max: 1024 } => whole;
     /// prefix of the bucket keys
     KEY_PREFIX / key_prefix: String = Value("ratelimit"),
         Text => key_prefix;

@@ -120,7 +120,9 @@ pub(super) fn store(
     let master = MasterSettings {
         access,
         connections: match declared.redis_client {
-            RedisClient::Multiplexed => ConnectionMode::Multiplexed,
+            RedisClient::Multiplexed => ConnectionMode::Multiplexed {
+                batch_max: declared.redis_batch_max,
+            },
             RedisClient::Pool => ConnectionMode::Pool {
                 size: declared.redis_pool_size,
             },

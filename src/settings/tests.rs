@@ -465,7 +465,7 @@ fn a_redis_url_is_parsed_once_into_the_address_the_store_connects_to() {
 }
 
 #[test]
-fn only_the_pool_client_has_a_pool_size() {
+fn only_the_pool_client_has_a_pool_size_and_only_the_multiplexed_one_a_batch_cap() {
     let url = ("REDIS_URL", "redis://127.0.0.1:6379");
     let connections = |vars: &[(&str, &str)]| match load(vars).unwrap().store {
         StoreSettings::Redis { master, .. } | StoreSettings::Sentinel { master, .. } => {
@@ -473,9 +473,16 @@ fn only_the_pool_client_has_a_pool_size() {
         }
         _ => panic!("not a mode with one master"),
     };
-    assert_eq!(connections(&[url]), ConnectionMode::Multiplexed);
     assert_eq!(
-        connections(&[url, ("REDIS_CLIENT", "pool")]),
+        connections(&[url]),
+        ConnectionMode::Multiplexed { batch_max: 32 }
+    );
+    assert_eq!(
+        connections(&[url, ("REDIS_BATCH_MAX", "1")]),
+        ConnectionMode::Multiplexed { batch_max: 1 }
+    );
+    assert_eq!(
+        connections(&[url, ("REDIS_CLIENT", "pool"), ("REDIS_BATCH_MAX", "8")]),
         ConnectionMode::Pool { size: 16 }
     );
     assert_eq!(

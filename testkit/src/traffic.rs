@@ -108,6 +108,11 @@ impl Traffic {
         }
     }
 
+    /// How many requests have had their answer so far.
+    pub fn answered_so_far(&self) -> usize {
+        self.records.lock().unwrap().len()
+    }
+
     /// Stops every client, waits for its last answer, and returns every request's record.
     pub async fn stop(self) -> Vec<Record> {
         self.stop.store(true, Ordering::Relaxed);

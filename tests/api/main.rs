@@ -1,6 +1,7 @@
 //! API tests: the service on port 0 against a real `redis-server` started per test.
 
 mod acl;
+mod batch_cost;
 mod check;
 mod config_errors;
 mod contract;

@@ -1,6 +1,7 @@
 //! The Redis store against a real `redis-server`: parity with the Rust arithmetic,
 //! exactness across instances, script reloading and key expiry.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,19 +19,36 @@ use testkit::{
 
 const SECOND: u64 = 1_000_000;
 
-const MODES: [ConnectionMode; 2] = [
-    ConnectionMode::Multiplexed,
-    ConnectionMode::Pool { size: 2 },
-];
+/// The default way to reach Redis: a connection per worker thread, on which the decisions
+/// that queue behind a call go together.
+const MULTIPLEXED: ConnectionMode = ConnectionMode::Multiplexed { batch_max: 32 };
+
+const MODES: [ConnectionMode; 2] = [MULTIPLEXED, ConnectionMode::Pool { size: 2 }];
 
 /// A Redis store on `redis`, with its master installed directly (no resolver).
 fn redis_store(redis: &RedisProcess, mode: ConnectionMode) -> RedisStore {
-    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    redis_store_and_slot(redis, mode).0
+}
+
+/// [`redis_store`], and the slot its master is in, to install another.
+fn redis_store_and_slot(
+    redis: &RedisProcess,
+    mode: ConnectionMode,
+) -> (RedisStore, Arc<MasterSlot>) {
     let timeout = Duration::from_secs(2);
     let slot = Arc::new(MasterSlot::default());
-    let connections = ConnectionSettings { mode, timeout };
-    slot.install(Arc::new(Master::open(info, connections).unwrap()));
-    RedisStore::new(slot, timeout)
+    slot.install(open_master(redis, mode));
+    (RedisStore::new(slot.clone(), timeout), slot)
+}
+
+/// `redis` as a master, newly opened: a generation of its own.
+fn open_master(redis: &RedisProcess, mode: ConnectionMode) -> Arc<Master> {
+    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    let connections = ConnectionSettings {
+        mode,
+        timeout: Duration::from_secs(2),
+    };
+    Arc::new(Master::open(info, connections).unwrap())
 }
 
 /// One token from the bucket `key`: the request of a single-limit policy.
@@ -385,11 +403,259 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
     }
 }
 
+/// One bucket a request of a batch row draws on: its hash (one policy and key), its field
+/// (one limit) and what the request asks of it.
+#[derive(Clone, Copy)]
+struct Draw {
+    hash: &'static str,
+    field: &'static str,
+    charge: Charge,
+}
+
+/// One row of the batch parity table: calls, each at a time (µs) with its requests, every
+/// request decided in one call with the others of its call.
+struct BatchCase {
+    name: &'static str,
+    calls: Vec<(u64, Vec<Vec<Draw>>)>,
+}
+
+fn batch_parity_table() -> Vec<BatchCase> {
+    let t0 = 1_790_000_000 * SECOND;
+    let draw = |hash, field, limit: Limit| Draw {
+        hash,
+        field,
+        charge: Charge::one(limit),
+    };
+    let costing = |cost, draw: Draw| Draw {
+        charge: Charge {
+            cost,
+            ..draw.charge
+        },
+        ..draw
+    };
+    let shadow = |group, draw: Draw| Draw {
+        charge: Charge {
+            group: Group::Shadow(group),
+            ..draw.charge
+        },
+        ..draw
+    };
+    let ten = Limit::per(10, 60, 10).unwrap();
+    let three = Limit::per(3, 60, 3).unwrap();
+    let hour = Limit::per(4, 3600, 4).unwrap();
+    let a = draw("a", "l", three);
+    let b = draw("b", "l", ten);
+    vec![
+        BatchCase {
+            name: "twelve requests on one bucket in one call: the burst passes, then denials",
+            calls: vec![(t0, vec![vec![draw("a", "l", ten)]; 12])],
+        },
+        BatchCase {
+            name: "requests on two buckets interleaved: each bucket sees its own in order",
+            calls: vec![
+                (
+                    t0,
+                    vec![vec![a], vec![b], vec![a], vec![a], vec![b], vec![a]],
+                ),
+                (t0 + 20 * SECOND, vec![vec![a], vec![a], vec![b]]),
+            ],
+        },
+        BatchCase {
+            name: "a denied request between two that pass pays nothing, and the next still has its tokens",
+            calls: vec![(
+                t0,
+                vec![vec![costing(2, a)], vec![costing(2, a)], vec![a], vec![a]],
+            )],
+        },
+        BatchCase {
+            name: "a policy with two limits and one with one limit on the same hash, in turn",
+            calls: vec![(
+                t0,
+                vec![
+                    vec![draw("p", "minute", three), draw("p", "hour", hour)],
+                    vec![draw("p", "minute", three)],
+                    vec![draw("p", "minute", three), draw("p", "hour", hour)],
+                    vec![draw("p", "minute", three), draw("p", "hour", hour)],
+                    vec![draw("p", "hour", hour)],
+                    vec![draw("p", "hour", hour)],
+                ],
+            )],
+        },
+        BatchCase {
+            name: "several hashes per request, shadow policies among them",
+            calls: vec![
+                (
+                    t0,
+                    vec![
+                        vec![a, shadow(1, draw("s", "l", Limit::per(1, 60, 1).unwrap()))],
+                        vec![a, shadow(1, draw("s", "l", Limit::per(1, 60, 1).unwrap()))],
+                        vec![b, a],
+                        vec![a, b],
+                        vec![b],
+                    ],
+                ),
+                (
+                    t0 + 20 * SECOND,
+                    vec![vec![
+                        a,
+                        shadow(1, draw("s", "l", Limit::per(1, 60, 1).unwrap())),
+                    ]],
+                ),
+            ],
+        },
+        BatchCase {
+            name: "reads between payments in one call report what the next request finds",
+            calls: vec![(
+                t0,
+                vec![
+                    vec![costing(0, a)],
+                    vec![a],
+                    vec![costing(0, a)],
+                    vec![costing(3, a)],
+                    vec![costing(0, a), costing(0, b)],
+                ],
+            )],
+        },
+        BatchCase {
+            name: "a clock behind the stored buckets: the first request rebases, the next ones see it",
+            calls: vec![
+                (t0 + 120 * SECOND, vec![vec![a], vec![a], vec![a]]),
+                (
+                    t0 + 60 * SECOND,
+                    vec![vec![a], vec![costing(0, a)], vec![a]],
+                ),
+                (t0 + 80 * SECOND, vec![vec![a], vec![a]]),
+            ],
+        },
+    ]
+}
+
+#[tokio::test]
+async fn a_batch_is_decided_as_the_rust_arithmetic_decides_its_requests_one_after_another() {
+    let redis = RedisProcess::server(None, &[]);
+    let mut conn = redis.connection();
+    for mode in MODES {
+        for case in batch_parity_table() {
+            let store = redis_store(&redis, mode);
+            let prefix = unique_prefix("batch-parity");
+            let keyed = |draw: &Draw| KeyedCharge {
+                key: format!("{prefix}:{}:{{k}}", draw.hash).into(),
+                field: draw.field.into(),
+                charge: draw.charge,
+            };
+            let mut states: HashMap<(&str, &str), BucketState> = HashMap::new();
+            for (call, (now, requests)) in case.calls.iter().enumerate() {
+                let what = format!("{} ({mode:?}), call {call}", case.name);
+                let expected: Vec<Taken> = requests
+                    .iter()
+                    .map(|request| {
+                        let charges: Vec<Charge> = request.iter().map(|d| d.charge).collect();
+                        let mut held: Vec<Option<BucketState>> = request
+                            .iter()
+                            .map(|d| states.get(&(d.hash, d.field)).copied())
+                            .collect();
+                        let (taken, writes) = bucket::take_all(&charges, &held, *now);
+                        writes.apply_to(&mut held);
+                        for (draw, state) in request.iter().zip(held) {
+                            if let Some(state) = state {
+                                states.insert((draw.hash, draw.field), state);
+                            }
+                        }
+                        taken
+                    })
+                    .collect();
+                let requests: Vec<Vec<KeyedCharge>> = requests
+                    .iter()
+                    .map(|request| request.iter().map(keyed).collect())
+                    .collect();
+
+                let answers = store.take_batch_at(&requests, Some(*now)).await.unwrap();
+
+                let answers: Vec<Taken> = answers.into_iter().map(Result::unwrap).collect();
+                assert_eq!(answers, expected, "{what}");
+                // As in the table above: the expiry runs in real time, from test clocks.
+                for key in requests.iter().flatten().map(|k| &k.key) {
+                    let _: i64 = redis::cmd("PERSIST").arg(&**key).query(&mut conn).unwrap();
+                }
+                for draw in requests.iter().flatten() {
+                    let fields = [
+                        format!("{}:tokens", draw.field),
+                        format!("{}:ts", draw.field),
+                    ];
+                    let stored: Vec<Option<u64>> = redis::cmd("HMGET")
+                        .arg(&*draw.key)
+                        .arg(&fields)
+                        .query(&mut conn)
+                        .unwrap();
+                    let hash = draw.key.split(':').nth(1).unwrap();
+                    let state = states
+                        .iter()
+                        .find(|((h, f), _)| *h == hash && **f == *draw.field);
+                    let expected = match state {
+                        Some((_, s)) => vec![Some(s.tokens), Some(s.updated_us)],
+                        None => vec![None, None],
+                    };
+                    assert_eq!(stored, expected, "{what}: {}", draw.field);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_value_at_one_requests_key_fails_that_request_alone_in_a_batch() {
+    let redis = RedisProcess::server(None, &[]);
+    for mode in MODES {
+        let store = redis_store(&redis, mode);
+        let prefix = unique_prefix("batch-foreign");
+        let (string_key, garbage_key, bucket_key) = (
+            format!("{prefix}:{{string}}"),
+            format!("{prefix}:{{garbage}}"),
+            format!("{prefix}:{{bucket}}"),
+        );
+        let _: () = redis.command(&["SET", &string_key, "not a bucket"]);
+        let _: () = redis.command(&["HSET", &garbage_key, "l:tokens", "many", "l:ts", "1"]);
+        let limit = Limit::per(2, 60, 2).unwrap();
+        let requests = [
+            &bucket_key,
+            &string_key,
+            &bucket_key,
+            &garbage_key,
+            &bucket_key,
+        ]
+        .map(|key| one(key, limit));
+
+        let answers = store.take_batch_at(&requests, None).await.unwrap();
+
+        let admitted: Vec<Option<bool>> = answers
+            .iter()
+            .map(|answer| answer.as_ref().ok().map(|taken| taken.admitted))
+            .collect();
+        assert_eq!(
+            admitted,
+            [Some(true), None, Some(true), None, Some(false)],
+            "{mode:?}"
+        );
+        for failed in [&answers[1], &answers[3]] {
+            let error = failed
+                .as_ref()
+                .expect_err("a foreign value decides nothing");
+            assert_eq!(error.kind(), "wrongtype", "{mode:?}: {error}");
+        }
+        let tokens: Vec<String> = redis.command(&["HMGET", &bucket_key, "l:tokens"]);
+        assert_eq!(
+            tokens,
+            ["0"],
+            "{mode:?}: the two that passed paid, once each"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_bucket_key_expires_exactly_when_it_would_be_full_again() {
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("ttl");
-    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let store = redis_store(&redis, MULTIPLEXED);
     let key = format!("{prefix}:{{192.0.2.1}}");
     take_one(&store, &key, Limit::per(10, 60, 10).unwrap()).await;
     let pttl: i64 = redis.command(&["PTTL", &key]);
@@ -403,7 +669,7 @@ async fn a_returning_clients_key_lives_one_refill_time_and_its_next_decisions_wr
 {
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("extend");
-    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let store = redis_store(&redis, MULTIPLEXED);
     let bucket_key = format!("{prefix}:{{192.0.2.4}}");
     let policy = Limit::per(10, 60, 10).unwrap();
     take_one(&store, &bucket_key, policy).await;
@@ -427,7 +693,7 @@ async fn a_returning_clients_key_lives_one_refill_time_and_its_next_decisions_wr
 async fn an_idle_key_disappears_after_its_refill_time() {
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("idle");
-    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let store = redis_store(&redis, MULTIPLEXED);
     let bucket_key = format!("{prefix}:{{192.0.2.2}}");
     // Ten per second: one token is back 100 ms after it was taken.
     take_one(&store, &bucket_key, Limit::per(10, 1, 10).unwrap()).await;
@@ -441,7 +707,7 @@ async fn an_idle_key_disappears_after_its_refill_time() {
 async fn a_denial_writes_nothing_to_redis() {
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("deny");
-    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let store = redis_store(&redis, MULTIPLEXED);
     let key = format!("{prefix}:{{192.0.2.3}}");
     let policy = Limit::per(1, 60, 1).unwrap();
     assert!(take_one(&store, &key, policy).await.allowed);
@@ -488,6 +754,189 @@ async fn two_instances_sharing_redis_admit_exactly_the_burst_of_200_concurrent_r
     }
 }
 
+/// Two instances sharing `redis` under one new prefix, every decision asking Redis (no
+/// cached denials), `limit` per hour, with `extra` settings.
+fn batching_pair(redis: &RedisProcess, limit: u32, extra: &[(&str, &str)]) -> [TestApp; 2] {
+    let mut vars = vec![
+        ("REDIS_URL", redis.url()),
+        ("KEY_PREFIX", unique_prefix("batching")),
+        ("RATE_LIMIT", limit.to_string()),
+        ("TIME_WINDOW", "3600".into()),
+        ("REDIS_TIMEOUT_MS", "2000".into()),
+        ("DENY_CACHE_SIZE", "0".into()),
+    ];
+    vars.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    [TestApp::spawn_with(&vars), TestApp::spawn_with(&vars)]
+}
+
+/// `requests` requests at once, alternating between `apps`; answers (admitted, sources).
+async fn flood_at_once(apps: &[TestApp; 2], requests: usize) -> (usize, Vec<String>) {
+    let client = client();
+    let answers =
+        all_at_once((0..requests).map(|n| client.get(apps[n % 2].at("/limited_endpoint")))).await;
+    let mut admitted = 0;
+    let mut sources = Vec::new();
+    for (status, source) in answers {
+        assert!(status == 200 || status == 429, "status {status} ({source})");
+        admitted += usize::from(status == 200);
+        sources.push(source);
+    }
+    (admitted, sources)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_batching_instances_admit_exactly_the_burst_of_400_concurrent_requests_in_fewer_calls()
+{
+    let redis = RedisProcess::server(None, &[]);
+    let apps = batching_pair(&redis, 150, &[("REDIS_BATCH_MAX", "32")]);
+    let calls_before = redis.command_calls("evalsha");
+
+    let (admitted, sources) = flood_at_once(&apps, 400).await;
+
+    let calls = redis.command_calls("evalsha") - calls_before;
+    println!("400 decisions in {calls} calls");
+    assert!(sources.iter().all(|s| s == "redis"), "{sources:?}");
+    assert_eq!(admitted, 150);
+    assert!(calls < 400, "decisions went together: {calls} calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flushes_while_batches_are_in_flight_fail_no_decision() {
+    let redis = RedisProcess::server(None, &[]);
+    // A decision that failed would be a 503 here.
+    let apps = batching_pair(&redis, 300, &[("FAIL_MODE", "closed")]);
+    let resent_before = redis.command_calls("eval");
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flusher = {
+        let (url, flooding) = (redis.admin_url(), flooding.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut flushes = 0;
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) && flushes < 400 {
+                let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+                flushes += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            flushes
+        })
+    };
+
+    let (admitted, sources) = flood_at_once(&apps, 600).await;
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let flushes = flusher.await.unwrap();
+
+    let resent = redis.command_calls("eval") - resent_before;
+    println!("{flushes} flushes, {resent} calls sent again with the script's text");
+    assert!(sources.iter().all(|s| s == "redis"), "{sources:?}");
+    assert_eq!(admitted, 300, "each decided once");
+    assert!(resent >= 1, "a flush met a call in flight");
+}
+
+#[tokio::test]
+async fn decisions_queued_when_the_master_changes_are_not_sent_to_the_old_one() {
+    let redis = RedisProcess::server(None, &["--enable-debug-command", "yes"]);
+    let (store, slot) = redis_store_and_slot(&redis, MULTIPLEXED);
+    let prefix = unique_prefix("batch-master-change");
+    let limit = Limit::per(100, 3600, 100).unwrap();
+    let request = |n: usize| one(&format!("{prefix}:{{client-{n}}}"), limit);
+    assert!(store.take_at(&request(0), None).await.unwrap().admitted);
+    let calls_before = redis.command_calls("evalsha");
+    // Redis answers nothing for 300 ms (nothing here may ask it meanwhile): the next call
+    // stays in flight, and the decisions behind it on this thread's connection queue.
+    let url = redis.admin_url();
+    let sleeping = tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.3")
+            .query::<()>(&mut conn)
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let decide = |n: usize| {
+        let store = store.clone();
+        let request = request(n);
+        tokio::spawn(async move { store.take_at(&request, None).await })
+    };
+    let in_flight = decide(1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let queued: Vec<_> = (2..=6).map(decide).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    slot.install(open_master(&redis, MULTIPLEXED));
+
+    assert!(
+        in_flight.await.unwrap().unwrap().admitted,
+        "the call in flight is answered"
+    );
+    for waiting in queued {
+        let error = waiting
+            .await
+            .unwrap()
+            .expect_err("not sent to the old master");
+        assert_eq!(error.kind(), "connection", "{error}");
+    }
+    sleeping.await.unwrap();
+    assert_eq!(
+        redis.command_calls("evalsha") - calls_before,
+        1,
+        "only the call in flight ran"
+    );
+    assert!(
+        store.take_at(&request(7), None).await.unwrap().admitted,
+        "the new master decides"
+    );
+}
+
+#[tokio::test]
+async fn decisions_queued_behind_a_call_that_hangs_each_time_out_within_the_timeout() {
+    let redis = RedisProcess::server(None, &["--enable-debug-command", "yes"]);
+    let timeout = Duration::from_millis(100);
+    let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
+    let slot = Arc::new(MasterSlot::default());
+    let connections = ConnectionSettings {
+        mode: MULTIPLEXED,
+        timeout,
+    };
+    slot.install(Arc::new(Master::open(info, connections).unwrap()));
+    let store = RedisStore::new(slot, timeout);
+    let prefix = unique_prefix("batch-timeout");
+    let limit = Limit::per(100, 3600, 100).unwrap();
+    let request = |n: usize| one(&format!("{prefix}:{{client-{n}}}"), limit);
+    assert!(store.take_at(&request(0), None).await.unwrap().admitted);
+    // Redis answers nothing for 400 ms, four timeouts.
+    let url = redis.admin_url();
+    let sleeping = tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.4")
+            .query::<()>(&mut conn)
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let decisions: Vec<_> = (1..=6)
+        .map(|n| {
+            let store = store.clone();
+            let request = request(n);
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let answer = store.take_at(&request, None).await;
+                (answer, started.elapsed())
+            })
+        })
+        .collect();
+
+    for decision in decisions {
+        let (answer, took) = decision.await.unwrap();
+        let error = answer.expect_err("Redis is asleep");
+        assert_eq!(error.kind(), "timeout", "{error}");
+        assert!(took < Duration::from_millis(250), "answered after {took:?}");
+    }
+    sleeping.await.unwrap();
+}
+
 #[tokio::test]
 async fn script_flush_is_recovered_without_a_failed_decision() {
     let redis = RedisProcess::server(None, &[]);
@@ -499,7 +948,7 @@ async fn script_flush_is_recovered_without_a_failed_decision() {
             ("RATE_LIMIT", "100"),
         ]);
         let client = client();
-        let loads_before = redis.command_calls("script|load");
+        let resent_before = redis.command_calls("eval");
         for round in 0..5 {
             let _: () = redis.command(&["SCRIPT", "FLUSH"]);
             let response = client
@@ -515,8 +964,8 @@ async fn script_flush_is_recovered_without_a_failed_decision() {
             );
         }
         assert!(
-            redis.command_calls("script|load") >= loads_before + 5,
-            "{redis_client}: reloaded each time"
+            redis.command_calls("eval") >= resent_before + 5,
+            "{redis_client}: sent again with the script each time"
         );
     }
 }
@@ -525,7 +974,7 @@ async fn script_flush_is_recovered_without_a_failed_decision() {
 async fn a_request_denied_by_its_hour_limit_leaves_its_minute_bucket_untouched_in_redis() {
     let redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("all-or-nothing");
-    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let store = redis_store(&redis, MULTIPLEXED);
     let policy = format!("{prefix}:api:{{k}}");
     let charges = vec![
         KeyedCharge {
@@ -603,6 +1052,8 @@ async fn the_denial_cache_admits_a_flooding_client_exactly_as_redis_alone_would(
             ("TIME_WINDOW", &window_s.to_string()),
             ("DENY_CACHE_SIZE", cache_size),
             ("REDIS_TIMEOUT_MS", "2000"),
+            // One call per decision, so that calls count the decisions Redis made.
+            ("REDIS_BATCH_MAX", "1"),
         ]);
         let calls_before = redis.command_calls("evalsha");
         let (admitted, requests, elapsed_us) = flood(&app, Duration::from_millis(1500)).await;
@@ -682,7 +1133,7 @@ async fn a_foreign_value_is_decided_by_fail_mode_and_counted_as_wrongtype() {
 async fn a_reset_deletes_the_hash_of_every_bucket_named_and_fails_when_redis_is_gone() {
     let mut redis = RedisProcess::server(None, &[]);
     let prefix = unique_prefix("reset");
-    let store = redis_store(&redis, ConnectionMode::Multiplexed);
+    let store = redis_store(&redis, MULTIPLEXED);
     let (reset, kept) = (format!("{prefix}:{{a}}"), format!("{prefix}:{{b}}"));
     let policy = Limit::per(1, 60, 1).unwrap();
     for key in [&reset, &kept] {
@@ -701,7 +1152,7 @@ fn a_lone_failure_keeps_the_master_and_readonly_or_three_in_a_row_retire_it() {
     let redis = RedisProcess::server(None, &[]);
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
     let connections = ConnectionSettings {
-        mode: ConnectionMode::Multiplexed,
+        mode: MULTIPLEXED,
         timeout: Duration::from_secs(1),
     };
     let master = Arc::new(Master::open(info, connections).unwrap());

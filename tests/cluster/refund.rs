@@ -128,7 +128,7 @@ async fn the_refund_script_and_the_rust_arithmetic_agree_on_every_case() {
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap();
     let slot = Arc::new(MasterSlot::default());
     let connections = ConnectionSettings {
-        mode: ConnectionMode::Multiplexed,
+        mode: ConnectionMode::Multiplexed { batch_max: 32 },
         timeout: Duration::from_secs(2),
     };
     slot.install(Arc::new(Master::open(info, connections).unwrap()));

@@ -62,7 +62,7 @@ impl TestRls {
         let timeout = Duration::from_millis(500);
         let slot = Arc::new(MasterSlot::default());
         let connections = ConnectionSettings {
-            mode: ConnectionMode::Multiplexed,
+            mode: ConnectionMode::Multiplexed { batch_max: 32 },
             timeout,
         };
         slot.install(Arc::new(Master::open(info, connections).unwrap()));

@@ -15,8 +15,10 @@ use crate::store::{StoreError, Unavailable};
 #[strum(serialize_all = "lowercase")]
 pub enum ConnectionMode {
     /// One multiplexed async connection per worker thread: requests on a worker are
-    /// pipelined on its connection and never leave its thread.
-    Multiplexed,
+    /// pipelined on its connection and never leave its thread. While a call is in flight
+    /// on it, the decisions that arrive queue, and go together as one call of at most
+    /// `batch_max` (`REDIS_BATCH_MAX`; 1 sends each alone).
+    Multiplexed { batch_max: usize },
     /// An r2d2 pool of `size` blocking connections per instance, used from tokio's blocking
     /// threads.
     Pool { size: u32 },
@@ -34,8 +36,11 @@ static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 /// How this instance holds connections to one master. The pool exists exactly when the
 /// mode says so: a pool-mode master without a pool cannot be built.
 pub enum Connections {
-    /// Each worker thread opens its own connection on first use (see `RedisStore`).
-    Multiplexed,
+    /// Each worker thread opens its own connection on first use (see `RedisStore`), and
+    /// sends at most `batch_max` decisions in one call.
+    Multiplexed {
+        batch_max: usize,
+    },
     Pool(r2d2::Pool<NodeManager>),
 }
 
@@ -62,7 +67,7 @@ impl Master {
     pub fn open(info: ConnectionInfo, settings: ConnectionSettings) -> Result<Self, StoreError> {
         let addr = info.addr().to_string();
         let connections = match settings.mode {
-            ConnectionMode::Multiplexed => Connections::Multiplexed,
+            ConnectionMode::Multiplexed { batch_max } => Connections::Multiplexed { batch_max },
             ConnectionMode::Pool { size } => Connections::Pool(
                 r2d2::Pool::builder()
                     .max_size(size.max(1))

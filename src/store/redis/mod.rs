@@ -4,6 +4,7 @@
 //!
 //! - [`single`]: [`RedisStore`], the store on one master: the one query path, a
 //!   multiplexed connection per worker thread or a pool.
+//! - [`batch`]: the queue that sends the decisions waiting on one connection as one call.
 //! - [`script`]: the bucket scripts as commands (decide, refund), and what the bucket
 //!   script answers, as a [`Taken`](crate::bucket::Taken).
 //! - [`error`]: what a Redis failure means: a [`StoreError`](crate::store::StoreError) of
@@ -16,6 +17,7 @@
 //! - [`cluster`]: the same script on the masters of a Redis Cluster, slot by slot: its
 //!   store, how a request over several slots is settled, the slot map, and its watch.
 
+pub mod batch;
 pub mod cluster;
 pub mod discovery;
 pub mod error;

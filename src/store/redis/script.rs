@@ -1,13 +1,14 @@
 //! The bucket scripts as Redis commands, and what the bucket script answers.
 //!
 //! Every store in Redis sends the same two scripts: `token_bucket.lua` decides
-//! ([`decide_cmd`]), `refund.lua` gives back what a Cluster slot paid for a request that
-//! another slot refused, or hits a caller gives back ([`refund_cmd`]). Both name their buckets alike: one key per run of
-//! consecutive charges on one hash, then per run its length and per bucket its two fields
-//! and its limit. So one builder writes both, straight into one command buffer: a
-//! `ScriptInvocation` would allocate each argument separately first, on every decision.
+//! ([`decide_cmd`]; several requests in one call, [`decide_batch_cmd`]), `refund.lua`
+//! gives back what a Cluster slot paid for a request that another slot refused, or hits a
+//! caller gives back ([`refund_cmd`]). Both name their buckets alike: one key per run of consecutive charges
+//! on one hash, then per run its length and per bucket its two fields and its limit. So one
+//! builder writes both, straight into one command buffer: a `ScriptInvocation` would
+//! allocate each argument separately first, on every decision.
 
-use redis::{Cmd, ErrorKind, RedisError};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Value};
 
 use crate::bucket::{self, Group, Level, Paid, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::store::{KeyedCharge, StoreError};
@@ -59,21 +60,17 @@ fn bucket_script_cmd(
     charges: &[KeyedCharge],
     now_us: Option<u64>,
 ) -> Cmd {
-    let same_hash = |a: &KeyedCharge, b: &KeyedCharge| a.key == b.key;
     let mut cmd = Cmd::with_capacity(5 + 8 * charges.len(), 64 + 128 * charges.len());
     match (script, which) {
         (ScriptCall::Sha(script), _) => cmd.arg("EVALSHA").arg(script.get_hash()),
         (ScriptCall::Text, BucketScript::Decide) => cmd.arg("EVAL").arg(TOKEN_BUCKET_LUA),
         (ScriptCall::Text, BucketScript::Refund { .. }) => cmd.arg("EVAL").arg(REFUND_LUA),
     };
-    cmd.arg(charges.chunk_by(same_hash).count());
-    for run in charges.chunk_by(same_hash) {
+    cmd.arg(hashes(charges).count());
+    for run in hashes(charges) {
         cmd.arg(&*run[0].key);
     }
-    match now_us {
-        Some(now_us) => cmd.arg(now_us),
-        None => cmd.arg(""),
-    };
+    clock(&mut cmd, now_us);
     match which {
         BucketScript::Refund {
             paid: Paid::NoEarlierThan(paid_at_us),
@@ -83,8 +80,80 @@ fn bucket_script_cmd(
         } => cmd.arg(""),
         BucketScript::Decide => &mut cmd,
     };
+    buckets(&mut cmd, which, charges);
+    cmd
+}
+
+/// `token_bucket.lua` over several requests in one call, each decided in turn as
+/// [`decide_cmd`] would decide it alone: every request's hashes, in order, then per
+/// request its number of hashes and of arguments, and the arguments `decide_cmd` gives it.
+pub fn decide_batch_cmd<R: AsRef<[KeyedCharge]>>(
+    script: ScriptCall<'_>,
+    requests: &[R],
+    now_us: Option<u64>,
+) -> Cmd {
+    let charges: usize = requests.iter().map(|r| r.as_ref().len()).sum();
+    let mut cmd = Cmd::with_capacity(6 + 3 * requests.len() + 8 * charges, 64 + 128 * charges);
+    match script {
+        ScriptCall::Sha(script) => cmd.arg("EVALSHA").arg(script.get_hash()),
+        ScriptCall::Text => cmd.arg("EVAL").arg(TOKEN_BUCKET_LUA),
+    };
+    let keys = |request: &R| hashes(request.as_ref()).count();
+    cmd.arg(requests.iter().map(keys).sum::<usize>());
+    for request in requests {
+        for run in hashes(request.as_ref()) {
+            cmd.arg(&*run[0].key);
+        }
+    }
+    clock(&mut cmd, now_us);
+    cmd.arg("batch").arg(requests.len());
+    for request in requests {
+        let charges = request.as_ref();
+        // Per hash its m, and six per bucket.
+        cmd.arg(keys(request))
+            .arg(keys(request) + 6 * charges.len());
+        buckets(&mut cmd, BucketScript::Decide, charges);
+    }
+    cmd
+}
+
+/// `cmd`, a call by hash of the script whose text is `script` ([`decide_cmd`],
+/// [`decide_batch_cmd`] or [`refund_cmd`]), as the same call by that text
+/// ([`ScriptCall::Text`]): for a node that answered `NOSCRIPT`.
+pub fn by_text(cmd: &Cmd, script: &str) -> Cmd {
+    let mut text = Cmd::new();
+    text.arg("EVAL").arg(script);
+    for arg in cmd.args_iter().skip(2) {
+        if let redis::Arg::Simple(bytes) = arg {
+            text.arg(bytes);
+        }
+    }
+    text
+}
+
+/// Whether `cmd` calls `script` by its hash.
+pub fn calls(cmd: &Cmd, script: &redis::Script) -> bool {
+    matches!(cmd.args_iter().nth(1), Some(redis::Arg::Simple(hash)) if hash == script.get_hash().as_bytes())
+}
+
+/// `charges` by hash: runs of consecutive charges on one key.
+fn hashes(charges: &[KeyedCharge]) -> impl Iterator<Item = &[KeyedCharge]> {
+    charges.chunk_by(|a, b| a.key == b.key)
+}
+
+/// The clock to decide on, or '' for Redis's own.
+fn clock(cmd: &mut Cmd, now_us: Option<u64>) {
+    match now_us {
+        Some(now_us) => cmd.arg(now_us),
+        None => cmd.arg(""),
+    };
+}
+
+/// Per hash of `charges`: its number of buckets, and per bucket its two fields, its limit
+/// and (deciding) its group.
+fn buckets(cmd: &mut Cmd, which: BucketScript, charges: &[KeyedCharge]) {
     let mut field = String::with_capacity(64);
-    for run in charges.chunk_by(same_hash) {
+    for run in hashes(charges) {
         cmd.arg(run.len());
         for keyed in run {
             let charge = &keyed.charge;
@@ -105,7 +174,6 @@ fn bucket_script_cmd(
             }
         }
     }
-    cmd
 }
 
 /// `refund.lua`'s answer over `charges` (the units each bucket holds after it) as each
@@ -162,6 +230,33 @@ pub(crate) fn taken_from(charges: &[KeyedCharge], answer: &[u64]) -> Result<Take
     let admitted =
         bucket::settle(charges, |keyed| keyed.charge.group, |i| levels[i].allowed).admitted;
     Ok(Taken { admitted, levels })
+}
+
+/// A batch's answer ([`decide_batch_cmd`] over `requests` requests), one per request in
+/// order: the values a lone call would have answered (`taken_from` reads them), or the
+/// error that request alone met. The whole is an error only when it cannot be read.
+pub fn batch_answers(
+    answer: Value,
+    requests: usize,
+) -> Result<Vec<Result<Vec<u64>, RedisError>>, RedisError> {
+    let answers = match answer {
+        Value::ServerError(error) => return Err(error.into()),
+        Value::Array(answers) if answers.len() == requests => answers,
+        other => {
+            return Err(RedisError::from((
+                ErrorKind::Parse,
+                "the bucket script answered a batch with the wrong shape",
+                format!("{other:?} for {requests} requests"),
+            )));
+        }
+    };
+    Ok(answers
+        .into_iter()
+        .map(|answer| match answer {
+            Value::ServerError(error) => Err(error.into()),
+            values => Vec::<u64>::from_redis_value(values).map_err(RedisError::from),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -224,6 +319,86 @@ mod tests {
         expected.extend(bucket("m"));
         expected.push("0".into());
         assert_eq!(words, expected);
+    }
+
+    #[test]
+    fn a_batch_names_every_requests_hashes_then_each_requests_counts_and_buckets() {
+        let (both, alone) = (charges(), [charge("a", "m", Group::Enforced)]);
+        let requests: [&[KeyedCharge]; 2] = [&both, &alone];
+        let words = words(&decide_batch_cmd(ScriptCall::Text, &requests, None));
+        let mut expected: Vec<String> = ["EVAL", TOKEN_BUCKET_LUA, "3", "a", "b", "a", ""]
+            .map(String::from)
+            .into();
+        expected.extend(["batch", "2", "2", "20", "2"].map(String::from));
+        expected.extend(bucket("m"));
+        expected.push("0".into());
+        expected.extend(bucket("d"));
+        expected.push("2".into());
+        expected.push("1".into());
+        expected.extend(bucket("m"));
+        expected.push("0".into());
+        expected.extend(["1", "7", "1"].map(String::from));
+        expected.extend(bucket("m"));
+        expected.push("0".into());
+        assert_eq!(words, expected);
+    }
+
+    #[test]
+    fn a_call_by_hash_becomes_the_same_call_by_text() {
+        let script = redis::Script::new(TOKEN_BUCKET_LUA);
+        let requests = [charges().to_vec(), charges()[..1].to_vec()];
+        assert_eq!(
+            words(&by_text(
+                &decide_batch_cmd(ScriptCall::Sha(&script), &requests, None),
+                TOKEN_BUCKET_LUA
+            )),
+            words(&decide_batch_cmd(ScriptCall::Text, &requests, None))
+        );
+        assert_eq!(
+            words(&by_text(
+                &decide_cmd(ScriptCall::Sha(&script), &charges(), None),
+                TOKEN_BUCKET_LUA
+            )),
+            words(&decide_cmd(ScriptCall::Text, &charges(), None))
+        );
+    }
+
+    #[test]
+    fn a_refund_by_hash_is_told_from_a_decision_and_resent_by_its_own_text() {
+        let (decide, refund) = (
+            redis::Script::new(TOKEN_BUCKET_LUA),
+            redis::Script::new(REFUND_LUA),
+        );
+        let by_hash = refund_cmd(ScriptCall::Sha(&refund), &charges(), Paid::Unknown, None);
+        assert!(calls(&by_hash, &refund));
+        assert!(!calls(&by_hash, &decide));
+        assert_eq!(
+            words(&by_text(&by_hash, REFUND_LUA)),
+            words(&refund_cmd(
+                ScriptCall::Text,
+                &charges(),
+                Paid::Unknown,
+                None
+            ))
+        );
+    }
+
+    #[test]
+    fn a_batch_answer_is_read_per_request_and_an_error_in_it_is_that_requests_alone() {
+        // As Redis writes it: two answers, and an error between them.
+        let answer = redis::parse_redis_value(
+            b"*3\r\n*2\r\n:1\r\n:9\r\n-WRONGTYPE Operation\r\n*2\r\n:0\r\n:0\r\n",
+        )
+        .unwrap();
+        let answers = batch_answers(answer, 3).unwrap();
+        assert_eq!(answers[0].as_ref().unwrap(), &[1, 9]);
+        assert!(answers[1].is_err());
+        assert_eq!(answers[2].as_ref().unwrap(), &[0, 0]);
+        let short = redis::parse_redis_value(b"*1\r\n*2\r\n:1\r\n:9\r\n").unwrap();
+        assert!(
+            batch_answers(short, 3).is_err(),
+            "too few answers is no answer"
+        );
     }
 
     #[test]
