@@ -78,7 +78,8 @@ impl Level {
         let retry_after_us = if allowed {
             0
         } else {
-            limit.micros_to_gain(limit.units_of(cost).saturating_sub(tokens))
+            // A cost beyond the burst is never there: tell the time until the bucket is full.
+            limit.micros_to_gain(limit.units_of(cost).min(capacity).saturating_sub(tokens))
         };
         Self {
             allowed,

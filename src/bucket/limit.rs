@@ -149,12 +149,14 @@ impl Limit {
         self.token_units
     }
 
-    /// Units `tokens` tokens are worth, capped at a full bucket (a cost beyond the burst
-    /// can never be paid, and the policy file refuses one).
+    /// Units `tokens` tokens are worth. A cost beyond the burst is one unit more than a
+    /// full bucket holds: no bucket ever has it, so it is refused by the one admission rule
+    /// like any other lack, and the number stays as small as the bucket's (below 2^53 for
+    /// the Lua mirror).
     pub fn units_of(&self, tokens: u64) -> u64 {
         tokens
             .saturating_mul(self.token_units)
-            .min(self.capacity_units())
+            .min(self.capacity_units() + 1)
     }
 
     /// Units a full bucket holds.

@@ -226,10 +226,9 @@ impl Decider {
         }
         let Charges {
             names,
-            buckets: mut keyed,
+            buckets: keyed,
         } = charges;
-        let beyond = Beyond::read_instead(&mut keyed);
-        let mut verdict = match &self.buckets {
+        let verdict = match &self.buckets {
             Buckets::Local(store) => {
                 let started = Instant::now();
                 let taken = store.take_all_now(&keyed);
@@ -238,7 +237,6 @@ impl Decider {
             }
             Buckets::Shared(store) => self.decide_shared(store.as_ref(), &names, &keyed).await,
         };
-        beyond.lack(&mut verdict);
         self.metrics.decision(
             verdict.allowed(),
             verdict.source().map_or("none", Source::as_str),
@@ -331,65 +329,6 @@ impl Decider {
         if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::AcqRel) {
             self.metrics.fallback_active(false);
             log::info!("Redis decides again");
-        }
-    }
-}
-
-/// The charges of a request that ask more tokens than their bucket can ever hold. The
-/// HTTP fronts refuse such a cost before deciding; a rate-limit service request's hits are
-/// the caller's to choose, and such a request is over the limit, not an error. Those
-/// charges lack the tokens whatever their bucket holds: one that is enforced refuses the
-/// request, so that nothing is paid, every charge is only read (cost 0, which still
-/// reports each bucket's level); one that is shadow fails its group, whose charges are
-/// read. Reading instead of paying keeps the store's all-or-nothing rule unchanged.
-struct Beyond {
-    charges: Vec<usize>,
-    refuses: bool,
-}
-
-impl Beyond {
-    fn read_instead(keyed: &mut [KeyedCharge]) -> Self {
-        let charges: Vec<usize> = keyed
-            .iter()
-            .enumerate()
-            .filter(|(_, keyed)| keyed.charge.cost > keyed.charge.limit.capacity())
-            .map(|(i, _)| i)
-            .collect();
-        let refuses = charges
-            .iter()
-            .any(|&i| keyed[i].charge.group == Group::Enforced);
-        if !charges.is_empty() {
-            let failed: Vec<Group> = charges.iter().map(|&i| keyed[i].charge.group).collect();
-            for keyed in keyed.iter_mut() {
-                if refuses || failed.contains(&keyed.charge.group) {
-                    keyed.charge.cost = 0;
-                }
-            }
-        }
-        Self { charges, refuses }
-    }
-
-    /// Marks the charges as lacking in `verdict`, and the request as refused when one of
-    /// them is enforced. Never enough is not a time: they are told the time until their
-    /// bucket is full. `FAIL_MODE=open` still admits, as it admits everything.
-    fn lack(&self, verdict: &mut Verdict<'_>) {
-        if self.charges.is_empty() {
-            return;
-        }
-        let Verdict::Decided {
-            admitted, limits, ..
-        } = verdict
-        else {
-            return;
-        };
-        for &i in &self.charges {
-            if let Some(level) = limits.get_mut(i).and_then(|limit| limit.level.as_mut()) {
-                level.allowed = false;
-                level.retry_after_us = level.full_after_us;
-            }
-        }
-        if self.refuses {
-            *admitted = false;
         }
     }
 }
