@@ -94,7 +94,6 @@ struct RouteLabel(&'static str);
 
 /// Every route. Anything else is a 404; a known path with another method a 405.
 pub fn configure(config: &mut web::ServiceConfig) {
-    let get = || web::route().guard(guard::Any(guard::Get()).or(guard::Head()));
     let endpoint = |path: &'static str, handler: actix_web::Route| {
         web::resource(path)
             .app_data(RouteLabel(path))
@@ -105,37 +104,38 @@ pub fn configure(config: &mut web::ServiceConfig) {
         // First: the gateway asks about every request, and routes are tried in order; the
         // patterns with segments below are regexes that a static path need not run.
         .service(endpoint("/v1/check", web::route().to(check::check)))
-        .service(endpoint("/", get().to(routes::index)))
-        .service(endpoint("/health", get().to(routes::health)))
-        .service(endpoint("/ready", get().to(routes::ready)))
-        .service(endpoint("/metrics", get().to(routes::metrics)))
+        .service(endpoint("/", get_or_head().to(routes::index)))
+        .service(endpoint("/health", get_or_head().to(routes::health)))
+        .service(endpoint("/ready", get_or_head().to(routes::ready)))
+        .service(endpoint("/metrics", get_or_head().to(routes::metrics)))
         .service(endpoint(
             "/limited_endpoint",
-            get().to(routes::limited_endpoint),
+            get_or_head().to(routes::limited_endpoint),
         ))
-        .service(endpoint("/v1/policies", get().to(policies::list)))
-        .service(endpoint("/v1/explain", get().to(policies::explain)))
+        .service(endpoint("/v1/policies", get_or_head().to(policies::list)))
+        .service(endpoint("/v1/explain", get_or_head().to(policies::explain)))
         .service(
             web::resource("/v1/decide")
                 .app_data(RouteLabel("/v1/decide"))
                 .route(web::post().to(decide::decide))
                 .default_service(web::to(|| problem::not_allowed("POST"))),
         )
-        .service(
-            web::resource("/v1/buckets/{policy}")
-                .app_data(RouteLabel("/v1/buckets/{policy}"))
-                .route(get().to(decide::show_bucket))
-                .route(web::delete().to(decide::reset_bucket))
-                .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE"))),
-        )
-        .service(
-            web::resource("/v1/buckets/{policy}/{key}")
-                .app_data(RouteLabel("/v1/buckets/{policy}/{key}"))
-                .route(get().to(decide::show_bucket_of))
-                .route(web::delete().to(decide::reset_bucket_of))
-                .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE"))),
-        )
+        .service(buckets("/v1/buckets/{policy}"))
+        .service(buckets("/v1/buckets/{policy}/{key}"))
         .default_service(web::to(problem::not_found));
+}
+
+fn get_or_head() -> actix_web::Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
+/// The bucket API at `path`; `{key}` may be absent from it (composite and `global` keys).
+fn buckets(path: &'static str) -> actix_web::Resource {
+    web::resource(path)
+        .app_data(RouteLabel(path))
+        .route(get_or_head().to(decide::show_bucket))
+        .route(web::delete().to(decide::reset_bucket))
+        .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE")))
 }
 
 /// Counts a finished request by the route it matched and its status, and times it from

@@ -24,7 +24,7 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod input;
@@ -145,72 +145,39 @@ async fn decide_named(
     }
 }
 
-/// `GET /v1/buckets/{policy}?key=…` (composite and `global` keys).
+/// The path of the bucket API: `/v1/buckets/{policy}`, with `/{key}` for a one-part key
+/// (a composite or `global` key comes in the query instead).
+#[derive(Debug, Deserialize)]
+pub struct BucketPath {
+    policy: String,
+    key: Option<String>,
+}
+
+/// `GET /v1/buckets/{policy}/{key}` (or `?key=…`): the decision at cost 0.
 pub async fn show_bucket(
     req: HttpRequest,
-    policy: web::Path<String>,
+    path: web::Path<BucketPath>,
     state: web::Data<AppState>,
     auth: web::Data<AdminAuth>,
 ) -> Result<HttpResponse, ApiError> {
-    show(&req, &policy, None, &state, &auth).await
-}
-
-/// `GET /v1/buckets/{policy}/{key}`.
-pub async fn show_bucket_of(
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    state: web::Data<AppState>,
-    auth: web::Data<AdminAuth>,
-) -> Result<HttpResponse, ApiError> {
-    let (policy, key) = path.into_inner();
-    show(&req, &policy, Some(key), &state, &auth).await
-}
-
-/// `DELETE /v1/buckets/{policy}?key=…`.
-pub async fn reset_bucket(
-    req: HttpRequest,
-    policy: web::Path<String>,
-    state: web::Data<AppState>,
-    auth: web::Data<AdminAuth>,
-) -> Result<HttpResponse, ApiError> {
-    reset(&req, &policy, None, &state, &auth).await
-}
-
-/// `DELETE /v1/buckets/{policy}/{key}`.
-pub async fn reset_bucket_of(
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    state: web::Data<AppState>,
-    auth: web::Data<AdminAuth>,
-) -> Result<HttpResponse, ApiError> {
-    let (policy, key) = path.into_inner();
-    reset(&req, &policy, Some(key), &state, &auth).await
-}
-
-async fn show(
-    req: &HttpRequest,
-    policy: &str,
-    path_key: Option<String>,
-    state: &AppState,
-    auth: &AdminAuth,
-) -> Result<HttpResponse, ApiError> {
-    auth.check(req)?;
-    let key = bucket_key(path_key, req.query_string())?;
-    decide_named(state, policy, key.as_deref(), 0).await
+    auth.check(&req)?;
+    let BucketPath { policy, key } = path.into_inner();
+    let key = bucket_key(key, req.query_string())?;
+    decide_named(&state, &policy, key.as_deref(), 0).await
 }
 
 /// Deletes the policy's hash for the key: every limit full again. 204 once the store
 /// has done it; 503 when it cannot, never a silent success.
-async fn reset(
-    req: &HttpRequest,
-    policy: &str,
-    path_key: Option<String>,
-    state: &AppState,
-    auth: &AdminAuth,
+pub async fn reset_bucket(
+    req: HttpRequest,
+    path: web::Path<BucketPath>,
+    state: web::Data<AppState>,
+    auth: web::Data<AdminAuth>,
 ) -> Result<HttpResponse, ApiError> {
-    auth.check(req)?;
-    let key = bucket_key(path_key, req.query_string())?;
-    let reset = match Named::read(policy, key.as_deref())? {
+    auth.check(&req)?;
+    let BucketPath { policy, key } = path.into_inner();
+    let key = bucket_key(key, req.query_string())?;
+    let reset = match Named::read(&policy, key.as_deref())? {
         Named::Policy { name, key } => {
             let policies = state.limiter.policies();
             state.limiter.reset(&policies, name, key).await
