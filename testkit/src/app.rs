@@ -72,6 +72,25 @@ impl TestApp {
         format!("{}{path}", self.url)
     }
 
+    /// `GET path` from a client of its own on 127.0.0.1; a transport error fails the test.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        crate::client()
+            .get(self.at(path))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("GET {path}: {err}"))
+    }
+
+    /// `GET path` and its body as JSON; a body that is not JSON fails the test.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.get(path).await;
+        let status = response.status();
+        response
+            .json()
+            .await
+            .unwrap_or_else(|err| panic!("GET {path} ({status}): not JSON: {err}"))
+    }
+
     /// The rate-limit service's port; panics without `GRPC_PORT`.
     pub fn grpc(&self) -> u16 {
         self.grpc_port

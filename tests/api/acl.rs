@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use testkit::{
-    RedisProcess, SERVICE_PASSWORD, SERVICE_USER, TestApp, client, header, unique_prefix,
-    wait_until,
+    RedisProcess, SERVICE_PASSWORD, SERVICE_USER, TestApp, header, unique_prefix, wait_until,
 };
 
 /// The configs the shipped topologies run their data nodes from: the Sentinel group's
@@ -126,11 +125,7 @@ async fn an_instance_logs_in_as_redis_username_in_both_client_modes() {
             ("KEY_PREFIX", &unique_prefix("acl-login")),
             ("FAIL_MODE", "closed"),
         ]);
-        let response = client()
-            .get(app.at("/limited_endpoint"))
-            .send()
-            .await
-            .unwrap();
+        let response = app.get("/limited_endpoint").await;
         assert_eq!(response.status(), 200, "{mode}");
         assert_eq!(header(&response, "x-ratelimit-source"), "redis", "{mode}");
         let clients: String = redis.command(&["CLIENT", "LIST"]);

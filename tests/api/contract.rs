@@ -3,13 +3,8 @@
 use testkit::{RedisProcess, TestApp, client, header, passes, unique_prefix};
 
 async fn ten_pass_then_429_with_headers(app: &TestApp, expected_source: &str) {
-    let client = client();
     for n in 1..=10 {
-        let response = client
-            .get(app.at("/limited_endpoint"))
-            .send()
-            .await
-            .unwrap();
+        let response = app.get("/limited_endpoint").await;
         assert_eq!(response.status(), 200, "request {n}");
         assert_eq!(
             header(&response, "RateLimit-Policy"),
@@ -25,11 +20,7 @@ async fn ten_pass_then_429_with_headers(app: &TestApp, expected_source: &str) {
         assert_eq!(body["message"], "This is a limited endpoint");
         assert_eq!(body["instance"], "test");
     }
-    let denied = client
-        .get(app.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let denied = app.get("/limited_endpoint").await;
     assert_eq!(denied.status(), 429);
     assert_eq!(header(&denied, "Content-Type"), "application/problem+json");
     assert_eq!(header(&denied, "Retry-After"), "6");
@@ -71,11 +62,7 @@ async fn legacy_headers_replace_the_draft_ones_when_asked() {
         ("RATE_LIMIT", "3"),
         ("TIME_WINDOW", "30"),
     ]);
-    let response = client()
-        .get(app.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/limited_endpoint").await;
     assert_eq!(header(&response, "X-RateLimit-Limit"), "3");
     assert_eq!(header(&response, "X-RateLimit-Remaining"), "2");
     assert_eq!(header(&response, "X-RateLimit-Reset"), "10");
@@ -86,22 +73,14 @@ async fn legacy_headers_replace_the_draft_ones_when_asked() {
 #[tokio::test]
 async fn both_header_sets_are_sent_when_asked_and_none_when_not() {
     let both = TestApp::spawn(&[("RATELIMIT_HEADERS", "both")]);
-    let response = client()
-        .get(both.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let response = both.get("/limited_endpoint").await;
     assert_eq!(header(&response, "X-RateLimit-Limit"), "10");
     assert_eq!(
         header(&response, "RateLimit-Policy"),
         "\"default\";q=10;w=60"
     );
     let none = TestApp::spawn(&[("RATELIMIT_HEADERS", "none")]);
-    let response = client()
-        .get(none.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let response = none.get("/limited_endpoint").await;
     assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "X-RateLimit-Limit"), "");
     assert_eq!(header(&response, "RateLimit"), "");
@@ -118,9 +97,8 @@ async fn a_burst_larger_than_the_rate_sets_the_quota() {
 #[tokio::test]
 async fn the_index_health_and_ready_routes_are_never_limited() {
     let app = TestApp::spawn(&[("RATE_LIMIT", "1")]);
-    let client = client();
     for _ in 0..5 {
-        let index = client.get(app.at("/")).send().await.unwrap();
+        let index = app.get("/").await;
         assert_eq!(index.status(), 200);
         assert_eq!(header(&index, "X-Instance"), "test");
         let body: serde_json::Value = index.json().await.unwrap();
@@ -128,19 +106,9 @@ async fn the_index_health_and_ready_routes_are_never_limited() {
             body,
             serde_json::json!({"message": "Hello World", "instance": "test"})
         );
-        let health: serde_json::Value = client
-            .get(app.at("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: serde_json::Value = app.get_json("/health").await;
         assert_eq!(health, serde_json::json!({"status": "ok"}));
-        assert_eq!(
-            client.get(app.at("/ready")).send().await.unwrap().status(),
-            200
-        );
+        assert_eq!(app.get("/ready").await.status(), 200);
     }
 }
 
@@ -148,7 +116,7 @@ async fn the_index_health_and_ready_routes_are_never_limited() {
 async fn unknown_paths_are_404_and_wrong_methods_405_both_as_problems() {
     let app = TestApp::spawn(&[]);
     let client = client();
-    let missing = client.get(app.at("/nope")).send().await.unwrap();
+    let missing = app.get("/nope").await;
     assert_eq!(missing.status(), 404);
     assert_eq!(header(&missing, "Content-Type"), "application/problem+json");
     assert_eq!(header(&missing, "X-Instance"), "test");
@@ -178,8 +146,7 @@ async fn ready_is_503_with_a_reason_when_redis_is_unreachable_and_health_stays_2
         ("REDIS_URL", &format!("redis://127.0.0.1:{port}")),
         ("REDIS_TIMEOUT_MS", "50"),
     ]);
-    let client = client();
-    let ready = client.get(app.at("/ready")).send().await.unwrap();
+    let ready = app.get("/ready").await;
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["status"], "unavailable");
@@ -187,8 +154,5 @@ async fn ready_is_503_with_a_reason_when_redis_is_unreachable_and_health_stays_2
         body["reason"].as_str().unwrap().contains(&port.to_string()),
         "{body}"
     );
-    assert_eq!(
-        client.get(app.at("/health")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(app.get("/health").await.status(), 200);
 }

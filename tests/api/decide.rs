@@ -73,8 +73,8 @@ async fn decide(client: &Client, app: &TestApp, body: Value) -> Value {
 }
 
 /// `GET /v1/buckets/…` at `path`, which must answer 200; its JSON.
-async fn show(client: &Client, app: &TestApp, path: &str) -> Value {
-    let response = client.get(app.at(path)).send().await.unwrap();
+async fn show(app: &TestApp, path: &str) -> Value {
+    let response = app.get(path).await;
     assert_eq!(response.status(), 200, "{path}");
     response.json().await.unwrap()
 }
@@ -120,7 +120,7 @@ async fn cost_zero_spends_nothing_and_writes_nothing_to_redis() {
 
     let again = decide(&client, &app, read).await;
     assert_eq!(remaining(&again), vec![9, 14]);
-    let through_buckets = show(&client, &app, "/v1/buckets/api/user-42").await;
+    let through_buckets = show(&app, "/v1/buckets/api/user-42").await;
     assert_eq!(through_buckets["cost"], 0);
     assert_eq!(through_buckets["bucket"], bucket.as_str());
     assert_eq!(remaining(&through_buckets), vec![9, 14]);
@@ -226,7 +226,7 @@ async fn a_reset_makes_every_limit_full_again_on_redis_and_on_the_embedded_store
         for _ in 0..2 {
             assert_eq!(decide(&client, &app, ask.clone()).await["allowed"], false);
         }
-        let bucket = show(&client, &app, "/v1/buckets/scarce/k").await["bucket"]
+        let bucket = show(&app, "/v1/buckets/scarce/k").await["bucket"]
             .as_str()
             .unwrap()
             .to_string();
@@ -239,7 +239,7 @@ async fn a_reset_makes_every_limit_full_again_on_redis_and_on_the_embedded_store
         if store.is_some() {
             assert_eq!(redis.command::<i64>(&["EXISTS", &bucket]), 0);
         }
-        let full = show(&client, &app, "/v1/buckets/scarce/k").await;
+        let full = show(&app, "/v1/buckets/scarce/k").await;
         assert_eq!(remaining(&full), vec![1], "{what}");
         assert_eq!(decide(&client, &app, ask).await["allowed"], true, "{what}");
     }
@@ -300,7 +300,7 @@ async fn a_key_decided_through_the_api_is_the_bucket_its_requests_are_charged_to
         r#""api-minute";r=0;t=6, "api-hour";r=5;t=240"#
     );
     assert_eq!(request().send().await.unwrap().status(), 429);
-    let after = show(&client, &app, "/v1/buckets/api/user-7").await;
+    let after = show(&app, "/v1/buckets/api/user-7").await;
     assert_eq!(remaining(&after), vec![0, 5]);
 }
 
@@ -315,11 +315,7 @@ async fn the_default_policy_is_keyed_by_the_client_address_as_its_requests_are()
     )
     .await;
     assert_eq!(spent["source"], "local");
-    let denied = client
-        .get(app.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let denied = app.get("/limited_endpoint").await;
     assert_eq!(denied.status(), 429);
 }
 
@@ -334,12 +330,12 @@ async fn composite_and_global_keys_are_named_in_the_query() {
         json!({"policy": "pair", "key": ["k", "get"], "cost": 2}),
     )
     .await;
-    let pair = show(&client, &app, "/v1/buckets/pair?key=k&key=GET").await;
+    let pair = show(&app, "/v1/buckets/pair?key=k&key=GET").await;
     assert_eq!(remaining(&pair), vec![3]);
-    let other = show(&client, &app, "/v1/buckets/pair?key=k&key=POST").await;
+    let other = show(&app, "/v1/buckets/pair?key=k&key=POST").await;
     assert_eq!(remaining(&other), vec![5]);
     decide(&client, &app, json!({"policy": "ceiling", "cost": 40})).await;
-    let global = show(&client, &app, "/v1/buckets/ceiling").await;
+    let global = show(&app, "/v1/buckets/ceiling").await;
     assert_eq!(remaining(&global), vec![60]);
     let reset = client
         .delete(app.at("/v1/buckets/pair?key=k&key=GET"))
@@ -347,11 +343,11 @@ async fn composite_and_global_keys_are_named_in_the_query() {
         .await
         .unwrap();
     assert_eq!(reset.status(), 204);
-    let pair = show(&client, &app, "/v1/buckets/pair?key=k&key=GET").await;
+    let pair = show(&app, "/v1/buckets/pair?key=k&key=GET").await;
     assert_eq!(remaining(&pair), vec![5]);
     // A one-part key in the path is decoded: `a+b/c` is one value.
     decide(&client, &app, json!({"policy": "scarce", "key": "a+b/c"})).await;
-    let encoded = show(&client, &app, "/v1/buckets/scarce/a%2Bb%2Fc").await;
+    let encoded = show(&app, "/v1/buckets/scarce/a%2Bb%2Fc").await;
     assert_eq!(remaining(&encoded), vec![0]);
 }
 
@@ -494,7 +490,7 @@ async fn a_large_body_is_a_413_another_media_type_a_415_and_another_method_a_405
         .await
         .unwrap();
     assert_eq!(with_charset.status(), 200);
-    let get = client.get(app.at("/v1/decide")).send().await.unwrap();
+    let get = app.get("/v1/decide").await;
     assert_eq!(header(&get, "Allow"), "POST");
     problem(get, 405, "this path answers POST", "GET /v1/decide").await;
     let put = client

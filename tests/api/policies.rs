@@ -155,12 +155,7 @@ limits = [
 "#,
     );
     let app = TestApp::spawn_with(&[("POLICY_FILE", file.path())]);
-    let client = client();
-    let first = client
-        .get(app.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let first = app.get("/limited_endpoint").await;
     assert_eq!(
         header(&first, "RateLimit-Policy"),
         r#""api-second";q=1;w=1, "api-minute";q=1;w=60"#
@@ -169,11 +164,7 @@ limits = [
         header(&first, "RateLimit"),
         r#""api-second";r=0;t=1, "api-minute";r=0;t=60"#
     );
-    let denied = client
-        .get(app.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let denied = app.get("/limited_endpoint").await;
     assert_eq!(denied.status(), 429);
     assert_eq!(header(&denied, "Retry-After"), "60");
     let body: serde_json::Value = denied.json().await.unwrap();
@@ -207,11 +198,7 @@ async fn a_shadow_policy_never_denies_is_counted_and_changes_no_enforced_decisio
         let app = TestApp::spawn_with(&[("POLICY_FILE", file.path())]);
         let mut seen = Vec::new();
         for _ in 0..6 {
-            let response = client
-                .get(app.at("/limited_endpoint"))
-                .send()
-                .await
-                .unwrap();
+            let response = app.get("/limited_endpoint").await;
             assert!(
                 !header(&response, "RateLimit-Policy").contains("trial"),
                 "shadow limits never show"
@@ -459,20 +446,9 @@ async fn a_reload_under_load_fails_no_request_applies_to_the_next_ones_and_an_in
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let still = client
-        .get(app.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let still = app.get("/limited_endpoint").await;
     assert!(header(&still, "RateLimit-Policy").contains("\"after-minute\""));
-    let listed: serde_json::Value = client
-        .get(app.at("/v1/policies"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: serde_json::Value = app.get_json("/v1/policies").await;
     assert_eq!(listed["policies"][0]["name"], "after");
 }
 
@@ -573,20 +549,9 @@ async fn explain_names_the_policies_a_request_would_meet_and_hashes_secret_key_p
         2
     );
     assert!(!text.contains("very-secret-key"), "{text}");
-    let elsewhere: serde_json::Value = client
-        .get(app.at("/v1/explain?method=GET&path=/other"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let elsewhere: serde_json::Value = app.get_json("/v1/explain?method=GET&path=/other").await;
     assert_eq!(elsewhere["policies"], serde_json::json!([]));
-    let bad = client
-        .get(app.at("/v1/explain?path=/x"))
-        .send()
-        .await
-        .unwrap();
+    let bad = app.get("/v1/explain?path=/x").await;
     assert_eq!(bad.status(), 400);
     let body: serde_json::Value = bad.json().await.unwrap();
     assert!(

