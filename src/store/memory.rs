@@ -316,7 +316,6 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::LimitSpec;
 
     fn key(n: u32) -> String {
         format!("client-{n}")
@@ -325,12 +324,7 @@ mod tests {
     #[test]
     fn clients_have_separate_buckets() {
         let store = MemoryStore::default();
-        let limit = Limit::parse(LimitSpec {
-            rate: 1,
-            window_s: 60,
-            burst: 1,
-        })
-        .unwrap();
+        let limit = Limit::per(1, 60, 1).unwrap();
         assert!(store.take_at(&key(1), &limit, 0).allowed);
         assert!(!store.take_at(&key(1), &limit, 1).allowed);
         assert!(store.take_at(&key(2), &limit, 1).allowed);
@@ -339,12 +333,7 @@ mod tests {
     #[test]
     fn a_charge_of_zero_tokens_stores_nothing() {
         let store = MemoryStore::default();
-        let limit = Limit::parse(LimitSpec {
-            rate: 1,
-            window_s: 60,
-            burst: 2,
-        })
-        .unwrap();
+        let limit = Limit::per(1, 60, 2).unwrap();
         let read = |name: &str| KeyedCharge {
             key: name.into(),
             field: "".into(),
@@ -367,12 +356,7 @@ mod tests {
     #[test]
     fn a_removed_bucket_is_full_again_and_its_neighbours_are_kept() {
         let store = MemoryStore::default();
-        let limit = Limit::parse(LimitSpec {
-            rate: 1,
-            window_s: 60,
-            burst: 1,
-        })
-        .unwrap();
+        let limit = Limit::per(1, 60, 1).unwrap();
         store.take_at(&key(1), &limit, 0);
         store.take_at(&key(2), &limit, 0);
         let bucket = KeyedCharge {
@@ -388,12 +372,7 @@ mod tests {
     #[test]
     fn buckets_that_have_refilled_are_dropped() {
         let store = MemoryStore::new(usize::MAX / 2);
-        let limit = Limit::parse(LimitSpec {
-            rate: 10,
-            window_s: 1,
-            burst: 10,
-        })
-        .unwrap();
+        let limit = Limit::per(10, 1, 10).unwrap();
         let old_clients = (SHARDS * MIN_SWEEP_LEN) as u32;
         for n in 0..old_clients {
             store.take_at(&key(n), &limit, 0);
@@ -409,12 +388,7 @@ mod tests {
     #[test]
     fn buckets_still_refilling_are_kept() {
         let store = MemoryStore::default();
-        let limit = Limit::parse(LimitSpec {
-            rate: 1,
-            window_s: 3600,
-            burst: 1,
-        })
-        .unwrap();
+        let limit = Limit::per(1, 3600, 1).unwrap();
         store.take_at(&key(7), &limit, 0);
         for n in 0..(SHARDS * MIN_SWEEP_LEN * 2) as u32 {
             store.take_at(&key(n + 100), &limit, 1);
@@ -425,12 +399,7 @@ mod tests {
     #[test]
     fn the_store_never_holds_more_than_its_capacity() {
         let store = MemoryStore::new(SHARDS * 16);
-        let limit = Limit::parse(LimitSpec {
-            rate: 10,
-            window_s: 3600,
-            burst: 10,
-        })
-        .unwrap();
+        let limit = Limit::per(10, 3600, 10).unwrap();
         for n in 0..(SHARDS * 16 * 10) as u32 {
             store.take_at(&key(n), &limit, u64::from(n));
             assert!(store.len() <= SHARDS * 16, "{} buckets", store.len());
@@ -440,12 +409,7 @@ mod tests {
     #[test]
     fn a_full_store_forgets_the_buckets_closest_to_full_first() {
         let store = MemoryStore::new(SHARDS * 16);
-        let limit = Limit::parse(LimitSpec {
-            rate: 10,
-            window_s: 3600,
-            burst: 10,
-        })
-        .unwrap();
+        let limit = Limit::per(10, 3600, 10).unwrap();
         let drained = key(u32::MAX);
         for _ in 0..10 {
             assert!(store.take_at(&drained, &limit, 0).allowed);

@@ -172,6 +172,21 @@ pub struct KeyedCharge {
     pub charge: Charge,
 }
 
+#[cfg(test)]
+impl KeyedCharge {
+    /// One unit from a bucket of `burst` that refills a token an hour, in `group`.
+    pub fn hourly(key: &str, field: &str, burst: u64, group: crate::bucket::Group) -> Self {
+        Self {
+            key: key.into(),
+            field: field.into(),
+            charge: Charge {
+                group,
+                ..Charge::one(crate::bucket::Limit::per(1, 3600, burst).unwrap())
+            },
+        }
+    }
+}
+
 /// A place that keeps token buckets and can decide a request over several of them
 /// atomically.
 pub trait Store: Send + Sync + 'static {

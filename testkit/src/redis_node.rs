@@ -54,7 +54,7 @@ impl RedisProcess {
         require("redis-server", "redis-server");
         let dir = tempfile::tempdir().expect("temporary folder");
         let users = render_users(dir.path());
-        let mut args = strings(&[
+        let args = strings(&[
             "--port",
             &port.to_string(),
             "--bind",
@@ -76,11 +76,7 @@ impl RedisProcess {
             "--repl-diskless-sync-delay",
             "0",
         ]);
-        if let Some(master) = replica_of {
-            args.extend(strings(&["--replicaof", "127.0.0.1", &master.to_string()]));
-        }
-        args.extend(strings(extra));
-        Self::spawn("redis-server", args, dir, port, false)
+        Self::start_data_node(args, dir, port, replica_of, extra)
     }
 
     /// A data node from a shipped template (`redis/master.conf`, `redis/replica.conf` or
@@ -100,7 +96,7 @@ impl RedisProcess {
         );
         // The template loads `users.acl` from its own folder, as the topologies render it.
         render_users(dir.path());
-        let mut args = strings(&[
+        let args = strings(&[
             &copy.display().to_string(),
             "--port",
             &port.to_string(),
@@ -111,11 +107,7 @@ impl RedisProcess {
             "--logfile",
             "redis.log",
         ]);
-        if let Some(master) = replica_of {
-            args.extend(strings(&["--replicaof", "127.0.0.1", &master.to_string()]));
-        }
-        args.extend(strings(extra));
-        Self::spawn("redis-server", args, dir, port, false)
+        Self::start_data_node(args, dir, port, replica_of, extra)
     }
 
     /// A sentinel from the shipped `redis/sentinel.conf`, watching `master_port` as
@@ -159,6 +151,36 @@ impl RedisProcess {
             "sentinel.log",
         ]);
         Self::spawn("redis-sentinel", args, dir, port, true)
+    }
+
+    /// Picks the node on `port` out of a topology's nodes.
+    pub fn on_port(nodes: &[Self], port: u16) -> &Self {
+        nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node on that port")
+    }
+
+    /// [`RedisProcess::on_port`], to stop or restart it.
+    pub fn on_port_mut(nodes: &mut [Self], port: u16) -> &mut Self {
+        nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node on that port")
+    }
+
+    fn start_data_node(
+        mut args: Vec<String>,
+        dir: tempfile::TempDir,
+        port: u16,
+        replica_of: Option<u16>,
+        extra: &[&str],
+    ) -> Self {
+        if let Some(master) = replica_of {
+            args.extend(strings(&["--replicaof", "127.0.0.1", &master.to_string()]));
+        }
+        args.extend(strings(extra));
+        Self::spawn("redis-server", args, dir, port, false)
     }
 
     fn spawn(

@@ -79,16 +79,10 @@ impl SentinelCluster {
     }
 
     pub fn node(&self, port: u16) -> &RedisProcess {
-        self.nodes
-            .iter()
-            .find(|n| n.port == port)
-            .expect("a node on that port")
+        RedisProcess::on_port(&self.nodes, port)
     }
 
     pub fn node_mut(&mut self, port: u16) -> &mut RedisProcess {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .expect("a node on that port")
+        RedisProcess::on_port_mut(&mut self.nodes, port)
     }
 }

@@ -153,6 +153,19 @@ pub struct BucketPath {
     key: Option<String>,
 }
 
+impl BucketPath {
+    /// The policy and the key, once the caller may use the bucket API.
+    fn read(
+        self,
+        req: &HttpRequest,
+        auth: &AdminAuth,
+    ) -> Result<(String, Option<Vec<String>>), ApiError> {
+        auth.check(req)?;
+        let key = bucket_key(self.key, req.query_string())?;
+        Ok((self.policy, key))
+    }
+}
+
 /// `GET /v1/buckets/{policy}/{key}` (or `?key=…`): the decision at cost 0.
 pub async fn show_bucket(
     req: HttpRequest,
@@ -160,9 +173,7 @@ pub async fn show_bucket(
     state: web::Data<AppState>,
     auth: web::Data<AdminAuth>,
 ) -> Result<HttpResponse, ApiError> {
-    auth.check(&req)?;
-    let BucketPath { policy, key } = path.into_inner();
-    let key = bucket_key(key, req.query_string())?;
+    let (policy, key) = path.into_inner().read(&req, &auth)?;
     decide_named(&state, &policy, key.as_deref(), 0).await
 }
 
@@ -174,9 +185,7 @@ pub async fn reset_bucket(
     state: web::Data<AppState>,
     auth: web::Data<AdminAuth>,
 ) -> Result<HttpResponse, ApiError> {
-    auth.check(&req)?;
-    let BucketPath { policy, key } = path.into_inner();
-    let key = bucket_key(key, req.query_string())?;
+    let (policy, key) = path.into_inner().read(&req, &auth)?;
     let reset = match Named::read(&policy, key.as_deref())? {
         Named::Policy { name, key } => {
             let policies = state.limiter.policies();

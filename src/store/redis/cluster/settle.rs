@@ -106,17 +106,10 @@ pub fn settle_slots(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Charge, Group, Limit};
+    use crate::bucket::Group;
 
     fn charge(key: &str, field: &str, burst: u64, group: Group) -> KeyedCharge {
-        KeyedCharge {
-            key: key.into(),
-            field: field.into(),
-            charge: Charge {
-                group,
-                ..Charge::one(Limit::per(1, 3600, burst).unwrap())
-            },
-        }
+        KeyedCharge::hourly(key, field, burst, group)
     }
 
     /// A reply to `call` (one slot's charges): per charge, whether it had the tokens; the

@@ -75,17 +75,10 @@ pub fn slot_masters(slots: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{Charge, Group, Limit};
+    use crate::bucket::Group;
 
     fn charge(key: &str, field: &str, burst: u64, group: Group) -> KeyedCharge {
-        KeyedCharge {
-            key: key.into(),
-            field: field.into(),
-            charge: Charge {
-                group,
-                ..Charge::one(Limit::per(1, 3600, burst).unwrap())
-            },
-        }
+        KeyedCharge::hourly(key, field, burst, group)
     }
 
     #[test]
