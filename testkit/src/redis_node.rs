@@ -96,17 +96,7 @@ impl RedisProcess {
         );
         // The template loads `users.acl` from its own folder, as the topologies render it.
         render_users(dir.path());
-        let args = strings(&[
-            &copy.display().to_string(),
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            &dir.path().display().to_string(),
-            "--logfile",
-            "redis.log",
-        ]);
+        let args = from_config(&copy, port, dir.path(), "redis.log");
         Self::start_data_node(args, dir, port, replica_of, extra)
     }
 
@@ -139,17 +129,7 @@ impl RedisProcess {
                 ("EXTRA_CONFIG", &timings),
             ],
         );
-        let args = strings(&[
-            &copy.display().to_string(),
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            &dir.path().display().to_string(),
-            "--logfile",
-            "sentinel.log",
-        ]);
+        let args = from_config(&copy, port, dir.path(), "sentinel.log");
         Self::spawn("redis-sentinel", args, dir, port, true)
     }
 
@@ -396,4 +376,20 @@ fn render_users(dir: &Path) -> String {
         ],
     );
     path.display().to_string()
+}
+
+/// The command line of a node started from a rendered config: the harness's port, address,
+/// folder and log file on top of it.
+fn from_config(config: &Path, port: u16, dir: &Path, log_file: &str) -> Vec<String> {
+    strings(&[
+        &config.display().to_string(),
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        &dir.display().to_string(),
+        "--logfile",
+        log_file,
+    ])
 }

@@ -95,22 +95,54 @@ async fn drive(apps: &[TestApp; 2], connections: u64, seconds: u64) -> (u64, Vec
             let client = client_from(source);
             let url = apps[(n % 2) as usize].at("/limited_endpoint");
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while Instant::now() < deadline && (latencies.len() as u64) < per_connection {
-                    let sent = Instant::now();
+                let mut timed = Timed::until(deadline, per_connection);
+                while let Some(sent) = timed.next() {
                     let response = client.get(&url).send().await.unwrap();
                     assert_eq!(response.status(), 200, "every request is admitted");
-                    latencies.push(sent.elapsed().as_micros() as u64);
+                    timed.record(sent);
                 }
-                latencies
+                timed.latencies
             })
         })
         .collect();
+    let latencies = joined(tasks).await;
+    (latencies.len() as u64, latencies)
+}
+
+/// The latencies (µs) of decisions made one after another until a deadline or a count.
+struct Timed {
+    deadline: Instant,
+    most: u64,
+    latencies: Vec<u64>,
+}
+
+impl Timed {
+    fn until(deadline: Instant, most: u64) -> Self {
+        Self {
+            deadline,
+            most,
+            latencies: Vec::new(),
+        }
+    }
+
+    /// When the next decision is sent, if there is one to send.
+    fn next(&self) -> Option<Instant> {
+        let now = Instant::now();
+        (now < self.deadline && (self.latencies.len() as u64) < self.most).then_some(now)
+    }
+
+    fn record(&mut self, sent: Instant) {
+        self.latencies.push(sent.elapsed().as_micros() as u64);
+    }
+}
+
+/// Every task's latencies, once all have ended.
+async fn joined(tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>) -> Vec<u64> {
     let mut latencies = Vec::new();
     for task in tasks {
         latencies.extend(task.await.unwrap());
     }
-    (latencies.len() as u64, latencies)
+    latencies
 }
 
 /// What sends the decisions.
@@ -171,24 +203,17 @@ fn drive_stores(
                                 charge: Charge::one(limit),
                             }];
                             tokio::spawn(async move {
-                                let mut latencies = Vec::new();
-                                while Instant::now() < deadline
-                                    && (latencies.len() as u64) < per_connection
-                                {
-                                    let sent = Instant::now();
+                                let mut timed = Timed::until(deadline, per_connection);
+                                while let Some(sent) = timed.next() {
                                     let taken = store.take(&charges).await.unwrap();
                                     assert!(taken.admitted, "every request is admitted");
-                                    latencies.push(sent.elapsed().as_micros() as u64);
+                                    timed.record(sent);
                                 }
-                                latencies
+                                timed.latencies
                             })
                         })
                         .collect();
-                    let mut latencies = Vec::new();
-                    for task in tasks {
-                        latencies.extend(task.await.unwrap());
-                    }
-                    latencies
+                    joined(tasks).await
                 })
             })
         })

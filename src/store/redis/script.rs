@@ -284,6 +284,18 @@ mod tests {
         ]
     }
 
+    /// How [`charges`] follow its hash count: each bucket of `a` with its group, then
+    /// `b`'s count, its bucket and group.
+    fn charges_spelled() -> Vec<String> {
+        let mut words = bucket("m");
+        words.push("0".into());
+        words.extend(bucket("d"));
+        words.extend(["2", "1"].map(String::from));
+        words.extend(bucket("m"));
+        words.push("0".into());
+        words
+    }
+
     fn words(cmd: &Cmd) -> Vec<String> {
         cmd.args_iter()
             .map(|arg| match arg {
@@ -311,13 +323,7 @@ mod tests {
         let mut expected: Vec<String> = ["EVAL", TOKEN_BUCKET_LUA, "2", "a", "b", "7", "2"]
             .map(String::from)
             .into();
-        expected.extend(bucket("m"));
-        expected.push("0".into());
-        expected.extend(bucket("d"));
-        expected.push("2".into());
-        expected.push("1".into());
-        expected.extend(bucket("m"));
-        expected.push("0".into());
+        expected.extend(charges_spelled());
         assert_eq!(words, expected);
     }
 
@@ -330,13 +336,7 @@ mod tests {
             .map(String::from)
             .into();
         expected.extend(["batch", "2", "2", "20", "2"].map(String::from));
-        expected.extend(bucket("m"));
-        expected.push("0".into());
-        expected.extend(bucket("d"));
-        expected.push("2".into());
-        expected.push("1".into());
-        expected.extend(bucket("m"));
-        expected.push("0".into());
+        expected.extend(charges_spelled());
         expected.extend(["1", "7", "1"].map(String::from));
         expected.extend(bucket("m"));
         expected.push("0".into());
