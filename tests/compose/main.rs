@@ -30,11 +30,11 @@
 //! # What is checked, and where
 //! | check | where |
 //! |---|---|
-//! | five random passwords, in a file only its owner reads | `secrets::compose_secrets_writes_…` |
+//! | six random passwords, in a file only its owner reads | `secrets::compose_secrets_writes_…` |
 //! | without any one password Compose refuses to start, naming it | `secrets::compose_refuses_to_start_…` |
 //! | every container healthy, both instances ready, Nginx off the Redis network | `sentinel::Topology::up` |
 //! | every container's log rotated (json-file, 3 × 10m) | `every_log_is_rotated`, both stacks |
-//! | NOAUTH from sentinels and data nodes; the instances' user refused all but its keys; Nginx neither resolves nor reaches Redis | `sentinel::access` |
+//! | NOAUTH from sentinels and data nodes; the instances' sentinel user refused SENTINEL MONITOR, SET, FAILOVER, REMOVE; their Redis user refused all but its keys; Nginx neither resolves nor reaches Redis | `sentinel::access` |
 //! | exact limits from both instances, per client; X-Forwarded-For believed from Nginx only | `sentinel::limits` |
 //! | `docker kill` and partition of the master under traffic: no 5xx, NOREPLICAS, promotion, exact again, rejoin | `sentinel::faults` |
 //! | the gateway: exact count upstream, the 429 problem, claimed headers, unlimited paths, internal routes; 503 with no instance | `sentinel::gateway` |

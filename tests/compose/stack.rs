@@ -22,12 +22,13 @@ pub const BASE_IMAGE: &str = "ratelimiter-base:bookworm";
 pub const APP_IMAGE: &str = "ratelimiter:local";
 
 /// The passwords `docker/compose.yaml` requires, none of which has a default.
-pub const PASSWORDS: [&str; 5] = [
+pub const PASSWORDS: [&str; 6] = [
     "REDIS_PASSWORD",
     "REDIS_ADMIN_PASSWORD",
     "REDIS_REPLICA_PASSWORD",
     "SENTINEL_AUTH_PASSWORD",
     "SENTINEL_PASSWORD",
+    "SENTINEL_SERVICE_PASSWORD",
 ];
 
 /// The label every client container of a project carries, so that `Drop` finds them.

@@ -1,5 +1,6 @@
 //! Who may talk to what: the sentinels and data nodes want a password, the instances'
-//! Redis user may touch only its keys, and Nginx is on a network without Redis.
+//! users may read the master from a sentinel and touch only their keys in Redis, and Nginx
+//! is on a network without Redis.
 
 use super::{DATA_NODES, SENTINELS, Topology};
 
@@ -27,6 +28,48 @@ impl Topology {
         }
         eprintln!(
             "  ok: every sentinel refuses SENTINEL MONITOR, GET-MASTER-ADDR-BY-NAME and PING without a password (NOAUTH)"
+        );
+    }
+
+    pub fn the_instances_sentinel_user_cannot_reconfigure_a_sentinel(&self) {
+        let auth = format!(
+            "REDISCLI_AUTH={}",
+            self.stack.passwords["SENTINEL_SERVICE_PASSWORD"]
+        );
+        for sentinel in SENTINELS {
+            let as_instances = |command: &str| {
+                let mut args = vec![
+                    "env",
+                    auth.as_str(),
+                    "redis-cli",
+                    "-p",
+                    "26379",
+                    "--user",
+                    "ratelimiter",
+                ];
+                args.extend(command.split(' '));
+                self.stack.exec(sentinel, &args)
+            };
+            let view = as_instances("sentinel master redis-master");
+            assert!(
+                view.lines().any(|line| line == "config-epoch"),
+                "{sentinel} does not show the instances' user the master: {view}"
+            );
+            for command in [
+                "sentinel monitor evil 192.0.2.1 6379 2",
+                "sentinel set redis-master quorum 1",
+                "sentinel failover redis-master",
+                "sentinel remove redis-master",
+            ] {
+                let answer = as_instances(command);
+                assert!(
+                    answer.contains("NOPERM"),
+                    "{sentinel} let the instances' user send {command:?}: {answer}"
+                );
+            }
+        }
+        eprintln!(
+            "  ok: every sentinel shows the instances' user the master, and refuses it SENTINEL MONITOR, SET, FAILOVER and REMOVE (NOPERM)"
         );
     }
 
