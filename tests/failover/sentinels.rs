@@ -4,6 +4,7 @@
 //! outside the data nodes they were given. And what keeps anyone else from making a
 //! sentinel lie: the shipped sentinels answer nobody who does not log in, and the
 //! instances' own user may read the master and follow it, not reconfigure a sentinel.
+//! A sentinel that is paused delays no failover: the instances listen to every one.
 
 use std::io::Read;
 
@@ -308,4 +309,54 @@ async fn the_instances_sentinel_user_cannot_reconfigure_any_sentinel_yet_follows
         http.get(app.at("/limited_endpoint"))
     })
     .await;
+}
+
+/// Each sentinel has a client subscribed as the instances' user: the instance listens to
+/// every one of them.
+fn every_sentinel_has_a_listening_instance(cluster: &SentinelCluster) -> bool {
+    cluster.sentinels.iter().all(|sentinel| {
+        let clients: String = sentinel.command(&["CLIENT", "LIST"]);
+        clients.lines().any(|line| {
+            line.contains(&format!(" user={SERVICE_USER} ")) && line.contains(" sub=1 ")
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_followed_at_once_while_the_first_sentinel_named_is_paused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let master = cluster.master_port().expect("a master");
+    // Polling once a minute: within the bound below only a +switch-master event moves the
+    // instance, and no traffic makes a failed decision ring the resolver.
+    let mut vars = instance_vars(
+        &cluster.sentinel_hosts(),
+        &unique_prefix("paused-sentinel"),
+        "local",
+        "multiplexed",
+        "app-1",
+    );
+    vars.push(("SENTINEL_POLL_MS", "60000".to_string()));
+    let app = TestApp::spawn_with(&vars);
+    wait_for_master(&app, master).await;
+    wait_until(
+        "the instance to subscribe to +switch-master on every sentinel",
+        Duration::from_secs(10),
+        || every_sentinel_has_a_listening_instance(&cluster),
+    );
+
+    // Paused, its connections stay open and silent: a listener on it hears nothing and
+    // sees no error either.
+    cluster.sentinels[0].signal("STOP");
+    let new_master = fail_over(&cluster, &cluster.sentinels[1]);
+    let switched = Instant::now();
+    wait_for_master(&app, new_master).await;
+    let followed = switched.elapsed();
+    cluster.sentinels[0].signal("CONT");
+
+    eprintln!("followed the failover {followed:?} after the sentinel named the new master");
+    assert!(
+        followed < Duration::from_secs(5),
+        "followed the failover only after {followed:?}"
+    );
 }
