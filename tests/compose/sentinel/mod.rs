@@ -32,7 +32,7 @@ const SPEC: Spec = Spec {
     project: "ratelimiter-e2e",
     profiles: &["gateway"],
     services: &[],
-    net_prefixes: [NET, "172.28.95", "172.28.97"],
+    net_prefixes: [NET, "172.28.95", "172.28.97", "172.28.93"],
     settings: &[
         ("RATE_LIMIT", "10"),
         ("TIME_WINDOW", "60"),
