@@ -31,24 +31,27 @@ impl Topology {
         );
     }
 
+    /// `command` (words) run by redis-cli in `service`'s container as the instances'
+    /// user `ratelimiter`, with the password `password` names, on `port`.
+    fn cli_as_instances(&self, service: &str, port: &str, password: &str, command: &str) -> String {
+        let auth = format!("REDISCLI_AUTH={}", self.stack.passwords[password]);
+        let mut args = vec![
+            "env",
+            &auth,
+            "redis-cli",
+            "-p",
+            port,
+            "--user",
+            "ratelimiter",
+        ];
+        args.extend(command.split(' '));
+        self.stack.exec(service, &args)
+    }
+
     pub fn the_instances_sentinel_user_cannot_reconfigure_a_sentinel(&self) {
-        let auth = format!(
-            "REDISCLI_AUTH={}",
-            self.stack.passwords["SENTINEL_SERVICE_PASSWORD"]
-        );
         for sentinel in SENTINELS {
             let as_instances = |command: &str| {
-                let mut args = vec![
-                    "env",
-                    auth.as_str(),
-                    "redis-cli",
-                    "-p",
-                    "26379",
-                    "--user",
-                    "ratelimiter",
-                ];
-                args.extend(command.split(' '));
-                self.stack.exec(sentinel, &args)
+                self.cli_as_instances(sentinel, "26379", "SENTINEL_SERVICE_PASSWORD", command)
             };
             let view = as_instances("sentinel master redis-master");
             assert!(
@@ -75,12 +78,8 @@ impl Topology {
 
     pub fn the_instances_redis_user_touches_only_its_keys(&self) {
         let master = self.current_master();
-        let auth = format!("REDISCLI_AUTH={}", self.stack.passwords["REDIS_PASSWORD"]);
-        let as_instances = |command: &str| {
-            let mut args = vec!["env", auth.as_str(), "redis-cli", "--user", "ratelimiter"];
-            args.extend(command.split(' '));
-            self.stack.exec(&master, &args)
-        };
+        let as_instances =
+            |command: &str| self.cli_as_instances(&master, "6379", "REDIS_PASSWORD", command);
         for command in [
             "flushall",
             "config set maxmemory 1",
