@@ -36,7 +36,9 @@
 # ...) reach both instances, but the store's, which the topology sets. The passwords have
 # loopback-only defaults: REDIS_PASSWORD (the instances' user), REDIS_ADMIN_PASSWORD (for
 # operators and this script), REDIS_REPLICA_PASSWORD, SENTINEL_AUTH_PASSWORD (the sentinels'
-# user on the data nodes), SENTINEL_PASSWORD. KEY_PREFIX (default ratelimit) is all the
+# user on the data nodes), SENTINEL_PASSWORD (the sentinels' default user: operators, this
+# script), SENTINEL_SERVICE_PASSWORD (the instances' user on the sentinels, which may only
+# read the master and follow it: their SENTINEL_USERNAME / SENTINEL_PASSWORD). KEY_PREFIX (default ratelimit) is all the
 # instances' user may touch. WORKERS defaults to half the CPUs. GATEWAY_UPSTREAM (host:port)
 # is what the gateway guards, GATEWAY_FAIL_MODE (closed or open) what it does when no
 # instance answers. CLUSTER_DIR (default run/cluster) holds configs, data, logs, the pids
@@ -60,6 +62,7 @@ REDIS_ADMIN_PASSWORD=${REDIS_ADMIN_PASSWORD:-ratelimiter-dev-admin-password}
 REDIS_REPLICA_PASSWORD=${REDIS_REPLICA_PASSWORD:-ratelimiter-dev-replica-password}
 SENTINEL_AUTH_PASSWORD=${SENTINEL_AUTH_PASSWORD:-ratelimiter-dev-sentinel-auth-password}
 SENTINEL_PASSWORD=${SENTINEL_PASSWORD:-ratelimiter-dev-sentinel-password}
+SENTINEL_SERVICE_PASSWORD=${SENTINEL_SERVICE_PASSWORD:-ratelimiter-dev-sentinel-service-password}
 KEY_PREFIX=${KEY_PREFIX:-ratelimit}
 
 offset=${CLUSTER_PORT_OFFSET:-0}
@@ -162,7 +165,8 @@ cluster_linked() {
 render() {
     REDIS_PASSWORD=$REDIS_PASSWORD REDIS_ADMIN_PASSWORD=$REDIS_ADMIN_PASSWORD KEY_PREFIX=$KEY_PREFIX \
         REDIS_REPLICA_PASSWORD=$REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD=$SENTINEL_AUTH_PASSWORD \
-        SENTINEL_PASSWORD=$SENTINEL_PASSWORD scripts/render-config.sh "$1" "$2" >/dev/null
+        SENTINEL_PASSWORD=$SENTINEL_PASSWORD SENTINEL_SERVICE_PASSWORD=$SENTINEL_SERVICE_PASSWORD \
+        scripts/render-config.sh "$1" "$2" >/dev/null
 }
 
 # start_redis NAME TEMPLATE PORT [ARGS...]: a data node in a private folder (Redis rewrites
@@ -248,7 +252,7 @@ up() {
         die "GATEWAY_FAIL_MODE must be open or closed, got \"$GATEWAY_FAIL_MODE\""
     ! any_recorded_running "$PIDS_FILE" ||
         die "the cluster is already running (pids in $(rel "$PIDS_FILE")); run: scripts/cluster.sh down"
-    for name in REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD SENTINEL_PASSWORD; do
+    for name in REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD SENTINEL_PASSWORD SENTINEL_SERVICE_PASSWORD; do
         [[ -n ${!name} && ${!name} != *[[:space:]\"\'\\]* ]] ||
             die "$name must be set, without spaces, quotes or backslashes (Sentinel rewrites it into its config unquoted)"
     done
@@ -280,7 +284,7 @@ up() {
         # The instances believe no master outside REDIS_DATA_NODES, whatever a sentinel names.
         store=("SENTINEL_HOSTS=$(printf "$LOOPBACK:%s\n" "${SENTINEL_PORTS[@]}" | paste -sd, -)"
             "REDIS_DATA_NODES=$(printf "$LOOPBACK:%s\n" "${DATA_PORTS[@]}" | paste -sd, -)"
-            "REDIS_MASTER=$MASTER_NAME" "SENTINEL_PASSWORD=$SENTINEL_PASSWORD")
+            "REDIS_MASTER=$MASTER_NAME" "SENTINEL_USERNAME=ratelimiter" "SENTINEL_PASSWORD=$SENTINEL_SERVICE_PASSWORD")
     fi
     say "instances: RATE_LIMIT=${RATE_LIMIT:-(default)} TIME_WINDOW=${TIME_WINDOW:-(default)} BURST=${BURST:-(default)} FAIL_MODE=${FAIL_MODE:-(default)}"
     for i in 0 1; do

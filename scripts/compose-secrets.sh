@@ -17,7 +17,7 @@ file=${1:-$ROOT/docker/.env}
 # Private before anything is written into it.
 (umask 077 && touch "$file") && chmod 600 "$file"
 added=()
-for name in REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD SENTINEL_PASSWORD; do
+for name in REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD SENTINEL_PASSWORD SENTINEL_SERVICE_PASSWORD; do
     grep -q "^$name=" "$file" && continue
     printf '%s=%s\n' "$name" "$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')" >>"$file"
     added+=("$name")

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
 
 use crate::http::admin_auth::AdminAuth;
@@ -460,12 +460,14 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<BuiltSt
         StoreSettings::Sentinel {
             hosts,
             master_name,
-            sentinel_password,
+            sentinel_access,
             data_nodes,
             master,
         } => {
-            let sentinel_login =
-                Login::password(sentinel_password.as_ref().map(|p| p.expose_secret()));
+            let sentinel_login = login_as(
+                sentinel_access.username.as_ref(),
+                sentinel_access.password.as_ref(),
+            );
             let discovery = Discovery::Sentinels {
                 sentinels: hosts
                     .iter()
@@ -512,12 +514,13 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<BuiltSt
 
 /// How the store logs in to a data node.
 fn login(access: &NodeAccess) -> Login {
+    login_as(access.username.as_ref(), access.password.as_ref())
+}
+
+fn login_as(username: Option<&String>, password: Option<&SecretString>) -> Login {
     Login {
-        username: access.username.clone(),
-        password: access
-            .password
-            .as_ref()
-            .map(|p| p.expose_secret().to_string()),
+        username: username.cloned(),
+        password: password.map(|p| p.expose_secret().to_string()),
     }
 }
 

@@ -155,7 +155,10 @@ settings! {
     /// the password of `REDIS_USERNAME` (or of the default user) on every data node (all share it)
     REDIS_PASSWORD / redis_password: Option<SecretString> = Unset("unset"),
         Secret => secret;
-    /// what the sentinels require (their `requirepass`); every shipped topology sets one
+    /// the ACL user this instance logs in to every sentinel as; the shipped topologies use `ratelimiter`, allowed only to read the master's address and to follow `+switch-master`, so that its password cannot reconfigure a sentinel (`redis/sentinel.conf`)
+    SENTINEL_USERNAME / sentinel_username: Option<String> = Unset("the default user"),
+        Text => redis_user;
+    /// the password of `SENTINEL_USERNAME` on every sentinel, or without it what the sentinels require of their default user (`requirepass`); every shipped topology sets one
     SENTINEL_PASSWORD / sentinel_password: Option<SecretString> = Unset("unset"),
         Secret => secret;
     /// how often the resolver re-asks the sentinels (`+switch-master` events are seen at once)

@@ -9,7 +9,7 @@ use secrecy::SecretString;
 
 use super::declared::{
     Declared, Given, KEY_PREFIX, Problems, REDIS_CLIENT, REDIS_CLUSTER_NODES, REDIS_DATA_NODES,
-    REDIS_URL, SENTINEL_HOSTS, Setting,
+    REDIS_URL, SENTINEL_HOSTS, SENTINEL_PASSWORD, SENTINEL_USERNAME, Setting,
 };
 use super::parse::{HostPort, RedisClient};
 use crate::store::redis::ConnectionMode;
@@ -30,7 +30,8 @@ pub enum StoreSettings {
         hosts: Vec<HostPort>,
         /// `REDIS_MASTER`: the name the sentinels monitor.
         master_name: String,
-        sentinel_password: Option<SecretString>,
+        /// `SENTINEL_USERNAME` / `SENTINEL_PASSWORD`: how to log in to every sentinel.
+        sentinel_access: SentinelAccess,
         /// `REDIS_DATA_NODES`: the only masters to believe; `None` believes any.
         data_nodes: Option<Vec<HostPort>>,
         master: MasterSettings,
@@ -66,6 +67,15 @@ pub struct NodeAccess {
     pub timeout: Duration,
 }
 
+/// What every sentinel is logged in to with.
+#[derive(Clone, Debug)]
+pub struct SentinelAccess {
+    /// `SENTINEL_USERNAME`: the ACL user; `None` is the sentinels' default user.
+    pub username: Option<String>,
+    /// `SENTINEL_PASSWORD`
+    pub password: Option<SecretString>,
+}
+
 /// The mode the given settings select. Which settings are given decides it, whether or not
 /// their values parse, so a conflict is reported beside a malformed value. `None` only
 /// when a problem was reported.
@@ -78,6 +88,12 @@ pub(super) fn store(
     if is_set(&REDIS_DATA_NODES) && !is_set(&SENTINEL_HOSTS) {
         problems.add(
             "REDIS_DATA_NODES: applies only with SENTINEL_HOSTS (it limits the masters a sentinel may name); unset it, or set SENTINEL_HOSTS".into(),
+        );
+        return None;
+    }
+    if is_set(&SENTINEL_USERNAME) && !is_set(&SENTINEL_PASSWORD) {
+        problems.add(
+            "SENTINEL_USERNAME: a sentinel's ACL user logs in with a password; set SENTINEL_PASSWORD too".into(),
         );
         return None;
     }
@@ -143,7 +159,10 @@ pub(super) fn store(
         (false, true) => Some(StoreSettings::Sentinel {
             hosts: declared.sentinel_hosts.clone()?,
             master_name: declared.redis_master.clone(),
-            sentinel_password: declared.sentinel_password.clone(),
+            sentinel_access: SentinelAccess {
+                username: declared.sentinel_username.clone(),
+                password: declared.sentinel_password.clone(),
+            },
             data_nodes: match &declared.redis_data_nodes {
                 Some(nodes) => Some(nodes.clone()),
                 // Given but refused: reported; believing any master instead is no answer.

@@ -153,6 +153,33 @@ fn sentinel_hosts_are_parsed_with_the_master_name() {
 }
 
 #[test]
+fn the_sentinels_are_logged_in_to_as_the_configured_user_which_needs_a_password() {
+    let settings = load(&[
+        ("SENTINEL_HOSTS", "s1:26379"),
+        ("SENTINEL_USERNAME", "ratelimiter"),
+        ("SENTINEL_PASSWORD", "swordfish"),
+    ])
+    .unwrap();
+    let StoreSettings::Sentinel {
+        sentinel_access, ..
+    } = settings.store
+    else {
+        panic!("not sentinel mode");
+    };
+    assert_eq!(sentinel_access.username.as_deref(), Some("ratelimiter"));
+    let password = sentinel_access.password.as_ref().map(|p| p.expose_secret());
+    assert_eq!(password, Some("swordfish"));
+    let message = problems(&[
+        ("SENTINEL_HOSTS", "s1:26379"),
+        ("SENTINEL_USERNAME", "ratelimiter"),
+    ]);
+    assert!(
+        message.contains("SENTINEL_USERNAME: a sentinel's ACL user logs in with a password"),
+        "{message}"
+    );
+}
+
+#[test]
 fn data_nodes_limit_the_masters_a_sentinel_may_name_and_need_sentinels() {
     let settings = load(&[
         ("SENTINEL_HOSTS", "s1:26379"),

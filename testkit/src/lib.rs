@@ -53,8 +53,8 @@ pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};
 pub use policy_file::PolicyFile;
 pub use redis_cluster::RedisCluster;
 pub use redis_node::{
-    PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD, SERVICE_PASSWORD,
-    SERVICE_USER,
+    PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD, SENTINEL_SERVICE_PASSWORD,
+    SERVICE_PASSWORD, SERVICE_USER,
 };
 pub use rls::{RlsClient, RlsFiles, descriptor, rls_channel, rls_request, statuses};
 pub use sentinel::SentinelCluster;

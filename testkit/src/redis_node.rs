@@ -8,7 +8,8 @@
 //! topologies give it; the harness itself, and tests that arrange or inspect a node, use
 //! the default (operators') user with [`PASSWORD`]. Replicas follow their master as the
 //! replication user. Sentinels are the shipped `redis/sentinel.conf`: they watch the nodes
-//! as the sentinel user and require [`SENTINEL_PASSWORD`].
+//! as the sentinel user, require [`SENTINEL_PASSWORD`] of their default user, and let the
+//! instances in as [`SERVICE_USER`] with [`SENTINEL_SERVICE_PASSWORD`].
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -24,8 +25,12 @@ pub const SERVICE_PASSWORD: &str = "test-service-secret";
 const REPLICA_PASSWORD: &str = "test-replica-secret";
 /// How the sentinels log in to the data nodes (the `sentinel` user of `redis/users.acl`).
 pub const SENTINEL_AUTH_PASSWORD: &str = "test-sentinel-auth-secret";
-/// What every sentinel requires (`requirepass`), and presents to the others.
+/// What every sentinel requires of its default (operators') user (`requirepass`), and
+/// presents to the others.
 pub const SENTINEL_PASSWORD: &str = "test-sentinel-secret";
+/// The password of the instances' user on every sentinel ([`SERVICE_USER`] there too),
+/// which may read the master's address and follow `+switch-master`, nothing more.
+pub const SENTINEL_SERVICE_PASSWORD: &str = "test-sentinel-service-secret";
 /// What the instances' user may touch: every test's prefix ([`crate::unique_prefix`])
 /// starts with `t`, and the service's default `KEY_PREFIX` is `ratelimit`.
 const SERVICE_KEY_PREFIX: &str = "t*";
@@ -126,6 +131,7 @@ impl RedisProcess {
                 ("MASTER_PORT", &master_port.to_string()),
                 ("SENTINEL_AUTH_PASSWORD", SENTINEL_AUTH_PASSWORD),
                 ("SENTINEL_PASSWORD", SENTINEL_PASSWORD),
+                ("SENTINEL_SERVICE_PASSWORD", SENTINEL_SERVICE_PASSWORD),
                 ("EXTRA_CONFIG", &timings),
             ],
         );

@@ -13,7 +13,8 @@
 //!
 //! COMPOSE_IMAGES=keep uses the images as they are, COMPOSE_IMAGES=no-cargo builds the app
 //! image from the release binaries as they are. Each stack is a Compose project of its
-//! own (`ratelimiter-e2e`, `ratelimiter-e2e-cluster`) with host ports Docker picks, so
+//! own (`ratelimiter-e2e`, `ratelimiter-e2e-cluster`, after `COMPOSE_PROJECT_NAME-` when
+//! that is set, so that two runs share a Docker host) with host ports Docker picks, so
 //! nothing on this host is in its way; traffic goes only to its containers.
 //!
 //! # Layout
@@ -30,15 +31,15 @@
 //! # What is checked, and where
 //! | check | where |
 //! |---|---|
-//! | five random passwords, in a file only its owner reads | `secrets::compose_secrets_writes_…` |
+//! | six random passwords, in a file only its owner reads | `secrets::compose_secrets_writes_…` |
 //! | without any one password Compose refuses to start, naming it | `secrets::compose_refuses_to_start_…` |
 //! | every container healthy, both instances ready, Nginx off the Redis network | `sentinel::Topology::up` |
 //! | every container's log rotated (json-file, 3 × 10m) | `every_log_is_rotated`, both stacks |
-//! | NOAUTH from sentinels and data nodes; the instances' user refused all but its keys; Nginx neither resolves nor reaches Redis | `sentinel::access` |
+//! | NOAUTH from sentinels and data nodes; the instances' sentinel user refused SENTINEL MONITOR, SET, FAILOVER, REMOVE; their Redis user refused all but its keys; Nginx neither resolves nor reaches Redis | `sentinel::access` |
 //! | exact limits from both instances, per client; X-Forwarded-For believed from Nginx only | `sentinel::limits` |
 //! | `docker kill` and partition of the master under traffic: no 5xx, NOREPLICAS, promotion, exact again, rejoin | `sentinel::faults` |
 //! | the gateway: exact count upstream, the 429 problem, claimed headers, unlimited paths, internal routes; 503 with no instance | `sentinel::gateway` |
-//! | Cluster mode: exact per master with EVALSHA, `docker kill` of a master under traffic, promotion, rejoin | `redis_cluster` |
+//! | Cluster mode: Nginx neither resolves nor reaches a node; exact per master with EVALSHA, `docker kill` of a master under traffic, promotion, rejoin | `redis_cluster` |
 
 mod clients;
 mod process;

@@ -13,8 +13,18 @@ use crate::clients::{Stream, assert_exact, assert_exact_once_redis_decides, requ
 use crate::stack::{Spec, Stack};
 use crate::{RATE_LIMIT, Steps, answers_200, every_log_is_rotated, http, wait_until};
 
-/// The network's /24: the nodes are .21 to .26 (redis-cluster-1 to -6), clients from .99.
+/// The front network's /24: Nginx and the instances, clients from .99.
 const NET: &str = "172.28.98";
+/// The back-end network's /24: the nodes are .21 to .26 (redis-cluster-1 to -6).
+const BACKEND_NET: &str = "172.28.92";
+const NODES: [&str; 6] = [
+    "redis-cluster-1",
+    "redis-cluster-2",
+    "redis-cluster-3",
+    "redis-cluster-4",
+    "redis-cluster-5",
+    "redis-cluster-6",
+];
 const INSTANCES: [&str; 2] = ["cluster-app-1", "cluster-app-2"];
 const NGINX_URL: &str = "http://cluster-nginx:8000/limited_endpoint";
 
@@ -22,7 +32,7 @@ const SPEC: Spec = Spec {
     project: "ratelimiter-e2e-cluster",
     profiles: &["redis-cluster"],
     services: &["cluster-nginx"],
-    net_prefixes: ["172.28.96", "172.28.94", NET],
+    net_prefixes: ["172.28.96", "172.28.94", NET, BACKEND_NET],
     settings: &[
         ("RATE_LIMIT", "10"),
         ("TIME_WINDOW", "60"),
@@ -38,6 +48,15 @@ async fn each_master_of_the_redis_cluster_profile_keeps_exact_limits_and_survive
     let stack = Stack::up(SPEC).await;
     let network = healthy_and_ready(&stack).await;
     every_log_is_rotated(&stack);
+
+    steps.step("Nginx neither resolves nor reaches a Cluster node");
+    // The client port and the cluster bus of each node.
+    let targets: Vec<(&str, u16)> = NODES
+        .iter()
+        .flat_map(|node| [(*node, 6379), (*node, 16379)])
+        .collect();
+    stack.assert_unreachable_from("cluster-nginx", &targets);
+    eprintln!("  ok: from the Nginx container no Cluster node resolves or connects");
 
     steps.step("exact limits on each master, each running EVALSHA");
     let nodes = nodes_seen_by(&stack, "redis-cluster-1");
@@ -148,8 +167,9 @@ async fn each_master_of_the_redis_cluster_profile_keeps_exact_limits_and_survive
 /// Waits until every container of the profile is healthy and both instances ready, and
 /// the one-shot redis-cluster-create exited 0; the profile's network.
 async fn healthy_and_ready(stack: &Stack) -> String {
-    let services: Vec<String> = (1..=6)
-        .map(|n| format!("redis-cluster-{n}"))
+    let services: Vec<String> = NODES
+        .iter()
+        .map(|node| node.to_string())
         .chain(INSTANCES.iter().map(|s| s.to_string()))
         .chain(["cluster-nginx".to_string()])
         .collect();

@@ -9,7 +9,7 @@ use crate::process::{repo, run, text};
 use crate::stack::{Compose, PASSWORDS, read_env_file};
 
 #[test]
-fn compose_secrets_writes_five_random_passwords_only_its_owner_reads() {
+fn compose_secrets_writes_every_random_password_only_its_owner_reads() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("secrets.env");
 

@@ -22,12 +22,13 @@ pub const BASE_IMAGE: &str = "ratelimiter-base:bookworm";
 pub const APP_IMAGE: &str = "ratelimiter:local";
 
 /// The passwords `docker/compose.yaml` requires, none of which has a default.
-pub const PASSWORDS: [&str; 5] = [
+pub const PASSWORDS: [&str; 6] = [
     "REDIS_PASSWORD",
     "REDIS_ADMIN_PASSWORD",
     "REDIS_REPLICA_PASSWORD",
     "SENTINEL_AUTH_PASSWORD",
     "SENTINEL_PASSWORD",
+    "SENTINEL_SERVICE_PASSWORD",
 ];
 
 /// The label every client container of a project carries, so that `Drop` finds them.
@@ -207,14 +208,23 @@ pub struct Spec {
     /// The services `up` names (with what they depend on); none: every service of the
     /// profiles and of no profile.
     pub services: &'static [&'static str],
-    /// The project's /24s, NET_PREFIX, BACKEND_NET_PREFIX and CLUSTER_NET_PREFIX: its own,
-    /// so that two projects never claim one subnet (Compose makes every network of the
-    /// file, whichever services start).
-    pub net_prefixes: [&'static str; 3],
+    /// The project's /24s, NET_PREFIX, BACKEND_NET_PREFIX, CLUSTER_NET_PREFIX and
+    /// CLUSTER_BACKEND_NET_PREFIX: its own, so that two projects never claim one subnet
+    /// (Compose makes every network of the file, whichever services start).
+    pub net_prefixes: [&'static str; 4],
     /// The service's settings (RATE_LIMIT, TIME_WINDOW, ...), as Compose passes them on.
     pub settings: &'static [(&'static str, &'static str)],
     /// `docker exec` commands (service, command) whose answers explain a failure.
     pub on_failure: &'static [(&'static str, &'static [&'static str])],
+}
+
+/// `project`, after COMPOSE_PROJECT_NAME and a dash when that is set: a second run on the
+/// same Docker host then neither finds this run's containers nor takes them down.
+pub fn project_name(project: &str) -> String {
+    match std::env::var("COMPOSE_PROJECT_NAME") {
+        Ok(prefix) if !prefix.is_empty() => format!("{prefix}-{project}"),
+        _ => project.to_string(),
+    }
 }
 
 /// A Compose project up; down with its volumes on `Drop`.
@@ -254,7 +264,7 @@ impl Stack {
         );
         let passwords = read_env_file(&env_file);
 
-        let [net, backend_net, cluster_net] = spec.net_prefixes;
+        let [net, backend_net, cluster_net, cluster_backend_net] = spec.net_prefixes;
         let mut vars: Vec<(&str, String)> = vec![
             ("APP_IMAGE", APP_IMAGE.into()),
             ("REDIS_IMAGE", BASE_IMAGE.into()),
@@ -263,6 +273,7 @@ impl Stack {
             ("NET_PREFIX", net.into()),
             ("BACKEND_NET_PREFIX", backend_net.into()),
             ("CLUSTER_NET_PREFIX", cluster_net.into()),
+            ("CLUSTER_BACKEND_NET_PREFIX", cluster_backend_net.into()),
         ];
         // Host ports: Docker picks free ones (see `Stack::port`).
         for port in [
@@ -283,7 +294,8 @@ impl Stack {
             vars.push((port, "0".into()));
         }
         vars.extend(spec.settings.iter().map(|(k, v)| (*k, v.to_string())));
-        let compose = Compose::new(spec.project, &env_file, spec.profiles, &vars);
+        let project = project_name(spec.project);
+        let compose = Compose::new(&project, &env_file, spec.profiles, &vars);
         let stack = Stack {
             compose,
             passwords,
@@ -381,6 +393,37 @@ impl Stack {
             "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}} {{end}}",
         );
         names.split_whitespace().map(str::to_string).collect()
+    }
+
+    /// `from` reaches none of `targets` (service, port): it shares no network with any,
+    /// resolves none of their names, and cannot connect to any address they have.
+    pub fn assert_unreachable_from(&self, from: &str, targets: &[(&str, u16)]) {
+        let from_networks = self.networks(from);
+        for &(service, port) in targets {
+            let shared: Vec<String> = self
+                .networks(service)
+                .into_iter()
+                .filter(|network| from_networks.contains(network))
+                .collect();
+            assert!(shared.is_empty(), "{service} shares {shared:?} with {from}");
+            assert!(
+                !self.exec_succeeds(from, &["getent", "hosts", service]),
+                "the {from} container resolves {service}"
+            );
+            let addresses = self.inspect(
+                service,
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            );
+            let addresses: Vec<&str> = addresses.split_whitespace().collect();
+            assert!(!addresses.is_empty(), "{service} has no address");
+            for address in addresses {
+                let connect = format!("exec 3<>/dev/tcp/{address}/{port}");
+                assert!(
+                    !self.exec_succeeds(from, &["timeout", "3", "bash", "-c", &connect]),
+                    "the {from} container connects to {service} at {address}:{port}"
+                );
+            }
+        }
     }
 
     /// The host port Docker published `service`'s container port on.

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use testkit::{
-    Origin, Record, SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp,
-    Traffic, all_at_once, client, counter, header, metrics, unique_prefix, until_redis_decides,
-    wait_until,
+    Origin, Record, SENTINEL_PASSWORD, SENTINEL_SERVICE_PASSWORD, SERVICE_PASSWORD, SERVICE_USER,
+    SentinelCluster, TestApp, Traffic, all_at_once, client, counter, header, metrics,
+    unique_prefix, until_redis_decides, wait_until,
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -76,7 +76,8 @@ fn instance_vars(
         ("SENTINEL_POLL_MS", POLL.as_millis().to_string()),
         ("REDIS_USERNAME", SERVICE_USER.to_string()),
         ("REDIS_PASSWORD", SERVICE_PASSWORD.to_string()),
-        ("SENTINEL_PASSWORD", SENTINEL_PASSWORD.to_string()),
+        ("SENTINEL_USERNAME", SERVICE_USER.to_string()),
+        ("SENTINEL_PASSWORD", SENTINEL_SERVICE_PASSWORD.to_string()),
         ("TRUSTED_PROXIES", "127.0.0.1".to_string()),
         ("RATE_LIMIT", CAPACITY.to_string()),
         ("TIME_WINDOW", WINDOW_S.to_string()),

@@ -2,7 +2,9 @@
 //! claims a newer configuration for a server of its own (lying). The instances believe
 //! the newest configuration the most sentinels hold, and with `REDIS_DATA_NODES` no master
 //! outside the data nodes they were given. And what keeps anyone else from making a
-//! sentinel lie: the shipped sentinels answer nobody who does not log in.
+//! sentinel lie: the shipped sentinels answer nobody who does not log in, and the
+//! instances' own user may read the master and follow it, not reconfigure a sentinel.
+//! A sentinel that is paused delays no failover: the instances listen to every one.
 
 use std::io::Read;
 
@@ -238,4 +240,123 @@ async fn every_sentinel_refuses_a_client_that_does_not_log_in_while_the_instance
         let ready = http.get(app.at("/ready")).send().await.unwrap();
         assert_eq!(ready.status(), 200, "{}", app.url);
     }
+}
+
+/// A client logged in to `sentinel` as the instances are.
+fn as_instances(sentinel: &RedisProcess, args: &[&str]) -> Result<redis::Value, String> {
+    sentinel.reply_to(Some((SERVICE_USER, SENTINEL_SERVICE_PASSWORD)), args)
+}
+
+/// An operator's failover on `sentinel`; the port of the master it promoted.
+fn fail_over(cluster: &SentinelCluster, sentinel: &RedisProcess) -> u16 {
+    let old = named_by(sentinel);
+    let _: () = sentinel.command(&["SENTINEL", "FAILOVER", "redis-master"]);
+    wait_until(
+        "the sentinel to name a new master",
+        Duration::from_secs(30),
+        || named_by(sentinel) != old,
+    );
+    let new = named_by(sentinel);
+    assert!(
+        cluster.nodes.iter().any(|node| node.port == new),
+        "the sentinel promoted {new}, not a node of the group"
+    );
+    new
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instances_sentinel_user_cannot_reconfigure_any_sentinel_yet_follows_a_failover() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let master = cluster.master_port().expect("a master");
+    let app = TestApp::spawn_with(&instance_vars(
+        &cluster.sentinel_hosts(),
+        &unique_prefix("sentinel-user"),
+        "local",
+        "multiplexed",
+        "app-1",
+    ));
+    wait_for_master(&app, master).await;
+
+    let commands: [&[&str]; 5] = [
+        &["SENTINEL", "MONITOR", "evil", "127.0.0.1", "1", "2"],
+        &["SENTINEL", "SET", "redis-master", "quorum", "1"],
+        &["SENTINEL", "FAILOVER", "redis-master"],
+        &["SENTINEL", "REMOVE", "redis-master"],
+        &["SENTINEL", "RESET", "*"],
+    ];
+    for sentinel in &cluster.sentinels {
+        // The credentials are right: what the instances send is answered.
+        let view = as_instances(sentinel, &["SENTINEL", "MASTER", "redis-master"]);
+        assert!(view.is_ok(), "sentinel {}: {view:?}", sentinel.port);
+        for args in commands {
+            let reply = as_instances(sentinel, args);
+            assert!(
+                reply.as_ref().is_err_and(|e| e.contains("NOPERM")),
+                "sentinel {} let the instances' user send {args:?}: {reply:?}",
+                sentinel.port
+            );
+        }
+        let masters: Vec<redis::Value> = sentinel.command(&["SENTINEL", "MASTERS"]);
+        assert_eq!(masters.len(), 1, "sentinel {}: {masters:?}", sentinel.port);
+        assert_eq!(named_by(sentinel), master, "sentinel {}", sentinel.port);
+    }
+
+    let new_master = fail_over(&cluster, &cluster.sentinels[0]);
+    wait_for_master(&app, new_master).await;
+    let http = client();
+    until_redis_decides(&app.url, Instant::now() + Duration::from_secs(10), || {
+        http.get(app.at("/limited_endpoint"))
+    })
+    .await;
+}
+
+/// Each sentinel has a client subscribed as the instances' user: the instance listens to
+/// every one of them.
+fn every_sentinel_has_a_listening_instance(cluster: &SentinelCluster) -> bool {
+    cluster.sentinels.iter().all(|sentinel| {
+        let clients: String = sentinel.command(&["CLIENT", "LIST"]);
+        clients.lines().any(|line| {
+            line.contains(&format!(" user={SERVICE_USER} ")) && line.contains(" sub=1 ")
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_followed_at_once_while_the_first_sentinel_named_is_paused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = SentinelCluster::start(DOWN_AFTER_MS);
+    let master = cluster.master_port().expect("a master");
+    // Polling once a minute: within the bound below only a +switch-master event moves the
+    // instance, and no traffic makes a failed decision ring the resolver.
+    let mut vars = instance_vars(
+        &cluster.sentinel_hosts(),
+        &unique_prefix("paused-sentinel"),
+        "local",
+        "multiplexed",
+        "app-1",
+    );
+    vars.push(("SENTINEL_POLL_MS", "60000".to_string()));
+    let app = TestApp::spawn_with(&vars);
+    wait_for_master(&app, master).await;
+    wait_until(
+        "the instance to subscribe to +switch-master on every sentinel",
+        Duration::from_secs(10),
+        || every_sentinel_has_a_listening_instance(&cluster),
+    );
+
+    // Paused, its connections stay open and silent: a listener on it hears nothing and
+    // sees no error either.
+    cluster.sentinels[0].signal("STOP");
+    let new_master = fail_over(&cluster, &cluster.sentinels[1]);
+    let switched = Instant::now();
+    wait_for_master(&app, new_master).await;
+    let followed = switched.elapsed();
+    cluster.sentinels[0].signal("CONT");
+
+    eprintln!("followed the failover {followed:?} after the sentinel named the new master");
+    assert!(
+        followed < Duration::from_secs(5),
+        "followed the failover only after {followed:?}"
+    );
 }

@@ -7,8 +7,9 @@
 //! [`candidates`]): the first sentinel to answer may be one that was cut off with the old
 //! master, or one that monitors another server under the same name. Addresses outside
 //! `REDIS_DATA_NODES`, when it is set, are not believed at all. The named node must then
-//! confirm with `ROLE` that it really is a master. A listener for `+switch-master` rings
-//! the resolver so a failover is seen within milliseconds; the poll covers lost events.
+//! confirm with `ROLE` that it really is a master. A listener for `+switch-master` on
+//! every sentinel, each on its own thread, rings the resolver so a failover is seen within
+//! milliseconds even while a sentinel is down; the poll covers lost events.
 //! With a single `REDIS_URL` the same thread only re-confirms that one node after
 //! failures. After each good round it announces this instance in the [`InstanceRegistry`].
 
@@ -103,9 +104,9 @@ impl Resolver {
             Discovery::Sentinels { sentinels, .. } => sentinels.clone(),
             Discovery::Fixed(_) => Vec::new(),
         };
-        if !sentinels.is_empty() {
+        for sentinel in sentinels {
             let listener = SwitchListener {
-                sentinels,
+                sentinel,
                 slot: slot.clone(),
                 stop: stop.clone(),
                 timeout: settings.connections.timeout,
@@ -422,45 +423,64 @@ fn candidates<'a>(answers: &'a [Named], current: Option<&str>) -> Vec<&'a Named>
     distinct.into_iter().map(|(named, _)| named).collect()
 }
 
-/// Listens for `+switch-master` on one sentinel at a time and rings the resolver.
+/// Listens for `+switch-master` on one sentinel and rings the resolver. There is one per
+/// sentinel, each on its own thread: a sentinel that is down, paused or cut off holds up
+/// only its own listener, and any sentinel that announces a switch is heard at once.
 struct SwitchListener {
-    sentinels: Vec<ConnectionInfo>,
+    sentinel: ConnectionInfo,
     slot: Arc<MasterSlot>,
     stop: Arc<AtomicBool>,
     timeout: Duration,
 }
 
+/// How long a subscription may stay silent before the sentinel is asked for a PING: a
+/// sentinel that went away without closing the connection (paused, cut off, its host gone)
+/// is noticed within this and a timeout, and the listener connects again.
+const QUIET_BEFORE_PING: Duration = Duration::from_secs(5);
+/// How often a quiet subscription wakes to notice a stop.
+const WAKE_EVERY: Duration = Duration::from_millis(500);
+
 impl SwitchListener {
     fn run(self) {
-        let mut next = 0;
         while !self.stop.load(Ordering::Acquire) {
-            let sentinel = &self.sentinels[next % self.sentinels.len()];
-            next += 1;
-            if let Err(err) = self.listen(sentinel) {
-                log::debug!("lost +switch-master events from {}: {err}", sentinel.addr());
+            if let Err(err) = self.listen() {
+                log::debug!(
+                    "lost +switch-master events from {}: {err}",
+                    self.sentinel.addr()
+                );
                 // Do not spin on a sentinel that refuses at once.
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
 
-    fn listen(&self, sentinel: &ConnectionInfo) -> redis::RedisResult<()> {
-        let mut conn = connect(sentinel, self.timeout)?;
-        // Wake up now and then to notice a stop; a quiet channel is not an error.
-        conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    fn listen(&self) -> redis::RedisResult<()> {
+        let mut conn = connect(&self.sentinel, self.timeout)?;
+        conn.set_read_timeout(Some(WAKE_EVERY))?;
         let mut pubsub = conn.as_pubsub();
         pubsub.subscribe("+switch-master")?;
+        let mut quiet = Duration::ZERO;
         while !self.stop.load(Ordering::Acquire) {
             match pubsub.get_message() {
                 Ok(message) => {
+                    quiet = Duration::ZERO;
                     let payload: String = message.get_payload().unwrap_or_default();
                     log::info!(
                         "sentinel {} announced +switch-master {payload}",
-                        sentinel.addr()
+                        self.sentinel.addr()
                     );
                     self.slot.ring();
                 }
-                Err(err) if err.is_timeout() => continue,
+                Err(err) if err.is_timeout() => {
+                    quiet += WAKE_EVERY;
+                    if quiet >= QUIET_BEFORE_PING {
+                        // A quiet channel is not an error; a sentinel that does not answer is.
+                        pubsub.set_read_timeout(Some(self.timeout))?;
+                        pubsub.ping::<()>()?;
+                        pubsub.set_read_timeout(Some(WAKE_EVERY))?;
+                        quiet = Duration::ZERO;
+                    }
+                }
                 Err(err) => return Err(err),
             }
         }

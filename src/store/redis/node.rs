@@ -6,21 +6,12 @@ use std::time::Duration;
 use redis::io::tcp::TcpSettings;
 use redis::{ConnectionInfo, ConnectionLike, IntoConnectionInfo, RedisConnectionInfo};
 
-/// How to log in to a node: an ACL user (`None`: Redis's default user) and its password.
+/// How to log in to a node or a sentinel: an ACL user (`None`: the default user) and its
+/// password.
 #[derive(Clone, Default)]
 pub struct Login {
     pub username: Option<String>,
     pub password: Option<String>,
-}
-
-impl Login {
-    /// The default user, with `password` if there is one (a sentinel's `requirepass`).
-    pub fn password(password: Option<&str>) -> Self {
-        Self {
-            username: None,
-            password: password.map(str::to_string),
-        }
-    }
 }
 
 /// Where a data node is and how to log in to it.

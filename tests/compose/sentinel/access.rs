@@ -1,5 +1,6 @@
 //! Who may talk to what: the sentinels and data nodes want a password, the instances'
-//! Redis user may touch only its keys, and Nginx is on a network without Redis.
+//! users may read the master from a sentinel and touch only their keys in Redis, and Nginx
+//! is on a network without Redis.
 
 use super::{DATA_NODES, SENTINELS, Topology};
 
@@ -30,14 +31,55 @@ impl Topology {
         );
     }
 
+    /// `command` (words) run by redis-cli in `service`'s container as the instances'
+    /// user `ratelimiter`, with the password `password` names, on `port`.
+    fn cli_as_instances(&self, service: &str, port: &str, password: &str, command: &str) -> String {
+        let auth = format!("REDISCLI_AUTH={}", self.stack.passwords[password]);
+        let mut args = vec![
+            "env",
+            &auth,
+            "redis-cli",
+            "-p",
+            port,
+            "--user",
+            "ratelimiter",
+        ];
+        args.extend(command.split(' '));
+        self.stack.exec(service, &args)
+    }
+
+    pub fn the_instances_sentinel_user_cannot_reconfigure_a_sentinel(&self) {
+        for sentinel in SENTINELS {
+            let as_instances = |command: &str| {
+                self.cli_as_instances(sentinel, "26379", "SENTINEL_SERVICE_PASSWORD", command)
+            };
+            let view = as_instances("sentinel master redis-master");
+            assert!(
+                view.lines().any(|line| line == "config-epoch"),
+                "{sentinel} does not show the instances' user the master: {view}"
+            );
+            for command in [
+                "sentinel monitor evil 192.0.2.1 6379 2",
+                "sentinel set redis-master quorum 1",
+                "sentinel failover redis-master",
+                "sentinel remove redis-master",
+            ] {
+                let answer = as_instances(command);
+                assert!(
+                    answer.contains("NOPERM"),
+                    "{sentinel} let the instances' user send {command:?}: {answer}"
+                );
+            }
+        }
+        eprintln!(
+            "  ok: every sentinel shows the instances' user the master, and refuses it SENTINEL MONITOR, SET, FAILOVER and REMOVE (NOPERM)"
+        );
+    }
+
     pub fn the_instances_redis_user_touches_only_its_keys(&self) {
         let master = self.current_master();
-        let auth = format!("REDISCLI_AUTH={}", self.stack.passwords["REDIS_PASSWORD"]);
-        let as_instances = |command: &str| {
-            let mut args = vec!["env", auth.as_str(), "redis-cli", "--user", "ratelimiter"];
-            args.extend(command.split(' '));
-            self.stack.exec(&master, &args)
-        };
+        let as_instances =
+            |command: &str| self.cli_as_instances(&master, "6379", "REDIS_PASSWORD", command);
         for command in [
             "flushall",
             "config set maxmemory 1",
@@ -71,36 +113,10 @@ impl Topology {
     }
 
     pub fn nginx_neither_resolves_nor_reaches_redis(&self) {
-        for service in DATA_NODES.iter().chain(&SENTINELS) {
-            assert!(
-                !self
-                    .stack
-                    .exec_succeeds("nginx", &["getent", "hosts", service]),
-                "the Nginx container resolves {service}"
-            );
-            let format = format!(
-                "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
-                self.back
-            );
-            let address = self.stack.inspect(service, &format);
-            assert!(
-                !address.is_empty(),
-                "{service} has no address on {}",
-                self.back
-            );
-            let port = if service.starts_with("sentinel") {
-                26379
-            } else {
-                6379
-            };
-            let connect = format!("exec 3<>/dev/tcp/{address}/{port}");
-            assert!(
-                !self
-                    .stack
-                    .exec_succeeds("nginx", &["timeout", "3", "bash", "-c", &connect]),
-                "the Nginx container connects to {service} at {address}:{port}"
-            );
-        }
+        let nodes = DATA_NODES.iter().map(|node| (*node, 6379));
+        let sentinels = SENTINELS.iter().map(|sentinel| (*sentinel, 26379));
+        let targets: Vec<(&str, u16)> = nodes.chain(sentinels).collect();
+        self.stack.assert_unreachable_from("nginx", &targets);
         eprintln!("  ok: from the Nginx container no data node or sentinel resolves or connects");
     }
 }

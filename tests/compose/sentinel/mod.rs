@@ -32,7 +32,7 @@ const SPEC: Spec = Spec {
     project: "ratelimiter-e2e",
     profiles: &["gateway"],
     services: &[],
-    net_prefixes: [NET, "172.28.95", "172.28.97"],
+    net_prefixes: [NET, "172.28.95", "172.28.97", "172.28.93"],
     settings: &[
         ("RATE_LIMIT", "10"),
         ("TIME_WINDOW", "60"),
@@ -61,6 +61,8 @@ async fn the_sentinel_topology_holds_exact_limits_through_kills_partitions_and_t
     every_log_is_rotated(&t.stack);
     steps.step("sentinels refuse unauthenticated commands");
     t.sentinels_refuse_unauthenticated_commands();
+    steps.step("the instances' sentinel user cannot reconfigure a sentinel");
+    t.the_instances_sentinel_user_cannot_reconfigure_a_sentinel();
     steps.step("the instances' Redis user touches only its keys");
     t.the_instances_redis_user_touches_only_its_keys();
     steps.step("Nginx neither resolves nor reaches Redis");
