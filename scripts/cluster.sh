@@ -14,8 +14,11 @@
 #   with --gateway: the demo upstream on 8081, its counts on 8082 (target/release/demo-upstream)
 #
 # Configs are the templates rendered by scripts/render-config.sh, as in docker/compose.yaml.
-# Nginx reaches the instances from 127.0.0.2 (proxy_bind), the only proxy they trust, so a
-# client on 127.0.0.1 talking to an instance directly cannot choose its X-Forwarded-For.
+# Nginx reaches the instances on their Unix sockets (CLUSTER_DIR/app-N/http.sock, UNIX_SOCKET,
+# mode 660): a peer there is the proxy they trust, and no TCP address is. With
+# NGINX_TO_INSTANCES=tcp it reaches their ports from 127.0.0.2 (proxy_bind) instead, the only
+# proxy they then trust; either way a client on 127.0.0.1 talking to an instance's port
+# directly cannot choose its X-Forwarded-For.
 #
 # Usage: scripts/cluster.sh [--install] up [--gateway] [--redis-cluster]|down|status|failover|logs [-f]
 #
@@ -46,6 +49,7 @@
 # (default 0) is added to every port, so that a second cluster with its own CLUSTER_DIR runs
 # beside the first (scripts/soak.sh). CLUSTER_WAIT_SECS (default 30) bounds each wait.
 # RATELIMITER_BIN and DEMO_UPSTREAM_BIN run those binaries instead of building them.
+# NGINX_TO_INSTANCES (socket or tcp, default socket) is how Nginx reaches the instances.
 set -euo pipefail
 
 # A CLUSTER_DIR given relative to where the script was called from stays that.
@@ -79,6 +83,14 @@ NGINX_PORT=$(shifted $NGINX_PORT) GATEWAY_PORT=$(shifted $GATEWAY_PORT) UPSTREAM
 MASTER_PORT=${DATA_PORTS[0]} MASTER_NAME=redis-master APP_NAMES=(app-1 app-2) PROXY_ADDR=127.0.0.2
 GATEWAY_UPSTREAM=${GATEWAY_UPSTREAM:-$LOOPBACK:$UPSTREAM_PORT}
 GATEWAY_FAIL_MODE=${GATEWAY_FAIL_MODE:-closed}
+NGINX_TO_INSTANCES=${NGINX_TO_INSTANCES:-socket}
+# The proxy the instances trust by address: none when Nginx comes through their sockets.
+TRUSTED_PROXY=$PROXY_ADDR
+[[ $NGINX_TO_INSTANCES != socket ]] || TRUSTED_PROXY=""
+# Started by root, Nginx's workers run as nobody: the sockets then admit every local user,
+# as 127.0.0.2 does over TCP (anyone on the host may bind it); else only their owner.
+SOCKET_MODE=660
+[[ $(id -u) != 0 ]] || SOCKET_MODE=666
 BIN=${RATELIMITER_BIN:-$(release_binary ratelimiter)}
 UPSTREAM_BIN=${DEMO_UPSTREAM_BIN:-$(release_binary demo-upstream)}
 
@@ -209,6 +221,8 @@ start_redis_cluster() {
     say "the Redis Cluster is whole: every slot served, every replica linked"
 }
 
+app_socket() { echo "$CLUSTER_DIR/${APP_NAMES[$1]}/http.sock"; }
+
 start_nginx() {
     local dir=$CLUSTER_DIR/nginx listen="listen $LOOPBACK:$NGINX_PORT;"
     rm -rf "$dir" && mkdir -p "$dir/logs" "$dir/temp"
@@ -218,8 +232,11 @@ start_nginx() {
     else
         say "note: Nginx listens on $NGINX_PORT only; port 80 wants CLUSTER_PORT_OFFSET=0, 80 free, and root or net.ipv4.ip_unprivileged_port_start <= 80"
     fi
+    local app_1=$LOOPBACK:${APP_PORTS[0]} app_2=$LOOPBACK:${APP_PORTS[1]} proxy_bind=$PROXY_ADDR
+    # A connection to a Unix socket binds to no address.
+    [[ $NGINX_TO_INSTANCES != socket ]] || app_1=unix:$(app_socket 0) app_2=unix:$(app_socket 1) proxy_bind=off
     PID_FILE=$dir/nginx.pid ERROR_LOG=$dir/logs/error.log ACCESS_LOG=$dir/logs/access.log TEMP_DIR=$dir/temp \
-        LISTEN=$listen APP_1=$LOOPBACK:${APP_PORTS[0]} APP_2=$LOOPBACK:${APP_PORTS[1]} PROXY_BIND=$PROXY_ADDR \
+        LISTEN=$listen APP_1=$app_1 APP_2=$app_2 PROXY_BIND=$proxy_bind \
         GATEWAY_LISTEN="listen $LOOPBACK:$GATEWAY_PORT;" GATEWAY_UPSTREAM=$GATEWAY_UPSTREAM \
         GATEWAY_FAIL_MODE=$GATEWAY_FAIL_MODE render nginx/nginx.conf.template "$dir/nginx.conf"
     # -e: the log Nginx opens before it reads its config (the built-in one is root's).
@@ -250,6 +267,8 @@ up() {
     done
     [[ $GATEWAY_FAIL_MODE == open || $GATEWAY_FAIL_MODE == closed ]] ||
         die "GATEWAY_FAIL_MODE must be open or closed, got \"$GATEWAY_FAIL_MODE\""
+    [[ $NGINX_TO_INSTANCES == socket || $NGINX_TO_INSTANCES == tcp ]] ||
+        die "NGINX_TO_INSTANCES must be socket or tcp, got \"$NGINX_TO_INSTANCES\""
     ! any_recorded_running "$PIDS_FILE" ||
         die "the cluster is already running (pids in $(rel "$PIDS_FILE")); run: scripts/cluster.sh down"
     for name in REDIS_PASSWORD REDIS_ADMIN_PASSWORD REDIS_REPLICA_PASSWORD SENTINEL_AUTH_PASSWORD SENTINEL_PASSWORD SENTINEL_SERVICE_PASSWORD; do
@@ -295,7 +314,8 @@ up() {
             -u REDIS_MASTER -u REDIS_CLUSTER_NODES HOST="$LOOPBACK" PORT="${APP_PORTS[i]}" GRPC_PORT="${GRPC_PORTS[i]}" \
             RLS_CONFIG="${RLS_CONFIG:-$ROOT/config/rls.example.yaml}" \
             INSTANCE_NAME="${APP_NAMES[i]}" "${store[@]}" REDIS_USERNAME=ratelimiter \
-            REDIS_PASSWORD="$REDIS_PASSWORD" KEY_PREFIX="$KEY_PREFIX" TRUSTED_PROXIES="$PROXY_ADDR" \
+            REDIS_PASSWORD="$REDIS_PASSWORD" KEY_PREFIX="$KEY_PREFIX" TRUSTED_PROXIES="$TRUSTED_PROXY" \
+            UNIX_SOCKET="$(app_socket "$i")" UNIX_SOCKET_MODE="$SOCKET_MODE" \
             RUST_LOG="${RUST_LOG:-info}" WORKERS="${WORKERS:-$(($(nproc) / 2 > 1 ? $(nproc) / 2 : 1))}" "$BIN"
     done
     for i in 0 1; do wait_for "${APP_NAMES[i]}" "GET /ready on ${APP_PORTS[i]} answers 200" http_ok "http://$LOOPBACK:${APP_PORTS[i]}/ready"; done

@@ -1,12 +1,20 @@
 //! Who a request counts against: the client's address, derived defensively.
 //!
-//! Forwarded headers are believed only when the TCP peer is a trusted proxy, and only up
-//! to the first hop that is not itself trusted. Anything that does not parse as an address
-//! is never a key: the request stays on the nearest address that is known, so a client can
+//! Forwarded headers are believed only when the peer is a trusted proxy, and only up to
+//! the first hop that is not itself trusted. Anything that does not parse as an address is
+//! never a key: the request stays on the nearest address that is known, so a client can
 //! neither pick its own bucket nor mint new ones.
+//!
+//! A peer is a TCP address, trusted when `TRUSTED_PROXIES` lists it, or a process on this
+//! host connected through `UNIX_SOCKET` ([`Peer::LocalSocket`]): the Nginx beside the
+//! instance, trusted as a proxy because only who may open the socket file can be that
+//! peer (`UNIX_SOCKET_MODE` and the folder's permissions are its trust list). Its nearest
+//! known address is this host's loopback address, so a socket caller that forwards
+//! nothing, or forwards no usable hop, counts as a caller on this host, as a TCP caller
+//! from loopback would.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -51,6 +59,19 @@ impl fmt::Display for ClientKey {
     }
 }
 
+/// The other end of a request's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP peer: a proxy only when `TRUSTED_PROXIES` lists it.
+    Tcp(IpAddr),
+    /// A process on this host, through `UNIX_SOCKET`: always a trusted proxy, at
+    /// [`LOCAL_HOST`].
+    LocalSocket,
+}
+
+/// Where a [`Peer::LocalSocket`] is: this host.
+pub const LOCAL_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
 /// Where a request came from, as far as the limiter is willing to believe.
 #[derive(Debug, Clone)]
 pub struct IdentityRules {
@@ -85,16 +106,27 @@ impl IdentityRules {
         self.trusted_proxies.iter().any(|net| net.contains(&addr))
     }
 
-    /// The key for a request whose TCP peer is `peer`.
-    pub fn client_key(&self, peer: IpAddr, headers: &ForwardedHeaders<'_>) -> ClientKey {
+    /// Whether `peer`'s forwarding headers are believed.
+    pub fn is_trusted_peer(&self, peer: Peer) -> bool {
+        match peer {
+            Peer::Tcp(addr) => self.is_trusted(addr),
+            Peer::LocalSocket => true,
+        }
+    }
+
+    /// The key for a request whose peer is `peer`.
+    pub fn client_key(&self, peer: Peer, headers: &ForwardedHeaders<'_>) -> ClientKey {
         ClientKey::from_addr(self.client_addr(peer, headers), self.ipv6_prefix_len)
     }
 
     /// Walks the proxy chain from the nearest hop outwards, believing each hop only while
     /// the previous one is trusted.
-    pub fn client_addr(&self, peer: IpAddr, headers: &ForwardedHeaders<'_>) -> IpAddr {
-        let mut nearest = canonical(peer);
-        if !self.is_trusted(nearest) {
+    pub fn client_addr(&self, peer: Peer, headers: &ForwardedHeaders<'_>) -> IpAddr {
+        let mut nearest = match peer {
+            Peer::Tcp(addr) => canonical(addr),
+            Peer::LocalSocket => LOCAL_HOST,
+        };
+        if !self.is_trusted_peer(peer) {
             return nearest;
         }
         if headers.forwarded_for.is_empty() {
@@ -151,6 +183,10 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn tcp(text: &str) -> Peer {
+        Peer::Tcp(ip(text))
+    }
+
     fn rules(trusted: &[&str]) -> IdentityRules {
         let nets = trusted
             .iter()
@@ -169,7 +205,7 @@ mod tests {
     #[test]
     fn an_untrusted_peer_is_the_client_whatever_it_forwards() {
         let rules = rules(&["10.0.0.1"]);
-        let addr = rules.client_addr(ip("192.0.2.7"), &xff(&["203.0.113.9"]));
+        let addr = rules.client_addr(tcp("192.0.2.7"), &xff(&["203.0.113.9"]));
         assert_eq!(addr, ip("192.0.2.7"));
     }
 
@@ -181,7 +217,7 @@ mod tests {
             real_ip: Some(b"203.0.113.10"),
         };
         assert_eq!(
-            rules.client_addr(ip("127.0.0.1"), &headers),
+            rules.client_addr(tcp("127.0.0.1"), &headers),
             ip("127.0.0.1")
         );
     }
@@ -191,7 +227,7 @@ mod tests {
         let rules = rules(&["10.0.0.0/8"]);
         let headers = xff(&["198.51.100.1, 203.0.113.9, 10.1.1.1"]);
         assert_eq!(
-            rules.client_addr(ip("10.0.0.1"), &headers),
+            rules.client_addr(tcp("10.0.0.1"), &headers),
             ip("203.0.113.9")
         );
     }
@@ -201,7 +237,7 @@ mod tests {
         let rules = rules(&["10.0.0.1"]);
         let headers = xff(&["1.1.1.1, 203.0.113.9"]);
         assert_eq!(
-            rules.client_addr(ip("10.0.0.1"), &headers),
+            rules.client_addr(tcp("10.0.0.1"), &headers),
             ip("203.0.113.9")
         );
     }
@@ -211,7 +247,7 @@ mod tests {
         let rules = rules(&["10.0.0.0/8"]);
         let headers = xff(&["203.0.113.9", "10.2.2.2"]);
         assert_eq!(
-            rules.client_addr(ip("10.0.0.1"), &headers),
+            rules.client_addr(tcp("10.0.0.1"), &headers),
             ip("203.0.113.9")
         );
     }
@@ -220,10 +256,10 @@ mod tests {
     fn a_malformed_hop_keys_on_the_nearest_known_address() {
         let rules = rules(&["10.0.0.0/8"]);
         let headers = xff(&["203.0.113.9, not-an-ip, 10.2.2.2"]);
-        assert_eq!(rules.client_addr(ip("10.0.0.1"), &headers), ip("10.2.2.2"));
+        assert_eq!(rules.client_addr(tcp("10.0.0.1"), &headers), ip("10.2.2.2"));
         let empty_hop = xff(&["203.0.113.9,,"]);
         assert_eq!(
-            rules.client_addr(ip("10.0.0.1"), &empty_hop),
+            rules.client_addr(tcp("10.0.0.1"), &empty_hop),
             ip("10.0.0.1")
         );
     }
@@ -235,7 +271,7 @@ mod tests {
             forwarded_for: vec![b"\xff\xfe203.0.113.9"],
             real_ip: None,
         };
-        assert_eq!(rules.client_addr(ip("10.0.0.1"), &headers), ip("10.0.0.1"));
+        assert_eq!(rules.client_addr(tcp("10.0.0.1"), &headers), ip("10.0.0.1"));
     }
 
     #[test]
@@ -246,14 +282,14 @@ mod tests {
             real_ip: Some(b"203.0.113.5"),
         };
         assert_eq!(
-            rules.client_addr(ip("10.0.0.1"), &real_ip_only),
+            rules.client_addr(tcp("10.0.0.1"), &real_ip_only),
             ip("203.0.113.5")
         );
         let both = ForwardedHeaders {
             forwarded_for: vec![b"203.0.113.9"],
             real_ip: Some(b"203.0.113.5"),
         };
-        assert_eq!(rules.client_addr(ip("10.0.0.1"), &both), ip("203.0.113.9"));
+        assert_eq!(rules.client_addr(tcp("10.0.0.1"), &both), ip("203.0.113.9"));
     }
 
     #[test]
@@ -261,11 +297,51 @@ mod tests {
         let rules = rules(&["10.0.0.1"]);
         let headers = xff(&["[2001:db8::1]:443"]);
         assert_eq!(
-            rules.client_addr(ip("10.0.0.1"), &headers),
+            rules.client_addr(tcp("10.0.0.1"), &headers),
             ip("2001:db8::1")
         );
         let v4 = xff(&["203.0.113.9:8080"]);
-        assert_eq!(rules.client_addr(ip("10.0.0.1"), &v4), ip("203.0.113.9"));
+        assert_eq!(rules.client_addr(tcp("10.0.0.1"), &v4), ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn a_socket_peer_is_believed_for_the_client_it_forwards_without_any_trusted_proxies() {
+        let rules = rules(&[]);
+        let headers = xff(&["1.1.1.1, 203.0.113.9"]);
+        assert_eq!(
+            rules.client_addr(Peer::LocalSocket, &headers),
+            ip("203.0.113.9")
+        );
+        let real_ip_only = ForwardedHeaders {
+            forwarded_for: vec![],
+            real_ip: Some(b"203.0.113.5"),
+        };
+        assert_eq!(
+            rules.client_addr(Peer::LocalSocket, &real_ip_only),
+            ip("203.0.113.5")
+        );
+    }
+
+    #[test]
+    fn behind_a_socket_peer_only_trusted_hops_are_walked_through() {
+        let rules = rules(&["10.0.0.0/8"]);
+        let headers = xff(&["198.51.100.1, 203.0.113.9, 10.1.1.1"]);
+        assert_eq!(
+            rules.client_addr(Peer::LocalSocket, &headers),
+            ip("203.0.113.9")
+        );
+    }
+
+    #[test]
+    fn a_socket_peer_that_names_no_usable_client_is_this_host() {
+        let rules = rules(&[]);
+        assert_eq!(rules.client_addr(Peer::LocalSocket, &xff(&[])), LOCAL_HOST);
+        assert_eq!(
+            rules.client_addr(Peer::LocalSocket, &xff(&["not-an-ip"])),
+            LOCAL_HOST
+        );
+        assert!(rules.is_trusted_peer(Peer::LocalSocket));
+        assert!(!rules.is_trusted_peer(tcp("127.0.0.1")));
     }
 
     #[test]
@@ -280,7 +356,7 @@ mod tests {
         let rules = rules(&["10.0.0.1"]);
         let headers = xff(&["203.0.113.9"]);
         assert_eq!(
-            rules.client_addr(ip("::ffff:10.0.0.1"), &headers),
+            rules.client_addr(tcp("::ffff:10.0.0.1"), &headers),
             ip("203.0.113.9")
         );
     }
@@ -316,7 +392,7 @@ mod tests {
                 forwarded_for: forwarded.iter().map(Vec::as_slice).collect(),
                 real_ip: real_ip.as_deref(),
             };
-            prop_assert_eq!(rules.client_addr(peer, &headers), peer);
+            prop_assert_eq!(rules.client_addr(Peer::Tcp(peer), &headers), peer);
         }
 
         /// Through a trusted proxy, the key is always the peer or an address the headers name.
@@ -329,7 +405,7 @@ mod tests {
                 forwarded_for: forwarded.iter().map(|s| s.as_bytes()).collect(),
                 real_ip: None,
             };
-            let addr = rules.client_addr(ip("10.0.0.1"), &headers);
+            let addr = rules.client_addr(tcp("10.0.0.1"), &headers);
             let named = addr == ip("10.0.0.1")
                 || forwarded.iter().any(|h| h.split(',').any(|hop| parse_hop(hop.as_bytes()).map(canonical) == Some(addr)));
             prop_assert!(named);

@@ -22,7 +22,12 @@ fn main() -> ExitCode {
         let app = Application::build(settings)
             .await
             .map_err(|err| err.to_string())?;
-        log::info!("listening on port {}", app.port());
+        if let Some(port) = app.port() {
+            log::info!("listening on port {port}");
+        }
+        if let Some(socket) = app.unix_socket() {
+            log::info!("listening on the Unix socket {socket:?}");
+        }
         if let Some(grpc_port) = app.grpc_port() {
             log::info!("Envoy's rate-limit service (gRPC) listening on port {grpc_port}");
         }

@@ -19,7 +19,8 @@ use thiserror::Error;
 
 use crate::http::admin_auth::AdminAuth;
 use crate::http::routes::AppState;
-use crate::http::{ServeSettings, Server, ServerHandle};
+use crate::http::socket::{SocketError, SocketFile};
+use crate::http::{Listeners, ServeSettings, Server, ServerHandle};
 use crate::limiter::{
     Buckets, Decider, DeciderSettings, InstanceCount, Limiter, Source, StoreError,
 };
@@ -45,6 +46,8 @@ pub enum StartupError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("REDIS_CLUSTER_NODES is not usable: {0}")]
     ClusterNodes(String),
     #[error("cannot start the {0} thread: {1}")]
@@ -57,7 +60,10 @@ pub enum StartupError {
 
 /// A built service: listening, not yet serving.
 pub struct Application {
-    port: u16,
+    /// `None` with `PORT=off`.
+    port: Option<u16>,
+    /// Removed once the server has stopped; `None` without `UNIX_SOCKET`.
+    socket: Option<SocketFile>,
     server: Server,
     /// Envoy's rate-limit service; `None` without `GRPC_PORT`.
     grpc: Option<GrpcFront>,
@@ -72,8 +78,21 @@ impl Application {
     /// Builds the service. With Redis configured it waits for discovery's first round
     /// (done on discovery's own thread), so a service whose Redis is up starts ready.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let listener = bind(&settings, settings.port)?;
-        let port = listener.local_addr().map_err(StartupError::Server)?.port();
+        let tcp = settings
+            .port
+            .map(|port| bind(&settings, port))
+            .transpose()?;
+        let port = match &tcp {
+            Some(tcp) => Some(tcp.local_addr().map_err(StartupError::Server)?.port()),
+            None => None,
+        };
+        let (unix, socket) = match &settings.unix_socket {
+            Some(socket) => {
+                let (listener, file) = crate::http::socket::bind(socket)?;
+                (Some(listener), Some(file))
+            }
+            None => (None, None),
+        };
         let grpc_listener = match settings.grpc_port {
             Some(grpc_port) => Some(bind(&settings, grpc_port)?),
             None => None,
@@ -124,7 +143,7 @@ impl Application {
         );
         let admin = AdminAuth::new(settings.admin_token.as_ref(), settings.identity.clone());
         let server = crate::http::serve(
-            listener,
+            Listeners { tcp, unix },
             state,
             admin,
             ServeSettings {
@@ -136,6 +155,7 @@ impl Application {
         .map_err(StartupError::Server)?;
         Ok(Self {
             port,
+            socket,
             server,
             grpc,
             follower,
@@ -144,9 +164,14 @@ impl Application {
         })
     }
 
-    /// The port actually bound (useful with `PORT=0`).
-    pub fn port(&self) -> u16 {
+    /// The port actually bound (useful with `PORT=0`); `None` with `PORT=off`.
+    pub fn port(&self) -> Option<u16> {
         self.port
+    }
+
+    /// The socket served on; `None` without `UNIX_SOCKET`.
+    pub fn unix_socket(&self) -> Option<&std::path::Path> {
+        self.socket.as_ref().map(SocketFile::path)
     }
 
     /// The gRPC port actually bound (useful with `GRPC_PORT=0`); `None` without one.
@@ -171,6 +196,7 @@ impl Application {
             // off the event loop.
             let _ = tokio::task::spawn_blocking(move || grpc.join()).await;
         }
+        drop(self.socket);
         drop(self.watcher);
         drop(self.rules_watcher);
         self.follower.stop().await;

@@ -4,15 +4,14 @@
 //! - With `ADMIN_TOKEN` set, every caller must send `Authorization: Bearer <token>`,
 //!   local or not; a missing or wrong token is a 401 with `WWW-Authenticate: Bearer`.
 //! - Without it, only local callers are served, and others get a 403. A caller is local
-//!   when its TCP peer is a loopback address and nothing says the request was forwarded
-//!   for someone else: it carries no `X-Forwarded-For`, `X-Real-IP` or `Forwarded`, or
-//!   its peer is a trusted proxy (`TRUSTED_PROXIES`) and [`IdentityRules`] trace those
-//!   headers back to a loopback client. So a request that Nginx on 127.0.0.2 forwards
+//!   when its peer is on this host (a loopback TCP address, or a process on `UNIX_SOCKET`)
+//!   and nothing says the request was forwarded for someone else: it carries no
+//!   `X-Forwarded-For`, `X-Real-IP` or `Forwarded`, or its peer is a trusted proxy
+//!   (`TRUSTED_PROXIES`, or the socket) and [`IdentityRules`] trace those headers back to
+//!   a loopback client. So a request that Nginx on 127.0.0.2, or on the socket, forwards
 //!   for 203.0.113.7 is not local, and neither is one that an untrusted proxy on the same
 //!   host forwards: its headers are not believed to say who the client is, but they do
 //!   say that the client is someone else, and refusing costs a local caller nothing.
-
-use std::net::IpAddr;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
@@ -21,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
 
 use super::problem::Problem;
-use crate::identity::{ForwardedHeaders, IdentityRules};
+use crate::identity::{ForwardedHeaders, IdentityRules, Peer};
 
 /// The rule in force, built once at start.
 pub struct AdminAuth {
@@ -83,7 +82,7 @@ impl ResponseError for AdminRefusal {
 /// What a request shows of who sent it.
 #[derive(Debug, Default)]
 struct Caller<'a> {
-    peer: Option<IpAddr>,
+    peer: Option<Peer>,
     authorization: Option<&'a [u8]>,
     forwarded: ForwardedHeaders<'a>,
     /// An RFC 7239 `Forwarded` header is present (its contents are not read).
@@ -102,7 +101,7 @@ impl AdminAuth {
     pub fn check(&self, req: &HttpRequest) -> Result<(), AdminRefusal> {
         let headers = req.headers();
         self.judge(&Caller {
-            peer: req.peer_addr().map(|addr| addr.ip()),
+            peer: super::socket::peer(req),
             authorization: headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
             forwarded: ForwardedHeaders {
                 forwarded_for: headers
@@ -134,10 +133,14 @@ impl AdminAuth {
     }
 
     fn is_local(&self, caller: &Caller<'_>) -> bool {
-        let Some(peer) = caller.peer.map(|peer| peer.to_canonical()) else {
+        let Some(peer) = caller.peer else {
             return false;
         };
-        if !peer.is_loopback() {
+        let on_this_host = match peer {
+            Peer::Tcp(addr) => addr.to_canonical().is_loopback(),
+            Peer::LocalSocket => true,
+        };
+        if !on_this_host {
             return false;
         }
         let forwarded = !caller.forwarded.forwarded_for.is_empty()
@@ -147,7 +150,7 @@ impl AdminAuth {
             return true;
         }
         !caller.forwarded_rfc7239
-            && self.identity.is_trusted(peer)
+            && self.identity.is_trusted_peer(peer)
             && self
                 .identity
                 .client_addr(peer, &caller.forwarded)
@@ -169,6 +172,7 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
 mod tests {
     use super::*;
     use ipnet::IpNet;
+    use std::net::IpAddr;
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -182,7 +186,7 @@ mod tests {
 
     fn from(peer: &str) -> Caller<'static> {
         Caller {
-            peer: Some(ip(peer)),
+            peer: Some(Peer::Tcp(ip(peer))),
             ..Caller::default()
         }
     }
@@ -241,6 +245,34 @@ mod tests {
         let rfc7239 = Caller {
             forwarded_rfc7239: true,
             ..from("127.0.0.1")
+        };
+        assert_eq!(auth.judge(&rfc7239), Err(AdminRefusal::NotLocal));
+    }
+
+    /// A request on `UNIX_SOCKET` forwarding `xff`, or nothing.
+    fn on_socket(xff: &[&'static str]) -> Caller<'static> {
+        Caller {
+            peer: Some(Peer::LocalSocket),
+            forwarded: ForwardedHeaders {
+                forwarded_for: xff.iter().map(|hop| hop.as_bytes()).collect(),
+                real_ip: None,
+            },
+            ..Caller::default()
+        }
+    }
+
+    #[test]
+    fn a_socket_peer_is_local_unless_it_forwards_for_another_client() {
+        let auth = auth(None, &[]);
+        assert_eq!(auth.judge(&on_socket(&[])), Ok(()));
+        assert_eq!(auth.judge(&on_socket(&["127.0.0.1"])), Ok(()));
+        assert_eq!(
+            auth.judge(&on_socket(&["203.0.113.7"])),
+            Err(AdminRefusal::NotLocal)
+        );
+        let rfc7239 = Caller {
+            forwarded_rfc7239: true,
+            ..on_socket(&[])
         };
         assert_eq!(auth.judge(&rfc7239), Err(AdminRefusal::NotLocal));
     }

@@ -15,6 +15,8 @@
 //! - [`admin_auth`]: who may call those three: the `ADMIN_TOKEN` bearer token when it is
 //!   set, else local callers only (a loopback peer, not forwarded for another client).
 //! - [`check`]: `/v1/check`, the decision Nginx's `auth_request` asks for (the gateway).
+//! - [`socket`]: the Unix socket beside (or instead of) the TCP port (`UNIX_SOCKET`), and
+//!   which requests came through it.
 
 pub mod admin_auth;
 pub mod check;
@@ -24,8 +26,10 @@ pub mod policies;
 pub mod problem;
 pub mod reply;
 pub mod routes;
+pub mod socket;
 
 use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
@@ -40,6 +44,12 @@ use routes::AppState;
 /// The running server, and what stops it from elsewhere.
 pub use actix_web::dev::{Server, ServerHandle};
 
+/// What the server listens on: at least one of the two.
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub unix: Option<UnixListener>,
+}
+
 /// How the HTTP server runs, beside what it serves.
 pub struct ServeSettings {
     /// `ACCESS_LOG`: one line per request.
@@ -50,10 +60,10 @@ pub struct ServeSettings {
     pub workers: Option<usize>,
 }
 
-/// Serves every route on `listener`: each answer carries `X-Instance` and is counted in
+/// Serves every route on `listeners`: each answer carries `X-Instance` and is counted in
 /// the metrics by its route.
 pub fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     state: AppState,
     admin: AdminAuth,
     settings: ServeSettings,
@@ -80,11 +90,18 @@ pub fn serve(
             })
             .configure(configure)
     })
+    .on_connect(socket::mark_connection)
     .shutdown_timeout(settings.shutdown_timeout.as_secs());
     if let Some(workers) = settings.workers {
         server = server.workers(workers);
     }
-    Ok(server.listen(listener)?.run())
+    if let Some(tcp) = listeners.tcp {
+        server = server.listen(tcp)?;
+    }
+    if let Some(unix) = listeners.unix {
+        server = server.listen_uds(unix)?;
+    }
+    Ok(server.run())
 }
 
 /// A route's name in metrics: attached to its resource, so the label is the route actix

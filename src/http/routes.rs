@@ -1,6 +1,5 @@
 //! The endpoints and the state they share.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix_web::http::header::{
@@ -147,10 +146,10 @@ impl HeaderLookup for Headers<'_> {
     }
 }
 
-/// The bucket this request is charged to, from its TCP peer and, through trusted
-/// proxies only, its forwarding headers.
+/// The bucket this request is charged to, from its peer and, through trusted proxies
+/// only (the socket's peer among them), its forwarding headers.
 pub fn client_key(req: &HttpRequest, rules: &IdentityRules) -> Option<ClientKey> {
-    let peer: IpAddr = req.peer_addr()?.ip();
+    let peer = super::socket::peer(req)?;
     let headers = req.headers();
     let forwarded = ForwardedHeaders {
         forwarded_for: headers

@@ -209,9 +209,15 @@ settings! {
     /// address to listen on
     HOST / host: IpAddr = Value("0.0.0.0"),
         Text => listen_addr;
-    /// port to listen on (`0`: any free port)
-    PORT / port: u16 = Value("8000"),
-        Whole { min: 0, max: 65_535 } => whole;
+    /// port to listen on (`0`: any free port; `off`: none, with `UNIX_SOCKET`)
+    PORT / port: Option<u16> = Value("8000"),
+        Whole { min: 0, max: 65_535 } => port_or_off;
+    /// a Unix domain socket to serve HTTP on as well, for an Nginx on the same host; its peer is trusted as a proxy like a `TRUSTED_PROXIES` address, and one that forwards nothing counts as a caller on this host (`docs/OPERATIONS.md`); a socket left by a stopped instance is replaced, one a process listens on stops the start; removed at stop
+    UNIX_SOCKET / unix_socket: Option<PathBuf> = Unset("none"),
+        Text => socket_path;
+    /// permissions of `UNIX_SOCKET`, octal: connecting needs write permission, so these (and the folder's) say who on the host may act as the trusted proxy
+    UNIX_SOCKET_MODE / unix_socket_mode: u32 = Value("660"),
+        Text => file_mode;
     /// port of Envoy's rate-limit service (gRPC `ShouldRateLimit` and `grpc.health.v1`) on `HOST`, beside the HTTP port (`0`: any free port); unset: no gRPC listener ("Behind Envoy")
     GRPC_PORT / grpc_port: Option<u16> = Unset("off"),
         Whole { min: 0, max: 65_535 } => whole;

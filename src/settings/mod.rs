@@ -24,13 +24,14 @@ use thiserror::Error;
 
 use crate::bucket::LimitSpec;
 use crate::http::headers::HeaderMode;
+use crate::http::socket::UnixSocket;
 use crate::identity::IdentityRules;
 use crate::limiter::FailMode;
 use crate::policy::{HashKey, PolicySet};
 use crate::rls::{RlsConfigError, RuleSet};
 use declared::{
     BURST, Declared, Expect, GRPC_PORT, Given, INSTANCE_NAME, PORT, Preset, Problems, RATE_LIMIT,
-    RLS_CONFIG, TIME_WINDOW, TRUSTED_PROXIES, TRUSTED_PROXIES_ALLOW_ALL,
+    RLS_CONFIG, TIME_WINDOW, TRUSTED_PROXIES, TRUSTED_PROXIES_ALLOW_ALL, UNIX_SOCKET,
 };
 pub use parse::{HostPort, RedisClient, mask_url};
 pub use store::{MasterSettings, NodeAccess, StoreSettings};
@@ -136,7 +137,10 @@ pub struct Settings {
     pub rules: Arc<RuleSet>,
     pub rls_source: RlsSource,
     pub host: IpAddr,
-    pub port: u16,
+    /// `PORT`; `None` (`off`): HTTP on the socket only.
+    pub port: Option<u16>,
+    /// `UNIX_SOCKET` and `UNIX_SOCKET_MODE`; `None`: no socket.
+    pub unix_socket: Option<UnixSocket>,
     /// `GRPC_PORT`: where the rate-limit service listens, on `host`; `None`: it does not.
     pub grpc_port: Option<u16>,
     pub workers: Option<usize>,
@@ -203,6 +207,7 @@ impl Settings {
         let store = store::store(&declared, given, problems);
         let identity = identity(&declared, problems);
         let instance_name = instance_name(&declared, given, problems);
+        let unix_socket = unix_socket(&declared, problems);
         let (policies, policy_source) = policies?;
         let (rules, rls_source) = rules?;
         Some(Settings {
@@ -217,6 +222,7 @@ impl Settings {
             identity: identity?,
             host: declared.host,
             port: declared.port,
+            unix_socket: unix_socket?,
             grpc_port: declared.grpc_port,
             workers: declared.workers,
             instance_name: instance_name?,
@@ -304,7 +310,7 @@ fn rules(
     given: &Given,
     problems: &mut Problems,
 ) -> Option<(RuleSet, RlsSource)> {
-    if let (Some(grpc), port) = (declared.grpc_port, declared.port)
+    if let (Some(grpc), Some(port)) = (declared.grpc_port, declared.port)
         && grpc == port
         && grpc != 0
     {
@@ -362,6 +368,23 @@ fn identity(declared: &Declared, problems: &mut Problems) -> Option<IdentityRule
         return None;
     }
     Some(IdentityRules::new(proxies, declared.ipv6_prefix_len))
+}
+
+/// `UNIX_SOCKET` with its mode; with `PORT=off` it must be set, or nothing would listen.
+fn unix_socket(declared: &Declared, problems: &mut Problems) -> Option<Option<UnixSocket>> {
+    let socket = declared.unix_socket.clone().map(|path| UnixSocket {
+        path,
+        mode: declared.unix_socket_mode,
+    });
+    if declared.port.is_none() && socket.is_none() {
+        problems.add_unless_refused(
+            &[&PORT, &UNIX_SOCKET],
+            "PORT: off leaves nothing to listen on without UNIX_SOCKET; set UNIX_SOCKET, or a port"
+                .into(),
+        );
+        return None;
+    }
+    Some(socket)
 }
 
 /// `INSTANCE_NAME`, or else the host name, held to the same rule since it ends up in the

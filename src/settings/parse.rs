@@ -123,6 +123,38 @@ pub fn path(_: &Expect, text: &str) -> Result<PathBuf, Refused> {
     Ok(PathBuf::from(text))
 }
 
+/// The most bytes of a Unix socket's path: `sun_path` holds 108 with the final NUL.
+const SOCKET_PATH_MAX: usize = 107;
+
+/// A path a Unix socket can be bound at: Linux refuses a longer one only at bind time, with
+/// a message that names neither the setting nor the limit.
+pub fn socket_path(_: &Expect, text: &str) -> Result<PathBuf, Refused> {
+    if text.len() > SOCKET_PATH_MAX || text.contains('\0') {
+        return Err(Refused::expected(format!(
+            "a file path of at most {SOCKET_PATH_MAX} bytes (the longest a Unix socket's can be)"
+        )));
+    }
+    Ok(PathBuf::from(text))
+}
+
+/// Permission bits in octal, as `chmod` takes them (`660`, `0660`).
+pub fn file_mode(_: &Expect, text: &str) -> Result<u32, Refused> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| Refused::expected("permission bits in octal, such as 660"))
+}
+
+/// A port, or `off`: nothing listens on TCP.
+pub fn port_or_off(expects: &Expect, text: &str) -> Result<Option<u16>, Refused> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    whole(expects, text)
+        .map(Some)
+        .map_err(|refused| Refused::expected(format!("{}, or off", refused.expected)))
+}
+
 /// A `redis://` URL, as the client will use it; `rediss://` and Unix sockets are not
 /// supported.
 pub fn redis_url(_: &Expect, text: &str) -> Result<ConnectionInfo, Refused> {

@@ -42,7 +42,7 @@ fn the_defaults_are_ten_per_minute_in_memory() {
     let settings = load(&[]).unwrap();
     assert_eq!(default_limit(&settings), Limit::per(10, 60, 10).unwrap());
     assert!(matches!(settings.store, StoreSettings::Memory));
-    assert_eq!(settings.port, 8000);
+    assert_eq!(settings.port, Some(8000));
     assert_eq!(settings.fail_mode, FailMode::Local);
     assert_eq!(settings.headers, HeaderMode::Draft);
 }
@@ -61,7 +61,7 @@ fn a_config_file_sits_between_defaults_and_environment() {
     let path = path.to_str().unwrap();
     let settings = load(&[("CONFIG_FILE", path), ("PORT", "9100")]).unwrap();
     assert_eq!(default_limit(&settings).capacity(), 7);
-    assert_eq!(settings.port, 9100);
+    assert_eq!(settings.port, Some(9100));
 }
 
 #[test]
@@ -326,7 +326,7 @@ fn unrelated_environment_variables_are_ignored() {
 #[test]
 fn an_empty_value_means_the_preset() {
     let settings = load(&[("PORT", ""), ("FAIL_MODE", " ")]).unwrap();
-    assert_eq!(settings.port, 8000);
+    assert_eq!(settings.port, Some(8000));
     assert_eq!(settings.fail_mode, FailMode::Local);
 }
 
@@ -665,4 +665,56 @@ fn every_problem_of_an_rls_config_is_reported_with_its_file_and_line() {
         missing.starts_with("RLS_CONFIG: /nonexistent/rls: cannot read"),
         "{missing}"
     );
+}
+
+#[test]
+fn a_unix_socket_is_served_beside_the_port_or_alone() {
+    let beside = load(&[("UNIX_SOCKET", "/run/ratelimiter/app-1.sock")]).unwrap();
+    assert_eq!(beside.port, Some(8000));
+    assert_eq!(
+        beside.unix_socket,
+        Some(UnixSocket {
+            path: "/run/ratelimiter/app-1.sock".into(),
+            mode: 0o660,
+        })
+    );
+    let alone = load(&[
+        ("UNIX_SOCKET", "/run/ratelimiter/app-1.sock"),
+        ("UNIX_SOCKET_MODE", "0600"),
+        ("PORT", "OFF"),
+    ])
+    .unwrap();
+    assert_eq!(alone.port, None);
+    assert_eq!(alone.unix_socket.map(|socket| socket.mode), Some(0o600));
+}
+
+#[test]
+fn port_off_without_a_socket_is_refused_for_leaving_nothing_to_listen_on() {
+    let message = problems(&[("PORT", "off")]);
+    assert!(
+        message.contains("PORT: off leaves nothing to listen on without UNIX_SOCKET"),
+        "{message}"
+    );
+    let bad_port = problems(&[("PORT", "eighty")]);
+    assert!(
+        bad_port.contains("PORT: expected a whole number from 0 to 65535, or off, got \"eighty\""),
+        "{bad_port}"
+    );
+}
+
+#[test]
+fn a_socket_path_too_long_to_bind_and_a_mode_that_is_not_octal_are_named() {
+    let long = format!("/tmp/{}.sock", "s".repeat(110));
+    let message = problems(&[("UNIX_SOCKET", &long), ("UNIX_SOCKET_MODE", "rw-rw----")]);
+    assert!(
+        message.contains("UNIX_SOCKET: expected a file path of at most 107 bytes"),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            "UNIX_SOCKET_MODE: expected permission bits in octal, such as 660, got \"rw-rw----\""
+        ),
+        "{message}"
+    );
+    assert!(problems(&[("UNIX_SOCKET_MODE", "1777")]).contains("UNIX_SOCKET_MODE"));
 }

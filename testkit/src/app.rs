@@ -51,7 +51,11 @@ impl TestApp {
                     .await
                     .expect("the service starts");
                 sender
-                    .send((app.port(), app.grpc_port(), app.handle()))
+                    .send((
+                        app.port().expect("a TestApp serves on TCP (PORT=0)"),
+                        app.grpc_port(),
+                        app.handle(),
+                    ))
                     .expect("report the port");
                 app.run_until_stopped().await.expect("the service runs");
             });

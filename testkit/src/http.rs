@@ -122,23 +122,57 @@ pub fn counter(text: &str, series: &str) -> f64 {
 /// normalises the path first), answered by its status and whether an instance sent it
 /// (`X-Instance`).
 pub fn raw_get(host: &str, port: u16, target: &str) -> (u16, bool) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect((host, port)).expect("connect");
+    let stream = std::net::TcpStream::connect((host, port)).expect("connect");
+    stream.set_read_timeout(Some(ANSWER_BOUND)).unwrap();
+    let answer = exchange(stream, &format!("GET {target}"), &[]).to_lowercase();
+    (status_of(&answer), answer.contains("\r\nx-instance:"))
+}
+
+/// `request` (`METHOD target`) with `headers` and no body, on a connection to the Unix
+/// socket at `path`, which reqwest cannot open: the status and the body.
+pub fn socket_request(
+    path: &std::path::Path,
+    request: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+    stream.set_read_timeout(Some(ANSWER_BOUND)).unwrap();
+    let answer = exchange(stream, request, headers);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_string();
+    (status_of(&answer), body)
+}
+
+/// How long a raw exchange may wait for its answer: only a hang takes this long.
+const ANSWER_BOUND: Duration = Duration::from_secs(5);
+
+/// Writes `request` as HTTP/1.1 with `Connection: close` and reads the whole answer.
+fn exchange<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    request: &str,
+    headers: &[(&str, &str)],
+) -> String {
+    use std::fmt::Write as _;
+    let mut head = format!("{request} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    head.push_str("Content-Length: 0\r\n\r\n");
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+        .write_all(head.as_bytes())
+        .expect("write the request");
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).expect("an answer");
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
-    let status = answer
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer
         .split(' ')
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("GET {target}: no status in {answer:?}"));
-    (status, answer.contains("\r\nx-instance:"))
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
 }

@@ -46,7 +46,7 @@ pub use app::{TestApp, service_command, wait_for_exit};
 pub use demo_upstream::Counts as UpstreamCounts;
 pub use http::{
     all_at_once, client, client_from, counter, header, metric, metrics, passes, raw_get,
-    until_redis_decides,
+    socket_request, until_redis_decides,
 };
 pub use machine::{free_port, repo_path, require, send_signal, unique_prefix, wait_until};
 pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};

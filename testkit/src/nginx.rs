@@ -1,7 +1,8 @@
 //! Nginx as shipped: `nginx/nginx.conf.template` rendered by `scripts/render-config.sh`,
-//! with the placeholders the native topology gives it (`proxy_bind 127.0.0.2`, so the
-//! instances must trust that address), on free ports, in a temporary folder. Stopped on
-//! `Drop`, after printing the end of its error log when the test failed.
+//! with the placeholders the native topology gives it, on free ports, in a temporary
+//! folder: to instances on TCP from `proxy_bind 127.0.0.2` (so the instances must trust
+//! that address), or to their Unix sockets (`unix:PATH`), which bind to no address.
+//! Stopped on `Drop`, after printing the end of its error log when the test failed.
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -16,7 +17,7 @@ pub const PROXY_ADDR: &str = "127.0.0.2";
 
 /// What the template's placeholders become, besides ports and paths.
 pub struct NginxSettings {
-    /// The two instances, `host:port`.
+    /// The two instances, `host:port`, or both `unix:PATH`.
     pub instances: [String; 2],
     /// The application behind the gateway, `host:port`.
     pub upstream: String,
@@ -50,6 +51,12 @@ impl NginxProcess {
             format!("listen 127.0.0.1:{gateway_port};"),
         );
         let path = |relative: &str| root.join(relative).display().to_string();
+        // A connection to a Unix socket cannot be bound to an IP address.
+        let proxy_bind = if settings.instances[0].starts_with("unix:") {
+            "off"
+        } else {
+            PROXY_ADDR
+        };
         render(
             "nginx/nginx.conf.template",
             &config,
@@ -61,13 +68,19 @@ impl NginxProcess {
                 ("LISTEN", &port_text),
                 ("APP_1", &settings.instances[0]),
                 ("APP_2", &settings.instances[1]),
-                ("PROXY_BIND", PROXY_ADDR),
+                ("PROXY_BIND", proxy_bind),
                 ("GATEWAY_LISTEN", &gateway_text),
                 ("GATEWAY_UPSTREAM", &settings.upstream),
                 ("GATEWAY_FAIL_MODE", settings.fail_mode),
             ],
         );
         let args = |command: &mut Command| {
+            // Started by root, Nginx runs its workers as `nobody`, who may not open the
+            // instances' sockets (mode 660, in a folder of mode 700); run by anyone else,
+            // the workers are that user, the sockets' owner, as in the native topology.
+            if running_as_root() {
+                command.arg("-g").arg("user root;");
+            }
             command
                 .arg("-e")
                 .arg(&error_log)
@@ -144,4 +157,9 @@ impl Drop for NginxProcess {
         }
         self.stop();
     }
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|meta| meta.uid() == 0)
 }

@@ -88,7 +88,7 @@ fn several_problems_are_reported_together_one_per_line() {
     assert_eq!(code, Some(2), "{stderr}");
     for expected in [
         "RATE_LIMIT: ",
-        "PORT: expected a whole number from 0 to 65535, got \"99999\"",
+        "PORT: expected a whole number from 0 to 65535, or off, got \"99999\"",
         "FAIL_MODE: expected one of local, open, closed, got \"maybe\"",
     ] {
         assert_eq!(

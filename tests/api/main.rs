@@ -9,3 +9,4 @@ mod decide;
 mod identity;
 mod policies;
 mod redis_store;
+mod socket;

@@ -11,6 +11,7 @@
 //! Nginx reaches the instances from and the only proxy they trust.
 
 mod public;
+mod socket;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
@@ -65,6 +66,9 @@ struct Setup {
     gateway_fail_mode: &'static str,
     /// What Nginx believes the instances are; `None`: the two started instances.
     instances: Option<[String; 2]>,
+    /// Nginx reaches the instances on their Unix sockets (`UNIX_SOCKET`, beside their
+    /// ports), and they trust no TCP proxy.
+    over_sockets: bool,
 }
 
 impl Default for Setup {
@@ -73,6 +77,7 @@ impl Default for Setup {
             vars: Vec::new(),
             gateway_fail_mode: "closed",
             instances: None,
+            over_sockets: false,
         }
     }
 }
@@ -83,14 +88,15 @@ struct Stack {
     upstream: TestUpstream,
     apps: Vec<TestApp>,
     _redis: RedisProcess,
-    _policies: tempfile::TempDir,
+    /// The policy file, and the instances' sockets.
+    files: tempfile::TempDir,
 }
 
 impl Stack {
     fn start(setup: Setup) -> Self {
         let redis = RedisProcess::server(None, &[]);
-        let policies = tempfile::tempdir().expect("temporary folder");
-        let policy_file = policies.path().join("policies.toml");
+        let files = tempfile::tempdir().expect("temporary folder");
+        let policy_file = files.path().join("policies.toml");
         std::fs::write(&policy_file, POLICIES).expect("write the policy file");
         let prefix = unique_prefix("gateway");
         let apps: Vec<TestApp> = ["app-1", "app-2"]
@@ -104,16 +110,24 @@ impl Stack {
                     ("INSTANCE_NAME", name.to_string()),
                     ("WORKERS", "1".to_string()),
                 ];
+                if setup.over_sockets {
+                    vars.push(("UNIX_SOCKET", socket_path(&files, name)));
+                    vars.push(("TRUSTED_PROXIES", String::new()));
+                }
                 vars.extend(setup.vars.iter().cloned());
                 TestApp::spawn_with(&vars)
             })
             .collect();
         let upstream = TestUpstream::spawn();
         let instances = setup.instances.unwrap_or_else(|| {
-            [
-                format!("127.0.0.1:{}", apps[0].port),
-                format!("127.0.0.1:{}", apps[1].port),
-            ]
+            if setup.over_sockets {
+                ["app-1", "app-2"].map(|name| format!("unix:{}", socket_path(&files, name)))
+            } else {
+                [
+                    format!("127.0.0.1:{}", apps[0].port),
+                    format!("127.0.0.1:{}", apps[1].port),
+                ]
+            }
         });
         let nginx = NginxProcess::start(&NginxSettings {
             instances,
@@ -125,8 +139,13 @@ impl Stack {
             upstream,
             apps,
             _redis: redis,
-            _policies: policies,
+            files,
         }
+    }
+
+    /// The socket instance `name` (`app-1`, `app-2`) listens on, with `over_sockets`.
+    fn socket(&self, name: &str) -> std::path::PathBuf {
+        socket_path(&self.files, name).into()
     }
 
     /// GET `path` through the gateway from `client`, within [`HANG_BOUND`].
@@ -145,6 +164,15 @@ impl Stack {
         );
         response
     }
+}
+
+/// Where instance `name` listens with [`Setup::over_sockets`].
+fn socket_path(files: &tempfile::TempDir, name: &str) -> String {
+    files
+        .path()
+        .join(format!("{name}.sock"))
+        .display()
+        .to_string()
 }
 
 /// Statuses of `count` requests to `path` in a row.
