@@ -81,6 +81,14 @@ pub fn append_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result
     Ok(())
 }
 
+/// The load generator's `--json` summary in `path`.
+pub fn read_summary(path: &Path) -> anyhow::Result<loadtest::summary::Summary> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path);
+    let text = text.with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("in {}", path.display()))
+}
+
 /// Runs the benchmarks of scripts/bench.sh, scripts/memory.sh and scripts/soak.sh (run
 /// those: they build what this needs and clean up after it).
 #[derive(Debug, Parser)]

@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use loadtest::summary::Summary;
 
-use crate::node::ScriptCounters;
 use crate::phases::{Target, Tool, Via};
 use crate::probe::{Counts, WrkReport};
 use crate::process::{MachineTicks, cpu_detail, ticks_of};
@@ -24,13 +23,14 @@ pub type Groups = BTreeMap<&'static str, Vec<u32>>;
 pub struct Snapshot {
     pub ticks: BTreeMap<&'static str, u64>,
     pub machine: MachineTicks,
-    pub redis: ScriptCounters,
+    /// The script's calls and usec on the masters.
+    pub redis: (u64, u64),
     /// The instances' user and system ticks, context switches and threads.
     pub app: [u64; 4],
 }
 
 impl Snapshot {
-    pub fn take(groups: &Groups, redis: ScriptCounters) -> Self {
+    pub fn take(groups: &Groups, redis: (u64, u64)) -> Self {
         let ticks = groups
             .iter()
             .map(|(name, pids)| (*name, ticks_of(pids)))
@@ -64,13 +64,7 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    pub fn of_summary(summary: &Summary) -> Self {
-        let latency_ms = summary
-            .latency_ms
-            .map_or([0.0; 3], |l| [l.p50, l.p99, l.max]);
-        let c = &summary.classes;
-        let (requests, seconds) = (summary.requests.answered, summary.elapsed_s);
-        let statuses = [c.admitted, c.rejected, c.not_decided()];
+    fn new(requests: u64, seconds: f64, latency_ms: [f64; 3], statuses: [u64; 3]) -> Self {
         Self {
             requests,
             seconds,
@@ -80,9 +74,22 @@ impl Traffic {
         }
     }
 
+    pub fn of_summary(summary: &Summary) -> Self {
+        let latency_ms = summary
+            .latency_ms
+            .map_or([0.0; 3], |l| [l.p50, l.p99, l.max]);
+        let c = &summary.classes;
+        let statuses = [c.admitted, c.rejected, c.not_decided()];
+        Self::new(
+            summary.requests.answered,
+            summary.elapsed_s,
+            latency_ms,
+            statuses,
+        )
+    }
+
     /// wrk's figures, and the statuses counted elsewhere (wrk only counts >= 400).
     pub fn of_wrk(report: &WrkReport, counts: &Counts) -> Self {
-        let (requests, seconds) = (report.requests, report.duration_us as f64 / 1e6);
         let latency = &report.latency_us;
         let latency_ms = [latency.p50, latency.p99, latency.max].map(|us| us / 1e3);
         let statuses = [
@@ -90,13 +97,12 @@ impl Traffic {
             counts.denied,
             counts.other + report.socket_errors(),
         ];
-        Self {
-            requests,
-            seconds,
+        Self::new(
+            report.requests,
+            report.duration_us as f64 / 1e6,
             latency_ms,
             statuses,
-            upstream: 0,
-        }
+        )
     }
 }
 
@@ -128,7 +134,6 @@ pub struct Measurement {
     pub script_calls_per_request: f64,
     /// `usec` ÷ `calls` of the script calls; `None` without calls.
     pub usec_per_script_call: Option<f64>,
-    pub commands_per_request: f64,
     pub app_user: f64,
     pub app_system: f64,
     pub switches_per_request: f64,
@@ -169,12 +174,8 @@ impl Measurement {
         let all = after.machine.all.saturating_sub(before.machine.all);
         let busy = after.machine.busy.saturating_sub(before.machine.busy);
         let others = 100.0 * busy.saturating_sub(accounted) as f64 / all.max(1) as f64;
-        let redis =
-            |get: fn(&ScriptCounters) -> u64| get(&after.redis).saturating_sub(get(&before.redis));
-        let (calls, usec) = (
-            redis(|r| r.script_calls) as f64,
-            redis(|r| r.script_usec) as f64,
-        );
+        let calls = after.redis.0.saturating_sub(before.redis.0) as f64;
+        let usec = after.redis.1.saturating_sub(before.redis.1) as f64;
         let per_second = (traffic.seconds > 0.0).then(|| n as f64 / traffic.seconds);
         let per_second = per_second.unwrap_or(0.0);
         let app = |i: usize| after.app[i].saturating_sub(before.app[i]);
@@ -201,7 +202,6 @@ impl Measurement {
             script_calls_per_request: round_to(calls / q, 3),
             // Without script calls of its own (a stray one is not the path's), no figure.
             usec_per_script_call: (calls / q >= 0.01).then(|| round_to(usec / calls, 2)),
-            commands_per_request: round_to(redis(|r| r.all_calls) as f64 / q, 3),
             app_user: cpu(app(0)),
             app_system: cpu(app(1)),
             switches_per_request: round_to(app(2) as f64 / q, 2),
@@ -230,11 +230,7 @@ mod tests {
 
     fn snapshot(ticks: &[(&'static str, u64)], busy: u64, all: u64, script_calls: u64) -> Snapshot {
         let app = ticks.iter().find(|(g, _)| *g == "app").map_or(0, |t| t.1);
-        let redis = ScriptCounters {
-            script_calls,
-            script_usec: script_calls * 6,
-            all_calls: script_calls + 1,
-        };
+        let redis = (script_calls, script_calls * 6);
         let (ticks, machine) = (ticks.iter().copied().collect(), MachineTicks { busy, all });
         Snapshot {
             ticks,

@@ -186,14 +186,8 @@ pub fn run(o: Options) -> Result<()> {
     fs::write(out.join("run.json"), run.to_string())?;
     let results = crate::report::read_jsonl(&out.join("results.jsonl"))?;
     let report = render(&run, &results);
-    fs::write(out.join("report.md"), &report)?;
-    println!("\n{report}");
     say!("done in {elapsed_s}s; logs in run/memory");
-    if o.record {
-        crate::report::record(&root.join("docs/BENCHMARKS.md"), "memory.sh", &report)?;
-        say!("recorded in docs/BENCHMARKS.md");
-    }
-    Ok(())
+    crate::report::publish(&root, &out, &report, o.record.then_some("memory.sh"))
 }
 
 fn run_case(

@@ -113,37 +113,19 @@ impl CommandStats {
         Self(self.0.iter().map(delta).collect())
     }
 
-    /// The script calls (EVALSHA, and EVAL, the fallback on NOSCRIPT) and every command.
-    pub fn script_counters(&self) -> ScriptCounters {
+    /// Calls and usec of the script: EVALSHA, and EVAL, the fallback on NOSCRIPT.
+    pub fn scripts(&self) -> (u64, u64) {
         let ((evalsha, evalsha_usec), (eval, eval_usec)) = (self.get("evalsha"), self.get("eval"));
-        ScriptCounters {
-            script_calls: evalsha + eval,
-            script_usec: evalsha_usec + eval_usec,
-            all_calls: self.0.values().map(|stat| stat.0).sum(),
-        }
+        (evalsha + eval, evalsha_usec + eval_usec)
     }
 }
 
-/// Script calls, their time and every command of one or more masters (Cluster mode's
-/// three counted as one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ScriptCounters {
-    pub script_calls: u64,
-    pub script_usec: u64,
-    pub all_calls: u64,
-}
-
-impl ScriptCounters {
-    pub fn sum(masters: &[Node]) -> Self {
-        let each = masters
-            .iter()
-            .filter_map(|m| Some(m.command_stats().ok()?.script_counters()));
-        each.fold(Self::default(), |sum, c| Self {
-            script_calls: sum.script_calls + c.script_calls,
-            script_usec: sum.script_usec + c.script_usec,
-            all_calls: sum.all_calls + c.all_calls,
-        })
-    }
+/// The script's calls and usec on `masters` together (Cluster mode's three count as one).
+pub fn script_calls(masters: &[Node]) -> (u64, u64) {
+    let each = masters
+        .iter()
+        .filter_map(|m| Some(m.command_stats().ok()?.scripts()));
+    each.fold((0, 0), |(calls, usec), c| (calls + c.0, usec + c.1))
 }
 
 #[cfg(test)]
@@ -151,7 +133,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commandstats_are_read_by_command_and_scripts_add_eval_to_evalsha() {
+    fn commandstats_are_read_by_command_and_the_script_adds_eval_to_evalsha() {
         let before = CommandStats::parse("cmdstat_evalsha:calls=10,usec=50\n");
         let after = CommandStats::parse(
             "# Commandstats\r\ncmdstat_evalsha:calls=1010,usec=6250,usec_per_call=6.20,rejected_calls=0\r\n\
@@ -162,12 +144,7 @@ mod tests {
             (delta.get("evalsha"), delta.get("info"), delta.get("del")),
             ((1000, 6200), (5, 100), (0, 0))
         );
-        let counters = ScriptCounters {
-            script_calls: 1002,
-            script_usec: 6240,
-            all_calls: 1007,
-        };
-        assert_eq!(delta.script_counters(), counters);
+        assert_eq!(delta.scripts(), (1002, 6240));
         let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n";
         assert_eq!(
             (

@@ -271,24 +271,18 @@ pub fn parse(text: &str) -> Result<Vec<&'static Phase>, String> {
         .map(str::trim)
         .filter(|n| !n.is_empty())
         .collect();
-    let known = names();
-    let unknown = |n: &&&str| !known.contains(n) && (**n != "all" || chosen.len() > 1);
-    if let Some(name) = chosen.iter().find(unknown) {
-        return Err(format!(
-            "no phase '{name}'; the phases: {} (or all, alone)",
-            known.join(",")
-        ));
+    let (known, all) = (names(), chosen == ["all"]);
+    let wrong = chosen.iter().find(|n| !all && !known.contains(n));
+    let is_chosen = |p: &&Phase| all || chosen.contains(&p.chosen_by);
+    let phases: Vec<&Phase> = PHASES.iter().filter(is_chosen).collect();
+    let known = known.join(",");
+    match wrong {
+        Some(name) => Err(format!(
+            "no phase '{name}'; the phases: {known} (or all, alone)"
+        )),
+        None if phases.is_empty() => Err(format!("name at least one phase (or all): {known}")),
+        None => Ok(phases),
     }
-    if chosen.is_empty() {
-        return Err(format!(
-            "name at least one phase (or all): {}",
-            known.join(",")
-        ));
-    }
-    Ok(PHASES
-        .iter()
-        .filter(|p| chosen == ["all"] || chosen.contains(&p.chosen_by))
-        .collect())
 }
 
 #[cfg(test)]

@@ -185,6 +185,14 @@ impl Drop for Started {
     }
 }
 
+/// Sends SIG`name` (TERM, KILL) to PID; whether it was sent.
+pub fn signal(pid: u32, name: &str) -> bool {
+    let kill = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status();
+    kill.is_ok_and(|status| status.success())
+}
+
 /// Runs `command` to its end (recorded while it runs), its output appended to `log`;
 /// returns how it ended and the CPU ticks it used (this process's reaped children's).
 pub fn run_counted(

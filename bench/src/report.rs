@@ -426,12 +426,21 @@ pub fn render(dir: &Path) -> Result<String> {
     Ok(out)
 }
 
-/// Writes `body` between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of the document
-/// at `path` (the block appended if missing), the prose around it left as it is.
-pub fn record(path: &Path, name: &str, body: &str) -> Result<()> {
-    let doc = fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    fs::write(path, replace_block(&doc, name, body))
-        .with_context(|| format!("cannot write {}", path.display()))
+/// Writes a run's report to `out`/report.md and prints it; with `record`, also between
+/// `<!-- NAME:begin -->` and `<!-- NAME:end -->` of docs/BENCHMARKS.md (the block appended
+/// if missing), the prose around it left as it is.
+pub fn publish(root: &Path, out: &Path, text: &str, record: Option<&str>) -> Result<()> {
+    fs::write(out.join("report.md"), text)?;
+    println!("\n{text}");
+    let Some(name) = record else {
+        return Ok(());
+    };
+    let path = root.join("docs/BENCHMARKS.md");
+    let doc = fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let written = fs::write(&path, replace_block(&doc, name, text));
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    crate::say!("recorded in docs/BENCHMARKS.md");
+    Ok(())
 }
 
 pub fn replace_block(doc: &str, name: &str, body: &str) -> String {

@@ -11,12 +11,11 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use loadtest::summary::Summary;
 
 use crate::cluster::{Cluster, Processes};
 use crate::machine::{self, Machine};
 use crate::measure::{Measurement, Snapshot, Traffic, round_to};
-use crate::node::{Node, ScriptCounters};
+use crate::node::{Node, script_calls};
 use crate::phases::{self, After, LIMITED, PHASES, Phase, Target, Tool, Topology, Via};
 use crate::probe::{self, Counts, WrkReport, port_open};
 use crate::process::{MachineTicks, Records, Started, children_of, run_counted, tail};
@@ -70,7 +69,6 @@ const MIXED_SOURCES: &str = "127.0.0.10-250";
 const KEYS: u64 = 100_000;
 /// Instance settings that pass through to every phase, named in the report when set.
 const PASSED_SETTINGS: &str = "WORKERS REDIS_POOL_SIZE REDIS_TIMEOUT_MS ACCESS_LOG";
-const DOC: &str = "docs/BENCHMARKS.md";
 
 struct Bench {
     o: Options,
@@ -98,7 +96,9 @@ pub fn run(o: Options) -> Result<()> {
     let (started, started_at) = (Instant::now(), SystemTime::now());
     let root = std::env::current_dir()?;
     if o.record && o.phases.0.len() != PHASES.len() {
-        bail!("--record rewrites the whole block of {DOC}, so it needs every phase: drop --phases");
+        bail!(
+            "--record rewrites the whole block of docs/BENCHMARKS.md, so it needs every phase: drop --phases"
+        );
     }
     let out = root.join("run/bench");
     let _ = fs::remove_dir_all(&out);
@@ -191,18 +191,12 @@ pub fn run(o: Options) -> Result<()> {
     };
     fs::write(b.out.join("run.json"), serde_json::to_string_pretty(&info)?)?;
     let text = report::render(&b.out)?;
-    fs::write(b.out.join("report.md"), &text)?;
-    println!("\n{text}");
     say!(
         "done in {}s; raw outputs in {}",
         info.elapsed_s,
         b.rel(&b.out)
     );
-    if b.o.record {
-        report::record(&b.root.join(DOC), "bench.sh", &text)?;
-        say!("recorded in {DOC}");
-    }
-    Ok(())
+    report::publish(&b.root, &b.out, &text, b.o.record.then_some("bench.sh"))
 }
 
 impl Bench {
@@ -507,10 +501,10 @@ impl Bench {
         };
         let upstream_before = upstream()?;
         let masters = &self.procs.masters;
-        let before = Snapshot::take(&self.procs.groups, ScriptCounters::sum(masters));
+        let before = Snapshot::take(&self.procs.groups, script_calls(masters));
         let (status, generator_ticks) =
             run_counted(&self.own, "load generator", &mut command, &out)?;
-        let after = Snapshot::take(&self.procs.groups, ScriptCounters::sum(masters));
+        let after = Snapshot::take(&self.procs.groups, script_calls(masters));
         let upstream = upstream()? - upstream_before;
         if !status.success() {
             bail!(
@@ -520,10 +514,7 @@ impl Bench {
         }
         let mut closed = 0;
         let traffic = if t.tool == Tool::Loadtest {
-            let text = fs::read_to_string(&json)
-                .with_context(|| format!("cannot read {}", json.display()))?;
-            let summary: Summary =
-                serde_json::from_str(&text).with_context(|| format!("in {}", json.display()))?;
+            let summary = crate::read_summary(&json)?;
             Traffic::of_summary(&summary)
         } else {
             let report = WrkReport::from_output(&fs::read_to_string(&out)?);
@@ -611,7 +602,7 @@ impl Bench {
         let calls = |masters: &[Node]| -> Result<Vec<u64>> {
             masters
                 .iter()
-                .map(|m| Ok(m.command_stats()?.script_counters().script_calls))
+                .map(|m| Ok(m.command_stats()?.scripts().0))
                 .collect()
         };
         let before = calls(&self.procs.masters)?;

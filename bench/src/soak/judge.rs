@@ -134,8 +134,9 @@ impl Minute {
     }
 }
 
-/// One look at one process (Nginx's workers: all of them, summed, under the master's pid).
-#[derive(Debug, Clone, PartialEq)]
+/// One look at one process (Nginx's workers: all of them, summed, under the master's pid);
+/// each is a line of out/samples.jsonl.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Sample {
     pub at_s: f64,
     /// Its name in the pids file, and its pid.

@@ -16,7 +16,6 @@
 
 pub mod judge;
 
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,14 +25,13 @@ use std::thread::{self, sleep};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use loadtest::summary::Summary;
 
 use self::judge::{Failover, Minute, POLICIES, Policy, Report, Sample, warmup_secs};
 use crate::cluster::Cluster;
 use crate::machine::{self, Machine};
 use crate::node::{Node, info_field};
 use crate::phases::LIMITED;
-use crate::process::{Records, Started, children_of, memory_kib, open_fds, wait_until};
+use crate::process::{Records, Started, children_of, memory_kib, open_fds, signal, wait_until};
 use crate::{LOOPBACK, probe, say};
 
 /// The master's name in the sentinels (scripts/cluster.sh).
@@ -152,16 +150,10 @@ impl Soak {
             outcome
         });
         let samples = samples.into_inner().unwrap_or_default();
-        let mut csv = String::from("at_s,name,pid,rss_kib,fds,backlog_full,role\n");
-        for s in &samples {
-            let ((name, pid), (rss, fds)) = (&s.process, s.usage);
-            let (role, full) = s
-                .node
-                .as_ref()
-                .map_or(("", String::new()), |(role, full)| (role, full.to_string()));
-            let _ = writeln!(csv, "{:.1},{name},{pid},{rss},{fds},{full},{role}", s.at_s);
-        }
-        fs::write(self.out.join("samples.csv"), csv)?;
+        let samples_file = self.out.join("samples.jsonl");
+        samples
+            .iter()
+            .try_for_each(|sample| crate::append_json(&samples_file, sample))?;
         let warmup_s = warmup_secs(self.o.warmup_secs, self.o.minutes) as f64;
         let (started, load, m) = (
             machine::utc_minute(started_at),
@@ -275,10 +267,7 @@ impl Soak {
                 log.display()
             );
         }
-        let text =
-            fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
-        let summary: Summary =
-            serde_json::from_str(&text).with_context(|| format!("in {}", json.display()))?;
+        let summary = crate::read_summary(&json)?;
         let bucket = summary
             .policy
             .clone()
@@ -314,16 +303,11 @@ impl Soak {
     /// Rewrites the policy file and waits until both instances serve the new version.
     fn reload(&self, policy: &Policy) -> Result<f64> {
         let version = |port| Some(probe::json(port, "/v1/policies").ok()?["version"].to_string());
-        let before: Vec<Option<String>> = self
-            .cluster
-            .ports
-            .apps
-            .iter()
-            .map(|&p| version(p))
-            .collect();
+        let apps = &self.cluster.ports.apps;
+        let before: Vec<Option<String>> = apps.iter().map(|&p| version(p)).collect();
         let begun = Instant::now();
         write_policy(&self.policy_file, policy)?;
-        for (&port, old) in self.cluster.ports.apps.iter().zip(&before) {
+        for (&port, old) in apps.iter().zip(&before) {
             let what = format!("the instance on {port} serves the rewritten policy file");
             wait_until(&what, WAIT, || {
                 version(port).is_some_and(|v| Some(&v) != old.as_ref())
@@ -353,25 +337,16 @@ impl Soak {
         let old_port = named.context("no sentinel names a master")?;
         let name = format!("redis-{old_port}");
         let records = self.cluster.records();
-        let pid = records
-            .running()
-            .into_iter()
-            .rfind(|r| r.0 == name)
-            .map(|r| r.1);
+        let pid = records.pids(|n| n == name).last().copied();
         let pid =
             pid.with_context(|| format!("the master {name} is not a running recorded process"))?;
         let killed = Instant::now();
-        if !Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()?
-            .success()
-        {
-            bail!("kill -KILL {} ({name}) failed", pid);
+        if !signal(pid, "KILL") {
+            bail!("kill -KILL {pid} ({name}) failed");
         }
         say!(
-            "at {:.0} s: kill -9 of the master {name} (pid {})",
-            self.at_s(),
-            pid
+            "at {:.0} s: kill -9 of the master {name} (pid {pid})",
+            self.at_s()
         );
         let mut new_port = 0;
         wait_until(
