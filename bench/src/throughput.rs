@@ -420,8 +420,9 @@ impl Bench {
     fn measure(&mut self, phase: &str, round: u32, target: &Target) -> Result<()> {
         self.wait_quiet();
         let mut best = self.measure_once(phase, round, target)?;
+        let mut others = best.others_percent;
         for attempt in 1..=RETAKES + 1 {
-            if best.others_percent <= f64::from(self.o.quiet_max) {
+            if others <= f64::from(self.o.quiet_max) {
                 break;
             }
             if attempt > RETAKES {
@@ -429,13 +430,11 @@ impl Bench {
                 break;
             }
             self.retaken.0 += 1;
-            say!(
-                "  other processes used {}% of the machine meanwhile; measuring again",
-                best.others_percent
-            );
+            say!("  other processes used {others}% of the machine meanwhile; measuring again");
             self.wait_quiet();
             let row = self.measure_once(phase, round, target)?;
-            if row.others_percent < best.others_percent {
+            others = row.others_percent;
+            if others < best.others_percent {
                 best = row;
             }
         }
