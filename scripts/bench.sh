@@ -56,24 +56,18 @@
 # spread's in spread.jsonl, the run's conditions in run.json); the report
 # (run/bench/report.md) is rendered from those files alone.
 #
-# Environment: MIXED_RATE; WORKERS, REDIS_POOL_SIZE, REDIS_TIMEOUT_MS, ACCESS_LOG and
+# Environment: CLUSTER_PORT_OFFSET shifts every phase's cluster off the ports of
+# scripts/ports.env (as for scripts/cluster.sh; the bench's own Nginx still takes the first
+# free port from 8090); MIXED_RATE; WORKERS, REDIS_POOL_SIZE, REDIS_TIMEOUT_MS, ACCESS_LOG and
 # RUST_LOG reach the instances as they are; the passwords and RATELIMITER_BIN as for
 # scripts/cluster.sh. Needs wrk, redis-tools, nginx, curl and cargo.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-case ${1:-} in
--h | --help)
-    script_help "${BASH_SOURCE[0]}"
-    exit 0
-    ;;
-esac
-
+help_if_asked "${BASH_SOURCE[0]}" "${1:-}"
 # One run per checkout: a second would empty the first one's run/bench/ and stop its cluster.
-mkdir -p run
-exec 9>"$ROOT/run/bench.lock"
-flock -n 9 || die "another scripts/bench.sh runs in this checkout (it holds run/bench.lock); wait for it"
+lock_or_die "$ROOT/run/bench.lock" "another scripts/bench.sh runs in this checkout (it holds run/bench.lock); wait for it"
 
 need_tools wrk=wrk redis-cli=redis-tools redis-benchmark=redis-tools nginx=nginx-light curl=curl cargo=cargo
 build_bench
@@ -91,8 +85,4 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP PIPE
 
-code=0
-# The lock stays with this script, not with the daemons the program starts.
-run_bench "$ROOT/run/bench/pids" throughput --invocation "scripts/bench.sh${*:+ $*}" "$@" 9>&- || code=$?
-((code != 2)) || warn "see: scripts/bench.sh --help"
-exit "$code"
+run_bench "$ROOT/run/bench/pids" throughput --invocation "scripts/bench.sh${*:+ $*}" "$@"

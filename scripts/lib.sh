@@ -17,6 +17,17 @@ die() { warn "error: $*"; exit 1; }
 # without its comment marks: every script's --help.
 script_help() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$1"; }
 
+# help_if_asked SCRIPT ARG: prints SCRIPT's --help and exits when ARG (its first) asks for it.
+help_if_asked() { [[ ${2:-} != -h && ${2:-} != --help ]] || { script_help "$1" && exit 0; }; }
+
+# lock_or_die LOCK_FILE MESSAGE: holds the lock of LOCK_FILE on descriptor 9 while the
+# script runs, or stops with MESSAGE when another process holds it.
+lock_or_die() {
+    mkdir -p "$(dirname "$1")"
+    exec 9>"$1"
+    flock -n 9 || die "$2"
+}
+
 # The lines of SCRIPT's header from `# Usage:` through the first line matching LAST.
 script_usage() { sed -n "/^# Usage:/,/$2/s/^# \{0,1\}//p" "$1"; }
 
@@ -138,15 +149,17 @@ build_bench() {
 
 # run_bench PIDS_FILE ARGS...: the bench program, waited for in the background so that a
 # signal reaches this script's traps at once (stop_bench then stops it and what it recorded
-# in PIDS_FILE); returns its exit status.
+# in PIDS_FILE); returns its exit status. It does not inherit the lock (descriptor 9),
+# which stays with the script, not with the daemons the program starts.
 run_bench() {
     BENCH_PIDS=$1
     shift
-    "$BENCH_BIN" "$@" &
+    "$BENCH_BIN" "$@" 9>&- &
     BENCH_PID=$!
     local code=0
     wait "$BENCH_PID" || code=$?
     BENCH_PID=""
+    ((code != 2)) || warn "see: scripts/$LOG_NAME.sh --help"
     return "$code"
 }
 

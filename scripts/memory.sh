@@ -28,17 +28,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-case ${1:-} in
--h | --help)
-    script_help "${BASH_SOURCE[0]}"
-    exit 0
-    ;;
-esac
-
+help_if_asked "${BASH_SOURCE[0]}" "${1:-}"
 # One run per checkout: a second would share run/memory/ and its record of processes.
-mkdir -p run
-exec 9>"$ROOT/run/memory.lock"
-flock -n 9 || die "another scripts/memory.sh runs in this checkout (it holds run/memory.lock); wait for it"
+lock_or_die "$ROOT/run/memory.lock" "another scripts/memory.sh runs in this checkout (it holds run/memory.lock); wait for it"
 
 need_tools wrk=wrk redis-server=redis-server cargo=cargo
 build_bench
@@ -52,7 +44,4 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/ratelimiter-memory.XXXXXX")
 trap 'stop_bench; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM HUP PIPE
 
-code=0
-run_bench "$ROOT/run/memory/pids" memory --work-dir "$WORK" "$@" 9>&- || code=$?
-((code != 2)) || warn "see: scripts/memory.sh --help"
-exit "$code"
+run_bench "$ROOT/run/memory/pids" memory --work-dir "$WORK" "$@"

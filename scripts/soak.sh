@@ -47,19 +47,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-case ${1:-} in
--h | --help)
-    script_help "${BASH_SOURCE[0]}"
-    exit 0
-    ;;
-esac
+help_if_asked "${BASH_SOURCE[0]}" "${1:-}"
 
 need_tools redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools \
     nginx=nginx-light curl=curl cargo=cargo
 export SOAK_DIR=${SOAK_DIR:-$ROOT/run/soak} SOAK_PORT_OFFSET=${SOAK_PORT_OFFSET:-1000}
-mkdir -p "$SOAK_DIR"
-exec 9>"$SOAK_DIR/lock"
-flock -n 9 || die "another soak uses $(rel "$SOAK_DIR") (it holds its lock); give this one another SOAK_DIR and SOAK_PORT_OFFSET"
+lock_or_die "$SOAK_DIR/lock" "another soak uses $(rel "$SOAK_DIR") (it holds its lock); give this one another SOAK_DIR and SOAK_PORT_OFFSET"
 
 [[ -n ${RATELIMITER_BIN:-} ]] || build_service
 build_release loadtest loadtest
@@ -72,8 +65,8 @@ CLUSTER_DIR=$SOAK_DIR/cluster CLUSTER_PORT_OFFSET=$SOAK_PORT_OFFSET scripts/clus
 exit $code' EXIT
 trap 'exit 130' INT TERM HUP
 
-code=0
-run_bench "$SOAK_DIR/out/pids" soak "$@" 9>&- || code=$?
-((code != 2)) || warn "see: scripts/soak.sh --help"
-((code == 0)) || warn "the soak failed (exit $code); logs: $(rel "$SOAK_DIR")/cluster, summaries: $(rel "$SOAK_DIR")/out"
-exit "$code"
+run_bench "$SOAK_DIR/out/pids" soak "$@" || {
+    code=$?
+    warn "the soak failed (exit $code); logs: $(rel "$SOAK_DIR")/cluster, summaries: $(rel "$SOAK_DIR")/out"
+    exit "$code"
+}

@@ -9,8 +9,7 @@ use anyhow::{Result, bail};
 use crate::measure::Groups;
 use crate::node::Node;
 use crate::ports::Ports;
-use crate::procfs::children_of;
-use crate::spawn::{Records, run_logged, tail};
+use crate::process::{Records, children_of, run_logged, tail};
 
 pub struct Cluster {
     pub root: PathBuf,
@@ -37,16 +36,20 @@ pub struct Processes {
 impl Cluster {
     /// The cluster of `dir` on the ports of scripts/ports.env shifted by `offset`.
     pub fn new(root: &Path, dir: PathBuf, offset: u16, password: &str) -> Result<Self> {
-        let ports = Ports::read(root, offset)?;
-        let (root, password) = (root.to_owned(), password.to_owned());
+        let (ports, root, password) = (
+            Ports::read(root, offset)?,
+            root.to_owned(),
+            password.to_owned(),
+        );
+        let (bin, up) = (None, false);
         Ok(Self {
             root,
             dir,
             ports,
             offset,
-            bin: None,
+            bin,
             password,
-            up: false,
+            up,
         })
     }
 
@@ -61,9 +64,7 @@ impl Cluster {
             .env("CLUSTER_DIR", &self.dir)
             .env("REDIS_ADMIN_PASSWORD", &self.password);
         command.env("CLUSTER_PORT_OFFSET", self.offset.to_string());
-        if let Some(bin) = &self.bin {
-            command.env("RATELIMITER_BIN", bin);
-        }
+        command.envs(self.bin.iter().map(|bin| ("RATELIMITER_BIN", bin)));
         command
     }
 
@@ -71,7 +72,7 @@ impl Cluster {
     /// (`NAME=value` words) sets; returns its last line.
     pub fn start(&mut self, env: &str, flags: &[&str], log: &Path) -> Result<String> {
         let mut command = self.command("up");
-        for var in crate::phases::PHASE_VARS {
+        for var in crate::phases::PHASE_VARS.split(' ') {
             command.env_remove(var);
         }
         self.up = true;
@@ -96,48 +97,36 @@ impl Cluster {
     pub fn processes(&self) -> Result<Processes> {
         let records = self.records();
         let named = |prefix: &str| records.pids(|n| n.starts_with(prefix));
-        let mut groups = Groups::new();
-        groups.insert("app", named("app-"));
-        groups.insert("sentinels", named("sentinel-"));
-        groups.insert("upstream", named("demo-upstream"));
-        let nginx = records.pids(|n| n == "nginx");
-        groups.insert(
-            "nginx",
-            nginx
-                .iter()
-                .flat_map(|&p| [vec![p], children_of(p)])
-                .flatten()
-                .collect(),
-        );
+        let nginx = records.pids(|n| n == "nginx").into_iter();
+        let nginx = nginx
+            .flat_map(|p| [vec![p], children_of(p)])
+            .flatten()
+            .collect();
+        let mut groups: Groups = [("app", named("app-")), ("sentinels", named("sentinel-"))].into();
+        groups.extend([("upstream", named("demo-upstream")), ("nginx", nginx)]);
         let redis_cluster = !named("redis-cluster-").is_empty();
-        let (ports, prefix) = if redis_cluster {
-            (&self.ports.cluster, "redis-cluster-")
-        } else {
-            (&self.ports.data, "redis-")
+        let (ports, prefix, expected) = match redis_cluster {
+            true => (&self.ports.cluster, "redis-cluster-", 3),
+            false => (&self.ports.data, "redis-", 1),
         };
         let mut masters = Vec::new();
         for &port in ports {
             let node = Node::new(port, Some(&self.password));
-            let pids = records.pids(|n| n == format!("{prefix}{port}"));
             let group = if node.is_master() {
                 "master"
             } else {
                 "replicas"
             };
+            let pids = records.pids(|n| n == format!("{prefix}{port}"));
             groups.entry(group).or_default().extend(pids);
-            if group == "master" {
-                masters.push(node);
-            }
+            masters.extend((group == "master").then_some(node));
         }
-        let expected = if redis_cluster { 3 } else { 1 };
         let count = |g: &str| groups.get(g).map_or(0, Vec::len);
-        if count("app") != 2 || count("nginx") < 2 || count("master") != expected {
+        let (apps, nginx, found) = (count("app"), count("nginx"), count("master"));
+        if apps != 2 || nginx < 2 || found != expected {
+            let pids = records.0.display();
             bail!(
-                "cannot find the cluster's processes in {} (instances: {}, nginx: {}, masters: {})",
-                records.0.display(),
-                count("app"),
-                count("nginx"),
-                count("master")
+                "cannot find the cluster's processes in {pids} (instances: {apps}, nginx: {nginx}, masters: {found})"
             );
         }
         Ok(Processes { groups, masters })

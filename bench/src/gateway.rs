@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::probe::{self, port_open};
-use crate::spawn::{Records, Started, tail, wait_until};
+use crate::process::{Records, Started, tail, wait_until};
 use crate::{LOOPBACK, say};
 
 /// Ports tried for the bench's own Nginx.
@@ -25,35 +25,30 @@ pub fn proxy_up(
     own: &Records,
     upstream: u16,
 ) -> Result<(Started, u16, String)> {
-    let port = PROXY_PORTS
-        .clone()
-        .find(|&p| !port_open(p))
-        .context("no free port in 8090-8099 for the bench's Nginx")?;
+    let port = PROXY_PORTS.clone().find(|&p| !port_open(p));
+    let port = port.context("no free port in 8090-8099 for the bench's Nginx")?;
     let dir = out.join("proxy-nginx");
     fs::create_dir_all(dir.join("logs"))?;
     fs::create_dir_all(dir.join("temp"))?;
     let template = fs::read_to_string(root.join("scripts/bench/proxy-nginx.conf"))?;
-    let upstream = format!("{LOOPBACK}:{upstream}");
+    let (upstream, folder) = (format!("{LOOPBACK}:{upstream}"), dir.display().to_string());
     let config = template
-        .replace("@DIR@", &dir.display().to_string())
+        .replace("@DIR@", &folder)
         .replace("@PORT@", &port.to_string());
     fs::write(
         dir.join("nginx.conf"),
         config.replace("@UPSTREAM@", &upstream),
     )?;
-    let error_log = dir.join("logs/error.log").display().to_string();
-    let args = [
-        "-e".into(),
-        error_log.clone(),
-        "-p".into(),
-        format!("{}/", dir.display()),
-        "-c".into(),
-        format!("{}/nginx.conf", dir.display()),
-    ];
+    let error_log = dir.join("logs/error.log");
+    let args = format!(
+        "-e {} -p {folder}/ -c {folder}/nginx.conf",
+        error_log.display()
+    );
+    let mut nginx = Command::new("nginx");
     let mut proxy = Started::spawn(
         own,
         "proxy-nginx",
-        Command::new("nginx").args(&args),
+        nginx.args(args.split(' ')),
         &dir.join("nginx.log"),
     )?;
     let listening = format!("the bench's Nginx listens on {port}");
@@ -61,16 +56,13 @@ pub fn proxy_up(
         port_open(port) || !proxy.running()
     })?;
     if !proxy.running() {
-        bail!(
-            "the bench's Nginx exited: {}",
-            tail(Path::new(&error_log), 5)
-        );
+        bail!("the bench's Nginx exited: {}", tail(&error_log, 5));
     }
     say!(
         "phase gateway: the bench's Nginx (pid {}) on {port} proxies straight to {upstream}",
         proxy.pid()
     );
-    Ok((proxy, port, format!("nginx {} &", args.join(" "))))
+    Ok((proxy, port, format!("nginx {args} &")))
 }
 
 /// What the demo upstream (its counts on `port`) counted for `path` so far.
@@ -134,11 +126,9 @@ mod tests {
                 .contains("fewer")
         );
         let odd = check_admitted(1000, 0, 2, 0, 1010).unwrap().unwrap();
-        assert!(
-            odd.starts_with("2 answers other than 200/429")
-                && odd.contains("counted 1010 requests, more than"),
-            "{odd}"
-        );
+        let more = odd.starts_with("2 answers other than 200/429")
+            && odd.contains("counted 1010 requests, more than");
+        assert!(more, "{odd}");
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! What a report says about where it ran: the machine, the software, the checkout, the time.
+//! What a report says about where it ran and what it measured: the machine, the software,
+//! the service binary and the commit, the time.
 
-use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
+use anyhow::{Context, Result};
+use procfs::{CpuInfo, Current, LoadAverage, Meminfo};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,43 +19,36 @@ pub struct Machine {
 
 impl Machine {
     pub fn read() -> Self {
-        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let model = CpuInfo::current()
+            .ok()
+            .and_then(|c| Some(c.model_name(0)?.to_owned()));
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease");
         Self {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            model: cpuinfo
-                .lines()
-                .find_map(|l| {
-                    Some(
-                        l.strip_prefix("model name")?
-                            .split_once(':')?
-                            .1
-                            .trim()
-                            .to_owned(),
-                    )
-                })
-                .unwrap_or_else(|| "unknown CPU".into()),
-            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map_or_else(|_| "unknown".into(), |t| t.trim().to_owned()),
-            memory_mib: crate::procfs::status_field(&meminfo, "MemTotal").unwrap_or(0) / 1024,
+            model: model.unwrap_or_else(|| "unknown CPU".into()),
+            kernel: kernel.map_or_else(|_| "unknown".into(), |t| t.trim().to_owned()),
+            memory_mib: Meminfo::current().map_or(0, |m| m.mem_total >> 20),
         }
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "{} cores, {}, kernel {}, {} MiB RAM",
-            self.cores, self.model, self.kernel, self.memory_mib
-        )
+        let Self {
+            cores,
+            model,
+            kernel,
+            memory_mib,
+        } = self;
+        format!("{cores} cores, {model}, kernel {kernel}, {memory_mib} MiB RAM")
     }
 }
 
 /// The load average over 1, 5 and 15 minutes.
 pub fn load_average() -> String {
-    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
+    let load = LoadAverage::current();
+    load.map_or_else(
+        |_| "?".into(),
+        |l| format!("{:.2} {:.2} {:.2}", l.one, l.five, l.fifteen),
+    )
 }
 
 /// The first line a command printed (stdout, else stderr); empty when it cannot run.
@@ -61,29 +56,24 @@ fn first_line(program: &str, args: &[&str]) -> String {
     let Ok(out) = Command::new(program).args(args).output() else {
         return String::new();
     };
-    let text = [out.stdout, out.stderr].concat();
-    String::from_utf8_lossy(&text)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+    let text = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
+    text.lines().next().unwrap_or_default().trim().to_owned()
 }
 
 /// "nginx/1.22.1; Redis server v=7.0.15; wrk debian/4.1.0-3+b2".
 pub fn software() -> String {
+    let words = |line: String, n| {
+        line.split_whitespace()
+            .take(n)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let nginx = first_line("nginx", &["-v"]).replace("nginx version: ", "");
-    let redis: Vec<String> = first_line("redis-server", &["--version"])
-        .split_whitespace()
-        .take(3)
-        .map(str::to_owned)
-        .collect();
-    let wrk = first_line("wrk", &["--version"])
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    format!("{nginx}; {}; {wrk}", redis.join(" "))
+    let redis = words(first_line("redis-server", &["--version"]), 3);
+    format!(
+        "{nginx}; {redis}; {}",
+        words(first_line("wrk", &["--version"]), 2)
+    )
 }
 
 /// "1d10a0c (its subject)": the commit the checkout is at.
@@ -91,38 +81,53 @@ pub fn commit() -> String {
     first_line("git", &["log", "-1", "--format=%h (%s)"])
 }
 
-/// How a report names the service binary it measured: `given` (RATELIMITER_BIN), or
-/// `built` from this working tree and run as `copy`.
-pub fn service_note(given: Option<&Path>, built: &str, copy: &str) -> String {
-    if let Some(binary) = given {
-        return format!(
+/// The service binary every case of a run starts, and how the report names it:
+/// RATELIMITER_BIN, or a copy in `out` of the release build of the working tree, so that
+/// a rebuild while the run goes on cannot mix two versions into one run.
+pub fn service_binary(root: &Path, out: &Path) -> Result<(PathBuf, String)> {
+    if let Some(binary) = std::env::var_os("RATELIMITER_BIN").map(PathBuf::from) {
+        let note = format!(
             "RATELIMITER_BIN={}; this checkout is at commit {}",
             binary.display(),
             commit()
         );
+        return Ok((binary, note));
     }
-    let status = Command::new("git")
-        .args([
-            "status",
-            "--porcelain",
-            "--",
-            "src",
-            "config",
-            "Cargo.toml",
-            "Cargo.lock",
-        ])
-        .output();
-    let changes = status.map_or(0, |out| {
+    let (built, copy) = (
+        crate::release_binary(root, "ratelimiter"),
+        out.join("ratelimiter"),
+    );
+    let copied = std::fs::copy(&built, &copy);
+    copied.with_context(|| format!("cannot copy {} (is it built?)", built.display()))?;
+    let changed = [
+        "status",
+        "--porcelain",
+        "--",
+        "src",
+        "config",
+        "Cargo.toml",
+        "Cargo.lock",
+    ];
+    let changes = Command::new("git").args(changed).output();
+    let changes = changes.map_or(0, |out| {
         String::from_utf8_lossy(&out.stdout).lines().count()
     });
     let changes = match changes {
         0 => String::new(),
         n => format!(", with {n} uncommitted change(s) under src/, config/ or Cargo.*"),
     };
-    format!(
-        "{built} built from this working tree at commit {}{changes}, run as a copy, {copy}",
+    let rel = |path: &Path| {
+        path.strip_prefix(root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    };
+    let (built_at, run_as) = (rel(&built), rel(&copy));
+    let note = format!(
+        "{built_at} built from this working tree at commit {}{changes}, run as a copy, {run_as}",
         commit()
-    )
+    );
+    Ok((copy, note))
 }
 
 /// "2026-11-27 11:49 UTC".
@@ -137,19 +142,10 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
-    fn times_are_written_to_the_minute_in_utc() {
-        assert_eq!(
-            utc_minute(UNIX_EPOCH + Duration::from_secs(1_795_780_170)),
-            "2026-11-27 11:49 UTC"
-        );
-        assert_eq!(
-            utc_minute(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29 00:00 UTC"
-        );
-    }
-
-    #[test]
-    fn the_machine_is_described_from_proc() {
+    fn times_are_written_to_the_minute_in_utc_and_the_machine_is_read_from_proc() {
+        let at = |secs| utc_minute(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(1_795_780_170), "2026-11-27 11:49 UTC");
+        assert_eq!(at(951_782_400), "2000-02-29 00:00 UTC");
         let machine = Machine::read();
         assert!(machine.cores >= 1 && machine.memory_mib > 0, "{machine:?}");
     }

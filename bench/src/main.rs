@@ -12,9 +12,9 @@
 //! - The topology: [`ports`] (scripts/ports.env, shared with scripts/cluster.sh),
 //!   [`cluster`] (scripts/cluster.sh up and down, its processes), [`node`] (Redis),
 //!   [`gateway`] (the gateway phase's own Nginx and checks).
-//! - Readers and processes: [`probe`] (HTTP, /metrics, Nginx's log, wrk's JSON),
-//!   [`procfs`] (`/proc`), [`spawn`] (what this program starts, recorded and stopped by
-//!   pid), [`machine`] (where a report ran).
+//! - Readers and processes: [`probe`] (HTTP, /metrics, Nginx's log, wrk's JSON, an
+//!   instance started alone), [`process`] (the one way to start, stop and measure a
+//!   process: pid records, guards, `/proc`), [`machine`] (where a report ran and what).
 
 mod cluster;
 mod gateway;
@@ -25,11 +25,10 @@ mod node;
 mod phases;
 mod ports;
 mod probe;
-mod procfs;
+mod process;
 mod report;
 mod script;
 mod soak;
-mod spawn;
 mod throughput;
 
 use std::io::Write as _;
@@ -67,8 +66,8 @@ pub fn env_pairs(text: &str) -> impl Iterator<Item = (&str, &str)> {
 
 /// A release binary of the workspace (CARGO_TARGET_DIR, else target/).
 pub fn release_binary(root: &Path, name: &str) -> std::path::PathBuf {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
+    let target = std::env::var_os("CARGO_TARGET_DIR");
+    let target = target.map_or_else(|| root.join("target"), Into::into);
     target.join("release").join(name)
 }
 
@@ -80,6 +79,14 @@ pub fn append_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result
         .open(path)?;
     writeln!(file, "{}", serde_json::to_string(value)?)?;
     Ok(())
+}
+
+/// The load generator's `--json` summary in `path`.
+pub fn read_summary(path: &Path) -> anyhow::Result<loadtest::summary::Summary> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path);
+    let text = text.with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("in {}", path.display()))
 }
 
 /// Runs the benchmarks of scripts/bench.sh, scripts/memory.sh and scripts/soak.sh (run

@@ -8,21 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use loadtest::summary::Summary;
 
-use crate::node::ScriptCounters;
 use crate::phases::{Target, Tool, Via};
 use crate::probe::{Counts, WrkReport};
-use crate::procfs::{MachineTicks, ProcStat, context_switches, ticks_of};
+use crate::process::{MachineTicks, cpu_detail, ticks_of};
 
 /// The process groups whose CPU is counted, as the records name them.
-pub const GROUPS: [&str; 7] = [
-    "app",
-    "nginx",
-    "master",
-    "replicas",
-    "sentinels",
-    "upstream",
-    "proxy",
-];
+pub const GROUPS: &str = "app nginx master replicas sentinels upstream proxy";
 
 /// The pids of each group (of [`GROUPS`]); the instances are `app`.
 pub type Groups = BTreeMap<&'static str, Vec<u32>>;
@@ -32,27 +23,23 @@ pub type Groups = BTreeMap<&'static str, Vec<u32>>;
 pub struct Snapshot {
     pub ticks: BTreeMap<&'static str, u64>,
     pub machine: MachineTicks,
-    pub redis: ScriptCounters,
+    /// The script's calls and usec on the masters.
+    pub redis: (u64, u64),
     /// The instances' user and system ticks, context switches and threads.
     pub app: [u64; 4],
 }
 
 impl Snapshot {
-    pub fn take(groups: &Groups, redis: ScriptCounters) -> Self {
+    pub fn take(groups: &Groups, redis: (u64, u64)) -> Self {
         let ticks = groups
             .iter()
             .map(|(name, pids)| (*name, ticks_of(pids)))
             .collect();
         let mut app = [0; 4];
         for &pid in groups.get("app").into_iter().flatten() {
-            let stat = ProcStat::of(pid);
-            let (user, system, threads) = stat.map_or((0, 0, 0), |s| (s.utime, s.stime, s.threads));
-            for (slot, value) in app
-                .iter_mut()
-                .zip([user, system, context_switches(pid), threads])
-            {
-                *slot += value;
-            }
+            app.iter_mut()
+                .zip(cpu_detail(pid))
+                .for_each(|(sum, value)| *sum += value);
         }
         Self {
             ticks,
@@ -68,62 +55,54 @@ impl Snapshot {
 pub struct Traffic {
     pub requests: u64,
     pub seconds: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-    pub ok: u64,
-    pub denied: u64,
-    /// Statuses other than 200 and 429, and requests that got no answer.
-    pub other: u64,
+    /// p50, p99 and max.
+    pub latency_ms: [f64; 3],
+    /// 200s, 429s, and the rest: other statuses and requests that got no answer.
+    pub statuses: [u64; 3],
     /// Requests the demo upstream counted for the path (gateway phase).
     pub upstream: u64,
 }
 
 impl Traffic {
-    pub fn of_summary(summary: &Summary) -> Self {
-        let (p50_ms, p99_ms, max_ms) = summary
-            .latency_ms
-            .map_or((0.0, 0.0, 0.0), |l| (l.p50, l.p99, l.max));
-        let c = &summary.classes;
-        let (requests, seconds) = (summary.requests.answered, summary.elapsed_s);
-        let (ok, denied, other) = (c.admitted, c.rejected, c.not_decided());
+    fn new(requests: u64, seconds: f64, latency_ms: [f64; 3], statuses: [u64; 3]) -> Self {
         Self {
             requests,
             seconds,
-            p50_ms,
-            p99_ms,
-            max_ms,
-            ok,
-            denied,
-            other,
+            latency_ms,
+            statuses,
             upstream: 0,
         }
     }
 
+    pub fn of_summary(summary: &Summary) -> Self {
+        let latency_ms = summary
+            .latency_ms
+            .map_or([0.0; 3], |l| [l.p50, l.p99, l.max]);
+        let c = &summary.classes;
+        let statuses = [c.admitted, c.rejected, c.not_decided()];
+        Self::new(
+            summary.requests.answered,
+            summary.elapsed_s,
+            latency_ms,
+            statuses,
+        )
+    }
+
     /// wrk's figures, and the statuses counted elsewhere (wrk only counts >= 400).
     pub fn of_wrk(report: &WrkReport, counts: &Counts) -> Self {
-        let (requests, seconds) = (report.requests, report.duration_us as f64 / 1e6);
-        let (p50_ms, p99_ms, max_ms) = (
-            report.latency_us.p50 / 1e3,
-            report.latency_us.p99 / 1e3,
-            report.latency_us.max / 1e3,
-        );
-        let (ok, denied, other) = (
+        let latency = &report.latency_us;
+        let latency_ms = [latency.p50, latency.p99, latency.max].map(|us| us / 1e3);
+        let statuses = [
             counts.ok,
             counts.denied,
             counts.other + report.socket_errors(),
-        );
-        Self {
-            requests,
-            seconds,
-            p50_ms,
-            p99_ms,
-            max_ms,
-            ok,
-            denied,
-            other,
-            upstream: 0,
-        }
+        ];
+        Self::new(
+            report.requests,
+            report.duration_us as f64 / 1e6,
+            latency_ms,
+            statuses,
+        )
     }
 }
 
@@ -155,7 +134,6 @@ pub struct Measurement {
     pub script_calls_per_request: f64,
     /// `usec` ÷ `calls` of the script calls; `None` without calls.
     pub usec_per_script_call: Option<f64>,
-    pub commands_per_request: f64,
     pub app_user: f64,
     pub app_system: f64,
     pub switches_per_request: f64,
@@ -181,41 +159,25 @@ impl Measurement {
         generator_ticks: u64,
         hz: u64,
     ) -> Self {
-        let n = traffic.requests;
+        let (n, [ok, denied, other]) = (traffic.requests, traffic.statuses);
+        let [p50_ms, p99_ms, max_ms] = traffic.latency_ms.map(|ms| round_to(ms, 2));
         let q = n.max(1) as f64;
         let cpu = |ticks: u64| round_to(ticks as f64 * 1e6 / hz as f64 / q, 1);
         let delta = |name: &str| {
-            after
-                .ticks
-                .get(name)
-                .unwrap_or(&0)
-                .saturating_sub(*before.ticks.get(name).unwrap_or(&0))
+            let ticks = |s: &Snapshot| s.ticks.get(name).copied().unwrap_or(0);
+            ticks(after).saturating_sub(ticks(before))
         };
-        let mut cpu_of: BTreeMap<String, f64> = GROUPS
-            .iter()
-            .map(|g| (g.to_string(), cpu(delta(g))))
-            .collect();
+        let groups = GROUPS.split(' ');
+        let mut cpu_of: BTreeMap<String, f64> = groups.map(|g| (g.into(), cpu(delta(g)))).collect();
         cpu_of.insert("load_generator".into(), cpu(generator_ticks));
-        let accounted = GROUPS.iter().map(|g| delta(g)).sum::<u64>() + generator_ticks;
+        let accounted = GROUPS.split(' ').map(delta).sum::<u64>() + generator_ticks;
         let all = after.machine.all.saturating_sub(before.machine.all);
         let busy = after.machine.busy.saturating_sub(before.machine.busy);
         let others = 100.0 * busy.saturating_sub(accounted) as f64 / all.max(1) as f64;
-        let redis = ScriptCounters {
-            script_calls: after
-                .redis
-                .script_calls
-                .saturating_sub(before.redis.script_calls),
-            script_usec: after
-                .redis
-                .script_usec
-                .saturating_sub(before.redis.script_usec),
-            all_calls: after.redis.all_calls.saturating_sub(before.redis.all_calls),
-        };
-        let per_second = if traffic.seconds > 0.0 {
-            n as f64 / traffic.seconds
-        } else {
-            0.0
-        };
+        let calls = after.redis.0.saturating_sub(before.redis.0) as f64;
+        let usec = after.redis.1.saturating_sub(before.redis.1) as f64;
+        let per_second = (traffic.seconds > 0.0).then(|| n as f64 / traffic.seconds);
+        let per_second = per_second.unwrap_or(0.0);
         let app = |i: usize| after.app[i].saturating_sub(before.app[i]);
         Self {
             phase: phase.to_owned(),
@@ -227,21 +189,19 @@ impl Measurement {
             requests: n,
             seconds: round_to(traffic.seconds, 2),
             per_second: round_to(per_second, 0),
-            admitted_per_second: round_to(per_second * traffic.ok.min(n) as f64 / q, 0),
-            p50_ms: round_to(traffic.p50_ms, 2),
-            p99_ms: round_to(traffic.p99_ms, 2),
-            max_ms: round_to(traffic.max_ms, 2),
-            ok: traffic.ok,
-            denied: traffic.denied,
-            other: traffic.other,
+            admitted_per_second: round_to(per_second * ok.min(n) as f64 / q, 0),
+            p50_ms,
+            p99_ms,
+            max_ms,
+            ok,
+            denied,
+            other,
             upstream: traffic.upstream,
             cpu: cpu_of,
             others_percent: round_to(others, 1),
-            script_calls_per_request: round_to(redis.script_calls as f64 / q, 3),
+            script_calls_per_request: round_to(calls / q, 3),
             // Without script calls of its own (a stray one is not the path's), no figure.
-            usec_per_script_call: (redis.script_calls as f64 / q >= 0.01)
-                .then(|| round_to(redis.script_usec as f64 / redis.script_calls as f64, 2)),
-            commands_per_request: round_to(redis.all_calls as f64 / q, 3),
+            usec_per_script_call: (calls / q >= 0.01).then(|| round_to(usec / calls, 2)),
             app_user: cpu(app(0)),
             app_system: cpu(app(1)),
             switches_per_request: round_to(app(2) as f64 / q, 2),
@@ -251,27 +211,12 @@ impl Measurement {
 
     /// The line printed as each measurement ends.
     pub fn progress_line(&self) -> String {
-        let Self {
-            phase,
-            round,
-            tool,
-            via,
-            path,
-            connections,
-            per_second,
-            p99_ms,
-            ok,
-            denied,
-            other,
-            ..
-        } = self;
+        let (phase, round, tool, via, path) =
+            (&self.phase, self.round, self.tool, self.via, &self.path);
+        let (connections, per_second, p99_ms) = (self.connections, self.per_second, self.p99_ms);
+        let (ok, denied, other, others) = (self.ok, self.denied, self.other, self.others_percent);
         let cpu = |g: &str| self.cpu.get(g).copied().unwrap_or(0.0);
-        let (app, nginx, redis, others) = (
-            cpu("app"),
-            cpu("nginx") + cpu("proxy"),
-            cpu("master"),
-            self.others_percent,
-        );
+        let (app, nginx, redis) = (cpu("app"), cpu("nginx") + cpu("proxy"), cpu("master"));
         format!(
             "{phase} r{round} {tool:?} {via:?} {path} c{connections}: {per_second:.0} req/s, p99 {p99_ms:.2} ms, \
              200:{ok} 429:{denied} other:{other}; µs/req app {app:.1} nginx {nginx:.1} redis {redis:.1}; others {others:.0}%"
@@ -285,11 +230,7 @@ mod tests {
 
     fn snapshot(ticks: &[(&'static str, u64)], busy: u64, all: u64, script_calls: u64) -> Snapshot {
         let app = ticks.iter().find(|(g, _)| *g == "app").map_or(0, |t| t.1);
-        let redis = ScriptCounters {
-            script_calls,
-            script_usec: script_calls * 6,
-            all_calls: script_calls + 1,
-        };
+        let redis = (script_calls, script_calls * 6);
         let (ticks, machine) = (ticks.iter().copied().collect(), MachineTicks { busy, all });
         Snapshot {
             ticks,
@@ -310,12 +251,14 @@ mod tests {
     fn cpu_is_divided_by_the_answered_requests_and_others_never_go_below_zero() {
         // 100 000 requests in 5 s; the instances used 160 ticks (1.6 s at 100 Hz). The
         // machine: 1000 ticks, 550 busy; the groups and wrk (60) account for 490.
+        let (requests, seconds, latency_ms) = (100_000, 5.0, [1.234, 0.0, 0.0]);
+        let statuses = [50_000, 0, 0];
         let traffic = Traffic {
-            requests: 100_000,
-            seconds: 5.0,
-            p50_ms: 1.234,
-            ok: 50_000,
-            ..Default::default()
+            requests,
+            seconds,
+            latency_ms,
+            statuses,
+            upstream: 0,
         };
         let groups = [
             ("app", 160),

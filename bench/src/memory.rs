@@ -15,11 +15,10 @@ use serde_json::{Value, json};
 use crate::machine::{self, Machine};
 use crate::node::Node;
 use crate::phases::LIMITED;
-use crate::probe::{Counts, wait_for_instance};
-use crate::procfs::memory_kib;
-use crate::report::{Cell, Column, table};
-use crate::spawn::{Records, Started, wait_until};
-use crate::{LOOPBACK, append_json, env_pairs, say, warn};
+use crate::probe::{Counts, start_instance};
+use crate::process::{Records, Started, memory_kib, wait_until};
+use crate::report::table;
+use crate::{LOOPBACK, append_json, say, warn};
 
 const DEFAULT_CASES: &str = "memory:10/60/10 memory:1/60/1 redis:1/2/1";
 /// Every REPEAT_EVERY-th identity asks twice in a row; wrk runs THREADS threads.
@@ -111,26 +110,24 @@ fn mib(kib: u64) -> f64 {
     crate::measure::round_to(kib as f64 / 1024.0, 1)
 }
 
-use Cell::{Key, Median, Sum};
-
-const COLUMNS: &[Column] = &[
-    ("store", "store", Key),
-    ("policy (RATE_LIMIT/TIME_WINDOW, BURST)", "policy", Key),
-    ("identities", "identities", Sum),
-    ("requests", "requests", Sum),
-    ("429", "denied", Sum),
-    ("req/s", "per_second", Median(0)),
-    ("VmRSS before MiB", "rss_before_mib", Median(1)),
-    ("peak during", "rss_peak_mib", Median(1)),
-    ("right after", "rss_after_mib", Median(1)),
-    ("after refill", "rss_settled_mib", Median(1)),
-    ("VmHWM MiB", "hwm_mib", Median(1)),
-    ("< 64 MiB", "verdict", Key),
-    ("Redis keys before", "keys.before", Median(0)),
-    ("peak", "keys.peak", Median(0)),
-    ("after", "keys.after", Median(0)),
-    ("s until back", "keys.secs_until_back", Median(0)),
-];
+const COLUMNS: &str = "\
+store | store | key
+policy (RATE_LIMIT/TIME_WINDOW, BURST) | policy | key
+identities | identities | sum
+requests | requests | sum
+429 | denied | sum
+req/s | per_second | median 0
+VmRSS before MiB | rss_before_mib | median 1
+peak during | rss_peak_mib | median 1
+right after | rss_after_mib | median 1
+after refill | rss_settled_mib | median 1
+VmHWM MiB | hwm_mib | median 1
+< 64 MiB | verdict | key
+Redis keys before | keys.before | median 0
+peak | keys.peak | median 0
+after | keys.after | median 0
+s until back | keys.secs_until_back | median 0
+";
 
 /// The report of a run: its conditions (`run`: started, service, elapsed_s, identities,
 /// commands), the table of its cases, the commands.
@@ -164,25 +161,7 @@ pub fn run(o: Options) -> Result<()> {
         let _ = fs::remove_file(out.join(stale));
     }
     let records = Records(out.join("pids"));
-    let rel = |path: &Path| {
-        path.strip_prefix(&root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    };
-    let (bin, service) = match std::env::var_os("RATELIMITER_BIN").map(PathBuf::from) {
-        Some(bin) => (bin.clone(), machine::service_note(Some(&bin), "", "")),
-        None => {
-            // Every case runs the same binary, even if the working tree is rebuilt meanwhile.
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| root.join("target"), PathBuf::from);
-            let (built, copy) = (target.join("release/ratelimiter"), out.join("ratelimiter"));
-            let copied = fs::copy(&built, &copy);
-            copied.with_context(|| format!("cannot copy {} (is it built?)", built.display()))?;
-            let note = machine::service_note(None, &rel(&built), &rel(&copy));
-            (copy, note)
-        }
-    };
+    let (bin, service) = machine::service_binary(&root, &out)?;
     let specs: Vec<String> = o.cases.0.iter().map(Case::spec).collect();
     let mut invocation = String::from("scripts/memory.sh");
     if specs.join(" ") != DEFAULT_CASES {
@@ -207,14 +186,8 @@ pub fn run(o: Options) -> Result<()> {
     fs::write(out.join("run.json"), run.to_string())?;
     let results = crate::report::read_jsonl(&out.join("results.jsonl"))?;
     let report = render(&run, &results);
-    fs::write(out.join("report.md"), &report)?;
-    println!("\n{report}");
-    say!("done in {elapsed_s}s; logs in {}", rel(&out));
-    if o.record {
-        crate::report::record(&root.join("docs/BENCHMARKS.md"), "memory.sh", &report)?;
-        say!("recorded in docs/BENCHMARKS.md");
-    }
-    Ok(())
+    say!("done in {elapsed_s}s; logs in run/memory");
+    crate::report::publish(&root, &out, &report, o.record.then_some("memory.sh"))
 }
 
 fn run_case(
@@ -252,10 +225,14 @@ fn run_case(
         let log = out.join(format!("redis-{name}.log"));
         let server = Started::spawn(records, &format!("redis-{name}"), &mut command, &log)?;
         let node = Node::new(port, None);
+        let pong = || {
+            node.query::<String>(&redis::cmd("PING"))
+                .is_ok_and(|reply| reply == "PONG")
+        };
         wait_until(
             &format!("redis-server on {port} answers PING"),
             Duration::from_secs(10),
-            || node.ping(),
+            pong,
         )?;
         say!(
             "  started redis-server (pid {}) on port {port} in {}",
@@ -267,31 +244,25 @@ fn run_case(
     // Only what this case sets reaches the instance.
     let log = out.join(format!("{name}.log"));
     let _ = fs::remove_file(&log);
-    let mut settings = format!(
-        "RATE_LIMIT={rate} TIME_WINDOW={window} BURST={burst} TRUSTED_PROXIES={LOOPBACK} HOST={LOOPBACK} PORT=0"
-    );
-    let mut shown = settings.clone();
+    let mut settings =
+        format!("RATE_LIMIT={rate} TIME_WINDOW={window} BURST={burst} TRUSTED_PROXIES={LOOPBACK}");
+    let mut shown = format!("{settings} HOST={LOOPBACK} PORT=0");
     if let Some((_, node)) = &redis {
         settings += &format!(" REDIS_URL=redis://{LOOPBACK}:{}", node.port);
         shown += &format!(" REDIS_URL=redis://{LOOPBACK}:PORT");
     }
-    let mut command = Command::new(bin);
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", "/");
-    command
-        .envs(env_pairs(&settings))
-        .env("RUST_LOG", "info")
-        .env("INSTANCE_NAME", format!("memory-{name}"));
-    let mut instance = Started::spawn(records, &format!("memory-{name}"), &mut command, &log)?;
-    let port =
-        wait_for_instance(&mut instance, &log).with_context(|| format!("see {}", log.display()))?;
+    let settings = format!("{settings} INSTANCE_NAME=memory-{name}");
+    let started = start_instance(records, &format!("memory-{name}"), bin, &settings, &log);
+    let (instance, port) = started.with_context(|| format!("see {}", log.display()))?;
     let app = instance.pid();
     say!("  started the instance (pid {app}) on port {port}");
 
     let (before, _) = memory_kib(app);
-    let keys = || redis.as_ref().and_then(|(_, node)| node.dbsize());
+    let keys = || {
+        redis
+            .as_ref()
+            .and_then(|(_, node)| node.query(&redis::cmd("DBSIZE")).ok())
+    };
     let keys_before = keys().unwrap_or(0);
     let planned = planned_requests(identities, THREADS, REPEAT_EVERY);
     let url = format!("http://{LOOPBACK}:{port}{LIMITED}");

@@ -1,6 +1,6 @@
-//! Redis as the benchmark asks it: `INFO` (commandstats parsed into counters), `ROLE`,
-//! `SCRIPT LOAD`, `DBSIZE`, a sentinel's master. Every call opens its own short-lived
-//! connection with a timeout, so a node that restarted, or is gone, costs one failed call.
+//! Redis as the benchmark asks it: `INFO` (commandstats read into counters), its role, a
+//! sentinel's master, any other command. Every call opens its own short-lived connection
+//! with a timeout, so a node that restarted, or is gone, costs one failed call.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,13 +21,11 @@ pub struct Node {
 
 impl Node {
     pub fn new(port: u16, password: Option<&str>) -> Self {
-        Self {
-            port,
-            password: password.map(str::to_owned),
-        }
+        let password = password.map(str::to_owned);
+        Self { port, password }
     }
 
-    fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T> {
+    pub fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T> {
         let info = redis::ConnectionAddr::Tcp(LOOPBACK.into(), self.port).into_connection_info()?;
         // No CLIENT SETINFO on connect: the benchmark counts the commands Redis sees.
         let mut settings = info.redis_settings().clone().set_skip_set_lib_name();
@@ -37,9 +35,8 @@ impl Node {
         let client = redis::Client::open(info.set_redis_settings(settings))?;
         let mut connection = client.get_connection_with_timeout(TIMEOUT)?;
         connection.set_read_timeout(Some(TIMEOUT))?;
-        command
-            .query(&mut connection)
-            .with_context(|| format!("Redis on port {}", self.port))
+        let answer = command.query(&mut connection);
+        answer.with_context(|| format!("Redis on port {}", self.port))
     }
 
     pub fn info(&self, section: &str) -> Result<String> {
@@ -59,32 +56,13 @@ impl Node {
         self.info_field("replication", "role").as_deref() == Some("master")
     }
 
-    pub fn script_load(&self, script: &str) -> Result<String> {
-        self.query(redis::cmd("SCRIPT").arg("LOAD").arg(script))
-    }
-
-    pub fn dbsize(&self) -> Option<u64> {
-        self.query(&redis::cmd("DBSIZE")).ok()
-    }
-
-    pub fn ping(&self) -> bool {
-        self.query::<String>(&redis::cmd("PING"))
-            .is_ok_and(|reply| reply == "PONG")
-    }
-
-    pub fn del(&self, keys: &[&str]) -> Result<u64> {
-        self.query(redis::cmd("DEL").arg(keys))
-    }
-
     /// A sentinel's `SENTINEL GET-MASTER-ADDR-BY-NAME`: the master's port.
     pub fn sentinel_master_port(&self, master_name: &str) -> Option<u16> {
-        let reply: Vec<String> = self
-            .query(
-                redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(master_name),
-            )
-            .ok()?;
+        let command = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(master_name)
+            .clone();
+        let reply: Vec<String> = self.query(&command).ok()?;
         reply.get(1)?.parse().ok()
     }
 }
@@ -95,141 +73,85 @@ pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|line| line.trim_end().strip_prefix(name)?.strip_prefix(':'))
 }
 
-/// One `cmdstat_NAME:calls=N,usec=N,...` line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CommandStat {
-    pub calls: u64,
-    pub usec: u64,
-}
-
-/// `INFO commandstats`, by command name (lower case, without `cmdstat_`).
+/// `INFO commandstats`: calls and usec by command name (lower case, without `cmdstat_`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct CommandStats(pub BTreeMap<String, CommandStat>);
+pub struct CommandStats(pub BTreeMap<String, (u64, u64)>);
 
 impl CommandStats {
     pub fn parse(info: &str) -> Self {
-        let mut stats = BTreeMap::new();
-        for line in info.lines() {
-            let Some((name, fields)) = line
-                .trim()
-                .strip_prefix("cmdstat_")
-                .and_then(|r| r.split_once(':'))
-            else {
-                continue;
-            };
+        let stat = |line: &str| {
+            let (name, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
             let field = |key: &str| {
-                fields
-                    .split(',')
-                    .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-                    .unwrap_or(0)
+                let mut values = fields.split(',');
+                values.find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
             };
-            stats.insert(
+            Some((
                 name.to_owned(),
-                CommandStat {
-                    calls: field("calls"),
-                    usec: field("usec"),
-                },
-            );
-        }
-        Self(stats)
+                (field("calls").unwrap_or(0), field("usec").unwrap_or(0)),
+            ))
+        };
+        Self(info.lines().filter_map(stat).collect())
     }
 
-    pub fn get(&self, name: &str) -> CommandStat {
+    /// Calls and usec of a command.
+    pub fn get(&self, name: &str) -> (u64, u64) {
         self.0.get(name).copied().unwrap_or_default()
     }
 
-    /// What happened between `self` and `later`, command by command.
-    pub fn delta_until(&self, later: &Self) -> Self {
-        let delta = |(name, after): (&String, &CommandStat)| {
-            let before = self.get(name);
-            let stat = CommandStat {
-                calls: after.calls.saturating_sub(before.calls),
-                usec: after.usec.saturating_sub(before.usec),
-            };
-            (name.clone(), stat)
+    /// What happened between `earlier` and `self`, command by command.
+    pub fn since(&self, earlier: &Self) -> Self {
+        let delta = |(name, &(calls, usec)): (&String, &(u64, u64))| {
+            let (calls_before, usec_before) = earlier.get(name);
+            (
+                name.clone(),
+                (
+                    calls.saturating_sub(calls_before),
+                    usec.saturating_sub(usec_before),
+                ),
+            )
         };
-        Self(later.0.iter().map(delta).collect())
+        Self(self.0.iter().map(delta).collect())
     }
 
-    /// The script calls (EVALSHA, and EVAL, the fallback on NOSCRIPT) and every command.
-    pub fn script_counters(&self) -> ScriptCounters {
-        let (evalsha, eval) = (self.get("evalsha"), self.get("eval"));
-        ScriptCounters {
-            script_calls: evalsha.calls + eval.calls,
-            script_usec: evalsha.usec + eval.usec,
-            all_calls: self.0.values().map(|stat| stat.calls).sum(),
-        }
+    /// Calls and usec of the script: EVALSHA, and EVAL, the fallback on NOSCRIPT.
+    pub fn scripts(&self) -> (u64, u64) {
+        let ((evalsha, evalsha_usec), (eval, eval_usec)) = (self.get("evalsha"), self.get("eval"));
+        (evalsha + eval, evalsha_usec + eval_usec)
     }
 }
 
-/// Script calls, their time and every command of one or more masters (Cluster mode's
-/// three counted as one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ScriptCounters {
-    pub script_calls: u64,
-    pub script_usec: u64,
-    pub all_calls: u64,
-}
-
-impl ScriptCounters {
-    pub fn sum(masters: &[Node]) -> Self {
-        let all: Vec<Self> = masters
-            .iter()
-            .filter_map(|m| Some(m.command_stats().ok()?.script_counters()))
-            .collect();
-        Self {
-            script_calls: all.iter().map(|c| c.script_calls).sum(),
-            script_usec: all.iter().map(|c| c.script_usec).sum(),
-            all_calls: all.iter().map(|c| c.all_calls).sum(),
-        }
-    }
+/// The script's calls and usec on `masters` together (Cluster mode's three count as one).
+pub fn script_calls(masters: &[Node]) -> (u64, u64) {
+    let each = masters
+        .iter()
+        .filter_map(|m| Some(m.command_stats().ok()?.scripts()));
+    each.fold((0, 0), |(calls, usec), c| (calls + c.0, usec + c.1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const INFO: &str = "# Commandstats\r\n\
-        cmdstat_evalsha:calls=1000,usec=6200,usec_per_call=6.20,rejected_calls=0\r\n\
-        cmdstat_eval:calls=2,usec=40,usec_per_call=20.00\r\n\
-        cmdstat_info:calls=5,usec=100,usec_per_call=20.00\r\n";
-
     #[test]
-    fn commandstats_are_parsed_by_command_and_scripts_add_eval_to_evalsha() {
-        let stats = CommandStats::parse(INFO);
-        assert_eq!(
-            stats.get("evalsha"),
-            CommandStat {
-                calls: 1000,
-                usec: 6200
-            }
-        );
-        assert_eq!(stats.get("pexpire"), CommandStat::default());
-        let counters = stats.script_counters();
-        assert_eq!(
-            counters,
-            ScriptCounters {
-                script_calls: 1002,
-                script_usec: 6240,
-                all_calls: 1007
-            }
-        );
-    }
-
-    #[test]
-    fn a_delta_counts_commands_first_seen_later_from_zero() {
+    fn commandstats_are_read_by_command_and_the_script_adds_eval_to_evalsha() {
         let before = CommandStats::parse("cmdstat_evalsha:calls=10,usec=50\n");
-        let after =
-            CommandStats::parse("cmdstat_evalsha:calls=15,usec=80\ncmdstat_del:calls=1,usec=3\n");
-        let delta = before.delta_until(&after);
-        assert_eq!(delta.get("evalsha"), CommandStat { calls: 5, usec: 30 });
-        assert_eq!(delta.get("del"), CommandStat { calls: 1, usec: 3 });
-    }
-
-    #[test]
-    fn info_fields_are_found_by_name() {
+        let after = CommandStats::parse(
+            "# Commandstats\r\ncmdstat_evalsha:calls=1010,usec=6250,usec_per_call=6.20,rejected_calls=0\r\n\
+             cmdstat_eval:calls=2,usec=40,usec_per_call=20.00\r\ncmdstat_info:calls=5,usec=100\r\n",
+        );
+        let delta = after.since(&before);
+        assert_eq!(
+            (delta.get("evalsha"), delta.get("info"), delta.get("del")),
+            ((1000, 6200), (5, 100), (0, 0))
+        );
+        assert_eq!(delta.scripts(), (1002, 6240));
         let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n";
-        assert_eq!(info_field(info, "connected_slaves"), Some("2"));
-        assert_eq!(info_field(info, "master_host"), None);
+        assert_eq!(
+            (
+                info_field(info, "connected_slaves"),
+                info_field(info, "master_host")
+            ),
+            (Some("2"), None)
+        );
     }
 }

@@ -151,16 +151,8 @@ pub const LIMITED: &str = "/limited_endpoint";
 /// What wrk asks for through the gateway: any path reaches the demo upstream.
 pub const GATEWAY_PATH: &str = "/api/items";
 /// The settings phases decide; any other reaches the instances as the caller set it.
-pub const PHASE_VARS: [&str; 8] = [
-    "RATE_LIMIT",
-    "TIME_WINDOW",
-    "BURST",
-    "DENY_CACHE_SIZE",
-    "FAIL_MODE",
-    "REDIS_CLIENT",
-    "METRICS",
-    "POLICY_FILE",
-];
+pub const PHASE_VARS: &str =
+    "RATE_LIMIT TIME_WINDOW BURST DENY_CACHE_SIZE FAIL_MODE REDIS_CLIENT METRICS POLICY_FILE";
 
 /// 10^9 per 1 s: every request runs the whole decision and is admitted.
 macro_rules! allow {
@@ -279,24 +271,18 @@ pub fn parse(text: &str) -> Result<Vec<&'static Phase>, String> {
         .map(str::trim)
         .filter(|n| !n.is_empty())
         .collect();
-    let known = names();
-    let unknown = |n: &&&str| !known.contains(n) && (**n != "all" || chosen.len() > 1);
-    if let Some(name) = chosen.iter().find(unknown) {
-        return Err(format!(
-            "no phase '{name}'; the phases: {} (or all, alone)",
-            known.join(",")
-        ));
+    let (known, all) = (names(), chosen == ["all"]);
+    let wrong = chosen.iter().find(|n| !all && !known.contains(n));
+    let is_chosen = |p: &&Phase| all || chosen.contains(&p.chosen_by);
+    let phases: Vec<&Phase> = PHASES.iter().filter(is_chosen).collect();
+    let known = known.join(",");
+    match wrong {
+        Some(name) => Err(format!(
+            "no phase '{name}'; the phases: {known} (or all, alone)"
+        )),
+        None if phases.is_empty() => Err(format!("name at least one phase (or all): {known}")),
+        None => Ok(phases),
     }
-    if chosen.is_empty() {
-        return Err(format!(
-            "name at least one phase (or all): {}",
-            known.join(",")
-        ));
-    }
-    Ok(PHASES
-        .iter()
-        .filter(|p| chosen == ["all"] || chosen.contains(&p.chosen_by))
-        .collect())
 }
 
 #[cfg(test)]
@@ -310,19 +296,16 @@ mod tests {
             (names().join(","), parse("all").unwrap().len()),
             (all.into(), PHASES.len())
         );
-        let some: Vec<&str> = parse("gateway, allow,cluster,allow")
-            .unwrap()
-            .iter()
-            .map(|p| p.name)
-            .collect();
+        let some = parse("gateway, allow,cluster,allow").unwrap();
+        let some: Vec<&str> = some.iter().map(|p| p.name).collect();
         assert_eq!(
             some,
             ["allow", "gateway", "cluster-sentinel", "cluster-redis"]
         );
+        let unknown = parse("allow,gatway").unwrap_err();
         assert!(
-            parse("allow,gatway")
-                .unwrap_err()
-                .starts_with("no phase 'gatway'; the phases: allow,")
+            unknown.starts_with("no phase 'gatway'; the phases: allow,"),
+            "{unknown}"
         );
         assert!(
             parse(" , ").is_err() && parse("all,allow").is_err(),
@@ -332,10 +315,10 @@ mod tests {
 
     #[test]
     fn a_phase_measures_each_path_per_way_in_and_connection_count() {
-        let list = PHASES[0].targets();
         let key = |t: &Target| (t.via, t.path, t.connections);
+        let allow: Vec<_> = PHASES[0].targets().iter().map(key).collect();
         assert_eq!(
-            (list.len(), key(&list[0]), key(&list[3])),
+            (allow.len(), allow[0], allow[3]),
             (8, (Via::Nginx, LIMITED, 16), (Via::Direct, "/", 16))
         );
         let gateway: Vec<_> = PHASES[8].targets().iter().map(key).collect();
@@ -346,14 +329,8 @@ mod tests {
                 (Via::Proxy, GATEWAY_PATH, 64)
             ]
         );
-        assert_eq!(
-            PHASES[2].env,
-            "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off"
-        );
-    }
-
-    #[test]
-    fn the_cluster_phase_runs_one_keyed_load_in_both_modes() {
+        let metrics_off = "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off";
+        assert_eq!(PHASES[2].env, metrics_off);
         let [sentinel, cluster] = [PHASES[9], PHASES[10]];
         assert_eq!(
             (sentinel.policy, sentinel.load),

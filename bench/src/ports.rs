@@ -29,11 +29,12 @@ impl Ports {
     }
 
     pub fn parse(text: &str, offset: u16) -> Result<Self> {
-        let values: BTreeMap<&str, &str> = text
+        let lines = text
             .lines()
-            .filter(|line| !line.trim_start().starts_with('#'))
-            .filter_map(|line| line.split_once('='))
-            .map(|(name, value)| (name.trim(), value.trim().trim_matches('"')))
+            .filter(|line| !line.trim_start().starts_with('#'));
+        let pairs = lines.filter_map(|line| line.split_once('='));
+        let values: BTreeMap<&str, &str> = pairs
+            .map(|(name, value)| (name, value.trim_matches('"')))
             .collect();
         let list = |name: &str| -> Result<Vec<u16>> {
             let words = values.get(name).with_context(|| format!("no {name}"))?;
@@ -77,24 +78,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shipped_ports_file_is_read_and_shifted_by_the_offset() {
+    fn the_shipped_ports_file_is_read_and_shifted_by_the_offset_and_a_broken_one_is_an_error() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let ports = Ports::read(&root, 0).unwrap();
-        assert_eq!((ports.nginx, ports.apps.clone()), (8000, vec![8001, 8002]));
-        assert_eq!(ports.data[0], 6379);
-        assert_eq!(ports.cluster.len(), 6);
+        assert_eq!(
+            (ports.nginx, &ports.apps[..], ports.data[0]),
+            (8000, &[8001, 8002][..], 6379)
+        );
         let shifted = Ports::read(&root, 1000).unwrap();
-        assert_eq!((shifted.nginx, shifted.sentinels[0]), (9000, 27379));
+        assert_eq!(
+            (shifted.nginx, shifted.sentinels[0], shifted.cluster.len()),
+            (9000, 27379, 6)
+        );
         assert!(shifted.all(true, false).contains(&18000));
-    }
-
-    #[test]
-    fn a_missing_or_broken_name_is_an_error() {
-        assert!(Ports::parse("NGINX_PORT=8000\n", 0).is_err());
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ports.env"),
-        )
-        .unwrap();
+        let text = std::fs::read_to_string(root.join("scripts/ports.env")).unwrap();
         assert!(Ports::parse(&text.replace("8001", "x"), 0).is_err());
+        assert!(Ports::parse("NGINX_PORT=8000\n", 0).is_err());
     }
 }

@@ -1,16 +1,18 @@
 //! What the processes under test answer: a GET on loopback, an instance's `/metrics`,
-//! Nginx's access log, wrk's JSON line (scripts/bench/report.lua), an instance's port.
+//! Nginx's access log, wrk's JSON line (scripts/bench/report.lua); and an instance started
+//! alone on a port of its choosing.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::LOOPBACK;
-use crate::spawn::{Started, tail, wait_until};
+use crate::process::{Records, Started, tail, wait_until};
 
 /// GET `path` from `LOOPBACK:port` within 5 s: the status, the headers (names in lower
 /// case) and the body.
@@ -26,18 +28,56 @@ pub fn status(port: u16, path: &str) -> Option<i32> {
     get(port, path).ok().map(|r| r.status_code)
 }
 
-pub fn header(response: &minreq::Response, name: &str) -> Option<String> {
-    response.headers.get(name).cloned()
-}
-
 pub fn json(port: u16, path: &str) -> Result<serde_json::Value> {
-    serde_json::from_str(get(port, path)?.as_str()?)
-        .with_context(|| format!("GET {path} on {port}: not JSON"))
+    let body = get(port, path)?;
+    serde_json::from_str(body.as_str()?).with_context(|| format!("GET {path} on {port}: not JSON"))
 }
 
 pub fn port_open(port: u16) -> bool {
     let address = (std::net::Ipv4Addr::LOCALHOST, port).into();
     std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500)).is_ok()
+}
+
+/// Starts the service binary `bin` with only PATH, HOME and `settings` (`NAME=value`
+/// words) on a port of its choosing (PORT=0), and waits until it logs that port and
+/// answers /ready.
+pub fn start_instance(
+    records: &Records,
+    name: &str,
+    bin: &Path,
+    settings: &str,
+    log: &Path,
+) -> Result<(Started, u16)> {
+    let mut command = Command::new(bin);
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", "/");
+    let settings = format!("RUST_LOG=info HOST={LOOPBACK} PORT=0 {settings}");
+    let mut instance = Started::spawn(
+        records,
+        name,
+        command.envs(crate::env_pairs(&settings)),
+        log,
+    )?;
+    let mut port = None;
+    let what = "the instance logs its port and answers /ready";
+    wait_until(what, Duration::from_secs(15), || {
+        port = listening_port(&std::fs::read_to_string(log).unwrap_or_default());
+        !instance.running() || port.is_some_and(|p| status(p, "/ready") == Some(200))
+    })?;
+    let port = port.filter(|_| instance.running());
+    let port = port.with_context(|| format!("it exited: {}", tail(log, 5)))?;
+    Ok((instance, port))
+}
+
+/// The port of the instance's "listening on port N" log line.
+fn listening_port(log: &str) -> Option<u16> {
+    let rest = log.split("listening on port ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Responses by status: 200, 429, anything else, and 499 (a client, the load generator
@@ -52,12 +92,13 @@ pub struct Counts {
 
 impl Counts {
     fn add(&mut self, status: &str, n: u64) {
-        match status {
-            "200" => self.ok += n,
-            "429" => self.denied += n,
-            "499" => self.closed += n,
-            _ => self.other += n,
-        }
+        let slot = match status {
+            "200" => &mut self.ok,
+            "429" => &mut self.denied,
+            "499" => &mut self.closed,
+            _ => &mut self.other,
+        };
+        *slot += n;
     }
 
     pub fn total(&self) -> u64 {
@@ -65,13 +106,19 @@ impl Counts {
     }
 
     pub fn minus(&self, earlier: &Self) -> Self {
-        let d = |a: u64, b: u64| a.saturating_sub(b);
-        Self {
-            ok: d(self.ok, earlier.ok),
-            denied: d(self.denied, earlier.denied),
-            other: d(self.other, earlier.other),
-            closed: d(self.closed, earlier.closed),
-        }
+        let mut delta = *self;
+        let pairs = [
+            &mut delta.ok,
+            &mut delta.denied,
+            &mut delta.other,
+            &mut delta.closed,
+        ];
+        let earlier = [earlier.ok, earlier.denied, earlier.other, earlier.closed];
+        pairs
+            .into_iter()
+            .zip(earlier)
+            .for_each(|(now, before)| *now = now.saturating_sub(before));
+        delta
     }
 
     /// What `ratelimit_http_requests_total{route, status}` of an instance's /metrics
@@ -100,8 +147,8 @@ impl Counts {
 
     /// What an instance on `port` counted for `route`.
     pub fn of_instance(port: u16, route: &str) -> Self {
-        get(port, "/metrics")
-            .ok()
+        let metrics = get(port, "/metrics").ok();
+        metrics
             .and_then(|r| Some(Self::from_metrics(r.as_str().ok()?, route)))
             .unwrap_or_default()
     }
@@ -116,13 +163,11 @@ impl Counts {
         file.seek(SeekFrom::Start(offset))?;
         for line in BufReader::new(file).lines() {
             let line = line?;
-            counts.add(
-                line.split('"')
-                    .nth(2)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .unwrap_or("?"),
-                1,
-            );
+            let status = line
+                .split('"')
+                .nth(2)
+                .and_then(|rest| rest.split_whitespace().next());
+            counts.add(status.unwrap_or("?"), 1);
         }
         Ok(counts)
     }
@@ -133,7 +178,9 @@ impl Counts {
 pub struct WrkReport {
     pub requests: u64,
     pub duration_us: u64,
+    /// p50, p99 and max.
     pub latency_us: WrkLatency,
+    /// connect, read, write and timeout errors, and responses of status 400 or more.
     pub errors: WrkErrors,
 }
 
@@ -150,18 +197,14 @@ pub struct WrkErrors {
     pub read: u64,
     pub write: u64,
     pub timeout: u64,
-    /// Responses with a status of 400 or more (429 included).
     pub status: u64,
 }
 
 impl WrkReport {
     /// The report in wrk's output: its last line that is a JSON object.
     pub fn from_output(output: &str) -> Result<Self> {
-        let line = output
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .context("no JSON line from scripts/bench/report.lua in wrk's output")?;
+        let line = output.lines().rev().find(|l| l.starts_with('{'));
+        let line = line.context("no JSON line from scripts/bench/report.lua in wrk's output")?;
         serde_json::from_str(line).with_context(|| format!("cannot read wrk's report {line:?}"))
     }
 
@@ -172,36 +215,12 @@ impl WrkReport {
     }
 }
 
-/// Waits until an instance started with PORT=0 says its port and answers /ready.
-pub fn wait_for_instance(instance: &mut Started, log: &Path) -> Result<u16> {
-    let mut port = None;
-    wait_until(
-        "the instance logs its port and answers /ready",
-        Duration::from_secs(15),
-        || {
-            port = listening_port(&std::fs::read_to_string(log).unwrap_or_default());
-            !instance.running() || port.is_some_and(|p| status(p, "/ready") == Some(200))
-        },
-    )?;
-    port.filter(|_| instance.running())
-        .with_context(|| format!("it exited: {}", tail(log, 5)))
-}
-
-/// The port of the instance's "listening on port N" log line.
-pub fn listening_port(log: &str) -> Option<u16> {
-    let rest = log.split("listening on port ").nth(1)?;
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn requests_are_counted_by_status_for_one_route() {
+    fn requests_are_counted_by_status_from_metrics_and_from_an_access_log() {
         let metrics = "# TYPE ratelimit_http_requests_total counter\n\
             ratelimit_http_requests_total{route=\"/limited_endpoint\",status=\"200\"} 120\n\
             ratelimit_http_requests_total{route=\"/limited_endpoint\",status=\"429\"} 30\n\
@@ -218,10 +237,6 @@ mod tests {
             }
         );
         assert_eq!(Counts::from_metrics(metrics, "/").total(), 999);
-    }
-
-    #[test]
-    fn access_log_lines_are_counted_by_status() {
         let path = std::env::temp_dir().join(format!("bench-access-{}.log", std::process::id()));
         let line = |status| {
             format!(
@@ -229,9 +244,9 @@ mod tests {
             )
         };
         std::fs::write(&path, ["200", "429", "499", "502"].map(line).concat()).unwrap();
-        let counts = Counts::from_access_log(&path, 0).unwrap();
+        let all = Counts::from_access_log(&path, 0).unwrap();
         assert_eq!(
-            counts,
+            all,
             Counts {
                 ok: 1,
                 denied: 1,
@@ -239,17 +254,19 @@ mod tests {
                 closed: 1
             }
         );
+        let after_first = Counts::from_access_log(&path, line("200").len() as u64).unwrap();
         assert_eq!(
-            Counts::from_access_log(&path, line("200").len() as u64)
-                .unwrap()
-                .ok,
-            0
+            all.minus(&after_first),
+            Counts {
+                ok: 1,
+                ..Counts::default()
+            }
         );
         std::fs::remove_file(path).unwrap();
     }
 
     #[test]
-    fn the_report_line_is_found_after_wrks_own_output() {
+    fn wrks_report_line_and_the_instances_port_are_found_in_their_output() {
         let output = "Running 5s test @ http://127.0.0.1:8000/\nRequests/sec:  40167.20\n\
             {\"requests\": 200836, \"duration_us\": 5000012, \"latency_us\": {\"p50\": 1470, \"p99\": 3120, \"max\": 11340}, \"errors\": {\"connect\": 0, \"read\": 1, \"write\": 0, \"timeout\": 2, \"status\": 7}}\n";
         let report = WrkReport::from_output(output).unwrap();
@@ -262,12 +279,10 @@ mod tests {
             (200_836, 3, 7)
         );
         assert!(WrkReport::from_output("unable to connect\n").is_err());
-    }
-
-    #[test]
-    fn the_port_is_read_from_the_instances_log() {
         let log = "[.. INFO ratelimiter] starting\n[.. INFO ratelimiter] listening on port 41234\n";
-        assert_eq!(listening_port(log), Some(41234));
-        assert_eq!(listening_port("starting\n"), None);
+        assert_eq!(
+            (listening_port(log), listening_port("starting\n")),
+            (Some(41234), None)
+        );
     }
 }

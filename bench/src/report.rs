@@ -38,20 +38,6 @@ pub struct RunInfo {
     pub keepalive: Vec<(String, Option<String>)>,
 }
 
-/// How a column's cell is made from the records of its row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cell {
-    /// A key: the rows are the distinct keys, in the order first seen.
-    Key,
-    /// The median over the rounds, with this many decimals; `-` when there is none.
-    Median(usize),
-    Max(usize),
-    Sum,
-}
-
-/// A column: its header, the record's field (`cpu.app` reaches into `cpu`), its cell.
-pub type Column = (&'static str, &'static str, Cell);
-
 /// The median of `values` (the mean of the middle two for an even count).
 pub fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
@@ -72,21 +58,24 @@ fn text(value: &Value) -> String {
 
 /// A Markdown table of `records`: one row per distinct key, each other cell made from
 /// the records of that key. The one function every table of the reports goes through.
-pub fn table(records: &[Value], columns: &[Column]) -> String {
-    let mut out = format!(
-        "| {} |\n|",
-        columns.iter().map(|c| c.0).collect::<Vec<_>>().join(" | ")
-    );
-    for (_, _, cell) in columns {
-        out.push_str(if *cell == Cell::Key { "---|" } else { "--:|" });
+///
+/// `columns`, one a line: its header | the record's field (`cpu.app` reaches into `cpu`)
+/// | how the cell is made: `key` (the rows are the distinct keys, in the order first
+/// seen), `median D` (over the rounds, D decimals; `-` when there is none), `max D`, `sum`.
+pub fn table(records: &[Value], columns: &str) -> String {
+    let columns: Vec<[&str; 3]> = columns
+        .lines()
+        .map(|line| [0, 1, 2].map(|i| line.split(" | ").nth(i).unwrap_or_default().trim()))
+        .collect();
+    let headers: Vec<&str> = columns.iter().map(|c| c[0]).collect();
+    let mut out = format!("| {} |\n|", headers.join(" | "));
+    for [_, _, cell] in &columns {
+        out.push_str(if *cell == "key" { "---|" } else { "--:|" });
     }
     out.push('\n');
     let key = |r: &Value| -> Vec<String> {
-        columns
-            .iter()
-            .filter(|c| c.2 == Cell::Key)
-            .map(|c| text(field(r, c.1)))
-            .collect()
+        let keys = columns.iter().filter(|c| c[2] == "key");
+        keys.map(|c| text(field(r, c[1]))).collect()
     };
     let mut keys: Vec<Vec<String>> = Vec::new();
     for record in records {
@@ -96,18 +85,19 @@ pub fn table(records: &[Value], columns: &[Column]) -> String {
     }
     for k in keys {
         let rows: Vec<&Value> = records.iter().filter(|r| key(r) == k).collect();
-        let cells = columns.iter().map(|&(_, name, cell)| {
+        let cells = columns.iter().map(|&[_, name, cell]| {
             let values: Vec<f64> = rows
                 .iter()
                 .filter_map(|r| field(r, name).as_f64())
                 .collect();
-            let fixed =
-                |v: Option<f64>, d: usize| v.map_or_else(|| "-".into(), |v| format!("{v:.d$}"));
-            match cell {
-                Cell::Key => text(field(rows[0], name)),
-                Cell::Median(d) => fixed(median(&values), d),
-                Cell::Max(d) => fixed(values.iter().copied().reduce(f64::max), d),
-                Cell::Sum => format!("{}", values.iter().sum::<f64>()),
+            let (how, decimals) = cell.split_once(' ').unwrap_or((cell, "0"));
+            let d: usize = decimals.parse().unwrap_or(0);
+            let fixed = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.d$}"));
+            match how {
+                "key" => text(field(rows[0], name)),
+                "median" => fixed(median(&values)),
+                "max" => fixed(values.iter().copied().reduce(f64::max)),
+                _ => format!("{}", values.iter().sum::<f64>()),
             }
         });
         let _ = writeln!(out, "| {} |", cells.collect::<Vec<_>>().join(" | "));
@@ -115,61 +105,59 @@ pub fn table(records: &[Value], columns: &[Column]) -> String {
     out
 }
 
-use Cell::{Key, Max, Median, Sum};
-
-const MEDIANS: &[Column] = &[
-    ("phase", "phase", Key),
-    ("load", "tool", Key),
-    ("via", "via", Key),
-    ("path", "path", Key),
-    ("conns", "connections", Key),
-    ("req/s", "per_second", Median(0)),
-    ("p50 ms", "p50_ms", Median(2)),
-    ("p99 ms", "p99_ms", Median(2)),
-    ("max ms", "max_ms", Max(2)),
-    ("200", "ok", Sum),
-    ("429", "denied", Sum),
-    ("other", "other", Sum),
-    ("app µs/req", "cpu.app", Median(1)),
-    ("Nginx µs/req", "cpu.nginx", Median(1)),
-    ("bench's Nginx µs/req", "cpu.proxy", Median(1)),
-    ("Redis master µs/req", "cpu.master", Median(1)),
-    ("replicas µs/req", "cpu.replicas", Median(1)),
-    ("sentinels µs/req", "cpu.sentinels", Median(1)),
-    ("demo upstream µs/req", "cpu.upstream", Median(1)),
-    ("load gen µs/req", "cpu.load_generator", Median(1)),
-    ("other processes %", "others_percent", Median(0)),
-    ("script calls/req", "script_calls_per_request", Median(3)),
-    ("Redis µs/call", "usec_per_script_call", Median(2)),
-];
-const DETAIL: &[Column] = &[
-    ("phase", "phase", Key),
-    ("via", "via", Key),
-    ("path", "path", Key),
-    ("conns", "connections", Key),
-    ("app user µs/req", "app_user", Median(1)),
-    ("app system µs/req", "app_system", Median(1)),
-    ("context switches/req", "switches_per_request", Median(2)),
-    ("threads", "threads", Median(0)),
-];
-const SCRIPTS: &[Column] = &[
-    ("case", "name", Key),
-    ("calls", "calls", Sum),
-    ("usec_per_call", "usec_per_call", Median(2)),
-    ("TIME", "time", Median(2)),
-    ("HMGET", "hmget", Median(2)),
-    ("HSET", "hset", Median(2)),
-    ("PEXPIRE", "pexpire", Median(2)),
-    ("engine", "engine", Median(2)),
-    ("master CPU µs/call (/proc)", "master_cpu", Median(1)),
-    ("client CPU µs/call", "client_cpu", Median(1)),
-    ("calls/s", "calls_per_second", Median(0)),
-];
-const SPREAD: &[Column] = &[
-    ("master", "master", Key),
-    ("script calls", "script_calls", Sum),
-    ("share %", "share_percent", Median(2)),
-];
+const MEDIANS: &str = "\
+phase | phase | key
+load | tool | key
+via | via | key
+path | path | key
+conns | connections | key
+req/s | per_second | median 0
+p50 ms | p50_ms | median 2
+p99 ms | p99_ms | median 2
+max ms | max_ms | max 2
+200 | ok | sum
+429 | denied | sum
+other | other | sum
+app µs/req | cpu.app | median 1
+Nginx µs/req | cpu.nginx | median 1
+bench's Nginx µs/req | cpu.proxy | median 1
+Redis master µs/req | cpu.master | median 1
+replicas µs/req | cpu.replicas | median 1
+sentinels µs/req | cpu.sentinels | median 1
+demo upstream µs/req | cpu.upstream | median 1
+load gen µs/req | cpu.load_generator | median 1
+other processes % | others_percent | median 0
+script calls/req | script_calls_per_request | median 3
+Redis µs/call | usec_per_script_call | median 2
+";
+const DETAIL: &str = "\
+phase | phase | key
+via | via | key
+path | path | key
+conns | connections | key
+app user µs/req | app_user | median 1
+app system µs/req | app_system | median 1
+context switches/req | switches_per_request | median 2
+threads | threads | median 0
+";
+const SCRIPTS: &str = "\
+case | name | key
+calls | calls | sum
+usec_per_call | usec_per_call | median 2
+TIME | time | median 2
+HMGET | hmget | median 2
+HSET | hset | median 2
+PEXPIRE | pexpire | median 2
+engine | engine | median 2
+master CPU µs/call (/proc) | master_cpu | median 1
+client CPU µs/call | client_cpu | median 1
+calls/s | calls_per_second | median 0
+";
+const SPREAD: &str = "\
+master | master | key
+script calls | script_calls | sum
+share % | share_percent | median 2
+";
 
 /// The goals of the performance issue and the figures that explain them, one a line:
 /// what | figure | goal (`>= X`, `<= X` or `-`). A figure's parts are separated by `;`:
@@ -438,12 +426,21 @@ pub fn render(dir: &Path) -> Result<String> {
     Ok(out)
 }
 
-/// Writes `body` between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of the document
-/// at `path` (the block appended if missing), the prose around it left as it is.
-pub fn record(path: &Path, name: &str, body: &str) -> Result<()> {
-    let doc = fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    fs::write(path, replace_block(&doc, name, body))
-        .with_context(|| format!("cannot write {}", path.display()))
+/// Writes a run's report to `out`/report.md and prints it; with `record`, also between
+/// `<!-- NAME:begin -->` and `<!-- NAME:end -->` of docs/BENCHMARKS.md (the block appended
+/// if missing), the prose around it left as it is.
+pub fn publish(root: &Path, out: &Path, text: &str, record: Option<&str>) -> Result<()> {
+    fs::write(out.join("report.md"), text)?;
+    println!("\n{text}");
+    let Some(name) = record else {
+        return Ok(());
+    };
+    let path = root.join("docs/BENCHMARKS.md");
+    let doc = fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let written = fs::write(&path, replace_block(&doc, name, text));
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    crate::say!("recorded in docs/BENCHMARKS.md");
+    Ok(())
 }
 
 pub fn replace_block(doc: &str, name: &str, body: &str) -> String {

@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::measure::round_to;
 use crate::node::{CommandStats, Node};
-use crate::procfs::ticks_of;
-use crate::spawn::{Records, run_counted, tail};
+use crate::process::{Records, run_counted, tail, ticks_of};
 use crate::{LOOPBACK, append_json, say};
 
 /// Each case, one a line: its name | the script (`project`: src/bucket/token_bucket.lua;
@@ -68,20 +67,20 @@ impl ScriptRow {
         calls_per_second: f64,
         hz: u64,
     ) -> Self {
-        let evalsha = delta.get("evalsha");
-        let q = evalsha.calls.max(1) as f64;
-        let per_call = |name: &str| round_to(delta.get(name).usec as f64 / q, 2);
+        let (calls, usec) = delta.get("evalsha");
+        let q = calls.max(1) as f64;
+        let per_call = |name: &str| round_to(delta.get(name).1 as f64 / q, 2);
         let cpu = |ticks: u64| round_to(ticks as f64 * 1e6 / hz as f64 / q, 1);
-        let inner: u64 = INNER.iter().map(|name| delta.get(name).usec).sum();
+        let inner: u64 = INNER.iter().map(|name| delta.get(name).1).sum();
         Self {
             name: name.to_owned(),
-            calls: evalsha.calls,
+            calls,
             usec_per_call: per_call("evalsha"),
             time: per_call("time"),
             hmget: per_call("hmget"),
             hset: per_call("hset"),
             pexpire: per_call("pexpire"),
-            engine: round_to((evalsha.usec as f64 - inner as f64) / q, 2),
+            engine: round_to((usec as f64 - inner as f64) / q, 2),
             master_cpu: cpu(ticks.0),
             client_cpu: cpu(ticks.1),
             calls_per_second: round_to(calls_per_second, 0),
@@ -98,16 +97,17 @@ pub fn run(
     records: &Records,
     hz: u64,
 ) -> Result<Vec<String>> {
+    let load = |script: &str| master.query::<String>(redis::cmd("SCRIPT").arg("LOAD").arg(script));
     let lua = fs::read_to_string(root.join("src/bucket/token_bucket.lua"))?;
-    let project = master.script_load(&lua)?;
+    let project = load(&lua)?;
     if project != sha1_smol::Sha1::from(&lua).digest().to_string() {
         bail!("SCRIPT LOAD answered '{project}', not the SHA-1 of src/bucket/token_bucket.lua");
     }
     let reference = fs::read_to_string(root.join("scripts/bench/reference_token_bucket.lua"))?;
     let shas = [
         ("project", project.clone()),
-        ("floor", master.script_load("return {1, 0}")?),
-        ("reference", master.script_load(&reference)?),
+        ("floor", load("return {1, 0}")?),
+        ("reference", load(&reference)?),
     ];
     let slaves = master
         .info_field("replication", "connected_slaves")
@@ -122,35 +122,25 @@ pub fn run(
             .find(|(n, _)| *n == script)
             .context("a case's script")?
             .1;
-        let args = args.replace("''", "\"\"");
         let port = master.port;
         let argv = |password: &str| {
             format!(
                 "-h {LOOPBACK} -p {port} -a {password} -n 200000 -r 100000 --csv EVALSHA {sha} 1 {KEY_PREFIX}{key} {args}"
             )
         };
-        commands.push(format!("redis-benchmark {}", argv("PASSWORD")));
+        commands.push(format!(
+            "redis-benchmark {}",
+            argv("PASSWORD").replace("''", "\"\"")
+        ));
         let log = out.join(format!("redis-benchmark-{name}.txt"));
         let (before, t0) = (master.command_stats()?, ticks_of(pids));
-        let password = master.password.as_deref().unwrap_or_default();
-        let words = argv(password)
-            .split(' ')
-            .map(|w| {
-                if w == "\"\"" {
-                    String::new()
-                } else {
-                    w.to_owned()
-                }
-            })
-            .collect::<Vec<_>>();
-        let (status, client_ticks) = run_counted(
-            records,
-            "redis-benchmark",
-            Command::new("redis-benchmark").args(words),
-            &log,
-        )?;
+        let mut benchmark = Command::new("redis-benchmark");
+        let argv = argv(master.password.as_deref().unwrap_or_default());
+        // '' is an empty argument: Redis's own clock.
+        benchmark.args(argv.split(' ').map(|w| if w == "''" { "" } else { w }));
+        let (status, client_ticks) = run_counted(records, "redis-benchmark", &mut benchmark, &log)?;
         let master_ticks = ticks_of(pids).saturating_sub(t0);
-        let delta = before.delta_until(&master.command_stats()?);
+        let delta = master.command_stats()?.since(&before);
         if !status.success() {
             bail!("redis-benchmark failed: {}", tail(&log, 3));
         }
@@ -170,7 +160,7 @@ pub fn run(
         append_json(&out.join("scripts.jsonl"), &row)?;
     }
     let keys = ["denied", "returning", "returning:two"].map(|k| format!("{KEY_PREFIX}{k}"));
-    master.del(&keys.each_ref().map(String::as_str))?;
+    master.query::<u64>(redis::cmd("DEL").arg(&keys))?;
     Ok(commands)
 }
 
@@ -210,19 +200,12 @@ mod tests {
     fn a_script_call_is_split_into_its_commands_and_the_engine() {
         // 200 000 calls; EVALSHA 1 422 000 µs of which TIME 20 000, HMGET 196 000, HSET
         // 104 000 and PEXPIRE 76 000: the engine is the remaining 1 026 000.
-        let before = CommandStats::parse("cmdstat_evalsha:calls=6,usec=42\n");
-        let after = CommandStats::parse(
-            "cmdstat_evalsha:calls=200006,usec=1422042\ncmdstat_time:calls=200000,usec=20000\n\
+        let delta = CommandStats::parse(
+            "cmdstat_evalsha:calls=200000,usec=1422000\ncmdstat_time:calls=200000,usec=20000\n\
              cmdstat_hmget:calls=200000,usec=196000\ncmdstat_hset:calls=100000,usec=104000\n\
              cmdstat_pexpire:calls=100000,usec=76000\n",
         );
-        let row = ScriptRow::compute(
-            "allow-heavy",
-            &before.delta_until(&after),
-            (272, 124),
-            64579.2,
-            100,
-        );
+        let row = ScriptRow::compute("allow-heavy", &delta, (272, 124), 64579.2, 100);
         assert_eq!(
             (row.calls, row.usec_per_call, row.hmget, row.engine),
             (200_000, 7.11, 0.98, 5.13)

@@ -3,6 +3,7 @@
 //! then what comes after the rounds. Every measurement is a JSON line; the report is
 //! rendered from those lines alone (`report::render`).
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,17 +11,15 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use loadtest::summary::Summary;
 
 use crate::cluster::{Cluster, Processes};
 use crate::machine::{self, Machine};
 use crate::measure::{Measurement, Snapshot, Traffic, round_to};
-use crate::node::{Node, ScriptCounters};
+use crate::node::{Node, script_calls};
 use crate::phases::{self, After, LIMITED, PHASES, Phase, Target, Tool, Topology, Via};
 use crate::probe::{self, Counts, WrkReport, port_open};
-use crate::procfs::{MachineTicks, children_of, clock_ticks_per_second};
+use crate::process::{MachineTicks, Records, Started, children_of, run_counted, tail};
 use crate::report::{self, RunInfo};
-use crate::spawn::{Records, Started, run_counted, tail};
 use crate::{LOOPBACK, append_json, gateway, say, warn};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -54,6 +53,9 @@ pub struct Options {
     /// The command line the report quotes (the wrapper's own).
     #[arg(long, default_value = "scripts/bench.sh")]
     invocation: String,
+    /// CLUSTER_PORT_OFFSET of every phase's cluster (Nginx on 8000 + offset).
+    #[arg(long, env = "CLUSTER_PORT_OFFSET", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=30000))]
+    port_offset: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -66,13 +68,7 @@ const MIXED_SOURCES: &str = "127.0.0.10-250";
 /// The distinct keys of scripts/bench/keys.lua, and of the cluster phase's spread.
 const KEYS: u64 = 100_000;
 /// Instance settings that pass through to every phase, named in the report when set.
-const PASSED_SETTINGS: [&str; 4] = [
-    "WORKERS",
-    "REDIS_POOL_SIZE",
-    "REDIS_TIMEOUT_MS",
-    "ACCESS_LOG",
-];
-const DOC: &str = "docs/BENCHMARKS.md";
+const PASSED_SETTINGS: &str = "WORKERS REDIS_POOL_SIZE REDIS_TIMEOUT_MS ACCESS_LOG";
 
 struct Bench {
     o: Options,
@@ -84,7 +80,7 @@ struct Bench {
     cluster: Cluster,
     /// What every phase runs: a copy of the release binary, or RATELIMITER_BIN.
     bin: PathBuf,
-    /// Where [`Via::Direct`] goes: instance 8001, or the embedded-store one.
+    /// Where [`Via::Direct`] goes: the first instance, or the embedded-store one.
     direct_port: u16,
     embedded: Option<Started>,
     /// The bench's own Nginx in front of the demo upstream, and its port.
@@ -100,19 +96,22 @@ pub fn run(o: Options) -> Result<()> {
     let (started, started_at) = (Instant::now(), SystemTime::now());
     let root = std::env::current_dir()?;
     if o.record && o.phases.0.len() != PHASES.len() {
-        bail!("--record rewrites the whole block of {DOC}, so it needs every phase: drop --phases");
+        bail!(
+            "--record rewrites the whole block of docs/BENCHMARKS.md, so it needs every phase: drop --phases"
+        );
     }
     let out = root.join("run/bench");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
     let password = std::env::var("REDIS_ADMIN_PASSWORD");
     let password = password.unwrap_or_else(|_| "ratelimiter-dev-admin-password".into());
-    let mut cluster = Cluster::new(&root, root.join("run/bench-cluster"), 0, &password)?;
-    let wanted = cluster
-        .ports
+    let dir = root.join("run/bench-cluster");
+    let mut cluster = Cluster::new(&root, dir, o.port_offset, &password)?;
+    let ports = &cluster.ports;
+    let wanted = ports
         .all(false, true)
         .into_iter()
-        .chain(cluster.ports.all(true, false));
+        .chain(ports.all(true, false));
     let busy: Vec<String> = wanted
         .filter(|&p| port_open(p))
         .map(|p| p.to_string())
@@ -123,35 +122,13 @@ pub fn run(o: Options) -> Result<()> {
             "port(s) {busy} are in use (a cluster running? scripts/cluster.sh down); see: ss -ltnp 'sport = :{first}'"
         );
     }
-    let given = std::env::var_os("RATELIMITER_BIN").map(PathBuf::from);
-    let rel = |path: &Path| {
-        path.strip_prefix(&root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    };
-    let (bin, service) = match given {
-        Some(bin) => (bin.clone(), machine::service_note(Some(&bin), "", "")),
-        None => {
-            // Every phase runs the same binary, even if the tree is rebuilt meanwhile.
-            let (built, copy) = (
-                crate::release_binary(&root, "ratelimiter"),
-                out.join("ratelimiter"),
-            );
-            let copied = fs::copy(&built, &copy);
-            copied.with_context(|| format!("cannot copy {} (is it built?)", built.display()))?;
-            (
-                copy.clone(),
-                machine::service_note(None, &rel(&built), &rel(&copy)),
-            )
-        }
-    };
-    cluster.bin = Some(bin.clone());
     let (hz, own, direct_port) = (
-        clock_ticks_per_second()?,
+        procfs::ticks_per_second(),
         Records(out.join("pids")),
-        cluster.ports.apps[0],
+        ports.apps[0],
     );
+    let (bin, service) = machine::service_binary(&root, &out)?;
+    cluster.bin = Some(bin.clone());
     let (embedded, proxy, procs, rows, commands, retaken) = Default::default();
     let mut b = Bench {
         o,
@@ -175,10 +152,8 @@ pub fn run(o: Options) -> Result<()> {
         "load average now: {load_before} ({cores} cores); other engineers' work moves the figures, see the 'other processes' column"
     );
     let chosen = b.o.phases.0.clone();
-    say!(
-        "phases: {}",
-        chosen.iter().map(|p| p.name).collect::<Vec<_>>().join(",")
-    );
+    let names: Vec<&str> = chosen.iter().map(|p| p.name).collect();
+    say!("phases: {}", names.join(","));
     let outcome = chosen.iter().try_for_each(|phase| b.phase(phase));
     b.down();
     outcome?;
@@ -191,7 +166,7 @@ pub fn run(o: Options) -> Result<()> {
         }
     }
     keepalive.sort();
-    let setting = |name: &&str| {
+    let setting = |name: &str| {
         Some(format!(
             "{name}={}",
             std::env::var(name).ok().filter(|v| !v.is_empty())?
@@ -209,25 +184,19 @@ pub fn run(o: Options) -> Result<()> {
         elapsed_s: started.elapsed().as_secs(),
         quiet_max: b.o.quiet_max,
         retaken: b.retaken,
-        instance_settings: PASSED_SETTINGS.iter().filter_map(setting).collect(),
+        instance_settings: PASSED_SETTINGS.split(' ').filter_map(setting).collect(),
         invocation: b.o.invocation.clone(),
         commands: b.commands.clone(),
         keepalive,
     };
     fs::write(b.out.join("run.json"), serde_json::to_string_pretty(&info)?)?;
     let text = report::render(&b.out)?;
-    fs::write(b.out.join("report.md"), &text)?;
-    println!("\n{text}");
     say!(
         "done in {}s; raw outputs in {}",
         info.elapsed_s,
         b.rel(&b.out)
     );
-    if b.o.record {
-        report::record(&b.root.join(DOC), "bench.sh", &text)?;
-        say!("recorded in {DOC}");
-    }
-    Ok(())
+    report::publish(&b.root, &b.out, &text, b.o.record.then_some("bench.sh"))
 }
 
 impl Bench {
@@ -255,12 +224,13 @@ impl Bench {
 
     /// The one loop: any phase, from its topology up to its topology down.
     fn phase(&mut self, phase: &Phase) -> Result<()> {
+        let knows = |setting: &str, bytes: Vec<u8>| {
+            bytes
+                .windows(setting.len())
+                .any(|w| w == setting.as_bytes())
+        };
         if let Some(setting) = phase.requires
-            && !fs::read(&self.bin).is_ok_and(|bytes| {
-                bytes
-                    .windows(setting.len())
-                    .any(|w| w == setting.as_bytes())
-            })
+            && !fs::read(&self.bin).is_ok_and(|bytes| knows(setting, bytes))
         {
             say!(
                 "phase {} skipped: this binary has no {setting} setting",
@@ -293,26 +263,33 @@ impl Bench {
     }
 
     fn up(&mut self, phase: &Phase) -> Result<()> {
-        let mut env = phase
+        let env = phase
             .env
             .replace("$MIXED_RATE", &self.o.mixed_rate.to_string());
-        if let Some(policy) = phase.policy {
-            let file = self.out.join(format!("{}.toml", phase.name));
-            fs::write(&file, policy)?;
-            env = format!("{env} POLICY_FILE={}", file.display())
-                .trim_start()
-                .to_owned();
-        }
-        self.direct_port = self.cluster.ports.apps[0];
+        let policy = phase
+            .policy
+            .map(|policy| (self.out.join(format!("{}.toml", phase.name)), policy));
+        let env = match &policy {
+            Some((file, policy)) => {
+                fs::write(file, policy)?;
+                format!("{env} POLICY_FILE={}", file.display())
+                    .trim_start()
+                    .to_owned()
+            }
+            None => env,
+        };
+        (self.direct_port, self.procs) = (self.cluster.ports.apps[0], Processes::default());
         let name = phase.name;
         match phase.topology {
             Topology::Cluster(flags) => {
-                let (dir, flag) = (
-                    self.rel(&self.cluster.dir),
-                    flags.iter().map(|f| format!(" {f}")).collect::<String>(),
-                );
+                let flag: String = flags.iter().map(|f| format!(" {f}")).collect();
+                let offset = match self.cluster.offset {
+                    0 => String::new(),
+                    offset => format!(" CLUSTER_PORT_OFFSET={offset}"),
+                };
+                let dir = self.rel(&self.cluster.dir);
                 self.note(&format!(
-                    "{env} CLUSTER_DIR={dir} scripts/cluster.sh up{flag}"
+                    "{env}{offset} CLUSTER_DIR={dir} scripts/cluster.sh up{flag}"
                 ));
                 let log = self.out.join(format!("cluster-{name}.log"));
                 say!(
@@ -321,51 +298,34 @@ impl Bench {
                 );
                 let last = self.cluster.start(&env, flags, &log)?;
                 say!("phase {name}: {last}");
+                self.procs = self.cluster.processes()?;
                 if flags.contains(&"--gateway") {
                     let upstream = self.cluster.ports.upstream;
                     let (proxy, port, command) =
                         gateway::proxy_up(&self.root, &self.out, &self.own, upstream)?;
                     self.note(&command);
+                    let pids = [vec![proxy.pid()], children_of(proxy.pid())].concat();
+                    self.procs.groups.insert("proxy", pids);
                     self.proxy = Some((proxy, port));
-                }
-                self.procs = self.cluster.processes()?;
-                if let Some((proxy, _)) = &self.proxy {
-                    self.procs.groups.insert(
-                        "proxy",
-                        [vec![proxy.pid()], children_of(proxy.pid())].concat(),
-                    );
                 }
             }
             Topology::Embedded => {
-                let settings = format!("HOST={LOOPBACK} PORT=0 INSTANCE_NAME=bench-memory {env}");
-                self.note(&format!("env -i {settings} {} &", self.bin.display()));
+                let settings = format!("INSTANCE_NAME=bench-memory {env}");
+                self.note(&format!(
+                    "env -i HOST={LOOPBACK} PORT=0 {settings} {} &",
+                    self.bin.display()
+                ));
                 let log = self.out.join("memory-instance.log");
-                let mut command = Command::new(&self.bin);
-                command
-                    .env_clear()
-                    .env("PATH", std::env::var_os("PATH").unwrap_or_default());
-                command
-                    .env("RUST_LOG", "info")
-                    .envs(crate::env_pairs(&settings));
-                let mut instance = Started::spawn(&self.own, "bench-memory", &mut command, &log)?;
-                let port = probe::wait_for_instance(&mut instance, &log);
-                self.direct_port = port.with_context(|| {
-                    format!("the embedded-store instance; see {}", self.rel(&log))
-                })?;
-                self.procs = Processes {
-                    groups: [("app", vec![instance.pid()])].into(),
-                    masters: Vec::new(),
-                };
-                self.embedded = Some(instance);
+                let started =
+                    probe::start_instance(&self.own, "bench-memory", &self.bin, &settings, &log);
+                let see = || format!("the embedded-store instance; see {}", self.rel(&log));
+                let (instance, port) = started.with_context(see)?;
+                self.procs.groups.insert("app", vec![instance.pid()]);
+                (self.direct_port, self.embedded) = (port, Some(instance));
             }
         }
-        let groups: Vec<String> = self
-            .procs
-            .groups
-            .iter()
-            .filter(|g| !g.1.is_empty())
-            .map(|(g, p)| format!("{g} {p:?}"))
-            .collect();
+        let groups = self.procs.groups.iter().filter(|g| !g.1.is_empty());
+        let groups: Vec<String> = groups.map(|(g, p)| format!("{g} {p:?}")).collect();
         let masters: Vec<u16> = self.procs.masters.iter().map(|m| m.port).collect();
         say!("processes: {}; masters {masters:?}", groups.join(", "));
         if self.proxy.is_some() {
@@ -387,8 +347,7 @@ impl Bench {
     }
 
     fn down(&mut self) {
-        self.proxy.take();
-        self.embedded.take();
+        (self.proxy, self.embedded) = (None, None);
         if self.cluster.up {
             self.note(&format!(
                 "CLUSTER_DIR={} scripts/cluster.sh down",
@@ -415,44 +374,42 @@ impl Bench {
         format!("http://{LOOPBACK}:{}{path}", self.port(via))
     }
 
+    /// wrk with `args` after its threads, run in the checkout; and its command line.
+    fn wrk(&self, args: &str) -> (Command, String) {
+        let line = format!("wrk -t{} {args}", self.o.threads);
+        let mut wrk = Command::new("wrk");
+        wrk.args(line.split(' ').skip(1)).current_dir(&self.root);
+        (wrk, line)
+    }
+
     /// Short unrecorded runs, so that pools, connections and caches are warm.
     fn warm_up(&self, targets: &[Target]) {
         say!("warming up (2 s per target, not recorded)");
-        let mut done = Vec::new();
-        for t in targets {
-            if done.contains(&(t.via, t.path)) {
-                continue;
-            }
-            done.push((t.via, t.path));
-            let keys: &[&str] = if t.tool == Tool::WrkKeys {
-                &["-s", "scripts/bench/keys.lua"]
+        let mut seen = HashSet::new();
+        for t in targets.iter().filter(|t| seen.insert((t.via, t.path))) {
+            let keys = if t.tool == Tool::WrkKeys {
+                "-s scripts/bench/keys.lua "
             } else {
-                &[]
+                ""
             };
-            let mut wrk = Command::new("wrk");
-            wrk.args(["-t1", "-c16", "-d2s"])
-                .args(keys)
-                .arg(self.url(t.via, t.path))
-                .current_dir(&self.root);
+            let (mut wrk, _) = self.wrk(&format!("-c16 -d2s {keys}{}", self.url(t.via, t.path)));
             let _ = wrk.stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
     }
 
     /// Waits, at most --quiet-wait seconds, until the machine is at most --quiet-max % busy.
     fn wait_quiet(&self) {
-        let deadline = Instant::now() + Duration::from_secs(self.o.quiet_wait.into());
-        while self.o.quiet_wait > 0 && Instant::now() < deadline + Duration::from_secs(2) {
+        let (wait, quiet_max) = (self.o.quiet_wait, f64::from(self.o.quiet_max));
+        let deadline = Instant::now() + Duration::from_secs(wait.into());
+        while wait > 0 && Instant::now() < deadline + Duration::from_secs(2) {
             let before = MachineTicks::read();
             sleep(Duration::from_millis(500));
             let busy = before.busy_percent_until(&MachineTicks::read()).trunc();
-            if busy <= f64::from(self.o.quiet_max) {
+            if busy <= quiet_max {
                 return;
             }
             if Instant::now() >= deadline {
-                return say!(
-                    "  the machine is still {busy}% busy after {}s; measuring anyway",
-                    self.o.quiet_wait
-                );
+                return say!("  the machine is still {busy}% busy after {wait}s; measuring anyway");
             }
             sleep(Duration::from_secs(1));
         }
@@ -461,27 +418,28 @@ impl Bench {
     /// One record. A measurement during which other processes used more than --quiet-max
     /// % of the machine is taken again (at most RETAKES times); the quietest one is kept.
     fn measure(&mut self, phase: &str, round: u32, target: &Target) -> Result<()> {
-        let mut best: Option<Measurement> = None;
-        for attempt in 0..=RETAKES {
-            self.wait_quiet();
-            let row = self.measure_once(phase, round, target)?;
-            let others = row.others_percent;
-            if best.as_ref().is_none_or(|b| others < b.others_percent) {
-                best = Some(row);
-            }
+        self.wait_quiet();
+        let mut best = self.measure_once(phase, round, target)?;
+        let mut others = best.others_percent;
+        for attempt in 1..=RETAKES + 1 {
             if others <= f64::from(self.o.quiet_max) {
                 break;
             }
-            if attempt < RETAKES {
-                self.retaken.0 += 1;
-                say!("  other processes used {others}% of the machine meanwhile; measuring again");
-            } else {
+            if attempt > RETAKES {
                 self.retaken.1 += 1;
+                break;
+            }
+            self.retaken.0 += 1;
+            say!("  other processes used {others}% of the machine meanwhile; measuring again");
+            self.wait_quiet();
+            let row = self.measure_once(phase, round, target)?;
+            others = row.others_percent;
+            if others < best.others_percent {
+                best = row;
             }
         }
-        let row = best.expect("at least one attempt");
-        append_json(&self.out.join("results.jsonl"), &row)?;
-        self.rows.push(row);
+        append_json(&self.out.join("results.jsonl"), &best)?;
+        self.rows.push(best);
         Ok(())
     }
 
@@ -498,40 +456,29 @@ impl Bench {
             t.via,
             t.path.replace('/', "_")
         );
-        let (out, json) = (
-            self.out.join(format!("{name}.txt").to_lowercase()),
-            self.out.join(format!("{name}.json").to_lowercase()),
-        );
-        let wrk = format!(
-            "-t{} -c{c} -d{d}s --latency -s scripts/bench",
-            self.o.threads
-        );
-        let (program, args) = match t.tool {
+        let [out, json] =
+            ["txt", "json"].map(|ext| self.out.join(format!("{name}.{ext}").to_lowercase()));
+        let script = format!("-c{c} -d{d}s --latency -s scripts/bench");
+        let loadtest = crate::release_binary(&self.root, "loadtest");
+        let (mut command, shown) = match t.tool {
             Tool::Loadtest => {
                 let args = format!(
                     "--url {url} --connections {c} --duration {d}s --sources {MIXED_SOURCES} --max-requests 100000000 --json"
                 );
+                let mut command = Command::new(&loadtest);
+                command
+                    .args(args.split(' '))
+                    .arg(&json)
+                    .current_dir(&self.root);
                 (
-                    crate::release_binary(&self.root, "loadtest")
-                        .display()
-                        .to_string(),
-                    args,
+                    command,
+                    format!("{} {args} run/bench/NAME.json", loadtest.display()),
                 )
             }
-            Tool::Wrk => ("wrk".into(), format!("{wrk}/report.lua {url}")),
-            Tool::WrkKeys => ("wrk".into(), format!("{wrk}/keys.lua {url} -- {KEYS}")),
+            Tool::Wrk => self.wrk(&format!("{script}/report.lua {url}")),
+            Tool::WrkKeys => self.wrk(&format!("{script}/keys.lua {url} -- {KEYS}")),
         };
-        let shown = if t.tool == Tool::Loadtest {
-            " run/bench/NAME.json"
-        } else {
-            ""
-        };
-        self.note(&format!("{program} {args}{shown}"));
-        let mut command = Command::new(&program);
-        command.args(args.split(' ')).current_dir(&self.root);
-        if t.tool == Tool::Loadtest {
-            command.arg(&json);
-        }
+        self.note(&shown);
         let access_log = match t.via {
             Via::Proxy => self.out.join("proxy-nginx/logs/access.log"),
             _ => self.cluster.dir.join("nginx/logs/access.log"),
@@ -544,51 +491,49 @@ impl Bench {
             Counts::default()
         };
         let upstream_counted = matches!(t.via, Via::Gateway | Via::Proxy);
-        let upstream_before = if upstream_counted {
-            self.upstream_count(t.path)?
-        } else {
-            0
+        let upstream = || {
+            if upstream_counted {
+                self.upstream_count(t.path)
+            } else {
+                Ok(0)
+            }
         };
-        let before = Snapshot::take(&self.procs.groups, ScriptCounters::sum(&self.procs.masters));
-        let (status, generator_ticks) = run_counted(&self.own, &program, &mut command, &out)?;
-        let after = Snapshot::take(&self.procs.groups, ScriptCounters::sum(&self.procs.masters));
-        let upstream = if upstream_counted {
-            self.upstream_count(t.path)? - upstream_before
-        } else {
-            0
-        };
+        let upstream_before = upstream()?;
+        let masters = &self.procs.masters;
+        let before = Snapshot::take(&self.procs.groups, script_calls(masters));
+        let (status, generator_ticks) =
+            run_counted(&self.own, "load generator", &mut command, &out)?;
+        let after = Snapshot::take(&self.procs.groups, script_calls(masters));
+        let upstream = upstream()? - upstream_before;
         if !status.success() {
             bail!(
-                "the load generator failed ({status}): {program} {args}\n{}",
+                "the load generator failed ({status}): {shown}\n{}",
                 tail(&out, 5)
             );
         }
         let mut closed = 0;
         let traffic = if t.tool == Tool::Loadtest {
-            let text = fs::read_to_string(&json)
-                .with_context(|| format!("cannot read {}", json.display()))?;
-            let summary: Summary =
-                serde_json::from_str(&text).with_context(|| format!("in {}", json.display()))?;
+            let summary = crate::read_summary(&json)?;
             Traffic::of_summary(&summary)
         } else {
-            let report = WrkReport::from_output(&fs::read_to_string(&out)?)
-                .with_context(|| format!("in {}", out.display()))?;
+            let report = WrkReport::from_output(&fs::read_to_string(&out)?);
+            let report = report.with_context(|| format!("in {}", out.display()))?;
             // Through Nginx its access log counts; directly, the instance's /metrics.
-            let counted = || Counts::of_instance(port, t.path).minus(&counted_before);
-            let counts = match direct.then(counted) {
-                // METRICS=off: the instance counted nothing, so wrk's count stands in
-                // (no 429 is expected there; any status >= 400 is "other").
-                Some(none) if none.total() == 0 => {
-                    let other = report.errors.status;
-                    Counts {
-                        ok: report.requests.saturating_sub(other),
-                        other,
-                        ..none
+            let counts =
+                match direct.then(|| Counts::of_instance(port, t.path).minus(&counted_before)) {
+                    // METRICS=off: the instance counted nothing, so wrk's count stands in
+                    // (no 429 is expected there; any status >= 400 is "other").
+                    Some(none) if none.total() == 0 => {
+                        let other = report.errors.status;
+                        Counts {
+                            ok: report.requests.saturating_sub(other),
+                            other,
+                            ..none
+                        }
                     }
-                }
-                Some(delta) => delta,
-                None => Counts::from_access_log(&access_log, offset)?,
-            };
+                    Some(delta) => delta,
+                    None => Counts::from_access_log(&access_log, offset)?,
+                };
             closed = counts.closed;
             Traffic::of_wrk(&report, &counts)
         };
@@ -640,25 +585,23 @@ impl Bench {
     /// One wrk run through Nginx long enough for [`KEYS`] requests (from the rounds'
     /// rate), keys 0 to KEYS - 1 in turn; each master's share of the script calls.
     fn spread(&mut self, phase: &str) -> Result<()> {
-        let rates: Vec<f64> = self
+        let rows = self
             .rows
             .iter()
-            .filter(|r| r.phase == phase && r.via == Via::Nginx)
-            .map(|r| r.per_second)
-            .collect();
+            .filter(|r| r.phase == phase && r.via == Via::Nginx);
+        let rates: Vec<f64> = rows.map(|r| r.per_second).collect();
         let rate = report::median(&rates).unwrap_or(1000.0).max(1.0);
         // A quarter more than the rounds' rate needs, and a second to connect.
         let seconds = ((KEYS as f64 * 1.25 / rate).ceil() as u64 + 1).clamp(3, 60);
-        let args = format!(
-            "-t{} -c64 -d{seconds}s -s scripts/bench/keys.lua {} -- {KEYS}",
-            self.o.threads,
-            self.url(Via::Nginx, LIMITED)
-        );
-        self.note(&format!("wrk {args}"));
+        let url = self.url(Via::Nginx, LIMITED);
+        let (mut wrk, line) = self.wrk(&format!(
+            "-c64 -d{seconds}s -s scripts/bench/keys.lua {url} -- {KEYS}"
+        ));
+        self.note(&line);
         let calls = |masters: &[Node]| -> Result<Vec<u64>> {
             masters
                 .iter()
-                .map(|m| Ok(m.command_stats()?.script_counters().script_calls))
+                .map(|m| Ok(m.command_stats()?.scripts().0))
                 .collect()
         };
         let before = calls(&self.procs.masters)?;
@@ -666,13 +609,7 @@ impl Bench {
         say!(
             "phase {phase}: the spread of {KEYS} keys over the masters ({seconds} s through Nginx)"
         );
-        let mut command = Command::new("wrk");
-        let (status, _) = run_counted(
-            &self.own,
-            "wrk",
-            command.args(args.split(' ')).current_dir(&self.root),
-            &out,
-        )?;
+        let (status, _) = run_counted(&self.own, "wrk", &mut wrk, &out)?;
         let after = calls(&self.procs.masters)?;
         if !status.success() {
             bail!("wrk failed ({status}): {}", tail(&out, 5));
@@ -684,19 +621,19 @@ impl Bench {
             .map(|(b, a)| a.saturating_sub(*b))
             .collect();
         let total = deltas.iter().sum::<u64>().max(1);
+        let (requests, seconds) = (
+            report.requests,
+            round_to(report.duration_us as f64 / 1e6, 1),
+        );
         for (master, calls) in self.procs.masters.iter().zip(deltas) {
-            let share = round_to(100.0 * calls as f64 / total as f64, 2);
-            let (requests, seconds) = (
-                report.requests,
-                round_to(report.duration_us as f64 / 1e6, 1),
+            let (port, share) = (
+                master.port,
+                round_to(100.0 * calls as f64 / total as f64, 2),
             );
-            let record = serde_json::json!({"phase": phase, "master": format!("{LOOPBACK}:{}", master.port), "script_calls": calls,
+            let record = serde_json::json!({"phase": phase, "master": format!("{LOOPBACK}:{port}"), "script_calls": calls,
                 "share_percent": share, "requests": requests, "seconds": seconds, "keys": requests.min(KEYS)});
             append_json(&self.out.join("spread.jsonl"), &record)?;
-            say!(
-                "  master {}: {calls} script calls, {share} % of {total}",
-                master.port
-            );
+            say!("  master {port}: {calls} script calls, {share} % of {total}");
         }
         Ok(())
     }

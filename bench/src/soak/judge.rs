@@ -6,8 +6,7 @@ use loadtest::policy::Bucket;
 use loadtest::summary::Summary;
 use serde_json::{Value, json};
 
-use crate::machine::Machine;
-use crate::report::{Cell, Column, table};
+use crate::report::table;
 
 /// The instances of scripts/cluster.sh: the `n` of the local fallback's shares.
 pub const INSTANCES: u64 = 2;
@@ -135,20 +134,20 @@ impl Minute {
     }
 }
 
-/// One look at one process (Nginx's workers: all of them, summed, under the master's pid).
-#[derive(Debug, Clone, PartialEq)]
+/// One look at one process (Nginx's workers: all of them, summed, under the master's pid);
+/// each is a line of out/samples.jsonl.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Sample {
     pub at_s: f64,
-    pub name: String,
-    pub pid: u32,
-    pub rss_kib: u64,
-    pub fds: u64,
-    /// A data node: is its replication backlog full? Until then it grows with every
-    /// write, by design, up to `repl-backlog-size`.
-    pub backlog_full: Option<bool>,
-    /// A data node's role: its descriptors follow it (a master holds the instances' and
-    /// its replicas' connections), so only samples of one role compare.
-    pub role: Option<String>,
+    /// Its name in the pids file, and its pid.
+    pub process: (String, u32),
+    /// VmRSS in KiB, and open descriptors.
+    pub usage: (u64, u64),
+    /// A data node's role, and whether its replication backlog is full. Its descriptors
+    /// follow its role (a master holds the instances' and its replicas' connections), so
+    /// only samples of one role compare; its memory grows with every write until the
+    /// backlog is full (`repl-backlog-size`), by design.
+    pub node: Option<(String, bool)>,
 }
 
 /// A process's memory and descriptors from its first samples after warm-up to its last.
@@ -190,49 +189,46 @@ pub fn flatness(
     samples: &[Sample],
     warmup_s: f64,
     under_load: impl Fn(f64) -> bool,
-) -> Vec<(String, u32, Option<Flatness>)> {
-    let mut order: Vec<(String, u32)> = Vec::new();
+) -> Vec<((String, u32), Option<Flatness>)> {
+    let mut order: Vec<&(String, u32)> = Vec::new();
     for s in samples {
-        if !order.iter().any(|(n, p)| *n == s.name && *p == s.pid) {
-            order.push((s.name.clone(), s.pid));
+        if !order.contains(&&s.process) {
+            order.push(&s.process);
         }
     }
-    let lower_median = |part: &[&Sample], value: fn(&Sample) -> u64| {
-        let mut values: Vec<u64> = part.iter().map(|s| value(s)).collect();
+    let lower_median = |part: &[&Sample], value: fn(&(u64, u64)) -> u64| {
+        let mut values: Vec<u64> = part.iter().map(|s| value(&s.usage)).collect();
         values.sort_unstable();
         values[(values.len() - 1) / 2]
     };
-    let judge = |name: &str, pid: u32| {
-        let own: Vec<&Sample> = samples
-            .iter()
-            .filter(|s| s.name == name && s.pid == pid)
-            .collect();
-        let warm = own.first()?.at_s + warmup_s;
-        let role = own.last()?.role.clone();
-        let judged: Vec<&Sample> = own
+    let role = |s: &Sample| s.node.as_ref().map(|node| node.0.clone());
+    let judge = |process: &(String, u32)| {
+        let own: Vec<&Sample> = samples.iter().filter(|s| s.process == *process).collect();
+        let (warm, last_role) = (own.first()?.at_s + warmup_s, role(own.last()?));
+        let judged = own
             .into_iter()
-            .filter(|s| under_load(s.at_s) && s.role == role)
-            .skip_while(|s| s.at_s < warm || s.backlog_full == Some(false))
-            .collect();
+            .filter(|s| under_load(s.at_s) && role(s) == last_role);
+        let filling = |s: &Sample| s.node.as_ref().is_some_and(|node| !node.1);
+        let judged: Vec<&Sample> = judged.skip_while(|s| s.at_s < warm || filling(s)).collect();
         let (first, last) = (judged.first()?, judged.last()?);
         if last.at_s - first.at_s < MIN_JUDGED_S {
             return None;
         }
         let k = (judged.len() / 2).clamp(1, MEDIAN_OF);
         let (head, tail) = (&judged[..k], &judged[judged.len() - k..]);
+        let compare =
+            |value: fn(&(u64, u64)) -> u64| (lower_median(head, value), lower_median(tail, value));
+        let (rss_kib, fds) = (compare(|u| u.0), compare(|u| u.1));
         Some(Flatness {
             from_s: first.at_s,
             to_s: last.at_s,
-            rss_kib: (
-                lower_median(head, |s| s.rss_kib),
-                lower_median(tail, |s| s.rss_kib),
-            ),
-            fds: (lower_median(head, |s| s.fds), lower_median(tail, |s| s.fds)),
+            rss_kib,
+            fds,
         })
     };
     order
         .into_iter()
-        .map(|(name, pid)| (name.clone(), pid, judge(&name, pid)))
+        .map(|process| (process.clone(), judge(process)))
         .collect()
 }
 
@@ -241,39 +237,37 @@ pub struct Report {
     pub minutes: Vec<Minute>,
     pub samples: Vec<Sample>,
     pub warmup_s: f64,
-    pub rate: u32,
-    pub started: String,
-    pub machine: Machine,
-    pub load: String,
+    /// The report's first line: the soak's length, start, offered rate, machine and load.
+    pub heading: String,
 }
 
-const MINUTES: &[Column] = &[
-    ("minute", "minute", Cell::Key),
-    ("policy", "policy", Cell::Key),
-    ("answered", "answered", Cell::Sum),
-    ("200", "admitted", Cell::Sum),
-    ("429", "rejected", Cell::Sum),
-    ("5xx", "server_errors", Cell::Sum),
-    ("failed", "failed", Cell::Sum),
-    ("p99 / max ms", "latency", Cell::Key),
-    ("not Redis", "fallback", Cell::Sum),
-    ("worst client: admitted / bound", "worst", Cell::Key),
-    ("events", "events", Cell::Key),
-];
-const FLATNESS: &[Column] = &[
-    ("process", "name", Cell::Key),
-    ("pid", "pid", Cell::Key),
-    ("judged over", "over", Cell::Key),
-    ("VmRSS KiB", "rss", Cell::Key),
-    ("growth", "rss_growth", Cell::Key),
-    ("open fds", "fds", Cell::Key),
-    ("growth", "fds_growth", Cell::Key),
-    ("flat", "flat", Cell::Key),
-];
-const CHECKS: &[Column] = &[
-    ("check", "check", Cell::Key),
-    ("result", "result", Cell::Key),
-];
+const MINUTES: &str = "\
+minute | minute | key
+policy | policy | key
+answered | answered | sum
+200 | admitted | sum
+429 | rejected | sum
+5xx | server_errors | sum
+failed | failed | sum
+p99 / max ms | latency | key
+not Redis | fallback | sum
+worst client: admitted / bound | worst | key
+events | events | key
+";
+const FLATNESS: &str = "\
+process | name | key
+pid | pid | key
+judged over | over | key
+VmRSS KiB | rss | key
+growth | rss_growth | key
+open fds | fds | key
+growth | fds_growth | key
+flat | flat | key
+";
+const CHECKS: &str = "\
+check | check | key
+result | result | key
+";
 
 impl Report {
     fn sum(&self, of: impl Fn(&Minute) -> u64) -> u64 {
@@ -288,7 +282,7 @@ impl Report {
             .any(|m| at_s >= m.load_s.0 + 5.0 && at_s <= m.load_s.1 - 1.0)
     }
 
-    fn flatness(&self) -> Vec<(String, u32, Option<Flatness>)> {
+    fn flatness(&self) -> Vec<((String, u32), Option<Flatness>)> {
         flatness(&self.samples, self.warmup_s, |at_s| self.under_load(at_s))
     }
 
@@ -297,20 +291,16 @@ impl Report {
         let errors = self.sum(|m| m.summary.classes.server_errors);
         let failed = self.sum(|m| m.summary.classes.errors + m.summary.classes.other);
         let over = self.sum(|m| m.verdict().over as u64);
-        let not_flat = self
-            .flatness()
+        let flatness = self.flatness();
+        let not_flat = flatness
             .iter()
-            .filter(|(_, _, f)| f.as_ref().is_some_and(|f| !f.flat()))
+            .filter(|(_, f)| f.as_ref().is_some_and(|f| !f.flat()))
             .count();
         // Fallback decisions in minutes without a kill: a Redis call that failed on its
         // own (a timeout on a busy machine). Reported; the bound, allowing nothing for
         // them, is the check.
-        let stray = self
-            .minutes
-            .iter()
-            .filter(|m| m.failovers.is_empty())
-            .map(Minute::fallback_decisions)
-            .sum::<u64>();
+        let calm = self.minutes.iter().filter(|m| m.failovers.is_empty());
+        let stray: u64 = calm.map(Minute::fallback_decisions).sum();
         let failovers: usize = self.minutes.iter().map(|m| m.failovers.len()).sum();
         vec![
             (format!("no 5xx ({} answers)", self.sum(|m| m.summary.requests.answered)), errors > 0, errors.to_string()),
@@ -322,7 +312,6 @@ impl Report {
     }
 
     pub fn render(&self) -> String {
-        let m = &self.machine;
         let minutes: Vec<Value> = self.minutes.iter().map(|minute| {
             let v = minute.verdict();
             let mut events: Vec<String> = minute.reload_s.iter().map(|took| format!("policy reload before it ({took:.1} s)")).collect();
@@ -340,7 +329,7 @@ impl Report {
                 "events": if events.is_empty() { "—".into() } else { events.join("; ") },
             })
         }).collect();
-        let processes: Vec<Value> = self.flatness().into_iter().map(|(name, pid, judged)| match judged {
+        let processes: Vec<Value> = self.flatness().into_iter().map(|((name, pid), judged)| match judged {
             Some(f) => json!({
                 "name": name, "pid": pid, "over": format!("{:.0}–{:.0} s", f.from_s, f.to_s),
                 "rss": format!("{} → {}", f.rss_kib.0, f.rss_kib.1), "rss_growth": format!("{:+.1} %", growth_percent(f.rss_kib)),
@@ -350,28 +339,17 @@ impl Report {
             None => json!({"name": name, "pid": pid, "over": "—", "rss": "—", "rss_growth": "—", "fds": "—", "fds_growth": "—",
                 "flat": format!("not judged: no two samples {MIN_JUDGED_S} s apart after its warm-up")}),
         }).collect();
-        let checks: Vec<Value> = self
-            .checks()
-            .into_iter()
-            .map(|(check, failed, found)| {
-                let result = if check.starts_with("decisions by the fallback") {
-                    found
-                } else {
-                    format!("{} ({found})", if failed { "FAILED" } else { "ok" })
-                };
-                json!({"check": check, "result": result})
-            })
-            .collect();
+        let result =
+            |check: &str, failed, found| match check.starts_with("decisions by the fallback") {
+                true => found,
+                false => format!("{} ({found})", if failed { "FAILED" } else { "ok" }),
+            };
+        let checks = self.checks().into_iter();
+        let checks: Vec<Value> = checks.map(|(check, failed, found)| json!({"result": result(&check, failed, found), "check": check})).collect();
         format!(
-            "Soak of {} minute(s), started {}: {}/s offered from 241 clients; {} cores, {}, kernel {}; load average at the end {}\n\n{}\n\
+            "{}\n\n{}\n\
              Memory and descriptors under load, first samples after warm-up ({} s after the process's first sample; for a data node, not before its replication backlog is full) → last samples, the median of {MEDIAN_OF} each:\n\n{}\n{}",
-            self.minutes.len(),
-            self.started,
-            self.rate,
-            m.cores,
-            m.model,
-            m.kernel,
-            self.load,
+            self.heading,
             table(&minutes, MINUTES),
             self.warmup_s,
             table(&processes, FLATNESS),
@@ -386,14 +364,12 @@ mod tests {
     use loadtest::summary::ClientRow;
 
     fn sample(at_s: f64, pid: u32, rss_kib: u64, fds: u64) -> Sample {
+        let (process, usage) = (("p".into(), pid), (rss_kib, fds));
         Sample {
             at_s,
-            name: "p".into(),
-            pid,
-            rss_kib,
-            fds,
-            backlog_full: None,
-            role: None,
+            process,
+            usage,
+            node: None,
         }
     }
 
@@ -401,7 +377,7 @@ mod tests {
     fn judged(samples: &[Sample], warmup_s: f64) -> Vec<Option<Flatness>> {
         flatness(samples, warmup_s, |_| true)
             .into_iter()
-            .map(|(_, _, f)| f)
+            .map(|(_, f)| f)
             .collect()
     }
 
@@ -486,8 +462,7 @@ mod tests {
     #[test]
     fn a_data_node_is_judged_in_the_role_it_ended_in_and_once_its_backlog_is_full() {
         let node = |at_s, fds, role: &str, full| Sample {
-            role: Some(role.into()),
-            backlog_full: Some(full),
+            node: Some((role.into(), full)),
             ..sample(at_s, 9, 18_000, fds)
         };
         let samples = [
@@ -499,7 +474,7 @@ mod tests {
         let f = judged(&samples, 0.0)[0].clone().unwrap();
         assert_eq!((f.from_s, f.fds), (120.0, (20, 20)));
         assert!(
-            flatness(&samples, 0.0, |at_s| at_s < 130.0)[0].2.is_none(),
+            flatness(&samples, 0.0, |at_s| at_s < 130.0)[0].1.is_none(),
             "too short a stretch under load"
         );
     }

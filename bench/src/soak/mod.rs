@@ -16,7 +16,6 @@
 
 pub mod judge;
 
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,15 +25,13 @@ use std::thread::{self, sleep};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use loadtest::summary::Summary;
 
 use self::judge::{Failover, Minute, POLICIES, Policy, Report, Sample, warmup_secs};
 use crate::cluster::Cluster;
 use crate::machine::{self, Machine};
 use crate::node::{Node, info_field};
 use crate::phases::LIMITED;
-use crate::procfs::{children_of, memory_kib, open_fds};
-use crate::spawn::{Records, Started, wait_until};
+use crate::process::{Records, Started, children_of, memory_kib, open_fds, signal, wait_until};
 use crate::{LOOPBACK, probe, say};
 
 /// The master's name in the sentinels (scripts/cluster.sh).
@@ -153,31 +150,29 @@ impl Soak {
             outcome
         });
         let samples = samples.into_inner().unwrap_or_default();
-        let mut csv = String::from("at_s,name,pid,rss_kib,fds,backlog_full,role\n");
-        for s in &samples {
-            let backlog = s
-                .backlog_full
-                .map_or(String::new(), |full| full.to_string());
-            let (name, pid, rss, fds) = (&s.name, s.pid, s.rss_kib, s.fds);
-            let role = s.role.as_deref().unwrap_or("");
-            let _ = writeln!(
-                csv,
-                "{:.1},{name},{pid},{rss},{fds},{backlog},{role}",
-                s.at_s
-            );
-        }
-        fs::write(self.out.join("samples.csv"), csv)?;
+        let samples_file = self.out.join("samples.jsonl");
+        samples
+            .iter()
+            .try_for_each(|sample| crate::append_json(&samples_file, sample))?;
         let warmup_s = warmup_secs(self.o.warmup_secs, self.o.minutes) as f64;
-        let (started, load) = (machine::utc_minute(started_at), machine::load_average());
-        let (rate, machine) = (self.o.rate, Machine::read());
+        let (started, load, m) = (
+            machine::utc_minute(started_at),
+            machine::load_average(),
+            Machine::read(),
+        );
+        let heading = format!(
+            "Soak of {} minute(s), started {started}: {}/s offered from 241 clients; {} cores, {}, kernel {}; load average at the end {load}",
+            minutes.len(),
+            self.o.rate,
+            m.cores,
+            m.model,
+            m.kernel
+        );
         let report = Report {
             minutes,
             samples,
             warmup_s,
-            rate,
-            started,
-            machine,
-            load,
+            heading,
         };
         let text = report.render();
         println!("{text}");
@@ -272,10 +267,7 @@ impl Soak {
                 log.display()
             );
         }
-        let text =
-            fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
-        let summary: Summary =
-            serde_json::from_str(&text).with_context(|| format!("in {}", json.display()))?;
+        let summary = crate::read_summary(&json)?;
         let bucket = summary
             .policy
             .clone()
@@ -311,16 +303,11 @@ impl Soak {
     /// Rewrites the policy file and waits until both instances serve the new version.
     fn reload(&self, policy: &Policy) -> Result<f64> {
         let version = |port| Some(probe::json(port, "/v1/policies").ok()?["version"].to_string());
-        let before: Vec<Option<String>> = self
-            .cluster
-            .ports
-            .apps
-            .iter()
-            .map(|&p| version(p))
-            .collect();
+        let apps = &self.cluster.ports.apps;
+        let before: Vec<Option<String>> = apps.iter().map(|&p| version(p)).collect();
         let begun = Instant::now();
         write_policy(&self.policy_file, policy)?;
-        for (&port, old) in self.cluster.ports.apps.iter().zip(&before) {
+        for (&port, old) in apps.iter().zip(&before) {
             let what = format!("the instance on {port} serves the rewritten policy file");
             wait_until(&what, WAIT, || {
                 version(port).is_some_and(|v| Some(&v) != old.as_ref())
@@ -350,21 +337,16 @@ impl Soak {
         let old_port = named.context("no sentinel names a master")?;
         let name = format!("redis-{old_port}");
         let records = self.cluster.records();
-        let record = records.running().into_iter().rfind(|r| r.name == name);
-        let record = record
-            .with_context(|| format!("the master {name} is not a running recorded process"))?;
+        let pid = records.pids(|n| n == name).last().copied();
+        let pid =
+            pid.with_context(|| format!("the master {name} is not a running recorded process"))?;
         let killed = Instant::now();
-        if !Command::new("kill")
-            .args(["-KILL", &record.pid.to_string()])
-            .status()?
-            .success()
-        {
-            bail!("kill -KILL {} ({name}) failed", record.pid);
+        if !signal(pid, "KILL") {
+            bail!("kill -KILL {pid} ({name}) failed");
         }
         say!(
-            "at {:.0} s: kill -9 of the master {name} (pid {})",
-            self.at_s(),
-            record.pid
+            "at {:.0} s: kill -9 of the master {name} (pid {pid})",
+            self.at_s()
         );
         let mut new_port = 0;
         wait_until(
@@ -381,7 +363,13 @@ impl Soak {
         for &port in &self.cluster.ports.apps {
             // A request straight to the instance (from 127.0.0.1, not one of the load's
             // clients): denied or not, the answer says who decided.
-            let source = || probe::header(&probe::get(port, LIMITED).ok()?, "x-ratelimit-source");
+            let source = || {
+                probe::get(port, LIMITED)
+                    .ok()?
+                    .headers
+                    .get("x-ratelimit-source")
+                    .cloned()
+            };
             let what = format!("the instance on {port} decides with Redis again");
             wait_until(&what, WAIT, || source().as_deref() == Some("redis"))?;
         }
@@ -432,54 +420,48 @@ impl Soak {
 }
 
 /// VmRSS and open descriptors of PID; `None` for a process that is gone.
-fn look_at(pid: u32) -> Option<(u64, u64)> {
+fn usage(pid: u32) -> Option<(u64, u64)> {
     let (rss_kib, _) = memory_kib(pid);
-    let fds = open_fds(pid)?;
-    (rss_kib > 0).then_some((rss_kib, fds))
+    Some((rss_kib, open_fds(pid)?)).filter(|_| rss_kib > 0)
 }
 
 /// Every running process of the pids file, and Nginx's workers (one sample for all of
 /// them: each client's connection lands on one worker or another by chance).
 fn sample_once(records: &Records, password: &str, at_s: f64) -> Vec<Sample> {
     let mut taken = Vec::new();
-    for record in records.running() {
-        let Some(own) = look_at(record.pid) else {
+    for (name, pid) in records.running() {
+        let Some(own) = usage(pid) else {
             continue;
         };
-        let pid = record.pid;
-        let sample = |name, (rss_kib, fds)| Sample {
-            at_s,
-            name,
-            pid,
-            rss_kib,
-            fds,
-            backlog_full: None,
-            role: None,
-        };
-        if record.name == "nginx" {
-            let workers: Vec<(u64, u64)> =
-                children_of(pid).into_iter().filter_map(look_at).collect();
-            let sum = workers.iter().fold((0, 0), |(r, f), w| (r + w.0, f + w.1));
-            taken.push(sample(format!("nginx workers ({})", workers.len()), sum));
+        if name == "nginx" {
+            let workers: Vec<(u64, u64)> = children_of(pid).into_iter().filter_map(usage).collect();
+            let usage = workers.iter().fold((0, 0), |(r, f), w| (r + w.0, f + w.1));
+            let process = (format!("nginx workers ({})", workers.len()), pid);
+            taken.push(Sample {
+                at_s,
+                process,
+                usage,
+                node: None,
+            });
         }
-        let mut own = sample(record.name.clone(), own);
         // A data node's role, and whether its replication backlog is full.
-        let port = record
-            .name
+        let port = name
             .strip_prefix("redis-")
             .and_then(|p| p.parse::<u16>().ok());
-        let node = port.map(|port| Node::new(port, Some(password)));
-        if let Some(info) = node.and_then(|node| node.info("replication").ok()) {
+        let info = port.and_then(|port| Node::new(port, Some(password)).info("replication").ok());
+        let node = info.and_then(|info| {
             let field = |name| info_field(&info, name).and_then(|v| v.parse::<u64>().ok());
-            let (length, size) = (field("repl_backlog_histlen"), field("repl_backlog_size"));
-            own.backlog_full = Some(
-                length
-                    .zip(size)
-                    .is_some_and(|(length, size)| length >= size),
-            );
-            own.role = info_field(&info, "role").map(str::to_owned);
-        }
-        taken.push(own);
+            let full = field("repl_backlog_histlen")
+                .zip(field("repl_backlog_size"))
+                .is_some_and(|(length, size)| length >= size);
+            Some((info_field(&info, "role")?.to_owned(), full))
+        });
+        taken.push(Sample {
+            at_s,
+            process: (name, pid),
+            usage: own,
+            node,
+        });
     }
     taken
 }
