@@ -3,7 +3,8 @@
 //! runs. Two instances follow a Sentinel group and one a Redis Cluster (the slot coverage
 //! exists only there), all three with a policy file and `RLS_CONFIG`, so that every
 //! family the dashboard reads has series. `promtool test rules` (scripts/test.sh) checks
-//! when each alert fires; this checks that every expression finds what it names.
+//! when each alert fires; this checks that every expression finds what it names, and that
+//! the gauges the alerts compare read what the instances are (ready, every slot served).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -268,6 +269,20 @@ async fn every_panel_query_and_every_rule_expression_returns_series_while_load_r
         .filter(|rule| rule.health != "ok" || !rule.last_error.is_empty())
         .collect();
     let targets = prometheus.targets().await.expect("the scrape targets");
+    // What the alerts compare is what each instance is: ready, and every slot served.
+    let values = |series: Vec<Value>| -> Vec<String> {
+        series
+            .iter()
+            .map(|one| one["value"][1].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let ready = values(prometheus.query("ratelimit_ready").await.unwrap());
+    let slots = values(
+        prometheus
+            .query("ratelimit_cluster_slots_served")
+            .await
+            .unwrap(),
+    );
 
     stop_rls.store(true, Ordering::Relaxed);
     let _ = rls.await;
@@ -283,6 +298,12 @@ async fn every_panel_query_and_every_rule_expression_returns_series_while_load_r
     assert!(
         failing.is_empty(),
         "rules Prometheus could not evaluate: {failing:?}"
+    );
+    assert_eq!(ready, ["1", "1", "1"], "ratelimit_ready of each instance");
+    assert_eq!(
+        slots,
+        ["16384"],
+        "the Cluster-mode instance's slot coverage"
     );
     assert!(
         empty.is_empty(),
