@@ -236,7 +236,12 @@ async fn every_panel_query_and_every_rule_expression_returns_series_while_load_r
     let mut empty = Vec::new();
     for (title, expr) in dashboard_queries() {
         let expr = filled_in(&expr);
-        if series_of(&prometheus, &expr, since).await.is_empty() {
+        let found = series_of(&prometheus, &expr, since).await;
+        println!(
+            "FIGURES | panel {title:?} | {} series | {expr}",
+            found.len()
+        );
+        if found.is_empty() {
             empty.push(format!("panel {title:?}: {expr}"));
         }
     }
@@ -256,7 +261,14 @@ async fn every_panel_query_and_every_rule_expression_returns_series_while_load_r
         } else {
             rule.query.clone()
         };
-        if series_of(&prometheus, &expr, since).await.is_empty() {
+        let found = series_of(&prometheus, &expr, since).await;
+        println!(
+            "FIGURES | {} {} | {} series | {expr}",
+            rule.kind,
+            rule.name,
+            found.len()
+        );
+        if found.is_empty() {
             empty.push(format!("{} {}: {expr}", rule.kind, rule.name));
         }
     }
