@@ -59,20 +59,10 @@ impl Topology {
             },
         )
         .await;
-        let url = format!("{}?query=ratelimit_ready", self.url(port, "/api/v1/query"));
-        let answer: Value = self
-            .http
-            .get(&url)
-            .send()
+        let answer = api("/api/v1/query?query=ratelimit_ready")
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let series = answer["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+            .expect("Prometheus answers a query");
+        let series = answer["result"].as_array().cloned().unwrap_or_default();
         let values: Vec<&str> = series
             .iter()
             .filter_map(|s| s["value"][1].as_str())
