@@ -12,6 +12,8 @@
 #   Nginx on 8080: the gateway, which asks an instance's /v1/check about every request and
 #                  sends the admitted ones to GATEWAY_UPSTREAM (default 127.0.0.1:8081)
 #   with --gateway: the demo upstream on 8081, its counts on 8082 (target/release/demo-upstream)
+#   with --observability: Prometheus on 9090 scraping both instances with the shipped rules
+#                  (observability/; README "Dashboards and alerts")
 #
 # Configs are the templates rendered by scripts/render-config.sh, as in docker/compose.yaml.
 # Nginx reaches the instances on their Unix sockets (CLUSTER_DIR/app-N/http.sock, UNIX_SOCKET,
@@ -20,12 +22,13 @@
 # proxy they then trust; either way a client on 127.0.0.1 talking to an instance's port
 # directly cannot choose its X-Forwarded-For.
 #
-# Usage: scripts/cluster.sh [--install] up [--gateway] [--redis-cluster]|down|status|failover|logs [-f]
+# Usage: scripts/cluster.sh [--install] up [--gateway] [--redis-cluster] [--observability]|down|status|failover|logs [-f]
 #
 #   up        start everything and wait until it is ready (replication linked, sentinels
 #             agree, instances ready), building the release binaries if needed; --gateway:
 #             also the demo upstream (curl 127.0.0.1:8082/__upstream/count shows what
-#             reached it); --redis-cluster: a Redis Cluster instead of the Sentinel group
+#             reached it); --redis-cluster: a Redis Cluster instead of the Sentinel group;
+#             --observability: also Prometheus, with the shipped rules
 #   down      stop exactly the processes `up` started (their recorded pids); idempotent
 #   status    each data node's role and link, the master per sentinel (in Cluster mode,
 #             what `redis-cli --cluster check` says), each instance's /ready; exits 1
@@ -79,6 +82,7 @@ source "$ROOT/scripts/ports.env"
 APP_PORTS=($(shifted $APP_PORTS)) GRPC_PORTS=($(shifted $GRPC_PORTS)) DATA_PORTS=($(shifted $DATA_PORTS)) SENTINEL_PORTS=($(shifted $SENTINEL_PORTS))
 # shellcheck disable=SC2207,SC2086
 CLUSTER_PORTS=($(shifted $CLUSTER_PORTS))
+PROMETHEUS_PORT=$(shifted $PROMETHEUS_PORT)
 NGINX_PORT=$(shifted $NGINX_PORT) GATEWAY_PORT=$(shifted $GATEWAY_PORT) UPSTREAM_PORT=$(shifted $UPSTREAM_PORT) UPSTREAM_COUNT_PORT=$(shifted $UPSTREAM_COUNT_PORT)
 MASTER_PORT=${DATA_PORTS[0]} MASTER_NAME=redis-master APP_NAMES=(app-1 app-2) PROXY_ADDR=127.0.0.2
 GATEWAY_UPSTREAM=${GATEWAY_UPSTREAM:-$LOOPBACK:$UPSTREAM_PORT}
@@ -247,6 +251,18 @@ start_nginx() {
     wait_for nginx "the gateway listens on $GATEWAY_PORT" port_open "$GATEWAY_PORT"
 }
 
+# Prometheus scraping both instances every 15 s with the shipped rules (observability/).
+start_prometheus() {
+    local dir=$CLUSTER_DIR/prometheus
+    rm -rf "$dir" && mkdir -p "$dir"
+    TARGETS="\"$LOOPBACK:${APP_PORTS[0]}\", \"$LOOPBACK:${APP_PORTS[1]}\"" SCRAPE_INTERVAL=15s \
+        RULES_FILE=$ROOT/observability/rules.yml render observability/prometheus.yml "$dir/prometheus.yml"
+    start prometheus "$dir/prometheus.log" prometheus --config.file="$dir/prometheus.yml" \
+        --storage.tsdb.path="$dir/data" --web.listen-address="$LOOPBACK:$PROMETHEUS_PORT"
+    wait_for prometheus "GET /-/ready on $PROMETHEUS_PORT answers 200" http_ok "http://$LOOPBACK:$PROMETHEUS_PORT/-/ready"
+    say "Prometheus: http://$LOOPBACK:$PROMETHEUS_PORT/ (Grafana: add it as a data source, import observability/dashboard.json)"
+}
+
 # need_binary VARIABLE PACKAGE SOURCE...: the binary VARIABLE names, or PACKAGE's release
 # binary, built when older than its sources.
 need_binary() {
@@ -261,9 +277,9 @@ need_binary() {
 }
 
 up() {
-    local started=$SECONDS gateway=no mode=sentinel arg name port i store busy=()
+    local started=$SECONDS gateway=no mode=sentinel observability=no arg name port i store busy=()
     for arg in "$@"; do
-        case $arg in --gateway) gateway=yes ;; --redis-cluster) mode="redis-cluster" ;; *) usage ;; esac
+        case $arg in --gateway) gateway=yes ;; --redis-cluster) mode="redis-cluster" ;; --observability) observability=yes ;; *) usage ;; esac
     done
     [[ $GATEWAY_FAIL_MODE == open || $GATEWAY_FAIL_MODE == closed ]] ||
         die "GATEWAY_FAIL_MODE must be open or closed, got \"$GATEWAY_FAIL_MODE\""
@@ -279,6 +295,7 @@ up() {
         die "KEY_PREFIX must not contain spaces or glob characters (*?[]\\): the instances' Redis user is limited to \"\$KEY_PREFIX:*\""
     local ports=("${APP_PORTS[@]}" "${GRPC_PORTS[@]}" "$NGINX_PORT" "$GATEWAY_PORT")
     [[ $gateway == no ]] || ports+=("$UPSTREAM_PORT" "$UPSTREAM_COUNT_PORT")
+    [[ $observability == no ]] || ports+=("$PROMETHEUS_PORT")
     [[ $mode == redis-cluster ]] || ports+=("${DATA_PORTS[@]}" "${SENTINEL_PORTS[@]}")
     [[ $mode == sentinel ]] || for port in "${CLUSTER_PORTS[@]}"; do ports+=("$port" $((port + 10000))); done
     for port in "${ports[@]}"; do port_open "$port" && busy+=("$port"); done
@@ -329,6 +346,7 @@ up() {
         GATEWAY_UPSTREAM=$LOOPBACK:$UPSTREAM_PORT
     fi
     start_nginx
+    [[ $observability == no ]] || start_prometheus
 
     trap - EXIT INT TERM
     local redis="master $LOOPBACK:$MASTER_PORT"
@@ -395,6 +413,7 @@ status() {
     printf '  %s  nginx gateway  %slistening\n' "$GATEWAY_PORT" "$(port_open "$GATEWAY_PORT" || echo 'not ')"
     ! grep -qs '^demo-upstream ' "$PIDS_FILE" ||
         probe "$UPSTREAM_PORT  demo-upstream  /health CODE (counts on $UPSTREAM_COUNT_PORT)" "$UPSTREAM_COUNT_PORT/health" || healthy=no
+    ! grep -qs '^prometheus ' "$PIDS_FILE" || probe "$PROMETHEUS_PORT  prometheus  /-/ready CODE" "$PROMETHEUS_PORT/-/ready" || healthy=no
     [[ $healthy == yes ]]
 }
 
@@ -466,6 +485,7 @@ logs() {
 # --- main -------------------------------------------------------------------------
 
 tools=(redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools nginx=nginx-light curl=curl)
+[[ " $* " != *" --observability "* ]] || tools+=(prometheus=prometheus)
 [[ ${1:-} != --install ]] || { tools=(--install "${tools[@]}") && shift; }
 command=${1:-}
 shift $(($# > 0))

@@ -6,18 +6,21 @@
 #   ratelimiter:local          docker/Dockerfile's runtime stage on that base (also tagged
 #                              ratelimiter:local-runtime) with the release binaries built on this
 #                              host (no Rust image here): the service and the demo upstream
+#   ratelimiter-prometheus:local  docker/Dockerfile.prometheus on that base: Debian's prometheus
+#                              package, for the Compose profile observability
 # The base is built once (as root) and reused; --rebuild makes it again.
 #
 # Usage: scripts/docker-images.sh [--rebuild] [--no-cargo]
 #   --rebuild   debootstrap the base image again even if it exists
 #   --no-cargo  use target/release/{ratelimiter,demo-upstream} as they are instead of running
 #               `cargo build --release`
-# Environment: BASE_IMAGE, APP_IMAGE (image names), DEBIAN_MIRROR, DEBIAN_SUITE.
+# Environment: BASE_IMAGE, APP_IMAGE, PROMETHEUS_IMAGE (image names), DEBIAN_MIRROR, DEBIAN_SUITE.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BASE_IMAGE=${BASE_IMAGE:-ratelimiter-base:bookworm}
 APP_IMAGE=${APP_IMAGE:-ratelimiter:local}
+PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-ratelimiter-prometheus:local}
 # What the Compose services run: data nodes and sentinels, the proxy, curl for the clients.
 PACKAGES=(redis-server redis-sentinel redis-tools nginx-light curl ca-certificates)
 rebuild=false cargo_build=true
@@ -94,3 +97,11 @@ replace "$APP_IMAGE-runtime" docker build --quiet --file "$ROOT/docker/Dockerfil
     --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" --tag "$APP_IMAGE-runtime" "$ROOT"
 replace "$APP_IMAGE" docker build --quiet --build-arg "RUNTIME_IMAGE=$APP_IMAGE-runtime" --tag "$APP_IMAGE" "$work/app"
 say "built $APP_IMAGE in $((SECONDS - started))s"
+
+started=$SECONDS
+say "building $PROMETHEUS_IMAGE (docker/Dockerfile.prometheus on $BASE_IMAGE)"
+# It copies nothing in: a folder of its Dockerfile alone is the whole context.
+mkdir "$work/prometheus" && cp "$ROOT/docker/Dockerfile.prometheus" "$work/prometheus/Dockerfile"
+replace "$PROMETHEUS_IMAGE" docker build --quiet --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" \
+    --tag "$PROMETHEUS_IMAGE" "$work/prometheus"
+say "built $PROMETHEUS_IMAGE in $((SECONDS - started))s"

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Renders a config template of redis/ or nginx/ into a server's own copy: the one way both
-# scripts/cluster.sh and docker/compose.yaml (as the containers' entrypoint) make configs.
+# Renders a config template of redis/, nginx/ or observability/ into a server's own copy:
+# the one way both scripts/cluster.sh and docker/compose.yaml (as the containers'
+# entrypoint) make configs.
 #
 # Usage: render-config.sh TEMPLATE COPY [COMMAND...]
 #

@@ -7,7 +7,9 @@
 #
 # The cargo tests start every topology they need themselves (testkit/): Redis, Sentinel
 # and Redis Cluster from the shipped redis/ configs, and Nginx from the shipped template
-# (tests/gateway/), all on free ports, so nginx is needed even with --quick.
+# (tests/gateway/), all on free ports, so nginx is needed even with --quick; and Prometheus
+# with the shipped rules (tests/observability/), so prometheus is needed too. promtool
+# checks the shipped rules and runs their unit tests (observability/rules.test.yml) first.
 #
 # The full run ends with a 2-minute soak (scripts/soak.sh --minutes 2: steady load, a master
 # kill, a restart in place, a policy reload, memory and descriptors sampled), on its own
@@ -27,7 +29,8 @@ quick=false
 
 section() { printf '\n== %s\n' "$*"; }
 
-tools=(redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools nginx=nginx-light)
+tools=(redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools nginx=nginx-light
+    prometheus=prometheus promtool=prometheus)
 $quick || tools+=(curl=curl debootstrap=debootstrap)
 if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
   need_tools --install "${tools[@]}"
@@ -40,6 +43,10 @@ cargo fmt --all -- --check
 
 section "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+section "promtool check rules, promtool test rules (observability/)"
+promtool check rules observability/rules.yml
+promtool test rules observability/rules.test.yml
 
 section "cargo test --workspace"
 cargo test --workspace --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"

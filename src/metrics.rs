@@ -4,6 +4,7 @@
 //! pass their labels in, so no import runs back from here. One job; it is long because
 //! each family has its registration, its help text and its recording method.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -90,6 +91,32 @@ struct ReadCounter {
     reading: Reading,
 }
 
+/// `ratelimit_cluster_slots_served`: exported only once Cluster mode has measured it, so
+/// that in Sentinel mode no series claims a coverage that means nothing there (an alert on
+/// it would fire for no cluster at all).
+#[derive(Debug, Default)]
+struct SlotsServed {
+    /// Negative until the first measurement.
+    slots: Arc<AtomicI64>,
+}
+
+impl Collector for SlotsServed {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let slots = self.slots.load(Ordering::Relaxed);
+        if slots < 0 {
+            return Ok(());
+        }
+        let gauge = ConstGauge::new(slots);
+        let metric = encoder.encode_descriptor(
+            "cluster_slots_served",
+            "Hash slots of the Redis Cluster served by a master that answers (CLUSTER INFO cluster_slots_ok; 16384 is all), or 0 while no node answers",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
 impl Collector for ReadCounter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let counter = ConstCounter::new(self.reading.get().map_or(0, |read| read()));
@@ -111,6 +138,8 @@ struct Recorder {
     master_changes: Counter,
     current_master: Family<AddrLabels, Gauge>,
     fallback_active: Gauge,
+    ready: Gauge,
+    cluster_slots_served: Arc<AtomicI64>,
     cluster_refunds: Family<ResultLabels, Counter>,
     http_requests: Family<RouteStatusLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram>,
@@ -165,6 +194,16 @@ impl Recorder {
             "1 while Redis cannot decide and FAIL_MODE applies",
             fallback_active.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when the store could decide at the last readiness check (GET /ready, and every scrape of /metrics)",
+            ready.clone(),
+        );
+        let slots_served = SlotsServed::default();
+        let cluster_slots_served = Arc::clone(&slots_served.slots);
+        cluster_slots_served.store(-1, Ordering::Relaxed);
+        registry.register_collector(Box::new(slots_served));
         let cluster_refunds = Family::default();
         registry.register(
             "cluster_refunds",
@@ -256,6 +295,8 @@ impl Recorder {
             master_changes,
             current_master,
             fallback_active,
+            ready,
+            cluster_slots_served,
             cluster_refunds,
             http_requests,
             http_duration,
@@ -409,6 +450,29 @@ impl Metrics {
         }
     }
 
+    /// Writes the policy file's reload series at 0, one per result (see
+    /// [`Metrics::declare`]): the first rejected reload is then an increase an alert sees.
+    pub fn declare_policy_reloads(&self, results: &[&'static str]) {
+        if let Some(recorder) = &self.recorder {
+            for &result in results {
+                drop(
+                    recorder
+                        .policy_reloads
+                        .get_or_create(&ResultLabels { result }),
+                );
+            }
+        }
+    }
+
+    /// Writes `RLS_CONFIG`'s reload series at 0, one per result.
+    pub fn declare_rls_reloads(&self, results: &[&'static str]) {
+        if let Some(recorder) = &self.recorder {
+            for &result in results {
+                drop(recorder.rls_reloads.get_or_create(&ResultLabels { result }));
+            }
+        }
+    }
+
     /// Writes the rate-limit service's series at 0 (see [`Metrics::declare`]).
     pub fn declare_rls(&self, unmatched_reasons: &[&'static str], codes: &[&'static str]) {
         let Some(recorder) = &self.recorder else {
@@ -502,6 +566,23 @@ impl Metrics {
         }
     }
 
+    /// Whether the store could decide at a readiness check.
+    pub fn ready(&self, ready: bool) {
+        if let Some(recorder) = &self.recorder {
+            recorder.ready.set(i64::from(ready));
+        }
+    }
+
+    /// How many of a Redis Cluster's hash slots a master that answers serves now.
+    pub fn cluster_slots_served(&self, slots: u64) {
+        if let Some(recorder) = &self.recorder {
+            let slots = i64::try_from(slots).unwrap_or(i64::MAX);
+            recorder
+                .cluster_slots_served
+                .store(slots, Ordering::Relaxed);
+        }
+    }
+
     pub fn http_request(&self, route: &'static str, status: u16, elapsed: Duration) {
         let Some(recorder) = &self.recorder else {
             return;
@@ -558,6 +639,31 @@ mod tests {
         assert!(first.render().contains("ratelimit_fallback_active 1"));
         assert!(second.render().contains("ratelimit_fallback_active 0"));
         assert!(!second.render().contains("decision=\"allowed\""));
+    }
+
+    #[test]
+    fn slot_coverage_is_absent_until_cluster_mode_measures_it() {
+        let metrics = Metrics::new(true);
+        assert!(!metrics.render().contains("ratelimit_cluster_slots_served"));
+        metrics.cluster_slots_served(16_384);
+        assert!(
+            metrics
+                .render()
+                .contains("\nratelimit_cluster_slots_served 16384\n"),
+            "{}",
+            metrics.render()
+        );
+    }
+
+    #[test]
+    fn reload_results_are_declared_at_zero_before_any_reload() {
+        let metrics = Metrics::new(true);
+        metrics.declare_policy_reloads(&["applied", "rejected"]);
+        let text = metrics.render();
+        assert!(
+            text.contains("ratelimit_policy_reloads_total{result=\"rejected\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

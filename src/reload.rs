@@ -29,6 +29,8 @@ pub enum Reloaded {
 }
 
 impl Reloaded {
+    pub const ALL: [Reloaded; 3] = [Reloaded::Applied, Reloaded::Rejected, Reloaded::Unreadable];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reloaded::Applied => "applied",

@@ -26,7 +26,7 @@ use crate::limiter::{
 };
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
-use crate::reload::{WatchSettings, Watcher, read_text};
+use crate::reload::{Reloaded, WatchSettings, Watcher, read_text};
 use crate::rls::RuleSet;
 use crate::settings::{
     MasterSettings, NodeAccess, PolicySource, RlsSource, Settings, StoreSettings,
@@ -350,6 +350,7 @@ fn watch_policies(
     let PolicySource::File { file, text } = &settings.policy_source else {
         return Ok(None);
     };
+    metrics.declare_policy_reloads(&Reloaded::ALL.map(Reloaded::as_str));
     let parser = file.clone();
     let observed = metrics.clone();
     let watcher = Watcher::start(
@@ -391,6 +392,7 @@ fn watch_rules(
         }
         return Ok(None);
     };
+    metrics.declare_rls_reloads(&Reloaded::ALL.map(Reloaded::as_str));
     let (reader, parser, observed) = (config.clone(), config.clone(), metrics.clone());
     let watcher = Watcher::start(
         WatchSettings {

@@ -65,15 +65,21 @@ pub async fn health() -> HttpResponse {
 
 /// `GET /ready`: whether the store can decide right now.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    match state.limiter.check_ready().await {
+    let checked = state.limiter.check_ready().await;
+    state.metrics.ready(checked.is_ok());
+    match checked {
         Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
         Err(reason) => HttpResponse::ServiceUnavailable()
             .json(json!({"status": "unavailable", "reason": reason.to_string()})),
     }
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format. Readiness is checked first (one store round
+/// trip, bounded by `REDIS_TIMEOUT_MS`), so `ratelimit_ready` is as fresh as the scrape
+/// even where nothing probes `/ready`.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let ready = state.limiter.check_ready().await.is_ok();
+    state.metrics.ready(ready);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

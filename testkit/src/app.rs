@@ -162,6 +162,14 @@ fn service_binary() -> PathBuf {
     binary
 }
 
+/// SIGTERM to `child`, then at most 10 s for it to exit before it is killed.
+pub(crate) fn terminate(child: &mut Child, name: &str) {
+    crate::machine::send_signal(child.id(), "TERM");
+    if wait_for_exit(child, Duration::from_secs(10)).is_none() {
+        eprintln!("{name} ignored SIGTERM for 10 s and was killed");
+    }
+}
+
 /// Waits at most `limit` for `child` to exit; a child still running then is killed, and
 /// the answer is `None`.
 pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {

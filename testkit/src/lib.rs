@@ -17,6 +17,8 @@
 //!   ([`SentinelCluster`]);
 //! - `redis_cluster`: a Redis Cluster of 3 masters and 3 replicas ([`RedisCluster`]);
 //! - `nginx`: Nginx from `nginx/nginx.conf.template` ([`NginxProcess`]);
+//! - `prometheus`: Prometheus from `observability/prometheus.yml` with the shipped rules,
+//!   scraping the instances a test names, and its HTTP API ([`PrometheusProcess`]);
 //! - `app`: the service in this process on its own thread ([`TestApp`]), or its binary
 //!   in a child process ([`service_command`]);
 //! - `upstream`: the demo upstream behind the gateway, in this process ([`TestUpstream`]);
@@ -34,6 +36,7 @@ mod http;
 mod machine;
 mod nginx;
 mod policy_file;
+mod prometheus;
 mod redis_cluster;
 mod redis_node;
 mod rls;
@@ -51,6 +54,7 @@ pub use http::{
 pub use machine::{free_port, repo_path, require, send_signal, unique_prefix, wait_until};
 pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};
 pub use policy_file::PolicyFile;
+pub use prometheus::{LoadedRule, PrometheusProcess};
 pub use redis_cluster::RedisCluster;
 pub use redis_node::{
     PASSWORD, RedisProcess, SENTINEL_AUTH_PASSWORD, SENTINEL_PASSWORD, SENTINEL_SERVICE_PASSWORD,

@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::app::wait_for_exit;
-use crate::machine::{free_port, log_tail, render, require, send_signal, wait_until};
+use crate::app::terminate;
+use crate::machine::{free_port, log_tail, render, require, wait_until};
 
 /// The address Nginx reaches the instances from; the instances must trust it
 /// (`TRUSTED_PROXIES`), and no test client may use it.
@@ -140,10 +140,7 @@ impl NginxProcess {
             return;
         }
         self.stopped = true;
-        send_signal(self.child.id(), "TERM");
-        if wait_for_exit(&mut self.child, Duration::from_secs(10)).is_none() {
-            eprintln!("nginx ignored SIGTERM for 10 s and was killed");
-        }
+        terminate(&mut self.child, "nginx");
     }
 }
 

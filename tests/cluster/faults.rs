@@ -9,7 +9,7 @@ use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, clients_on,
     evalsha_by_master, spawn_pair, traffic, traffic_after,
 };
-use testkit::{RedisCluster, client, counter, header, metrics, unique_prefix};
+use testkit::{RedisCluster, client, counter, header, metric, metrics, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_script_cache_flushed_the_next_decisions_succeed_on_every_master() {
@@ -251,7 +251,8 @@ async fn moving_a_slot_whose_keys_are_in_use_fails_no_decision_and_stays_exact()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_master_and_its_replica_gone_ready_says_slots_are_uncovered_and_fail_mode_decides() {
+async fn with_a_master_and_its_replica_gone_ready_and_the_coverage_gauge_say_slots_are_uncovered_and_fail_mode_decides()
+ {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let prefix = unique_prefix("uncovered");
@@ -259,6 +260,8 @@ async fn with_a_master_and_its_replica_gone_ready_says_slots_are_uncovered_and_f
     let http = client();
     let ready = http.get(app.at("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+    let served = "ratelimit_cluster_slots_served";
+    assert_eq!(metric(&metrics(&http, &app).await, served), Some(16384.0));
 
     let victim = cluster.masters()[0].port;
     let stranded = clients_on(&cluster, &prefix, victim, 0, 1)[0];
@@ -280,6 +283,17 @@ async fn with_a_master_and_its_replica_gone_ready_says_slots_are_uncovered_and_f
     };
     println!("FIGURES | a master and its replica killed | /ready: {reason}");
     assert!(reason.contains("Redis Cluster"), "{reason}");
+    // The watch reads CLUSTER INFO every second (WATCH_EVERY).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = metrics(&http, &app).await;
+        let now = metric(&text, served).expect("the slot coverage gauge in Cluster mode");
+        if now < 16384.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{served} stayed {now}: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let started = Instant::now();
     let response = http
         .get(app.at("/limited_endpoint"))

@@ -24,8 +24,9 @@
 //! - `clients`: clients at addresses of their own (containers running curl), the stream of
 //!   requests under faults, and the verdicts on what they saw;
 //! - `secrets`: no password from the repository;
-//! - `sentinel`: the default topology and its `gateway` profile, in steps: `access` (who
-//!   may talk to what), `limits`, `faults` (kill and partition of the master), `gateway`;
+//! - `sentinel`: the default topology and its `gateway` and `observability` profiles, in
+//!   steps: `access` (who may talk to what), `limits`, `faults` (kill and partition of the
+//!   master), `gateway`, `observability` (Prometheus);
 //! - `redis_cluster`: the profile `redis-cluster`.
 //!
 //! # What is checked, and where
@@ -38,6 +39,7 @@
 //! | NOAUTH from sentinels and data nodes; the instances' sentinel user refused SENTINEL MONITOR, SET, FAILOVER, REMOVE; their Redis user refused all but its keys; Nginx neither resolves nor reaches Redis | `sentinel::access` |
 //! | exact limits from both instances, per client; X-Forwarded-For believed from Nginx only | `sentinel::limits` |
 //! | `docker kill` and partition of the master under traffic: no 5xx, NOREPLICAS, promotion, exact again, rejoin | `sentinel::faults` |
+//! | the profile `observability`: both instances up as Prometheus's targets, every shipped rule evaluated without error, `ratelimit_ready` 1 for each | `sentinel::observability` |
 //! | the gateway: exact count upstream, the 429 problem, claimed headers, unlimited paths, internal routes; 503 with no instance | `sentinel::gateway` |
 //! | Cluster mode: Nginx neither resolves nor reaches a node; exact per master with EVALSHA, `docker kill` of a master under traffic, promotion, rejoin | `redis_cluster` |
 

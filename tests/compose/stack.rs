@@ -20,6 +20,7 @@ use crate::process::{docker, docker_ok, repo, run, text, try_run, wait_bounded};
 /// stands in for the registry images of `docker/compose.yaml`, and runs the clients.
 pub const BASE_IMAGE: &str = "ratelimiter-base:bookworm";
 pub const APP_IMAGE: &str = "ratelimiter:local";
+pub const PROMETHEUS_IMAGE: &str = "ratelimiter-prometheus:local";
 
 /// The passwords `docker/compose.yaml` requires, none of which has a default.
 pub const PASSWORDS: [&str; 6] = [
@@ -65,7 +66,7 @@ pub fn prepare_images() {
                 "scripts/docker-images.sh failed: {status}"
             );
         }
-        for image in [BASE_IMAGE, APP_IMAGE] {
+        for image in [BASE_IMAGE, APP_IMAGE, PROMETHEUS_IMAGE] {
             assert!(
                 docker(&["image", "inspect", image]).status.success(),
                 "image {image} is missing: run scripts/docker-images.sh"
@@ -269,6 +270,7 @@ impl Stack {
             ("APP_IMAGE", APP_IMAGE.into()),
             ("REDIS_IMAGE", BASE_IMAGE.into()),
             ("NGINX_IMAGE", BASE_IMAGE.into()),
+            ("PROMETHEUS_IMAGE", PROMETHEUS_IMAGE.into()),
             ("PUBLISH_ADDRESS", "127.0.0.1".into()),
             ("NET_PREFIX", net.into()),
             ("BACKEND_NET_PREFIX", backend_net.into()),
@@ -290,6 +292,7 @@ impl Stack {
             "APP_2_GRPC_PORT",
             "CLUSTER_APP_1_GRPC_PORT",
             "CLUSTER_APP_2_GRPC_PORT",
+            "PROMETHEUS_PORT",
         ] {
             vars.push((port, "0".into()));
         }

@@ -1,17 +1,20 @@
 //! The default topology: two instances behind Nginx, a master, two replicas and three
-//! sentinels, with the `gateway` profile's demo upstream. One stack goes through every
+//! sentinels, with the `gateway` profile's demo upstream and the `observability` profile's
+//! Prometheus. One stack goes through every
 //! step in order (the faults before the gateway, the gateway before every instance is
 //! killed); each step checks one behaviour and says so.
 //!
 //! - `access`: who may talk to what (passwords, the instances' Redis user, networks);
 //! - `limits`: exact limits through Nginx, and whose X-Forwarded-For is believed;
 //! - `faults`: the master killed, and cut off its network, under traffic;
-//! - `gateway`: the gateway in front of the demo upstream, and with no instance left.
+//! - `gateway`: the gateway in front of the demo upstream, and with no instance left;
+//! - `observability`: the profile's Prometheus scraping both instances.
 
 mod access;
 mod faults;
 mod gateway;
 mod limits;
+mod observability;
 
 use std::time::Duration;
 
@@ -30,7 +33,7 @@ const NET: &str = "172.28.99";
 
 const SPEC: Spec = Spec {
     project: "ratelimiter-e2e",
-    profiles: &["gateway"],
+    profiles: &["gateway", "observability"],
     services: &[],
     net_prefixes: [NET, "172.28.95", "172.28.97", "172.28.93"],
     settings: &[
@@ -59,6 +62,9 @@ async fn the_sentinel_topology_holds_exact_limits_through_kills_partitions_and_t
     let t = Topology::up().await;
     steps.step("every container's log is rotated");
     every_log_is_rotated(&t.stack);
+    steps.step("Prometheus scrapes both instances with the shipped rules");
+    t.prometheus_scrapes_both_instances_with_the_shipped_rules()
+        .await;
     steps.step("sentinels refuse unauthenticated commands");
     t.sentinels_refuse_unauthenticated_commands();
     steps.step("the instances' sentinel user cannot reconfigure a sentinel");
@@ -117,7 +123,7 @@ impl Topology {
             Duration::from_secs(120),
             || async {
                 let ids = stack.containers();
-                ids.len() == 10
+                ids.len() == 11
                     && ids.iter().all(|id| {
                         docker_ok(&[
                             "inspect",
@@ -154,7 +160,7 @@ impl Topology {
         })
         .await;
         eprintln!(
-            "  ok: 10 containers healthy, both instances ready; Nginx on {} only",
+            "  ok: 11 containers healthy, both instances ready; Nginx on {} only",
             t.front
         );
         t

@@ -25,17 +25,24 @@ pub fn by_slot(charges: &[KeyedCharge]) -> Vec<Vec<usize>> {
     slots.into_iter().map(|(_, share)| share).collect()
 }
 
+/// A field of a `CLUSTER INFO` answer.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.trim().strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// How many slots `CLUSTER INFO` says a master that answers serves (0 when it does not say).
+pub fn slots_served(info: &str) -> u64 {
+    info_field(info, "cluster_slots_ok")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Whether `CLUSTER INFO` says every slot has a master that answers.
 pub fn coverage(info: &str) -> Result<(), StoreError> {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|line| line.trim().strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
-    let state = field("cluster_state").unwrap_or("unknown");
-    let ok: u64 = field("cluster_slots_ok")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let state = info_field(info, "cluster_state").unwrap_or("unknown");
+    let ok = slots_served(info);
     if state == "ok" && ok == SLOTS {
         return Ok(());
     }

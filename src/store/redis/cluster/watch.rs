@@ -1,8 +1,8 @@
 //! [`ClusterWatch`]: what Cluster mode keeps doing in the background, as
 //! [`discovery`](crate::store::redis::discovery) does in Sentinel mode: announcing this
 //! instance in the [`InstanceRegistry`] (the local fallback's divisor) and following which
-//! nodes are the masters (logged and exported when they change). The client itself follows
-//! the slot map for decisions; this only reports it.
+//! nodes are the masters (logged and exported when they change) and how many slots they
+//! serve. The client itself follows the slot map for decisions; this only reports it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::oneshot;
 
-use super::slots::slot_masters;
+use super::slots::{slot_masters, slots_served};
 use crate::metrics::Metrics;
 use crate::store::redis::registry::InstanceRegistry;
 
@@ -95,10 +95,20 @@ impl Watcher {
             }
         }
         let Some(conn) = &mut self.conn else {
+            // No node answers: no slot is served, as far as this instance can tell.
+            self.metrics.cluster_slots_served(0);
             return;
         };
         let announce = self.registry.announce_async(conn);
         let _ = tokio::time::timeout(self.timeout, announce).await;
+        let mut info = redis::cmd("CLUSTER");
+        info.arg("INFO");
+        let info = info.query_async::<String>(conn);
+        let served = match tokio::time::timeout(self.timeout, info).await {
+            Ok(Ok(info)) => slots_served(&info),
+            _ => 0,
+        };
+        self.metrics.cluster_slots_served(served);
         let mut slots = redis::cmd("CLUSTER");
         slots.arg("SLOTS");
         let slots = slots.query_async::<Value>(conn);
