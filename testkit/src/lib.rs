@@ -26,8 +26,8 @@
 //!   the family);
 //! - `rls`: Envoy's side of the rate-limit service: a tonic client, its messages, and rule
 //!   files (`RLS_CONFIG`) in temporary folders ([`RlsClient`]);
-//! - `traffic`: many clients sending steadily until told to stop ([`Traffic`]), and what
-//!   each request met ([`Record`]).
+//! - `traffic`: many clients sending HTTP requests or `ShouldRateLimit` calls steadily
+//!   until told to stop ([`Traffic`]), and what each met ([`Record`], [`Call`]).
 
 mod app;
 mod http;
@@ -58,5 +58,5 @@ pub use redis_node::{
 };
 pub use rls::{RlsClient, RlsFiles, descriptor, rls_channel, rls_request, statuses};
 pub use sentinel::SentinelCluster;
-pub use traffic::{Origin, Record, Traffic};
+pub use traffic::{Call, Origin, Record, Traffic};
 pub use upstream::TestUpstream;
