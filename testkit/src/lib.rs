@@ -10,7 +10,7 @@
 //! # Layout
 //!
 //! - `machine`: free ports, key prefixes no other test uses, waiting on a condition,
-//!   signals, the tools a suite needs and the repository's files;
+//!   signals, a process's CPU time, the tools a suite needs and the repository's files;
 //! - `redis_node`: one `redis-server` or `redis-sentinel` ([`RedisProcess`]), the shipped
 //!   users (`redis/users.acl`) on every data node, and the passwords of the harness;
 //! - `sentinel`: a Sentinel group of 1 master, 2 replicas and 3 sentinels
@@ -48,7 +48,7 @@ pub use http::{
     all_at_once, client, client_from, counter, header, metric, metrics, passes, raw_get,
     until_redis_decides,
 };
-pub use machine::{free_port, repo_path, require, send_signal, unique_prefix, wait_until};
+pub use machine::{cpu_us, free_port, repo_path, require, send_signal, unique_prefix, wait_until};
 pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};
 pub use policy_file::PolicyFile;
 pub use redis_cluster::RedisCluster;
