@@ -8,8 +8,9 @@
 //! - `faults`: scripts missing everywhere, a master killed, a slot moved under load, slots
 //!   no master serves.
 //! - `refund`: `bucket/refund.lua` against the Rust arithmetic it mirrors.
-//! - `rls`: the rate-limit service's descriptors over every master, and a request whose
-//!   descriptors lie in two slots.
+//! - `rls`: the rate-limit service's descriptors over every master, a request whose
+//!   descriptors lie in two slots, hits given back on two masters, and a master killed
+//!   under `ShouldRateLimit` calls.
 //!
 //! The tests run one at a time: each starts six Redis processes and two instances, and the
 //! machine is shared. Timing is used only as a generous bound on hangs.
