@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Drives the rate limiter (through Nginx on 127.0.0.1:8000 by default) from many client
-# addresses and reports what it admitted: a thin wrapper over the `loadtest` binary, the
-# workspace's member crate in loadtest/.
+# Drives the rate limiter (through Nginx on 127.0.0.1:8000 by default, or Envoy's
+# rate-limit service over gRPC with --domain) from many client addresses and reports
+# what it admitted: a thin wrapper over the `loadtest` binary, the workspace's member
+# crate in loadtest/.
 #
 # Usage: scripts/loadtest.sh [LOADTEST FLAGS...]
 #        scripts/loadtest.sh --help      this text, then every flag of the binary
@@ -14,6 +15,9 @@
 #   scripts/loadtest.sh --sources 127.0.0.10-20 --rate 50 --check
 #   scripts/loadtest.sh --url http://127.0.0.1:8080/limited_endpoint   through the gateway
 #                                                         (scripts/cluster.sh up --gateway)
+#   scripts/loadtest.sh --domain edge --descriptor 'remote_address={client}'
+#                                                         ShouldRateLimit on app-1's gRPC
+#                                                         port 8051, a bucket per client
 #
 # Exit codes are the binary's: 0 done, 1 the run failed, 2 bad flags, 3 --check failed,
 # 130 interrupted by Ctrl-C (the summary still covers what was sent).

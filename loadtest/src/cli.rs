@@ -13,6 +13,12 @@ use crate::sources::{self, Sources};
 use loadtest::policy::PolicyFlags;
 
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8000/limited_endpoint";
+/// The first instance's gRPC port in the native topology (`scripts/ports.env`).
+pub const DEFAULT_GRPC_URL: &str = "http://127.0.0.1:8051";
+/// Descriptors one `ShouldRateLimit` call may carry here: Envoy sends a few per request.
+pub const MAX_DESCRIPTORS: usize = 8;
+/// What `{client}` in a descriptor's value becomes: the client's source address.
+pub const CLIENT_PLACEHOLDER: &str = "{client}";
 pub const DEFAULT_SOURCES: &str = "127.0.0.10-127.0.0.250";
 /// The longest run accepted: a load test is a measurement, not a soak.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);
@@ -28,19 +34,37 @@ Examples:
   loadtest --connections 64 --duration 5s         flat out over 64 connections
   loadtest --sources 127.0.0.10-20 --rate 50 --check
   loadtest --url http://127.0.0.1:18000/limited_endpoint --limit 10 --window 60
+  loadtest --domain edge --descriptor 'remote_address={client}'
+                                                  ShouldRateLimit on 127.0.0.1:8051, a
+                                                  descriptor per client
+  loadtest --domain edge --descriptor 'remote_address={client}' \
+           --descriptor 'generic_key=login' --connections 32 --duration 5s
 
 Exit codes: 0 done; 1 the run failed (cannot connect, write a file...);
 2 bad flags; 3 --check found a client outside its bound; 130 interrupted
 (the summary still covers what was sent).";
 
-/// Drives an HTTP endpoint on this machine from many client addresses and reports what
-/// the rate limiter admitted.
+/// Drives an HTTP endpoint, or Envoy's rate-limit service (`ShouldRateLimit`), on this
+/// machine from many client addresses and reports what the rate limiter admitted.
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version, after_help = EXAMPLES)]
 pub struct Cli {
-    /// URL to request; its host must be this machine (a loopback address).
-    #[arg(long, default_value = DEFAULT_URL)]
-    url: String,
+    /// URL to request (default http://127.0.0.1:8000/limited_endpoint), or with --domain
+    /// the gRPC port to call (default http://127.0.0.1:8051); its host must be this
+    /// machine (a loopback address).
+    #[arg(long)]
+    url: Option<String>,
+
+    /// Call `ShouldRateLimit` of this domain instead of sending GET requests; what each
+    /// call carries is given by --descriptor.
+    #[arg(long, requires = "descriptors")]
+    domain: Option<String>,
+
+    /// With --domain: one descriptor of each call, its entries as "key=value,key=value";
+    /// repeatable (in order, at most 8). `{client}` in a value becomes the client's source
+    /// address, so each client has a bucket of its own.
+    #[arg(long = "descriptor", value_name = "KEY=VALUE,...", value_parser = parse_descriptor, requires = "domain")]
+    descriptors: Vec<Vec<(String, String)>>,
 
     /// Client source addresses: comma-separated addresses, ranges (127.0.0.10-127.0.0.250
     /// or 127.0.0.10-250) or CIDR blocks (127.0.1.0/24); loopback only. Each address is
@@ -116,6 +140,23 @@ pub struct Cli {
     check: bool,
 }
 
+/// What each request is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A GET of the URL with these extra headers.
+    Http { headers: HeaderMap },
+    /// `ShouldRateLimit` at the URL's host and port.
+    Rls(RlsCall),
+}
+
+/// One `ShouldRateLimit` call, before `{client}` is filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlsCall {
+    pub domain: String,
+    /// Each descriptor's entries, in order.
+    pub descriptors: Vec<Vec<(String, String)>>,
+}
+
 /// How requests are offered.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
@@ -137,7 +178,7 @@ pub struct Config {
     pub timeout: Duration,
     pub max_in_flight: u64,
     pub policy_flags: PolicyFlags,
-    pub headers: HeaderMap,
+    pub target: Target,
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
     pub font: Option<PathBuf>,
@@ -148,7 +189,12 @@ pub struct Config {
 impl Cli {
     /// Checks what clap cannot check flag by flag: the target and the source family.
     pub fn into_config(self) -> Result<Config, String> {
-        let url = Url::parse(&self.url).map_err(|e| format!("--url {:?}: {e}", self.url))?;
+        let default_url = match self.domain {
+            Some(_) => DEFAULT_GRPC_URL,
+            None => DEFAULT_URL,
+        };
+        let text = self.url.as_deref().unwrap_or(default_url);
+        let url = Url::parse(text).map_err(|e| format!("--url {text:?}: {e}"))?;
         if url.scheme() != "http" {
             return Err(format!("--url {url}: only http:// is supported"));
         }
@@ -159,10 +205,33 @@ impl Cli {
             (Some(rate), None) => Mode::Rate(rate),
             (None, None) => Mode::Rate(Rate::parse(DEFAULT_RATE)?),
         };
-        let mut headers = HeaderMap::new();
-        for (name, value) in self.headers {
-            headers.append(name, value);
-        }
+        let target = match self.domain {
+            Some(domain) => {
+                if !self.headers.is_empty() {
+                    return Err("--header applies to HTTP requests, not with --domain".into());
+                }
+                if domain.is_empty() {
+                    return Err("--domain: an empty domain is refused by the service".into());
+                }
+                if self.descriptors.len() > MAX_DESCRIPTORS {
+                    return Err(format!(
+                        "--descriptor given {} times; at most {MAX_DESCRIPTORS}",
+                        self.descriptors.len()
+                    ));
+                }
+                Target::Rls(RlsCall {
+                    domain,
+                    descriptors: self.descriptors,
+                })
+            }
+            None => {
+                let mut headers = HeaderMap::new();
+                for (name, value) in self.headers {
+                    headers.append(name, value);
+                }
+                Target::Http { headers }
+            }
+        };
         Ok(Config {
             url,
             pinned,
@@ -177,7 +246,7 @@ impl Cli {
                 window_s: self.window.map(|w| w.as_secs_f64()),
                 burst: self.burst,
             },
-            headers,
+            target,
             json: self.json,
             plot: self.plot,
             font: self.font,
@@ -279,6 +348,22 @@ fn parse_window(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Parses `key=value,key=value`: a descriptor's entries, each split at its first `=`.
+fn parse_descriptor(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .map(|entry| {
+            let (key, value) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{entry:?} in {text:?} is not key=value"))?;
+            let key = key.trim();
+            if key.is_empty() {
+                return Err(format!("{entry:?} in {text:?} has no key"));
+            }
+            Ok((key.to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
 fn parse_header(text: &str) -> Result<(HeaderName, HeaderValue), String> {
     let (name, value) = text
         .split_once(':')
@@ -365,7 +450,49 @@ mod tests {
     #[test]
     fn extra_headers_are_parsed_as_name_and_value() {
         let config = config(&["-H", "X-Forwarded-For: 1.2.3.4"]).unwrap();
-        assert_eq!(config.headers["x-forwarded-for"], "1.2.3.4");
+        let Target::Http { headers } = config.target else {
+            panic!("an HTTP run: {:?}", config.target)
+        };
+        assert_eq!(headers["x-forwarded-for"], "1.2.3.4");
         assert!(parse_header("no colon").is_err());
+    }
+
+    #[test]
+    fn a_domain_and_descriptors_call_the_rate_limit_service_on_its_default_port() {
+        let config = config(&[
+            "--domain",
+            "edge",
+            "--descriptor",
+            "remote_address={client}",
+            "--descriptor",
+            "generic_key=login, path=/a=b",
+        ])
+        .unwrap();
+        assert_eq!(config.url.as_str(), "http://127.0.0.1:8051/");
+        let entry = |key: &str, value: &str| (key.to_owned(), value.to_owned());
+        let Target::Rls(call) = config.target else {
+            panic!("a gRPC run: {:?}", config.target)
+        };
+        assert_eq!(call.domain, "edge");
+        assert_eq!(
+            call.descriptors,
+            [
+                vec![entry("remote_address", "{client}")],
+                vec![entry("generic_key", "login"), entry("path", "/a=b")]
+            ]
+        );
+    }
+
+    #[test]
+    fn a_domain_needs_a_descriptor_and_descriptors_need_a_domain() {
+        assert!(config(&["--domain", "edge"]).is_err());
+        assert!(config(&["--descriptor", "k=v"]).is_err());
+        assert!(config(&["--domain", "", "--descriptor", "k=v"]).is_err());
+        assert!(config(&["--domain", "edge", "--descriptor", "no-equals"]).is_err());
+        assert!(config(&["--domain", "edge", "--descriptor", "k=v", "-H", "A: b"]).is_err());
+        let nine: Vec<&str> = ["--descriptor", "k=v"].repeat(9);
+        let mut args = vec!["--domain", "edge"];
+        args.extend(nine);
+        assert!(config(&args).unwrap_err().contains("at most 8"));
     }
 }

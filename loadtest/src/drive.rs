@@ -1,4 +1,5 @@
-//! The HTTP clients, the two dispatchers and the live progress line.
+//! The clients (HTTP, or gRPC calling `ShouldRateLimit`), the two dispatchers and the
+//! live progress line.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -8,17 +9,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Url};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
 
-use loadtest::summary::{LATE_AFTER, StoppedBy, Summary};
+use loadtest::summary::{LATE_AFTER, Protocol, StoppedBy, Summary};
 
-use crate::cli::{Config, Mode};
+use crate::cli::{CLIENT_PLACEHOLDER, Config, Mode, RlsCall, Target};
 use crate::schedule::{self, Rate};
-use crate::stats::{Outcome, RunInfo, Sample, Tally};
+use crate::stats::{Class, Outcome, RunInfo, Sample, Status, Tally};
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Whether to go on: a first Ctrl-C stops sending, a second abandons what is in flight.
@@ -40,11 +48,23 @@ struct Dispatch {
     stopped_by: StoppedBy,
 }
 
+/// One client as the service sees it: its connections, and for gRPC the call it makes.
+enum Caller {
+    Http(Client),
+    Rls(Box<RlsCaller>),
+}
+
+/// A gRPC client and the call it makes every time.
+struct RlsCaller {
+    client: RateLimitServiceClient<Channel>,
+    request: RateLimitRequest,
+}
+
 /// Everything a request needs, shared by all requests.
 struct Shared {
     url: Url,
     headers: HeaderMap,
-    clients: Vec<Client>,
+    clients: Vec<Caller>,
     start: Instant,
     samples: mpsc::UnboundedSender<Sample>,
     /// Requests sent so far; the progress line reads it too.
@@ -56,15 +76,23 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         .sources
         .addresses()
         .iter()
-        .map(|ip| build_client(*ip, &config))
+        .map(|ip| match &config.target {
+            Target::Http { .. } => build_client(*ip, &config).map(Caller::Http),
+            Target::Rls(call) => build_rls_caller(*ip, call, &config),
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let (headers, protocol) = match &config.target {
+        Target::Http { headers } => (headers.clone(), Protocol::Http),
+        Target::Rls(_) => (HeaderMap::new(), Protocol::Grpc),
+    };
     let (samples, mut received) = mpsc::unbounded_channel();
-    let mut tally = Tally::new(clients.len()).context("cannot set up the latency histogram")?;
+    let mut tally =
+        Tally::new(clients.len(), protocol).context("cannot set up the latency histogram")?;
     let start = Instant::now();
     let dispatched = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Shared {
         url: config.url.clone(),
-        headers: config.headers.clone(),
+        headers,
         clients,
         start,
         samples,
@@ -104,13 +132,22 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         start,
         config.duration,
         &dispatched,
+        protocol,
     )
     .await;
     bar.finish_and_clear();
     let dispatch = dispatcher.await.context("the dispatcher failed")?;
 
     let run = RunInfo {
-        url: config.url.to_string(),
+        url: match &config.target {
+            Target::Http { .. } => config.url.to_string(),
+            Target::Rls(call) => format!(
+                "ShouldRateLimit at {}, domain {}, {} descriptor(s)",
+                config.url,
+                call.domain,
+                call.descriptors.len()
+            ),
+        },
         mode: match config.mode {
             Mode::Rate(rate) => format!("{rate} offered for {:?}", config.duration),
             Mode::Connections(n) => {
@@ -175,7 +212,9 @@ async fn collect(
     start: Instant,
     duration: Duration,
     dispatched: &AtomicU64,
+    protocol: Protocol,
 ) {
+    let [admitted, rejected, failed] = protocol.answer_names();
     let mut ticker = tokio::time::interval(PROGRESS_EVERY);
     let mut recent: VecDeque<(Instant, u64)> = VecDeque::new();
     loop {
@@ -199,7 +238,7 @@ async fn collect(
                 };
                 bar.set_position(start.elapsed().min(duration).as_millis() as u64);
                 bar.set_message(format!(
-                    "sent {} · 200: {} · 429: {} · 5xx: {} · errors: {} · {:.0}/s",
+                    "sent {} · {admitted}: {} · {rejected}: {} · {failed}: {} · errors: {} · {:.0}/s",
                     dispatched.load(Ordering::Relaxed),
                     tally.admitted, tally.rejected, tally.server_errors, tally.errors, per_s
                 ));
@@ -237,6 +276,45 @@ fn build_client(source: IpAddr, config: &Config) -> anyhow::Result<Client> {
         .with_context(|| format!("cannot build the HTTP client for {source}"))
 }
 
+/// One HTTP/2 connection from `source` to the gRPC port, and the call it makes with
+/// `{client}` filled in. The connection is made at the first call, so one that fails
+/// counts as that call's error, as for HTTP.
+fn build_rls_caller(source: IpAddr, call: &RlsCall, config: &Config) -> anyhow::Result<Caller> {
+    let target = match &config.pinned {
+        Some((_, addr)) => format!("http://{addr}"),
+        None => config.url.to_string(),
+    };
+    let endpoint = Endpoint::from_shared(target.clone())
+        .with_context(|| format!("--url {target}: not a gRPC endpoint"))?
+        .local_address(Some(source))
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout.min(Duration::from_secs(2)))
+        .tcp_nodelay(true);
+    let client_address = source.to_string();
+    let descriptors = call
+        .descriptors
+        .iter()
+        .map(|entries| RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(key, value)| Entry {
+                    key: key.clone(),
+                    value: value.replace(CLIENT_PLACEHOLDER, &client_address),
+                })
+                .collect(),
+            ..RateLimitDescriptor::default()
+        })
+        .collect();
+    Ok(Caller::Rls(Box::new(RlsCaller {
+        client: RateLimitServiceClient::new(endpoint.connect_lazy()),
+        request: RateLimitRequest {
+            domain: call.domain.clone(),
+            descriptors,
+            hits_addend: 0,
+        },
+    })))
+}
+
 /// Holds the phase's sender for the whole run, so that waiting for a change never
 /// returns at once because the sender is gone.
 async fn watch_interrupts(phase: watch::Sender<Phase>, bar: ProgressBar) {
@@ -261,7 +339,8 @@ fn since(start: Instant) -> u64 {
 async fn request(shared: &Shared, client: usize) -> Sample {
     let sent_ns = since(shared.start);
     let outcome = match shared.clients.get(client) {
-        Some(http) => exchange(http, &shared.url, &shared.headers).await,
+        Some(Caller::Http(http)) => exchange(http, &shared.url, &shared.headers).await,
+        Some(Caller::Rls(rls)) => ask(rls.client.clone(), rls.request.clone()).await,
         None => Outcome::Failed {
             kind: "internal",
             message: format!("no client {client}"),
@@ -296,11 +375,99 @@ async fn exchange(http: &Client, url: &Url, headers: &HeaderMap) -> Outcome {
         return failure(&error);
     }
     Outcome::Answered {
-        status,
+        status: Status::http(status),
         instance,
         decided_by,
         policy,
     }
+}
+
+/// One `ShouldRateLimit` call. A status the server sent is an answer (`UNAVAILABLE` is
+/// what `FAIL_MODE=closed` answers); one the client made up because the call never got
+/// there or timed out, which carries its cause, is an error.
+async fn ask(mut rls: RateLimitServiceClient<Channel>, request: RateLimitRequest) -> Outcome {
+    let response = match rls.should_rate_limit(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            let label = code_name(status.code());
+            if std::error::Error::source(&status).is_some() {
+                let kind = if status.code() == tonic::Code::Cancelled {
+                    "timeout"
+                } else {
+                    "transport"
+                };
+                return Outcome::Failed {
+                    kind,
+                    message: format!("{label}: {}", status.message()),
+                };
+            }
+            let class = match status.code() {
+                tonic::Code::InvalidArgument => Class::Other,
+                _ => Class::ServerError,
+            };
+            return Outcome::Answered {
+                status: Status { class, label },
+                instance: None,
+                decided_by: None,
+                policy: None,
+            };
+        }
+    };
+    let (class, label) = match response.overall_code() {
+        Code::Ok => (Class::Admitted, "OK"),
+        Code::OverLimit => (Class::Rejected, "OVER_LIMIT"),
+        Code::Unknown => (Class::Other, "UNKNOWN"),
+    };
+    Outcome::Answered {
+        status: Status {
+            class,
+            label: label.into(),
+        },
+        instance: None,
+        decided_by: None,
+        policy: stated_limit(&response),
+    }
+}
+
+/// The limit the first limited descriptor's status states, written as a `RateLimit-Policy`
+/// header (`"name";q=requests_per_unit;w=unit in seconds`): the bucket each client is held
+/// to, unless flags say otherwise.
+fn stated_limit(response: &RateLimitResponse) -> Option<String> {
+    let limit = response
+        .statuses
+        .iter()
+        .find_map(|status| status.current_limit.as_ref())?;
+    let unit_s: u64 = match limit.unit() {
+        Unit::Unknown => return None,
+        Unit::Second => 1,
+        Unit::Minute => 60,
+        Unit::Hour => 3600,
+        Unit::Day => 86_400,
+        Unit::Week => 7 * 86_400,
+        Unit::Month => 30 * 86_400,
+        Unit::Year => 365 * 86_400,
+    };
+    // A rule without a name states none; the header form needs one.
+    let name = match limit.name.as_str() {
+        "" => "current_limit".to_string(),
+        name => name.replace('"', "'"),
+    };
+    Some(format!(
+        "\"{name}\";q={};w={unit_s}",
+        limit.requests_per_unit
+    ))
+}
+
+/// A gRPC code as the protocol names it: `UNAVAILABLE`, `INVALID_ARGUMENT`.
+fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, letter) in format!("{code:?}").chars().enumerate() {
+        if letter.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(letter.to_ascii_uppercase());
+    }
+    name
 }
 
 fn failure(error: &reqwest::Error) -> Outcome {
@@ -461,5 +628,46 @@ async fn drain(mut in_flight: JoinSet<()>, mut phase: watch::Receiver<Phase>) {
             joined = in_flight.join_next() => if joined.is_none() { return },
             Ok(()) = phase.changed() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+        DescriptorStatus, RateLimit,
+    };
+
+    #[test]
+    fn grpc_codes_are_named_as_the_protocol_names_them() {
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn the_first_stated_limit_becomes_the_policy_each_client_is_held_to() {
+        let limited = DescriptorStatus {
+            current_limit: Some(RateLimit {
+                name: "per-user".into(),
+                requests_per_unit: 10,
+                unit: Unit::Minute as i32,
+            }),
+            ..DescriptorStatus::default()
+        };
+        let response = RateLimitResponse {
+            statuses: vec![DescriptorStatus::default(), limited],
+            ..RateLimitResponse::default()
+        };
+        let stated = stated_limit(&response).unwrap();
+        assert_eq!(stated, "\"per-user\";q=10;w=60");
+        let parsed = loadtest::policy::parse_header(&stated).unwrap();
+        assert_eq!((parsed[0].quota, parsed[0].window_s), (10, Some(60.0)));
+        assert_eq!(stated_limit(&RateLimitResponse::default()), None);
+        let mut unnamed = response.clone();
+        if let Some(limit) = unnamed.statuses[1].current_limit.as_mut() {
+            limit.name.clear();
+        }
+        let stated = stated_limit(&unnamed).unwrap();
+        assert!(loadtest::policy::parse_header(&stated).is_ok(), "{stated}");
     }
 }

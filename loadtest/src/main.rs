@@ -2,14 +2,17 @@
 //!
 //! Every client is a distinct loopback source address (Linux routes all of 127.0.0.0/8 to
 //! `lo`, so binding one needs no setup) with its own keep-alive connection pool, so the
-//! service sees as many clients as there are sources. Requests go out either on a clock
+//! service sees as many clients as there are sources. A client sends GET requests, or
+//! with `--domain` calls Envoy's rate-limit service (`ShouldRateLimit`, over gRPC) with
+//! the descriptors of `--descriptor`, `{client}` in a value being its own address. Requests go out either on a clock
 //! (`--rate`, an open model: a slow server does not slow the offered rate, and sends that
 //! fall behind or cannot go out are counted) or flat out (`--connections`). Every run is
 //! bounded by a duration and a request count.
 //!
 //! The summary compares what each client was admitted with what a token bucket allows
 //! over the time it was active, `C + r × t`, where the burst `C` and the refill `r` come
-//! from the `RateLimit-Policy` response header or from flags.
+//! from the `RateLimit-Policy` response header (a gRPC answer's `current_limit`) or from
+//! flags.
 //!
 //! # Layout
 //! The library (`src/lib.rs`, shared with bench/): `policy`, the `RateLimit-Policy`
@@ -21,10 +24,10 @@
 //! - [`cli`]: flags, and their validation into a [`cli::Config`] (bad flags exit with 2).
 //! - [`stats`]: what the answers add up to, folded one sample at a time.
 //! - [`plot`]: admitted and rejected per second, as a PNG.
-//! - [`drive`]: the HTTP clients, the dispatchers and the live progress line.
+//! - [`drive`]: the HTTP and gRPC clients, the dispatchers and the live progress line.
 //!
-//! It depends on external crates only; it talks to the service over HTTP like any other
-//! client would.
+//! It depends on external crates only; it talks to the service over HTTP or gRPC like
+//! any other client would.
 
 mod cli;
 mod drive;

@@ -144,28 +144,37 @@ impl Bucket {
 /// Combines the header (burst `q`, window `w`, and `q` per `w` as the refill unless
 /// `--limit` says otherwise) with the flags, which win.
 pub fn resolve(header: Option<&HeaderPolicy>, flags: &PolicyFlags) -> Result<Bucket, String> {
+    resolve_announced(header, "RateLimit-Policy header", flags)
+}
+
+/// [`resolve`], the policy announced by `announced_by` (a `RateLimit-Policy` header, or
+/// the limit a `ShouldRateLimit` answer states, written as such a header).
+pub fn resolve_announced(
+    header: Option<&HeaderPolicy>,
+    announced_by: &str,
+    flags: &PolicyFlags,
+) -> Result<Bucket, String> {
     let from_header = header.map(|h| h.quota);
     let capacity = flags.burst.or(from_header).or(flags.limit);
     let quota = flags.limit.or(from_header).or(flags.burst);
     let window_s = flags.window_s.or(header.and_then(|h| h.window_s));
     let (Some(capacity), Some(quota), Some(window_s)) = (capacity, quota, window_s) else {
-        return Err(
-            "unknown: no RateLimit-Policy header with q and w was seen; pass --limit and --window (and --burst)"
-                .into(),
-        );
+        return Err(format!(
+            "unknown: no {announced_by} with q and w was seen; pass --limit and --window (and --burst)"
+        ));
     };
     let used_flags = flags.limit.is_some() || flags.burst.is_some() || flags.window_s.is_some();
     let origin = match (header, used_flags) {
-        (Some(_), false) => "RateLimit-Policy header",
-        (Some(_), true) => "RateLimit-Policy header and flags",
-        (None, _) => "flags",
+        (Some(_), false) => announced_by.to_string(),
+        (Some(_), true) => format!("{announced_by} and flags"),
+        (None, _) => "flags".to_string(),
     };
     Ok(Bucket {
         capacity,
         quota,
         window_s,
         refill_per_s: quota as f64 / window_s,
-        origin: origin.into(),
+        origin,
     })
 }
 

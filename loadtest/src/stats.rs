@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use hdrhistogram::Histogram;
 use loadtest::policy::{self, Bucket, PolicyFlags, Verdict};
 use loadtest::summary::{
-    Admission, Classes, ClientRow, ErrorCount, Latency, Requests, Second, StoppedBy, Summary,
+    Admission, Classes, ClientRow, ErrorCount, Latency, Protocol, Requests, Second, StoppedBy,
+    Summary,
 };
 
 /// What the run was, from the dispatcher's side.
@@ -40,10 +41,42 @@ pub struct Sample {
     pub outcome: Outcome,
 }
 
+/// How the summary counts an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Admitted,
+    Rejected,
+    ServerError,
+    Other,
+}
+
+/// What an answer said: its class, and the label it is listed under (an HTTP status, or
+/// a gRPC code's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub class: Class,
+    pub label: String,
+}
+
+impl Status {
+    pub fn http(code: u16) -> Self {
+        let class = match code {
+            200 => Class::Admitted,
+            429 => Class::Rejected,
+            500..=599 => Class::ServerError,
+            _ => Class::Other,
+        };
+        Self {
+            class,
+            label: code.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Answered {
-        status: u16,
+        status: Status,
         instance: Option<String>,
         decided_by: Option<String>,
         policy: Option<String>,
@@ -64,19 +97,20 @@ struct ClientTally {
     errors: u64,
     /// (sent, answered) of the earliest-sent answered request.
     first: Option<(u64, u64)>,
-    /// (sent, status) of the latest-sent answered request.
-    last: Option<(u64, u16)>,
+    /// (sent, whether it was refused) of the latest-sent answered request.
+    last: Option<(u64, bool)>,
     last_done_ns: u64,
 }
 
 /// Everything the collector learns, folded in one sample at a time.
 pub struct Tally {
+    protocol: Protocol,
     pub answered: u64,
     pub admitted: u64,
     pub rejected: u64,
     pub server_errors: u64,
     pub errors: u64,
-    status: BTreeMap<u16, u64>,
+    status: BTreeMap<String, u64>,
     error_kinds: BTreeMap<&'static str, ErrorCount>,
     instances: BTreeMap<String, u64>,
     deciders: BTreeMap<String, u64>,
@@ -88,8 +122,9 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn new(clients: usize) -> Result<Self, hdrhistogram::CreationError> {
+    pub fn new(clients: usize, protocol: Protocol) -> Result<Self, hdrhistogram::CreationError> {
         Ok(Self {
+            protocol,
             answered: 0,
             admitted: 0,
             rejected: 0,
@@ -141,7 +176,7 @@ impl Tally {
                 policy,
             } => {
                 self.answered += 1;
-                *self.status.entry(status).or_default() += 1;
+                *self.status.entry(status.label).or_default() += 1;
                 *self
                     .instances
                     .entry(instance.unwrap_or_else(|| "(none)".into()))
@@ -155,23 +190,23 @@ impl Tally {
                 }
                 let latency_us = sample.done_ns.saturating_sub(sample.sent_ns) / 1000;
                 self.latency.saturating_record(latency_us.max(1));
-                match status {
-                    200 => {
+                match status.class {
+                    Class::Admitted => {
                         self.admitted += 1;
                         client.admitted += 1;
                         slot.admitted += 1;
                     }
-                    429 => {
+                    Class::Rejected => {
                         self.rejected += 1;
                         client.refused += 1;
                         slot.rejected += 1;
                     }
-                    500..=599 => {
+                    Class::ServerError => {
                         self.server_errors += 1;
                         client.other += 1;
                         slot.server_errors += 1;
                     }
-                    _ => {
+                    Class::Other => {
                         client.other += 1;
                         slot.other += 1;
                     }
@@ -180,7 +215,7 @@ impl Tally {
                     client.first = Some((sample.sent_ns, sample.done_ns));
                 }
                 if client.last.is_none_or(|(sent, _)| sample.sent_ns >= sent) {
-                    client.last = Some((sample.sent_ns, status));
+                    client.last = Some((sample.sent_ns, status.class == Class::Rejected));
                 }
                 client.last_done_ns = client.last_done_ns.max(sample.done_ns);
             }
@@ -200,7 +235,11 @@ impl Tally {
         let header = observed
             .as_ref()
             .and_then(|(_, parsed)| parsed.as_ref().ok());
-        let bucket = policy::resolve(header, flags);
+        let announced_by = match self.protocol {
+            Protocol::Http => "RateLimit-Policy header",
+            Protocol::Grpc => "current_limit of ShouldRateLimit's answers",
+        };
+        let bucket = policy::resolve_announced(header, announced_by, flags);
         let policy_header = observed.as_ref().map(|(value, _)| value.clone());
         let mut policy_problem = match (&observed, &bucket) {
             (Some((_, Err(why))), _) => Some(format!("unreadable header: {why}")),
@@ -230,6 +269,7 @@ impl Tally {
         let dispatch_s = run.dispatch_ns as f64 / NS_PER_S as f64;
         Summary {
             url: run.url,
+            protocol: self.protocol,
             mode: run.mode,
             mode_is_rate: run.mode_is_rate,
             clients_count: sources.len(),
@@ -261,7 +301,7 @@ impl Tally {
             status: self
                 .status
                 .iter()
-                .map(|(code, count)| (code.to_string(), *count))
+                .map(|(label, count)| (label.clone(), *count))
                 .collect(),
             error_kinds: self
                 .error_kinds
@@ -291,7 +331,7 @@ impl Tally {
 
 fn client_row(tally: &ClientTally, address: IpAddr, bucket: Option<&Bucket>) -> ClientRow {
     let (mut span_s, mut low, mut high, mut verdict) = (None, None, None, None);
-    if let (Some((first_sent, first_done)), Some((last_sent, last_status))) =
+    if let (Some((first_sent, first_done)), Some((last_sent, refused_last))) =
         (tally.first, tally.last)
     {
         let longest = tally.last_done_ns.saturating_sub(first_sent) as f64 / NS_PER_S as f64;
@@ -301,7 +341,7 @@ fn client_row(tally: &ClientTally, address: IpAddr, bucket: Option<&Bucket>) -> 
             let (l, h) = (bucket.allowance(shortest), bucket.allowance(longest));
             low = Some(l);
             high = Some(h);
-            verdict = Some(policy::judge(tally.admitted, l, h, last_status == 429));
+            verdict = Some(policy::judge(tally.admitted, l, h, refused_last));
         }
     }
     ClientRow {
@@ -314,7 +354,7 @@ fn client_row(tally: &ClientTally, address: IpAddr, bucket: Option<&Bucket>) -> 
         span_s,
         bound_low: low,
         bound_high: high,
-        refused_last: tally.last.is_some_and(|(_, status)| status == 429),
+        refused_last: tally.last.is_some_and(|(_, refused)| refused),
         verdict,
     }
 }
@@ -370,7 +410,7 @@ mod tests {
             sent_ns,
             done_ns,
             outcome: Outcome::Answered {
-                status,
+                status: Status::http(status),
                 instance: Some(
                     if sent_ns.is_multiple_of(2) {
                         "app-1"
@@ -431,7 +471,7 @@ mod tests {
 
     #[test]
     fn answers_are_counted_by_status_instance_source_and_second() {
-        let mut tally = Tally::new(2).unwrap();
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
         tally.add(answered(0, 0, 2_000_000, 200));
         tally.add(answered(1, 1, 1_500_000_000, 429));
         tally.add(answered(1, 2, 1_600_000_000, 503));
@@ -467,7 +507,7 @@ mod tests {
     #[test]
     fn a_client_admitted_exactly_its_allowance_is_within() {
         // C=10, r=1/6 per s, active 11 s: floor(10 + 11/6) = 11.
-        let mut tally = Tally::new(2).unwrap();
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
         client_zero(&mut tally, 11, 12);
         let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
         let row = &summary.clients[0];
@@ -486,7 +526,7 @@ mod tests {
     #[test]
     fn a_client_admitted_beyond_its_allowance_fails_the_check() {
         // Twelve admitted within 11 s, where floor(10 + 11/6) = 11 is the most.
-        let mut tally = Tally::new(2).unwrap();
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
         client_zero(&mut tally, 12, 12);
         let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Over));
@@ -497,7 +537,7 @@ mod tests {
 
     #[test]
     fn a_refused_client_admitted_more_than_one_too_few_is_short() {
-        let mut tally = Tally::new(2).unwrap();
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
         client_zero(&mut tally, 9, 12);
         let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Short));
@@ -506,7 +546,7 @@ mod tests {
 
     #[test]
     fn a_refused_client_one_short_is_tolerated() {
-        let mut tally = Tally::new(2).unwrap();
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
         client_zero(&mut tally, 10, 12);
         let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Within));
@@ -514,13 +554,13 @@ mod tests {
 
     #[test]
     fn without_a_policy_there_is_no_admission_check() {
-        let mut tally = Tally::new(1).unwrap();
+        let mut tally = Tally::new(1, Protocol::Http).unwrap();
         tally.add(Sample {
             client: 0,
             sent_ns: 0,
             done_ns: 1,
             outcome: Outcome::Answered {
-                status: 200,
+                status: Status::http(200),
                 instance: None,
                 decided_by: None,
                 policy: None,
@@ -534,7 +574,7 @@ mod tests {
 
     #[test]
     fn the_summary_serializes_to_json_with_every_client_and_second() {
-        let mut tally = Tally::new(2).unwrap();
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
         client_zero(&mut tally, 11, 12);
         let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
         let json: serde_json::Value = serde_json::to_value(&summary).unwrap();
@@ -545,5 +585,44 @@ mod tests {
         assert_eq!(json["timeline"][11]["rejected"], 1);
         assert_eq!(json["status"]["429"], 1);
         assert_eq!(json["admission"]["admitted_max"], 11);
+    }
+
+    #[test]
+    fn grpc_answers_are_counted_under_their_codes_and_held_to_the_stated_limit() {
+        let mut tally = Tally::new(1, Protocol::Grpc).unwrap();
+        let grpc = |class, label: &str| Status {
+            class,
+            label: label.into(),
+        };
+        for (i, status) in [
+            grpc(Class::Admitted, "OK"),
+            grpc(Class::Rejected, "OVER_LIMIT"),
+            grpc(Class::ServerError, "UNAVAILABLE"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            tally.add(Sample {
+                client: 0,
+                sent_ns: i as u64,
+                done_ns: i as u64 + 1,
+                outcome: Outcome::Answered {
+                    status,
+                    instance: None,
+                    decided_by: None,
+                    policy: Some(POLICY.into()),
+                },
+            });
+        }
+        let summary = tally.summarize(run(3), &two_sources()[..1], &PolicyFlags::default());
+        assert_eq!(summary.status["OVER_LIMIT"], 1);
+        assert_eq!(summary.classes.server_errors, 1);
+        let text = summary.render(true);
+        assert!(
+            text.contains("admitted OK: 1 · rejected OVER_LIMIT: 1 · error status: 1"),
+            "{text}"
+        );
+        let origin = &summary.policy.as_ref().unwrap().origin;
+        assert!(origin.starts_with("current_limit"), "{origin}");
     }
 }

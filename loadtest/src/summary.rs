@@ -33,9 +33,33 @@ impl fmt::Display for StoppedBy {
     }
 }
 
+/// What the run asked for: the names its answers are counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// HTTP requests: 200 admitted, 429 refused.
+    #[default]
+    Http,
+    /// `ShouldRateLimit` calls: `OK` admitted, `OVER_LIMIT` refused.
+    Grpc,
+}
+
+impl Protocol {
+    /// What an admitted, a refused and a server-failed answer are called.
+    pub fn answer_names(self) -> [&'static str; 3] {
+        match self {
+            Protocol::Http => ["200", "429", "5xx"],
+            Protocol::Grpc => ["OK", "OVER_LIMIT", "error status"],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub url: String,
+    /// Summaries saved before gRPC runs existed are HTTP runs.
+    #[serde(default)]
+    pub protocol: Protocol,
     pub mode: String,
     /// Whether requests were offered on a clock, so lateness means something.
     pub mode_is_rate: bool,
@@ -85,7 +109,8 @@ pub struct Classes {
 }
 
 impl Classes {
-    /// Everything that was neither a 200 nor a 429: 5xx, other statuses, failed requests.
+    /// Everything neither admitted nor refused (a 200 or a 429; `OK` or `OVER_LIMIT`):
+    /// server errors, other statuses, failed requests.
     pub fn not_decided(&self) -> u64 {
         self.server_errors + self.other + self.errors
     }
@@ -128,7 +153,7 @@ pub struct Admission {
     /// The range of the clients' upper bounds `C + r × t`.
     pub bound_min: f64,
     pub bound_max: f64,
-    /// Clients whose last answer was a 429: those held to the lower bound too.
+    /// Clients whose last answer was a refusal: those held to the lower bound too.
     pub refused_last: usize,
     pub over: usize,
     pub short: usize,
@@ -197,9 +222,10 @@ impl Summary {
                 r.max_lag_ms
             );
         }
+        let [admitted, rejected, failed] = self.protocol.answer_names();
         let _ = writeln!(
             out,
-            "outcome      admitted 200: {} · rejected 429: {} · 5xx: {} · other: {} · errors: {}",
+            "outcome      admitted {admitted}: {} · rejected {rejected}: {} · {failed}: {} · other: {} · errors: {}",
             c.admitted, c.rejected, c.server_errors, c.other, c.errors
         );
         let _ = writeln!(out, "status       {}", join_counts(&self.status));
@@ -278,10 +304,11 @@ impl Summary {
             return;
         }
         let limit = if all { usize::MAX } else { 20 };
+        let [admitted, rejected, _] = self.protocol.answer_names();
         let _ = writeln!(
             out,
-            "\n{:<16} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}  verdict",
-            "client", "sent", "200", "429", "other", "errors", "span s", "low", "high"
+            "\n{:<16} {:>8} {:>8} {:>10} {:>6} {:>6} {:>9} {:>9} {:>9}  verdict",
+            "client", "sent", admitted, rejected, "other", "errors", "span s", "low", "high"
         );
         let optional = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
         for row in shown.iter().take(limit) {
@@ -293,7 +320,7 @@ impl Summary {
             };
             let _ = writeln!(
                 out,
-                "{:<16} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}  {verdict}",
+                "{:<16} {:>8} {:>8} {:>10} {:>6} {:>6} {:>9} {:>9} {:>9}  {verdict}",
                 row.address,
                 row.sent,
                 row.admitted,

@@ -10,7 +10,7 @@
 //! # Layout
 //!
 //! - `machine`: free ports, key prefixes no other test uses, waiting on a condition,
-//!   signals, the tools a suite needs and the repository's files;
+//!   signals, a process's CPU time, the tools a suite needs and the repository's files;
 //! - `redis_node`: one `redis-server` or `redis-sentinel` ([`RedisProcess`]), the shipped
 //!   users (`redis/users.acl`) on every data node, and the passwords of the harness;
 //! - `sentinel`: a Sentinel group of 1 master, 2 replicas and 3 sentinels
@@ -28,8 +28,8 @@
 //!   the family);
 //! - `rls`: Envoy's side of the rate-limit service: a tonic client, its messages, and rule
 //!   files (`RLS_CONFIG`) in temporary folders ([`RlsClient`]);
-//! - `traffic`: many clients sending steadily until told to stop ([`Traffic`]), and what
-//!   each request met ([`Record`]).
+//! - `traffic`: many clients sending HTTP requests or `ShouldRateLimit` calls steadily
+//!   until told to stop ([`Traffic`]), and what each met ([`Record`], [`Call`]).
 
 mod app;
 mod http;
@@ -51,7 +51,7 @@ pub use http::{
     all_at_once, client, client_from, counter, header, metric, metrics, passes, raw_get,
     socket_request, until_redis_decides,
 };
-pub use machine::{free_port, repo_path, require, send_signal, unique_prefix, wait_until};
+pub use machine::{cpu_us, free_port, repo_path, require, send_signal, unique_prefix, wait_until};
 pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};
 pub use policy_file::PolicyFile;
 pub use prometheus::{LoadedRule, PrometheusProcess};
@@ -62,5 +62,5 @@ pub use redis_node::{
 };
 pub use rls::{RlsClient, RlsFiles, descriptor, rls_channel, rls_request, statuses};
 pub use sentinel::SentinelCluster;
-pub use traffic::{Origin, Record, Traffic};
+pub use traffic::{Call, Origin, Record, Traffic};
 pub use upstream::TestUpstream;

@@ -1,5 +1,6 @@
 //! What tests need of this machine: free ports, key prefixes no other test uses, waiting
-//! on a condition, signals, the tools a suite needs, and the repository's files.
+//! on a condition, signals, a process's CPU time, the tools a suite needs, and the
+//! repository's files.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -93,4 +94,21 @@ pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// CPU time (user + system) process `pid` has used so far, in µs: what the measurements
+/// divide by the decisions they drove.
+pub fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: u64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100);
+    ticks * 1_000_000 / per_second
 }

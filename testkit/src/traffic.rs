@@ -1,16 +1,19 @@
 //! Steady traffic while a test breaks something: many clients, each sending a request at
-//! a fixed interval until told to stop, and a [`Record`] of what each request met. Every
-//! client stops by itself after [`Traffic::LIMIT`] or [`Traffic::MOST`] requests, so a
-//! test that fails before it stops the traffic leaves nothing running.
+//! a fixed interval until told to stop, and a record of what each request met: a
+//! [`Record`] for HTTP requests, a [`Call`] for `ShouldRateLimit` calls. Every client
+//! stops by itself after [`Traffic::LIMIT`] or [`Traffic::MOST`] requests, so a test that
+//! fails before it stops the traffic leaves nothing running.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::Client;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
 use crate::http::{client, client_from, header};
+use crate::rls::{RlsClient, descriptor, rls_request};
 
 /// How the instances tell one client of the traffic from the others.
 #[derive(Debug, Clone)]
@@ -23,7 +26,7 @@ pub enum Origin {
     Source(IpAddr),
 }
 
-/// One answered (or failed) request.
+/// One answered (or failed) HTTP request.
 #[derive(Debug, Clone)]
 pub struct Record {
     /// The number the client was given.
@@ -44,19 +47,31 @@ impl Record {
     }
 }
 
-/// Clients sending until [`Traffic::stop`].
-pub struct Traffic {
-    records: Arc<Mutex<Vec<Record>>>,
+/// One `ShouldRateLimit` call and its answer.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The number the client was given.
+    pub client: usize,
+    pub sent: Instant,
+    pub latency: Duration,
+    /// The overall code, or the gRPC status code of a call that failed.
+    pub answer: Result<Code, tonic::Code>,
+}
+
+impl Call {
+    pub fn answered(&self) -> Instant {
+        self.sent + self.latency
+    }
+}
+
+/// Clients sending until [`Traffic::stop`]; each request leaves an `R`.
+pub struct Traffic<R = Record> {
+    records: Arc<Mutex<Vec<R>>>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Traffic {
-    /// How long a client sends at most, whatever happens.
-    pub const LIMIT: Duration = Duration::from_secs(60);
-    /// How many requests a client sends at most.
-    pub const MOST: usize = 5_000;
-
+impl Traffic<Record> {
     /// Each of `clients`, a number and how it is told apart, sends a GET every `every`
     /// (less the time its answer took) to `urls` in turn, the first to the one its number
     /// picks, so that the clients spread over them.
@@ -76,28 +91,125 @@ impl Traffic {
         every: Duration,
     ) -> Self {
         assert!(!urls.is_empty(), "traffic needs somewhere to go");
+        let shared = client();
+        let senders = clients.into_iter().map(|(id, origin)| {
+            let http = match &origin {
+                Origin::Source(address) => client_from(*address),
+                Origin::Forwarded(_) => shared.clone(),
+            };
+            let forwarded = match origin {
+                Origin::Forwarded(address) => Some(address),
+                Origin::Source(_) => None,
+            };
+            let urls = urls.to_vec();
+            let ask = move |n: usize| {
+                let mut request = http.get(&urls[n % urls.len()]);
+                if let Some(address) = &forwarded {
+                    request = request.header("X-Forwarded-For", address);
+                }
+                async move {
+                    let sent = Instant::now();
+                    let (status, source, instance) = match request.send().await {
+                        Ok(response) => (
+                            response.status().as_u16(),
+                            header(&response, "X-RateLimit-Source"),
+                            header(&response, "X-Instance"),
+                        ),
+                        Err(_) => (0, String::new(), String::new()),
+                    };
+                    Record {
+                        client: id,
+                        sent,
+                        latency: sent.elapsed(),
+                        status,
+                        source,
+                        instance,
+                    }
+                }
+            };
+            (id, ask)
+        });
+        Self::spawn(delay, every, senders)
+    }
+}
+
+impl Traffic<Call> {
+    /// Each of `clients`, a number and the entries of the one descriptor it asks about in
+    /// `domain`, calls `ShouldRateLimit` every `every` (less the time its answer took) on
+    /// `instances` in turn, the first on the one its number picks.
+    pub fn calls(
+        instances: &[RlsClient],
+        domain: &str,
+        clients: impl IntoIterator<Item = (usize, Vec<(String, String)>)>,
+        every: Duration,
+    ) -> Self {
+        assert!(!instances.is_empty(), "traffic needs somewhere to go");
+        let senders = clients.into_iter().map(|(id, entries)| {
+            let instances = instances.to_vec();
+            let domain = domain.to_string();
+            let ask = move |n: usize| {
+                let mut instance = instances[n % instances.len()].clone();
+                let pairs: Vec<(&str, &str)> = entries
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
+                    .collect();
+                let request = rls_request(&domain, vec![descriptor(&pairs)]);
+                async move {
+                    let sent = Instant::now();
+                    let answer = instance
+                        .ask(request)
+                        .await
+                        .map(|response| response.overall_code())
+                        .map_err(|status| status.code());
+                    Call {
+                        client: id,
+                        sent,
+                        latency: sent.elapsed(),
+                        answer,
+                    }
+                }
+            };
+            (id, ask)
+        });
+        Self::spawn(Duration::ZERO, every, senders)
+    }
+}
+
+impl<R: Clone + Send + 'static> Traffic<R> {
+    /// How long a client sends at most, whatever happens.
+    pub const LIMIT: Duration = Duration::from_secs(60);
+    /// How many requests a client sends at most.
+    pub const MOST: usize = 5_000;
+
+    /// Starts each client: its number, and what sends its `n`th request (`n` counting
+    /// from its number) and records the answer.
+    fn spawn<F, Fut>(
+        delay: Duration,
+        every: Duration,
+        senders: impl IntoIterator<Item = (usize, F)>,
+    ) -> Self
+    where
+        F: FnMut(usize) -> Fut + Send + 'static,
+        Fut: Future<Output = R> + Send,
+    {
         let records = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let shared = client();
-        let tasks = clients
+        let tasks = senders
             .into_iter()
-            .map(|(id, origin)| {
-                let sender = Sender {
-                    id,
-                    http: match origin {
-                        Origin::Source(address) => client_from(address),
-                        Origin::Forwarded(_) => shared.clone(),
-                    },
-                    forwarded: match origin {
-                        Origin::Forwarded(address) => Some(address),
-                        Origin::Source(_) => None,
-                    },
-                    urls: urls.to_vec(),
-                };
+            .map(|(id, mut ask)| {
                 let (records, stop) = (records.clone(), stop.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    sender.run(every, &stop, &records).await;
+                    let deadline = Instant::now() + Self::LIMIT;
+                    for n in (id..).take(Self::MOST) {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        let started = Instant::now();
+                        let record = ask(n).await;
+                        records.lock().unwrap().push(record);
+                        tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
+                    }
                 })
             })
             .collect();
@@ -114,53 +226,11 @@ impl Traffic {
     }
 
     /// Stops every client, waits for its last answer, and returns every request's record.
-    pub async fn stop(self) -> Vec<Record> {
+    pub async fn stop(self) -> Vec<R> {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             let _ = task.await;
         }
         self.records.lock().unwrap().clone()
-    }
-}
-
-/// One client of the traffic.
-struct Sender {
-    id: usize,
-    http: Client,
-    /// What it sends as `X-Forwarded-For`, if it is told apart that way.
-    forwarded: Option<String>,
-    urls: Vec<String>,
-}
-
-impl Sender {
-    async fn run(self, every: Duration, stop: &AtomicBool, records: &Mutex<Vec<Record>>) {
-        let deadline = Instant::now() + Traffic::LIMIT;
-        for n in (self.id..).take(Traffic::MOST) {
-            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                break;
-            }
-            let mut request = self.http.get(&self.urls[n % self.urls.len()]);
-            if let Some(address) = &self.forwarded {
-                request = request.header("X-Forwarded-For", address);
-            }
-            let sent = Instant::now();
-            let (status, source, instance) = match request.send().await {
-                Ok(response) => (
-                    response.status().as_u16(),
-                    header(&response, "X-RateLimit-Source"),
-                    header(&response, "X-Instance"),
-                ),
-                Err(_) => (0, String::new(), String::new()),
-            };
-            records.lock().unwrap().push(Record {
-                client: self.id,
-                sent,
-                latency: sent.elapsed(),
-                status,
-                source,
-                instance,
-            });
-            tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
-        }
     }
 }

@@ -22,7 +22,7 @@ use ratelimiter::store::redis::{
 };
 use ratelimiter::store::{KeyedCharge, Store};
 
-use testkit::{RedisProcess, TestApp, client_from, unique_prefix};
+use testkit::{RedisProcess, TestApp, client_from, cpu_us, unique_prefix};
 
 /// Hard bounds of one phase, whatever the environment says.
 const MOST_SECONDS: u64 = 30;
@@ -34,22 +34,6 @@ fn list(name: &str, default: &str) -> Vec<u64> {
         .split(',')
         .map(|n| n.trim().parse().expect("a number"))
         .collect()
-}
-
-/// CPU time (user + system) `pid` has used, in µs.
-fn cpu_us(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second: u64 = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(100);
-    ticks * 1_000_000 / per_second
 }
 
 /// Read and write system calls `pid` has made (`/proc/<pid>/io`): the socket reads and

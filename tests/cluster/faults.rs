@@ -7,7 +7,7 @@ use redis::cluster_routing::Slot;
 
 use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, clients_on,
-    evalsha_by_master, spawn_pair, traffic, traffic_after,
+    evalsha_by_master, kill_until_promoted, spawn_pair, traffic, traffic_after,
 };
 use testkit::{RedisCluster, client, counter, header, metric, metrics, unique_prefix};
 
@@ -84,21 +84,7 @@ async fn killing_a_master_under_load_costs_no_5xx_and_its_replica_decides_within
     let traffic = traffic(&[&first, &second], &all, Duration::from_millis(100));
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let fault_at = Instant::now();
-    cluster.node_mut(victim).kill();
-    let promoted_at = {
-        let heir = cluster.node(heir);
-        let started = Instant::now();
-        while heir.role().as_deref() != Some("master") {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the replica {heir_port} was never promoted",
-                heir_port = heir.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Instant::now()
-    };
+    let (fault_at, promoted_at) = kill_until_promoted(&mut cluster, victim).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let records = traffic.stop().await;
 

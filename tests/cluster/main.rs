@@ -8,8 +8,9 @@
 //! - `faults`: scripts missing everywhere, a master killed, a slot moved under load, slots
 //!   no master serves.
 //! - `refund`: `bucket/refund.lua` against the Rust arithmetic it mirrors.
-//! - `rls`: the rate-limit service's descriptors over every master, and a request whose
-//!   descriptors lie in two slots.
+//! - `rls`: the rate-limit service's descriptors over every master, a request whose
+//!   descriptors lie in two slots, hits given back on two masters, and a master killed
+//!   under `ShouldRateLimit` calls.
 //!
 //! The tests run one at a time: each starts six Redis processes and two instances, and the
 //! machine is shared. Timing is used only as a generous bound on hangs.
@@ -20,7 +21,7 @@ mod refund;
 mod rls;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use testkit::{
     Origin, RedisCluster, SERVICE_PASSWORD, SERVICE_USER, TestApp, Traffic, all_at_once, client,
@@ -122,8 +123,40 @@ fn clients_on(
     from: usize,
     count: usize,
 ) -> Vec<usize> {
+    numbers_on(cluster, port, from, count, |n| {
+        bucket_key(prefix, &client_ip(n))
+    })
+}
+
+/// The first numbers from `from` on whose key, as `key` names it, the master on `port`
+/// owns.
+fn numbers_on(
+    cluster: &RedisCluster,
+    port: u16,
+    from: usize,
+    count: usize,
+    key: impl Fn(usize) -> String,
+) -> Vec<usize> {
     (from..from + 10_000)
-        .filter(|&n| cluster.owner(cluster.slot_of(&bucket_key(prefix, &client_ip(n)))) == port)
+        .filter(|&n| cluster.owner(cluster.slot_of(&key(n))) == port)
         .take(count)
         .collect()
+}
+
+/// Kills the master on `victim` with SIGKILL and waits (20 s at most) for its replica to
+/// be promoted: when the kill was sent, and when the replica first said it was master.
+async fn kill_until_promoted(cluster: &mut RedisCluster, victim: u16) -> (Instant, Instant) {
+    let heir = cluster.replica_of(victim);
+    let fault_at = Instant::now();
+    cluster.node_mut(victim).kill();
+    let heir = cluster.node(heir);
+    while heir.role().as_deref() != Some("master") {
+        assert!(
+            fault_at.elapsed() < Duration::from_secs(20),
+            "the replica {heir_port} was never promoted",
+            heir_port = heir.port
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (fault_at, Instant::now())
 }

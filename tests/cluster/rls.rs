@@ -1,14 +1,17 @@
 //! The rate-limit service in Cluster mode: descriptors whose buckets lie on every master,
 //! asked through both instances' gRPC ports, a request whose descriptors lie in two slots,
-//! decided all or nothing, and hits given back to buckets on two masters.
+//! decided all or nothing, hits given back to buckets on two masters, and a master killed
+//! under `ShouldRateLimit` calls.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
-use crate::{NODE_TIMEOUT_MS, ONE_AT_A_TIME, spawn_pair};
+use crate::{NODE_TIMEOUT_MS, ONE_AT_A_TIME, kill_until_promoted, numbers_on, spawn_pair};
 use testkit::{
-    RedisCluster, RlsClient, RlsFiles, descriptor, rls_request, statuses, unique_prefix,
+    RedisCluster, RlsClient, RlsFiles, TestApp, Traffic, client, counter, descriptor, metrics,
+    rls_request, statuses, unique_prefix,
 };
 
 /// 5 an hour per user, 3 an hour per org: nothing refills during a test.
@@ -187,4 +190,115 @@ async fn hits_given_back_to_descriptors_on_two_masters_return_to_both() {
         let response = rls.ask(rls_request("edge", both())).await.unwrap();
         assert_eq!(response.overall_code(), code);
     }
+}
+
+/// Decisions `apps` made from their local share (`FAIL_MODE=local`), admitted or not.
+async fn local_decisions(apps: &[&TestApp]) -> f64 {
+    let http = client();
+    let mut sum = 0.0;
+    for app in apps {
+        let text = metrics(&http, app).await;
+        for decision in ["allowed", "limited"] {
+            let series =
+                format!(r#"ratelimit_decisions_total{{decision="{decision}",source="local"}}"#);
+            sum += counter(&text, &series);
+        }
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_master_under_grpc_load_fails_no_call_and_its_replica_decides_within_seconds() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let files = RlsFiles::new("edge.yaml", RULES);
+    let prefix = unique_prefix("rls-kill");
+    // Every call asks Redis: with the deny cache, the users' denials (their limits are
+    // spent in half a second) would be answered here without it.
+    let grpc = [
+        ("GRPC_PORT", "0".to_string()),
+        ("RLS_CONFIG", files.folder()),
+        ("REDIS_TIMEOUT_MS", "100".to_string()),
+        ("DENY_CACHE_SIZE", "0".to_string()),
+    ];
+    let (first, second) = spawn_pair(&cluster, &prefix, &grpc);
+    let user_hash = |n: usize| descriptor_hash(&prefix, "user", &format!("u{n}"));
+    let victim = cluster.owner(cluster.slot_of(&user_hash(0)));
+    let heir = cluster.replica_of(victim);
+    let on_victim = numbers_on(&cluster, victim, 0, 6, user_hash);
+    let elsewhere: Vec<usize> = (0..100)
+        .filter(|&n| cluster.owner(cluster.slot_of(&user_hash(n))) != victim)
+        .take(14)
+        .collect();
+    let instances = [
+        RlsClient::connect(first.grpc()).await,
+        RlsClient::connect(second.grpc()).await,
+    ];
+    let users = on_victim
+        .iter()
+        .chain(&elsewhere)
+        .map(|&n| (n, vec![("user".to_string(), format!("u{n}"))]));
+    let calls = Traffic::calls(&instances, "edge", users, Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (fault_at, promoted_at) = kill_until_promoted(&mut cluster, victim).await;
+    // The answers name no decider: the instances' counts of local decisions say when the
+    // dead master's users were decided by Redis again, as they stop growing.
+    let mut last_local = (promoted_at, local_decisions(&[&first, &second]).await);
+    let watch_until = promoted_at + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let local = local_decisions(&[&first, &second]).await;
+        if local > last_local.1 {
+            last_local = (Instant::now(), local);
+        }
+    }
+    let calls = calls.stop().await;
+
+    let failed: Vec<_> = calls.iter().filter(|call| call.answer.is_err()).collect();
+    let worst = calls.iter().map(|call| call.latency).max().unwrap();
+    let back_on_redis = last_local.0.saturating_duration_since(promoted_at);
+    let local = last_local.1;
+    let victims_after = calls
+        .iter()
+        .filter(|call| on_victim.contains(&call.client) && call.sent > last_local.0)
+        .count();
+    println!(
+        "FIGURES | gRPC, kill -9 of a master | fault→promotion {} ms | promotion→last local decision {} ms | failed calls {} | worst latency {} ms | local decisions {local} of {} calls",
+        promoted_at.duration_since(fault_at).as_millis(),
+        back_on_redis.as_millis(),
+        failed.len(),
+        worst.as_millis(),
+        calls.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "FAIL_MODE=local answers every call, yet: {failed:?}"
+    );
+    assert!(worst < Duration::from_secs(1), "worst latency {worst:?}");
+    assert!(
+        local > 0.0,
+        "no decision fell back while the master was down, so the kill was not exercised"
+    );
+    assert!(
+        back_on_redis < Duration::from_secs(2),
+        "local decisions went on {back_on_redis:?} after the promotion"
+    );
+    assert!(
+        victims_after > 0,
+        "the dead master's users were asked about after the last local decision"
+    );
+
+    // A fresh user on the promoted master: exactly its limit across both instances (the
+    // local shares would admit 2 each).
+    let fresh = numbers_on(&cluster, heir, 500, 1, user_hash)[0];
+    let mut rls = instances;
+    let mut admitted = 0;
+    for n in 0..10 {
+        let code = rls[n % 2]
+            .code_of("edge", &[("user", &format!("u{fresh}"))])
+            .await;
+        admitted += u64::from(code == Code::Ok);
+    }
+    assert_eq!(admitted, 5, "a fresh user on the promoted master");
 }

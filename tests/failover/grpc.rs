@@ -4,7 +4,7 @@
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
 use super::*;
-use testkit::{RlsClient, RlsFiles, descriptor, rls_request};
+use testkit::{Call, RlsClient, RlsFiles};
 
 /// A limit of 10 a minute per user: a burst of 10, a token every 6 s.
 const PER_MINUTE: u64 = 10;
@@ -19,71 +19,6 @@ descriptors:
 /// `elapsed` when it is not full.
 fn refilled_per_user(elapsed: Duration, sharing: u64) -> u64 {
     elapsed.as_micros() as u64 * PER_MINUTE / (60_000_000 * sharing)
-}
-
-/// One call and its answer: the overall code, or the gRPC status of a failure.
-#[derive(Debug, Clone)]
-struct Call {
-    client: usize,
-    sent: Instant,
-    latency: Duration,
-    answer: Result<Code, tonic::Code>,
-}
-
-/// `CLIENTS` clients, each asking about its own user every 100 ms, over both instances in
-/// turn; bounded to 60 s whatever happens.
-struct Calls {
-    calls: Arc<Mutex<Vec<Call>>>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Calls {
-    async fn start(ports: [u16; 2]) -> Self {
-        let clients = [
-            RlsClient::connect(ports[0]).await,
-            RlsClient::connect(ports[1]).await,
-        ];
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..CLIENTS)
-            .map(|client| {
-                let (calls, stop, mut rls) = (calls.clone(), stop.clone(), clients.clone());
-                tokio::spawn(async move {
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    let user = format!("user-{client}");
-                    let mut n = client;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let instance = &mut rls[n % 2];
-                        n += 1;
-                        let sent = Instant::now();
-                        let answer = instance
-                            .ask(rls_request("edge", vec![descriptor(&[("user", &user)])]))
-                            .await
-                            .map(|response| response.overall_code())
-                            .map_err(|status| status.code());
-                        calls.lock().unwrap().push(Call {
-                            client,
-                            sent,
-                            latency: sent.elapsed(),
-                            answer,
-                        });
-                        let interval = Duration::from_millis(100);
-                        tokio::time::sleep(interval.saturating_sub(sent.elapsed())).await;
-                    }
-                })
-            })
-            .collect();
-        Self { calls, stop, tasks }
-    }
-
-    async fn stop(self) -> Vec<Call> {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.calls.lock().unwrap().clone()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +44,14 @@ async fn killing_the_master_under_grpc_load_fails_no_call_and_delays_none_past_a
     std::thread::sleep(POLL + Duration::from_millis(200));
     let old_master = cluster.master_port().expect("a master");
     let watch = Arc::new(SwitchWatch::start(cluster.sentinels[0].port));
-    let calls = Calls::start([first.grpc(), second.grpc()]).await;
+    let instances = [
+        RlsClient::connect(first.grpc()).await,
+        RlsClient::connect(second.grpc()).await,
+    ];
+    // Each client asks about its own user every 100 ms, over both instances in turn.
+    let users =
+        (0..CLIENTS).map(|client| (client, vec![("user".into(), format!("user-{client}"))]));
+    let calls = Traffic::calls(&instances, "edge", users, Duration::from_millis(100));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fault_at = Instant::now();
     cluster.node_mut(old_master).kill();
@@ -128,7 +70,7 @@ async fn killing_the_master_under_grpc_load_fails_no_call_and_delays_none_past_a
     // admit from the fault to the end (the fallback decides only within that time).
     let since_fault = calls
         .iter()
-        .map(|call| call.sent + call.latency)
+        .map(Call::answered)
         .max()
         .unwrap()
         .saturating_duration_since(fault_at);
@@ -138,11 +80,7 @@ async fn killing_the_master_under_grpc_load_fails_no_call_and_delays_none_past_a
     for client in 0..CLIENTS {
         let mine: Vec<&Call> = calls.iter().filter(|call| call.client == client).collect();
         let first_sent = mine.iter().map(|call| call.sent).min().unwrap();
-        let last = mine
-            .iter()
-            .map(|call| call.sent + call.latency)
-            .max()
-            .unwrap();
+        let last = mine.iter().map(|call| call.answered()).max().unwrap();
         let admitted = mine
             .iter()
             .filter(|call| call.answer == Ok(Code::Ok))

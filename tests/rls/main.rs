@@ -4,8 +4,11 @@
 //! - here, `grpc::serve` on port 0 over a limiter built by hand: what `ShouldRateLimit`
 //!   answers;
 //! - `service`: the whole service (`Application::build`, or the binary) with `GRPC_PORT`
-//!   and `RLS_CONFIG`: its reloads, its stop, and the HTTP API beside it.
+//!   and `RLS_CONFIG`: its reloads, its stop, and the HTTP API beside it;
+//! - `cost`: an ignored measurement of what a decision costs the instances and Redis
+//!   through each front.
 
+mod cost;
 mod service;
 
 use std::sync::Arc;

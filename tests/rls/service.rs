@@ -169,7 +169,7 @@ async fn a_changed_rule_file_is_applied_and_an_invalid_one_keeps_the_rules_in_fo
 }
 
 /// A child process that is killed when the test ends, passed or failed.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -179,7 +179,7 @@ impl Drop for Running {
 }
 
 /// The binary with `vars`, its HTTP and gRPC ports free ones; answers once both listen.
-fn start_binary(vars: &[(&str, &str)]) -> (Running, u16, u16) {
+pub(crate) fn start_binary(vars: &[(&str, &str)]) -> (Running, u16, u16) {
     let (port, grpc_port) = (free_port(), free_port());
     let grpc = grpc_port.to_string();
     let child = service_command(port, &[&[("GRPC_PORT", grpc.as_str())], vars].concat())
