@@ -24,11 +24,13 @@
 //!   scripts as commands, connections to a node, discovery, the instance registry;
 //!   [`store::redis::cluster`] for a Redis Cluster).
 //! - [`http`]: the HTTP front: it extracts a request's view, asks the limiter and renders
-//!   the verdict (routes, the gateway's `/v1/check`, the decision API, quota headers, the
-//!   one problem+json shape). Only it knows actix.
+//!   the verdict (routes, the gateway's `/v1/check`, the decision API, the one
+//!   problem+json shape). Only it knows actix.
 //! - [`grpc`]: the gRPC front: Envoy's rate-limit service (`ShouldRateLimit`) and
 //!   `grpc.health.v1`; it reads a request into [`rls`]' view, asks the limiter and renders
 //!   the verdict. Only it knows tonic and Envoy's generated types.
+//! - [`quota_headers`]: a verdict's `RateLimit`/`RateLimit-Policy` (or legacy) headers as
+//!   text, which both fronts send.
 //! - [`metrics`]: the handle behind `/metrics`, built at start and passed to what records.
 //! - [`reload`]: keeps the policy file's and `RLS_CONFIG`'s parsed sets current (SIGHUP,
 //!   file changes).
@@ -55,6 +57,7 @@ pub mod identity;
 pub mod limiter;
 pub mod metrics;
 pub mod policy;
+pub mod quota_headers;
 pub mod reload;
 pub mod rls;
 pub mod settings;

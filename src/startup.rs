@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
 
+use crate::grpc::RlsService;
 use crate::http::admin_auth::AdminAuth;
 use crate::http::routes::AppState;
 use crate::http::socket::{SocketError, SocketFile};
@@ -267,9 +268,10 @@ impl GrpcFront {
             signals: handle,
         };
         let drain = settings.shutdown_timeout;
+        let service = RlsService::new(limiter, metrics, settings.rls_headers);
         let server = std::thread::Builder::new()
             .name("grpc".into())
-            .spawn(move || serve_grpc(runtime, listener, limiter, metrics, stopped, drain))
+            .spawn(move || serve_grpc(runtime, listener, service, stopped, drain))
             .map_err(|err| StartupError::Thread("grpc", err))?;
         front.server = Some(server);
         Ok(front)
@@ -299,8 +301,7 @@ impl Drop for GrpcFront {
 fn serve_grpc(
     runtime: tokio::runtime::Runtime,
     listener: TcpListener,
-    limiter: Arc<Limiter>,
-    metrics: Metrics,
+    service: RlsService,
     stopped: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -322,7 +323,7 @@ fn serve_grpc(
             tokio::time::sleep(drain).await;
         };
         tokio::select! {
-            served = crate::grpc::serve(listener, limiter, metrics, shutdown) => {
+            served = crate::grpc::serve(listener, service, shutdown) => {
                 if let Err(err) = served {
                     log::error!("{err}");
                 }

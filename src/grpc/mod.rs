@@ -20,16 +20,12 @@ mod health;
 mod service;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::pb::health_server::HealthServer;
-
-use crate::limiter::Limiter;
-use crate::metrics::Metrics;
 
 pub use health::RATE_LIMIT_SERVICE;
 pub use service::RlsService;
@@ -56,14 +52,10 @@ pub enum GrpcError {
 /// The listener is the caller's, so port 0 works in tests.
 pub async fn serve(
     listener: TcpListener,
-    limiter: Arc<Limiter>,
-    metrics: Metrics,
+    service: RlsService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    let unmatched = crate::rls::Unmatched::ALL.map(crate::rls::Unmatched::as_str);
-    metrics.declare_rls(&unmatched, service::CODES);
-    let health = health::Health::new(limiter.clone());
-    let service = RlsService::new(limiter, metrics);
+    let health = health::Health::new(service.limiter());
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))

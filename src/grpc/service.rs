@@ -8,7 +8,8 @@
 //! `limit_remaining` at its maximum. A descriptor that gives hits back
 //! (`is_negative_hits`) is `OK`, with what its bucket holds after them. A store that
 //! cannot decide follows `FAIL_MODE`: `local` decides from this instance's share, `open`
-//! answers `OK`, `closed` answers the status `UNAVAILABLE`.
+//! answers `OK`, `closed` answers the status `UNAVAILABLE`. With `RLS_RESPONSE_HEADERS`,
+//! `response_headers_to_add` carries the quota headers an HTTP client would get.
 
 use std::sync::Arc;
 
@@ -22,8 +23,11 @@ use envoy_types::pb::envoy::r#type::v3::RateLimitUnit;
 use envoy_types::pb::google::protobuf::Duration;
 use tonic::{Request, Response, Status};
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+
 use crate::limiter::{DescriptorOutcome, DescriptorVerdict, Level, Limiter, Verdict};
 use crate::metrics::Metrics;
+use crate::quota_headers::{HeaderMode, quota_headers};
 use crate::rls::{Charged, DescriptorView, LimitOverride, Refusal, RlsRequest, Unit};
 
 /// The rate-limit service, over the limiter every front shares (and the rules it holds:
@@ -31,11 +35,24 @@ use crate::rls::{Charged, DescriptorView, LimitOverride, Refusal, RlsRequest, Un
 pub struct RlsService {
     limiter: Arc<Limiter>,
     metrics: Metrics,
+    /// `RLS_RESPONSE_HEADERS`: the quota headers each answer carries for Envoy to add.
+    headers: Option<HeaderMode>,
 }
 
 impl RlsService {
-    pub fn new(limiter: Arc<Limiter>, metrics: Metrics) -> Self {
-        Self { limiter, metrics }
+    /// The service over `limiter`; its metrics' label sets are declared here.
+    pub fn new(limiter: Arc<Limiter>, metrics: Metrics, headers: Option<HeaderMode>) -> Self {
+        let unmatched = crate::rls::Unmatched::ALL.map(crate::rls::Unmatched::as_str);
+        metrics.declare_rls(&unmatched, CODES);
+        Self {
+            limiter,
+            metrics,
+            headers,
+        }
+    }
+
+    pub fn limiter(&self) -> Arc<Limiter> {
+        self.limiter.clone()
     }
 
     async fn answer(&self, message: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
@@ -57,7 +74,18 @@ impl RlsService {
                 self.metrics.rls_unmatched(why.as_str());
             }
         }
-        Ok(response_of(&decided))
+        let mut response = response_of(&decided);
+        if let Some(mode) = self.headers {
+            response.response_headers_to_add = quota_headers(mode, &decided.verdict)
+                .into_iter()
+                .map(|(key, value)| HeaderValue {
+                    key: key.to_string(),
+                    value,
+                    ..HeaderValue::default()
+                })
+                .collect();
+        }
+        Ok(response)
     }
 }
 

@@ -20,8 +20,8 @@ use strum::VariantNames;
 
 pub use super::parse::Expect;
 use super::parse::*;
-use crate::http::headers::HeaderMode;
 use crate::limiter::FailMode;
+use crate::quota_headers::HeaderMode;
 
 /// One setting: `name` in the environment, `key` in TOML files.
 #[derive(Debug)]
@@ -242,6 +242,9 @@ settings! {
     /// a TOML file of policies (`config/policies.example.toml`); unset: one policy, `RATE_LIMIT` per `TIME_WINDOW` per client IP on `/limited_endpoint`
     POLICY_FILE / policy_file: Option<PathBuf> = Unset("unset"),
         Text => path;
+    /// `on`: each `ShouldRateLimit` answer asks Envoy to add to its response (`response_headers_to_add`) the quota headers `RATELIMIT_HEADERS` names, as an HTTP client of this service gets them
+    RLS_RESPONSE_HEADERS / rls_response_headers: bool = Value("off"),
+        Switch => switch;
     /// envoyproxy/ratelimit's YAML rules for the rate-limit service: one file, or a folder of `*.yaml`/`*.yml` files, one domain each (`config/rls.example.yaml`); needs `GRPC_PORT`; unset: no rules, so every domain is unknown and every answer `OK`
     RLS_CONFIG / rls_config: Option<PathBuf> = Unset("unset"),
         Text => path;

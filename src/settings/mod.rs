@@ -23,11 +23,11 @@ use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
 
 use crate::bucket::LimitSpec;
-use crate::http::headers::HeaderMode;
 use crate::http::socket::UnixSocket;
 use crate::identity::IdentityRules;
 use crate::limiter::FailMode;
 use crate::policy::{HashKey, PolicySet};
+use crate::quota_headers::HeaderMode;
 use crate::rls::{RlsConfigError, RuleSet};
 use declared::{
     BURST, Declared, Expect, GRPC_PORT, Given, INSTANCE_NAME, PORT, Preset, Problems, RATE_LIMIT,
@@ -148,6 +148,9 @@ pub struct Settings {
     pub instance_name: String,
     /// `RATELIMIT_HEADERS`
     pub headers: HeaderMode,
+    /// The headers a `ShouldRateLimit` answer asks Envoy to add (`RLS_RESPONSE_HEADERS`);
+    /// `None`: none.
+    pub rls_headers: Option<HeaderMode>,
     pub access_log: bool,
     pub log_queue_lines: usize,
     /// `SHUTDOWN_TIMEOUT_S`
@@ -227,6 +230,9 @@ impl Settings {
             workers: declared.workers,
             instance_name: instance_name?,
             headers: declared.ratelimit_headers,
+            rls_headers: declared
+                .rls_response_headers
+                .then_some(declared.ratelimit_headers),
             access_log: declared.access_log,
             log_queue_lines: declared.log_queue_lines,
             shutdown_timeout: declared.shutdown_timeout_s,

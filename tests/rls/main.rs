@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use ratelimiter::grpc::RlsService;
 use ratelimiter::limiter::{Buckets, Decider, DeciderSettings, FailMode, Limiter};
 use ratelimiter::metrics::Metrics;
 use ratelimiter::policy::{HashKey, PolicySet};
@@ -95,7 +96,8 @@ impl TestRls {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(async move {
-            ratelimiter::grpc::serve(listener, limiter, metrics, async {
+            let service = RlsService::new(limiter, metrics, None);
+            ratelimiter::grpc::serve(listener, service, async {
                 let _ = stopped.await;
             })
             .await

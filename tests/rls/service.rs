@@ -424,3 +424,54 @@ async fn the_decision_api_refuses_a_descriptor_it_cannot_name_saying_which_field
     }
     app.stop().await;
 }
+
+/// The quota headers of a `ShouldRateLimit` answer, by name.
+async fn answer_headers(rls: &mut RlsClient, user: &str) -> Vec<(String, String)> {
+    let response = rls
+        .ask(rls_request("edge", vec![descriptor(&[("user", user)])]))
+        .await
+        .expect("an answer");
+    response
+        .response_headers_to_add
+        .into_iter()
+        .map(|header| (header.key, header.value))
+        .collect()
+}
+
+#[tokio::test]
+async fn with_rls_response_headers_an_answer_carries_the_headers_an_http_client_gets() {
+    let redis = RedisProcess::server(None, &[]);
+    let files = RlsFiles::new("edge.yaml", EDGE);
+    let on = [("RLS_RESPONSE_HEADERS", "on".to_string())];
+    let app = spawn(&redis, &files, "rls-headers", &on);
+    let mut rls = RlsClient::connect(app.grpc()).await;
+
+    let answered = answer_headers(&mut rls, "alice").await;
+    let names: Vec<&str> = answered.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["ratelimit-policy", "ratelimit"]);
+    // The same bucket read over HTTP, which spends nothing: the same quota and tokens left.
+    let read = app.get("/v1/buckets/rls:edge/user=alice").await;
+    assert_eq!(read.status(), 200);
+    assert_eq!(answered[0].1, testkit::header(&read, "RateLimit-Policy"));
+    assert_eq!(answered[0].1, "\"rls:edge-per-user\";q=3;w=60");
+    let state = testkit::header(&read, "RateLimit");
+    assert!(
+        answered[1].1.starts_with("\"rls:edge-per-user\";r=2;t="),
+        "{answered:?}"
+    );
+    assert!(state.starts_with("\"rls:edge-per-user\";r=2;t="), "{state}");
+
+    let legacy = [
+        ("RLS_RESPONSE_HEADERS", "on".to_string()),
+        ("RATELIMIT_HEADERS", "legacy".to_string()),
+    ];
+    let app = spawn(&redis, &files, "rls-headers-legacy", &legacy);
+    let mut rls = RlsClient::connect(app.grpc()).await;
+    let answered = answer_headers(&mut rls, "alice").await;
+    assert_eq!(answered[0], ("x-ratelimit-limit".into(), "3".into()));
+    assert_eq!(answered[1], ("x-ratelimit-remaining".into(), "2".into()));
+
+    let app = spawn(&redis, &files, "rls-headers-off", &[]);
+    let mut rls = RlsClient::connect(app.grpc()).await;
+    assert_eq!(answer_headers(&mut rls, "alice").await, []);
+}
