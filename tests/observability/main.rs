@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use testkit::{
-    Origin, PolicyFile, PrometheusProcess, RedisCluster, RlsClient, RlsFiles, SENTINEL_PASSWORD,
-    SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp, Traffic, client, repo_path,
-    unique_prefix,
+    Origin, PolicyFile, PrometheusProcess, Record, RedisCluster, RlsClient, RlsFiles,
+    SENTINEL_PASSWORD, SERVICE_PASSWORD, SERVICE_USER, SentinelCluster, TestApp, Traffic, client,
+    repo_path, unique_prefix,
 };
 
 /// Two a second per client on `/limited_endpoint`, which the traffic (ten a second per
@@ -128,7 +128,7 @@ impl Stage {
         }
         tokio::spawn(async move {
             let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Traffic::LIMIT {
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Traffic::<Record>::LIMIT {
                 for client in &mut clients {
                     client
                         .code_of("edge", &[("remote_address", "10.9.1.1")])
