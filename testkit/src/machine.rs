@@ -8,12 +8,25 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, with its Redis Cluster bus port (+10000) free too.
+/// Chosen below the kernel's ephemeral range (32768 and up here, and by default), from
+/// 10000 to 22767: a port the kernel hands out (a `PORT=0` bind, an outgoing connection)
+/// never lands there, so only another test's choice of the same port could take it before
+/// it is bound.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("no free port on 127.0.0.1")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let seed = std::process::id() ^ now.map_or(0, |since| since.subsec_nanos());
+    let start = seed.wrapping_mul(2_654_435_761) % 12_768;
+    for step in 0..12_768 {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed) * 7 + step) % 12_768;
+        let port = 10_000 + offset as u16;
+        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port from 10000 to 22767 on 127.0.0.1")
 }
 
 /// A key prefix no other test uses, so tests never share buckets and never need a flush.

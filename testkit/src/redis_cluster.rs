@@ -27,8 +27,10 @@ impl RedisCluster {
         let nodes: Vec<RedisProcess> = (0..6)
             .map(|_| RedisProcess::server_from_template("redis/cluster-node.conf", None, &extra))
             .collect();
-        let mut create = Command::new("redis-cli");
-        create.args(["-a", PASSWORD, "--no-auth-warning", "--cluster", "create"]);
+        // Bounded: `--cluster create` waits for the nodes to join without a limit of its own.
+        let mut create = Command::new("timeout");
+        create.args(["60", "redis-cli", "-a", PASSWORD, "--no-auth-warning"]);
+        create.args(["--cluster", "create"]);
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
         }

@@ -200,12 +200,32 @@ impl RedisProcess {
             .unwrap_or_else(|err| panic!("cannot start {binary}: {err}"))
     }
 
-    /// Until it answers PING (a data node still loading its files answers `LOADING`).
+    /// Until it answers PING (a data node still loading its files answers `LOADING`), and
+    /// the process answering is this one: a port chosen free may be taken by another test's
+    /// process before this one binds it, and then this one has exited.
     fn wait_for_answer(&self) {
+        let mut answered = None;
         wait_until(
             &format!("{} on port {}", self.binary, self.port),
             Duration::from_secs(10),
-            || self.try_connection().is_some(),
+            || {
+                answered = self.try_connection();
+                answered.is_some()
+            },
+        );
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query(&mut answered.expect("a connection"))
+            .expect("INFO server");
+        let pid = format!("process_id:{}", self.child.id());
+        assert!(
+            info.lines().any(|line| line.trim() == pid),
+            "port {} answers for another process than {} ({}): it was taken before this one \
+             could bind it\n{}",
+            self.port,
+            self.binary,
+            self.child.id(),
+            self.log_tail()
         );
     }
 
