@@ -155,7 +155,29 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
+/// A file the service watches and reloads, each with its own reload and version series.
+#[derive(Debug, Clone, Copy)]
+pub enum Watched {
+    /// `POLICY_FILE`: `ratelimit_policy_reloads_total`, `ratelimit_policy_version_info`.
+    Policies,
+    /// `RLS_CONFIG`: `ratelimit_rls_reloads_total`, `ratelimit_rls_version_info`.
+    Rules,
+}
+
 impl Recorder {
+    fn watched(
+        &self,
+        watched: Watched,
+    ) -> (
+        &Family<ResultLabels, Counter>,
+        &Family<PolicyVersionLabels, Gauge>,
+    ) {
+        match watched {
+            Watched::Policies => (&self.policy_reloads, &self.policy_version),
+            Watched::Rules => (&self.rls_reloads, &self.rls_version),
+        }
+    }
+
     fn new() -> Self {
         let mut registry = Registry::with_prefix("ratelimit");
         let decisions = Family::default();
@@ -366,45 +388,20 @@ impl Metrics {
         }
     }
 
-    /// A policy reload attempt (`applied`, `rejected`, `unreadable`).
-    pub fn policy_reload(&self, result: &'static str) {
+    /// A reload attempt of a watched file (`applied`, `rejected`, `unreadable`).
+    pub fn reload(&self, watched: Watched, result: &'static str) {
         if let Some(recorder) = &self.recorder {
-            recorder
-                .policy_reloads
-                .get_or_create(&ResultLabels { result })
-                .inc();
+            let (reloads, _) = recorder.watched(watched);
+            reloads.get_or_create(&ResultLabels { result }).inc();
         }
     }
 
-    /// The policy set now active.
-    pub fn policy_version(&self, version: &str) {
+    /// The version of a watched file's set now active.
+    pub fn version(&self, watched: Watched, version: &str) {
         if let Some(recorder) = &self.recorder {
-            recorder.policy_version.clear();
-            recorder
-                .policy_version
-                .get_or_create(&PolicyVersionLabels {
-                    version: version.to_string(),
-                })
-                .set(1);
-        }
-    }
-
-    /// An `RLS_CONFIG` reload attempt (`applied`, `rejected`, `unreadable`).
-    pub fn rls_reload(&self, result: &'static str) {
-        if let Some(recorder) = &self.recorder {
-            recorder
-                .rls_reloads
-                .get_or_create(&ResultLabels { result })
-                .inc();
-        }
-    }
-
-    /// The rate-limit service's rules now active.
-    pub fn rls_version(&self, version: &str) {
-        if let Some(recorder) = &self.recorder {
-            recorder.rls_version.clear();
-            recorder
-                .rls_version
+            let (_, active) = recorder.watched(watched);
+            active.clear();
+            active
                 .get_or_create(&PolicyVersionLabels {
                     version: version.to_string(),
                 })
@@ -451,24 +448,12 @@ impl Metrics {
     }
 
     /// Writes the policy file's reload series at 0, one per result (see
-    /// [`Metrics::declare`]): the first rejected reload is then an increase an alert sees.
-    pub fn declare_policy_reloads(&self, results: &[&'static str]) {
+    /// Writes a watched file's reload series at 0, one per result.
+    pub fn declare_reloads(&self, watched: Watched, results: &[&'static str]) {
         if let Some(recorder) = &self.recorder {
+            let (reloads, _) = recorder.watched(watched);
             for &result in results {
-                drop(
-                    recorder
-                        .policy_reloads
-                        .get_or_create(&ResultLabels { result }),
-                );
-            }
-        }
-    }
-
-    /// Writes `RLS_CONFIG`'s reload series at 0, one per result.
-    pub fn declare_rls_reloads(&self, results: &[&'static str]) {
-        if let Some(recorder) = &self.recorder {
-            for &result in results {
-                drop(recorder.rls_reloads.get_or_create(&ResultLabels { result }));
+                drop(reloads.get_or_create(&ResultLabels { result }));
             }
         }
     }
@@ -658,7 +643,7 @@ mod tests {
     #[test]
     fn reload_results_are_declared_at_zero_before_any_reload() {
         let metrics = Metrics::new(true);
-        metrics.declare_policy_reloads(&["applied", "rejected"]);
+        metrics.declare_reloads(Watched::Policies, &["applied", "rejected"]);
         let text = metrics.render();
         assert!(
             text.contains("ratelimit_policy_reloads_total{result=\"rejected\"} 0\n"),

@@ -25,9 +25,9 @@ use crate::http::{Listeners, ServeSettings, Server, ServerHandle};
 use crate::limiter::{
     Buckets, Decider, DeciderSettings, InstanceCount, Limiter, Source, StoreError,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Watched};
 use crate::policy::PolicySet;
-use crate::reload::{Reloaded, WatchSettings, Watcher, read_text};
+use crate::reload::{Observe, Reloaded, WatchSettings, Watcher, read_text};
 use crate::rls::RuleSet;
 use crate::settings::{
     MasterSettings, NodeAccess, PolicySource, RlsSource, Settings, StoreSettings,
@@ -116,7 +116,7 @@ impl Application {
             metrics: metrics.clone(),
         });
         let policies = Arc::new(ArcSwap::new(settings.policies.clone()));
-        metrics.policy_version(settings.policies.version());
+        metrics.version(Watched::Policies, settings.policies.version());
         let watcher = watch_policies(&settings, &policies, &metrics)?;
         let rules = Arc::new(ArcSwap::new(settings.rules.clone()));
         let rules_watcher = watch_rules(&settings, &rules, &metrics)?;
@@ -351,9 +351,8 @@ fn watch_policies(
     let PolicySource::File { file, text } = &settings.policy_source else {
         return Ok(None);
     };
-    metrics.declare_policy_reloads(&Reloaded::ALL.map(Reloaded::as_str));
+    metrics.declare_reloads(Watched::Policies, &Reloaded::ALL.map(Reloaded::as_str));
     let parser = file.clone();
-    let observed = metrics.clone();
     let watcher = Watcher::start(
         WatchSettings {
             name: "policies",
@@ -362,19 +361,31 @@ fn watch_policies(
             poll: file.poll,
             read: read_text(file.path.clone()),
             parse: Box::new(move |text: &String| parser.parse(text)),
-            observe: Box::new(move |result, set: Option<&PolicySet>| {
-                observed.policy_reload(result.as_str());
-                if let Some(set) = set {
-                    observed.policy_version(set.version());
-                    log::info!("policies {} are active", set.version());
-                }
-            }),
+            observe: report_reloads(metrics, Watched::Policies, "policies", PolicySet::version),
         },
         active.clone(),
         text.clone(),
     )
     .map_err(|err| StartupError::Thread("policy-reload", err))?;
     Ok(Some(watcher))
+}
+
+/// What a watcher reports after each reload attempt: counted by result, and the version
+/// of the set it made active.
+fn report_reloads<T: 'static>(
+    metrics: &Metrics,
+    watched: Watched,
+    name: &'static str,
+    version: fn(&T) -> &str,
+) -> Observe<T> {
+    let metrics = metrics.clone();
+    Box::new(move |result, set: Option<&T>| {
+        metrics.reload(watched, result.as_str());
+        if let Some(set) = set {
+            metrics.version(watched, version(set));
+            log::info!("{name} {} are active", version(set));
+        }
+    })
 }
 
 /// Starts watching `RLS_CONFIG`, when there is one: a valid change of its files replaces
@@ -384,7 +395,7 @@ fn watch_rules(
     active: &Arc<ArcSwap<RuleSet>>,
     metrics: &Metrics,
 ) -> Result<Option<Watcher>, StartupError> {
-    metrics.rls_version(settings.rules.version());
+    metrics.version(Watched::Rules, settings.rules.version());
     let RlsSource::Config { config, files } = &settings.rls_source else {
         if settings.grpc_port.is_some() {
             log::info!(
@@ -393,8 +404,8 @@ fn watch_rules(
         }
         return Ok(None);
     };
-    metrics.declare_rls_reloads(&Reloaded::ALL.map(Reloaded::as_str));
-    let (reader, parser, observed) = (config.clone(), config.clone(), metrics.clone());
+    metrics.declare_reloads(Watched::Rules, &Reloaded::ALL.map(Reloaded::as_str));
+    let (reader, parser) = (config.clone(), config.clone());
     let watcher = Watcher::start(
         WatchSettings {
             name: "rate-limit rules",
@@ -403,13 +414,12 @@ fn watch_rules(
             poll: config.poll,
             read: Box::new(move || reader.read()),
             parse: Box::new(move |files: &Vec<(String, String)>| parser.parse(files)),
-            observe: Box::new(move |result, rules: Option<&RuleSet>| {
-                observed.rls_reload(result.as_str());
-                if let Some(rules) = rules {
-                    observed.rls_version(rules.version());
-                    log::info!("rate-limit rules {} are active", rules.version());
-                }
-            }),
+            observe: report_reloads(
+                metrics,
+                Watched::Rules,
+                "rate-limit rules",
+                RuleSet::version,
+            ),
         },
         active.clone(),
         files.clone(),

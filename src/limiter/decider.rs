@@ -13,7 +13,7 @@ use super::verdict::{Bucket, LimitName, LimitVerdict, Source, Verdict};
 use crate::bucket::{Charge, Group, Level, Taken};
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
-use crate::store::{KeyedCharge, Store, StoreError};
+use crate::store::{KeyedCharge, Store, StoreError, StoreFuture};
 
 /// What to do when Redis cannot decide (`FAIL_MODE`).
 #[derive(
@@ -177,29 +177,21 @@ impl Decider {
             }
             Buckets::Shared(store) => store,
         };
-        let started = Instant::now();
-        let result = store.give_back(charges).await;
-        self.metrics.store_call(started.elapsed());
-        match result {
-            Ok(levels) => {
-                self.note_recovered();
+        match self.ask(store.give_back(charges)).await {
+            Some(levels) => {
                 self.metrics.give_back("redis");
                 asked(levels)
             }
-            Err(error) => {
-                self.metrics.store_error(error.kind());
-                self.note_degraded(&error);
-                match self.fail_mode {
-                    FailMode::Local => {
-                        self.metrics.give_back("local");
-                        asked(self.fallback.give_back_now(&self.shares(charges)))
-                    }
-                    FailMode::Open | FailMode::Closed => {
-                        self.metrics.give_back("lost");
-                        vec![None; charges.len()]
-                    }
+            None => match self.fail_mode {
+                FailMode::Local => {
+                    self.metrics.give_back("local");
+                    asked(self.fallback.give_back_now(&self.shares(charges)))
                 }
-            }
+                FailMode::Open | FailMode::Closed => {
+                    self.metrics.give_back("lost");
+                    vec![None; charges.len()]
+                }
+            },
         }
     }
 
@@ -277,21 +269,32 @@ impl Decider {
             };
             return decided(Bucket::Shared, names, charges, taken);
         }
-        let started = Instant::now();
-        let result = store.take(charges).await;
-        self.metrics.store_call(started.elapsed());
-        match result {
-            Ok(taken) => {
-                self.note_recovered();
+        match self.ask(store.take(charges)).await {
+            Some(taken) => {
                 if let Some((denials, fingerprint, asked_at_us)) = asked {
                     denials.remember_at(fingerprint, asked_at_us, charges, &taken);
                 }
                 decided(Bucket::Shared, names, charges, taken)
             }
+            None => self.fall_back(names, charges),
+        }
+    }
+
+    /// Awaits a call to the shared store, timed; an answer ends a degraded spell, an error
+    /// is counted and starts one (the caller then follows `FAIL_MODE`).
+    async fn ask<T>(&self, call: StoreFuture<'_, T>) -> Option<T> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics.store_call(started.elapsed());
+        match result {
+            Ok(answer) => {
+                self.note_recovered();
+                Some(answer)
+            }
             Err(error) => {
                 self.metrics.store_error(error.kind());
                 self.note_degraded(&error);
-                self.fall_back(names, charges)
+                None
             }
         }
     }
