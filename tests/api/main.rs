@@ -7,6 +7,7 @@ mod config_errors;
 mod contract;
 mod decide;
 mod identity;
+mod parity;
 mod policies;
 mod redis_store;
 mod socket;
