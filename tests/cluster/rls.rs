@@ -24,6 +24,20 @@ descriptors:
     rate_limit: { unit: hour, requests_per_unit: 3 }
 ";
 
+/// The settings of an instance serving `files` over gRPC, its store calls bounded by
+/// `timeout_ms`, with or without its deny cache.
+fn grpc(files: &RlsFiles, timeout_ms: u64, deny_cache: bool) -> Vec<(&'static str, String)> {
+    let mut settings = vec![
+        ("GRPC_PORT", "0".to_string()),
+        ("RLS_CONFIG", files.folder()),
+        ("REDIS_TIMEOUT_MS", timeout_ms.to_string()),
+    ];
+    if !deny_cache {
+        settings.push(("DENY_CACHE_SIZE", "0".to_string()));
+    }
+    settings
+}
+
 /// The hash of the descriptor `key=value`'s bucket: its entries are its hash tag.
 fn descriptor_hash(prefix: &str, key: &str, value: &str) -> String {
     format!("{prefix}:rls:edge:{{{key}={value}}}")
@@ -35,12 +49,7 @@ async fn descriptors_on_every_master_are_each_admitted_exactly_their_limit_over_
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let files = RlsFiles::new("edge.yaml", RULES);
     let prefix = unique_prefix("rls-exact");
-    let grpc = [
-        ("GRPC_PORT", "0".to_string()),
-        ("RLS_CONFIG", files.folder()),
-        ("REDIS_TIMEOUT_MS", "2000".to_string()),
-    ];
-    let (first, second) = spawn_pair(&cluster, &prefix, &grpc);
+    let (first, second) = spawn_pair(&cluster, &prefix, &grpc(&files, 2000, true));
     let users: Vec<String> = (0..30).map(|n| format!("u{n}")).collect();
     let masters: BTreeSet<u16> = users
         .iter()
@@ -79,12 +88,7 @@ async fn a_request_whose_descriptors_lie_in_two_slots_is_decided_all_or_nothing(
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let files = RlsFiles::new("edge.yaml", RULES);
     let prefix = unique_prefix("rls-two-slots");
-    let grpc = [
-        ("GRPC_PORT", "0".to_string()),
-        ("RLS_CONFIG", files.folder()),
-        ("REDIS_TIMEOUT_MS", "2000".to_string()),
-    ];
-    let (first, second) = spawn_pair(&cluster, &prefix, &grpc);
+    let (first, second) = spawn_pair(&cluster, &prefix, &grpc(&files, 2000, true));
     let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "org", "acme")));
     let user = (0..1000)
         .map(|n| format!("u{n}"))
@@ -135,14 +139,8 @@ async fn hits_given_back_to_descriptors_on_two_masters_return_to_both() {
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let files = RlsFiles::new("edge.yaml", RULES);
     let prefix = unique_prefix("rls-given-back");
-    let grpc = [
-        ("GRPC_PORT", "0".to_string()),
-        ("RLS_CONFIG", files.folder()),
-        ("REDIS_TIMEOUT_MS", "2000".to_string()),
-        // Every answer below must come from Redis, not from a denial cached here.
-        ("DENY_CACHE_SIZE", "0".to_string()),
-    ];
-    let (first, _second) = spawn_pair(&cluster, &prefix, &grpc);
+    // Every answer below must come from Redis, not from a denial cached here.
+    let (first, _second) = spawn_pair(&cluster, &prefix, &grpc(&files, 2000, false));
     let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "org", "acme")));
     let user = (0..1000)
         .map(|n| format!("u{n}"))
@@ -215,13 +213,7 @@ async fn killing_a_master_under_grpc_load_fails_no_call_and_its_replica_decides_
     let prefix = unique_prefix("rls-kill");
     // Every call asks Redis: with the deny cache, the users' denials (their limits are
     // spent in half a second) would be answered here without it.
-    let grpc = [
-        ("GRPC_PORT", "0".to_string()),
-        ("RLS_CONFIG", files.folder()),
-        ("REDIS_TIMEOUT_MS", "100".to_string()),
-        ("DENY_CACHE_SIZE", "0".to_string()),
-    ];
-    let (first, second) = spawn_pair(&cluster, &prefix, &grpc);
+    let (first, second) = spawn_pair(&cluster, &prefix, &grpc(&files, 100, false));
     let user_hash = |n: usize| descriptor_hash(&prefix, "user", &format!("u{n}"));
     let victim = cluster.owner(cluster.slot_of(&user_hash(0)));
     let heir = cluster.replica_of(victim);

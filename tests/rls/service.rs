@@ -266,14 +266,7 @@ async fn policies_list_the_rules_beside_the_policies() {
     let redis = RedisProcess::server(None, &[]);
     let files = RlsFiles::new("edge.yaml", EDGE);
     let app = spawn(&redis, &files, "listed", &[]);
-    let listed: serde_json::Value = client()
-        .get(app.at("/v1/policies"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: serde_json::Value = app.get_json("/v1/policies").await;
     assert_eq!(listed["policies"][0]["name"], "default");
     let edge = &listed["rls"]["domains"][0];
     assert_eq!(edge["domain"], "edge");
