@@ -480,7 +480,11 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<BuiltSt
                 follower: StoreFollower::Nothing,
             });
         }
-        StoreSettings::Cluster { nodes, access } => {
+        StoreSettings::Cluster {
+            nodes,
+            access,
+            batch_max,
+        } => {
             let login = login(access);
             let cluster = ClusterSettings {
                 nodes: nodes
@@ -488,6 +492,7 @@ async fn build_buckets(settings: &Settings, metrics: &Metrics) -> Result<BuiltSt
                     .map(|(host, port)| node_info(host, *port, &login))
                     .collect(),
                 timeout: access.timeout,
+                batch_max: *batch_max,
             };
             let registry = registry(crate::store::redis::cluster::WATCH_EVERY);
             return build_cluster(&cluster, registry, metrics, fixed_instances).await;

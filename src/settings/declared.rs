@@ -176,7 +176,7 @@ settings! {
     /// connections per instance to the master, with `REDIS_CLIENT=pool`
     REDIS_POOL_SIZE / redis_pool_size: u32 = Value("16"),
         Whole { min: 1, max: 1024 } => whole;
-    /// with `REDIS_CLIENT=multiplexed`, the most decisions sent in one call: while a call is in flight on a worker's connection the decisions that arrive queue, and go together when it completes; a decision that finds nothing in flight goes at once. `1` sends each alone; the pool and Cluster modes always do
+    /// with `REDIS_CLIENT=multiplexed` or `REDIS_CLUSTER_NODES`, the most decisions sent in one call: while a call is in flight on a worker's connection (in Cluster mode: for one hash slot) the decisions that arrive queue, and go together when it completes; a decision that finds nothing in flight goes at once. `1` sends each alone; the pool always does
     REDIS_BATCH_MAX / redis_batch_max: usize = Value("32"),
         Whole { min: 1, max: 1024 } => whole;
     /// prefix of the bucket keys

@@ -42,6 +42,8 @@ pub enum StoreSettings {
     Cluster {
         nodes: Vec<HostPort>,
         access: NodeAccess,
+        /// `REDIS_BATCH_MAX`: the most decisions for one hash slot in one call.
+        batch_max: usize,
     },
 }
 
@@ -131,6 +133,7 @@ pub(super) fn store(
         return Some(StoreSettings::Cluster {
             nodes: declared.redis_cluster_nodes.clone()?,
             access,
+            batch_max: declared.redis_batch_max,
         });
     }
     let master = MasterSettings {

@@ -3,6 +3,8 @@
 //! and service instances on it, logged in as the instances' user of `redis/users.acl`, as
 //! the shipped topologies run them.
 //!
+//! - `batches`: a flood on one key decided in fewer calls, exactly, while scripts are
+//!   flushed; decisions queued behind a stalled master falling back within the timeout.
 //! - `exactness`: keys spread over every master, each admitted exactly its burst; a policy
 //!   whose keys lie in two slots, with the refunds that keeps it exact.
 //! - `faults`: scripts missing everywhere, a master killed, a slot moved under load, slots
@@ -15,6 +17,7 @@
 //! The tests run one at a time: each starts six Redis processes and two instances, and the
 //! machine is shared. Timing is used only as a generous bound on hangs.
 
+mod batches;
 mod exactness;
 mod faults;
 mod refund;

@@ -165,6 +165,13 @@ async fn hits_given_back_to_descriptors_on_two_masters_return_to_both() {
         Code::OverLimit,
         "the org has none left"
     );
+    // The user's slot paid for that denied call; its refund is sent after the answer.
+    let (http, deadline) = (client(), Instant::now() + Duration::from_secs(5));
+    let refunded = r#"ratelimit_cluster_refunds_total{result="given"}"#;
+    while counter(&metrics(&http, &first).await, refunded) < 1.0 {
+        assert!(Instant::now() < deadline, "the user's refund never landed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let given_back = |entries: &[(&str, &str)]| {
         let mut descriptor = descriptor(entries);

@@ -3,7 +3,8 @@
 //! async cluster client (it keeps the slot map, follows `MOVED` and `ASK`, and reconnects).
 //!
 //! - [`store`]: [`ClusterStore`]: a cluster connection per worker thread, the take over one
-//!   or several slots within one deadline, and the refunds.
+//!   or several slots within one deadline, the decisions of one slot batched, and the
+//!   refunds.
 //! - [`settle`]: joins the replies of several slots into one answer, by the admission rule,
 //!   and says which payments to give back; pure.
 //! - [`slots`]: which hash slot each charge lies in, and what a node says of the slots

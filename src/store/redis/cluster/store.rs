@@ -16,17 +16,32 @@
 //! Each worker thread has its own cluster connection (one multiplexed connection per node),
 //! opened on first use, so a decision never changes threads, as with Sentinel. Replicas
 //! are never read from: a bucket must be read where it is written.
+//!
+//! # Batches, per hash slot
+//! A request in one slot goes through this thread's queue for that slot ([`Batcher`],
+//! `REDIS_BATCH_MAX`): alone, as the call it would make unbatched, when no call for the
+//! slot is in flight on this thread; else with the requests that queued behind that call,
+//! as one batch call of the bucket script. A batch is per slot, not per master, because a
+//! script's keys must lie in one slot: so the client routes a batch as it routes one
+//! decision, `MOVED` and `ASK` included, and a batch is decided whole or not at all.
+//! Batches form where requests meet on one slot (a busy key, a tenant's shared limit); keys
+//! spread evenly over the 16,384 slots seldom share one while in flight. A queue lives as
+//! long as its thread, at most one per slot and store (a few hundred bytes each).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use redis::aio::ConnectionLike as _;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::io::tcp::TcpSettings;
-use redis::{ConnectionInfo, RedisResult};
+use redis::{ConnectionInfo, RedisError, RedisResult, Value};
 use tokio::sync::{OnceCell, oneshot};
 use tokio::time::Instant;
 
@@ -35,10 +50,12 @@ use super::slots::{by_slot, coverage};
 use super::watch::ClusterWatch;
 use crate::bucket::{Level, Paid, REFUND_LUA, TOKEN_BUCKET_LUA, Taken};
 use crate::metrics::Metrics;
+use crate::store::redis::batch::{self, Batcher};
 use crate::store::redis::error::{classify_in_cluster, is_noscript};
 use crate::store::redis::registry::InstanceRegistry;
 use crate::store::redis::script::{
-    ScriptCall, decide_cmd, levels_after_refund, refund_cmd, taken_from,
+    ScriptCall, batch_answers, by_text, decide_batch_cmd, decide_cmd, levels_after_refund,
+    refund_cmd, taken_from,
 };
 use crate::store::{KeyedCharge, Store, StoreError, StoreFuture};
 
@@ -67,6 +84,10 @@ thread_local! {
     /// to its driver task, works as well.
     static CONNECTIONS: RefCell<Vec<(u64, Arc<OnceCell<ClusterConnection>>)>> =
         const { RefCell::new(Vec::new()) };
+
+    /// This thread's queue of decisions for each slot of each store, opened on the slot's
+    /// first decision here.
+    static SLOT_QUEUES: RefCell<HashMap<(u64, Slot), SlotQueue>> = RefCell::new(HashMap::new());
 }
 
 /// What the store needs to reach a cluster.
@@ -76,6 +97,8 @@ pub struct ClusterSettings {
     pub nodes: Vec<ConnectionInfo>,
     /// Bounds a whole decision, retries included, and every connect.
     pub timeout: Duration,
+    /// `REDIS_BATCH_MAX`: the most decisions for one slot in one call; 1 sends each alone.
+    pub batch_max: usize,
 }
 
 /// Buckets in a Redis Cluster, decided by `TOKEN_BUCKET_LUA` slot by slot.
@@ -90,6 +113,8 @@ struct Inner {
     script: redis::Script,
     refund_script: redis::Script,
     timeout: Duration,
+    /// `None` when every decision goes alone.
+    batch_max: Option<NonZeroUsize>,
     metrics: Metrics,
 }
 
@@ -116,6 +141,7 @@ impl ClusterStore {
                 script: redis::Script::new(TOKEN_BUCKET_LUA),
                 refund_script: redis::Script::new(REFUND_LUA),
                 timeout,
+                batch_max: NonZeroUsize::new(settings.batch_max).filter(|max| max.get() > 1),
                 metrics,
             }),
         })
@@ -177,14 +203,10 @@ impl Inner {
         }
         let deadline = Instant::now() + self.timeout;
         let shares = by_slot(charges);
-        let mut conn = self.within(deadline, self.connection()).await?;
+        let conn = self.within(deadline, self.connection()).await?;
         if shares.len() <= 1 {
             let answer = self
-                .within(deadline, async {
-                    self.decide(&mut conn, charges)
-                        .await
-                        .map_err(|err| classify_in_cluster(&err, self.timeout))
-                })
+                .within(deadline, self.decide_in_slot(&conn, charges))
                 .await?;
             return taken_from(charges, &answer);
         }
@@ -229,6 +251,42 @@ impl Inner {
             self.send_refund(&conn, charges, reply, refund);
         }
         Ok(taken)
+    }
+
+    /// `charges`, all in one slot, decided through this thread's queue for the slot, or in
+    /// a call of their own when decisions go alone. A caller that gives up (its deadline)
+    /// while queued is taken out of the queue, never decided behind its back.
+    async fn decide_in_slot(
+        self: &Arc<Self>,
+        conn: &ClusterConnection,
+        charges: &[KeyedCharge],
+    ) -> Result<Vec<u64>, StoreError> {
+        let classify = |err: RedisError| classify_in_cluster(&err, self.timeout);
+        let Some(max) = self.batch_max else {
+            return self
+                .decide(&mut conn.clone(), charges)
+                .await
+                .map_err(classify);
+        };
+        let key = (self.id, Slot::for_key(charges[0].key.as_bytes()));
+        let queue = SLOT_QUEUES.with_borrow_mut(|queues| {
+            queues
+                .entry(key)
+                .or_insert_with(|| {
+                    let sender = SlotDecisions {
+                        inner: Arc::clone(self),
+                        conn: conn.clone(),
+                    };
+                    Batcher::new(sender, max)
+                })
+                .clone()
+        });
+        match queue.submit(charges.to_vec()).await {
+            Ok(answer) => answer.map_err(classify),
+            Err(unanswered) => Err(StoreError::Other {
+                source: Box::new(unanswered),
+            }),
+        }
     }
 
     /// The bucket script over `part` (one slot's charges): by hash, and in full on a node
@@ -406,6 +464,51 @@ impl Inner {
             coverage(&info)
         })
         .await
+    }
+}
+
+/// One thread's queue of decisions for one slot.
+type SlotQueue = Arc<Batcher<SlotDecisions>>;
+
+/// What sends one thread's queued decisions for one slot, as one call routed by the slot.
+struct SlotDecisions {
+    inner: Arc<Inner>,
+    conn: ClusterConnection,
+}
+
+impl batch::Sender for SlotDecisions {
+    type Request = Vec<KeyedCharge>;
+    type Answer = RedisResult<Vec<u64>>;
+
+    /// A lone decision goes as the very call it would make unbatched; several as one batch
+    /// call, sent again with the script's text to a node that lacks it (`NOSCRIPT` ran
+    /// nothing, so nothing is decided twice).
+    async fn send(&self, batch: Vec<Vec<KeyedCharge>>) -> Vec<RedisResult<Vec<u64>>> {
+        let mut conn = self.conn.clone();
+        if let [alone] = &batch[..] {
+            return vec![self.inner.decide(&mut conn, alone).await];
+        }
+        let requests = batch.len();
+        let cmd = decide_batch_cmd(ScriptCall::Sha(&self.inner.script), &batch, None);
+        let answer = match call(&mut conn, &cmd).await {
+            Err(err) if is_noscript(&err) => {
+                call(&mut conn, &by_text(&cmd, TOKEN_BUCKET_LUA)).await
+            }
+            answer => answer,
+        };
+        match answer.and_then(|answer| batch_answers(answer, requests)) {
+            Ok(answers) => answers,
+            Err(err) => (0..requests).map(|_| Err(err.clone())).collect(),
+        }
+    }
+}
+
+/// `cmd`'s answer as the node gave it, but an error answer to the whole command is an
+/// `Err`: errors inside it (a batch's requests') are the caller's to read.
+async fn call(conn: &mut ClusterConnection, cmd: &redis::Cmd) -> RedisResult<Value> {
+    match conn.req_packed_command(cmd).await? {
+        Value::ServerError(error) => Err(error.into()),
+        answer => Ok(answer),
     }
 }
 
