@@ -445,13 +445,17 @@ mod tests {
         vec!["127.0.0.10".parse().unwrap(), "127.0.0.11".parse().unwrap()]
     }
 
-    /// Client 0 sends `total` requests one second apart and is admitted the first
-    /// `admitted` of them, then refused; each answer takes 1 ms.
-    fn client_zero(tally: &mut Tally, admitted: u64, total: u64) {
-        for i in 0..total {
+    /// The summary of a 12-request run in which client 0 sends one request a second and
+    /// is admitted the first `admitted`, then refused; each answer takes 1 ms. Client 1
+    /// sends nothing.
+    fn client_zero_summary(admitted: u64) -> Summary {
+        const TOTAL: u64 = 12;
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
+        for i in 0..TOTAL {
             let status = if i < admitted { 200 } else { 429 };
             tally.add(answered(0, i * S, i * S + 1_000_000, status));
         }
+        tally.summarize(run(TOTAL), &two_sources(), &PolicyFlags::default())
     }
 
     #[test]
@@ -507,9 +511,7 @@ mod tests {
     #[test]
     fn a_client_admitted_exactly_its_allowance_is_within() {
         // C=10, r=1/6 per s, active 11 s: floor(10 + 11/6) = 11.
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 11, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(11);
         let row = &summary.clients[0];
         assert_eq!(row.verdict, Some(Verdict::Within));
         assert!(row.refused_last);
@@ -526,9 +528,7 @@ mod tests {
     #[test]
     fn a_client_admitted_beyond_its_allowance_fails_the_check() {
         // Twelve admitted within 11 s, where floor(10 + 11/6) = 11 is the most.
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 12, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(12);
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Over));
         assert_eq!(summary.admission.as_ref().unwrap().over, 1);
         assert!(summary.check().is_err());
@@ -537,18 +537,14 @@ mod tests {
 
     #[test]
     fn a_refused_client_admitted_more_than_one_too_few_is_short() {
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 9, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(9);
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Short));
         assert!(summary.check().is_err());
     }
 
     #[test]
     fn a_refused_client_one_short_is_tolerated() {
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 10, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(10);
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Within));
     }
 
@@ -574,9 +570,7 @@ mod tests {
 
     #[test]
     fn the_summary_serializes_to_json_with_every_client_and_second() {
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 11, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(11);
         let json: serde_json::Value = serde_json::to_value(&summary).unwrap();
         assert_eq!(json["clients"].as_array().unwrap().len(), 2);
         assert_eq!(json["clients"][0]["verdict"], "within");
