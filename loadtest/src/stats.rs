@@ -121,6 +121,16 @@ pub struct Tally {
     last_done_ns: u64,
 }
 
+/// The count of answers of `class` in the second `slot`.
+fn count_of(slot: &mut Second, class: Class) -> &mut u64 {
+    match class {
+        Class::Admitted => &mut slot.admitted,
+        Class::Rejected => &mut slot.rejected,
+        Class::ServerError => &mut slot.server_errors,
+        Class::Other => &mut slot.other,
+    }
+}
+
 impl Tally {
     pub fn new(clients: usize, protocol: Protocol) -> Result<Self, hdrhistogram::CreationError> {
         Ok(Self {
@@ -190,27 +200,24 @@ impl Tally {
                 }
                 let latency_us = sample.done_ns.saturating_sub(sample.sent_ns) / 1000;
                 self.latency.saturating_record(latency_us.max(1));
+                // The run's totals and the client's rows have no column for every class;
+                // the timeline has.
                 match status.class {
                     Class::Admitted => {
                         self.admitted += 1;
                         client.admitted += 1;
-                        slot.admitted += 1;
                     }
                     Class::Rejected => {
                         self.rejected += 1;
                         client.refused += 1;
-                        slot.rejected += 1;
                     }
                     Class::ServerError => {
                         self.server_errors += 1;
                         client.other += 1;
-                        slot.server_errors += 1;
                     }
-                    Class::Other => {
-                        client.other += 1;
-                        slot.other += 1;
-                    }
+                    Class::Other => client.other += 1,
                 }
+                *count_of(slot, status.class) += 1;
                 if client.first.is_none_or(|(sent, _)| sample.sent_ns < sent) {
                     client.first = Some((sample.sent_ns, sample.done_ns));
                 }

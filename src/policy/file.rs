@@ -176,11 +176,7 @@ impl Reader<'_> {
         known: &[&str],
     ) -> Option<Fields<'v, 'i>> {
         let Some(table) = value.get_ref().as_table() else {
-            let what = if section.is_empty() {
-                String::new()
-            } else {
-                format!(" {section}:")
-            };
+            let what = in_section(section, |section| format!(" {section}:"));
             self.at(
                 value.span().start,
                 format!(
@@ -199,11 +195,7 @@ impl Reader<'_> {
         for name in table.keys() {
             if !known.contains(&name.get_ref().as_ref()) {
                 let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
-                let within = if section.is_empty() {
-                    String::new()
-                } else {
-                    format!(" in {section}")
-                };
+                let within = in_section(section, |section| format!(" in {section}"));
                 self.at(
                     name.span().start,
                     format!(
@@ -434,6 +426,15 @@ pub(super) fn is_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `words` about `section`, or nothing at the top level, whose section is "".
+fn in_section(section: &str, words: impl FnOnce(&str) -> String) -> String {
+    if section.is_empty() {
+        String::new()
+    } else {
+        words(section)
+    }
 }
 
 fn check_name(name: &str) -> Result<(), String> {
