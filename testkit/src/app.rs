@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use ratelimiter::settings::Settings;
 use ratelimiter::startup::Application;
 
+use crate::PolicyFile;
+
 /// The service, on its own thread and actix system, on a free port.
 pub struct TestApp {
     pub port: u16,
@@ -100,6 +102,14 @@ impl TestApp {
     pub fn grpc(&self) -> u16 {
         self.grpc_port
             .expect("the service was started with GRPC_PORT")
+    }
+
+    /// The service with `policies` in a policy file of its own, which lives as long as
+    /// the first of the pair.
+    pub fn spawn_with_policies(policies: &str) -> (PolicyFile, Self) {
+        let file = PolicyFile::new(policies);
+        let app = Self::spawn_with(&[("POLICY_FILE", file.path())]);
+        (file, app)
     }
 
     /// Graceful stop; waits for in-flight requests.
