@@ -347,6 +347,18 @@ impl Metrics {
         }
     }
 
+    /// Adds one to the series of `labels` in the counter family `family` names, when
+    /// metrics are on.
+    fn count<L: Clone + std::hash::Hash + Eq>(
+        &self,
+        family: impl FnOnce(&Recorder) -> &Family<L, Counter>,
+        labels: &L,
+    ) {
+        if let Some(recorder) = &self.recorder {
+            family(recorder).get_or_create(labels).inc();
+        }
+    }
+
     /// A handle that records nothing.
     pub fn off() -> Self {
         Self::new(false)
@@ -354,14 +366,11 @@ impl Metrics {
 
     /// One decision: `allowed` or not, and what decided (`redis`, `local`, `open`, `closed`).
     pub fn decision(&self, allowed: bool, source: &'static str) {
-        let Some(recorder) = &self.recorder else {
-            return;
-        };
         let decision = if allowed { "allowed" } else { "limited" };
-        recorder
-            .decisions
-            .get_or_create(&DecisionLabels { decision, source })
-            .inc();
+        self.count(
+            |recorder| &recorder.decisions,
+            &DecisionLabels { decision, source },
+        );
     }
 
     /// One limit's part in a decision: whether it had the tokens, by policy, limit and mode.
@@ -411,12 +420,7 @@ impl Metrics {
 
     /// Hits given back, by where (`redis`, `local`, `lost`).
     pub fn give_back(&self, result: &'static str) {
-        if let Some(recorder) = &self.recorder {
-            recorder
-                .give_backs
-                .get_or_create(&ResultLabels { result })
-                .inc();
-        }
+        self.count(|recorder| &recorder.give_backs, &ResultLabels { result });
     }
 
     pub fn store_call(&self, elapsed: Duration) {
@@ -478,31 +482,16 @@ impl Metrics {
     /// A descriptor of a rate-limit service request that no limit applied to, by why
     /// (`rls::Unmatched::as_str`). Never by domain: a request names any domain it likes.
     pub fn rls_unmatched(&self, reason: &'static str) {
-        if let Some(recorder) = &self.recorder {
-            recorder
-                .rls_unmatched
-                .get_or_create(&ReasonLabels { reason })
-                .inc();
-        }
+        self.count(|recorder| &recorder.rls_unmatched, &ReasonLabels { reason });
     }
 
     /// A `ShouldRateLimit` call, by its answer (`OK`, `OVER_LIMIT`) or its gRPC status.
     pub fn grpc_request(&self, code: &'static str) {
-        if let Some(recorder) = &self.recorder {
-            recorder
-                .grpc_requests
-                .get_or_create(&CodeLabels { code })
-                .inc();
-        }
+        self.count(|recorder| &recorder.grpc_requests, &CodeLabels { code });
     }
 
     pub fn store_error(&self, kind: &'static str) {
-        if let Some(recorder) = &self.recorder {
-            recorder
-                .store_errors
-                .get_or_create(&KindLabels { kind })
-                .inc();
-        }
+        self.count(|recorder| &recorder.store_errors, &KindLabels { kind });
     }
 
     pub fn master_changed(&self, addr: &str) {
@@ -536,13 +525,11 @@ impl Metrics {
 
     /// A refund in Redis Cluster mode: `given` when the script ran, else it failed.
     pub fn cluster_refund(&self, given: bool) {
-        if let Some(recorder) = &self.recorder {
-            let result = if given { "given" } else { "failed" };
-            recorder
-                .cluster_refunds
-                .get_or_create(&ResultLabels { result })
-                .inc();
-        }
+        let result = if given { "given" } else { "failed" };
+        self.count(
+            |recorder| &recorder.cluster_refunds,
+            &ResultLabels { result },
+        );
     }
 
     pub fn fallback_active(&self, active: bool) {

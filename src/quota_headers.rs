@@ -40,6 +40,17 @@ pub fn item_name(name: &LimitName<'_>, out: &mut String) {
     }
 }
 
+/// Appends one member of a structured-field list, `"<name>"<parameters>`, to `list`.
+fn push_member(list: &mut String, name: &LimitName<'_>, parameters: std::fmt::Arguments<'_>) {
+    if !list.is_empty() {
+        list.push_str(", ");
+    }
+    list.push('"');
+    item_name(name, list);
+    list.push('"');
+    let _ = list.write_fmt(parameters);
+}
+
 /// Whole seconds, rounded up: a client told to wait `n` seconds never comes back early.
 pub fn ceil_secs(micros: u64) -> u64 {
     micros.div_ceil(1_000_000)
@@ -91,29 +102,21 @@ pub fn quota_headers(mode: HeaderMode, verdict: &Verdict) -> Vec<(&'static str, 
     if draft {
         let mut policy = String::with_capacity(32 * stated.len());
         let mut state = String::with_capacity(32 * stated.len());
-        for (i, item) in stated.iter().enumerate() {
-            if i > 0 {
-                policy.push_str(", ");
-            }
-            policy.push('"');
-            item_name(&item.name, &mut policy);
-            let _ = write!(
-                policy,
-                "\";q={};w={}",
-                item.limit.capacity(),
-                item.limit.window_secs()
+        for item in &stated {
+            push_member(
+                &mut policy,
+                &item.name,
+                format_args!(
+                    ";q={};w={}",
+                    item.limit.capacity(),
+                    item.limit.window_secs()
+                ),
             );
             if let Some(decision) = &item.level {
-                if !state.is_empty() {
-                    state.push_str(", ");
-                }
-                state.push('"');
-                item_name(&item.name, &mut state);
-                let _ = write!(
-                    state,
-                    "\";r={};t={}",
-                    decision.remaining,
-                    reset_secs(decision)
+                push_member(
+                    &mut state,
+                    &item.name,
+                    format_args!(";r={};t={}", decision.remaining, reset_secs(decision)),
                 );
             }
         }

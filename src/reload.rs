@@ -17,6 +17,27 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+/// Runs `on_signal` on a thread named `thread` at each of `signals` that arrives, until
+/// it answers `false` or the handle returned is closed.
+pub(crate) fn on_signals(
+    signals: &[std::ffi::c_int],
+    thread: &str,
+    mut on_signal: impl FnMut() -> bool + Send + 'static,
+) -> std::io::Result<signal_hook::iterator::Handle> {
+    let mut arrivals = signal_hook::iterator::Signals::new(signals)?;
+    let handle = arrivals.handle();
+    std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || {
+            for _ in arrivals.forever() {
+                if !on_signal() {
+                    break;
+                }
+            }
+        })?;
+    Ok(handle)
+}
+
 /// How a reload ended, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reloaded {
@@ -91,19 +112,10 @@ impl Watcher {
     {
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, woken) = mpsc::channel();
-        let hangups = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
-        let handle = hangups.handle();
         let hup_wake = wake.clone();
-        std::thread::Builder::new()
-            .name("sighup".into())
-            .spawn(move || {
-                let mut hangups = hangups;
-                for _ in hangups.forever() {
-                    if hup_wake.send(()).is_err() {
-                        break;
-                    }
-                }
-            })?;
+        let handle = on_signals(&[signal_hook::consts::SIGHUP], "sighup", move || {
+            hup_wake.send(()).is_ok()
+        })?;
         let thread_stop = stop.clone();
         let poll = settings.poll;
         let thread_name = settings.thread;

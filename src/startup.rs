@@ -243,24 +243,16 @@ impl GrpcFront {
             .enable_all()
             .build()
             .map_err(StartupError::Grpc)?;
-        let signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-        ])
-        .map_err(StartupError::Grpc)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let stop = Arc::new(stop);
-        let handle = signals.handle();
         let on_signal = stop.clone();
-        std::thread::Builder::new()
-            .name("grpc-signals".into())
-            .spawn(move || {
-                let mut signals = signals;
-                if signals.forever().next().is_some() {
-                    on_signal.send_replace(true);
-                }
-            })
-            .map_err(|err| StartupError::Thread("grpc-signals", err))?;
+        let stop_signals = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT];
+        // The first one stops the server; the thread has nothing more to do.
+        let handle = crate::reload::on_signals(&stop_signals, "grpc-signals", move || {
+            on_signal.send_replace(true);
+            false
+        })
+        .map_err(|err| StartupError::Thread("grpc-signals", err))?;
         let mut front = Self {
             port,
             stop,

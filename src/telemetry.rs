@@ -308,6 +308,20 @@ mod tests {
     }
 
     /// One record as env_logger writes it: the whole record at once, then a flush.
+    /// A queue of two lines, and a writer held inside its write of `first` until `release`
+    /// is dropped; dropped, the writer waits `wait` for its sink.
+    fn held_in_a_write(
+        first: &str,
+        wait: Duration,
+    ) -> (QueueWriter, Writer, SyncSender<()>, Recorded) {
+        let (mut pipe, lines) = queue(2);
+        let (sink, entered, release, out) = gated();
+        let writer = lines.spawn(sink, wait).unwrap();
+        log(&mut pipe, first);
+        entered.recv_timeout(Duration::from_secs(5)).unwrap();
+        (pipe, writer, release, out)
+    }
+
     fn log(pipe: &mut QueueWriter, line: &str) {
         pipe.write_all(format!("{line}\n").as_bytes()).unwrap();
         pipe.flush().unwrap();
@@ -384,13 +398,8 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_and_the_rest_is_written_at_drop() {
-        let (mut pipe, lines) = queue(2);
-        let (sink, entered, release, out) = gated();
-        let writer = lines.spawn(sink, Duration::from_secs(5)).unwrap();
-
         // The writer takes line 0 and is held inside its write: the queue is empty again.
-        log(&mut pipe, "line 0");
-        entered.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (mut pipe, writer, release, out) = held_in_a_write("line 0", Duration::from_secs(5));
         // Two fit, three do not.
         for i in 1..=5 {
             log(&mut pipe, &format!("line {i}"));
@@ -408,11 +417,8 @@ mod tests {
 
     #[test]
     fn dropping_the_writer_gives_up_on_a_stuck_sink() {
-        let (mut pipe, lines) = queue(2);
-        let (sink, entered, release, _out) = gated();
-        let writer = lines.spawn(sink, Duration::from_millis(300)).unwrap();
-        log(&mut pipe, "stuck");
-        entered.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (mut pipe, writer, release, _out) =
+            held_in_a_write("stuck", Duration::from_millis(300));
         // A full queue: not even the shutdown message fits.
         log(&mut pipe, "queued 1");
         log(&mut pipe, "queued 2");

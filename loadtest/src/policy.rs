@@ -246,11 +246,15 @@ mod tests {
 
     #[test]
     fn malformed_policy_headers_are_refused() {
-        assert!(parse_header("\"default\";w=60").is_err(), "no q");
-        assert!(parse_header("\"default\";q=ten").is_err());
-        assert!(parse_header("\"default\";q=10;w=0").is_err());
-        assert!(parse_header("\"default;q=10").is_err());
-        assert!(parse_header(";q=1").is_err());
+        for (refused, why) in [
+            ("\"default\";w=60", "no q"),
+            ("\"default\";q=ten", "q not a number"),
+            ("\"default\";q=10;w=0", "a zero window"),
+            ("\"default;q=10", "an unclosed quote"),
+            (";q=1", "no name"),
+        ] {
+            assert!(parse_header(refused).is_err(), "{refused}: {why}");
+        }
     }
 
     #[test]
@@ -296,10 +300,28 @@ mod tests {
     }
 
     #[test]
-    fn more_admissions_than_the_upper_bound_are_over() {
-        // C=10, r=1/6 per s, 10 s: at most floor(11.67) = 11.
-        assert_eq!(judge(12, 11.5, 11.67, true), Verdict::Over);
-        assert_eq!(judge(11, 11.5, 11.67, true), Verdict::Within);
+    fn a_client_is_over_above_its_upper_bound_and_short_only_if_refused_at_the_end() {
+        // C=10, r=1/6 per s, 10 s: at least 11.5 and at most floor(11.67) = 11.
+        let (low, high) = (11.5, 11.67);
+        for (case, admitted, refused_last, verdict) in [
+            ("more than the upper bound is over", 12, true, Verdict::Over),
+            ("the upper bound is within", 11, true, Verdict::Within),
+            ("refused, short by more than one", 9, true, Verdict::Short),
+            (
+                "refused, short by one is tolerated",
+                10,
+                true,
+                Verdict::Within,
+            ),
+            (
+                "never refused at the end is never short",
+                3,
+                false,
+                Verdict::Within,
+            ),
+        ] {
+            assert_eq!(judge(admitted, low, high, refused_last), verdict, "{case}");
+        }
     }
 
     #[test]
@@ -353,16 +375,5 @@ mod tests {
         )
         .unwrap();
         assert_eq!(tiny.failover_allowance(2, 1.0), 2);
-    }
-
-    #[test]
-    fn a_refused_client_short_by_more_than_one_is_short() {
-        assert_eq!(judge(9, 11.5, 11.67, true), Verdict::Short);
-        assert_eq!(judge(10, 11.5, 11.67, true), Verdict::Within);
-    }
-
-    #[test]
-    fn a_client_never_refused_at_the_end_is_never_short() {
-        assert_eq!(judge(3, 11.5, 11.67, false), Verdict::Within);
     }
 }

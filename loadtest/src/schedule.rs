@@ -86,9 +86,9 @@ mod tests {
     #[test]
     fn ten_per_second_sends_every_hundred_milliseconds() {
         let rate = Rate::parse("10").unwrap();
-        assert_eq!(rate.offset_ns(0), 0);
-        assert_eq!(rate.offset_ns(1), 100_000_000);
-        assert_eq!(rate.offset_ns(25), 2_500_000_000);
+        for (send, offset) in [(0, 0), (1, 100_000_000), (25, 2_500_000_000)] {
+            assert_eq!(rate.offset_ns(send), offset, "send {send}");
+        }
     }
 
     #[test]
@@ -124,10 +124,9 @@ mod tests {
 
     #[test]
     fn rates_out_of_range_or_not_numbers_are_refused() {
-        assert!(Rate::parse("0").is_err());
-        assert!(Rate::parse("2000000").is_err());
-        assert!(Rate::parse("fast").is_err());
-        assert!(Rate::parse("NaN").is_err());
+        for refused in ["0", "2000000", "fast", "NaN"] {
+            assert!(Rate::parse(refused).is_err(), "{refused}");
+        }
         assert_eq!(Rate::parse("50/s").unwrap().per_second(), 50.0);
     }
 

@@ -121,6 +121,16 @@ pub struct Tally {
     last_done_ns: u64,
 }
 
+/// The count of answers of `class` in the second `slot`.
+fn count_of(slot: &mut Second, class: Class) -> &mut u64 {
+    match class {
+        Class::Admitted => &mut slot.admitted,
+        Class::Rejected => &mut slot.rejected,
+        Class::ServerError => &mut slot.server_errors,
+        Class::Other => &mut slot.other,
+    }
+}
+
 impl Tally {
     pub fn new(clients: usize, protocol: Protocol) -> Result<Self, hdrhistogram::CreationError> {
         Ok(Self {
@@ -190,27 +200,24 @@ impl Tally {
                 }
                 let latency_us = sample.done_ns.saturating_sub(sample.sent_ns) / 1000;
                 self.latency.saturating_record(latency_us.max(1));
+                // The run's totals and the client's rows have no column for every class;
+                // the timeline has.
                 match status.class {
                     Class::Admitted => {
                         self.admitted += 1;
                         client.admitted += 1;
-                        slot.admitted += 1;
                     }
                     Class::Rejected => {
                         self.rejected += 1;
                         client.refused += 1;
-                        slot.rejected += 1;
                     }
                     Class::ServerError => {
                         self.server_errors += 1;
                         client.other += 1;
-                        slot.server_errors += 1;
                     }
-                    Class::Other => {
-                        client.other += 1;
-                        slot.other += 1;
-                    }
+                    Class::Other => client.other += 1,
                 }
+                *count_of(slot, status.class) += 1;
                 if client.first.is_none_or(|(sent, _)| sample.sent_ns < sent) {
                     client.first = Some((sample.sent_ns, sample.done_ns));
                 }
@@ -445,13 +452,17 @@ mod tests {
         vec!["127.0.0.10".parse().unwrap(), "127.0.0.11".parse().unwrap()]
     }
 
-    /// Client 0 sends `total` requests one second apart and is admitted the first
-    /// `admitted` of them, then refused; each answer takes 1 ms.
-    fn client_zero(tally: &mut Tally, admitted: u64, total: u64) {
-        for i in 0..total {
+    /// The summary of a 12-request run in which client 0 sends one request a second and
+    /// is admitted the first `admitted`, then refused; each answer takes 1 ms. Client 1
+    /// sends nothing.
+    fn client_zero_summary(admitted: u64) -> Summary {
+        const TOTAL: u64 = 12;
+        let mut tally = Tally::new(2, Protocol::Http).unwrap();
+        for i in 0..TOTAL {
             let status = if i < admitted { 200 } else { 429 };
             tally.add(answered(0, i * S, i * S + 1_000_000, status));
         }
+        tally.summarize(run(TOTAL), &two_sources(), &PolicyFlags::default())
     }
 
     #[test]
@@ -507,9 +518,7 @@ mod tests {
     #[test]
     fn a_client_admitted_exactly_its_allowance_is_within() {
         // C=10, r=1/6 per s, active 11 s: floor(10 + 11/6) = 11.
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 11, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(11);
         let row = &summary.clients[0];
         assert_eq!(row.verdict, Some(Verdict::Within));
         assert!(row.refused_last);
@@ -526,9 +535,7 @@ mod tests {
     #[test]
     fn a_client_admitted_beyond_its_allowance_fails_the_check() {
         // Twelve admitted within 11 s, where floor(10 + 11/6) = 11 is the most.
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 12, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(12);
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Over));
         assert_eq!(summary.admission.as_ref().unwrap().over, 1);
         assert!(summary.check().is_err());
@@ -537,18 +544,14 @@ mod tests {
 
     #[test]
     fn a_refused_client_admitted_more_than_one_too_few_is_short() {
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 9, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(9);
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Short));
         assert!(summary.check().is_err());
     }
 
     #[test]
     fn a_refused_client_one_short_is_tolerated() {
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 10, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(10);
         assert_eq!(summary.clients[0].verdict, Some(Verdict::Within));
     }
 
@@ -574,9 +577,7 @@ mod tests {
 
     #[test]
     fn the_summary_serializes_to_json_with_every_client_and_second() {
-        let mut tally = Tally::new(2, Protocol::Http).unwrap();
-        client_zero(&mut tally, 11, 12);
-        let summary = tally.summarize(run(12), &two_sources(), &PolicyFlags::default());
+        let summary = client_zero_summary(11);
         let json: serde_json::Value = serde_json::to_value(&summary).unwrap();
         assert_eq!(json["clients"].as_array().unwrap().len(), 2);
         assert_eq!(json["clients"][0]["verdict"], "within");

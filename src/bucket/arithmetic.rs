@@ -460,13 +460,18 @@ mod tests {
         assert_eq!(taken.levels[1].retry_after_us, 86_400 * SECOND / 15);
     }
 
+    /// One token of `limit`, in the first shadow group.
+    fn shadow_charge(limit: Limit) -> Charge {
+        Charge {
+            group: Group::Shadow(1),
+            ..Charge::one(limit)
+        }
+    }
+
     #[test]
     fn a_shadow_group_never_changes_what_the_enforced_limits_decide() {
         let enforced = Charge::one(Limit::per(2, 60, 2).unwrap());
-        let shadow = Charge {
-            group: Group::Shadow(1),
-            ..Charge::one(Limit::per(1, 60, 1).unwrap())
-        };
+        let shadow = shadow_charge(Limit::per(1, 60, 1).unwrap());
         let (mut with, mut without) = ([None, None], [None]);
         for now in 0..5 {
             let (taken, taken_writes) = take_all(&[enforced, shadow], &with, now);
@@ -481,10 +486,7 @@ mod tests {
     #[test]
     fn a_shadow_group_pays_only_for_admitted_requests_it_could_afford() {
         let enforced = Charge::one(Limit::per(1, 60, 1).unwrap());
-        let shadow = Charge {
-            group: Group::Shadow(1),
-            ..Charge::one(Limit::per(5, 60, 5).unwrap())
-        };
+        let shadow = shadow_charge(Limit::per(5, 60, 5).unwrap());
         let (first, first_writes) = take_all(&[enforced, shadow], &[None, None], 0);
         assert!(first.admitted && first_writes.0[1].is_some());
         let (second, second_writes) = take_all(

@@ -150,8 +150,8 @@ fn get_or_head() -> actix_web::Route {
 fn buckets(path: &'static str) -> actix_web::Resource {
     web::resource(path)
         .app_data(RouteLabel(path))
-        .route(get_or_head().to(decide::show_bucket))
-        .route(web::delete().to(decide::reset_bucket))
+        .route(get_or_head().to(decide::bucket))
+        .route(web::delete().to(decide::bucket))
         .default_service(web::to(|| problem::not_allowed("GET, HEAD, DELETE")))
 }
 

@@ -296,6 +296,26 @@ descriptors:
         }
     }
 
+    /// What `limiter` decides for a request of `descriptors` in domain `edge`.
+    async fn decide<'r>(
+        limiter: &Limiter,
+        rules: &'r RuleSet,
+        descriptors: Vec<DescriptorView<'_>>,
+    ) -> DescriptorVerdict<'r> {
+        limiter
+            .decide_descriptors(rules, &request(descriptors))
+            .await
+            .unwrap()
+    }
+
+    /// Spends the three tokens a minute of `user`, each request admitted.
+    async fn spend_the_users_three(limiter: &Limiter, rules: &RuleSet, user: &str) {
+        for spent in 1..=3 {
+            let decided = decide(limiter, rules, vec![one("user", user)]).await;
+            assert!(decided.verdict.allowed(), "{user}: token {spent}");
+        }
+    }
+
     /// Whether each decided descriptor had its tokens, and what it has left.
     fn levels(decided: &DescriptorVerdict<'_>) -> Vec<Option<(bool, u64)>> {
         decided
@@ -314,17 +334,11 @@ descriptors:
     async fn a_descriptor_is_admitted_exactly_its_limit() {
         let (limiter, rules) = (limiter(), rules());
         for remaining in [2, 1, 0] {
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![one("user", "ann")]))
-                .await
-                .unwrap();
+            let decided = decide(&limiter, &rules, vec![one("user", "ann")]).await;
             assert!(decided.verdict.allowed());
             assert_eq!(levels(&decided), [Some((true, remaining))]);
         }
-        let decided = limiter
-            .decide_descriptors(&rules, &request(vec![one("user", "ann")]))
-            .await
-            .unwrap();
+        let decided = decide(&limiter, &rules, vec![one("user", "ann")]).await;
         assert!(!decided.verdict.allowed());
         assert_eq!(levels(&decided), [Some((false, 0))]);
     }
@@ -332,21 +346,14 @@ descriptors:
     #[tokio::test]
     async fn a_descriptor_over_its_limit_spends_nothing_of_the_others() {
         let (limiter, rules) = (limiter(), rules());
-        for _ in 0..3 {
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![one("user", "bob")]))
-                .await
-                .unwrap();
-            assert!(decided.verdict.allowed());
-        }
+        spend_the_users_three(&limiter, &rules, "bob").await;
         for _ in 0..5 {
-            let decided = limiter
-                .decide_descriptors(
-                    &rules,
-                    &request(vec![one("org", "acme"), one("user", "bob")]),
-                )
-                .await
-                .unwrap();
+            let decided = decide(
+                &limiter,
+                &rules,
+                vec![one("org", "acme"), one("user", "bob")],
+            )
+            .await;
             assert!(!decided.verdict.allowed());
             assert_eq!(levels(&decided), [Some((true, 10)), Some((false, 0))]);
         }
@@ -357,19 +364,13 @@ descriptors:
         let (limiter, rules) = (limiter(), rules());
         let mut many = one("user", "cat");
         many.hits_addend = Some(4);
-        let decided = limiter
-            .decide_descriptors(&rules, &request(vec![one("org", "acme"), many]))
-            .await
-            .unwrap();
+        let decided = decide(&limiter, &rules, vec![one("org", "acme"), many]).await;
         assert!(!decided.verdict.allowed());
         assert_eq!(levels(&decided), [Some((true, 10)), Some((false, 3))]);
         // Exactly the capacity is fine.
         let mut all = one("user", "cat");
         all.hits_addend = Some(3);
-        let decided = limiter
-            .decide_descriptors(&rules, &request(vec![all]))
-            .await
-            .unwrap();
+        let decided = decide(&limiter, &rules, vec![all]).await;
         assert_eq!(levels(&decided), [Some((true, 0))]);
     }
 
@@ -377,10 +378,7 @@ descriptors:
     async fn a_shadow_descriptor_never_refuses_and_pays_on_its_own() {
         let (limiter, rules) = (limiter(), rules());
         for admitted in [true, false, false] {
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![one("trial", "t"), one("org", "o")]))
-                .await
-                .unwrap();
+            let decided = decide(&limiter, &rules, vec![one("trial", "t"), one("org", "o")]).await;
             assert!(decided.verdict.allowed());
             let trial = decided.limit_of(&decided.descriptors[0]).unwrap();
             assert!(!trial.enforced);
@@ -410,16 +408,10 @@ descriptors:
             unit: Some(Unit::Hour),
         });
         for allowed in [true, false] {
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![overridden.clone()]))
-                .await
-                .unwrap();
+            let decided = decide(&limiter, &rules, vec![overridden.clone()]).await;
             assert_eq!(decided.verdict.allowed(), allowed);
         }
-        let decided = limiter
-            .decide_descriptors(&rules, &request(vec![one("user", "dan")]))
-            .await
-            .unwrap();
+        let decided = decide(&limiter, &rules, vec![one("user", "dan")]).await;
         assert_eq!(levels(&decided), [Some((true, 2))]);
     }
 
@@ -435,10 +427,7 @@ descriptors:
         assert_eq!(read.policy, "rls:edge");
         assert_eq!(&**read.verdict.limits()[0].name.limit, "per-user");
         // The bucket a ShouldRateLimit with this descriptor spends.
-        let spent = limiter
-            .decide_descriptors(&rules, &request(vec![one("user", "fay")]))
-            .await
-            .unwrap();
+        let spent = decide(&limiter, &rules, vec![one("user", "fay")]).await;
         assert_eq!(levels(&spent), [Some((true, 2))]);
         let named = limiter
             .decide_descriptor_key(&rules, "edge", &entries, 2)
@@ -468,26 +457,27 @@ descriptors:
             Err(error) => error.to_string(),
             Ok(_) => panic!("{domain} {entries:?} was decided"),
         };
-        assert!(
-            refused("nowhere", &[("user", "a")], 1)
-                .await
-                .starts_with("policy: no rate-limit domain is named \"nowhere\"")
-        );
-        assert!(
-            refused("<b>", &[("user", "a")], 1)
-                .await
-                .contains("has that name")
-        );
-        assert!(
-            refused("edge", &[], 1)
-                .await
-                .starts_with("key: the descriptor's entries")
-        );
-        assert!(
-            refused("edge", &[("colour", "secret-value")], 1)
-                .await
-                .starts_with("key: no rule of domain \"edge\"")
-        );
+        let user_a: &[(&str, &str)] = &[("user", "a")];
+        for (domain, entries, refusal) in [
+            (
+                "nowhere",
+                user_a,
+                "policy: no rate-limit domain is named \"nowhere\"",
+            ),
+            ("<b>", user_a, "policy: no rate-limit domain has that name"),
+            ("edge", &[], "key: the descriptor's entries"),
+            (
+                "edge",
+                &[("colour", "secret-value")],
+                "key: no rule of domain \"edge\"",
+            ),
+        ] {
+            let message = refused(domain, entries, 1).await;
+            assert!(
+                message.starts_with(refusal),
+                "{domain} {entries:?}: {message}"
+            );
+        }
         let too_much = refused("edge", &[("user", "secret-value")], 4).await;
         assert!(too_much.starts_with("cost: 4 is more than 3"), "{too_much}");
         assert!(!too_much.contains("secret-value"));
@@ -526,35 +516,20 @@ descriptors:
     #[tokio::test]
     async fn hits_given_back_fill_the_bucket_again_never_past_full_and_refuse_nothing() {
         let (limiter, rules) = (limiter(), rules());
-        for _ in 0..3 {
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![one("user", "gus")]))
-                .await
-                .unwrap();
-            assert!(decided.verdict.allowed());
-        }
-        let given = limiter
-            .decide_descriptors(&rules, &request(vec![given_back("user", "gus", 2)]))
-            .await
-            .unwrap();
+        spend_the_users_three(&limiter, &rules, "gus").await;
+        let given = decide(&limiter, &rules, vec![given_back("user", "gus", 2)]).await;
         assert!(given.verdict.allowed());
         let DescriptorOutcome::GivenBack { level, .. } = &given.descriptors[0] else {
             panic!("not given back: {:?}", given.descriptors[0]);
         };
         assert_eq!(level.unwrap().remaining, 2);
-        let too_many = limiter
-            .decide_descriptors(&rules, &request(vec![given_back("user", "gus", 1_000)]))
-            .await
-            .unwrap();
+        let too_many = decide(&limiter, &rules, vec![given_back("user", "gus", 1_000)]).await;
         let DescriptorOutcome::GivenBack { level, .. } = &too_many.descriptors[0] else {
             panic!("not given back");
         };
         assert_eq!(level.unwrap().remaining, 3, "full, and no more");
         for admitted in [true, true, true, false] {
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![one("user", "gus")]))
-                .await
-                .unwrap();
+            let decided = decide(&limiter, &rules, vec![one("user", "gus")]).await;
             assert_eq!(decided.verdict.allowed(), admitted);
         }
     }
@@ -562,37 +537,27 @@ descriptors:
     #[tokio::test]
     async fn hits_are_given_back_whatever_the_requests_other_descriptors_decide() {
         let (limiter, rules) = (limiter(), rules());
-        for _ in 0..3 {
-            limiter
-                .decide_descriptors(&rules, &request(vec![one("user", "hal")]))
-                .await
-                .unwrap();
-        }
-        let decided = limiter
-            .decide_descriptors(
-                &rules,
-                &request(vec![one("user", "hal"), given_back("org", "acme", 1)]),
-            )
-            .await
-            .unwrap();
+        spend_the_users_three(&limiter, &rules, "hal").await;
+        let decided = decide(
+            &limiter,
+            &rules,
+            vec![one("user", "hal"), given_back("org", "acme", 1)],
+        )
+        .await;
         assert!(!decided.verdict.allowed(), "the user has nothing left");
         // The org was never charged: nothing to give back, and it stays full.
         let DescriptorOutcome::GivenBack { level, .. } = &decided.descriptors[1] else {
             panic!("not given back");
         };
         assert_eq!(level.unwrap().remaining, 10);
-        let refill = limiter
-            .decide_descriptors(
-                &rules,
-                &request(vec![given_back("user", "hal", 1), one("org", "acme")]),
-            )
-            .await
-            .unwrap();
+        let refill = decide(
+            &limiter,
+            &rules,
+            vec![given_back("user", "hal", 1), one("org", "acme")],
+        )
+        .await;
         assert!(refill.verdict.allowed(), "the org had room");
-        let user = limiter
-            .decide_descriptors(&rules, &request(vec![one("user", "hal")]))
-            .await
-            .unwrap();
+        let user = decide(&limiter, &rules, vec![one("user", "hal")]).await;
         assert!(user.verdict.allowed(), "the user's hit came back");
     }
 
@@ -605,10 +570,7 @@ descriptors:
             (FailMode::Closed, false),
         ] {
             let limiter = limiter_on(Buckets::Shared(Arc::new(Down)), mode);
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![given_back("user", "ivy", 1)]))
-                .await
-                .unwrap();
+            let decided = decide(&limiter, &rules, vec![given_back("user", "ivy", 1)]).await;
             let DescriptorOutcome::GivenBack { level, .. } = &decided.descriptors[0] else {
                 panic!("not given back");
             };
@@ -626,10 +588,7 @@ descriptors:
             (FailMode::Local, true, Source::Local),
         ] {
             let limiter = limiter_on(Buckets::Shared(Arc::new(Down)), mode);
-            let decided = limiter
-                .decide_descriptors(&rules, &request(vec![one("user", "eve")]))
-                .await
-                .unwrap();
+            let decided = decide(&limiter, &rules, vec![one("user", "eve")]).await;
             assert_eq!(decided.verdict.allowed(), allowed, "{mode:?}");
             assert_eq!(decided.verdict.source(), Some(source), "{mode:?}");
         }

@@ -176,11 +176,7 @@ impl Reader<'_> {
         known: &[&str],
     ) -> Option<Fields<'v, 'i>> {
         let Some(table) = value.get_ref().as_table() else {
-            let what = if section.is_empty() {
-                String::new()
-            } else {
-                format!(" {section}:")
-            };
+            let what = in_section(section, |section| format!(" {section}:"));
             self.at(
                 value.span().start,
                 format!(
@@ -199,11 +195,7 @@ impl Reader<'_> {
         for name in table.keys() {
             if !known.contains(&name.get_ref().as_ref()) {
                 let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
-                let within = if section.is_empty() {
-                    String::new()
-                } else {
-                    format!(" in {section}")
-                };
+                let within = in_section(section, |section| format!(" in {section}"));
                 self.at(
                     name.span().start,
                     format!(
@@ -436,6 +428,15 @@ pub(super) fn is_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
+/// `words` about `section`, or nothing at the top level, whose section is "".
+fn in_section(section: &str, words: impl FnOnce(&str) -> String) -> String {
+    if section.is_empty() {
+        String::new()
+    } else {
+        words(section)
+    }
+}
+
 fn check_name(name: &str) -> Result<(), String> {
     if is_name(name) {
         Ok(())
@@ -451,46 +452,47 @@ fn read_match(value: &Value<'_>, label: &str, reader: &mut Reader<'_>) -> Matche
     let Some(fields) = reader.fields(value, label.to_string(), "match", MATCH_FIELDS) else {
         return matcher;
     };
-    if let Some(paths) = reader.optional::<OneOrMany>(&fields, "path") {
-        let at = paths.span().start;
-        if paths.get_ref().0.is_empty() {
-            reader.at(
-                at,
-                format!("{label}: match.path: an empty list matches no request"),
-            );
-        }
-        for path in &paths.get_ref().0 {
-            match PathPattern::parse(path) {
-                Ok(pattern) => matcher.paths.push(pattern),
-                Err(message) => reader.at(at, format!("{label}: match.{message}")),
-            }
-        }
-    }
+    matcher.paths = read_patterns(&fields, "path", PathPattern::parse, label, reader);
     if let Some(methods) = reader.optional::<Vec<String>>(&fields, "methods") {
         match MethodSet::parse(methods.get_ref()) {
             Ok(set) => matcher.methods = Some(set),
             Err(message) => reader.at(methods.span().start, format!("{label}: match.{message}")),
         }
     }
-    if let Some(hosts) = reader.optional::<OneOrMany>(&fields, "host") {
-        let at = hosts.span().start;
-        if hosts.get_ref().0.is_empty() {
-            reader.at(
-                at,
-                format!("{label}: match.host: an empty list matches no request"),
-            );
-        }
-        for host in &hosts.get_ref().0 {
-            match HostPattern::parse(host) {
-                Ok(pattern) => matcher.hosts.push(pattern),
-                Err(message) => reader.at(at, format!("{label}: match.{message}")),
-            }
-        }
-    }
+    matcher.hosts = read_patterns(&fields, "host", HostPattern::parse, label, reader);
     if let Some(header) = fields.table.get("header") {
         matcher.header = read_header_match(header, label, reader);
     }
     matcher
+}
+
+/// The patterns of a `match` field that takes one or a list (`path`, `host`): each one
+/// that `parse` refuses, and an empty list, is a problem on the field's line.
+fn read_patterns<P>(
+    fields: &Fields<'_, '_>,
+    field: &str,
+    parse: fn(&str) -> Result<P, String>,
+    label: &str,
+    reader: &mut Reader<'_>,
+) -> Vec<P> {
+    let Some(texts) = reader.optional::<OneOrMany>(fields, field) else {
+        return Vec::new();
+    };
+    let at = texts.span().start;
+    if texts.get_ref().0.is_empty() {
+        reader.at(
+            at,
+            format!("{label}: match.{field}: an empty list matches no request"),
+        );
+    }
+    let mut patterns = Vec::new();
+    for text in &texts.get_ref().0 {
+        match parse(text) {
+            Ok(pattern) => patterns.push(pattern),
+            Err(message) => reader.at(at, format!("{label}: match.{message}")),
+        }
+    }
+    patterns
 }
 
 fn read_header_match(

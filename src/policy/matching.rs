@@ -430,10 +430,9 @@ mod tests {
 
     #[test]
     fn a_star_inside_a_segment_or_an_inner_double_star_is_refused() {
-        assert!(PathPattern::parse("/files/*.png").is_err());
-        assert!(PathPattern::parse("/a/**/b").is_err());
-        assert!(PathPattern::parse("api").is_err());
-        assert!(PathPattern::parse("/a/../b").is_err());
+        for refused in ["/files/*.png", "/a/**/b", "api", "/a/../b"] {
+            assert!(PathPattern::parse(refused).is_err(), "{refused}");
+        }
     }
 
     #[test]
@@ -446,9 +445,9 @@ mod tests {
 
     #[test]
     fn a_host_pattern_with_a_port_or_an_inner_star_is_refused() {
-        assert!(HostPattern::parse("example.com:80").is_err());
-        assert!(HostPattern::parse("a.*.com").is_err());
-        assert!(HostPattern::parse("").is_err());
+        for refused in ["example.com:80", "a.*.com", ""] {
+            assert!(HostPattern::parse(refused).is_err(), "{refused:?}");
+        }
         assert!(HostPattern::parse("*.Example.COM").is_ok());
     }
 }

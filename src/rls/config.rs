@@ -260,20 +260,7 @@ impl Reader {
             );
         }
         let fields = self.fields(root, ROOT_FIELDS, "the file")?;
-        let domain = match fields.get("domain") {
-            None => {
-                self.at(fields.line, "domain: missing; every file names its domain");
-                None
-            }
-            Some((line, node)) => match self.string(line, "domain", node) {
-                Some(name) if name.is_empty() => {
-                    self.at(line, "domain: must not be empty");
-                    None
-                }
-                Some(name) => Some((name, line)),
-                None => None,
-            },
-        };
+        let domain = self.required_text(&fields, "domain", "every file names its domain");
         let mut root_level = Level::default();
         if let Some((line, node)) = fields.get("descriptors") {
             root_level = self.level(line, node, &[]);
@@ -351,6 +338,26 @@ impl Reader {
                 None
             }
         }
+    }
+
+    /// A field every mapping of its kind must have, as non-empty text, with its line;
+    /// `why` says, when it is missing, why it may not be.
+    fn required_text(
+        &mut self,
+        fields: &Fields<'_, '_>,
+        field: &str,
+        why: &str,
+    ) -> Option<(String, usize)> {
+        let Some((line, node)) = fields.get(field) else {
+            self.at(fields.line, format!("{field}: missing; {why}"));
+            return None;
+        };
+        let text = self.string(line, field, node)?;
+        if text.is_empty() {
+            self.at(line, format!("{field}: must not be empty"));
+            return None;
+        }
+        Some((text, line))
     }
 
     fn boolean(&mut self, line: usize, field: &str, node: &MarkedYaml<'_>) -> Option<bool> {
@@ -436,19 +443,9 @@ impl Reader {
         above: &[Entry],
     ) -> Option<(String, Option<String>, Node)> {
         let fields = self.fields(item, DESCRIPTOR_FIELDS, "a descriptor")?;
-        let key = match fields.get("key") {
-            None => {
-                self.at(fields.line, "key: missing; every descriptor has one");
-                None
-            }
-            Some((line, node)) => match self.string(line, "key", node) {
-                Some(key) if key.is_empty() => {
-                    self.at(line, "key: must not be empty");
-                    None
-                }
-                other => other,
-            },
-        };
+        let key = self
+            .required_text(&fields, "key", "every descriptor has one")
+            .map(|(key, _)| key);
         // An empty value is no value, as envoyproxy/ratelimit reads it.
         let value = fields
             .get("value")

@@ -69,12 +69,23 @@ fn request<'a>(domain: &'a str, descriptors: Vec<DescriptorView<'a>>) -> RlsRequ
     }
 }
 
+/// What `set` makes of a request in `domain` of `descriptors`, a request of a valid shape.
+fn resolved<'s>(
+    set: &'s RuleSet,
+    domain: &str,
+    descriptors: Vec<DescriptorView<'_>>,
+) -> Resolution<'s> {
+    set.resolve(&request(domain, descriptors)).unwrap()
+}
+
+/// What `set` makes of a request in domain `edge` of one descriptor of `entries`.
+fn resolve_one<'s>(set: &'s RuleSet, entries: &[(&str, &str)]) -> Resolution<'s> {
+    resolved(set, "edge", vec![descriptor(entries)])
+}
+
 /// The rule one descriptor of `entries` resolves to: its label, or what it came to.
 fn matched(set: &RuleSet, entries: &[(&str, &str)]) -> String {
-    let resolution = set
-        .resolve(&request("edge", vec![descriptor(entries)]))
-        .unwrap();
-    match &resolution.descriptors[0] {
+    match &resolve_one(set, entries).descriptors[0] {
         Resolved::Unmatched(why) => format!("({})", why.as_str()),
         Resolved::Unlimited(rule) => format!("unlimited {}", rule.label),
         Resolved::Charged(charged) => match &charged.source {
@@ -152,12 +163,7 @@ fn a_rule_lists_the_entries_that_lead_to_it_as_written() {
 fn the_empty_set_knows_no_domain_and_answers_every_descriptor_unmatched() {
     let set = RuleSet::empty(HashKey::default());
     assert_eq!(set.domains().count(), 0);
-    let resolution = set
-        .resolve(&request(
-            "edge",
-            vec![descriptor(&[("remote_address", "a")])],
-        ))
-        .unwrap();
+    let resolution = resolve_one(&set, &[("remote_address", "a")]);
     assert!(resolution.domain.is_none());
     assert!(matches!(
         resolution.descriptors[0],
@@ -188,48 +194,43 @@ fn every_unit_of_envoys_format_is_read_in_any_case() {
     }
 }
 
+/// `key=value` entries, separated by commas.
+fn entries(text: &str) -> Vec<(&str, &str)> {
+    text.split(',')
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| entry.split_once('=').expect("key=value"))
+        .collect()
+}
+
 #[test]
-fn an_exact_value_beats_a_prefix_which_beats_a_key_alone() {
+fn a_descriptor_matches_its_most_specific_rule_at_its_full_depth_or_none() {
     let set = edge();
-    assert_eq!(matched(&set, &[("api_key", "premium-gold-vip")]), "api_key");
-    assert_eq!(matched(&set, &[("api_key", "premium-gold-1")]), "gold");
-    assert_eq!(matched(&set, &[("api_key", "premium-x")]), "premium");
-    assert_eq!(matched(&set, &[("api_key", "basic")]), "api_key");
-    // The exact rule above is unnamed: its label is its keys; its limit tells it apart.
-    let resolution = set
-        .resolve(&request(
-            "edge",
-            vec![descriptor(&[("api_key", "premium-gold-vip")])],
-        ))
-        .unwrap();
+    for (descriptor, rule) in [
+        // An exact value beats a prefix, a longer prefix a shorter one, a prefix the key alone.
+        ("api_key=premium-gold-vip", "api_key"),
+        ("api_key=premium-gold-1", "gold"),
+        ("api_key=premium-x", "premium"),
+        ("api_key=basic", "api_key"),
+        // A value without a rule, or whose rule has no rate limit, is never limited.
+        ("path=/health", "(no_rule)"),
+        ("path=/other", "(no_rule)"),
+        ("internal=x", "unlimited internal"),
+        // Several entries match only at their rule's full depth.
+        ("tenant=a,user=b", "tenant.user"),
+        ("tenant=a", "(no_rule)"),
+        ("tenant=a,user=b,more=c", "(no_rule)"),
+        ("remote_address=10.0.0.1,user=b", "(no_rule)"),
+        ("", "(no_rule)"),
+    ] {
+        assert_eq!(matched(&set, &entries(descriptor)), rule, "{descriptor:?}");
+    }
+}
+
+#[test]
+fn an_unnamed_exact_rule_is_told_apart_from_the_key_alone_by_its_limit() {
+    let set = edge();
+    let resolution = resolve_one(&set, &[("api_key", "premium-gold-vip")]);
     assert_eq!(charged(&resolution.descriptors[0]).limit().unit, Unit::Hour);
-}
-
-#[test]
-fn a_value_without_a_rate_limit_is_never_limited() {
-    let set = edge();
-    assert_eq!(matched(&set, &[("path", "/health")]), "(no_rule)");
-    assert_eq!(matched(&set, &[("path", "/other")]), "(no_rule)");
-    assert_eq!(matched(&set, &[("internal", "x")]), "unlimited internal");
-}
-
-#[test]
-fn a_descriptor_of_several_entries_matches_only_at_its_full_depth() {
-    let set = edge();
-    assert_eq!(
-        matched(&set, &[("tenant", "a"), ("user", "b")]),
-        "tenant.user"
-    );
-    assert_eq!(matched(&set, &[("tenant", "a")]), "(no_rule)");
-    assert_eq!(
-        matched(&set, &[("tenant", "a"), ("user", "b"), ("more", "c")]),
-        "(no_rule)"
-    );
-    assert_eq!(
-        matched(&set, &[("remote_address", "10.0.0.1"), ("user", "b")]),
-        "(no_rule)"
-    );
-    assert_eq!(matched(&set, &[]), "(no_rule)");
 }
 
 #[test]
@@ -257,15 +258,14 @@ descriptors:
 #[test]
 fn a_rule_named_in_another_matched_rules_replaces_is_not_charged() {
     let set = edge();
-    let resolution = set
-        .resolve(&request(
-            "edge",
-            vec![
-                descriptor(&[("api_key", "premium-1")]),
-                descriptor(&[("tenant", "t"), ("user", "u")]),
-            ],
-        ))
-        .unwrap();
+    let resolution = resolved(
+        &set,
+        "edge",
+        vec![
+            descriptor(&[("api_key", "premium-1")]),
+            descriptor(&[("tenant", "t"), ("user", "u")]),
+        ],
+    );
     assert!(matches!(
         resolution.descriptors[0],
         Resolved::Unmatched(Unmatched::Replaced)
@@ -276,12 +276,8 @@ fn a_rule_named_in_another_matched_rules_replaces_is_not_charged() {
 #[test]
 fn an_unknown_domain_leaves_every_descriptor_unmatched() {
     let set = edge();
-    let resolution = set
-        .resolve(&request(
-            "nowhere",
-            vec![descriptor(&[("remote_address", "a")]); 2],
-        ))
-        .unwrap();
+    let unknown = vec![descriptor(&[("remote_address", "a")]); 2];
+    let resolution = resolved(&set, "nowhere", unknown);
     assert!(resolution.domain.is_none());
     assert_eq!(resolution.descriptors.len(), 2);
     assert!(

@@ -335,6 +335,11 @@ impl Problems {
         self.lines.extend(lines);
     }
 
+    /// What `parsed` holds, or `None` with each of its problems added.
+    pub fn take<T, E: IntoIterator<Item = String>>(&mut self, parsed: Result<T, E>) -> Option<T> {
+        parsed.map_err(|lines| self.extend(lines)).ok()
+    }
+
     /// `value` when nothing was reported, else every problem; every rule that gives `None`
     /// reports why.
     pub fn finish<T>(self, value: Option<T>) -> Result<T, Vec<String>> {

@@ -287,13 +287,8 @@ fn policies(declared: &Declared, problems: &mut Problems) -> Option<(PolicySet, 
             return None;
         }
     };
-    match file.parse(&text) {
-        Ok(set) => Some((set, PolicySource::File { file, text })),
-        Err(lines) => {
-            problems.extend(lines);
-            None
-        }
-    }
+    let set = problems.take(file.parse(&text))?;
+    Some((set, PolicySource::File { file, text }))
 }
 
 /// `POLICY_KEY_SECRET`'s key, or the fixed public one.
@@ -346,13 +341,8 @@ fn rules(
             return None;
         }
     };
-    match config.parse(&files) {
-        Ok(rules) => Some((rules, RlsSource::Config { config, files })),
-        Err(lines) => {
-            problems.extend(lines);
-            None
-        }
-    }
+    let rules = problems.take(config.parse(&files))?;
+    Some((rules, RlsSource::Config { config, files }))
 }
 
 /// Whose forwarding headers are believed. A network that holds every address is refused

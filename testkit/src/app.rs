@@ -2,6 +2,7 @@
 //! binary in a child process, where it can be given signals and its exit code read.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::thread::JoinHandle;
@@ -9,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use ratelimiter::settings::Settings;
 use ratelimiter::startup::Application;
+
+use crate::PolicyFile;
 
 /// The service, on its own thread and actix system, on a free port.
 pub struct TestApp {
@@ -101,6 +104,14 @@ impl TestApp {
             .expect("the service was started with GRPC_PORT")
     }
 
+    /// The service with `policies` in a policy file of its own, which lives as long as
+    /// the first of the pair.
+    pub fn spawn_with_policies(policies: &str) -> (PolicyFile, Self) {
+        let file = PolicyFile::new(policies);
+        let app = Self::spawn_with(&[("POLICY_FILE", file.path())]);
+        (file, app)
+    }
+
     /// Graceful stop; waits for in-flight requests.
     pub async fn stop(mut self) {
         self.handle.stop(true).await;
@@ -112,21 +123,8 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let handle = self.handle.clone();
-            // Stop without awaiting: Drop may run inside or outside a runtime.
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                if let Ok(runtime) = runtime {
-                    runtime.block_on(handle.stop(false));
-                }
-            })
-            .join()
-            .ok();
-            let _ = thread.join();
-        }
+        let handle = self.handle.clone();
+        stop_servers_from_drop(self.thread.take(), move || handle.stop(false));
     }
 }
 
@@ -160,6 +158,75 @@ fn service_binary() -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// A server the tests started as a child process, stopped with [`terminate`] once, on
+/// `stop` or on `Drop`; when a test panics, the last lines of its log are printed first,
+/// since they often say why.
+pub(crate) struct Daemon {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Daemon {
+    pub(crate) fn new(name: &'static str, child: Child, log: PathBuf) -> Self {
+        Self {
+            name,
+            child,
+            log,
+            stopped: false,
+        }
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
+        crate::machine::log_tail(&self.log)
+    }
+
+    pub(crate) fn stop(&mut self) {
+        if !std::mem::replace(&mut self.stopped, true) {
+            terminate(&mut self.child, self.name);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {}'s log, {} ---\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+        self.stop();
+    }
+}
+
+/// Stops servers from a `Drop`, which may run inside or outside a runtime, so never
+/// awaits there: `stop` runs on a runtime and a thread of its own; then `thread`, the one
+/// the servers ran on, is joined.
+pub(crate) fn stop_servers_from_drop<F, S>(thread: Option<JoinHandle<()>>, stop: S)
+where
+    S: FnOnce() -> F + Send + 'static,
+    F: Future<Output = ()>,
+{
+    let Some(thread) = thread else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(runtime) = runtime {
+            runtime.block_on(stop());
+        }
+    })
+    .join()
+    .ok();
+    let _ = thread.join();
 }
 
 /// SIGTERM to `child`, then at most 10 s for it to exit before it is killed.

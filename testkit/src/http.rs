@@ -34,6 +34,12 @@ pub fn header(response: &Response, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The legacy quota headers: `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
+/// `X-RateLimit-Reset`, in that order, each empty when absent.
+pub fn legacy_headers(response: &Response) -> [String; 3] {
+    ["Limit", "Remaining", "Reset"].map(|name| header(response, &format!("X-RateLimit-{name}")))
+}
+
 /// How many of `attempts` requests built by `send`, sent one after the other, pass;
 /// every answer must be a 200 or a 429.
 pub async fn passes(attempts: usize, send: impl Fn() -> RequestBuilder) -> usize {
@@ -69,6 +75,30 @@ pub async fn all_at_once(requests: impl IntoIterator<Item = RequestBuilder>) -> 
         answers.push(task.await.unwrap());
     }
     answers
+}
+
+/// Sends `request` and reads its answer's body as JSON; a transport error or a body that
+/// is not JSON fails the test.
+pub async fn json_of(request: RequestBuilder) -> serde_json::Value {
+    let response = request.send().await.expect("an answer");
+    let status = response.status();
+    response
+        .json()
+        .await
+        .unwrap_or_else(|err| panic!("a {status} answer whose body is not JSON: {err}"))
+}
+
+/// How many of `answers` (from [`all_at_once`]) were admitted, and each one's
+/// `X-RateLimit-Source`, in order; every answer must be a decision, a 200 or a 429.
+pub fn admitted(answers: Vec<(u16, String)>) -> (usize, Vec<String>) {
+    let mut admitted = 0;
+    let mut sources = Vec::with_capacity(answers.len());
+    for (status, source) in answers {
+        assert!(status == 200 || status == 429, "status {status} ({source})");
+        admitted += usize::from(status == 200);
+        sources.push(source);
+    }
+    (admitted, sources)
 }
 
 /// Sends `request()` every 50 ms until an answer says `X-RateLimit-Source: redis`; fails,

@@ -48,8 +48,8 @@ pub use app::{TestApp, service_command, wait_for_exit};
 /// What the demo upstream counted, as its `/__upstream/count` answers it.
 pub use demo_upstream::Counts as UpstreamCounts;
 pub use http::{
-    all_at_once, client, client_from, counter, header, metric, metrics, passes, raw_get,
-    socket_request, until_redis_decides,
+    admitted, all_at_once, client, client_from, counter, header, json_of, legacy_headers, metric,
+    metrics, passes, raw_get, socket_request, until_redis_decides,
 };
 pub use machine::{cpu_us, free_port, repo_path, require, send_signal, unique_prefix, wait_until};
 pub use nginx::{NginxProcess, NginxSettings, PROXY_ADDR};

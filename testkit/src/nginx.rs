@@ -5,11 +5,11 @@
 //! Stopped on `Drop`, after printing the end of its error log when the test failed.
 
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::app::terminate;
-use crate::machine::{free_port, log_tail, render, require, wait_until};
+use crate::app::Daemon;
+use crate::machine::{free_port, render, require, wait_until};
 
 /// The address Nginx reaches the instances from; the instances must trust it
 /// (`TRUSTED_PROXIES`), and no test client may use it.
@@ -30,9 +30,10 @@ pub struct NginxProcess {
     pub port: u16,
     /// The gateway server.
     pub gateway_port: u16,
-    child: Child,
-    dir: tempfile::TempDir,
-    stopped: bool,
+    /// Declared before `dir`, so that it stops, and its log is read, before the folder goes.
+    process: Daemon,
+    /// Held for its `Drop`: the configuration, data and logs live as long as the process.
+    _dir: tempfile::TempDir,
 }
 
 impl NginxProcess {
@@ -108,9 +109,8 @@ impl NginxProcess {
         let nginx = Self {
             port,
             gateway_port,
-            child,
-            dir,
-            stopped: false,
+            process: Daemon::new("nginx", child, dir.path().join("logs/error.log")),
+            _dir: dir,
         };
         wait_until("nginx listening", Duration::from_secs(10), || {
             [port, gateway_port]
@@ -131,28 +131,12 @@ impl NginxProcess {
     }
 
     pub fn error_log_tail(&self) -> String {
-        log_tail(&self.dir.path().join("logs/error.log"))
+        self.process.log_tail()
     }
 
     /// Fast shutdown (SIGTERM): the master stops its workers, then exits.
     pub fn stop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        self.stopped = true;
-        terminate(&mut self.child, "nginx");
-    }
-}
-
-impl Drop for NginxProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- last lines of nginx's error log ---\n{}",
-                self.error_log_tail()
-            );
-        }
-        self.stop();
+        self.process.stop();
     }
 }
 

@@ -7,14 +7,14 @@
 
 use std::fs::File;
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::app::terminate;
+use crate::app::Daemon;
 use crate::http::{client, raw_get};
-use crate::machine::{free_port, log_tail, render, repo_path, require, wait_until};
+use crate::machine::{free_port, render, repo_path, require, wait_until};
 
 /// What the scrapes and the rule evaluations are spaced by: short, so that a rate has
 /// its two samples within seconds.
@@ -35,10 +35,11 @@ pub struct LoadedRule {
 
 pub struct PrometheusProcess {
     pub port: u16,
-    child: Child,
-    dir: tempfile::TempDir,
+    /// Declared before `dir`, so that it stops, and its log is read, before the folder goes.
+    process: Daemon,
+    /// Held for its `Drop`: the configuration, data and logs live as long as the process.
+    _dir: tempfile::TempDir,
     http: reqwest::Client,
-    stopped: bool,
 }
 
 impl PrometheusProcess {
@@ -77,10 +78,9 @@ impl PrometheusProcess {
             .expect("start prometheus");
         let prometheus = Self {
             port,
-            child,
-            dir,
+            process: Daemon::new("prometheus", child, dir.path().join("prometheus.log")),
+            _dir: dir,
             http: client(),
-            stopped: false,
         };
         wait_until("prometheus listening", Duration::from_secs(30), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -155,27 +155,11 @@ impl PrometheusProcess {
     }
 
     pub fn log_tail(&self) -> String {
-        log_tail(&self.dir.path().join("prometheus.log"))
+        self.process.log_tail()
     }
 
     /// SIGTERM, then at most 10 s for it to close its database.
     pub fn stop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        self.stopped = true;
-        terminate(&mut self.child, "prometheus");
-    }
-}
-
-impl Drop for PrometheusProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- last lines of prometheus's log ---\n{}",
-                self.log_tail()
-            );
-        }
-        self.stop();
+        self.process.stop();
     }
 }

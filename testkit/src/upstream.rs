@@ -8,6 +8,7 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use demo_upstream::{Counts, DemoUpstream};
 
+use crate::app::stop_servers_from_drop;
 use crate::client;
 
 pub struct TestUpstream {
@@ -60,24 +61,11 @@ impl TestUpstream {
 
 impl Drop for TestUpstream {
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let handles = self.handles.clone();
-            // Stop without awaiting: Drop may run inside or outside a runtime.
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                if let Ok(runtime) = runtime {
-                    runtime.block_on(async {
-                        for handle in handles {
-                            handle.stop(false).await;
-                        }
-                    });
-                }
-            })
-            .join()
-            .ok();
-            let _ = thread.join();
-        }
+        let handles = self.handles.clone();
+        stop_servers_from_drop(self.thread.take(), move || async move {
+            for handle in handles {
+                handle.stop(false).await;
+            }
+        });
     }
 }

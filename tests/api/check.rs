@@ -4,7 +4,6 @@
 
 use reqwest::{Client, RequestBuilder, Response};
 
-use testkit::PolicyFile;
 use testkit::{TestApp, client, counter, free_port, header, metrics};
 
 /// A check of `method uri`, as the gateway sends it.
@@ -13,6 +12,11 @@ fn check(client: &Client, app: &TestApp, method: &str, uri: &str) -> RequestBuil
         .get(app.at("/v1/check"))
         .header("X-Original-Method", method)
         .header("X-Original-URI", uri)
+}
+
+/// The answer to [`check`], sent as it is.
+async fn checked(client: &Client, app: &TestApp, method: &str, uri: &str) -> Response {
+    check(client, app, method, uri).send().await.unwrap()
 }
 
 /// The problem the client is to get, from `X-RateLimit-Problem`.
@@ -26,10 +30,7 @@ async fn an_admitted_request_is_a_204_with_the_quota_headers() {
     let app = TestApp::spawn(&[]);
     let client = client();
 
-    let response = check(&client, &app, "GET", "/limited_endpoint")
-        .send()
-        .await
-        .unwrap();
+    let response = checked(&client, &app, "GET", "/limited_endpoint").await;
 
     assert_eq!(response.status(), 204);
     assert_eq!(
@@ -47,18 +48,9 @@ async fn the_original_request_is_judged_not_the_check_request() {
     let app = TestApp::spawn(&[("RATE_LIMIT", "1")]);
     let client = client();
 
-    let other_method = check(&client, &app, "POST", "/limited_endpoint")
-        .send()
-        .await
-        .unwrap();
-    let other_path = check(&client, &app, "GET", "/elsewhere")
-        .send()
-        .await
-        .unwrap();
-    let with_query = check(&client, &app, "GET", "/limited%5Fendpoint?page=2")
-        .send()
-        .await
-        .unwrap();
+    let other_method = checked(&client, &app, "POST", "/limited_endpoint").await;
+    let other_path = checked(&client, &app, "GET", "/elsewhere").await;
+    let with_query = checked(&client, &app, "GET", "/limited%5Fendpoint?page=2").await;
 
     for unlimited in [&other_method, &other_path] {
         assert_eq!(unlimited.status(), 204);
@@ -90,17 +82,11 @@ async fn a_quota_denial_is_a_403_carrying_the_429_that_limited_endpoint_sends() 
     let app = TestApp::spawn(&[("RATE_LIMIT", "2")]);
     let client = client();
     for _ in 0..2 {
-        let admitted = check(&client, &app, "GET", "/limited_endpoint")
-            .send()
-            .await
-            .unwrap();
+        let admitted = checked(&client, &app, "GET", "/limited_endpoint").await;
         assert_eq!(admitted.status(), 204);
     }
 
-    let denied = check(&client, &app, "GET", "/limited_endpoint")
-        .send()
-        .await
-        .unwrap();
+    let denied = checked(&client, &app, "GET", "/limited_endpoint").await;
     // The same client's bucket, through the route that answers for itself.
     let served = app.get("/limited_endpoint").await;
 
@@ -171,7 +157,7 @@ async fn a_missing_or_undecodable_original_is_a_401_carrying_a_400_that_names_th
 
 #[tokio::test]
 async fn a_request_a_policy_refuses_is_a_401_carrying_that_400() {
-    let policies = PolicyFile::new(
+    let (_policies, app) = TestApp::spawn_with_policies(
         r#"
 [[policy]]
 name = "keyed"
@@ -181,13 +167,9 @@ on_missing = "deny"
 limits = [{ name = "minute", rate = 5, per = "1m" }]
 "#,
     );
-    let app = TestApp::spawn_with(&[("POLICY_FILE", policies.path())]);
     let client = client();
 
-    let missing = check(&client, &app, "GET", "/api/items")
-        .send()
-        .await
-        .unwrap();
+    let missing = checked(&client, &app, "GET", "/api/items").await;
     let too_long = check(&client, &app, "GET", "/api/items")
         .header("x-api-key", "k".repeat(300))
         .send()
@@ -208,7 +190,7 @@ limits = [{ name = "minute", rate = 5, per = "1m" }]
 
 #[tokio::test]
 async fn the_original_host_is_matched_else_the_host_header() {
-    let policies = PolicyFile::new(
+    let (_policies, app) = TestApp::spawn_with_policies(
         r#"
 [[policy]]
 name = "api-host"
@@ -216,7 +198,6 @@ match = { host = "api.example.com" }
 limits = [{ name = "minute", rate = 5, per = "1m" }]
 "#,
     );
-    let app = TestApp::spawn_with(&[("POLICY_FILE", policies.path())]);
     let client = client();
 
     let original_host = check(&client, &app, "GET", "/")
@@ -257,10 +238,7 @@ async fn with_the_store_down_and_fail_mode_closed_the_check_is_a_401_carrying_a_
     ]);
     let client = client();
 
-    let response = check(&client, &app, "GET", "/limited_endpoint")
-        .send()
-        .await
-        .unwrap();
+    let response = checked(&client, &app, "GET", "/limited_endpoint").await;
 
     assert_eq!(response.status(), 401);
     assert_eq!(header(&response, "X-RateLimit-Status"), "503");
@@ -276,10 +254,7 @@ async fn checks_are_counted_under_their_own_route() {
     let app = TestApp::spawn(&[("RATE_LIMIT", "1")]);
     let client = client();
     for _ in 0..3 {
-        check(&client, &app, "GET", "/limited_endpoint")
-            .send()
-            .await
-            .unwrap();
+        checked(&client, &app, "GET", "/limited_endpoint").await;
     }
 
     let text = metrics(&client, &app).await;

@@ -1,6 +1,7 @@
 //! The HTTP contract, on the embedded store and on Redis alike.
 
-use testkit::{RedisProcess, TestApp, client, header, passes, unique_prefix};
+use reqwest::Response;
+use testkit::{RedisProcess, TestApp, client, header, legacy_headers, passes, unique_prefix};
 
 async fn ten_pass_then_429_with_headers(app: &TestApp, expected_source: &str) {
     for n in 1..=10 {
@@ -63,9 +64,7 @@ async fn legacy_headers_replace_the_draft_ones_when_asked() {
         ("TIME_WINDOW", "30"),
     ]);
     let response = app.get("/limited_endpoint").await;
-    assert_eq!(header(&response, "X-RateLimit-Limit"), "3");
-    assert_eq!(header(&response, "X-RateLimit-Remaining"), "2");
-    assert_eq!(header(&response, "X-RateLimit-Reset"), "10");
+    assert_eq!(legacy_headers(&response), ["3", "2", "10"]);
     assert_eq!(header(&response, "RateLimit"), "");
     assert_eq!(header(&response, "RateLimit-Policy"), "");
 }
@@ -115,28 +114,34 @@ async fn the_index_health_and_ready_routes_are_never_limited() {
 #[tokio::test]
 async fn unknown_paths_are_404_and_wrong_methods_405_both_as_problems() {
     let app = TestApp::spawn(&[]);
-    let client = client();
     let missing = app.get("/nope").await;
-    assert_eq!(missing.status(), 404);
-    assert_eq!(header(&missing, "Content-Type"), "application/problem+json");
     assert_eq!(header(&missing, "X-Instance"), "test");
-    let body: serde_json::Value = missing.json().await.unwrap();
+    let body = plain_problem(missing, 404, "Not Found").await;
     assert_eq!(
         body,
         serde_json::json!({"type": "about:blank", "title": "Not Found", "status": 404})
     );
-    let post = client
+    let post = client()
         .post(app.at("/limited_endpoint"))
         .send()
         .await
         .unwrap();
-    assert_eq!(post.status(), 405);
     assert_eq!(header(&post, "Allow"), "GET, HEAD");
-    assert_eq!(header(&post, "Content-Type"), "application/problem+json");
-    let body: serde_json::Value = post.json().await.unwrap();
-    assert_eq!(body["type"], "about:blank");
-    assert_eq!(body["title"], "Method Not Allowed");
-    assert_eq!(body["status"], 405);
+    plain_problem(post, 405, "Method Not Allowed").await;
+}
+
+/// Asserts that `response` is an `about:blank` problem of `status` and `title`; its body.
+async fn plain_problem(response: Response, status: u16, title: &str) -> serde_json::Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        header(&response, "Content-Type"),
+        "application/problem+json"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "about:blank", "{body}");
+    assert_eq!(body["title"], title, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    body
 }
 
 #[tokio::test]

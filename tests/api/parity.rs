@@ -9,7 +9,7 @@ use ratelimiter::store::memory::MemoryStore;
 
 use testkit::{RedisProcess, unique_prefix};
 
-use super::redis_store::{MODES, SECOND, one, redis_store};
+use super::redis_store::{MODES, SECOND, foreign_values, one, redis_store};
 
 /// One row of the parity table: the buckets one request draws on (limit, cost, group)
 /// and the times (µs) at which that request is made.
@@ -253,6 +253,19 @@ fn base_parity_table() -> Vec<Case> {
     ]
 }
 
+/// The tokens and the time `keyed`'s bucket holds in Redis, each `None` when absent.
+fn stored_state(conn: &mut redis::Connection, keyed: &KeyedCharge) -> Vec<Option<u64>> {
+    let fields = [
+        format!("{}:tokens", keyed.field),
+        format!("{}:ts", keyed.field),
+    ];
+    redis::cmd("HMGET")
+        .arg(&*keyed.key)
+        .arg(&fields)
+        .query(conn)
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_case() {
     let redis = RedisProcess::server(None, &[]);
@@ -310,15 +323,7 @@ async fn the_lua_script_the_memory_store_and_the_rust_arithmetic_agree_on_every_
                 // And each wrote exactly what the arithmetic wrote: nothing for a read or
                 // a denial, a bucket never written stays absent.
                 for (keyed, state) in keyed.iter().zip(&states) {
-                    let fields = [
-                        format!("{}:tokens", keyed.field),
-                        format!("{}:ts", keyed.field),
-                    ];
-                    let stored: Vec<Option<u64>> = redis::cmd("HMGET")
-                        .arg(&*keyed.key)
-                        .arg(&fields)
-                        .query(&mut conn)
-                        .unwrap();
+                    let stored = stored_state(&mut conn, keyed);
                     let expected = state.map(|s| vec![Some(s.tokens), Some(s.updated_us)]);
                     // Unless it expired before PERSIST reached it: a hash whose buckets
                     // fill within a second on the test's clock (a billion a second after
@@ -524,15 +529,7 @@ async fn a_batch_is_decided_as_the_rust_arithmetic_decides_its_requests_one_afte
                     let _: i64 = redis::cmd("PERSIST").arg(&**key).query(&mut conn).unwrap();
                 }
                 for draw in requests.iter().flatten() {
-                    let fields = [
-                        format!("{}:tokens", draw.field),
-                        format!("{}:ts", draw.field),
-                    ];
-                    let stored: Vec<Option<u64>> = redis::cmd("HMGET")
-                        .arg(&*draw.key)
-                        .arg(&fields)
-                        .query(&mut conn)
-                        .unwrap();
+                    let stored = stored_state(&mut conn, draw);
                     let hash = draw.key.split(':').nth(1).unwrap();
                     let state = states
                         .iter()
@@ -554,13 +551,8 @@ async fn a_foreign_value_at_one_requests_key_fails_that_request_alone_in_a_batch
     for mode in MODES {
         let store = redis_store(&redis, mode);
         let prefix = unique_prefix("batch-foreign");
-        let (string_key, garbage_key, bucket_key) = (
-            format!("{prefix}:{{string}}"),
-            format!("{prefix}:{{garbage}}"),
-            format!("{prefix}:{{bucket}}"),
-        );
-        let _: () = redis.command(&["SET", &string_key, "not a bucket"]);
-        let _: () = redis.command(&["HSET", &garbage_key, "l:tokens", "many", "l:ts", "1"]);
+        let [string_key, garbage_key] = foreign_values(&redis, &prefix);
+        let bucket_key = format!("{prefix}:{{bucket}}");
         let limit = Limit::per(2, 60, 2).unwrap();
         let requests = [
             &bucket_key,

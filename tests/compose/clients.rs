@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use testkit::header;
+
 use crate::process::{docker, docker_ok, run, text};
 use crate::stack::{BASE_IMAGE, Stack};
 
@@ -25,18 +27,10 @@ pub struct Reply {
 
 impl Reply {
     pub async fn of(response: reqwest::Response) -> Reply {
-        let header = |name| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
         Reply {
             status: response.status().as_u16(),
-            instance: header("x-instance"),
-            source: header("x-ratelimit-source"),
+            instance: header(&response, "x-instance"),
+            source: header(&response, "x-ratelimit-source"),
         }
     }
 }

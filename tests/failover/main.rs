@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use testkit::{
     Origin, Record, SENTINEL_PASSWORD, SENTINEL_SERVICE_PASSWORD, SERVICE_PASSWORD, SERVICE_USER,
-    SentinelCluster, TestApp, Traffic, all_at_once, client, counter, header, metrics,
+    SentinelCluster, TestApp, Traffic, admitted, all_at_once, client, counter, header, metrics,
     unique_prefix, until_redis_decides, wait_until,
 };
 
@@ -140,6 +140,22 @@ impl Stage {
     }
 
     /// When a sentinel announced the switch (waiting off the runtime's threads).
+    /// [`Stage::kill_the_master_under`] traffic begun `warm_up` before.
+    async fn kill_the_master_after(&mut self, warm_up: Duration, switch_within: Duration) -> Run {
+        let traffic = self.traffic();
+        tokio::time::sleep(warm_up).await;
+        self.kill_the_master_under(traffic, switch_within).await
+    }
+
+    /// kill -9 of the master while `traffic` runs, then the switch (within
+    /// `switch_within`) and 3 s more of traffic.
+    async fn kill_the_master_under(&mut self, traffic: Traffic, switch_within: Duration) -> Run {
+        let fault_at = Instant::now();
+        self.cluster.node_mut(self.old_master).kill();
+        let switch_at = self.switch(switch_within).await;
+        Run::after(traffic, Duration::from_secs(3), fault_at, switch_at).await
+    }
+
     async fn switch(&self, limit: Duration) -> Instant {
         let watch = self.watch.clone();
         tokio::task::spawn_blocking(move || watch.wait(limit))
@@ -154,6 +170,12 @@ impl Stage {
 
 fn client_ip(client_id: usize) -> String {
     format!("198.51.{}.{}", 100 + client_id / 250, client_id % 250 + 1)
+}
+
+/// `GET /limited_endpoint` on `app`, from `http`, forwarded for client `client_id`.
+fn limited_for(http: &reqwest::Client, app: &TestApp, client_id: usize) -> reqwest::RequestBuilder {
+    http.get(app.at("/limited_endpoint"))
+        .header("X-Forwarded-For", client_ip(client_id))
 }
 
 /// Notes when a sentinel announces `+switch-master`.
@@ -277,14 +299,34 @@ fn local_allowance(decided: Duration) -> u64 {
     INSTANCES * ((CAPACITY / INSTANCES).max(1) + refilled(decided, INSTANCES))
 }
 
-impl Figures {
-    fn measure(
-        scenario: &'static str,
-        fault: Fault,
-        records: &[Record],
+/// A fault under traffic: every request's record, when the fault came, and when the
+/// sentinels switched the master.
+struct Run {
+    records: Vec<Record>,
+    fault_at: Instant,
+    switch_at: Instant,
+}
+
+impl Run {
+    /// `traffic` for `more` after the switch, then stopped.
+    async fn after(
+        traffic: Traffic,
+        more: Duration,
         fault_at: Instant,
         switch_at: Instant,
     ) -> Self {
+        tokio::time::sleep(more).await;
+        Self {
+            records: traffic.stop().await,
+            fault_at,
+            switch_at,
+        }
+    }
+}
+
+impl Figures {
+    fn measure(scenario: &'static str, fault: Fault, run: &Run) -> Self {
+        let (records, fault_at, switch_at) = (&run.records[..], run.fault_at, run.switch_at);
         let first_redis_after_switch = records
             .iter()
             .filter(|r| r.sent >= switch_at && r.source == "redis")
@@ -416,19 +458,12 @@ impl Figures {
 /// and returns how many passed and from which sources.
 async fn fresh_client_burst(apps: &[&TestApp], client_id: usize) -> (u64, Vec<String>) {
     let http = client();
-    let answers = all_at_once((0..2 * CAPACITY as usize).map(|n| {
-        http.get(apps[n % apps.len()].at("/limited_endpoint"))
-            .header("X-Forwarded-For", client_ip(client_id))
-    }))
+    let answers = all_at_once(
+        (0..2 * CAPACITY as usize).map(|n| limited_for(&http, apps[n % apps.len()], client_id)),
+    )
     .await;
-    let mut passed = 0;
-    let mut sources = Vec::new();
-    for (status, source) in answers {
-        assert!(status == 200 || status == 429, "status {status}");
-        passed += u64::from(status == 200);
-        sources.push(source);
-    }
-    (passed, sources)
+    let (passed, sources) = admitted(answers);
+    (passed as u64, sources)
 }
 
 /// Waits until both instances decide through Redis again.
@@ -436,11 +471,7 @@ async fn wait_for_redis_decisions(apps: &[&TestApp], probe_client: usize) {
     let http = client();
     let deadline = Instant::now() + Duration::from_secs(10);
     for app in apps {
-        until_redis_decides(&app.url, deadline, || {
-            http.get(app.at("/limited_endpoint"))
-                .header("X-Forwarded-For", client_ip(probe_client))
-        })
-        .await;
+        until_redis_decides(&app.url, deadline, || limited_for(&http, app, probe_client)).await;
     }
 }
 
@@ -456,16 +487,12 @@ async fn assert_limits_shared_again(first: &TestApp, second: &TestApp, client_id
 
 async fn kill_the_master_mid_traffic(redis_client: &str, scenario: &'static str) {
     let mut stage = Stage::start_with("kill", redis_client);
-    let traffic = stage.traffic();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let fault_at = Instant::now();
     let old_master = stage.old_master;
-    stage.cluster.node_mut(old_master).kill();
-    let switch_at = stage.switch(Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let records = traffic.stop().await;
+    let run = stage
+        .kill_the_master_after(Duration::from_secs(2), Duration::from_secs(20))
+        .await;
 
-    Figures::measure(scenario, Fault::Crash, &records, fault_at, switch_at).print_and_check();
+    Figures::measure(scenario, Fault::Crash, &run).print_and_check();
     assert_ne!(stage.cluster.master_port(), Some(old_master));
     stage.assert_limits_shared_again().await;
 }
@@ -503,11 +530,9 @@ async fn killing_the_master_while_batches_are_in_flight_leaves_no_decision_unans
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = stage.cluster.node(old_master).command_calls("evalsha") - calls_before;
     let decided = traffic.answered_so_far() as u64;
-    let fault_at = Instant::now();
-    stage.cluster.node_mut(old_master).kill();
-    let switch_at = stage.switch(Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let records = traffic.stop().await;
+    let run = stage
+        .kill_the_master_under(traffic, Duration::from_secs(20))
+        .await;
 
     println!("before the kill: {decided} decisions in {calls} calls (announcements included)");
     assert!(
@@ -520,12 +545,10 @@ async fn killing_the_master_while_batches_are_in_flight_leaves_no_decision_unans
     Figures::measure(
         "kill -9 of the master with batches in flight",
         Fault::Crash,
-        &records,
-        fault_at,
-        switch_at,
+        &run,
     )
     .print_and_check();
-    assert!(records.iter().any(|r| r.source == "local"));
+    assert!(run.records.iter().any(|r| r.source == "local"));
     stage.assert_limits_shared_again().await;
 }
 
@@ -548,15 +571,12 @@ async fn a_paused_master_is_failed_over_and_never_serves_a_decision_after_it_ret
         || old_master.role().as_deref() == Some("slave"),
     );
     let evalsha_before = old_master.command_calls("evalsha");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let records = traffic.stop().await;
+    let run = Run::after(traffic, Duration::from_secs(2), fault_at, switch_at).await;
 
     Figures::measure(
         "SIGSTOP of the master, SIGCONT after failover",
         Fault::Crash,
-        &records,
-        fault_at,
-        switch_at,
+        &run,
     )
     .print_and_check();
     assert_eq!(
@@ -585,15 +605,12 @@ async fn a_flushed_script_cache_and_a_forced_failover_fail_no_decision() {
     let fault_at = Instant::now();
     let _: () = stage.cluster.sentinels[1].command(&["SENTINEL", "FAILOVER", "redis-master"]);
     let switch_at = stage.switch(Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let records = traffic.stop().await;
+    let run = Run::after(traffic, Duration::from_secs(2), fault_at, switch_at).await;
 
     Figures::measure(
         "SCRIPT FLUSH, then SENTINEL FAILOVER",
         Fault::Handover,
-        &records,
-        fault_at,
-        switch_at,
+        &run,
     )
     .print_and_check();
     assert_eq!(
@@ -615,21 +632,15 @@ async fn with_one_sentinel_down_a_killed_master_is_still_failed_over_and_followe
     let mut stage = Stage::start("two-sentinels");
     // The instances were told of all three; the one they asked first may be the dead one.
     stage.cluster.sentinels[2].kill();
-    let traffic = stage.traffic();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let fault_at = Instant::now();
     let old_master = stage.old_master;
-    stage.cluster.node_mut(old_master).kill();
-    let switch_at = stage.switch(Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let records = traffic.stop().await;
+    let run = stage
+        .kill_the_master_after(Duration::from_secs(1), Duration::from_secs(30))
+        .await;
 
     Figures::measure(
         "one sentinel of three down, then kill -9 of the master",
         Fault::Crash,
-        &records,
-        fault_at,
-        switch_at,
+        &run,
     )
     .print_and_check();
     assert_ne!(stage.cluster.master_port(), Some(old_master));
@@ -668,22 +679,12 @@ async fn with_every_redis_node_down_each_fail_mode_does_what_it_says_and_recover
     }
     // open: everything passes, and says so.
     for _ in 0..(2 * CAPACITY) {
-        let response = http
-            .get(open.at("/limited_endpoint"))
-            .header("X-Forwarded-For", client_ip(501))
-            .send()
-            .await
-            .unwrap();
+        let response = limited_for(&http, &open, 501).send().await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(header(&response, "X-RateLimit-Source"), "open");
     }
     // closed: 503 with Retry-After: 1.
-    let response = http
-        .get(closed.at("/limited_endpoint"))
-        .header("X-Forwarded-For", client_ip(502))
-        .send()
-        .await
-        .unwrap();
+    let response = limited_for(&http, &closed, 502).send().await.unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(header(&response, "Retry-After"), "1");
     assert_eq!(header(&response, "X-RateLimit-Source"), "closed");

@@ -216,20 +216,17 @@ async fn every_sentinel_refuses_a_client_that_does_not_log_in_while_the_instance
 
     let monitor_a_fake = ["SENTINEL", "MONITOR", "evil", "127.0.0.1", "1", "2"];
     for sentinel in &cluster.sentinels {
-        for args in [
-            &monitor_a_fake[..],
-            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "redis-master"],
-            &["PING"],
-        ] {
-            let reply = sentinel.reply_to(None, args);
-            assert!(
-                reply.as_ref().is_err_and(|e| e.contains("NOAUTH")),
-                "sentinel {} answered {args:?} without a password: {reply:?}",
-                sentinel.port
-            );
-        }
-        let masters: Vec<redis::Value> = sentinel.command(&["SENTINEL", "MASTERS"]);
-        assert_eq!(masters.len(), 1, "sentinel {}: {masters:?}", sentinel.port);
+        let without_a_password = |args: &[&str]| sentinel.reply_to(None, args);
+        assert_refuses_each(
+            sentinel,
+            &[
+                &monitor_a_fake[..],
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "redis-master"],
+                &["PING"],
+            ],
+            "NOAUTH",
+            without_a_password,
+        );
     }
     let http = client();
     for app in [&first, &second] {
@@ -240,6 +237,26 @@ async fn every_sentinel_refuses_a_client_that_does_not_log_in_while_the_instance
         let ready = http.get(app.at("/ready")).send().await.unwrap();
         assert_eq!(ready.status(), 200, "{}", app.url);
     }
+}
+
+/// Asserts that `sentinel` answers each of `commands`, sent by `send`, with the error
+/// `refusal`, and still monitors its one master afterwards.
+fn assert_refuses_each(
+    sentinel: &RedisProcess,
+    commands: &[&[&str]],
+    refusal: &str,
+    send: impl Fn(&[&str]) -> Result<redis::Value, String>,
+) {
+    for args in commands {
+        let reply = send(args);
+        assert!(
+            reply.as_ref().is_err_and(|e| e.contains(refusal)),
+            "sentinel {} answered {args:?} with {reply:?}, not {refusal}",
+            sentinel.port
+        );
+    }
+    let masters: Vec<redis::Value> = sentinel.command(&["SENTINEL", "MASTERS"]);
+    assert_eq!(masters.len(), 1, "sentinel {}: {masters:?}", sentinel.port);
 }
 
 /// A client logged in to `sentinel` as the instances are.
@@ -289,16 +306,9 @@ async fn the_instances_sentinel_user_cannot_reconfigure_any_sentinel_yet_follows
         // The credentials are right: what the instances send is answered.
         let view = as_instances(sentinel, &["SENTINEL", "MASTER", "redis-master"]);
         assert!(view.is_ok(), "sentinel {}: {view:?}", sentinel.port);
-        for args in commands {
-            let reply = as_instances(sentinel, args);
-            assert!(
-                reply.as_ref().is_err_and(|e| e.contains("NOPERM")),
-                "sentinel {} let the instances' user send {args:?}: {reply:?}",
-                sentinel.port
-            );
-        }
-        let masters: Vec<redis::Value> = sentinel.command(&["SENTINEL", "MASTERS"]);
-        assert_eq!(masters.len(), 1, "sentinel {}: {masters:?}", sentinel.port);
+        assert_refuses_each(sentinel, &commands, "NOPERM", |args| {
+            as_instances(sentinel, args)
+        });
         assert_eq!(named_by(sentinel), master, "sentinel {}", sentinel.port);
     }
 

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use testkit::{
     NginxProcess, NginxSettings, RedisProcess, TestApp, TestUpstream, client, client_from,
-    free_port, header, unique_prefix,
+    free_port, header, legacy_headers, unique_prefix,
 };
 
 /// The policies every stack runs with, unless a test says otherwise.
@@ -150,20 +150,24 @@ impl Stack {
 
     /// GET `path` through the gateway from `client`, within [`HANG_BOUND`].
     async fn get(&self, client: &Client, path: &str) -> Response {
-        let url = self.nginx.gateway(path);
-        let started = Instant::now();
-        let response = client
-            .get(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        assert!(
-            started.elapsed() < HANG_BOUND,
-            "GET {url} took {:?}",
-            started.elapsed()
-        );
-        response
+        get_within_hang_bound(client, &self.nginx.gateway(path)).await
     }
+}
+
+/// GET `url` from `client`, within [`HANG_BOUND`].
+async fn get_within_hang_bound(client: &Client, url: &str) -> Response {
+    let started = Instant::now();
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(
+        started.elapsed() < HANG_BOUND,
+        "GET {url} took {:?}",
+        started.elapsed()
+    );
+    response
 }
 
 /// Where instance `name` listens with [`Setup::over_sockets`].
@@ -204,22 +208,36 @@ async fn a_client_under_a_policy_of_n_reaches_the_upstream_exactly_n_times_then_
     assert_eq!(answers, admitted_then_denied(API_LIMIT, API_LIMIT + 2));
     let counts = stack.upstream.counts().await;
     assert_eq!(counts.client("127.0.1.1"), API_LIMIT as u64, "{counts:?}");
-    assert_eq!(denied.status(), 429);
-    assert_eq!(header(&denied, "Content-Type"), "application/problem+json");
-    let retry_after: u64 = header(&denied, "Retry-After").parse().expect("seconds");
-    assert!((1..=20).contains(&retry_after), "Retry-After {retry_after}");
-    assert_eq!(
-        header(&denied, "RateLimit-Policy"),
-        "\"api-minute\";q=3;w=60"
-    );
-    assert_eq!(
-        header(&denied, "RateLimit"),
-        format!("\"api-minute\";r=0;t={retry_after}")
-    );
     assert_eq!(header(&denied, "X-RateLimit-Source"), "redis");
     for internal in ["X-RateLimit-Status", "X-RateLimit-Problem", "X-Instance"] {
         assert_eq!(header(&denied, internal), "", "{internal} stays inside");
     }
+    assert_quota_exceeded(denied, "api-minute", API_LIMIT, 20).await;
+}
+
+/// Asserts that `denied` is the 429 problem of `limit` (`<policy>-<limit>`, `capacity`
+/// a minute): its headers, a `Retry-After` of 1 to `most_retry_after` s, and its body.
+async fn assert_quota_exceeded(
+    denied: Response,
+    limit: &str,
+    capacity: usize,
+    most_retry_after: u64,
+) {
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "Content-Type"), "application/problem+json");
+    let retry_after: u64 = header(&denied, "Retry-After").parse().expect("seconds");
+    assert!(
+        (1..=most_retry_after).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    assert_eq!(
+        header(&denied, "RateLimit-Policy"),
+        format!("\"{limit}\";q={capacity};w=60")
+    );
+    assert_eq!(
+        header(&denied, "RateLimit"),
+        format!("\"{limit}\";r=0;t={retry_after}")
+    );
     let mut body: serde_json::Value = denied.json().await.expect("a JSON body");
     let retry_after_ms = body["retry_after_ms"].take().as_u64().expect("a number");
     assert!(
@@ -232,7 +250,7 @@ async fn a_client_under_a_policy_of_n_reaches_the_upstream_exactly_n_times_then_
             "type": "https://iana.org/assignments/http-problem-types#quota-exceeded",
             "title": "Too Many Requests",
             "status": 429,
-            "violated-policies": ["api-minute"],
+            "violated-policies": [limit],
             "retry_after_ms": null,
         })
     );
@@ -274,9 +292,7 @@ async fn legacy_headers_reach_the_client_when_the_instances_send_them() {
     let response = stack.get(&client, "/api/items").await;
 
     assert_eq!(response.status(), 200);
-    assert_eq!(header(&response, "X-RateLimit-Limit"), "3");
-    assert_eq!(header(&response, "X-RateLimit-Remaining"), "2");
-    assert_eq!(header(&response, "X-RateLimit-Reset"), "20");
+    assert_eq!(legacy_headers(&response), ["3", "2", "20"]);
     assert_eq!(header(&response, "RateLimit"), "\"api-minute\";r=2;t=20");
 }
 
@@ -419,27 +435,57 @@ async fn a_denial_is_problem_json_whatever_the_paths_extension() {
     assert_eq!(header(&denied, "Content-Type"), "application/problem+json");
 }
 
-#[tokio::test]
-async fn with_redis_down_and_fail_mode_closed_limited_requests_get_a_503() {
-    let stack = Stack::start(Setup {
+/// Instances whose Redis refuses connections, failing as `fail_mode` says.
+fn with_redis_down(fail_mode: &str) -> Setup {
+    Setup {
         vars: vec![
             ("REDIS_URL", format!("redis://127.0.0.1:{}", free_port())),
             ("REDIS_TIMEOUT_MS", "50".to_string()),
-            ("FAIL_MODE", "closed".to_string()),
+            ("FAIL_MODE", fail_mode.to_string()),
         ],
         ..Setup::default()
-    });
+    }
+}
+
+/// Asserts that `response`, to a request on `path`, is a 503 problem the client may retry
+/// in 1 s, decided by `source`.
+async fn assert_unavailable(response: Response, path: &str, source: &str) {
+    assert_eq!(response.status(), 503, "{path}");
+    assert_eq!(
+        header(&response, "Content-Type"),
+        "application/problem+json"
+    );
+    assert_eq!(header(&response, "Retry-After"), "1");
+    assert_eq!(header(&response, "X-RateLimit-Source"), source);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], 503, "{body}");
+}
+
+/// Asserts that past the policy's limit every request on `/api/items` still reaches the
+/// upstream, with `source` as the deciding party; the last response is returned.
+async fn assert_fails_open(stack: &Stack, client: &Client, source: &str) -> Response {
+    let answers = statuses(stack, client, "/api/items", API_LIMIT + 2).await;
+    assert_eq!(answers, vec![200; API_LIMIT + 2], "{source}");
+    let response = stack.get(client, "/api/items").await;
+    assert_eq!(header(&response, "X-RateLimit-Source"), source);
+    let counts = stack.upstream.counts().await;
+    assert_eq!(
+        counts.path("/api/items"),
+        API_LIMIT as u64 + 3,
+        "{counts:?}"
+    );
+    response
+}
+
+#[tokio::test]
+async fn with_redis_down_and_fail_mode_closed_limited_requests_get_a_503() {
+    let stack = Stack::start(with_redis_down("closed"));
     let client = client_from(address(9));
 
     let limited = stack.get(&client, "/api/items").await;
     let unlimited = stack.get(&client, "/free/page").await;
 
-    assert_eq!(limited.status(), 503);
-    assert_eq!(header(&limited, "Content-Type"), "application/problem+json");
-    assert_eq!(header(&limited, "Retry-After"), "1");
-    assert_eq!(header(&limited, "X-RateLimit-Source"), "closed");
-    let body: serde_json::Value = limited.json().await.unwrap();
-    assert_eq!(body["status"], 503, "{body}");
+    assert_unavailable(limited, "/api/items", "closed").await;
     assert_eq!(unlimited.status(), 200, "no policy, no store needed");
     let counts = stack.upstream.counts().await;
     assert_eq!(
@@ -451,25 +497,10 @@ async fn with_redis_down_and_fail_mode_closed_limited_requests_get_a_503() {
 
 #[tokio::test]
 async fn with_redis_down_and_fail_mode_open_limited_requests_reach_the_upstream() {
-    let stack = Stack::start(Setup {
-        vars: vec![
-            ("REDIS_URL", format!("redis://127.0.0.1:{}", free_port())),
-            ("REDIS_TIMEOUT_MS", "50".to_string()),
-            ("FAIL_MODE", "open".to_string()),
-        ],
-        ..Setup::default()
-    });
+    let stack = Stack::start(with_redis_down("open"));
     let client = client_from(address(10));
 
-    let answers = statuses(&stack, &client, "/api/items", API_LIMIT + 2).await;
-
-    assert_eq!(answers, vec![200; API_LIMIT + 2]);
-    let response = stack.get(&client, "/api/items").await;
-    assert_eq!(header(&response, "X-RateLimit-Source"), "open");
-    assert_eq!(
-        stack.upstream.counts().await.path("/api/items"),
-        API_LIMIT as u64 + 3
-    );
+    assert_fails_open(&stack, &client, "open").await;
 }
 
 /// Two addresses where no instance listens: connections are refused.
@@ -491,15 +522,7 @@ async fn with_every_instance_down_the_gateway_fails_closed_with_a_503() {
     for path in ["/api/items", "/free/page"] {
         let response = stack.get(&client, path).await;
 
-        assert_eq!(response.status(), 503, "{path}");
-        assert_eq!(
-            header(&response, "Content-Type"),
-            "application/problem+json"
-        );
-        assert_eq!(header(&response, "X-RateLimit-Source"), "gateway-closed");
-        assert_eq!(header(&response, "Retry-After"), "1");
-        let body: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(body["status"], 503, "{body}");
+        assert_unavailable(response, path, "gateway-closed").await;
     }
     assert_eq!(stack.upstream.counts().await.total, 0);
 }
@@ -513,18 +536,8 @@ async fn with_every_instance_down_and_gateway_fail_mode_open_the_upstream_is_rea
     });
     let client = client_from(address(12));
 
-    let answers = statuses(&stack, &client, "/api/items", API_LIMIT + 2).await;
-
-    assert_eq!(answers, vec![200; API_LIMIT + 2]);
-    let response = stack.get(&client, "/api/items").await;
-    assert_eq!(header(&response, "X-RateLimit-Source"), "gateway-open");
+    let response = assert_fails_open(&stack, &client, "gateway-open").await;
     assert_eq!(header(&response, "RateLimit"), "");
-    let counts = stack.upstream.counts().await;
-    assert_eq!(
-        counts.path("/api/items"),
-        API_LIMIT as u64 + 3,
-        "{counts:?}"
-    );
 }
 
 #[tokio::test]
@@ -601,18 +614,8 @@ async fn one_address_holding_four_thousand_slow_connections_does_not_stop_anothe
         stack.nginx.public("/health"),
         stack.nginx.gateway("/anything"),
     ] {
-        let started = Instant::now();
-        let response = client
-            .get(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url} beside 4,000 slow connections: {e}"));
+        let response = get_within_hang_bound(&client, &url).await;
         assert_eq!(response.status(), 200, "{url}");
-        assert!(
-            started.elapsed() < HANG_BOUND,
-            "{url}: {:?}",
-            started.elapsed()
-        );
     }
     drop(idle);
 }

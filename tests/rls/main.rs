@@ -56,6 +56,13 @@ struct TestRls {
 }
 
 impl TestRls {
+    /// A Redis of its own, and an instance on it that fails closed.
+    async fn on_a_fresh_redis(test: &str) -> (RedisProcess, Self) {
+        let redis = RedisProcess::server(None, &[]);
+        let rls = Self::start(&redis, test, FailMode::Closed).await;
+        (redis, rls)
+    }
+
     async fn start(redis: &RedisProcess, test: &str, fail_mode: FailMode) -> Self {
         Self::start_with_prefix(redis, unique_prefix(test), fail_mode).await
     }
@@ -125,6 +132,21 @@ impl TestRls {
             .map(tonic::Response::into_inner)
     }
 
+    /// `ShouldRateLimit` in domain `edge` of `descriptors`, which must be answered.
+    async fn decide(&mut self, descriptors: Vec<RateLimitDescriptor>) -> RateLimitResponse {
+        self.answer(request("edge", descriptors)).await
+    }
+
+    /// The answer to `request`, which must not be refused.
+    async fn answer(&mut self, request: RateLimitRequest) -> RateLimitResponse {
+        self.ask(request).await.unwrap()
+    }
+
+    /// Why `request` is refused, which it must be.
+    async fn refusal(&mut self, request: RateLimitRequest) -> tonic::Status {
+        self.ask(request).await.unwrap_err()
+    }
+
     async fn stop(mut self) {
         if let Some(stop) = self.shutdown.take() {
             let _ = stop.send(());
@@ -143,21 +165,26 @@ impl Drop for TestRls {
     }
 }
 
+/// The overall code of `response`, and each descriptor's code and tokens left.
+fn answer(response: &RateLimitResponse) -> (Code, Vec<(Code, u32)>) {
+    (response.overall_code(), statuses(response))
+}
+
+/// A request in `domain` of one descriptor of `entries`.
+fn one(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
+    request(domain, vec![descriptor(entries)])
+}
+
 fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
     rls_request(domain, descriptors)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_descriptor_is_admitted_exactly_its_limit_then_over_limit() {
-    let redis = RedisProcess::server(None, &[]);
-    let mut rls = TestRls::start(&redis, "exact", FailMode::Closed).await;
+    let (_redis, mut rls) = TestRls::on_a_fresh_redis("exact").await;
     for remaining in [2, 1, 0] {
-        let response = rls
-            .ask(request("edge", vec![descriptor(&[("user", "ann")])]))
-            .await
-            .unwrap();
-        assert_eq!(response.overall_code(), Code::Ok);
-        assert_eq!(statuses(&response), [(Code::Ok, remaining)]);
+        let response = rls.decide(vec![descriptor(&[("user", "ann")])]).await;
+        assert_eq!(answer(&response), (Code::Ok, vec![(Code::Ok, remaining)]));
         let status = &response.statuses[0];
         let limit = status.current_limit.as_ref().unwrap();
         assert_eq!(
@@ -170,34 +197,28 @@ async fn a_descriptor_is_admitted_exactly_its_limit_then_over_limit() {
             "until full: {reset:?}"
         );
     }
-    let response = rls
-        .ask(request("edge", vec![descriptor(&[("user", "ann")])]))
-        .await
-        .unwrap();
-    assert_eq!(response.overall_code(), Code::OverLimit);
-    assert_eq!(statuses(&response), [(Code::OverLimit, 0)]);
+    let response = rls.decide(vec![descriptor(&[("user", "ann")])]).await;
+    assert_eq!(
+        answer(&response),
+        (Code::OverLimit, vec![(Code::OverLimit, 0)])
+    );
     rls.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_descriptor_over_its_limit_spends_nothing_of_the_others_in_its_request() {
-    let redis = RedisProcess::server(None, &[]);
-    let mut rls = TestRls::start(&redis, "all-or-nothing", FailMode::Closed).await;
+    let (_redis, mut rls) = TestRls::on_a_fresh_redis("all-or-nothing").await;
     let mut many = descriptor(&[("user", "bob")]);
     many.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 3 });
-    let spent = rls.ask(request("edge", vec![many])).await.unwrap();
+    let spent = rls.decide(vec![many]).await;
     assert_eq!(spent.overall_code(), Code::Ok);
     for _ in 0..3 {
         let refused = rls
-            .ask(request(
-                "edge",
-                vec![
-                    descriptor(&[("org", "acme")]),
-                    descriptor(&[("user", "bob")]),
-                ],
-            ))
-            .await
-            .unwrap();
+            .decide(vec![
+                descriptor(&[("org", "acme")]),
+                descriptor(&[("user", "bob")]),
+            ])
+            .await;
         assert_eq!(refused.overall_code(), Code::OverLimit);
         assert_eq!(
             statuses(&refused),
@@ -205,48 +226,38 @@ async fn a_descriptor_over_its_limit_spends_nothing_of_the_others_in_its_request
             "the org descriptor had its hit, and was not charged it"
         );
     }
-    let alone = rls
-        .ask(request("edge", vec![descriptor(&[("org", "acme")])]))
-        .await
-        .unwrap();
+    let alone = rls.decide(vec![descriptor(&[("org", "acme")])]).await;
     assert_eq!(statuses(&alone), [(Code::Ok, 9)]);
     rls.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_beyond_a_limits_capacity_are_over_limit_not_an_error() {
-    let redis = RedisProcess::server(None, &[]);
-    let mut rls = TestRls::start(&redis, "beyond", FailMode::Closed).await;
-    let mut asked = request("edge", vec![descriptor(&[("user", "cid")])]);
+    let (_redis, mut rls) = TestRls::on_a_fresh_redis("beyond").await;
+    let mut asked = one("edge", &[("user", "cid")]);
     asked.hits_addend = 4;
-    let response = rls.ask(asked).await.unwrap();
-    assert_eq!(response.overall_code(), Code::OverLimit);
-    assert_eq!(statuses(&response), [(Code::OverLimit, 3)]);
+    let response = rls.answer(asked).await;
+    assert_eq!(
+        answer(&response),
+        (Code::OverLimit, vec![(Code::OverLimit, 3)])
+    );
     rls.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_domain_or_descriptor_is_ok_with_no_limit() {
-    let redis = RedisProcess::server(None, &[]);
-    let mut rls = TestRls::start(&redis, "unknown", FailMode::Closed).await;
-    let response = rls
-        .ask(request("elsewhere", vec![descriptor(&[("user", "ann")])]))
-        .await
-        .unwrap();
+    let (_redis, mut rls) = TestRls::on_a_fresh_redis("unknown").await;
+    let response = rls.answer(one("elsewhere", &[("user", "ann")])).await;
     assert_eq!(response.overall_code(), Code::Ok);
     assert_eq!(response.statuses.len(), 1);
     assert_eq!(response.statuses[0].code(), Code::Ok);
     assert_eq!(response.statuses[0].current_limit, None);
     let response = rls
-        .ask(request(
-            "edge",
-            vec![
-                descriptor(&[("colour", "red")]),
-                descriptor(&[("user", "ann")]),
-            ],
-        ))
-        .await
-        .unwrap();
+        .decide(vec![
+            descriptor(&[("colour", "red")]),
+            descriptor(&[("user", "ann")]),
+        ])
+        .await;
     assert_eq!(response.overall_code(), Code::Ok);
     assert_eq!(response.statuses[0].current_limit, None);
     assert!(response.statuses[1].current_limit.is_some());
@@ -255,39 +266,28 @@ async fn an_unknown_domain_or_descriptor_is_ok_with_no_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_domain_or_descriptors_is_an_invalid_argument() {
-    let redis = RedisProcess::server(None, &[]);
-    let mut rls = TestRls::start(&redis, "invalid", FailMode::Closed).await;
-    let empty_domain = rls
-        .ask(request("", vec![descriptor(&[("user", "ann")])]))
-        .await
-        .unwrap_err();
+    let (_redis, mut rls) = TestRls::on_a_fresh_redis("invalid").await;
+    let empty_domain = rls.refusal(one("", &[("user", "ann")])).await;
     assert_eq!(empty_domain.code(), tonic::Code::InvalidArgument);
     assert!(
         empty_domain.message().contains("domain"),
         "{empty_domain:?}"
     );
-    let no_descriptors = rls.ask(request("edge", vec![])).await.unwrap_err();
+    let no_descriptors = rls.refusal(request("edge", vec![])).await;
     assert_eq!(no_descriptors.code(), tonic::Code::InvalidArgument);
     rls.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_are_refused_with_a_status_and_the_server_carries_on() {
-    let redis = RedisProcess::server(None, &[]);
-    let mut rls = TestRls::start(&redis, "oversized", FailMode::Closed).await;
+    let (_redis, mut rls) = TestRls::on_a_fresh_redis("oversized").await;
     let thousands = request("edge", vec![descriptor(&[("user", "x")]); 2_000]);
-    let refused = rls.ask(thousands).await.unwrap_err();
+    let refused = rls.refusal(thousands).await;
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     let huge = "v".repeat(100 * 1024);
-    let refused = rls
-        .ask(request("edge", vec![descriptor(&[("user", &huge)])]))
-        .await
-        .unwrap_err();
+    let refused = rls.refusal(one("edge", &[("user", &huge)])).await;
     assert_ne!(refused.code(), tonic::Code::Ok, "{refused:?}");
-    let fine = rls
-        .ask(request("edge", vec![descriptor(&[("user", "ann")])]))
-        .await
-        .unwrap();
+    let fine = rls.decide(vec![descriptor(&[("user", "ann")])]).await;
     assert_eq!(fine.overall_code(), Code::Ok);
     rls.stop().await;
 }
@@ -303,36 +303,27 @@ fn given_back(entries: &[(&str, &str)], hits: u64) -> RateLimitDescriptor {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_given_back_return_to_the_bucket_in_redis_never_past_its_limit() {
-    let redis = RedisProcess::server(None, &[]);
-    let mut rls = TestRls::start(&redis, "given-back", FailMode::Closed).await;
-    let ask_one = || request("edge", vec![descriptor(&[("user", "joe")])]);
+    let (_redis, mut rls) = TestRls::on_a_fresh_redis("given-back").await;
+    let ask_one = || one("edge", &[("user", "joe")]);
     for _ in 0..3 {
-        assert_eq!(rls.ask(ask_one()).await.unwrap().overall_code(), Code::Ok);
+        assert_eq!(rls.answer(ask_one()).await.overall_code(), Code::Ok);
     }
-    assert_eq!(
-        rls.ask(ask_one()).await.unwrap().overall_code(),
-        Code::OverLimit
-    );
-    let given = rls
-        .ask(request("edge", vec![given_back(&[("user", "joe")], 2)]))
-        .await
-        .unwrap();
-    assert_eq!(given.overall_code(), Code::Ok);
-    assert_eq!(statuses(&given), [(Code::Ok, 2)]);
+    assert_eq!(rls.answer(ask_one()).await.overall_code(), Code::OverLimit);
+    let given = rls.decide(vec![given_back(&[("user", "joe")], 2)]).await;
+    assert_eq!(answer(&given), (Code::Ok, vec![(Code::Ok, 2)]));
     assert_eq!(
         given.statuses[0].current_limit.as_ref().unwrap().name,
         "per-user"
     );
     for code in [Code::Ok, Code::Ok, Code::OverLimit] {
-        assert_eq!(rls.ask(ask_one()).await.unwrap().overall_code(), code);
+        assert_eq!(rls.answer(ask_one()).await.overall_code(), code);
     }
     let too_many = rls
-        .ask(request("edge", vec![given_back(&[("user", "joe")], 1_000)]))
-        .await
-        .unwrap();
+        .decide(vec![given_back(&[("user", "joe")], 1_000)])
+        .await;
     assert_eq!(statuses(&too_many), [(Code::Ok, 3)], "full, and no more");
     for code in [Code::Ok, Code::Ok, Code::Ok, Code::OverLimit] {
-        assert_eq!(rls.ask(ask_one()).await.unwrap().overall_code(), code);
+        assert_eq!(rls.answer(ask_one()).await.overall_code(), code);
     }
     rls.stop().await;
 }
@@ -359,10 +350,7 @@ async fn health_is_serving_only_while_redis_can_decide_and_closed_refuses_meanwh
     redis.kill();
     let status = rls.health.check(check("")).await.unwrap().into_inner();
     assert_eq!(status.status(), ServingStatus::NotServing);
-    let refused = rls
-        .ask(request("edge", vec![descriptor(&[("user", "ann")])]))
-        .await
-        .unwrap_err();
+    let refused = rls.refusal(one("edge", &[("user", "ann")])).await;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     rls.stop().await;
 }
@@ -373,10 +361,7 @@ async fn fail_open_answers_ok_while_redis_cannot_decide() {
     let mut rls = TestRls::start(&redis, "open", FailMode::Open).await;
     redis.kill();
     for _ in 0..5 {
-        let response = rls
-            .ask(request("edge", vec![descriptor(&[("user", "ann")])]))
-            .await
-            .unwrap();
+        let response = rls.decide(vec![descriptor(&[("user", "ann")])]).await;
         assert_eq!(response.overall_code(), Code::Ok);
     }
     rls.stop().await;
@@ -396,7 +381,7 @@ async fn concurrent_calls_to_two_instances_sharing_redis_admit_exactly_the_limit
         };
         tokio::spawn(async move {
             client
-                .should_rate_limit(request("edge", vec![descriptor(&[("user", "zoe")])]))
+                .should_rate_limit(one("edge", &[("user", "zoe")]))
                 .await
                 .expect("an answer")
                 .into_inner()

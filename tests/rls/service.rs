@@ -10,8 +10,9 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use testkit::{
-    RedisProcess, RlsClient, RlsFiles, TestApp, client, counter, descriptor, free_port, metrics,
-    rls_request, send_signal, service_command, statuses, unique_prefix, wait_for_exit, wait_until,
+    RedisProcess, RlsClient, RlsFiles, TestApp, client, counter, descriptor, free_port, json_of,
+    metrics, rls_request, send_signal, service_command, statuses, unique_prefix, wait_for_exit,
+    wait_until,
 };
 
 const EDGE: &str = "\
@@ -48,6 +49,23 @@ fn spawn(redis: &RedisProcess, files: &RlsFiles, test: &str, extra: &[(&str, Str
     TestApp::spawn_with(&vars)
 }
 
+/// A Redis, a folder holding [`EDGE`], and an instance on both, its buckets under a
+/// prefix for `test`.
+fn spawn_on_edge(test: &str) -> (RedisProcess, RlsFiles, TestApp) {
+    let redis = RedisProcess::server(None, &[]);
+    let files = RlsFiles::new("edge.yaml", EDGE);
+    let app = spawn(&redis, &files, test, &[]);
+    (redis, files, app)
+}
+
+/// Asserts that nothing accepts connections on `port` any more.
+fn assert_nothing_listens(port: u16, why: &str) {
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "{why}"
+    );
+}
+
 /// The `requests_per_unit` the service now states for `user` descriptors.
 async fn per_user_limit(rls: &mut RlsClient) -> u32 {
     let response = rls
@@ -78,9 +96,7 @@ async fn without_grpc_port_no_grpc_listener_is_started() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_with_grpc_port_and_rls_config_serves_should_rate_limit_and_health() {
-    let redis = RedisProcess::server(None, &[]);
-    let files = RlsFiles::new("edge.yaml", EDGE);
-    let app = spawn(&redis, &files, "service", &[]);
+    let (_redis, _files, app) = spawn_on_edge("service");
     let mut rls = RlsClient::connect(app.grpc()).await;
     assert_eq!(rls.serving().await, ServingStatus::Serving);
     for remaining in [2, 1, 0] {
@@ -110,10 +126,7 @@ async fn the_service_with_grpc_port_and_rls_config_serves_should_rate_limit_and_
     );
     let grpc_port = app.grpc();
     app.stop().await;
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", grpc_port)).is_err(),
-        "the gRPC server outlived the HTTP server's stop"
-    );
+    assert_nothing_listens(grpc_port, "the gRPC server outlived the HTTP server's stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,17 +268,12 @@ async fn sigterm_lets_every_grpc_call_in_flight_finish_and_exits_0() {
     let failed: Vec<_> = answered.iter().filter(|answer| answer.is_err()).collect();
     assert!(failed.is_empty(), "calls in flight failed: {failed:?}");
     assert_eq!(status.code(), Some(0));
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", grpc_port)).is_err(),
-        "the gRPC port still listens"
-    );
+    assert_nothing_listens(grpc_port, "the gRPC port still listens");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_list_the_rules_beside_the_policies() {
-    let redis = RedisProcess::server(None, &[]);
-    let files = RlsFiles::new("edge.yaml", EDGE);
-    let app = spawn(&redis, &files, "listed", &[]);
+    let (_redis, files, app) = spawn_on_edge("listed");
     let listed: serde_json::Value = app.get_json("/v1/policies").await;
     assert_eq!(listed["policies"][0]["name"], "default");
     let edge = &listed["rls"]["domains"][0];
@@ -318,9 +326,7 @@ async fn policies_list_the_rules_beside_the_policies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decision_api_reads_a_descriptors_bucket_without_spending_and_delete_resets_it() {
-    let redis = RedisProcess::server(None, &[]);
-    let files = RlsFiles::new("edge.yaml", EDGE);
-    let app = spawn(&redis, &files, "buckets", &[]);
+    let (_redis, _files, app) = spawn_on_edge("buckets");
     let mut rls = RlsClient::connect(app.grpc()).await;
     let http = client();
     for _ in 0..2 {
@@ -338,15 +344,11 @@ async fn the_decision_api_reads_a_descriptors_bucket_without_spending_and_delete
         assert_eq!(read["cost"], 0);
         assert_eq!(read["source"], "redis");
     }
-    let decided: serde_json::Value = http
-        .post(app.at("/v1/decide"))
-        .json(&serde_json::json!({"policy": "rls:edge", "key": ["user=bob"], "cost": 0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let decided = json_of(
+        http.post(app.at("/v1/decide"))
+            .json(&serde_json::json!({"policy": "rls:edge", "key": ["user=bob"], "cost": 0})),
+    )
+    .await;
     assert_eq!(decided["limits"][0]["remaining"], 1, "{decided}");
     assert_eq!(decided["allowed"], true);
     // The one left, then none: Envoy is told so.
@@ -377,9 +379,7 @@ async fn the_decision_api_reads_a_descriptors_bucket_without_spending_and_delete
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decision_api_refuses_a_descriptor_it_cannot_name_saying_which_field() {
-    let redis = RedisProcess::server(None, &[]);
-    let files = RlsFiles::new("edge.yaml", EDGE);
-    let app = spawn(&redis, &files, "refusals", &[]);
+    let (_redis, _files, app) = spawn_on_edge("refusals");
     let http = client();
     for (body, expected) in [
         (

@@ -21,8 +21,8 @@
 //! may call. Every refusal is a problem body whose detail starts with the field it is
 //! about, and no input is a 500.
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -166,27 +166,30 @@ impl BucketPath {
     }
 }
 
-/// `GET /v1/buckets/{policy}/{key}` (or `?key=…`): the decision at cost 0.
-pub async fn show_bucket(
+/// `/v1/buckets/{policy}/{key}` (or `?key=…`), for a caller that may use the bucket API:
+/// `GET` and `HEAD` answer the decision at cost 0, `DELETE` resets the buckets.
+pub async fn bucket(
     req: HttpRequest,
     path: web::Path<BucketPath>,
     state: web::Data<AppState>,
     auth: web::Data<AdminAuth>,
 ) -> Result<HttpResponse, ApiError> {
     let (policy, key) = path.into_inner().read(&req, &auth)?;
-    decide_named(&state, &policy, key.as_deref(), 0).await
+    if req.method() == Method::DELETE {
+        reset_bucket(&state, &policy, key.as_deref()).await
+    } else {
+        decide_named(&state, &policy, key.as_deref(), 0).await
+    }
 }
 
 /// Deletes the policy's hash for the key: every limit full again. 204 once the store
 /// has done it; 503 when it cannot, never a silent success.
-pub async fn reset_bucket(
-    req: HttpRequest,
-    path: web::Path<BucketPath>,
-    state: web::Data<AppState>,
-    auth: web::Data<AdminAuth>,
+async fn reset_bucket(
+    state: &AppState,
+    policy: &str,
+    key: Option<&[String]>,
 ) -> Result<HttpResponse, ApiError> {
-    let (policy, key) = path.into_inner().read(&req, &auth)?;
-    let reset = match Named::read(&policy, key.as_deref())? {
+    let reset = match Named::read(policy, key)? {
         Named::Policy { name, key } => {
             let policies = state.limiter.policies();
             state.limiter.reset(&policies, name, key).await

@@ -7,6 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use testkit::header;
+
 use super::Topology;
 use crate::clients::{curl_from, requests_from, statuses};
 use crate::process::docker_ok;
@@ -193,17 +195,9 @@ impl Topology {
             .expect("the gateway answers within 15 s");
 
         let took = started.elapsed().as_secs_f64();
-        let header = |name| {
-            answer
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
         assert_eq!(answer.status().as_u16(), 503, "with both instances down");
-        assert_eq!(header("content-type"), "application/problem+json");
-        assert_eq!(header("x-ratelimit-source"), "gateway-closed");
+        assert_eq!(header(&answer, "content-type"), "application/problem+json");
+        assert_eq!(header(&answer, "x-ratelimit-source"), "gateway-closed");
         assert_eq!(
             self.upstream_counts().await.total,
             before,
