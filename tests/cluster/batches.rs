@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, spawn_pair};
+use crate::{NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, pair_asking_redis};
 use testkit::{RedisCluster, all_at_once, client, unique_prefix, until_redis_decides};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,16 +16,8 @@ async fn a_flood_on_one_key_is_admitted_exactly_its_burst_in_fewer_calls_while_s
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let prefix = unique_prefix("batches");
     // A decision that failed would be a 503 here, which `burst_from` refuses.
-    let (first, second) = spawn_pair(
-        &cluster,
-        &prefix,
-        &[
-            ("RATE_LIMIT", "150".into()),
-            ("DENY_CACHE_SIZE", "0".into()),
-            ("FAIL_MODE", "closed".into()),
-            ("REDIS_TIMEOUT_MS", "2000".into()),
-        ],
-    );
+    let closed = [("RATE_LIMIT", "150".into()), ("FAIL_MODE", "closed".into())];
+    let (first, second) = pair_asking_redis(&cluster, &prefix, 2000, &closed);
     let ip = client_ip(7);
     let master = cluster.node(cluster.owner(cluster.slot_of(&bucket_key(&prefix, &ip))));
     // Every call starts as one EVALSHA; those that met a flushed cache go again as EVAL.
@@ -63,15 +55,8 @@ async fn decisions_queued_on_a_slot_whose_master_stalls_each_fall_back_within_th
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let prefix = unique_prefix("batch-stall");
-    let (first, second) = spawn_pair(
-        &cluster,
-        &prefix,
-        &[
-            ("RATE_LIMIT", "100".into()),
-            ("DENY_CACHE_SIZE", "0".into()),
-            ("REDIS_TIMEOUT_MS", "100".into()),
-        ],
-    );
+    let (first, second) =
+        pair_asking_redis(&cluster, &prefix, 100, &[("RATE_LIMIT", "100".into())]);
     let ip = client_ip(9);
     let master = cluster.node(cluster.owner(cluster.slot_of(&bucket_key(&prefix, &ip))));
     assert_eq!(burst_from(&[&first, &second], &ip, 2).await, 2);

@@ -14,7 +14,7 @@ async fn two_instances_admit_each_of_sixty_keys_spread_over_three_masters_exactl
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let prefix = unique_prefix("exact");
-    let (first, second) = spawn_pair(&cluster, &prefix, &[("REDIS_TIMEOUT_MS", "2000".into())]);
+    let (first, second) = spawn_pair(&cluster, &prefix, &[]);
     let keys = 60;
     let mut owned: BTreeMap<u16, u64> = evalsha_by_master(&cluster)
         .keys()
@@ -189,7 +189,7 @@ async fn a_reset_through_the_bucket_api_empties_the_hash_on_the_master_of_its_sl
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let prefix = unique_prefix("reset");
-    let (first, second) = spawn_pair(&cluster, &prefix, &[("REDIS_TIMEOUT_MS", "2000".into())]);
+    let (first, second) = spawn_pair(&cluster, &prefix, &[]);
     let ip = client_ip(42);
     assert_eq!(
         burst_from(&[&first, &second], &ip, 2 * BURST as usize).await,

@@ -7,7 +7,8 @@ use redis::cluster_routing::Slot;
 
 use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, clients_on,
-    evalsha_by_master, kill_until_promoted, spawn_pair, traffic, traffic_after,
+    evalsha_by_master, kill_until_promoted, limited_from, pair_asking_redis, spawn_pair, traffic,
+    traffic_after,
 };
 use testkit::{RedisCluster, client, counter, header, metric, metrics, unique_prefix};
 
@@ -25,12 +26,7 @@ async fn with_every_script_cache_flushed_the_next_decisions_succeed_on_every_mas
     cluster.flush_scripts();
     for n in 100..130 {
         let app = if n % 2 == 0 { &first } else { &second };
-        let response = http
-            .get(app.at("/limited_endpoint"))
-            .header("X-Forwarded-For", client_ip(n))
-            .send()
-            .await
-            .unwrap();
+        let response = limited_from(&http, app, &client_ip(n)).await;
         assert_eq!(response.status(), 200, "client {n}");
         assert_eq!(
             header(&response, "X-RateLimit-Source"),
@@ -65,14 +61,7 @@ async fn killing_a_master_under_load_costs_no_5xx_and_its_replica_decides_within
     let prefix = unique_prefix("kill");
     // Every request asks Redis: with the deny cache, the clients' denials (their bursts are
     // spent in half a second) would be answered here without it.
-    let (first, second) = spawn_pair(
-        &cluster,
-        &prefix,
-        &[
-            ("REDIS_TIMEOUT_MS", "100".into()),
-            ("DENY_CACHE_SIZE", "0".into()),
-        ],
-    );
+    let (first, second) = pair_asking_redis(&cluster, &prefix, 100, &[]);
     let victim = cluster.owner(cluster.slot_of(&bucket_key(&prefix, &client_ip(0))));
     let heir = cluster.replica_of(victim);
     let on_victim = clients_on(&cluster, &prefix, victim, 0, 6);
@@ -242,7 +231,8 @@ async fn with_a_master_and_its_replica_gone_ready_and_the_coverage_gauge_say_slo
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = RedisCluster::start(NODE_TIMEOUT_MS);
     let prefix = unique_prefix("uncovered");
-    let (app, _second) = spawn_pair(&cluster, &prefix, &[]);
+    // A decision for a slot nobody serves gives up after this.
+    let (app, _second) = spawn_pair(&cluster, &prefix, &[("REDIS_TIMEOUT_MS", "100".into())]);
     let http = client();
     let ready = http.get(app.at("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
@@ -281,12 +271,7 @@ async fn with_a_master_and_its_replica_gone_ready_and_the_coverage_gauge_say_slo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let started = Instant::now();
-    let response = http
-        .get(app.at("/limited_endpoint"))
-        .header("X-Forwarded-For", client_ip(stranded))
-        .send()
-        .await
-        .unwrap();
+    let response = limited_from(&http, &app, &client_ip(stranded)).await;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",

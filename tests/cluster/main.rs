@@ -48,7 +48,8 @@ fn bucket_key(prefix: &str, ip: &str) -> String {
     format!("{prefix}:default:{{ip={ip}}}")
 }
 
-/// Two instances in Cluster mode on `cluster`, sharing `prefix`, with `extra` on top.
+/// Two instances in Cluster mode on `cluster`, sharing `prefix`, with `extra` on top. A
+/// store call may take 2 s unless `extra` says otherwise: the machine is shared.
 fn spawn_pair(
     cluster: &RedisCluster,
     prefix: &str,
@@ -64,11 +65,37 @@ fn spawn_pair(
             ("TIME_WINDOW", "3600".to_string()),
             ("KEY_PREFIX", prefix.to_string()),
             ("INSTANCE_NAME", name.to_string()),
+            ("REDIS_TIMEOUT_MS", "2000".to_string()),
         ];
         vars.extend(extra.iter().cloned());
         TestApp::spawn_with(&vars)
     };
     (spawn("app-1"), spawn("app-2"))
+}
+
+/// [`spawn_pair`] whose every decision asks Redis (no denials cached here), each store call
+/// bounded by `timeout_ms`, with `extra` on top.
+fn pair_asking_redis(
+    cluster: &RedisCluster,
+    prefix: &str,
+    timeout_ms: u64,
+    extra: &[(&str, String)],
+) -> (TestApp, TestApp) {
+    let mut vars = vec![
+        ("REDIS_TIMEOUT_MS", timeout_ms.to_string()),
+        ("DENY_CACHE_SIZE", "0".to_string()),
+    ];
+    vars.extend(extra.iter().cloned());
+    spawn_pair(cluster, prefix, &vars)
+}
+
+/// `GET /limited_endpoint` of `app` from client `ip`, as Nginx forwards it.
+async fn limited_from(http: &reqwest::Client, app: &TestApp, ip: &str) -> reqwest::Response {
+    http.get(app.at("/limited_endpoint"))
+        .header("X-Forwarded-For", ip)
+        .send()
+        .await
+        .unwrap()
 }
 
 /// How many `EVALSHA` calls each master has served, by port.

@@ -82,6 +82,17 @@ async fn descriptors_on_every_master_are_each_admitted_exactly_their_limit_over_
     }
 }
 
+/// A user whose bucket another master holds than org `acme`'s.
+fn user_away_from_the_org(cluster: &RedisCluster, prefix: &str) -> String {
+    let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(prefix, "org", "acme")));
+    (0..1000)
+        .map(|n| format!("u{n}"))
+        .find(|user| {
+            cluster.owner(cluster.slot_of(&descriptor_hash(prefix, "user", user))) != org_master
+        })
+        .expect("a user whose bucket another master holds")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_descriptors_lie_in_two_slots_is_decided_all_or_nothing() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -89,13 +100,7 @@ async fn a_request_whose_descriptors_lie_in_two_slots_is_decided_all_or_nothing(
     let files = RlsFiles::new("edge.yaml", RULES);
     let prefix = unique_prefix("rls-two-slots");
     let (first, second) = spawn_pair(&cluster, &prefix, &grpc(&files, 2000, true));
-    let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "org", "acme")));
-    let user = (0..1000)
-        .map(|n| format!("u{n}"))
-        .find(|user| {
-            cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "user", user))) != org_master
-        })
-        .expect("a user whose bucket another master holds");
+    let user = user_away_from_the_org(&cluster, &prefix);
     let mut rls = [
         RlsClient::connect(first.grpc()).await,
         RlsClient::connect(second.grpc()).await,
@@ -141,13 +146,7 @@ async fn hits_given_back_to_descriptors_on_two_masters_return_to_both() {
     let prefix = unique_prefix("rls-given-back");
     // Every answer below must come from Redis, not from a denial cached here.
     let (first, _second) = spawn_pair(&cluster, &prefix, &grpc(&files, 2000, false));
-    let org_master = cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "org", "acme")));
-    let user = (0..1000)
-        .map(|n| format!("u{n}"))
-        .find(|user| {
-            cluster.owner(cluster.slot_of(&descriptor_hash(&prefix, "user", user))) != org_master
-        })
-        .expect("a user whose bucket another master holds");
+    let user = user_away_from_the_org(&cluster, &prefix);
     let mut rls = RlsClient::connect(first.grpc()).await;
     let both = || {
         vec![

@@ -504,42 +504,54 @@ mod tests {
         candidates.into_iter().map(|named| named.port).collect()
     }
 
+    /// Which masters a round tries, in order, from what the sentinels named (port, epoch)
+    /// and the master in use.
     #[test]
-    fn a_sentinel_that_missed_a_failover_is_outvoted_by_the_newer_epoch_alone() {
-        let answers = [named(6379, 0), named(6380, 1)];
-        assert_eq!(ports(candidates(&answers, Some("127.0.0.1:6379"))), [6380]);
-    }
-
-    #[test]
-    fn within_one_epoch_the_address_most_sentinels_name_comes_first() {
-        let answers = [named(7000, 0), named(6379, 0), named(6379, 0)];
-        assert_eq!(
-            ports(candidates(&answers, Some("127.0.0.1:7000"))),
-            [6379, 7000]
-        );
-    }
-
-    #[test]
-    fn a_tie_puts_the_master_in_use_first_and_otherwise_the_first_sentinels_answer() {
-        let answers = [named(7000, 2), named(6379, 2)];
-        assert_eq!(
-            ports(candidates(&answers, Some("127.0.0.1:6379"))),
-            [6379, 7000]
-        );
-        assert_eq!(ports(candidates(&answers, None)), [7000, 6379]);
-        assert!(candidates(&[], None).is_empty());
-    }
-
-    /// During a failover the leader holds the new epoch but still names the old master,
-    /// while a sentinel its hello messages reached names the new one: the dead master in
-    /// use comes first, and the new one must still be tried in the same round.
-    #[test]
-    fn a_leader_mid_failover_ties_with_the_new_master_which_stays_a_candidate() {
-        let answers = [named(6380, 1), named(6379, 1), named(6379, 0)];
-        assert_eq!(
-            ports(candidates(&answers, Some("127.0.0.1:6379"))),
-            [6379, 6380]
-        );
+    fn the_newest_epoch_comes_first_then_most_sentinels_then_the_master_in_use() {
+        let in_use = |port: u16| Some(format!("127.0.0.1:{port}"));
+        let cases = [
+            (
+                "a sentinel that missed a failover is outvoted by the newer epoch alone",
+                vec![named(6379, 0), named(6380, 1)],
+                in_use(6379),
+                vec![6380],
+            ),
+            (
+                "within one epoch the address most sentinels name comes first",
+                vec![named(7000, 0), named(6379, 0), named(6379, 0)],
+                in_use(7000),
+                vec![6379, 7000],
+            ),
+            (
+                "a tie puts the master in use first",
+                vec![named(7000, 2), named(6379, 2)],
+                in_use(6379),
+                vec![6379, 7000],
+            ),
+            (
+                "a tie without a master in use keeps the first sentinel's answer first",
+                vec![named(7000, 2), named(6379, 2)],
+                None,
+                vec![7000, 6379],
+            ),
+            // During a failover the leader holds the new epoch but still names the old
+            // master, while a sentinel its hello messages reached names the new one: the
+            // dead master in use comes first, and the new one must still be tried.
+            (
+                "a leader mid-failover ties with the new master, which stays a candidate",
+                vec![named(6380, 1), named(6379, 1), named(6379, 0)],
+                in_use(6379),
+                vec![6379, 6380],
+            ),
+        ];
+        for (case, answers, in_use, expected) in cases {
+            assert_eq!(
+                ports(candidates(&answers, in_use.as_deref())),
+                expected,
+                "{case}"
+            );
+        }
+        assert!(candidates(&[], None).is_empty(), "no answer, no candidate");
     }
 
     #[test]

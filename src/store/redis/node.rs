@@ -98,25 +98,30 @@ mod tests {
     }
 
     #[test]
-    fn a_node_is_logged_in_to_as_the_configured_user() {
-        let info = node_info("127.0.0.1", 6379, &login(Some("ratelimiter"), Some("pw")));
-        assert_eq!(info.redis_settings().username(), Some("ratelimiter"));
-        assert_eq!(info.redis_settings().password(), Some("pw"));
-    }
-
-    #[test]
-    fn a_url_that_names_its_own_user_and_password_keeps_them() {
-        let url = "redis://operator:own@127.0.0.1:6379".into_connection_info();
-        let info = with_login(url.unwrap(), &login(Some("ratelimiter"), Some("pw")));
-        assert_eq!(info.redis_settings().username(), Some("operator"));
-        assert_eq!(info.redis_settings().password(), Some("own"));
-    }
-
-    #[test]
-    fn a_url_without_credentials_takes_the_configured_ones() {
-        let url = "redis://127.0.0.1:6379".into_connection_info();
-        let info = with_login(url.unwrap(), &login(Some("ratelimiter"), Some("pw")));
-        assert_eq!(info.redis_settings().username(), Some("ratelimiter"));
-        assert_eq!(info.redis_settings().password(), Some("pw"));
+    fn a_node_is_logged_in_to_as_its_url_says_or_else_as_configured() {
+        let configured = login(Some("ratelimiter"), Some("pw"));
+        let url = |text: &str| text.into_connection_info().unwrap();
+        let cases = [
+            (
+                "a node given by host and port",
+                node_info("127.0.0.1", 6379, &configured),
+                ("ratelimiter", "pw"),
+            ),
+            (
+                "a URL that names its own user and password keeps them",
+                with_login(url("redis://operator:own@127.0.0.1:6379"), &configured),
+                ("operator", "own"),
+            ),
+            (
+                "a URL without credentials takes the configured ones",
+                with_login(url("redis://127.0.0.1:6379"), &configured),
+                ("ratelimiter", "pw"),
+            ),
+        ];
+        for (case, info, (user, password)) in cases {
+            let settings = info.redis_settings();
+            assert_eq!(settings.username(), Some(user), "{case}");
+            assert_eq!(settings.password(), Some(password), "{case}");
+        }
     }
 }
