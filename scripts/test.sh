@@ -11,6 +11,9 @@
 # with the shipped rules (tests/observability/), so prometheus is needed too. promtool
 # checks the shipped rules and runs their unit tests (observability/rules.test.yml) first.
 #
+# While the cargo tests run, the release binaries and the Compose suite's images are made
+# beside them at the lowest priority (the tests mostly wait on the processes they start).
+#
 # The full run ends with a 2-minute soak (scripts/soak.sh --minutes 2: steady load, a master
 # kill, a restart in place, a policy reload, memory and descriptors sampled), on its own
 # cluster with ports shifted by 1000.
@@ -48,6 +51,27 @@ section "promtool check rules, promtool test rules (observability/)"
 promtool check rules observability/rules.yml
 promtool test rules observability/rules.test.yml
 
+docker_here=false
+if ! $quick; then
+  if docker info >/dev/null 2>&1; then
+    docker_here=true
+  elif [[ "${CI:-}" == true || "${REQUIRE_DOCKER:-0}" == 1 ]]; then
+    echo "the Compose suite must run here, but no Docker engine answers (docker info failed)" >&2
+    exit 1
+  fi
+  # What the Compose suite and the soak run (the release binaries, the images) is made
+  # while the cargo tests run: those mostly wait on Redis, Sentinel and Nginx, and leave
+  # the cores idle. At the lowest priority, so the tests' own timing is not disturbed.
+  # cargo locks target/release and target/debug apart, so neither waits for the other.
+  prepared_log=${TMPDIR:-/tmp}/ratelimiter-prepare.log
+  DOCKER_HERE=$docker_here nice -n 19 bash -ec '
+    if $DOCKER_HERE; then scripts/docker-images.sh; fi
+    cargo build --release --quiet -p ratelimiter
+    cargo build --release --quiet -p loadtest' </dev/null >"$prepared_log" 2>&1 &
+  preparing=$!
+  section "meanwhile, at the lowest priority: release binaries and images (log: $prepared_log)"
+fi
+
 section "cargo test --workspace"
 cargo test --workspace --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"
 
@@ -57,13 +81,18 @@ if $quick; then
 fi
 
 suite_started=$SECONDS
-if docker info >/dev/null 2>&1; then
-  section "end-to-end: Docker Compose (cargo test --test compose -- --ignored)"
-  cargo test --test compose -- --ignored --nocapture
-  echo "Compose suite: $((SECONDS - suite_started)) s"
-elif [[ "${CI:-}" == true || "${REQUIRE_DOCKER:-0}" == 1 ]]; then
-  echo "the Compose suite must run here, but no Docker engine answers (docker info failed)" >&2
+if ! wait "$preparing"; then
+  cat "$prepared_log" >&2
+  echo "preparing the release binaries and images failed (above)" >&2
   exit 1
+fi
+echo "release binaries and images ready $((SECONDS - suite_started)) s after the cargo tests"
+
+suite_started=$SECONDS
+if $docker_here; then
+  section "end-to-end: Docker Compose (cargo test --test compose -- --ignored)"
+  COMPOSE_IMAGES=keep cargo test --test compose -- --ignored --nocapture
+  echo "Compose suite: $((SECONDS - suite_started)) s"
 else
   section "skipped: Docker Compose suite (no Docker engine answers; REQUIRE_DOCKER=1 makes this an error)"
 fi
