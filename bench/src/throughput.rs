@@ -75,15 +75,14 @@ struct Bench {
     o: Options,
     root: PathBuf,
     out: PathBuf,
-    hz: u64,
     /// The processes this program starts itself (run/bench/pids).
     own: Records,
     cluster: Cluster,
     /// What every phase runs: a copy of the release binary, or RATELIMITER_BIN.
     bin: PathBuf,
-    /// Where [`Via::Direct`] goes: the first instance, or the embedded-store one.
-    direct_port: u16,
-    embedded: Option<Started>,
+    /// The embedded-store instance and its port, where [`Via::Direct`] goes in its phase
+    /// (else to the first instance).
+    embedded: Option<(Started, u16)>,
     /// The bench's own Nginx in front of the demo upstream, and its port.
     proxy: Option<(Started, u16)>,
     procs: Processes,
@@ -121,17 +120,15 @@ pub fn run(o: Options) -> Result<()> {
     }
     let (bin, service) = machine::service_binary(&root, &out)?;
     cluster.bin = Some(bin.clone());
-    let (hz, own, direct_port) = (procfs::ticks_per_second(), Records(out.join("pids")), 0);
+    let own = Records(out.join("pids"));
     let (embedded, proxy, procs, rows, commands, retaken) = Default::default();
     let mut b = Bench {
         o,
         root,
         out,
-        hz,
         own,
         cluster,
         bin,
-        direct_port,
         embedded,
         proxy,
         procs,
@@ -202,8 +199,8 @@ impl Bench {
     /// Remembers a command for the report (once) and shows it.
     fn note(&mut self, text: &str) {
         let mut text = text.replace(&format!("{}/", self.root.display()), "");
-        if self.embedded.is_some() {
-            let port = format!("{LOOPBACK}:{}", self.direct_port);
+        if let Some((_, port)) = &self.embedded {
+            let port = format!("{LOOPBACK}:{port}");
             text = text.replace(&port, &format!("{LOOPBACK}:PORT"));
         }
         if !self.commands.contains(&text) {
@@ -250,7 +247,7 @@ impl Bench {
                 .trim_start()
                 .to_owned();
         }
-        (self.direct_port, self.procs) = (self.cluster.ports.apps[0], Processes::default());
+        self.procs = Processes::default();
         match phase.topology {
             Topology::Cluster(flags) => {
                 let flag: String = flags.iter().map(|f| format!(" {f}")).collect();
@@ -290,7 +287,7 @@ impl Bench {
                 let see = || format!("the embedded-store instance; see {}", self.rel(&log));
                 let (instance, port) = started.with_context(see)?;
                 self.procs.groups.insert("app", vec![instance.pid()]);
-                (self.direct_port, self.embedded) = (port, Some(instance));
+                self.embedded = Some((instance, port));
             }
         }
         let groups = self.procs.groups.iter().filter(|g| !g.1.is_empty());
@@ -331,7 +328,10 @@ impl Bench {
     fn port(&self, via: Via) -> u16 {
         match via {
             Via::Nginx => self.cluster.ports.nginx,
-            Via::Direct => self.direct_port,
+            Via::Direct => self
+                .embedded
+                .as_ref()
+                .map_or(self.cluster.ports.apps[0], |e| e.1),
             Via::Gateway => self.cluster.ports.gateway,
             Via::Proxy => self.proxy.as_ref().map_or(0, |p| p.1),
         }
@@ -533,7 +533,7 @@ impl Bench {
             &traffic,
             snapshots,
             generator_ticks,
-            self.hz,
+            procfs::ticks_per_second(),
         );
         say!("  {}", measure::progress_line(&row));
         if upstream_counted {
@@ -561,7 +561,8 @@ impl Bench {
             .context("no Redis master found")?;
         let pids = self.procs.groups.get("master").cloned().unwrap_or_default();
         let (root, out, own) = (&self.root, &self.out, &self.own);
-        let commands = crate::script::run(master, &pids, root, out, own, self.hz)?;
+        let commands =
+            crate::script::run(master, &pids, root, out, own, procfs::ticks_per_second())?;
         commands.iter().for_each(|c| self.note(c));
         Ok(())
     }
