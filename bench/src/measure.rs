@@ -120,15 +120,29 @@ pub fn compute(
 
 /// The line printed as each measurement ends.
 pub fn progress_line(r: &Value) -> String {
-    let [phase, round, tool, via, path, conns] =
-        ["phase", "round", "tool", "via", "path", "connections"]
-            .map(|k| crate::report::text(&r[k]));
+    let [phase, round, tool, via, path, conns, ok, denied, other] = [
+        "phase",
+        "round",
+        "tool",
+        "via",
+        "path",
+        "connections",
+        "ok",
+        "denied",
+        "other",
+    ]
+    .map(|k| crate::report::text(&r[k]));
+    let number = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    let (rate, p99, others) = (
+        number("per_second"),
+        number("p99_ms"),
+        number("others_percent"),
+    );
     let cpu = |g: &str| r["cpu"][g].as_f64().unwrap_or(0.0);
     let (app, nginx, redis) = (cpu("app"), cpu("nginx") + cpu("proxy"), cpu("master"));
     format!(
-        "{phase} r{round} {tool} {via} {path} c{conns}: {} req/s, p99 {} ms, 200:{} 429:{} other:{}; \
-         µs/req app {app:.1} nginx {nginx:.1} redis {redis:.1}; others {}%",
-        r["per_second"], r["p99_ms"], r["ok"], r["denied"], r["other"], r["others_percent"]
+        "{phase} r{round} {tool} {via} {path} c{conns}: {rate:.0} req/s, p99 {p99:.2} ms, 200:{ok} 429:{denied} other:{other}; \
+         µs/req app {app:.1} nginx {nginx:.1} redis {redis:.1}; others {others:.0}%"
     )
 }
 

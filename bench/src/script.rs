@@ -57,7 +57,7 @@ pub fn row(
     let cpu = |ticks: u64| round_to(ticks as f64 * 1e6 / hz as f64 / q, 1);
     let inner: u64 = INNER.iter().map(|name| delta.get(name).1).sum();
     let engine = round_to((usec as f64 - inner as f64) / q, 2);
-    let rate = round_to(calls as f64 / secs.max(1e-3), 0);
+    let rate = (calls as f64 / secs.max(1e-3)).round() as u64;
     json!({
         "name": name, "calls": calls, "usec_per_call": per_call("evalsha"), "time": per_call("time"),
         "hmget": per_call("hmget"), "hset": per_call("hset"), "pexpire": per_call("pexpire"), "engine": engine,
@@ -127,7 +127,7 @@ pub fn run(
             "master_cpu",
             "calls_per_second",
         ]
-        .map(|k| &row[k]);
+        .map(|k| crate::report::text(&row[k]));
         say!(
             "  {name}: {calls} calls, usec_per_call {usec} (engine {engine}), master CPU {cpu} µs/call, {rate} calls/s"
         );

@@ -280,10 +280,8 @@ impl Soak {
             })?;
         }
         let took = begun.elapsed().as_secs_f64();
-        say!(
-            "policy reloaded ({}) on both instances in {took:.1} s",
-            policy.describe()
-        );
+        let policy = policy.describe();
+        say!("policy reloaded ({policy}) on both instances in {took:.1} s");
         Ok(took)
     }
 
@@ -304,8 +302,7 @@ impl Soak {
         let name = format!("redis-{old_port}");
         let records = self.cluster.records();
         let pid = records.pids(|n| n == name).last().copied();
-        let pid =
-            pid.with_context(|| format!("the master {name} is not a running recorded process"))?;
+        let pid = pid.with_context(|| format!("the master {name} is not running"))?;
         let killed = Instant::now();
         if !signal(pid, "KILL") {
             bail!("kill -KILL {pid} ({name}) failed");
@@ -315,26 +312,29 @@ impl Soak {
             self.at_s()
         );
         let mut new_port = 0;
+        let promoted = || {
+            let named = self.named_masters();
+            new_port = named.first().copied().flatten().unwrap_or(old_port);
+            let all = named.iter().all(|p| *p == Some(new_port));
+            new_port != old_port && all && self.takes_writes(new_port)
+        };
         wait_until(
             "every sentinel names a new master that takes writes",
             WAIT,
-            || {
-                let named = self.named_masters();
-                new_port = named.first().copied().flatten().unwrap_or(old_port);
-                let all = named.iter().all(|p| *p == Some(new_port));
-                new_port != old_port && all && self.takes_writes(new_port)
-            },
+            promoted,
         )?;
         let promoted_s = killed.elapsed().as_secs_f64();
         for &port in &self.cluster.ports.apps {
             // A request straight to the instance (from 127.0.0.1, not one of the load's
             // clients): denied or not, the answer says who decided.
             let source = || {
-                probe::get(port, LIMITED)
-                    .ok()?
-                    .headers
-                    .get("x-ratelimit-source")
-                    .cloned()
+                Some(
+                    probe::get(port, LIMITED)
+                        .ok()?
+                        .headers
+                        .get("x-ratelimit-source")?
+                        .clone(),
+                )
             };
             let what = format!("the instance on {port} decides with Redis again");
             wait_until(&what, WAIT, || source().as_deref() == Some("redis"))?;
@@ -378,10 +378,8 @@ impl Soak {
     fn takes_writes(&self, port: u16) -> bool {
         let node = self.data_node(port);
         let good = node.info_field("replication", "min_slaves_good_slaves");
-        node.is_master()
-            && good
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n >= 1)
+        let good = good.and_then(|n| n.parse::<u64>().ok());
+        node.is_master() && good.is_some_and(|n| n >= 1)
     }
 }
 
