@@ -280,7 +280,7 @@ fn run_case(
         sleep(Duration::from_secs(1));
         let ((rss, _), n, now) = (
             memory_kib(app),
-            Counts::of_instance(port, LIMITED).total(),
+            Counts::of_instance(port, LIMITED).map_or(0, |c| c.total()),
             keys(),
         );
         (peak, keys_peak) = (peak.max(rss), keys_peak.max(now));
@@ -298,7 +298,7 @@ fn run_case(
     let seconds = started.elapsed().as_secs_f64();
     wrk.stop();
     sleep(Duration::from_millis(500));
-    let (counts, (after, _)) = (Counts::of_instance(port, LIMITED), memory_kib(app));
+    let (counts, (after, _)) = (Counts::of_instance(port, LIMITED)?, memory_kib(app));
     peak = peak.max(after);
     if counts.total() < planned {
         let (answered, secs) = (counts.total(), o.max_secs);

@@ -126,11 +126,10 @@ impl Counts {
         counts
     }
 
-    /// What an instance on `port` counted for `route`.
-    pub fn of_instance(port: u16, route: &str) -> Self {
-        let metrics = get(port, "/metrics").ok();
-        let metrics = metrics.and_then(|r| Some(Self::from_metrics(r.as_str().ok()?, route)));
-        metrics.unwrap_or_default()
+    /// What an instance on `port` counted for `route`; an error when its /metrics does
+    /// not answer, so that a count of nothing is never a read that failed.
+    pub fn of_instance(port: u16, route: &str) -> Result<Self> {
+        Ok(Self::from_metrics(get(port, "/metrics")?.as_str()?, route))
     }
 
     /// The statuses of an access log's lines (combined format: the status follows the

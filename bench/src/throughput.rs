@@ -456,7 +456,9 @@ impl Bench {
         };
         let offset = fs::metadata(&access_log).map_or(0, |m| m.len());
         let direct = t.via == Via::Direct;
-        let counted_before = direct.then(|| Counts::of_instance(port, t.path));
+        let counted_before = direct
+            .then(|| Counts::of_instance(port, t.path))
+            .transpose()?;
         let upstream_counted = matches!(t.via, Via::Gateway | Via::Proxy);
         let upstream = || -> Result<u64> {
             let count = upstream_counted.then(|| self.upstream_count(t.path));
@@ -495,9 +497,11 @@ impl Bench {
             let report = WrkReport::from_output(&fs::read_to_string(&out)?);
             let report = report.with_context(|| format!("in {}", out.display()))?;
             // Through Nginx its access log counts; directly, the instance's /metrics.
-            let counts = match counted_before
-                .map(|before| Counts::of_instance(port, t.path).minus(&before))
-            {
+            let counted = match counted_before {
+                Some(before) => Some(Counts::of_instance(port, t.path)?.minus(&before)),
+                None => None,
+            };
+            let counts = match counted {
                 // METRICS=off: the instance counted nothing, so wrk's count stands in
                 // (no 429 is expected there; any status >= 400 is "other").
                 Some(none) if none.total() == 0 => {
