@@ -466,10 +466,10 @@ impl Bench {
         };
         let upstream_before: u64 = upstream()?;
         let masters = &self.procs.masters;
-        let before = Snapshot::take(&self.procs.groups, script_calls(masters));
+        let before = Snapshot::take(&self.procs.groups, script_calls(masters)?);
         let (status, generator_ticks) =
             run_counted(&self.own, "load generator", &mut command, &out)?;
-        let after = Snapshot::take(&self.procs.groups, script_calls(masters));
+        let after = Snapshot::take(&self.procs.groups, script_calls(masters)?);
         let upstream = upstream()? - upstream_before;
         if !status.success() {
             bail!(
