@@ -11,7 +11,8 @@
 //! - [`memory`], and [`soak`] with its pure verdict in `soak::judge`.
 //! - The topology: [`cluster`] (its ports from scripts/ports.env, shared with
 //!   scripts/cluster.sh; scripts/cluster.sh up and down; its processes), [`node`] (Redis),
-//!   [`gateway`] (the gateway phase's own Nginx and checks).
+//!   [`gateway`] (Nginx: the shipped configs' keepalive, the gateway phase's own Nginx and
+//!   checks).
 //! - Readers and processes: [`probe`] (HTTP, /metrics, Nginx's log, wrk's JSON, an
 //!   instance started alone), [`process`] (the one way to start, stop and measure a
 //!   process: pid records, guards, `/proc`), [`machine`] (where a report ran and what).
