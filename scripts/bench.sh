@@ -9,7 +9,7 @@
 #                         [--quiet-max PCT] [--quiet-wait SECS] [--phases A,B,...] [--record]
 #
 #   --duration SECS  length of one measurement (default 5; 1 to 60)
-#   --rounds N       rounds per phase (default 3; 3 to 20); each round measures every
+#   --rounds N       rounds per phase (default 3; 1 to 20); each round measures every
 #                    target of the phase once, in reverse order every other round
 #   --threads N      wrk threads (default 1: two cores are shared by everything)
 #   --quiet-max PCT  the machine is "quiet" when processes outside the benchmark use at

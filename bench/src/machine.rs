@@ -51,34 +51,27 @@ pub fn load_average() -> String {
     )
 }
 
-/// The first line a command printed (stdout, else stderr); empty when it cannot run.
-fn first_line(program: &str, args: &[&str]) -> String {
-    let Ok(out) = Command::new(program).args(args).output() else {
+/// The first `words` words of the first line a command printed (stdout, else stderr);
+/// empty when it cannot run.
+fn first_line(argv: &[&str], words: usize) -> String {
+    let Ok(out) = Command::new(argv[0]).args(&argv[1..]).output() else {
         return String::new();
     };
     let text = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
-    text.lines().next().unwrap_or_default().trim().to_owned()
+    let line = text.lines().next().unwrap_or_default().split_whitespace();
+    line.take(words).collect::<Vec<_>>().join(" ")
 }
 
 /// "nginx/1.22.1; Redis server v=7.0.15; wrk debian/4.1.0-3+b2".
 pub fn software() -> String {
-    let words = |line: String, n| {
-        line.split_whitespace()
-            .take(n)
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let nginx = first_line("nginx", &["-v"]).replace("nginx version: ", "");
-    let redis = words(first_line("redis-server", &["--version"]), 3);
-    format!(
-        "{nginx}; {redis}; {}",
-        words(first_line("wrk", &["--version"]), 2)
-    )
+    let nginx = first_line(&["nginx", "-v"], 3).replace("nginx version: ", "");
+    let redis = first_line(&["redis-server", "--version"], 3);
+    format!("{nginx}; {redis}; {}", first_line(&["wrk", "--version"], 2))
 }
 
 /// "1d10a0c (its subject)": the commit the checkout is at.
 pub fn commit() -> String {
-    first_line("git", &["log", "-1", "--format=%h (%s)"])
+    first_line(&["git", "log", "-1", "--format=%h (%s)"], usize::MAX)
 }
 
 /// The service binary every case of a run starts, and how the report names it:
@@ -99,16 +92,8 @@ pub fn service_binary(root: &Path, out: &Path) -> Result<(PathBuf, String)> {
     );
     let copied = std::fs::copy(&built, &copy);
     copied.with_context(|| format!("cannot copy {} (is it built?)", built.display()))?;
-    let changed = [
-        "status",
-        "--porcelain",
-        "--",
-        "src",
-        "config",
-        "Cargo.toml",
-        "Cargo.lock",
-    ];
-    let changes = Command::new("git").args(changed).output();
+    let paths = "status --porcelain -- src config Cargo.toml Cargo.lock".split(' ');
+    let changes = Command::new("git").args(paths).output();
     let changes = changes.map_or(0, |out| {
         String::from_utf8_lossy(&out.stdout).lines().count()
     });
@@ -122,10 +107,9 @@ pub fn service_binary(root: &Path, out: &Path) -> Result<(PathBuf, String)> {
             .display()
             .to_string()
     };
-    let (built_at, run_as) = (rel(&built), rel(&copy));
+    let (built_at, run_as, commit) = (rel(&built), rel(&copy), commit());
     let note = format!(
-        "{built_at} built from this working tree at commit {}{changes}, run as a copy, {run_as}",
-        commit()
+        "{built_at} built from this working tree at commit {commit}{changes}, run as a copy, {run_as}"
     );
     Ok((copy, note))
 }
@@ -148,5 +132,6 @@ mod tests {
         assert_eq!(at(951_782_400), "2000-02-29 00:00 UTC");
         let machine = Machine::read();
         assert!(machine.cores >= 1 && machine.memory_mib > 0, "{machine:?}");
+        assert!(commit().contains(" ("), "{}", commit());
     }
 }

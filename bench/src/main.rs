@@ -9,9 +9,10 @@
 //!   measures any of them; [`measure`], one measurement as a JSON record; [`script`], the
 //!   Lua script alone; [`report`], every table rendered from the JSON records.
 //! - [`memory`], and [`soak`] with its pure verdict in `soak::judge`.
-//! - The topology: [`ports`] (scripts/ports.env, shared with scripts/cluster.sh),
-//!   [`cluster`] (scripts/cluster.sh up and down, its processes), [`node`] (Redis),
-//!   [`gateway`] (the gateway phase's own Nginx and checks).
+//! - The topology: [`cluster`] (its ports from scripts/ports.env, shared with
+//!   scripts/cluster.sh; scripts/cluster.sh up and down; its processes), [`node`] (Redis),
+//!   [`gateway`] (Nginx: the shipped configs' keepalive, the gateway phase's own Nginx and
+//!   checks).
 //! - Readers and processes: [`probe`] (HTTP, /metrics, Nginx's log, wrk's JSON, an
 //!   instance started alone), [`process`] (the one way to start, stop and measure a
 //!   process: pid records, guards, `/proc`), [`machine`] (where a report ran and what).
@@ -23,7 +24,6 @@ mod measure;
 mod memory;
 mod node;
 mod phases;
-mod ports;
 mod probe;
 mod process;
 mod report;
@@ -54,6 +54,7 @@ macro_rules! warn {
     ($($arg:tt)*) => { eprintln!("{}: {}", $crate::name(), format_args!($($arg)*)) };
 }
 
+/// The script the user ran: `bench` unless a subcommand set it.
 pub fn name() -> &'static str {
     NAME.get().copied().unwrap_or("bench")
 }

@@ -48,9 +48,11 @@ pub struct Options {
 #[derive(Debug, Clone)]
 pub struct Cases(Vec<Case>);
 
-/// One case: a store (Redis or the embedded one) and a policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One case, `STORE:RATE_LIMIT/TIME_WINDOW/BURST`: Redis or the embedded store, and a
+/// policy of positive numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Case {
+    pub spec: String,
     pub redis: bool,
     pub rate: u64,
     pub window: u64,
@@ -60,15 +62,13 @@ pub struct Case {
 fn parse_cases(text: &str) -> Result<Vec<Case>, String> {
     let case = |spec: &str| {
         let (store, policy) = spec.split_once(':')?;
-        let numbers: Vec<u64> = policy
-            .split('/')
-            .map(|n| n.parse().ok())
-            .collect::<Option<_>>()?;
-        let [rate, window, burst] = numbers[..] else {
+        let numbers = policy.split('/').map(|n| n.parse().ok().filter(|n| *n > 0));
+        let [rate, window, burst] = numbers.collect::<Option<Vec<u64>>>()?[..] else {
             return None;
         };
         let redis = ["memory", "redis"].iter().position(|s| *s == store)? == 1;
-        (rate > 0 && window > 0 && burst > 0).then_some(Case {
+        Some(Case {
+            spec: spec.into(),
             redis,
             rate,
             window,
@@ -85,11 +85,6 @@ fn parse_cases(text: &str) -> Result<Vec<Case>, String> {
 }
 
 impl Case {
-    fn spec(&self) -> String {
-        let store = if self.redis { "redis" } else { "memory" };
-        format!("{store}:{}/{}/{}", self.rate, self.window, self.burst)
-    }
-
     /// Seconds until every bucket is full again, plus two; at most 120.
     pub fn settle_secs(&self) -> u64 {
         (self.window * self.burst / self.rate + 2).min(120)
@@ -101,9 +96,8 @@ impl Case {
 pub fn planned_requests(identities: u64, threads: u64, every: u64) -> u64 {
     let per_thread = identities.div_ceil(threads);
     let share = |i: u64| identities.saturating_sub(i * per_thread).min(per_thread);
-    (0..threads)
-        .map(|i| share(i) + share(i).checked_div(every).unwrap_or(0))
-        .sum()
+    let repeats = |i: u64| share(i).checked_div(every).unwrap_or(0);
+    (0..threads).map(|i| share(i) + repeats(i)).sum()
 }
 
 fn mib(kib: u64) -> f64 {
@@ -133,12 +127,11 @@ s until back | keys.secs_until_back | median 0
 /// commands), the table of its cases, the commands.
 pub fn render(run: &Value, results: &[Value]) -> String {
     let [started, service] = ["started", "service"].map(|k| run[k].as_str().unwrap_or("?"));
-    let commands: Vec<&str> = run["commands"]
+    let commands = run["commands"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+        .filter_map(Value::as_str);
     format!(
         "## Memory: run of {started}\n\n- Service: {service}\n- Machine: {}; whole run {} s\n\
          - {} distinct identities per case (IPv4s from 10.0.0.0/8 in X-Forwarded-For from the trusted 127.0.0.1); every {REPEAT_EVERY}th asks twice in a row, so a burst of 1 denies it; wrk {THREADS} threads, 64 connections; deny cache at its default size (100000)\n\
@@ -148,7 +141,7 @@ pub fn render(run: &Value, results: &[Value]) -> String {
         run["elapsed_s"],
         run["identities"],
         table(results, COLUMNS),
-        commands.join("\n")
+        commands.collect::<Vec<_>>().join("\n")
     )
 }
 
@@ -162,7 +155,7 @@ pub fn run(o: Options) -> Result<()> {
     }
     let records = Records(out.join("pids"));
     let (bin, service) = machine::service_binary(&root, &out)?;
-    let specs: Vec<String> = o.cases.0.iter().map(Case::spec).collect();
+    let specs: Vec<&str> = o.cases.0.iter().map(|c| c.spec.as_str()).collect();
     let mut invocation = String::from("scripts/memory.sh");
     if specs.join(" ") != DEFAULT_CASES {
         invocation += &format!(" --cases \"{}\"", specs.join(" "));
@@ -176,18 +169,48 @@ pub fn run(o: Options) -> Result<()> {
         let result = run_case(&o, case, &bin, &out, &records, &mut commands)?;
         append_json(&out.join("results.jsonl"), &result)?;
     }
-    let commands: Vec<String> = commands
-        .iter()
-        .map(|c| c.replace(&format!("{}/", root.display()), ""))
-        .collect();
-    let elapsed_s = started.elapsed().as_secs();
-    let started = machine::utc_minute(started_at);
+    let root = format!("{}/", root.display());
+    let commands: Vec<String> = commands.iter().map(|c| c.replace(&root, "")).collect();
+    let (elapsed_s, started) = (started.elapsed().as_secs(), machine::utc_minute(started_at));
     let run = json!({"started": started, "service": service, "elapsed_s": elapsed_s, "identities": o.identities, "commands": commands});
     fs::write(out.join("run.json"), run.to_string())?;
     let results = crate::report::read_jsonl(&out.join("results.jsonl"))?;
-    let report = render(&run, &results);
     say!("done in {elapsed_s}s; logs in run/memory");
-    crate::report::publish(&root, &out, &report, o.record.then_some("memory.sh"))
+    let (root, record) = (std::env::current_dir()?, o.record.then_some("memory.sh"));
+    crate::report::publish(&root, &out, &render(&run, &results), record)
+}
+
+/// A redis-server of the case's own on a free port, in a folder of `work_dir`, once it
+/// answers PING.
+fn own_redis(
+    work_dir: &Path,
+    out: &Path,
+    records: &Records,
+    name: &str,
+) -> Result<(Started, Node)> {
+    let port = std::net::TcpListener::bind((LOOPBACK, 0))?
+        .local_addr()?
+        .port();
+    let dir = work_dir.join(format!("redis-{name}"));
+    fs::create_dir_all(&dir)?;
+    let args = format!("--port {port} --bind {LOOPBACK} --appendonly no --save");
+    let mut command = Command::new("redis-server");
+    command.args(args.split(' ')).arg("").arg("--dir").arg(&dir);
+    let log = out.join(format!("redis-{name}.log"));
+    let server = Started::spawn(records, &format!("redis-{name}"), &mut command, &log)?;
+    let node = Node::new(port, None);
+    let pong = || {
+        node.query::<String>(&redis::cmd("PING"))
+            .is_ok_and(|r| r == "PONG")
+    };
+    wait_until(
+        &format!("redis-server on {port} answers PING"),
+        Duration::from_secs(10),
+        pong,
+    )?;
+    let (pid, dir) = (server.pid(), dir.display());
+    say!("  started redis-server (pid {pid}) on port {port} in {dir}");
+    Ok((server, node))
 }
 
 fn run_case(
@@ -198,49 +221,21 @@ fn run_case(
     records: &Records,
     commands: &mut Vec<String>,
 ) -> Result<Value> {
-    let (name, spec, identities) = (
-        case.spec().replace([':', '/'], "-"),
-        case.spec(),
-        o.identities,
-    );
+    let (name, identities) = (case.spec.replace([':', '/'], "-"), o.identities);
     let Case {
+        spec,
         rate,
         window,
         burst,
         ..
-    } = *case;
+    } = case;
     say!(
         "case {spec}: RATE_LIMIT={rate} TIME_WINDOW={window} BURST={burst}, {identities} identities"
     );
-    let mut redis: Option<(Started, Node)> = None;
-    if case.redis {
-        let port = std::net::TcpListener::bind((LOOPBACK, 0))?
-            .local_addr()?
-            .port();
-        let dir = o.work_dir.join(format!("redis-{name}"));
-        fs::create_dir_all(&dir)?;
-        let args = format!("--port {port} --bind {LOOPBACK} --appendonly no --save");
-        let mut command = Command::new("redis-server");
-        command.args(args.split(' ')).arg("").arg("--dir").arg(&dir);
-        let log = out.join(format!("redis-{name}.log"));
-        let server = Started::spawn(records, &format!("redis-{name}"), &mut command, &log)?;
-        let node = Node::new(port, None);
-        let pong = || {
-            node.query::<String>(&redis::cmd("PING"))
-                .is_ok_and(|reply| reply == "PONG")
-        };
-        wait_until(
-            &format!("redis-server on {port} answers PING"),
-            Duration::from_secs(10),
-            pong,
-        )?;
-        say!(
-            "  started redis-server (pid {}) on port {port} in {}",
-            server.pid(),
-            dir.display()
-        );
-        redis = Some((server, node));
-    }
+    let redis = case
+        .redis
+        .then(|| own_redis(&o.work_dir, out, records, &name))
+        .transpose()?;
     // Only what this case sets reaches the instance.
     let log = out.join(format!("{name}.log"));
     let _ = fs::remove_file(&log);
@@ -277,19 +272,15 @@ fn run_case(
     ));
     say!("  + wrk {args}  (stopped once {planned} requests are answered)");
     let started = Instant::now();
-    let wrk_log = out.join(format!("wrk-{name}.txt"));
-    let mut wrk = Started::spawn(
-        records,
-        &format!("wrk-{name}"),
-        Command::new("wrk").args(args.split(' ')),
-        &wrk_log,
-    )?;
+    let (wrk_name, wrk_log) = (format!("wrk-{name}"), out.join(format!("wrk-{name}.txt")));
+    let mut wrk = Command::new("wrk");
+    let mut wrk = Started::spawn(records, &wrk_name, wrk.args(args.split(' ')), &wrk_log)?;
     let (mut peak, mut keys_peak) = (before, None::<u64>);
     while wrk.running() {
         sleep(Duration::from_secs(1));
         let ((rss, _), n, now) = (
             memory_kib(app),
-            Counts::of_instance(port, LIMITED).total(),
+            Counts::of_instance(port, LIMITED).map_or(0, |c| c.total()),
             keys(),
         );
         (peak, keys_peak) = (peak.max(rss), keys_peak.max(now));
@@ -307,14 +298,11 @@ fn run_case(
     let seconds = started.elapsed().as_secs_f64();
     wrk.stop();
     sleep(Duration::from_millis(500));
-    let (counts, (after, _)) = (Counts::of_instance(port, LIMITED), memory_kib(app));
+    let (counts, (after, _)) = (Counts::of_instance(port, LIMITED)?, memory_kib(app));
     peak = peak.max(after);
     if counts.total() < planned {
-        warn!(
-            "only {} of {planned} requests were answered within {}s",
-            counts.total(),
-            o.max_secs
-        );
+        let (answered, secs) = (counts.total(), o.max_secs);
+        warn!("only {answered} of {planned} requests were answered within {secs}s");
     }
     // After the refill time every bucket is full again: nothing needs to be remembered.
     let (settle, t0) = (Duration::from_secs(case.settle_secs()), Instant::now());
@@ -353,32 +341,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cases_are_parsed_from_their_spec() {
+    fn cases_are_parsed_from_their_spec_and_requests_count_each_repeated_identity_twice() {
         let cases = parse_cases(DEFAULT_CASES).unwrap();
+        let (redis, rate, window, burst) = (true, 1, 2, 1);
         assert_eq!(
             cases[2],
             Case {
-                redis: true,
-                rate: 1,
-                window: 2,
-                burst: 1
+                spec: "redis:1/2/1".into(),
+                redis,
+                rate,
+                window,
+                burst
             }
         );
-        assert_eq!(cases[0].spec(), "memory:10/60/10");
         for bad in ["disk:1/2/3", "memory:1/2", "memory:0/60/1", ""] {
             assert!(parse_cases(bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            (
-                cases[1].settle_secs(),
-                parse_cases("memory:1/3600/10").unwrap()[0].settle_secs()
-            ),
-            (62, 120)
-        );
-    }
-
-    #[test]
-    fn planned_requests_count_each_repeated_identity_twice() {
+        let long = parse_cases("memory:1/3600/10").unwrap()[0].settle_secs();
+        assert_eq!((cases[1].settle_secs(), long), (62, 120));
         assert_eq!(planned_requests(1_000_000, 2, 10), 1_100_000);
         // 1 005 over 2 threads: 503 and 502, with 50 repeats each.
         assert_eq!(planned_requests(1005, 2, 10), 553 + 552);
@@ -391,15 +371,13 @@ mod tests {
             "per_second": 52381.0, "rss_before_mib": 5.6, "rss_peak_mib": 13.4, "rss_after_mib": 13.4, "rss_settled_mib": 13.4,
             "hwm_mib": 13.4, "verdict": "met", "keys": {"before": 1, "peak": 154218, "after": 1, "secs_until_back": 2}});
         let memory = json!({"store": "memory", "policy": "10/60 s, burst 10", "hwm_mib": 70.0, "verdict": "MISSED", "keys": null});
-        let text = render(
-            &json!({"started": "now", "commands": ["scripts/memory.sh"]}),
-            &[redis, memory],
-        );
+        let run = json!({"started": "now", "commands": ["scripts/memory.sh"]});
+        let text = render(&run, &[redis, memory]);
         let row = "| redis | 1/2 s, burst 1 | 1000000 | 1100000 | 100000 | 52381 | 5.6 | 13.4 | 13.4 | 13.4 | 13.4 | met | 1 | 154218 | 1 | 2 |";
         assert!(text.contains(row), "{text}");
+        let missed = text.contains("| 70.0 | MISSED | - | - | - | - |");
         assert!(
-            text.contains("| 70.0 | MISSED | - | - | - | - |")
-                && text.ends_with("```sh\nscripts/memory.sh\n```\n"),
+            missed && text.ends_with("```sh\nscripts/memory.sh\n```\n"),
             "{text}"
         );
     }

@@ -47,12 +47,12 @@ pub enum After {
 
 /// Each target of a phase: every way in, each path, at each connection count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Load {
-    pub tool: Tool,
-    pub vias: &'static [Via],
-    pub paths: &'static [&'static str],
-    pub connections: &'static [u32],
-}
+pub struct Load(
+    Tool,
+    &'static [Via],
+    &'static [&'static str],
+    &'static [u32],
+);
 
 /// One measurement's target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,37 +74,21 @@ pub struct Phase {
     pub env: &'static str,
     /// A POLICY_FILE for the instances, written to run/bench/NAME.toml.
     pub policy: Option<&'static str>,
-    /// A setting the binary must know, else the phase is skipped.
-    pub requires: Option<&'static str>,
     pub load: Load,
     pub after: After,
 }
 
 const fn phase(name: &'static str, env: &'static str, load: Load) -> Phase {
-    let (topology, after) = (Topology::Cluster(&[]), After::Nothing);
+    let (topology, after, policy) = (Topology::Cluster(&[]), After::Nothing, None);
+    let chosen_by = name;
     Phase {
         name,
-        chosen_by: name,
+        chosen_by,
         topology,
         env,
-        policy: None,
-        requires: None,
+        policy,
         load,
         after,
-    }
-}
-
-const fn load(
-    tool: Tool,
-    vias: &'static [Via],
-    paths: &'static [&'static str],
-    connections: &'static [u32],
-) -> Load {
-    Load {
-        tool,
-        vias,
-        paths,
-        connections,
     }
 }
 
@@ -126,24 +110,18 @@ impl Phase {
 
     /// For each connection count, each way in, each path.
     pub fn targets(&self) -> Vec<Target> {
-        let Load {
+        let Load(tool, vias, paths, connections) = self.load;
+        let each_via = |&connections| vias.iter().map(move |&via| (via, connections));
+        let each_path =
+            |(via, connections)| paths.iter().map(move |&path| (via, path, connections));
+        let all = connections.iter().flat_map(each_via).flat_map(each_path);
+        all.map(|(via, path, connections)| Target {
             tool,
-            vias,
-            paths,
+            via,
+            path,
             connections,
-        } = self.load;
-        let mut list = Vec::new();
-        for &connections in connections {
-            for &via in vias {
-                list.extend(paths.iter().map(|&path| Target {
-                    tool,
-                    via,
-                    path,
-                    connections,
-                }));
-            }
-        }
-        list
+        })
+        .collect()
     }
 }
 
@@ -164,9 +142,9 @@ macro_rules! allow {
 const FLOOD: &str = "RATE_LIMIT=10 TIME_WINDOW=60";
 const BOTH: &[Via] = &[Via::Nginx, Via::Direct];
 const PATHS: &[&str] = &[LIMITED, "/"];
-const WRK_BOTH: Load = load(Tool::Wrk, BOTH, PATHS, &[16, 64]);
-const WRK_64: Load = load(Tool::Wrk, BOTH, PATHS, &[64]);
-const NGINX_64: Load = load(Tool::Wrk, &[Via::Nginx], PATHS, &[64]);
+const WRK_BOTH: Load = Load(Tool::Wrk, BOTH, PATHS, &[16, 64]);
+const WRK_64: Load = Load(Tool::Wrk, BOTH, PATHS, &[64]);
+const NGINX_64: Load = Load(Tool::Wrk, &[Via::Nginx], PATHS, &[64]);
 
 /// One policy of two limits on `/limited_endpoint`, both admitting everything: decided in
 /// one script call over one hash.
@@ -198,8 +176,8 @@ on_missing = "skip"
 limits = [{ name = "second", rate = 1000000000, per = "1s" }]
 "#;
 
-const KEYED: Load = load(Tool::WrkKeys, BOTH, &[LIMITED], &[64]);
-const GATEWAY: Load = load(
+const KEYED: Load = Load(Tool::WrkKeys, BOTH, &[LIMITED], &[64]);
+const GATEWAY: Load = Load(
     Tool::Wrk,
     &[Via::Gateway, Via::Proxy],
     &[GATEWAY_PATH],
@@ -215,23 +193,20 @@ pub const PHASES: &[Phase] = &[
     // What /metrics costs.
     phase("metrics-off", concat!(allow!(), " METRICS=off"), WRK_64),
     // r2d2 on tokio's blocking pool instead of the default client.
-    Phase {
-        requires: Some("REDIS_CLIENT"),
-        ..phase(
-            "allow-pool",
-            concat!(allow!(), " REDIS_CLIENT=pool"),
-            WRK_BOTH,
-        )
-    },
+    phase(
+        "allow-pool",
+        concat!(allow!(), " REDIS_CLIENT=pool"),
+        WRK_BOTH,
+    ),
     // The decision without the Redis round trip.
     phase(
         "memory-store",
         allow!(),
-        load(Tool::Wrk, &[Via::Direct], PATHS, &[16, 64]),
+        Load(Tool::Wrk, &[Via::Direct], PATHS, &[16, 64]),
     )
     .on(Topology::Embedded),
     // 200s and 429s both, over 241 clients.
-    phase("mixed", MIXED, load(Tool::Loadtest, BOTH, PATHS, &[16, 64])),
+    phase("mixed", MIXED, Load(Tool::Loadtest, BOTH, PATHS, &[16, 64])),
     // One client flooding through Nginx, with the deny cache and without.
     phase("flood", FLOOD, NGINX_64),
     phase(
@@ -266,11 +241,8 @@ pub fn names() -> Vec<&'static str> {
 /// `--phases`: `all`, or names separated by commas (repeats and order do not matter);
 /// the phases they choose, in the usual order.
 pub fn parse(text: &str) -> Result<Vec<&'static Phase>, String> {
-    let chosen: Vec<&str> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .collect();
+    let chosen = text.split(',').map(str::trim).filter(|n| !n.is_empty());
+    let chosen: Vec<&str> = chosen.collect();
     let (known, all) = (names(), chosen == ["all"]);
     let wrong = chosen.iter().find(|n| !all && !known.contains(n));
     let is_chosen = |p: &&Phase| all || chosen.contains(&p.chosen_by);
@@ -317,18 +289,14 @@ mod tests {
     fn a_phase_measures_each_path_per_way_in_and_connection_count() {
         let key = |t: &Target| (t.via, t.path, t.connections);
         let allow: Vec<_> = PHASES[0].targets().iter().map(key).collect();
-        assert_eq!(
-            (allow.len(), allow[0], allow[3]),
-            (8, (Via::Nginx, LIMITED, 16), (Via::Direct, "/", 16))
-        );
+        let (first, fourth) = ((Via::Nginx, LIMITED, 16), (Via::Direct, "/", 16));
+        assert_eq!((allow.len(), allow[0], allow[3]), (8, first, fourth));
         let gateway: Vec<_> = PHASES[8].targets().iter().map(key).collect();
-        assert_eq!(
-            gateway,
-            [
-                (Via::Gateway, GATEWAY_PATH, 64),
-                (Via::Proxy, GATEWAY_PATH, 64)
-            ]
+        let (through, straight) = (
+            (Via::Gateway, GATEWAY_PATH, 64),
+            (Via::Proxy, GATEWAY_PATH, 64),
         );
+        assert_eq!(gateway, [through, straight]);
         let metrics_off = "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off";
         assert_eq!(PHASES[2].env, metrics_off);
         let [sentinel, cluster] = [PHASES[9], PHASES[10]];

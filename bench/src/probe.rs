@@ -2,6 +2,7 @@
 //! Nginx's access log, wrk's JSON line (scripts/bench/report.lua); and an instance started
 //! alone on a port of its choosing.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
@@ -14,14 +15,11 @@ use serde::Deserialize;
 use crate::LOOPBACK;
 use crate::process::{Records, Started, tail, wait_until};
 
-/// GET `path` from `LOOPBACK:port` within 5 s: the status, the headers (names in lower
-/// case) and the body.
+/// GET `path` from `LOOPBACK:port` within 5 s.
 pub fn get(port: u16, path: &str) -> Result<minreq::Response> {
     let url = format!("http://{LOOPBACK}:{port}{path}");
-    minreq::get(&url)
-        .with_timeout(5)
-        .send()
-        .with_context(|| format!("GET {url}"))
+    let sent = minreq::get(&url).with_timeout(5).send();
+    sent.with_context(|| format!("GET {url}"))
 }
 
 pub fn status(port: u16, path: &str) -> Option<i32> {
@@ -49,17 +47,11 @@ pub fn start_instance(
     log: &Path,
 ) -> Result<(Started, u16)> {
     let mut command = Command::new(bin);
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", "/");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    command.env_clear().env("PATH", path).env("HOME", "/");
     let settings = format!("RUST_LOG=info HOST={LOOPBACK} PORT=0 {settings}");
-    let mut instance = Started::spawn(
-        records,
-        name,
-        command.envs(crate::env_pairs(&settings)),
-        log,
-    )?;
+    let command = command.envs(crate::env_pairs(&settings));
+    let mut instance = Started::spawn(records, name, command, log)?;
     let mut port = None;
     let what = "the instance logs its port and answers /ready";
     wait_until(what, Duration::from_secs(15), || {
@@ -74,10 +66,8 @@ pub fn start_instance(
 /// The port of the instance's "listening on port N" log line.
 fn listening_port(log: &str) -> Option<u16> {
     let rest = log.split("listening on port ").nth(1)?;
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
 }
 
 /// Responses by status: 200, 429, anything else, and 499 (a client, the load generator
@@ -92,13 +82,12 @@ pub struct Counts {
 
 impl Counts {
     fn add(&mut self, status: &str, n: u64) {
-        let slot = match status {
+        *match status {
             "200" => &mut self.ok,
             "429" => &mut self.denied,
             "499" => &mut self.closed,
             _ => &mut self.other,
-        };
-        *slot += n;
+        } += n;
     }
 
     pub fn total(&self) -> u64 {
@@ -106,19 +95,12 @@ impl Counts {
     }
 
     pub fn minus(&self, earlier: &Self) -> Self {
-        let mut delta = *self;
-        let pairs = [
-            &mut delta.ok,
-            &mut delta.denied,
-            &mut delta.other,
-            &mut delta.closed,
-        ];
-        let earlier = [earlier.ok, earlier.denied, earlier.other, earlier.closed];
-        pairs
-            .into_iter()
-            .zip(earlier)
-            .for_each(|(now, before)| *now = now.saturating_sub(before));
-        delta
+        Self {
+            ok: self.ok.saturating_sub(earlier.ok),
+            denied: self.denied.saturating_sub(earlier.denied),
+            other: self.other.saturating_sub(earlier.other),
+            closed: self.closed.saturating_sub(earlier.closed),
+        }
     }
 
     /// What `ratelimit_http_requests_total{route, status}` of an instance's /metrics
@@ -126,12 +108,11 @@ impl Counts {
     pub fn from_metrics(metrics: &str, route: &str) -> Self {
         let mut counts = Self::default();
         let route = format!("route=\"{route}\"");
-        for line in metrics
+        let series = metrics
             .lines()
-            .filter(|l| l.starts_with("ratelimit_http_requests_total{"))
-        {
-            let (series, value) = line.rsplit_once(' ').unwrap_or_default();
-            let labels: Vec<&str> = series.split(['{', ',', '}']).collect();
+            .filter(|l| l.starts_with("ratelimit_http_requests_total{"));
+        for (labels, value) in series.filter_map(|line| line.rsplit_once(' ')) {
+            let labels: Vec<&str> = labels.split(['{', ',', '}']).collect();
             if labels.contains(&route.as_str()) {
                 let status = labels
                     .iter()
@@ -145,12 +126,10 @@ impl Counts {
         counts
     }
 
-    /// What an instance on `port` counted for `route`.
-    pub fn of_instance(port: u16, route: &str) -> Self {
-        let metrics = get(port, "/metrics").ok();
-        metrics
-            .and_then(|r| Some(Self::from_metrics(r.as_str().ok()?, route)))
-            .unwrap_or_default()
+    /// What an instance on `port` counted for `route`; an error when its /metrics does
+    /// not answer, so that a count of nothing is never a read that failed.
+    pub fn of_instance(port: u16, route: &str) -> Result<Self> {
+        Ok(Self::from_metrics(get(port, "/metrics")?.as_str()?, route))
     }
 
     /// The statuses of an access log's lines (combined format: the status follows the
@@ -178,26 +157,11 @@ impl Counts {
 pub struct WrkReport {
     pub requests: u64,
     pub duration_us: u64,
-    /// p50, p99 and max.
-    pub latency_us: WrkLatency,
-    /// connect, read, write and timeout errors, and responses of status 400 or more.
-    pub errors: WrkErrors,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct WrkLatency {
-    pub p50: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct WrkErrors {
-    pub connect: u64,
-    pub read: u64,
-    pub write: u64,
-    pub timeout: u64,
-    pub status: u64,
+    /// `p50`, `p99` and `max`.
+    pub latency_us: BTreeMap<String, f64>,
+    /// `connect`, `read`, `write` and `timeout` errors, and `status`: responses of status
+    /// 400 or more.
+    pub errors: BTreeMap<String, u64>,
 }
 
 impl WrkReport {
@@ -208,10 +172,19 @@ impl WrkReport {
         serde_json::from_str(line).with_context(|| format!("cannot read wrk's report {line:?}"))
     }
 
+    /// p50, p99 and max, in ms.
+    pub fn latency_ms(&self) -> [f64; 3] {
+        ["p50", "p99", "max"].map(|p| self.latency_us.get(p).copied().unwrap_or(0.0) / 1e3)
+    }
+
+    /// Responses of status 400 or more.
+    pub fn status_errors(&self) -> u64 {
+        self.errors.get("status").copied().unwrap_or(0)
+    }
+
     /// Connect, read, write and timeout errors: requests that got no answer.
     pub fn socket_errors(&self) -> u64 {
-        let e = &self.errors;
-        e.connect + e.read + e.write + e.timeout
+        self.errors.values().sum::<u64>() - self.status_errors()
     }
 }
 
@@ -227,13 +200,14 @@ mod tests {
             ratelimit_http_requests_total{route=\"/limited_endpoint\",status=\"503\"} 2\n\
             ratelimit_http_requests_total{route=\"/\",status=\"200\"} 999\n";
         let counts = Counts::from_metrics(metrics, "/limited_endpoint");
+        let (ok, denied, other, closed) = (120, 30, 2, 0);
         assert_eq!(
             counts,
             Counts {
-                ok: 120,
-                denied: 30,
-                other: 2,
-                closed: 0
+                ok,
+                denied,
+                other,
+                closed
             }
         );
         assert_eq!(Counts::from_metrics(metrics, "/").total(), 999);
@@ -245,13 +219,14 @@ mod tests {
         };
         std::fs::write(&path, ["200", "429", "499", "502"].map(line).concat()).unwrap();
         let all = Counts::from_access_log(&path, 0).unwrap();
+        let (ok, denied, other, closed) = (1, 1, 1, 1);
         assert_eq!(
             all,
             Counts {
-                ok: 1,
-                denied: 1,
-                other: 1,
-                closed: 1
+                ok,
+                denied,
+                other,
+                closed
             }
         );
         let after_first = Counts::from_access_log(&path, line("200").len() as u64).unwrap();
@@ -270,14 +245,9 @@ mod tests {
         let output = "Running 5s test @ http://127.0.0.1:8000/\nRequests/sec:  40167.20\n\
             {\"requests\": 200836, \"duration_us\": 5000012, \"latency_us\": {\"p50\": 1470, \"p99\": 3120, \"max\": 11340}, \"errors\": {\"connect\": 0, \"read\": 1, \"write\": 0, \"timeout\": 2, \"status\": 7}}\n";
         let report = WrkReport::from_output(output).unwrap();
-        assert_eq!(
-            (
-                report.requests,
-                report.socket_errors(),
-                report.errors.status
-            ),
-            (200_836, 3, 7)
-        );
+        let errors = (report.socket_errors(), report.status_errors());
+        assert_eq!((report.requests, errors), (200_836, (3, 7)));
+        assert_eq!(report.latency_ms(), [1.47, 3.12, 11.34]);
         assert!(WrkReport::from_output("unable to connect\n").is_err());
         let log = "[.. INFO ratelimiter] starting\n[.. INFO ratelimiter] listening on port 41234\n";
         assert_eq!(

@@ -14,32 +14,34 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use procfs::process::Process;
+use procfs::process::{Process, Stat};
 use procfs::{CurrentSI, KernelStats};
 
-fn process(pid: u32) -> Option<Process> {
-    Process::new(i32::try_from(pid).ok()?).ok()
+fn stat(pid: u32) -> Option<Stat> {
+    Process::new(i32::try_from(pid).ok()?).ok()?.stat().ok()
 }
 
 /// The start time of a live (not zombie) process, to tell it from a reused pid.
 pub fn start_time_of(pid: u32) -> Option<u64> {
-    let stat = process(pid)?.stat().ok()?;
-    (stat.state != 'Z').then_some(stat.starttime)
+    stat(pid).filter(|s| s.state != 'Z').map(|s| s.starttime)
 }
 
 /// CPU ticks (utime + stime) of the thread groups of `pids`.
 pub fn ticks_of(pids: &[u32]) -> u64 {
-    let stats = pids.iter().filter_map(|&pid| process(pid)?.stat().ok());
-    stats.map(|s| s.utime + s.stime).sum()
+    pids.iter()
+        .filter_map(|&p| stat(p))
+        .map(|s| s.utime + s.stime)
+        .sum()
 }
 
 /// The user and system ticks, the context switches of the threads alive now, and the
 /// threads of PID.
 pub fn cpu_detail(pid: u32) -> [u64; 4] {
-    let Some((stat, process)) = process(pid).and_then(|p| Some((p.stat().ok()?, p))) else {
+    let Some(stat) = stat(pid) else {
         return [0; 4];
     };
-    let switches = process.tasks().into_iter().flatten().flatten();
+    let tasks = Process::new(stat.pid).and_then(|p| p.tasks());
+    let switches = tasks.into_iter().flatten().flatten();
     let switches = switches.filter_map(|task| task.status().ok()).map(|s| {
         s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0)
     });
@@ -47,27 +49,30 @@ pub fn cpu_detail(pid: u32) -> [u64; 4] {
     [stat.utime, stat.stime, switches.sum(), threads]
 }
 
-/// The pids whose parent is `ppid`.
+/// The pids whose parent is `ppid`, sorted.
 pub fn children_of(ppid: u32) -> Vec<u32> {
     let all = procfs::process::all_processes()
         .into_iter()
         .flatten()
         .flatten();
-    let is_child = |p: &Process| p.stat().is_ok_and(|s| i64::from(s.ppid) == i64::from(ppid));
-    let mut children: Vec<u32> = all.filter(is_child).map(|p| p.pid as u32).collect();
+    let stats = all.filter_map(|p| p.stat().ok());
+    let mut children: Vec<u32> = stats
+        .filter(|s| i64::from(s.ppid) == i64::from(ppid))
+        .map(|s| s.pid as u32)
+        .collect();
     children.sort_unstable();
     children
 }
 
 /// VmRSS (resident now) and VmHWM (the peak) of PID, in KiB; 0 for a vanished process.
 pub fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = process(pid).and_then(|p| p.status().ok());
+    let status = Process::new(pid as i32).and_then(|p| p.status()).ok();
     status.map_or((0, 0), |s| (s.vmrss.unwrap_or(0), s.vmhwm.unwrap_or(0)))
 }
 
 /// Open descriptors of PID; `None` for a process that is gone.
 pub fn open_fds(pid: u32) -> Option<u64> {
-    Some(process(pid)?.fd_count().ok()? as u64)
+    Some(Process::new(pid as i32).ok()?.fd_count().ok()? as u64)
 }
 
 /// The machine's "busy" and "all" ticks (`/proc/stat`'s first line).
@@ -83,10 +88,9 @@ pub struct MachineTicks {
 
 impl MachineTicks {
     pub fn read() -> Self {
-        let Ok(stats) = KernelStats::current() else {
+        let Ok(KernelStats { total: t, .. }) = KernelStats::current() else {
             return Self::default();
         };
-        let t = stats.total;
         let busy = t.user + t.nice + t.system + t.irq.unwrap_or(0) + t.softirq.unwrap_or(0);
         let idle = t.idle + t.iowait.unwrap_or(0) + t.steal.unwrap_or(0);
         Self {
@@ -130,13 +134,12 @@ impl Records {
     pub fn spawn(&self, name: &str, command: &mut Command, log: &Path) -> Result<Child> {
         let out = OpenOptions::new().create(true).append(true).open(log);
         let out = out.with_context(|| format!("cannot open {}", log.display()))?;
-        let child = command
+        let command = command
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        let child = child
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({command:?})"))?;
+        let child = command.spawn();
+        let child = child.with_context(|| format!("cannot start {name} ({command:?})"))?;
         let start = start_time_of(child.id()).map_or_else(String::new, |t| t.to_string());
         let mut file = OpenOptions::new().create(true).append(true).open(&self.0)?;
         writeln!(file, "{name} {} {start} {}", child.id(), log.display())?;
@@ -167,13 +170,9 @@ impl Started {
 
     /// SIGTERM, then SIGKILL if it still runs after 10 s; reaps it.
     pub fn stop(&mut self) {
-        if !self.running() {
-            return;
+        if self.running() && signal(self.pid(), "TERM") {
+            let _ = wait_until("", Duration::from_secs(10), || !self.running());
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let _ = wait_until("", Duration::from_secs(10), || !self.running());
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -188,7 +187,8 @@ impl Drop for Started {
 /// Sends SIG`name` (TERM, KILL) to PID; whether it was sent.
 pub fn signal(pid: u32, name: &str) -> bool {
     let kill = Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
         .status();
     kill.is_ok_and(|status| status.success())
 }
@@ -201,11 +201,7 @@ pub fn run_counted(
     command: &mut Command,
     log: &Path,
 ) -> Result<(ExitStatus, u64)> {
-    let reaped = || {
-        Process::myself()
-            .and_then(|p| p.stat())
-            .map_or(0, |s| s.cutime + s.cstime)
-    };
+    let reaped = || stat(std::process::id()).map_or(0, |s| s.cutime + s.cstime);
     let before = reaped();
     let status = Started::spawn(records, name, command, log)?.wait()?;
     Ok((status, u64::try_from(reaped() - before).unwrap_or(0)))
@@ -258,19 +254,13 @@ mod tests {
             text.starts_with("echo ") && records.running().is_empty(),
             "{text}"
         );
-        let me = (
+        let (pid, start) = (
             std::process::id(),
             start_time_of(std::process::id()).unwrap(),
         );
-        let lines = format!(
-            "me {} {} x\nreused {} {} x\nbroken\n",
-            me.0,
-            me.1,
-            me.0,
-            me.1 + 1
-        );
+        let lines = format!("me {pid} {start} x\nreused {pid} {} x\nbroken\n", start + 1);
         fs::write(&records.0, lines).unwrap();
-        assert_eq!(records.running(), [("me".to_owned(), me.0)]);
+        assert_eq!(records.running(), [("me".to_owned(), pid)]);
         fs::remove_dir_all(&dir).unwrap();
     }
 

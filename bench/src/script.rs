@@ -5,9 +5,10 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::measure::round_to;
 use crate::node::{CommandStats, Node};
@@ -39,53 +40,29 @@ const KEY_PREFIX: &str = "ratelimit:bench:";
 /// The commands the scripts run; their `usec` is not the script engine's.
 const INNER: [&str; 6] = ["time", "hmget", "hset", "pexpire", "get", "setex"];
 
-/// One row of the script table, kept at the precision it prints.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScriptRow {
-    pub name: String,
-    pub calls: u64,
-    /// `usec` ÷ `calls` of EVALSHA: the commands the script runs included.
-    pub usec_per_call: f64,
-    /// `usec` of each command the script runs, per script call.
-    pub time: f64,
-    pub hmget: f64,
-    pub hset: f64,
-    pub pexpire: f64,
-    /// The rest of `usec_per_call`: the Lua call, its argument tables, the arithmetic, the reply.
-    pub engine: f64,
-    /// The master's CPU from `/proc`, and redis-benchmark's own, µs per call.
-    pub master_cpu: f64,
-    pub client_cpu: f64,
-    pub calls_per_second: f64,
-}
-
-impl ScriptRow {
-    pub fn compute(
-        name: &str,
-        delta: &CommandStats,
-        ticks: (u64, u64),
-        calls_per_second: f64,
-        hz: u64,
-    ) -> Self {
-        let (calls, usec) = delta.get("evalsha");
-        let q = calls.max(1) as f64;
-        let per_call = |name: &str| round_to(delta.get(name).1 as f64 / q, 2);
-        let cpu = |ticks: u64| round_to(ticks as f64 * 1e6 / hz as f64 / q, 1);
-        let inner: u64 = INNER.iter().map(|name| delta.get(name).1).sum();
-        Self {
-            name: name.to_owned(),
-            calls,
-            usec_per_call: per_call("evalsha"),
-            time: per_call("time"),
-            hmget: per_call("hmget"),
-            hset: per_call("hset"),
-            pexpire: per_call("pexpire"),
-            engine: round_to((usec as f64 - inner as f64) / q, 2),
-            master_cpu: cpu(ticks.0),
-            client_cpu: cpu(ticks.1),
-            calls_per_second: round_to(calls_per_second, 0),
-        }
-    }
+/// One row of the script table, at the precision it prints: `usec_per_call` of EVALSHA
+/// (the commands the script runs included), the `usec` of each command it runs per script
+/// call, "engine" (the rest: the Lua call, its argument tables, the arithmetic, the
+/// reply), the master's CPU from `/proc` and redis-benchmark's own per call, and calls/s.
+pub fn row(
+    name: &str,
+    delta: &CommandStats,
+    (master, client): (u64, u64),
+    secs: f64,
+    hz: u64,
+) -> Value {
+    let (calls, usec) = delta.get("evalsha");
+    let q = calls.max(1) as f64;
+    let per_call = |name: &str| round_to(delta.get(name).1 as f64 / q, 2);
+    let cpu = |ticks: u64| round_to(ticks as f64 * 1e6 / hz as f64 / q, 1);
+    let inner: u64 = INNER.iter().map(|name| delta.get(name).1).sum();
+    let engine = round_to((usec as f64 - inner as f64) / q, 2);
+    let rate = (calls as f64 / secs.max(1e-3)).round() as u64;
+    json!({
+        "name": name, "calls": calls, "usec_per_call": per_call("evalsha"), "time": per_call("time"),
+        "hmget": per_call("hmget"), "hset": per_call("hset"), "pexpire": per_call("pexpire"), "engine": engine,
+        "master_cpu": cpu(master), "client_cpu": cpu(client), "calls_per_second": rate,
+    })
 }
 
 /// Runs every case on `master` (whose processes are `pids`); returns the commands run.
@@ -109,9 +86,8 @@ pub fn run(
         ("floor", load("return {1, 0}")?),
         ("reference", load(&reference)?),
     ];
-    let slaves = master
-        .info_field("replication", "connected_slaves")
-        .unwrap_or_default();
+    let slaves = master.info_field("replication", "connected_slaves");
+    let slaves = slaves.unwrap_or_default();
     say!("redis-benchmark: src/bucket/token_bucket.lua is {project}; replicas attached: {slaves}");
     let mut commands = Vec::new();
     for line in CASES.lines() {
@@ -128,68 +104,38 @@ pub fn run(
                 "-h {LOOPBACK} -p {port} -a {password} -n 200000 -r 100000 --csv EVALSHA {sha} 1 {KEY_PREFIX}{key} {args}"
             )
         };
-        commands.push(format!(
-            "redis-benchmark {}",
-            argv("PASSWORD").replace("''", "\"\"")
-        ));
+        let shown = argv("PASSWORD").replace("''", "\"\"");
+        commands.push(format!("redis-benchmark {shown}"));
         let log = out.join(format!("redis-benchmark-{name}.txt"));
-        let (before, t0) = (master.command_stats()?, ticks_of(pids));
+        let (before, t0, started) = (master.command_stats()?, ticks_of(pids), Instant::now());
         let mut benchmark = Command::new("redis-benchmark");
         let argv = argv(master.password.as_deref().unwrap_or_default());
         // '' is an empty argument: Redis's own clock.
         benchmark.args(argv.split(' ').map(|w| if w == "''" { "" } else { w }));
         let (status, client_ticks) = run_counted(records, "redis-benchmark", &mut benchmark, &log)?;
+        let secs = started.elapsed().as_secs_f64();
         let master_ticks = ticks_of(pids).saturating_sub(t0);
         let delta = master.command_stats()?.since(&before);
         if !status.success() {
             bail!("redis-benchmark failed: {}", tail(&log, 3));
         }
-        let rps = benchmark_rps(&fs::read_to_string(&log)?)
-            .with_context(|| format!("in {}", log.display()))?;
-        let row = ScriptRow::compute(name, &delta, (master_ticks, client_ticks), rps, hz);
-        let (calls, usec, engine, cpu, rps) = (
-            row.calls,
-            row.usec_per_call,
-            row.engine,
-            row.master_cpu,
-            row.calls_per_second,
-        );
+        let row = row(name, &delta, (master_ticks, client_ticks), secs, hz);
+        let [calls, usec, engine, cpu, rate] = [
+            "calls",
+            "usec_per_call",
+            "engine",
+            "master_cpu",
+            "calls_per_second",
+        ]
+        .map(|k| crate::report::text(&row[k]));
         say!(
-            "  {name}: {calls} calls, usec_per_call {usec:.2} (engine {engine:.2}), master CPU {cpu:.1} µs/call, {rps:.0} calls/s"
+            "  {name}: {calls} calls, usec_per_call {usec} (engine {engine}), master CPU {cpu} µs/call, {rate} calls/s"
         );
         append_json(&out.join("scripts.jsonl"), &row)?;
     }
     let keys = ["denied", "returning", "returning:two"].map(|k| format!("{KEY_PREFIX}{k}"));
     master.query::<u64>(redis::cmd("DEL").arg(&keys))?;
     Ok(commands)
-}
-
-/// The `rps` of the last test in `redis-benchmark --csv` output (quoted fields).
-pub fn benchmark_rps(csv: &str) -> Result<f64> {
-    let mut lines = csv.lines().filter(|line| line.starts_with('"'));
-    let fields = |line: &str| -> Vec<String> {
-        line.split("\",\"")
-            .map(|f| f.trim_matches('"').to_owned())
-            .collect()
-    };
-    let header = fields(
-        lines
-            .next()
-            .context("redis-benchmark printed no CSV header")?,
-    );
-    let column = header
-        .iter()
-        .position(|name| name == "rps")
-        .context("redis-benchmark's CSV has no rps column")?;
-    let last = lines
-        .next_back()
-        .context("redis-benchmark printed no result (did the script run? see its output)")?;
-    let rps = fields(last)
-        .get(column)
-        .cloned()
-        .with_context(|| format!("no rps field in {last:?}"))?;
-    rps.parse()
-        .with_context(|| format!("redis-benchmark's rps {rps:?} is not a number"))
 }
 
 #[cfg(test)]
@@ -205,22 +151,10 @@ mod tests {
              cmdstat_hmget:calls=200000,usec=196000\ncmdstat_hset:calls=100000,usec=104000\n\
              cmdstat_pexpire:calls=100000,usec=76000\n",
         );
-        let row = ScriptRow::compute("allow-heavy", &delta, (272, 124), 64579.2, 100);
-        assert_eq!(
-            (row.calls, row.usec_per_call, row.hmget, row.engine),
-            (200_000, 7.11, 0.98, 5.13)
-        );
-        assert_eq!(
-            (row.master_cpu, row.client_cpu, row.calls_per_second),
-            (13.6, 6.2, 64579.0)
-        );
-    }
-
-    #[test]
-    fn the_rate_is_read_from_the_csv_output_and_none_is_an_error() {
-        let csv = "\"test\",\"rps\",\"avg_latency_ms\"\n\"EVALSHA abc 1 k:__rand_int__ 1,2\",\"17391.30\",\"2.199\"\n";
-        assert_eq!(benchmark_rps(csv).unwrap(), 17391.3);
-        assert!(benchmark_rps("Error: NOSCRIPT\n\"test\",\"rps\"\n").is_err());
-        assert!(benchmark_rps("").is_err());
+        let row = row("allow-heavy", &delta, (272, 124), 3.097, 100);
+        let figures = ["calls", "usec_per_call", "hmget", "engine"].map(|k| &row[k]);
+        assert_eq!(figures, [200_000.0, 7.11, 0.98, 5.13]);
+        let figures = ["master_cpu", "client_cpu", "calls_per_second"].map(|k| &row[k]);
+        assert_eq!(figures, [13.6, 6.2, 64579.0]);
     }
 }

@@ -11,10 +11,11 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, Processes};
 use crate::machine::{self, Machine};
-use crate::measure::{Measurement, Snapshot, Traffic, round_to};
+use crate::measure::{self, Snapshot, Traffic, round_to};
 use crate::node::{Node, script_calls};
 use crate::phases::{self, After, LIMITED, PHASES, Phase, Target, Tool, Topology, Via};
 use crate::probe::{self, Counts, WrkReport, port_open};
@@ -29,7 +30,7 @@ pub struct Options {
     duration: u32,
     /// Rounds per phase; each round measures every target of the phase once, in reverse
     /// order every other round.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..=20))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
     /// wrk threads (two cores are shared by everything).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -74,19 +75,18 @@ struct Bench {
     o: Options,
     root: PathBuf,
     out: PathBuf,
-    hz: u64,
     /// The processes this program starts itself (run/bench/pids).
     own: Records,
     cluster: Cluster,
     /// What every phase runs: a copy of the release binary, or RATELIMITER_BIN.
     bin: PathBuf,
-    /// Where [`Via::Direct`] goes: the first instance, or the embedded-store one.
-    direct_port: u16,
-    embedded: Option<Started>,
+    /// The embedded-store instance and its port, where [`Via::Direct`] goes in its phase
+    /// (else to the first instance).
+    embedded: Option<(Started, u16)>,
     /// The bench's own Nginx in front of the demo upstream, and its port.
     proxy: Option<(Started, u16)>,
     procs: Processes,
-    rows: Vec<Measurement>,
+    rows: Vec<Value>,
     commands: Vec<String>,
     /// Measurements taken again, and kept although others still used the machine.
     retaken: (u32, u32),
@@ -107,38 +107,28 @@ pub fn run(o: Options) -> Result<()> {
     let password = password.unwrap_or_else(|_| "ratelimiter-dev-admin-password".into());
     let dir = root.join("run/bench-cluster");
     let mut cluster = Cluster::new(&root, dir, o.port_offset, &password)?;
-    let ports = &cluster.ports;
-    let wanted = ports
-        .all(false, true)
+    let busy: Vec<u16> = cluster
+        .ports
+        .all()
         .into_iter()
-        .chain(ports.all(true, false));
-    let busy: Vec<String> = wanted
         .filter(|&p| port_open(p))
-        .map(|p| p.to_string())
         .collect();
     if let Some(first) = busy.first() {
-        let busy = busy.join(" ");
         bail!(
-            "port(s) {busy} are in use (a cluster running? scripts/cluster.sh down); see: ss -ltnp 'sport = :{first}'"
+            "port(s) {busy:?} are in use (a cluster running? scripts/cluster.sh down); see: ss -ltnp 'sport = :{first}'"
         );
     }
-    let (hz, own, direct_port) = (
-        procfs::ticks_per_second(),
-        Records(out.join("pids")),
-        ports.apps[0],
-    );
     let (bin, service) = machine::service_binary(&root, &out)?;
     cluster.bin = Some(bin.clone());
+    let own = Records(out.join("pids"));
     let (embedded, proxy, procs, rows, commands, retaken) = Default::default();
     let mut b = Bench {
         o,
         root,
         out,
-        hz,
         own,
         cluster,
         bin,
-        direct_port,
         embedded,
         proxy,
         procs,
@@ -146,8 +136,7 @@ pub fn run(o: Options) -> Result<()> {
         commands,
         retaken,
     };
-    let load_before = machine::load_average();
-    let cores = Machine::read().cores;
+    let (load_before, cores) = (machine::load_average(), Machine::read().cores);
     say!(
         "load average now: {load_before} ({cores} cores); other engineers' work moves the figures, see the 'other processes' column"
     );
@@ -158,15 +147,15 @@ pub fn run(o: Options) -> Result<()> {
     b.down();
     outcome?;
 
-    let mut keepalive: Vec<(String, Option<String>)> = Vec::new();
+    let mut keepalive = Vec::new();
     for entry in fs::read_dir(b.root.join("nginx"))?.flatten() {
         let name = format!("nginx/{}", entry.file_name().to_string_lossy());
         if name.contains(".conf") {
-            keepalive.push((name, report::keepalive(&fs::read_to_string(entry.path())?)));
+            keepalive.push((name, gateway::keepalive(&fs::read_to_string(entry.path())?)));
         }
     }
     keepalive.sort();
-    let setting = |name: &str| {
+    let set = |name: &str| {
         Some(format!(
             "{name}={}",
             std::env::var(name).ok().filter(|v| !v.is_empty())?
@@ -184,7 +173,7 @@ pub fn run(o: Options) -> Result<()> {
         elapsed_s: started.elapsed().as_secs(),
         quiet_max: b.o.quiet_max,
         retaken: b.retaken,
-        instance_settings: PASSED_SETTINGS.split(' ').filter_map(setting).collect(),
+        instance_settings: PASSED_SETTINGS.split(' ').filter_map(set).collect(),
         invocation: b.o.invocation.clone(),
         commands: b.commands.clone(),
         keepalive,
@@ -210,11 +199,9 @@ impl Bench {
     /// Remembers a command for the report (once) and shows it.
     fn note(&mut self, text: &str) {
         let mut text = text.replace(&format!("{}/", self.root.display()), "");
-        if self.embedded.is_some() {
-            text = text.replace(
-                &format!("{LOOPBACK}:{}", self.direct_port),
-                &format!("{LOOPBACK}:PORT"),
-            );
+        if let Some((_, port)) = &self.embedded {
+            let port = format!("{LOOPBACK}:{port}");
+            text = text.replace(&port, &format!("{LOOPBACK}:PORT"));
         }
         if !self.commands.contains(&text) {
             say!("+ {text}");
@@ -224,20 +211,6 @@ impl Bench {
 
     /// The one loop: any phase, from its topology up to its topology down.
     fn phase(&mut self, phase: &Phase) -> Result<()> {
-        let knows = |setting: &str, bytes: Vec<u8>| {
-            bytes
-                .windows(setting.len())
-                .any(|w| w == setting.as_bytes())
-        };
-        if let Some(setting) = phase.requires
-            && !fs::read(&self.bin).is_ok_and(|bytes| knows(setting, bytes))
-        {
-            say!(
-                "phase {} skipped: this binary has no {setting} setting",
-                phase.name
-            );
-            return Ok(());
-        }
         let outcome = self.up(phase).and_then(|()| {
             let targets = phase.targets();
             self.warm_up(&targets);
@@ -263,23 +236,18 @@ impl Bench {
     }
 
     fn up(&mut self, phase: &Phase) -> Result<()> {
-        let env = phase
+        let name = phase.name;
+        let mut env = phase
             .env
             .replace("$MIXED_RATE", &self.o.mixed_rate.to_string());
-        let policy = phase
-            .policy
-            .map(|policy| (self.out.join(format!("{}.toml", phase.name)), policy));
-        let env = match &policy {
-            Some((file, policy)) => {
-                fs::write(file, policy)?;
-                format!("{env} POLICY_FILE={}", file.display())
-                    .trim_start()
-                    .to_owned()
-            }
-            None => env,
-        };
-        (self.direct_port, self.procs) = (self.cluster.ports.apps[0], Processes::default());
-        let name = phase.name;
+        if let Some(policy) = phase.policy {
+            let file = self.out.join(format!("{name}.toml"));
+            fs::write(&file, policy)?;
+            env = format!("{env} POLICY_FILE={}", file.display())
+                .trim_start()
+                .to_owned();
+        }
+        self.procs = Processes::default();
         match phase.topology {
             Topology::Cluster(flags) => {
                 let flag: String = flags.iter().map(|f| format!(" {f}")).collect();
@@ -311,17 +279,15 @@ impl Bench {
             }
             Topology::Embedded => {
                 let settings = format!("INSTANCE_NAME=bench-memory {env}");
-                self.note(&format!(
-                    "env -i HOST={LOOPBACK} PORT=0 {settings} {} &",
-                    self.bin.display()
-                ));
+                let bin = self.bin.display();
+                self.note(&format!("env -i HOST={LOOPBACK} PORT=0 {settings} {bin} &"));
                 let log = self.out.join("memory-instance.log");
                 let started =
                     probe::start_instance(&self.own, "bench-memory", &self.bin, &settings, &log);
                 let see = || format!("the embedded-store instance; see {}", self.rel(&log));
                 let (instance, port) = started.with_context(see)?;
                 self.procs.groups.insert("app", vec![instance.pid()]);
-                (self.direct_port, self.embedded) = (port, Some(instance));
+                self.embedded = Some((instance, port));
             }
         }
         let groups = self.procs.groups.iter().filter(|g| !g.1.is_empty());
@@ -349,10 +315,8 @@ impl Bench {
     fn down(&mut self) {
         (self.proxy, self.embedded) = (None, None);
         if self.cluster.up {
-            self.note(&format!(
-                "CLUSTER_DIR={} scripts/cluster.sh down",
-                self.rel(&self.cluster.dir)
-            ));
+            let dir = self.rel(&self.cluster.dir);
+            self.note(&format!("CLUSTER_DIR={dir} scripts/cluster.sh down"));
             self.cluster.stop(&self.out.join("cluster-down.log"));
         }
     }
@@ -364,7 +328,10 @@ impl Bench {
     fn port(&self, via: Via) -> u16 {
         match via {
             Via::Nginx => self.cluster.ports.nginx,
-            Via::Direct => self.direct_port,
+            Via::Direct => self
+                .embedded
+                .as_ref()
+                .map_or(self.cluster.ports.apps[0], |e| e.1),
             Via::Gateway => self.cluster.ports.gateway,
             Via::Proxy => self.proxy.as_ref().map_or(0, |p| p.1),
         }
@@ -401,7 +368,10 @@ impl Bench {
     fn wait_quiet(&self) {
         let (wait, quiet_max) = (self.o.quiet_wait, f64::from(self.o.quiet_max));
         let deadline = Instant::now() + Duration::from_secs(wait.into());
-        while wait > 0 && Instant::now() < deadline + Duration::from_secs(2) {
+        if wait == 0 {
+            return;
+        }
+        loop {
             let before = MachineTicks::read();
             sleep(Duration::from_millis(500));
             let busy = before.busy_percent_until(&MachineTicks::read()).trunc();
@@ -418,11 +388,12 @@ impl Bench {
     /// One record. A measurement during which other processes used more than --quiet-max
     /// % of the machine is taken again (at most RETAKES times); the quietest one is kept.
     fn measure(&mut self, phase: &str, round: u32, target: &Target) -> Result<()> {
+        let others = |row: &Value| row["others_percent"].as_f64().unwrap_or(0.0);
         self.wait_quiet();
         let mut best = self.measure_once(phase, round, target)?;
-        let mut others = best.others_percent;
+        let mut last = others(&best);
         for attempt in 1..=RETAKES + 1 {
-            if others <= f64::from(self.o.quiet_max) {
+            if last <= f64::from(self.o.quiet_max) {
                 break;
             }
             if attempt > RETAKES {
@@ -430,11 +401,11 @@ impl Bench {
                 break;
             }
             self.retaken.0 += 1;
-            say!("  other processes used {others}% of the machine meanwhile; measuring again");
+            say!("  other processes used {last}% of the machine meanwhile; measuring again");
             self.wait_quiet();
             let row = self.measure_once(phase, round, target)?;
-            others = row.others_percent;
-            if others < best.others_percent {
+            last = others(&row);
+            if last < others(&best) {
                 best = row;
             }
         }
@@ -443,7 +414,7 @@ impl Bench {
         Ok(())
     }
 
-    fn measure_once(&mut self, phase: &str, round: u32, t: &Target) -> Result<Measurement> {
+    fn measure_once(&mut self, phase: &str, round: u32, t: &Target) -> Result<Value> {
         let (port, url, c, d) = (
             self.port(t.via),
             self.url(t.via, t.path),
@@ -459,9 +430,9 @@ impl Bench {
         let [out, json] =
             ["txt", "json"].map(|ext| self.out.join(format!("{name}.{ext}").to_lowercase()));
         let script = format!("-c{c} -d{d}s --latency -s scripts/bench");
-        let loadtest = crate::release_binary(&self.root, "loadtest");
         let (mut command, shown) = match t.tool {
             Tool::Loadtest => {
+                let loadtest = crate::release_binary(&self.root, "loadtest");
                 let args = format!(
                     "--url {url} --connections {c} --duration {d}s --sources {MIXED_SOURCES} --max-requests 100000000 --json"
                 );
@@ -485,25 +456,20 @@ impl Bench {
         };
         let offset = fs::metadata(&access_log).map_or(0, |m| m.len());
         let direct = t.via == Via::Direct;
-        let counted_before = if direct {
-            Counts::of_instance(port, t.path)
-        } else {
-            Counts::default()
-        };
+        let counted_before = direct
+            .then(|| Counts::of_instance(port, t.path))
+            .transpose()?;
         let upstream_counted = matches!(t.via, Via::Gateway | Via::Proxy);
-        let upstream = || {
-            if upstream_counted {
-                self.upstream_count(t.path)
-            } else {
-                Ok(0)
-            }
+        let upstream = || -> Result<u64> {
+            let count = upstream_counted.then(|| self.upstream_count(t.path));
+            count.unwrap_or(Ok(0))
         };
-        let upstream_before = upstream()?;
+        let upstream_before: u64 = upstream()?;
         let masters = &self.procs.masters;
-        let before = Snapshot::take(&self.procs.groups, script_calls(masters));
+        let before = Snapshot::take(&self.procs.groups, script_calls(masters)?);
         let (status, generator_ticks) =
             run_counted(&self.own, "load generator", &mut command, &out)?;
-        let after = Snapshot::take(&self.procs.groups, script_calls(masters));
+        let after = Snapshot::take(&self.procs.groups, script_calls(masters)?);
         let upstream = upstream()? - upstream_before;
         if !status.success() {
             bail!(
@@ -514,45 +480,68 @@ impl Bench {
         let mut closed = 0;
         let traffic = if t.tool == Tool::Loadtest {
             let summary = crate::read_summary(&json)?;
-            Traffic::of_summary(&summary)
+            let c = &summary.classes;
+            let latency = summary
+                .latency_ms
+                .map_or([0.0; 3], |l| [l.p50, l.p99, l.max]);
+            let statuses = [c.admitted, c.rejected, c.not_decided()];
+            let (requests, seconds) = (summary.requests.answered, summary.elapsed_s);
+            Traffic {
+                requests,
+                seconds,
+                latency_ms: latency,
+                statuses,
+                upstream,
+            }
         } else {
             let report = WrkReport::from_output(&fs::read_to_string(&out)?);
             let report = report.with_context(|| format!("in {}", out.display()))?;
             // Through Nginx its access log counts; directly, the instance's /metrics.
-            let counts =
-                match direct.then(|| Counts::of_instance(port, t.path).minus(&counted_before)) {
-                    // METRICS=off: the instance counted nothing, so wrk's count stands in
-                    // (no 429 is expected there; any status >= 400 is "other").
-                    Some(none) if none.total() == 0 => {
-                        let other = report.errors.status;
-                        Counts {
-                            ok: report.requests.saturating_sub(other),
-                            other,
-                            ..none
-                        }
+            let counted = match counted_before {
+                Some(before) => Some(Counts::of_instance(port, t.path)?.minus(&before)),
+                None => None,
+            };
+            let counts = match counted {
+                // METRICS=off: the instance counted nothing, so wrk's count stands in
+                // (no 429 is expected there; any status >= 400 is "other").
+                Some(none) if none.total() == 0 => {
+                    let other = report.status_errors();
+                    Counts {
+                        ok: report.requests.saturating_sub(other),
+                        other,
+                        ..none
                     }
-                    Some(delta) => delta,
-                    None => Counts::from_access_log(&access_log, offset)?,
-                };
+                }
+                Some(delta) => delta,
+                None => Counts::from_access_log(&access_log, offset)?,
+            };
             closed = counts.closed;
-            Traffic::of_wrk(&report, &counts)
+            let statuses = [
+                counts.ok,
+                counts.denied,
+                counts.other + report.socket_errors(),
+            ];
+            let (requests, seconds) = (report.requests, report.duration_us as f64 / 1e6);
+            Traffic {
+                requests,
+                seconds,
+                latency_ms: report.latency_ms(),
+                statuses,
+                upstream,
+            }
         };
-        let traffic = Traffic {
-            upstream,
-            ..traffic
-        };
-        let row = Measurement::compute(
+        let snapshots = (&before, &after);
+        let row = measure::compute(
             (phase, round),
             t,
             &traffic,
-            &before,
-            &after,
+            snapshots,
             generator_ticks,
-            self.hz,
+            procfs::ticks_per_second(),
         );
-        say!("  {}", row.progress_line());
+        say!("  {}", measure::progress_line(&row));
         if upstream_counted {
-            match gateway::check_admitted(row.ok, row.denied, row.other, closed, row.upstream) {
+            match gateway::check_admitted(traffic.statuses, closed, upstream) {
                 Ok(None) => {}
                 Ok(Some(odd)) => warn!("  through {:?} (port {port}): {odd}", t.via),
                 Err(wrong) => bail!("through {:?} (port {port}): {wrong}", t.via),
@@ -573,11 +562,11 @@ impl Bench {
             .procs
             .masters
             .first()
-            .context("no Redis master found")?
-            .clone();
+            .context("no Redis master found")?;
         let pids = self.procs.groups.get("master").cloned().unwrap_or_default();
+        let (root, out, own) = (&self.root, &self.out, &self.own);
         let commands =
-            crate::script::run(&master, &pids, &self.root, &self.out, &self.own, self.hz)?;
+            crate::script::run(master, &pids, root, out, own, procfs::ticks_per_second())?;
         commands.iter().for_each(|c| self.note(c));
         Ok(())
     }
@@ -588,8 +577,8 @@ impl Bench {
         let rows = self
             .rows
             .iter()
-            .filter(|r| r.phase == phase && r.via == Via::Nginx);
-        let rates: Vec<f64> = rows.map(|r| r.per_second).collect();
+            .filter(|r| r["phase"] == phase && r["via"] == "nginx");
+        let rates: Vec<f64> = rows.filter_map(|r| r["per_second"].as_f64()).collect();
         let rate = report::median(&rates).unwrap_or(1000.0).max(1.0);
         // A quarter more than the rounds' rate needs, and a second to connect.
         let seconds = ((KEYS as f64 * 1.25 / rate).ceil() as u64 + 1).clamp(3, 60);
@@ -610,16 +599,12 @@ impl Bench {
             "phase {phase}: the spread of {KEYS} keys over the masters ({seconds} s through Nginx)"
         );
         let (status, _) = run_counted(&self.own, "wrk", &mut wrk, &out)?;
-        let after = calls(&self.procs.masters)?;
+        let after = calls(&self.procs.masters)?.into_iter().zip(before);
+        let deltas: Vec<u64> = after.map(|(a, b)| a.saturating_sub(b)).collect();
         if !status.success() {
             bail!("wrk failed ({status}): {}", tail(&out, 5));
         }
         let report = WrkReport::from_output(&fs::read_to_string(&out)?)?;
-        let deltas: Vec<u64> = before
-            .iter()
-            .zip(&after)
-            .map(|(b, a)| a.saturating_sub(*b))
-            .collect();
         let total = deltas.iter().sum::<u64>().max(1);
         let (requests, seconds) = (
             report.requests,
@@ -630,7 +615,7 @@ impl Bench {
                 master.port,
                 round_to(100.0 * calls as f64 / total as f64, 2),
             );
-            let record = serde_json::json!({"phase": phase, "master": format!("{LOOPBACK}:{port}"), "script_calls": calls,
+            let record = json!({"phase": phase, "master": format!("{LOOPBACK}:{port}"), "script_calls": calls,
                 "share_percent": share, "requests": requests, "seconds": seconds, "keys": requests.min(KEYS)});
             append_json(&self.out.join("spread.jsonl"), &record)?;
             say!("  master {port}: {calls} script calls, {share} % of {total}");

@@ -1,6 +1,6 @@
 //! The soak's verdict, pure: what each minute's clients were allowed (the load
 //! generator's own bound, `loadtest::policy`, plus each failover's allowance), whether
-//! memory and descriptors stayed flat after warm-up, and the report's tables.
+//! memory and descriptors stayed flat after warm-up, and the report that states both.
 
 use loadtest::policy::Bucket;
 use loadtest::summary::Summary;
@@ -86,35 +86,26 @@ pub struct Minute {
     pub reload_s: Option<f64>,
 }
 
-/// The worst client of a minute, and how many were over.
+/// The worst client of a minute (address, admitted, bound), and how many were over.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verdict {
-    pub allowance: u64,
     pub worst: (String, u64, u64),
-    pub over: usize,
+    pub over: u64,
 }
 
 impl Minute {
-    pub fn allowance(&self) -> u64 {
-        self.failovers
-            .iter()
-            .map(|f| self.bucket.failover_allowance(INSTANCES, f.fallback_s))
-            .sum()
-    }
-
     /// Each client against `floor(C + r × t)` over its span plus the failovers'
     /// allowance; the one closest to (or furthest over) its bound.
     pub fn verdict(&self) -> Verdict {
-        let allowance = self.allowance();
-        let mut verdict = Verdict {
-            allowance,
-            ..Verdict::default()
-        };
-        let mut worst_margin = i64::MAX;
+        let failovers = self.failovers.iter();
+        let allowance: u64 = failovers
+            .map(|f| self.bucket.failover_allowance(INSTANCES, f.fallback_s))
+            .sum();
+        let (mut verdict, mut worst_margin) = (Verdict::default(), i64::MAX);
         for client in &self.summary.clients {
             let bound = self.bucket.bound(client.span_s.unwrap_or(0.0)) + allowance;
             let margin = bound as i64 - client.admitted as i64;
-            verdict.over += usize::from(margin < 0);
+            verdict.over += u64::from(margin < 0);
             if margin < worst_margin {
                 worst_margin = margin;
                 verdict.worst = (client.address.clone(), client.admitted, bound);
@@ -125,9 +116,8 @@ impl Minute {
 
     /// Decisions not taken by Redis (the local fallback).
     pub fn fallback_decisions(&self) -> u64 {
-        self.summary
-            .by_decision_source
-            .iter()
+        let sources = self.summary.by_decision_source.iter();
+        sources
             .filter(|(source, _)| *source != "redis")
             .map(|(_, n)| n)
             .sum()
@@ -216,8 +206,7 @@ pub fn flatness(
         }
         let k = (judged.len() / 2).clamp(1, MEDIAN_OF);
         let (head, tail) = (&judged[..k], &judged[judged.len() - k..]);
-        let compare =
-            |value: fn(&(u64, u64)) -> u64| (lower_median(head, value), lower_median(tail, value));
+        let compare = |value| (lower_median(head, value), lower_median(tail, value));
         let (rss_kib, fds) = (compare(|u| u.0), compare(|u| u.1));
         Some(Flatness {
             from_s: first.at_s,
@@ -232,7 +221,7 @@ pub fn flatness(
         .collect()
 }
 
-/// Everything the soak saw, and its checks.
+/// Everything the soak saw.
 pub struct Report {
     pub minutes: Vec<Minute>,
     pub samples: Vec<Sample>,
@@ -270,83 +259,58 @@ result | result | key
 ";
 
 impl Report {
-    fn sum(&self, of: impl Fn(&Minute) -> u64) -> u64 {
-        self.minutes.iter().map(of).sum()
-    }
-
     /// Is a sample at `at_s` one of steady load: at least 5 s into a minute's load
     /// generator run, and at least 1 s before it ended?
     fn under_load(&self, at_s: f64) -> bool {
-        self.minutes
-            .iter()
-            .any(|m| at_s >= m.load_s.0 + 5.0 && at_s <= m.load_s.1 - 1.0)
+        let mut loads = self.minutes.iter().map(|m| m.load_s);
+        loads.any(|(from, to)| at_s >= from + 5.0 && at_s <= to - 1.0)
     }
 
-    fn flatness(&self) -> Vec<((String, u32), Option<Flatness>)> {
-        flatness(&self.samples, self.warmup_s, |at_s| self.under_load(at_s))
-    }
-
-    /// Each check, whether it failed, and what it found.
-    pub fn checks(&self) -> Vec<(String, bool, String)> {
-        let errors = self.sum(|m| m.summary.classes.server_errors);
-        let failed = self.sum(|m| m.summary.classes.errors + m.summary.classes.other);
-        let over = self.sum(|m| m.verdict().over as u64);
-        let flatness = self.flatness();
-        let not_flat = flatness
-            .iter()
-            .filter(|(_, f)| f.as_ref().is_some_and(|f| !f.flat()))
-            .count();
-        // Fallback decisions in minutes without a kill: a Redis call that failed on its
-        // own (a timeout on a busy machine). Reported; the bound, allowing nothing for
-        // them, is the check.
-        let calm = self.minutes.iter().filter(|m| m.failovers.is_empty());
-        let stray: u64 = calm.map(Minute::fallback_decisions).sum();
-        let failovers: usize = self.minutes.iter().map(|m| m.failovers.len()).sum();
-        vec![
-            (format!("no 5xx ({} answers)", self.sum(|m| m.summary.requests.answered)), errors > 0, errors.to_string()),
-            ("no failed request (timeouts, connection errors, other statuses)".into(), failed > 0, failed.to_string()),
-            (format!("every client of every minute within C + r·t + the failover allowance ({failovers} failover(s))"), over > 0, format!("{over} over")),
-            ("decisions by the fallback in minutes without a kill (reported: the bound above still holds them)".into(), false, stray.to_string()),
-            (format!("VmRSS and open fds of every judged process grew < {FLAT_PERCENT} %"), not_flat > 0, format!("{not_flat} not flat")),
-        ]
-    }
-
-    pub fn render(&self) -> String {
-        let minutes: Vec<Value> = self.minutes.iter().map(|minute| {
-            let v = minute.verdict();
-            let mut events: Vec<String> = minute.reload_s.iter().map(|took| format!("policy reload before it ({took:.1} s)")).collect();
-            events.extend(minute.failovers.iter().map(|f| format!(
-                "kill -9 of master {} → {}: promoted {:.1} s, fallback ≤ {:.1} s (+{} per client), restarted node linked in {:.1} s",
-                f.old_port, f.new_port, f.promoted_s, f.fallback_s, minute.bucket.failover_allowance(INSTANCES, f.fallback_s), f.rejoined_s
-            )));
-            let c = &minute.summary.classes;
-            json!({
-                "minute": minute.index + 1, "policy": minute.policy.describe(), "answered": minute.summary.requests.answered,
-                "admitted": c.admitted, "rejected": c.rejected, "server_errors": c.server_errors, "failed": c.errors + c.other,
-                "latency": minute.summary.latency_ms.map_or_else(|| "—".into(), |l| format!("{:.1} / {:.0}", l.p99, l.max)),
-                "fallback": minute.fallback_decisions(),
-                "worst": format!("{} / {}{}", v.worst.1, v.worst.2, if v.over > 0 { format!(" ({} over)", v.over) } else { String::new() }),
-                "events": if events.is_empty() { "—".into() } else { events.join("; ") },
-            })
-        }).collect();
-        let processes: Vec<Value> = self.flatness().into_iter().map(|((name, pid), judged)| match judged {
-            Some(f) => json!({
-                "name": name, "pid": pid, "over": format!("{:.0}–{:.0} s", f.from_s, f.to_s),
-                "rss": format!("{} → {}", f.rss_kib.0, f.rss_kib.1), "rss_growth": format!("{:+.1} %", growth_percent(f.rss_kib)),
-                "fds": format!("{} → {}", f.fds.0, f.fds.1), "fds_growth": format!("{:+.1} %", growth_percent(f.fds)),
-                "flat": if f.flat() { "yes" } else { "NO" },
-            }),
-            None => json!({"name": name, "pid": pid, "over": "—", "rss": "—", "rss_growth": "—", "fds": "—", "fds_growth": "—",
-                "flat": format!("not judged: no two samples {MIN_JUDGED_S} s apart after its warm-up")}),
-        }).collect();
-        let result =
-            |check: &str, failed, found| match check.starts_with("decisions by the fallback") {
-                true => found,
-                false => format!("{} ({found})", if failed { "FAILED" } else { "ok" }),
-            };
-        let checks = self.checks().into_iter();
-        let checks: Vec<Value> = checks.map(|(check, failed, found)| json!({"result": result(&check, failed, found), "check": check})).collect();
-        format!(
+    /// The report, and how many of its checks failed. The tables' rows are made once,
+    /// and the checks are summed from those rows.
+    pub fn judge(&self) -> (String, usize) {
+        let minutes: Vec<Value> = self.minutes.iter().map(Minute::row).collect();
+        let judged = flatness(&self.samples, self.warmup_s, |at_s| self.under_load(at_s));
+        let processes: Vec<Value> = judged.into_iter().map(process_row).collect();
+        let sum = |key: &str| minutes.iter().filter_map(|r| r[key].as_u64()).sum::<u64>();
+        // Fallback decisions in minutes without a kill: a Redis call that failed on its own
+        // (a timeout on a busy machine). Reported; the bound, allowing nothing for them,
+        // is the check.
+        let calm = minutes.iter().filter(|r| r["kills"] == 0);
+        let stray: u64 = calm.filter_map(|r| r["fallback"].as_u64()).sum();
+        let not_flat = processes.iter().filter(|p| p["flat"] == "NO").count() as u64;
+        let check = |check: String, found: u64, what: &str| {
+            let verdict = if found > 0 { "FAILED" } else { "ok" };
+            json!({"check": check, "result": format!("{verdict} ({found}{what})")})
+        };
+        let (answered, kills) = (sum("answered"), sum("kills"));
+        let checks = [
+            check(
+                format!("no 5xx ({answered} answers)"),
+                sum("server_errors"),
+                "",
+            ),
+            check(FAILED_CHECK.into(), sum("failed"), ""),
+            check(
+                format!(
+                    "every client of every minute within C + r·t + the failover allowance ({kills} failover(s))"
+                ),
+                sum("over"),
+                " over",
+            ),
+            json!({"check": STRAY_CHECK, "result": stray.to_string()}),
+            check(
+                format!("VmRSS and open fds of every judged process grew < {FLAT_PERCENT} %"),
+                not_flat,
+                " not flat",
+            ),
+        ];
+        let failed = checks.iter().filter(|c| {
+            c["result"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("FAILED"))
+        });
+        let text = format!(
             "{}\n\n{}\n\
              Memory and descriptors under load, first samples after warm-up ({} s after the process's first sample; for a data node, not before its replication backlog is full) → last samples, the median of {MEDIAN_OF} each:\n\n{}\n{}",
             self.heading,
@@ -354,8 +318,58 @@ impl Report {
             self.warmup_s,
             table(&processes, FLATNESS),
             table(&checks, CHECKS)
-        )
+        );
+        (text, failed.count())
     }
+}
+
+const FAILED_CHECK: &str = "no failed request (timeouts, connection errors, other statuses)";
+const STRAY_CHECK: &str = "decisions by the fallback in minutes without a kill (reported: the bound above still holds them)";
+
+impl Minute {
+    /// Its row of the minutes' table, with what the checks add up: clients over their
+    /// bound and kills.
+    fn row(&self) -> Value {
+        let (v, c, summary) = (self.verdict(), &self.summary.classes, &self.summary);
+        let reload = self
+            .reload_s
+            .iter()
+            .map(|took| format!("policy reload before it ({took:.1} s)"));
+        let kills = self.failovers.iter().map(|f| format!(
+            "kill -9 of master {} → {}: promoted {:.1} s, fallback ≤ {:.1} s (+{} per client), restarted node linked in {:.1} s",
+            f.old_port, f.new_port, f.promoted_s, f.fallback_s, self.bucket.failover_allowance(INSTANCES, f.fallback_s), f.rejoined_s
+        ));
+        let events: Vec<String> = reload.chain(kills).collect();
+        let over = if v.over > 0 {
+            format!(" ({} over)", v.over)
+        } else {
+            String::new()
+        };
+        let latency = summary
+            .latency_ms
+            .map(|l| format!("{:.1} / {:.0}", l.p99, l.max));
+        json!({
+            "minute": self.index + 1, "policy": self.policy.describe(), "answered": summary.requests.answered,
+            "admitted": c.admitted, "rejected": c.rejected, "server_errors": c.server_errors, "failed": c.errors + c.other,
+            "latency": latency.unwrap_or_else(|| "—".into()), "fallback": self.fallback_decisions(),
+            "worst": format!("{} / {}{over}", v.worst.1, v.worst.2), "over": v.over, "kills": self.failovers.len(),
+            "events": if events.is_empty() { "—".into() } else { events.join("; ") },
+        })
+    }
+}
+
+/// A process's row of the flatness table.
+fn process_row(((name, pid), judged): ((String, u32), Option<Flatness>)) -> Value {
+    let Some(f) = judged else {
+        return json!({"name": name, "pid": pid, "over": "—", "rss": "—", "rss_growth": "—", "fds": "—", "fds_growth": "—",
+            "flat": format!("not judged: no two samples {MIN_JUDGED_S} s apart after its warm-up")});
+    };
+    json!({
+        "name": name, "pid": pid, "over": format!("{:.0}–{:.0} s", f.from_s, f.to_s),
+        "rss": format!("{} → {}", f.rss_kib.0, f.rss_kib.1), "rss_growth": format!("{:+.1} %", growth_percent(f.rss_kib)),
+        "fds": format!("{} → {}", f.fds.0, f.fds.1), "fds_growth": format!("{:+.1} %", growth_percent(f.fds)),
+        "flat": if f.flat() { "yes" } else { "NO" },
+    })
 }
 
 #[cfg(test)]
@@ -381,8 +395,8 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_minute_holds_each_client_to_the_load_generators_bound_plus_the_failovers() {
+    /// A minute of two clients, admitted 25 and 26, with one failover of 12 s.
+    fn minute() -> Minute {
         let client = |address: &str, admitted| {
             let row = json!({"address": address, "sent": 0, "admitted": admitted, "rejected": 0, "other": 0, "errors": 0,
                 "span_s": 59.9, "bound_low": null, "bound_high": null, "refused_last": false, "verdict": null});
@@ -397,42 +411,64 @@ mod tests {
         };
         let flags = json!({"capacity": 6, "quota": 12, "window_s": 60.0, "refill_per_s": 0.2, "origin": "flags"});
         let bucket: Bucket = serde_json::from_value(flags).unwrap();
-        let failover = Failover {
-            old_port: 7379,
-            new_port: 7380,
-            promoted_s: 3.0,
-            fallback_s: 12.0,
-            rejoined_s: 2.0,
-        };
-        let policy = POLICIES[0];
-        let mut minute = Minute {
-            index: 0,
-            load_s: (0.0, 60.0),
+        let (old_port, new_port, promoted_s, fallback_s, rejoined_s) = (7379, 7380, 3.0, 12.0, 2.0);
+        let failovers = vec![Failover {
+            old_port,
+            new_port,
+            promoted_s,
+            fallback_s,
+            rejoined_s,
+        }];
+        let (index, load_s, policy, reload_s) = (0, (0.0, 60.0), POLICIES[0], None);
+        Minute {
+            index,
+            load_s,
             policy,
             bucket,
             summary,
-            failovers: vec![failover],
-            reload_s: None,
-        };
+            failovers,
+            reload_s,
+        }
+    }
+
+    #[test]
+    fn a_minute_holds_each_client_to_the_load_generators_bound_plus_the_failovers() {
+        let mut minute = minute();
         // 6 + 0.2 × 59.9 = 17.98: 17, and a failover of 12 s adds 2 × (3 + 1) = 8.
         let worst = ("127.0.0.11".into(), 26, 25);
-        assert_eq!(
-            minute.verdict(),
-            Verdict {
-                allowance: 8,
-                worst,
-                over: 1
-            }
-        );
+        assert_eq!(minute.verdict(), Verdict { worst, over: 1 });
         assert_eq!(minute.fallback_decisions(), 3);
         minute.failovers.clear();
         assert_eq!(minute.verdict().over, 2);
         let text = POLICIES[1].toml();
+        let limit = text.contains("rate = 30, per = \"1m\", burst = 10");
+        assert!(limit && text.contains("[\"client_ip\"]"), "{text}");
+    }
+
+    #[test]
+    fn the_report_fails_a_client_over_its_bound_and_a_process_that_grew() {
+        let steady = (0..12u32).map(|i| sample(5.0 * f64::from(i), 1, 8000, 20));
+        let growing =
+            (0..12u32).map(|i| sample(5.0 * f64::from(i), 2, 8000 + 100 * u64::from(i), 20));
+        let samples: Vec<Sample> = steady.chain(growing).collect();
+        let (heading, warmup_s) = ("Soak".into(), 0.0);
+        let report = Report {
+            minutes: vec![minute()],
+            samples,
+            warmup_s,
+            heading,
+        };
+        let (text, failed) = report.judge();
+        assert_eq!(failed, 2, "{text}");
         assert!(
-            text.contains("rate = 30, per = \"1m\", burst = 10")
-                && text.contains("[\"client_ip\"]"),
+            text.contains("| 26 / 25 (1 over) |") && text.contains("| FAILED (1 over) |"),
             "{text}"
         );
+        assert!(
+            text.contains("| 8300 → 8900 | +7.2 % |") && text.contains("| FAILED (1 not flat) |"),
+            "{text}"
+        );
+        assert!(text.contains("| no 5xx (0 answers) | ok (0) |"), "{text}");
     }
 
     #[test]
@@ -473,26 +509,21 @@ mod tests {
         ];
         let f = judged(&samples, 0.0)[0].clone().unwrap();
         assert_eq!((f.from_s, f.fds), (120.0, (20, 20)));
-        assert!(
-            flatness(&samples, 0.0, |at_s| at_s < 130.0)[0].1.is_none(),
-            "too short a stretch under load"
-        );
+        let short = flatness(&samples, 0.0, |at_s| at_s < 130.0);
+        assert!(short[0].1.is_none(), "too short a stretch under load");
     }
 
     #[test]
     fn one_passing_connection_at_the_end_is_not_growth_but_a_steady_climb_is() {
         let fds = |values: [u64; 12]| {
-            values
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| sample(60.0 + 5.0 * i as f64, 3, 7000, n))
+            let each = values.iter().enumerate();
+            each.map(|(i, &n)| sample(60.0 + 5.0 * i as f64, 3, 7000, n))
                 .collect::<Vec<_>>()
         };
         let spike = judged(&fds([24, 24, 25, 24, 24, 24, 24, 24, 24, 26, 24, 29]), 0.0);
         assert!(spike[0].clone().unwrap().flat());
-        let climb = judged(&fds([24, 24, 24, 24, 24, 24, 26, 26, 26, 26, 26, 26]), 0.0)[0]
-            .clone()
-            .unwrap();
+        let climb = judged(&fds([24, 24, 24, 24, 24, 24, 26, 26, 26, 26, 26, 26]), 0.0);
+        let climb = climb[0].clone().unwrap();
         assert_eq!(climb.fds, (24, 26));
         assert!(!climb.flat());
     }

@@ -5,13 +5,13 @@
 //!
 //! Each minute is one run of the load generator (its `--json` is read afterwards): 241
 //! clients through Nginx at a steady offered rate. On top of it:
-//! - every `--kill-every` minutes, 15 s into the minute, `kill -9` of the current master;
+//! - every third minute, 15 s into the minute, `kill -9` of the current master;
 //!   once the sentinels have promoted a replica that takes writes and both instances
 //!   decide with Redis again, the killed node is started again in place (same port,
 //!   folder and config) and must rejoin as a replica;
 //! - before the middle minute, the policy file is rewritten with other numbers, and the
 //!   minute starts once both instances serve the new version (`GET /v1/policies`);
-//! - every `--sample-secs`, the resident memory (VmRSS) and open descriptors of every
+//! - every 5 s, the resident memory (VmRSS) and open descriptors of every
 //!   process of the topology (those in the cluster's pids file, and Nginx's workers).
 
 pub mod judge;
@@ -40,6 +40,15 @@ const MASTER_NAME: &str = "redis-master";
 const KILL_AT: Duration = Duration::from_secs(15);
 /// Bound on every wait for the topology (a failover, a rejoin, a reload).
 const WAIT: Duration = Duration::from_secs(60);
+/// Requests per second offered over all clients.
+const RATE: u32 = 200;
+/// Between two samples of every process.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// Minutes between two master kills (the first comes in the first minute).
+const KILL_EVERY: u64 = 3;
+/// Seconds of warm-up, at least (a quarter of the run when that is longer): samples of a
+/// process count from this long after its first one.
+const WARMUP_SECS: u64 = 60;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
@@ -67,19 +76,6 @@ pub struct Options {
         default_value = "ratelimiter-dev-sentinel-password"
     )]
     sentinel_password: String,
-    /// Requests per second offered over all clients.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=2000))]
-    rate: u32,
-    /// Seconds between two samples of every process.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
-    sample_secs: u64,
-    /// Minutes between two master kills (the first comes in the first minute).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
-    kill_every: u64,
-    /// Seconds of warm-up, at least (a quarter of the run when that is longer): samples
-    /// of a process count from this long after its first one.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    warmup_secs: u64,
 }
 
 struct Soak {
@@ -108,10 +104,11 @@ pub fn run(o: Options) -> Result<()> {
         Records(out.join("pids")),
         crate::release_binary(&root, "loadtest"),
     );
+    let started = Instant::now();
     let mut soak = Soak {
         own,
         loadtest,
-        started: Instant::now(),
+        started,
         policy_file,
         cluster,
         out,
@@ -120,14 +117,12 @@ pub fn run(o: Options) -> Result<()> {
     let (dir, offset) = (soak.cluster.dir.display(), soak.o.port_offset);
     let policy = POLICIES[0].describe();
     say!("starting the cluster in {dir} (CLUSTER_PORT_OFFSET={offset}), policy {policy}");
-    let outcome = soak
-        .cluster
-        .start(&env, &[], &soak.out.join("up.log"))
-        .and_then(|last| {
-            say!("{last}");
-            soak.started = Instant::now();
-            soak.run()
-        });
+    let started = soak.cluster.start(&env, &[], &soak.out.join("up.log"));
+    let outcome = started.and_then(|last| {
+        say!("{last}");
+        soak.started = Instant::now();
+        soak.run()
+    });
     soak.cluster.stop(&soak.out.join("down.log"));
     outcome
 }
@@ -151,22 +146,21 @@ impl Soak {
         });
         let samples = samples.into_inner().unwrap_or_default();
         let samples_file = self.out.join("samples.jsonl");
-        samples
+        let saved = samples
             .iter()
-            .try_for_each(|sample| crate::append_json(&samples_file, sample))?;
-        let warmup_s = warmup_secs(self.o.warmup_secs, self.o.minutes) as f64;
-        let (started, load, m) = (
-            machine::utc_minute(started_at),
-            machine::load_average(),
-            Machine::read(),
-        );
+            .map(|sample| crate::append_json(&samples_file, sample));
+        saved.collect::<Result<()>>()?;
+        let warmup_s = warmup_secs(WARMUP_SECS, self.o.minutes) as f64;
+        let (started, load) = (machine::utc_minute(started_at), machine::load_average());
+        let Machine {
+            cores,
+            model,
+            kernel,
+            ..
+        } = Machine::read();
         let heading = format!(
-            "Soak of {} minute(s), started {started}: {}/s offered from 241 clients; {} cores, {}, kernel {}; load average at the end {load}",
-            minutes.len(),
-            self.o.rate,
-            m.cores,
-            m.model,
-            m.kernel
+            "Soak of {} minute(s), started {started}: {RATE}/s offered from 241 clients; {cores} cores, {model}, kernel {kernel}; load average at the end {load}",
+            minutes.len()
         );
         let report = Report {
             minutes,
@@ -174,20 +168,13 @@ impl Soak {
             warmup_s,
             heading,
         };
-        let text = report.render();
+        let (text, failed) = report.judge();
         println!("{text}");
         fs::write(self.out.join("report.md"), &text)?;
         outcome?;
-        let failed = report
-            .checks()
-            .iter()
-            .filter(|(_, failed, _)| *failed)
-            .count();
         if failed > 0 {
-            bail!(
-                "{failed} check(s) failed (report: {})",
-                self.out.join("report.md").display()
-            );
+            let report = self.out.join("report.md");
+            bail!("{failed} check(s) failed (report: {})", report.display());
         }
         say!("every check passed");
         Ok(())
@@ -196,11 +183,9 @@ impl Soak {
     /// Every minute, or those before the one that failed and why it did.
     fn minutes(&self) -> (Vec<Minute>, Result<()>) {
         let reload_minute = self.o.minutes / 2;
-        let (nginx, kill_every, rate) = (self.cluster.ports.nginx, self.o.kill_every, self.o.rate);
+        let (nginx, count, reload) = (self.cluster.ports.nginx, self.o.minutes, reload_minute + 1);
         say!(
-            "{} minutes at {rate}/s from 241 clients through Nginx on {nginx}; master kill every {kill_every} min; reload before minute {}",
-            self.o.minutes,
-            reload_minute + 1
+            "{count} minutes at {RATE}/s from 241 clients through Nginx on {nginx}; master kill every {KILL_EVERY} min; reload before minute {reload}"
         );
         let mut minutes = Vec::new();
         for index in 0..self.o.minutes {
@@ -218,11 +203,11 @@ impl Soak {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// Samples every process each `--sample-secs` until `stop`.
+    /// Samples every process each [`SAMPLE_EVERY`] until `stop`.
     fn sample_until(&self, samples: &Mutex<Vec<Sample>>, stop: &AtomicBool) {
         let records = self.cluster.records();
         while !stop.load(Ordering::Relaxed) {
-            let next = Instant::now() + Duration::from_secs(self.o.sample_secs);
+            let next = Instant::now() + SAMPLE_EVERY;
             let taken = sample_once(&records, &self.o.password, self.at_s());
             samples.lock().map(|mut s| s.extend(taken)).ok();
             while Instant::now() < next && !stop.load(Ordering::Relaxed) {
@@ -232,30 +217,22 @@ impl Soak {
     }
 
     fn minute(&self, index: u64, reload_minute: u64) -> Result<Minute> {
-        let reload_s = if index == reload_minute {
-            Some(self.reload(&POLICIES[1])?)
-        } else {
-            None
-        };
+        let reload_s = (index == reload_minute).then(|| self.reload(&POLICIES[1]));
+        let reload_s = reload_s.transpose()?;
         let policy = POLICIES[usize::from(index >= reload_minute)];
         let json = self.out.join(format!("minute-{:03}.json", index + 1));
         let log = self.out.join("loadtest.log");
         let (begun, load_from) = (Instant::now(), self.at_s());
-        let (nginx, rate, limit, burst) = (
-            self.cluster.ports.nginx,
-            self.o.rate,
-            policy.per_minute,
-            policy.burst,
-        );
+        let (nginx, limit, burst) = (self.cluster.ports.nginx, policy.per_minute, policy.burst);
         let url = format!("http://{LOOPBACK}:{nginx}{LIMITED}");
         let args = format!(
-            "--url {url} --rate {rate} --duration 60s --timeout 5s --window 60 --limit {limit} --burst {burst} --json"
+            "--url {url} --rate {RATE} --duration 60s --timeout 5s --window 60 --limit {limit} --burst {burst} --json"
         );
         let mut command = Command::new(&self.loadtest);
         command.args(args.split(' ')).arg(&json);
         let mut load = Started::spawn(&self.own, "loadtest", &mut command, &log)?;
         let mut failovers = Vec::new();
-        if index.is_multiple_of(self.o.kill_every) {
+        if index.is_multiple_of(KILL_EVERY) {
             sleep(KILL_AT.saturating_sub(begun.elapsed()));
             failovers.push(self.kill_master()?);
         }
@@ -268,10 +245,8 @@ impl Soak {
             );
         }
         let summary = crate::read_summary(&json)?;
-        let bucket = summary
-            .policy
-            .clone()
-            .with_context(|| format!("{}: no policy", json.display()))?;
+        let bucket = summary.policy.clone();
+        let bucket = bucket.with_context(|| format!("{}: no policy", json.display()))?;
         let minute = Minute {
             index,
             load_s,
@@ -282,20 +257,11 @@ impl Soak {
             reload_s,
         };
         let (v, c) = (minute.verdict(), &minute.summary.classes);
-        let (answered, admitted, errors, server_errors) = (
-            minute.summary.requests.answered,
-            c.admitted,
-            c.errors,
-            c.server_errors,
-        );
-        let over = if v.over > 0 {
-            format!("; {} client(s) OVER", v.over)
-        } else {
-            String::new()
-        };
-        let (number, worst, bound) = (index + 1, v.worst.1, v.worst.2);
+        let answered = minute.summary.requests.answered;
+        let (admitted, errors, server_errors) = (c.admitted, c.errors, c.server_errors);
+        let (number, worst, bound, over) = (index + 1, v.worst.1, v.worst.2, v.over);
         say!(
-            "minute {number}: {answered} answered, {admitted} admitted, {server_errors} 5xx, {errors} errors; worst client {worst} of {bound} allowed{over}"
+            "minute {number}: {answered} answered, {admitted} admitted, {server_errors} 5xx, {errors} errors; worst client {worst} of {bound} allowed; {over} client(s) over"
         );
         Ok(minute)
     }
@@ -314,10 +280,8 @@ impl Soak {
             })?;
         }
         let took = begun.elapsed().as_secs_f64();
-        say!(
-            "policy reloaded ({}) on both instances in {took:.1} s",
-            policy.describe()
-        );
+        let policy = policy.describe();
+        say!("policy reloaded ({policy}) on both instances in {took:.1} s");
         Ok(took)
     }
 
@@ -338,8 +302,7 @@ impl Soak {
         let name = format!("redis-{old_port}");
         let records = self.cluster.records();
         let pid = records.pids(|n| n == name).last().copied();
-        let pid =
-            pid.with_context(|| format!("the master {name} is not a running recorded process"))?;
+        let pid = pid.with_context(|| format!("the master {name} is not running"))?;
         let killed = Instant::now();
         if !signal(pid, "KILL") {
             bail!("kill -KILL {pid} ({name}) failed");
@@ -349,26 +312,29 @@ impl Soak {
             self.at_s()
         );
         let mut new_port = 0;
+        let promoted = || {
+            let named = self.named_masters();
+            new_port = named.first().copied().flatten().unwrap_or(old_port);
+            let all = named.iter().all(|p| *p == Some(new_port));
+            new_port != old_port && all && self.takes_writes(new_port)
+        };
         wait_until(
             "every sentinel names a new master that takes writes",
             WAIT,
-            || {
-                let named = self.named_masters();
-                new_port = named.first().copied().flatten().unwrap_or(old_port);
-                let all = named.iter().all(|p| *p == Some(new_port));
-                new_port != old_port && all && self.takes_writes(new_port)
-            },
+            promoted,
         )?;
         let promoted_s = killed.elapsed().as_secs_f64();
         for &port in &self.cluster.ports.apps {
             // A request straight to the instance (from 127.0.0.1, not one of the load's
             // clients): denied or not, the answer says who decided.
             let source = || {
-                probe::get(port, LIMITED)
-                    .ok()?
-                    .headers
-                    .get("x-ratelimit-source")
-                    .cloned()
+                Some(
+                    probe::get(port, LIMITED)
+                        .ok()?
+                        .headers
+                        .get("x-ratelimit-source")?
+                        .clone(),
+                )
             };
             let what = format!("the instance on {port} decides with Redis again");
             wait_until(&what, WAIT, || source().as_deref() == Some("redis"))?;
@@ -412,10 +378,8 @@ impl Soak {
     fn takes_writes(&self, port: u16) -> bool {
         let node = self.data_node(port);
         let good = node.info_field("replication", "min_slaves_good_slaves");
-        node.is_master()
-            && good
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n >= 1)
+        let good = good.and_then(|n| n.parse::<u64>().ok());
+        node.is_master() && good.is_some_and(|n| n >= 1)
     }
 }
 
