@@ -1,5 +1,5 @@
 -- wrk script for the benchmark (scripts/bench.sh): prints the run's summary as one line
--- of JSON after wrk's own report, which the bench program reads (bench/src/wrk.rs). It
+-- of JSON after wrk's own report, which the bench program reads (bench/src/probe.rs). It
 -- defines no request() or response() hook, so wrk keeps its fast path (one prebuilt
 -- request, no Lua per response) and the load generator's cost stays what it is without
 -- a script.
