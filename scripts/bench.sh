@@ -38,11 +38,11 @@
 #   flood          the shipped policy (10 per 60 s): one client floods through Nginx at
 #                  64 connections, deny cache on; / beside it
 #   flood-nocache  the same with DENY_CACHE_SIZE=0
-#   gateway        scripts/cluster.sh up --gateway, one policy on every path admitting
-#                  everything: wrk on /api/items through the gateway and through the
-#                  bench's own Nginx straight to the same demo upstream
-#                  (scripts/bench/proxy-nginx.conf, first free port from 8090). Every
-#                  answer must be a 200 the demo upstream counted, or the run stops.
+#   gateway        scripts/cluster.sh up --gateway, one policy keyed by X-Bench-Key that
+#                  admits everything: wrk (keys.lua) on /api/items through the gateway, an
+#                  in-Nginx Redis limiter (scripts/bench/peer-nginx.conf, if PEER_LUA) and
+#                  the bench's Nginx straight to the same demo upstream (proxy-nginx.conf).
+#                  Every answer must be a 200 the demo upstream counted, or the run stops.
 #   cluster        Sentinel mode, then Cluster mode, under one policy keyed by X-Bench-Key
 #                  (scripts/bench/keys.lua: a new key every request), through Nginx and
 #                  directly; then how 100,000 keys spread their script calls over the
@@ -56,7 +56,8 @@
 # spread's in spread.jsonl, the run's conditions in run.json); the report
 # (run/bench/report.md) is rendered from those files alone.
 #
-# Environment: CLUSTER_PORT_OFFSET shifts every phase's cluster off the ports of
+# Environment: PEER_LUA (a folder with the Lua peer's files, see peer-nginx.conf);
+# CLUSTER_PORT_OFFSET shifts every phase's cluster off the ports of
 # scripts/ports.env (as for scripts/cluster.sh; the bench's own Nginx still takes the first
 # free port from 8090); MIXED_RATE; WORKERS, REDIS_POOL_SIZE, REDIS_TIMEOUT_MS, ACCESS_LOG and
 # RUST_LOG reach the instances as they are; the passwords and RATELIMITER_BIN as for

@@ -32,29 +32,53 @@ pub fn keepalive(config: &str) -> Option<String> {
     Some(keepalive.to_owned())
 }
 
-/// Starts the bench's Nginx on the first free port of [`PROXY_PORTS`], its config, pid,
-/// logs and temp files in `out`/proxy-nginx, in front of the demo upstream on `upstream`;
-/// returns it, its port and the command.
-pub fn proxy_up(
-    root: &Path,
-    out: &Path,
-    own: &Records,
+/// The files the in-Nginx Lua peer needs in the folder `PEER_LUA` names.
+const PEER_FILES: [&str; 2] = ["resty/redis.lua", "resty/redis/ratelimit.lua"];
+/// The Nginx modules it runs on (Debian's libnginx-mod-http-lua).
+const LUA_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_lua_module.so";
+
+/// The folder `PEER_LUA` names, when it and the Lua module hold what the peer needs; else
+/// why the peer is skipped.
+pub fn peer_lua() -> Result<std::path::PathBuf, String> {
+    let folder = std::env::var("PEER_LUA").ok().filter(|f| !f.is_empty());
+    let folder = folder.ok_or("PEER_LUA is not set")?;
+    let folder = Path::new(&folder).canonicalize();
+    let folder = folder.map_err(|err| format!("PEER_LUA: {err}"))?;
+    let missing = PEER_FILES.iter().find(|file| !folder.join(file).is_file());
+    if let Some(file) = missing {
+        return Err(format!("PEER_LUA={}: no {file}", folder.display()));
+    }
+    if !Path::new(LUA_MODULE).is_file() {
+        return Err(format!("no {LUA_MODULE} (Debian: libnginx-mod-http-lua)"));
+    }
+    Ok(folder)
+}
+
+/// Starts one of the bench's Nginxes (`name`: `proxy-nginx` or `peer-nginx`, from
+/// scripts/bench/NAME.conf) on the first free port of [`PROXY_PORTS`], its config, pid,
+/// logs and temp files in `out`/NAME, in front of the demo upstream on `upstream`, with
+/// `more` replaced in its template; returns it, its port and the command.
+pub fn bench_nginx_up(
+    (root, out, own): (&Path, &Path, &Records),
+    name: &str,
     upstream: u16,
+    more: &[(&str, String)],
 ) -> Result<(Started, u16, String)> {
     let port = PROXY_PORTS.clone().find(|&p| !port_open(p));
     let port = port.context("no free port in 8090-8099 for the bench's Nginx")?;
-    let dir = out.join("proxy-nginx");
+    let dir = out.join(name);
     fs::create_dir_all(dir.join("logs"))?;
     fs::create_dir_all(dir.join("temp"))?;
-    let template = fs::read_to_string(root.join("scripts/bench/proxy-nginx.conf"))?;
+    let template = fs::read_to_string(root.join(format!("scripts/bench/{name}.conf")))?;
     let (upstream, folder) = (format!("{LOOPBACK}:{upstream}"), dir.display().to_string());
-    let config = template
+    let mut config = template
         .replace("@DIR@", &folder)
-        .replace("@UPSTREAM@", &upstream);
-    fs::write(
-        dir.join("nginx.conf"),
-        config.replace("@PORT@", &port.to_string()),
-    )?;
+        .replace("@UPSTREAM@", &upstream)
+        .replace("@PORT@", &port.to_string());
+    for (marker, value) in more {
+        config = config.replace(marker, value);
+    }
+    fs::write(dir.join("nginx.conf"), config)?;
     let error_log = dir.join("logs/error.log");
     let args = format!(
         "-e {} -p {folder}/ -c {folder}/nginx.conf",
@@ -62,17 +86,17 @@ pub fn proxy_up(
     );
     let mut nginx = Command::new("nginx");
     let nginx = nginx.args(args.split(' '));
-    let mut proxy = Started::spawn(own, "proxy-nginx", nginx, &dir.join("nginx.log"))?;
-    let listening = format!("the bench's Nginx listens on {port}");
+    let mut nginx = Started::spawn(own, name, nginx, &dir.join("nginx.log"))?;
+    let listening = format!("the bench's {name} listens on {port}");
     wait_until(&listening, Duration::from_secs(10), || {
-        port_open(port) || !proxy.running()
+        port_open(port) || !nginx.running()
     })?;
-    if !proxy.running() {
-        bail!("the bench's Nginx exited: {}", tail(&error_log, 5));
+    if !nginx.running() {
+        bail!("the bench's {name} exited: {}", tail(&error_log, 5));
     }
-    let pid = proxy.pid();
-    say!("phase gateway: the bench's Nginx (pid {pid}) on {port} proxies straight to {upstream}");
-    Ok((proxy, port, format!("nginx {args} &")))
+    let pid = nginx.pid();
+    say!("phase gateway: the bench's {name} (pid {pid}) on {port}, in front of {upstream}");
+    Ok((nginx, port, format!("nginx {args} &")))
 }
 
 /// What the demo upstream (its counts on `port`) counted for `path` so far.

@@ -111,7 +111,7 @@ pub fn compute(
         "per_second": round_to(per_second, 0), "admitted_per_second": round_to(per_second * ok.min(n) as f64 / q, 0),
         "p50_ms": p50_ms, "p99_ms": p99_ms, "max_ms": max_ms,
         "ok": ok, "denied": denied, "other": other, "upstream": traffic.upstream,
-        "cpu": cpu_of, "others_percent": round_to(others, 1),
+        "cpu": cpu_of, "others_percent": round_to(others, 1), "machine_us_per_request": cpu(busy),
         "script_calls_per_request": round_to(calls / q, 3), "usec_per_script_call": usec_per_call,
         "app_user": cpu(app(0)), "app_system": cpu(app(1)),
         "switches_per_request": round_to(app(2) as f64 / q, 2), "threads": after.app[3],

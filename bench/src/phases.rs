@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// How a request reaches the service: through the cluster's Nginx, straight to one
 /// instance, through the gateway (Nginx asks an instance, then proxies to the demo
-/// upstream), or through the bench's own Nginx straight to the demo upstream (no check).
+/// upstream), through the bench's own Nginx straight to the demo upstream (no check), or
+/// through the bench's Nginx running an in-Nginx Redis limiter, `lua-resty-redis-ratelimit`
+/// from the folder `PEER_LUA` names (skipped, saying so, without it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
@@ -15,6 +17,7 @@ pub enum Via {
     Direct,
     Gateway,
     Proxy,
+    Peer,
 }
 
 /// The load generator: wrk with scripts/bench/report.lua; wrk with scripts/bench/keys.lua
@@ -157,11 +160,13 @@ limits = [
 ]
 "#;
 
-/// One policy on every path (no `match`), per client address, admitting everything: every
-/// request through the gateway runs the whole decision.
+/// One policy on every path (no `match`), keyed by X-Bench-Key as an API would be by its
+/// key (the Lua peer keys by the same header), admitting everything: every request through
+/// the gateway runs the whole decision.
 const GATEWAY_POLICY: &str = r#"[[policy]]
 name = "gateway"
-key = ["client_ip"]
+key = ["header:x-bench-key"]
+on_missing = "client_ip"
 limits = [{ name = "second", rate = 1000000000, per = "1s" }]
 "#;
 
@@ -178,8 +183,8 @@ limits = [{ name = "second", rate = 1000000000, per = "1s" }]
 
 const KEYED: Load = Load(Tool::WrkKeys, BOTH, &[LIMITED], &[64]);
 const GATEWAY: Load = Load(
-    Tool::Wrk,
-    &[Via::Gateway, Via::Proxy],
+    Tool::WrkKeys,
+    &[Via::Gateway, Via::Peer, Via::Proxy],
     &[GATEWAY_PATH],
     &[64],
 );
@@ -214,7 +219,8 @@ pub const PHASES: &[Phase] = &[
         "RATE_LIMIT=10 TIME_WINDOW=60 DENY_CACHE_SIZE=0",
         NGINX_64,
     ),
-    // The gateway beside the bench's own Nginx straight to the same upstream.
+    // The gateway beside an in-Nginx Redis limiter and the bench's own Nginx straight to
+    // the same upstream, in alternating order.
     phase("gateway", "", GATEWAY)
         .on(Topology::Cluster(&["--gateway"]))
         .policy(GATEWAY_POLICY),
@@ -292,11 +298,12 @@ mod tests {
         let (first, fourth) = ((Via::Nginx, LIMITED, 16), (Via::Direct, "/", 16));
         assert_eq!((allow.len(), allow[0], allow[3]), (8, first, fourth));
         let gateway: Vec<_> = PHASES[8].targets().iter().map(key).collect();
-        let (through, straight) = (
+        let (through, peer, straight) = (
             (Via::Gateway, GATEWAY_PATH, 64),
+            (Via::Peer, GATEWAY_PATH, 64),
             (Via::Proxy, GATEWAY_PATH, 64),
         );
-        assert_eq!(gateway, [through, straight]);
+        assert_eq!(gateway, [through, peer, straight]);
         let metrics_off = "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off";
         assert_eq!(PHASES[2].env, metrics_off);
         let [sentinel, cluster] = [PHASES[9], PHASES[10]];

@@ -188,6 +188,11 @@ pub const GOALS: &str = "\
 7. `/limited_endpoint` ÷ `/` req/s under the two-limit policy | ratio; per_second; two-limits:nginx:/limited_endpoint:64; two-limits:nginx:/:64 | -
 8. admitted req/s through the gateway ÷ through Nginx straight to the upstream | ratio; admitted_per_second; gateway:gateway:/api/items:64; gateway:proxy:/api/items:64 | >= 0.5
 8. requests the demo upstream counted through the gateway | sum; upstream; gateway:gateway:/api/items:64 | -
+8. admitted req/s through the gateway ÷ through the in-Nginx Lua limiter (`PEER_LUA`) | ratio; admitted_per_second; gateway:gateway:/api/items:64; gateway:peer:/api/items:64 | >= 1.5
+8. p99 ms through the gateway less through the Lua limiter | less; p99_ms; gateway:gateway:/api/items:64; gateway:peer:/api/items:64 | <= 0
+8. machine CPU µs per request through the gateway (every process, the load generator too) | median; machine_us_per_request; gateway:gateway:/api/items:64 | -
+8. the same through the Lua limiter | median; machine_us_per_request; gateway:peer:/api/items:64 | -
+8. the same straight to the upstream | median; machine_us_per_request; gateway:proxy:/api/items:64 | -
 9. Cluster mode: a master's share of 100,000 keys, largest deviation from a third, % | spread | <= 10
 ";
 
@@ -359,7 +364,7 @@ pub fn render(dir: &Path) -> Result<String> {
          - CPU used by processes outside the benchmark during the kept measurements: median {median_others}%, highest {highest}% of the machine\n\
          - Instance settings beyond each phase's policy: {settings}\n\n### Goals\n\n\
          1. **Nginx upstream keepalive** (`keepalive N`, `proxy_http_version 1.1`, `Connection \"\"`) in every shipped config:\n{keepalive}\n{}\n\
-         ### Medians over the rounds\n\nCPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together; \"bench's Nginx\" the one the gateway phase starts straight to the demo upstream. \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master(s) per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n{}\n\
+         ### Medians over the rounds\n\nCPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together; \"bench's Nginx\" the ones the gateway phase starts in front of the demo upstream (straight to it, or running the in-Nginx Lua limiter of `PEER_LUA`). \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master(s) per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n{}\n\
          ### Where the instances spend their CPU (medians)\n\nUser and system time of both instances per answered request, their threads' context switches per request (voluntary + involuntary, threads alive at the end), and their thread count at the end.\n\n{}",
         records.goals(),
         table(&records.rows, MEDIANS),

@@ -85,6 +85,8 @@ struct Bench {
     embedded: Option<(Started, u16)>,
     /// The bench's own Nginx in front of the demo upstream, and its port.
     proxy: Option<(Started, u16)>,
+    /// The bench's Nginx running the in-Nginx Lua limiter, and its port.
+    peer: Option<(Started, u16)>,
     procs: Processes,
     rows: Vec<Value>,
     commands: Vec<String>,
@@ -121,7 +123,7 @@ pub fn run(o: Options) -> Result<()> {
     let (bin, service) = machine::service_binary(&root, &out)?;
     cluster.bin = Some(bin.clone());
     let own = Records(out.join("pids"));
-    let (embedded, proxy, procs, rows, commands, retaken) = Default::default();
+    let (embedded, proxy, peer, procs, rows, commands, retaken) = Default::default();
     let mut b = Bench {
         o,
         root,
@@ -131,6 +133,7 @@ pub fn run(o: Options) -> Result<()> {
         bin,
         embedded,
         proxy,
+        peer,
         procs,
         rows,
         commands,
@@ -212,7 +215,9 @@ impl Bench {
     /// The one loop: any phase, from its topology up to its topology down.
     fn phase(&mut self, phase: &Phase) -> Result<()> {
         let outcome = self.up(phase).and_then(|()| {
-            let targets = phase.targets();
+            // A way in this run does not have (the Lua peer without PEER_LUA) is skipped.
+            let mut targets = phase.targets();
+            targets.retain(|t| t.via != Via::Peer || self.peer.is_some());
             self.warm_up(&targets);
             for round in 1..=self.o.rounds {
                 say!("phase {}, round {round} of {}", phase.name, self.o.rounds);
@@ -268,13 +273,7 @@ impl Bench {
                 say!("phase {name}: {last}");
                 self.procs = self.cluster.processes()?;
                 if flags.contains(&"--gateway") {
-                    let upstream = self.cluster.ports.upstream;
-                    let (proxy, port, command) =
-                        gateway::proxy_up(&self.root, &self.out, &self.own, upstream)?;
-                    self.note(&command);
-                    let pids = [vec![proxy.pid()], children_of(proxy.pid())].concat();
-                    self.procs.groups.insert("proxy", pids);
-                    self.proxy = Some((proxy, port));
+                    self.bench_nginxes_up()?;
                 }
             }
             Topology::Embedded => {
@@ -295,9 +294,10 @@ impl Bench {
         let masters: Vec<u16> = self.procs.masters.iter().map(|m| m.port).collect();
         say!("processes: {}; masters {masters:?}", groups.join(", "));
         if self.proxy.is_some() {
-            // One request through the gateway and one through the bench's Nginx: each a
-            // 200 that the demo upstream counted once.
-            for via in [Via::Gateway, Via::Proxy] {
+            // One request through the gateway and one through each of the bench's Nginxes:
+            // each a 200 that the demo upstream counted once.
+            let vias = [Via::Gateway, Via::Proxy, Via::Peer];
+            for via in vias.into_iter().filter(|&via| self.port(via) != 0) {
                 let (port, path) = (self.port(via), phases::GATEWAY_PATH);
                 let before = self.upstream_count(path)?;
                 let status = probe::status(port, path);
@@ -312,8 +312,39 @@ impl Bench {
         Ok(())
     }
 
+    /// The gateway phase's own Nginxes in front of the demo upstream: straight to it, and,
+    /// when `PEER_LUA` holds it, the in-Nginx Lua limiter deciding on the master. Their CPU
+    /// counts as one group, "the bench's Nginx": only one of them carries load at a time.
+    fn bench_nginxes_up(&mut self) -> Result<()> {
+        let upstream = self.cluster.ports.upstream;
+        let here = (self.root.as_path(), self.out.as_path(), &self.own);
+        let (proxy, port, command) = gateway::bench_nginx_up(here, "proxy-nginx", upstream, &[])?;
+        self.note(&command);
+        let mut pids = [vec![proxy.pid()], children_of(proxy.pid())].concat();
+        self.proxy = Some((proxy, port));
+        match gateway::peer_lua() {
+            Ok(lua) => {
+                let master = self.procs.masters.first().context("no master")?.port;
+                let more = [
+                    ("@LUA@", lua.display().to_string()),
+                    ("@REDIS_PORT@", master.to_string()),
+                    ("@REDIS_PASSWORD@", self.cluster.password.clone()),
+                ];
+                let here = (self.root.as_path(), self.out.as_path(), &self.own);
+                let (peer, port, command) =
+                    gateway::bench_nginx_up(here, "peer-nginx", upstream, &more)?;
+                self.note(&command.replace(&self.cluster.password, "$REDIS_ADMIN_PASSWORD"));
+                pids.extend([vec![peer.pid()], children_of(peer.pid())].concat());
+                self.peer = Some((peer, port));
+            }
+            Err(why) => say!("phase gateway: the in-Nginx Lua peer is skipped: {why}"),
+        }
+        self.procs.groups.insert("proxy", pids);
+        Ok(())
+    }
+
     fn down(&mut self) {
-        (self.proxy, self.embedded) = (None, None);
+        (self.proxy, self.peer, self.embedded) = (None, None, None);
         if self.cluster.up {
             let dir = self.rel(&self.cluster.dir);
             self.note(&format!("CLUSTER_DIR={dir} scripts/cluster.sh down"));
@@ -334,6 +365,7 @@ impl Bench {
                 .map_or(self.cluster.ports.apps[0], |e| e.1),
             Via::Gateway => self.cluster.ports.gateway,
             Via::Proxy => self.proxy.as_ref().map_or(0, |p| p.1),
+            Via::Peer => self.peer.as_ref().map_or(0, |p| p.1),
         }
     }
 
@@ -452,6 +484,7 @@ impl Bench {
         self.note(&shown);
         let access_log = match t.via {
             Via::Proxy => self.out.join("proxy-nginx/logs/access.log"),
+            Via::Peer => self.out.join("peer-nginx/logs/access.log"),
             _ => self.cluster.dir.join("nginx/logs/access.log"),
         };
         let offset = fs::metadata(&access_log).map_or(0, |m| m.len());
@@ -459,7 +492,7 @@ impl Bench {
         let counted_before = direct
             .then(|| Counts::of_instance(port, t.path))
             .transpose()?;
-        let upstream_counted = matches!(t.via, Via::Gateway | Via::Proxy);
+        let upstream_counted = matches!(t.via, Via::Gateway | Via::Proxy | Via::Peer);
         let upstream = || -> Result<u64> {
             let count = upstream_counted.then(|| self.upstream_count(t.path));
             count.unwrap_or(Ok(0))
