@@ -83,10 +83,9 @@ struct Bench {
     /// The embedded-store instance and its port, where [`Via::Direct`] goes in its phase
     /// (else to the first instance).
     embedded: Option<(Started, u16)>,
-    /// The bench's own Nginx in front of the demo upstream, and its port.
-    proxy: Option<(Started, u16)>,
-    /// The bench's Nginx running the in-Nginx Lua limiter, and its port.
-    peer: Option<(Started, u16)>,
+    /// The gateway phase's own Nginxes in front of the demo upstream, each the way in it
+    /// serves and its port: straight to it, and the in-Nginx Lua limiter.
+    bench_nginxes: Vec<(Via, Started, u16)>,
     procs: Processes,
     rows: Vec<Value>,
     commands: Vec<String>,
@@ -123,7 +122,7 @@ pub fn run(o: Options) -> Result<()> {
     let (bin, service) = machine::service_binary(&root, &out)?;
     cluster.bin = Some(bin.clone());
     let own = Records(out.join("pids"));
-    let (embedded, proxy, peer, procs, rows, commands, retaken) = Default::default();
+    let (embedded, bench_nginxes, procs, rows, commands, retaken) = Default::default();
     let mut b = Bench {
         o,
         root,
@@ -132,8 +131,7 @@ pub fn run(o: Options) -> Result<()> {
         cluster,
         bin,
         embedded,
-        proxy,
-        peer,
+        bench_nginxes,
         procs,
         rows,
         commands,
@@ -217,7 +215,7 @@ impl Bench {
         let outcome = self.up(phase).and_then(|()| {
             // A way in this run does not have (the Lua peer without PEER_LUA) is skipped.
             let mut targets = phase.targets();
-            targets.retain(|t| t.via != Via::Peer || self.peer.is_some());
+            targets.retain(|t| t.via != Via::Peer || self.port(Via::Peer) != 0);
             self.warm_up(&targets);
             for round in 1..=self.o.rounds {
                 say!("phase {}, round {round} of {}", phase.name, self.o.rounds);
@@ -293,7 +291,7 @@ impl Bench {
         let groups: Vec<String> = groups.map(|(g, p)| format!("{g} {p:?}")).collect();
         let masters: Vec<u16> = self.procs.masters.iter().map(|m| m.port).collect();
         say!("processes: {}; masters {masters:?}", groups.join(", "));
-        if self.proxy.is_some() {
+        if !self.bench_nginxes.is_empty() {
             // One request through the gateway and one through each of the bench's Nginxes:
             // each a 200 that the demo upstream counted once.
             let vias = [Via::Gateway, Via::Proxy, Via::Peer];
@@ -321,7 +319,7 @@ impl Bench {
         let (proxy, port, command) = gateway::bench_nginx_up(here, "proxy-nginx", upstream, &[])?;
         self.note(&command);
         let mut pids = [vec![proxy.pid()], children_of(proxy.pid())].concat();
-        self.proxy = Some((proxy, port));
+        self.bench_nginxes.push((Via::Proxy, proxy, port));
         match gateway::peer_lua() {
             Ok(lua) => {
                 let master = self.procs.masters.first().context("no master")?.port;
@@ -335,7 +333,7 @@ impl Bench {
                     gateway::bench_nginx_up(here, "peer-nginx", upstream, &more)?;
                 self.note(&command.replace(&self.cluster.password, "$REDIS_ADMIN_PASSWORD"));
                 pids.extend([vec![peer.pid()], children_of(peer.pid())].concat());
-                self.peer = Some((peer, port));
+                self.bench_nginxes.push((Via::Peer, peer, port));
             }
             Err(why) => say!("phase gateway: the in-Nginx Lua peer is skipped: {why}"),
         }
@@ -344,7 +342,7 @@ impl Bench {
     }
 
     fn down(&mut self) {
-        (self.proxy, self.peer, self.embedded) = (None, None, None);
+        (self.bench_nginxes, self.embedded) = (Vec::new(), None);
         if self.cluster.up {
             let dir = self.rel(&self.cluster.dir);
             self.note(&format!("CLUSTER_DIR={dir} scripts/cluster.sh down"));
@@ -364,8 +362,10 @@ impl Bench {
                 .as_ref()
                 .map_or(self.cluster.ports.apps[0], |e| e.1),
             Via::Gateway => self.cluster.ports.gateway,
-            Via::Proxy => self.proxy.as_ref().map_or(0, |p| p.1),
-            Via::Peer => self.peer.as_ref().map_or(0, |p| p.1),
+            Via::Proxy | Via::Peer => {
+                let serving = self.bench_nginxes.iter().find(|(way, ..)| *way == via);
+                serving.map_or(0, |(.., port)| *port)
+            }
         }
     }
 

@@ -5,16 +5,14 @@ use std::time::Duration;
 
 use crate::{
     BURST, NODE_TIMEOUT_MS, ONE_AT_A_TIME, bucket_key, burst_from, client_ip, evalsha_by_master,
-    spawn_pair,
+    pair_on_a_new_cluster, spawn_pair,
 };
 use testkit::{RedisCluster, TestApp, client, counter, metrics, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_admit_each_of_sixty_keys_spread_over_three_masters_exactly_its_burst() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
-    let prefix = unique_prefix("exact");
-    let (first, second) = spawn_pair(&cluster, &prefix, &[]);
+    let (cluster, prefix, (first, second)) = pair_on_a_new_cluster("exact");
     let keys = 60;
     let mut owned: BTreeMap<u16, u64> = evalsha_by_master(&cluster)
         .keys()
@@ -187,9 +185,7 @@ async fn a_policy_over_two_slots_admits_no_more_than_either_limit_and_refunds_wh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_through_the_bucket_api_empties_the_hash_on_the_master_of_its_slot() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
-    let prefix = unique_prefix("reset");
-    let (first, second) = spawn_pair(&cluster, &prefix, &[]);
+    let (cluster, prefix, (first, second)) = pair_on_a_new_cluster("reset");
     let ip = client_ip(42);
     assert_eq!(
         burst_from(&[&first, &second], &ip, 2 * BURST as usize).await,

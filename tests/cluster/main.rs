@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use testkit::{
     Origin, RedisCluster, SERVICE_PASSWORD, SERVICE_USER, TestApp, Traffic, all_at_once, client,
+    unique_prefix,
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -71,6 +72,14 @@ fn spawn_pair(
         TestApp::spawn_with(&vars)
     };
     (spawn("app-1"), spawn("app-2"))
+}
+
+/// A cluster of its own, a new prefix named after `tag`, and [`spawn_pair`] on them.
+fn pair_on_a_new_cluster(tag: &str) -> (RedisCluster, String, (TestApp, TestApp)) {
+    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let prefix = unique_prefix(tag);
+    let pair = spawn_pair(&cluster, &prefix, &[]);
+    (cluster, prefix, pair)
 }
 
 /// [`spawn_pair`] whose every decision asks Redis (no denials cached here), each store call
