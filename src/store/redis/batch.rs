@@ -9,12 +9,14 @@
 //! request, or [`Unanswered`] if the call that carried it ended without one (a sender that
 //! panicked, a runtime shutting down); never nothing. A lone request is sent by its own
 //! caller, as it would be without a queue; the calls of queued requests are sent by a task
-//! of their own, so that no caller's lifetime decides whether they complete.
+//! of their own, so that no caller's lifetime decides whether they complete, and bounded
+//! in time, since no caller's deadline drops them.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::oneshot;
@@ -40,6 +42,10 @@ pub struct Batcher<S: Sender> {
     sender: S,
     /// Most requests in one call.
     max: NonZeroUsize,
+    /// How long a call of queued requests may take: every request in it was queued before
+    /// it went, so by then none of their callers is still waiting (their deadlines are no
+    /// longer than this), and a call that hangs would keep the queue behind it waiting.
+    queued_call_limit: Duration,
     /// A `std::sync::Mutex`, not an async one: it is held only to push or drain, never
     /// across an await, and the task that sends may run on another thread than the
     /// callers (on a work-stealing runtime).
@@ -54,10 +60,11 @@ struct Queue<S: Sender> {
 }
 
 impl<S: Sender> Batcher<S> {
-    pub fn new(sender: S, max: NonZeroUsize) -> Arc<Self> {
+    pub fn new(sender: S, max: NonZeroUsize, queued_call_limit: Duration) -> Arc<Self> {
         Arc::new(Self {
             sender,
             max,
+            queued_call_limit,
             queue: Mutex::new(Queue {
                 sending: false,
                 waiting: VecDeque::new(),
@@ -115,9 +122,12 @@ impl<S: Sender> Batcher<S> {
                 let taken = queue.waiting.len().min(self.max.get());
                 queue.waiting.drain(..taken).unzip()
             };
-            let answers = self.sender.send(requests).await;
-            // A sender that answers too few leaves the rest of `replies` to be dropped:
-            // those callers are told `Unanswered`.
+            let call = self.sender.send(requests);
+            // A call past its limit answers nothing, and a sender that answers too few
+            // leaves the rest of `replies` to be dropped: those callers are told
+            // `Unanswered`.
+            let answers = tokio::time::timeout(self.queued_call_limit, call).await;
+            let answers = answers.unwrap_or_default();
             for (reply, answer) in replies.into_iter().zip(answers) {
                 // Its caller may have stopped waiting meanwhile.
                 let _ = reply.send(answer);
@@ -236,6 +246,9 @@ mod tests {
         }
     }
 
+    /// Longer than any test waits.
+    const NO_LIMIT: Duration = Duration::from_secs(60);
+
     fn cap(n: usize) -> NonZeroUsize {
         NonZeroUsize::new(n).unwrap()
     }
@@ -254,7 +267,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_that_finds_nothing_in_flight_is_sent_at_once_and_alone() {
         let (sender, gate) = Scripted::gated();
-        let batcher = Batcher::new(sender.clone(), cap(8));
+        let batcher = Batcher::new(sender.clone(), cap(8), NO_LIMIT);
 
         let waiting = tokio::spawn({
             let batcher = batcher.clone();
@@ -270,7 +283,7 @@ mod tests {
     #[tokio::test]
     async fn requests_that_queue_behind_a_call_go_together_in_calls_of_at_most_the_cap() {
         let (sender, gate) = Scripted::gated();
-        let batcher = Batcher::new(sender.clone(), cap(3));
+        let batcher = Batcher::new(sender.clone(), cap(3), NO_LIMIT);
         let submit = |n: u32| {
             let batcher = batcher.clone();
             tokio::spawn(async move { batcher.submit(n).await })
@@ -295,7 +308,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_caller_gets_the_answer_to_its_own_request() {
-        let batcher = Batcher::new(Scripted::default(), cap(4));
+        let batcher = Batcher::new(Scripted::default(), cap(4), NO_LIMIT);
         let callers: Vec<_> = (0..50)
             .map(|n| {
                 let batcher = batcher.clone();
@@ -314,7 +327,7 @@ mod tests {
     async fn a_failed_call_is_every_one_of_its_requests_answer() {
         let (sender, gate) = Scripted::gated();
         sender.failing.store(true, Ordering::SeqCst);
-        let batcher = Batcher::new(sender.clone(), cap(8));
+        let batcher = Batcher::new(sender.clone(), cap(8), NO_LIMIT);
         let callers: Vec<_> = (1..=5)
             .map(|n| {
                 let batcher = batcher.clone();
@@ -333,14 +346,14 @@ mod tests {
             short: true,
             ..Scripted::default()
         };
-        let batcher = Batcher::new(sender, cap(8));
+        let batcher = Batcher::new(sender, cap(8), NO_LIMIT);
         assert_eq!(batcher.submit(1).await, Err(Unanswered));
     }
 
     #[tokio::test]
     async fn a_sender_that_panics_answers_the_queued_callers_and_the_next_request_is_sent() {
         let (sender, gate) = Scripted::gated();
-        let batcher = Batcher::new(sender.clone(), cap(8));
+        let batcher = Batcher::new(sender.clone(), cap(8), NO_LIMIT);
         sender.panics.store(true, Ordering::SeqCst);
         let submit = |n: u32| {
             let batcher = batcher.clone();
@@ -363,7 +376,7 @@ mod tests {
     #[tokio::test]
     async fn a_caller_dropped_during_its_own_call_leaves_the_queued_ones_to_be_sent() {
         let (sender, gate) = Scripted::gated();
-        let batcher = Batcher::new(sender.clone(), cap(8));
+        let batcher = Batcher::new(sender.clone(), cap(8), NO_LIMIT);
         let submit = |n: u32| {
             let batcher = batcher.clone();
             tokio::spawn(async move { batcher.submit(n).await })
@@ -387,9 +400,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_of_queued_requests_that_hangs_is_given_up_after_its_limit() {
+        let (sender, gate) = Scripted::gated();
+        let batcher = Batcher::new(sender.clone(), cap(8), Duration::from_millis(50));
+        let in_flight = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.submit(1).await }
+        });
+        until("the first call", || sender.batches().len() == 1).await;
+        let queued = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.submit(2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The first call completes; the queued one is sent and never answered.
+        gate.add_permits(1);
+        assert_eq!(in_flight.await.unwrap(), Ok(Ok(10)));
+        let told = tokio::time::timeout(Duration::from_secs(1), queued).await;
+        let told = told.expect("told within a second, not left waiting");
+        assert_eq!(told.unwrap(), Err(Unanswered));
+
+        gate.add_permits(1);
+        assert_eq!(batcher.submit(3).await, Ok(Ok(30)), "the queue goes on");
+        assert_eq!(sender.batches(), vec![vec![1], vec![2], vec![3]]);
+    }
+
+    #[tokio::test]
     async fn a_caller_that_gave_up_while_queued_is_never_sent() {
         let (sender, gate) = Scripted::gated();
-        let batcher = Batcher::new(sender.clone(), cap(8));
+        let batcher = Batcher::new(sender.clone(), cap(8), NO_LIMIT);
         let in_flight = tokio::spawn({
             let batcher = batcher.clone();
             async move { batcher.submit(1).await }

@@ -346,7 +346,7 @@ impl Inner {
                         master: Arc::clone(master),
                         connection: Arc::clone(&connection),
                     };
-                    Batcher::new(sender, max)
+                    Batcher::new(sender, max, self.timeout)
                 }),
             Connections::Pool(_) => None,
         };

@@ -277,7 +277,7 @@ impl Inner {
                         inner: Arc::clone(self),
                         conn: conn.clone(),
                     };
-                    Batcher::new(sender, max)
+                    Batcher::new(sender, max, self.timeout)
                 })
                 .clone()
         });
@@ -480,28 +480,10 @@ impl batch::Sender for SlotDecisions {
     type Request = Vec<KeyedCharge>;
     type Answer = RedisResult<Vec<u64>>;
 
-    /// Bounded by the timeout: a call sent from the queue has no caller whose deadline
-    /// would drop it, and while the client retries a dead master's address the decisions
-    /// queued behind it would wait, and fall back, long after the promotion. Every request
-    /// in it was queued before it was sent, so none is still waiting by then.
-    async fn send(&self, batch: Vec<Vec<KeyedCharge>>) -> Vec<RedisResult<Vec<u64>>> {
-        let requests = batch.len();
-        let answers = tokio::time::timeout(self.inner.timeout, self.decide(batch)).await;
-        answers.unwrap_or_else(|_elapsed| {
-            let timed_out = RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the call took longer than REDIS_TIMEOUT_MS",
-            ));
-            (0..requests).map(|_| Err(timed_out.clone())).collect()
-        })
-    }
-}
-
-impl SlotDecisions {
     /// A lone decision goes as the very call it would make unbatched; several as one batch
     /// call, sent again with the script's text to a node that lacks it (`NOSCRIPT` ran
     /// nothing, so nothing is decided twice).
-    async fn decide(&self, batch: Vec<Vec<KeyedCharge>>) -> Vec<RedisResult<Vec<u64>>> {
+    async fn send(&self, batch: Vec<Vec<KeyedCharge>>) -> Vec<RedisResult<Vec<u64>>> {
         let mut conn = self.conn.clone();
         if let [alone] = &batch[..] {
             return vec![self.inner.decide(&mut conn, alone).await];
