@@ -72,8 +72,7 @@ lock_or_die "$ROOT/run/bench.lock" "another scripts/bench.sh runs in this checko
 
 need_tools wrk=wrk redis-cli=redis-tools redis-benchmark=redis-tools nginx=nginx-light curl=curl cargo=cargo
 build_bench
-# The load generator's version does not move the service's figures: built only if missing.
-[[ -x $(release_binary loadtest) ]] || build_release loadtest loadtest
+build_release loadtest
 [[ -n ${RATELIMITER_BIN:-} ]] || build_service
 
 cleanup() {

@@ -263,8 +263,7 @@ start_prometheus() {
     say "Prometheus: http://$LOOPBACK:$PROMETHEUS_PORT/ (Grafana: add it as a data source, import observability/dashboard.json)"
 }
 
-# need_binary VARIABLE PACKAGE SOURCE...: the binary VARIABLE names, or PACKAGE's release
-# binary, built when older than its sources.
+# need_binary VARIABLE PACKAGE: the binary VARIABLE names, or PACKAGE's release binary.
 need_binary() {
     local variable=$1
     shift
@@ -300,8 +299,8 @@ up() {
     [[ $mode == sentinel ]] || for port in "${CLUSTER_PORTS[@]}"; do ports+=("$port" $((port + 10000))); done
     for port in "${ports[@]}"; do port_open "$port" && busy+=("$port"); done
     ((${#busy[@]} == 0)) || die "port(s) already in use on $LOOPBACK: ${busy[*]} (see: ss -ltnp 'sport = :${busy[0]}')"
-    need_binary RATELIMITER_BIN ratelimiter src config
-    [[ $gateway == no ]] || need_binary DEMO_UPSTREAM_BIN demo-upstream demo-upstream
+    need_binary RATELIMITER_BIN ratelimiter
+    [[ $gateway == no ]] || need_binary DEMO_UPSTREAM_BIN demo-upstream
 
     say "run folder: $(rel "$CLUSTER_DIR")"
     mkdir -p "$CLUSTER_DIR"

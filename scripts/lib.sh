@@ -59,30 +59,14 @@ need_tools() {
 # The release binary NAME in this tree's target folder.
 release_binary() { printf '%s\n' "${CARGO_TARGET_DIR:-$ROOT/target}/release/$1"; }
 
-# Is BINARY missing, or older than any of the given sources (paths under ROOT)?
-stale() {
-    local binary=$1
-    shift
-    [[ -x $binary ]] || return 0
-    [[ -n $(cd "$ROOT" && find "$@" -newer "$binary" -print -quit 2>/dev/null) ]]
-}
-
-# build_release PACKAGE SOURCE...: builds PACKAGE's release binary when it is older than
-# its sources (paths under ROOT) or the workspace's manifests.
+# build_release PACKAGE: its release binary, through cargo, which knows when it is stale
+# (sources, manifests, or the profile's settings, which scripts/test.sh changes).
 build_release() {
-    local package=$1 binary
-    shift
-    binary=$(release_binary "$package")
-    if stale "$binary" "$@" Cargo.toml Cargo.lock; then
-        say "building the release binary: cargo build --release -p $package"
-        (cd "$ROOT" && cargo build --release -p "$package")
-    else
-        say "release binary is up to date: $(rel "$binary")"
-    fi
+    say "cargo build --release -p $1"
+    (cd "$ROOT" && cargo build --release --quiet -p "$1")
 }
 
-# Builds the service's release binary when it is older than its sources.
-build_service() { build_release ratelimiter src config; }
+build_service() { build_release ratelimiter; }
 
 # The HTTP status of GET URL ("000" when nothing answers within 2 s).
 http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null || true; }

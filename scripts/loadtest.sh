@@ -7,8 +7,8 @@
 # Usage: scripts/loadtest.sh [LOADTEST FLAGS...]
 #        scripts/loadtest.sh --help      this text, then every flag of the binary
 #
-# Every argument goes to the binary unchanged. The binary is built in release mode first
-# when it is missing or older than its sources. Typical runs:
+# Every argument goes to the binary unchanged; cargo builds it in release mode first if it
+# is stale. Typical runs:
 #   scripts/loadtest.sh                                   200 req/s for 10 s from 241 clients
 #   scripts/loadtest.sh --rate 1000 --duration 30s --plot load.png --json load.json
 #   scripts/loadtest.sh --connections 64 --duration 5s    flat out
@@ -31,10 +31,7 @@ if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
 fi
 
 # Progress goes to stderr: stdout is the binary's.
-if stale "$binary" loadtest Cargo.toml Cargo.lock; then
-    warn "+ cargo build --release -p loadtest"
-    (cd "$ROOT" && cargo build --release -p loadtest)
-fi
+build_release loadtest >&2
 
 warn "+ $binary $*"
 exec "$binary" "$@"

@@ -27,7 +27,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-quick=false
+quick=false logs=${TMPDIR:-/tmp}/ratelimiter
 [[ "${1:-}" == "--quick" ]] && quick=true
 
 section() { printf '\n== %s\n' "$*"; }
@@ -63,7 +63,7 @@ if ! $quick; then
   # while the cargo tests run: those mostly wait on Redis, Sentinel and Nginx, and leave
   # the cores idle. At the lowest priority, so the tests' own timing is not disturbed.
   # cargo locks target/release and target/debug apart, so neither waits for the other.
-  prepared_log=${TMPDIR:-/tmp}/ratelimiter-prepare.log
+  prepared_log=$logs-prepare.log
   DOCKER_HERE=$docker_here nice -n 19 bash -ec '
     if $DOCKER_HERE; then scripts/docker-images.sh; fi
     cargo build --release --quiet -p ratelimiter
@@ -72,8 +72,14 @@ if ! $quick; then
   section "meanwhile, at the lowest priority: release binaries and images (log: $prepared_log)"
 fi
 
-section "cargo test --workspace"
-cargo test --workspace --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/ratelimiter-cargo-test.log"
+section "cargo test --workspace (the failover suite, which mostly waits on Sentinel, beside the rest)"
+cargo test --workspace --all-targets --quiet --no-run
+cargo test --quiet --test failover >"$logs-failover.log" 2>&1 &
+failover=$!
+# shellcheck disable=SC2046 # one word per flag
+cargo test --workspace --lib --bins --benches $(ls tests | sed -e 's/\.rs$//' -e '/^failover$/d' -e 's/^/--test /') --quiet 2>&1 | tee "$logs-cargo-test.log"
+wait "$failover" || { cat "$logs-failover.log"; echo "the failover suite failed (above)" >&2; exit 1; }
+cat "$logs-failover.log"
 
 if $quick; then
   section "not run: the Compose suite and the soak; scripts/test.sh without --quick runs them"
