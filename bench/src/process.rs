@@ -34,21 +34,6 @@ pub fn ticks_of(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// The user and system ticks, the context switches of the threads alive now, and the
-/// threads of PID.
-pub fn cpu_detail(pid: u32) -> [u64; 4] {
-    let Some(stat) = stat(pid) else {
-        return [0; 4];
-    };
-    let tasks = Process::new(stat.pid).and_then(|p| p.tasks());
-    let switches = tasks.into_iter().flatten().flatten();
-    let switches = switches.filter_map(|task| task.status().ok()).map(|s| {
-        s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0)
-    });
-    let threads = u64::try_from(stat.num_threads).unwrap_or(0);
-    [stat.utime, stat.stime, switches.sum(), threads]
-}
-
 /// The pids whose parent is `ppid`, sorted.
 pub fn children_of(ppid: u32) -> Vec<u32> {
     let all = procfs::process::all_processes()
@@ -268,8 +253,6 @@ mod tests {
     fn this_process_and_the_machine_can_be_read() {
         let me = std::process::id();
         assert!(memory_kib(me).0 > 0 && open_fds(me).is_some());
-        let [_, _, switches, threads] = cpu_detail(me);
-        assert!(switches > 0 && threads >= 1);
         let (before, later) = (MachineTicks::read(), MachineTicks { busy: 0, all: 0 });
         assert!(before.all > 0 && later.busy_percent_until(&before) <= 100.0);
     }

@@ -11,13 +11,13 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::cluster::{Cluster, Processes};
 use crate::machine::{self, Machine};
-use crate::measure::{self, Snapshot, Traffic, round_to};
-use crate::node::{Node, script_calls};
-use crate::phases::{self, After, LIMITED, PHASES, Phase, Target, Tool, Topology, Via};
+use crate::measure::{self, Snapshot, Traffic};
+use crate::node::script_calls;
+use crate::phases::{self, PHASES, Phase, Target, Tool, Topology, Via};
 use crate::probe::{self, Counts, WrkReport, port_open};
 use crate::process::{MachineTicks, Records, Started, children_of, run_counted, tail};
 use crate::report::{self, RunInfo};
@@ -44,9 +44,6 @@ pub struct Options {
     /// Also write the run into docs/BENCHMARKS.md.
     #[arg(long)]
     record: bool,
-    /// The policy of the mixed phase: RATE_LIMIT = BURST per 1 s.
-    #[arg(long, env = "MIXED_RATE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    mixed_rate: u64,
     /// The phases to run, comma-separated, in any order (they run in the usual one), or
     /// `all`. `--record` needs all of them.
     #[arg(long, default_value = "all", value_parser = |t: &str| phases::parse(t).map(Chosen))]
@@ -64,9 +61,7 @@ pub struct Chosen(Vec<&'static Phase>);
 
 /// A measurement during which others used the machine is taken again at most this often.
 const RETAKES: u32 = 2;
-/// The sources of the load generator (the mixed phase): 241 clients.
-const MIXED_SOURCES: &str = "127.0.0.10-250";
-/// The distinct keys of scripts/bench/keys.lua, and of the cluster phase's spread.
+/// The distinct keys of scripts/bench/keys.lua.
 const KEYS: u64 = 100_000;
 /// Instance settings that pass through to every phase, named in the report when set.
 const PASSED_SETTINGS: &str = "WORKERS REDIS_POOL_SIZE REDIS_TIMEOUT_MS ACCESS_LOG";
@@ -148,14 +143,6 @@ pub fn run(o: Options) -> Result<()> {
     b.down();
     outcome?;
 
-    let mut keepalive = Vec::new();
-    for entry in fs::read_dir(b.root.join("nginx"))?.flatten() {
-        let name = format!("nginx/{}", entry.file_name().to_string_lossy());
-        if name.contains(".conf") {
-            keepalive.push((name, gateway::keepalive(&fs::read_to_string(entry.path())?)));
-        }
-    }
-    keepalive.sort();
     let set = |name: &str| {
         Some(format!(
             "{name}={}",
@@ -177,7 +164,6 @@ pub fn run(o: Options) -> Result<()> {
         instance_settings: PASSED_SETTINGS.split(' ').filter_map(set).collect(),
         invocation: b.o.invocation.clone(),
         commands: b.commands.clone(),
-        keepalive,
     };
     fs::write(b.out.join("run.json"), serde_json::to_string_pretty(&info)?)?;
     let text = report::render(&b.out)?;
@@ -228,11 +214,7 @@ impl Bench {
                     self.measure(phase.name, round, target)?;
                 }
             }
-            match phase.after {
-                After::ScriptAlone => self.script_alone(),
-                After::Spread => self.spread(phase.name),
-                After::Nothing => Ok(()),
-            }
+            Ok(())
         });
         self.down();
         outcome
@@ -240,9 +222,7 @@ impl Bench {
 
     fn up(&mut self, phase: &Phase) -> Result<()> {
         let name = phase.name;
-        let mut env = phase
-            .env
-            .replace("$MIXED_RATE", &self.o.mixed_rate.to_string());
+        let mut env = phase.env.to_owned();
         if let Some(policy) = phase.policy {
             let file = self.out.join(format!("{name}.toml"));
             fs::write(&file, policy)?;
@@ -459,25 +439,9 @@ impl Bench {
             t.via,
             t.path.replace('/', "_")
         );
-        let [out, json] =
-            ["txt", "json"].map(|ext| self.out.join(format!("{name}.{ext}").to_lowercase()));
+        let out = self.out.join(format!("{name}.txt").to_lowercase());
         let script = format!("-c{c} -d{d}s --latency -s scripts/bench");
         let (mut command, shown) = match t.tool {
-            Tool::Loadtest => {
-                let loadtest = crate::release_binary(&self.root, "loadtest");
-                let args = format!(
-                    "--url {url} --connections {c} --duration {d}s --sources {MIXED_SOURCES} --max-requests 100000000 --json"
-                );
-                let mut command = Command::new(&loadtest);
-                command
-                    .args(args.split(' '))
-                    .arg(&json)
-                    .current_dir(&self.root);
-                (
-                    command,
-                    format!("{} {args} run/bench/NAME.json", loadtest.display()),
-                )
-            }
             Tool::Wrk => self.wrk(&format!("{script}/report.lua {url}")),
             Tool::WrkKeys => self.wrk(&format!("{script}/keys.lua {url} -- {KEYS}")),
         };
@@ -510,58 +474,35 @@ impl Bench {
                 tail(&out, 5)
             );
         }
-        let mut closed = 0;
-        let traffic = if t.tool == Tool::Loadtest {
-            let summary = crate::read_summary(&json)?;
-            let c = &summary.classes;
-            let latency = summary
-                .latency_ms
-                .map_or([0.0; 3], |l| [l.p50, l.p99, l.max]);
-            let statuses = [c.admitted, c.rejected, c.not_decided()];
-            let (requests, seconds) = (summary.requests.answered, summary.elapsed_s);
-            Traffic {
-                requests,
-                seconds,
-                latency_ms: latency,
-                statuses,
-                upstream,
-            }
-        } else {
-            let report = WrkReport::from_output(&fs::read_to_string(&out)?);
-            let report = report.with_context(|| format!("in {}", out.display()))?;
-            // Through Nginx its access log counts; directly, the instance's /metrics.
-            let counted = match counted_before {
-                Some(before) => Some(Counts::of_instance(port, t.path)?.minus(&before)),
-                None => None,
-            };
-            let counts = match counted {
-                // METRICS=off: the instance counted nothing, so wrk's count stands in
-                // (no 429 is expected there; any status >= 400 is "other").
-                Some(none) if none.total() == 0 => {
-                    let other = report.status_errors();
-                    Counts {
-                        ok: report.requests.saturating_sub(other),
-                        other,
-                        ..none
-                    }
+        let report = WrkReport::from_output(&fs::read_to_string(&out)?);
+        let report = report.with_context(|| format!("in {}", out.display()))?;
+        // Through Nginx its access log counts; directly, the instance's /metrics.
+        let counts = match counted_before {
+            Some(before) => Counts::of_instance(port, t.path)?.minus(&before),
+            None => Counts::from_access_log(&access_log, offset)?,
+        };
+        // METRICS=off: the instance counted nothing, so wrk's count stands in (no 429 is
+        // expected there; any status >= 400 is "other").
+        let counts = match counts.total() {
+            0 if direct => {
+                let other = report.status_errors();
+                let ok = report.requests.saturating_sub(other);
+                Counts {
+                    ok,
+                    other,
+                    ..counts
                 }
-                Some(delta) => delta,
-                None => Counts::from_access_log(&access_log, offset)?,
-            };
-            closed = counts.closed;
-            let statuses = [
-                counts.ok,
-                counts.denied,
-                counts.other + report.socket_errors(),
-            ];
-            let (requests, seconds) = (report.requests, report.duration_us as f64 / 1e6);
-            Traffic {
-                requests,
-                seconds,
-                latency_ms: report.latency_ms(),
-                statuses,
-                upstream,
             }
+            _ => counts,
+        };
+        let closed = counts.closed;
+        let other = counts.other + report.socket_errors();
+        let traffic = Traffic {
+            requests: report.requests,
+            seconds: report.duration_us as f64 / 1e6,
+            latency_ms: report.latency_ms(),
+            statuses: [counts.ok, counts.denied, other],
+            upstream,
         };
         let snapshots = (&before, &after);
         let row = measure::compute(
@@ -587,72 +528,5 @@ impl Bench {
             );
         }
         Ok(row)
-    }
-
-    /// The Lua script alone on the master, after the rounds.
-    fn script_alone(&mut self) -> Result<()> {
-        let master = self
-            .procs
-            .masters
-            .first()
-            .context("no Redis master found")?;
-        let pids = self.procs.groups.get("master").cloned().unwrap_or_default();
-        let (root, out, own) = (&self.root, &self.out, &self.own);
-        let commands =
-            crate::script::run(master, &pids, root, out, own, procfs::ticks_per_second())?;
-        commands.iter().for_each(|c| self.note(c));
-        Ok(())
-    }
-
-    /// One wrk run through Nginx long enough for [`KEYS`] requests (from the rounds'
-    /// rate), keys 0 to KEYS - 1 in turn; each master's share of the script calls.
-    fn spread(&mut self, phase: &str) -> Result<()> {
-        let rows = self
-            .rows
-            .iter()
-            .filter(|r| r["phase"] == phase && r["via"] == "nginx");
-        let rates: Vec<f64> = rows.filter_map(|r| r["per_second"].as_f64()).collect();
-        let rate = report::median(&rates).unwrap_or(1000.0).max(1.0);
-        // A quarter more than the rounds' rate needs, and a second to connect.
-        let seconds = ((KEYS as f64 * 1.25 / rate).ceil() as u64 + 1).clamp(3, 60);
-        let url = self.url(Via::Nginx, LIMITED);
-        let (mut wrk, line) = self.wrk(&format!(
-            "-c64 -d{seconds}s -s scripts/bench/keys.lua {url} -- {KEYS}"
-        ));
-        self.note(&line);
-        let calls = |masters: &[Node]| -> Result<Vec<u64>> {
-            masters
-                .iter()
-                .map(|m| Ok(m.command_stats()?.scripts().0))
-                .collect()
-        };
-        let before = calls(&self.procs.masters)?;
-        let out = self.out.join(format!("{phase}-spread.txt"));
-        say!(
-            "phase {phase}: the spread of {KEYS} keys over the masters ({seconds} s through Nginx)"
-        );
-        let (status, _) = run_counted(&self.own, "wrk", &mut wrk, &out)?;
-        let after = calls(&self.procs.masters)?.into_iter().zip(before);
-        let deltas: Vec<u64> = after.map(|(a, b)| a.saturating_sub(b)).collect();
-        if !status.success() {
-            bail!("wrk failed ({status}): {}", tail(&out, 5));
-        }
-        let report = WrkReport::from_output(&fs::read_to_string(&out)?)?;
-        let total = deltas.iter().sum::<u64>().max(1);
-        let (requests, seconds) = (
-            report.requests,
-            round_to(report.duration_us as f64 / 1e6, 1),
-        );
-        for (master, calls) in self.procs.masters.iter().zip(deltas) {
-            let (port, share) = (
-                master.port,
-                round_to(100.0 * calls as f64 / total as f64, 2),
-            );
-            let record = json!({"phase": phase, "master": format!("{LOOPBACK}:{port}"), "script_calls": calls,
-                "share_percent": share, "requests": requests, "seconds": seconds, "keys": requests.min(KEYS)});
-            append_json(&self.out.join("spread.jsonl"), &record)?;
-            say!("  master {port}: {calls} script calls, {share} % of {total}");
-        }
-        Ok(())
     }
 }
