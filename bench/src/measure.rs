@@ -10,15 +10,7 @@ use crate::phases::Target;
 use crate::process::{MachineTicks, ticks_of};
 
 /// The process groups whose CPU is counted, as the records name them.
-pub const GROUPS: [&str; 7] = [
-    "app",
-    "nginx",
-    "master",
-    "replicas",
-    "sentinels",
-    "upstream",
-    "proxy",
-];
+pub const GROUPS: &str = "app nginx master replicas sentinels upstream proxy";
 
 /// The counters read right before and right after a load generator ran.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -80,9 +72,9 @@ pub fn compute(
         let ticks = |s: &Snapshot| s.ticks.get(name).copied().unwrap_or(0);
         ticks(after).saturating_sub(ticks(before))
     };
-    let mut cpu_of: BTreeMap<&str, f64> = GROUPS.iter().map(|g| (*g, cpu(delta(g)))).collect();
+    let mut cpu_of: BTreeMap<&str, f64> = GROUPS.split(' ').map(|g| (g, cpu(delta(g)))).collect();
     cpu_of.insert("load_generator", cpu(generator_ticks));
-    let accounted = GROUPS.iter().map(|g| delta(g)).sum::<u64>() + generator_ticks;
+    let accounted = GROUPS.split(' ').map(delta).sum::<u64>() + generator_ticks;
     let all = after.machine.all.saturating_sub(before.machine.all);
     let busy = after.machine.busy.saturating_sub(before.machine.busy);
     // CPU every process outside the topology and the load generator used, in % of the machine.
@@ -109,28 +101,15 @@ pub fn compute(
 
 /// The line printed as each measurement ends.
 pub fn progress_line(r: &Value) -> String {
-    let [phase, round, tool, via, path, conns, ok, denied, other] = [
-        "phase",
-        "round",
-        "tool",
-        "via",
-        "path",
-        "connections",
-        "ok",
-        "denied",
-        "other",
-    ]
-    .map(|k| crate::report::text(&r[k]));
-    let number = |k: &str| r[k].as_f64().unwrap_or(0.0);
-    let (rate, p99, others) = (
-        number("per_second"),
-        number("p99_ms"),
-        number("others_percent"),
-    );
-    let cpu = |g: &str| r["cpu"][g].as_f64().unwrap_or(0.0);
+    let text = |k: &str| crate::report::text(&r[k]);
+    let [phase, round, tool, via, path] = ["phase", "round", "tool", "via", "path"].map(text);
+    let [c, ok, denied, other] = ["connections", "ok", "denied", "other"].map(text);
+    let number = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let [rate, p99, others] = ["per_second", "p99_ms", "others_percent"].map(|k| number(&r[k]));
+    let cpu = |g: &str| number(&r["cpu"][g]);
     let (app, nginx, redis) = (cpu("app"), cpu("nginx") + cpu("proxy"), cpu("master"));
     format!(
-        "{phase} r{round} {tool} {via} {path} c{conns}: {rate:.0} req/s, p99 {p99:.2} ms, 200:{ok} 429:{denied} other:{other}; \
+        "{phase} r{round} {tool} {via} {path} c{c}: {rate:.0} req/s, p99 {p99:.2} ms, 200:{ok} 429:{denied} other:{other}; \
          µs/req app {app:.1} nginx {nginx:.1} redis {redis:.1}; others {others:.0}%"
     )
 }

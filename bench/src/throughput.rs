@@ -82,7 +82,6 @@ struct Bench {
     /// serves and its port: straight to it, and the in-Nginx Lua limiter.
     bench_nginxes: Vec<(Via, Started, u16)>,
     procs: Processes,
-    rows: Vec<Value>,
     commands: Vec<String>,
     /// Measurements taken again, and kept although others still used the machine.
     retaken: (u32, u32),
@@ -103,12 +102,8 @@ pub fn run(o: Options) -> Result<()> {
     let password = password.unwrap_or_else(|_| "ratelimiter-dev-admin-password".into());
     let dir = root.join("run/bench-cluster");
     let mut cluster = Cluster::new(&root, dir, o.port_offset, &password)?;
-    let busy: Vec<u16> = cluster
-        .ports
-        .all()
-        .into_iter()
-        .filter(|&p| port_open(p))
-        .collect();
+    let mut busy = cluster.ports.all();
+    busy.retain(|&port| port_open(port));
     if let Some(first) = busy.first() {
         bail!(
             "port(s) {busy:?} are in use (a cluster running? scripts/cluster.sh down); see: ss -ltnp 'sport = :{first}'"
@@ -117,7 +112,7 @@ pub fn run(o: Options) -> Result<()> {
     let (bin, service) = machine::service_binary(&root, &out)?;
     cluster.bin = Some(bin.clone());
     let own = Records(out.join("pids"));
-    let (embedded, bench_nginxes, procs, rows, commands, retaken) = Default::default();
+    let (embedded, bench_nginxes, procs, commands, retaken) = Default::default();
     let mut b = Bench {
         o,
         root,
@@ -128,7 +123,6 @@ pub fn run(o: Options) -> Result<()> {
         embedded,
         bench_nginxes,
         procs,
-        rows,
         commands,
         retaken,
     };
@@ -167,20 +161,15 @@ pub fn run(o: Options) -> Result<()> {
     };
     fs::write(b.out.join("run.json"), serde_json::to_string_pretty(&info)?)?;
     let text = report::render(&b.out)?;
-    say!(
-        "done in {}s; raw outputs in {}",
-        info.elapsed_s,
-        b.rel(&b.out)
-    );
+    let (elapsed, raw) = (info.elapsed_s, b.rel(&b.out));
+    say!("done in {elapsed}s; raw outputs in {raw}");
     report::publish(&b.root, &b.out, &text, b.o.record.then_some("bench.sh"))
 }
 
 impl Bench {
     fn rel(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
+        let path = path.strip_prefix(&self.root).unwrap_or(path);
+        path.display().to_string()
     }
 
     /// Remembers a command for the report (once) and shows it.
@@ -243,10 +232,8 @@ impl Bench {
                     "{env}{offset} CLUSTER_DIR={dir} scripts/cluster.sh up{flag}"
                 ));
                 let log = self.out.join(format!("cluster-{name}.log"));
-                say!(
-                    "phase {name}: starting the cluster (log: {})",
-                    self.rel(&log)
-                );
+                let shown = self.rel(&log);
+                say!("phase {name}: starting the cluster (log: {shown})");
                 let last = self.cluster.start(&env, flags, &log)?;
                 say!("phase {name}: {last}");
                 self.procs = self.cluster.processes()?;
@@ -353,9 +340,17 @@ impl Bench {
         format!("http://{LOOPBACK}:{}{path}", self.port(via))
     }
 
-    /// wrk with `args` after its threads, run in the checkout; and its command line.
-    fn wrk(&self, args: &str) -> (Command, String) {
-        let line = format!("wrk -t{} {args}", self.o.threads);
+    /// wrk on a target with its script (scripts/bench/report.lua, or keys.lua over KEYS
+    /// keys), run in the checkout; and its command line.
+    fn wrk(&self, t: &Target, connections: u32, seconds: u32) -> (Command, String) {
+        let (threads, url) = (self.o.threads, self.url(t.via, t.path));
+        let script = match t.tool {
+            Tool::Wrk => format!("report.lua {url}"),
+            Tool::WrkKeys => format!("keys.lua {url} -- {KEYS}"),
+        };
+        let line = format!(
+            "wrk -t{threads} -c{connections} -d{seconds}s --latency -s scripts/bench/{script}"
+        );
         let mut wrk = Command::new("wrk");
         wrk.args(line.split(' ').skip(1)).current_dir(&self.root);
         (wrk, line)
@@ -366,12 +361,7 @@ impl Bench {
         say!("warming up (2 s per target, not recorded)");
         let mut seen = HashSet::new();
         for t in targets.iter().filter(|t| seen.insert((t.via, t.path))) {
-            let keys = if t.tool == Tool::WrkKeys {
-                "-s scripts/bench/keys.lua "
-            } else {
-                ""
-            };
-            let (mut wrk, _) = self.wrk(&format!("-c16 -d2s {keys}{}", self.url(t.via, t.path)));
+            let (mut wrk, _) = self.wrk(t, 16, 2);
             let _ = wrk.stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
     }
@@ -401,50 +391,34 @@ impl Bench {
     /// % of the machine is taken again (at most RETAKES times); the quietest one is kept.
     fn measure(&mut self, phase: &str, round: u32, target: &Target) -> Result<()> {
         let others = |row: &Value| row["others_percent"].as_f64().unwrap_or(0.0);
+        let quiet_max = f64::from(self.o.quiet_max);
         self.wait_quiet();
         let mut best = self.measure_once(phase, round, target)?;
-        let mut last = others(&best);
-        for attempt in 1..=RETAKES + 1 {
-            if last <= f64::from(self.o.quiet_max) {
+        for _ in 0..RETAKES {
+            if others(&best) <= quiet_max {
                 break;
             }
-            if attempt > RETAKES {
-                self.retaken.1 += 1;
-                break;
-            }
+            let busy = others(&best);
             self.retaken.0 += 1;
-            say!("  other processes used {last}% of the machine meanwhile; measuring again");
+            say!("  other processes used {busy}% of the machine meanwhile; measuring again");
             self.wait_quiet();
             let row = self.measure_once(phase, round, target)?;
-            last = others(&row);
-            if last < others(&best) {
+            if others(&row) < others(&best) {
                 best = row;
             }
         }
-        append_json(&self.out.join("results.jsonl"), &best)?;
-        self.rows.push(best);
-        Ok(())
+        self.retaken.1 += u32::from(others(&best) > quiet_max);
+        append_json(&self.out.join("results.jsonl"), &best)
     }
 
     fn measure_once(&mut self, phase: &str, round: u32, t: &Target) -> Result<Value> {
-        let (port, url, c, d) = (
-            self.port(t.via),
-            self.url(t.via, t.path),
-            t.connections,
-            self.o.duration,
-        );
+        let (port, c) = (self.port(t.via), t.connections);
         let name = format!(
-            "{phase}-r{round}-{:?}-{:?}-{}-c{c}",
-            t.tool,
-            t.via,
-            t.path.replace('/', "_")
+            "{phase}-r{round}-{:?}-{:?}-{}-c{c}.txt",
+            t.tool, t.via, t.path
         );
-        let out = self.out.join(format!("{name}.txt").to_lowercase());
-        let script = format!("-c{c} -d{d}s --latency -s scripts/bench");
-        let (mut command, shown) = match t.tool {
-            Tool::Wrk => self.wrk(&format!("{script}/report.lua {url}")),
-            Tool::WrkKeys => self.wrk(&format!("{script}/keys.lua {url} -- {KEYS}")),
-        };
+        let out = self.out.join(name.replace('/', "_").to_lowercase());
+        let (mut command, shown) = self.wrk(t, c, self.o.duration);
         self.note(&shown);
         let access_log = match t.via {
             Via::Proxy => self.out.join("proxy-nginx/logs/access.log"),
@@ -483,36 +457,24 @@ impl Bench {
         };
         // METRICS=off: the instance counted nothing, so wrk's count stands in (no 429 is
         // expected there; any status >= 400 is "other").
-        let counts = match counts.total() {
-            0 if direct => {
-                let other = report.status_errors();
-                let ok = report.requests.saturating_sub(other);
-                Counts {
-                    ok,
-                    other,
-                    ..counts
-                }
-            }
-            _ => counts,
+        let (other, closed) = (report.status_errors(), counts.closed);
+        let wrk_counted = [report.requests.saturating_sub(other), 0, other];
+        let counted = [counts.ok, counts.denied, counts.other];
+        let [ok, denied, other] = if direct && counts.total() == 0 {
+            wrk_counted
+        } else {
+            counted
         };
-        let closed = counts.closed;
-        let other = counts.other + report.socket_errors();
+        let other = other + report.socket_errors();
         let traffic = Traffic {
             requests: report.requests,
             seconds: report.duration_us as f64 / 1e6,
             latency_ms: report.latency_ms(),
-            statuses: [counts.ok, counts.denied, other],
+            statuses: [ok, denied, other],
             upstream,
         };
-        let snapshots = (&before, &after);
-        let row = measure::compute(
-            (phase, round),
-            t,
-            &traffic,
-            snapshots,
-            generator_ticks,
-            procfs::ticks_per_second(),
-        );
+        let (snapshots, hz) = ((&before, &after), procfs::ticks_per_second());
+        let row = measure::compute((phase, round), t, &traffic, snapshots, generator_ticks, hz);
         say!("  {}", measure::progress_line(&row));
         if upstream_counted {
             match gateway::check_admitted(traffic.statuses, closed, upstream) {
