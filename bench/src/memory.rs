@@ -198,16 +198,10 @@ fn own_redis(
     command.args(args.split(' ')).arg("").arg("--dir").arg(&dir);
     let log = out.join(format!("redis-{name}.log"));
     let server = Started::spawn(records, &format!("redis-{name}"), &mut command, &log)?;
-    let node = Node::new(port, None);
-    let pong = || {
-        node.query::<String>(&redis::cmd("PING"))
-            .is_ok_and(|r| r == "PONG")
-    };
-    wait_until(
-        &format!("redis-server on {port} answers PING"),
-        Duration::from_secs(10),
-        pong,
-    )?;
+    let (node, ping) = (Node::new(port, None), redis::cmd("PING"));
+    let what = format!("redis-server on {port} answers PING");
+    let pong = || node.query::<String>(&ping).is_ok();
+    wait_until(&what, Duration::from_secs(10), pong)?;
     let (pid, dir) = (server.pid(), dir.display());
     say!("  started redis-server (pid {pid}) on port {port} in {dir}");
     Ok((server, node))
@@ -228,8 +222,8 @@ fn run_case(
     );
     let redis = case
         .redis
-        .then(|| own_redis(&o.work_dir, out, records, &name))
-        .transpose()?;
+        .then(|| own_redis(&o.work_dir, out, records, &name));
+    let redis = redis.transpose()?;
     // Only what this case sets reaches the instance.
     let log = out.join(format!("{name}.log"));
     let _ = fs::remove_file(&log);
@@ -247,11 +241,8 @@ fn run_case(
     say!("  started the instance (pid {app}) on port {port}");
 
     let (before, _) = memory_kib(app);
-    let keys = || {
-        redis
-            .as_ref()
-            .and_then(|(_, node)| node.query(&redis::cmd("DBSIZE")).ok())
-    };
+    let (node, dbsize) = (redis.as_ref().map(|(_, node)| node), redis::cmd("DBSIZE"));
+    let keys = || node.and_then(|node| node.query::<u64>(&dbsize).ok());
     let keys_before = keys().unwrap_or(0);
     let planned = planned_requests(identities, THREADS, REPEAT_EVERY);
     let url = format!("http://{LOOPBACK}:{port}{LIMITED}");
@@ -260,10 +251,8 @@ fn run_case(
         o.max_secs
     );
     commands.push(format!("{shown} {} &", bin.display()));
-    commands.push(format!(
-        "wrk {}",
-        args.replace(&url, &format!("http://{LOOPBACK}:PORT{LIMITED}"))
-    ));
+    let any_port = format!("http://{LOOPBACK}:PORT{LIMITED}");
+    commands.push(format!("wrk {}", args.replace(&url, &any_port)));
     say!("  + wrk {args}  (stopped once {planned} requests are answered)");
     let started = Instant::now();
     let (wrk_name, wrk_log) = (format!("wrk-{name}"), out.join(format!("wrk-{name}.txt")));
@@ -272,18 +261,12 @@ fn run_case(
     let (mut peak, mut keys_peak) = (before, None::<u64>);
     while wrk.running() {
         sleep(Duration::from_secs(1));
-        let ((rss, _), n, now) = (
-            memory_kib(app),
-            Counts::of_instance(port, LIMITED).map_or(0, |c| c.total()),
-            keys(),
-        );
+        let ((rss, _), now) = (memory_kib(app), keys());
+        let n = Counts::of_instance(port, LIMITED).map_or(0, |c| c.total());
         (peak, keys_peak) = (peak.max(rss), keys_peak.max(now));
-        let secs = started.elapsed().as_secs();
+        let (secs, rss) = (started.elapsed().as_secs(), mib(rss));
         if secs.is_multiple_of(10) {
-            say!(
-                "  {secs}s: {n} of {planned} answered, VmRSS {} MiB, Redis keys {now:?}",
-                mib(rss)
-            );
+            say!("  {secs}s: {n} of {planned} answered, VmRSS {rss} MiB, Redis keys {now:?}");
         }
         if n >= planned {
             break;
@@ -303,18 +286,13 @@ fn run_case(
     let mut keys_json = Value::Null;
     if redis.is_some() {
         let gone = || keys().is_some_and(|k| k <= keys_before);
-        let _ = wait_until(
-            "the bucket keys are gone",
-            settle + Duration::from_secs(30),
-            gone,
-        );
+        let within = settle + Duration::from_secs(30);
+        let _ = wait_until("the bucket keys are gone", within, gone);
         let back = t0.elapsed().as_secs();
         keys_json = json!({"before": keys_before, "peak": keys_peak, "after": keys(), "secs_until_back": back});
     }
-    say!(
-        "  waiting past the refill time ({} s); Redis keys: {keys_json}",
-        settle.as_secs()
-    );
+    let secs = settle.as_secs();
+    say!("  waiting past the refill time ({secs} s); Redis keys: {keys_json}");
     sleep(settle.saturating_sub(t0.elapsed()));
     let (settled, hwm) = memory_kib(app);
     let [before, peak, after, settled, hwm] = [before, peak, after, settled, hwm].map(mib);

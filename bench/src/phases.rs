@@ -248,25 +248,19 @@ mod tests {
     #[test]
     fn every_phase_of_the_script_is_in_the_table_and_chosen_by_name_in_its_order() {
         let all = "allow,two-limits,metrics-off,allow-pool,memory-store,flood,flood-nocache,gateway,cluster";
-        assert_eq!(
-            (names().join(","), parse("all").unwrap().len()),
-            (all.into(), PHASES.len())
-        );
+        assert_eq!(names().join(","), all);
+        assert_eq!(parse("all").unwrap().len(), PHASES.len());
         let some = parse("gateway, allow,cluster,allow").unwrap();
         let some: Vec<&str> = some.iter().map(|p| p.name).collect();
-        assert_eq!(
-            some,
-            ["allow", "gateway", "cluster-sentinel", "cluster-redis"]
-        );
+        let in_order = ["allow", "gateway", "cluster-sentinel", "cluster-redis"];
+        assert_eq!(some, in_order);
         let unknown = parse("allow,gatway").unwrap_err();
         assert!(
             unknown.starts_with("no phase 'gatway'; the phases: allow,"),
             "{unknown}"
         );
-        assert!(
-            parse(" , ").is_err() && parse("all,allow").is_err(),
-            "all stands alone"
-        );
+        // Nothing chosen is an error, and so is `all` beside a name.
+        assert!(parse(" , ").is_err() && parse("all,allow").is_err());
     }
 
     #[test]
@@ -276,19 +270,13 @@ mod tests {
         let (first, fourth) = ((Via::Nginx, LIMITED, 16), (Via::Direct, "/", 16));
         assert_eq!((allow.len(), allow[0], allow[3]), (8, first, fourth));
         let gateway: Vec<_> = PHASES[7].targets().iter().map(key).collect();
-        let (through, peer, straight) = (
-            (Via::Gateway, GATEWAY_PATH, 64),
-            (Via::Peer, GATEWAY_PATH, 64),
-            (Via::Proxy, GATEWAY_PATH, 64),
-        );
-        assert_eq!(gateway, [through, peer, straight]);
+        let at_64 = |via| (via, GATEWAY_PATH, 64);
+        assert_eq!(gateway, [Via::Gateway, Via::Peer, Via::Proxy].map(at_64));
         let metrics_off = "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off";
         assert_eq!(PHASES[2].env, metrics_off);
         let [sentinel, cluster] = [PHASES[8], PHASES[9]];
-        assert_eq!(
-            (sentinel.policy, sentinel.load),
-            (cluster.policy, cluster.load)
-        );
+        let measured = |p: Phase| (p.policy, p.load);
+        assert_eq!(measured(sentinel), measured(cluster));
         assert_eq!(cluster.topology, Topology::Cluster(&["--redis-cluster"]));
     }
 }

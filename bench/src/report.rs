@@ -1,7 +1,7 @@
 //! The report of `scripts/bench.sh`, rendered from the run's JSON alone (run/bench/:
-//! `run.json`, `results.jsonl`): every table by one
-//! function, [`table`], from a list of columns; the goals from a list of figures
-//! ([`GOALS`]); and `--record`, which writes the result into docs/BENCHMARKS.md.
+//! `run.json`, `results.jsonl`): every table by one function, [`table`], from a list of
+//! columns; the goals from a list of figures ([`GOALS`]); and `--record`, which writes the
+//! result into docs/BENCHMARKS.md.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -164,10 +164,8 @@ fn fmt_g(x: f64) -> String {
 /// A figure's value, and the range of its rounds for a ratio.
 type Found = Option<(f64, Option<(f64, f64)>)>;
 
-/// Everything the figures read: the measurements.
-pub struct Records {
-    pub rows: Vec<Value>,
-}
+/// Everything the figures read: the measurements (results.jsonl).
+pub struct Records(pub Vec<Value>);
 
 impl Records {
     /// The records of a target, `phase:via:path:connections`.
@@ -177,7 +175,7 @@ impl Records {
             let key = [&r["phase"], &r["via"], &r["path"], &r["connections"]].map(text);
             key.iter().zip(&parts).all(|(have, want)| have == want)
         };
-        self.rows.iter().filter(is).collect()
+        self.0.iter().filter(is).collect()
     }
 
     fn values(&self, name: &str, spec: &str) -> Vec<f64> {
@@ -194,11 +192,7 @@ impl Records {
             ["median", f, t] => plain(median(&self.values(f, t))),
             ["max", f, t] => plain(self.values(f, t).into_iter().reduce(f64::max)),
             ["sum", f, t] => plain(sum(self.values(f, t))),
-            ["sum", f] => plain(sum(self
-                .rows
-                .iter()
-                .filter_map(|r| r[f].as_f64())
-                .collect())),
+            ["sum", f] => plain(sum(self.0.iter().filter_map(|r| r[f].as_f64()).collect())),
             ["less", f, a, b] => {
                 let (a, b) = (median(&self.values(f, a)), median(&self.values(f, b)));
                 plain(a.zip(b).map(|(a, b)| a - b))
@@ -238,11 +232,8 @@ impl Records {
                 (_, Some(true)) => "met",
                 (_, Some(false)) => "MISSED",
             };
-            let _ = writeln!(
-                out,
-                "| {what} | {value} | {} | {verdict} |",
-                goal.replace(">=", "≥").replace("<=", "≤")
-            );
+            let goal = goal.replace(">=", "≥").replace("<=", "≤");
+            let _ = writeln!(out, "| {what} | {value} | {goal} | {verdict} |");
         }
         out
     }
@@ -258,9 +249,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
 /// The whole report of the run in `dir`: the block `--record` writes.
 pub fn render(dir: &Path) -> Result<String> {
     let info: RunInfo = serde_json::from_str(&fs::read_to_string(dir.join("run.json"))?)?;
-    let records = Records {
-        rows: read_jsonl(&dir.join("results.jsonl"))?,
-    };
+    let records = Records(read_jsonl(&dir.join("results.jsonl"))?);
     let RunInfo {
         started,
         software,
@@ -275,7 +264,7 @@ pub fn render(dir: &Path) -> Result<String> {
     let ((before, after), (retaken, busy)) = (&info.load, info.retaken);
     let machine = info.machine.describe();
     let others = records
-        .rows
+        .0
         .iter()
         .filter_map(|r| r["others_percent"].as_f64());
     let others: Vec<f64> = others.collect();
@@ -296,7 +285,7 @@ pub fn render(dir: &Path) -> Result<String> {
          ### Medians over the rounds\n\nCPU columns are µs of CPU time (user + system, from `/proc/PID/stat`) per answered request; \"app\" is both instances together; \"bench's Nginx\" the ones the gateway phase starts in front of the demo upstream (straight to it, or running the in-Nginx Lua limiter of `PEER_LUA`). \"other\" counts statuses other than 200 and 429 plus socket errors. \"script calls/req\" is EVALSHA+EVAL seen by the master(s) per answered request; \"Redis µs/call\" their `usec` ÷ `calls` from `INFO commandstats`.\n\n{}\n\
          ### Commands\n\n`PORT` is a free port chosen at run time.\n\n```sh\n{}\n{}\n```\n",
         records.goals(),
-        table(&records.rows, MEDIANS),
+        table(&records.0, MEDIANS),
         info.invocation,
         info.commands.join("\n"),
     ))
@@ -353,31 +342,27 @@ mod tests {
 
     /// Three rounds of the allow phase through Nginx: ratios 0.55, 0.56 and 0.58.
     fn allow() -> Records {
-        let rows = vec![
+        Records(vec![
             row(1, L, 39050.0, 15.9),
             row(1, R, 71000.0, 8.7),
             row(2, R, 70000.0, 8.8),
             row(2, L, 39200.0, 15.8),
             row(3, L, 41180.0, 15.7),
             row(3, R, 71000.0, 8.6),
-        ];
-        Records { rows }
+        ])
     }
 
     #[test]
     fn a_table_has_one_row_of_medians_per_key_in_the_order_first_seen() {
-        let table = table(&allow().rows, MEDIANS);
+        let table = table(&allow().0, MEDIANS);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4, "{table}");
         assert!(lines[0].starts_with("| phase | load | via | path | conns | req/s |"));
         assert!(lines[1].starts_with("|---|---|---|---|---|--:|"));
         let first = "| allow | wrk | nginx | /limited_endpoint | 64 | 39200 | - | 3.20 | 9.00 | 597150 | 0 | 0 | 15.8 | 14.8 | - |";
         assert!(lines[2].starts_with(first), "{}", lines[2]);
-        assert!(
-            lines[3].ends_with("| - | - |"),
-            "no script calls: {}",
-            lines[3]
-        );
+        let last = lines[3];
+        assert!(last.ends_with("| - | - |"), "no script calls: {last}");
     }
 
     #[test]
