@@ -65,10 +65,8 @@ pub fn bench_nginx_up(
     }
     fs::write(dir.join("nginx.conf"), config)?;
     let error_log = dir.join("logs/error.log");
-    let args = format!(
-        "-e {} -p {folder}/ -c {folder}/nginx.conf",
-        error_log.display()
-    );
+    let errors = error_log.display();
+    let args = format!("-e {errors} -p {folder}/ -c {folder}/nginx.conf");
     let mut nginx = Command::new("nginx");
     let nginx = nginx.args(args.split(' '));
     let mut nginx = Started::spawn(own, name, nginx, &dir.join("nginx.log"))?;

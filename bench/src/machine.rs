@@ -79,11 +79,8 @@ pub fn commit() -> String {
 /// a rebuild while the run goes on cannot mix two versions into one run.
 pub fn service_binary(root: &Path, out: &Path) -> Result<(PathBuf, String)> {
     if let Some(binary) = std::env::var_os("RATELIMITER_BIN").map(PathBuf::from) {
-        let note = format!(
-            "RATELIMITER_BIN={}; this checkout is at commit {}",
-            binary.display(),
-            commit()
-        );
+        let (shown, commit) = (binary.display(), commit());
+        let note = format!("RATELIMITER_BIN={shown}; this checkout is at commit {commit}");
         return Ok((binary, note));
     }
     let (built, copy) = (

@@ -239,10 +239,8 @@ mod tests {
             text.starts_with("echo ") && records.running().is_empty(),
             "{text}"
         );
-        let (pid, start) = (
-            std::process::id(),
-            start_time_of(std::process::id()).unwrap(),
-        );
+        let pid = std::process::id();
+        let start = start_time_of(pid).unwrap();
         let lines = format!("me {pid} {start} x\nreused {pid} {} x\nbroken\n", start + 1);
         fs::write(&records.0, lines).unwrap();
         assert_eq!(records.running(), [("me".to_owned(), pid)]);

@@ -310,18 +310,13 @@ pub fn publish(root: &Path, out: &Path, text: &str, record: Option<&str>) -> Res
 
 pub fn replace_block(doc: &str, name: &str, body: &str) -> String {
     let [begin, end] = ["begin", "end"].map(|edge| format!("<!-- {name}:{edge} -->"));
+    let body = body.trim_end_matches('\n');
     let Some((before, rest)) = doc.split_once(&format!("{begin}\n")) else {
-        return format!(
-            "{}\n\n{begin}\n{}\n{end}\n",
-            doc.trim_end_matches('\n'),
-            body.trim_end_matches('\n')
-        );
+        let doc = doc.trim_end_matches('\n');
+        return format!("{doc}\n\n{begin}\n{body}\n{end}\n");
     };
     let after = rest.split_once(&end).map_or("\n", |(_, after)| after);
-    format!(
-        "{before}{begin}\n{}\n{end}{after}",
-        body.trim_end_matches('\n')
-    )
+    format!("{before}{begin}\n{body}\n{end}{after}")
 }
 
 #[cfg(test)]

@@ -137,12 +137,8 @@ pub fn run(o: Options) -> Result<()> {
     b.down();
     outcome?;
 
-    let set = |name: &str| {
-        Some(format!(
-            "{name}={}",
-            std::env::var(name).ok().filter(|v| !v.is_empty())?
-        ))
-    };
+    let value = |name: &str| std::env::var(name).unwrap_or_default();
+    let set = PASSED_SETTINGS.split(' ').filter(|n| !value(n).is_empty());
     let info = RunInfo {
         started: machine::utc_minute(started_at),
         machine: Machine::read(),
@@ -155,7 +151,7 @@ pub fn run(o: Options) -> Result<()> {
         elapsed_s: started.elapsed().as_secs(),
         quiet_max: b.o.quiet_max,
         retaken: b.retaken,
-        instance_settings: PASSED_SETTINGS.split(' ').filter_map(set).collect(),
+        instance_settings: set.map(|name| format!("{name}={}", value(name))).collect(),
         invocation: b.o.invocation.clone(),
         commands: b.commands.clone(),
     };
@@ -228,9 +224,8 @@ impl Bench {
                     offset => format!(" CLUSTER_PORT_OFFSET={offset}"),
                 };
                 let dir = self.rel(&self.cluster.dir);
-                self.note(&format!(
-                    "{env}{offset} CLUSTER_DIR={dir} scripts/cluster.sh up{flag}"
-                ));
+                let up = format!("{env}{offset} CLUSTER_DIR={dir} scripts/cluster.sh up{flag}");
+                self.note(&up);
                 let log = self.out.join(format!("cluster-{name}.log"));
                 let shown = self.rel(&log);
                 say!("phase {name}: starting the cluster (log: {shown})");
