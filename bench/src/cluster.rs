@@ -160,14 +160,11 @@ impl Cluster {
         let mut masters = Vec::new();
         for &port in ports {
             let node = Node::new(port, Some(&self.password));
-            let group = if node.is_master() {
-                "master"
-            } else {
-                "replicas"
-            };
+            let master = node.is_master();
+            let group = if master { "master" } else { "replicas" };
             let pids = records.pids(|n| n == format!("{prefix}{port}"));
             groups.entry(group).or_default().extend(pids);
-            masters.extend((group == "master").then_some(node));
+            masters.extend(master.then_some(node));
         }
         let count = |g: &str| groups.get(g).map_or(0, Vec::len);
         let (apps, nginx, found) = (count("app"), count("nginx"), count("master"));

@@ -71,9 +71,8 @@ pub fn bench_nginx_up(
     let nginx = nginx.args(args.split(' '));
     let mut nginx = Started::spawn(own, name, nginx, &dir.join("nginx.log"))?;
     let listening = format!("the bench's {name} listens on {port}");
-    wait_until(&listening, Duration::from_secs(10), || {
-        port_open(port) || !nginx.running()
-    })?;
+    let up = || port_open(port) || !nginx.running();
+    wait_until(&listening, Duration::from_secs(10), up)?;
     if !nginx.running() {
         bail!("the bench's {name} exited: {}", tail(&error_log, 5));
     }

@@ -154,10 +154,8 @@ mod tests {
             ("master", 90),
             ("replicas", 30),
         ];
-        let (before, after) = (
-            snapshot(&[], 0, 0, 0),
-            snapshot(&groups, 550, 1000, 100_000),
-        );
+        let before = snapshot(&[], 0, 0, 0);
+        let after = snapshot(&groups, 550, 1000, 100_000);
         let row = compute(("allow", 1), &target, &traffic, (&before, &after), 60, 100);
         let figures = [
             "per_second",
@@ -170,15 +168,8 @@ mod tests {
         assert_eq!(cpu, [16.0, 15.0, 9.0, 6.0]);
         let named = ["usec_per_script_call", "tool", "via"].map(|k| &row[k]);
         assert_eq!(named, [&json!(6.0), &json!("wrk"), &json!("nginx")]);
-        let idle = snapshot(&[("app", 10)], 5, 100, 0);
-        let idle = compute(
-            ("flood", 2),
-            &target,
-            &Traffic::default(),
-            (&before, &idle),
-            0,
-            100,
-        );
+        let (idle, none) = (snapshot(&[("app", 10)], 5, 100, 0), Traffic::default());
+        let idle = compute(("flood", 2), &target, &none, (&before, &idle), 0, 100);
         let figures = (&idle["others_percent"], &idle["usec_per_script_call"]);
         assert_eq!(figures, (&json!(0.0), &Value::Null));
     }

@@ -127,11 +127,8 @@ s until back | keys.secs_until_back | median 0
 /// commands), the table of its cases, the commands.
 pub fn render(run: &Value, results: &[Value]) -> String {
     let [started, service] = ["started", "service"].map(|k| run[k].as_str().unwrap_or("?"));
-    let commands = run["commands"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str);
+    let commands = run["commands"].as_array().into_iter().flatten();
+    let commands: Vec<&str> = commands.filter_map(Value::as_str).collect();
     format!(
         "## Memory: run of {started}\n\n- Service: {service}\n- Machine: {}; whole run {} s\n\
          - {} distinct identities per case (IPv4s from 10.0.0.0/8 in X-Forwarded-For from the trusted 127.0.0.1); every {REPEAT_EVERY}th asks twice in a row, so a burst of 1 denies it; wrk {THREADS} threads, 64 connections; deny cache at its default size (100000)\n\
@@ -141,7 +138,7 @@ pub fn render(run: &Value, results: &[Value]) -> String {
         run["elapsed_s"],
         run["identities"],
         table(results, COLUMNS),
-        commands.collect::<Vec<_>>().join("\n")
+        commands.join("\n")
     )
 }
 

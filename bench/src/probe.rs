@@ -108,19 +108,16 @@ impl Counts {
     pub fn from_metrics(metrics: &str, route: &str) -> Self {
         let mut counts = Self::default();
         let route = format!("route=\"{route}\"");
-        let series = metrics
-            .lines()
-            .filter(|l| l.starts_with("ratelimit_http_requests_total{"));
+        let name = "ratelimit_http_requests_total{";
+        let series = metrics.lines().filter(|l| l.starts_with(name));
         for (labels, value) in series.filter_map(|line| line.rsplit_once(' ')) {
             let labels: Vec<&str> = labels.split(['{', ',', '}']).collect();
             if labels.contains(&route.as_str()) {
                 let status = labels
                     .iter()
                     .find_map(|l| l.strip_prefix("status=\"")?.strip_suffix('"'));
-                counts.add(
-                    status.unwrap_or("?"),
-                    value.parse::<f64>().unwrap_or(0.0) as u64,
-                );
+                let n = value.parse::<f64>().unwrap_or(0.0) as u64;
+                counts.add(status.unwrap_or("?"), n);
             }
         }
         counts

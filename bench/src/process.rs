@@ -36,15 +36,10 @@ pub fn ticks_of(pids: &[u32]) -> u64 {
 
 /// The pids whose parent is `ppid`, sorted.
 pub fn children_of(ppid: u32) -> Vec<u32> {
-    let all = procfs::process::all_processes()
-        .into_iter()
-        .flatten()
-        .flatten();
-    let stats = all.filter_map(|p| p.stat().ok());
-    let mut children: Vec<u32> = stats
-        .filter(|s| i64::from(s.ppid) == i64::from(ppid))
-        .map(|s| s.pid as u32)
-        .collect();
+    let all = procfs::process::all_processes().into_iter().flatten();
+    let stats = all.flatten().filter_map(|p| p.stat().ok());
+    let children = stats.filter(|s| i64::from(s.ppid) == i64::from(ppid));
+    let mut children: Vec<u32> = children.map(|s| s.pid as u32).collect();
     children.sort_unstable();
     children
 }

@@ -49,9 +49,7 @@ fn field<'a>(record: &'a Value, name: &str) -> &'a Value {
 
 /// A value as a cell shows it: a string without its quotes.
 pub fn text(value: &Value) -> String {
-    value
-        .as_str()
-        .map_or_else(|| value.to_string(), str::to_owned)
+    value.as_str().map_or(value.to_string(), str::to_owned)
 }
 
 /// A Markdown table of `records`: one row per distinct key, each other cell made from

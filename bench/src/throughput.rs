@@ -211,9 +211,8 @@ impl Bench {
         if let Some(policy) = phase.policy {
             let file = self.out.join(format!("{name}.toml"));
             fs::write(&file, policy)?;
-            env = format!("{env} POLICY_FILE={}", file.display())
-                .trim_start()
-                .to_owned();
+            let policy_file = format!("POLICY_FILE={}", file.display());
+            env = format!("{env} {policy_file}").trim_start().into();
         }
         self.procs = Processes::default();
         match phase.topology {
@@ -317,12 +316,10 @@ impl Bench {
     }
 
     fn port(&self, via: Via) -> u16 {
+        let first = self.cluster.ports.apps[0];
         match via {
             Via::Nginx => self.cluster.ports.nginx,
-            Via::Direct => self
-                .embedded
-                .as_ref()
-                .map_or(self.cluster.ports.apps[0], |e| e.1),
+            Via::Direct => self.embedded.as_ref().map_or(first, |e| e.1),
             Via::Gateway => self.cluster.ports.gateway,
             Via::Proxy | Via::Peer => {
                 let serving = self.bench_nginxes.iter().find(|(way, ..)| *way == via);
@@ -422,9 +419,8 @@ impl Bench {
         };
         let offset = fs::metadata(&access_log).map_or(0, |m| m.len());
         let direct = t.via == Via::Direct;
-        let counted_before = direct
-            .then(|| Counts::of_instance(port, t.path))
-            .transpose()?;
+        let counted_before = direct.then(|| Counts::of_instance(port, t.path));
+        let counted_before = counted_before.transpose()?;
         let upstream_counted = matches!(t.via, Via::Gateway | Via::Proxy | Via::Peer);
         let upstream = || -> Result<u64> {
             let count = upstream_counted.then(|| self.upstream_count(t.path));
