@@ -22,7 +22,7 @@
 #                    block, so it needs every phase)
 #
 # Phases, each with a cluster of its own (run/bench-cluster; bench/src/phases.rs holds each
-# as data: settings, policy, targets, what follows the rounds):
+# as data: settings, policy, targets):
 #   allow          10^9 per 1 s: every request runs the whole Redis decision and is
 #                  admitted. wrk on /limited_endpoint and /, through Nginx and directly,
 #                  at 16 and 64 connections.

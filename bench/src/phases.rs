@@ -1,7 +1,7 @@
 //! Every phase of scripts/bench.sh as data: where the instances run, under which
-//! settings and policy, what load goes where, and what is measured after the rounds.
-//! One loop (`throughput::Bench::phase`) measures any of them; its results are JSON
-//! records (run/bench/*.jsonl), from which `report` renders every table.
+//! settings and policy, and what load goes where. One loop (`throughput::Bench::phase`)
+//! measures any of them; its results are JSON records (run/bench/results.jsonl), from
+//! which `report` renders every table.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,7 +1,7 @@
 //! `scripts/bench.sh`: the chosen phases of [`PHASES`], each measured by one loop
-//! ([`Bench::phase`]): start its topology, warm up, measure every target round by round,
-//! then what comes after the rounds. Every measurement is a JSON line; the report is
-//! rendered from those lines alone (`report::render`).
+//! ([`Bench::phase`]): start its topology, warm up, measure every target round by round.
+//! Every measurement is a JSON line; the report is rendered from those lines alone
+//! (`report::render`).
 
 use std::collections::HashSet;
 use std::fs;
