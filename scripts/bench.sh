@@ -22,19 +22,14 @@
 #                    block, so it needs every phase)
 #
 # Phases, each with a cluster of its own (run/bench-cluster; bench/src/phases.rs holds each
-# as data: settings, policy, targets, what follows the rounds):
+# as data: settings, policy, targets):
 #   allow          10^9 per 1 s: every request runs the whole Redis decision and is
 #                  admitted. wrk on /limited_endpoint and /, through Nginx and directly,
-#                  at 16 and 64 connections. Then redis-benchmark runs the Lua script
-#                  alone on the master, replicas attached: random keys (allow-heavy), one
-#                  client coming back, one denied key, two limits, a script that only
-#                  returns (the floor) and scripts/bench/reference_token_bucket.lua.
+#                  at 16 and 64 connections.
 #   two-limits     one policy of two limits (per second and per minute), 64 connections
 #   metrics-off    allow's targets at 64 connections with METRICS=off: what /metrics costs
 #   allow-pool     allow with REDIS_CLIENT=pool, when the binary knows that setting
 #   memory-store   one instance with the embedded store, directly: no Redis round trip
-#   mixed          RATE_LIMIT=BURST=$MIXED_RATE (default 15) per 1 s over 241 clients
-#                  (target/release/loadtest), so 200s and 429s both occur
 #   flood          the shipped policy (10 per 60 s): one client floods through Nginx at
 #                  64 connections, deny cache on; / beside it
 #   flood-nocache  the same with DENY_CACHE_SIZE=0
@@ -45,21 +40,19 @@
 #                  Every answer must be a 200 the demo upstream counted, or the run stops.
 #   cluster        Sentinel mode, then Cluster mode, under one policy keyed by X-Bench-Key
 #                  (scripts/bench/keys.lua: a new key every request), through Nginx and
-#                  directly; then how 100,000 keys spread their script calls over the
-#                  three masters (goal: each within ±10 % of a third).
+#                  directly.
 #
 # Per measurement: requests/s, p50/p99/max latency, responses by status (through Nginx
 # from its access log, where 499 is wrk closing at its end and not an error; directly from
 # the instance's /metrics), CPU µs per request of each process group (/proc/PID/stat),
 # the CPU of every other process, and the script calls Redis saw (INFO commandstats).
-# Each is a JSON line of run/bench/results.jsonl (the Lua script's in scripts.jsonl, the
-# spread's in spread.jsonl, the run's conditions in run.json); the report
-# (run/bench/report.md) is rendered from those files alone.
+# Each is a JSON line of run/bench/results.jsonl (the run's conditions in run.json); the
+# report (run/bench/report.md) is rendered from those files alone.
 #
 # Environment: PEER_LUA (a folder with the Lua peer's files, see peer-nginx.conf);
 # CLUSTER_PORT_OFFSET shifts every phase's cluster off the ports of
 # scripts/ports.env (as for scripts/cluster.sh; the bench's own Nginx still takes the first
-# free port from 8090); MIXED_RATE; WORKERS, REDIS_POOL_SIZE, REDIS_TIMEOUT_MS, ACCESS_LOG and
+# free port from 8090); WORKERS, REDIS_POOL_SIZE, REDIS_TIMEOUT_MS, ACCESS_LOG and
 # RUST_LOG reach the instances as they are; the passwords and RATELIMITER_BIN as for
 # scripts/cluster.sh. Needs wrk, redis-tools, nginx, curl and cargo.
 set -euo pipefail
@@ -70,9 +63,8 @@ help_if_asked "${BASH_SOURCE[0]}" "${1:-}"
 # One run per checkout: a second would empty the first one's run/bench/ and stop its cluster.
 lock_or_die "$ROOT/run/bench.lock" "another scripts/bench.sh runs in this checkout (it holds run/bench.lock); wait for it"
 
-need_tools wrk=wrk redis-cli=redis-tools redis-benchmark=redis-tools nginx=nginx-light curl=curl cargo=cargo
+need_tools wrk=wrk redis-cli=redis-tools nginx=nginx-light curl=curl cargo=cargo
 build_bench
-build_release loadtest
 [[ -n ${RATELIMITER_BIN:-} ]] || build_service
 
 cleanup() {

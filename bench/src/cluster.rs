@@ -148,11 +148,9 @@ impl Cluster {
     pub fn processes(&self) -> Result<Processes> {
         let records = self.records();
         let named = |prefix: &str| records.pids(|n| n.starts_with(prefix));
+        let with_children = |pid: u32| [vec![pid], children_of(pid)].concat();
         let nginx = records.pids(|n| n == "nginx").into_iter();
-        let nginx = nginx
-            .flat_map(|p| [vec![p], children_of(p)])
-            .flatten()
-            .collect();
+        let nginx = nginx.flat_map(with_children).collect();
         let mut groups: Groups = [("app", named("app-")), ("sentinels", named("sentinel-"))].into();
         groups.extend([("upstream", named("demo-upstream")), ("nginx", nginx)]);
         let (ports, prefix, expected) = match named("redis-cluster-").is_empty() {
@@ -162,14 +160,11 @@ impl Cluster {
         let mut masters = Vec::new();
         for &port in ports {
             let node = Node::new(port, Some(&self.password));
-            let group = if node.is_master() {
-                "master"
-            } else {
-                "replicas"
-            };
+            let master = node.is_master();
+            let group = if master { "master" } else { "replicas" };
             let pids = records.pids(|n| n == format!("{prefix}{port}"));
             groups.entry(group).or_default().extend(pids);
-            masters.extend((group == "master").then_some(node));
+            masters.extend(master.then_some(node));
         }
         let count = |g: &str| groups.get(g).map_or(0, Vec::len);
         let (apps, nginx, found) = (count("app"), count("nginx"), count("master"));
@@ -196,9 +191,8 @@ mod tests {
             (ports.nginx, &ports.apps[..], ports.data[0]),
             (8000, &[8001, 8002][..], 6379)
         );
-        let shifted = Cluster::new(&root, root.join("run"), 1000, "")
-            .unwrap()
-            .ports;
+        let shifted = Cluster::new(&root, root.join("run"), 1000, "").unwrap();
+        let shifted = shifted.ports;
         let cluster = (shifted.nginx, shifted.sentinels[0], shifted.cluster.len());
         assert_eq!(cluster, (9000, 27379, 6));
         assert!(shifted.all().contains(&18000));

@@ -79,34 +79,22 @@ pub fn commit() -> String {
 /// a rebuild while the run goes on cannot mix two versions into one run.
 pub fn service_binary(root: &Path, out: &Path) -> Result<(PathBuf, String)> {
     if let Some(binary) = std::env::var_os("RATELIMITER_BIN").map(PathBuf::from) {
-        let note = format!(
-            "RATELIMITER_BIN={}; this checkout is at commit {}",
-            binary.display(),
-            commit()
-        );
+        let (shown, commit) = (binary.display(), commit());
+        let note = format!("RATELIMITER_BIN={shown}; this checkout is at commit {commit}");
         return Ok((binary, note));
     }
-    let (built, copy) = (
-        crate::release_binary(root, "ratelimiter"),
-        out.join("ratelimiter"),
-    );
+    let built = crate::release_binary(root, "ratelimiter");
+    let copy = out.join("ratelimiter");
     let copied = std::fs::copy(&built, &copy);
     copied.with_context(|| format!("cannot copy {} (is it built?)", built.display()))?;
     let paths = "status --porcelain -- src config Cargo.toml Cargo.lock".split(' ');
     let changes = Command::new("git").args(paths).output();
-    let changes = changes.map_or(0, |out| {
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    });
+    let changes = changes.map_or(0, |out| out.stdout.iter().filter(|&&b| b == b'\n').count());
     let changes = match changes {
         0 => String::new(),
         n => format!(", with {n} uncommitted change(s) under src/, config/ or Cargo.*"),
     };
-    let rel = |path: &Path| {
-        path.strip_prefix(root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    };
+    let rel = |path: &Path| format!("{}", path.strip_prefix(root).unwrap_or(path).display());
     let (built_at, run_as, commit) = (rel(&built), rel(&copy), commit());
     let note = format!(
         "{built_at} built from this working tree at commit {commit}{changes}, run as a copy, {run_as}"

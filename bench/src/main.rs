@@ -27,7 +27,6 @@ mod phases;
 mod probe;
 mod process;
 mod report;
-mod script;
 mod soak;
 mod throughput;
 

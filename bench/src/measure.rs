@@ -7,18 +7,10 @@ use serde_json::{Value, json};
 
 use crate::cluster::Groups;
 use crate::phases::Target;
-use crate::process::{MachineTicks, cpu_detail, ticks_of};
+use crate::process::{MachineTicks, ticks_of};
 
 /// The process groups whose CPU is counted, as the records name them.
-pub const GROUPS: [&str; 7] = [
-    "app",
-    "nginx",
-    "master",
-    "replicas",
-    "sentinels",
-    "upstream",
-    "proxy",
-];
+pub const GROUPS: &str = "app nginx master replicas sentinels upstream proxy";
 
 /// The counters read right before and right after a load generator ran.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -27,8 +19,6 @@ pub struct Snapshot {
     pub machine: MachineTicks,
     /// The script's calls and usec on the masters.
     pub redis: (u64, u64),
-    /// The instances' user and system ticks, context switches and threads.
-    pub app: [u64; 4],
 }
 
 impl Snapshot {
@@ -37,17 +27,11 @@ impl Snapshot {
             .iter()
             .map(|(name, pids)| (*name, ticks_of(pids)))
             .collect();
-        let mut app = [0; 4];
-        for &pid in groups.get("app").into_iter().flatten() {
-            let detail = app.iter_mut().zip(cpu_detail(pid));
-            detail.for_each(|(sum, value)| *sum += value);
-        }
         let machine = MachineTicks::read();
         Self {
             ticks,
             machine,
             redis,
-            app,
         }
     }
 }
@@ -88,9 +72,9 @@ pub fn compute(
         let ticks = |s: &Snapshot| s.ticks.get(name).copied().unwrap_or(0);
         ticks(after).saturating_sub(ticks(before))
     };
-    let mut cpu_of: BTreeMap<&str, f64> = GROUPS.iter().map(|g| (*g, cpu(delta(g)))).collect();
+    let mut cpu_of: BTreeMap<&str, f64> = GROUPS.split(' ').map(|g| (g, cpu(delta(g)))).collect();
     cpu_of.insert("load_generator", cpu(generator_ticks));
-    let accounted = GROUPS.iter().map(|g| delta(g)).sum::<u64>() + generator_ticks;
+    let accounted = GROUPS.split(' ').map(delta).sum::<u64>() + generator_ticks;
     let all = after.machine.all.saturating_sub(before.machine.all);
     let busy = after.machine.busy.saturating_sub(before.machine.busy);
     // CPU every process outside the topology and the load generator used, in % of the machine.
@@ -104,7 +88,6 @@ pub fn compute(
     } else {
         0.0
     };
-    let app = |i: usize| after.app[i].saturating_sub(before.app[i]);
     json!({
         "phase": phase, "round": round, "tool": target.tool, "via": target.via, "path": target.path,
         "connections": target.connections, "requests": n, "seconds": round_to(traffic.seconds, 2),
@@ -113,35 +96,20 @@ pub fn compute(
         "ok": ok, "denied": denied, "other": other, "upstream": traffic.upstream,
         "cpu": cpu_of, "others_percent": round_to(others, 1), "machine_us_per_request": cpu(busy),
         "script_calls_per_request": round_to(calls / q, 3), "usec_per_script_call": usec_per_call,
-        "app_user": cpu(app(0)), "app_system": cpu(app(1)),
-        "switches_per_request": round_to(app(2) as f64 / q, 2), "threads": after.app[3],
     })
 }
 
 /// The line printed as each measurement ends.
 pub fn progress_line(r: &Value) -> String {
-    let [phase, round, tool, via, path, conns, ok, denied, other] = [
-        "phase",
-        "round",
-        "tool",
-        "via",
-        "path",
-        "connections",
-        "ok",
-        "denied",
-        "other",
-    ]
-    .map(|k| crate::report::text(&r[k]));
-    let number = |k: &str| r[k].as_f64().unwrap_or(0.0);
-    let (rate, p99, others) = (
-        number("per_second"),
-        number("p99_ms"),
-        number("others_percent"),
-    );
-    let cpu = |g: &str| r["cpu"][g].as_f64().unwrap_or(0.0);
+    let text = |k: &str| crate::report::text(&r[k]);
+    let [phase, round, tool, via, path] = ["phase", "round", "tool", "via", "path"].map(text);
+    let [c, ok, denied, other] = ["connections", "ok", "denied", "other"].map(text);
+    let number = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let [rate, p99, others] = ["per_second", "p99_ms", "others_percent"].map(|k| number(&r[k]));
+    let cpu = |g: &str| number(&r["cpu"][g]);
     let (app, nginx, redis) = (cpu("app"), cpu("nginx") + cpu("proxy"), cpu("master"));
     format!(
-        "{phase} r{round} {tool} {via} {path} c{conns}: {rate:.0} req/s, p99 {p99:.2} ms, 200:{ok} 429:{denied} other:{other}; \
+        "{phase} r{round} {tool} {via} {path} c{c}: {rate:.0} req/s, p99 {p99:.2} ms, 200:{ok} 429:{denied} other:{other}; \
          µs/req app {app:.1} nginx {nginx:.1} redis {redis:.1}; others {others:.0}%"
     )
 }
@@ -151,34 +119,34 @@ mod tests {
     use super::*;
     use crate::phases::{Tool, Via};
 
-    /// Counters where `ticks` name each group's, the instances' split in two halves of
-    /// user and system time and 12 threads, and the script ran 6 µs a call.
+    /// Counters where `ticks` name each group's, and the script ran 6 µs a call.
     fn snapshot(ticks: &[(&'static str, u64)], busy: u64, all: u64, calls: u64) -> Snapshot {
-        let app = ticks.iter().find(|(g, _)| *g == "app").map_or(0, |t| t.1);
-        let mut snapshot = Snapshot {
-            redis: (calls, calls * 6),
-            app: [app / 2, app / 2, 0, 12],
-            ..Snapshot::default()
-        };
-        (snapshot.ticks, snapshot.machine) =
-            (ticks.iter().copied().collect(), MachineTicks { busy, all });
-        snapshot
+        let (ticks, machine) = (ticks.iter().copied().collect(), MachineTicks { busy, all });
+        let redis = (calls, calls * 6);
+        Snapshot {
+            ticks,
+            machine,
+            redis,
+        }
     }
 
     #[test]
     fn cpu_is_divided_by_the_answered_requests_and_others_never_go_below_zero() {
-        let target = ALLOW_THROUGH_NGINX;
+        let target = Target {
+            tool: Tool::Wrk,
+            via: Via::Nginx,
+            path: "/limited_endpoint",
+            connections: 64,
+        };
         // 100 000 requests in 5 s; the instances used 160 ticks (1.6 s at 100 Hz). The
         // machine: 1000 ticks, 550 busy; the groups and wrk (60) account for 490.
+        let (latency_ms, statuses) = ([1.234, 0.0, 0.0], [50_000, 0, 0]);
         let traffic = Traffic {
             requests: 100_000,
             seconds: 5.0,
-            latency_ms: [1.234, 0.0, 0.0],
-            ..Traffic::default()
-        };
-        let traffic = Traffic {
-            statuses: [50_000, 0, 0],
-            ..traffic
+            latency_ms,
+            statuses,
+            upstream: 0,
         };
         let groups = [
             ("app", 160),
@@ -186,10 +154,8 @@ mod tests {
             ("master", 90),
             ("replicas", 30),
         ];
-        let (before, after) = (
-            snapshot(&[], 0, 0, 0),
-            snapshot(&groups, 550, 1000, 100_000),
-        );
+        let before = snapshot(&[], 0, 0, 0);
+        let after = snapshot(&groups, 550, 1000, 100_000);
         let row = compute(("allow", 1), &target, &traffic, (&before, &after), 60, 100);
         let figures = [
             "per_second",
@@ -200,28 +166,11 @@ mod tests {
         assert_eq!(figures.map(|k| &row[k]), [20_000.0, 10_000.0, 1.23, 6.0]);
         let cpu = ["app", "nginx", "master", "load_generator"].map(|g| &row["cpu"][g]);
         assert_eq!(cpu, [16.0, 15.0, 9.0, 6.0]);
-        let detail = ["usec_per_script_call", "app_user", "threads"].map(|k| &row[k]);
-        assert_eq!(detail, [6.0, 8.0, 12.0]);
-        assert_eq!([&row["tool"], &row["via"]], ["wrk", "nginx"]);
-        let idle = snapshot(&[("app", 10)], 5, 100, 0);
-        let idle = compute(
-            ("mixed", 2),
-            &target,
-            &Traffic::default(),
-            (&before, &idle),
-            0,
-            100,
-        );
-        assert_eq!(
-            (&idle["others_percent"], &idle["usec_per_script_call"]),
-            (&json!(0.0), &Value::Null)
-        );
+        let named = ["usec_per_script_call", "tool", "via"].map(|k| &row[k]);
+        assert_eq!(named, [&json!(6.0), &json!("wrk"), &json!("nginx")]);
+        let (idle, none) = (snapshot(&[("app", 10)], 5, 100, 0), Traffic::default());
+        let idle = compute(("flood", 2), &target, &none, (&before, &idle), 0, 100);
+        let figures = (&idle["others_percent"], &idle["usec_per_script_call"]);
+        assert_eq!(figures, (&json!(0.0), &Value::Null));
     }
-
-    const ALLOW_THROUGH_NGINX: Target = Target {
-        tool: Tool::Wrk,
-        via: Via::Nginx,
-        path: "/limited_endpoint",
-        connections: 64,
-    };
 }

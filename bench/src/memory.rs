@@ -127,11 +127,8 @@ s until back | keys.secs_until_back | median 0
 /// commands), the table of its cases, the commands.
 pub fn render(run: &Value, results: &[Value]) -> String {
     let [started, service] = ["started", "service"].map(|k| run[k].as_str().unwrap_or("?"));
-    let commands = run["commands"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str);
+    let commands = run["commands"].as_array().into_iter().flatten();
+    let commands: Vec<&str> = commands.filter_map(Value::as_str).collect();
     format!(
         "## Memory: run of {started}\n\n- Service: {service}\n- Machine: {}; whole run {} s\n\
          - {} distinct identities per case (IPv4s from 10.0.0.0/8 in X-Forwarded-For from the trusted 127.0.0.1); every {REPEAT_EVERY}th asks twice in a row, so a burst of 1 denies it; wrk {THREADS} threads, 64 connections; deny cache at its default size (100000)\n\
@@ -141,7 +138,7 @@ pub fn render(run: &Value, results: &[Value]) -> String {
         run["elapsed_s"],
         run["identities"],
         table(results, COLUMNS),
-        commands.collect::<Vec<_>>().join("\n")
+        commands.join("\n")
     )
 }
 
@@ -198,16 +195,10 @@ fn own_redis(
     command.args(args.split(' ')).arg("").arg("--dir").arg(&dir);
     let log = out.join(format!("redis-{name}.log"));
     let server = Started::spawn(records, &format!("redis-{name}"), &mut command, &log)?;
-    let node = Node::new(port, None);
-    let pong = || {
-        node.query::<String>(&redis::cmd("PING"))
-            .is_ok_and(|r| r == "PONG")
-    };
-    wait_until(
-        &format!("redis-server on {port} answers PING"),
-        Duration::from_secs(10),
-        pong,
-    )?;
+    let (node, ping) = (Node::new(port, None), redis::cmd("PING"));
+    let what = format!("redis-server on {port} answers PING");
+    let pong = || node.query::<String>(&ping).is_ok();
+    wait_until(&what, Duration::from_secs(10), pong)?;
     let (pid, dir) = (server.pid(), dir.display());
     say!("  started redis-server (pid {pid}) on port {port} in {dir}");
     Ok((server, node))
@@ -222,20 +213,14 @@ fn run_case(
     commands: &mut Vec<String>,
 ) -> Result<Value> {
     let (name, identities) = (case.spec.replace([':', '/'], "-"), o.identities);
-    let Case {
-        spec,
-        rate,
-        window,
-        burst,
-        ..
-    } = case;
+    let (spec, rate, window, burst) = (&case.spec, case.rate, case.window, case.burst);
     say!(
         "case {spec}: RATE_LIMIT={rate} TIME_WINDOW={window} BURST={burst}, {identities} identities"
     );
     let redis = case
         .redis
-        .then(|| own_redis(&o.work_dir, out, records, &name))
-        .transpose()?;
+        .then(|| own_redis(&o.work_dir, out, records, &name));
+    let redis = redis.transpose()?;
     // Only what this case sets reaches the instance.
     let log = out.join(format!("{name}.log"));
     let _ = fs::remove_file(&log);
@@ -253,11 +238,8 @@ fn run_case(
     say!("  started the instance (pid {app}) on port {port}");
 
     let (before, _) = memory_kib(app);
-    let keys = || {
-        redis
-            .as_ref()
-            .and_then(|(_, node)| node.query(&redis::cmd("DBSIZE")).ok())
-    };
+    let (node, dbsize) = (redis.as_ref().map(|(_, node)| node), redis::cmd("DBSIZE"));
+    let keys = || node.and_then(|node| node.query::<u64>(&dbsize).ok());
     let keys_before = keys().unwrap_or(0);
     let planned = planned_requests(identities, THREADS, REPEAT_EVERY);
     let url = format!("http://{LOOPBACK}:{port}{LIMITED}");
@@ -266,10 +248,8 @@ fn run_case(
         o.max_secs
     );
     commands.push(format!("{shown} {} &", bin.display()));
-    commands.push(format!(
-        "wrk {}",
-        args.replace(&url, &format!("http://{LOOPBACK}:PORT{LIMITED}"))
-    ));
+    let any_port = format!("http://{LOOPBACK}:PORT{LIMITED}");
+    commands.push(format!("wrk {}", args.replace(&url, &any_port)));
     say!("  + wrk {args}  (stopped once {planned} requests are answered)");
     let started = Instant::now();
     let (wrk_name, wrk_log) = (format!("wrk-{name}"), out.join(format!("wrk-{name}.txt")));
@@ -278,18 +258,12 @@ fn run_case(
     let (mut peak, mut keys_peak) = (before, None::<u64>);
     while wrk.running() {
         sleep(Duration::from_secs(1));
-        let ((rss, _), n, now) = (
-            memory_kib(app),
-            Counts::of_instance(port, LIMITED).map_or(0, |c| c.total()),
-            keys(),
-        );
+        let ((rss, _), now) = (memory_kib(app), keys());
+        let n = Counts::of_instance(port, LIMITED).map_or(0, |c| c.total());
         (peak, keys_peak) = (peak.max(rss), keys_peak.max(now));
-        let secs = started.elapsed().as_secs();
+        let (secs, rss) = (started.elapsed().as_secs(), mib(rss));
         if secs.is_multiple_of(10) {
-            say!(
-                "  {secs}s: {n} of {planned} answered, VmRSS {} MiB, Redis keys {now:?}",
-                mib(rss)
-            );
+            say!("  {secs}s: {n} of {planned} answered, VmRSS {rss} MiB, Redis keys {now:?}");
         }
         if n >= planned {
             break;
@@ -309,18 +283,13 @@ fn run_case(
     let mut keys_json = Value::Null;
     if redis.is_some() {
         let gone = || keys().is_some_and(|k| k <= keys_before);
-        let _ = wait_until(
-            "the bucket keys are gone",
-            settle + Duration::from_secs(30),
-            gone,
-        );
+        let within = settle + Duration::from_secs(30);
+        let _ = wait_until("the bucket keys are gone", within, gone);
         let back = t0.elapsed().as_secs();
         keys_json = json!({"before": keys_before, "peak": keys_peak, "after": keys(), "secs_until_back": back});
     }
-    say!(
-        "  waiting past the refill time ({} s); Redis keys: {keys_json}",
-        settle.as_secs()
-    );
+    let secs = settle.as_secs();
+    say!("  waiting past the refill time ({secs} s); Redis keys: {keys_json}");
     sleep(settle.saturating_sub(t0.elapsed()));
     let (settled, hwm) = memory_kib(app);
     let [before, peak, after, settled, hwm] = [before, peak, after, settled, hwm].map(mib);
@@ -343,17 +312,9 @@ mod tests {
     #[test]
     fn cases_are_parsed_from_their_spec_and_requests_count_each_repeated_identity_twice() {
         let cases = parse_cases(DEFAULT_CASES).unwrap();
-        let (redis, rate, window, burst) = (true, 1, 2, 1);
-        assert_eq!(
-            cases[2],
-            Case {
-                spec: "redis:1/2/1".into(),
-                redis,
-                rate,
-                window,
-                burst
-            }
-        );
+        let c = &cases[2];
+        let case = (c.spec.as_str(), c.redis, [c.rate, c.window, c.burst]);
+        assert_eq!(case, ("redis:1/2/1", true, [1, 2, 1]));
         for bad in ["disk:1/2/3", "memory:1/2", "memory:0/60/1", ""] {
             assert!(parse_cases(bad).is_err(), "{bad}");
         }
@@ -375,10 +336,7 @@ mod tests {
         let text = render(&run, &[redis, memory]);
         let row = "| redis | 1/2 s, burst 1 | 1000000 | 1100000 | 100000 | 52381 | 5.6 | 13.4 | 13.4 | 13.4 | 13.4 | met | 1 | 154218 | 1 | 2 |";
         assert!(text.contains(row), "{text}");
-        let missed = text.contains("| 70.0 | MISSED | - | - | - | - |");
-        assert!(
-            missed && text.ends_with("```sh\nscripts/memory.sh\n```\n"),
-            "{text}"
-        );
+        assert!(text.contains("| 70.0 | MISSED | - | - | - | - |"), "{text}");
+        assert!(text.ends_with("```sh\nscripts/memory.sh\n```\n"), "{text}");
     }
 }

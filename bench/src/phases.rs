@@ -1,7 +1,7 @@
 //! Every phase of scripts/bench.sh as data: where the instances run, under which
-//! settings and policy, what load goes where, and what is measured after the rounds.
-//! One loop (`throughput::Bench::phase`) measures any of them; its results are JSON
-//! records (run/bench/*.jsonl), from which `report` renders every table.
+//! settings and policy, and what load goes where. One loop (`throughput::Bench::phase`)
+//! measures any of them; its results are JSON records (run/bench/results.jsonl), from
+//! which `report` renders every table.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,15 +20,13 @@ pub enum Via {
     Peer,
 }
 
-/// The load generator: wrk with scripts/bench/report.lua; wrk with scripts/bench/keys.lua
-/// (a key of its own in every request's X-Bench-Key); the project's load generator over
-/// 241 client addresses.
+/// The load generator: wrk with scripts/bench/report.lua, or with scripts/bench/keys.lua
+/// (a key of its own in every request's X-Bench-Key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Tool {
     Wrk,
     WrkKeys,
-    Loadtest,
 }
 
 /// Where the instances run: `scripts/cluster.sh up` with these flags (in
@@ -37,15 +35,6 @@ pub enum Tool {
 pub enum Topology {
     Cluster(&'static [&'static str]),
     Embedded,
-}
-
-/// What is measured after the rounds: nothing, the Lua script alone on the master
-/// (`script`), or in Cluster mode how 100,000 keys spread over the masters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum After {
-    Nothing,
-    ScriptAlone,
-    Spread,
 }
 
 /// Each target of a phase: every way in, each path, at each connection count.
@@ -73,17 +62,15 @@ pub struct Phase {
     /// What `--phases` calls it: the cluster phase is two, Sentinel then Cluster mode.
     pub chosen_by: &'static str,
     pub topology: Topology,
-    /// The instances' settings, `NAME=value` words; `$MIXED_RATE` is `--mixed-rate`.
+    /// The instances' settings, `NAME=value` words.
     pub env: &'static str,
     /// A POLICY_FILE for the instances, written to run/bench/NAME.toml.
     pub policy: Option<&'static str>,
     pub load: Load,
-    pub after: After,
 }
 
 const fn phase(name: &'static str, env: &'static str, load: Load) -> Phase {
-    let (topology, after, policy) = (Topology::Cluster(&[]), After::Nothing, None);
-    let chosen_by = name;
+    let (topology, policy, chosen_by) = (Topology::Cluster(&[]), None, name);
     Phase {
         name,
         chosen_by,
@@ -91,7 +78,6 @@ const fn phase(name: &'static str, env: &'static str, load: Load) -> Phase {
         env,
         policy,
         load,
-        after,
     }
 }
 
@@ -105,10 +91,6 @@ impl Phase {
             policy: Some(policy),
             ..self
         }
-    }
-
-    const fn then(self, after: After) -> Self {
-        Self { after, ..self }
     }
 
     /// For each connection count, each way in, each path.
@@ -172,7 +154,7 @@ limits = [{ name = "second", rate = 1000000000, per = "1s" }]
 
 /// `/limited_endpoint` keyed by X-Bench-Key (scripts/bench/keys.lua sets it), admitting
 /// everything: one load generator decides many keys, spread over every master in Cluster
-/// mode. A request without the header is not limited.
+/// mode (tests/cluster checks how evenly). A request without the header is not limited.
 const KEYED_POLICY: &str = r#"[[policy]]
 name = "keyed"
 match = { path = "/limited_endpoint" }
@@ -188,12 +170,11 @@ const GATEWAY: Load = Load(
     &[GATEWAY_PATH],
     &[64],
 );
-const MIXED: &str = "RATE_LIMIT=$MIXED_RATE TIME_WINDOW=1 BURST=$MIXED_RATE";
 
 /// Every phase of the bench, in the order they run.
 pub const PHASES: &[Phase] = &[
-    // The whole Redis decision on every request, then the Lua script alone.
-    phase("allow", allow!(), WRK_BOTH).then(After::ScriptAlone),
+    // The whole Redis decision on every request.
+    phase("allow", allow!(), WRK_BOTH),
     phase("two-limits", "", WRK_64).policy(TWO_LIMITS),
     // What /metrics costs.
     phase("metrics-off", concat!(allow!(), " METRICS=off"), WRK_64),
@@ -210,8 +191,6 @@ pub const PHASES: &[Phase] = &[
         Load(Tool::Wrk, &[Via::Direct], PATHS, &[16, 64]),
     )
     .on(Topology::Embedded),
-    // 200s and 429s both, over 241 clients.
-    phase("mixed", MIXED, Load(Tool::Loadtest, BOTH, PATHS, &[16, 64])),
     // One client flooding through Nginx, with the deny cache and without.
     phase("flood", FLOOD, NGINX_64),
     phase(
@@ -233,8 +212,7 @@ pub const PHASES: &[Phase] = &[
         chosen_by: "cluster",
         ..phase("cluster-redis", "", KEYED).policy(KEYED_POLICY)
     }
-    .on(Topology::Cluster(&["--redis-cluster"]))
-    .then(After::Spread),
+    .on(Topology::Cluster(&["--redis-cluster"])),
 ];
 
 /// The names `--phases` accepts, in the order their phases run.
@@ -269,26 +247,20 @@ mod tests {
 
     #[test]
     fn every_phase_of_the_script_is_in_the_table_and_chosen_by_name_in_its_order() {
-        let all = "allow,two-limits,metrics-off,allow-pool,memory-store,mixed,flood,flood-nocache,gateway,cluster";
-        assert_eq!(
-            (names().join(","), parse("all").unwrap().len()),
-            (all.into(), PHASES.len())
-        );
+        let all = "allow,two-limits,metrics-off,allow-pool,memory-store,flood,flood-nocache,gateway,cluster";
+        assert_eq!(names().join(","), all);
+        assert_eq!(parse("all").unwrap().len(), PHASES.len());
         let some = parse("gateway, allow,cluster,allow").unwrap();
         let some: Vec<&str> = some.iter().map(|p| p.name).collect();
-        assert_eq!(
-            some,
-            ["allow", "gateway", "cluster-sentinel", "cluster-redis"]
-        );
+        let in_order = ["allow", "gateway", "cluster-sentinel", "cluster-redis"];
+        assert_eq!(some, in_order);
         let unknown = parse("allow,gatway").unwrap_err();
         assert!(
             unknown.starts_with("no phase 'gatway'; the phases: allow,"),
             "{unknown}"
         );
-        assert!(
-            parse(" , ").is_err() && parse("all,allow").is_err(),
-            "all stands alone"
-        );
+        // Nothing chosen is an error, and so is `all` beside a name.
+        assert!(parse(" , ").is_err() && parse("all,allow").is_err());
     }
 
     #[test]
@@ -297,24 +269,14 @@ mod tests {
         let allow: Vec<_> = PHASES[0].targets().iter().map(key).collect();
         let (first, fourth) = ((Via::Nginx, LIMITED, 16), (Via::Direct, "/", 16));
         assert_eq!((allow.len(), allow[0], allow[3]), (8, first, fourth));
-        let gateway: Vec<_> = PHASES[8].targets().iter().map(key).collect();
-        let (through, peer, straight) = (
-            (Via::Gateway, GATEWAY_PATH, 64),
-            (Via::Peer, GATEWAY_PATH, 64),
-            (Via::Proxy, GATEWAY_PATH, 64),
-        );
-        assert_eq!(gateway, [through, peer, straight]);
+        let gateway: Vec<_> = PHASES[7].targets().iter().map(key).collect();
+        let at_64 = |via| (via, GATEWAY_PATH, 64);
+        assert_eq!(gateway, [Via::Gateway, Via::Peer, Via::Proxy].map(at_64));
         let metrics_off = "RATE_LIMIT=1000000000 TIME_WINDOW=1 BURST=1000000000 METRICS=off";
         assert_eq!(PHASES[2].env, metrics_off);
-        let [sentinel, cluster] = [PHASES[9], PHASES[10]];
-        assert_eq!(
-            (sentinel.policy, sentinel.load),
-            (cluster.policy, cluster.load)
-        );
-        assert_eq!(
-            (sentinel.after, cluster.after),
-            (After::Nothing, After::Spread)
-        );
+        let [sentinel, cluster] = [PHASES[8], PHASES[9]];
+        let measured = |p: Phase| (p.policy, p.load);
+        assert_eq!(measured(sentinel), measured(cluster));
         assert_eq!(cluster.topology, Topology::Cluster(&["--redis-cluster"]));
     }
 }

@@ -34,32 +34,12 @@ pub fn ticks_of(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// The user and system ticks, the context switches of the threads alive now, and the
-/// threads of PID.
-pub fn cpu_detail(pid: u32) -> [u64; 4] {
-    let Some(stat) = stat(pid) else {
-        return [0; 4];
-    };
-    let tasks = Process::new(stat.pid).and_then(|p| p.tasks());
-    let switches = tasks.into_iter().flatten().flatten();
-    let switches = switches.filter_map(|task| task.status().ok()).map(|s| {
-        s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0)
-    });
-    let threads = u64::try_from(stat.num_threads).unwrap_or(0);
-    [stat.utime, stat.stime, switches.sum(), threads]
-}
-
 /// The pids whose parent is `ppid`, sorted.
 pub fn children_of(ppid: u32) -> Vec<u32> {
-    let all = procfs::process::all_processes()
-        .into_iter()
-        .flatten()
-        .flatten();
-    let stats = all.filter_map(|p| p.stat().ok());
-    let mut children: Vec<u32> = stats
-        .filter(|s| i64::from(s.ppid) == i64::from(ppid))
-        .map(|s| s.pid as u32)
-        .collect();
+    let all = procfs::process::all_processes().into_iter().flatten();
+    let stats = all.flatten().filter_map(|p| p.stat().ok());
+    let children = stats.filter(|s| i64::from(s.ppid) == i64::from(ppid));
+    let mut children: Vec<u32> = children.map(|s| s.pid as u32).collect();
     children.sort_unstable();
     children
 }
@@ -254,10 +234,8 @@ mod tests {
             text.starts_with("echo ") && records.running().is_empty(),
             "{text}"
         );
-        let (pid, start) = (
-            std::process::id(),
-            start_time_of(std::process::id()).unwrap(),
-        );
+        let pid = std::process::id();
+        let start = start_time_of(pid).unwrap();
         let lines = format!("me {pid} {start} x\nreused {pid} {} x\nbroken\n", start + 1);
         fs::write(&records.0, lines).unwrap();
         assert_eq!(records.running(), [("me".to_owned(), pid)]);
@@ -268,8 +246,6 @@ mod tests {
     fn this_process_and_the_machine_can_be_read() {
         let me = std::process::id();
         assert!(memory_kib(me).0 > 0 && open_fds(me).is_some());
-        let [_, _, switches, threads] = cpu_detail(me);
-        assert!(switches > 0 && threads >= 1);
         let (before, later) = (MachineTicks::read(), MachineTicks { busy: 0, all: 0 });
         assert!(before.all > 0 && later.busy_percent_until(&before) <= 100.0);
     }

@@ -1,7 +1,7 @@
 //! `scripts/bench.sh`: the chosen phases of [`PHASES`], each measured by one loop
-//! ([`Bench::phase`]): start its topology, warm up, measure every target round by round,
-//! then what comes after the rounds. Every measurement is a JSON line; the report is
-//! rendered from those lines alone (`report::render`).
+//! ([`Bench::phase`]): start its topology, warm up, measure every target round by round.
+//! Every measurement is a JSON line; the report is rendered from those lines alone
+//! (`report::render`).
 
 use std::collections::HashSet;
 use std::fs;
@@ -11,13 +11,13 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::cluster::{Cluster, Processes};
 use crate::machine::{self, Machine};
-use crate::measure::{self, Snapshot, Traffic, round_to};
-use crate::node::{Node, script_calls};
-use crate::phases::{self, After, LIMITED, PHASES, Phase, Target, Tool, Topology, Via};
+use crate::measure::{self, Snapshot, Traffic};
+use crate::node::script_calls;
+use crate::phases::{self, PHASES, Phase, Target, Tool, Topology, Via};
 use crate::probe::{self, Counts, WrkReport, port_open};
 use crate::process::{MachineTicks, Records, Started, children_of, run_counted, tail};
 use crate::report::{self, RunInfo};
@@ -44,9 +44,6 @@ pub struct Options {
     /// Also write the run into docs/BENCHMARKS.md.
     #[arg(long)]
     record: bool,
-    /// The policy of the mixed phase: RATE_LIMIT = BURST per 1 s.
-    #[arg(long, env = "MIXED_RATE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    mixed_rate: u64,
     /// The phases to run, comma-separated, in any order (they run in the usual one), or
     /// `all`. `--record` needs all of them.
     #[arg(long, default_value = "all", value_parser = |t: &str| phases::parse(t).map(Chosen))]
@@ -64,9 +61,7 @@ pub struct Chosen(Vec<&'static Phase>);
 
 /// A measurement during which others used the machine is taken again at most this often.
 const RETAKES: u32 = 2;
-/// The sources of the load generator (the mixed phase): 241 clients.
-const MIXED_SOURCES: &str = "127.0.0.10-250";
-/// The distinct keys of scripts/bench/keys.lua, and of the cluster phase's spread.
+/// The distinct keys of scripts/bench/keys.lua.
 const KEYS: u64 = 100_000;
 /// Instance settings that pass through to every phase, named in the report when set.
 const PASSED_SETTINGS: &str = "WORKERS REDIS_POOL_SIZE REDIS_TIMEOUT_MS ACCESS_LOG";
@@ -87,7 +82,6 @@ struct Bench {
     /// serves and its port: straight to it, and the in-Nginx Lua limiter.
     bench_nginxes: Vec<(Via, Started, u16)>,
     procs: Processes,
-    rows: Vec<Value>,
     commands: Vec<String>,
     /// Measurements taken again, and kept although others still used the machine.
     retaken: (u32, u32),
@@ -108,12 +102,8 @@ pub fn run(o: Options) -> Result<()> {
     let password = password.unwrap_or_else(|_| "ratelimiter-dev-admin-password".into());
     let dir = root.join("run/bench-cluster");
     let mut cluster = Cluster::new(&root, dir, o.port_offset, &password)?;
-    let busy: Vec<u16> = cluster
-        .ports
-        .all()
-        .into_iter()
-        .filter(|&p| port_open(p))
-        .collect();
+    let mut busy = cluster.ports.all();
+    busy.retain(|&port| port_open(port));
     if let Some(first) = busy.first() {
         bail!(
             "port(s) {busy:?} are in use (a cluster running? scripts/cluster.sh down); see: ss -ltnp 'sport = :{first}'"
@@ -122,7 +112,7 @@ pub fn run(o: Options) -> Result<()> {
     let (bin, service) = machine::service_binary(&root, &out)?;
     cluster.bin = Some(bin.clone());
     let own = Records(out.join("pids"));
-    let (embedded, bench_nginxes, procs, rows, commands, retaken) = Default::default();
+    let (embedded, bench_nginxes, procs, commands, retaken) = Default::default();
     let mut b = Bench {
         o,
         root,
@@ -133,7 +123,6 @@ pub fn run(o: Options) -> Result<()> {
         embedded,
         bench_nginxes,
         procs,
-        rows,
         commands,
         retaken,
     };
@@ -148,20 +137,8 @@ pub fn run(o: Options) -> Result<()> {
     b.down();
     outcome?;
 
-    let mut keepalive = Vec::new();
-    for entry in fs::read_dir(b.root.join("nginx"))?.flatten() {
-        let name = format!("nginx/{}", entry.file_name().to_string_lossy());
-        if name.contains(".conf") {
-            keepalive.push((name, gateway::keepalive(&fs::read_to_string(entry.path())?)));
-        }
-    }
-    keepalive.sort();
-    let set = |name: &str| {
-        Some(format!(
-            "{name}={}",
-            std::env::var(name).ok().filter(|v| !v.is_empty())?
-        ))
-    };
+    let value = |name: &str| std::env::var(name).unwrap_or_default();
+    let set = PASSED_SETTINGS.split(' ').filter(|n| !value(n).is_empty());
     let info = RunInfo {
         started: machine::utc_minute(started_at),
         machine: Machine::read(),
@@ -174,27 +151,21 @@ pub fn run(o: Options) -> Result<()> {
         elapsed_s: started.elapsed().as_secs(),
         quiet_max: b.o.quiet_max,
         retaken: b.retaken,
-        instance_settings: PASSED_SETTINGS.split(' ').filter_map(set).collect(),
+        instance_settings: set.map(|name| format!("{name}={}", value(name))).collect(),
         invocation: b.o.invocation.clone(),
         commands: b.commands.clone(),
-        keepalive,
     };
     fs::write(b.out.join("run.json"), serde_json::to_string_pretty(&info)?)?;
     let text = report::render(&b.out)?;
-    say!(
-        "done in {}s; raw outputs in {}",
-        info.elapsed_s,
-        b.rel(&b.out)
-    );
+    let (elapsed, raw) = (info.elapsed_s, b.rel(&b.out));
+    say!("done in {elapsed}s; raw outputs in {raw}");
     report::publish(&b.root, &b.out, &text, b.o.record.then_some("bench.sh"))
 }
 
 impl Bench {
     fn rel(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
+        let path = path.strip_prefix(&self.root).unwrap_or(path);
+        path.display().to_string()
     }
 
     /// Remembers a command for the report (once) and shows it.
@@ -228,11 +199,7 @@ impl Bench {
                     self.measure(phase.name, round, target)?;
                 }
             }
-            match phase.after {
-                After::ScriptAlone => self.script_alone(),
-                After::Spread => self.spread(phase.name),
-                After::Nothing => Ok(()),
-            }
+            Ok(())
         });
         self.down();
         outcome
@@ -240,15 +207,12 @@ impl Bench {
 
     fn up(&mut self, phase: &Phase) -> Result<()> {
         let name = phase.name;
-        let mut env = phase
-            .env
-            .replace("$MIXED_RATE", &self.o.mixed_rate.to_string());
+        let mut env = phase.env.to_owned();
         if let Some(policy) = phase.policy {
             let file = self.out.join(format!("{name}.toml"));
             fs::write(&file, policy)?;
-            env = format!("{env} POLICY_FILE={}", file.display())
-                .trim_start()
-                .to_owned();
+            let policy_file = format!("POLICY_FILE={}", file.display());
+            env = format!("{env} {policy_file}").trim_start().into();
         }
         self.procs = Processes::default();
         match phase.topology {
@@ -259,14 +223,11 @@ impl Bench {
                     offset => format!(" CLUSTER_PORT_OFFSET={offset}"),
                 };
                 let dir = self.rel(&self.cluster.dir);
-                self.note(&format!(
-                    "{env}{offset} CLUSTER_DIR={dir} scripts/cluster.sh up{flag}"
-                ));
+                let up = format!("{env}{offset} CLUSTER_DIR={dir} scripts/cluster.sh up{flag}");
+                self.note(&up);
                 let log = self.out.join(format!("cluster-{name}.log"));
-                say!(
-                    "phase {name}: starting the cluster (log: {})",
-                    self.rel(&log)
-                );
+                let shown = self.rel(&log);
+                say!("phase {name}: starting the cluster (log: {shown})");
                 let last = self.cluster.start(&env, flags, &log)?;
                 say!("phase {name}: {last}");
                 self.procs = self.cluster.processes()?;
@@ -355,12 +316,10 @@ impl Bench {
     }
 
     fn port(&self, via: Via) -> u16 {
+        let first = self.cluster.ports.apps[0];
         match via {
             Via::Nginx => self.cluster.ports.nginx,
-            Via::Direct => self
-                .embedded
-                .as_ref()
-                .map_or(self.cluster.ports.apps[0], |e| e.1),
+            Via::Direct => self.embedded.as_ref().map_or(first, |e| e.1),
             Via::Gateway => self.cluster.ports.gateway,
             Via::Proxy | Via::Peer => {
                 let serving = self.bench_nginxes.iter().find(|(way, ..)| *way == via);
@@ -373,9 +332,17 @@ impl Bench {
         format!("http://{LOOPBACK}:{}{path}", self.port(via))
     }
 
-    /// wrk with `args` after its threads, run in the checkout; and its command line.
-    fn wrk(&self, args: &str) -> (Command, String) {
-        let line = format!("wrk -t{} {args}", self.o.threads);
+    /// wrk on a target with its script (scripts/bench/report.lua, or keys.lua over KEYS
+    /// keys), run in the checkout; and its command line.
+    fn wrk(&self, t: &Target, connections: u32, seconds: u32) -> (Command, String) {
+        let (threads, url) = (self.o.threads, self.url(t.via, t.path));
+        let script = match t.tool {
+            Tool::Wrk => format!("report.lua {url}"),
+            Tool::WrkKeys => format!("keys.lua {url} -- {KEYS}"),
+        };
+        let line = format!(
+            "wrk -t{threads} -c{connections} -d{seconds}s --latency -s scripts/bench/{script}"
+        );
         let mut wrk = Command::new("wrk");
         wrk.args(line.split(' ').skip(1)).current_dir(&self.root);
         (wrk, line)
@@ -386,12 +353,7 @@ impl Bench {
         say!("warming up (2 s per target, not recorded)");
         let mut seen = HashSet::new();
         for t in targets.iter().filter(|t| seen.insert((t.via, t.path))) {
-            let keys = if t.tool == Tool::WrkKeys {
-                "-s scripts/bench/keys.lua "
-            } else {
-                ""
-            };
-            let (mut wrk, _) = self.wrk(&format!("-c16 -d2s {keys}{}", self.url(t.via, t.path)));
+            let (mut wrk, _) = self.wrk(t, 16, 2);
             let _ = wrk.stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
     }
@@ -421,66 +383,34 @@ impl Bench {
     /// % of the machine is taken again (at most RETAKES times); the quietest one is kept.
     fn measure(&mut self, phase: &str, round: u32, target: &Target) -> Result<()> {
         let others = |row: &Value| row["others_percent"].as_f64().unwrap_or(0.0);
+        let quiet_max = f64::from(self.o.quiet_max);
         self.wait_quiet();
         let mut best = self.measure_once(phase, round, target)?;
-        let mut last = others(&best);
-        for attempt in 1..=RETAKES + 1 {
-            if last <= f64::from(self.o.quiet_max) {
+        for _ in 0..RETAKES {
+            if others(&best) <= quiet_max {
                 break;
             }
-            if attempt > RETAKES {
-                self.retaken.1 += 1;
-                break;
-            }
+            let busy = others(&best);
             self.retaken.0 += 1;
-            say!("  other processes used {last}% of the machine meanwhile; measuring again");
+            say!("  other processes used {busy}% of the machine meanwhile; measuring again");
             self.wait_quiet();
             let row = self.measure_once(phase, round, target)?;
-            last = others(&row);
-            if last < others(&best) {
+            if others(&row) < others(&best) {
                 best = row;
             }
         }
-        append_json(&self.out.join("results.jsonl"), &best)?;
-        self.rows.push(best);
-        Ok(())
+        self.retaken.1 += u32::from(others(&best) > quiet_max);
+        append_json(&self.out.join("results.jsonl"), &best)
     }
 
     fn measure_once(&mut self, phase: &str, round: u32, t: &Target) -> Result<Value> {
-        let (port, url, c, d) = (
-            self.port(t.via),
-            self.url(t.via, t.path),
-            t.connections,
-            self.o.duration,
-        );
+        let (port, c) = (self.port(t.via), t.connections);
         let name = format!(
-            "{phase}-r{round}-{:?}-{:?}-{}-c{c}",
-            t.tool,
-            t.via,
-            t.path.replace('/', "_")
+            "{phase}-r{round}-{:?}-{:?}-{}-c{c}.txt",
+            t.tool, t.via, t.path
         );
-        let [out, json] =
-            ["txt", "json"].map(|ext| self.out.join(format!("{name}.{ext}").to_lowercase()));
-        let script = format!("-c{c} -d{d}s --latency -s scripts/bench");
-        let (mut command, shown) = match t.tool {
-            Tool::Loadtest => {
-                let loadtest = crate::release_binary(&self.root, "loadtest");
-                let args = format!(
-                    "--url {url} --connections {c} --duration {d}s --sources {MIXED_SOURCES} --max-requests 100000000 --json"
-                );
-                let mut command = Command::new(&loadtest);
-                command
-                    .args(args.split(' '))
-                    .arg(&json)
-                    .current_dir(&self.root);
-                (
-                    command,
-                    format!("{} {args} run/bench/NAME.json", loadtest.display()),
-                )
-            }
-            Tool::Wrk => self.wrk(&format!("{script}/report.lua {url}")),
-            Tool::WrkKeys => self.wrk(&format!("{script}/keys.lua {url} -- {KEYS}")),
-        };
+        let out = self.out.join(name.replace('/', "_").to_lowercase());
+        let (mut command, shown) = self.wrk(t, c, self.o.duration);
         self.note(&shown);
         let access_log = match t.via {
             Via::Proxy => self.out.join("proxy-nginx/logs/access.log"),
@@ -489,9 +419,8 @@ impl Bench {
         };
         let offset = fs::metadata(&access_log).map_or(0, |m| m.len());
         let direct = t.via == Via::Direct;
-        let counted_before = direct
-            .then(|| Counts::of_instance(port, t.path))
-            .transpose()?;
+        let counted_before = direct.then(|| Counts::of_instance(port, t.path));
+        let counted_before = counted_before.transpose()?;
         let upstream_counted = matches!(t.via, Via::Gateway | Via::Proxy | Via::Peer);
         let upstream = || -> Result<u64> {
             let count = upstream_counted.then(|| self.upstream_count(t.path));
@@ -510,68 +439,33 @@ impl Bench {
                 tail(&out, 5)
             );
         }
-        let mut closed = 0;
-        let traffic = if t.tool == Tool::Loadtest {
-            let summary = crate::read_summary(&json)?;
-            let c = &summary.classes;
-            let latency = summary
-                .latency_ms
-                .map_or([0.0; 3], |l| [l.p50, l.p99, l.max]);
-            let statuses = [c.admitted, c.rejected, c.not_decided()];
-            let (requests, seconds) = (summary.requests.answered, summary.elapsed_s);
-            Traffic {
-                requests,
-                seconds,
-                latency_ms: latency,
-                statuses,
-                upstream,
-            }
-        } else {
-            let report = WrkReport::from_output(&fs::read_to_string(&out)?);
-            let report = report.with_context(|| format!("in {}", out.display()))?;
-            // Through Nginx its access log counts; directly, the instance's /metrics.
-            let counted = match counted_before {
-                Some(before) => Some(Counts::of_instance(port, t.path)?.minus(&before)),
-                None => None,
-            };
-            let counts = match counted {
-                // METRICS=off: the instance counted nothing, so wrk's count stands in
-                // (no 429 is expected there; any status >= 400 is "other").
-                Some(none) if none.total() == 0 => {
-                    let other = report.status_errors();
-                    Counts {
-                        ok: report.requests.saturating_sub(other),
-                        other,
-                        ..none
-                    }
-                }
-                Some(delta) => delta,
-                None => Counts::from_access_log(&access_log, offset)?,
-            };
-            closed = counts.closed;
-            let statuses = [
-                counts.ok,
-                counts.denied,
-                counts.other + report.socket_errors(),
-            ];
-            let (requests, seconds) = (report.requests, report.duration_us as f64 / 1e6);
-            Traffic {
-                requests,
-                seconds,
-                latency_ms: report.latency_ms(),
-                statuses,
-                upstream,
-            }
+        let report = WrkReport::from_output(&fs::read_to_string(&out)?);
+        let report = report.with_context(|| format!("in {}", out.display()))?;
+        // Through Nginx its access log counts; directly, the instance's /metrics.
+        let counts = match counted_before {
+            Some(before) => Counts::of_instance(port, t.path)?.minus(&before),
+            None => Counts::from_access_log(&access_log, offset)?,
         };
-        let snapshots = (&before, &after);
-        let row = measure::compute(
-            (phase, round),
-            t,
-            &traffic,
-            snapshots,
-            generator_ticks,
-            procfs::ticks_per_second(),
-        );
+        // METRICS=off: the instance counted nothing, so wrk's count stands in (no 429 is
+        // expected there; any status >= 400 is "other").
+        let (other, closed) = (report.status_errors(), counts.closed);
+        let wrk_counted = [report.requests.saturating_sub(other), 0, other];
+        let counted = [counts.ok, counts.denied, counts.other];
+        let [ok, denied, other] = if direct && counts.total() == 0 {
+            wrk_counted
+        } else {
+            counted
+        };
+        let other = other + report.socket_errors();
+        let traffic = Traffic {
+            requests: report.requests,
+            seconds: report.duration_us as f64 / 1e6,
+            latency_ms: report.latency_ms(),
+            statuses: [ok, denied, other],
+            upstream,
+        };
+        let (snapshots, hz) = ((&before, &after), procfs::ticks_per_second());
+        let row = measure::compute((phase, round), t, &traffic, snapshots, generator_ticks, hz);
         say!("  {}", measure::progress_line(&row));
         if upstream_counted {
             match gateway::check_admitted(traffic.statuses, closed, upstream) {
@@ -587,72 +481,5 @@ impl Bench {
             );
         }
         Ok(row)
-    }
-
-    /// The Lua script alone on the master, after the rounds.
-    fn script_alone(&mut self) -> Result<()> {
-        let master = self
-            .procs
-            .masters
-            .first()
-            .context("no Redis master found")?;
-        let pids = self.procs.groups.get("master").cloned().unwrap_or_default();
-        let (root, out, own) = (&self.root, &self.out, &self.own);
-        let commands =
-            crate::script::run(master, &pids, root, out, own, procfs::ticks_per_second())?;
-        commands.iter().for_each(|c| self.note(c));
-        Ok(())
-    }
-
-    /// One wrk run through Nginx long enough for [`KEYS`] requests (from the rounds'
-    /// rate), keys 0 to KEYS - 1 in turn; each master's share of the script calls.
-    fn spread(&mut self, phase: &str) -> Result<()> {
-        let rows = self
-            .rows
-            .iter()
-            .filter(|r| r["phase"] == phase && r["via"] == "nginx");
-        let rates: Vec<f64> = rows.filter_map(|r| r["per_second"].as_f64()).collect();
-        let rate = report::median(&rates).unwrap_or(1000.0).max(1.0);
-        // A quarter more than the rounds' rate needs, and a second to connect.
-        let seconds = ((KEYS as f64 * 1.25 / rate).ceil() as u64 + 1).clamp(3, 60);
-        let url = self.url(Via::Nginx, LIMITED);
-        let (mut wrk, line) = self.wrk(&format!(
-            "-c64 -d{seconds}s -s scripts/bench/keys.lua {url} -- {KEYS}"
-        ));
-        self.note(&line);
-        let calls = |masters: &[Node]| -> Result<Vec<u64>> {
-            masters
-                .iter()
-                .map(|m| Ok(m.command_stats()?.scripts().0))
-                .collect()
-        };
-        let before = calls(&self.procs.masters)?;
-        let out = self.out.join(format!("{phase}-spread.txt"));
-        say!(
-            "phase {phase}: the spread of {KEYS} keys over the masters ({seconds} s through Nginx)"
-        );
-        let (status, _) = run_counted(&self.own, "wrk", &mut wrk, &out)?;
-        let after = calls(&self.procs.masters)?.into_iter().zip(before);
-        let deltas: Vec<u64> = after.map(|(a, b)| a.saturating_sub(b)).collect();
-        if !status.success() {
-            bail!("wrk failed ({status}): {}", tail(&out, 5));
-        }
-        let report = WrkReport::from_output(&fs::read_to_string(&out)?)?;
-        let total = deltas.iter().sum::<u64>().max(1);
-        let (requests, seconds) = (
-            report.requests,
-            round_to(report.duration_us as f64 / 1e6, 1),
-        );
-        for (master, calls) in self.procs.masters.iter().zip(deltas) {
-            let (port, share) = (
-                master.port,
-                round_to(100.0 * calls as f64 / total as f64, 2),
-            );
-            let record = json!({"phase": phase, "master": format!("{LOOPBACK}:{port}"), "script_calls": calls,
-                "share_percent": share, "requests": requests, "seconds": seconds, "keys": requests.min(KEYS)});
-            append_json(&self.out.join("spread.jsonl"), &record)?;
-            say!("  master {port}: {calls} script calls, {share} % of {total}");
-        }
-        Ok(())
     }
 }

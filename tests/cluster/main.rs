@@ -13,6 +13,7 @@
 //! - `rls`: the rate-limit service's descriptors over every master, a request whose
 //!   descriptors lie in two slots, hits given back on two masters, and a master killed
 //!   under `ShouldRateLimit` calls.
+//! - `spread`: the script calls of many keys spread evenly over the three masters.
 //!
 //! The tests run one at a time: each starts six Redis processes and two instances, and the
 //! machine is shared. Timing is used only as a generous bound on hangs.
@@ -22,6 +23,7 @@ mod exactness;
 mod faults;
 mod refund;
 mod rls;
+mod spread;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

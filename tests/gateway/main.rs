@@ -4,8 +4,8 @@
 //! free ports. What reached the upstream is read from the upstream's own counts.
 //!
 //! This file holds the gateway (the server that asks an instance about every request and
-//! sends the admitted ones to the upstream); `public` holds the public server, which
-//! proxies the instances' own API.
+//! sends the admitted ones to the upstream) and the shipped configs' upstream keepalive;
+//! `public` holds the public server, which proxies the instances' own API.
 //!
 //! Clients are loopback addresses of `127.0.1.0/24`: never `127.0.0.2`, the address
 //! Nginx reaches the instances from and the only proxy they trust.
@@ -618,4 +618,57 @@ async fn one_address_holding_four_thousand_slow_connections_does_not_stop_anothe
         assert_eq!(response.status(), 200, "{url}");
     }
     drop(idle);
+}
+
+/// Each `upstream` block of an Nginx config: its name, and whether it keeps idle
+/// connections (`keepalive N;`).
+fn upstreams_kept_alive(config: &str) -> Vec<(String, bool)> {
+    let mut upstreams: Vec<(String, bool)> = Vec::new();
+    let mut inside = false;
+    for line in config.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("upstream ") {
+            upstreams.push((name.trim_end_matches('{').trim().to_owned(), false));
+            inside = true;
+        } else if line == "}" {
+            inside = false;
+        } else if let Some(count) = line.strip_prefix("keepalive ") {
+            let count = count
+                .strip_suffix(';')
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+            if let Some(last) = upstreams.last_mut().filter(|_| inside && count) {
+                last.1 = true;
+            }
+        }
+    }
+    upstreams
+}
+
+#[test]
+fn every_shipped_nginx_config_keeps_its_upstream_connections_alive() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_dir(root.join("nginx")).unwrap();
+    let mut configs: Vec<_> = shipped.map(|entry| entry.unwrap().path()).collect();
+    configs.retain(|path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains("proxy_pass http://ratelimiter")
+    });
+    assert!(
+        !configs.is_empty(),
+        "no config under nginx/ proxies to the instances"
+    );
+    // The bench's Nginx straight to the demo upstream is held to the same settings.
+    configs.push(root.join("scripts/bench/proxy-nginx.conf"));
+    for path in configs {
+        let config = std::fs::read_to_string(&path).unwrap();
+        let upstreams = upstreams_kept_alive(&config);
+        let all_kept = !upstreams.is_empty() && upstreams.iter().all(|(_, kept)| *kept);
+        assert!(all_kept, "{}: upstreams {upstreams:?}", path.display());
+        for directive in [
+            "proxy_http_version 1.1;",
+            "proxy_set_header Connection \"\";",
+        ] {
+            let found = config.lines().any(|line| line.trim() == directive);
+            assert!(found, "{}: no `{directive}`", path.display());
+        }
+    }
 }
