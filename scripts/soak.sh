@@ -5,7 +5,7 @@
 # Usage: scripts/soak.sh --minutes N      N from 2 to 240
 #        scripts/soak.sh --help
 #
-# The bench program (`bench soak`, bench/src/soak/) starts its own cluster
+# The soak test (tests/soak/, `cargo test --test soak -- --ignored`) starts its own cluster
 # (CLUSTER_PORT_OFFSET=1000: Nginx on 9000, master 7379, so it runs beside a cluster on
 # the default ports) with FAIL_MODE=local and a policy file of one limit per client
 # address, then, minute by minute:
@@ -48,25 +48,25 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 help_if_asked "${BASH_SOURCE[0]}" "${1:-}"
-
+[[ $# == 2 && $1 == --minutes && $2 =~ ^[1-9][0-9]{0,2}$ ]] && (($2 >= 2 && $2 <= 240)) ||
+    { warn "error: --minutes N, N from 2 to 240, is required (got: ${*:-nothing}); see scripts/soak.sh --help"; exit 2; }
 need_tools redis-server=redis-server redis-sentinel=redis-sentinel redis-cli=redis-tools \
     nginx=nginx-light curl=curl cargo=cargo
-export SOAK_DIR=${SOAK_DIR:-$ROOT/run/soak} SOAK_PORT_OFFSET=${SOAK_PORT_OFFSET:-1000}
+export SOAK_MINUTES=$2 SOAK_DIR=${SOAK_DIR:-$ROOT/run/soak} SOAK_PORT_OFFSET=${SOAK_PORT_OFFSET:-1000}
 lock_or_die "$SOAK_DIR/lock" "another soak uses $(rel "$SOAK_DIR") (it holds its lock); give this one another SOAK_DIR and SOAK_PORT_OFFSET"
 
 [[ -n ${RATELIMITER_BIN:-} ]] || build_service
 build_release loadtest loadtest
-build_bench
+say "building the soak test: cargo test --no-run --test soak" && cargo test --quiet --no-run --test soak
 
-# The program stops its cluster; should it be killed, this does.
-trap 'code=$?; stop_bench
+# The test stops its cluster; if the script is stopped, this stops the test (cargo's child) and the cluster.
+trap 'code=$?; [[ -z ${BENCH_PID:-} ]] || pkill -TERM -P "$BENCH_PID" || true; stop_bench
 CLUSTER_DIR=$SOAK_DIR/cluster CLUSTER_PORT_OFFSET=$SOAK_PORT_OFFSET scripts/cluster.sh down >"$SOAK_DIR/down.log" 2>&1 ||
     warn "scripts/cluster.sh down failed: see $(rel "$SOAK_DIR")/down.log"
 exit $code' EXIT
 trap 'exit 130' INT TERM HUP
 
-run_bench "$SOAK_DIR/out/pids" soak "$@" || {
-    code=$?
-    warn "the soak failed (exit $code); logs: $(rel "$SOAK_DIR")/cluster, summaries: $(rel "$SOAK_DIR")/out"
-    exit "$code"
+BENCH_BIN=cargo run_bench "$SOAK_DIR/out/pids" test --quiet --test soak -- --ignored --nocapture || {
+    warn "the soak failed (cargo test exit $?); logs: $(rel "$SOAK_DIR")/cluster, summaries: $(rel "$SOAK_DIR")/out"
+    exit 1
 }

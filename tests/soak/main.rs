@@ -1,5 +1,7 @@
-//! `scripts/soak.sh`: steady load on the native topology for a number of minutes while it
-//! is hurt on a schedule, then a verdict ([`judge`]). This program starts the cluster
+//! The soak (`scripts/soak.sh`, which builds the release binaries, runs this with
+//! `cargo test --test soak -- --ignored --nocapture` and cleans up after it): steady load
+//! on the native topology for a number of minutes while it is hurt on a schedule, then a
+//! verdict ([`judge`]). The test starts the cluster through the bench's library
 //! (`scripts/cluster.sh up`, FAIL_MODE=local, ports shifted by SOAK_PORT_OFFSET), drives
 //! the minutes, does the harm, samples every process, judges, and stops the cluster.
 //!
@@ -13,8 +15,11 @@
 //!   minute starts once both instances serve the new version (`GET /v1/policies`);
 //! - every 5 s, the resident memory (VmRSS) and open descriptors of every
 //!   process of the topology (those in the cluster's pids file, and Nginx's workers).
+//!
+//! Its settings come from the environment: SOAK_MINUTES (2 to 240, required), SOAK_DIR,
+//! SOAK_PORT_OFFSET, REDIS_ADMIN_PASSWORD and SENTINEL_PASSWORD ([`Options::from_env`]).
 
-pub mod judge;
+mod judge;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -26,13 +31,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 
-use self::judge::{Failover, Minute, POLICIES, Policy, Report, Sample, warmup_secs};
-use crate::cluster::Cluster;
-use crate::machine::{self, Machine};
-use crate::node::{Node, info_field};
-use crate::phases::LIMITED;
-use crate::process::{Records, Started, children_of, memory_kib, open_fds, signal, wait_until};
-use crate::{LOOPBACK, probe, say};
+use bench::cluster::Cluster;
+use bench::machine::{self, Machine};
+use bench::node::{Node, info_field};
+use bench::phases::LIMITED;
+use bench::process::{Records, Started, children_of, memory_kib, open_fds, signal, wait_until};
+use bench::{LOOPBACK, probe, say};
+use judge::{Failover, Minute, POLICIES, Policy, Report, Sample, warmup_secs};
 
 /// The master's name in the sentinels (scripts/cluster.sh).
 const MASTER_NAME: &str = "redis-master";
@@ -50,46 +55,71 @@ const KILL_EVERY: u64 = 3;
 /// process count from this long after its first one.
 const WARMUP_SECS: u64 = 60;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct Options {
-    /// How long the load runs, in minutes (one load-generator run each).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=240))]
+/// The soak's settings, from the environment (scripts/soak.sh sets them).
+#[derive(Debug, Clone)]
+struct Options {
+    /// SOAK_MINUTES: how long the load runs, in minutes (one load-generator run each).
     minutes: u64,
-    /// The soak's folder: its cluster's CLUSTER_DIR is cluster/ in it, the summaries,
-    /// samples and report go to out/.
-    #[arg(long, env = "SOAK_DIR", default_value = "run/soak")]
+    /// SOAK_DIR (default run/soak): the soak's folder; its cluster's CLUSTER_DIR is
+    /// cluster/ in it, the summaries, samples and report go to out/.
     dir: PathBuf,
-    /// CLUSTER_PORT_OFFSET of its cluster (Nginx on 8000 + offset).
-    #[arg(long, env = "SOAK_PORT_OFFSET", default_value_t = 1000)]
+    /// SOAK_PORT_OFFSET (default 1000): CLUSTER_PORT_OFFSET of its cluster (Nginx on
+    /// 8000 + offset).
     port_offset: u16,
-    /// The data nodes' operators' (default) user, which reads their INFO and roles.
-    #[arg(
-        long,
-        env = "REDIS_ADMIN_PASSWORD",
-        default_value = "ratelimiter-dev-admin-password"
-    )]
+    /// REDIS_ADMIN_PASSWORD: the data nodes' operators' (default) user, which reads their
+    /// INFO and roles.
     password: String,
-    /// The sentinels' password.
-    #[arg(
-        long,
-        env = "SENTINEL_PASSWORD",
-        default_value = "ratelimiter-dev-sentinel-password"
-    )]
+    /// SENTINEL_PASSWORD: the sentinels' password.
     sentinel_password: String,
+}
+
+impl Options {
+    fn from_env() -> Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        let or = |name: &str, default: &str| var(name).unwrap_or_else(|| default.to_owned());
+        let minutes = std::env::var("SOAK_MINUTES").ok();
+        let parsed = minutes.as_deref().and_then(|m| m.parse().ok());
+        let minutes = parsed.filter(|m| (2..=240).contains(m)).with_context(|| {
+            let value = minutes.map_or_else(|| "unset".to_owned(), |m| format!("{m:?}"));
+            format!("SOAK_MINUTES must be the soak's length in minutes, from 2 to 240 (scripts/soak.sh --minutes N sets it), not {value}")
+        })?;
+        let port_offset = or("SOAK_PORT_OFFSET", "1000");
+        let port_offset = port_offset.parse().with_context(|| {
+            format!("SOAK_PORT_OFFSET must be a port offset, from 0 to 65535, not {port_offset:?}")
+        })?;
+        Ok(Self {
+            minutes,
+            dir: or("SOAK_DIR", "run/soak").into(),
+            port_offset,
+            password: or("REDIS_ADMIN_PASSWORD", "ratelimiter-dev-admin-password"),
+            sentinel_password: or("SENTINEL_PASSWORD", "ratelimiter-dev-sentinel-password"),
+        })
+    }
+}
+
+#[test]
+#[ignore = "needs the release binaries, redis-server, redis-sentinel and nginx, and 2 minutes or more: scripts/soak.sh runs it"]
+fn soak() {
+    bench::set_name("soak");
+    // How many checks failed and where the report is (printed above), or why the soak
+    // could not run.
+    if let Err(error) = Options::from_env().and_then(run) {
+        panic!("{error:#}");
+    }
 }
 
 struct Soak {
     o: Options,
     cluster: Cluster,
     policy_file: PathBuf,
-    /// The load generator runs this program starts (out/pids).
+    /// The load generator runs this test starts (out/pids).
     own: Records,
     out: PathBuf,
     loadtest: PathBuf,
     started: Instant,
 }
 
-pub fn run(o: Options) -> Result<()> {
+fn run(o: Options) -> Result<()> {
     let root = std::env::current_dir()?;
     let out = o.dir.join("out");
     let _ = fs::remove_dir_all(&out);
@@ -102,7 +132,7 @@ pub fn run(o: Options) -> Result<()> {
     let env = format!("POLICY_FILE={} FAIL_MODE=local", policy_file.display());
     let (own, loadtest) = (
         Records(out.join("pids")),
-        crate::release_binary(&root, "loadtest"),
+        bench::release_binary(&root, "loadtest"),
     );
     let started = Instant::now();
     let mut soak = Soak {
@@ -148,7 +178,7 @@ impl Soak {
         let samples_file = self.out.join("samples.jsonl");
         let saved = samples
             .iter()
-            .map(|sample| crate::append_json(&samples_file, sample));
+            .map(|sample| bench::append_json(&samples_file, sample));
         saved.collect::<Result<()>>()?;
         let warmup_s = warmup_secs(WARMUP_SECS, self.o.minutes) as f64;
         let (started, load) = (machine::utc_minute(started_at), machine::load_average());
@@ -244,7 +274,7 @@ impl Soak {
                 log.display()
             );
         }
-        let summary = crate::read_summary(&json)?;
+        let summary = bench::read_summary(&json)?;
         let bucket = summary.policy.clone();
         let bucket = bucket.with_context(|| format!("{}: no policy", json.display()))?;
         let minute = Minute {

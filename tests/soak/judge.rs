@@ -6,7 +6,7 @@ use loadtest::policy::Bucket;
 use loadtest::summary::Summary;
 use serde_json::{Value, json};
 
-use crate::report::table;
+use bench::report::table;
 
 /// The instances of scripts/cluster.sh: the `n` of the local fallback's shares.
 pub const INSTANCES: u64 = 2;
