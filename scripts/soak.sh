@@ -56,7 +56,7 @@ export SOAK_MINUTES=$2 SOAK_DIR=${SOAK_DIR:-$ROOT/run/soak} SOAK_PORT_OFFSET=${S
 lock_or_die "$SOAK_DIR/lock" "another soak uses $(rel "$SOAK_DIR") (it holds its lock); give this one another SOAK_DIR and SOAK_PORT_OFFSET"
 
 [[ -n ${RATELIMITER_BIN:-} ]] || build_service
-build_release loadtest loadtest
+build_release loadtest
 say "building the soak test: cargo test --no-run --test soak" && cargo test --quiet --no-run --test soak
 
 # The test stops its cluster; if the script is stopped, this stops the test (cargo's child) and the cluster.
