@@ -14,7 +14,9 @@
 #   --rebuild   debootstrap the base image again even if it exists
 #   --no-cargo  use target/release/{ratelimiter,demo-upstream} as they are instead of running
 #               `cargo build --release`
-# Environment: BASE_IMAGE, APP_IMAGE, PROMETHEUS_IMAGE (image names), DEBIAN_MIRROR, DEBIAN_SUITE.
+# Environment: BASE_IMAGE, APP_IMAGE, PROMETHEUS_IMAGE (image names), DEBIAN_MIRROR, DEBIAN_SUITE;
+# APP_BINARIES, a folder to take both binaries from instead (no cargo; scripts/test.sh
+# gives its debug build), their debug info stripped from the copies.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -81,13 +83,14 @@ else
 fi
 
 started=$SECONDS
-if $cargo_build; then
+if $cargo_build && [[ -z ${APP_BINARIES:-} ]]; then
     say "cargo build --release --locked -p ratelimiter -p demo-upstream"
     (cd "$ROOT" && cargo build --release --locked -p ratelimiter -p demo-upstream)
 fi
 mkdir "$work/app"
 for name in ratelimiter demo-upstream; do
-    cp "$(release_binary "$name")" "$work/app/" || die "no $(release_binary "$name"): run cargo build --release -p $name"
+    binary=${APP_BINARIES:-$(dirname "$(release_binary "$name")")}/$name
+    strip --strip-debug -o "$work/app/$name" "$binary" || die "cannot copy $binary: build it (cargo build --release -p $name)"
 done
 cp "$ROOT/docker/Dockerfile.prebuilt" "$work/app/Dockerfile"
 # The runtime stage of docker/Dockerfile is the one users get; only the binaries' origin

@@ -40,8 +40,8 @@
 #
 # Environment: SOAK_PORT_OFFSET (default 1000) is the cluster's CLUSTER_PORT_OFFSET;
 # SOAK_DIR (default run/soak) its folder; REDIS_ADMIN_PASSWORD, SENTINEL_PASSWORD and
-# RATELIMITER_BIN as for scripts/cluster.sh. Two soaks in one checkout need two SOAK_DIRs
-# and offsets. Needs redis-server, redis-sentinel, redis-cli, nginx, curl and cargo.
+# RATELIMITER_BIN as for scripts/cluster.sh; LOADTEST_BIN, the load generator (default: its
+# release build). Two soaks in one checkout need two SOAK_DIRs and offsets. Needs redis-server, redis-sentinel, redis-cli, nginx, curl and cargo.
 set -euo pipefail
 [[ -z ${SOAK_DIR:-} ]] || SOAK_DIR=$(realpath -m -- "$SOAK_DIR")
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -56,7 +56,7 @@ export SOAK_MINUTES=$2 SOAK_DIR=${SOAK_DIR:-$ROOT/run/soak} SOAK_PORT_OFFSET=${S
 lock_or_die "$SOAK_DIR/lock" "another soak uses $(rel "$SOAK_DIR") (it holds its lock); give this one another SOAK_DIR and SOAK_PORT_OFFSET"
 
 [[ -n ${RATELIMITER_BIN:-} ]] || build_service
-build_release loadtest
+[[ -n ${LOADTEST_BIN:-} ]] || build_release loadtest
 say "building the soak test: cargo test --no-run --test soak" && cargo test --quiet --no-run --test soak
 
 # The test stops its cluster; if the script is stopped, this stops the test (cargo's child) and the cluster.

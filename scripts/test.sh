@@ -11,8 +11,7 @@
 # with the shipped rules (tests/observability/), so prometheus is needed too. promtool
 # checks the shipped rules and runs their unit tests (observability/rules.test.yml) first.
 #
-# While the cargo tests run, the release binaries and the Compose suite's images are made
-# beside them at the lowest priority (the tests mostly wait on the processes they start).
+# The Compose suite and the soak run the debug binaries the cargo tests built.
 #
 # The full run ends with a 2-minute soak (scripts/soak.sh --minutes 2: steady load, a master
 # kill, a restart in place, a policy reload, memory and descriptors sampled), on its own
@@ -59,21 +58,20 @@ if ! $quick; then
     echo "the Compose suite must run here, but no Docker engine answers (docker info failed)" >&2
     exit 1
   fi
-  # What the Compose suite and the soak run (the release binaries, the images) is made
-  # while the cargo tests run: those mostly wait on Redis, Sentinel and Nginx, and leave
-  # the cores idle. At the lowest priority, so the tests' own timing is not disturbed.
-  # cargo locks target/release and target/debug apart, so neither waits for the other.
-  prepared_log=$logs-prepare.log
-  DOCKER_HERE=$docker_here nice -n 19 bash -ec '
-    if $DOCKER_HERE; then scripts/docker-images.sh; fi
-    cargo build --release --quiet -p ratelimiter
-    cargo build --release --quiet -p loadtest' </dev/null >"$prepared_log" 2>&1 &
-  preparing=$!
-  section "meanwhile, at the lowest priority: release binaries and images (log: $prepared_log)"
 fi
 
 section "cargo test --workspace (the failover suite, which mostly waits on Sentinel, beside the rest)"
 cargo test --workspace --all-targets --quiet --no-run
+# The Compose suite's images, made while the cargo tests run (they mostly wait on the
+# processes they start), at the lowest priority so as not to disturb their timing. They
+# and the soak run debug binaries: they check behaviour, not speed, and a release build
+# would cost as much CPU as everything else here.
+$quick || cargo build --workspace --bins --quiet
+binaries=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+if $docker_here; then
+  APP_BINARIES=$binaries nice -n 19 scripts/docker-images.sh </dev/null >"$logs-images.log" 2>&1 &
+  imaging=$!
+fi
 cargo test --quiet --test failover >"$logs-failover.log" 2>&1 &
 failover=$!
 # shellcheck disable=SC2046 # one word per flag
@@ -87,15 +85,8 @@ if $quick; then
 fi
 
 suite_started=$SECONDS
-if ! wait "$preparing"; then
-  cat "$prepared_log" >&2
-  echo "preparing the release binaries and images failed (above)" >&2
-  exit 1
-fi
-echo "release binaries and images ready $((SECONDS - suite_started)) s after the cargo tests"
-
-suite_started=$SECONDS
 if $docker_here; then
+  wait "$imaging" || { cat "$logs-images.log" >&2; echo "building the images failed (above)" >&2; exit 1; }
   section "end-to-end: Docker Compose (cargo test --test compose -- --ignored)"
   COMPOSE_IMAGES=keep cargo test --test compose -- --ignored --nocapture
   echo "Compose suite: $((SECONDS - suite_started)) s"
@@ -105,5 +96,5 @@ fi
 
 suite_started=$SECONDS
 section "soak: 2 minutes of load with a master kill, a restart in place and a policy reload (scripts/soak.sh --minutes 2)"
-scripts/soak.sh --minutes 2
+RATELIMITER_BIN=$binaries/ratelimiter LOADTEST_BIN=$binaries/loadtest scripts/soak.sh --minutes 2
 echo "soak: $((SECONDS - suite_started)) s"

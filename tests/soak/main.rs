@@ -17,7 +17,8 @@
 //!   process of the topology (those in the cluster's pids file, and Nginx's workers).
 //!
 //! Its settings come from the environment: SOAK_MINUTES (2 to 240, required), SOAK_DIR,
-//! SOAK_PORT_OFFSET, REDIS_ADMIN_PASSWORD and SENTINEL_PASSWORD ([`Options::from_env`]).
+//! SOAK_PORT_OFFSET, REDIS_ADMIN_PASSWORD and SENTINEL_PASSWORD ([`Options::from_env`]);
+//! RATELIMITER_BIN and LOADTEST_BIN, the binaries it runs (default: the release builds).
 
 mod judge;
 
@@ -130,10 +131,9 @@ fn run(o: Options) -> Result<()> {
     write_policy(&policy_file, &POLICIES[0])?;
     // The bounds assume the local fallback.
     let env = format!("POLICY_FILE={} FAIL_MODE=local", policy_file.display());
-    let (own, loadtest) = (
-        Records(out.join("pids")),
-        bench::release_binary(&root, "loadtest"),
-    );
+    let loadtest = std::env::var_os("LOADTEST_BIN").map(PathBuf::from);
+    let loadtest = loadtest.unwrap_or_else(|| bench::release_binary(&root, "loadtest"));
+    let own = Records(out.join("pids"));
     let started = Instant::now();
     let mut soak = Soak {
         own,
