@@ -155,7 +155,7 @@ limits = [{ name = "second", rate = 1000000000, per = "1s" }]
 /// `/limited_endpoint` keyed by X-Bench-Key (scripts/bench/keys.lua sets it), admitting
 /// everything: one load generator decides many keys, spread over every master in Cluster
 /// mode (tests/cluster checks how evenly). A request without the header is not limited.
-const KEYED_POLICY: &str = r#"[[policy]]
+pub const KEYED_POLICY: &str = r#"[[policy]]
 name = "keyed"
 match = { path = "/limited_endpoint" }
 key = ["header:x-bench-key"]

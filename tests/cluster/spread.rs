@@ -2,18 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::{NODE_TIMEOUT_MS, ONE_AT_A_TIME, spawn_pair};
+use bench::phases::KEYED_POLICY;
 use testkit::{PolicyFile, RedisCluster, RedisProcess, client, header, unique_prefix};
 
-/// Keyed by a header, as an API is by its key, and admitting everything.
-const KEYED: &str = r#"
-[[policy]]
-name = "keyed"
-match = { path = "/limited_endpoint" }
-key = ["header:x-api-key"]
-on_missing = "skip"
-limits = [{ name = "second", rate = 1000000000, per = "1s" }]
-"#;
+use crate::{NODE_TIMEOUT_MS, ONE_AT_A_TIME, spawn_pair};
 
 /// Distinct keys, one request each: an even share is 1,000 calls per master.
 const KEYS: usize = 3000;
@@ -22,7 +14,9 @@ const KEYS: usize = 3000;
 async fn distinct_keys_spread_their_script_calls_within_ten_percent_of_a_third_per_master() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
-    let policy = PolicyFile::new(KEYED);
+    // The policy the bench's cluster phase measured the spread under: keyed by X-Bench-Key,
+    // admitting everything.
+    let policy = PolicyFile::new(KEYED_POLICY);
     let vars = [("POLICY_FILE", policy.path())];
     let (first, second) = spawn_pair(&cluster, &unique_prefix("spread"), &vars);
     // EVALSHA, and EVAL where a master did not have the script yet.
@@ -38,7 +32,7 @@ async fn distinct_keys_spread_their_script_calls_within_ten_percent_of_a_third_p
         let app = if n % 2 == 0 { &first } else { &second };
         let request = http
             .get(app.at("/limited_endpoint"))
-            .header("x-api-key", format!("key-{n}"));
+            .header("x-bench-key", format!("key-{n}"));
         let response = request.send().await.unwrap();
         let source = header(&response, "x-ratelimit-source");
         assert_eq!(

@@ -419,15 +419,14 @@ mod tests {
             fallback_s,
             rejoined_s,
         }];
-        let (index, load_s, policy, reload_s) = (0, (0.0, 60.0), POLICIES[0], None);
         Minute {
-            index,
-            load_s,
-            policy,
+            index: 0,
+            load_s: (0.0, 60.0),
+            policy: POLICIES[0],
             bucket,
             summary,
             failovers,
-            reload_s,
+            reload_s: None,
         }
     }
 
