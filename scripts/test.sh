@@ -66,7 +66,7 @@ cargo test --workspace --all-targets --quiet --no-run
 # processes they start), at the lowest priority so as not to disturb their timing. They
 # and the soak run debug binaries: they check behaviour, not speed, and a release build
 # would cost as much CPU as everything else here.
-$quick || cargo build --workspace --bins --quiet
+$quick || cargo build --quiet --bins -p ratelimiter -p demo-upstream -p loadtest
 binaries=${CARGO_TARGET_DIR:-$ROOT/target}/debug
 if $docker_here; then
   APP_BINARIES=$binaries nice -n 19 scripts/docker-images.sh </dev/null >"$logs-images.log" 2>&1 &

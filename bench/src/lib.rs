@@ -80,11 +80,3 @@ pub fn append_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result
     writeln!(file, "{}", serde_json::to_string(value)?)?;
     Ok(())
 }
-
-/// The load generator's `--json` summary in `path`.
-pub fn read_summary(path: &Path) -> anyhow::Result<loadtest::summary::Summary> {
-    use anyhow::Context as _;
-    let text = std::fs::read_to_string(path);
-    let text = text.with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("in {}", path.display()))
-}

@@ -1,7 +1,6 @@
 //! The load generator's library: the [`summary`] it prints and saves as JSON, and the
-//! [`policy`] bounds it holds every client to. The benchmark driver (bench/) reads the
-//! same summary type, and the soak (tests/soak/) judges by the same bounds, so each is
-//! defined once.
+//! [`policy`] bounds it holds every client to. The soak (tests/soak/) reads the same
+//! summary type and judges by the same bounds, so each is defined once.
 //! The binary (`src/main.rs`) adds the flags, the HTTP clients and the plot.
 
 pub mod policy;

@@ -157,6 +157,13 @@ fn run(o: Options) -> Result<()> {
     outcome
 }
 
+/// The load generator's `--json` summary in `path`.
+fn read_summary(path: &Path) -> Result<loadtest::summary::Summary> {
+    let text = fs::read_to_string(path);
+    let text = text.with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("in {}", path.display()))
+}
+
 fn write_policy(path: &Path, policy: &Policy) -> Result<()> {
     // A new file renamed over the old: the watcher never reads half a file.
     let fresh = path.with_extension("toml.new");
@@ -274,7 +281,7 @@ impl Soak {
                 log.display()
             );
         }
-        let summary = bench::read_summary(&json)?;
+        let summary = read_summary(&json)?;
         let bucket = summary.policy.clone();
         let bucket = bucket.with_context(|| format!("{}: no policy", json.display()))?;
         let minute = Minute {
